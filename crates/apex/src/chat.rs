@@ -1,0 +1,187 @@
+//! `apex chat`: a terminal client for the golden path.
+//!
+//! Registers or logs in over REST, opens the WebSocket with the access token in the
+//! `Authorization` header (never in the URL), then sends each line you type as a
+//! `user_message` and prints every agent step as it arrives, with the answer streaming in.
+
+use std::io::Write as _;
+
+use anyhow::{bail, Context as _};
+use apex_protocol::auth::{LoginRequest, RegisterRequest, TokenPair};
+use apex_protocol::error::ErrorBody;
+use apex_protocol::events::{AgentEvent, EventKind, SUPERVISOR};
+use apex_protocol::ws::{ControlFrame, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// Base URL of the server.
+    #[arg(long, env = "APEX_SERVER", default_value = "http://127.0.0.1:8000")]
+    server: String,
+    /// Account email.
+    #[arg(long, env = "APEX_EMAIL")]
+    email: String,
+    /// Account password (prefer the environment variable; flags show up in `ps`).
+    #[arg(long, env = "APEX_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Create the account first.
+    #[arg(long)]
+    register: bool,
+    /// Display name when registering.
+    #[arg(long)]
+    name: Option<String>,
+    /// Ask this one question, print the run, and exit (non-interactive).
+    #[arg(long)]
+    message: Option<String>,
+}
+
+async fn authenticate(args: &ChatArgs) -> anyhow::Result<TokenPair> {
+    let http = reqwest::Client::new();
+    let base = args.server.trim_end_matches('/');
+    let response = if args.register {
+        http.post(format!("{base}/auth/register"))
+            .json(&RegisterRequest { email: args.email.clone(), password: args.password.clone(), name: args.name.clone() })
+            .send()
+            .await
+    } else {
+        http.post(format!("{base}/auth/login"))
+            .json(&LoginRequest { email: args.email.clone(), password: args.password.clone() })
+            .send()
+            .await
+    }
+    .with_context(|| format!("connecting to {base}"))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let detail = response
+            .json::<ErrorBody>()
+            .await
+            .map(|b| format!("{} ({})", b.error.message, b.error.code))
+            .unwrap_or_else(|_| status.to_string());
+        bail!("authentication failed: {detail}");
+    }
+    Ok(response.json().await?)
+}
+
+/// Prints one event as a line (or, for answer text, inline). Returns true for the terminal.
+fn render(event: &AgentEvent) -> bool {
+    let p = &event.payload;
+    let agent = event.agent_name.as_str();
+    let mut out = std::io::stdout();
+    match event.kind {
+        EventKind::AgentStarted if agent != SUPERVISOR => println!("▶ {agent}"),
+        EventKind::AgentThinking => println!("  · {}", p["reasoning"].as_str().unwrap_or("")),
+        EventKind::ToolExecuting => println!("  ⚙ {}({})", p["tool_name"].as_str().unwrap_or("?"), p["parameters"]),
+        EventKind::ToolCompleted => {
+            let mark = if p["success"].as_bool().unwrap_or(false) { "✓" } else { "✗" };
+            println!("  {mark} {} in {} ms", p["tool_name"].as_str().unwrap_or("?"), p["execution_time_ms"]);
+        }
+        EventKind::AgentCompleted if event.is_terminal() => {
+            println!(
+                "\n— run {} in {} ms",
+                p["status"].as_str().unwrap_or("?"),
+                p["execution_time_ms"]
+            );
+            return true;
+        }
+        EventKind::AgentCompleted => {
+            println!("✔ {agent} {} in {} ms", p["status"].as_str().unwrap_or(""), p["execution_time_ms"]);
+            if agent == "actions" {
+                println!();
+            }
+        }
+        EventKind::PartialResult => {
+            print!("{}", p["content"].as_str().unwrap_or(""));
+            let _ = out.flush();
+        }
+        EventKind::AgentError | EventKind::Error => {
+            println!("✖ {}", p["error_message"].as_str().unwrap_or("error"));
+        }
+        _ => {}
+    }
+    false
+}
+
+fn prompt() {
+    print!("you> ");
+    let _ = std::io::stdout().flush();
+}
+
+pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let pair = authenticate(&args).await?;
+    println!("signed in as {} ({})", pair.user.email, pair.user.id);
+    let ws_url = format!("{}/ws", args.server.trim_end_matches('/').replacen("http", "ws", 1));
+    let mut request = ws_url.as_str().into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {}", pair.access_token).parse()?);
+    let (socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .with_context(|| format!("opening {ws_url}"))?;
+    let (mut sink, mut stream) = socket.split();
+
+    let mut thread_id: Option<String> = None;
+    let one_shot = args.message.is_some();
+    let send_message = |text: String, thread: &Option<String>| {
+        let mut frame = json!({ "type": "user_message", "text": text });
+        if let Some(thread) = thread {
+            frame["thread_id"] = Value::String(thread.clone());
+        }
+        Message::Text(frame.to_string().into())
+    };
+    if let Some(text) = &args.message {
+        sink.send(send_message(text.clone(), &thread_id)).await?;
+    } else {
+        println!("Ask about your AI usage. Commands: /stop, /new (new thread), /quit");
+        prompt();
+    }
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = !one_shot;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => {
+                let Some(line) = line? else { stdin_open = false; continue };
+                match line.trim() {
+                    "" => prompt(),
+                    "/quit" => break,
+                    "/new" => { thread_id = None; println!("(new thread)"); prompt(); }
+                    "/stop" => sink.send(Message::Text(json!({"type": "stop_agent"}).to_string().into())).await?,
+                    text => sink.send(send_message(text.to_string(), &thread_id)).await?,
+                }
+            }
+            frame = stream.next() => {
+                let Some(frame) = frame else { bail!("the server closed the connection") };
+                let text = match frame? {
+                    Message::Text(text) => text.to_string(),
+                    Message::Close(close) => bail!("the server closed the connection: {close:?}"),
+                    _ => continue,
+                };
+                match ServerFrame::parse(&text)? {
+                    ServerFrame::Event(event) => {
+                        if render(&event) {
+                            let completed = event.status() == Some("completed");
+                            if one_shot {
+                                if completed { return Ok(()) }
+                                bail!("run ended with status {}", event.status().unwrap_or("?"));
+                            }
+                            prompt();
+                        }
+                    }
+                    ServerFrame::Control(ControlFrame::ThreadCreated { thread_id: id, .. }) => thread_id = Some(id),
+                    ServerFrame::Control(ControlFrame::ErrorMessage { error_code, error_message, .. }) => {
+                        println!("✖ {error_message} ({error_code})");
+                        if one_shot { bail!("{error_message}") }
+                        prompt();
+                    }
+                    ServerFrame::Control(ControlFrame::ServerShutdown { .. }) => bail!("the server is shutting down"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}

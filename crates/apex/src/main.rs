@@ -1,0 +1,109 @@
+//! The `apex` binary: `apex serve` runs the server, `apex chat` is a terminal client.
+
+mod chat;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "apex", version, about = "Apex: a multi-user AI agent server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server on its embedded defaults (SQLite in the data folder, in-process events).
+    ///
+    /// Example: apex serve --bind 127.0.0.1:8000 --data-dir ./data
+    Serve(ServeArgs),
+    /// Talk to a server from the terminal: register or log in, ask, watch the agents work.
+    ///
+    /// Example: apex chat --register --email me@example.com
+    ///          apex chat --email me@example.com --message "How can I reduce my LLM costs?"
+    Chat(chat::ChatArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (printed on start).
+    #[arg(long, env = "APEX_BIND", default_value = "127.0.0.1:8000")]
+    bind: SocketAddr,
+    /// Folder for the database and the generated JWT secret.
+    #[arg(long, env = "APEX_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Do not give new accounts 30 days of demo usage data.
+    #[arg(long, env = "APEX_NO_DEMO_DATA")]
+    no_demo_data: bool,
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "APEX_LOG_FORMAT", default_value = "human")]
+    log_format: String,
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("APEX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "human" => builder.init(),
+        "json" => builder.json().init(),
+        other => anyhow::bail!("--log-format must be `human` or `json`, not {other:?}"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format)?;
+    let mut settings = apex_server::settings::Settings::embedded(&args.data_dir);
+    settings.demo_data = !args.no_demo_data;
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("binding {}", args.bind))?;
+    let state = apex_server::build_state(settings).await?;
+    let address = listener.local_addr()?;
+    // Scripts and tests read this line to find the port.
+    println!("listening on http://{address}");
+    apex_server::serve(listener, state, shutdown_signal()).await
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Chat(args) => chat::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

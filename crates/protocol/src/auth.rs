@@ -1,0 +1,65 @@
+//! Authentication bodies: registration, login, refresh, the token pair and WebSocket tickets.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub email: String,
+    pub password: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+/// The public view of an account.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserInfo {
+    pub id: String,
+    pub email: String,
+    pub name: Option<String>,
+}
+
+/// Answer of register, login and refresh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenPair {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Always `"Bearer"`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    pub user: UserInfo,
+}
+
+/// Body of `POST /api/websocket/ticket`; every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TicketRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub single_use: Option<bool>,
+}
+
+/// A short-lived WebSocket ticket: `GET /ws?ticket=<ticket_id>` authenticates with it,
+/// so the long-lived JWT never appears in a URL (and so never in an access log).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketResponse {
+    pub ticket_id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub ttl_seconds: u64,
+    pub single_use: bool,
+    pub websocket_url: String,
+}

@@ -1,0 +1,53 @@
+//! The single error shape of the REST API and the stable error codes.
+//!
+//! Every failed HTTP request answers `{"error":{"code":"snake_case_code","message":"..."}}`.
+//! Codes are part of the contract: clients branch on them, so they never change meaning.
+//! WebSocket errors use the upper-case codes in [`ws_codes`] inside an `error_message` frame.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// REST error codes (snake_case), paired with their HTTP status in `docs/protocol.md`.
+pub mod codes {
+    pub const VALIDATION_FAILED: &str = "validation_failed";
+    pub const EMAIL_TAKEN: &str = "email_taken";
+    pub const INVALID_CREDENTIALS: &str = "invalid_credentials";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const RUN_NOT_ACTIVE: &str = "run_not_active";
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const INTERNAL: &str = "internal_error";
+}
+
+/// WebSocket error codes (upper case, as the original system's clients expect).
+pub mod ws_codes {
+    pub const AUTH_FAILED: &str = "AUTH_FAILED";
+    pub const JSON_PARSE_ERROR: &str = "JSON_PARSE_ERROR";
+    pub const UNKNOWN_MESSAGE_TYPE: &str = "UNKNOWN_MESSAGE_TYPE";
+    pub const VALIDATION_ERROR: &str = "VALIDATION_ERROR";
+    pub const THREAD_NOT_FOUND: &str = "THREAD_NOT_FOUND";
+    pub const RUN_NOT_FOUND: &str = "RUN_NOT_FOUND";
+    pub const RUN_NOT_ACTIVE: &str = "RUN_NOT_ACTIVE";
+    pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+}
+
+/// Codes carried by `agent_error` events and by the terminal event of a failed run.
+pub mod agent_codes {
+    pub const TOOL_FAILED: &str = "TOOL_FAILED";
+    pub const LLM_FAILED: &str = "LLM_FAILED";
+    pub const AGENT_PANICKED: &str = "AGENT_PANICKED";
+    pub const CANCELLED: &str = "CANCELLED";
+    pub const TIMED_OUT: &str = "TIMED_OUT";
+    pub const STORAGE_FAILED: &str = "STORAGE_FAILED";
+}

@@ -1,0 +1,24 @@
+//! Wire types of Apex protocol v1, shared by the server, the `apex` CLI and the tests.
+//!
+//! Everything a client can see travels through a type in this crate, so the server,
+//! the terminal client and the integration tests cannot drift apart: change a shape here
+//! and every side stops compiling until it agrees. `docs/protocol.md` is the prose
+//! version of this file.
+//!
+//! Map:
+//! - [`error`]: the one JSON error body and the stable error codes.
+//! - [`auth`]: register / login / refresh bodies, the token pair, WebSocket tickets.
+//! - [`threads`]: threads, messages, runs over REST.
+//! - [`usage`]: a user's AI usage rows and the summary computed from them.
+//! - [`events`]: agent events streamed during a run (`agent_started`, `tool_completed`...).
+//! - [`ws`]: the other server → client WebSocket frames and the close codes.
+
+pub mod auth;
+pub mod error;
+pub mod events;
+pub mod threads;
+pub mod usage;
+pub mod ws;
+
+/// Protocol version announced in `connection_established`.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,134 @@
+//! Threads, their messages and runs as the REST API shows them.
+
+use serde::{Deserialize, Serialize};
+
+/// A conversation. Owned by exactly one user; other users get 404 for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Thread {
+    pub id: String,
+    pub title: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// RFC 3339, UTC.
+    pub updated_at: String,
+    pub message_count: i64,
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateThreadRequest {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `PATCH /api/threads/{id}`: absent fields are left alone; `metadata` is merged key by key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpdateThreadRequest {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub id: String,
+    /// `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessagesPage {
+    pub thread_id: String,
+    pub messages: Vec<Message>,
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// `POST /api/threads/{id}/runs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartRunRequest {
+    pub message: String,
+}
+
+/// Answer of `POST /api/threads/{id}/runs` (202) and of `POST /api/runs/{id}/cancel`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunAccepted {
+    pub run_id: String,
+    pub thread_id: String,
+    pub status: RunStatus,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+    /// The server stopped (crash or shutdown) while the run was in flight.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::TimedOut => "timed_out",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => RunStatus::Queued,
+            "running" => RunStatus::Running,
+            "completed" => RunStatus::Completed,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            "timed_out" => RunStatus::TimedOut,
+            "interrupted" => RunStatus::Interrupted,
+            _ => return None,
+        })
+    }
+
+    /// A terminal run never changes status again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+/// `GET /api/runs/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub id: String,
+    pub thread_id: String,
+    pub status: RunStatus,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    /// Highest event seq stored for this run.
+    pub last_seq: u64,
+}
+
+/// `GET /api/runs/{id}/events?after_seq=N`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunEventsPage {
+    pub run_id: String,
+    pub events: Vec<crate::events::AgentEvent>,
+}

@@ -1,0 +1,69 @@
+//! `AgentInstanceFactory`: everything per-run, built fresh from one context.
+//!
+//! The factory is created for one run and consumed by `build`. It is the single place that
+//! turns shared infrastructure (store, bus, LLM, pricing) plus a [`UserExecutionContext`]
+//! into per-user objects: the agents, the [`UserEmitter`] bound to that user and run, and the
+//! [`UserStore`] bound to that user. Nothing it builds is shared with another run.
+
+use std::sync::Arc;
+
+use super::{actions, data, optimization, reporting, triage, Agent, AgentContext};
+use crate::context::UserExecutionContext;
+use crate::events::UserEmitter;
+use crate::state::Infrastructure;
+use crate::store::UserStore;
+
+pub struct AgentInstanceFactory {
+    ctx: Arc<UserExecutionContext>,
+    infra: Arc<Infrastructure>,
+}
+
+/// A run ready to execute: its context, the agents in pipeline order, and their view.
+pub struct RunInstance {
+    pub context: AgentContext,
+    pub agents: Vec<Box<dyn Agent>>,
+    pub request: String,
+    /// Server shutdown: ends the run as `interrupted`.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AgentInstanceFactory {
+    pub fn new(ctx: UserExecutionContext, infra: Arc<Infrastructure>) -> Self {
+        Self {
+            ctx: Arc::new(ctx),
+            infra,
+        }
+    }
+
+    pub fn context(&self) -> &UserExecutionContext {
+        &self.ctx
+    }
+
+    pub fn build(self, request: String) -> RunInstance {
+        let emitter = UserEmitter::new(
+            &self.ctx,
+            Arc::clone(&self.infra.store),
+            Arc::clone(&self.infra.bus),
+        );
+        let context = AgentContext {
+            store: UserStore::for_context(Arc::clone(&self.infra.store), &self.ctx),
+            emitter: Arc::new(emitter),
+            llm: Arc::clone(&self.infra.llm),
+            pricing: Arc::clone(&self.infra.pricing),
+            ctx: self.ctx,
+        };
+        let agents: Vec<Box<dyn Agent>> = vec![
+            Box::new(triage::TriageAgent),
+            Box::new(data::DataAgent),
+            Box::new(optimization::OptimizationAgent),
+            Box::new(actions::ActionsAgent),
+            Box::new(reporting::ReportingAgent),
+        ];
+        RunInstance {
+            context,
+            agents,
+            request,
+            shutdown: self.infra.shutdown.clone(),
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The agents and what they share within one run.
+//!
+//! - [`factory::AgentInstanceFactory`] builds everything per-run from a context.
+//! - [`supervisor`] drives the pipeline and guarantees the terminal event.
+//! - [`triage`], [`data`], [`optimization`], [`actions`], [`reporting`]: the pipeline.
+//! - [`AgentContext`] is an agent's whole view of the world: the run's context, its
+//!   emitter, its user-scoped store, the LLM and the pricing table. Agents hold no state
+//!   between runs; results flow from one agent to the next through [`RunState`].
+
+pub mod actions;
+pub mod data;
+pub mod factory;
+pub mod optimization;
+pub mod reporting;
+pub mod supervisor;
+pub mod triage;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use apex_protocol::error::agent_codes;
+use apex_protocol::events::EventBody;
+use apex_protocol::usage::UsageSummary;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::context::UserExecutionContext;
+use crate::events::{EmitError, UserEmitter};
+use crate::llm::{LlmError, LlmProvider};
+use crate::store::{StoreError, UserStore};
+use crate::usage::pricing::PricingTable;
+
+pub use factory::{AgentInstanceFactory, RunInstance};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Emit(#[from] EmitError),
+    #[error("tool {tool} failed: {message}")]
+    Tool { tool: String, message: String },
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl AgentError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::Emit(_) | AgentError::Store(_) => agent_codes::STORAGE_FAILED,
+            AgentError::Tool { .. } => agent_codes::TOOL_FAILED,
+            AgentError::Llm(LlmError::Cancelled) | AgentError::Cancelled => agent_codes::CANCELLED,
+            AgentError::Llm(_) => agent_codes::LLM_FAILED,
+        }
+    }
+}
+
+/// What the user asked about, decided by triage.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestCategory {
+    CostOptimization,
+    LatencyPerformance,
+    ModelSelection,
+    UsageReport,
+    General,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Triage {
+    pub category: RequestCategory,
+    /// Models named in the request that the pricing table knows.
+    pub models: Vec<String>,
+    /// Analysis window in days (from "last week", "past 14 days"...; default 30).
+    pub days: u32,
+}
+
+/// One way to save money, with its projected monthly effect on this user's bill.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Opportunity {
+    /// `model_routing`, `prompt_caching`, `batching` or `output_caps`.
+    pub strategy: String,
+    pub title: String,
+    pub description: String,
+    pub workloads: Vec<String>,
+    pub monthly_savings_usd: f64,
+    /// `low`, `medium` or `high`.
+    pub effort: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActionStep {
+    pub order: u32,
+    pub title: String,
+    pub details: String,
+    pub effort: String,
+    pub expected_monthly_savings_usd: f64,
+}
+
+/// Results passed down the pipeline, one field per agent.
+#[derive(Debug, Clone, Default)]
+pub struct RunState {
+    pub request: String,
+    pub triage: Option<Triage>,
+    pub usage: Option<UsageSummary>,
+    pub opportunities: Vec<Opportunity>,
+    pub plan: Vec<ActionStep>,
+    /// The structured report (what `payload.result` of the terminal event carries).
+    pub report: Option<Value>,
+    /// The answer text, as streamed.
+    pub answer: String,
+}
+
+/// One step of the pipeline.
+#[async_trait]
+pub trait Agent: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Does the agent's work; the returned value is its `agent_completed` result.
+    async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError>;
+}
+
+/// An agent's view of its run. Built by the factory; see the module docs.
+pub struct AgentContext {
+    pub ctx: Arc<UserExecutionContext>,
+    pub emitter: Arc<UserEmitter>,
+    pub store: UserStore,
+    pub llm: Arc<dyn LlmProvider>,
+    pub pricing: Arc<PricingTable>,
+}
+
+impl AgentContext {
+    pub fn now_ms(&self) -> i64 {
+        crate::clock::now_ms()
+    }
+
+    pub async fn think(
+        &self,
+        agent: &str,
+        reasoning: impl Into<String>,
+        step_number: u32,
+        total_steps: u32,
+    ) -> Result<(), AgentError> {
+        self.emitter
+            .emit(
+                agent,
+                EventBody::AgentThinking {
+                    reasoning: reasoning.into(),
+                    step_number,
+                    total_steps,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs one tool call between its `tool_executing` and `tool_completed` events.
+    pub async fn tool<T, F, Fut>(
+        &self,
+        agent: &str,
+        tool_name: &str,
+        parameters: Value,
+        call: F,
+    ) -> Result<T, AgentError>
+    where
+        T: Serialize,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        if self.ctx.is_cancelled() {
+            return Err(AgentError::Cancelled);
+        }
+        let tool_call_id = format!("call_{}", uuid::Uuid::new_v4().simple());
+        self.emitter
+            .emit(
+                agent,
+                EventBody::ToolExecuting {
+                    tool_name: tool_name.to_string(),
+                    tool_call_id: tool_call_id.clone(),
+                    parameters,
+                },
+            )
+            .await?;
+        let started = Instant::now();
+        let outcome = call().await;
+        let execution_time_ms = started.elapsed().as_millis() as u64;
+        let (result, success) = match &outcome {
+            Ok(value) => (
+                serde_json::to_value(value).unwrap_or(Value::Null),
+                true,
+            ),
+            Err(message) => (serde_json::json!({ "error": message }), false),
+        };
+        self.emitter
+            .emit(
+                agent,
+                EventBody::ToolCompleted {
+                    tool_name: tool_name.to_string(),
+                    tool_call_id,
+                    result,
+                    execution_time_ms,
+                    success,
+                },
+            )
+            .await?;
+        outcome.map_err(|message| AgentError::Tool {
+            tool: tool_name.to_string(),
+            message,
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! The supervisor: runs the pipeline for one run and always ends it with one terminal event.
+//!
+//! Whatever happens (success, an agent error, a panic, `stop_agent`, the deadline, server
+//! shutdown), the run ends with `final_report` (success) or `error` (otherwise), then the
+//! supervisor's `agent_completed` with the final status. The run's status and, on success,
+//! the assistant message are stored before the terminal event goes out, so a client that
+//! sees it can immediately read both over REST.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use apex_protocol::error::agent_codes;
+use apex_protocol::events::{EventBody, SUPERVISOR};
+use apex_protocol::threads::RunStatus;
+use futures_util::FutureExt;
+use serde_json::{json, Value};
+
+use super::reporting::build_report;
+use super::{Agent, AgentContext, AgentError, RunInstance, RunState};
+use crate::clock::now_ms;
+use crate::ids::MessageId;
+use crate::store::MessageRecord;
+
+enum Outcome {
+    Completed,
+    Failed(String, String),
+    Cancelled,
+    TimedOut,
+    Interrupted,
+}
+
+impl AgentError {
+    /// What the user is told; details stay in the server log.
+    fn client_message(&self) -> String {
+        match self {
+            AgentError::Emit(_) | AgentError::Store(_) => "the server could not store the run's progress".into(),
+            AgentError::Tool { tool, .. } => format!("the {tool} tool failed"),
+            AgentError::Llm(err) => err.to_string(),
+            AgentError::Cancelled => "cancelled".into(),
+        }
+    }
+}
+
+async fn run_agent(cx: &AgentContext, agent: &dyn Agent, state: &mut RunState) -> Result<(), AgentError> {
+    let name = agent.name();
+    let started = Instant::now();
+    cx.emitter
+        .emit(name, EventBody::AgentStarted { message: format!("{name} agent started") })
+        .await?;
+    match agent.run(cx, state).await {
+        Ok(result) => {
+            cx.emitter
+                .emit(
+                    name,
+                    EventBody::AgentCompleted {
+                        status: "completed".into(),
+                        result,
+                        execution_time_ms: started.elapsed().as_millis() as u64,
+                    },
+                )
+                .await?;
+            Ok(())
+        }
+        Err(err) => {
+            tracing::warn!(agent = name, error = %err, "agent failed");
+            if !matches!(err, AgentError::Emit(_)) {
+                // Best effort: the run is failing anyway, the terminal event follows.
+                let _ = cx
+                    .emitter
+                    .emit(
+                        name,
+                        EventBody::AgentError {
+                            error_code: err.code().into(),
+                            error_message: err.client_message(),
+                            recoverable: false,
+                        },
+                    )
+                    .await;
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Executes a run to its end. Returns the final status.
+pub async fn execute(run: RunInstance) -> RunStatus {
+    let RunInstance { context: cx, agents, request, shutdown } = run;
+    let started = Instant::now();
+    let run_id = cx.ctx.run_id();
+    if let Err(err) = cx.store.set_run_status(run_id, RunStatus::Running, None, now_ms()).await {
+        tracing::error!(%run_id, error = %err, "could not mark run running");
+    }
+    let mut state = RunState { request, ..RunState::default() };
+
+    let outcome = {
+        let pipeline = AssertUnwindSafe(async {
+            cx.emitter
+                .emit(SUPERVISOR, EventBody::AgentStarted { message: "Working on your request".into() })
+                .await?;
+            for agent in &agents {
+                run_agent(&cx, agent.as_ref(), &mut state).await?;
+            }
+            Ok::<(), AgentError>(())
+        })
+        .catch_unwind();
+        tokio::select! {
+            biased;
+            _ = cx.ctx.cancellation().cancelled() => Outcome::Cancelled,
+            _ = shutdown.cancelled() => Outcome::Interrupted,
+            _ = tokio::time::sleep_until(cx.ctx.deadline().into()) => Outcome::TimedOut,
+            result = pipeline => match result {
+                Ok(Ok(())) => Outcome::Completed,
+                Ok(Err(AgentError::Cancelled | AgentError::Llm(crate::llm::LlmError::Cancelled))) => Outcome::Cancelled,
+                Ok(Err(err)) => Outcome::Failed(err.code().into(), err.client_message()),
+                Err(_) => {
+                    tracing::error!(%run_id, "an agent panicked");
+                    Outcome::Failed(agent_codes::AGENT_PANICKED.into(), "an agent crashed".into())
+                }
+            },
+        }
+    };
+    finish(&cx, state, outcome, started).await
+}
+
+async fn finish(cx: &AgentContext, state: RunState, outcome: Outcome, started: Instant) -> RunStatus {
+    let run_id = cx.ctx.run_id();
+    let total_duration_ms = started.elapsed().as_millis() as u64;
+    let (status, error) = match outcome {
+        Outcome::Completed => (RunStatus::Completed, None),
+        Outcome::Failed(code, message) => (RunStatus::Failed, Some((code, message))),
+        Outcome::Cancelled => (RunStatus::Cancelled, Some((agent_codes::CANCELLED.into(), "the run was stopped".into()))),
+        Outcome::TimedOut => (RunStatus::TimedOut, Some((agent_codes::TIMED_OUT.into(), "the run took too long".into()))),
+        Outcome::Interrupted => (
+            RunStatus::Interrupted,
+            Some(("INTERRUPTED".into(), "the server shut down during the run".into())),
+        ),
+    };
+    let report = state.report.clone().unwrap_or_else(|| build_report(&state));
+
+    if status == RunStatus::Completed {
+        let message = MessageRecord {
+            id: MessageId::generate(),
+            thread_id: cx.ctx.thread_id(),
+            role: "assistant".into(),
+            content: state.answer.clone(),
+            metadata: json!({ "run_id": run_id.to_string(), "report": report }),
+            created_at_ms: now_ms(),
+        };
+        if let Err(err) = cx.store.insert_message(&message).await {
+            tracing::error!(%run_id, error = %err, "could not store the answer");
+        }
+        let _ = cx
+            .emitter
+            .emit(
+                SUPERVISOR,
+                EventBody::FinalReport {
+                    executive_summary: state.answer.clone(),
+                    recommendations: json!(state.opportunities),
+                    action_plan: json!(state.plan),
+                    cost_analysis: report.get("usage").cloned().unwrap_or(Value::Null),
+                    total_duration_ms,
+                },
+            )
+            .await;
+    } else if let Some((code, message)) = &error {
+        let _ = cx
+            .emitter
+            .emit(
+                SUPERVISOR,
+                EventBody::RunError { error_code: code.clone(), error_message: message.clone() },
+            )
+            .await;
+    }
+
+    let error_text = error.as_ref().map(|(code, message)| format!("{code}: {message}"));
+    if let Err(err) = cx.store.set_run_status(run_id, status, error_text.as_deref(), now_ms()).await {
+        tracing::error!(%run_id, error = %err, "could not store the run's final status");
+    }
+    let terminal = EventBody::RunFinished {
+        status,
+        final_response: state.answer,
+        result: report,
+        execution_time_ms: total_duration_ms,
+        error: error.map(|(_, message)| message),
+    };
+    if let Err(err) = cx.emitter.emit_terminal(SUPERVISOR, terminal).await {
+        tracing::error!(%run_id, error = %err, "terminal event was delivered but not stored");
+    }
+    tracing::info!(%run_id, status = status.as_str(), duration_ms = total_duration_ms, "run finished");
+    status
+}

@@ -1,0 +1,44 @@
+//! Identity: who is calling. Passwords, JWTs, WebSocket tickets and the `AuthUser` extractor.
+//!
+//! [`AuthenticatedUser`] is the root of every per-user value in Apex. Its constructor is
+//! private to this module and only runs after a token signature, expiry, audience, type and
+//! revocation check (or a ticket redemption) succeeded, so holding one proves the identity.
+
+mod extract;
+mod password;
+mod service;
+mod tokens;
+
+pub use extract::{bearer_token, AuthUser};
+pub use password::PasswordHasher;
+pub use service::{AuthError, Authenticator};
+
+use crate::ids::UserId;
+
+/// A verified identity. Cannot be built from a client-supplied id.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedUser {
+    user_id: UserId,
+    /// The access token's id and expiry, when the identity came from a JWT (for logout).
+    access_token: Option<(String, i64)>,
+}
+
+impl AuthenticatedUser {
+    fn from_access_token(user_id: UserId, jti: String, expires_at_ms: i64) -> Self {
+        Self {
+            user_id,
+            access_token: Some((jti, expires_at_ms)),
+        }
+    }
+
+    fn from_ticket(user_id: UserId) -> Self {
+        Self {
+            user_id,
+            access_token: None,
+        }
+    }
+
+    pub fn user_id(&self) -> UserId {
+        self.user_id
+    }
+}

@@ -1,0 +1,88 @@
+//! `ApiError`: the one error type of the HTTP API, rendered as the one JSON error shape.
+//!
+//! Handlers return `Result<_, ApiError>`. Client mistakes carry a stable code and a message
+//! meant for the client; internal failures are logged once here, with their cause, and the
+//! client only ever sees `internal_error` (no SQL, paths or stack traces leak out).
+
+use apex_protocol::error::{codes, ErrorBody, ErrorDetail};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    Client {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::VALIDATION_FAILED,
+            message,
+        )
+    }
+
+    /// The same answer for "does not exist" and "belongs to someone else".
+    pub fn not_found(what: &str) -> Self {
+        Self::client(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            format!("{what} not found"),
+        )
+    }
+
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::Client {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        ApiError::Internal(anyhow::Error::new(err))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::Client {
+                status,
+                code,
+                message,
+            } => (status, code, message),
+            ApiError::Internal(err) => {
+                tracing::error!(error = %format!("{err:#}"), "request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    codes::INTERNAL,
+                    "internal server error".to_string(),
+                )
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,149 @@
+//! `EventBus`: fan-out of persisted events to the open connections of one user.
+//!
+//! Routing is by user id only. A connection subscribes with the user id of its own
+//! authentication, so it receives that user's events and nothing else; there is no
+//! "topic" a client can name. The in-process bus keeps one broadcast channel per user
+//! with at least one open connection, and removes the channel when the last one closes,
+//! so no entry outlives its connections.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use crate::ids::{RunId, UserId};
+
+/// One event as delivered: serialized once, shared by every receiving connection.
+#[derive(Debug)]
+pub struct BusEvent {
+    pub user_id: UserId,
+    pub run_id: RunId,
+    pub seq: u64,
+    pub terminal: bool,
+    pub json: String,
+}
+
+pub trait EventBus: Send + Sync + 'static {
+    /// Delivers to the user's current subscribers; a user with none simply misses it
+    /// live (the event is already in the store for `resume`).
+    fn publish(&self, event: Arc<BusEvent>);
+    fn subscribe(&self, user: UserId) -> UserSubscription;
+    /// Number of users with at least one live subscription (for tests and metrics).
+    fn subscribed_users(&self) -> usize;
+}
+
+/// How many events a connection may fall behind before it has to catch up from the store.
+const PER_USER_BUFFER: usize = 1024;
+
+#[derive(Default)]
+pub struct InProcessBus {
+    /// user → channel; an entry exists only while that user has a subscription.
+    channels: Arc<Mutex<HashMap<UserId, broadcast::Sender<Arc<BusEvent>>>>>,
+}
+
+impl InProcessBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl EventBus for InProcessBus {
+    fn publish(&self, event: Arc<BusEvent>) {
+        let sender = {
+            let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            channels.get(&event.user_id).cloned()
+        };
+        if let Some(sender) = sender {
+            // An error only means every receiver went away in the meantime.
+            let _ = sender.send(event);
+        }
+    }
+
+    fn subscribe(&self, user: UserId) -> UserSubscription {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = channels
+            .entry(user)
+            .or_insert_with(|| broadcast::channel(PER_USER_BUFFER).0)
+            .subscribe();
+        UserSubscription {
+            user,
+            receiver,
+            channels: Arc::clone(&self.channels),
+        }
+    }
+
+    fn subscribed_users(&self) -> usize {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+/// A connection's feed of its user's events. Dropping it unsubscribes.
+pub struct UserSubscription {
+    user: UserId,
+    receiver: broadcast::Receiver<Arc<BusEvent>>,
+    channels: Arc<Mutex<HashMap<UserId, broadcast::Sender<Arc<BusEvent>>>>>,
+}
+
+impl UserSubscription {
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+
+    /// The next event, or `Err(Lagged(n))` when this connection fell `n` events behind.
+    pub async fn recv(&mut self) -> Result<Arc<BusEvent>, broadcast::error::RecvError> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for UserSubscription {
+    fn drop(&mut self) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        // Our receiver is still alive here, so "only us" means a count of one.
+        if channels
+            .get(&self.user)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            channels.remove(&self.user);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user: UserId, seq: u64) -> Arc<BusEvent> {
+        Arc::new(BusEvent {
+            user_id: user,
+            run_id: RunId::generate(),
+            seq,
+            terminal: false,
+            json: format!("{{\"seq\":{seq}}}"),
+        })
+    }
+
+    #[tokio::test]
+    async fn delivers_only_to_the_events_user_and_cleans_up() {
+        let bus = InProcessBus::new();
+        let (alice, bob) = (UserId::generate(), UserId::generate());
+        let mut alice_sub = bus.subscribe(alice);
+        let mut bob_sub = bus.subscribe(bob);
+        let alice_second = bus.subscribe(alice);
+        assert_eq!(bus.subscribed_users(), 2);
+
+        bus.publish(event(alice, 1));
+        bus.publish(event(bob, 7));
+        assert_eq!(alice_sub.recv().await.unwrap().seq, 1);
+        assert_eq!(bob_sub.recv().await.unwrap().seq, 7);
+        assert!(alice_sub.receiver.try_recv().is_err());
+
+        drop(alice_second);
+        assert_eq!(bus.subscribed_users(), 2, "alice still has a connection");
+        drop(alice_sub);
+        drop(bob_sub);
+        assert_eq!(bus.subscribed_users(), 0);
+    }
+}

@@ -1,0 +1,98 @@
+//! `/auth/*` and `/api/websocket/ticket`.
+
+use std::sync::Arc;
+
+use apex_protocol::auth::{
+    LoginRequest, RefreshRequest, RegisterRequest, TicketRequest, TicketResponse, TokenPair, UserInfo,
+};
+use apex_protocol::error::codes;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+
+use super::ApiJson;
+use crate::auth::{AuthError, AuthUser};
+use crate::clock::now_ms;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::UserStore;
+use crate::usage::demo;
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Validation(message) => ApiError::validation(message),
+            AuthError::EmailTaken => ApiError::client(StatusCode::CONFLICT, codes::EMAIL_TAKEN, err.to_string()),
+            AuthError::InvalidCredentials => ApiError::unauthorized(codes::INVALID_CREDENTIALS, err.to_string()),
+            AuthError::InvalidToken => ApiError::unauthorized(codes::INVALID_TOKEN, err.to_string()),
+            AuthError::Internal(inner) => ApiError::Internal(inner),
+        }
+    }
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<TokenPair>), ApiError> {
+    let (pair, user) = state
+        .auth
+        .register(&body.email, &body.password, body.name.as_deref())
+        .await?;
+    if state.settings.demo_data {
+        let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+        let rows = demo::generate(user.user_id(), now_ms(), &state.infra.pricing);
+        store.insert_usage(&rows).await?;
+    }
+    Ok((StatusCode::CREATED, Json(pair)))
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> Result<Json<TokenPair>, ApiError> {
+    Ok(Json(state.auth.login(&body.email, &body.password).await?))
+}
+
+pub async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> Result<Json<TokenPair>, ApiError> {
+    Ok(Json(state.auth.refresh(&body.refresh_token).await?))
+}
+
+pub async fn logout(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<StatusCode, ApiError> {
+    state.auth.logout(&user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn me(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<Json<UserInfo>, ApiError> {
+    Ok(Json(state.auth.user_info(&user).await?))
+}
+
+pub async fn ticket(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<TicketResponse>, ApiError> {
+    // The body is optional: an empty POST asks for a default ticket.
+    let request: TicketRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TicketRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::validation(format!("invalid ticket request: {e}")))?
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c)))
+        .unwrap_or("localhost");
+    let websocket_url = format!("ws://{host}/ws");
+    Ok(Json(
+        state
+            .auth
+            .issue_ticket(&user, request.ttl_seconds, request.single_use, websocket_url)
+            .await?,
+    ))
+}

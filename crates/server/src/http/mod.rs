@@ -1,0 +1,128 @@
+//! The HTTP API: `app(state) -> Router` and the extractors the handlers share.
+//!
+//! One file per resource. Handlers take [`AuthUser`](crate::auth::AuthUser) for anything
+//! user-scoped and reach data only through a `UserStore` built from it.
+
+mod auth;
+mod health;
+pub(crate) mod runs;
+pub(crate) mod threads;
+mod usage;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/health/ready", get(health::ready))
+        .route("/auth/register", post(auth::register))
+        .route("/auth/login", post(auth::login))
+        .route("/auth/refresh", post(auth::refresh))
+        .route("/auth/logout", post(auth::logout))
+        .route("/auth/me", get(auth::me))
+        .route("/api/websocket/ticket", post(auth::ticket))
+        .route("/api/threads", get(threads::list).post(threads::create))
+        .route(
+            "/api/threads/{id}",
+            get(threads::get_one)
+                .patch(threads::update)
+                .put(threads::update)
+                .delete(threads::delete),
+        )
+        .route("/api/threads/{id}/messages", get(threads::messages))
+        .route("/api/threads/{id}/runs", post(runs::start))
+        .route("/api/runs/{id}", get(runs::get_one))
+        .route("/api/runs/{id}/cancel", post(runs::cancel))
+        .route("/api/runs/{id}/events", get(runs::events))
+        .route(
+            "/api/usage/events",
+            post(usage::import).layer(axum::extract::DefaultBodyLimit::max(32 * 1024 * 1024)),
+        )
+        .route("/api/usage/summary", get(usage::summary))
+        .route("/ws", get(crate::ws::upgrade))
+        .fallback(|| async { ApiError::not_found("route") })
+        .layer(
+            // Spans carry the path only: a query string may hold a ticket.
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .with_state(state)
+}
+
+/// `Json<T>` whose rejections use the API's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::client(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("body is not valid JSON: {}", e.body_text()),
+            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::client(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            )),
+            Err(JsonRejection::BytesRejection(_)) => Err(ApiError::client(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                apex_protocol::error::codes::PAYLOAD_TOO_LARGE,
+                "request body is too large",
+            )),
+            Err(e) => Err(ApiError::validation(e.body_text())),
+        }
+    }
+}
+
+/// `Query<T>` whose rejections use the API's error shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| ApiError::validation(e.body_text()))
+    }
+}
+
+/// `?limit&offset` with defaults and bounds.
+#[derive(Debug, serde::Deserialize)]
+pub struct Page {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+impl Page {
+    pub const DEFAULT_LIMIT: i64 = 50;
+    pub const MAX_LIMIT: i64 = 500;
+
+    pub fn bounds(&self) -> Result<(i64, i64), ApiError> {
+        let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
+        let offset = self.offset.unwrap_or(0);
+        if !(1..=Self::MAX_LIMIT).contains(&limit) || offset < 0 {
+            return Err(ApiError::validation(format!(
+                "limit must be 1..={} and offset >= 0",
+                Self::MAX_LIMIT
+            )));
+        }
+        Ok((limit, offset))
+    }
+}

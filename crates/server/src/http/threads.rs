@@ -1,0 +1,188 @@
+//! `/api/threads*`: a user's conversations and their messages.
+
+use std::sync::Arc;
+
+use apex_protocol::threads::{CreateThreadRequest, Message, MessagesPage, Thread, UpdateThreadRequest};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{Map, Value};
+
+use super::{ApiJson, ApiQuery, Page};
+use crate::auth::{AuthUser, AuthenticatedUser};
+use crate::clock::{ms_to_rfc3339, now_ms};
+use crate::error::ApiError;
+use crate::ids::ThreadId;
+use crate::state::AppState;
+use crate::store::{MessageRecord, ThreadRecord, UserStore};
+
+pub const MAX_TITLE_CHARS: usize = 200;
+const DEFAULT_TITLE: &str = "New conversation";
+
+pub fn thread_view(record: ThreadRecord) -> Thread {
+    Thread {
+        id: record.id.to_string(),
+        title: record.title,
+        created_at: ms_to_rfc3339(record.created_at_ms),
+        updated_at: ms_to_rfc3339(record.updated_at_ms),
+        message_count: record.message_count,
+        metadata: record.metadata,
+    }
+}
+
+pub fn message_view(record: MessageRecord) -> Message {
+    Message {
+        id: record.id.to_string(),
+        role: record.role,
+        content: record.content,
+        created_at: record.created_at_ms / 1000,
+        metadata: record.metadata,
+    }
+}
+
+fn store(state: &AppState, user: &AuthenticatedUser) -> UserStore {
+    UserStore::for_user(Arc::clone(&state.infra.store), user)
+}
+
+/// A thread id from a path: malformed ids are simply "not found".
+pub fn thread_id(raw: &str) -> Result<ThreadId, ApiError> {
+    ThreadId::parse(raw).map_err(|_| ApiError::not_found("thread"))
+}
+
+fn validate_title(title: &str) -> Result<String, ApiError> {
+    let title = title.trim();
+    if title.chars().count() > MAX_TITLE_CHARS {
+        return Err(ApiError::validation(format!("title must be at most {MAX_TITLE_CHARS} characters")));
+    }
+    Ok(if title.is_empty() { DEFAULT_TITLE.to_string() } else { title.to_string() })
+}
+
+fn validate_metadata(metadata: Option<Value>) -> Result<Map<String, Value>, ApiError> {
+    match metadata {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) if Value::Object(map.clone()).to_string().len() <= 16 * 1024 => Ok(map),
+        Some(Value::Object(_)) => Err(ApiError::validation("metadata must be at most 16 KiB")),
+        Some(_) => Err(ApiError::validation("metadata must be a JSON object")),
+    }
+}
+
+/// Creates a thread for `user`, titled from `title` (or a default).
+pub async fn create_thread(
+    store: &UserStore,
+    title: &str,
+    metadata: Map<String, Value>,
+) -> Result<ThreadRecord, ApiError> {
+    let now = now_ms();
+    let record = ThreadRecord {
+        id: ThreadId::generate(),
+        title: validate_title(title)?,
+        metadata: Value::Object(metadata),
+        created_at_ms: now,
+        updated_at_ms: now,
+        message_count: 0,
+    };
+    store.create_thread(&record).await?;
+    Ok(record)
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiQuery(page): ApiQuery<Page>,
+) -> Result<Json<Vec<Thread>>, ApiError> {
+    let (limit, offset) = page.bounds()?;
+    let threads = store(&state, &user).list_threads(limit, offset).await?;
+    Ok(Json(threads.into_iter().map(thread_view).collect()))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiJson(body): ApiJson<CreateThreadRequest>,
+) -> Result<(StatusCode, Json<Thread>), ApiError> {
+    let metadata = validate_metadata(body.metadata)?;
+    let record = create_thread(&store(&state, &user), body.title.as_deref().unwrap_or(""), metadata).await?;
+    Ok((StatusCode::CREATED, Json(thread_view(record))))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Thread>, ApiError> {
+    let record = store(&state, &user)
+        .get_thread(thread_id(&id)?)
+        .await?
+        .ok_or_else(|| ApiError::not_found("thread"))?;
+    Ok(Json(thread_view(record)))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateThreadRequest>,
+) -> Result<Json<Thread>, ApiError> {
+    let id = thread_id(&id)?;
+    let store = store(&state, &user);
+    let current = store.get_thread(id).await?.ok_or_else(|| ApiError::not_found("thread"))?;
+    let title = match body.title.as_deref() {
+        Some(title) => validate_title(title)?,
+        None => current.title,
+    };
+    // Metadata merges key by key; a null value removes the key.
+    let mut metadata = match current.metadata {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    if let Some(patch) = body.metadata {
+        let Value::Object(patch) = patch else {
+            return Err(ApiError::validation("metadata must be a JSON object"));
+        };
+        for (key, value) in patch {
+            if value.is_null() {
+                metadata.remove(&key);
+            } else {
+                metadata.insert(key, value);
+            }
+        }
+    }
+    let metadata = Value::Object(validate_metadata(Some(Value::Object(metadata)))?);
+    if !store.update_thread(id, &title, &metadata, now_ms()).await? {
+        return Err(ApiError::not_found("thread"));
+    }
+    let record = store.get_thread(id).await?.ok_or_else(|| ApiError::not_found("thread"))?;
+    Ok(Json(thread_view(record)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if store(&state, &user).delete_thread(thread_id(&id)?).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("thread"))
+    }
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    ApiQuery(page): ApiQuery<Page>,
+) -> Result<Json<MessagesPage>, ApiError> {
+    let (limit, offset) = page.bounds()?;
+    let id = thread_id(&id)?;
+    let store = store(&state, &user);
+    store.get_thread(id).await?.ok_or_else(|| ApiError::not_found("thread"))?;
+    let (messages, total) = store.list_messages(id, limit, offset).await?;
+    Ok(Json(MessagesPage {
+        thread_id: id.to_string(),
+        messages: messages.into_iter().map(message_view).collect(),
+        total,
+        limit,
+        offset,
+    }))
+}

@@ -1,0 +1,66 @@
+//! `/api/usage/*`: upload usage rows (JSON array or CSV) and read the summary.
+
+use std::sync::Arc;
+
+use apex_protocol::usage::{UsageEventInput, UsageImportResult, UsageSummary};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use serde::Deserialize;
+
+use super::ApiQuery;
+use crate::auth::AuthUser;
+use crate::clock::now_ms;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::UserStore;
+use crate::usage::import::{parse_csv, validate};
+use crate::usage::{summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
+
+pub async fn import(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<UsageImportResult>), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let inputs: Vec<UsageEventInput> = if content_type.starts_with("text/csv") {
+        parse_csv(&body).map_err(|e| ApiError::validation(e.to_string()))?
+    } else if content_type.starts_with("application/json") {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::validation(format!("body must be a JSON array of usage events: {e}")))?
+    } else {
+        return Err(ApiError::client(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json (an array) or text/csv",
+        ));
+    };
+    let rows = validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))?;
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let inserted = store.insert_usage(&rows).await?;
+    Ok((StatusCode::CREATED, Json(UsageImportResult { inserted })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SummaryQuery {
+    pub days: Option<u32>,
+}
+
+pub async fn summary(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiQuery(query): ApiQuery<SummaryQuery>,
+) -> Result<Json<UsageSummary>, ApiError> {
+    let days = query.days.unwrap_or(DEFAULT_WINDOW_DAYS);
+    if !(1..=MAX_WINDOW_DAYS).contains(&days) {
+        return Err(ApiError::validation(format!("days must be 1..={MAX_WINDOW_DAYS}")));
+    }
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    Ok(Json(summary_for(&store, days, now_ms()).await?))
+}

@@ -1,0 +1,180 @@
+//! Apex: a multi-user AI agent server.
+//!
+//! A person registers, logs in, opens a WebSocket and asks a question; a supervisor runs a
+//! pipeline of agents (triage → data → optimization → actions → reporting) over **that
+//! person's own** usage data and streams every step back as events.
+//!
+//! The design goal is that one user's data or events cannot reach another user. Module map,
+//! in the order a request meets them:
+//!
+//! - [`settings`]: typed configuration and the `Secret` wrapper.
+//! - [`http`]: `app(state) -> Router`, the REST handlers; [`error`]: the one error shape.
+//! - [`auth`]: passwords, JWTs, tickets; produces [`auth::AuthenticatedUser`], the only
+//!   source of a user id.
+//! - [`ws`]: the WebSocket endpoint; one task per connection owns that connection's state.
+//! - [`runs`]: starts a run on its own task, stops it; [`context`]: the immutable
+//!   `UserExecutionContext` of a run.
+//! - [`agents`]: `AgentInstanceFactory` (per run), the supervisor and the five agents.
+//! - [`events`]: `UserEmitter` (per run: seq, persist, deliver) and the per-user `EventBus`.
+//! - [`store`]: the `Store` trait, its SQLite implementation, and `UserStore`, the
+//!   user-scoped handle through which all user data is read and written.
+//! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait and the
+//!   deterministic template writer.
+//! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
+
+pub mod agents;
+pub mod auth;
+pub mod clock;
+pub mod context;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod ids;
+pub mod llm;
+pub mod runs;
+pub mod settings;
+pub mod state;
+pub mod store;
+pub mod usage;
+pub mod ws;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, PasswordHasher};
+use crate::events::{EventBus, InProcessBus};
+use crate::llm::template::TemplateWriter;
+use crate::runs::ActiveRuns;
+use crate::settings::{Secret, Settings};
+use crate::state::{AppState, Infrastructure};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::usage::pricing::PricingTable;
+
+/// How long runs may take to finish after shutdown starts before they are interrupted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Reads the JWT secret from settings, else from `<data_dir>/jwt_secret`, creating it.
+fn load_jwt_secret(settings: &Settings) -> anyhow::Result<Secret> {
+    if let Some(secret) = &settings.jwt_secret {
+        anyhow::ensure!(secret.expose().len() >= 32, "jwt_secret must be at least 32 characters");
+        return Ok(secret.clone());
+    }
+    let path = settings.data_dir.join("jwt_secret");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_string();
+        anyhow::ensure!(existing.len() >= 32, "{} is too short; delete it to regenerate", path.display());
+        return Ok(Secret::new(existing));
+    }
+    let mut bytes = [0u8; 48];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Secret::new(secret))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents.as_bytes())
+}
+
+/// Opens storage, recovers runs a previous process left unfinished, and builds the state.
+pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data folder {}", settings.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&settings.database_url())
+            .await
+            .context("opening the database")?,
+    );
+    let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new());
+    let recovered = runs::recover_unfinished_runs(&store, &bus)
+        .await
+        .context("recovering unfinished runs")?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "marked runs left unfinished by a previous process as interrupted");
+    }
+    let secret = load_jwt_secret(&settings)?;
+    let auth = Authenticator::new(
+        Arc::clone(&store),
+        &secret,
+        PasswordHasher::new(settings.password_hashing),
+        settings.access_token_ttl,
+        settings.refresh_token_ttl,
+        settings.ticket_ttl,
+    );
+    let infra = Infrastructure {
+        store,
+        bus,
+        llm: Arc::new(TemplateWriter::new(settings.template_stream_delay)),
+        pricing: Arc::new(PricingTable::builtin()),
+        shutdown: CancellationToken::new(),
+    };
+    Ok(AppState {
+        infra: Arc::new(infra),
+        auth: Arc::new(auth),
+        runs: Arc::new(ActiveRuns::default()),
+        settings: Arc::new(settings),
+    })
+}
+
+/// Serves Apex on `listener` until `shutdown` resolves, then drains: open sockets get a
+/// `server_shutdown` frame, running runs get [`SHUTDOWN_GRACE`] to finish and are then
+/// ended as `interrupted`.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = build_state(settings).await?;
+    serve(listener, state, shutdown).await
+}
+
+/// Like [`run`] with a prepared state (tests use it to inspect the state afterwards).
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = http::app(state.clone());
+    let stop_sockets = CancellationToken::new();
+    let signal = stop_sockets.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        signal.cancel();
+    });
+    // Open sockets are long-lived: graceful shutdown waits for them, so tell them first.
+    let sockets_closer = {
+        let stop = stop_sockets.clone();
+        let infra = Arc::clone(&state.infra);
+        let runs = Arc::clone(&state.runs);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+            while !runs.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Interrupts remaining runs and closes every socket with `server_shutdown`.
+            infra.shutdown.cancel();
+        })
+    };
+    server.await.context("serving HTTP")?;
+    let _ = sockets_closer.await;
+    // Let interrupted runs write their terminal events.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !state.runs.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Starting and stopping runs.
+//!
+//! [`start_run`] stores the user's message, creates the run, builds a fresh
+//! `AgentInstanceFactory` from a new context and spawns the run on its own task, detached
+//! from the socket or request that asked for it: closing the socket does not stop it.
+//! [`ActiveRuns`] maps a running run to its owner and cancellation token so that
+//! `stop_agent` from any of the owner's connections reaches it, and no one else's does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use apex_protocol::events::{EventBody, SUPERVISOR};
+use apex_protocol::threads::RunStatus;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::{supervisor, AgentInstanceFactory};
+use crate::auth::AuthenticatedUser;
+use crate::clock::now_ms;
+use crate::context::UserExecutionContext;
+use crate::events::UserEmitter;
+use crate::ids::{MessageId, RequestId, RunId, ThreadId, UserId};
+use crate::state::AppState;
+use crate::store::{MessageRecord, RunRecord, Store, StoreError, UserStore};
+
+struct ActiveRun {
+    owner: UserId,
+    cancel: CancellationToken,
+    /// Start order, to find a user's most recent run.
+    started: u64,
+}
+
+#[derive(Default)]
+pub struct ActiveRuns {
+    inner: Mutex<(u64, HashMap<RunId, ActiveRun>)>,
+}
+
+/// Answer to a stop request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Cancellation was requested; the run ends with `status: cancelled`.
+    Stopping,
+    /// The run exists but already ended with this status.
+    AlreadyFinished(RunStatus),
+    /// No run of this user has that id.
+    NotFound,
+}
+
+impl ActiveRuns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<RunId, ActiveRun>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, run: RunId, owner: UserId, cancel: CancellationToken) {
+        let mut guard = self.lock();
+        guard.0 += 1;
+        let started = guard.0;
+        guard.1.insert(run, ActiveRun { owner, cancel, started });
+    }
+
+    fn remove(&self, run: RunId) {
+        self.lock().1.remove(&run);
+    }
+
+    /// Cancels `run` if it is running and belongs to `owner`.
+    pub fn cancel(&self, owner: UserId, run: RunId) -> bool {
+        match self.lock().1.get(&run) {
+            Some(active) if active.owner == owner => {
+                active.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The owner's most recently started run that is still executing.
+    pub fn latest_for(&self, owner: UserId) -> Option<RunId> {
+        self.lock()
+            .1
+            .iter()
+            .filter(|(_, r)| r.owner == owner)
+            .max_by_key(|(_, r)| r.started)
+            .map(|(id, _)| *id)
+    }
+
+    pub fn is_active(&self, owner: UserId, run: RunId) -> bool {
+        self.lock().1.get(&run).is_some_and(|r| r.owner == owner)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Removes the run from [`ActiveRuns`] when its task ends, even by panic.
+struct Deregister {
+    runs: Arc<ActiveRuns>,
+    run: RunId,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        self.runs.remove(self.run);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartRunError {
+    #[error("thread not found")]
+    ThreadNotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone)]
+pub struct StartedRun {
+    pub run_id: RunId,
+    pub thread_id: ThreadId,
+    pub message_id: MessageId,
+}
+
+/// Stores `text` as the user's message in `thread` (which must be theirs) and starts a run.
+pub async fn start_run(
+    state: &AppState,
+    user: &AuthenticatedUser,
+    thread: ThreadId,
+    text: String,
+    request_id: RequestId,
+) -> Result<StartedRun, StartRunError> {
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
+    let now = now_ms();
+    let run_id = RunId::generate();
+    let message = MessageRecord {
+        id: MessageId::generate(),
+        thread_id: thread,
+        role: "user".into(),
+        content: text.clone(),
+        metadata: json!({ "run_id": run_id.to_string() }),
+        created_at_ms: now,
+    };
+    if !store.insert_message(&message).await? {
+        return Err(StartRunError::ThreadNotFound);
+    }
+    store
+        .create_run(&RunRecord {
+            id: run_id,
+            thread_id: thread,
+            status: RunStatus::Queued,
+            created_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            last_seq: 0,
+        })
+        .await?;
+
+    let ctx = UserExecutionContext::new(user, thread, run_id, request_id, state.settings.run_timeout);
+    let factory = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra));
+    state
+        .runs
+        .insert(run_id, user.user_id(), factory.context().cancellation().clone());
+    let instance = factory.build(text);
+    let deregister = Deregister { runs: Arc::clone(&state.runs), run: run_id };
+    let span = tracing::info_span!("run", %run_id, %request_id);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let _deregister = deregister;
+            supervisor::execute(instance).await;
+        },
+        span,
+    ));
+    Ok(StartedRun { run_id, thread_id: thread, message_id: message.id })
+}
+
+/// Stops a run of `user`: the run itself, or — without an id — their latest active run.
+pub async fn stop_run(
+    state: &AppState,
+    user: &AuthenticatedUser,
+    run: RunId,
+) -> Result<StopOutcome, StoreError> {
+    if state.runs.cancel(user.user_id(), run) {
+        return Ok(StopOutcome::Stopping);
+    }
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
+    Ok(match store.get_run(run).await? {
+        None => StopOutcome::NotFound,
+        Some(record) if record.status.is_terminal() => StopOutcome::AlreadyFinished(record.status),
+        // Stored as running but not executing here: it is finishing right now.
+        Some(_) => StopOutcome::Stopping,
+    })
+}
+
+/// At start-up: runs a previous process left unfinished (crash or kill) are marked
+/// `interrupted` and get their terminal event, so every run's log ends properly.
+pub async fn recover_unfinished_runs(
+    store: &Arc<dyn Store>,
+    bus: &Arc<dyn crate::events::EventBus>,
+) -> Result<usize, StoreError> {
+    let unfinished = store.unfinished_runs().await?;
+    let count = unfinished.len();
+    for (owner, run) in unfinished {
+        let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
+        let emitter = UserEmitter::resuming(&ctx, Arc::clone(store), Arc::clone(bus), run.last_seq);
+        let user_store = UserStore::for_context(Arc::clone(store), &ctx);
+        let message = "the server stopped during the run".to_string();
+        let _ = emitter
+            .emit(
+                SUPERVISOR,
+                EventBody::RunError { error_code: "INTERRUPTED".into(), error_message: message.clone() },
+            )
+            .await;
+        user_store
+            .set_run_status(run.id, RunStatus::Interrupted, Some(&format!("INTERRUPTED: {message}")), now_ms())
+            .await?;
+        emitter
+            .emit_terminal(
+                SUPERVISOR,
+                EventBody::RunFinished {
+                    status: RunStatus::Interrupted,
+                    final_response: String::new(),
+                    result: serde_json::Value::Null,
+                    execution_time_ms: 0,
+                    error: Some(message),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                crate::events::EmitError::Storage(s) => s,
+                other => StoreError::Corrupt(other.to_string()),
+            })?;
+    }
+    Ok(count)
+}

@@ -1,0 +1,93 @@
+//! Typed server settings and the `Secret` wrapper.
+//!
+//! One struct holds every knob; the CLI fills it from flags and `APEX_*` variables.
+//! Defaults are the embedded mode: SQLite in the data folder, in-process events,
+//! the deterministic template writer, demo usage data for new accounts.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How expensive password hashing is. `Light` exists for tests only: argon2 with
+/// production parameters takes seconds per hash in a debug build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordHashing {
+    /// argon2id, 19 MiB, 2 passes (OWASP minimum).
+    Standard,
+    /// argon2id, 256 KiB, 1 pass. Never use in production.
+    Light,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Folder for the SQLite database and the generated JWT secret.
+    pub data_dir: PathBuf,
+    /// `sqlite://...`; defaults to `<data_dir>/apex.db`.
+    pub database_url: Option<String>,
+    /// HS256 signing key; generated into `<data_dir>/jwt_secret` on first start if unset.
+    pub jwt_secret: Option<Secret>,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub password_hashing: PasswordHashing,
+    /// Give each new account 30 days of generated usage data.
+    pub demo_data: bool,
+    /// Largest WebSocket frame a client may send; bigger ones close the socket with 1009.
+    pub max_frame_bytes: usize,
+    /// Longest a run may take before it ends `timed_out`.
+    pub run_timeout: Duration,
+    /// Default lifetime of a WebSocket ticket.
+    pub ticket_ttl: Duration,
+    /// Delay between streamed answer chunks of the template writer, so streaming is visible.
+    pub template_stream_delay: Duration,
+}
+
+impl Settings {
+    /// Embedded defaults rooted at `data_dir`.
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            database_url: None,
+            jwt_secret: None,
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            password_hashing: PasswordHashing::Standard,
+            demo_data: true,
+            max_frame_bytes: 64 * 1024,
+            run_timeout: Duration::from_secs(300),
+            ticket_ttl: Duration::from_secs(60),
+            template_stream_delay: Duration::from_millis(15),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("apex.db").display()),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Shared state: the infrastructure every request may use, and nothing per-user.
+//!
+//! Every field is immutable or internally synchronised and holds no user's data; per-user
+//! values are created per request (see `AgentInstanceFactory`) and live in that request's
+//! task. [`ActiveRuns`] is the one map keyed by run: it holds only cancellation handles,
+//! each tagged with its owner and removed when the run ends.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::events::EventBus;
+use crate::llm::LlmProvider;
+use crate::runs::ActiveRuns;
+use crate::settings::Settings;
+use crate::store::Store;
+use crate::usage::pricing::PricingTable;
+
+/// What a run is built from, besides its context.
+pub struct Infrastructure {
+    /// The database; user data is reached through `UserStore` handles made from it.
+    pub store: Arc<dyn Store>,
+    /// Delivers persisted events to the owning user's connections.
+    pub bus: Arc<dyn EventBus>,
+    /// Writes answers. Stateless between requests.
+    pub llm: Arc<dyn LlmProvider>,
+    /// List prices; read-only.
+    pub pricing: Arc<PricingTable>,
+    /// Fired when the server shuts down: runs end `interrupted`, sockets close.
+    pub shutdown: CancellationToken,
+}
+
+/// The axum state: cheap to clone, shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub infra: Arc<Infrastructure>,
+    pub auth: Arc<Authenticator>,
+    /// Cancellation handles of the runs executing in this process.
+    pub runs: Arc<ActiveRuns>,
+    pub settings: Arc<Settings>,
+}

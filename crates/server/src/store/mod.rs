@@ -1,0 +1,199 @@
+//! Storage: the `Store` trait, its records, and the user-scoped handle agents use.
+//!
+//! Two kinds of methods live on [`Store`]:
+//! - account methods (users, tokens, tickets), which establish identity;
+//! - user-data methods, which all take the owning [`UserId`] and filter every query by it.
+//!
+//! Application code does not call the user-data methods with a free-standing id: it goes
+//! through [`UserStore`], which can only be made from an authenticated user or a run's
+//! context, and passes that user's id to every call. A thread, run or message of another
+//! user is therefore indistinguishable from one that does not exist.
+//!
+//! Implementations: [`sqlite::SqliteStore`] (embedded default). SQL is kept portable
+//! (BIGINT millisecond timestamps, TEXT ids) for the PostgreSQL implementation to come.
+
+pub mod sqlite;
+mod user_store;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::ids::{MessageId, RunId, ThreadId, UserId};
+use apex_protocol::threads::RunStatus;
+
+pub use user_store::UserStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("already exists")]
+    Conflict,
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub email: String,
+    pub name: Option<String>,
+    pub password_hash: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ThreadRecord {
+    pub id: ThreadId,
+    pub title: String,
+    pub metadata: Value,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub message_count: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    pub id: MessageId,
+    pub thread_id: ThreadId,
+    pub role: String,
+    pub content: String,
+    pub metadata: Value,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub thread_id: ThreadId,
+    pub status: RunStatus,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub error: Option<String>,
+    pub last_seq: u64,
+}
+
+/// One stored event of a run's log, as JSON text (exactly what was delivered).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub json: String,
+}
+
+/// One row of the user's AI usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub provider: String,
+    pub model: String,
+    pub workload: String,
+    pub ts_ms: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub latency_ms: i64,
+    pub status: String,
+    pub cost_usd: f64,
+}
+
+/// Everything Apex persists. See the module docs for the two kinds of methods.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- accounts and credentials ----
+    async fn create_user(&self, user: &UserRecord) -> StoreResult<()>;
+    async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>>;
+    async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>>;
+    async fn insert_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        access_jti: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<()>;
+    /// Revokes an active refresh token; `false` if it was unknown, expired or already used.
+    async fn consume_refresh_token(&self, jti: &str, user: UserId, now_ms: i64)
+        -> StoreResult<bool>;
+    /// Logout: revokes the access token and the refresh tokens issued with it.
+    async fn revoke_session(&self, access_jti: &str, access_expires_at_ms: i64, now_ms: i64)
+        -> StoreResult<()>;
+    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool>;
+    async fn insert_ticket(
+        &self,
+        ticket_id: &str,
+        user: UserId,
+        expires_at_ms: i64,
+        single_use: bool,
+    ) -> StoreResult<()>;
+    /// The ticket's user if the ticket is known, unexpired and (if single-use) unused;
+    /// marks single-use tickets used in the same statement.
+    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>>;
+
+    // ---- user data: every method is filtered by `owner` ----
+    async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()>;
+    async fn list_threads(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<ThreadRecord>>;
+    async fn get_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<Option<ThreadRecord>>;
+    async fn update_thread(
+        &self,
+        owner: UserId,
+        id: ThreadId,
+        title: &str,
+        metadata: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    async fn delete_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<bool>;
+    /// Appends a message to a thread of `owner`; `false` if the thread is not theirs.
+    async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool>;
+    async fn list_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, i64)>;
+    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()>;
+    async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>>;
+    async fn set_run_status(
+        &self,
+        owner: UserId,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    /// Persists one event of a run's log; seqs are unique per run.
+    async fn append_event(
+        &self,
+        owner: UserId,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    async fn list_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64>;
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
+
+    // ---- maintenance ----
+    /// Readiness probe: the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+    /// At start-up: runs left queued or running by a previous process. Returns (owner, run).
+    async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>>;
+}
+
+pub(crate) fn parse_json_column(raw: &str) -> StoreResult<Value> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("json column: {e}")))
+}

@@ -1,0 +1,586 @@
+//! `SqliteStore`: the embedded storage backend (one file in the data folder).
+//!
+//! WAL journal so readers never block the writer, `synchronous=NORMAL` (durable at
+//! checkpoints, never corrupt), a busy timeout so concurrent writers queue instead of
+//! failing, and foreign keys on. Migrations in `migrations/sqlite` run at open.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+
+use super::{
+    parse_json_column, MessageRecord, RunRecord, Store, StoreError, StoreResult, StoredEvent,
+    ThreadRecord, UsageRow, UserRecord,
+};
+use crate::ids::{MessageId, RunId, ThreadId, UserId};
+use apex_protocol::threads::RunStatus;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` and applies migrations.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+fn unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn parse_stored_id<T>(
+    raw: &str,
+    parse: fn(&str) -> Result<T, crate::ids::IdError>,
+) -> StoreResult<T> {
+    parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
+}
+
+fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<UserRecord> {
+    Ok(UserRecord {
+        id: parse_stored_id(row.try_get("id")?, UserId::parse)?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        password_hash: row.try_get("password_hash")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn thread_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<ThreadRecord> {
+    Ok(ThreadRecord {
+        id: parse_stored_id(row.try_get("id")?, ThreadId::parse)?,
+        title: row.try_get("title")?,
+        metadata: parse_json_column(row.try_get("metadata")?)?,
+        created_at_ms: row.try_get("created_at")?,
+        updated_at_ms: row.try_get("updated_at")?,
+        message_count: row.try_get("message_count")?,
+    })
+}
+
+fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<MessageRecord> {
+    Ok(MessageRecord {
+        id: parse_stored_id(row.try_get("id")?, MessageId::parse)?,
+        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
+        role: row.try_get("role")?,
+        content: row.try_get("content")?,
+        metadata: parse_json_column(row.try_get("metadata")?)?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn run_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<RunRecord> {
+    let status: String = row.try_get("status")?;
+    let last_seq: i64 = row.try_get("last_seq")?;
+    Ok(RunRecord {
+        id: parse_stored_id(row.try_get("id")?, RunId::parse)?,
+        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status:?}")))?,
+        created_at_ms: row.try_get("created_at")?,
+        started_at_ms: row.try_get("started_at")?,
+        finished_at_ms: row.try_get("finished_at")?,
+        error: row.try_get("error")?,
+        last_seq: u64::try_from(last_seq).unwrap_or(0),
+    })
+}
+
+const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated_at, \
+     (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count";
+
+const RUN_COLUMNS: &str =
+    "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(&self, user: &UserRecord) -> StoreResult<()> {
+        let result = sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(user.id.to_string())
+        .bind(&user.email)
+        .bind(&user.name)
+        .bind(&user.password_hash)
+        .bind(user.created_at_ms)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) if unique_violation(&err) => Err(StoreError::Conflict),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query(
+            "SELECT id, email, name, password_hash, created_at FROM users WHERE email = ?",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
+        let row =
+            sqlx::query("SELECT id, email, name, password_hash, created_at FROM users WHERE id = ?")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn insert_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        access_jti: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (jti, user_id, access_jti, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(jti)
+        .bind(user.to_string())
+        .bind(access_jti)
+        .bind(expires_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        // One statement: two concurrent refreshes with the same token cannot both win.
+        let result = sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = ? \
+             WHERE jti = ? AND user_id = ? AND revoked_at IS NULL AND expires_at > ?",
+        )
+        .bind(now_ms)
+        .bind(jti)
+        .bind(user.to_string())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn revoke_session(
+        &self,
+        access_jti: &str,
+        access_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES (?, ?) \
+             ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(access_jti)
+        .bind(access_expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = ? WHERE access_jti = ? AND revoked_at IS NULL",
+        )
+        .bind(now_ms)
+        .bind(access_jti)
+        .execute(&mut *tx)
+        .await?;
+        // Housekeeping: expired revocations are useless, since the token is rejected anyway.
+        sqlx::query("DELETE FROM revoked_access_tokens WHERE expires_at < ?")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM revoked_access_tokens WHERE jti = ?")
+            .bind(jti)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn insert_ticket(
+        &self,
+        ticket_id: &str,
+        user: UserId,
+        expires_at_ms: i64,
+        single_use: bool,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO ws_tickets (id, user_id, expires_at, single_use) VALUES (?, ?, ?, ?)",
+        )
+        .bind(ticket_id)
+        .bind(user.to_string())
+        .bind(expires_at_ms)
+        .bind(single_use)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>> {
+        let row = sqlx::query(
+            "UPDATE ws_tickets SET used_at = ? \
+             WHERE id = ? AND expires_at > ? AND (single_use = 0 OR used_at IS NULL) \
+             RETURNING user_id",
+        )
+        .bind(now_ms)
+        .bind(ticket_id)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(parse_stored_id(row.try_get("user_id")?, UserId::parse)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(thread.id.to_string())
+        .bind(owner.to_string())
+        .bind(&thread.title)
+        .bind(thread.metadata.to_string())
+        .bind(thread.created_at_ms)
+        .bind(thread.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_threads(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<ThreadRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.user_id = ? \
+             ORDER BY t.updated_at DESC, t.id LIMIT ? OFFSET ?"
+        ))
+        .bind(owner.to_string())
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(thread_from_row).collect()
+    }
+
+    async fn get_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<Option<ThreadRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.id = ? AND t.user_id = ?"
+        ))
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(thread_from_row).transpose()
+    }
+
+    async fn update_thread(
+        &self,
+        owner: UserId,
+        id: ThreadId,
+        title: &str,
+        metadata: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE threads SET title = ?, metadata = ?, updated_at = ? WHERE id = ? AND user_id = ?",
+        )
+        .bind(title)
+        .bind(metadata.to_string())
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn delete_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<bool> {
+        let result = sqlx::query("DELETE FROM threads WHERE id = ? AND user_id = ?")
+            .bind(id.to_string())
+            .bind(owner.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // The INSERT ... SELECT only matches a thread of `owner`; the position keeps
+        // messages in insertion order even when two share a millisecond.
+        let result = sqlx::query(
+            "INSERT INTO messages (id, thread_id, user_id, role, content, metadata, created_at, position) \
+             SELECT ?, t.id, t.user_id, ?, ?, ?, ?, \
+                    (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
+             FROM threads t WHERE t.id = ? AND t.user_id = ?",
+        )
+        .bind(message.id.to_string())
+        .bind(&message.role)
+        .bind(&message.content)
+        .bind(message.metadata.to_string())
+        .bind(message.created_at_ms)
+        .bind(message.thread_id.to_string())
+        .bind(owner.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE threads SET updated_at = ? WHERE id = ? AND user_id = ?")
+            .bind(message.created_at_ms)
+            .bind(message.thread_id.to_string())
+            .bind(owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn list_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, i64)> {
+        let rows = sqlx::query(
+            "SELECT id, thread_id, role, content, metadata, created_at FROM messages \
+             WHERE thread_id = ? AND user_id = ? ORDER BY position LIMIT ? OFFSET ?",
+        )
+        .bind(thread.to_string())
+        .bind(owner.to_string())
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE thread_id = ? AND user_id = ?")
+                .bind(thread.to_string())
+                .bind(owner.to_string())
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?;
+        let messages = rows
+            .iter()
+            .map(message_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok((messages, total))
+    }
+
+    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(run.status.as_str())
+        .bind(run.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = ? AND user_id = ?"
+        ))
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn set_run_status(
+        &self,
+        owner: UserId,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let (started, finished) = match status {
+            RunStatus::Running => (Some(now_ms), None),
+            s if s.is_terminal() => (None, Some(now_ms)),
+            _ => (None, None),
+        };
+        sqlx::query(
+            "UPDATE runs SET status = ?, error = COALESCE(?, error), \
+             started_at = COALESCE(started_at, ?), finished_at = COALESCE(?, finished_at) \
+             WHERE id = ? AND user_id = ?",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(started)
+        .bind(finished)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn append_event(
+        &self,
+        owner: UserId,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query("UPDATE runs SET last_seq = ? WHERE id = ? AND user_id = ?")
+            .bind(seq)
+            .bind(run.to_string())
+            .bind(owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if updated.rows_affected() != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "event for run {run} that {owner} does not own"
+            )));
+        }
+        sqlx::query("INSERT INTO run_events (run_id, seq, event, created_at) VALUES (?, ?, ?, ?)")
+            .bind(run.to_string())
+            .bind(seq)
+            .bind(json)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT e.seq, e.event FROM run_events e JOIN runs r ON r.id = e.run_id \
+             WHERE e.run_id = ? AND r.user_id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?",
+        )
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq")?;
+                Ok(StoredEvent {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    json: row.try_get("event")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        // SQLite allows 32766 bound parameters; 11 per row.
+        for chunk in rows.chunks(500) {
+            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
+                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
+            );
+            builder.push_values(chunk, |mut b, row| {
+                b.push_bind(owner.to_string())
+                    .push_bind(&row.provider)
+                    .push_bind(&row.model)
+                    .push_bind(&row.workload)
+                    .push_bind(row.ts_ms)
+                    .push_bind(row.prompt_tokens)
+                    .push_bind(row.completion_tokens)
+                    .push_bind(row.latency_ms)
+                    .push_bind(&row.status)
+                    .push_bind(row.cost_usd);
+            });
+            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
+             status, cost_usd FROM workload_events WHERE user_id = ? AND ts >= ? ORDER BY ts, id",
+        )
+        .bind(owner.to_string())
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRow {
+                    provider: row.try_get("provider")?,
+                    model: row.try_get("model")?,
+                    workload: row.try_get("workload")?,
+                    ts_ms: row.try_get("ts")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    status: row.try_get("status")?,
+                    cost_usd: row.try_get("cost_usd")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT user_id, {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
+                Ok((owner, run_from_row(row)?))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,124 @@
+//! `UserStore`: a store handle bound to one user.
+//!
+//! It can only be created from an [`AuthenticatedUser`] or a [`UserExecutionContext`], and it
+//! passes that user's id to every call, so code holding it cannot read or write another
+//! user's rows even by mistake.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{
+    MessageRecord, RunRecord, Store, StoreResult, StoredEvent, ThreadRecord, UsageRow,
+};
+use crate::auth::AuthenticatedUser;
+use crate::context::UserExecutionContext;
+use crate::ids::{RunId, ThreadId, UserId};
+use apex_protocol::threads::RunStatus;
+
+#[derive(Clone)]
+pub struct UserStore {
+    store: Arc<dyn Store>,
+    owner: UserId,
+}
+
+impl UserStore {
+    pub fn for_user(store: Arc<dyn Store>, user: &AuthenticatedUser) -> Self {
+        Self {
+            store,
+            owner: user.user_id(),
+        }
+    }
+
+    pub fn for_context(store: Arc<dyn Store>, ctx: &UserExecutionContext) -> Self {
+        Self {
+            store,
+            owner: ctx.user_id(),
+        }
+    }
+
+    pub fn owner(&self) -> UserId {
+        self.owner
+    }
+
+    pub async fn create_thread(&self, thread: &ThreadRecord) -> StoreResult<()> {
+        self.store.create_thread(self.owner, thread).await
+    }
+    pub async fn list_threads(&self, limit: i64, offset: i64) -> StoreResult<Vec<ThreadRecord>> {
+        self.store.list_threads(self.owner, limit, offset).await
+    }
+    pub async fn get_thread(&self, id: ThreadId) -> StoreResult<Option<ThreadRecord>> {
+        self.store.get_thread(self.owner, id).await
+    }
+    pub async fn update_thread(
+        &self,
+        id: ThreadId,
+        title: &str,
+        metadata: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        self.store
+            .update_thread(self.owner, id, title, metadata, now_ms)
+            .await
+    }
+    pub async fn delete_thread(&self, id: ThreadId) -> StoreResult<bool> {
+        self.store.delete_thread(self.owner, id).await
+    }
+    pub async fn insert_message(&self, message: &MessageRecord) -> StoreResult<bool> {
+        self.store.insert_message(self.owner, message).await
+    }
+    pub async fn list_messages(
+        &self,
+        thread: ThreadId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, i64)> {
+        self.store
+            .list_messages(self.owner, thread, limit, offset)
+            .await
+    }
+    pub async fn create_run(&self, run: &RunRecord) -> StoreResult<()> {
+        self.store.create_run(self.owner, run).await
+    }
+    pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
+        self.store.get_run(self.owner, id).await
+    }
+    pub async fn set_run_status(
+        &self,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.store
+            .set_run_status(self.owner, id, status, error, now_ms)
+            .await
+    }
+    pub async fn append_event(
+        &self,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.store
+            .append_event(self.owner, run, seq, json, now_ms)
+            .await
+    }
+    pub async fn list_events(
+        &self,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        self.store
+            .list_events(self.owner, run, after_seq, limit)
+            .await
+    }
+    pub async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
+        self.store.insert_usage(self.owner, rows).await
+    }
+    pub async fn usage_rows_since(&self, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
+        self.store.usage_rows_since(self.owner, since_ms).await
+    }
+}

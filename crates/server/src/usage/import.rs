@@ -1,0 +1,168 @@
+//! Validation of uploaded usage rows (JSON array or CSV), all-or-nothing.
+//!
+//! A batch with one bad row is rejected whole with the row's index and the reason, so a
+//! half-imported file can never skew a user's numbers.
+
+use apex_protocol::usage::UsageEventInput;
+
+use super::pricing::PricingTable;
+use crate::clock::parse_rfc3339_ms;
+use crate::store::UsageRow;
+
+/// Most rows accepted in one upload.
+pub const MAX_ROWS_PER_UPLOAD: usize = 50_000;
+const MAX_TOKENS: i64 = 100_000_000;
+const MAX_TEXT: usize = 200;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ImportError {
+    #[error("row {index}: {reason}")]
+    Row { index: usize, reason: String },
+    #[error("{0}")]
+    Batch(String),
+}
+
+fn row_error(index: usize, reason: impl Into<String>) -> ImportError {
+    ImportError::Row {
+        index,
+        reason: reason.into(),
+    }
+}
+
+fn text_field(index: usize, name: &str, value: &str) -> Result<String, ImportError> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > MAX_TEXT {
+        return Err(row_error(
+            index,
+            format!("{name} must be 1 to {MAX_TEXT} characters"),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn count_field(index: usize, name: &str, value: i64) -> Result<i64, ImportError> {
+    if !(0..=MAX_TOKENS).contains(&value) {
+        return Err(row_error(
+            index,
+            format!("{name} must be between 0 and {MAX_TOKENS}"),
+        ));
+    }
+    Ok(value)
+}
+
+pub fn validate(
+    inputs: Vec<UsageEventInput>,
+    pricing: &PricingTable,
+) -> Result<Vec<UsageRow>, ImportError> {
+    if inputs.is_empty() {
+        return Err(ImportError::Batch("no rows to import".into()));
+    }
+    if inputs.len() > MAX_ROWS_PER_UPLOAD {
+        return Err(ImportError::Batch(format!(
+            "at most {MAX_ROWS_PER_UPLOAD} rows per upload"
+        )));
+    }
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let model = text_field(index, "model", &input.model)?;
+            let prompt_tokens = count_field(index, "prompt_tokens", input.prompt_tokens)?;
+            let completion_tokens =
+                count_field(index, "completion_tokens", input.completion_tokens)?;
+            let status = match input.status.as_deref().map(str::trim) {
+                None | Some("") | Some("ok") | Some("success") => "ok",
+                Some("error") | Some("failed") => "error",
+                Some(other) => {
+                    return Err(row_error(
+                        index,
+                        format!("status {other:?} is not one of ok, error"),
+                    ))
+                }
+            };
+            let cost_usd = match input.cost_usd {
+                Some(cost) if cost.is_finite() && cost >= 0.0 => cost,
+                Some(_) => return Err(row_error(index, "cost_usd must be a non-negative number")),
+                None => pricing
+                    .cost(&model, prompt_tokens, completion_tokens)
+                    .ok_or_else(|| {
+                        row_error(
+                            index,
+                            format!("model {model:?} is not in the pricing table; send cost_usd"),
+                        )
+                    })?,
+            };
+            Ok(UsageRow {
+                provider: text_field(index, "provider", &input.provider)?,
+                workload: text_field(index, "workload", &input.workload)?,
+                ts_ms: parse_rfc3339_ms(input.timestamp.trim())
+                    .ok_or_else(|| row_error(index, "timestamp must be RFC 3339"))?,
+                prompt_tokens,
+                completion_tokens,
+                latency_ms: count_field(index, "latency_ms", input.latency_ms)?,
+                status: status.to_string(),
+                cost_usd,
+                model,
+            })
+        })
+        .collect()
+}
+
+/// Parses CSV with a header row naming the `UsageEventInput` fields.
+pub fn parse_csv(body: &[u8]) -> Result<Vec<UsageEventInput>, ImportError> {
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(body);
+    let mut rows = Vec::new();
+    for (index, record) in reader.deserialize::<UsageEventInput>().enumerate() {
+        if index >= MAX_ROWS_PER_UPLOAD {
+            return Err(ImportError::Batch(format!(
+                "at most {MAX_ROWS_PER_UPLOAD} rows per upload"
+            )));
+        }
+        rows.push(record.map_err(|e| row_error(index, format!("invalid CSV: {e}")))?);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn computes_missing_cost_and_rejects_unknown_models_without_cost() {
+        let pricing = PricingTable::builtin();
+        let csv = "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status,cost_usd\n\
+                   openai,gpt-4o,chat,2026-11-01T10:00:00Z,1000000,0,500,ok,\n\
+                   acme,acme-1,chat,2026-11-01T10:00:00Z,10,10,500,,0.5\n";
+        let rows = validate(parse_csv(csv.as_bytes()).unwrap(), &pricing).unwrap();
+        assert_eq!(rows[0].cost_usd, 2.5);
+        assert_eq!(rows[1].cost_usd, 0.5);
+
+        let bad = "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms\n\
+                   acme,acme-1,chat,2026-11-01T10:00:00Z,10,10,500\n";
+        let err = validate(parse_csv(bad.as_bytes()).unwrap(), &pricing).unwrap_err();
+        assert!(matches!(err, ImportError::Row { index: 0, .. }));
+    }
+
+    #[test]
+    fn rejects_negative_counts_and_bad_timestamps() {
+        let pricing = PricingTable::builtin();
+        let input = UsageEventInput {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            workload: "w".into(),
+            timestamp: "yesterday".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            latency_ms: 1,
+            status: None,
+            cost_usd: None,
+        };
+        assert!(validate(vec![input.clone()], &pricing).is_err());
+        let negative = UsageEventInput {
+            timestamp: "2026-11-01T10:00:00Z".into(),
+            prompt_tokens: -5,
+            ..input
+        };
+        assert!(validate(vec![negative], &pricing).is_err());
+    }
+}

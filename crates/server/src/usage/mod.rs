@@ -1,0 +1,12 @@
+//! A user's AI usage: the built-in pricing table, demo data, and the usage summary.
+//!
+//! The summary is computed by one function, [`summary_for`], used both by
+//! `GET /api/usage/summary` and by the data agent's `usage_summary` tool, so the numbers in
+//! an answer are exactly the numbers the API reports for the same user.
+
+pub mod demo;
+pub mod import;
+pub mod pricing;
+mod summary;
+
+pub use summary::{summarize, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};

@@ -1,0 +1,387 @@
+//! One WebSocket connection: its state lives in this task and dies with it.
+//!
+//! The task owns the socket, the connection's bus subscription (keyed by the connection's
+//! authenticated user) and a small map of the last seq delivered per run, used to drop
+//! duplicates when a `resume` replay overlaps live delivery. Client frames name threads and
+//! runs only as things to look up under the connection's own user.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apex_protocol::error::ws_codes;
+use apex_protocol::ws::{ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG};
+use apex_protocol::PROTOCOL_VERSION;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use serde_json::Map;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::frames::{self, ClientFrame, FrameError};
+use crate::auth::AuthenticatedUser;
+use crate::clock::now_rfc3339;
+use crate::events::BusEvent;
+use crate::http::threads::{create_thread, message_view};
+use crate::http::runs::validate_message;
+use crate::ids::{RequestId, RunId, ThreadId};
+use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
+use crate::state::AppState;
+use crate::store::UserStore;
+
+/// Page size when replaying a run's stored events.
+const REPLAY_PAGE: i64 = 500;
+
+struct Connection {
+    socket: WebSocket,
+    state: AppState,
+    user: AuthenticatedUser,
+    store: UserStore,
+    /// run → highest seq this client already has.
+    delivered: HashMap<RunId, u64>,
+    /// The run most recently started from this connection (`stop_agent` without an id).
+    last_started: Option<RunId>,
+}
+
+/// Why the connection loop ended.
+enum Exit {
+    ClientGone,
+    Close(u16, &'static str),
+}
+
+pub async fn serve(socket: WebSocket, state: AppState, user: AuthenticatedUser) {
+    let connection_id = uuid::Uuid::new_v4();
+    let span = tracing::info_span!("ws", %connection_id);
+    tracing::Instrument::instrument(serve_connection(socket, state, user, connection_id), span).await
+}
+
+async fn serve_connection(socket: WebSocket, state: AppState, user: AuthenticatedUser, connection_id: uuid::Uuid) {
+    // Subscribe before announcing the connection, so nothing published afterwards is missed.
+    let mut subscription = state.infra.bus.subscribe(user.user_id());
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let shutdown = state.infra.shutdown.clone();
+    let mut conn = Connection { socket, state, user, store, delivered: HashMap::new(), last_started: None };
+
+    let hello = ControlFrame::ConnectionEstablished {
+        data: ConnectionInfo {
+            connection_id: connection_id.to_string(),
+            user_id: conn.user.user_id().to_string(),
+            protocol_version: PROTOCOL_VERSION,
+        },
+        timestamp: now_rfc3339(),
+    };
+    if conn.send_control(&hello).await.is_err() {
+        return;
+    }
+
+    let exit = loop {
+        tokio::select! {
+            incoming = conn.socket.recv() => match incoming {
+                None | Some(Err(_)) => break Exit::ClientGone,
+                Some(Ok(Message::Close(_))) => break Exit::ClientGone,
+                Some(Ok(Message::Text(text))) => {
+                    if text.len() > conn.state.settings.max_frame_bytes {
+                        break Exit::Close(CLOSE_MESSAGE_TOO_BIG, "frame exceeds the size limit");
+                    }
+                    if conn.handle_frame(text.as_str()).await.is_err() {
+                        break Exit::ClientGone;
+                    }
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    if bytes.len() > conn.state.settings.max_frame_bytes {
+                        break Exit::Close(CLOSE_MESSAGE_TOO_BIG, "frame exceeds the size limit");
+                    }
+                    let handled = match std::str::from_utf8(&bytes) {
+                        Ok(text) => conn.handle_frame(text).await,
+                        Err(_) => conn.send_error(ws_codes::JSON_PARSE_ERROR, "binary frames must be UTF-8 JSON").await,
+                    };
+                    if handled.is_err() {
+                        break Exit::ClientGone;
+                    }
+                }
+                // Pings are answered by the library.
+                Some(Ok(_)) => {}
+            },
+            event = subscription.recv() => match event {
+                Ok(event) => {
+                    if conn.forward(&event).await.is_err() {
+                        break Exit::ClientGone;
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "connection fell behind; catching up from the event log");
+                    if conn.catch_up().await.is_err() {
+                        break Exit::ClientGone;
+                    }
+                }
+                Err(RecvError::Closed) => break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down"),
+            },
+            _ = shutdown.cancelled() => {
+                let _ = conn.send_control(&ControlFrame::ServerShutdown { timestamp: now_rfc3339() }).await;
+                break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down");
+            }
+        }
+    };
+    if let Exit::Close(code, reason) = exit {
+        let _ = conn.socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    }
+    // `subscription` and `conn` drop here: the connection leaves no state behind.
+}
+
+type Sent = Result<(), axum::Error>;
+
+impl Connection {
+    async fn send_text(&mut self, text: String) -> Sent {
+        self.socket.send(Message::Text(text.into())).await
+    }
+
+    async fn send_control(&mut self, frame: &ControlFrame) -> Sent {
+        match serde_json::to_string(frame) {
+            Ok(text) => self.send_text(text).await,
+            Err(err) => {
+                tracing::error!(error = %err, "could not serialize a control frame");
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_error(&mut self, code: &str, message: impl Into<String>) -> Sent {
+        self.send_control(&ControlFrame::ErrorMessage {
+            error_code: code.to_string(),
+            error_message: message.into(),
+            timestamp: now_rfc3339(),
+        })
+        .await
+    }
+
+    /// Sends a stored or live event unless this client already has it.
+    async fn deliver(&mut self, run: RunId, seq: u64, terminal: bool, json: String) -> Sent {
+        let last = self.delivered.get(&run).copied().unwrap_or(0);
+        if seq <= last {
+            return Ok(());
+        }
+        self.send_text(json).await?;
+        if terminal {
+            self.delivered.remove(&run);
+        } else {
+            self.delivered.insert(run, seq);
+        }
+        Ok(())
+    }
+
+    async fn forward(&mut self, event: &BusEvent) -> Sent {
+        // The bus only hands us our own user's events; this check makes a routing bug
+        // fail closed instead of leaking.
+        if event.user_id != self.user.user_id() {
+            tracing::error!("event for another user reached a connection; dropped");
+            return Ok(());
+        }
+        self.deliver(event.run_id, event.seq, event.terminal, event.json.clone()).await
+    }
+
+    /// Replays stored events of `run` after `after_seq`.
+    async fn replay(&mut self, run: RunId, after_seq: u64) -> Result<(), ReplayError> {
+        let mut cursor = after_seq;
+        loop {
+            let page = self.store.list_events(run, cursor, REPLAY_PAGE).await?;
+            let Some(last) = page.last().map(|e| e.seq) else { break };
+            for event in page {
+                let terminal = serde_json::from_str::<apex_protocol::events::AgentEvent>(&event.json)
+                    .map(|e| e.is_terminal())
+                    .unwrap_or(false);
+                self.deliver(run, event.seq, terminal, event.json).await?;
+            }
+            cursor = last;
+        }
+        Ok(())
+    }
+
+    /// After falling behind the bus: replay every run that may have had events since.
+    async fn catch_up(&mut self) -> Sent {
+        let mut runs: Vec<(RunId, u64)> = self.delivered.iter().map(|(r, s)| (*r, *s)).collect();
+        if let Some(latest) = self.state.runs.latest_for(self.user.user_id()) {
+            if !self.delivered.contains_key(&latest) {
+                runs.push((latest, 0));
+            }
+        }
+        for (run, after) in runs {
+            match self.replay(run, after).await {
+                Ok(()) => {}
+                Err(ReplayError::Socket(err)) => return Err(err),
+                Err(ReplayError::Store(err)) => tracing::error!(error = %err, "catch-up replay failed"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_frame(&mut self, raw: &str) -> Sent {
+        let frame = match frames::parse(raw) {
+            Ok(frame) => frame,
+            Err(FrameError::Parse(e)) => return self.send_error(ws_codes::JSON_PARSE_ERROR, format!("invalid JSON: {e}")).await,
+            Err(FrameError::Shape(e)) => return self.send_error(ws_codes::VALIDATION_ERROR, e).await,
+        };
+        match frame {
+            ClientFrame::StartRun { text, thread_id } => self.start(text, thread_id).await,
+            ClientFrame::StopRun { run_id } => self.stop(run_id).await,
+            ClientFrame::Resume { run_id, after_seq } => self.resume(run_id, after_seq).await,
+            ClientFrame::ThreadHistory { thread_id } => self.history(thread_id, true).await,
+            ClientFrame::SwitchThread { thread_id } => self.history(thread_id, false).await,
+            ClientFrame::SessionRestore => Ok(()),
+            ClientFrame::Ping => self.send_control(&ControlFrame::Pong { timestamp: now_rfc3339() }).await,
+            ClientFrame::Heartbeat => self.send_control(&ControlFrame::HeartbeatAck { timestamp: now_rfc3339() }).await,
+            ClientFrame::Unknown(kind) => {
+                self.send_error(ws_codes::UNKNOWN_MESSAGE_TYPE, format!("unknown message type {kind:?}")).await
+            }
+        }
+    }
+
+    async fn internal_error(&mut self, err: impl std::fmt::Display) -> Sent {
+        tracing::error!(error = %err, "websocket request failed");
+        self.send_error(ws_codes::INTERNAL_ERROR, "internal server error").await
+    }
+
+    /// Looks a client-named thread up under this connection's user.
+    async fn own_thread(&mut self, raw: &str) -> Result<Option<ThreadId>, crate::store::StoreError> {
+        let Ok(id) = ThreadId::parse(raw) else { return Ok(None) };
+        Ok(self.store.get_thread(id).await?.map(|t| t.id))
+    }
+
+    async fn start(&mut self, text: Option<String>, thread_id: Option<String>) -> Sent {
+        let text = match text.as_deref().map(validate_message) {
+            None => return self.send_error(ws_codes::VALIDATION_ERROR, "a message needs text").await,
+            Some(Err(e)) => return self.send_error(ws_codes::VALIDATION_ERROR, e).await,
+            Some(Ok(text)) => text,
+        };
+        let thread = match thread_id {
+            Some(raw) => match self.own_thread(&raw).await {
+                Ok(Some(id)) => id,
+                Ok(None) => return self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found").await,
+                Err(err) => return self.internal_error(err).await,
+            },
+            None => {
+                let title: String = text.chars().take(60).collect();
+                match create_thread(&self.store, &title, Map::new()).await {
+                    Ok(record) => {
+                        self.send_control(&ControlFrame::ThreadCreated {
+                            thread_id: record.id.to_string(),
+                            timestamp: now_rfc3339(),
+                        })
+                        .await?;
+                        record.id
+                    }
+                    Err(err) => return self.internal_error(err).await,
+                }
+            }
+        };
+        match start_run(&self.state, &self.user, thread, text, RequestId::generate()).await {
+            Ok(started) => {
+                self.last_started = Some(started.run_id);
+                self.send_control(&ControlFrame::RunAccepted {
+                    run_id: started.run_id.to_string(),
+                    thread_id: started.thread_id.to_string(),
+                    message_id: started.message_id.to_string(),
+                    timestamp: now_rfc3339(),
+                })
+                .await
+            }
+            Err(StartRunError::ThreadNotFound) => self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found").await,
+            Err(StartRunError::Store(err)) => self.internal_error(err).await,
+        }
+    }
+
+    async fn stop(&mut self, run_id: Option<String>) -> Sent {
+        let user = self.user.user_id();
+        let run = match run_id {
+            Some(raw) => match RunId::parse(&raw) {
+                Ok(id) => id,
+                Err(_) => return self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await,
+            },
+            None => match self
+                .last_started
+                .filter(|r| self.state.runs.is_active(user, *r))
+                .or_else(|| self.state.runs.latest_for(user))
+            {
+                Some(run) => run,
+                None => return self.send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop").await,
+            },
+        };
+        match stop_run(&self.state, &self.user, run).await {
+            Ok(StopOutcome::Stopping) => {
+                self.send_control(&ControlFrame::StopAcknowledged { run_id: run.to_string(), timestamp: now_rfc3339() })
+                    .await
+            }
+            Ok(StopOutcome::AlreadyFinished(status)) => {
+                self.send_error(ws_codes::RUN_NOT_ACTIVE, format!("run already finished with status {}", status.as_str()))
+                    .await
+            }
+            Ok(StopOutcome::NotFound) => self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await,
+            Err(err) => self.internal_error(err).await,
+        }
+    }
+
+    async fn resume(&mut self, run_id: Option<String>, after_seq: Option<u64>) -> Sent {
+        let Some(run) = run_id.as_deref().and_then(|r| RunId::parse(r).ok()) else {
+            return self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await;
+        };
+        match self.store.get_run(run).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await,
+            Err(err) => return self.internal_error(err).await,
+        }
+        let after = after_seq.unwrap_or(0);
+        // The client has everything up to `after`: live copies of those are duplicates.
+        let known = self.delivered.entry(run).or_insert(0);
+        *known = (*known).max(after);
+        match self.replay(run, after).await {
+            Ok(()) => Ok(()),
+            Err(ReplayError::Socket(err)) => Err(err),
+            Err(ReplayError::Store(err)) => self.internal_error(err).await,
+        }
+    }
+
+    async fn history(&mut self, thread_id: Option<String>, errors: bool) -> Sent {
+        let thread = match thread_id {
+            Some(raw) => self.own_thread(&raw).await,
+            None => Ok(None),
+        };
+        let thread = match thread {
+            Ok(Some(thread)) => thread,
+            Ok(None) if errors => return self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found").await,
+            Ok(None) => return Ok(()),
+            Err(err) if errors => return self.internal_error(err).await,
+            Err(err) => {
+                tracing::error!(error = %err, "switch_thread lookup failed");
+                return Ok(());
+            }
+        };
+        match self.store.list_messages(thread, 500, 0).await {
+            Ok((messages, _)) => {
+                self.send_control(&ControlFrame::ThreadData {
+                    thread_id: thread.to_string(),
+                    messages: messages.into_iter().map(message_view).collect(),
+                    timestamp: now_rfc3339(),
+                })
+                .await
+            }
+            Err(err) if errors => self.internal_error(err).await,
+            Err(err) => {
+                tracing::error!(error = %err, "switch_thread history failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+enum ReplayError {
+    Socket(axum::Error),
+    Store(crate::store::StoreError),
+}
+
+impl From<axum::Error> for ReplayError {
+    fn from(err: axum::Error) -> Self {
+        ReplayError::Socket(err)
+    }
+}
+
+impl From<crate::store::StoreError> for ReplayError {
+    fn from(err: crate::store::StoreError) -> Self {
+        ReplayError::Store(err)
+    }
+}

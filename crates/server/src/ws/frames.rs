@@ -1,0 +1,109 @@
+//! Client → server frames, parsed leniently: fields may sit at top level or inside
+//! `payload`, and the aliases of the original system are accepted.
+
+use serde_json::Value;
+
+/// A parsed client frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    /// `user_message` / `chat` / `chat_message` / `start_agent`.
+    StartRun { text: Option<String>, thread_id: Option<String> },
+    StopRun { run_id: Option<String> },
+    Resume { run_id: Option<String>, after_seq: Option<u64> },
+    ThreadHistory { thread_id: Option<String> },
+    SwitchThread { thread_id: Option<String> },
+    SessionRestore,
+    Ping,
+    Heartbeat,
+    Unknown(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrameError {
+    /// Not JSON at all.
+    Parse(String),
+    /// JSON, but not an object with a string `type`.
+    Shape(String),
+}
+
+/// `payload.name` if present, else top-level `name`.
+fn field<'a>(frame: &'a Value, name: &str) -> Option<&'a Value> {
+    frame
+        .get("payload")
+        .and_then(|p| p.get(name))
+        .filter(|v| !v.is_null())
+        .or_else(|| frame.get(name).filter(|v| !v.is_null()))
+}
+
+/// A string field; empty strings count as absent.
+fn text(frame: &Value, names: &[&str]) -> Option<String> {
+    names.iter().find_map(|name| {
+        field(frame, name)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    })
+}
+
+pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
+    let frame: Value = serde_json::from_str(raw).map_err(|e| FrameError::Parse(e.to_string()))?;
+    let kind = frame
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| FrameError::Shape("frame must be a JSON object with a string \"type\"".into()))?;
+    Ok(match kind {
+        "user_message" | "chat" | "chat_message" => ClientFrame::StartRun {
+            text: text(&frame, &["text", "content", "message"]),
+            thread_id: text(&frame, &["thread_id"]),
+        },
+        "start_agent" => ClientFrame::StartRun {
+            text: text(&frame, &["user_request", "text", "content", "message"]),
+            thread_id: text(&frame, &["thread_id"]),
+        },
+        "stop_agent" => ClientFrame::StopRun { run_id: text(&frame, &["run_id"]) },
+        "resume" => ClientFrame::Resume {
+            run_id: text(&frame, &["run_id"]),
+            after_seq: field(&frame, "after_seq").and_then(Value::as_u64),
+        },
+        "get_thread_history" => ClientFrame::ThreadHistory { thread_id: text(&frame, &["thread_id"]) },
+        "switch_thread" => ClientFrame::SwitchThread { thread_id: text(&frame, &["thread_id", "threadId"]) },
+        "session_restore" => ClientFrame::SessionRestore,
+        "ping" => ClientFrame::Ping,
+        "heartbeat" => ClientFrame::Heartbeat,
+        other => ClientFrame::Unknown(other.chars().take(64).collect()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_flat_and_payload_fields_and_aliases() {
+        assert_eq!(
+            parse(r#"{"type":"chat","payload":{"content":"hi","thread_id":"t"}}"#).unwrap(),
+            ClientFrame::StartRun { text: Some("hi".into()), thread_id: Some("t".into()) }
+        );
+        assert_eq!(
+            parse(r#"{"type":"start_agent","user_request":"go"}"#).unwrap(),
+            ClientFrame::StartRun { text: Some("go".into()), thread_id: None }
+        );
+        assert_eq!(
+            parse(r#"{"type":"resume","payload":{"run_id":"r","after_seq":4}}"#).unwrap(),
+            ClientFrame::Resume { run_id: Some("r".into()), after_seq: Some(4) }
+        );
+        assert_eq!(
+            parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),
+            ClientFrame::StartRun { text: None, thread_id: None }
+        );
+    }
+
+    #[test]
+    fn reports_bad_json_and_shapes() {
+        assert!(matches!(parse("{nope"), Err(FrameError::Parse(_))));
+        assert!(matches!(parse("[1,2]"), Err(FrameError::Shape(_))));
+        assert!(matches!(parse(r#"{"type":7}"#), Err(FrameError::Shape(_))));
+        assert_eq!(parse(r#"{"type":"dance"}"#).unwrap(), ClientFrame::Unknown("dance".into()));
+    }
+}

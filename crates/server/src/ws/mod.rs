@@ -1,0 +1,113 @@
+//! The WebSocket endpoint `GET /ws`: authentication, then one task per connection.
+//!
+//! Authentication, first match wins: `?ticket=<id>`, `Authorization: Bearer <jwt>`, or the
+//! subprotocol `jwt.<base64url(jwt)>` (echoed back). The identity of the connection is fixed
+//! here and never changes; nothing a client sends later can alter it.
+
+mod connection;
+mod frames;
+
+use apex_protocol::error::ws_codes;
+use apex_protocol::ws::{ControlFrame, CLOSE_POLICY_VIOLATION};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::auth::{bearer_token, AuthError};
+use crate::clock::now_rfc3339;
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    ticket: Option<String>,
+}
+
+enum Credential {
+    Ticket(String),
+    Bearer(String),
+    Subprotocol { protocol: String, token: String },
+    Missing,
+}
+
+fn subprotocol_token(headers: &HeaderMap) -> Option<(String, String)> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|protocol| {
+            let encoded = protocol.strip_prefix("jwt.")?;
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(encoded.trim_end_matches('='))
+                .ok()?;
+            Some((protocol.to_string(), String::from_utf8(bytes).ok()?))
+        })
+}
+
+fn credential(params: &Result<Query<WsParams>, QueryRejection>, headers: &HeaderMap) -> Credential {
+    if let Ok(Query(WsParams { ticket: Some(ticket) })) = params {
+        return Credential::Ticket(ticket.clone());
+    }
+    if let Some(token) = bearer_token(headers) {
+        return Credential::Bearer(token.to_string());
+    }
+    if let Some((protocol, token)) = subprotocol_token(headers) {
+        return Credential::Subprotocol { protocol, token };
+    }
+    Credential::Missing
+}
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    params: Result<Query<WsParams>, QueryRejection>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let limit = state.settings.max_frame_bytes;
+    // tungstenite's own limit is set above ours so that we, not it, answer an oversized
+    // frame, with close code 1009.
+    let ws = ws.max_message_size(limit.saturating_mul(4)).max_frame_size(limit.saturating_mul(4));
+    let (ws, outcome) = match credential(&params, &headers) {
+        Credential::Ticket(ticket) => (
+            ws,
+            state.auth.redeem_ticket(&ticket).await.map_err(|e| (e, "invalid, expired or used ticket")),
+        ),
+        Credential::Bearer(token) => (
+            ws,
+            state.auth.verify_access(&token).await.map_err(|e| (e, "invalid or expired token")),
+        ),
+        Credential::Subprotocol { protocol, token } => (
+            ws.protocols([protocol]),
+            state.auth.verify_access(&token).await.map_err(|e| (e, "invalid or expired token")),
+        ),
+        Credential::Missing => (ws, Err((AuthError::InvalidToken, "authentication required"))),
+    };
+    match outcome {
+        Ok(user) => ws.on_upgrade(move |socket| connection::serve(socket, state, user)),
+        Err((err, reason)) => {
+            if let AuthError::Internal(inner) = &err {
+                tracing::error!(error = %format!("{inner:#}"), "websocket authentication failed internally");
+            }
+            ws.on_upgrade(move |socket| reject(socket, reason))
+        }
+    }
+}
+
+async fn reject(mut socket: WebSocket, reason: &'static str) {
+    let frame = ControlFrame::ErrorMessage {
+        error_code: ws_codes::AUTH_FAILED.into(),
+        error_message: format!("authentication failed: {reason}"),
+        timestamp: now_rfc3339(),
+    };
+    if let Ok(text) = serde_json::to_string(&frame) {
+        let _ = socket.send(Message::Text(text.into())).await;
+    }
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame { code: CLOSE_POLICY_VIOLATION, reason: reason.into() })))
+        .await;
+}
