@@ -1,0 +1,269 @@
+//! `spawn_app()` and `TestApp`: the real server on port 0 with a temporary SQLite file,
+//! plus typed helpers to talk to it over HTTP and WebSocket.
+
+use std::time::Duration;
+
+use apex_protocol::auth::TokenPair;
+use apex_protocol::events::AgentEvent;
+use apex_protocol::usage::UsageSummary;
+use apex_server::settings::{PasswordHashing, Settings};
+use apex_server::state::AppState;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected frame may take before a test fails.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct TestApp {
+    pub address: String,
+    pub ws_address: String,
+    pub http: reqwest::Client,
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _data_dir: tempfile::TempDir,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the server with test settings adjusted by `configure`.
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = Settings::embedded(data_dir.path());
+    settings.password_hashing = PasswordHashing::Light;
+    settings.template_stream_delay = Duration::from_millis(1);
+    configure(&mut settings);
+    let state = apex_server::build_state(settings).await.expect("server state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(apex_server::serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        ws_address: format!("ws://127.0.0.1:{port}/ws"),
+        http: reqwest::Client::new(),
+        state,
+        shutdown: Some(tx),
+        server: Some(server),
+        _data_dir: data_dir,
+    }
+}
+
+/// A registered user and their tokens.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub email: String,
+    pub id: String,
+    pub tokens: TokenPair,
+}
+
+impl TestUser {
+    pub fn token(&self) -> &str {
+        &self.tokens.access_token
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn post_json(&self, path: &str, token: Option<&str>, body: &Value) -> reqwest::Response {
+        let mut request = self.http.post(self.url(path)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("request")
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(token).send().await.expect("request")
+    }
+
+    pub async fn register_raw(&self, email: &str, password: &str) -> reqwest::Response {
+        self.post_json("/auth/register", None, &json!({"email": email, "password": password, "name": "Test"}))
+            .await
+    }
+
+    /// Registers a fresh user with a unique email.
+    pub async fn register(&self) -> TestUser {
+        let email = format!("user-{}@example.com", uuid::Uuid::new_v4().simple());
+        let response = self.register_raw(&email, PASSWORD).await;
+        assert_eq!(response.status(), 201, "register");
+        let tokens: TokenPair = response.json().await.expect("token pair");
+        TestUser { email, id: tokens.user.id.clone(), tokens }
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.post_json("/auth/login", None, &json!({"email": email, "password": password})).await
+    }
+
+    pub async fn usage_summary(&self, user: &TestUser) -> UsageSummary {
+        let response = self.get("/api/usage/summary?days=30", user.token()).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("summary")
+    }
+
+    /// Opens a WebSocket authenticated by the `Authorization` header and reads the hello.
+    pub async fn ws_connect(&self, user: &TestUser) -> WsClient {
+        let mut request = self.ws_address.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {}", user.token()).parse().unwrap());
+        let mut client = WsClient::connect(request).await.expect("ws connect");
+        let hello = client.next_json().await;
+        assert_eq!(hello["type"], "connection_established", "{hello}");
+        assert_eq!(hello["data"]["user_id"], user.id.as_str());
+        client
+    }
+
+    pub async fn ticket(&self, user: &TestUser, body: Value) -> Value {
+        let response = self.post_json("/api/websocket/ticket", Some(user.token()), &body).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
+        }
+    }
+}
+
+pub struct WsClient {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// One run as one connection saw it.
+#[derive(Debug)]
+pub struct RunTranscript {
+    pub run_id: String,
+    pub thread_id: String,
+    pub events: Vec<AgentEvent>,
+}
+
+impl RunTranscript {
+    pub fn terminal(&self) -> &AgentEvent {
+        self.events.last().expect("at least one event")
+    }
+}
+
+impl WsClient {
+    pub async fn connect(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(WsClient { socket })
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.socket.send(Message::Text(value.to_string().into())).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.socket.send(Message::Text(text.into())).await.expect("send");
+    }
+
+    /// The next frame; panics on timeout or close.
+    pub async fn next_message(&mut self) -> Message {
+        loop {
+            let message = tokio::time::timeout(FRAME_TIMEOUT, self.socket.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("socket ended")
+                .expect("socket error");
+            match message {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_message().await {
+            Message::Text(text) => serde_json::from_str(&text).expect("json frame"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Reads frames until one of `type`; returns it (frames before are dropped).
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.next_json().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Reads the close frame: (code, reason).
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.next_message().await {
+                Message::Close(Some(frame)) => return (u16::from(frame.code), frame.reason.to_string()),
+                Message::Close(None) => return (u16::from(CloseCode::Status), String::new()),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a `user_message` and collects the run's events up to and including the terminal.
+    pub async fn ask(&mut self, text: &str, thread_id: Option<&str>) -> RunTranscript {
+        let mut frame = json!({"type": "user_message", "text": text});
+        if let Some(thread) = thread_id {
+            frame["thread_id"] = json!(thread);
+        }
+        self.send_json(frame).await;
+        let accepted = self.expect_type("run_accepted").await;
+        let run_id = accepted["run_id"].as_str().unwrap().to_string();
+        let thread_id = accepted["thread_id"].as_str().unwrap().to_string();
+        let events = self.collect_run(&run_id).await;
+        RunTranscript { run_id, thread_id, events }
+    }
+
+    /// Collects events of `run_id` until its terminal event. Events of other runs fail.
+    pub async fn collect_run(&mut self, run_id: &str) -> Vec<AgentEvent> {
+        let mut events = Vec::new();
+        loop {
+            let frame = self.next_json().await;
+            if frame.get("seq").is_none() {
+                continue;
+            }
+            let event: AgentEvent = serde_json::from_value(frame).expect("agent event");
+            assert_eq!(event.run_id, run_id, "event of another run on this connection");
+            let terminal = event.is_terminal();
+            events.push(event);
+            if terminal {
+                return events;
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// Asserts seqs are 1..=n without gaps or repeats and the terminal event is last and unique.
+pub fn assert_contiguous_and_terminated(events: &[AgentEvent]) {
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.seq, i as u64 + 1, "seq must be contiguous from 1");
+    }
+    let terminals = events.iter().filter(|e| e.is_terminal()).count();
+    assert_eq!(terminals, 1, "exactly one terminal event");
+    assert!(events.last().unwrap().is_terminal(), "terminal event is last");
+}

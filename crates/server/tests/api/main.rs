@@ -1,0 +1,10 @@
+//! Integration tests: the real server on port 0, driven over HTTP and WebSocket.
+
+mod auth;
+mod golden_path;
+mod helpers;
+mod isolation;
+mod no_global_state;
+mod threads;
+mod usage;
+mod websocket;
