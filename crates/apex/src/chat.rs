@@ -44,12 +44,19 @@ async fn authenticate(args: &ChatArgs) -> anyhow::Result<TokenPair> {
     let base = args.server.trim_end_matches('/');
     let response = if args.register {
         http.post(format!("{base}/auth/register"))
-            .json(&RegisterRequest { email: args.email.clone(), password: args.password.clone(), name: args.name.clone() })
+            .json(&RegisterRequest {
+                email: args.email.clone(),
+                password: args.password.clone(),
+                name: args.name.clone(),
+            })
             .send()
             .await
     } else {
         http.post(format!("{base}/auth/login"))
-            .json(&LoginRequest { email: args.email.clone(), password: args.password.clone() })
+            .json(&LoginRequest {
+                email: args.email.clone(),
+                password: args.password.clone(),
+            })
             .send()
             .await
     }
@@ -74,10 +81,22 @@ fn render(event: &AgentEvent) -> bool {
     match event.kind {
         EventKind::AgentStarted if agent != SUPERVISOR => println!("▶ {agent}"),
         EventKind::AgentThinking => println!("  · {}", p["reasoning"].as_str().unwrap_or("")),
-        EventKind::ToolExecuting => println!("  ⚙ {}({})", p["tool_name"].as_str().unwrap_or("?"), p["parameters"]),
+        EventKind::ToolExecuting => println!(
+            "  ⚙ {}({})",
+            p["tool_name"].as_str().unwrap_or("?"),
+            p["parameters"]
+        ),
         EventKind::ToolCompleted => {
-            let mark = if p["success"].as_bool().unwrap_or(false) { "✓" } else { "✗" };
-            println!("  {mark} {} in {} ms", p["tool_name"].as_str().unwrap_or("?"), p["execution_time_ms"]);
+            let mark = if p["success"].as_bool().unwrap_or(false) {
+                "✓"
+            } else {
+                "✗"
+            };
+            println!(
+                "  {mark} {} in {} ms",
+                p["tool_name"].as_str().unwrap_or("?"),
+                p["execution_time_ms"]
+            );
         }
         EventKind::AgentCompleted if event.is_terminal() => {
             println!(
@@ -88,7 +107,11 @@ fn render(event: &AgentEvent) -> bool {
             return true;
         }
         EventKind::AgentCompleted => {
-            println!("✔ {agent} {} in {} ms", p["status"].as_str().unwrap_or(""), p["execution_time_ms"]);
+            println!(
+                "✔ {agent} {} in {} ms",
+                p["status"].as_str().unwrap_or(""),
+                p["execution_time_ms"]
+            );
             if agent == "actions" {
                 println!();
             }
@@ -113,11 +136,15 @@ fn prompt() {
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let pair = authenticate(&args).await?;
     println!("signed in as {} ({})", pair.user.email, pair.user.id);
-    let ws_url = format!("{}/ws", args.server.trim_end_matches('/').replacen("http", "ws", 1));
+    let ws_url = format!(
+        "{}/ws",
+        args.server.trim_end_matches('/').replacen("http", "ws", 1)
+    );
     let mut request = ws_url.as_str().into_client_request()?;
-    request
-        .headers_mut()
-        .insert("Authorization", format!("Bearer {}", pair.access_token).parse()?);
+    request.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", pair.access_token).parse()?,
+    );
     let (socket, _) = tokio_tungstenite::connect_async(request)
         .await
         .with_context(|| format!("opening {ws_url}"))?;

@@ -167,11 +167,9 @@ impl EventBody {
                 total_steps,
             } => {
                 compat.insert("reasoning".into(), json!(reasoning));
-                let progress = if total_steps == 0 {
-                    100
-                } else {
-                    (step_number * 100 / total_steps).min(100)
-                };
+                let progress = (step_number * 100)
+                    .checked_div(total_steps)
+                    .map_or(100, |p| p.min(100));
                 json!({
                     "reasoning": reasoning,
                     "step_number": step_number,

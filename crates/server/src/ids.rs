@@ -126,7 +126,16 @@ mod tests {
 
     #[test]
     fn rejects_empty_and_placeholder_ids() {
-        for raw in ["", "  ", "none", "NULL", "undefined", "0", "nil", "anonymous"] {
+        for raw in [
+            "",
+            "  ",
+            "none",
+            "NULL",
+            "undefined",
+            "0",
+            "nil",
+            "anonymous",
+        ] {
             assert!(UserId::parse(raw).is_err(), "{raw:?} must be rejected");
         }
         assert_eq!(

@@ -64,13 +64,20 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Reads the JWT secret from settings, else from `<data_dir>/jwt_secret`, creating it.
 fn load_jwt_secret(settings: &Settings) -> anyhow::Result<Secret> {
     if let Some(secret) = &settings.jwt_secret {
-        anyhow::ensure!(secret.expose().len() >= 32, "jwt_secret must be at least 32 characters");
+        anyhow::ensure!(
+            secret.expose().len() >= 32,
+            "jwt_secret must be at least 32 characters"
+        );
         return Ok(secret.clone());
     }
     let path = settings.data_dir.join("jwt_secret");
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let existing = existing.trim().to_string();
-        anyhow::ensure!(existing.len() >= 32, "{} is too short; delete it to regenerate", path.display());
+        anyhow::ensure!(
+            existing.len() >= 32,
+            "{} is too short; delete it to regenerate",
+            path.display()
+        );
         return Ok(Secret::new(existing));
     }
     let mut bytes = [0u8; 48];
@@ -103,7 +110,10 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         .await
         .context("recovering unfinished runs")?;
     if recovered > 0 {
-        tracing::warn!(recovered, "marked runs left unfinished by a previous process as interrupted");
+        tracing::warn!(
+            recovered,
+            "marked runs left unfinished by a previous process as interrupted"
+        );
     }
     let secret = load_jwt_secret(&settings)?;
     let auth = Authenticator::new(

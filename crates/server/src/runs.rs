@@ -55,7 +55,14 @@ impl ActiveRuns {
         let mut guard = self.lock();
         guard.0 += 1;
         let started = guard.0;
-        guard.1.insert(run, ActiveRun { owner, cancel, started });
+        guard.1.insert(
+            run,
+            ActiveRun {
+                owner,
+                cancel,
+                started,
+            },
+        );
     }
 
     fn remove(&self, run: RunId) {
@@ -158,13 +165,19 @@ pub async fn start_run(
         })
         .await?;
 
-    let ctx = UserExecutionContext::new(user, thread, run_id, request_id, state.settings.run_timeout);
+    let ctx =
+        UserExecutionContext::new(user, thread, run_id, request_id, state.settings.run_timeout);
     let factory = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra));
-    state
-        .runs
-        .insert(run_id, user.user_id(), factory.context().cancellation().clone());
+    state.runs.insert(
+        run_id,
+        user.user_id(),
+        factory.context().cancellation().clone(),
+    );
     let instance = factory.build(text);
-    let deregister = Deregister { runs: Arc::clone(&state.runs), run: run_id };
+    let deregister = Deregister {
+        runs: Arc::clone(&state.runs),
+        run: run_id,
+    };
     let span = tracing::info_span!("run", %run_id, %request_id);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
@@ -173,7 +186,11 @@ pub async fn start_run(
         },
         span,
     ));
-    Ok(StartedRun { run_id, thread_id: thread, message_id: message.id })
+    Ok(StartedRun {
+        run_id,
+        thread_id: thread,
+        message_id: message.id,
+    })
 }
 
 /// Stops a run of `user`: the run itself, or — without an id — their latest active run.
@@ -210,11 +227,19 @@ pub async fn recover_unfinished_runs(
         let _ = emitter
             .emit(
                 SUPERVISOR,
-                EventBody::RunError { error_code: "INTERRUPTED".into(), error_message: message.clone() },
+                EventBody::RunError {
+                    error_code: "INTERRUPTED".into(),
+                    error_message: message.clone(),
+                },
             )
             .await;
         user_store
-            .set_run_status(run.id, RunStatus::Interrupted, Some(&format!("INTERRUPTED: {message}")), now_ms())
+            .set_run_status(
+                run.id,
+                RunStatus::Interrupted,
+                Some(&format!("INTERRUPTED: {message}")),
+                now_ms(),
+            )
             .await?;
         emitter
             .emit_terminal(

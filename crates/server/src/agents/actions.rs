@@ -55,8 +55,13 @@ impl Agent for ActionsAgent {
     }
 
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
-        cx.think(self.name(), "Ordering the changes by savings and effort", 1, 1)
-            .await?;
+        cx.think(
+            self.name(),
+            "Ordering the changes by savings and effort",
+            1,
+            1,
+        )
+        .await?;
         let opportunities = state.opportunities.clone();
         let steps = cx
             .tool(

@@ -15,14 +15,29 @@ impl Agent for DataAgent {
     }
 
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
-        let days = state.triage.as_ref().map_or(DEFAULT_WINDOW_DAYS, |t| t.days);
-        cx.think(self.name(), format!("Loading your usage for the last {days} days"), 1, 2)
-            .await?;
+        let days = state
+            .triage
+            .as_ref()
+            .map_or(DEFAULT_WINDOW_DAYS, |t| t.days);
+        cx.think(
+            self.name(),
+            format!("Loading your usage for the last {days} days"),
+            1,
+            2,
+        )
+        .await?;
         let now = cx.now_ms();
         let summary = cx
-            .tool(self.name(), "usage_summary", json!({ "days": days }), || async {
-                summary_for(&cx.store, days, now).await.map_err(|e| e.to_string())
-            })
+            .tool(
+                self.name(),
+                "usage_summary",
+                json!({ "days": days }),
+                || async {
+                    summary_for(&cx.store, days, now)
+                        .await
+                        .map_err(|e| e.to_string())
+                },
+            )
             .await?;
         cx.think(
             self.name(),

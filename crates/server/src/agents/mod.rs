@@ -188,10 +188,7 @@ impl AgentContext {
         let outcome = call().await;
         let execution_time_ms = started.elapsed().as_millis() as u64;
         let (result, success) = match &outcome {
-            Ok(value) => (
-                serde_json::to_value(value).unwrap_or(Value::Null),
-                true,
-            ),
+            Ok(value) => (serde_json::to_value(value).unwrap_or(Value::Null), true),
             Err(message) => (serde_json::json!({ "error": message }), false),
         };
         self.emitter

@@ -37,7 +37,10 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
     let monthly = 30.0 / f64::from(days.max(1));
     let mut by_workload: BTreeMap<&str, Vec<&UsageRow>> = BTreeMap::new();
     for row in rows {
-        by_workload.entry(row.workload.as_str()).or_default().push(row);
+        by_workload
+            .entry(row.workload.as_str())
+            .or_default()
+            .push(row);
     }
 
     let mut routing = (0.0, BTreeSet::new(), BTreeSet::new());
@@ -53,10 +56,13 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
         let cap = completions[(completions.len() * 3 / 4).min(completions.len() - 1)].max(256);
         let offline = OFFLINE_MARKERS.iter().any(|m| workload.contains(m));
         for row in rows {
-            let Some(price) = pricing.lookup(&row.model) else { continue };
+            let Some(price) = pricing.lookup(&row.model) else {
+                continue;
+            };
             if row.prompt_tokens < SHORT_PROMPT && row.completion_tokens < SHORT_COMPLETION {
                 if let Some(alt) = price.cheaper_alternative.and_then(|m| pricing.lookup(m)) {
-                    let saved = row.cost_usd - cost_at(alt, row.prompt_tokens, row.completion_tokens);
+                    let saved =
+                        row.cost_usd - cost_at(alt, row.prompt_tokens, row.completion_tokens);
                     if saved > 0.0 {
                         routing.0 += saved;
                         routing.1.insert(workload.to_string());
@@ -65,7 +71,9 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
                 }
             }
             if avg_prompt >= CACHING_MIN_AVG_PROMPT && price.cached_input_discount > 0.0 {
-                caching.0 += row.prompt_tokens as f64 * CACHEABLE_SHARE * price.input_per_mtok
+                caching.0 += row.prompt_tokens as f64
+                    * CACHEABLE_SHARE
+                    * price.input_per_mtok
                     * price.cached_input_discount
                     / 1_000_000.0;
                 caching.1.insert(workload.to_string());
@@ -75,7 +83,8 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
                 batching.1.insert(workload.to_string());
             }
             if avg_completion >= CAP_MIN_AVG_COMPLETION && row.completion_tokens > cap {
-                capping.0 += (row.completion_tokens - cap) as f64 * price.output_per_mtok / 1_000_000.0;
+                capping.0 +=
+                    (row.completion_tokens - cap) as f64 * price.output_per_mtok / 1_000_000.0;
                 capping.1.insert(format!("{workload} (cap {cap} tokens)"));
             }
         }
@@ -83,7 +92,12 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
 
     let join = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
     let mut found = Vec::new();
-    let mut push = |strategy: &str, title: &str, description: String, workloads: &BTreeSet<String>, saved: f64, effort: &str| {
+    let mut push = |strategy: &str,
+                    title: &str,
+                    description: String,
+                    workloads: &BTreeSet<String>,
+                    saved: f64,
+                    effort: &str| {
         let monthly_savings_usd = round_cents(saved * monthly);
         if monthly_savings_usd > 0.0 {
             found.push(Opportunity {
@@ -99,7 +113,10 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
     push(
         "model_routing",
         "Route short requests to a cheaper model",
-        format!("Short prompts with short answers can use a smaller sibling model ({}).", join(&routing.2)),
+        format!(
+            "Short prompts with short answers can use a smaller sibling model ({}).",
+            join(&routing.2)
+        ),
         &routing.1,
         routing.0,
         "medium",
@@ -107,7 +124,10 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
     push(
         "prompt_caching",
         "Enable prompt caching for long shared prompts",
-        format!("{} send long prompts; caching their shared prefix bills it at the cached rate.", join(&caching.1)),
+        format!(
+            "{} send long prompts; caching their shared prefix bills it at the cached rate.",
+            join(&caching.1)
+        ),
         &caching.1,
         caching.0,
         "low",
@@ -115,7 +135,10 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
     push(
         "batching",
         "Move offline workloads to the batch API",
-        format!("{} do not need an immediate answer; batch pricing halves their cost.", join(&batching.1)),
+        format!(
+            "{} do not need an immediate answer; batch pricing halves their cost.",
+            join(&batching.1)
+        ),
         &batching.1,
         batching.0,
         "medium",
@@ -123,7 +146,10 @@ pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opp
     push(
         "output_caps",
         "Cap output length",
-        format!("Long answers in {} can be capped with max_tokens.", join(&capping.1)),
+        format!(
+            "Long answers in {} can be capped with max_tokens.",
+            join(&capping.1)
+        ),
         &capping.1,
         capping.0,
         "low",
@@ -139,34 +165,52 @@ impl Agent for OptimizationAgent {
     }
 
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
-        let days = state.triage.as_ref().map_or(DEFAULT_WINDOW_DAYS, |t| t.days);
+        let days = state
+            .triage
+            .as_ref()
+            .map_or(DEFAULT_WINDOW_DAYS, |t| t.days);
         let models: Vec<String> = state
             .usage
             .as_ref()
             .map(|u| u.by_model.iter().map(|m| m.model.clone()).collect())
             .unwrap_or_default();
-        cx.think(self.name(), "Looking up list prices for the models you use", 1, 3)
-            .await?;
+        cx.think(
+            self.name(),
+            "Looking up list prices for the models you use",
+            1,
+            3,
+        )
+        .await?;
         let prices = cx
-            .tool(self.name(), "pricing_lookup", json!({ "models": models }), || async {
-                Ok::<_, String>(
-                    models
-                        .iter()
-                        .map(|m| match cx.pricing.lookup(m) {
-                            Some(p) => json!({
-                                "model": m,
-                                "input_per_mtok": p.input_per_mtok,
-                                "output_per_mtok": p.output_per_mtok,
-                                "cheaper_alternative": p.cheaper_alternative,
-                            }),
-                            None => json!({ "model": m, "known": false }),
-                        })
-                        .collect::<Vec<_>>(),
-                )
-            })
+            .tool(
+                self.name(),
+                "pricing_lookup",
+                json!({ "models": models }),
+                || async {
+                    Ok::<_, String>(
+                        models
+                            .iter()
+                            .map(|m| match cx.pricing.lookup(m) {
+                                Some(p) => json!({
+                                    "model": m,
+                                    "input_per_mtok": p.input_per_mtok,
+                                    "output_per_mtok": p.output_per_mtok,
+                                    "cheaper_alternative": p.cheaper_alternative,
+                                }),
+                                None => json!({ "model": m, "known": false }),
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                },
+            )
             .await?;
-        cx.think(self.name(), "Simulating routing, caching, batching and output caps on your traffic", 2, 3)
-            .await?;
+        cx.think(
+            self.name(),
+            "Simulating routing, caching, batching and output caps on your traffic",
+            2,
+            3,
+        )
+        .await?;
         let since = cx.now_ms() - i64::from(days) * 24 * 3600 * 1000;
         let strategies = ["model_routing", "prompt_caching", "batching", "output_caps"];
         let opportunities = cx
@@ -175,7 +219,11 @@ impl Agent for OptimizationAgent {
                 "savings_simulator",
                 json!({ "days": days, "strategies": strategies }),
                 || async {
-                    let rows = cx.store.usage_rows_since(since).await.map_err(|e| e.to_string())?;
+                    let rows = cx
+                        .store
+                        .usage_rows_since(since)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     Ok::<_, String>(simulate(&rows, days, &cx.pricing))
                 },
             )
@@ -183,7 +231,11 @@ impl Agent for OptimizationAgent {
         let total: f64 = opportunities.iter().map(|o| o.monthly_savings_usd).sum();
         cx.think(
             self.name(),
-            format!("Found {} opportunities worth about ${:.2}/month", opportunities.len(), total),
+            format!(
+                "Found {} opportunities worth about ${:.2}/month",
+                opportunities.len(),
+                total
+            ),
             3,
             3,
         )
@@ -220,11 +272,20 @@ mod tests {
     fn routing_savings_are_the_price_difference_projected_to_a_month() {
         let pricing = PricingTable::builtin();
         // 15 days of 1,000,000 short-request tokens on gpt-4o.
-        let rows: Vec<_> = (0..1000).map(|_| row("gpt-4o", "classifier", 500, 100)).collect();
+        let rows: Vec<_> = (0..1000)
+            .map(|_| row("gpt-4o", "classifier", 500, 100))
+            .collect();
         let found = simulate(&rows, 15, &pricing);
-        let routing = found.iter().find(|o| o.strategy == "model_routing").unwrap();
-        let per_call = pricing.cost("gpt-4o", 500, 100).unwrap() - pricing.cost("gpt-4o-mini", 500, 100).unwrap();
-        assert_eq!(routing.monthly_savings_usd, round_cents(per_call * 1000.0 * 2.0));
+        let routing = found
+            .iter()
+            .find(|o| o.strategy == "model_routing")
+            .unwrap();
+        let per_call = pricing.cost("gpt-4o", 500, 100).unwrap()
+            - pricing.cost("gpt-4o-mini", 500, 100).unwrap();
+        assert_eq!(
+            routing.monthly_savings_usd,
+            round_cents(per_call * 1000.0 * 2.0)
+        );
         assert!(found.iter().all(|o| o.strategy != "batching"));
     }
 
@@ -234,7 +295,10 @@ mod tests {
         let rows: Vec<_> = (0..100)
             .map(|i| row("gpt-4o", "nightly-summaries", 3000, 300 + i * 10))
             .collect();
-        let strategies: Vec<_> = simulate(&rows, 30, &pricing).into_iter().map(|o| o.strategy).collect();
+        let strategies: Vec<_> = simulate(&rows, 30, &pricing)
+            .into_iter()
+            .map(|o| o.strategy)
+            .collect();
         assert!(strategies.contains(&"batching".to_string()));
         assert!(strategies.contains(&"prompt_caching".to_string()));
         assert!(strategies.contains(&"output_caps".to_string()));

@@ -14,7 +14,11 @@ pub struct ReportingAgent;
 /// The structured report; also what the template writer renders.
 pub fn build_report(state: &RunState) -> Value {
     let usage = state.usage.as_ref();
-    let savings: f64 = state.opportunities.iter().map(|o| o.monthly_savings_usd).sum();
+    let savings: f64 = state
+        .opportunities
+        .iter()
+        .map(|o| o.monthly_savings_usd)
+        .sum();
     json!({
         "request": state.request,
         "category": state.triage.as_ref().map_or(RequestCategory::General, |t| t.category),
@@ -51,9 +55,10 @@ impl Agent for ReportingAgent {
             messages: vec![
                 ChatMessage {
                     role: "system".into(),
-                    content: "You are Apex, an AI cost and usage analyst. Answer from the facts given; \
+                    content:
+                        "You are Apex, an AI cost and usage analyst. Answer from the facts given; \
                               never invent numbers."
-                        .into(),
+                            .into(),
                 },
                 ChatMessage {
                     role: "user".into(),

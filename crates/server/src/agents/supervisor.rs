@@ -33,7 +33,9 @@ impl AgentError {
     /// What the user is told; details stay in the server log.
     fn client_message(&self) -> String {
         match self {
-            AgentError::Emit(_) | AgentError::Store(_) => "the server could not store the run's progress".into(),
+            AgentError::Emit(_) | AgentError::Store(_) => {
+                "the server could not store the run's progress".into()
+            }
             AgentError::Tool { tool, .. } => format!("the {tool} tool failed"),
             AgentError::Llm(err) => err.to_string(),
             AgentError::Cancelled => "cancelled".into(),
@@ -41,11 +43,20 @@ impl AgentError {
     }
 }
 
-async fn run_agent(cx: &AgentContext, agent: &dyn Agent, state: &mut RunState) -> Result<(), AgentError> {
+async fn run_agent(
+    cx: &AgentContext,
+    agent: &dyn Agent,
+    state: &mut RunState,
+) -> Result<(), AgentError> {
     let name = agent.name();
     let started = Instant::now();
     cx.emitter
-        .emit(name, EventBody::AgentStarted { message: format!("{name} agent started") })
+        .emit(
+            name,
+            EventBody::AgentStarted {
+                message: format!("{name} agent started"),
+            },
+        )
         .await?;
     match agent.run(cx, state).await {
         Ok(result) => {
@@ -84,18 +95,35 @@ async fn run_agent(cx: &AgentContext, agent: &dyn Agent, state: &mut RunState) -
 
 /// Executes a run to its end. Returns the final status.
 pub async fn execute(run: RunInstance) -> RunStatus {
-    let RunInstance { context: cx, agents, request, shutdown } = run;
+    let RunInstance {
+        context: cx,
+        agents,
+        request,
+        shutdown,
+    } = run;
     let started = Instant::now();
     let run_id = cx.ctx.run_id();
-    if let Err(err) = cx.store.set_run_status(run_id, RunStatus::Running, None, now_ms()).await {
+    if let Err(err) = cx
+        .store
+        .set_run_status(run_id, RunStatus::Running, None, now_ms())
+        .await
+    {
         tracing::error!(%run_id, error = %err, "could not mark run running");
     }
-    let mut state = RunState { request, ..RunState::default() };
+    let mut state = RunState {
+        request,
+        ..RunState::default()
+    };
 
     let outcome = {
         let pipeline = AssertUnwindSafe(async {
             cx.emitter
-                .emit(SUPERVISOR, EventBody::AgentStarted { message: "Working on your request".into() })
+                .emit(
+                    SUPERVISOR,
+                    EventBody::AgentStarted {
+                        message: "Working on your request".into(),
+                    },
+                )
                 .await?;
             for agent in &agents {
                 run_agent(&cx, agent.as_ref(), &mut state).await?;
@@ -122,17 +150,34 @@ pub async fn execute(run: RunInstance) -> RunStatus {
     finish(&cx, state, outcome, started).await
 }
 
-async fn finish(cx: &AgentContext, state: RunState, outcome: Outcome, started: Instant) -> RunStatus {
+async fn finish(
+    cx: &AgentContext,
+    state: RunState,
+    outcome: Outcome,
+    started: Instant,
+) -> RunStatus {
     let run_id = cx.ctx.run_id();
     let total_duration_ms = started.elapsed().as_millis() as u64;
     let (status, error) = match outcome {
         Outcome::Completed => (RunStatus::Completed, None),
         Outcome::Failed(code, message) => (RunStatus::Failed, Some((code, message))),
-        Outcome::Cancelled => (RunStatus::Cancelled, Some((agent_codes::CANCELLED.into(), "the run was stopped".into()))),
-        Outcome::TimedOut => (RunStatus::TimedOut, Some((agent_codes::TIMED_OUT.into(), "the run took too long".into()))),
+        Outcome::Cancelled => (
+            RunStatus::Cancelled,
+            Some((agent_codes::CANCELLED.into(), "the run was stopped".into())),
+        ),
+        Outcome::TimedOut => (
+            RunStatus::TimedOut,
+            Some((
+                agent_codes::TIMED_OUT.into(),
+                "the run took too long".into(),
+            )),
+        ),
         Outcome::Interrupted => (
             RunStatus::Interrupted,
-            Some(("INTERRUPTED".into(), "the server shut down during the run".into())),
+            Some((
+                "INTERRUPTED".into(),
+                "the server shut down during the run".into(),
+            )),
         ),
     };
     let report = state.report.clone().unwrap_or_else(|| build_report(&state));
@@ -167,13 +212,22 @@ async fn finish(cx: &AgentContext, state: RunState, outcome: Outcome, started: I
             .emitter
             .emit(
                 SUPERVISOR,
-                EventBody::RunError { error_code: code.clone(), error_message: message.clone() },
+                EventBody::RunError {
+                    error_code: code.clone(),
+                    error_message: message.clone(),
+                },
             )
             .await;
     }
 
-    let error_text = error.as_ref().map(|(code, message)| format!("{code}: {message}"));
-    if let Err(err) = cx.store.set_run_status(run_id, status, error_text.as_deref(), now_ms()).await {
+    let error_text = error
+        .as_ref()
+        .map(|(code, message)| format!("{code}: {message}"));
+    if let Err(err) = cx
+        .store
+        .set_run_status(run_id, status, error_text.as_deref(), now_ms())
+        .await
+    {
         tracing::error!(%run_id, error = %err, "could not store the run's final status");
     }
     let terminal = EventBody::RunFinished {

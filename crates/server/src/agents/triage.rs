@@ -12,19 +12,57 @@ pub struct TriageAgent;
 const RULES: &[(RequestCategory, &[&str])] = &[
     (
         RequestCategory::CostOptimization,
-        &["cost", "cheap", "spend", "save", "saving", "reduce", "bill", "price", "budget", "expensive", "money"],
+        &[
+            "cost",
+            "cheap",
+            "spend",
+            "save",
+            "saving",
+            "reduce",
+            "bill",
+            "price",
+            "budget",
+            "expensive",
+            "money",
+        ],
     ),
     (
         RequestCategory::LatencyPerformance,
-        &["latency", "slow", "fast", "speed", "performance", "p95", "p99", "timeout", "throughput"],
+        &[
+            "latency",
+            "slow",
+            "fast",
+            "speed",
+            "performance",
+            "p95",
+            "p99",
+            "timeout",
+            "throughput",
+        ],
     ),
     (
         RequestCategory::ModelSelection,
-        &["which model", "model choice", "switch", "compare", "best model", "alternative", "migrate"],
+        &[
+            "which model",
+            "model choice",
+            "switch",
+            "compare",
+            "best model",
+            "alternative",
+            "migrate",
+        ],
     ),
     (
         RequestCategory::UsageReport,
-        &["usage", "report", "summary", "how much", "breakdown", "stats", "overview"],
+        &[
+            "usage",
+            "report",
+            "summary",
+            "how much",
+            "breakdown",
+            "stats",
+            "overview",
+        ],
     ),
 ];
 
@@ -32,7 +70,12 @@ pub fn classify(text: &str) -> RequestCategory {
     let text = text.to_lowercase();
     RULES
         .iter()
-        .map(|(category, words)| (*category, words.iter().filter(|w| text.contains(*w)).count()))
+        .map(|(category, words)| {
+            (
+                *category,
+                words.iter().filter(|w| text.contains(*w)).count(),
+            )
+        })
         .filter(|(_, hits)| *hits > 0)
         // Highest score wins; on a tie the earlier rule (max_by_key keeps the last max).
         .rev()
@@ -83,7 +126,10 @@ pub fn mentioned_models(text: &str, pricing: &PricingTable) -> Vec<String> {
         .collect();
     // "gpt-4o-mini" also contains "gpt-4o": keep only the longest of overlapping names.
     let all = found.clone();
-    found.retain(|m| !all.iter().any(|other| other != m && other.contains(m.as_str())));
+    found.retain(|m| {
+        !all.iter()
+            .any(|other| other != m && other.contains(m.as_str()))
+    });
     found
 }
 
@@ -94,8 +140,13 @@ impl Agent for TriageAgent {
     }
 
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
-        cx.think(self.name(), "Classifying the request and extracting models and time range", 1, 2)
-            .await?;
+        cx.think(
+            self.name(),
+            "Classifying the request and extracting models and time range",
+            1,
+            2,
+        )
+        .await?;
         let triage = Triage {
             category: classify(&state.request),
             models: mentioned_models(&state.request, &cx.pricing),
@@ -123,9 +174,18 @@ mod tests {
 
     #[test]
     fn classifies_by_keywords() {
-        assert_eq!(classify("How can I reduce my LLM costs?"), RequestCategory::CostOptimization);
-        assert_eq!(classify("why is my bot so slow"), RequestCategory::LatencyPerformance);
-        assert_eq!(classify("give me a usage breakdown"), RequestCategory::UsageReport);
+        assert_eq!(
+            classify("How can I reduce my LLM costs?"),
+            RequestCategory::CostOptimization
+        );
+        assert_eq!(
+            classify("why is my bot so slow"),
+            RequestCategory::LatencyPerformance
+        );
+        assert_eq!(
+            classify("give me a usage breakdown"),
+            RequestCategory::UsageReport
+        );
         assert_eq!(classify("hello"), RequestCategory::General);
     }
 
@@ -137,7 +197,10 @@ mod tests {
         assert_eq!(window_days("last 9999 days"), MAX_WINDOW_DAYS);
         let pricing = PricingTable::builtin();
         assert_eq!(
-            mentioned_models("should I move gpt-4o-mini traffic to claude-3-5-haiku?", &pricing),
+            mentioned_models(
+                "should I move gpt-4o-mini traffic to claude-3-5-haiku?",
+                &pricing
+            ),
             vec!["gpt-4o-mini".to_string(), "claude-3-5-haiku".to_string()]
         );
     }

@@ -13,7 +13,10 @@ pub struct AuthUser(pub AuthenticatedUser);
 
 /// The token of an `Authorization: Bearer ...` header, if any.
 pub fn bearer_token(parts: &axum::http::HeaderMap) -> Option<&str> {
-    let value = parts.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = parts
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -25,9 +28,8 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(&parts.headers).ok_or_else(|| {
-            ApiError::unauthorized(codes::UNAUTHORIZED, "missing bearer token")
-        })?;
+        let token = bearer_token(&parts.headers)
+            .ok_or_else(|| ApiError::unauthorized(codes::UNAUTHORIZED, "missing bearer token"))?;
         match state.auth.verify_access(token).await {
             Ok(user) => Ok(AuthUser(user)),
             Err(AuthError::Internal(err)) => Err(ApiError::Internal(err)),

@@ -62,7 +62,9 @@ fn normalize_email(email: &str) -> Result<String, AuthError> {
     if valid {
         Ok(email)
     } else {
-        Err(AuthError::Validation("email must be a valid address".into()))
+        Err(AuthError::Validation(
+            "email must be a valid address".into(),
+        ))
     }
 }
 
@@ -263,9 +265,9 @@ impl Authenticator {
         let access_token = self
             .keys
             .sign(&claims(&access_jti, access_exp, TokenType::Access))?;
-        let refresh_token = self
-            .keys
-            .sign(&claims(&refresh_jti, refresh_exp, TokenType::Refresh))?;
+        let refresh_token =
+            self.keys
+                .sign(&claims(&refresh_jti, refresh_exp, TokenType::Refresh))?;
         self.store
             .insert_refresh_token(&refresh_jti, user.id, &access_jti, refresh_exp * 1000)
             .await?;
@@ -286,4 +288,3 @@ fn user_info(record: &UserRecord) -> UserInfo {
         name: record.name.clone(),
     }
 }
-

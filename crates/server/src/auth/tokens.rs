@@ -49,7 +49,11 @@ impl TokenKeys {
     }
 
     pub fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
-        Ok(encode(&Header::new(Algorithm::HS256), claims, &self.encoding)?)
+        Ok(encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &self.encoding,
+        )?)
     }
 
     /// Signature, expiry, issuer and audience checked; the caller checks the type.

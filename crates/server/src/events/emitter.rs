@@ -82,7 +82,12 @@ impl UserEmitter {
         self.send(agent_name, body, true).await
     }
 
-    async fn send(&self, agent_name: &str, body: EventBody, terminal: bool) -> Result<u64, EmitError> {
+    async fn send(
+        &self,
+        agent_name: &str,
+        body: EventBody,
+        terminal: bool,
+    ) -> Result<u64, EmitError> {
         let mut guard = Arc::clone(&self.seq).lock_owned().await;
         let seq = *guard + 1;
         let message_id = format!("{}-{}", self.run_id, seq);

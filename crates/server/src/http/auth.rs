@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use apex_protocol::auth::{
-    LoginRequest, RefreshRequest, RegisterRequest, TicketRequest, TicketResponse, TokenPair, UserInfo,
+    LoginRequest, RefreshRequest, RegisterRequest, TicketRequest, TicketResponse, TokenPair,
+    UserInfo,
 };
 use apex_protocol::error::codes;
 use axum::body::Bytes;
@@ -23,9 +24,15 @@ impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         match err {
             AuthError::Validation(message) => ApiError::validation(message),
-            AuthError::EmailTaken => ApiError::client(StatusCode::CONFLICT, codes::EMAIL_TAKEN, err.to_string()),
-            AuthError::InvalidCredentials => ApiError::unauthorized(codes::INVALID_CREDENTIALS, err.to_string()),
-            AuthError::InvalidToken => ApiError::unauthorized(codes::INVALID_TOKEN, err.to_string()),
+            AuthError::EmailTaken => {
+                ApiError::client(StatusCode::CONFLICT, codes::EMAIL_TAKEN, err.to_string())
+            }
+            AuthError::InvalidCredentials => {
+                ApiError::unauthorized(codes::INVALID_CREDENTIALS, err.to_string())
+            }
+            AuthError::InvalidToken => {
+                ApiError::unauthorized(codes::INVALID_TOKEN, err.to_string())
+            }
             AuthError::Internal(inner) => ApiError::Internal(inner),
         }
     }
@@ -61,12 +68,18 @@ pub async fn refresh(
     Ok(Json(state.auth.refresh(&body.refresh_token).await?))
 }
 
-pub async fn logout(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<StatusCode, ApiError> {
+pub async fn logout(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<StatusCode, ApiError> {
     state.auth.logout(&user).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn me(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<Json<UserInfo>, ApiError> {
+pub async fn me(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<UserInfo>, ApiError> {
     Ok(Json(state.auth.user_info(&user).await?))
 }
 
@@ -86,13 +99,21 @@ pub async fn ticket(
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c)))
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c))
+        })
         .unwrap_or("localhost");
     let websocket_url = format!("ws://{host}/ws");
     Ok(Json(
         state
             .auth
-            .issue_ticket(&user, request.ttl_seconds, request.single_use, websocket_url)
+            .issue_ticket(
+                &user,
+                request.ttl_seconds,
+                request.single_use,
+                websocket_url,
+            )
             .await?,
     ))
 }

@@ -29,7 +29,9 @@ pub fn validate_message(text: &str) -> Result<String, String> {
         return Err("message must not be empty".into());
     }
     if text.chars().count() > MAX_MESSAGE_CHARS {
-        return Err(format!("message must be at most {MAX_MESSAGE_CHARS} characters"));
+        return Err(format!(
+            "message must be at most {MAX_MESSAGE_CHARS} characters"
+        ));
     }
     Ok(text.to_string())
 }
@@ -66,7 +68,10 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Run>, ApiError> {
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let run = store.get_run(run_id(&id)?).await?.ok_or_else(|| ApiError::not_found("run"))?;
+    let run = store
+        .get_run(run_id(&id)?)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run"))?;
     Ok(Json(Run {
         id: run.id.to_string(),
         thread_id: run.thread_id.to_string(),
@@ -88,10 +93,17 @@ pub async fn cancel(
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     match stop_run(&state, &user, id).await? {
         StopOutcome::Stopping => {
-            let run = store.get_run(id).await?.ok_or_else(|| ApiError::not_found("run"))?;
+            let run = store
+                .get_run(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("run"))?;
             Ok((
                 StatusCode::ACCEPTED,
-                Json(RunAccepted { run_id: id.to_string(), thread_id: run.thread_id.to_string(), status: run.status }),
+                Json(RunAccepted {
+                    run_id: id.to_string(),
+                    thread_id: run.thread_id.to_string(),
+                    status: run.status,
+                }),
             ))
         }
         StopOutcome::AlreadyFinished(status) => Err(ApiError::client(
@@ -122,12 +134,18 @@ pub async fn events(
         return Err(ApiError::validation("limit must be 1..=10000"));
     }
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    store.get_run(id).await?.ok_or_else(|| ApiError::not_found("run"))?;
+    store
+        .get_run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run"))?;
     let stored = store.list_events(id, query.after_seq, limit).await?;
     let events = stored
         .iter()
         .map(|e| serde_json::from_str::<AgentEvent>(&e.json))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored event is not valid: {e}")))?;
-    Ok(Json(RunEventsPage { run_id: id.to_string(), events }))
+    Ok(Json(RunEventsPage {
+        run_id: id.to_string(),
+        events,
+    }))
 }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use apex_protocol::threads::{CreateThreadRequest, Message, MessagesPage, Thread, UpdateThreadRequest};
+use apex_protocol::threads::{
+    CreateThreadRequest, Message, MessagesPage, Thread, UpdateThreadRequest,
+};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -52,15 +54,23 @@ pub fn thread_id(raw: &str) -> Result<ThreadId, ApiError> {
 fn validate_title(title: &str) -> Result<String, ApiError> {
     let title = title.trim();
     if title.chars().count() > MAX_TITLE_CHARS {
-        return Err(ApiError::validation(format!("title must be at most {MAX_TITLE_CHARS} characters")));
+        return Err(ApiError::validation(format!(
+            "title must be at most {MAX_TITLE_CHARS} characters"
+        )));
     }
-    Ok(if title.is_empty() { DEFAULT_TITLE.to_string() } else { title.to_string() })
+    Ok(if title.is_empty() {
+        DEFAULT_TITLE.to_string()
+    } else {
+        title.to_string()
+    })
 }
 
 fn validate_metadata(metadata: Option<Value>) -> Result<Map<String, Value>, ApiError> {
     match metadata {
         None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(map)) if Value::Object(map.clone()).to_string().len() <= 16 * 1024 => Ok(map),
+        Some(Value::Object(map)) if Value::Object(map.clone()).to_string().len() <= 16 * 1024 => {
+            Ok(map)
+        }
         Some(Value::Object(_)) => Err(ApiError::validation("metadata must be at most 16 KiB")),
         Some(_) => Err(ApiError::validation("metadata must be a JSON object")),
     }
@@ -101,7 +111,12 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateThreadRequest>,
 ) -> Result<(StatusCode, Json<Thread>), ApiError> {
     let metadata = validate_metadata(body.metadata)?;
-    let record = create_thread(&store(&state, &user), body.title.as_deref().unwrap_or(""), metadata).await?;
+    let record = create_thread(
+        &store(&state, &user),
+        body.title.as_deref().unwrap_or(""),
+        metadata,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(thread_view(record))))
 }
 
@@ -125,7 +140,10 @@ pub async fn update(
 ) -> Result<Json<Thread>, ApiError> {
     let id = thread_id(&id)?;
     let store = store(&state, &user);
-    let current = store.get_thread(id).await?.ok_or_else(|| ApiError::not_found("thread"))?;
+    let current = store
+        .get_thread(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("thread"))?;
     let title = match body.title.as_deref() {
         Some(title) => validate_title(title)?,
         None => current.title,
@@ -151,7 +169,10 @@ pub async fn update(
     if !store.update_thread(id, &title, &metadata, now_ms()).await? {
         return Err(ApiError::not_found("thread"));
     }
-    let record = store.get_thread(id).await?.ok_or_else(|| ApiError::not_found("thread"))?;
+    let record = store
+        .get_thread(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("thread"))?;
     Ok(Json(thread_view(record)))
 }
 
@@ -176,7 +197,10 @@ pub async fn messages(
     let (limit, offset) = page.bounds()?;
     let id = thread_id(&id)?;
     let store = store(&state, &user);
-    store.get_thread(id).await?.ok_or_else(|| ApiError::not_found("thread"))?;
+    store
+        .get_thread(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("thread"))?;
     let (messages, total) = store.list_messages(id, limit, offset).await?;
     Ok(Json(MessagesPage {
         thread_id: id.to_string(),

@@ -32,8 +32,9 @@ pub async fn import(
     let inputs: Vec<UsageEventInput> = if content_type.starts_with("text/csv") {
         parse_csv(&body).map_err(|e| ApiError::validation(e.to_string()))?
     } else if content_type.starts_with("application/json") {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::validation(format!("body must be a JSON array of usage events: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::validation(format!("body must be a JSON array of usage events: {e}"))
+        })?
     } else {
         return Err(ApiError::client(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -41,7 +42,8 @@ pub async fn import(
             "send application/json (an array) or text/csv",
         ));
     };
-    let rows = validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))?;
+    let rows =
+        validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))?;
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     let inserted = store.insert_usage(&rows).await?;
     Ok((StatusCode::CREATED, Json(UsageImportResult { inserted })))
@@ -59,7 +61,9 @@ pub async fn summary(
 ) -> Result<Json<UsageSummary>, ApiError> {
     let days = query.days.unwrap_or(DEFAULT_WINDOW_DAYS);
     if !(1..=MAX_WINDOW_DAYS).contains(&days) {
-        return Err(ApiError::validation(format!("days must be 1..={MAX_WINDOW_DAYS}")));
+        return Err(ApiError::validation(format!(
+            "days must be 1..={MAX_WINDOW_DAYS}"
+        )));
     }
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     Ok(Json(summary_for(&store, days, now_ms()).await?))

@@ -45,6 +45,9 @@ pub trait LlmProvider: Send + Sync + 'static {
     /// Provider name for logs and metrics ("template", "openai"...).
     fn name(&self) -> &str;
     /// Starts generating; the stream ends early with `Cancelled` once `cancel` fires.
-    async fn stream(&self, request: LlmRequest, cancel: CancellationToken)
-        -> Result<TextStream, LlmError>;
+    async fn stream(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<TextStream, LlmError>;
 }

@@ -35,7 +35,7 @@ fn thousands(n: i64) -> String {
     let digits = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -72,7 +72,11 @@ pub fn render(facts: &Value) -> String {
     );
     if let Some(top) = usage["top_models"].as_array().and_then(|m| m.first()) {
         let cost = num(&top["cost_usd"]);
-        let share = if total > 0.0 { cost / total * 100.0 } else { 0.0 };
+        let share = if total > 0.0 {
+            cost / total * 100.0
+        } else {
+            0.0
+        };
         let _ = write!(
             out,
             "Most of it goes to {} ({}, {share:.0}% of spend)",
@@ -96,9 +100,14 @@ pub fn render(facts: &Value) -> String {
         latency["p50"], latency["p95"], latency["p99"], usage["error_requests"]
     );
 
-    let recommendations = facts["recommendations"].as_array().cloned().unwrap_or_default();
+    let recommendations = facts["recommendations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if recommendations.is_empty() {
-        out.push_str("\nI found no clear savings: your traffic already uses cost-efficient settings.\n");
+        out.push_str(
+            "\nI found no clear savings: your traffic already uses cost-efficient settings.\n",
+        );
     } else {
         let _ = writeln!(
             out,
@@ -159,7 +168,11 @@ impl LlmProvider for TemplateWriter {
         "template"
     }
 
-    async fn stream(&self, request: LlmRequest, cancel: CancellationToken) -> Result<TextStream, LlmError> {
+    async fn stream(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<TextStream, LlmError> {
         let parts = chunks(&render(&request.facts));
         let delay = self.chunk_delay;
         let stream = futures_util::stream::unfold(

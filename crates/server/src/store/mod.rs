@@ -114,11 +114,19 @@ pub trait Store: Send + Sync + 'static {
         expires_at_ms: i64,
     ) -> StoreResult<()>;
     /// Revokes an active refresh token; `false` if it was unknown, expired or already used.
-    async fn consume_refresh_token(&self, jti: &str, user: UserId, now_ms: i64)
-        -> StoreResult<bool>;
+    async fn consume_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
     /// Logout: revokes the access token and the refresh tokens issued with it.
-    async fn revoke_session(&self, access_jti: &str, access_expires_at_ms: i64, now_ms: i64)
-        -> StoreResult<()>;
+    async fn revoke_session(
+        &self,
+        access_jti: &str,
+        access_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<()>;
     async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool>;
     async fn insert_ticket(
         &self,

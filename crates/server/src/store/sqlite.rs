@@ -137,11 +137,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        let row =
-            sqlx::query("SELECT id, email, name, password_hash, created_at FROM users WHERE id = ?")
-                .bind(id.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT id, email, name, password_hash, created_at FROM users WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -254,7 +255,10 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => Ok(Some(parse_stored_id(row.try_get("user_id")?, UserId::parse)?)),
+            Some(row) => Ok(Some(parse_stored_id(
+                row.try_get("user_id")?,
+                UserId::parse,
+            )?)),
             None => Ok(None),
         }
     }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{
-    MessageRecord, RunRecord, Store, StoreResult, StoredEvent, ThreadRecord, UsageRow,
-};
+use super::{MessageRecord, RunRecord, Store, StoreResult, StoredEvent, ThreadRecord, UsageRow};
 use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};

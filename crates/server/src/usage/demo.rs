@@ -35,7 +35,10 @@ const WORKLOADS: &[WorkloadTemplate] = &[
     },
     WorkloadTemplate {
         name: "rag-assistant",
-        models: &[("anthropic", "claude-3-5-sonnet"), ("google", "gemini-1.5-pro")],
+        models: &[
+            ("anthropic", "claude-3-5-sonnet"),
+            ("google", "gemini-1.5-pro"),
+        ],
         prompt_tokens: (2500, 6000),
         completion_tokens: (200, 600),
         calls_per_day: (5, 15),
@@ -90,17 +93,19 @@ pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageR
     let mut rows = Vec::new();
     for workload in chosen {
         let (provider, model) = workload.models[rng.gen_range(0..workload.models.len())];
-        let base_latency = if model.contains("mini") || model.contains("flash") || model.contains("haiku") {
-            350
-        } else {
-            900
-        };
+        let base_latency =
+            if model.contains("mini") || model.contains("flash") || model.contains("haiku") {
+                350
+            } else {
+                900
+            };
         for day in 0..29 {
             let (lo, hi) = workload.calls_per_day;
             let calls = ((rng.gen_range(lo..=hi) as f64) * scale).round() as u32;
             for _ in 0..calls {
                 let ts_ms = start + day * DAY_MS + rng.gen_range(0..DAY_MS);
-                let prompt_tokens = rng.gen_range(workload.prompt_tokens.0..=workload.prompt_tokens.1);
+                let prompt_tokens =
+                    rng.gen_range(workload.prompt_tokens.0..=workload.prompt_tokens.1);
                 let completion_tokens =
                     rng.gen_range(workload.completion_tokens.0..=workload.completion_tokens.1);
                 let latency_ms = base_latency + completion_tokens * rng.gen_range(8..20) / 2;
@@ -141,7 +146,9 @@ mod tests {
         assert!(a.len() > 300, "a month of usage, got {}", a.len());
         let other = generate(UserId::generate(), now, &pricing);
         assert_ne!(a, other);
-        assert!(a.iter().all(|r| r.ts_ms > now - 30 * DAY_MS && r.ts_ms <= now));
+        assert!(a
+            .iter()
+            .all(|r| r.ts_ms > now - 30 * DAY_MS && r.ts_ms <= now));
         assert!(a.iter().all(|r| r.cost_usd > 0.0));
     }
 }

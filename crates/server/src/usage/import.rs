@@ -110,7 +110,9 @@ pub fn validate(
 
 /// Parses CSV with a header row naming the `UsageEventInput` fields.
 pub fn parse_csv(body: &[u8]) -> Result<Vec<UsageEventInput>, ImportError> {
-    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(body);
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(body);
     let mut rows = Vec::new();
     for (index, record) in reader.deserialize::<UsageEventInput>().enumerate() {
         if index >= MAX_ROWS_PER_UPLOAD {

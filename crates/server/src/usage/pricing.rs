@@ -52,25 +52,129 @@ impl Default for PricingTable {
 impl PricingTable {
     pub fn builtin() -> Self {
         let models = vec![
-            price("openai", "gpt-4o", 2.50, 10.00, Some("gpt-4o-mini"), 0.5, 0.5),
+            price(
+                "openai",
+                "gpt-4o",
+                2.50,
+                10.00,
+                Some("gpt-4o-mini"),
+                0.5,
+                0.5,
+            ),
             price("openai", "gpt-4o-mini", 0.15, 0.60, None, 0.5, 0.5),
-            price("openai", "gpt-4.1", 2.00, 8.00, Some("gpt-4.1-mini"), 0.75, 0.5),
-            price("openai", "gpt-4.1-mini", 0.40, 1.60, Some("gpt-4.1-nano"), 0.75, 0.5),
+            price(
+                "openai",
+                "gpt-4.1",
+                2.00,
+                8.00,
+                Some("gpt-4.1-mini"),
+                0.75,
+                0.5,
+            ),
+            price(
+                "openai",
+                "gpt-4.1-mini",
+                0.40,
+                1.60,
+                Some("gpt-4.1-nano"),
+                0.75,
+                0.5,
+            ),
             price("openai", "gpt-4.1-nano", 0.10, 0.40, None, 0.75, 0.5),
-            price("openai", "o3-mini", 1.10, 4.40, Some("gpt-4o-mini"), 0.5, 0.5),
-            price("openai", "gpt-4-turbo", 10.00, 30.00, Some("gpt-4o-mini"), 0.0, 0.5),
-            price("openai", "gpt-3.5-turbo", 0.50, 1.50, Some("gpt-4o-mini"), 0.0, 0.5),
-            price("anthropic", "claude-3-5-sonnet", 3.00, 15.00, Some("claude-3-5-haiku"), 0.9, 0.5),
-            price("anthropic", "claude-3-7-sonnet", 3.00, 15.00, Some("claude-3-5-haiku"), 0.9, 0.5),
-            price("anthropic", "claude-3-5-haiku", 0.80, 4.00, Some("claude-3-haiku"), 0.9, 0.5),
+            price(
+                "openai",
+                "o3-mini",
+                1.10,
+                4.40,
+                Some("gpt-4o-mini"),
+                0.5,
+                0.5,
+            ),
+            price(
+                "openai",
+                "gpt-4-turbo",
+                10.00,
+                30.00,
+                Some("gpt-4o-mini"),
+                0.0,
+                0.5,
+            ),
+            price(
+                "openai",
+                "gpt-3.5-turbo",
+                0.50,
+                1.50,
+                Some("gpt-4o-mini"),
+                0.0,
+                0.5,
+            ),
+            price(
+                "anthropic",
+                "claude-3-5-sonnet",
+                3.00,
+                15.00,
+                Some("claude-3-5-haiku"),
+                0.9,
+                0.5,
+            ),
+            price(
+                "anthropic",
+                "claude-3-7-sonnet",
+                3.00,
+                15.00,
+                Some("claude-3-5-haiku"),
+                0.9,
+                0.5,
+            ),
+            price(
+                "anthropic",
+                "claude-3-5-haiku",
+                0.80,
+                4.00,
+                Some("claude-3-haiku"),
+                0.9,
+                0.5,
+            ),
             price("anthropic", "claude-3-haiku", 0.25, 1.25, None, 0.9, 0.5),
-            price("anthropic", "claude-3-opus", 15.00, 75.00, Some("claude-3-5-haiku"), 0.9, 0.5),
-            price("google", "gemini-1.5-pro", 1.25, 5.00, Some("gemini-1.5-flash"), 0.75, 0.5),
+            price(
+                "anthropic",
+                "claude-3-opus",
+                15.00,
+                75.00,
+                Some("claude-3-5-haiku"),
+                0.9,
+                0.5,
+            ),
+            price(
+                "google",
+                "gemini-1.5-pro",
+                1.25,
+                5.00,
+                Some("gemini-1.5-flash"),
+                0.75,
+                0.5,
+            ),
             price("google", "gemini-1.5-flash", 0.075, 0.30, None, 0.75, 0.5),
             price("google", "gemini-2.0-flash", 0.10, 0.40, None, 0.75, 0.5),
-            price("mistral", "mistral-large", 2.00, 6.00, Some("mistral-small"), 0.0, 0.0),
+            price(
+                "mistral",
+                "mistral-large",
+                2.00,
+                6.00,
+                Some("mistral-small"),
+                0.0,
+                0.0,
+            ),
             price("mistral", "mistral-small", 0.20, 0.60, None, 0.0, 0.0),
-            price("meta", "llama-3.1-70b", 0.88, 0.88, Some("llama-3.1-8b"), 0.0, 0.0),
+            price(
+                "meta",
+                "llama-3.1-70b",
+                0.88,
+                0.88,
+                Some("llama-3.1-8b"),
+                0.0,
+                0.0,
+            ),
             price("meta", "llama-3.1-8b", 0.18, 0.18, None, 0.0, 0.0),
         ];
         Self { models }
@@ -88,9 +192,9 @@ impl PricingTable {
             .iter()
             .filter(|p| {
                 wanted == p.model
-                    || wanted
-                        .strip_prefix(p.model)
-                        .is_some_and(|rest| rest.starts_with('-') && rest[1..].starts_with(|c: char| c.is_ascii_digit()))
+                    || wanted.strip_prefix(p.model).is_some_and(|rest| {
+                        rest.starts_with('-') && rest[1..].starts_with(|c: char| c.is_ascii_digit())
+                    })
             })
             .max_by_key(|p| p.model.len())
     }

@@ -82,7 +82,11 @@ pub fn summarize(rows: &[UsageRow], days: u32, window_start_ms: i64) -> UsageSum
             m
         })
         .collect();
-    by_model.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then(a.model.cmp(&b.model)));
+    by_model.sort_by(|a, b| {
+        b.cost_usd
+            .total_cmp(&a.cost_usd)
+            .then(a.model.cmp(&b.model))
+    });
     let mut by_workload: Vec<WorkloadUsage> = by_workload
         .into_values()
         .map(|mut w| {

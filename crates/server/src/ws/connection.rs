@@ -19,8 +19,8 @@ use super::frames::{self, ClientFrame, FrameError};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_rfc3339;
 use crate::events::BusEvent;
-use crate::http::threads::{create_thread, message_view};
 use crate::http::runs::validate_message;
+use crate::http::threads::{create_thread, message_view};
 use crate::ids::{RequestId, RunId, ThreadId};
 use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
 use crate::state::AppState;
@@ -49,15 +49,28 @@ enum Exit {
 pub async fn serve(socket: WebSocket, state: AppState, user: AuthenticatedUser) {
     let connection_id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("ws", %connection_id);
-    tracing::Instrument::instrument(serve_connection(socket, state, user, connection_id), span).await
+    tracing::Instrument::instrument(serve_connection(socket, state, user, connection_id), span)
+        .await
 }
 
-async fn serve_connection(socket: WebSocket, state: AppState, user: AuthenticatedUser, connection_id: uuid::Uuid) {
+async fn serve_connection(
+    socket: WebSocket,
+    state: AppState,
+    user: AuthenticatedUser,
+    connection_id: uuid::Uuid,
+) {
     // Subscribe before announcing the connection, so nothing published afterwards is missed.
     let mut subscription = state.infra.bus.subscribe(user.user_id());
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     let shutdown = state.infra.shutdown.clone();
-    let mut conn = Connection { socket, state, user, store, delivered: HashMap::new(), last_started: None };
+    let mut conn = Connection {
+        socket,
+        state,
+        user,
+        store,
+        delivered: HashMap::new(),
+        last_started: None,
+    };
 
     let hello = ControlFrame::ConnectionEstablished {
         data: ConnectionInfo {
@@ -120,7 +133,13 @@ async fn serve_connection(socket: WebSocket, state: AppState, user: Authenticate
         }
     };
     if let Exit::Close(code, reason) = exit {
-        let _ = conn.socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        let _ = conn
+            .socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
     }
     // `subscription` and `conn` drop here: the connection leaves no state behind.
 }
@@ -173,7 +192,8 @@ impl Connection {
             tracing::error!("event for another user reached a connection; dropped");
             return Ok(());
         }
-        self.deliver(event.run_id, event.seq, event.terminal, event.json.clone()).await
+        self.deliver(event.run_id, event.seq, event.terminal, event.json.clone())
+            .await
     }
 
     /// Replays stored events of `run` after `after_seq`.
@@ -181,11 +201,14 @@ impl Connection {
         let mut cursor = after_seq;
         loop {
             let page = self.store.list_events(run, cursor, REPLAY_PAGE).await?;
-            let Some(last) = page.last().map(|e| e.seq) else { break };
+            let Some(last) = page.last().map(|e| e.seq) else {
+                break;
+            };
             for event in page {
-                let terminal = serde_json::from_str::<apex_protocol::events::AgentEvent>(&event.json)
-                    .map(|e| e.is_terminal())
-                    .unwrap_or(false);
+                let terminal =
+                    serde_json::from_str::<apex_protocol::events::AgentEvent>(&event.json)
+                        .map(|e| e.is_terminal())
+                        .unwrap_or(false);
                 self.deliver(run, event.seq, terminal, event.json).await?;
             }
             cursor = last;
@@ -205,7 +228,9 @@ impl Connection {
             match self.replay(run, after).await {
                 Ok(()) => {}
                 Err(ReplayError::Socket(err)) => return Err(err),
-                Err(ReplayError::Store(err)) => tracing::error!(error = %err, "catch-up replay failed"),
+                Err(ReplayError::Store(err)) => {
+                    tracing::error!(error = %err, "catch-up replay failed")
+                }
             }
         }
         Ok(())
@@ -214,8 +239,14 @@ impl Connection {
     async fn handle_frame(&mut self, raw: &str) -> Sent {
         let frame = match frames::parse(raw) {
             Ok(frame) => frame,
-            Err(FrameError::Parse(e)) => return self.send_error(ws_codes::JSON_PARSE_ERROR, format!("invalid JSON: {e}")).await,
-            Err(FrameError::Shape(e)) => return self.send_error(ws_codes::VALIDATION_ERROR, e).await,
+            Err(FrameError::Parse(e)) => {
+                return self
+                    .send_error(ws_codes::JSON_PARSE_ERROR, format!("invalid JSON: {e}"))
+                    .await
+            }
+            Err(FrameError::Shape(e)) => {
+                return self.send_error(ws_codes::VALIDATION_ERROR, e).await
+            }
         };
         match frame {
             ClientFrame::StartRun { text, thread_id } => self.start(text, thread_id).await,
@@ -224,35 +255,63 @@ impl Connection {
             ClientFrame::ThreadHistory { thread_id } => self.history(thread_id, true).await,
             ClientFrame::SwitchThread { thread_id } => self.history(thread_id, false).await,
             ClientFrame::SessionRestore => Ok(()),
-            ClientFrame::Ping => self.send_control(&ControlFrame::Pong { timestamp: now_rfc3339() }).await,
-            ClientFrame::Heartbeat => self.send_control(&ControlFrame::HeartbeatAck { timestamp: now_rfc3339() }).await,
+            ClientFrame::Ping => {
+                self.send_control(&ControlFrame::Pong {
+                    timestamp: now_rfc3339(),
+                })
+                .await
+            }
+            ClientFrame::Heartbeat => {
+                self.send_control(&ControlFrame::HeartbeatAck {
+                    timestamp: now_rfc3339(),
+                })
+                .await
+            }
             ClientFrame::Unknown(kind) => {
-                self.send_error(ws_codes::UNKNOWN_MESSAGE_TYPE, format!("unknown message type {kind:?}")).await
+                self.send_error(
+                    ws_codes::UNKNOWN_MESSAGE_TYPE,
+                    format!("unknown message type {kind:?}"),
+                )
+                .await
             }
         }
     }
 
     async fn internal_error(&mut self, err: impl std::fmt::Display) -> Sent {
         tracing::error!(error = %err, "websocket request failed");
-        self.send_error(ws_codes::INTERNAL_ERROR, "internal server error").await
+        self.send_error(ws_codes::INTERNAL_ERROR, "internal server error")
+            .await
     }
 
     /// Looks a client-named thread up under this connection's user.
-    async fn own_thread(&mut self, raw: &str) -> Result<Option<ThreadId>, crate::store::StoreError> {
-        let Ok(id) = ThreadId::parse(raw) else { return Ok(None) };
+    async fn own_thread(
+        &mut self,
+        raw: &str,
+    ) -> Result<Option<ThreadId>, crate::store::StoreError> {
+        let Ok(id) = ThreadId::parse(raw) else {
+            return Ok(None);
+        };
         Ok(self.store.get_thread(id).await?.map(|t| t.id))
     }
 
     async fn start(&mut self, text: Option<String>, thread_id: Option<String>) -> Sent {
         let text = match text.as_deref().map(validate_message) {
-            None => return self.send_error(ws_codes::VALIDATION_ERROR, "a message needs text").await,
+            None => {
+                return self
+                    .send_error(ws_codes::VALIDATION_ERROR, "a message needs text")
+                    .await
+            }
             Some(Err(e)) => return self.send_error(ws_codes::VALIDATION_ERROR, e).await,
             Some(Ok(text)) => text,
         };
         let thread = match thread_id {
             Some(raw) => match self.own_thread(&raw).await {
                 Ok(Some(id)) => id,
-                Ok(None) => return self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found").await,
+                Ok(None) => {
+                    return self
+                        .send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
+                        .await
+                }
                 Err(err) => return self.internal_error(err).await,
             },
             None => {
@@ -281,7 +340,10 @@ impl Connection {
                 })
                 .await
             }
-            Err(StartRunError::ThreadNotFound) => self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found").await,
+            Err(StartRunError::ThreadNotFound) => {
+                self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
+                    .await
+            }
             Err(StartRunError::Store(err)) => self.internal_error(err).await,
         }
     }
@@ -291,7 +353,11 @@ impl Connection {
         let run = match run_id {
             Some(raw) => match RunId::parse(&raw) {
                 Ok(id) => id,
-                Err(_) => return self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await,
+                Err(_) => {
+                    return self
+                        .send_error(ws_codes::RUN_NOT_FOUND, "run not found")
+                        .await
+                }
             },
             None => match self
                 .last_started
@@ -299,30 +365,49 @@ impl Connection {
                 .or_else(|| self.state.runs.latest_for(user))
             {
                 Some(run) => run,
-                None => return self.send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop").await,
+                None => {
+                    return self
+                        .send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop")
+                        .await
+                }
             },
         };
         match stop_run(&self.state, &self.user, run).await {
             Ok(StopOutcome::Stopping) => {
-                self.send_control(&ControlFrame::StopAcknowledged { run_id: run.to_string(), timestamp: now_rfc3339() })
-                    .await
+                self.send_control(&ControlFrame::StopAcknowledged {
+                    run_id: run.to_string(),
+                    timestamp: now_rfc3339(),
+                })
+                .await
             }
             Ok(StopOutcome::AlreadyFinished(status)) => {
-                self.send_error(ws_codes::RUN_NOT_ACTIVE, format!("run already finished with status {}", status.as_str()))
+                self.send_error(
+                    ws_codes::RUN_NOT_ACTIVE,
+                    format!("run already finished with status {}", status.as_str()),
+                )
+                .await
+            }
+            Ok(StopOutcome::NotFound) => {
+                self.send_error(ws_codes::RUN_NOT_FOUND, "run not found")
                     .await
             }
-            Ok(StopOutcome::NotFound) => self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await,
             Err(err) => self.internal_error(err).await,
         }
     }
 
     async fn resume(&mut self, run_id: Option<String>, after_seq: Option<u64>) -> Sent {
         let Some(run) = run_id.as_deref().and_then(|r| RunId::parse(r).ok()) else {
-            return self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await;
+            return self
+                .send_error(ws_codes::RUN_NOT_FOUND, "run not found")
+                .await;
         };
         match self.store.get_run(run).await {
             Ok(Some(_)) => {}
-            Ok(None) => return self.send_error(ws_codes::RUN_NOT_FOUND, "run not found").await,
+            Ok(None) => {
+                return self
+                    .send_error(ws_codes::RUN_NOT_FOUND, "run not found")
+                    .await
+            }
             Err(err) => return self.internal_error(err).await,
         }
         let after = after_seq.unwrap_or(0);
@@ -343,7 +428,11 @@ impl Connection {
         };
         let thread = match thread {
             Ok(Some(thread)) => thread,
-            Ok(None) if errors => return self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found").await,
+            Ok(None) if errors => {
+                return self
+                    .send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
+                    .await
+            }
             Ok(None) => return Ok(()),
             Err(err) if errors => return self.internal_error(err).await,
             Err(err) => {

@@ -7,11 +7,23 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
     /// `user_message` / `chat` / `chat_message` / `start_agent`.
-    StartRun { text: Option<String>, thread_id: Option<String> },
-    StopRun { run_id: Option<String> },
-    Resume { run_id: Option<String>, after_seq: Option<u64> },
-    ThreadHistory { thread_id: Option<String> },
-    SwitchThread { thread_id: Option<String> },
+    StartRun {
+        text: Option<String>,
+        thread_id: Option<String>,
+    },
+    StopRun {
+        run_id: Option<String>,
+    },
+    Resume {
+        run_id: Option<String>,
+        after_seq: Option<u64>,
+    },
+    ThreadHistory {
+        thread_id: Option<String>,
+    },
+    SwitchThread {
+        thread_id: Option<String>,
+    },
     SessionRestore,
     Ping,
     Heartbeat,
@@ -48,10 +60,9 @@ fn text(frame: &Value, names: &[&str]) -> Option<String> {
 
 pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
     let frame: Value = serde_json::from_str(raw).map_err(|e| FrameError::Parse(e.to_string()))?;
-    let kind = frame
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| FrameError::Shape("frame must be a JSON object with a string \"type\"".into()))?;
+    let kind = frame.get("type").and_then(Value::as_str).ok_or_else(|| {
+        FrameError::Shape("frame must be a JSON object with a string \"type\"".into())
+    })?;
     Ok(match kind {
         "user_message" | "chat" | "chat_message" => ClientFrame::StartRun {
             text: text(&frame, &["text", "content", "message"]),
@@ -61,13 +72,19 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
             text: text(&frame, &["user_request", "text", "content", "message"]),
             thread_id: text(&frame, &["thread_id"]),
         },
-        "stop_agent" => ClientFrame::StopRun { run_id: text(&frame, &["run_id"]) },
+        "stop_agent" => ClientFrame::StopRun {
+            run_id: text(&frame, &["run_id"]),
+        },
         "resume" => ClientFrame::Resume {
             run_id: text(&frame, &["run_id"]),
             after_seq: field(&frame, "after_seq").and_then(Value::as_u64),
         },
-        "get_thread_history" => ClientFrame::ThreadHistory { thread_id: text(&frame, &["thread_id"]) },
-        "switch_thread" => ClientFrame::SwitchThread { thread_id: text(&frame, &["thread_id", "threadId"]) },
+        "get_thread_history" => ClientFrame::ThreadHistory {
+            thread_id: text(&frame, &["thread_id"]),
+        },
+        "switch_thread" => ClientFrame::SwitchThread {
+            thread_id: text(&frame, &["thread_id", "threadId"]),
+        },
         "session_restore" => ClientFrame::SessionRestore,
         "ping" => ClientFrame::Ping,
         "heartbeat" => ClientFrame::Heartbeat,
@@ -83,19 +100,31 @@ mod tests {
     fn accepts_flat_and_payload_fields_and_aliases() {
         assert_eq!(
             parse(r#"{"type":"chat","payload":{"content":"hi","thread_id":"t"}}"#).unwrap(),
-            ClientFrame::StartRun { text: Some("hi".into()), thread_id: Some("t".into()) }
+            ClientFrame::StartRun {
+                text: Some("hi".into()),
+                thread_id: Some("t".into())
+            }
         );
         assert_eq!(
             parse(r#"{"type":"start_agent","user_request":"go"}"#).unwrap(),
-            ClientFrame::StartRun { text: Some("go".into()), thread_id: None }
+            ClientFrame::StartRun {
+                text: Some("go".into()),
+                thread_id: None
+            }
         );
         assert_eq!(
             parse(r#"{"type":"resume","payload":{"run_id":"r","after_seq":4}}"#).unwrap(),
-            ClientFrame::Resume { run_id: Some("r".into()), after_seq: Some(4) }
+            ClientFrame::Resume {
+                run_id: Some("r".into()),
+                after_seq: Some(4)
+            }
         );
         assert_eq!(
             parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),
-            ClientFrame::StartRun { text: None, thread_id: None }
+            ClientFrame::StartRun {
+                text: None,
+                thread_id: None
+            }
         );
     }
 
@@ -104,6 +133,9 @@ mod tests {
         assert!(matches!(parse("{nope"), Err(FrameError::Parse(_))));
         assert!(matches!(parse("[1,2]"), Err(FrameError::Shape(_))));
         assert!(matches!(parse(r#"{"type":7}"#), Err(FrameError::Shape(_))));
-        assert_eq!(parse(r#"{"type":"dance"}"#).unwrap(), ClientFrame::Unknown("dance".into()));
+        assert_eq!(
+            parse(r#"{"type":"dance"}"#).unwrap(),
+            ClientFrame::Unknown("dance".into())
+        );
     }
 }

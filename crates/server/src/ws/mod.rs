@@ -50,7 +50,10 @@ fn subprotocol_token(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 fn credential(params: &Result<Query<WsParams>, QueryRejection>, headers: &HeaderMap) -> Credential {
-    if let Ok(Query(WsParams { ticket: Some(ticket) })) = params {
+    if let Ok(Query(WsParams {
+        ticket: Some(ticket),
+    })) = params
+    {
         return Credential::Ticket(ticket.clone());
     }
     if let Some(token) = bearer_token(headers) {
@@ -71,21 +74,38 @@ pub async fn upgrade(
     let limit = state.settings.max_frame_bytes;
     // tungstenite's own limit is set above ours so that we, not it, answer an oversized
     // frame, with close code 1009.
-    let ws = ws.max_message_size(limit.saturating_mul(4)).max_frame_size(limit.saturating_mul(4));
+    let ws = ws
+        .max_message_size(limit.saturating_mul(4))
+        .max_frame_size(limit.saturating_mul(4));
     let (ws, outcome) = match credential(&params, &headers) {
         Credential::Ticket(ticket) => (
             ws,
-            state.auth.redeem_ticket(&ticket).await.map_err(|e| (e, "invalid, expired or used ticket")),
+            state
+                .auth
+                .redeem_ticket(&ticket)
+                .await
+                .map_err(|e| (e, "invalid, expired or used ticket")),
         ),
         Credential::Bearer(token) => (
             ws,
-            state.auth.verify_access(&token).await.map_err(|e| (e, "invalid or expired token")),
+            state
+                .auth
+                .verify_access(&token)
+                .await
+                .map_err(|e| (e, "invalid or expired token")),
         ),
         Credential::Subprotocol { protocol, token } => (
             ws.protocols([protocol]),
-            state.auth.verify_access(&token).await.map_err(|e| (e, "invalid or expired token")),
+            state
+                .auth
+                .verify_access(&token)
+                .await
+                .map_err(|e| (e, "invalid or expired token")),
         ),
-        Credential::Missing => (ws, Err((AuthError::InvalidToken, "authentication required"))),
+        Credential::Missing => (
+            ws,
+            Err((AuthError::InvalidToken, "authentication required")),
+        ),
     };
     match outcome {
         Ok(user) => ws.on_upgrade(move |socket| connection::serve(socket, state, user)),
@@ -108,6 +128,9 @@ async fn reject(mut socket: WebSocket, reason: &'static str) {
         let _ = socket.send(Message::Text(text.into())).await;
     }
     let _ = socket
-        .send(Message::Close(Some(CloseFrame { code: CLOSE_POLICY_VIOLATION, reason: reason.into() })))
+        .send(Message::Close(Some(CloseFrame {
+            code: CLOSE_POLICY_VIOLATION,
+            reason: reason.into(),
+        })))
         .await;
 }

@@ -7,7 +7,12 @@ use serde_json::json;
 use crate::helpers::{spawn_app, PASSWORD};
 
 async fn error_code(response: reqwest::Response) -> String {
-    response.json::<ErrorBody>().await.expect("error body").error.code
+    response
+        .json::<ErrorBody>()
+        .await
+        .expect("error body")
+        .error
+        .code
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,13 +40,19 @@ async fn register_rejects_duplicates_and_invalid_input() {
     assert_eq!(again.status(), 409);
     assert_eq!(error_code(again).await, "email_taken");
 
-    for (email, password) in [("not-an-email", PASSWORD), ("ok@example.com", "short"), ("", PASSWORD)] {
+    for (email, password) in [
+        ("not-an-email", PASSWORD),
+        ("ok@example.com", "short"),
+        ("", PASSWORD),
+    ] {
         let response = app.register_raw(email, password).await;
         assert_eq!(response.status(), 422, "{email:?}/{password:?}");
         assert_eq!(error_code(response).await, "validation_failed");
     }
 
-    let missing_field = app.post_json("/auth/register", None, &json!({"email": "x@example.com"})).await;
+    let missing_field = app
+        .post_json("/auth/register", None, &json!({"email": "x@example.com"}))
+        .await;
     assert_eq!(missing_field.status(), 422);
     assert_eq!(error_code(missing_field).await, "validation_failed");
 
@@ -73,7 +84,10 @@ async fn login_checks_the_password_and_hides_which_part_was_wrong() {
     let unknown = app.login("nobody@example.com", PASSWORD).await;
     assert_eq!(unknown.status(), 401);
     let unknown_body: ErrorBody = unknown.json().await.unwrap();
-    assert_eq!(wrong_body, unknown_body, "same answer for unknown account and wrong password");
+    assert_eq!(
+        wrong_body, unknown_body,
+        "same answer for unknown account and wrong password"
+    );
     assert_eq!(wrong_body.error.code, "invalid_credentials");
 }
 
@@ -83,19 +97,27 @@ async fn refresh_rotates_and_the_old_refresh_token_stops_working() {
     let user = app.register().await;
     let old = user.tokens.refresh_token.clone();
 
-    let first = app.post_json("/auth/refresh", None, &json!({"refresh_token": old})).await;
+    let first = app
+        .post_json("/auth/refresh", None, &json!({"refresh_token": old}))
+        .await;
     assert_eq!(first.status(), 200);
     let pair: TokenPair = first.json().await.unwrap();
     assert_ne!(pair.refresh_token, old);
     assert_eq!(app.get("/auth/me", &pair.access_token).await.status(), 200);
 
-    let reused = app.post_json("/auth/refresh", None, &json!({"refresh_token": old})).await;
+    let reused = app
+        .post_json("/auth/refresh", None, &json!({"refresh_token": old}))
+        .await;
     assert_eq!(reused.status(), 401);
     assert_eq!(error_code(reused).await, "invalid_token");
 
     // An access token is not a refresh token.
     let wrong_type = app
-        .post_json("/auth/refresh", None, &json!({"refresh_token": pair.access_token}))
+        .post_json(
+            "/auth/refresh",
+            None,
+            &json!({"refresh_token": pair.access_token}),
+        )
         .await;
     assert_eq!(wrong_type.status(), 401);
     // And a refresh token is not an access token.
@@ -108,19 +130,30 @@ async fn logout_revokes_the_access_token_and_its_refresh_token() {
     let user = app.register().await;
     let other_session: TokenPair = app.login(&user.email, PASSWORD).await.json().await.unwrap();
 
-    let logout = app.post_json("/auth/logout", Some(user.token()), &json!({})).await;
+    let logout = app
+        .post_json("/auth/logout", Some(user.token()), &json!({}))
+        .await;
     assert_eq!(logout.status(), 204);
 
     let me = app.get("/auth/me", user.token()).await;
     assert_eq!(me.status(), 401);
     assert_eq!(error_code(me).await, "invalid_token");
     let refresh = app
-        .post_json("/auth/refresh", None, &json!({"refresh_token": user.tokens.refresh_token}))
+        .post_json(
+            "/auth/refresh",
+            None,
+            &json!({"refresh_token": user.tokens.refresh_token}),
+        )
         .await;
     assert_eq!(refresh.status(), 401);
 
     // Logging out one session leaves the user's other sessions alone.
-    assert_eq!(app.get("/auth/me", &other_session.access_token).await.status(), 200);
+    assert_eq!(
+        app.get("/auth/me", &other_session.access_token)
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

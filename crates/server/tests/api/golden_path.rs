@@ -14,10 +14,17 @@ const QUESTION: &str = "How can I reduce my LLM costs?";
 /// completion; final_report; terminal.
 fn assert_pipeline_order(events: &[AgentEvent]) {
     let first = &events[0];
-    assert_eq!((first.kind, first.agent_name.as_str()), (EventKind::AgentStarted, SUPERVISOR));
+    assert_eq!(
+        (first.kind, first.agent_name.as_str()),
+        (EventKind::AgentStarted, SUPERVISOR)
+    );
     let mut i = 1;
     for agent in PIPELINE {
-        assert_eq!(events[i].kind, EventKind::AgentStarted, "{agent} starts at {i}");
+        assert_eq!(
+            events[i].kind,
+            EventKind::AgentStarted,
+            "{agent} starts at {i}"
+        );
         assert_eq!(events[i].agent_name, agent);
         i += 1;
         let mut thinking = 0;
@@ -32,7 +39,9 @@ fn assert_pipeline_order(events: &[AgentEvent]) {
                     open_tool = Some(e.payload["tool_call_id"].as_str().unwrap().to_string());
                 }
                 EventKind::ToolCompleted => {
-                    let id = open_tool.take().expect("tool_completed follows tool_executing");
+                    let id = open_tool
+                        .take()
+                        .expect("tool_completed follows tool_executing");
                     assert_eq!(e.payload["tool_call_id"], id.as_str());
                     assert_eq!(e.payload["success"], true);
                 }
@@ -60,7 +69,8 @@ async fn golden_path_streams_every_step_and_answers_with_the_users_own_numbers()
     assert!(summary.total_requests > 100, "demo data was generated");
 
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION})).await;
+    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
+        .await;
     let created = ws.next_json().await;
     assert_eq!(created["type"], "thread_created");
     let accepted = ws.next_json().await;
@@ -82,12 +92,26 @@ async fn golden_path_streams_every_step_and_answers_with_the_users_own_numbers()
         .filter(|e| e.kind == EventKind::ToolExecuting)
         .map(|e| e.compat["tool_name"].as_str().unwrap())
         .collect();
-    assert_eq!(tools, ["usage_summary", "pricing_lookup", "savings_simulator", "action_plan"]);
+    assert_eq!(
+        tools,
+        [
+            "usage_summary",
+            "pricing_lookup",
+            "savings_simulator",
+            "action_plan"
+        ]
+    );
 
     // Compatibility fields at top level.
-    let thinking = events.iter().find(|e| e.kind == EventKind::AgentThinking).unwrap();
+    let thinking = events
+        .iter()
+        .find(|e| e.kind == EventKind::AgentThinking)
+        .unwrap();
     assert!(thinking.compat["reasoning"].is_string());
-    let tool_done = events.iter().find(|e| e.kind == EventKind::ToolCompleted).unwrap();
+    let tool_done = events
+        .iter()
+        .find(|e| e.kind == EventKind::ToolCompleted)
+        .unwrap();
     assert!(tool_done.compat.contains_key("results") && tool_done.compat.contains_key("duration"));
 
     // The answer is about this user's numbers, exactly as the usage API reports them.
@@ -96,9 +120,18 @@ async fn golden_path_streams_every_step_and_answers_with_the_users_own_numbers()
     assert_eq!(terminal.compat["status"], "completed");
     let answer = terminal.compat["final_response"].as_str().unwrap();
     let report = &terminal.payload["result"];
-    assert_eq!(report["usage"]["total_cost_usd"].as_f64().unwrap(), summary.total_cost_usd);
-    assert_eq!(report["usage"]["total_requests"].as_i64().unwrap(), summary.total_requests);
-    assert!(answer.contains(&format!("${:.2}", summary.total_cost_usd)), "{answer}");
+    assert_eq!(
+        report["usage"]["total_cost_usd"].as_f64().unwrap(),
+        summary.total_cost_usd
+    );
+    assert_eq!(
+        report["usage"]["total_requests"].as_i64().unwrap(),
+        summary.total_requests
+    );
+    assert!(
+        answer.contains(&format!("${:.2}", summary.total_cost_usd)),
+        "{answer}"
+    );
     assert!(answer.contains(&summary.by_model[0].model), "{answer}");
     assert!(!report["recommendations"].as_array().unwrap().is_empty());
 
@@ -127,35 +160,63 @@ async fn the_thread_and_its_messages_are_stored_and_readable_over_rest() {
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let first = ws.ask(QUESTION, None).await;
-    let second = ws.ask("Give me a usage breakdown for the last 7 days", Some(&first.thread_id)).await;
-    assert_eq!(second.thread_id, first.thread_id, "the second question continues the thread");
+    let second = ws
+        .ask(
+            "Give me a usage breakdown for the last 7 days",
+            Some(&first.thread_id),
+        )
+        .await;
+    assert_eq!(
+        second.thread_id, first.thread_id,
+        "the second question continues the thread"
+    );
     assert_eq!(second.terminal().status(), Some("completed"));
 
-    let threads: Vec<Value> = app.get("/api/threads", user.token()).await.json().await.unwrap();
+    let threads: Vec<Value> = app
+        .get("/api/threads", user.token())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(threads.len(), 1);
     assert_eq!(threads[0]["id"], first.thread_id.as_str());
     assert_eq!(threads[0]["message_count"], 4);
 
     let page: Value = app
-        .get(&format!("/api/threads/{}/messages", first.thread_id), user.token())
+        .get(
+            &format!("/api/threads/{}/messages", first.thread_id),
+            user.token(),
+        )
         .await
         .json()
         .await
         .unwrap();
     let messages = page["messages"].as_array().unwrap();
-    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert_eq!(messages[0]["content"], QUESTION);
-    assert_eq!(messages[1]["content"], first.terminal().compat["final_response"]);
+    assert_eq!(
+        messages[1]["content"],
+        first.terminal().compat["final_response"]
+    );
     assert!(messages[1]["created_at"].is_i64());
 
     let history = {
-        ws.send_json(json!({"type": "get_thread_history", "thread_id": first.thread_id})).await;
+        ws.send_json(json!({"type": "get_thread_history", "thread_id": first.thread_id}))
+            .await;
         ws.expect_type("thread_data").await
     };
     assert_eq!(history["messages"].as_array().unwrap().len(), 4);
 
-    let run: Value = app.get(&format!("/api/runs/{}", first.run_id), user.token()).await.json().await.unwrap();
+    let run: Value = app
+        .get(&format!("/api/runs/{}", first.run_id), user.token())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(run["status"], "completed");
     assert_eq!(run["last_seq"].as_u64().unwrap(), first.events.len() as u64);
 }
@@ -165,24 +226,36 @@ async fn a_run_continues_after_its_socket_closes_and_its_events_stay_readable() 
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION})).await;
+    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
+        .await;
     let accepted = ws.expect_type("run_accepted").await;
     let run_id = accepted["run_id"].as_str().unwrap().to_string();
     ws.close().await;
 
     let deadline = tokio::time::Instant::now() + FRAME_TIMEOUT;
     let run = loop {
-        let run: Value = app.get(&format!("/api/runs/{run_id}"), user.token()).await.json().await.unwrap();
+        let run: Value = app
+            .get(&format!("/api/runs/{run_id}"), user.token())
+            .await
+            .json()
+            .await
+            .unwrap();
         if run["status"] != "queued" && run["status"] != "running" {
             break run;
         }
         assert!(tokio::time::Instant::now() < deadline, "run did not finish");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(run["status"], "completed", "closing the socket does not stop the run");
+    assert_eq!(
+        run["status"], "completed",
+        "closing the socket does not stop the run"
+    );
 
     let page: Value = app
-        .get(&format!("/api/runs/{run_id}/events?after_seq=0"), user.token())
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=0"),
+            user.token(),
+        )
         .await
         .json()
         .await
@@ -192,7 +265,10 @@ async fn a_run_continues_after_its_socket_closes_and_its_events_stay_readable() 
     assert_pipeline_order(&events);
 
     let tail: Value = app
-        .get(&format!("/api/runs/{run_id}/events?after_seq=10"), user.token())
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=10"),
+            user.token(),
+        )
         .await
         .json()
         .await
@@ -205,8 +281,12 @@ async fn resume_replays_exactly_the_missing_events_then_continues_live() {
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(25)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION})).await;
-    let run_id = ws.expect_type("run_accepted").await["run_id"].as_str().unwrap().to_string();
+    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
+        .await;
+    let run_id = ws.expect_type("run_accepted").await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut seen = Vec::new();
     while seen.len() < 5 {
         let frame = ws.next_json().await;
@@ -218,7 +298,9 @@ async fn resume_replays_exactly_the_missing_events_then_continues_live() {
 
     // A second connection resumes after the last seq the first one saw.
     let mut again = app.ws_connect(&user).await;
-    again.send_json(json!({"type": "resume", "run_id": run_id, "after_seq": 5})).await;
+    again
+        .send_json(json!({"type": "resume", "run_id": run_id, "after_seq": 5}))
+        .await;
     let rest = again.collect_run(&run_id).await;
     assert_eq!(rest[0].seq, 6, "replay starts right after after_seq");
     for (i, event) in rest.iter().enumerate() {
@@ -232,7 +314,11 @@ async fn rest_can_start_a_run_on_a_thread() {
     let app = spawn_app().await;
     let user = app.register().await;
     let thread: Value = app
-        .post_json("/api/threads", Some(user.token()), &json!({"title": "costs"}))
+        .post_json(
+            "/api/threads",
+            Some(user.token()),
+            &json!({"title": "costs"}),
+        )
         .await
         .json()
         .await
@@ -240,7 +326,11 @@ async fn rest_can_start_a_run_on_a_thread() {
     let thread_id = thread["id"].as_str().unwrap();
     let mut ws = app.ws_connect(&user).await;
     let response = app
-        .post_json(&format!("/api/threads/{thread_id}/runs"), Some(user.token()), &json!({"message": QUESTION}))
+        .post_json(
+            &format!("/api/threads/{thread_id}/runs"),
+            Some(user.token()),
+            &json!({"message": QUESTION}),
+        )
         .await;
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
@@ -252,7 +342,11 @@ async fn rest_can_start_a_run_on_a_thread() {
     assert_eq!(events.last().unwrap().status(), Some("completed"));
 
     let empty = app
-        .post_json(&format!("/api/threads/{thread_id}/runs"), Some(user.token()), &json!({"message": "   "}))
+        .post_json(
+            &format!("/api/threads/{thread_id}/runs"),
+            Some(user.token()),
+            &json!({"message": "   "}),
+        )
         .await;
     assert_eq!(empty.status(), 422);
 }
@@ -262,8 +356,12 @@ async fn stop_agent_cancels_the_run_with_a_terminal_cancelled_event() {
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(200)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION})).await;
-    let run_id = ws.expect_type("run_accepted").await["run_id"].as_str().unwrap().to_string();
+    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
+        .await;
+    let run_id = ws.expect_type("run_accepted").await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Wait until the answer is streaming, then stop without naming the run.
     loop {
         let frame = ws.next_json().await;
@@ -287,12 +385,24 @@ async fn stop_agent_cancels_the_run_with_a_terminal_cancelled_event() {
     assert_eq!(terminal["status"], "cancelled");
     assert_eq!(terminal["run_id"], run_id.as_str());
 
-    let run: Value = app.get(&format!("/api/runs/{run_id}"), user.token()).await.json().await.unwrap();
+    let run: Value = app
+        .get(&format!("/api/runs/{run_id}"), user.token())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(run["status"], "cancelled");
     // Stopping again is a clear error, not a silent success.
-    ws.send_json(json!({"type": "stop_agent", "run_id": run_id})).await;
+    ws.send_json(json!({"type": "stop_agent", "run_id": run_id}))
+        .await;
     let again = ws.expect_type("error_message").await;
     assert_eq!(again["error_code"], "RUN_NOT_ACTIVE");
-    let rest = app.post_json(&format!("/api/runs/{run_id}/cancel"), Some(user.token()), &json!({})).await;
+    let rest = app
+        .post_json(
+            &format!("/api/runs/{run_id}/cancel"),
+            Some(user.token()),
+            &json!({}),
+        )
+        .await;
     assert_eq!(rest.status(), 409);
 }

@@ -42,8 +42,12 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     settings.password_hashing = PasswordHashing::Light;
     settings.template_stream_delay = Duration::from_millis(1);
     configure(&mut settings);
-    let state = apex_server::build_state(settings).await.expect("server state");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let state = apex_server::build_state(settings)
+        .await
+        .expect("server state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(apex_server::serve(listener, state.clone(), async move {
@@ -79,7 +83,12 @@ impl TestApp {
         format!("{}{}", self.address, path)
     }
 
-    pub async fn post_json(&self, path: &str, token: Option<&str>, body: &Value) -> reqwest::Response {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
         let mut request = self.http.post(self.url(path)).json(body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -88,12 +97,21 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).bearer_auth(token).send().await.expect("request")
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn register_raw(&self, email: &str, password: &str) -> reqwest::Response {
-        self.post_json("/auth/register", None, &json!({"email": email, "password": password, "name": "Test"}))
-            .await
+        self.post_json(
+            "/auth/register",
+            None,
+            &json!({"email": email, "password": password, "name": "Test"}),
+        )
+        .await
     }
 
     /// Registers a fresh user with a unique email.
@@ -102,11 +120,20 @@ impl TestApp {
         let response = self.register_raw(&email, PASSWORD).await;
         assert_eq!(response.status(), 201, "register");
         let tokens: TokenPair = response.json().await.expect("token pair");
-        TestUser { email, id: tokens.user.id.clone(), tokens }
+        TestUser {
+            email,
+            id: tokens.user.id.clone(),
+            tokens,
+        }
     }
 
     pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
-        self.post_json("/auth/login", None, &json!({"email": email, "password": password})).await
+        self.post_json(
+            "/auth/login",
+            None,
+            &json!({"email": email, "password": password}),
+        )
+        .await
     }
 
     pub async fn usage_summary(&self, user: &TestUser) -> UsageSummary {
@@ -118,9 +145,10 @@ impl TestApp {
     /// Opens a WebSocket authenticated by the `Authorization` header and reads the hello.
     pub async fn ws_connect(&self, user: &TestUser) -> WsClient {
         let mut request = self.ws_address.as_str().into_client_request().unwrap();
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {}", user.token()).parse().unwrap());
+        request.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {}", user.token()).parse().unwrap(),
+        );
         let mut client = WsClient::connect(request).await.expect("ws connect");
         let hello = client.next_json().await;
         assert_eq!(hello["type"], "connection_established", "{hello}");
@@ -129,7 +157,9 @@ impl TestApp {
     }
 
     pub async fn ticket(&self, user: &TestUser, body: Value) -> Value {
-        let response = self.post_json("/api/websocket/ticket", Some(user.token()), &body).await;
+        let response = self
+            .post_json("/api/websocket/ticket", Some(user.token()), &body)
+            .await;
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -171,11 +201,17 @@ impl WsClient {
     }
 
     pub async fn send_json(&mut self, value: Value) {
-        self.socket.send(Message::Text(value.to_string().into())).await.expect("send");
+        self.socket
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_text(&mut self, text: String) {
-        self.socket.send(Message::Text(text.into())).await.expect("send");
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
     }
 
     /// The next frame; panics on timeout or close.
@@ -214,7 +250,9 @@ impl WsClient {
     pub async fn expect_close(&mut self) -> (u16, String) {
         loop {
             match self.next_message().await {
-                Message::Close(Some(frame)) => return (u16::from(frame.code), frame.reason.to_string()),
+                Message::Close(Some(frame)) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
                 Message::Close(None) => return (u16::from(CloseCode::Status), String::new()),
                 _ => continue,
             }
@@ -232,7 +270,11 @@ impl WsClient {
         let run_id = accepted["run_id"].as_str().unwrap().to_string();
         let thread_id = accepted["thread_id"].as_str().unwrap().to_string();
         let events = self.collect_run(&run_id).await;
-        RunTranscript { run_id, thread_id, events }
+        RunTranscript {
+            run_id,
+            thread_id,
+            events,
+        }
     }
 
     /// Collects events of `run_id` until its terminal event. Events of other runs fail.
@@ -244,7 +286,10 @@ impl WsClient {
                 continue;
             }
             let event: AgentEvent = serde_json::from_value(frame).expect("agent event");
-            assert_eq!(event.run_id, run_id, "event of another run on this connection");
+            assert_eq!(
+                event.run_id, run_id,
+                "event of another run on this connection"
+            );
             let terminal = event.is_terminal();
             events.push(event);
             if terminal {
@@ -265,5 +310,8 @@ pub fn assert_contiguous_and_terminated(events: &[AgentEvent]) {
     }
     let terminals = events.iter().filter(|e| e.is_terminal()).count();
     assert_eq!(terminals, 1, "exactly one terminal event");
-    assert!(events.last().unwrap().is_terminal(), "terminal event is last");
+    assert!(
+        events.last().unwrap().is_terminal(),
+        "terminal event is last"
+    );
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_contiguous_and_terminated, spawn_app, spawn_app_with, TestApp, TestUser};
+use crate::helpers::{
+    assert_contiguous_and_terminated, spawn_app, spawn_app_with, TestApp, TestUser,
+};
 
 const USERS: usize = 20;
 
@@ -27,7 +29,8 @@ async fn twenty_users_at_once_each_receive_only_their_own_frames_and_numbers() {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            ws.send_json(json!({"type": "user_message", "text": "How can I reduce my LLM costs?"})).await;
+            ws.send_json(json!({"type": "user_message", "text": "How can I reduce my LLM costs?"}))
+                .await;
             // Read every frame up to the terminal event and check each one.
             let mut run_id: Option<String> = None;
             let mut thread_id: Option<String> = None;
@@ -35,13 +38,24 @@ async fn twenty_users_at_once_each_receive_only_their_own_frames_and_numbers() {
             loop {
                 let frame = ws.next_json().await;
                 match frame["type"].as_str().unwrap() {
-                    "thread_created" => thread_id = Some(frame["thread_id"].as_str().unwrap().into()),
+                    "thread_created" => {
+                        thread_id = Some(frame["thread_id"].as_str().unwrap().into())
+                    }
                     "run_accepted" => run_id = Some(frame["run_id"].as_str().unwrap().into()),
                     _ => {
                         assert_eq!(frame["user_id"], user.id.as_str(), "foreign frame: {frame}");
-                        assert_eq!(frame["run_id"].as_str(), run_id.as_deref(), "foreign run: {frame}");
-                        assert_eq!(frame["thread_id"].as_str(), thread_id.as_deref(), "foreign thread: {frame}");
-                        let event: apex_protocol::events::AgentEvent = serde_json::from_value(frame).unwrap();
+                        assert_eq!(
+                            frame["run_id"].as_str(),
+                            run_id.as_deref(),
+                            "foreign run: {frame}"
+                        );
+                        assert_eq!(
+                            frame["thread_id"].as_str(),
+                            thread_id.as_deref(),
+                            "foreign thread: {frame}"
+                        );
+                        let event: apex_protocol::events::AgentEvent =
+                            serde_json::from_value(frame).unwrap();
                         let terminal = event.is_terminal();
                         events.push(event);
                         if terminal {
@@ -61,16 +75,29 @@ async fn twenty_users_at_once_each_receive_only_their_own_frames_and_numbers() {
         let terminal = events.last().unwrap();
         assert_eq!(terminal.status(), Some("completed"));
         let summary = app.usage_summary(&user).await;
-        let reported = terminal.payload["result"]["usage"]["total_cost_usd"].as_f64().unwrap();
-        assert_eq!(reported, summary.total_cost_usd, "answer uses the user's own numbers");
+        let reported = terminal.payload["result"]["usage"]["total_cost_usd"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(
+            reported, summary.total_cost_usd,
+            "answer uses the user's own numbers"
+        );
         totals.insert(format!("{reported:.6}"));
         // Their thread is theirs alone.
-        let threads: Vec<Value> = app.get("/api/threads", user.token()).await.json().await.unwrap();
+        let threads: Vec<Value> = app
+            .get("/api/threads", user.token())
+            .await
+            .json()
+            .await
+            .unwrap();
         assert_eq!(threads.len(), 1);
         assert_eq!(threads[0]["id"], thread_id.as_str());
         keep_open.push(ws);
     }
-    assert!(totals.len() > USERS / 2, "users have different data: {totals:?}");
+    assert!(
+        totals.len() > USERS / 2,
+        "users have different data: {totals:?}"
+    );
 
     // Quiet afterwards: no socket receives anything more (in particular nothing foreign).
     for ws in keep_open.iter_mut() {
@@ -86,13 +113,19 @@ async fn twenty_users_at_once_each_receive_only_their_own_frames_and_numbers() {
 async fn wait_for_no_subscriptions(app: &TestApp) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app.state.infra.bus.subscribed_users() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "connections left bus entries behind");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections left bus entries behind"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
-    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,10 +139,22 @@ async fn another_users_thread_and_run_answer_404_exactly_like_missing_ones() {
     let missing_run = uuid::Uuid::new_v4().to_string();
 
     let pairs = [
-        (format!("/api/threads/{}", run.thread_id), format!("/api/threads/{missing_thread}")),
-        (format!("/api/threads/{}/messages", run.thread_id), format!("/api/threads/{missing_thread}/messages")),
-        (format!("/api/runs/{}", run.run_id), format!("/api/runs/{missing_run}")),
-        (format!("/api/runs/{}/events", run.run_id), format!("/api/runs/{missing_run}/events")),
+        (
+            format!("/api/threads/{}", run.thread_id),
+            format!("/api/threads/{missing_thread}"),
+        ),
+        (
+            format!("/api/threads/{}/messages", run.thread_id),
+            format!("/api/threads/{missing_thread}/messages"),
+        ),
+        (
+            format!("/api/runs/{}", run.run_id),
+            format!("/api/runs/{missing_run}"),
+        ),
+        (
+            format!("/api/runs/{}/events", run.run_id),
+            format!("/api/runs/{missing_run}/events"),
+        ),
     ];
     for (alices, missing) in pairs {
         let foreign = status_and_body(app.get(&alices, bob.token()).await).await;
@@ -135,14 +180,29 @@ async fn another_users_thread_and_run_answer_404_exactly_like_missing_ones() {
         .unwrap();
     assert_eq!(delete.status(), 404);
     let start = app
-        .post_json(&format!("/api/threads/{}/runs", run.thread_id), Some(bob.token()), &json!({"message": "hi"}))
+        .post_json(
+            &format!("/api/threads/{}/runs", run.thread_id),
+            Some(bob.token()),
+            &json!({"message": "hi"}),
+        )
         .await;
     assert_eq!(start.status(), 404);
-    let cancel = app.post_json(&format!("/api/runs/{}/cancel", run.run_id), Some(bob.token()), &json!({})).await;
+    let cancel = app
+        .post_json(
+            &format!("/api/runs/{}/cancel", run.run_id),
+            Some(bob.token()),
+            &json!({}),
+        )
+        .await;
     assert_eq!(cancel.status(), 404);
 
     // Alice's thread is intact.
-    let thread: Value = app.get(&format!("/api/threads/{}", run.thread_id), alice.token()).await.json().await.unwrap();
+    let thread: Value = app
+        .get(&format!("/api/threads/{}", run.thread_id), alice.token())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_ne!(thread["title"], "mine now");
     assert_eq!(thread["message_count"], 2);
 }
@@ -154,20 +214,37 @@ async fn another_users_run_id_cannot_be_resumed_or_stopped() {
     let bob: TestUser = app.register().await;
     let mut alice_ws = app.ws_connect(&alice).await;
     let mut bob_ws = app.ws_connect(&bob).await;
-    alice_ws.send_json(json!({"type": "user_message", "text": "How can I reduce my LLM costs?"})).await;
-    let run_id = alice_ws.expect_type("run_accepted").await["run_id"].as_str().unwrap().to_string();
+    alice_ws
+        .send_json(json!({"type": "user_message", "text": "How can I reduce my LLM costs?"}))
+        .await;
+    let run_id = alice_ws.expect_type("run_accepted").await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
-    bob_ws.send_json(json!({"type": "stop_agent", "run_id": run_id})).await;
+    bob_ws
+        .send_json(json!({"type": "stop_agent", "run_id": run_id}))
+        .await;
     assert_eq!(bob_ws.next_json().await["error_code"], "RUN_NOT_FOUND");
-    bob_ws.send_json(json!({"type": "resume", "run_id": run_id, "after_seq": 0})).await;
+    bob_ws
+        .send_json(json!({"type": "resume", "run_id": run_id, "after_seq": 0}))
+        .await;
     assert_eq!(bob_ws.next_json().await["error_code"], "RUN_NOT_FOUND");
     // Bob's stop without a run id has nothing of his to stop.
     bob_ws.send_json(json!({"type": "stop_agent"})).await;
     assert_eq!(bob_ws.next_json().await["error_code"], "RUN_NOT_ACTIVE");
 
     let events = alice_ws.collect_run(&run_id).await;
-    assert_eq!(events.last().unwrap().status(), Some("completed"), "Alice's run was untouched");
+    assert_eq!(
+        events.last().unwrap().status(),
+        Some("completed"),
+        "Alice's run was untouched"
+    );
     assert!(events.iter().all(|e| e.user_id == alice.id));
     bob_ws.send_json(json!({"type": "ping"})).await;
-    assert_eq!(bob_ws.next_json().await["type"], "pong", "Bob received none of Alice's events");
+    assert_eq!(
+        bob_ws.next_json().await["type"],
+        "pong",
+        "Bob received none of Alice's events"
+    );
 }

@@ -7,12 +7,14 @@
 use std::path::{Path, PathBuf};
 
 const FORBIDDEN_TYPES: &[&str] = &[
-    "Mutex", "RwLock", "RefCell", "Cell<", "OnceLock", "OnceCell", "Lazy", "LazyLock", "HashMap", "BTreeMap",
-    "DashMap", "Atomic",
+    "Mutex", "RwLock", "RefCell", "Cell<", "OnceLock", "OnceCell", "Lazy", "LazyLock", "HashMap",
+    "BTreeMap", "DashMap", "Atomic",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name();
@@ -60,12 +62,20 @@ fn no_process_global_mutable_state_in_the_workspace() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut files = Vec::new();
     rust_files(&root.join("crates"), &mut files);
-    assert!(files.len() > 20, "expected to scan the workspace, found {} files", files.len());
+    assert!(
+        files.len() > 20,
+        "expected to scan the workspace, found {} files",
+        files.len()
+    );
     let this_file = Path::new(file!()).file_name().unwrap();
     let mut found = Vec::new();
     for file in files.iter().filter(|f| f.file_name() != Some(this_file)) {
         let source = std::fs::read_to_string(file).unwrap();
         found.extend(violations(&file.display().to_string(), &source));
     }
-    assert!(found.is_empty(), "process-global mutable state found:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "process-global mutable state found:\n{}",
+        found.join("\n")
+    );
 }

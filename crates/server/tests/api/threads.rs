@@ -9,7 +9,11 @@ async fn threads_can_be_created_listed_renamed_and_deleted() {
     let app = spawn_app().await;
     let user = app.register().await;
     let created = app
-        .post_json("/api/threads", Some(user.token()), &json!({"title": "Costs", "metadata": {"a": 1, "b": 2}}))
+        .post_json(
+            "/api/threads",
+            Some(user.token()),
+            &json!({"title": "Costs", "metadata": {"a": 1, "b": 2}}),
+        )
         .await;
     assert_eq!(created.status(), 201);
     let thread: Value = created.json().await.unwrap();
@@ -18,7 +22,12 @@ async fn threads_can_be_created_listed_renamed_and_deleted() {
     assert_eq!(thread["message_count"], 0);
     assert!(thread["created_at"].as_str().unwrap().ends_with('Z'));
 
-    let fetched: Value = app.get(&format!("/api/threads/{id}"), user.token()).await.json().await.unwrap();
+    let fetched: Value = app
+        .get(&format!("/api/threads/{id}"), user.token())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(fetched["id"], id);
 
     // PATCH (and its PUT alias) merges metadata; null removes a key.
@@ -36,11 +45,22 @@ async fn threads_can_be_created_listed_renamed_and_deleted() {
     assert_eq!(updated["title"], "Renamed");
     assert_eq!(updated["metadata"], json!({"a": 1, "c": 3}));
 
-    let list: Vec<Value> = app.get("/api/threads?limit=10&offset=0", user.token()).await.json().await.unwrap();
+    let list: Vec<Value> = app
+        .get("/api/threads?limit=10&offset=0", user.token())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list.len(), 1);
     let bad_page = app.get("/api/threads?limit=0", user.token()).await;
     assert_eq!(bad_page.status(), 422);
-    let bad_metadata = app.post_json("/api/threads", Some(user.token()), &json!({"metadata": [1]})).await;
+    let bad_metadata = app
+        .post_json(
+            "/api/threads",
+            Some(user.token()),
+            &json!({"metadata": [1]}),
+        )
+        .await;
     assert_eq!(bad_metadata.status(), 422);
 
     let deleted = app
@@ -51,6 +71,16 @@ async fn threads_can_be_created_listed_renamed_and_deleted() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    assert_eq!(app.get(&format!("/api/threads/{id}"), user.token()).await.status(), 404);
-    assert_eq!(app.get("/api/threads/not-a-uuid", user.token()).await.status(), 404);
+    assert_eq!(
+        app.get(&format!("/api/threads/{id}"), user.token())
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.get("/api/threads/not-a-uuid", user.token())
+            .await
+            .status(),
+        404
+    );
 }

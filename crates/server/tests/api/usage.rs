@@ -19,9 +19,14 @@ async fn uploads_are_validated_whole_and_counted_in_the_summary() {
         {"provider": "acme", "model": "acme-1", "workload": "batch", "timestamp": ts,
          "prompt_tokens": 10, "completion_tokens": 10, "latency_ms": 100, "status": "error", "cost_usd": 1.25}
     ]);
-    let response = app.post_json("/api/usage/events", Some(user.token()), &rows).await;
+    let response = app
+        .post_json("/api/usage/events", Some(user.token()), &rows)
+        .await;
     assert_eq!(response.status(), 201);
-    assert_eq!(response.json::<serde_json::Value>().await.unwrap()["inserted"], 2);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["inserted"],
+        2
+    );
 
     let csv = format!(
         "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status,cost_usd\n\
@@ -51,12 +56,24 @@ async fn uploads_are_validated_whole_and_counted_in_the_summary() {
         {"provider": "openai", "model": "gpt-4o", "workload": "chat", "timestamp": "not a time",
          "prompt_tokens": 5, "completion_tokens": 5, "latency_ms": 1}
     ]);
-    let response = app.post_json("/api/usage/events", Some(user.token()), &bad).await;
+    let response = app
+        .post_json("/api/usage/events", Some(user.token()), &bad)
+        .await;
     assert_eq!(response.status(), 422);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("row 1"));
     assert_eq!(app.usage_summary(&user).await.total_requests, 3);
 
-    assert_eq!(app.get("/api/usage/summary?days=0", user.token()).await.status(), 422);
-    assert_eq!(app.get("/api/usage/summary?days=abc", user.token()).await.status(), 422);
+    assert_eq!(
+        app.get("/api/usage/summary?days=0", user.token())
+            .await
+            .status(),
+        422
+    );
+    assert_eq!(
+        app.get("/api/usage/summary?days=abc", user.token())
+            .await
+            .status(),
+        422
+    );
 }
