@@ -189,13 +189,12 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 };
                 match ServerFrame::parse(&text)? {
                     ServerFrame::Event(event) => {
-                        if render(&event) {
-                            let completed = event.status() == Some("completed");
-                            if one_shot {
-                                if completed { return Ok(()) }
-                                bail!("run ended with status {}", event.status().unwrap_or("?"));
-                            }
-                            prompt();
+                        let run_ended = render(&event);
+                        match (run_ended, one_shot, event.status()) {
+                            (false, _, _) => {}
+                            (true, true, Some("completed")) => return Ok(()),
+                            (true, true, status) => bail!("run ended with status {}", status.unwrap_or("?")),
+                            (true, false, _) => prompt(),
                         }
                     }
                     ServerFrame::Control(ControlFrame::ThreadCreated { thread_id: id, .. }) => thread_id = Some(id),

@@ -27,6 +27,10 @@ pub mod codes {
     pub const NOT_FOUND: &str = "not_found";
     pub const RUN_NOT_ACTIVE: &str = "run_not_active";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const INVALID_JSON: &str = "invalid_json";
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    pub const SHUTTING_DOWN: &str = "shutting_down";
     pub const INTERNAL: &str = "internal_error";
 }
 
@@ -39,6 +43,7 @@ pub mod ws_codes {
     pub const THREAD_NOT_FOUND: &str = "THREAD_NOT_FOUND";
     pub const RUN_NOT_FOUND: &str = "RUN_NOT_FOUND";
     pub const RUN_NOT_ACTIVE: &str = "RUN_NOT_ACTIVE";
+    pub const SERVER_SHUTTING_DOWN: &str = "SERVER_SHUTTING_DOWN";
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
 }
 
@@ -50,4 +55,6 @@ pub mod agent_codes {
     pub const CANCELLED: &str = "CANCELLED";
     pub const TIMED_OUT: &str = "TIMED_OUT";
     pub const STORAGE_FAILED: &str = "STORAGE_FAILED";
+    /// The server stopped (shutdown after the grace period, or a crash) during the run.
+    pub const INTERRUPTED: &str = "INTERRUPTED";
 }

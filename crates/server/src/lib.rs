@@ -46,20 +46,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rand::RngCore;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::events::{EventBus, InProcessBus};
 use crate::llm::template::TemplateWriter;
 use crate::runs::ActiveRuns;
 use crate::settings::{Secret, Settings};
-use crate::state::{AppState, Infrastructure};
+use crate::state::{AppState, Infrastructure, Lifecycle};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::usage::pricing::PricingTable;
-
-/// How long runs may take to finish after shutdown starts before they are interrupted.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Reads the JWT secret from settings, else from `<data_dir>/jwt_secret`, creating it.
 fn load_jwt_secret(settings: &Settings) -> anyhow::Result<Secret> {
@@ -129,7 +125,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         bus,
         llm: Arc::new(TemplateWriter::new(settings.template_stream_delay)),
         pricing: Arc::new(PricingTable::builtin()),
-        shutdown: CancellationToken::new(),
+        lifecycle: Lifecycle::default(),
     };
     Ok(AppState {
         infra: Arc::new(infra),
@@ -139,9 +135,10 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
     })
 }
 
-/// Serves Apex on `listener` until `shutdown` resolves, then drains: open sockets get a
-/// `server_shutdown` frame, running runs get [`SHUTDOWN_GRACE`] to finish and are then
-/// ended as `interrupted`.
+/// Serves Apex on `listener` until `shutdown` resolves, then shuts down gracefully: stop
+/// accepting and tell open sockets (`server_shutdown`), give running runs the configured
+/// grace period, interrupt the rest, and close the sockets once every run has written its
+/// terminal event. See [`state::Lifecycle`].
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
@@ -151,6 +148,18 @@ pub async fn run(
     serve(listener, state, shutdown).await
 }
 
+/// Waits until no run is executing, or `limit` passes.
+async fn runs_drained(runs: &ActiveRuns, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !runs.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 /// Like [`run`] with a prepared state (tests use it to inspect the state afterwards).
 pub async fn serve(
     listener: TcpListener,
@@ -158,33 +167,30 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = http::app(state.clone());
-    let stop_sockets = CancellationToken::new();
-    let signal = stop_sockets.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        signal.cancel();
-    });
-    // Open sockets are long-lived: graceful shutdown waits for them, so tell them first.
-    let sockets_closer = {
-        let stop = stop_sockets.clone();
-        let infra = Arc::clone(&state.infra);
-        let runs = Arc::clone(&state.runs);
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-            while !runs.is_empty() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // Interrupts remaining runs and closes every socket with `server_shutdown`.
-            infra.shutdown.cancel();
+    let lifecycle = state.infra.lifecycle.clone();
+    let draining = lifecycle.draining.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new runs; telling connected clients");
+            draining.cancel();
         })
-    };
-    server.await.context("serving HTTP")?;
-    let _ = sockets_closer.await;
-    // Let interrupted runs write their terminal events.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !state.runs.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        .await
+        .context("serving HTTP")?;
+    // The listener is closed; upgraded WebSocket connections live on in their own tasks.
+    if !runs_drained(&state.runs, state.settings.shutdown_grace).await {
+        tracing::warn!(
+            runs = state.runs.len(),
+            "grace period over; interrupting runs"
+        );
+        lifecycle.interrupt_runs.cancel();
+        runs_drained(&state.runs, Duration::from_secs(5)).await;
+    }
+    lifecycle.close_sockets.cancel();
+    // Give connection tasks a moment to send their close frames.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while state.infra.bus.subscribed_users() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }

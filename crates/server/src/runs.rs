@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use apex_protocol::error::agent_codes;
 use apex_protocol::events::{EventBody, SUPERVISOR};
 use apex_protocol::threads::RunStatus;
 use serde_json::json;
@@ -25,6 +26,7 @@ use crate::store::{MessageRecord, RunRecord, Store, StoreError, UserStore};
 
 struct ActiveRun {
     owner: UserId,
+    thread: ThreadId,
     cancel: CancellationToken,
     /// Start order, to find a user's most recent run.
     started: u64,
@@ -51,7 +53,7 @@ impl ActiveRuns {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, run: RunId, owner: UserId, cancel: CancellationToken) {
+    fn insert(&self, run: RunId, owner: UserId, thread: ThreadId, cancel: CancellationToken) {
         let mut guard = self.lock();
         guard.0 += 1;
         let started = guard.0;
@@ -59,10 +61,26 @@ impl ActiveRuns {
             run,
             ActiveRun {
                 owner,
+                thread,
                 cancel,
                 started,
             },
         );
+    }
+
+    /// Cancels every running run of `owner` on `thread` (before the thread is deleted).
+    pub fn cancel_thread(&self, owner: UserId, thread: ThreadId) -> usize {
+        let guard = self.lock();
+        let mut cancelled = 0;
+        for run in guard
+            .1
+            .values()
+            .filter(|r| r.owner == owner && r.thread == thread)
+        {
+            run.cancel.cancel();
+            cancelled += 1;
+        }
+        cancelled
     }
 
     fn remove(&self, run: RunId) {
@@ -119,6 +137,8 @@ impl Drop for Deregister {
 pub enum StartRunError {
     #[error("thread not found")]
     ThreadNotFound,
+    #[error("the server is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -138,6 +158,9 @@ pub async fn start_run(
     text: String,
     request_id: RequestId,
 ) -> Result<StartedRun, StartRunError> {
+    if state.infra.lifecycle.draining.is_cancelled() {
+        return Err(StartRunError::ShuttingDown);
+    }
     let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
     let now = now_ms();
     let run_id = RunId::generate();
@@ -171,6 +194,7 @@ pub async fn start_run(
     state.runs.insert(
         run_id,
         user.user_id(),
+        thread,
         factory.context().cancellation().clone(),
     );
     let instance = factory.build(text);
@@ -228,7 +252,7 @@ pub async fn recover_unfinished_runs(
             .emit(
                 SUPERVISOR,
                 EventBody::RunError {
-                    error_code: "INTERRUPTED".into(),
+                    error_code: agent_codes::INTERRUPTED.into(),
                     error_message: message.clone(),
                 },
             )

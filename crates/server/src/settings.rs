@@ -64,6 +64,8 @@ pub struct Settings {
     pub ticket_ttl: Duration,
     /// Delay between streamed answer chunks of the template writer, so streaming is visible.
     pub template_stream_delay: Duration,
+    /// On shutdown, how long running runs may continue before they end `interrupted`.
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -81,6 +83,7 @@ impl Settings {
             run_timeout: Duration::from_secs(300),
             ticket_ttl: Duration::from_secs(60),
             template_stream_delay: Duration::from_millis(15),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 

@@ -63,7 +63,7 @@ impl AgentInstanceFactory {
             context,
             agents,
             request,
-            shutdown: self.infra.shutdown.clone(),
+            shutdown: self.infra.lifecycle.interrupt_runs.clone(),
         }
     }
 }

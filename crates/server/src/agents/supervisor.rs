@@ -175,7 +175,7 @@ async fn finish(
         Outcome::Interrupted => (
             RunStatus::Interrupted,
             Some((
-                "INTERRUPTED".into(),
+                agent_codes::INTERRUPTED.into(),
                 "the server shut down during the run".into(),
             )),
         ),

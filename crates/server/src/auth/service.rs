@@ -55,9 +55,9 @@ const MAX_TICKET_TTL_SECS: u64 = 600;
 fn normalize_email(email: &str) -> Result<String, AuthError> {
     let email = email.trim().to_ascii_lowercase();
     let valid = email.len() <= 254
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.contains('@')
+        })
         && !email.chars().any(char::is_whitespace);
     if valid {
         Ok(email)
@@ -101,7 +101,7 @@ impl Authenticator {
         name: Option<&str>,
     ) -> Result<(TokenPair, AuthenticatedUser), AuthError> {
         let email = normalize_email(email)?;
-        if password.chars().count() < 8 || password.len() > 1024 {
+        if !(8..=1024).contains(&password.chars().count()) {
             return Err(AuthError::Validation(
                 "password must be 8 to 1024 characters".into(),
             ));

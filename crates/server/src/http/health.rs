@@ -15,7 +15,7 @@ pub async fn health() -> Json<Value> {
 /// Readiness: the database answers and the server is not shutting down.
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.infra.store.ping().await.is_ok();
-    let accepting = !state.infra.shutdown.is_cancelled();
+    let accepting = !state.infra.lifecycle.draining.is_cancelled();
     let status = if database && accepting {
         StatusCode::OK
     } else {

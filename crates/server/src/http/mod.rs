@@ -9,6 +9,7 @@ pub(crate) mod runs;
 pub(crate) mod threads;
 mod usage;
 
+use apex_protocol::error::codes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -51,6 +52,13 @@ pub fn app(state: AppState) -> Router {
         .route("/api/usage/summary", get(usage::summary))
         .route("/ws", get(crate::ws::upgrade))
         .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::client(
+                StatusCode::METHOD_NOT_ALLOWED,
+                codes::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
         .layer(
             // Spans carry the path only: a query string may hold a ticket.
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -71,17 +79,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::client(
                 StatusCode::BAD_REQUEST,
-                "invalid_json",
+                codes::INVALID_JSON,
                 format!("body is not valid JSON: {}", e.body_text()),
             )),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::client(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                codes::UNSUPPORTED_MEDIA_TYPE,
                 "expected Content-Type: application/json",
             )),
             Err(JsonRejection::BytesRejection(_)) => Err(ApiError::client(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                apex_protocol::error::codes::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
                 "request body is too large",
             )),
             Err(e) => Err(ApiError::validation(e.body_text())),

@@ -58,6 +58,11 @@ pub async fn start(
             }),
         )),
         Err(StartRunError::ThreadNotFound) => Err(ApiError::not_found("thread")),
+        Err(StartRunError::ShuttingDown) => Err(ApiError::client(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::SHUTTING_DOWN,
+            "the server is shutting down; retry later",
+        )),
         Err(StartRunError::Store(err)) => Err(err.into()),
     }
 }

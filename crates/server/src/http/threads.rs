@@ -181,7 +181,10 @@ pub async fn delete(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if store(&state, &user).delete_thread(thread_id(&id)?).await? {
+    let id = thread_id(&id)?;
+    // A run on the thread ends as cancelled rather than failing on its vanished rows.
+    state.runs.cancel_thread(user.user_id(), id);
+    if store(&state, &user).delete_thread(id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("thread"))

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use apex_protocol::error::codes;
 use apex_protocol::usage::{UsageEventInput, UsageImportResult, UsageSummary};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -38,7 +39,7 @@ pub async fn import(
     } else {
         return Err(ApiError::client(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            codes::UNSUPPORTED_MEDIA_TYPE,
             "send application/json (an array) or text/csv",
         ));
     };

@@ -1,4 +1,4 @@
-//! Demo usage data: 29 days of plausible LLM calls for a new account.
+//! Demo usage data: 30 days of plausible LLM calls for a new account.
 //!
 //! Deterministic from the user id (same id, same rows) and different between users, so the
 //! golden path shows each person numbers of their own and tests can tell users apart by them.
@@ -78,7 +78,8 @@ fn seed_for(user: UserId) -> u64 {
     u64::from_le_bytes(hi) ^ u64::from_le_bytes(lo).rotate_left(17)
 }
 
-/// Rows between `now_ms - 29 days` and `now_ms`, all inside a 30-day summary window.
+/// Rows of the 30 days before `now_ms`. The oldest start an hour inside the window, so a
+/// 30-day summary taken within the hour after registration counts every row.
 pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageRow> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed_for(user));
     // Each user runs four of the six workload kinds, each on one of its candidate models,
@@ -89,7 +90,7 @@ pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageR
         chosen.remove(drop);
     }
     let scale: f64 = rng.gen_range(0.6..1.6);
-    let start = now_ms - 29 * DAY_MS;
+    let start = now_ms - 30 * DAY_MS + 3600 * 1000;
     let mut rows = Vec::new();
     for workload in chosen {
         let (provider, model) = workload.models[rng.gen_range(0..workload.models.len())];
@@ -99,11 +100,11 @@ pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageR
             } else {
                 900
             };
-        for day in 0..29 {
+        for day in 0..30 {
             let (lo, hi) = workload.calls_per_day;
             let calls = ((rng.gen_range(lo..=hi) as f64) * scale).round() as u32;
             for _ in 0..calls {
-                let ts_ms = start + day * DAY_MS + rng.gen_range(0..DAY_MS);
+                let ts_ms = start + day * DAY_MS + rng.gen_range(0..DAY_MS - 3600 * 1000);
                 let prompt_tokens =
                     rng.gen_range(workload.prompt_tokens.0..=workload.prompt_tokens.1);
                 let completion_tokens =

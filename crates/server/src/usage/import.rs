@@ -31,7 +31,7 @@ fn row_error(index: usize, reason: impl Into<String>) -> ImportError {
 
 fn text_field(index: usize, name: &str, value: &str) -> Result<String, ImportError> {
     let value = value.trim();
-    if value.is_empty() || value.len() > MAX_TEXT {
+    if value.is_empty() || value.chars().count() > MAX_TEXT {
         return Err(row_error(
             index,
             format!("{name} must be 1 to {MAX_TEXT} characters"),

@@ -13,7 +13,13 @@ pub const MAX_WINDOW_DAYS: u32 = 365;
 /// Summary of the store handle's user over the last `days` days before `now_ms`.
 pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<UsageSummary> {
     let window_start = now_ms - i64::from(days) * 24 * 3600 * 1000;
-    let rows = store.usage_rows_since(window_start).await?;
+    // Rows dated in the future (clock skew in an upload) are not counted yet.
+    let rows: Vec<UsageRow> = store
+        .usage_rows_since(window_start)
+        .await?
+        .into_iter()
+        .filter(|r| r.ts_ms <= now_ms)
+        .collect();
     Ok(summarize(&rows, days, window_start))
 }
 

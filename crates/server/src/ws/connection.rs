@@ -62,7 +62,8 @@ async fn serve_connection(
     // Subscribe before announcing the connection, so nothing published afterwards is missed.
     let mut subscription = state.infra.bus.subscribe(user.user_id());
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let shutdown = state.infra.shutdown.clone();
+    let lifecycle = state.infra.lifecycle.clone();
+    let mut told_shutdown = false;
     let mut conn = Connection {
         socket,
         state,
@@ -87,7 +88,13 @@ async fn serve_connection(
     let exit = loop {
         tokio::select! {
             incoming = conn.socket.recv() => match incoming {
-                None | Some(Err(_)) => break Exit::ClientGone,
+                None => break Exit::ClientGone,
+                // The library refuses messages past its own limit (4x ours) before we see
+                // them; answer those with 1009 too. Other errors mean the peer is gone.
+                Some(Err(err)) if err.to_string().contains("too long") => {
+                    break Exit::Close(CLOSE_MESSAGE_TOO_BIG, "frame exceeds the size limit");
+                }
+                Some(Err(_)) => break Exit::ClientGone,
                 Some(Ok(Message::Close(_))) => break Exit::ClientGone,
                 Some(Ok(Message::Text(text))) => {
                     if text.len() > conn.state.settings.max_frame_bytes {
@@ -126,8 +133,13 @@ async fn serve_connection(
                 }
                 Err(RecvError::Closed) => break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down"),
             },
-            _ = shutdown.cancelled() => {
-                let _ = conn.send_control(&ControlFrame::ServerShutdown { timestamp: now_rfc3339() }).await;
+            _ = lifecycle.draining.cancelled(), if !told_shutdown => {
+                told_shutdown = true;
+                if conn.send_control(&ControlFrame::ServerShutdown { timestamp: now_rfc3339() }).await.is_err() {
+                    break Exit::ClientGone;
+                }
+            }
+            _ = lifecycle.close_sockets.cancelled() => {
                 break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down");
             }
         }
@@ -171,17 +183,15 @@ impl Connection {
     }
 
     /// Sends a stored or live event unless this client already has it.
-    async fn deliver(&mut self, run: RunId, seq: u64, terminal: bool, json: String) -> Sent {
+    async fn deliver(&mut self, run: RunId, seq: u64, json: String) -> Sent {
         let last = self.delivered.get(&run).copied().unwrap_or(0);
         if seq <= last {
             return Ok(());
         }
         self.send_text(json).await?;
-        if terminal {
-            self.delivered.remove(&run);
-        } else {
-            self.delivered.insert(run, seq);
-        }
+        // Kept after the terminal event too, so a replay overlapping live delivery of a
+        // finished run still sends nothing twice. One entry per run seen on this socket.
+        self.delivered.insert(run, seq);
         Ok(())
     }
 
@@ -192,7 +202,7 @@ impl Connection {
             tracing::error!("event for another user reached a connection; dropped");
             return Ok(());
         }
-        self.deliver(event.run_id, event.seq, event.terminal, event.json.clone())
+        self.deliver(event.run_id, event.seq, event.json.clone())
             .await
     }
 
@@ -205,11 +215,7 @@ impl Connection {
                 break;
             };
             for event in page {
-                let terminal =
-                    serde_json::from_str::<apex_protocol::events::AgentEvent>(&event.json)
-                        .map(|e| e.is_terminal())
-                        .unwrap_or(false);
-                self.deliver(run, event.seq, terminal, event.json).await?;
+                self.deliver(run, event.seq, event.json).await?;
             }
             cursor = last;
         }
@@ -343,6 +349,13 @@ impl Connection {
             Err(StartRunError::ThreadNotFound) => {
                 self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
                     .await
+            }
+            Err(StartRunError::ShuttingDown) => {
+                self.send_error(
+                    ws_codes::SERVER_SHUTTING_DOWN,
+                    "the server is shutting down; retry later",
+                )
+                .await
             }
             Err(StartRunError::Store(err)) => self.internal_error(err).await,
         }

@@ -47,6 +47,15 @@ fn field<'a>(frame: &'a Value, name: &str) -> Option<&'a Value> {
         .or_else(|| frame.get(name).filter(|v| !v.is_null()))
 }
 
+/// An id field: absent, null or empty counts as absent; a non-string is kept as its JSON
+/// text so that it is looked up (and not found) instead of silently ignored.
+fn id_field(frame: &Value, name: &str) -> Option<String> {
+    match field(frame, name)? {
+        Value::String(s) => Some(s.trim().to_string()).filter(|s| !s.is_empty()),
+        other => Some(other.to_string()),
+    }
+}
+
 /// A string field; empty strings count as absent.
 fn text(frame: &Value, names: &[&str]) -> Option<String> {
     names.iter().find_map(|name| {
@@ -66,24 +75,24 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
     Ok(match kind {
         "user_message" | "chat" | "chat_message" => ClientFrame::StartRun {
             text: text(&frame, &["text", "content", "message"]),
-            thread_id: text(&frame, &["thread_id"]),
+            thread_id: id_field(&frame, "thread_id"),
         },
         "start_agent" => ClientFrame::StartRun {
             text: text(&frame, &["user_request", "text", "content", "message"]),
-            thread_id: text(&frame, &["thread_id"]),
+            thread_id: id_field(&frame, "thread_id"),
         },
         "stop_agent" => ClientFrame::StopRun {
-            run_id: text(&frame, &["run_id"]),
+            run_id: id_field(&frame, "run_id"),
         },
         "resume" => ClientFrame::Resume {
-            run_id: text(&frame, &["run_id"]),
+            run_id: id_field(&frame, "run_id"),
             after_seq: field(&frame, "after_seq").and_then(Value::as_u64),
         },
         "get_thread_history" => ClientFrame::ThreadHistory {
-            thread_id: text(&frame, &["thread_id"]),
+            thread_id: id_field(&frame, "thread_id"),
         },
         "switch_thread" => ClientFrame::SwitchThread {
-            thread_id: text(&frame, &["thread_id", "threadId"]),
+            thread_id: id_field(&frame, "thread_id").or_else(|| id_field(&frame, "threadId")),
         },
         "session_restore" => ClientFrame::SessionRestore,
         "ping" => ClientFrame::Ping,

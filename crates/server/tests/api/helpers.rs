@@ -23,6 +23,7 @@ pub const PASSWORD: &str = "correct horse battery";
 
 pub struct TestApp {
     pub address: String,
+    pub settings: Settings,
     pub ws_address: String,
     pub http: reqwest::Client,
     pub state: AppState,
@@ -42,7 +43,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     settings.password_hashing = PasswordHashing::Light;
     settings.template_stream_delay = Duration::from_millis(1);
     configure(&mut settings);
-    let state = apex_server::build_state(settings)
+    let state = apex_server::build_state(settings.clone())
         .await
         .expect("server state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -54,6 +55,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         let _ = rx.await;
     }));
     TestApp {
+        settings,
         address: format!("http://127.0.0.1:{port}"),
         ws_address: format!("ws://127.0.0.1:{port}/ws"),
         http: reqwest::Client::new(),
@@ -164,7 +166,8 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
-    pub async fn shutdown(mut self) {
+    /// Triggers graceful shutdown and waits for `serve` to return.
+    pub async fn shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -4,6 +4,7 @@ mod auth;
 mod golden_path;
 mod helpers;
 mod isolation;
+mod lifecycle;
 mod no_global_state;
 mod threads;
 mod usage;

@@ -1,0 +1,131 @@
+//! The real `apex` binary: `apex serve` on port 0, `apex chat` shows a full run live,
+//! SIGTERM shuts the server down cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(data_dir: &std::path::Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("APEX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start apex serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    assert!(
+        address.starts_with("http://127.0.0.1:") && !address.ends_with(":0"),
+        "{address}"
+    );
+    Server { child, address }
+}
+
+#[test]
+fn serve_and_chat_show_a_full_run_then_sigterm_stops_the_server() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(data_dir.path());
+    assert!(data_dir.path().join("apex.db").exists());
+    assert!(data_dir.path().join("jwt_secret").exists());
+
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "chat",
+            "--server",
+            &server.address,
+            "--register",
+            "--email",
+            "cli@example.com",
+        ])
+        .args(["--message", "How can I reduce my LLM costs?"])
+        .env("APEX_PASSWORD", "a long enough password")
+        .output()
+        .expect("run apex chat");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "chat failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for agent in ["triage", "data", "optimization", "actions", "reporting"] {
+        assert!(
+            stdout.contains(&format!("▶ {agent}")),
+            "{agent} start shown:\n{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("✔ {agent} completed")),
+            "{agent} end shown:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("⚙ usage_summary"), "{stdout}");
+    assert!(stdout.contains("You could save about $"), "{stdout}");
+    assert!(stdout.contains("— run completed"), "{stdout}");
+
+    // A wrong password is a clear error, not a crash.
+    let denied = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "chat",
+            "--server",
+            &server.address,
+            "--email",
+            "cli@example.com",
+            "--message",
+            "hi",
+        ])
+        .env("APEX_PASSWORD", "wrong password")
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("invalid_credentials"));
+
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "apex serve exited with {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "apex serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_reports_a_bad_bind_address_clearly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["serve", "--bind", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--bind"));
+}
