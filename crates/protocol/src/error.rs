@@ -31,6 +31,9 @@ pub mod codes {
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    pub const TOO_MANY_RUNS: &str = "too_many_runs";
+    pub const THREAD_BUSY: &str = "thread_busy";
+    pub const RATE_LIMITED: &str = "rate_limited";
     pub const INTERNAL: &str = "internal_error";
 }
 
@@ -44,6 +47,10 @@ pub mod ws_codes {
     pub const RUN_NOT_FOUND: &str = "RUN_NOT_FOUND";
     pub const RUN_NOT_ACTIVE: &str = "RUN_NOT_ACTIVE";
     pub const SERVER_SHUTTING_DOWN: &str = "SERVER_SHUTTING_DOWN";
+    pub const TOO_MANY_RUNS: &str = "TOO_MANY_RUNS";
+    pub const THREAD_BUSY: &str = "THREAD_BUSY";
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    pub const TOO_MANY_CONNECTIONS: &str = "TOO_MANY_CONNECTIONS";
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
 }
 

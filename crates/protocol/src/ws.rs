@@ -59,6 +59,9 @@ pub enum ControlFrame {
     ErrorMessage {
         error_code: String,
         error_message: String,
+        /// With `RATE_LIMITED`: how long to wait before trying again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
         timestamp: String,
     },
 }

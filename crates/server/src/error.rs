@@ -19,6 +19,13 @@ pub enum ApiError {
         code: &'static str,
         message: String,
     },
+    /// 429 with a `Retry-After` header.
+    #[error("{message}")]
+    Limited {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+    },
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -62,7 +69,16 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let mut retry_after = None;
         let (status, code, message) = match self {
+            ApiError::Limited {
+                code,
+                message,
+                retry_after: wait,
+            } => {
+                retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+                (StatusCode::TOO_MANY_REQUESTS, code, message)
+            }
             ApiError::Client {
                 status,
                 code,
@@ -83,6 +99,12 @@ impl IntoResponse for ApiError {
                 message,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }

@@ -20,6 +20,7 @@
 //!   user-scoped handle through which all user data is read and written.
 //! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait and the
 //!   deterministic template writer.
+//! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
 //! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
 
 pub mod agents;
@@ -30,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod ids;
+pub mod limits;
 pub mod llm;
 pub mod runs;
 pub mod settings;
@@ -131,6 +133,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         infra: Arc::new(infra),
         auth: Arc::new(auth),
         runs: Arc::new(ActiveRuns::default()),
+        limits: Arc::new(limits::Limits::new(settings.limits.clone())),
         settings: Arc::new(settings),
     })
 }
@@ -169,14 +172,17 @@ pub async fn serve(
     let app = http::app(state.clone());
     let lifecycle = state.infra.lifecycle.clone();
     let draining = lifecycle.draining.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new runs; telling connected clients");
-            draining.cancel();
-        })
-        .await
-        .context("serving HTTP")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new runs; telling connected clients");
+        draining.cancel();
+    })
+    .await
+    .context("serving HTTP")?;
     // The listener is closed; upgraded WebSocket connections live on in their own tasks.
     if !runs_drained(&state.runs, state.settings.shutdown_grace).await {
         tracing::warn!(

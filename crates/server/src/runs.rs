@@ -30,6 +30,9 @@ struct ActiveRun {
     cancel: CancellationToken,
     /// Start order, to find a user's most recent run.
     started: u64,
+    /// The run has decided its outcome and is only writing its last events: it no longer
+    /// counts against limits and can no longer be stopped.
+    finishing: bool,
 }
 
 #[derive(Default)]
@@ -48,13 +51,43 @@ pub enum StopOutcome {
     NotFound,
 }
 
+/// Why a run could not be reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveError {
+    TooManyRuns,
+    ThreadBusy,
+}
+
 impl ActiveRuns {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<RunId, ActiveRun>)> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, run: RunId, owner: UserId, thread: ThreadId, cancel: CancellationToken) {
+    /// Checks the owner's limits and registers the run, atomically: two messages arriving
+    /// together cannot both take the last slot.
+    fn try_reserve(
+        &self,
+        run: RunId,
+        owner: UserId,
+        thread: ThreadId,
+        cancel: CancellationToken,
+        max_per_user: usize,
+    ) -> Result<(), ReserveError> {
         let mut guard = self.lock();
+        let mine = guard
+            .1
+            .values()
+            .filter(|r| r.owner == owner && !r.finishing);
+        let mut running = 0;
+        for existing in mine {
+            if existing.thread == thread {
+                return Err(ReserveError::ThreadBusy);
+            }
+            running += 1;
+        }
+        if running >= max_per_user {
+            return Err(ReserveError::TooManyRuns);
+        }
         guard.0 += 1;
         let started = guard.0;
         guard.1.insert(
@@ -64,8 +97,10 @@ impl ActiveRuns {
                 thread,
                 cancel,
                 started,
+                finishing: false,
             },
         );
+        Ok(())
     }
 
     /// Cancels every running run of `owner` on `thread` (before the thread is deleted).
@@ -75,12 +110,18 @@ impl ActiveRuns {
         for run in guard
             .1
             .values()
-            .filter(|r| r.owner == owner && r.thread == thread)
+            .filter(|r| r.owner == owner && r.thread == thread && !r.finishing)
         {
             run.cancel.cancel();
             cancelled += 1;
         }
         cancelled
+    }
+
+    fn mark_finishing(&self, run: RunId) {
+        if let Some(active) = self.lock().1.get_mut(&run) {
+            active.finishing = true;
+        }
     }
 
     fn remove(&self, run: RunId) {
@@ -90,7 +131,7 @@ impl ActiveRuns {
     /// Cancels `run` if it is running and belongs to `owner`.
     pub fn cancel(&self, owner: UserId, run: RunId) -> bool {
         match self.lock().1.get(&run) {
-            Some(active) if active.owner == owner => {
+            Some(active) if active.owner == owner && !active.finishing => {
                 active.cancel.cancel();
                 true
             }
@@ -103,15 +144,19 @@ impl ActiveRuns {
         self.lock()
             .1
             .iter()
-            .filter(|(_, r)| r.owner == owner)
+            .filter(|(_, r)| r.owner == owner && !r.finishing)
             .max_by_key(|(_, r)| r.started)
             .map(|(id, _)| *id)
     }
 
     pub fn is_active(&self, owner: UserId, run: RunId) -> bool {
-        self.lock().1.get(&run).is_some_and(|r| r.owner == owner)
+        self.lock()
+            .1
+            .get(&run)
+            .is_some_and(|r| r.owner == owner && !r.finishing)
     }
 
+    /// Runs whose task has not ended yet (finishing ones included).
     pub fn len(&self) -> usize {
         self.lock().1.len()
     }
@@ -121,13 +166,21 @@ impl ActiveRuns {
     }
 }
 
-/// Removes the run from [`ActiveRuns`] when its task ends, even by panic.
-struct Deregister {
+/// A run's registration in [`ActiveRuns`]. The supervisor releases the run's limits
+/// before its terminal event goes out (so a client that sees the end can start the next
+/// run on the same thread at once); the entry itself goes when the task ends, even by panic.
+pub struct RunSlot {
     runs: Arc<ActiveRuns>,
     run: RunId,
 }
 
-impl Drop for Deregister {
+impl RunSlot {
+    pub fn release_limits(&self) {
+        self.runs.mark_finishing(self.run);
+    }
+}
+
+impl Drop for RunSlot {
     fn drop(&mut self) {
         self.runs.remove(self.run);
     }
@@ -139,6 +192,12 @@ pub enum StartRunError {
     ThreadNotFound,
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("too many runs at once")]
+    TooManyRuns,
+    #[error("the thread already has a run in progress")]
+    ThreadBusy,
+    #[error("rate limited")]
+    RateLimited(std::time::Duration),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -150,7 +209,8 @@ pub struct StartedRun {
     pub message_id: MessageId,
 }
 
-/// Stores `text` as the user's message in `thread` (which must be theirs) and starts a run.
+/// Stores `text` as the user's message in `thread` (which must be theirs) and starts a run,
+/// within the user's limits: message rate, concurrent runs, one run per thread.
 pub async fn start_run(
     state: &AppState,
     user: &AuthenticatedUser,
@@ -162,8 +222,38 @@ pub async fn start_run(
         return Err(StartRunError::ShuttingDown);
     }
     let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
-    let now = now_ms();
+    // Unknown or foreign threads are answered before limits are spent on them.
+    if store.get_thread(thread).await?.is_none() {
+        return Err(StartRunError::ThreadNotFound);
+    }
+    state
+        .limits
+        .check_message(user.user_id())
+        .map_err(StartRunError::RateLimited)?;
+
     let run_id = RunId::generate();
+    let ctx =
+        UserExecutionContext::new(user, thread, run_id, request_id, state.settings.run_timeout);
+    state
+        .runs
+        .try_reserve(
+            run_id,
+            user.user_id(),
+            thread,
+            ctx.cancellation().clone(),
+            state.limits.settings.max_concurrent_runs_per_user,
+        )
+        .map_err(|e| match e {
+            ReserveError::TooManyRuns => StartRunError::TooManyRuns,
+            ReserveError::ThreadBusy => StartRunError::ThreadBusy,
+        })?;
+    // From here on the slot is ours; dropping it (on any early return) frees it.
+    let slot = RunSlot {
+        runs: Arc::clone(&state.runs),
+        run: run_id,
+    };
+
+    let now = now_ms();
     let message = MessageRecord {
         id: MessageId::generate(),
         thread_id: thread,
@@ -188,26 +278,10 @@ pub async fn start_run(
         })
         .await?;
 
-    let ctx =
-        UserExecutionContext::new(user, thread, run_id, request_id, state.settings.run_timeout);
-    let factory = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra));
-    state.runs.insert(
-        run_id,
-        user.user_id(),
-        thread,
-        factory.context().cancellation().clone(),
-    );
-    let instance = factory.build(text);
-    let deregister = Deregister {
-        runs: Arc::clone(&state.runs),
-        run: run_id,
-    };
+    let instance = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra)).build(text, slot);
     let span = tracing::info_span!("run", %run_id, %request_id);
     tokio::spawn(tracing::Instrument::instrument(
-        async move {
-            let _deregister = deregister;
-            supervisor::execute(instance).await;
-        },
+        supervisor::execute(instance),
         span,
     ));
     Ok(StartedRun {

@@ -66,6 +66,8 @@ pub struct Settings {
     pub template_stream_delay: Duration,
     /// On shutdown, how long running runs may continue before they end `interrupted`.
     pub shutdown_grace: Duration,
+    /// Per-user fairness limits.
+    pub limits: crate::limits::LimitSettings,
 }
 
 impl Settings {
@@ -84,6 +86,7 @@ impl Settings {
             ticket_ttl: Duration::from_secs(60),
             template_stream_delay: Duration::from_millis(15),
             shutdown_grace: Duration::from_secs(10),
+            limits: crate::limits::LimitSettings::default(),
         }
     }
 

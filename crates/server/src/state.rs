@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::events::EventBus;
+use crate::limits::Limits;
 use crate::llm::LlmProvider;
 use crate::runs::ActiveRuns;
 use crate::settings::Settings;
@@ -50,5 +51,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Cancellation handles of the runs executing in this process.
     pub runs: Arc<ActiveRuns>,
+    /// Per-user rate limits and connection caps (counters only).
+    pub limits: Arc<Limits>,
     pub settings: Arc<Settings>,
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::{actions, data, optimization, reporting, triage, Agent, AgentContext};
 use crate::context::UserExecutionContext;
 use crate::events::UserEmitter;
+use crate::runs::RunSlot;
 use crate::state::Infrastructure;
 use crate::store::UserStore;
 
@@ -25,6 +26,8 @@ pub struct RunInstance {
     pub request: String,
     /// Server shutdown: ends the run as `interrupted`.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The run's registration among running runs; released as the run finishes.
+    pub slot: RunSlot,
 }
 
 impl AgentInstanceFactory {
@@ -35,11 +38,7 @@ impl AgentInstanceFactory {
         }
     }
 
-    pub fn context(&self) -> &UserExecutionContext {
-        &self.ctx
-    }
-
-    pub fn build(self, request: String) -> RunInstance {
+    pub fn build(self, request: String, slot: RunSlot) -> RunInstance {
         let emitter = UserEmitter::new(
             &self.ctx,
             Arc::clone(&self.infra.store),
@@ -64,6 +63,7 @@ impl AgentInstanceFactory {
             agents,
             request,
             shutdown: self.infra.lifecycle.interrupt_runs.clone(),
+            slot,
         }
     }
 }

@@ -19,6 +19,7 @@ use super::reporting::build_report;
 use super::{Agent, AgentContext, AgentError, RunInstance, RunState};
 use crate::clock::now_ms;
 use crate::ids::MessageId;
+use crate::runs::RunSlot;
 use crate::store::MessageRecord;
 
 enum Outcome {
@@ -100,6 +101,7 @@ pub async fn execute(run: RunInstance) -> RunStatus {
         agents,
         request,
         shutdown,
+        slot,
     } = run;
     let started = Instant::now();
     let run_id = cx.ctx.run_id();
@@ -147,11 +149,12 @@ pub async fn execute(run: RunInstance) -> RunStatus {
             },
         }
     };
-    finish(&cx, state, outcome, started).await
+    finish(&cx, &slot, state, outcome, started).await
 }
 
 async fn finish(
     cx: &AgentContext,
+    slot: &RunSlot,
     state: RunState,
     outcome: Outcome,
     started: Instant,
@@ -230,6 +233,9 @@ async fn finish(
     {
         tracing::error!(%run_id, error = %err, "could not store the run's final status");
     }
+    // The outcome is decided and stored: the user may start the next run on this thread
+    // as soon as they see the terminal event.
+    slot.release_limits();
     let terminal = EventBody::RunFinished {
         status,
         final_response: state.answer,

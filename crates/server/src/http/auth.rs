@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
-use super::ApiJson;
+use super::{ApiJson, ClientAddress};
 use crate::auth::{AuthError, AuthUser};
 use crate::clock::now_ms;
 use crate::error::ApiError;
@@ -56,8 +56,19 @@ pub async fn register(
 
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Json<TokenPair>, ApiError> {
+    // Throttled per account and per address, whether the attempt succeeds or not, so
+    // guessing passwords is slow even across many accounts.
+    state
+        .limits
+        .check_login(&body.email, address)
+        .map_err(|retry_after| ApiError::Limited {
+            code: codes::RATE_LIMITED,
+            message: "too many login attempts; try again later".into(),
+            retry_after,
+        })?;
     Ok(Json(state.auth.login(&body.email, &body.password).await?))
 }
 

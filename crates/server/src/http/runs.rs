@@ -58,6 +58,24 @@ pub async fn start(
             }),
         )),
         Err(StartRunError::ThreadNotFound) => Err(ApiError::not_found("thread")),
+        Err(StartRunError::TooManyRuns) => Err(ApiError::client(
+            StatusCode::TOO_MANY_REQUESTS,
+            codes::TOO_MANY_RUNS,
+            format!(
+                "at most {} runs at once; wait for one to finish",
+                state.limits.settings.max_concurrent_runs_per_user
+            ),
+        )),
+        Err(StartRunError::ThreadBusy) => Err(ApiError::client(
+            StatusCode::CONFLICT,
+            codes::THREAD_BUSY,
+            "this thread already has a run in progress",
+        )),
+        Err(StartRunError::RateLimited(retry_after)) => Err(ApiError::Limited {
+            code: codes::RATE_LIMITED,
+            message: "too many messages; slow down".into(),
+            retry_after,
+        }),
         Err(StartRunError::ShuttingDown) => Err(ApiError::client(
             StatusCode::SERVICE_UNAVAILABLE,
             codes::SHUTTING_DOWN,

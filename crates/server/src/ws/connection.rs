@@ -22,6 +22,7 @@ use crate::events::BusEvent;
 use crate::http::runs::validate_message;
 use crate::http::threads::{create_thread, message_view};
 use crate::ids::{RequestId, RunId, ThreadId};
+use crate::limits::ConnectionGuard;
 use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
 use crate::state::AppState;
 use crate::store::UserStore;
@@ -46,11 +47,19 @@ enum Exit {
     Close(u16, &'static str),
 }
 
-pub async fn serve(socket: WebSocket, state: AppState, user: AuthenticatedUser) {
+/// Serves one authenticated connection; `slot` is the user's connection slot, freed when
+/// this returns.
+pub async fn serve(
+    socket: WebSocket,
+    state: AppState,
+    user: AuthenticatedUser,
+    slot: ConnectionGuard,
+) {
     let connection_id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("ws", %connection_id);
     tracing::Instrument::instrument(serve_connection(socket, state, user, connection_id), span)
-        .await
+        .await;
+    drop(slot);
 }
 
 async fn serve_connection(
@@ -177,6 +186,7 @@ impl Connection {
         self.send_control(&ControlFrame::ErrorMessage {
             error_code: code.to_string(),
             error_message: message.into(),
+            retry_after_ms: None,
             timestamp: now_rfc3339(),
         })
         .await
@@ -349,6 +359,30 @@ impl Connection {
             Err(StartRunError::ThreadNotFound) => {
                 self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
                     .await
+            }
+            Err(StartRunError::TooManyRuns) => {
+                let max = self.state.limits.settings.max_concurrent_runs_per_user;
+                self.send_error(
+                    ws_codes::TOO_MANY_RUNS,
+                    format!("at most {max} runs at once; wait for one to finish"),
+                )
+                .await
+            }
+            Err(StartRunError::ThreadBusy) => {
+                self.send_error(
+                    ws_codes::THREAD_BUSY,
+                    "this thread already has a run in progress; wait for it or stop it",
+                )
+                .await
+            }
+            Err(StartRunError::RateLimited(wait)) => {
+                self.send_control(&ControlFrame::ErrorMessage {
+                    error_code: ws_codes::RATE_LIMITED.into(),
+                    error_message: "too many messages; slow down".into(),
+                    retry_after_ms: Some(wait.as_millis() as u64),
+                    timestamp: now_rfc3339(),
+                })
+                .await
             }
             Err(StartRunError::ShuttingDown) => {
                 self.send_error(

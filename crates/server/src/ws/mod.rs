@@ -108,20 +108,36 @@ pub async fn upgrade(
         ),
     };
     match outcome {
-        Ok(user) => ws.on_upgrade(move |socket| connection::serve(socket, state, user)),
+        Ok(user) => match state.limits.open_connection(user.user_id()) {
+            Some(slot) => ws.on_upgrade(move |socket| connection::serve(socket, state, user, slot)),
+            None => ws.on_upgrade(move |socket| {
+                reject(
+                    socket,
+                    ws_codes::TOO_MANY_CONNECTIONS,
+                    "too many connections for this user",
+                )
+            }),
+        },
         Err((err, reason)) => {
             if let AuthError::Internal(inner) = &err {
                 tracing::error!(error = %format!("{inner:#}"), "websocket authentication failed internally");
             }
-            ws.on_upgrade(move |socket| reject(socket, reason))
+            ws.on_upgrade(move |socket| reject(socket, ws_codes::AUTH_FAILED, reason))
         }
     }
 }
 
-async fn reject(mut socket: WebSocket, reason: &'static str) {
+/// Refuses a connection: an `error_message` frame, then close 1008 with `reason`.
+async fn reject(mut socket: WebSocket, code: &'static str, reason: &'static str) {
+    let message = if code == ws_codes::AUTH_FAILED {
+        format!("authentication failed: {reason}")
+    } else {
+        reason.to_string()
+    };
     let frame = ControlFrame::ErrorMessage {
-        error_code: ws_codes::AUTH_FAILED.into(),
-        error_message: format!("authentication failed: {reason}"),
+        error_code: code.into(),
+        error_message: message,
+        retry_after_ms: None,
         timestamp: now_rfc3339(),
     };
     if let Ok(text) = serde_json::to_string(&frame) {

@@ -5,6 +5,7 @@ mod golden_path;
 mod helpers;
 mod isolation;
 mod lifecycle;
+mod limits;
 mod no_global_state;
 mod threads;
 mod usage;

@@ -1,0 +1,222 @@
+//! Fair limits: per-user rate limits, connection caps and login throttling.
+//!
+//! These are the only shared structures keyed by user: they hold counters, never user
+//! data, and every entry disappears when it is no longer needed (a connection guard drops
+//! its count; a rate bucket that refilled completely is pruned). Limits count across all of
+//! a user's connections and requests, because the key is the authenticated user id, not
+//! the connection. (Concurrent-run and busy-thread limits live with the running runs, in
+//! `runs::ActiveRuns`, where the check and the reservation happen under one lock.)
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::ids::UserId;
+
+/// Configured limits; defaults are documented in `docs/isolation.md`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSettings {
+    /// Runs one user may have executing at once; more get `TOO_MANY_RUNS`.
+    pub max_concurrent_runs_per_user: usize,
+    /// Run-starting messages per user per minute (WebSocket and REST together).
+    pub messages_per_minute: u32,
+    /// How many messages may arrive at once before the per-minute rate applies.
+    pub message_burst: u32,
+    /// Open WebSocket connections per user.
+    pub max_connections_per_user: usize,
+    /// Login attempts per account per 5 minutes.
+    pub login_attempts_per_account: u32,
+    /// Login attempts per client address per 5 minutes.
+    pub login_attempts_per_address: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_runs_per_user: 3,
+            messages_per_minute: 30,
+            message_burst: 10,
+            max_connections_per_user: 10,
+            login_attempts_per_account: 10,
+            login_attempts_per_address: 100,
+        }
+    }
+}
+
+/// A token bucket per key: `burst` tokens, refilled at `per_second`.
+struct RateLimiter<K> {
+    burst: f64,
+    per_second: f64,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
+}
+
+/// How many buckets may exist before full ones are pruned.
+const PRUNE_AT: usize = 4096;
+
+impl<K: Eq + Hash + Clone> RateLimiter<K> {
+    fn new(burst: u32, per: Duration, count: u32) -> Self {
+        Self {
+            burst: f64::from(burst.max(1)),
+            per_second: f64::from(count.max(1)) / per.as_secs_f64(),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token, or says how long until one is available.
+    fn check(&self, key: &K) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= PRUNE_AT {
+            let (burst, rate) = (self.burst, self.per_second);
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = buckets.entry(key.clone()).or_insert((self.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+        }
+    }
+}
+
+/// All limiters of one server.
+pub struct Limits {
+    pub settings: LimitSettings,
+    messages: RateLimiter<UserId>,
+    login_by_account: RateLimiter<String>,
+    login_by_address: RateLimiter<std::net::IpAddr>,
+    /// Open connections per user; an entry exists only while the user has one.
+    connections: Arc<Mutex<HashMap<UserId, usize>>>,
+}
+
+const LOGIN_WINDOW: Duration = Duration::from_secs(300);
+
+impl Limits {
+    pub fn new(settings: LimitSettings) -> Self {
+        Self {
+            messages: RateLimiter::new(
+                settings.message_burst,
+                Duration::from_secs(60),
+                settings.messages_per_minute,
+            ),
+            login_by_account: RateLimiter::new(
+                settings.login_attempts_per_account,
+                LOGIN_WINDOW,
+                settings.login_attempts_per_account,
+            ),
+            login_by_address: RateLimiter::new(
+                settings.login_attempts_per_address,
+                LOGIN_WINDOW,
+                settings.login_attempts_per_address,
+            ),
+            connections: Arc::new(Mutex::new(HashMap::new())),
+            settings,
+        }
+    }
+
+    /// A run-starting message from `user`; `Err(retry_after)` when over the rate.
+    pub fn check_message(&self, user: UserId) -> Result<(), Duration> {
+        self.messages.check(&user)
+    }
+
+    /// A login attempt for `email` from `address`.
+    pub fn check_login(
+        &self,
+        email: &str,
+        address: Option<std::net::IpAddr>,
+    ) -> Result<(), Duration> {
+        if let Some(address) = address {
+            self.login_by_address.check(&address)?;
+        }
+        self.login_by_account
+            .check(&email.trim().to_ascii_lowercase())
+    }
+
+    /// Registers a connection of `user`; `None` when they already have the maximum.
+    pub fn open_connection(&self, user: UserId) -> Option<ConnectionGuard> {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let count = connections.entry(user).or_insert(0);
+        if *count >= self.settings.max_connections_per_user {
+            if *count == 0 {
+                connections.remove(&user);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionGuard {
+            user,
+            connections: Arc::clone(&self.connections),
+        })
+    }
+
+    /// Users with at least one open connection (for tests and metrics).
+    pub fn users_with_connections(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+/// Holds one connection slot of a user; dropping it frees the slot.
+pub struct ConnectionGuard {
+    user: UserId,
+    connections: Arc<Mutex<HashMap<UserId, usize>>>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = connections.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                connections.remove(&self.user);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_the_burst_then_asks_to_wait() {
+        let limiter = RateLimiter::new(3, Duration::from_secs(60), 60);
+        let key = "k".to_string();
+        for _ in 0..3 {
+            assert!(limiter.check(&key).is_ok());
+        }
+        let wait = limiter.check(&key).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(
+            limiter.check(&"other".to_string()).is_ok(),
+            "keys are independent"
+        );
+    }
+
+    #[test]
+    fn connection_slots_are_capped_and_released() {
+        let limits = Limits::new(LimitSettings {
+            max_connections_per_user: 2,
+            ..LimitSettings::default()
+        });
+        let user = UserId::generate();
+        let a = limits.open_connection(user).unwrap();
+        let _b = limits.open_connection(user).unwrap();
+        assert!(limits.open_connection(user).is_none());
+        drop(a);
+        assert!(limits.open_connection(user).is_some());
+        assert_eq!(limits.users_with_connections(), 1);
+    }
+}
