@@ -26,6 +26,59 @@ enum Command {
     /// Example: apex chat --register --email me@example.com
     ///          apex chat --email me@example.com --message "How can I reduce my LLM costs?"
     Chat(chat::ChatArgs),
+    /// Drive a running server with many simulated users and check isolation (loopback only).
+    ///
+    /// Example: apex loadgen --users 200 --connections 3 --runs 2 --chaos
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// Base URL of the server (must be a loopback address).
+    #[arg(long, env = "APEX_SERVER", default_value = "http://127.0.0.1:8000")]
+    server: String,
+    /// Simulated users.
+    #[arg(long, default_value_t = 50)]
+    users: usize,
+    /// Each user opens between 1 and this many connections.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Runs per user, one after another.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Upper bound on the whole load, in seconds.
+    #[arg(long, default_value_t = 120)]
+    duration: u64,
+    /// Seed of every random choice (printed, to reproduce a run).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Disconnect/resume, stop mid-run, invented thread ids, foreign run ids.
+    #[arg(long)]
+    chaos: bool,
+}
+
+async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
+    let config = apex_loadgen::LoadConfig {
+        base_url: args.server,
+        users: args.users,
+        max_connections_per_user: args.connections,
+        runs_per_user: args.runs,
+        seed: args.seed,
+        chaos: args.chaos,
+        max_duration: std::time::Duration::from_secs(args.duration),
+        ..apex_loadgen::LoadConfig::default()
+    };
+    let report = apex_loadgen::run(config).await?;
+    println!("{}", report.render());
+    for violation in report.violations.iter().take(20) {
+        println!("violation: {violation}");
+    }
+    anyhow::ensure!(
+        report.is_clean(),
+        "isolation or delivery problems found (seed {})",
+        report.seed
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -100,6 +153,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Chat(args) => chat::run(args).await,
+        Command::Loadgen(args) => loadgen(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

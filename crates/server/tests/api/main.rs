@@ -7,6 +7,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod no_global_state;
+mod stress;
 mod threads;
 mod usage;
 mod websocket;

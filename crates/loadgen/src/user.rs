@@ -1,0 +1,525 @@
+//! One simulated user: registration, connections, runs, chaos, and every check.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{LoadConfig, SharedRunIds};
+
+/// Longest wait for any one expected frame before the user counts an error.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connections may take to receive the terminal events they are owed at the end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+const PASSWORD: &str = "load generator password";
+
+type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+
+/// A registered user and the numbers their answers must contain.
+pub(crate) struct Account {
+    index: usize,
+    user_id: String,
+    token: String,
+    ws_url: String,
+    /// `total_cost_usd` of the user's own 30-day summary.
+    summary_total: f64,
+}
+
+impl Account {
+    pub(crate) async fn register(
+        http: &reqwest::Client,
+        config: &LoadConfig,
+        index: usize,
+    ) -> anyhow::Result<Account> {
+        let base = config.base_url.trim_end_matches('/');
+        let email = format!(
+            "loadgen-{}-{index}-{}@example.com",
+            config.seed,
+            uuid::Uuid::new_v4().simple()
+        );
+        let response = http
+            .post(format!("{base}/auth/register"))
+            .json(&json!({"email": email, "password": PASSWORD, "name": format!("load user {index}")}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("register answered {}", response.status());
+        }
+        let pair: Value = response.json().await?;
+        let token = pair["access_token"]
+            .as_str()
+            .context("access_token")?
+            .to_string();
+        let user_id = pair["user"]["id"].as_str().context("user.id")?.to_string();
+        let summary: Value = http
+            .get(format!("{base}/api/usage/summary?days=30"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(Account {
+            index,
+            user_id,
+            token,
+            ws_url: format!("{}/ws", base.replacen("http", "ws", 1)),
+            summary_total: summary["total_cost_usd"]
+                .as_f64()
+                .context("total_cost_usd")?,
+        })
+    }
+}
+
+/// What one user saw.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub connections: usize,
+    pub runs_started: usize,
+    pub runs_completed: usize,
+    pub runs_cancelled: usize,
+    pub runs_other: usize,
+    pub cross_user_frames: usize,
+    pub lost_events: usize,
+    pub duplicate_events: usize,
+    pub wrong_numbers: usize,
+    pub probe_failures: usize,
+    pub probes: usize,
+    pub errors: usize,
+    pub events_received: usize,
+    pub event_latency_ms: Vec<f64>,
+    pub time_to_first_event_ms: Vec<f64>,
+    pub run_duration_ms: Vec<f64>,
+    pub violations: Vec<String>,
+}
+
+struct Frame {
+    conn: usize,
+    value: Value,
+    received: chrono::DateTime<chrono::Utc>,
+}
+
+fn is_event(v: &Value) -> bool {
+    v.get("seq").is_some() && v.get("run_id").is_some()
+}
+
+fn is_terminal(v: &Value) -> bool {
+    v["type"] == "agent_completed" && v["agent_name"] == "supervisor"
+}
+
+struct Session<'a> {
+    account: &'a Account,
+    config: &'a LoadConfig,
+    rng: StdRng,
+    tx: mpsc::UnboundedSender<Frame>,
+    rx: mpsc::UnboundedReceiver<Frame>,
+    sinks: HashMap<usize, Sink>,
+    next_conn: usize,
+    /// (connection, run) → highest seq received.
+    seen: HashMap<(usize, String), u64>,
+    terminals: HashSet<(usize, String)>,
+    /// (run, thread) of every event received, checked against the user's own at the end.
+    event_ids: Vec<(String, String)>,
+    my_runs: HashSet<String>,
+    my_threads: HashSet<String>,
+    out: Outcome,
+}
+
+impl Session<'_> {
+    fn violation(&mut self, text: String) {
+        if self.out.violations.len() < 50 {
+            self.out
+                .violations
+                .push(format!("user {}: {text}", self.account.index));
+        }
+    }
+
+    async fn connect(&mut self) -> anyhow::Result<usize> {
+        let mut request = self.account.ws_url.as_str().into_client_request()?;
+        request.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {}", self.account.token).parse()?,
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        let (sink, mut stream) = socket.split();
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if let Message::Text(text) = message {
+                    let Ok(value) = serde_json::from_str::<Value>(&text) else {
+                        continue;
+                    };
+                    let frame = Frame {
+                        conn,
+                        value,
+                        received: chrono::Utc::now(),
+                    };
+                    if tx.send(frame).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        self.sinks.insert(conn, sink);
+        self.out.connections += 1;
+        let hello = self
+            .wait_for(conn, |v| v["type"] == "connection_established")
+            .await;
+        if hello.is_none() {
+            bail!("no connection_established");
+        }
+        Ok(conn)
+    }
+
+    async fn send(&mut self, conn: usize, frame: Value) {
+        let sent = match self.sinks.get_mut(&conn) {
+            Some(sink) => sink
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.out.errors += 1;
+            self.violation(format!("could not send on connection {conn}"));
+        }
+    }
+
+    async fn disconnect(&mut self, conn: usize) {
+        if let Some(mut sink) = self.sinks.remove(&conn) {
+            let _ = sink.close().await;
+        }
+    }
+
+    /// Checks one received frame against the user's identity and per-run ordering.
+    fn observe(&mut self, frame: &Frame) {
+        let v = &frame.value;
+        if !is_event(v) {
+            return;
+        }
+        self.out.events_received += 1;
+        if v["user_id"] != self.account.user_id.as_str() {
+            self.out.cross_user_frames += 1;
+            self.violation(format!("frame of another user: {v}"));
+            return;
+        }
+        let run = v["run_id"].as_str().unwrap_or_default().to_string();
+        let thread = v["thread_id"].as_str().unwrap_or_default().to_string();
+        let seq = v["seq"].as_u64().unwrap_or(0);
+        let last = self.seen.entry((frame.conn, run.clone())).or_insert(0);
+        if seq <= *last {
+            self.out.duplicate_events += 1;
+        } else {
+            *last = seq;
+        }
+        if let Some(sent) = v["timestamp"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        {
+            let ms = (frame.received - sent.with_timezone(&chrono::Utc)).num_microseconds();
+            self.out
+                .event_latency_ms
+                .push(ms.unwrap_or(0) as f64 / 1000.0);
+        }
+        if is_terminal(v) {
+            self.terminals.insert((frame.conn, run.clone()));
+        }
+        self.event_ids.push((run, thread));
+    }
+
+    async fn next_frame(&mut self) -> Option<Frame> {
+        match tokio::time::timeout(FRAME_TIMEOUT, self.rx.recv()).await {
+            Ok(Some(frame)) => {
+                self.observe(&frame);
+                Some(frame)
+            }
+            _ => {
+                self.out.errors += 1;
+                self.violation("timed out waiting for a frame".into());
+                None
+            }
+        }
+    }
+
+    /// Reads (and checks) frames until one on `conn` matches.
+    async fn wait_for(&mut self, conn: usize, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+        loop {
+            let frame = self.next_frame().await?;
+            if frame.conn == conn && matches(&frame.value) {
+                return Some(frame.value);
+            }
+        }
+    }
+
+    fn pick_connection(&mut self) -> usize {
+        let open: Vec<usize> = self.sinks.keys().copied().collect();
+        open[self.rng.gen_range(0..open.len())]
+    }
+
+    /// Another user's real run id must be unknown to us: `resume` and `stop_agent` fail.
+    async fn probe_foreign_run(&mut self, conn: usize, shared: &SharedRunIds) {
+        let Some(foreign) = shared.foreign(self.account.index) else {
+            return;
+        };
+        for frame in [
+            json!({"type": "resume", "run_id": foreign, "after_seq": 0}),
+            json!({"type": "stop_agent", "run_id": foreign}),
+        ] {
+            self.out.probes += 1;
+            self.send(conn, frame.clone()).await;
+            let reply = self.wait_for(conn, |v| v["type"] == "error_message").await;
+            if reply.as_ref().map(|r| r["error_code"].clone()) != Some(json!("RUN_NOT_FOUND")) {
+                self.out.probe_failures += 1;
+                self.violation(format!("foreign run probe {frame} answered {reply:?}"));
+            }
+        }
+    }
+
+    /// A thread id the user invented (and others may invent too) names nothing.
+    async fn probe_invented_thread(&mut self, conn: usize, run_index: usize) {
+        self.out.probes += 1;
+        let frame = json!({"type": "user_message", "text": "hello", "thread_id": format!("shared-thread-{run_index}")});
+        self.send(conn, frame).await;
+        let reply = self.wait_for(conn, |v| v["type"] == "error_message").await;
+        if reply.as_ref().map(|r| r["error_code"].clone()) != Some(json!("THREAD_NOT_FOUND")) {
+            self.out.probe_failures += 1;
+            self.violation(format!("invented thread answered {reply:?}"));
+        }
+    }
+
+    async fn one_run(&mut self, run_index: usize, shared: &SharedRunIds) {
+        let conn = self.pick_connection();
+        let chaos = self.config.chaos;
+        if chaos && self.rng.gen_bool(0.2) {
+            self.probe_invented_thread(conn, run_index).await;
+        }
+        let sent_at = Instant::now();
+        self.send(
+            conn,
+            json!({"type": "user_message", "text": self.config.question}),
+        )
+        .await;
+        let Some(accepted) = self
+            .wait_for(conn, |v| {
+                v["type"] == "run_accepted" || v["type"] == "error_message"
+            })
+            .await
+        else {
+            return;
+        };
+        if accepted["type"] == "error_message" {
+            self.out.errors += 1;
+            self.violation(format!("message refused: {accepted}"));
+            return;
+        }
+        let run_id = accepted["run_id"].as_str().unwrap_or_default().to_string();
+        self.my_runs.insert(run_id.clone());
+        self.my_threads.insert(
+            accepted["thread_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        shared.add(self.account.index, run_id.clone());
+        self.out.runs_started += 1;
+
+        // 0: follow the run; 1: drop the connection and resume elsewhere; 2: stop it.
+        let action = if !chaos {
+            0
+        } else {
+            match self.rng.gen_range(0..100) {
+                0..=19 => 1,
+                20..=34 => 2,
+                _ => 0,
+            }
+        };
+        let action_at = self.rng.gen_range(2..20);
+        let mut followed = conn;
+        let mut last = 0u64;
+        let mut stop_sent = false;
+        let terminal = loop {
+            let Some(frame) = self.next_frame().await else {
+                return;
+            };
+            let v = &frame.value;
+            if frame.conn != followed || !is_event(v) || v["run_id"] != run_id.as_str() {
+                continue;
+            }
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            if seq <= last {
+                continue;
+            }
+            if seq != last + 1 {
+                self.out.lost_events += (seq - last - 1) as usize;
+                self.violation(format!("run {run_id}: gap from {last} to {seq}"));
+            }
+            last = seq;
+            if seq == 1 {
+                self.out
+                    .time_to_first_event_ms
+                    .push(sent_at.elapsed().as_secs_f64() * 1000.0);
+            }
+            if is_terminal(v) {
+                break frame.value;
+            }
+            if action == 1 && seq == action_at {
+                self.disconnect(followed).await;
+                match self.connect().await {
+                    Ok(new) => followed = new,
+                    Err(err) => {
+                        self.out.errors += 1;
+                        self.violation(format!("reconnect failed: {err:#}"));
+                        return;
+                    }
+                }
+                self.send(
+                    followed,
+                    json!({"type": "resume", "run_id": run_id, "after_seq": last}),
+                )
+                .await;
+            } else if action == 2 && seq == action_at {
+                self.send(followed, json!({"type": "stop_agent", "run_id": run_id}))
+                    .await;
+                stop_sent = true;
+            }
+        };
+        self.out
+            .run_duration_ms
+            .push(sent_at.elapsed().as_secs_f64() * 1000.0);
+        match terminal["status"].as_str() {
+            Some("completed") => {
+                self.out.runs_completed += 1;
+                let reported = terminal["payload"]["result"]["usage"]["total_cost_usd"].as_f64();
+                if reported != Some(self.account.summary_total) {
+                    self.out.wrong_numbers += 1;
+                    self.violation(format!(
+                        "run {run_id}: answer says {reported:?}, summary says {}",
+                        self.account.summary_total
+                    ));
+                }
+            }
+            Some("cancelled") if stop_sent => self.out.runs_cancelled += 1,
+            other => {
+                self.out.runs_other += 1;
+                self.violation(format!(
+                    "run {run_id} ended {other:?} (stop sent: {stop_sent})"
+                ));
+            }
+        }
+        if chaos && self.rng.gen_bool(0.3) {
+            self.probe_foreign_run(followed, shared).await;
+        }
+    }
+
+    /// Every open connection must receive the terminal event of every run it saw.
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let owed = self
+                .seen
+                .keys()
+                .filter(|(conn, _)| self.sinks.contains_key(conn))
+                .filter(|key| !self.terminals.contains(*key))
+                .count();
+            if owed == 0 {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some(frame)) => self.observe(&frame),
+                _ => {
+                    self.out.lost_events += owed;
+                    self.violation(format!(
+                        "{owed} connection(s) never got their terminal event"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check_ownership(&mut self) {
+        let foreign: Vec<(String, String)> = self
+            .event_ids
+            .iter()
+            .filter(|(run, thread)| {
+                !self.my_runs.contains(run) || !self.my_threads.contains(thread)
+            })
+            .cloned()
+            .collect();
+        for (run, thread) in foreign {
+            self.out.cross_user_frames += 1;
+            self.violation(format!(
+                "event of run {run} / thread {thread} that is not this user's"
+            ));
+        }
+    }
+}
+
+pub(crate) async fn simulate(
+    account: Account,
+    config: &LoadConfig,
+    shared: &SharedRunIds,
+    barrier: Arc<tokio::sync::Barrier>,
+    deadline: Instant,
+) -> Outcome {
+    let seed = config.seed ^ (account.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut session = Session {
+        account: &account,
+        config,
+        rng: StdRng::seed_from_u64(seed),
+        tx,
+        rx,
+        sinks: HashMap::new(),
+        next_conn: 0,
+        seen: HashMap::new(),
+        terminals: HashSet::new(),
+        event_ids: Vec::new(),
+        my_runs: HashSet::new(),
+        my_threads: HashSet::new(),
+        out: Outcome::default(),
+    };
+    let connections = session
+        .rng
+        .gen_range(1..=config.max_connections_per_user.max(1));
+    let mut connected = true;
+    for _ in 0..connections {
+        if let Err(err) = session.connect().await {
+            session.out.errors += 1;
+            session.violation(format!("connect failed: {err:#}"));
+            connected = false;
+            break;
+        }
+    }
+    // Everyone starts together, so runs really overlap.
+    barrier.wait().await;
+    if connected {
+        for run_index in 0..config.runs_per_user {
+            if Instant::now() >= deadline {
+                break;
+            }
+            session.one_run(run_index, shared).await;
+        }
+        session.drain().await;
+    }
+    session.check_ownership();
+    let open: Vec<usize> = session.sinks.keys().copied().collect();
+    for conn in open {
+        session.disconnect(conn).await;
+    }
+    session.out
+}
