@@ -92,6 +92,20 @@ struct ServeArgs {
     /// Do not give new accounts 30 days of demo usage data.
     #[arg(long, env = "APEX_NO_DEMO_DATA")]
     no_demo_data: bool,
+    /// Browser origin allowed to call the API and open the WebSocket (repeatable, or
+    /// comma-separated in the variable). None by default.
+    #[arg(
+        long = "cors-origin",
+        env = "APEX_CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
+    /// A development deployment (reported by /auth/config; needed by --dev-login).
+    #[arg(long, env = "APEX_DEVELOPMENT_MODE")]
+    development_mode: bool,
+    /// Enable POST /auth/dev/login (log in or register in one call). Development only.
+    #[arg(long, env = "APEX_DEV_LOGIN", requires = "development_mode")]
+    dev_login: bool,
     /// Log format: `human` or `json`.
     #[arg(long, env = "APEX_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -137,6 +151,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format)?;
     let mut settings = apex_server::settings::Settings::embedded(&args.data_dir);
     settings.demo_data = !args.no_demo_data;
+    settings.cors_allowed_origins = args.cors_origins;
+    settings.development_mode = args.development_mode;
+    settings.dev_login = args.dev_login;
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;

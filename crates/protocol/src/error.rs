@@ -34,6 +34,7 @@ pub mod codes {
     pub const TOO_MANY_RUNS: &str = "too_many_runs";
     pub const THREAD_BUSY: &str = "thread_busy";
     pub const RATE_LIMITED: &str = "rate_limited";
+    pub const ORIGIN_NOT_ALLOWED: &str = "origin_not_allowed";
     pub const INTERNAL: &str = "internal_error";
 }
 

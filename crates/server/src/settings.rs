@@ -68,6 +68,13 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Per-user fairness limits.
     pub limits: crate::limits::LimitSettings,
+    /// Browser origins allowed to call the API with credentials (CORS) and to open the
+    /// WebSocket. Empty: no cross-origin access.
+    pub cors_allowed_origins: Vec<String>,
+    /// A development deployment: enables `dev_login` and reports itself in `/auth/config`.
+    pub development_mode: bool,
+    /// `POST /auth/dev/login` (log in or register in one call); needs `development_mode`.
+    pub dev_login: bool,
 }
 
 impl Settings {
@@ -87,6 +94,9 @@ impl Settings {
             template_stream_delay: Duration::from_millis(15),
             shutdown_grace: Duration::from_secs(10),
             limits: crate::limits::LimitSettings::default(),
+            cors_allowed_origins: Vec::new(),
+            development_mode: false,
+            dev_login: false,
         }
     }
 

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
 use super::{ApiJson, ClientAddress};
-use crate::auth::{AuthError, AuthUser};
+use crate::auth::{AuthError, AuthUser, AuthenticatedUser};
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -46,12 +46,18 @@ pub async fn register(
         .auth
         .register(&body.email, &body.password, body.name.as_deref())
         .await?;
+    give_demo_data(&state, &user).await?;
+    Ok((StatusCode::CREATED, Json(pair)))
+}
+
+/// With `demo_data` on, a new account gets 30 days of generated usage.
+pub async fn give_demo_data(state: &AppState, user: &AuthenticatedUser) -> Result<(), ApiError> {
     if state.settings.demo_data {
-        let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+        let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
         let rows = demo::generate(user.user_id(), now_ms(), &state.infra.pricing);
         store.insert_usage(&rows).await?;
     }
-    Ok((StatusCode::CREATED, Json(pair)))
+    Ok(())
 }
 
 pub async fn login(

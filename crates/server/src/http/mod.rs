@@ -4,6 +4,7 @@
 //! user-scoped and reach data only through a `UserStore` built from it.
 
 mod auth;
+mod compat;
 mod health;
 pub(crate) mod runs;
 pub(crate) mod threads;
@@ -32,6 +33,10 @@ pub fn app(state: AppState) -> Router {
         .route("/auth/logout", post(auth::logout))
         .route("/auth/me", get(auth::me))
         .route("/api/websocket/ticket", post(auth::ticket))
+        .route("/auth/validate-token-and-get-user", post(compat::validate_token))
+        .route("/auth/config", get(compat::auth_config))
+        .route("/auth/dev/login", post(compat::dev_login))
+        .route("/api/agent/v2/execute", post(compat::agent_v2_execute))
         .route("/api/threads", get(threads::list).post(threads::create))
         .route(
             "/api/threads/{id}",
@@ -59,6 +64,7 @@ pub fn app(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(cors_layer(&state.settings.cors_allowed_origins))
         .layer(
             // Spans carry the path only: a query string may hold a ticket.
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -66,6 +72,30 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .with_state(state)
+}
+
+/// CORS for the configured frontend origins only (none by default). Credentials are
+/// allowed, so origins are listed exactly: a wildcard would not work with credentials.
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed))
+        .allow_credentials(true)
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// `Json<T>` whose rejections use the API's error shape.

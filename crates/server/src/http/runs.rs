@@ -48,40 +48,47 @@ pub async fn start(
 ) -> Result<(StatusCode, Json<RunAccepted>), ApiError> {
     let text = validate_message(&body.message).map_err(ApiError::validation)?;
     let thread = thread_id(&id)?;
-    match start_run(&state, &user, thread, text, RequestId::generate()).await {
-        Ok(started) => Ok((
-            StatusCode::ACCEPTED,
-            Json(RunAccepted {
-                run_id: started.run_id.to_string(),
-                thread_id: started.thread_id.to_string(),
-                status: RunStatus::Queued,
-            }),
-        )),
-        Err(StartRunError::ThreadNotFound) => Err(ApiError::not_found("thread")),
-        Err(StartRunError::TooManyRuns) => Err(ApiError::client(
+    let started = start_run(&state, &user, thread, text, RequestId::generate())
+        .await
+        .map_err(|e| start_error(&state, e))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RunAccepted {
+            run_id: started.run_id.to_string(),
+            thread_id: started.thread_id.to_string(),
+            status: RunStatus::Queued,
+        }),
+    ))
+}
+
+/// The REST answer for a run that could not start.
+pub fn start_error(state: &AppState, err: StartRunError) -> ApiError {
+    match err {
+        StartRunError::ThreadNotFound => ApiError::not_found("thread"),
+        StartRunError::TooManyRuns => ApiError::client(
             StatusCode::TOO_MANY_REQUESTS,
             codes::TOO_MANY_RUNS,
             format!(
                 "at most {} runs at once; wait for one to finish",
                 state.limits.settings.max_concurrent_runs_per_user
             ),
-        )),
-        Err(StartRunError::ThreadBusy) => Err(ApiError::client(
+        ),
+        StartRunError::ThreadBusy => ApiError::client(
             StatusCode::CONFLICT,
             codes::THREAD_BUSY,
             "this thread already has a run in progress",
-        )),
-        Err(StartRunError::RateLimited(retry_after)) => Err(ApiError::Limited {
+        ),
+        StartRunError::RateLimited(retry_after) => ApiError::Limited {
             code: codes::RATE_LIMITED,
             message: "too many messages; slow down".into(),
             retry_after,
-        }),
-        Err(StartRunError::ShuttingDown) => Err(ApiError::client(
+        },
+        StartRunError::ShuttingDown => ApiError::client(
             StatusCode::SERVICE_UNAVAILABLE,
             codes::SHUTTING_DOWN,
             "the server is shutting down; retry later",
-        )),
-        Err(StartRunError::Store(err)) => Err(err.into()),
+        ),
+        StartRunError::Store(err) => err.into(),
     }
 }
 

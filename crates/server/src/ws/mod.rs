@@ -7,18 +7,20 @@
 mod connection;
 mod frames;
 
-use apex_protocol::error::ws_codes;
+use apex_protocol::error::{codes, ws_codes};
 use apex_protocol::ws::{ControlFrame, CLOSE_POLICY_VIOLATION};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
 
 use crate::auth::{bearer_token, AuthError};
 use crate::clock::now_rfc3339;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -65,12 +67,42 @@ fn credential(params: &Result<Query<WsParams>, QueryRejection>, headers: &Header
     Credential::Missing
 }
 
+/// Browsers always send `Origin`; a page from another site must not open a socket with
+/// the user's credentials. Allowed: no `Origin` (non-browser clients), a configured
+/// origin, or the server's own origin.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if allowed.iter().any(|o| o.trim_end_matches('/') == origin) {
+        return true;
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    host.is_some() && origin_host == host
+}
+
 pub async fn upgrade(
     State(state): State<AppState>,
     params: Result<Query<WsParams>, QueryRejection>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if !origin_allowed(&headers, &state.settings.cors_allowed_origins) {
+        return ApiError::client(
+            StatusCode::FORBIDDEN,
+            codes::ORIGIN_NOT_ALLOWED,
+            "this origin may not open a WebSocket",
+        )
+        .into_response();
+    }
     let limit = state.settings.max_frame_bytes;
     // tungstenite's own limit is set above ours so that we, not it, answer an oversized
     // frame, with close code 1009.

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0, driven over HTTP and WebSocket.
 
 mod auth;
+mod compat;
 mod golden_path;
 mod helpers;
 mod isolation;
