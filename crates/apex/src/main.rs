@@ -106,6 +106,9 @@ struct ServeArgs {
     /// Enable POST /auth/dev/login (log in or register in one call). Development only.
     #[arg(long, env = "APEX_DEV_LOGIN", requires = "development_mode")]
     dev_login: bool,
+    /// Delay between streamed answer chunks of the template writer, in milliseconds.
+    #[arg(long, env = "APEX_TEMPLATE_STREAM_DELAY_MS", default_value_t = 15)]
+    template_stream_delay_ms: u64,
     /// Log format: `human` or `json`.
     #[arg(long, env = "APEX_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -154,6 +157,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.cors_allowed_origins = args.cors_origins;
     settings.development_mode = args.development_mode;
     settings.dev_login = args.dev_login;
+    settings.template_stream_delay =
+        std::time::Duration::from_millis(args.template_stream_delay_ms);
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;

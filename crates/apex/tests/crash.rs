@@ -1,0 +1,172 @@
+//! `kill -9` in the middle of many runs: the next start finds every stored message intact,
+//! closes out the in-flight runs as `interrupted` with a terminal event, and the database
+//! passes SQLite's integrity check.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+fn start(data_dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--template-stream-delay-ms",
+            "100",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("APEX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start apex serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    (child, address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_mid_run_loses_nothing_and_recovers_every_run() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut server, base) = start(data_dir.path());
+    let http = reqwest::Client::new();
+
+    // Five users, two threads each, one run per thread: ten runs in flight.
+    let mut started = Vec::new();
+    for user in 0..5 {
+        let pair: Value = http
+            .post(format!("{base}/auth/register"))
+            .json(&json!({"email": format!("crash{user}@example.com"), "password": "a long password"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = pair["access_token"].as_str().unwrap().to_string();
+        for thread in 0..2 {
+            let created: Value = http
+                .post(format!("{base}/api/threads"))
+                .bearer_auth(&token)
+                .json(&json!({"title": format!("t{thread}")}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let thread_id = created["id"].as_str().unwrap().to_string();
+            let message = format!("How can I reduce my LLM costs? ({user}/{thread})");
+            let accepted: Value = http
+                .post(format!("{base}/api/threads/{thread_id}/runs"))
+                .bearer_auth(&token)
+                .json(&json!({"message": message}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            started.push((
+                token.clone(),
+                thread_id,
+                accepted["run_id"].as_str().unwrap().to_string(),
+                message,
+            ));
+        }
+    }
+    // Wait until every run is streaming its answer, then kill without warning.
+    for (token, _, run_id, _) in &started {
+        loop {
+            let run: Value = http
+                .get(format!("{base}/api/runs/{run_id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(run["status"], "running", "runs are still in flight: {run}");
+            if run["last_seq"].as_u64().unwrap() > 30 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let (mut server, base) = start(data_dir.path());
+    for (token, thread_id, run_id, message) in &started {
+        let page: Value = http
+            .get(format!("{base}/api/threads/{thread_id}/messages"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            page["messages"][0]["content"],
+            message.as_str(),
+            "the user's message survived"
+        );
+        let run: Value = http
+            .get(format!("{base}/api/runs/{run_id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(run["status"], "interrupted");
+        let events: Value = http
+            .get(format!("{base}/api/runs/{run_id}/events?after_seq=0"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let events = events["events"].as_array().unwrap();
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(
+                event["seq"].as_u64().unwrap(),
+                i as u64 + 1,
+                "log has no hole"
+            );
+        }
+        let last = events.last().unwrap();
+        assert_eq!(last["agent_name"], "supervisor");
+        assert_eq!(last["type"], "agent_completed");
+        assert_eq!(last["status"], "interrupted");
+        assert_eq!(events[events.len() - 2]["type"], "error");
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // The database file itself is sound.
+    let url = format!("sqlite://{}", data_dir.path().join("apex.db").display());
+    let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let (result,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(result, "ok");
+}
