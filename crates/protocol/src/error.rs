@@ -35,6 +35,8 @@ pub mod codes {
     pub const THREAD_BUSY: &str = "thread_busy";
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const ORIGIN_NOT_ALLOWED: &str = "origin_not_allowed";
+    /// The requested events were removed by retention; reload the thread.
+    pub const RESUME_GAP: &str = "resume_gap";
     pub const INTERNAL: &str = "internal_error";
 }
 

@@ -41,6 +41,16 @@ pub enum ControlFrame {
         messages: Vec<Message>,
         timestamp: String,
     },
+    /// `resume` asked for events the server no longer keeps (see event retention): the
+    /// client should reload the thread (`get_thread_history`) instead of replaying.
+    ResumeGap {
+        run_id: String,
+        after_seq: u64,
+        /// Highest seq the run had; the events up to it are gone.
+        last_seq: u64,
+        message: String,
+        timestamp: String,
+    },
     /// Answer to `stop_agent` once cancellation has been requested.
     StopAcknowledged {
         run_id: String,

@@ -25,6 +25,8 @@ pub struct UserExecutionContext {
     cancellation: CancellationToken,
     /// The run is timed out when this instant passes.
     deadline: Instant,
+    /// Longest any single agent may take.
+    agent_timeout: Duration,
 }
 
 impl UserExecutionContext {
@@ -35,6 +37,7 @@ impl UserExecutionContext {
         run_id: RunId,
         request_id: RequestId,
         run_timeout: Duration,
+        agent_timeout: Duration,
     ) -> Self {
         Self {
             user_id: user.user_id(),
@@ -44,6 +47,7 @@ impl UserExecutionContext {
             created_at: Utc::now(),
             cancellation: CancellationToken::new(),
             deadline: Instant::now() + run_timeout,
+            agent_timeout,
         }
     }
 
@@ -68,6 +72,9 @@ impl UserExecutionContext {
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
+    pub fn agent_timeout(&self) -> Duration {
+        self.agent_timeout
+    }
     pub fn is_cancelled(&self) -> bool {
         self.cancellation.is_cancelled()
     }
@@ -85,6 +92,7 @@ impl UserExecutionContext {
             created_at: Utc::now(),
             cancellation: CancellationToken::new(),
             deadline: Instant::now(),
+            agent_timeout: Duration::ZERO,
         }
     }
 }

@@ -151,6 +151,28 @@ pub async fn run(
     serve(listener, state, shutdown).await
 }
 
+/// How often old event logs are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Retention: deletes the event logs of runs finished longer ago than `event_retention`,
+/// at start and then every [`PRUNE_EVERY`], until shutdown.
+async fn prune_events_periodically(state: AppState) {
+    let draining = state.infra.lifecycle.draining.clone();
+    loop {
+        let cutoff = clock::now_ms()
+            - i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
+        match state.infra.store.prune_events(cutoff).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "pruned old run events"),
+            Err(err) => tracing::error!(error = %err, "pruning run events failed"),
+        }
+        tokio::select! {
+            _ = draining.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+    }
+}
+
 /// Waits until no run is executing, or `limit` passes.
 async fn runs_drained(runs: &ActiveRuns, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -171,6 +193,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let app = http::app(state.clone());
     let lifecycle = state.infra.lifecycle.clone();
+    tokio::spawn(prune_events_periodically(state.clone()));
     let draining = lifecycle.draining.clone();
     axum::serve(
         listener,

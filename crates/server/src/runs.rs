@@ -232,8 +232,14 @@ pub async fn start_run(
         .map_err(StartRunError::RateLimited)?;
 
     let run_id = RunId::generate();
-    let ctx =
-        UserExecutionContext::new(user, thread, run_id, request_id, state.settings.run_timeout);
+    let ctx = UserExecutionContext::new(
+        user,
+        thread,
+        run_id,
+        request_id,
+        state.settings.run_timeout,
+        state.settings.agent_timeout,
+    );
     state
         .runs
         .try_reserve(

@@ -60,6 +60,11 @@ pub struct Settings {
     pub max_frame_bytes: usize,
     /// Longest a run may take before it ends `timed_out`.
     pub run_timeout: Duration,
+    /// How long the event log of a finished run is kept for `resume` and replay. The run,
+    /// its status and the thread's messages are kept regardless.
+    pub event_retention: Duration,
+    /// Longest one agent of a run may take before the run ends `timed_out`.
+    pub agent_timeout: Duration,
     /// Default lifetime of a WebSocket ticket.
     pub ticket_ttl: Duration,
     /// Delay between streamed answer chunks of the template writer, so streaming is visible.
@@ -90,6 +95,8 @@ impl Settings {
             demo_data: true,
             max_frame_bytes: 64 * 1024,
             run_timeout: Duration::from_secs(300),
+            agent_timeout: Duration::from_secs(120),
+            event_retention: Duration::from_secs(7 * 24 * 3600),
             ticket_ttl: Duration::from_secs(60),
             template_stream_delay: Duration::from_millis(15),
             shutdown_grace: Duration::from_secs(10),

@@ -46,6 +46,8 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("cancelled")]
     Cancelled,
+    #[error("agent {0} exceeded its time limit")]
+    TimedOut(&'static str),
 }
 
 impl AgentError {
@@ -55,6 +57,7 @@ impl AgentError {
             AgentError::Tool { .. } => agent_codes::TOOL_FAILED,
             AgentError::Llm(LlmError::Cancelled) | AgentError::Cancelled => agent_codes::CANCELLED,
             AgentError::Llm(_) => agent_codes::LLM_FAILED,
+            AgentError::TimedOut(_) => agent_codes::TIMED_OUT,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::store::MessageRecord;
 
 enum Outcome {
     Completed,
+    AgentTimedOut(&'static str),
     Failed(String, String),
     Cancelled,
     TimedOut,
@@ -40,6 +41,7 @@ impl AgentError {
             AgentError::Tool { tool, .. } => format!("the {tool} tool failed"),
             AgentError::Llm(err) => err.to_string(),
             AgentError::Cancelled => "cancelled".into(),
+            AgentError::TimedOut(agent) => format!("the {agent} agent took too long"),
         }
     }
 }
@@ -59,7 +61,11 @@ async fn run_agent(
             },
         )
         .await?;
-    match agent.run(cx, state).await {
+    let outcome = match tokio::time::timeout(cx.ctx.agent_timeout(), agent.run(cx, state)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(AgentError::TimedOut(name)),
+    };
+    match outcome {
         Ok(result) => {
             cx.emitter
                 .emit(
@@ -141,6 +147,7 @@ pub async fn execute(run: RunInstance) -> RunStatus {
             result = pipeline => match result {
                 Ok(Ok(())) => Outcome::Completed,
                 Ok(Err(AgentError::Cancelled | AgentError::Llm(crate::llm::LlmError::Cancelled))) => Outcome::Cancelled,
+                Ok(Err(AgentError::TimedOut(agent))) => Outcome::AgentTimedOut(agent),
                 Ok(Err(err)) => Outcome::Failed(err.code().into(), err.client_message()),
                 Err(_) => {
                     tracing::error!(%run_id, "an agent panicked");
@@ -163,6 +170,13 @@ async fn finish(
     let total_duration_ms = started.elapsed().as_millis() as u64;
     let (status, error) = match outcome {
         Outcome::Completed => (RunStatus::Completed, None),
+        Outcome::AgentTimedOut(agent) => (
+            RunStatus::TimedOut,
+            Some((
+                agent_codes::TIMED_OUT.into(),
+                format!("the {agent} agent took too long"),
+            )),
+        ),
         Outcome::Failed(code, message) => (RunStatus::Failed, Some((code, message))),
         Outcome::Cancelled => (
             RunStatus::Cancelled,

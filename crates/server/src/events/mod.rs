@@ -5,6 +5,7 @@
 
 mod bus;
 mod emitter;
+pub mod log;
 
 pub use bus::{BusEvent, EventBus, InProcessBus, UserSubscription};
 pub use emitter::{EmitError, UserEmitter};

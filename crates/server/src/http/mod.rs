@@ -6,6 +6,7 @@
 mod auth;
 mod compat;
 mod health;
+mod run_stream;
 pub(crate) mod runs;
 pub(crate) mod threads;
 mod usage;

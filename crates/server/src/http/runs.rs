@@ -6,7 +6,8 @@ use apex_protocol::error::codes;
 use apex_protocol::events::AgentEvent;
 use apex_protocol::threads::{Run, RunAccepted, RunEventsPage, RunStatus, StartRunRequest};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
@@ -15,6 +16,7 @@ use super::{ApiJson, ApiQuery};
 use crate::auth::AuthUser;
 use crate::clock::ms_to_rfc3339;
 use crate::error::ApiError;
+use crate::events::log;
 use crate::ids::{RequestId, RunId};
 use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
 use crate::state::AppState;
@@ -152,23 +154,52 @@ pub struct EventsQuery {
     pub limit: Option<i64>,
 }
 
+/// `GET /api/runs/{id}/events?after_seq=N`: the stored events after N as JSON, or, with
+/// `Accept: text/event-stream`, as server-sent events that continue live until the run's
+/// terminal event (`Last-Event-ID` overrides `after_seq`).
 pub async fn events(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
-) -> Result<Json<RunEventsPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = run_id(&id)?;
     let limit = query.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::validation("limit must be 1..=10000"));
     }
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    store
+    let run = store
         .get_run(id)
         .await?
         .ok_or_else(|| ApiError::not_found("run"))?;
-    let stored = store.list_events(id, query.after_seq, limit).await?;
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let after_seq = match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::validation("Last-Event-ID must be an event seq"))?,
+        None => query.after_seq,
+    };
+    if log::has_gap(&store, &run, after_seq).await? {
+        return Err(ApiError::client(
+            StatusCode::GONE,
+            codes::RESUME_GAP,
+            format!(
+                "events after {after_seq} are no longer kept (the run had {}); reload the thread",
+                run.last_seq
+            ),
+        ));
+    }
+    if wants_stream {
+        return Ok(super::run_stream::stream(&state, &user, store, run, after_seq).into_response());
+    }
+    let stored = store.list_events(id, after_seq, limit).await?;
     let events = stored
         .iter()
         .map(|e| serde_json::from_str::<AgentEvent>(&e.json))
@@ -177,5 +208,6 @@ pub async fn events(
     Ok(Json(RunEventsPage {
         run_id: id.to_string(),
         events,
-    }))
+    })
+    .into_response())
 }

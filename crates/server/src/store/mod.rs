@@ -196,6 +196,9 @@ pub trait Store: Send + Sync + 'static {
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
 
     // ---- maintenance ----
+    /// Retention: deletes the event logs of runs that finished before `finished_before_ms`.
+    /// The runs and messages stay; only the step-by-step events go. Returns events deleted.
+    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64>;
     /// Readiness probe: the database answers.
     async fn ping(&self) -> StoreResult<()>;
     /// At start-up: runs left queued or running by a previous process. Returns (owner, run).

@@ -569,6 +569,17 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "DELETE FROM run_events WHERE run_id IN \
+             (SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?)",
+        )
+        .bind(finished_before_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -18,7 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::frames::{self, ClientFrame, FrameError};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_rfc3339;
-use crate::events::BusEvent;
+use crate::events::{log, BusEvent};
 use crate::http::runs::validate_message;
 use crate::http::threads::{create_thread, message_view};
 use crate::ids::{RequestId, RunId, ThreadId};
@@ -26,9 +26,6 @@ use crate::limits::ConnectionGuard;
 use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
 use crate::state::AppState;
 use crate::store::UserStore;
-
-/// Page size when replaying a run's stored events.
-const REPLAY_PAGE: i64 = 500;
 
 struct Connection {
     socket: WebSocket,
@@ -220,7 +217,7 @@ impl Connection {
     async fn replay(&mut self, run: RunId, after_seq: u64) -> Result<(), ReplayError> {
         let mut cursor = after_seq;
         loop {
-            let page = self.store.list_events(run, cursor, REPLAY_PAGE).await?;
+            let page = log::page_after(&self.store, run, cursor).await?;
             let Some(last) = page.last().map(|e| e.seq) else {
                 break;
             };
@@ -448,16 +445,31 @@ impl Connection {
                 .send_error(ws_codes::RUN_NOT_FOUND, "run not found")
                 .await;
         };
-        match self.store.get_run(run).await {
-            Ok(Some(_)) => {}
+        let record = match self.store.get_run(run).await {
+            Ok(Some(record)) => record,
             Ok(None) => {
                 return self
                     .send_error(ws_codes::RUN_NOT_FOUND, "run not found")
                     .await
             }
             Err(err) => return self.internal_error(err).await,
-        }
+        };
         let after = after_seq.unwrap_or(0);
+        match log::has_gap(&self.store, &record, after).await {
+            Ok(false) => {}
+            Ok(true) => {
+                return self
+                    .send_control(&ControlFrame::ResumeGap {
+                        run_id: run.to_string(),
+                        after_seq: after,
+                        last_seq: record.last_seq,
+                        message: "these events are no longer kept; reload the thread".into(),
+                        timestamp: now_rfc3339(),
+                    })
+                    .await
+            }
+            Err(err) => return self.internal_error(err).await,
+        }
         // The client has everything up to `after`: live copies of those are duplicates.
         let known = self.delivered.entry(run).or_insert(0);
         *known = (*known).max(after);

@@ -2,6 +2,7 @@
 
 mod auth;
 mod compat;
+mod durability;
 mod golden_path;
 mod helpers;
 mod isolation;
