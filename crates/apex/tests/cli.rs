@@ -129,3 +129,102 @@ fn serve_reports_a_bad_bind_address_clearly() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--bind"));
 }
+
+/// Secrets never reach the logs, even at debug level for every crate: not the password,
+/// not the access or refresh token, not a WebSocket ticket (which travels in a URL).
+#[test]
+fn logs_never_contain_passwords_tokens_or_tickets() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let log_path = data_dir.path().join("server.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir.path())
+        .env("APEX_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let server = Server {
+        child,
+        address: base.clone(),
+    };
+
+    let password = "s3cret-Password-that-must-not-leak";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (access, refresh, ticket) = runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let pair: serde_json::Value = http
+            .post(format!("{base}/auth/register"))
+            .json(&serde_json::json!({"email": "logs@example.com", "password": password}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let access = pair["access_token"].as_str().unwrap().to_string();
+        let refresh = pair["refresh_token"].as_str().unwrap().to_string();
+        let ticket: serde_json::Value = http
+            .post(format!("{base}/api/websocket/ticket"))
+            .bearer_auth(&access)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ticket = ticket["ticket_id"].as_str().unwrap().to_string();
+        let url = format!("{}/ws?ticket={ticket}", base.replacen("http", "ws", 1));
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        use futures_util::{SinkExt, StreamExt};
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                r#"{"type":"user_message","text":"How can I reduce my LLM costs?"}"#.into(),
+            ))
+            .await
+            .unwrap();
+        while let Some(Ok(message)) = socket.next().await {
+            let text = message.to_text().unwrap_or("").to_string();
+            if text.contains("\"agent_name\":\"supervisor\"") && text.contains("\"final_response\"") {
+                break;
+            }
+        }
+        // Refresh and a failed login exercise the other secret-carrying paths.
+        http.post(format!("{base}/auth/refresh"))
+            .json(&serde_json::json!({"refresh_token": refresh}))
+            .send()
+            .await
+            .unwrap();
+        http.post(format!("{base}/auth/login"))
+            .json(&serde_json::json!({"email": "logs@example.com", "password": "wrong-Password-also-secret"}))
+            .send()
+            .await
+            .unwrap();
+        (access, refresh, ticket)
+    });
+    drop(server);
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logs.contains("run finished"),
+        "debug logs were captured:\n{logs}"
+    );
+    for (name, secret) in [
+        ("password", password),
+        ("wrong password", "wrong-Password-also-secret"),
+        ("access token", access.as_str()),
+        ("refresh token", refresh.as_str()),
+        ("ticket", ticket.as_str()),
+    ] {
+        assert!(!logs.contains(secret), "the {name} appears in the logs");
+    }
+}

@@ -44,10 +44,14 @@ fn subprotocol_token(headers: &HeaderMap) -> Option<(String, String)> {
         .map(str::trim)
         .find_map(|protocol| {
             let encoded = protocol.strip_prefix("jwt.")?;
-            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            // An undecodable token is still this client's credential: it is echoed and
+            // refused with AUTH_FAILED, rather than failing the handshake silently.
+            let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(encoded.trim_end_matches('='))
-                .ok()?;
-            Some((protocol.to_string(), String::from_utf8(bytes).ok()?))
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .unwrap_or_default();
+            Some((protocol.to_string(), token))
         })
 }
 

@@ -20,6 +20,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single expected frame may take before a test fails.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 pub const PASSWORD: &str = "correct horse battery";
+/// The signing key test servers use, so tests can forge tokens the server must refuse.
+pub const JWT_SECRET: &str = "integration-test-secret-0123456789abcdef";
 
 pub struct TestApp {
     pub address: String,
@@ -41,6 +43,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let data_dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::embedded(data_dir.path());
     settings.password_hashing = PasswordHashing::Light;
+    settings.jwt_secret = Some(apex_server::settings::Secret::new(JWT_SECRET));
     settings.template_stream_delay = Duration::from_millis(1);
     configure(&mut settings);
     let state = apex_server::build_state(settings.clone())

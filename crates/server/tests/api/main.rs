@@ -5,6 +5,7 @@ mod compat;
 mod durability;
 mod golden_path;
 mod helpers;
+mod hostile;
 mod isolation;
 mod lifecycle;
 mod limits;
