@@ -11,6 +11,16 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{spawn_app, TestApp, TestUser, WsClient, JWT_SECRET};
 
+/// method, path, content type, body, expected status, expected code.
+type RestCase = (
+    reqwest::Method,
+    String,
+    Option<&'static str>,
+    Option<String>,
+    u16,
+    &'static str,
+);
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -355,7 +365,7 @@ async fn malformed_rest_requests_get_their_documented_errors() {
     };
     use reqwest::Method as M;
     const JSON: Option<&str> = Some("application/json");
-    let cases: Vec<(M, String, Option<&str>, Option<String>, u16, &str)> = vec![
+    let cases: Vec<RestCase> = vec![
         (
             M::POST,
             "/api/threads".into(),
