@@ -115,6 +115,9 @@ struct ServeArgs {
     /// Delay between streamed answer chunks of the template writer, in milliseconds.
     #[arg(long, env = "APEX_TEMPLATE_STREAM_DELAY_MS", default_value_t = 15)]
     template_stream_delay_ms: u64,
+    /// Also serve `/metrics` on this separate address (it is always on the main one).
+    #[arg(long, env = "APEX_METRICS_BIND")]
+    metrics_bind: Option<SocketAddr>,
     /// Log format: `human` or `json`.
     #[arg(long, env = "APEX_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -168,10 +171,40 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;
-    let state = apex_server::build_state(settings).await?;
+    let mut state = apex_server::build_state(settings).await?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    apex_server::telemetry::describe();
+    state.metrics = Some(metrics.clone());
+    // Histograms are summarised lazily; keep their buckets fresh.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            metrics.run_upkeep();
+        }
+    });
+    let metrics_listener = match args.metrics_bind {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding the metrics listener {address}"))?,
+        ),
+        None => None,
+    };
     let address = listener.local_addr()?;
     // Scripts and tests read this line to find the port.
     println!("listening on http://{address}");
+    if let Some(listener) = metrics_listener {
+        let metrics_app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(apex_server::telemetry::render),
+            )
+            .with_state(state.clone());
+        println!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, metrics_app).await });
+    }
     apex_server::serve(listener, state, shutdown_signal()).await
 }
 

@@ -17,6 +17,24 @@ impl Drop for Server {
     }
 }
 
+mod plain_http {
+    /// A plain HTTP GET over a TCP socket (the test is synchronous).
+    pub fn blocking_get(url: &str) -> String {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut stream = std::net::TcpStream::connect(host).unwrap();
+        write!(
+            stream,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    }
+}
+
 fn start_server(data_dir: &std::path::Path) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
@@ -82,6 +100,34 @@ fn serve_and_chat_show_a_full_run_then_sigterm_stops_the_server() {
     assert!(stdout.contains("⚙ usage_summary"), "{stdout}");
     assert!(stdout.contains("You could save about $"), "{stdout}");
     assert!(stdout.contains("— run completed"), "{stdout}");
+
+    // Metrics saw the run, by route and status, with no user ids as labels.
+    let metrics = plain_http::blocking_get(&format!("{}/metrics", server.address));
+    assert!(
+        metrics.contains("apex_runs_finished_total{status=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "apex_http_requests_total{route=\"/auth/register\",method=\"POST\",status=\"201\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apex_event_delivery_latency_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apex_websocket_connections_open"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("apex_agent_duration_seconds"), "{metrics}");
+    let user_id = stdout
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap();
+    assert!(!metrics.contains(user_id), "no user ids in metrics");
 
     // A wrong password is a clear error, not a crash.
     let denied = Command::new(env!("CARGO_BIN_EXE_apex"))

@@ -21,6 +21,7 @@
 //! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait and the
 //!   deterministic template writer.
 //! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
+//! - [`telemetry`]: Prometheus metric names, the HTTP metrics middleware, `/metrics`.
 //! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
 
 pub mod agents;
@@ -37,6 +38,7 @@ pub mod runs;
 pub mod settings;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 pub mod ws;
 
@@ -134,6 +136,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         auth: Arc::new(auth),
         runs: Arc::new(ActiveRuns::default()),
         limits: Arc::new(limits::Limits::new(settings.limits.clone())),
+        metrics: None,
         settings: Arc::new(settings),
     })
 }

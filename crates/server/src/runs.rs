@@ -226,10 +226,10 @@ pub async fn start_run(
     if store.get_thread(thread).await?.is_none() {
         return Err(StartRunError::ThreadNotFound);
     }
-    state
-        .limits
-        .check_message(user.user_id())
-        .map_err(StartRunError::RateLimited)?;
+    state.limits.check_message(user.user_id()).map_err(|wait| {
+        crate::telemetry::limit_rejected("rate_limited");
+        StartRunError::RateLimited(wait)
+    })?;
 
     let run_id = RunId::generate();
     let ctx = UserExecutionContext::new(
@@ -250,8 +250,14 @@ pub async fn start_run(
             state.limits.settings.max_concurrent_runs_per_user,
         )
         .map_err(|e| match e {
-            ReserveError::TooManyRuns => StartRunError::TooManyRuns,
-            ReserveError::ThreadBusy => StartRunError::ThreadBusy,
+            ReserveError::TooManyRuns => {
+                crate::telemetry::limit_rejected("too_many_runs");
+                StartRunError::TooManyRuns
+            }
+            ReserveError::ThreadBusy => {
+                crate::telemetry::limit_rejected("thread_busy");
+                StartRunError::ThreadBusy
+            }
         })?;
     // From here on the slot is ours; dropping it (on any early return) frees it.
     let slot = RunSlot {
@@ -285,6 +291,7 @@ pub async fn start_run(
         .await?;
 
     let instance = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra)).build(text, slot);
+    crate::telemetry::run_started();
     let span = tracing::info_span!("run", %run_id, %request_id);
     tokio::spawn(tracing::Instrument::instrument(
         supervisor::execute(instance),

@@ -53,5 +53,7 @@ pub struct AppState {
     pub runs: Arc<ActiveRuns>,
     /// Per-user rate limits and connection caps (counters only).
     pub limits: Arc<Limits>,
+    /// Renders `/metrics` when the embedding binary installed a Prometheus recorder.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub settings: Arc<Settings>,
 }

@@ -68,6 +68,7 @@ impl Agent for ReportingAgent {
             facts: report.clone(),
             max_tokens: 800,
         };
+        let llm_started = std::time::Instant::now();
         let mut stream = cx
             .llm
             .stream(request, cx.ctx.cancellation().clone())
@@ -82,6 +83,8 @@ impl Agent for ReportingAgent {
                 .emit(self.name(), EventBody::PartialResult { content: chunk })
                 .await?;
         }
+        // The template writer counts no tokens; model providers report theirs.
+        crate::telemetry::llm_request(cx.llm.name(), llm_started.elapsed(), 0, 0);
         state.report = Some(report);
         Ok(json!({ "characters": state.answer.chars().count(), "provider": cx.llm.name() }))
     }

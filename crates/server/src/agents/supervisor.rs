@@ -65,6 +65,7 @@ async fn run_agent(
         Ok(outcome) => outcome,
         Err(_) => Err(AgentError::TimedOut(name)),
     };
+    crate::telemetry::agent_finished(name, started.elapsed());
     match outcome {
         Ok(result) => {
             cx.emitter
@@ -260,6 +261,7 @@ async fn finish(
     if let Err(err) = cx.emitter.emit_terminal(SUPERVISOR, terminal).await {
         tracing::error!(%run_id, error = %err, "terminal event was delivered but not stored");
     }
+    crate::telemetry::run_finished(status.as_str(), started.elapsed());
     tracing::info!(%run_id, status = status.as_str(), duration_ms = total_duration_ms, "run finished");
     status
 }

@@ -21,6 +21,8 @@ pub struct BusEvent {
     pub seq: u64,
     pub terminal: bool,
     pub json: String,
+    /// When the emitter published it, for the delivery-latency metric.
+    pub emitted_at: std::time::Instant,
 }
 
 pub trait EventBus: Send + Sync + 'static {
@@ -122,6 +124,7 @@ mod tests {
             seq,
             terminal: false,
             json: format!("{{\"seq\":{seq}}}"),
+            emitted_at: std::time::Instant::now(),
         })
     }
 

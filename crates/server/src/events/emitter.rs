@@ -122,7 +122,9 @@ impl UserEmitter {
                     seq,
                     terminal,
                     json,
+                    emitted_at: std::time::Instant::now(),
                 }));
+                crate::telemetry::event_emitted();
             }
             drop(guard);
             persisted

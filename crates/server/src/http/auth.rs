@@ -70,10 +70,13 @@ pub async fn login(
     state
         .limits
         .check_login(&body.email, address)
-        .map_err(|retry_after| ApiError::Limited {
-            code: codes::RATE_LIMITED,
-            message: "too many login attempts; try again later".into(),
-            retry_after,
+        .map_err(|retry_after| {
+            crate::telemetry::limit_rejected("login_throttled");
+            ApiError::Limited {
+                code: codes::RATE_LIMITED,
+                message: "too many login attempts; try again later".into(),
+                retry_after,
+            }
         })?;
     Ok(Json(state.auth.login(&body.email, &body.password).await?))
 }

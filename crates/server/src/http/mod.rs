@@ -57,6 +57,8 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/usage/summary", get(usage::summary))
         .route("/ws", get(crate::ws::upgrade))
+        .route("/metrics", get(crate::telemetry::render))
+        .route_layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::client(

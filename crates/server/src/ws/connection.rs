@@ -53,6 +53,7 @@ pub async fn serve(
     slot: ConnectionGuard,
 ) {
     let connection_id = uuid::Uuid::new_v4();
+    let _gauge = crate::telemetry::ConnectionGauge::open();
     let span = tracing::info_span!("ws", %connection_id);
     tracing::Instrument::instrument(serve_connection(socket, state, user, connection_id), span)
         .await;
@@ -210,7 +211,9 @@ impl Connection {
             return Ok(());
         }
         self.deliver(event.run_id, event.seq, event.json.clone())
-            .await
+            .await?;
+        crate::telemetry::event_delivered(event.emitted_at);
+        Ok(())
     }
 
     /// Replays stored events of `run` after `after_seq`.

@@ -147,6 +147,7 @@ pub async fn upgrade(
         Ok(user) => match state.limits.open_connection(user.user_id()) {
             Some(slot) => ws.on_upgrade(move |socket| connection::serve(socket, state, user, slot)),
             None => ws.on_upgrade(move |socket| {
+                crate::telemetry::limit_rejected("too_many_connections");
                 reject(
                     socket,
                     ws_codes::TOO_MANY_CONNECTIONS,

@@ -1,0 +1,157 @@
+//! Prometheus metrics: what is recorded, under which names, and the `/metrics` page.
+//!
+//! Recording goes through the `metrics` facade; the `apex` binary installs the Prometheus
+//! recorder and hands its handle to the state, so a library user (or a test) that installs
+//! nothing pays nothing. Labels are routes, statuses, agent names, providers and error
+//! codes — never user, thread or run ids.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::state::AppState;
+
+pub const HTTP_REQUESTS: &str = "apex_http_requests_total";
+pub const HTTP_DURATION: &str = "apex_http_request_duration_seconds";
+pub const WS_CONNECTIONS: &str = "apex_websocket_connections_open";
+pub const RUNS_STARTED: &str = "apex_runs_started_total";
+pub const RUNS_FINISHED: &str = "apex_runs_finished_total";
+pub const RUNS_ACTIVE: &str = "apex_runs_active";
+pub const RUN_DURATION: &str = "apex_run_duration_seconds";
+pub const AGENT_DURATION: &str = "apex_agent_duration_seconds";
+pub const EVENTS_EMITTED: &str = "apex_events_emitted_total";
+pub const EVENT_DELIVERY: &str = "apex_event_delivery_latency_seconds";
+pub const LLM_TOKENS: &str = "apex_llm_tokens_total";
+pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
+pub const LIMIT_REJECTIONS: &str = "apex_limit_rejections_total";
+
+/// Describes every metric once, so `/metrics` carries help text.
+pub fn describe() {
+    metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
+    metrics::describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "HTTP request duration by route"
+    );
+    metrics::describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
+    metrics::describe_counter!(RUNS_STARTED, "Runs started");
+    metrics::describe_counter!(RUNS_FINISHED, "Runs finished, by final status");
+    metrics::describe_gauge!(
+        RUNS_ACTIVE,
+        "Runs executing in this process (the run queue depth)"
+    );
+    metrics::describe_histogram!(
+        RUN_DURATION,
+        metrics::Unit::Seconds,
+        "Run duration by final status"
+    );
+    metrics::describe_histogram!(
+        AGENT_DURATION,
+        metrics::Unit::Seconds,
+        "Agent duration by agent"
+    );
+    metrics::describe_counter!(EVENTS_EMITTED, "Agent events persisted and published");
+    metrics::describe_histogram!(
+        EVENT_DELIVERY,
+        metrics::Unit::Seconds,
+        "From an event's emission to its send on a WebSocket"
+    );
+    metrics::describe_counter!(
+        LLM_TOKENS,
+        "LLM tokens by provider and kind (prompt, completion)"
+    );
+    metrics::describe_histogram!(
+        LLM_LATENCY,
+        metrics::Unit::Seconds,
+        "LLM request duration by provider"
+    );
+    metrics::describe_counter!(
+        LIMIT_REJECTIONS,
+        "Requests refused by a per-user limit, by code"
+    );
+}
+
+/// Middleware: counts and times every HTTP request by matched route (not raw path, so
+/// ids never become labels) and status.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics` in the Prometheus text format; 404 when no recorder was installed.
+pub async fn render(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+/// Counts one open WebSocket connection for as long as it lives.
+pub struct ConnectionGauge;
+
+impl ConnectionGauge {
+    pub fn open() -> Self {
+        metrics::gauge!(WS_CONNECTIONS).increment(1.0);
+        ConnectionGauge
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(WS_CONNECTIONS).decrement(1.0);
+    }
+}
+
+pub fn run_started() {
+    metrics::counter!(RUNS_STARTED).increment(1);
+    metrics::gauge!(RUNS_ACTIVE).increment(1.0);
+}
+
+pub fn run_finished(status: &'static str, duration: Duration) {
+    metrics::counter!(RUNS_FINISHED, "status" => status).increment(1);
+    metrics::gauge!(RUNS_ACTIVE).decrement(1.0);
+    metrics::histogram!(RUN_DURATION, "status" => status).record(duration.as_secs_f64());
+}
+
+pub fn agent_finished(agent: &'static str, duration: Duration) {
+    metrics::histogram!(AGENT_DURATION, "agent" => agent).record(duration.as_secs_f64());
+}
+
+pub fn event_emitted() {
+    metrics::counter!(EVENTS_EMITTED).increment(1);
+}
+
+pub fn event_delivered(emitted: Instant) {
+    metrics::histogram!(EVENT_DELIVERY).record(emitted.elapsed().as_secs_f64());
+}
+
+pub fn limit_rejected(code: &'static str) {
+    metrics::counter!(LIMIT_REJECTIONS, "code" => code).increment(1);
+}
+
+pub fn llm_request(provider: &str, duration: Duration, prompt_tokens: u64, completion_tokens: u64) {
+    let provider = provider.to_string();
+    metrics::histogram!(LLM_LATENCY, "provider" => provider.clone()).record(duration.as_secs_f64());
+    metrics::counter!(LLM_TOKENS, "provider" => provider.clone(), "kind" => "prompt")
+        .increment(prompt_tokens);
+    metrics::counter!(LLM_TOKENS, "provider" => provider, "kind" => "completion")
+        .increment(completion_tokens);
+}
