@@ -53,12 +53,13 @@ pub fn app(state: AppState) -> Router {
         .route("/api/runs/{id}/events", get(runs::events))
         .route(
             "/api/usage/events",
-            post(usage::import).layer(axum::extract::DefaultBodyLimit::max(32 * 1024 * 1024)),
+            post(usage::import).layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD_BYTES as usize)),
         )
         .route("/api/usage/summary", get(usage::summary))
         .route("/ws", get(crate::ws::upgrade))
         .route("/metrics", get(crate::telemetry::render))
         .route_layer(axum::middleware::from_fn(crate::telemetry::track_http))
+        .layer(axum::middleware::from_fn(refuse_announced_oversize))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::client(
@@ -99,6 +100,38 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
             Method::OPTIONS,
         ])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+/// Largest request body on most routes; usage uploads get [`MAX_UPLOAD_BYTES`].
+pub const MAX_BODY_BYTES: u64 = 2 * 1024 * 1024;
+pub const MAX_UPLOAD_BYTES: u64 = 32 * 1024 * 1024;
+
+/// A request that announces a body over the limit is answered 413 at once, before any of
+/// it is read (the extractors still enforce the limit on bodies without a length).
+async fn refuse_announced_oversize(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limit = if request.uri().path() == "/api/usage/events" {
+        MAX_UPLOAD_BYTES
+    } else {
+        MAX_BODY_BYTES
+    };
+    let announced = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit) {
+        return ApiError::client(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// `Json<T>` whose rejections use the API's error shape.

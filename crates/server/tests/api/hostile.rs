@@ -386,14 +386,6 @@ async fn malformed_rest_requests_get_their_documented_errors() {
             M::POST,
             "/api/threads".into(),
             JSON,
-            Some(format!("{{\"title\":\"{}\"}}", "x".repeat(3 * 1024 * 1024))),
-            413,
-            "payload_too_large",
-        ),
-        (
-            M::POST,
-            "/api/threads".into(),
-            JSON,
             Some(r#"{"title": 5}"#.into()),
             422,
             "validation_failed",
@@ -629,7 +621,7 @@ async fn malformed_rest_requests_get_their_documented_errors() {
             "validation_failed",
         ),
     ];
-    assert!(cases.len() >= 30);
+    assert!(cases.len() >= 30, "{} cases", cases.len());
     for (method, path, content_type, body, status, code) in cases {
         let response = send(method.clone(), path.clone(), content_type, body)
             .await
@@ -637,6 +629,22 @@ async fn malformed_rest_requests_get_their_documented_errors() {
         assert_eq!(response.status().as_u16(), status, "{method} {path}");
         let body: Value = response.json().await.unwrap_or(Value::Null);
         assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+    }
+    // An announced oversized body is refused before it is read (raw socket: a client
+    // still writing a large body may see the connection close under its answer).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = app.address.strip_prefix("http://").unwrap();
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let head = format!(
+            "POST /api/threads HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 3000000\r\nConnection: close\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("payload_too_large"), "{answer}");
     }
     let sse = app
         .http
