@@ -5,7 +5,7 @@
 //! here and never changes; nothing a client sends later can alter it.
 
 mod connection;
-mod frames;
+pub mod frames;
 
 use apex_protocol::error::{codes, ws_codes};
 use apex_protocol::ws::{ControlFrame, CLOSE_POLICY_VIOLATION};
