@@ -1,4 +1,5 @@
-//! The `apex` binary: `apex serve` runs the server, `apex chat` is a terminal client.
+//! The `apex` binary: `apex serve` runs the server, `apex migrate` brings the database
+//! schema up to date, `apex chat` is a terminal client.
 
 mod chat;
 
@@ -10,6 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -23,10 +25,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server on its embedded defaults (SQLite in the data folder, in-process events).
+    /// Run the server: SQLite in the data folder by default, or PostgreSQL with --database-url.
     ///
     /// Example: apex serve --bind 127.0.0.1:8000 --data-dir ./data
     Serve(ServeArgs),
+    /// Apply pending database migrations, then exit (`serve` also applies them at start).
+    ///
+    /// Example: apex migrate --database-url postgres://apex@db.internal/apex
+    Migrate(MigrateArgs),
     /// Talk to a server from the terminal: register or log in, ask, watch the agents work.
     ///
     /// Example: apex chat --register --email me@example.com
@@ -87,14 +93,51 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the data lives: shared by `serve` and `migrate`.
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// Folder for the SQLite database and the generated JWT secret.
+    #[arg(long, env = "APEX_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Database URL: `postgres://user:password@host:5432/db` (or `postgresql://`) for
+    /// PostgreSQL, `sqlite://path`; default `sqlite://<data-dir>/apex.db`.
+    #[arg(long, env = "APEX_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Most database connections this instance holds open.
+    #[arg(long, env = "APEX_DATABASE_MAX_CONNECTIONS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    database_max_connections: u32,
+    /// Seconds a query waits for a free database connection before failing.
+    #[arg(long, env = "APEX_DATABASE_ACQUIRE_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    database_acquire_timeout_secs: u64,
+}
+
+impl DatabaseArgs {
+    fn settings(&self) -> apex_server::settings::Settings {
+        let mut settings = apex_server::settings::Settings::embedded(&self.data_dir);
+        settings.database_url = self.database_url.clone();
+        settings.database_pool = apex_server::settings::DatabasePool {
+            max_connections: self.database_max_connections,
+            acquire_timeout: Duration::from_secs(self.database_acquire_timeout_secs),
+        };
+        settings
+    }
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (printed on start).
     #[arg(long, env = "APEX_BIND", default_value = "127.0.0.1:8000")]
     bind: SocketAddr,
-    /// Folder for the database and the generated JWT secret.
-    #[arg(long, env = "APEX_DATA_DIR", default_value = "./data")]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    database: DatabaseArgs,
     /// Do not give new accounts 30 days of demo usage data.
     #[arg(long, env = "APEX_NO_DEMO_DATA")]
     no_demo_data: bool,
@@ -161,7 +204,7 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format)?;
-    let mut settings = apex_server::settings::Settings::embedded(&args.data_dir);
+    let mut settings = args.database.settings();
     settings.demo_data = !args.no_demo_data;
     settings.cors_allowed_origins = args.cors_origins;
     settings.development_mode = args.development_mode;
@@ -208,11 +251,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     apex_server::serve(listener, state, shutdown_signal()).await
 }
 
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    init_logging("human")?;
+    let settings = args.database.settings();
+    let backend = apex_server::store::Backend::from_url(&settings.database_url());
+    let store = apex_server::open_store(&settings).await?;
+    store.ping().await.context("checking the database")?;
+    println!("{} database is up to date", backend.name());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => migrate(args).await,
         Command::Chat(args) => chat::run(args).await,
         Command::Loadgen(args) => loadgen(args).await,
     };

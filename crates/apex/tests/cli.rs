@@ -1,5 +1,8 @@
 //! The real `apex` binary: `apex serve` on port 0, `apex chat` shows a full run live,
-//! SIGTERM shuts the server down cleanly.
+//! SIGTERM shuts the server down cleanly; `apex migrate` on SQLite and PostgreSQL.
+//!
+//! The PostgreSQL test needs `APEX_TEST_POSTGRES_URL` (see `crates/server/tests/api`); it is
+//! skipped with a message without it, and fails without it under `CI`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -36,9 +39,14 @@ mod plain_http {
 }
 
 fn start_server(data_dir: &std::path::Path) -> Server {
+    start_server_with(data_dir, &[])
+}
+
+fn start_server_with(data_dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .env("APEX_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -273,4 +281,158 @@ fn logs_never_contain_passwords_tokens_or_tickets() {
     ] {
         assert!(!logs.contains(secret), "the {name} appears in the logs");
     }
+}
+
+fn apex(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(args)
+        .env("APEX_LOG", "warn")
+        .env_remove("APEX_DATABASE_URL")
+        .output()
+        .expect("run apex")
+}
+
+#[test]
+fn migrate_creates_the_sqlite_database_and_can_run_again() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let dir = data_dir.path().join("nested");
+    let dir = dir.to_str().unwrap();
+    for _ in 0..2 {
+        let output = apex(&["migrate", "--data-dir", dir]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stdout).contains("SQLite database is up to date"));
+    }
+    assert!(data_dir.path().join("nested/apex.db").exists());
+}
+
+#[test]
+fn an_unreachable_postgres_is_a_clear_error_without_the_password() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = apex(&[
+        "migrate",
+        "--data-dir",
+        data_dir.path().to_str().unwrap(),
+        "--database-url",
+        "postgres://apex:s3cret-pw@127.0.0.1:1/apex",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+}
+
+/// `APEX_TEST_POSTGRES_URL`, or `None` after saying the test is skipped (a panic under CI).
+fn postgres_url() -> Option<String> {
+    const VAR: &str = "APEX_TEST_POSTGRES_URL";
+    if let Some(url) = std::env::var(VAR).ok().filter(|u| !u.trim().is_empty()) {
+        return Some(url);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !in_ci,
+        "{VAR} is not set, but CI is: the PostgreSQL tests must run in CI"
+    );
+    eprintln!("skipping the PostgreSQL CLI test: set {VAR} (e.g. postgres://postgres@127.0.0.1:5432/test) to run it");
+    None
+}
+
+/// A schema of its own for one test, dropped at the end.
+struct Schema {
+    base_url: String,
+    name: String,
+}
+
+impl Schema {
+    fn run(base_url: &str, sql: String) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(base_url)
+                .await
+                .expect("connect to APEX_TEST_POSTGRES_URL");
+            sqlx::query(&sql).execute(&mut conn).await.expect(&sql);
+            let _ = conn.close().await;
+        });
+    }
+
+    fn create(base_url: &str) -> Schema {
+        let name = format!("apex_cli_test_{}", uuid::Uuid::new_v4().simple());
+        Schema::run(base_url, format!("CREATE SCHEMA \"{name}\""));
+        Schema {
+            base_url: base_url.to_string(),
+            name,
+        }
+    }
+
+    fn url(&self) -> String {
+        let separator = if self.base_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options[search_path]={}",
+            self.base_url, self.name
+        )
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        Schema::run(
+            &self.base_url,
+            format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name),
+        );
+    }
+}
+
+#[test]
+fn migrate_then_serve_and_chat_on_postgres() {
+    let Some(base_url) = postgres_url() else {
+        return;
+    };
+    let schema = Schema::create(&base_url);
+    let url = schema.url();
+    let data_dir = tempfile::tempdir().unwrap();
+    let dir = data_dir.path().to_str().unwrap();
+    for _ in 0..2 {
+        let output = apex(&["migrate", "--data-dir", dir, "--database-url", &url]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("PostgreSQL database is up to date")
+        );
+    }
+
+    let server = start_server_with(data_dir.path(), &["--database-url", &url]);
+    assert!(
+        !data_dir.path().join("apex.db").exists(),
+        "no SQLite file when the data is in PostgreSQL"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["chat", "--server", &server.address, "--register"])
+        .args(["--email", "pg-cli@example.com"])
+        .args(["--message", "How can I reduce my LLM costs?"])
+        .env("APEX_PASSWORD", "a long enough password")
+        .output()
+        .expect("run apex chat");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "chat failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("— run completed"), "{stdout}");
+    drop(server);
 }

@@ -16,8 +16,9 @@
 //!   `UserExecutionContext` of a run.
 //! - [`agents`]: `AgentInstanceFactory` (per run), the supervisor and the five agents.
 //! - [`events`]: `UserEmitter` (per run: seq, persist, deliver) and the per-user `EventBus`.
-//! - [`store`]: the `Store` trait, its SQLite implementation, and `UserStore`, the
-//!   user-scoped handle through which all user data is read and written.
+//! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
+//!   database URL), and `UserStore`, the user-scoped handle through which all user data is
+//!   read and written.
 //! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait and the
 //!   deterministic template writer.
 //! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
@@ -57,8 +58,7 @@ use crate::llm::template::TemplateWriter;
 use crate::runs::ActiveRuns;
 use crate::settings::{Secret, Settings};
 use crate::state::{AppState, Infrastructure, Lifecycle};
-use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
+use crate::store::{Backend, Store};
 use crate::usage::pricing::PricingTable;
 
 /// Reads the JWT secret from settings, else from `<data_dir>/jwt_secret`, creating it.
@@ -96,15 +96,21 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(contents.as_bytes())
 }
 
-/// Opens storage, recovers runs a previous process left unfinished, and builds the state.
-pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
+/// Opens the database `settings` select (SQLite unless the URL is `postgres://` or
+/// `postgresql://`) and applies pending migrations. `apex migrate` is exactly this.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data folder {}", settings.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&settings.database_url())
-            .await
-            .context("opening the database")?,
-    );
+    let url = settings.database_url();
+    let backend = Backend::from_url(&url);
+    store::open(&url, &settings.database_pool)
+        .await
+        .with_context(|| format!("opening the {} database", backend.name()))
+}
+
+/// Opens storage, recovers runs a previous process left unfinished, and builds the state.
+pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
+    let store = open_store(&settings).await?;
     let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new());
     let recovered = runs::recover_unfinished_runs(&store, &bus)
         .await

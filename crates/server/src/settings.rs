@@ -43,12 +43,36 @@ pub enum PasswordHashing {
     Light,
 }
 
+/// Connection-pool limits of the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatabasePool {
+    /// Most connections one instance holds open. With several instances on one PostgreSQL,
+    /// keep `instances x max_connections` under the server's `max_connections` (100 by
+    /// default).
+    pub max_connections: u32,
+    /// How long a query waits for a free connection before it fails (and the request
+    /// answers 500, readiness 503) instead of hanging.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabasePool {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Folder for the SQLite database and the generated JWT secret.
     pub data_dir: PathBuf,
-    /// `sqlite://...`; defaults to `<data_dir>/apex.db`.
+    /// `sqlite://...` or `postgres://...` (also `postgresql://`); defaults to
+    /// `sqlite://<data_dir>/apex.db`. A PostgreSQL URL may carry a password: never log it.
     pub database_url: Option<String>,
+    /// Connection pool of the database, whichever the engine.
+    pub database_pool: DatabasePool,
     /// HS256 signing key; generated into `<data_dir>/jwt_secret` on first start if unset.
     pub jwt_secret: Option<Secret>,
     pub access_token_ttl: Duration,
@@ -88,6 +112,7 @@ impl Settings {
         Self {
             data_dir: data_dir.into(),
             database_url: None,
+            database_pool: DatabasePool::default(),
             jwt_secret: None,
             access_token_ttl: Duration::from_secs(15 * 60),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),

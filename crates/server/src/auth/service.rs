@@ -58,7 +58,7 @@ fn normalize_email(email: &str) -> Result<String, AuthError> {
         && email.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty() && domain.contains('.') && !domain.contains('@')
         })
-        && !email.chars().any(char::is_whitespace);
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
     if valid {
         Ok(email)
     } else {
@@ -120,6 +120,12 @@ impl Authenticator {
         if name.is_some_and(|n| n.chars().count() > 200) {
             return Err(AuthError::Validation(
                 "name must be at most 200 characters".into(),
+            ));
+        }
+        // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
+        if name.is_some_and(|n| n.contains('\0')) {
+            return Err(AuthError::Validation(
+                "name must not contain NUL characters".into(),
             ));
         }
         let password_hash = self.hasher.hash(password.to_string()).await?;

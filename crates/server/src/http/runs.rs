@@ -35,6 +35,10 @@ pub fn validate_message(text: &str) -> Result<String, String> {
             "message must be at most {MAX_MESSAGE_CHARS} characters"
         ));
     }
+    // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
+    if text.contains('\0') {
+        return Err("message must not contain NUL characters".into());
+    }
     Ok(text.to_string())
 }
 

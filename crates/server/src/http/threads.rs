@@ -58,6 +58,12 @@ fn validate_title(title: &str) -> Result<String, ApiError> {
             "title must be at most {MAX_TITLE_CHARS} characters"
         )));
     }
+    // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
+    if title.contains('\0') {
+        return Err(ApiError::validation(
+            "title must not contain NUL characters",
+        ));
+    }
     Ok(if title.is_empty() {
         DEFAULT_TITLE.to_string()
     } else {

@@ -9,16 +9,22 @@
 //! context, and passes that user's id to every call. A thread, run or message of another
 //! user is therefore indistinguishable from one that does not exist.
 //!
-//! Implementations: [`sqlite::SqliteStore`] (embedded default). SQL is kept portable
-//! (BIGINT millisecond timestamps, TEXT ids) for the PostgreSQL implementation to come.
+//! Implementations: [`sqlite::SqliteStore`] (embedded default) and
+//! [`postgres::PostgresStore`] (several instances on one database), with the same semantics
+//! and the same schema shape (BIGINT millisecond timestamps, TEXT ids, JSON as TEXT).
+//! [`open`] picks one from the database URL.
 
+pub mod postgres;
 pub mod sqlite;
 mod user_store;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
+use crate::settings::DatabasePool;
 use apex_protocol::threads::RunStatus;
 
 pub use user_store::UserStore;
@@ -207,4 +213,37 @@ pub trait Store: Send + Sync + 'static {
 
 pub(crate) fn parse_json_column(raw: &str) -> StoreResult<Value> {
     serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("json column: {e}")))
+}
+
+/// The storage engine a database URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `postgres://` and `postgresql://` select PostgreSQL; anything else is SQLite.
+    pub fn from_url(url: &str) -> Self {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// Opens the store `url` selects (see [`Backend::from_url`]) and applies pending migrations.
+pub async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Arc<dyn Store>> {
+    Ok(match Backend::from_url(url) {
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::open_with(url, pool).await?),
+        Backend::Postgres => Arc::new(postgres::PostgresStore::open(url, pool).await?),
+    })
 }

@@ -17,6 +17,7 @@ use super::{
     ThreadRecord, UsageRow, UserRecord,
 };
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
+use crate::settings::DatabasePool;
 use apex_protocol::threads::RunStatus;
 
 pub struct SqliteStore {
@@ -24,8 +25,14 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `url` and applies migrations.
+    /// Opens (creating if needed) the database at `url` with the default pool and applies
+    /// migrations.
     pub async fn open(url: &str) -> StoreResult<Self> {
+        Self::open_with(url, &DatabasePool::default()).await
+    }
+
+    /// Like [`SqliteStore::open`] with the given pool limits.
+    pub async fn open_with(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -33,7 +40,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(8)
+            .max_connections(pool.max_connections)
+            .acquire_timeout(pool.acquire_timeout)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;

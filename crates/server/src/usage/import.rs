@@ -37,6 +37,13 @@ fn text_field(index: usize, name: &str, value: &str) -> Result<String, ImportErr
             format!("{name} must be 1 to {MAX_TEXT} characters"),
         ));
     }
+    // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
+    if value.contains('\0') {
+        return Err(row_error(
+            index,
+            format!("{name} must not contain NUL characters"),
+        ));
+    }
     Ok(value.to_string())
 }
 

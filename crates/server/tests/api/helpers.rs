@@ -1,5 +1,12 @@
-//! `spawn_app()` and `TestApp`: the real server on port 0 with a temporary SQLite file,
-//! plus typed helpers to talk to it over HTTP and WebSocket.
+//! `spawn_app()` and `TestApp`: the real server on port 0, plus typed helpers to talk to it
+//! over HTTP and WebSocket; `test_database()` for tests that use a store directly.
+//!
+//! The same tests run against both storage engines. This file is compiled into two test
+//! targets (see `crates/server/Cargo.toml`): `api` runs on a temporary SQLite file,
+//! `api_postgres` on PostgreSQL at `APEX_TEST_POSTGRES_URL`, each test in a schema of its
+//! own (`apex_test_<unix seconds>_<uuid>`, put first on the connection's `search_path` and
+//! dropped when the test's `TestDatabase` is). Without that variable the PostgreSQL tests
+//! are skipped with a message, except under `CI`, where they fail.
 
 use std::time::Duration;
 
@@ -8,8 +15,10 @@ use apex_protocol::events::AgentEvent;
 use apex_protocol::usage::UsageSummary;
 use apex_server::settings::{PasswordHashing, Settings};
 use apex_server::state::AppState;
+use apex_server::store::Backend;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -23,6 +32,200 @@ pub const PASSWORD: &str = "correct horse battery";
 /// The signing key test servers use, so tests can forge tokens the server must refuse.
 pub const JWT_SECRET: &str = "integration-test-secret-0123456789abcdef";
 
+/// The variable naming the PostgreSQL server the `api_postgres` tests use.
+pub const POSTGRES_URL_VAR: &str = "APEX_TEST_POSTGRES_URL";
+/// Prefix of the per-test schemas.
+const SCHEMA_PREFIX: &str = "apex_test_";
+/// Schemas older than this are leftovers of killed test processes and are dropped.
+const STALE_SCHEMA_SECS: u64 = 3600;
+
+/// The engine this test binary runs against, from its target name.
+pub fn backend() -> Backend {
+    if env!("CARGO_CRATE_NAME") == "api_postgres" {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    }
+}
+
+/// One test's database: a temporary folder (the SQLite file, the JWT secret) and, on
+/// PostgreSQL, a schema of its own.
+pub struct TestDatabase {
+    pub data_dir: tempfile::TempDir,
+    /// `None` for SQLite: the default URL inside `data_dir`.
+    pub database_url: Option<String>,
+    _schema: Option<TestSchema>,
+}
+
+impl TestDatabase {
+    /// Test settings on this database: light password hashing, fast streaming.
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings::embedded(self.data_dir.path());
+        settings.database_url = self.database_url.clone();
+        settings.password_hashing = PasswordHashing::Light;
+        settings.template_stream_delay = Duration::from_millis(1);
+        settings.jwt_secret = Some(apex_server::settings::Secret::new(JWT_SECRET));
+        settings
+    }
+}
+
+/// A fresh database for this test, or `None` (after saying why) when this is the
+/// PostgreSQL target and no server is configured. Panics under `CI` instead of skipping.
+pub async fn test_database() -> Option<TestDatabase> {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    match backend() {
+        Backend::Sqlite => Some(TestDatabase {
+            data_dir,
+            database_url: None,
+            _schema: None,
+        }),
+        Backend::Postgres => {
+            let base_url = postgres_url()?;
+            let schema = TestSchema::create(&base_url).await;
+            Some(TestDatabase {
+                data_dir,
+                database_url: Some(schema.url()),
+                _schema: Some(schema),
+            })
+        }
+    }
+}
+
+fn postgres_url() -> Option<String> {
+    if let Some(url) = std::env::var(POSTGRES_URL_VAR)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
+        return Some(url);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !in_ci,
+        "{POSTGRES_URL_VAR} is not set, but CI is: the PostgreSQL tests must run in CI \
+         (e.g. {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/test)"
+    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    eprintln!(
+        "skipping {test} on PostgreSQL: set {POSTGRES_URL_VAR} (e.g. \
+         postgres://postgres@127.0.0.1:5432/test) to run it"
+    );
+    None
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A PostgreSQL schema owned by one test; dropped (with everything in it) on drop.
+struct TestSchema {
+    base_url: String,
+    name: String,
+}
+
+impl TestSchema {
+    async fn create(base_url: &str) -> TestSchema {
+        let name = format!(
+            "{SCHEMA_PREFIX}{}_{}",
+            unix_seconds(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut conn = PgConnection::connect(base_url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {POSTGRES_URL_VAR}: {e}"));
+        drop_stale_schemas(&mut conn).await;
+        sqlx::query(&format!("CREATE SCHEMA \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .expect("create the test schema");
+        let _ = conn.close().await;
+        TestSchema {
+            base_url: base_url.to_string(),
+            name,
+        }
+    }
+
+    /// The base URL with this schema first on the search path of every connection.
+    fn url(&self) -> String {
+        let separator = if self.base_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options[search_path]={}",
+            self.base_url, self.name
+        )
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on; a short-lived
+        // thread with its own runtime does the work while the server keeps running.
+        let base_url = self.base_url.clone();
+        let name = self.name.clone();
+        let outcome = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let mut conn = PgConnection::connect(&base_url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                drop_schema(&mut conn, &name).await?;
+                let _ = conn.close().await;
+                Ok::<(), String>(())
+            })
+        })
+        .join();
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("could not drop test schema {}: {err}", self.name),
+            Err(_) => eprintln!("could not drop test schema {}: cleanup panicked", self.name),
+        }
+    }
+}
+
+async fn drop_schema(conn: &mut PgConnection, name: &str) -> Result<(), String> {
+    // A run still writing when its test ends may hold a lock briefly; do not wait forever.
+    sqlx::query("SET lock_timeout = '5s'")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Drops test schemas left behind by test processes that were killed.
+async fn drop_stale_schemas(conn: &mut PgConnection) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)")
+            .bind(SCHEMA_PREFIX)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
+    let now = unix_seconds();
+    for name in names {
+        let created = name
+            .strip_prefix(SCHEMA_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<u64>().ok());
+        if created.is_some_and(|created| now.saturating_sub(created) > STALE_SCHEMA_SECS) {
+            let _ = drop_schema(conn, &name).await;
+        }
+    }
+}
+
 pub struct TestApp {
     pub address: String,
     pub settings: Settings,
@@ -31,20 +234,19 @@ pub struct TestApp {
     pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _data_dir: tempfile::TempDir,
+    _database: TestDatabase,
 }
 
-pub async fn spawn_app() -> TestApp {
+/// Starts the server on a fresh database; `None` when the test is to be skipped (see
+/// [`test_database`]).
+pub async fn spawn_app() -> Option<TestApp> {
     spawn_app_with(|_| {}).await
 }
 
 /// Starts the server with test settings adjusted by `configure`.
-pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
-    let data_dir = tempfile::tempdir().expect("temp dir");
-    let mut settings = Settings::embedded(data_dir.path());
-    settings.password_hashing = PasswordHashing::Light;
-    settings.jwt_secret = Some(apex_server::settings::Secret::new(JWT_SECRET));
-    settings.template_stream_delay = Duration::from_millis(1);
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> Option<TestApp> {
+    let database = test_database().await?;
+    let mut settings = database.settings();
     configure(&mut settings);
     let state = apex_server::build_state(settings.clone())
         .await
@@ -57,7 +259,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let server = tokio::spawn(apex_server::serve(listener, state.clone(), async move {
         let _ = rx.await;
     }));
-    TestApp {
+    Some(TestApp {
         settings,
         address: format!("http://127.0.0.1:{port}"),
         ws_address: format!("ws://127.0.0.1:{port}/ws"),
@@ -65,8 +267,8 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         state,
         shutdown: Some(tx),
         server: Some(server),
-        _data_dir: data_dir,
-    }
+        _database: database,
+    })
 }
 
 /// A registered user and their tokens.

@@ -1,16 +1,21 @@
 //! Integration tests: the real server on port 0, driven over HTTP and WebSocket.
+//!
+//! This target (`api`) runs them on SQLite; `tests/api_postgres` compiles the same files
+//! again to run them on PostgreSQL (see `helpers.rs`).
 
 mod auth;
 mod compat;
 mod durability;
 mod golden_path;
-mod helpers;
+pub mod helpers;
 mod hostile;
 mod isolation;
 mod lifecycle;
 mod limits;
 mod no_global_state;
+mod store;
 mod stress;
+mod text;
 mod threads;
 mod usage;
 mod websocket;

@@ -6,7 +6,9 @@ use crate::helpers::spawn_app;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_can_be_created_listed_renamed_and_deleted() {
-    let app = spawn_app().await;
+    let Some(app) = spawn_app().await else {
+        return;
+    };
     let user = app.register().await;
     let created = app
         .post_json(

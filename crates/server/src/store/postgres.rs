@@ -1,0 +1,688 @@
+//! `PostgresStore`: the storage backend for running several Apex instances on one database.
+//!
+//! It owns the PostgreSQL side of [`Store`]: the connection pool, the schema in
+//! `migrations/postgres`, and every query. Chosen when the database URL starts with
+//! `postgres://` or `postgresql://` (see [`super::open`]); SQLite stays the default.
+//!
+//! Semantics are those of [`super::sqlite::SqliteStore`], query for query: the same owner
+//! filter on every user-data statement, the same conflict handling, the same return values,
+//! and transactions exactly where SQLite uses them. What differs is how concurrency is made
+//! safe, because PostgreSQL runs writers in parallel where SQLite serialises them:
+//! - single-statement state changes stay single statements (`consume_refresh_token`,
+//!   `redeem_ticket ... RETURNING`): under READ COMMITTED a second concurrent UPDATE waits for
+//!   the first, re-checks its `WHERE` on the new row version and matches nothing, so a token
+//!   or single-use ticket is spent exactly once;
+//! - `insert_message` locks the thread row (its `UPDATE threads` comes first) before it
+//!   computes the next position, so concurrent appends to one thread queue up instead of
+//!   taking the same position (a UNIQUE index backs this up);
+//! - `append_event` likewise locks the run row before inserting;
+//! - the expired-revocation housekeeping of `revoke_session` deletes with
+//!   `FOR UPDATE SKIP LOCKED`, so concurrent logouts never wait on or deadlock with each other.
+//!
+//! One difference of the engines is papered over here: PostgreSQL text cannot hold U+0000.
+//! A lookup by a key holding it finds nothing, as on SQLite, instead of failing; input
+//! validation refuses such text before it reaches a write.
+//!
+//! Migrations are embedded at compile time and applied by [`PostgresStore::migrate`]
+//! (`apex migrate`, and every start); sqlx serialises concurrent migrators with an advisory
+//! lock, so several instances may start at once. Queries are runtime (`sqlx::query`) so the
+//! build needs no database.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres, QueryBuilder, Row};
+
+use super::{
+    parse_json_column, MessageRecord, RunRecord, Store, StoreError, StoreResult, StoredEvent,
+    ThreadRecord, UsageRow, UserRecord,
+};
+use crate::ids::{MessageId, RunId, ThreadId, UserId};
+use crate::settings::DatabasePool;
+use apex_protocol::threads::RunStatus;
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` without touching the schema.
+    pub async fn connect(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
+        let mut options = PgConnectOptions::from_str(url)?;
+        if options.get_application_name().is_none() {
+            options = options.application_name("apex");
+        }
+        // One plain connection first: the pool would retry a refused or rejected connection
+        // until its acquire timeout and then report only "timed out"; this reports why.
+        options.connect().await?.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool.max_connections)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Connects and applies pending migrations: what the server does at start.
+    pub async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
+        let store = Self::connect(url, pool).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations in `migrations/postgres` that have not run yet.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+fn unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn parse_stored_id<T>(
+    raw: &str,
+    parse: fn(&str) -> Result<T, crate::ids::IdError>,
+) -> StoreResult<T> {
+    parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
+}
+
+/// PostgreSQL refuses U+0000 in text, so no stored key contains it: a lookup by such a
+/// key (a client-supplied ticket, say) finds nothing, as on SQLite, instead of failing.
+fn unstorable(key: &str) -> bool {
+    key.contains('\0')
+}
+
+/// SQLite reads a negative LIMIT as "no limit"; PostgreSQL rejects it, and `LIMIT NULL` is
+/// its "no limit".
+fn sql_limit(limit: i64) -> Option<i64> {
+    (limit >= 0).then_some(limit)
+}
+
+/// SQLite reads a negative OFFSET as zero; PostgreSQL rejects it.
+fn sql_offset(offset: i64) -> i64 {
+    offset.max(0)
+}
+
+fn user_from_row(row: &PgRow) -> StoreResult<UserRecord> {
+    Ok(UserRecord {
+        id: parse_stored_id(row.try_get("id")?, UserId::parse)?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        password_hash: row.try_get("password_hash")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn thread_from_row(row: &PgRow) -> StoreResult<ThreadRecord> {
+    Ok(ThreadRecord {
+        id: parse_stored_id(row.try_get("id")?, ThreadId::parse)?,
+        title: row.try_get("title")?,
+        metadata: parse_json_column(row.try_get("metadata")?)?,
+        created_at_ms: row.try_get("created_at")?,
+        updated_at_ms: row.try_get("updated_at")?,
+        message_count: row.try_get("message_count")?,
+    })
+}
+
+fn message_from_row(row: &PgRow) -> StoreResult<MessageRecord> {
+    Ok(MessageRecord {
+        id: parse_stored_id(row.try_get("id")?, MessageId::parse)?,
+        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
+        role: row.try_get("role")?,
+        content: row.try_get("content")?,
+        metadata: parse_json_column(row.try_get("metadata")?)?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn run_from_row(row: &PgRow) -> StoreResult<RunRecord> {
+    let status: String = row.try_get("status")?;
+    let last_seq: i64 = row.try_get("last_seq")?;
+    Ok(RunRecord {
+        id: parse_stored_id(row.try_get("id")?, RunId::parse)?,
+        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status:?}")))?,
+        created_at_ms: row.try_get("created_at")?,
+        started_at_ms: row.try_get("started_at")?,
+        finished_at_ms: row.try_get("finished_at")?,
+        error: row.try_get("error")?,
+        last_seq: u64::try_from(last_seq).unwrap_or(0),
+    })
+}
+
+const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated_at, \
+     (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count";
+
+const RUN_COLUMNS: &str =
+    "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_user(&self, user: &UserRecord) -> StoreResult<()> {
+        let result = sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(user.id.to_string())
+        .bind(&user.email)
+        .bind(&user.name)
+        .bind(&user.password_hash)
+        .bind(user.created_at_ms)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) if unique_violation(&err) => Err(StoreError::Conflict),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
+        if unstorable(email) {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "SELECT id, email, name, password_hash, created_at FROM users WHERE email = $1",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query(
+            "SELECT id, email, name, password_hash, created_at FROM users WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn insert_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        access_jti: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (jti, user_id, access_jti, expires_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(jti)
+        .bind(user.to_string())
+        .bind(access_jti)
+        .bind(expires_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        if unstorable(jti) {
+            return Ok(false);
+        }
+        // One statement: a concurrent second UPDATE waits for the first, re-checks
+        // `revoked_at IS NULL` on the committed row and matches nothing.
+        let result = sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = $1 \
+             WHERE jti = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1",
+        )
+        .bind(now_ms)
+        .bind(jti)
+        .bind(user.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn revoke_session(
+        &self,
+        access_jti: &str,
+        access_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES ($1, $2) \
+             ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(access_jti)
+        .bind(access_expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = $1 \
+             WHERE access_jti = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms)
+        .bind(access_jti)
+        .execute(&mut *tx)
+        .await?;
+        // Housekeeping: expired revocations are useless, since the token is rejected anyway.
+        // Rows another logout is already deleting are skipped rather than waited for.
+        sqlx::query(
+            "DELETE FROM revoked_access_tokens WHERE jti IN ( \
+                 SELECT jti FROM revoked_access_tokens WHERE expires_at < $1 \
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
+        if unstorable(jti) {
+            return Ok(false);
+        }
+        let row = sqlx::query("SELECT 1 FROM revoked_access_tokens WHERE jti = $1")
+            .bind(jti)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn insert_ticket(
+        &self,
+        ticket_id: &str,
+        user: UserId,
+        expires_at_ms: i64,
+        single_use: bool,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO ws_tickets (id, user_id, expires_at, single_use) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(ticket_id)
+        .bind(user.to_string())
+        .bind(expires_at_ms)
+        .bind(single_use)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>> {
+        if unstorable(ticket_id) {
+            return Ok(None);
+        }
+        // One statement, as for refresh tokens: a single-use ticket is redeemed once.
+        let row = sqlx::query(
+            "UPDATE ws_tickets SET used_at = $1 \
+             WHERE id = $2 AND expires_at > $1 AND (NOT single_use OR used_at IS NULL) \
+             RETURNING user_id",
+        )
+        .bind(now_ms)
+        .bind(ticket_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(parse_stored_id(
+                row.try_get("user_id")?,
+                UserId::parse,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(thread.id.to_string())
+        .bind(owner.to_string())
+        .bind(&thread.title)
+        .bind(thread.metadata.to_string())
+        .bind(thread.created_at_ms)
+        .bind(thread.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_threads(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<ThreadRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.user_id = $1 \
+             ORDER BY t.updated_at DESC, t.id LIMIT $2 OFFSET $3"
+        ))
+        .bind(owner.to_string())
+        .bind(sql_limit(limit))
+        .bind(sql_offset(offset))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(thread_from_row).collect()
+    }
+
+    async fn get_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<Option<ThreadRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.id = $1 AND t.user_id = $2"
+        ))
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(thread_from_row).transpose()
+    }
+
+    async fn update_thread(
+        &self,
+        owner: UserId,
+        id: ThreadId,
+        title: &str,
+        metadata: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE threads SET title = $1, metadata = $2, updated_at = $3 \
+             WHERE id = $4 AND user_id = $5",
+        )
+        .bind(title)
+        .bind(metadata.to_string())
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn delete_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<bool> {
+        let result = sqlx::query("DELETE FROM threads WHERE id = $1 AND user_id = $2")
+            .bind(id.to_string())
+            .bind(owner.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // Touching the thread first checks that it is `owner`'s and locks its row until
+        // commit, so concurrent appends to one thread take their positions one at a time
+        // (each INSERT's snapshot sees the messages committed before it got the lock).
+        let touched =
+            sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+                .bind(message.created_at_ms)
+                .bind(message.thread_id.to_string())
+                .bind(owner.to_string())
+                .execute(&mut *tx)
+                .await?;
+        if touched.rows_affected() == 0 {
+            return Ok(false);
+        }
+        // The position keeps messages in insertion order even when two share a millisecond.
+        sqlx::query(
+            "INSERT INTO messages \
+                 (id, thread_id, user_id, role, content, metadata, created_at, position) \
+             SELECT $1, t.id, t.user_id, $2, $3, $4, $5, \
+                    (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
+             FROM threads t WHERE t.id = $6 AND t.user_id = $7",
+        )
+        .bind(message.id.to_string())
+        .bind(&message.role)
+        .bind(&message.content)
+        .bind(message.metadata.to_string())
+        .bind(message.created_at_ms)
+        .bind(message.thread_id.to_string())
+        .bind(owner.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn list_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, i64)> {
+        let rows = sqlx::query(
+            "SELECT id, thread_id, role, content, metadata, created_at FROM messages \
+             WHERE thread_id = $1 AND user_id = $2 ORDER BY position LIMIT $3 OFFSET $4",
+        )
+        .bind(thread.to_string())
+        .bind(owner.to_string())
+        .bind(sql_limit(limit))
+        .bind(sql_offset(offset))
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE thread_id = $1 AND user_id = $2")
+                .bind(thread.to_string())
+                .bind(owner.to_string())
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?;
+        let messages = rows
+            .iter()
+            .map(message_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok((messages, total))
+    }
+
+    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(run.status.as_str())
+        .bind(run.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND user_id = $2"
+        ))
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn set_run_status(
+        &self,
+        owner: UserId,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let (started, finished) = match status {
+            RunStatus::Running => (Some(now_ms), None),
+            s if s.is_terminal() => (None, Some(now_ms)),
+            _ => (None, None),
+        };
+        sqlx::query(
+            "UPDATE runs SET status = $1, error = COALESCE($2, error), \
+             started_at = COALESCE(started_at, $3), finished_at = COALESCE($4, finished_at) \
+             WHERE id = $5 AND user_id = $6",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(started)
+        .bind(finished)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn append_event(
+        &self,
+        owner: UserId,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+        let mut tx = self.pool.begin().await?;
+        // Checks ownership and locks the run row until the event is in.
+        let updated = sqlx::query("UPDATE runs SET last_seq = $1 WHERE id = $2 AND user_id = $3")
+            .bind(seq)
+            .bind(run.to_string())
+            .bind(owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if updated.rows_affected() != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "event for run {run} that {owner} does not own"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO run_events (run_id, seq, event, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(run.to_string())
+        .bind(seq)
+        .bind(json)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT e.seq, e.event FROM run_events e JOIN runs r ON r.id = e.run_id \
+             WHERE e.run_id = $1 AND r.user_id = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4",
+        )
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .bind(after)
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq")?;
+                Ok(StoredEvent {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    json: row.try_get("event")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        // PostgreSQL allows 65535 bound parameters per statement; 10 per row.
+        for chunk in rows.chunks(500) {
+            let mut builder: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
+                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
+            );
+            builder.push_values(chunk, |mut b, row| {
+                b.push_bind(owner.to_string())
+                    .push_bind(&row.provider)
+                    .push_bind(&row.model)
+                    .push_bind(&row.workload)
+                    .push_bind(row.ts_ms)
+                    .push_bind(row.prompt_tokens)
+                    .push_bind(row.completion_tokens)
+                    .push_bind(row.latency_ms)
+                    .push_bind(&row.status)
+                    .push_bind(row.cost_usd);
+            });
+            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
+             status, cost_usd FROM workload_events WHERE user_id = $1 AND ts >= $2 \
+             ORDER BY ts, id",
+        )
+        .bind(owner.to_string())
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRow {
+                    provider: row.try_get("provider")?,
+                    model: row.try_get("model")?,
+                    workload: row.try_get("workload")?,
+                    ts_ms: row.try_get("ts")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    status: row.try_get("status")?,
+                    cost_usd: row.try_get("cost_usd")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "DELETE FROM run_events WHERE run_id IN \
+             (SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1)",
+        )
+        .bind(finished_before_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT user_id, {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
+                Ok((owner, run_from_row(row)?))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,498 @@
+//! The `Store` implementations directly: the guarantees the server relies on when requests
+//! race (a refresh token or single-use ticket is spent once, concurrent appends to a thread
+//! all land in order) and the owner filter of every user-data method. Runs on SQLite in the
+//! `api` target and on PostgreSQL in `api_postgres`, so both engines answer alike.
+
+use std::sync::Arc;
+
+use apex_protocol::threads::RunStatus;
+use apex_server::ids::{MessageId, RunId, ThreadId, UserId};
+use apex_server::store::{
+    MessageRecord, RunRecord, Store, StoreError, ThreadRecord, UsageRow, UserRecord,
+};
+use serde_json::json;
+
+use crate::helpers::{test_database, TestDatabase};
+
+const NOW: i64 = 1_700_000_000_000;
+/// How many tasks race for one resource.
+const RACERS: usize = 16;
+
+struct TestStore {
+    store: Arc<dyn Store>,
+    _database: TestDatabase,
+}
+
+async fn test_store() -> Option<TestStore> {
+    let database = test_database().await?;
+    let store = apex_server::open_store(&database.settings())
+        .await
+        .expect("open the store");
+    Some(TestStore {
+        store,
+        _database: database,
+    })
+}
+
+async fn user(store: &dyn Store) -> UserId {
+    let id = UserId::generate();
+    store
+        .create_user(&UserRecord {
+            id,
+            email: format!("{id}@example.com"),
+            name: None,
+            password_hash: "hash".into(),
+            created_at_ms: NOW,
+        })
+        .await
+        .expect("create user");
+    id
+}
+
+async fn thread(store: &dyn Store, owner: UserId) -> ThreadId {
+    let id = ThreadId::generate();
+    store
+        .create_thread(
+            owner,
+            &ThreadRecord {
+                id,
+                title: "t".into(),
+                metadata: json!({"k": "v"}),
+                created_at_ms: NOW,
+                updated_at_ms: NOW,
+                message_count: 0,
+            },
+        )
+        .await
+        .expect("create thread");
+    id
+}
+
+fn message(thread_id: ThreadId, content: &str) -> MessageRecord {
+    MessageRecord {
+        id: MessageId::generate(),
+        thread_id,
+        role: "user".into(),
+        content: content.into(),
+        metadata: json!({}),
+        created_at_ms: NOW,
+    }
+}
+
+async fn run(store: &dyn Store, owner: UserId, thread_id: ThreadId) -> RunId {
+    let id = RunId::generate();
+    store
+        .create_run(
+            owner,
+            &RunRecord {
+                id,
+                thread_id,
+                status: RunStatus::Queued,
+                created_at_ms: NOW,
+                started_at_ms: None,
+                finished_at_ms: None,
+                error: None,
+                last_seq: 0,
+            },
+        )
+        .await
+        .expect("create run");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_consumed_concurrently_is_consumed_once() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let owner = user(&*db.store).await;
+    db.store
+        .insert_refresh_token("jti-1", owner, "access-1", NOW + 60_000)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..RACERS {
+        let store = Arc::clone(&db.store);
+        tasks.push(tokio::spawn(async move {
+            store.consume_refresh_token("jti-1", owner, NOW).await
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        if task.await.unwrap().expect("consume") {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1, "exactly one concurrent refresh wins");
+
+    // Unknown, expired and foreign tokens are refused.
+    let other = user(&*db.store).await;
+    db.store
+        .insert_refresh_token("jti-2", owner, "access-2", NOW + 60_000)
+        .await
+        .unwrap();
+    assert!(!db
+        .store
+        .consume_refresh_token("nope", owner, NOW)
+        .await
+        .unwrap());
+    assert!(!db
+        .store
+        .consume_refresh_token("jti-2", other, NOW)
+        .await
+        .unwrap());
+    assert!(!db
+        .store
+        .consume_refresh_token("jti-2", owner, NOW + 60_000)
+        .await
+        .unwrap());
+    assert!(db
+        .store
+        .consume_refresh_token("jti-2", owner, NOW)
+        .await
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_ticket_redeemed_concurrently_is_redeemed_once() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let owner = user(&*db.store).await;
+    db.store
+        .insert_ticket("single", owner, NOW + 60_000, true)
+        .await
+        .unwrap();
+    db.store
+        .insert_ticket("multi", owner, NOW + 60_000, false)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..RACERS * 2 {
+        let store = Arc::clone(&db.store);
+        let ticket = if i % 2 == 0 { "single" } else { "multi" };
+        tasks.push(tokio::spawn(async move {
+            (ticket, store.redeem_ticket(ticket, NOW).await)
+        }));
+    }
+    let (mut single, mut multi) = (0, 0);
+    for task in tasks {
+        let (ticket, redeemed) = task.await.unwrap();
+        if let Some(user) = redeemed.expect("redeem") {
+            assert_eq!(user, owner);
+            match ticket {
+                "single" => single += 1,
+                _ => multi += 1,
+            }
+        }
+    }
+    assert_eq!(single, 1, "a single-use ticket is redeemed once");
+    assert_eq!(multi, RACERS, "a reusable ticket is redeemed every time");
+    assert_eq!(
+        db.store.redeem_ticket("multi", NOW + 60_000).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(db.store.redeem_ticket("unknown", NOW).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let owner = user(&*db.store).await;
+    let thread_id = thread(&*db.store, owner).await;
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let store = Arc::clone(&db.store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .insert_message(owner, &message(thread_id, &format!("m{i}")))
+                .await
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.unwrap().expect("insert message"));
+    }
+    let (messages, total) = db
+        .store
+        .list_messages(owner, thread_id, 100, 0)
+        .await
+        .unwrap();
+    assert_eq!(total, RACERS as i64);
+    let mut contents: Vec<_> = messages.iter().map(|m| m.content.clone()).collect();
+    contents.sort();
+    contents.dedup();
+    assert_eq!(contents.len(), RACERS, "every message stored once");
+
+    // Sequential appends keep their order, even within one millisecond.
+    let later = thread(&*db.store, owner).await;
+    for i in 0..5 {
+        db.store
+            .insert_message(owner, &message(later, &format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let (messages, _) = db.store.list_messages(owner, later, 100, 0).await.unwrap();
+    let order: Vec<_> = messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(order, ["0", "1", "2", "3", "4"]);
+    let thread = db.store.get_thread(owner, later).await.unwrap().unwrap();
+    assert_eq!(thread.message_count, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_rows_are_indistinguishable_from_missing_ones() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let alice = user(store).await;
+    let bob = user(store).await;
+    let thread_id = thread(store, alice).await;
+    assert!(store
+        .insert_message(alice, &message(thread_id, "hi"))
+        .await
+        .unwrap());
+    let run_id = run(store, alice, thread_id).await;
+    store
+        .append_event(alice, run_id, 1, r#"{"seq":1}"#, NOW)
+        .await
+        .unwrap();
+
+    assert!(store.get_thread(bob, thread_id).await.unwrap().is_none());
+    assert!(store.list_threads(bob, 10, 0).await.unwrap().is_empty());
+    assert!(!store
+        .update_thread(bob, thread_id, "mine", &json!({}), NOW)
+        .await
+        .unwrap());
+    assert!(!store
+        .insert_message(bob, &message(thread_id, "sneaky"))
+        .await
+        .unwrap());
+    let (messages, total) = store.list_messages(bob, thread_id, 10, 0).await.unwrap();
+    assert!(messages.is_empty());
+    assert_eq!(total, 0);
+    assert!(store.get_run(bob, run_id).await.unwrap().is_none());
+    assert!(store
+        .list_events(bob, run_id, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        store.append_event(bob, run_id, 2, "{}", NOW).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    store
+        .set_run_status(bob, run_id, RunStatus::Failed, Some("x"), NOW)
+        .await
+        .unwrap();
+    assert!(!store.delete_thread(bob, thread_id).await.unwrap());
+
+    // Alice's data is untouched by all of that.
+    let thread = store.get_thread(alice, thread_id).await.unwrap().unwrap();
+    assert_eq!(thread.title, "t");
+    assert_eq!(thread.message_count, 1);
+    let run = store.get_run(alice, run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.last_seq, 1);
+    assert_eq!(
+        store.list_events(alice, run_id, 0, 10).await.unwrap().len(),
+        1
+    );
+    assert!(store.delete_thread(alice, thread_id).await.unwrap());
+    assert!(
+        store.get_run(alice, run_id).await.unwrap().is_none(),
+        "runs go with their thread"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_engines_answer_alike_on_edge_cases() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let owner = user(store).await;
+
+    // A taken email is a conflict.
+    let existing = store.get_user(owner).await.unwrap().unwrap();
+    let again = UserRecord {
+        id: UserId::generate(),
+        ..existing.clone()
+    };
+    assert!(matches!(
+        store.create_user(&again).await,
+        Err(StoreError::Conflict)
+    ));
+    let found = store
+        .find_user_by_email(&existing.email)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, owner);
+    assert!(store
+        .find_user_by_email(&existing.email.to_uppercase())
+        .await
+        .unwrap()
+        .is_none());
+
+    // Events come back byte for byte (key order and spacing kept), after `after_seq`.
+    let thread_id = thread(store, owner).await;
+    let run_id = run(store, owner, thread_id).await;
+    let events = [r#"{"z": 1, "a": "\u0000é"}"#, r#"{"b":2,"a":1}"#, "{}"];
+    for (i, json) in events.iter().enumerate() {
+        store
+            .append_event(owner, run_id, i as u64 + 1, json, NOW)
+            .await
+            .unwrap();
+    }
+    let stored = store.list_events(owner, run_id, 0, 10).await.unwrap();
+    let texts: Vec<_> = stored.iter().map(|e| e.json.as_str()).collect();
+    assert_eq!(texts, events);
+    let after_one = store.list_events(owner, run_id, 1, 1).await.unwrap();
+    assert_eq!(after_one.len(), 1);
+    assert_eq!(after_one[0].seq, 2);
+    assert!(
+        store
+            .append_event(owner, run_id, 2, "{}", NOW)
+            .await
+            .is_err(),
+        "a seq is stored once"
+    );
+
+    // Run status timestamps: started once, finished once, error kept.
+    store
+        .set_run_status(owner, run_id, RunStatus::Running, None, NOW + 1)
+        .await
+        .unwrap();
+    store
+        .set_run_status(owner, run_id, RunStatus::Running, None, NOW + 2)
+        .await
+        .unwrap();
+    store
+        .set_run_status(owner, run_id, RunStatus::Failed, Some("boom"), NOW + 3)
+        .await
+        .unwrap();
+    store
+        .set_run_status(owner, run_id, RunStatus::Failed, None, NOW + 4)
+        .await
+        .unwrap();
+    let finished = store.get_run(owner, run_id).await.unwrap().unwrap();
+    assert_eq!(finished.started_at_ms, Some(NOW + 1));
+    assert_eq!(finished.finished_at_ms, Some(NOW + 4));
+    assert_eq!(finished.error.as_deref(), Some("boom"));
+    assert!(store
+        .unfinished_runs()
+        .await
+        .unwrap()
+        .iter()
+        .all(|(_, r)| r.id != run_id));
+
+    // Thread metadata round-trips; paging: negative limit means no limit, negative offset 0.
+    for i in 0..3 {
+        store
+            .update_thread(
+                owner,
+                thread_id,
+                "renamed",
+                &json!({"i": i, "nested": [1, {"x": null}]}),
+                NOW + i,
+            )
+            .await
+            .unwrap();
+    }
+    let renamed = store.get_thread(owner, thread_id).await.unwrap().unwrap();
+    assert_eq!(
+        renamed.metadata,
+        json!({"i": 2, "nested": [1, {"x": null}]})
+    );
+    assert_eq!(renamed.updated_at_ms, NOW + 2);
+    thread(store, owner).await;
+    thread(store, owner).await;
+    assert_eq!(store.list_threads(owner, -1, 0).await.unwrap().len(), 3);
+    assert_eq!(store.list_threads(owner, 10, -5).await.unwrap().len(), 3);
+    assert_eq!(store.list_threads(owner, 2, 2).await.unwrap().len(), 1);
+
+    // Usage: exact floats, the owner's rows only, in time order.
+    let rows: Vec<UsageRow> = (0..3)
+        .map(|i| UsageRow {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            workload: "chat".into(),
+            ts_ms: NOW - i * 1000,
+            prompt_tokens: 1_000_000 + i,
+            completion_tokens: i,
+            latency_ms: 10,
+            status: "ok".into(),
+            cost_usd: 0.1 + 0.2 * i as f64,
+        })
+        .collect();
+    assert_eq!(store.insert_usage(owner, &rows).await.unwrap(), 3);
+    let other = user(store).await;
+    assert_eq!(store.insert_usage(other, &rows[..1]).await.unwrap(), 1);
+    let mut expected = rows.clone();
+    expected.reverse();
+    assert_eq!(store.usage_rows_since(owner, 0).await.unwrap(), expected);
+    assert_eq!(
+        store.usage_rows_since(owner, NOW - 1000).await.unwrap(),
+        expected[1..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_logouts_all_succeed_and_revoke_their_sessions() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let owner = user(&*db.store).await;
+    // Expired revocations that every logout's housekeeping will try to delete.
+    for i in 0..RACERS {
+        db.store
+            .revoke_session(&format!("old-{i}"), NOW - 10_000, NOW - 20_000)
+            .await
+            .unwrap();
+    }
+    for i in 0..RACERS {
+        db.store
+            .insert_refresh_token(&format!("r-{i}"), owner, &format!("a-{i}"), NOW + 60_000)
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let store = Arc::clone(&db.store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .revoke_session(&format!("a-{i}"), NOW + 60_000, NOW)
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("logout");
+    }
+    for i in 0..RACERS {
+        assert!(db
+            .store
+            .is_access_token_revoked(&format!("a-{i}"))
+            .await
+            .unwrap());
+        assert!(
+            !db.store
+                .is_access_token_revoked(&format!("old-{i}"))
+                .await
+                .unwrap(),
+            "expired revocations are cleaned up"
+        );
+        assert!(!db
+            .store
+            .consume_refresh_token(&format!("r-{i}"), owner, NOW)
+            .await
+            .unwrap());
+    }
+    // Logging out twice is harmless.
+    db.store
+        .revoke_session("a-0", NOW + 60_000, NOW)
+        .await
+        .unwrap();
+}
