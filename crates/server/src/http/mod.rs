@@ -56,6 +56,7 @@ pub fn app(state: AppState) -> Router {
             post(usage::import).layer(axum::extract::DefaultBodyLimit::max(32 * 1024 * 1024)),
         )
         .route("/api/usage/summary", get(usage::summary))
+        .route("/api/usage/daily", get(usage::daily))
         .route("/ws", get(crate::ws::upgrade))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
