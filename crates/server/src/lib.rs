@@ -21,6 +21,7 @@
 //! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait and the
 //!   deterministic template writer.
 //! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
+//! - [`web`]: the browser chat page at `/`, its assets compiled into the binary.
 //! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
 
 pub mod agents;
@@ -38,6 +39,7 @@ pub mod settings;
 pub mod state;
 pub mod store;
 pub mod usage;
+pub mod web;
 pub mod ws;
 
 use std::future::Future;

@@ -58,6 +58,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/usage/summary", get(usage::summary))
         .route("/api/usage/daily", get(usage::daily))
         .route("/ws", get(crate::ws::upgrade))
+        .merge(crate::web::routes())
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::client(
