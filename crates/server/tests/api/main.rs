@@ -13,4 +13,5 @@ mod no_global_state;
 mod stress;
 mod threads;
 mod usage;
+mod web_page;
 mod websocket;

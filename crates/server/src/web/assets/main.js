@@ -142,7 +142,7 @@ function renderThreads() {
         onclick: () => openThread(thread.id),
       },
       h('span', { class: 'thread-title', text: thread.title }),
-      h('span', { class: 'thread-meta muted', text: `${thread.message_count} messages · ${relativeTime(thread.updated_at)}` }))));
+      h('span', { class: 'thread-meta muted', text: `${thread.message_count} message${thread.message_count === 1 ? '' : 's'} · ${relativeTime(thread.updated_at)}` }))));
   }
   const current = state.threads.find((t) => t.id === state.threadId);
   $('thread-title').textContent = current ? current.title : 'New conversation';

@@ -101,7 +101,7 @@ export function drawChart(container, legend, daily) {
 
 function stat(label, value, id) {
   return h('div', { class: 'stat' }, h('div', { class: 'stat-label muted', text: label }),
-    h('div', { class: 'stat-value', id, text: value }));
+    h('div', { class: 'stat-value', id, title: value, text: value }));
 }
 
 export class UsageView {
