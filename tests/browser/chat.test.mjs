@@ -9,7 +9,8 @@
 // with GET /api/usage/summary). User B's WebSocket is dropped mid-answer: the page must
 // reconnect with a fresh ticket, `resume` from its last seq and show the answer exactly
 // once. User A stops a slow second run. The usage view draws the user's own chart and
-// takes a CSV upload. Screenshots go to APEX_ARTIFACTS.
+// takes a CSV upload. Logging out leaves nothing of the user behind. Screenshots go to
+// APEX_ARTIFACTS.
 
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
@@ -274,6 +275,18 @@ try {
     const bobLegend = await pageB.locator('#usage-legend .legend-name').allTextContents();
     assert.deepEqual([...bobLegend].sort(), bob.summary.by_model.map((m) => m.model).sort());
     assert.ok(!bobLegend.includes(hostile));
+  });
+
+  await step('Bob logs out: his token is revoked and nothing of his stays on the page', async () => {
+    const token = await pageB.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')).access_token);
+    await pageB.click('#logout');
+    await pageB.waitForSelector('#auth-view:not([hidden])');
+    assert.equal(await pageB.evaluate(() => sessionStorage.getItem('apex.session')), null);
+    for (const id of ['#thread-list', '#messages', '#usage-chart', '#usage-legend', '#who']) {
+      assert.equal(await pageB.locator(id).textContent(), '', `${id} emptied`);
+    }
+    const me = await fetch(`${BASE}/auth/me`, { headers: { Authorization: `Bearer ${token}` } });
+    assert.equal(me.status, 401);
   });
 
   assert.deepEqual(errors, [], 'no script errors on the pages');

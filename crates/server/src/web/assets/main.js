@@ -63,6 +63,11 @@ function showAuth(message) {
   state.connection = null;
   state.runs.clear();
   state.pending = null;
+  state.threads = [];
+  state.threadId = null;
+  state.openToken += 1;
+  // Nothing of the previous user stays in the page.
+  for (const id of ['thread-list', 'messages', 'usage-stats', 'usage-chart', 'usage-legend', 'csv-status', 'who']) clear($(id));
   $('app-view').hidden = true;
   $('auth-view').hidden = false;
   $('auth-error').textContent = message || '';

@@ -18,6 +18,8 @@ export class Connection {
     this.onState = onState;
     this.resumeTargets = resumeTargets;
     this.ws = null;
+    this.ready = false;
+    this.connecting = false;
     this.stopped = false;
     this.attempt = 0;
     this.retryTimer = null;
@@ -50,7 +52,8 @@ export class Connection {
   }
 
   async connect() {
-    if (this.stopped) return;
+    if (this.stopped || this.connecting) return;
+    this.connecting = true;
     this.onState('connecting');
     let ticket;
     try {
@@ -61,6 +64,8 @@ export class Connection {
       // 401 after a failed refresh means logged out: api() already said so.
       if (!(err instanceof ApiError && err.status === 401)) this.scheduleRetry();
       return;
+    } finally {
+      this.connecting = false;
     }
     if (this.stopped) return;
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -135,6 +140,7 @@ export class Connection {
   }
 
   reconnectNow() {
+    if (this.connecting) return;
     clearTimeout(this.retryTimer);
     this.detach();
     this.connect();
