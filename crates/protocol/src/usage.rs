@@ -72,3 +72,22 @@ pub struct WorkloadUsage {
     pub avg_prompt_tokens: f64,
     pub avg_completion_tokens: f64,
 }
+
+/// `GET /api/usage/daily?days=N`: the user's own spend per UTC day and model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DailyUsage {
+    pub days: u32,
+    /// Sorted by date, then model; a day without rows for a model has no entry.
+    pub series: Vec<DailyModelUsage>,
+}
+
+/// One model's usage on one UTC day.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DailyModelUsage {
+    /// `YYYY-MM-DD`, UTC.
+    pub date: String,
+    pub model: String,
+    /// Rounded to whole micro-dollars.
+    pub cost_usd: f64,
+    pub requests: i64,
+}

@@ -23,6 +23,7 @@
 //!   deterministic template writer.
 //! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
 //! - [`telemetry`]: Prometheus metric names, the HTTP metrics middleware, `/metrics`.
+//! - [`web`]: the browser chat page at `/`, its assets compiled into the binary.
 //! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
 
 pub mod agents;
@@ -41,6 +42,7 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod usage;
+pub mod web;
 pub mod ws;
 
 use std::future::Future;

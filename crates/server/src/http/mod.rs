@@ -56,7 +56,9 @@ pub fn app(state: AppState) -> Router {
             post(usage::import).layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD_BYTES as usize)),
         )
         .route("/api/usage/summary", get(usage::summary))
+        .route("/api/usage/daily", get(usage::daily))
         .route("/ws", get(crate::ws::upgrade))
+        .merge(crate::web::routes())
         .route("/metrics", get(crate::telemetry::render))
         .route_layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .layer(axum::middleware::from_fn(refuse_announced_oversize))

@@ -1,12 +1,15 @@
-//! A user's AI usage: the built-in pricing table, demo data, and the usage summary.
+//! A user's AI usage: the built-in pricing table, demo data, the usage summary and the
+//! daily series behind the web page's chart.
 //!
 //! The summary is computed by one function, [`summary_for`], used both by
 //! `GET /api/usage/summary` and by the data agent's `usage_summary` tool, so the numbers in
 //! an answer are exactly the numbers the API reports for the same user.
 
+mod daily;
 pub mod demo;
 pub mod import;
 pub mod pricing;
 mod summary;
 
+pub use daily::{daily_for, group_daily};
 pub use summary::{summarize, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};

@@ -12,7 +12,7 @@ pub const MAX_WINDOW_DAYS: u32 = 365;
 
 /// Summary of the store handle's user over the last `days` days before `now_ms`.
 pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<UsageSummary> {
-    let window_start = now_ms - i64::from(days) * 24 * 3600 * 1000;
+    let window_start = window_start_ms(days, now_ms);
     // Rows dated in the future (clock skew in an upload) are not counted yet.
     let rows: Vec<UsageRow> = store
         .usage_rows_since(window_start)
@@ -23,8 +23,13 @@ pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResu
     Ok(summarize(&rows, days, window_start))
 }
 
+/// Start of a `days`-day window ending at `now_ms`: `days` × 24 h earlier (inclusive).
+pub(crate) fn window_start_ms(days: u32, now_ms: i64) -> i64 {
+    now_ms - i64::from(days) * 24 * 3600 * 1000
+}
+
 /// Money is reported in whole micro-dollars so that sums compare exactly everywhere.
-fn round_usd(value: f64) -> f64 {
+pub(crate) fn round_usd(value: f64) -> f64 {
     (value * 1_000_000.0).round() / 1_000_000.0
 }
 

@@ -18,4 +18,5 @@ mod stress;
 mod text;
 mod threads;
 mod usage;
+mod web_page;
 mod websocket;

@@ -1,0 +1,304 @@
+// Drives the Apex web page in Debian's headless Chromium with playwright-core (never a
+// downloaded browser). Run by crates/apex/tests/browser.rs against a real `apex serve`
+// started with --template-stream-delay-ms 50; can also be run by hand:
+//
+//   APEX_URL=http://127.0.0.1:8000 node tests/browser/chat.test.mjs
+//
+// Two users in two browser contexts at once each ask a question; each page must show only
+// its own run, steps and answer, and the answer must quote that user's own spend (compared
+// with GET /api/usage/summary). User B's WebSocket is dropped mid-answer: the page must
+// reconnect with a fresh ticket, `resume` from its last seq and show the answer exactly
+// once. User A stops a slow second run. The usage view draws the user's own chart and
+// takes a CSV upload. Logging out leaves nothing of the user behind. Screenshots go to
+// APEX_ARTIFACTS.
+
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const BASE = process.env.APEX_URL;
+const CHROMIUM = process.env.APEX_CHROMIUM || '/usr/bin/chromium';
+const ARTIFACTS = process.env.APEX_ARTIFACTS || join(process.cwd(), 'browser-artifacts');
+const PASSWORD = 'a browser test password';
+const QUESTION = 'How can I reduce my LLM costs?';
+const AGENTS = ['triage', 'data', 'optimization', 'actions', 'reporting'];
+const TOOLS = ['usage_summary', 'pricing_lookup', 'savings_simulator', 'action_plan'];
+const RUN_TIMEOUT = 90_000;
+
+if (!BASE) {
+  console.error('set APEX_URL to the server, e.g. http://127.0.0.1:8000');
+  process.exit(2);
+}
+mkdirSync(ARTIFACTS, { recursive: true });
+
+const t0 = Date.now();
+const log = (...parts) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...parts);
+const unique = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
+
+async function step(name, fn) {
+  log(`▶ ${name}`);
+  const value = await fn();
+  log(`✔ ${name}`);
+  return value;
+}
+
+/** Calls the API from inside the page with that page's own token. */
+function pageApi(page, path) {
+  return page.evaluate(async (p) => {
+    const session = JSON.parse(sessionStorage.getItem('apex.session'));
+    const response = await fetch(p, { headers: { Authorization: `Bearer ${session.access_token}` } });
+    return { status: response.status, body: await response.json().catch(() => null) };
+  }, path);
+}
+
+/** The total as the template writer prints it: "$123.46" (no thousands separator). */
+function quotedTotal(answer) {
+  const match = /costing \$([0-9]+\.[0-9]{2}) in total/.exec(answer);
+  assert.ok(match, `answer quotes a total: ${answer.slice(0, 200)}`);
+  return Number(match[1]);
+}
+
+async function openPage(context, user, errors) {
+  const page = await context.newPage();
+  page.on('pageerror', (err) => errors.push(`${user.label}: ${err.message}`));
+  page.on('console', (msg) => { if (msg.type() === 'error') log(`${user.label} console: ${msg.text()}`); });
+  await page.goto(BASE + '/');
+  await page.waitForSelector('#auth-view:not([hidden])');
+  if (user.register) {
+    await page.click('#mode-register');
+    await page.fill('#name', user.label);
+  }
+  await page.fill('#email', user.email);
+  await page.fill('#password', PASSWORD);
+  await page.click('#auth-submit');
+  await page.waitForSelector('#app-view:not([hidden])');
+  await page.waitForSelector('#conn[data-state="online"]');
+  assert.equal(await page.textContent('#who'), user.email);
+  return page;
+}
+
+async function ask(page, text) {
+  await page.waitForSelector('#send:not([disabled])');
+  const before = await page.locator('.run').count();
+  await page.fill('#composer-input', text);
+  await page.click('#send');
+  await page.waitForFunction((n) => document.querySelectorAll('.run').length > n, before);
+  return page.locator('.run').nth(before).getAttribute('data-run-id');
+}
+
+/** Every check of one finished run on one page, against that user's own data. */
+async function checkCompletedRun(page, user, other, runId) {
+  const card = page.locator(`.run[data-run-id="${runId}"]`);
+  await card.locator('xpath=self::*[@data-status="completed"]').waitFor({ timeout: RUN_TIMEOUT });
+  const run = await pageApi(page, `/api/runs/${runId}`);
+  assert.equal(run.status, 200, `${user.label}'s page shows a run of their own`);
+  assert.equal(run.body.status, 'completed');
+  // Each stored event was applied exactly once, in order.
+  assert.equal(await card.getAttribute('data-applied'), String(run.body.last_seq), 'every event applied once');
+  assert.equal(await card.getAttribute('data-last-seq'), String(run.body.last_seq));
+
+  const agents = await card.locator('.agent').evaluateAll((els) => els.map((e) => [e.dataset.agent, e.dataset.state]));
+  assert.deepEqual(agents, AGENTS.map((a) => [a, 'completed']), 'each agent shown once, completed');
+  assert.ok(await card.locator('.thinking').count() >= 5, 'thinking lines shown');
+  assert.match(await card.locator('.agent[data-agent="data"] .agent-meta').textContent(), /^done in \d/);
+  const tools = await card.locator('.tool-chip').evaluateAll((els) => els.map((e) => [e.dataset.tool, e.dataset.state]));
+  assert.deepEqual(tools, TOOLS.map((t) => [t, 'ok']), 'tool chips completed');
+  const chip = card.locator('.tool-chip[data-tool="usage_summary"]');
+  await chip.locator('summary').click();
+  const toolResult = JSON.parse(await chip.locator('.tool-result').textContent());
+  assert.equal(toolResult.total_cost_usd, user.summary.total_cost_usd, 'tool result is the own summary');
+  assert.equal(toolResult.total_requests, user.summary.total_requests);
+  await chip.locator('summary').click(); // closed again, for a readable screenshot
+
+  const answer = await card.locator('.answer').textContent();
+  assert.ok(Math.abs(quotedTotal(answer) - user.summary.total_cost_usd) <= 0.0051,
+    `${user.label}'s answer quotes their own total ${user.summary.total_cost_usd}`);
+  assert.ok(!answer.includes(`$${other.summary.total_cost_usd.toFixed(2)}`), 'no trace of the other total');
+  const messages = await pageApi(page, `/api/threads/${run.body.thread_id}/messages`);
+  const stored = messages.body.messages.find((m) => m.role === 'assistant' && m.metadata.run_id === runId);
+  assert.equal(answer, stored.content, 'the streamed answer is the stored answer, exactly once');
+
+  const pageText = await page.locator('body').textContent();
+  assert.ok(!pageText.includes(other.email), 'the other user is nowhere on the page');
+  const foreign = await page.locator(`[data-run-id="${other.runId}"]`).count();
+  assert.equal(foreign, 0, 'the other run is not on the page');
+  assert.equal(await page.locator('.run').count(), 1, 'only its own run');
+  return answer;
+}
+
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const errors = [];
+try {
+  log(`chromium ${browser.version()} against ${BASE}`);
+  const alice = { label: 'Alice', email: `alice-${unique}@example.com`, register: true };
+  const bob = { label: 'Bob', email: `bob-${unique}@example.com`, register: false };
+  await step('Bob has an account (registered over the API; he logs in through the page)', async () => {
+    const response = await fetch(`${BASE}/auth/register`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ email: bob.email, password: PASSWORD }),
+    });
+    assert.equal(response.status, 201);
+  });
+
+  const viewport = { width: 1280, height: 900 };
+  const contextA = await browser.newContext({ viewport });
+  const contextB = await browser.newContext({ viewport });
+
+  // Bob's WebSocket goes through a proxy that can cut it, like a network drop.
+  const bobSockets = [];
+  await contextB.routeWebSocket(/\/ws(\?|$)/, (ws) => {
+    const server = ws.connectToServer();
+    const socket = { url: ws.url(), sent: [], ws, server };
+    bobSockets.push(socket);
+    ws.onMessage((message) => { socket.sent.push(String(message)); server.send(message); });
+  });
+
+  const [pageA, pageB] = await step('Alice registers and Bob logs in, at the same time', () =>
+    Promise.all([openPage(contextA, alice, errors), openPage(contextB, bob, errors)]));
+
+  for (const [user, page] of [[alice, pageA], [bob, pageB]]) {
+    const summary = await pageApi(page, '/api/usage/summary?days=30');
+    assert.equal(summary.status, 200);
+    user.summary = summary.body;
+    log(`${user.label}: ${user.summary.total_requests} requests, $${user.summary.total_cost_usd}`);
+    assert.ok(user.summary.total_cost_usd > 0, 'demo data gives spend');
+  }
+  assert.notEqual(alice.summary.total_cost_usd.toFixed(2), bob.summary.total_cost_usd.toFixed(2),
+    'the two users spend differently');
+
+  [alice.runId, bob.runId] = await step('both ask a question at the same time', () =>
+    Promise.all([ask(pageA, QUESTION), ask(pageB, QUESTION)]));
+
+  await step("Bob's network drops while his answer streams in; the page resumes", async () => {
+    const answer = pageB.locator(`.run[data-run-id="${bob.runId}"] .answer`);
+    await pageB.waitForFunction((id) => {
+      const el = document.querySelector(`.run[data-run-id="${id}"] .answer`);
+      return el && el.textContent.length > 0;
+    }, bob.runId, { timeout: RUN_TIMEOUT });
+    const seenBefore = Number(await pageB.locator(`.run[data-run-id="${bob.runId}"]`).getAttribute('data-last-seq'));
+    const first = bobSockets[0];
+    assert.equal(bobSockets.length, 1);
+    await first.ws.close({ code: 4001, reason: 'simulated network drop' });
+    await first.server.close();
+    await pageB.waitForSelector('#conn:not([data-state="online"])', { timeout: 5000 }).catch(() => {});
+    await pageB.waitForSelector('#conn[data-state="online"]', { timeout: 20000 });
+    assert.ok(bobSockets.length >= 2, 'reconnected');
+    const second = bobSockets[bobSockets.length - 1];
+    for (const socket of bobSockets) {
+      assert.match(socket.url, /\/ws\?ticket=[A-Za-z0-9_-]{20,}$/, 'authenticated with a ticket');
+      assert.ok(!socket.url.includes('eyJ'), 'no JWT in the URL');
+    }
+    assert.notEqual(first.url, second.url, 'a fresh ticket for the new socket');
+    const resume = second.sent.map((m) => JSON.parse(m)).find((f) => f.type === 'resume');
+    assert.ok(resume, 'the page sent resume after reconnecting');
+    assert.equal(resume.run_id, bob.runId);
+    assert.ok(resume.after_seq >= seenBefore, `resume after the last seq seen (${resume.after_seq} >= ${seenBefore})`);
+    log(`Bob resumed run after seq ${resume.after_seq}; answer so far ${(await answer.textContent()).length} chars`);
+  });
+
+  const [answerA, answerB] = await step('each page shows only its own steps and answer', () =>
+    Promise.all([checkCompletedRun(pageA, alice, bob, alice.runId), checkCompletedRun(pageB, bob, alice, bob.runId)]));
+  assert.notEqual(answerA, answerB);
+  for (const page of [pageA, pageB]) {
+    await page.evaluate(() => { const box = document.getElementById('messages'); box.scrollTop = box.scrollHeight; });
+  }
+  await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice.png'), fullPage: false });
+  await pageB.screenshot({ path: join(ARTIFACTS, 'chat-bob.png'), fullPage: false });
+
+  await step('Alice stops a slow second run', async () => {
+    const runId = await ask(pageA, 'And how could I cut spend over the last 7 days?');
+    const card = pageA.locator(`.run[data-run-id="${runId}"]`);
+    await pageA.waitForFunction((id) => {
+      const el = document.querySelector(`.run[data-run-id="${id}"] .answer`);
+      return el && el.textContent.length > 0;
+    }, runId, { timeout: RUN_TIMEOUT });
+    await card.locator('.stop').click();
+    await card.locator('xpath=self::*[@data-status="cancelled"]').waitFor({ timeout: 20000 });
+    const run = await pageApi(pageA, `/api/runs/${runId}`);
+    assert.equal(run.body.status, 'cancelled');
+    assert.equal(await card.locator('.pill').textContent(), 'Stopped');
+    assert.equal(await card.locator('.stop').count(), 0, 'no stop button once stopped');
+    assert.equal(await card.locator('.agent[data-agent="reporting"]').getAttribute('data-state'), 'stopped');
+    assert.match(await card.locator('.run-error').textContent(), /stopped/);
+    const partial = await card.locator('.answer').textContent();
+    assert.ok(partial.length < answerA.length, 'the answer stopped part-way');
+    assert.equal(await card.getAttribute('data-applied'), String(run.body.last_seq));
+    await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice-stopped.png') });
+  });
+
+  await step("the usage view charts the user's own spend and takes a CSV upload", async () => {
+    // An expired-looking access token: the page refreshes it with /auth/refresh.
+    const oldRefresh = await pageA.evaluate(() => {
+      const session = JSON.parse(sessionStorage.getItem('apex.session'));
+      const refresh = session.refresh_token;
+      session.access_token = 'not.a.valid-token';
+      sessionStorage.setItem('apex.session', JSON.stringify(session));
+      return refresh;
+    });
+    await pageA.click('#tab-usage');
+    await pageA.waitForSelector('#usage-chart svg rect.bar');
+    const session = await pageA.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')));
+    assert.notEqual(session.access_token, 'not.a.valid-token', 'tokens were refreshed after a 401');
+    assert.notEqual(session.refresh_token, oldRefresh);
+    assert.equal(await pageA.textContent('#stat-total'), `$${alice.summary.total_cost_usd.toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`);
+    const legend = await pageA.locator('#usage-legend .legend-name').allTextContents();
+    assert.deepEqual([...legend].sort(), alice.summary.by_model.map((m) => m.model).sort(), 'legend: own models');
+    await pageA.screenshot({ path: join(ARTIFACTS, 'usage-alice.png'), fullPage: true });
+    const barModels = new Set(await pageA.locator('#usage-chart rect.bar').evaluateAll((els) => els.map((e) => e.dataset.model)));
+    assert.deepEqual([...barModels].sort(), [...legend].sort());
+
+    // A model name that looks like markup is shown as text.
+    const hostile = '<img src=x onerror=alert(1)>';
+    const ts = new Date(Date.now() - 3600_000).toISOString();
+    const csv = 'provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status,cost_usd\n'
+      + `acme,"${hostile}",csv-upload,${ts},1000,200,900,ok,4.5\n`
+      + `acme,"${hostile}",csv-upload,${ts},1000,200,900,ok,0.5\n`;
+    await pageA.setInputFiles('#csv-file', { name: 'usage.csv', mimeType: 'text/csv', buffer: Buffer.from(csv) });
+    await pageA.click('#csv-upload');
+    await pageA.waitForFunction(() => /Imported 2 rows/.test(document.getElementById('csv-status').textContent));
+    await pageA.waitForFunction((name) => [...document.querySelectorAll('#usage-legend .legend-name')]
+      .some((e) => e.textContent === name), hostile);
+    assert.equal(await pageA.locator('#usage-legend img, #usage-chart img').count(), 0, 'markup is not parsed');
+    assert.equal(await pageA.textContent('#stat-total'),
+      `$${(alice.summary.total_cost_usd + 5).toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`);
+    await pageA.screenshot({ path: join(ARTIFACTS, 'usage-alice-after-upload.png'), fullPage: true });
+
+    // Bob's chart has none of it.
+    await pageB.click('#tab-usage');
+    await pageB.waitForSelector('#usage-chart svg rect.bar');
+    const bobLegend = await pageB.locator('#usage-legend .legend-name').allTextContents();
+    assert.deepEqual([...bobLegend].sort(), bob.summary.by_model.map((m) => m.model).sort());
+    assert.ok(!bobLegend.includes(hostile));
+  });
+
+  await step('Bob logs out: his token is revoked and nothing of his stays on the page', async () => {
+    const token = await pageB.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')).access_token);
+    await pageB.click('#logout');
+    await pageB.waitForSelector('#auth-view:not([hidden])');
+    assert.equal(await pageB.evaluate(() => sessionStorage.getItem('apex.session')), null);
+    for (const id of ['#thread-list', '#messages', '#usage-chart', '#usage-legend', '#who']) {
+      assert.equal(await pageB.locator(id).textContent(), '', `${id} emptied`);
+    }
+    const me = await fetch(`${BASE}/auth/me`, { headers: { Authorization: `Bearer ${token}` } });
+    assert.equal(me.status, 401);
+  });
+
+  assert.deepEqual(errors, [], 'no script errors on the pages');
+  log(`screenshots in ${ARTIFACTS}`);
+  console.log('BROWSER TEST OK: every check passed');
+} catch (err) {
+  for (const [i, page] of browser.contexts().flatMap((c) => c.pages()).entries()) {
+    await page.screenshot({ path: join(ARTIFACTS, `failure-${i}.png`), fullPage: true }).catch(() => {});
+  }
+  console.error(err);
+  if (errors.length) console.error('page errors:', errors);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
