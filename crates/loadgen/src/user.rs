@@ -348,10 +348,27 @@ impl Session<'_> {
         };
         let action_at = self.rng.gen_range(2..20);
         let mut followed = conn;
+        // Seqs of this run received on the followed connection(s), and the highest seq up
+        // to which nothing is missing. Live events may overtake a resume replay, so the
+        // check is "every seq exactly once", not "in order".
+        let mut got = std::collections::BTreeSet::new();
         let mut last = 0u64;
+        let mut terminal: Option<Value> = None;
+        let mut acted = false;
         let mut stop_sent = false;
-        let terminal = loop {
+        loop {
+            if let Some(end) = terminal.as_ref().and_then(|t| t["seq"].as_u64()) {
+                if last >= end {
+                    break;
+                }
+            }
             let Some(frame) = self.next_frame().await else {
+                let missing = terminal
+                    .as_ref()
+                    .and_then(|t| t["seq"].as_u64())
+                    .map_or(1, |end| end.saturating_sub(got.len() as u64));
+                self.out.lost_events += missing as usize;
+                self.violation(format!("run {run_id}: {missing} event(s) never arrived"));
                 return;
             };
             let v = &frame.value;
@@ -359,23 +376,26 @@ impl Session<'_> {
                 continue;
             }
             let seq = v["seq"].as_u64().unwrap_or(0);
-            if seq <= last {
+            if !got.insert(seq) {
                 continue;
             }
-            if seq != last + 1 {
-                self.out.lost_events += (seq - last - 1) as usize;
-                self.violation(format!("run {run_id}: gap from {last} to {seq}"));
+            while got.contains(&(last + 1)) {
+                last += 1;
             }
-            last = seq;
             if seq == 1 {
                 self.out
                     .time_to_first_event_ms
                     .push(sent_at.elapsed().as_secs_f64() * 1000.0);
             }
             if is_terminal(v) {
-                break frame.value;
+                terminal = Some(frame.value.clone());
+                continue;
             }
-            if action == 1 && seq == action_at {
+            if acted || last < action_at || terminal.is_some() {
+                continue;
+            }
+            acted = true;
+            if action == 1 {
                 self.disconnect(followed).await;
                 match self.connect().await {
                     Ok(new) => followed = new,
@@ -385,17 +405,20 @@ impl Session<'_> {
                         return;
                     }
                 }
+                // Everything above `last` is requested again, so drop it from the record.
+                got.retain(|s| *s <= last);
                 self.send(
                     followed,
                     json!({"type": "resume", "run_id": run_id, "after_seq": last}),
                 )
                 .await;
-            } else if action == 2 && seq == action_at {
+            } else if action == 2 {
                 self.send(followed, json!({"type": "stop_agent", "run_id": run_id}))
                     .await;
                 stop_sent = true;
             }
-        };
+        }
+        let terminal = terminal.unwrap_or_default();
         self.out
             .run_duration_ms
             .push(sent_at.elapsed().as_secs_f64() * 1000.0);

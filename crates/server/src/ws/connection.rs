@@ -33,7 +33,7 @@ struct Connection {
     user: AuthenticatedUser,
     store: UserStore,
     /// run → highest seq this client already has.
-    delivered: HashMap<RunId, u64>,
+    delivered: HashMap<RunId, Delivered>,
     /// The run most recently started from this connection (`stop_agent` without an id).
     last_started: Option<RunId>,
 }
@@ -192,14 +192,13 @@ impl Connection {
 
     /// Sends a stored or live event unless this client already has it.
     async fn deliver(&mut self, run: RunId, seq: u64, json: String) -> Sent {
-        let last = self.delivered.get(&run).copied().unwrap_or(0);
-        if seq <= last {
+        if self.delivered.get(&run).is_some_and(|d| d.has(seq)) {
             return Ok(());
         }
         self.send_text(json).await?;
         // Kept after the terminal event too, so a replay overlapping live delivery of a
         // finished run still sends nothing twice. One entry per run seen on this socket.
-        self.delivered.insert(run, seq);
+        self.delivered.entry(run).or_default().record(seq);
         Ok(())
     }
 
@@ -234,7 +233,11 @@ impl Connection {
 
     /// After falling behind the bus: replay every run that may have had events since.
     async fn catch_up(&mut self) -> Sent {
-        let mut runs: Vec<(RunId, u64)> = self.delivered.iter().map(|(r, s)| (*r, *s)).collect();
+        let mut runs: Vec<(RunId, u64)> = self
+            .delivered
+            .iter()
+            .map(|(run, d)| (*run, d.contiguous))
+            .collect();
         if let Some(latest) = self.state.runs.latest_for(self.user.user_id()) {
             if !self.delivered.contains_key(&latest) {
                 runs.push((latest, 0));
@@ -474,8 +477,7 @@ impl Connection {
             Err(err) => return self.internal_error(err).await,
         }
         // The client has everything up to `after`: live copies of those are duplicates.
-        let known = self.delivered.entry(run).or_insert(0);
-        *known = (*known).max(after);
+        self.delivered.entry(run).or_default().has_up_to(after);
         match self.replay(run, after).await {
             Ok(()) => Ok(()),
             Err(ReplayError::Socket(err)) => Err(err),
@@ -516,6 +518,41 @@ impl Connection {
                 tracing::error!(error = %err, "switch_thread history failed");
                 Ok(())
             }
+        }
+    }
+}
+
+/// Which events of one run this connection has sent: everything up to `contiguous`, plus
+/// the seqs in `ahead`. Live events that overtake a `resume` replay land in `ahead`, so
+/// the replay still sends the ones before them, and nothing is ever sent twice.
+#[derive(Debug, Default)]
+struct Delivered {
+    contiguous: u64,
+    ahead: std::collections::BTreeSet<u64>,
+}
+
+impl Delivered {
+    fn has(&self, seq: u64) -> bool {
+        seq <= self.contiguous || self.ahead.contains(&seq)
+    }
+
+    fn record(&mut self, seq: u64) {
+        if seq > self.contiguous {
+            self.ahead.insert(seq);
+        }
+        self.advance();
+    }
+
+    /// The client says it already has every event up to `seq` (`resume after_seq`).
+    fn has_up_to(&mut self, seq: u64) {
+        self.contiguous = self.contiguous.max(seq);
+        self.ahead.retain(|s| *s > seq);
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        while self.ahead.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
         }
     }
 }
