@@ -7,8 +7,6 @@
 use std::io::Write as _;
 
 use anyhow::{bail, Context as _};
-use apex_protocol::auth::{LoginRequest, RegisterRequest, TokenPair};
-use apex_protocol::error::ErrorBody;
 use apex_protocol::events::{AgentEvent, EventKind, SUPERVISOR};
 use apex_protocol::ws::{ControlFrame, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
@@ -17,60 +15,15 @@ use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::account::AccountArgs;
+
 #[derive(clap::Args)]
 pub struct ChatArgs {
-    /// Base URL of the server.
-    #[arg(long, env = "APEX_SERVER", default_value = "http://127.0.0.1:8000")]
-    server: String,
-    /// Account email.
-    #[arg(long, env = "APEX_EMAIL")]
-    email: String,
-    /// Account password (prefer the environment variable; flags show up in `ps`).
-    #[arg(long, env = "APEX_PASSWORD", hide_env_values = true)]
-    password: String,
-    /// Create the account first.
-    #[arg(long)]
-    register: bool,
-    /// Display name when registering.
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    account: AccountArgs,
     /// Ask this one question, print the run, and exit (non-interactive).
     #[arg(long)]
     message: Option<String>,
-}
-
-async fn authenticate(args: &ChatArgs) -> anyhow::Result<TokenPair> {
-    let http = reqwest::Client::new();
-    let base = args.server.trim_end_matches('/');
-    let response = if args.register {
-        http.post(format!("{base}/auth/register"))
-            .json(&RegisterRequest {
-                email: args.email.clone(),
-                password: args.password.clone(),
-                name: args.name.clone(),
-            })
-            .send()
-            .await
-    } else {
-        http.post(format!("{base}/auth/login"))
-            .json(&LoginRequest {
-                email: args.email.clone(),
-                password: args.password.clone(),
-            })
-            .send()
-            .await
-    }
-    .with_context(|| format!("connecting to {base}"))?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let detail = response
-            .json::<ErrorBody>()
-            .await
-            .map(|b| format!("{} ({})", b.error.message, b.error.code))
-            .unwrap_or_else(|_| status.to_string());
-        bail!("authentication failed: {detail}");
-    }
-    Ok(response.json().await?)
 }
 
 /// Prints one event as a line (or, for answer text, inline). Returns true for the terminal.
@@ -134,11 +87,14 @@ fn prompt() {
 }
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
-    let pair = authenticate(&args).await?;
+    let pair = args.account.authenticate().await?;
     println!("signed in as {} ({})", pair.user.email, pair.user.id);
     let ws_url = format!(
         "{}/ws",
-        args.server.trim_end_matches('/').replacen("http", "ws", 1)
+        args.account
+            .server
+            .trim_end_matches('/')
+            .replacen("http", "ws", 1)
     );
     let mut request = ws_url.as_str().into_client_request()?;
     request.headers_mut().insert(

@@ -1,7 +1,9 @@
 //! The `apex` binary: `apex serve` runs the server, `apex migrate` brings the database
 //! schema up to date, `apex chat` is a terminal client.
 
+mod account;
 mod chat;
+mod usage;
 
 /// mimalloc returns freed memory to the system far better than glibc's allocator under
 /// many short-lived allocations on several threads (each run loads and drops the user's
@@ -42,6 +44,9 @@ enum Command {
     ///
     /// Example: apex loadgen --users 200 --connections 3 --runs 2 --chaos
     Loadgen(LoadgenArgs),
+    /// Upload your usage data or print your usage summary.
+    #[command(subcommand)]
+    Usage(usage::UsageCommand),
 }
 
 #[derive(clap::Args)]
@@ -269,6 +274,7 @@ async fn main() -> std::process::ExitCode {
         Command::Migrate(args) => migrate(args).await,
         Command::Chat(args) => chat::run(args).await,
         Command::Loadgen(args) => loadgen(args).await,
+        Command::Usage(command) => usage::run(command).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -436,3 +436,80 @@ fn migrate_then_serve_and_chat_on_postgres() {
     assert!(stdout.contains("— run completed"), "{stdout}");
     drop(server);
 }
+
+#[test]
+fn usage_import_and_summary_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server(data_dir.path());
+    let csv = data_dir.path().join("usage.csv");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // An hour ago, as RFC 3339 without pulling in a date crate: 1970-01-01 + seconds.
+    let stamp = {
+        let secs = now - 3600;
+        let days = secs / 86_400;
+        let (y, m, d) = civil_from_days(days as i64);
+        let rem = secs % 86_400;
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    };
+    std::fs::write(
+        &csv,
+        format!(
+            "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms\n\
+             openai,gpt-4o,cli-test,{stamp},1000000,0,900\n"
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", "usage@example.com"])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap()
+    };
+    // Register (demo data on) by importing with --register.
+    let imported = run(&["usage", "import", csv.to_str().unwrap(), "--register"]);
+    let out = String::from_utf8_lossy(&imported.stdout);
+    assert!(
+        imported.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    assert!(out.contains("imported 1 rows"), "{out}");
+    let summary = run(&["usage", "summary", "--days", "1"]);
+    let out = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.status.success(), "{out}");
+    assert!(
+        out.contains("cli-test"),
+        "the imported workload is listed: {out}"
+    );
+    assert!(
+        out.contains("$2.50"),
+        "its cost comes from the pricing table: {out}"
+    );
+    let bad = run(&["usage", "summary", "--days", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("validation_failed"));
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
