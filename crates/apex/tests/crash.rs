@@ -35,6 +35,25 @@ fn start(data_dir: &std::path::Path) -> (Child, String) {
     (child, address)
 }
 
+async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn post_json(http: &reqwest::Client, url: &str, token: Option<&str>, body: &Value) -> Value {
+    let mut request = http.post(url).json(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_mid_run_loses_nothing_and_recovers_every_run() {
     let data_dir = tempfile::tempdir().unwrap();
@@ -44,39 +63,31 @@ async fn kill_dash_nine_mid_run_loses_nothing_and_recovers_every_run() {
     // Five users, two threads each, one run per thread: ten runs in flight.
     let mut started = Vec::new();
     for user in 0..5 {
-        let pair: Value = http
-            .post(format!("{base}/auth/register"))
-            .json(&json!({"email": format!("crash{user}@example.com"), "password": "a long password"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let pair: Value = post_json(
+            &http,
+            &format!("{base}/auth/register"),
+            None,
+            &json!({"email": format!("crash{user}@example.com"), "password": "a long password"}),
+        )
+        .await;
         let token = pair["access_token"].as_str().unwrap().to_string();
         for thread in 0..2 {
-            let created: Value = http
-                .post(format!("{base}/api/threads"))
-                .bearer_auth(&token)
-                .json(&json!({"title": format!("t{thread}")}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let created: Value = post_json(
+                &http,
+                &format!("{base}/api/threads"),
+                Some(&token),
+                &json!({"title": format!("t{thread}")}),
+            )
+            .await;
             let thread_id = created["id"].as_str().unwrap().to_string();
             let message = format!("How can I reduce my LLM costs? ({user}/{thread})");
-            let accepted: Value = http
-                .post(format!("{base}/api/threads/{thread_id}/runs"))
-                .bearer_auth(&token)
-                .json(&json!({"message": message}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let accepted: Value = post_json(
+                &http,
+                &format!("{base}/api/threads/{thread_id}/runs"),
+                Some(&token),
+                &json!({"message": message}),
+            )
+            .await;
             started.push((
                 token.clone(),
                 thread_id,
@@ -88,15 +99,7 @@ async fn kill_dash_nine_mid_run_loses_nothing_and_recovers_every_run() {
     // Wait until every run is streaming its answer, then kill without warning.
     for (token, _, run_id, _) in &started {
         loop {
-            let run: Value = http
-                .get(format!("{base}/api/runs/{run_id}"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let run: Value = get_json(&http, &format!("{base}/api/runs/{run_id}"), token).await;
             assert_eq!(run["status"], "running", "runs are still in flight: {run}");
             if run["last_seq"].as_u64().unwrap() > 30 {
                 break;
@@ -109,39 +112,25 @@ async fn kill_dash_nine_mid_run_loses_nothing_and_recovers_every_run() {
 
     let (mut server, base) = start(data_dir.path());
     for (token, thread_id, run_id, message) in &started {
-        let page: Value = http
-            .get(format!("{base}/api/threads/{thread_id}/messages"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = get_json(
+            &http,
+            &format!("{base}/api/threads/{thread_id}/messages"),
+            token,
+        )
+        .await;
         assert_eq!(
             page["messages"][0]["content"],
             message.as_str(),
             "the user's message survived"
         );
-        let run: Value = http
-            .get(format!("{base}/api/runs/{run_id}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let run: Value = get_json(&http, &format!("{base}/api/runs/{run_id}"), token).await;
         assert_eq!(run["status"], "interrupted");
-        let events: Value = http
-            .get(format!("{base}/api/runs/{run_id}/events?after_seq=0"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let events: Value = get_json(
+            &http,
+            &format!("{base}/api/runs/{run_id}/events?after_seq=0"),
+            token,
+        )
+        .await;
         let events = events["events"].as_array().unwrap();
         for (i, event) in events.iter().enumerate() {
             assert_eq!(
