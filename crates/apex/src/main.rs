@@ -169,6 +169,39 @@ struct ServeArgs {
     /// Log format: `human` or `json`.
     #[arg(long, env = "APEX_LOG_FORMAT", default_value = "human")]
     log_format: String,
+    /// Who writes the answers: `local` (the embedded model), `template` (no model) or
+    /// `openai` (any OpenAI-compatible server). The template writer stands in if it fails.
+    #[arg(long, env = "APEX_LLM_PROVIDER", default_value = "local")]
+    llm_provider: apex_server::settings::LlmProviderKind,
+    /// The local model's GGUF file [default: <data-dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf,
+    /// installed by scripts/fetch-model.sh].
+    #[arg(long, env = "APEX_MODEL_PATH")]
+    model_path: Option<PathBuf>,
+    /// Dedicated inference threads for the local model.
+    #[arg(long, env = "APEX_LLM_THREADS", default_value_t = 1)]
+    llm_threads: usize,
+    /// Sampling temperature of the local model; 0 is greedy (deterministic).
+    #[arg(long, env = "APEX_LLM_TEMPERATURE", default_value_t = 0.0)]
+    llm_temperature: f32,
+    /// Nucleus sampling mass of the local model when the temperature is above 0.
+    #[arg(long, env = "APEX_LLM_TOP_P", default_value_t = 1.0)]
+    llm_top_p: f32,
+    /// OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:11434/v1.
+    #[arg(
+        long,
+        env = "APEX_OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    openai_base_url: String,
+    /// Model name for the OpenAI-compatible provider.
+    #[arg(long, env = "APEX_OPENAI_MODEL", default_value = "gpt-4o-mini")]
+    openai_model: String,
+    /// Seconds to wait for the provider's response to start and between streamed chunks.
+    #[arg(long, env = "APEX_OPENAI_TIMEOUT_SECS", default_value_t = 60)]
+    openai_timeout_secs: u64,
+    /// Retries on 429/5xx/connection failures, with exponential backoff.
+    #[arg(long, env = "APEX_OPENAI_MAX_RETRIES", default_value_t = 3)]
+    openai_max_retries: u32,
 }
 
 fn init_logging(format: &str) -> anyhow::Result<()> {
@@ -216,6 +249,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.dev_login = args.dev_login;
     settings.template_stream_delay =
         std::time::Duration::from_millis(args.template_stream_delay_ms);
+    settings.llm_provider = args.llm_provider;
+    settings.local_model.path = args.model_path;
+    settings.local_model.threads = args.llm_threads.max(1);
+    settings.local_model.temperature = args.llm_temperature;
+    settings.local_model.top_p = args.llm_top_p;
+    settings.openai.base_url = args.openai_base_url;
+    settings.openai.model = args.openai_model;
+    settings.openai.timeout = std::time::Duration::from_secs(args.openai_timeout_secs.max(1));
+    settings.openai.max_retries = args.openai_max_retries;
+    // Read from the environment only: a key on the command line would show in `ps`.
+    settings.openai.api_key = std::env::var("APEX_OPENAI_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(apex_server::settings::Secret::new);
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;
@@ -266,16 +313,34 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Migrate(args) => migrate(args).await,
-        Command::Chat(args) => chat::run(args).await,
-        Command::Loadgen(args) => loadgen(args).await,
-        Command::Usage(command) => usage::run(command).await,
+    // The local model's inference threads are the only ones that should compute: candle's
+    // own worker pool would otherwise add a spinning thread per core. This runs before any
+    // other thread exists (the async runtime is built below), so changing the environment
+    // is sound.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: starting the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
     };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Migrate(args) => migrate(args).await,
+            Command::Chat(args) => chat::run(args).await,
+            Command::Loadgen(args) => loadgen(args).await,
+            Command::Usage(command) => usage::run(command).await,
+        }
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -44,7 +44,14 @@ fn start_server(data_dir: &std::path::Path) -> Server {
 
 fn start_server_with(data_dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--llm-provider",
+            "template",
+        ])
+        .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
         .env("APEX_LOG", "warn")
@@ -192,7 +199,7 @@ fn logs_never_contain_passwords_tokens_or_tickets() {
     let log_path = data_dir.path().join("server.log");
     let log_file = std::fs::File::create(&log_path).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--bind", "127.0.0.1:0", "--llm-provider", "template", "--data-dir"])
         .arg(data_dir.path())
         .env("APEX_LOG", "debug")
         .stdout(Stdio::piped())
@@ -512,4 +519,26 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+#[test]
+fn serve_with_the_local_model_missing_fails_naming_the_fetch_script() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir.path())
+        .env("APEX_LOG", "warn")
+        .env_remove("APEX_LLM_PROVIDER")
+        .env_remove("APEX_MODEL_PATH")
+        .output()
+        .expect("run apex serve");
+    assert!(
+        !output.status.success(),
+        "serve must fail without the model"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("scripts/fetch-model.sh") && stderr.contains("SmolLM2-135M-Instruct"),
+        "the error names the model and the fetch script: {stderr}"
+    );
 }

@@ -14,6 +14,8 @@ fn start(data_dir: &std::path::Path) -> (Child, String) {
             "serve",
             "--bind",
             "127.0.0.1:0",
+            "--llm-provider",
+            "template",
             "--template-stream-delay-ms",
             "100",
             "--data-dir",

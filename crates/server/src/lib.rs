@@ -19,8 +19,9 @@
 //! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
 //!   database URL), and `UserStore`, the user-scoped handle through which all user data is
 //!   read and written.
-//! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait and the
-//!   deterministic template writer.
+//! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait, the
+//!   embedded local model (default), the OpenAI-compatible client and the deterministic
+//!   template writer (the fallback).
 //! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
 //! - [`telemetry`]: Prometheus metric names, the HTTP metrics middleware, `/metrics`.
 //! - [`web`]: the browser chat page at `/`, its assets compiled into the binary.
@@ -124,6 +125,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         );
     }
     let secret = load_jwt_secret(&settings)?;
+    let llm = llm::build_provider(&settings).await?;
     let auth = Authenticator::new(
         Arc::clone(&store),
         &secret,
@@ -135,7 +137,9 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
     let infra = Infrastructure {
         store,
         bus,
-        llm: Arc::new(TemplateWriter::new(settings.template_stream_delay)),
+        llm,
+        fallback_llm: Arc::new(TemplateWriter::new(settings.template_stream_delay)),
+        llm_triage: settings.llm_triage,
         pricing: Arc::new(PricingTable::builtin()),
         lifecycle: Lifecycle::default(),
     };

@@ -2,10 +2,12 @@
 //!
 //! One struct holds every knob; the CLI fills it from flags and `APEX_*` variables.
 //! Defaults are the embedded mode: SQLite in the data folder, in-process events,
-//! the deterministic template writer, demo usage data for new accounts.
+//! the embedded local model (falling back to the deterministic template writer), demo usage
+//! data for new accounts.
 
 use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
@@ -64,6 +66,109 @@ impl Default for DatabasePool {
     }
 }
 
+/// Which LLM writes answers (and helps triage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmProviderKind {
+    /// The embedded model (SmolLM2-135M-Instruct) running in-process.
+    Local,
+    /// The deterministic template writer: no model at all.
+    Template,
+    /// Any OpenAI-compatible chat-completions server.
+    OpenAi,
+}
+
+impl LlmProviderKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LlmProviderKind::Local => "local",
+            LlmProviderKind::Template => "template",
+            LlmProviderKind::OpenAi => "openai",
+        }
+    }
+}
+
+impl FromStr for LlmProviderKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "local" => Ok(Self::Local),
+            "template" => Ok(Self::Template),
+            "openai" => Ok(Self::OpenAi),
+            other => Err(format!(
+                "unknown LLM provider {other:?}; choose local, template or openai"
+            )),
+        }
+    }
+}
+
+/// The embedded model.
+#[derive(Debug, Clone)]
+pub struct LocalModelSettings {
+    /// The GGUF file; `None` means `<data_dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf`,
+    /// where `scripts/fetch-model.sh` puts it.
+    pub path: Option<PathBuf>,
+    /// Dedicated inference threads.
+    pub threads: usize,
+    /// Requests that may wait for an inference thread before new ones wait to be queued.
+    pub queue_capacity: usize,
+    /// Sequences one inference thread advances in turn.
+    pub max_active_per_thread: usize,
+    /// 0 means greedy decoding (the same prompt always gives the same answer).
+    pub temperature: f32,
+    /// Nucleus sampling mass when `temperature > 0`.
+    pub top_p: f32,
+    /// Sampling seed when `temperature > 0`; `None` draws one per request.
+    pub seed: Option<u64>,
+}
+
+impl Default for LocalModelSettings {
+    fn default() -> Self {
+        Self {
+            path: None,
+            threads: 1,
+            queue_capacity: 64,
+            max_active_per_thread: 8,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+        }
+    }
+}
+
+/// An OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama, llama.cpp, LM Studio).
+#[derive(Debug, Clone)]
+pub struct OpenAiSettings {
+    /// Up to and including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub model: String,
+    /// Sent as a bearer token; never logged.
+    pub api_key: Option<Secret>,
+    /// Longest wait for the response to start, and between two streamed chunks.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Retries after a 429, a 5xx or a connection failure, with exponential backoff.
+    pub max_retries: u32,
+    /// First backoff delay; doubled on each retry (a `Retry-After` header wins).
+    pub retry_backoff: Duration,
+    /// Ask for JSON-schema structured output where a request has a schema.
+    pub structured_output: bool,
+}
+
+impl Default for OpenAiSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            model: "gpt-4o-mini".into(),
+            api_key: None,
+            timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            max_retries: 3,
+            retry_backoff: Duration::from_millis(500),
+            structured_output: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Folder for the SQLite database and the generated JWT secret.
@@ -104,6 +209,12 @@ pub struct Settings {
     pub development_mode: bool,
     /// `POST /auth/dev/login` (log in or register in one call); needs `development_mode`.
     pub dev_login: bool,
+    /// Which LLM writes the answers; the template writer stands in when it fails.
+    pub llm_provider: LlmProviderKind,
+    pub local_model: LocalModelSettings,
+    pub openai: OpenAiSettings,
+    /// Let triage ask the LLM (structured output) before its keyword rules.
+    pub llm_triage: bool,
 }
 
 impl Settings {
@@ -129,6 +240,18 @@ impl Settings {
             cors_allowed_origins: Vec::new(),
             development_mode: false,
             dev_login: false,
+            llm_provider: LlmProviderKind::Local,
+            local_model: LocalModelSettings::default(),
+            openai: OpenAiSettings::default(),
+            llm_triage: true,
+        }
+    }
+
+    /// The local model's GGUF file.
+    pub fn local_model_path(&self) -> PathBuf {
+        match &self.local_model.path {
+            Some(path) => path.clone(),
+            None => self.data_dir.join(crate::llm::local::DEFAULT_MODEL_FILE),
         }
     }
 

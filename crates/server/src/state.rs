@@ -24,8 +24,12 @@ pub struct Infrastructure {
     pub store: Arc<dyn Store>,
     /// Delivers persisted events to the owning user's connections.
     pub bus: Arc<dyn EventBus>,
-    /// Writes answers. Stateless between requests.
+    /// Writes answers (the configured provider). Stateless between requests.
     pub llm: Arc<dyn LlmProvider>,
+    /// The template writer: stands in when `llm` fails.
+    pub fallback_llm: Arc<dyn LlmProvider>,
+    /// Whether triage may ask `llm` for a structured classification.
+    pub llm_triage: bool,
     /// List prices; read-only.
     pub pricing: Arc<PricingTable>,
     /// The phases of a graceful shutdown.

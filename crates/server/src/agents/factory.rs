@@ -48,6 +48,8 @@ impl AgentInstanceFactory {
             store: UserStore::for_context(Arc::clone(&self.infra.store), &self.ctx),
             emitter: Arc::new(emitter),
             llm: Arc::clone(&self.infra.llm),
+            fallback: Arc::clone(&self.infra.fallback_llm),
+            llm_triage: self.infra.llm_triage,
             pricing: Arc::clone(&self.infra.pricing),
             ctx: self.ctx,
         };

@@ -4,7 +4,8 @@
 //! - [`supervisor`] drives the pipeline and guarantees the terminal event.
 //! - [`triage`], [`data`], [`optimization`], [`actions`], [`reporting`]: the pipeline.
 //! - [`AgentContext`] is an agent's whole view of the world: the run's context, its
-//!   emitter, its user-scoped store, the LLM and the pricing table. Agents hold no state
+//!   emitter, its user-scoped store, the LLM (with the template writer as its fallback)
+//!   and the pricing table. Agents hold no state
 //!   between runs; results flow from one agent to the next through [`RunState`].
 
 pub mod actions;
@@ -131,7 +132,12 @@ pub struct AgentContext {
     pub ctx: Arc<UserExecutionContext>,
     pub emitter: Arc<UserEmitter>,
     pub store: UserStore,
+    /// The configured provider.
     pub llm: Arc<dyn LlmProvider>,
+    /// The template writer, used when `llm` fails (or when it is the configured one).
+    pub fallback: Arc<dyn LlmProvider>,
+    /// Triage may ask `llm` for a structured classification.
+    pub llm_triage: bool,
     pub pricing: Arc<PricingTable>,
 }
 

@@ -1,9 +1,15 @@
-//! Triage: what is the user asking about, which models, which time window. Rules only.
+//! Triage: what is the user asking about, which models, which time window.
+//!
+//! Keyword rules always work. When the configured LLM enforces JSON-schema structured output
+//! (and `llm_triage` is on), triage asks it first; its answer is validated against
+//! [`triage_schema`] (category from the fixed list, days in range, only models the pricing
+//! table knows and the request names) and anything invalid falls back to the rules.
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, RequestCategory, RunState, Triage};
+use crate::llm::{ChatMessage, LlmError, LlmRequest, ResponseSchema};
 use crate::usage::pricing::PricingTable;
 use crate::usage::{DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
 
@@ -133,6 +139,85 @@ pub fn mentioned_models(text: &str, pricing: &PricingTable) -> Vec<String> {
     found
 }
 
+/// The structured output triage asks the LLM for.
+pub fn triage_schema() -> ResponseSchema {
+    ResponseSchema {
+        name: "triage".into(),
+        schema: json!({
+            "type": "object",
+            "properties": {
+                "category": {"type": "string", "enum": [
+                    "cost_optimization", "latency_performance", "model_selection",
+                    "usage_report", "general"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_DAYS},
+                "models": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["category", "days", "models"],
+            "additionalProperties": false,
+        }),
+    }
+}
+
+/// Validates the LLM's triage against the schema and the request; `None` if invalid.
+pub fn validate_llm_triage(text: &str, request: &str, pricing: &PricingTable) -> Option<Triage> {
+    // Tolerate a fenced or chatty answer: take the outermost JSON object.
+    let start = text.find('{')?;
+    let end = text.rfind('}')?;
+    let value: Value = serde_json::from_str(text.get(start..=end)?).ok()?;
+    let object = value.as_object()?;
+    if object.len() != 3 {
+        return None;
+    }
+    let category: RequestCategory = serde_json::from_value(value["category"].clone()).ok()?;
+    let days = u32::try_from(value["days"].as_u64()?).ok()?;
+    if !(1..=MAX_WINDOW_DAYS).contains(&days) {
+        return None;
+    }
+    let named = mentioned_models(request, pricing);
+    let mut models = Vec::new();
+    for model in value["models"].as_array()? {
+        let model = model.as_str()?.to_lowercase();
+        // Only models the request really names: the LLM may not invent any.
+        if named.contains(&model) && !models.contains(&model) {
+            models.push(model);
+        }
+    }
+    Some(Triage {
+        category,
+        models,
+        days,
+    })
+}
+
+impl TriageAgent {
+    async fn ask_llm(&self, cx: &AgentContext, request: &str) -> Result<Triage, LlmError> {
+        let known: Vec<&str> = cx.pricing.models().iter().map(|p| p.model).collect();
+        let mut llm_request = LlmRequest::new(
+            vec![
+                ChatMessage::system(format!(
+                    "Classify an AI usage question. category: cost_optimization, \
+                     latency_performance, model_selection, usage_report or general. days: the \
+                     analysis window it asks about (default {DEFAULT_WINDOW_DAYS}). models: the \
+                     model names it mentions, from: {}. Answer with JSON only.",
+                    known.join(", ")
+                )),
+                ChatMessage::user(request),
+            ],
+            Value::Null,
+            200,
+        );
+        llm_request.temperature = Some(0.0);
+        llm_request.schema = Some(triage_schema());
+        let text = cx
+            .llm
+            .complete_structured(llm_request, cx.ctx.cancellation().clone())
+            .await?;
+        validate_llm_triage(&text, request, &cx.pricing).ok_or_else(|| {
+            LlmError::InvalidResponse("the classification does not match the schema".into())
+        })
+    }
+}
+
 #[async_trait]
 impl Agent for TriageAgent {
     fn name(&self) -> &'static str {
@@ -147,15 +232,33 @@ impl Agent for TriageAgent {
             2,
         )
         .await?;
-        let triage = Triage {
+        let rules = || Triage {
             category: classify(&state.request),
             models: mentioned_models(&state.request, &cx.pricing),
             days: window_days(&state.request),
         };
+        let (triage, how) = if cx.llm_triage && cx.llm.supports_structured_output() {
+            match self.ask_llm(cx, &state.request).await {
+                Ok(triage) => (triage, format!("classified by the {} model", cx.llm.name())),
+                Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "LLM triage failed; using the rules");
+                    (
+                        rules(),
+                        format!(
+                            "the model could not classify it ({}), so by keyword rules",
+                            err.reason()
+                        ),
+                    )
+                }
+            }
+        } else {
+            (rules(), "by keyword rules".to_string())
+        };
         cx.think(
             self.name(),
             format!(
-                "Request is about {:?}; analysing the last {} days",
+                "Request is about {:?} ({how}); analysing the last {} days",
                 triage.category, triage.days
             ),
             2,
@@ -187,6 +290,37 @@ mod tests {
             RequestCategory::UsageReport
         );
         assert_eq!(classify("hello"), RequestCategory::General);
+    }
+
+    #[test]
+    fn llm_triage_is_validated_against_the_schema_and_the_request() {
+        let pricing = PricingTable::builtin();
+        let request = "compare gpt-4o with claude-3-5-haiku over 2 weeks";
+        let ok = validate_llm_triage(
+            r#"{"category":"model_selection","days":14,"models":["gpt-4o","gpt-4.1"]}"#,
+            request,
+            &pricing,
+        )
+        .unwrap();
+        assert_eq!(ok.category, RequestCategory::ModelSelection);
+        assert_eq!(ok.days, 14);
+        assert_eq!(
+            ok.models,
+            vec!["gpt-4o".to_string()],
+            "unnamed models are dropped"
+        );
+        for bad in [
+            r#"{"category":"astrology","days":14,"models":[]}"#,
+            r#"{"category":"general","days":0,"models":[]}"#,
+            r#"{"category":"general","days":7}"#,
+            r#"{"category":"general","days":7,"models":[],"extra":1}"#,
+            "no json here",
+        ] {
+            assert!(
+                validate_llm_triage(bad, request, &pricing).is_none(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -2,17 +2,27 @@
 //!
 //! Providers are shared infrastructure: immutable configuration plus an internally
 //! synchronised client, no per-user state. Requests carry everything per-user.
-//! Today there is one provider, [`template::TemplateWriter`], a deterministic fallback that
-//! writes the answer from the agents' structured results; real model providers plug in here.
+//!
+//! - [`local`]: the embedded model (SmolLM2-135M-Instruct on candle), the default;
+//! - [`openai`]: any OpenAI-compatible chat-completions server;
+//! - [`template::TemplateWriter`]: the deterministic fallback that writes the answer from the
+//!   agents' structured results; agents switch to it when the configured provider fails.
+//!
+//! [`build_provider`] turns the settings into the configured provider.
 
+pub mod local;
+pub mod openai;
 pub mod template;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+use crate::settings::{LlmProviderKind, Settings};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatMessage {
@@ -21,20 +31,90 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+impl ChatMessage {
+    pub fn system(content: impl Into<String>) -> Self {
+        Self {
+            role: "system".into(),
+            content: content.into(),
+        }
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A JSON schema the answer must follow (structured output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseSchema {
+    /// `[a-zA-Z0-9_-]`, as OpenAI requires.
+    pub name: String,
+    pub schema: Value,
+}
+
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
     pub messages: Vec<ChatMessage>,
     /// Structured facts the answer must be built from (the agents' results).
     pub facts: Value,
     pub max_tokens: u32,
+    /// Overrides the provider's default temperature.
+    pub temperature: Option<f32>,
+    /// Ask for structured output following this schema, where the provider supports it.
+    pub schema: Option<ResponseSchema>,
+}
+
+impl LlmRequest {
+    pub fn new(messages: Vec<ChatMessage>, facts: Value, max_tokens: u32) -> Self {
+        Self {
+            messages,
+            facts,
+            max_tokens,
+            temperature: None,
+            schema: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
     #[error("the request was cancelled")]
     Cancelled,
-    #[error("the provider failed: {0}")]
+    #[error("the LLM provider failed: {0}")]
     Provider(String),
+    #[error("the LLM provider timed out: {0}")]
+    Timeout(String),
+    #[error("the LLM provider is rate limiting: {0}")]
+    RateLimited(String),
+    #[error("the LLM provider is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the LLM provider rejected the credentials: {0}")]
+    Auth(String),
+    #[error("the LLM provider sent an invalid response: {0}")]
+    InvalidResponse(String),
+    #[error("the LLM provider is misconfigured: {0}")]
+    Config(String),
+    #[error("the model's answer was rejected: {0}")]
+    Rejected(String),
+}
+
+impl LlmError {
+    /// A short, stable reason for logs and `agent_thinking` notes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LlmError::Cancelled => "cancelled",
+            LlmError::Provider(_) => "provider_error",
+            LlmError::Timeout(_) => "timeout",
+            LlmError::RateLimited(_) => "rate_limited",
+            LlmError::Unavailable(_) => "unavailable",
+            LlmError::Auth(_) => "auth_failed",
+            LlmError::InvalidResponse(_) => "invalid_response",
+            LlmError::Config(_) => "misconfigured",
+            LlmError::Rejected(_) => "answer_rejected",
+        }
+    }
 }
 
 /// Text chunks as the provider produces them.
@@ -42,7 +122,7 @@ pub type TextStream = Pin<Box<dyn Stream<Item = Result<String, LlmError>> + Send
 
 #[async_trait]
 pub trait LlmProvider: Send + Sync + 'static {
-    /// Provider name for logs and metrics ("template", "openai"...).
+    /// Provider name for logs and metrics ("template", "local", "openai").
     fn name(&self) -> &str;
     /// Starts generating; the stream ends early with `Cancelled` once `cancel` fires.
     async fn stream(
@@ -50,4 +130,71 @@ pub trait LlmProvider: Send + Sync + 'static {
         request: LlmRequest,
         cancel: CancellationToken,
     ) -> Result<TextStream, LlmError>;
+    /// Whether `request.schema` is enforced by the provider (JSON-schema structured output).
+    fn supports_structured_output(&self) -> bool {
+        false
+    }
+    /// The whole answer at once, for structured output (`request.schema`). The default
+    /// collects the stream; providers with a native JSON mode override it.
+    async fn complete_structured(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<String, LlmError> {
+        let mut stream = self.stream(request, cancel).await?;
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&chunk?);
+        }
+        Ok(text)
+    }
+}
+
+/// Builds the configured provider. The local model is loaded (blocking; it runs on a
+/// blocking thread) and fails with a message naming the fetch script if its file is missing.
+pub async fn build_provider(settings: &Settings) -> anyhow::Result<Arc<dyn LlmProvider>> {
+    match settings.llm_provider {
+        LlmProviderKind::Template => Ok(Arc::new(template::TemplateWriter::new(
+            settings.template_stream_delay,
+        ))),
+        LlmProviderKind::OpenAi => Ok(Arc::new(openai::OpenAiClient::new(
+            settings.openai.clone(),
+        )?)),
+        LlmProviderKind::Local => {
+            let path = settings.local_model_path();
+            if !path.is_file() {
+                anyhow::bail!(
+                    "the local model file {} is missing. Fetch it with `scripts/fetch-model.sh {}` \
+                     (or start with `scripts/serve.sh`, which does it), or choose another provider \
+                     with --llm-provider template|openai",
+                    path.display(),
+                    settings.data_dir.display()
+                );
+            }
+            let local = &settings.local_model;
+            let options = local::LocalOptions {
+                engine: local::EngineConfig {
+                    threads: local.threads.max(1),
+                    queue_capacity: local.queue_capacity.max(1),
+                    max_active_per_thread: local.max_active_per_thread.max(1),
+                },
+                sampling: local::SamplingConfig {
+                    temperature: local.temperature,
+                    top_p: local.top_p,
+                },
+                seed: local.seed,
+            };
+            let started = std::time::Instant::now();
+            let provider =
+                tokio::task::spawn_blocking(move || local::LocalProvider::load(&path, options))
+                    .await??;
+            tracing::info!(
+                model = %provider.model().name,
+                threads = local.threads.max(1),
+                load_ms = started.elapsed().as_millis() as u64,
+                "local model ready"
+            );
+            Ok(Arc::new(provider))
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use apex_protocol::auth::TokenPair;
 use apex_protocol::events::AgentEvent;
 use apex_protocol::usage::UsageSummary;
-use apex_server::settings::{PasswordHashing, Settings};
+use apex_server::settings::{LlmProviderKind, PasswordHashing, Settings};
 use apex_server::state::AppState;
 use apex_server::store::Backend;
 use futures_util::{SinkExt, StreamExt};
@@ -64,6 +64,8 @@ impl TestDatabase {
         settings.database_url = self.database_url.clone();
         settings.password_hashing = PasswordHashing::Light;
         settings.template_stream_delay = Duration::from_millis(1);
+        // The fast deterministic writer; tests of the model providers opt in (tests/llm).
+        settings.llm_provider = LlmProviderKind::Template;
         settings.jwt_secret = Some(apex_server::settings::Secret::new(JWT_SECRET));
         settings
     }

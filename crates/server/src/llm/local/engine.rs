@@ -1,0 +1,291 @@
+//! The inference engine: dedicated OS threads fed by a bounded queue.
+//!
+//! Model inference is CPU-bound for tens of milliseconds per token, so it never runs on the
+//! async runtime's workers. [`Engine::start`] spawns `threads` OS threads (`apex-llm-N`);
+//! requests reach them through one bounded queue (a full queue makes `submit` wait, which
+//! is the server's back-pressure). Each thread keeps a small set of active sequences and
+//! advances them in turn, one step each (a prompt chunk, or one generated token), so a
+//! short answer is not stuck behind a long one and several users stream at the same time.
+//! Every sequence has its own KV cache over the shared weights (see [`super::model`]).
+//!
+//! Generated text goes back through an unbounded channel per request (its size is bounded
+//! by `max_tokens`), so a slow reader never stalls the thread. A request ends when it
+//! finishes, its cancellation token fires, or its reader goes away.
+//!
+//! The engine holds no per-user state between requests; dropping it closes the queue and
+//! the threads exit once their active sequences finish.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::model::{LocalModel, Sequence};
+use super::sampling::{Sampler, SamplingConfig};
+use super::tokenizer::StreamDecoder;
+use crate::llm::LlmError;
+
+/// Prompt tokens processed per step, so a long prompt does not stall other sequences.
+const PREFILL_CHUNK: usize = 64;
+
+/// Engine sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Inference threads.
+    pub threads: usize,
+    /// Requests waiting for a thread before `submit` waits.
+    pub queue_capacity: usize,
+    /// Sequences one thread advances in turn.
+    pub max_active_per_thread: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            queue_capacity: 64,
+            max_active_per_thread: 8,
+        }
+    }
+}
+
+/// What the engine reports when a request ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// From admission to the first generated token (prompt processing).
+    pub prefill_seconds: f64,
+    /// From the first generated token to the end.
+    pub decode_seconds: f64,
+}
+
+/// One chunk of a request's output.
+#[derive(Debug)]
+pub enum Output {
+    Text(String),
+    /// The request ended normally (stop token, `max_tokens` or the context is full).
+    Done(GenerationStats),
+    Failed(LlmError),
+}
+
+/// One generation request.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: u32,
+    pub sampling: SamplingConfig,
+    pub seed: u64,
+    pub cancel: CancellationToken,
+    pub output: mpsc::UnboundedSender<Output>,
+}
+
+pub struct Engine {
+    queue: mpsc::Sender<Job>,
+    model: Arc<LocalModel>,
+}
+
+impl Engine {
+    /// Starts the inference threads over `model`.
+    pub fn start(model: Arc<LocalModel>, config: EngineConfig) -> std::io::Result<Self> {
+        let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        let receiver = Arc::new(Mutex::new(receiver));
+        for index in 0..config.threads.max(1) {
+            let worker = Worker {
+                model: Arc::clone(&model),
+                queue: Arc::clone(&receiver),
+                max_active: config.max_active_per_thread.max(1),
+                active: Vec::new(),
+            };
+            std::thread::Builder::new()
+                .name(format!("apex-llm-{index}"))
+                .spawn(move || worker.run())?;
+        }
+        Ok(Self { queue, model })
+    }
+
+    pub fn model(&self) -> &LocalModel {
+        &self.model
+    }
+
+    /// Queues a request, waiting while the queue is full.
+    pub async fn submit(&self, job: Job) -> Result<(), LlmError> {
+        let cancel = job.cancel.clone();
+        tokio::select! {
+            _ = cancel.cancelled() => Err(LlmError::Cancelled),
+            sent = self.queue.send(job) => sent.map_err(|_| LlmError::Provider("the local model stopped".into())),
+        }
+    }
+}
+
+/// A request being generated.
+struct Active {
+    job: Job,
+    sequence: Sequence,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    /// Prompt tokens not yet processed.
+    prefill_at: usize,
+    last_token: u32,
+    generated: u32,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+enum Step {
+    Continue,
+    Finished,
+}
+
+struct Worker {
+    model: Arc<LocalModel>,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    max_active: usize,
+    active: Vec<Active>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.active.is_empty() {
+                // Idle: wait for work. Another idle thread may hold the lock while waiting.
+                let job = match self.queue.lock() {
+                    Ok(mut queue) => queue.blocking_recv(),
+                    Err(_) => None,
+                };
+                match job {
+                    Some(job) => self.admit(job),
+                    None => return,
+                }
+            }
+            // Take more work while there is room, without waiting for it.
+            while self.active.len() < self.max_active {
+                let Ok(mut queue) = self.queue.try_lock() else {
+                    break;
+                };
+                match queue.try_recv() {
+                    Ok(job) => {
+                        drop(queue);
+                        self.admit(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut index = 0;
+            while index < self.active.len() {
+                match self.step(index) {
+                    Step::Continue => index += 1,
+                    Step::Finished => {
+                        self.active.swap_remove(index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, job: Job) {
+        let limit = self.model.context_length;
+        if job.prompt.is_empty() || job.prompt.len() >= limit {
+            let _ = job.output.send(Output::Failed(LlmError::Provider(format!(
+                "the prompt has {} tokens; the local model takes 1 to {}",
+                job.prompt.len(),
+                limit - 1
+            ))));
+            return;
+        }
+        self.active.push(Active {
+            sequence: self.model.sequence(),
+            sampler: Sampler::new(job.sampling, job.seed),
+            decoder: StreamDecoder::default(),
+            prefill_at: 0,
+            last_token: 0,
+            generated: 0,
+            started: Instant::now(),
+            first_token: None,
+            job,
+        });
+    }
+
+    fn step(&mut self, index: usize) -> Step {
+        let model = Arc::clone(&self.model);
+        let active = &mut self.active[index];
+        if active.job.cancel.is_cancelled() {
+            let _ = active.job.output.send(Output::Failed(LlmError::Cancelled));
+            return Step::Finished;
+        }
+        if active.job.output.is_closed() {
+            return Step::Finished;
+        }
+        let prompt_len = active.job.prompt.len();
+        let logits = if active.prefill_at < prompt_len {
+            let end = (active.prefill_at + PREFILL_CHUNK).min(prompt_len);
+            let result = active
+                .sequence
+                .forward(&active.job.prompt[active.prefill_at..end]);
+            active.prefill_at = end;
+            if end < prompt_len {
+                return match result {
+                    Ok(_) => Step::Continue,
+                    Err(err) => fail(active, err.to_string()),
+                };
+            }
+            result
+        } else {
+            active.sequence.forward(&[active.last_token])
+        };
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(err) => return fail(active, err.to_string()),
+        };
+        let token = active.sampler.sample(&logits);
+        active.first_token.get_or_insert_with(Instant::now);
+        if model.stop_ids.contains(&token) {
+            return finish(active);
+        }
+        active.last_token = token;
+        active.generated += 1;
+        let text = active.decoder.push(&model.tokenizer, token);
+        if !text.is_empty() && active.job.output.send(Output::Text(text)).is_err() {
+            return Step::Finished;
+        }
+        if active.generated >= active.job.max_tokens
+            || active.sequence.position() + 1 >= model.context_length
+        {
+            return finish(active);
+        }
+        Step::Continue
+    }
+}
+
+fn fail(active: &mut Active, message: String) -> Step {
+    tracing::error!(error = %message, "local model inference failed");
+    let _ = active
+        .job
+        .output
+        .send(Output::Failed(LlmError::Provider(message)));
+    Step::Finished
+}
+
+fn finish(active: &mut Active) -> Step {
+    let rest = active.decoder.finish();
+    if !rest.is_empty() {
+        let _ = active.job.output.send(Output::Text(rest));
+    }
+    let now = Instant::now();
+    let first = active.first_token.unwrap_or(now);
+    let stats = GenerationStats {
+        prompt_tokens: active.job.prompt.len() as u32,
+        completion_tokens: active.generated,
+        prefill_seconds: first.duration_since(active.started).as_secs_f64(),
+        decode_seconds: now.duration_since(first).as_secs_f64(),
+    };
+    tracing::debug!(
+        prompt_tokens = stats.prompt_tokens,
+        completion_tokens = stats.completion_tokens,
+        prefill_seconds = stats.prefill_seconds,
+        decode_seconds = stats.decode_seconds,
+        "local generation finished"
+    );
+    let _ = active.job.output.send(Output::Done(stats));
+    Step::Finished
+}

@@ -1,0 +1,26 @@
+//! The embedded local model: SmolLM2-135M-Instruct running in-process on candle.
+//!
+//! One module per concept:
+//! - [`tokenizer`]: byte-level BPE built from the GGUF metadata (no hub file);
+//! - [`chatml`]: the ChatML prompt format;
+//! - [`model`]: loading the GGUF file, the one-time Q4_1 → Q8_0 requantization and its
+//!   cache, and per-request sequences (own KV cache over shared weights);
+//! - [`sampling`]: greedy by default, temperature/top-p when configured;
+//! - [`engine`]: dedicated inference threads fed by a bounded queue;
+//! - [`provider`]: [`LocalProvider`], the `LlmProvider` implementation.
+//!
+//! The model file comes from `scripts/fetch-model.sh`; see [`DEFAULT_MODEL_FILE`].
+
+pub mod chatml;
+pub mod engine;
+pub mod model;
+pub mod provider;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::EngineConfig;
+pub use provider::{LocalOptions, LocalProvider};
+pub use sampling::SamplingConfig;
+
+/// The model file `scripts/fetch-model.sh` installs, relative to the data folder.
+pub const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -1,0 +1,121 @@
+//! `LocalProvider`: the [`LlmProvider`] backed by the in-process model.
+//!
+//! It turns a request's messages into a ChatML prompt, queues it on the [`Engine`] and
+//! hands back the generated text as a [`TextStream`] while it is produced. Shared
+//! infrastructure: it holds the engine and default sampling settings, no per-user state.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rand::RngCore;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::chatml::encode_chat;
+use super::engine::{Engine, EngineConfig, GenerationStats, Job, Output};
+use super::model::{LocalModel, ModelError};
+use super::sampling::SamplingConfig;
+use crate::llm::{LlmError, LlmProvider, LlmRequest, TextStream};
+
+/// How the local provider runs.
+#[derive(Debug, Clone, Default)]
+pub struct LocalOptions {
+    pub engine: EngineConfig,
+    pub sampling: SamplingConfig,
+    /// Seed for sampling when the temperature is above zero; `None` draws one per request.
+    pub seed: Option<u64>,
+}
+
+pub struct LocalProvider {
+    engine: Engine,
+    options: LocalOptions,
+}
+
+impl LocalProvider {
+    /// Loads the model at `path` (requantizing it once) and starts the inference threads.
+    /// Blocking: call it off the async runtime (`spawn_blocking`) or at start-up.
+    pub fn load(path: &Path, options: LocalOptions) -> Result<Self, ModelError> {
+        let model = Arc::new(LocalModel::load(path)?);
+        let engine = Engine::start(model, options.engine).map_err(|e| ModelError::Load {
+            path: path.to_path_buf(),
+            message: format!("starting the inference threads: {e}"),
+        })?;
+        Ok(Self { engine, options })
+    }
+
+    pub fn model(&self) -> &LocalModel {
+        self.engine.model()
+    }
+
+    /// Generates a completion and also reports token counts (used by benchmarks and tests).
+    pub async fn generate(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<(String, GenerationStats), LlmError> {
+        let mut receiver = self.submit(request, cancel).await?;
+        let mut text = String::new();
+        while let Some(output) = receiver.recv().await {
+            match output {
+                Output::Text(chunk) => text.push_str(&chunk),
+                Output::Done(stats) => return Ok((text, stats)),
+                Output::Failed(err) => return Err(err),
+            }
+        }
+        Err(LlmError::Provider("the local model stopped".into()))
+    }
+
+    async fn submit(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<mpsc::UnboundedReceiver<Output>, LlmError> {
+        let prompt = encode_chat(&self.model().tokenizer, &request.messages);
+        let (output, receiver) = mpsc::unbounded_channel();
+        let seed = self
+            .options
+            .seed
+            .unwrap_or_else(|| rand::rngs::OsRng.next_u64());
+        self.engine
+            .submit(Job {
+                prompt,
+                max_tokens: request.max_tokens.max(1),
+                sampling: match request.temperature {
+                    Some(temperature) => SamplingConfig {
+                        temperature,
+                        ..self.options.sampling
+                    },
+                    None => self.options.sampling,
+                },
+                seed,
+                cancel,
+                output,
+            })
+            .await?;
+        Ok(receiver)
+    }
+}
+
+#[async_trait]
+impl LlmProvider for LocalProvider {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn stream(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<TextStream, LlmError> {
+        let receiver = self.submit(request, cancel).await?;
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await? {
+                Output::Text(text) => Some((Ok(text), receiver)),
+                Output::Done(_) => None,
+                Output::Failed(err) => Some((Err(err), receiver)),
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}
