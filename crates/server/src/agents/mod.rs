@@ -29,7 +29,8 @@ use serde_json::Value;
 
 use crate::context::UserExecutionContext;
 use crate::events::{EmitError, UserEmitter};
-use crate::llm::{LlmError, LlmProvider};
+use crate::llm::accounting::LlmCall;
+use crate::llm::{LlmError, LlmProvider, TokenUsage};
 use crate::store::{StoreError, UserStore};
 use crate::usage::pricing::PricingTable;
 
@@ -144,6 +145,25 @@ pub struct AgentContext {
 impl AgentContext {
     pub fn now_ms(&self) -> i64 {
         crate::clock::now_ms()
+    }
+
+    /// Records what one LLM request of this run used (see [`crate::llm::accounting`]).
+    pub async fn record_llm_usage(
+        &self,
+        agent: &str,
+        provider: &dyn LlmProvider,
+        usage: TokenUsage,
+        elapsed: std::time::Duration,
+        succeeded: bool,
+    ) {
+        let call = LlmCall {
+            provider,
+            workload: &format!("apex/{agent}"),
+            usage,
+            elapsed,
+            succeeded,
+        };
+        crate::llm::accounting::record(&self.store, &self.pricing, call).await;
     }
 
     pub async fn think(

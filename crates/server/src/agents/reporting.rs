@@ -234,6 +234,7 @@ impl Agent for ReportingAgent {
             report.clone(),
             MAX_ANSWER_TOKENS,
         );
+        let tokens = fallback_request.tokens.clone();
         let llm_started = std::time::Instant::now();
         let mut provider = cx.llm.name().to_string();
         let mut fallback_reason = None;
@@ -289,10 +290,24 @@ impl Agent for ReportingAgent {
             self.stream_answer(cx, cx.fallback.as_ref(), fallback_request, None, state)
                 .await?;
         }
-        crate::telemetry::llm_request(&provider, llm_started.elapsed(), 0, 0);
+        // The tokens are the configured provider's (the template writer counts none).
+        let usage = tokens.get();
+        cx.record_llm_usage(
+            self.name(),
+            cx.llm.as_ref(),
+            usage,
+            llm_started.elapsed(),
+            fallback_reason.is_none(),
+        )
+        .await;
         state.report = Some(report);
-        let mut result =
-            json!({ "characters": state.answer.chars().count(), "provider": provider });
+        let mut result = json!({
+            "characters": state.answer.chars().count(),
+            "provider": provider,
+            "model": cx.llm.model_name(),
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+        });
         if let Some(reason) = fallback_reason {
             result["fallback_from"] = json!(cx.llm.name());
             result["fallback_reason"] = json!(reason);

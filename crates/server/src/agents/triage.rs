@@ -208,13 +208,26 @@ impl TriageAgent {
         );
         llm_request.temperature = Some(0.0);
         llm_request.schema = Some(triage_schema());
+        let tokens = llm_request.tokens.clone();
+        let started = std::time::Instant::now();
         let text = cx
             .llm
             .complete_structured(llm_request, cx.ctx.cancellation().clone())
-            .await?;
-        validate_llm_triage(&text, request, &cx.pricing).ok_or_else(|| {
-            LlmError::InvalidResponse("the classification does not match the schema".into())
-        })
+            .await;
+        let triage = text.and_then(|text| {
+            validate_llm_triage(&text, request, &cx.pricing).ok_or_else(|| {
+                LlmError::InvalidResponse("the classification does not match the schema".into())
+            })
+        });
+        cx.record_llm_usage(
+            self.name(),
+            cx.llm.as_ref(),
+            tokens.get(),
+            started.elapsed(),
+            triage.is_ok(),
+        )
+        .await;
+        triage
     }
 }
 

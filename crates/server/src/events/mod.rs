@@ -5,6 +5,7 @@
 
 mod bus;
 mod emitter;
+pub mod follow;
 pub mod log;
 
 pub use bus::{BusEvent, EventBus, InProcessBus, UserSubscription};

@@ -1,23 +1,16 @@
 //! Server-sent events for one run: stored events after a seq, then live ones, until the
-//! terminal event. The subscription is taken before the log is read, so an event written
-//! during the replay is either in the replay or arrives live, and a per-stream cursor
-//! drops the copy that would otherwise arrive twice.
+//! terminal event (see [`follow_run`], which does the ordering and de-duplication).
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
 
 use crate::auth::AuthenticatedUser;
+use crate::events::follow::follow_run;
 use crate::events::log;
 use crate::state::AppState;
 use crate::store::{RunRecord, UserStore};
-
-/// Backlog between the reader task and a slow HTTP client.
-const BUFFER: usize = 256;
 
 fn sse_event(seq: u64, json: String) -> Event {
     let (kind, _) = log::head(&json);
@@ -28,35 +21,6 @@ fn sse_event(seq: u64, json: String) -> Event {
     }
 }
 
-/// Sends stored events after `*cursor`; returns `Ok(true)` once the terminal event went.
-async fn replay(
-    store: &UserStore,
-    run: &RunRecord,
-    cursor: &mut u64,
-    tx: &mpsc::Sender<Result<Event, Infallible>>,
-) -> Result<bool, ()> {
-    loop {
-        let page = log::page_after(store, run.id, *cursor)
-            .await
-            .map_err(|err| {
-                tracing::error!(error = %err, "event replay failed");
-            })?;
-        if page.is_empty() {
-            return Ok(false);
-        }
-        for stored in page {
-            let (_, terminal) = log::head(&stored.json);
-            *cursor = stored.seq;
-            tx.send(Ok(sse_event(stored.seq, stored.json)))
-                .await
-                .map_err(|_| ())?;
-            if terminal {
-                return Ok(true);
-            }
-        }
-    }
-}
-
 pub fn stream(
     state: &AppState,
     user: &AuthenticatedUser,
@@ -64,41 +28,10 @@ pub fn stream(
     run: RunRecord,
     after_seq: u64,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let mut subscription = state.infra.bus.subscribe(user.user_id());
-    // A stream never outlives the longest possible run by much.
-    let limit = state.settings.run_timeout + Duration::from_secs(60);
-    let (tx, rx) = mpsc::channel(BUFFER);
-    tokio::spawn(async move {
-        let work = async {
-            let mut cursor = after_seq;
-            if replay(&store, &run, &mut cursor, &tx).await? || run.status.is_terminal() {
-                return Ok::<(), ()>(());
-            }
-            loop {
-                match subscription.recv().await {
-                    Ok(event) if event.run_id == run.id && event.seq > cursor => {
-                        cursor = event.seq;
-                        tx.send(Ok(sse_event(event.seq, event.json.clone())))
-                            .await
-                            .map_err(|_| ())?;
-                        if event.terminal {
-                            return Ok(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
-                        if replay(&store, &run, &mut cursor, &tx).await? {
-                            return Ok(());
-                        }
-                    }
-                    Err(RecvError::Closed) => return Ok(()),
-                }
-            }
-        };
-        let _ = tokio::time::timeout(limit, work).await;
-    });
-    let events = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|event| (event, rx))
+    let events = follow_run(state, user, store, run, after_seq);
+    let events = futures_util::stream::unfold(events, |mut events| async move {
+        let event = events.recv().await?;
+        Some((Ok(sse_event(event.seq, event.json)), events))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -8,8 +8,10 @@
 //! - [`template::TemplateWriter`]: the deterministic fallback that writes the answer from the
 //!   agents' structured results; agents switch to it when the configured provider fails.
 //!
-//! [`build_provider`] turns the settings into the configured provider.
+//! [`build_provider`] turns the settings into the configured provider; [`accounting`]
+//! records what each request used.
 
+pub mod accounting;
 pub mod local;
 pub mod openai;
 pub mod template;
@@ -64,6 +66,43 @@ pub struct LlmRequest {
     pub temperature: Option<f32>,
     /// Ask for structured output following this schema, where the provider supports it.
     pub schema: Option<ResponseSchema>,
+    /// Filled in by the provider with the tokens it processed; read by the caller once the
+    /// answer has ended (see [`TokenMeter`]).
+    pub tokens: TokenMeter,
+}
+
+/// Token counts of one request as the provider reports them: the local engine counts its
+/// own, OpenAI-compatible servers send a `usage` object, the template writer uses none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl TokenUsage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Where a provider reports a request's [`TokenUsage`]. The stream it returns outlives the
+/// `stream()` call, so the counts cannot be a return value; the caller keeps a clone of the
+/// meter and reads it after the stream ends. Each request makes its own meter: it is never
+/// shared between requests, let alone users.
+#[derive(Debug, Clone, Default)]
+pub struct TokenMeter(Arc<std::sync::Mutex<TokenUsage>>);
+
+impl TokenMeter {
+    /// Adds to the counts (a request may report in parts).
+    pub fn add(&self, usage: TokenUsage) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.prompt_tokens += usage.prompt_tokens;
+        counts.completion_tokens += usage.completion_tokens;
+    }
+
+    pub fn get(&self) -> TokenUsage {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl LlmRequest {
@@ -74,6 +113,7 @@ impl LlmRequest {
             max_tokens,
             temperature: None,
             schema: None,
+            tokens: TokenMeter::default(),
         }
     }
 }
@@ -124,6 +164,11 @@ pub type TextStream = Pin<Box<dyn Stream<Item = Result<String, LlmError>> + Send
 pub trait LlmProvider: Send + Sync + 'static {
     /// Provider name for logs and metrics ("template", "local", "openai").
     fn name(&self) -> &str;
+    /// The model that answers (recorded with the token usage); the provider name for
+    /// providers without models.
+    fn model_name(&self) -> &str {
+        self.name()
+    }
     /// Starts generating; the stream ends early with `Cancelled` once `cancel` fires.
     async fn stream(
         &self,

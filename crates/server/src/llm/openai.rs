@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{LlmError, LlmProvider, LlmRequest, TextStream};
+use super::{LlmError, LlmProvider, LlmRequest, TextStream, TokenMeter, TokenUsage};
 use crate::settings::OpenAiSettings;
 
 pub struct OpenAiClient {
@@ -80,6 +80,10 @@ impl OpenAiClient {
             "max_tokens": request.max_tokens,
             "stream": stream,
         });
+        if stream {
+            // Ask for the token counts in a last chunk (OpenAI, vLLM, llama.cpp, Ollama).
+            body["stream_options"] = json!({"include_usage": true});
+        }
         if let Some(t) = request.temperature {
             body["temperature"] = json!(t);
         }
@@ -180,6 +184,9 @@ impl OpenAiClient {
             _ = cancel.cancelled() => return Err(LlmError::Cancelled),
             body = response.json() => body.map_err(|e| LlmError::InvalidResponse(format!("reading the completion: {}", without_url(&e))))?,
         };
+        if let Some(usage) = usage_of(&body) {
+            request.tokens.add(usage);
+        }
         body["choices"][0]["message"]["content"]
             .as_str()
             .map(str::to_string)
@@ -252,10 +259,25 @@ impl SseParser {
 enum Chunk {
     Text(String),
     Nothing,
+    /// The answer is complete (`finish_reason`); a chunk with the token counts may follow.
+    Finished,
     Done,
 }
 
-fn parse_chunk(data: &str) -> Result<Chunk, LlmError> {
+/// The `usage` object of a completion or of a streamed chunk.
+fn usage_of(value: &Value) -> Option<TokenUsage> {
+    let usage = value.get("usage")?;
+    Some(TokenUsage {
+        prompt_tokens: usage["prompt_tokens"].as_u64()?,
+        completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+    })
+}
+
+/// How long to wait after `finish_reason` for the chunk with the token counts: servers
+/// that send none would otherwise hold the answer open until the stall timeout.
+const USAGE_GRACE: Duration = Duration::from_secs(2);
+
+fn parse_chunk(data: &str, tokens: &TokenMeter) -> Result<Chunk, LlmError> {
     if data == "[DONE]" {
         return Ok(Chunk::Done);
     }
@@ -266,6 +288,9 @@ fn parse_chunk(data: &str) -> Result<Chunk, LlmError> {
             "the provider failed mid-answer: {message}"
         )));
     }
+    if let Some(usage) = usage_of(&value) {
+        tokens.add(usage);
+    }
     let choice = &value["choices"][0];
     let text = choice["delta"]["content"]
         .as_str()
@@ -275,7 +300,7 @@ fn parse_chunk(data: &str) -> Result<Chunk, LlmError> {
         return Ok(Chunk::Text(text));
     }
     if choice["finish_reason"].is_string() {
-        return Ok(Chunk::Done);
+        return Ok(Chunk::Finished);
     }
     Ok(Chunk::Nothing)
 }
@@ -284,6 +309,10 @@ fn parse_chunk(data: &str) -> Result<Chunk, LlmError> {
 impl LlmProvider for OpenAiClient {
     fn name(&self) -> &str {
         "openai"
+    }
+
+    fn model_name(&self) -> &str {
+        &self.settings.model
     }
 
     async fn stream(
@@ -299,6 +328,9 @@ impl LlmProvider for OpenAiClient {
             parser: SseParser,
             pending: std::collections::VecDeque<String>,
             cancel: CancellationToken,
+            tokens: TokenMeter,
+            /// `finish_reason` arrived: only the usage chunk and `[DONE]` may follow.
+            finished: bool,
             done: bool,
         }
         let state = State {
@@ -306,6 +338,8 @@ impl LlmProvider for OpenAiClient {
             parser: SseParser::default(),
             pending: Default::default(),
             cancel,
+            tokens: request.tokens.clone(),
+            finished: false,
             done: false,
         };
         let stream = futures_util::stream::unfold(state, move |mut state| async move {
@@ -314,9 +348,13 @@ impl LlmProvider for OpenAiClient {
                     return None;
                 }
                 if let Some(data) = state.pending.pop_front() {
-                    match parse_chunk(&data) {
+                    match parse_chunk(&data, &state.tokens) {
                         Ok(Chunk::Text(text)) => return Some((Ok(text), state)),
                         Ok(Chunk::Nothing) => continue,
+                        Ok(Chunk::Finished) => {
+                            state.finished = true;
+                            continue;
+                        }
                         Ok(Chunk::Done) => return None,
                         Err(err) => {
                             state.done = true;
@@ -329,9 +367,14 @@ impl LlmProvider for OpenAiClient {
                         state.done = true;
                         return Some((Err(LlmError::Cancelled), state));
                     }
-                    next = tokio::time::timeout(chunk_timeout, state.bytes.next()) => next,
+                    next = tokio::time::timeout(
+                        if state.finished { USAGE_GRACE } else { chunk_timeout },
+                        state.bytes.next(),
+                    ) => next,
                 };
                 match next {
+                    // The answer was complete; the server just sent no usage or `[DONE]`.
+                    Err(_) if state.finished => return None,
                     Err(_) => {
                         state.done = true;
                         let err = LlmError::Timeout(format!(
@@ -393,12 +436,23 @@ mod tests {
 
     #[test]
     fn chunks_map_to_text_and_end() {
+        let meter = TokenMeter::default();
         let text = r#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null}]}"#;
-        assert!(matches!(parse_chunk(text), Ok(Chunk::Text(t)) if t == "Hi"));
+        assert!(matches!(parse_chunk(text, &meter), Ok(Chunk::Text(t)) if t == "Hi"));
         let stop = r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#;
-        assert!(matches!(parse_chunk(stop), Ok(Chunk::Done)));
-        assert!(matches!(parse_chunk("[DONE]"), Ok(Chunk::Done)));
-        assert!(parse_chunk("not json").is_err());
+        assert!(matches!(parse_chunk(stop, &meter), Ok(Chunk::Finished)));
+        assert_eq!(meter.get(), TokenUsage::default());
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+        assert!(matches!(parse_chunk(usage, &meter), Ok(Chunk::Nothing)));
+        assert_eq!(
+            meter.get(),
+            TokenUsage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            }
+        );
+        assert!(matches!(parse_chunk("[DONE]", &meter), Ok(Chunk::Done)));
+        assert!(parse_chunk("not json", &meter).is_err());
     }
 
     #[test]

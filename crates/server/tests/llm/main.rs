@@ -7,3 +7,17 @@
 mod helpers;
 mod local_model;
 mod openai_client;
+
+/// The user's usage rows as stored (read straight from the store, all time).
+async fn usage_rows(
+    app: &helpers::TestApp,
+    user: &helpers::TestUser,
+) -> Vec<apex_server::store::UsageRow> {
+    let id = apex_server::ids::UserId::parse(&user.id).expect("a user id");
+    app.state
+        .infra
+        .store
+        .usage_rows_since(id, 0)
+        .await
+        .expect("reading usage rows")
+}

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use apex_protocol::events::EventKind;
 use apex_server::llm::openai::OpenAiClient;
-use apex_server::llm::{ChatMessage, LlmError, LlmProvider, LlmRequest, ResponseSchema};
+use apex_server::llm::{
+    ChatMessage, LlmError, LlmProvider, LlmRequest, ResponseSchema, TokenUsage,
+};
 use apex_server::settings::{LlmProviderKind, OpenAiSettings, Secret};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -29,6 +31,7 @@ const RECORDED_STREAM: &str = concat!(
     ": keep-alive\n\n",
     "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\", world\"},\"finish_reason\":null}]}\n\n",
     "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":31,\"completion_tokens\":4,\"total_tokens\":35}}\n\n",
     "data: [DONE]\n\n",
 );
 
@@ -138,7 +141,11 @@ fn request() -> LlmRequest {
 }
 
 async fn collect(client: &OpenAiClient) -> Result<Vec<String>, LlmError> {
-    let mut stream = client.stream(request(), CancellationToken::new()).await?;
+    collect_with(client, request()).await
+}
+
+async fn collect_with(client: &OpenAiClient, request: LlmRequest) -> Result<Vec<String>, LlmError> {
+    let mut stream = client.stream(request, CancellationToken::new()).await?;
     let mut chunks = Vec::new();
     while let Some(chunk) = stream.next().await {
         chunks.push(chunk?);
@@ -150,10 +157,21 @@ async fn collect(client: &OpenAiClient) -> Result<Vec<String>, LlmError> {
 async fn streams_a_recorded_completion() {
     let (url, mock) = mock_server(Script::Stream).await;
     let client = OpenAiClient::new(settings(url)).unwrap();
-    let chunks = collect(&client).await.unwrap();
+    let request = request();
+    let tokens = request.tokens.clone();
+    let chunks = collect_with(&client, request).await.unwrap();
     assert_eq!(chunks, vec!["Hello".to_string(), ", world".to_string()]);
+    assert_eq!(
+        tokens.get(),
+        TokenUsage {
+            prompt_tokens: 31,
+            completion_tokens: 4
+        },
+        "the usage chunk after finish_reason is read"
+    );
     let body = mock.last_body.lock().unwrap().clone();
     assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
     assert_eq!(body["model"], "gpt-4o-mini");
     assert_eq!(body["messages"][0]["content"], "Say hello");
     assert_eq!(
@@ -231,7 +249,8 @@ async fn a_failing_provider_falls_back_to_the_template_with_a_note() {
         s.llm_provider = LlmProviderKind::OpenAi;
         s.openai = settings(url);
     })
-    .await;
+    .await
+    .expect("SQLite needs no service");
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask("How can I reduce my LLM costs?", None).await;
@@ -274,7 +293,8 @@ async fn a_working_provider_writes_the_answer() {
         // The recorded triage answer is not JSON: triage falls back to its rules.
         s.llm_triage = true;
     })
-    .await;
+    .await
+    .expect("SQLite needs no service");
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask("How can I reduce my LLM costs?", None).await;
@@ -282,6 +302,23 @@ async fn a_working_provider_writes_the_answer() {
     let terminal = run.terminal();
     assert_eq!(terminal.payload["status"], "completed");
     assert_eq!(terminal.payload["final_response"], "Hello, world");
+    let reporting = run
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "reporting")
+        .unwrap();
+    assert_eq!(reporting.payload["result"]["prompt_tokens"], 31);
+    assert_eq!(reporting.payload["result"]["completion_tokens"], 4);
+    // The run's own token use is now part of the user's usage data.
+    let rows = crate::usage_rows(&app, &user).await;
+    let own: Vec<_> = rows
+        .iter()
+        .filter(|r| r.provider == "apex" && r.workload == "apex/reporting")
+        .collect();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!((own[0].prompt_tokens, own[0].completion_tokens), (31, 4));
+    assert_eq!(own[0].model, "gpt-4o-mini");
+    assert!(own[0].cost_usd > 0.0, "a hosted model is priced: {own:?}");
     let triage = run
         .events
         .iter()

@@ -16,7 +16,7 @@ use super::chatml::encode_chat;
 use super::engine::{Engine, EngineConfig, GenerationStats, Job, Output};
 use super::model::{LocalModel, ModelError};
 use super::sampling::SamplingConfig;
-use crate::llm::{LlmError, LlmProvider, LlmRequest, TextStream};
+use crate::llm::{LlmError, LlmProvider, LlmRequest, TextStream, TokenUsage};
 
 /// How the local provider runs.
 #[derive(Debug, Clone, Default)]
@@ -54,12 +54,19 @@ impl LocalProvider {
         request: LlmRequest,
         cancel: CancellationToken,
     ) -> Result<(String, GenerationStats), LlmError> {
+        let meter = request.tokens.clone();
         let mut receiver = self.submit(request, cancel).await?;
         let mut text = String::new();
         while let Some(output) = receiver.recv().await {
             match output {
                 Output::Text(chunk) => text.push_str(&chunk),
-                Output::Done(stats) => return Ok((text, stats)),
+                Output::Done(stats) => {
+                    meter.add(TokenUsage {
+                        prompt_tokens: u64::from(stats.prompt_tokens),
+                        completion_tokens: u64::from(stats.completion_tokens),
+                    });
+                    return Ok((text, stats));
+                }
                 Output::Failed(err) => return Err(err),
             }
         }
@@ -103,17 +110,31 @@ impl LlmProvider for LocalProvider {
         "local"
     }
 
+    fn model_name(&self) -> &str {
+        &self.model().name
+    }
+
     async fn stream(
         &self,
         request: LlmRequest,
         cancel: CancellationToken,
     ) -> Result<TextStream, LlmError> {
+        let meter = request.tokens.clone();
         let receiver = self.submit(request, cancel).await?;
-        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-            match receiver.recv().await? {
-                Output::Text(text) => Some((Ok(text), receiver)),
-                Output::Done(_) => None,
-                Output::Failed(err) => Some((Err(err), receiver)),
+        let stream = futures_util::stream::unfold(receiver, move |mut receiver| {
+            let meter = meter.clone();
+            async move {
+                match receiver.recv().await? {
+                    Output::Text(text) => Some((Ok(text), receiver)),
+                    Output::Done(stats) => {
+                        meter.add(TokenUsage {
+                            prompt_tokens: u64::from(stats.prompt_tokens),
+                            completion_tokens: u64::from(stats.completion_tokens),
+                        });
+                        None
+                    }
+                    Output::Failed(err) => Some((Err(err), receiver)),
+                }
             }
         });
         Ok(Box::pin(stream))

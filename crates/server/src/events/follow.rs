@@ -1,0 +1,110 @@
+//! Following one run: its stored events after a cursor, then its live ones, until the
+//! terminal event. Used by every reader that is not a WebSocket connection (the SSE stream
+//! of `/api/runs/{id}/events`, the OpenAI-compatible `/v1/chat/completions`).
+//!
+//! The subscription is taken before the log is read, so an event written during the replay
+//! is either in the replay or arrives live, and the cursor drops the copy that would
+//! otherwise arrive twice. A subscriber that falls behind the bus catches up from the log.
+
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+use super::log;
+use crate::auth::AuthenticatedUser;
+use crate::state::AppState;
+use crate::store::{RunRecord, UserStore};
+
+/// Backlog between the reader task and a slow consumer.
+const BUFFER: usize = 256;
+
+/// One event of the followed run, as stored.
+#[derive(Debug, Clone)]
+pub struct RunEvent {
+    pub seq: u64,
+    pub json: String,
+    pub terminal: bool,
+}
+
+/// Sends stored events after `*cursor`; returns `Ok(true)` once the terminal event went.
+async fn replay(
+    store: &UserStore,
+    run: &RunRecord,
+    cursor: &mut u64,
+    tx: &mpsc::Sender<RunEvent>,
+) -> Result<bool, ()> {
+    loop {
+        let page = log::page_after(store, run.id, *cursor)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "event replay failed");
+            })?;
+        if page.is_empty() {
+            return Ok(false);
+        }
+        for stored in page {
+            let (_, terminal) = log::head(&stored.json);
+            *cursor = stored.seq;
+            tx.send(RunEvent {
+                seq: stored.seq,
+                json: stored.json,
+                terminal,
+            })
+            .await
+            .map_err(|_| ())?;
+            if terminal {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// The events of `run` after `after_seq`, in seq order, ending with the terminal event (or
+/// earlier, if the log cannot be read or the run outlives the longest run by a minute).
+/// The channel closes when the follower task ends; dropping the receiver stops it.
+pub fn follow_run(
+    state: &AppState,
+    user: &AuthenticatedUser,
+    store: UserStore,
+    run: RunRecord,
+    after_seq: u64,
+) -> mpsc::Receiver<RunEvent> {
+    let mut subscription = state.infra.bus.subscribe(user.user_id());
+    let limit = state.settings.run_timeout + Duration::from_secs(60);
+    let (tx, rx) = mpsc::channel(BUFFER);
+    tokio::spawn(async move {
+        let work = async {
+            let mut cursor = after_seq;
+            if replay(&store, &run, &mut cursor, &tx).await? || run.status.is_terminal() {
+                return Ok::<(), ()>(());
+            }
+            loop {
+                match subscription.recv().await {
+                    Ok(event) if event.run_id == run.id && event.seq > cursor => {
+                        cursor = event.seq;
+                        tx.send(RunEvent {
+                            seq: event.seq,
+                            json: event.json.clone(),
+                            terminal: event.terminal,
+                        })
+                        .await
+                        .map_err(|_| ())?;
+                        if event.terminal {
+                            return Ok(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        if replay(&store, &run, &mut cursor, &tx).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(RecvError::Closed) => return Ok(()),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, work).await;
+    });
+    rx
+}
