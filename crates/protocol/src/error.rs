@@ -37,6 +37,12 @@ pub mod codes {
     pub const ORIGIN_NOT_ALLOWED: &str = "origin_not_allowed";
     /// The requested events were removed by retention; reload the thread.
     pub const RESUME_GAP: &str = "resume_gap";
+    /// `/v1/chat/completions`: the model is not one `/v1/models` lists.
+    pub const MODEL_NOT_FOUND: &str = "model_not_found";
+    /// `/v1/chat/completions` with model `apex`: the run ended other than `completed`.
+    pub const RUN_FAILED: &str = "run_failed";
+    /// `/v1/chat/completions` with the local model: it could not answer (queue full, failure).
+    pub const LLM_UNAVAILABLE: &str = "llm_unavailable";
     pub const INTERNAL: &str = "internal_error";
 }
 

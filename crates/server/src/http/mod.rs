@@ -6,6 +6,7 @@
 mod auth;
 mod compat;
 mod health;
+mod openai_compat;
 mod run_stream;
 pub(crate) mod runs;
 pub(crate) mod threads;
@@ -57,6 +58,8 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/usage/summary", get(usage::summary))
         .route("/api/usage/daily", get(usage::daily))
+        .route("/v1/models", get(openai_compat::models))
+        .route("/v1/chat/completions", post(openai_compat::chat_completions))
         .route("/ws", get(crate::ws::upgrade))
         .merge(crate::web::routes())
         .route("/metrics", get(crate::telemetry::render))

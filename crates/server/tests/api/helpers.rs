@@ -525,3 +525,41 @@ pub fn assert_contiguous_and_terminated(events: &[AgentEvent]) {
         "terminal event is last"
     );
 }
+
+/// Runs `tests/support/openai_check.py` (the official `openai` Python package talking to
+/// `/v1`) and returns what it printed, or `None` (after saying why) when Python or the
+/// package is missing. Under `CI` a missing package fails the test instead.
+pub async fn openai_package_check(
+    app: &TestApp,
+    user: &TestUser,
+    model: &str,
+    question: &str,
+) -> Option<Value> {
+    let has_package = tokio::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if !has_package {
+        let why = "the `openai` Python package is missing (pip install openai)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}; .ci/run installs it");
+        }
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/openai_check.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([app.url(""), user.token().to_string()])
+        .args([model, question])
+        .output()
+        .await
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "openai_check.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(serde_json::from_slice(&output.stdout).expect("openai_check.py prints JSON"))
+}

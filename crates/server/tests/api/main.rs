@@ -13,6 +13,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod no_global_state;
+mod openai_compat;
 mod store;
 mod stress;
 mod text;

@@ -277,6 +277,28 @@ async fn the_golden_path_answers_with_the_local_model() {
         .iter()
         .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "reporting")
         .unwrap();
+    // The model's token use is counted and becomes part of the user's own usage data.
+    let prompt_tokens = reporting.payload["result"]["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    let completion_tokens = reporting.payload["result"]["completion_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        prompt_tokens > 100,
+        "the prompt holds the report: {prompt_tokens}"
+    );
+    assert!(completion_tokens > 0);
+    let rows = crate::usage_rows(&app, &user).await;
+    let own: Vec<_> = rows.iter().filter(|r| r.provider == "apex").collect();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(own[0].workload, "apex/reporting");
+    assert_eq!(own[0].model, "SmolLM2-135M-Instruct");
+    assert_eq!(own[0].prompt_tokens as u64, prompt_tokens);
+    assert_eq!(
+        own[0].cost_usd, 0.0,
+        "the embedded model costs nothing per token"
+    );
     let provider = reporting.payload["result"]["provider"].as_str().unwrap();
     if provider == "local" {
         assert_eq!(partials, answer, "what streamed is the answer");

@@ -6,6 +6,7 @@
 #[allow(dead_code)] // this target uses only some of the shared helpers
 mod helpers;
 mod local_model;
+mod openai_api;
 mod openai_client;
 
 /// The user's usage rows as stored (read straight from the store, all time).

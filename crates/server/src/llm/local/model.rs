@@ -124,6 +124,27 @@ fn requantize(source: &Path, source_size: u64) -> Result<Vec<u8>, ModelError> {
     Ok(out.into_inner())
 }
 
+/// The model's name from its file: `SmolLM2-135M-Instruct.Q4_1.gguf` is
+/// `SmolLM2-135M-Instruct` (the quantization is how it is stored, not which model it is).
+/// This is the id `/v1/models` offers and the model recorded with token usage.
+fn model_name(path: &Path) -> String {
+    let Some(file) = path.file_name() else {
+        return "local".into();
+    };
+    let file = file.to_string_lossy();
+    let stem = file.trim_end_matches(".gguf");
+    match stem.rsplit_once('.') {
+        Some((base, quant))
+            if !base.is_empty()
+                && quant.starts_with(['Q', 'q', 'F', 'f', 'B', 'b'])
+                && quant.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            base.to_string()
+        }
+        _ => stem.to_string(),
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, then rename).
 fn persist(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
@@ -224,10 +245,7 @@ impl LocalModel {
             .and_then(|v| v.to_u32().ok())
             .map_or(2048, |n| n as usize)
             .min(MAX_SEQ_LEN);
-        let name = path
-            .file_name()
-            .map(|s| s.to_string_lossy().trim_end_matches(".gguf").to_string())
-            .unwrap_or_else(|| "local".into());
+        let name = model_name(path);
         let weights = match &mut reader {
             Weights::File(file) => ModelWeights::from_gguf(content, file, &device),
             Weights::Memory(bytes) => ModelWeights::from_gguf(content, bytes, &device),
@@ -276,5 +294,27 @@ impl Sequence {
         self.position += tokens.len();
         let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
         Ok(logits.to_vec1::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_name;
+    use std::path::Path;
+
+    #[test]
+    fn the_model_name_drops_the_quantization() {
+        let name = |p: &str| model_name(Path::new(p));
+        assert_eq!(
+            name("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(
+            name("SmolLM2-135M-Instruct.Q4_1.Q8_0.gguf"),
+            "SmolLM2-135M-Instruct.Q4_1"
+        );
+        assert_eq!(name("llama-3.2-1b.F16.gguf"), "llama-3.2-1b");
+        assert_eq!(name("tiny.gguf"), "tiny");
+        assert_eq!(name("v1.5.gguf"), "v1.5");
     }
 }
