@@ -72,6 +72,19 @@ struct LoadgenArgs {
     /// Disconnect/resume, stop mid-run, invented thread ids, foreign run ids.
     #[arg(long)]
     chaos: bool,
+    /// Print the report as one JSON object (for scripts such as bench/side_by_side.py).
+    #[arg(long)]
+    json: bool,
+    /// Say `load starts` on stderr once every user is registered.
+    #[arg(long)]
+    announce: bool,
+    /// Instead of runs: open this many idle authenticated WebSockets spread over the
+    /// users, announce `registered` and `connected` on stderr, hold them for --hold seconds.
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// With --idle-connections: how long to keep them open, in seconds.
+    #[arg(long, default_value_t = 10)]
+    hold: u64,
 }
 
 async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
@@ -83,10 +96,21 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         seed: args.seed,
         chaos: args.chaos,
         max_duration: std::time::Duration::from_secs(args.duration),
+        announce_start: args.announce,
         ..apex_loadgen::LoadConfig::default()
     };
+    if let Some(connections) = args.idle_connections {
+        let report =
+            apex_loadgen::hold_idle(config, connections, Duration::from_secs(args.hold)).await?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     let report = apex_loadgen::run(config).await?;
-    println!("{}", report.render());
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{}", report.render());
+    }
     for violation in report.violations.iter().take(20) {
         println!("violation: {violation}");
     }
@@ -160,6 +184,22 @@ struct ServeArgs {
     /// Enable POST /auth/dev/login (log in or register in one call). Development only.
     #[arg(long, env = "APEX_DEV_LOGIN", requires = "development_mode")]
     dev_login: bool,
+    /// Runs one user may have executing at once.
+    #[arg(long, env = "APEX_MAX_RUNS_PER_USER", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_runs_per_user: u64,
+    /// Run-starting messages per user per minute, after the burst.
+    #[arg(long, env = "APEX_MESSAGES_PER_MINUTE", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    messages_per_minute: u32,
+    /// Run-starting messages a user may send at once before the per-minute rate applies.
+    #[arg(long, env = "APEX_MESSAGE_BURST", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    message_burst: u32,
+    /// Open WebSocket connections per user.
+    #[arg(long, env = "APEX_MAX_CONNECTIONS_PER_USER", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_connections_per_user: u64,
     /// Delay between streamed answer chunks of the template writer, in milliseconds.
     #[arg(long, env = "APEX_TEMPLATE_STREAM_DELAY_MS", default_value_t = 15)]
     template_stream_delay_ms: u64,
@@ -244,6 +284,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format)?;
     let mut settings = args.database.settings();
     settings.demo_data = !args.no_demo_data;
+    settings.limits.max_concurrent_runs_per_user = args.max_runs_per_user as usize;
+    settings.limits.messages_per_minute = args.messages_per_minute;
+    settings.limits.message_burst = args.message_burst;
+    settings.limits.max_connections_per_user = args.max_connections_per_user as usize;
     settings.cors_allowed_origins = args.cors_origins;
     settings.development_mode = args.development_mode;
     settings.dev_login = args.dev_login;

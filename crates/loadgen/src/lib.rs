@@ -12,10 +12,14 @@
 //! Loopback only: [`LoadConfig::base_url`] must point at 127.0.0.0/8 or localhost, every
 //! loop is bounded by counts and by [`LoadConfig::max_duration`].
 //!
-//! Used by `apex loadgen` and by the server's stress suite.
+//! Used by `apex loadgen` and by the server's stress suite; [`hold_idle`] (idle connections
+//! for memory measurements) by `apex loadgen --idle-connections`.
 
+mod idle;
 mod stats;
 mod user;
+
+pub use idle::{hold_idle, IdleReport};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +47,9 @@ pub struct LoadConfig {
     /// How many users register at the same time (registration hashes passwords).
     pub registration_concurrency: usize,
     pub question: String,
+    /// Print `load starts` on stderr once every user is registered (for benchmark scripts
+    /// that measure the server from that moment).
+    pub announce_start: bool,
 }
 
 impl Default for LoadConfig {
@@ -57,12 +64,13 @@ impl Default for LoadConfig {
             max_duration: Duration::from_secs(120),
             registration_concurrency: 16,
             question: "How can I reduce my LLM costs?".into(),
+            announce_start: false,
         }
     }
 }
 
 /// What happened. `violations` lists every isolation or ordering failure in words.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct LoadReport {
     pub seed: u64,
     pub users: usize,
@@ -85,7 +93,13 @@ pub struct LoadReport {
     /// Requests that failed or timed out (registration, connection, protocol).
     pub errors: usize,
     pub events_received: usize,
+    /// The load itself: from the moment every user was registered and connected to the
+    /// end of the last run (registration hashes passwords and is not part of it).
+    #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
+    /// Registering the users before the load.
+    #[serde(serialize_with = "seconds")]
+    pub registration: Duration,
     /// Server event timestamp to client receipt, milliseconds.
     pub event_latency_ms: Percentiles,
     /// Message sent to first event of its run, milliseconds.
@@ -95,7 +109,18 @@ pub struct LoadReport {
     pub violations: Vec<String>,
 }
 
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
 impl LoadReport {
+    /// The report as one JSON object (for scripts), with `runs_per_s` added.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        value["runs_per_s"] = serde_json::json!(self.runs_per_second());
+        value
+    }
+
     pub fn runs_per_second(&self) -> f64 {
         let finished = self.runs_completed + self.runs_cancelled + self.runs_other;
         finished as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -117,8 +142,8 @@ impl LoadReport {
             "seed {seed}\n\
              users {users}, connections {connections}, runs started {started}\n\
              runs completed {completed}, cancelled {cancelled}, other {other}\n\
-             runs/s {rps:.1} over {elapsed:.1} s, events received {events}\n\
-             event latency ms      p50 {l50} p90 {l90} p99 {l99} max {lmax}\n\
+             runs/s {rps:.1} over {elapsed:.1} s (after {registration:.1} s of registration), events received {events}\n\
+             event latency ms      p50 {l50} p90 {l90} p99 {l99} p99.9 {l999} max {lmax}\n\
              time to first event ms p50 {f50} p90 {f90} p99 {f99}\n\
              run duration ms       p50 {d50} p90 {d90} p99 {d99}\n\
              errors {errors}, probes {probes} (failed {probe_failures})\n\
@@ -133,10 +158,12 @@ impl LoadReport {
             other = self.runs_other,
             rps = self.runs_per_second(),
             elapsed = self.elapsed.as_secs_f64(),
+            registration = self.registration.as_secs_f64(),
             events = self.events_received,
             l50 = self.event_latency_ms.p50,
             l90 = self.event_latency_ms.p90,
             l99 = self.event_latency_ms.p99,
+            l999 = self.event_latency_ms.p999,
             lmax = self.event_latency_ms.max,
             f50 = self.time_to_first_event_ms.p50,
             f90 = self.time_to_first_event_ms.p90,
@@ -205,8 +232,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
         .timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
         .build()?;
-    let started = Instant::now();
-    let deadline = started + config.max_duration;
+    let registration_started = Instant::now();
     let shared = Arc::new(SharedRunIds::default());
 
     // Register everyone first, with bounded concurrency, so runs overlap for real.
@@ -246,6 +272,13 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
         }
     }
 
+    report.registration = registration_started.elapsed();
+    if config.announce_start {
+        eprintln!("load starts ({} users registered)", accounts.len());
+    }
+    // The load's clock starts once everyone is registered.
+    let started = Instant::now();
+    let deadline = started + config.max_duration;
     let barrier = Arc::new(tokio::sync::Barrier::new(accounts.len().max(1)));
     let mut tasks = Vec::new();
     for account in accounts {

@@ -1,11 +1,12 @@
 //! Percentiles over collected samples (nearest rank).
 
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Percentiles {
     pub count: usize,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+    pub p999: f64,
     pub max: f64,
 }
 
@@ -18,13 +19,15 @@ impl Percentiles {
         let at = |p: f64| {
             let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
             let value = samples[rank.clamp(1, samples.len()) - 1];
-            (value * 10.0).round() / 10.0
+            // Hundredths of a millisecond: sub-millisecond latencies stay distinguishable.
+            (value * 100.0).round() / 100.0
         };
         Self {
             count: samples.len(),
             p50: at(50.0),
             p90: at(90.0),
             p99: at(99.0),
+            p999: at(99.9),
             max: at(100.0),
         }
     }

@@ -30,8 +30,8 @@ type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
 pub(crate) struct Account {
     index: usize,
     user_id: String,
-    token: String,
-    ws_url: String,
+    pub(crate) token: String,
+    pub(crate) ws_url: String,
     /// `total_cost_usd` of the user's own 30-day summary.
     summary_total: f64,
 }
