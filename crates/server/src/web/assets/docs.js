@@ -67,6 +67,7 @@ function typeLabel(schema) {
   return joinLabels(
     types.map((type) => {
       if (type === 'array') return ['array of ', ...typeLabel(schema.items || {})];
+      if (type === 'null') return ['null'];
       let label = type;
       if (schema.format) label += ` (${schema.format})`;
       if (schema.minimum !== undefined) label += ` ≥ ${schema.minimum}`;
@@ -93,7 +94,7 @@ function schemaView(schema) {
     h('tr', {},
       h('td', {}, h('code', { text: name }), required.has(name) ? h('span', { class: 'req', title: 'required', text: ' *' }) : null),
       h('td', { class: 'type' }, ...typeLabel(prop)),
-      h('td', {}, ...rich(prop.description || (prop.$ref ? '' : ''))),
+      h('td', {}, ...rich(prop.description)),
     ));
   return h('div', { class: 'schema' },
     schema.$ref ? h('div', { class: 'muted small' }, ...typeLabel(schema)) : null,
@@ -189,7 +190,6 @@ function responsesView(responses) {
     h('dl', { class: 'responses' }, Object.entries(responses || {}).flatMap(([status, raw]) => {
       const response = resolve(raw);
       const content = Object.entries(response.content || {});
-      const codes = content.flatMap(([, media]) => Object.keys(media.examples || {}));
       return [
         h('dt', { class: `status s${status[0]}`, text: status }),
         h('dd', {},
@@ -197,8 +197,7 @@ function responsesView(responses) {
           Object.keys(response.headers || {}).length
             ? h('div', { class: 'muted small', text: 'headers: ' + Object.keys(response.headers).join(', ') }) : null,
           content.map(([type, media]) =>
-            h('div', { class: 'media' }, h('span', { class: 'ctype', text: type }), ' ', ...typeLabel(media.schema))),
-          codes.length ? h('div', { class: 'small' }, 'codes: ', ...codes.flatMap((c, i) => [i ? ', ' : '', h('code', { text: c })])) : null),
+            h('div', { class: 'media' }, h('span', { class: 'ctype', text: type }), ' ', ...typeLabel(media.schema)))),
       ];
     })));
 }
@@ -346,7 +345,7 @@ function operationView({ path, method, op }) {
 
 function render() {
   const info = spec.info || {};
-  $('title').textContent = `${info.title || 'API'} reference`;
+  $('title').textContent = `${info.title || ''} API reference`;
   $('version').textContent = `v${info.version || '?'} · OpenAPI ${spec.openapi}`;
   document.title = `${info.title || 'API'} API reference`;
 
@@ -358,7 +357,7 @@ function render() {
     ...groups.map(([tag, list]) => h('div', { class: 'toc-group' },
       h('a', { class: 'toc-tag', href: '#' + anchor('tag', tag), text: tag }),
       h('ul', {}, list.map(({ path, method, op }) => h('li', {},
-        h('a', { href: '#' + anchor('op', op.operationId || `${method}${path}`) }, methodBadge(method), ' ', path)))))),
+        h('a', { href: '#' + anchor('op', op.operationId || `${method}${path}`) }, methodBadge(method), h('span', { text: path }))))))),
     h('div', { class: 'toc-group' }, h('a', { class: 'toc-tag', href: '#schemas', text: 'schemas' })),
   );
 
@@ -376,10 +375,13 @@ function render() {
         schemaView(schema)))),
   );
 
-  // Opening a link to an operation opens its details.
+  // A link to an operation opens its details (the page was empty when the browser
+  // first looked for the anchor, so scroll to it now).
   const open = () => {
     const target = location.hash && document.getElementById(location.hash.slice(1));
-    if (target && target.tagName === 'DETAILS') target.open = true;
+    if (!target) return;
+    if (target.tagName === 'DETAILS') target.open = true;
+    target.scrollIntoView();
   };
   window.addEventListener('hashchange', open);
   open();
