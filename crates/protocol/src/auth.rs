@@ -1,28 +1,34 @@
 //! Authentication bodies: registration, login, refresh, the token pair and WebSocket tickets.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RegisterRequest {
+    #[schema(example = "me@example.com")]
     pub email: String,
+    /// At least 8 characters.
+    #[schema(example = "a long password")]
     pub password: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LoginRequest {
+    #[schema(example = "me@example.com")]
     pub email: String,
+    #[schema(example = "a long password")]
     pub password: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RefreshRequest {
     pub refresh_token: String,
 }
 
 /// The public view of an account.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct UserInfo {
     pub id: String,
     pub email: String,
@@ -30,11 +36,12 @@ pub struct UserInfo {
 }
 
 /// Answer of register, login and refresh.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenPair {
     pub access_token: String,
     pub refresh_token: String,
     /// Always `"Bearer"`.
+    #[schema(example = "Bearer")]
     pub token_type: String,
     /// Seconds until the access token expires.
     pub expires_in: u64,
@@ -42,7 +49,7 @@ pub struct TokenPair {
 }
 
 /// Body of `POST /api/websocket/ticket`; every field is optional.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct TicketRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
@@ -52,7 +59,7 @@ pub struct TicketRequest {
 
 /// A short-lived WebSocket ticket: `GET /ws?ticket=<ticket_id>` authenticates with it,
 /// so the long-lived JWT never appears in a URL (and so never in an access log).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TicketResponse {
     pub ticket_id: String,
     /// Unix seconds.

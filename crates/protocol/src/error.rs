@@ -5,15 +5,21 @@
 //! WebSocket errors use the upper-case codes in [`ws_codes`] inside an `error_message` frame.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+/// The body of every failed REST request: `{"error":{"code":"...","message":"..."}}`.
+#[schema(example = json!({"error": {"code": "not_found", "message": "thread not found"}}))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ErrorDetail {
+    /// Stable snake_case code (see [`codes`] and `docs/errors.md`); clients branch on it.
+    #[schema(example = "not_found")]
     pub code: String,
+    /// Human-readable; may change between versions.
     pub message: String,
 }
 

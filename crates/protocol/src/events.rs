@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use crate::threads::RunStatus;
 
@@ -19,7 +20,7 @@ pub const SUPERVISOR: &str = "supervisor";
 /// The pipeline the supervisor runs, in order.
 pub const PIPELINE: [&str; 5] = ["triage", "data", "optimization", "actions", "reporting"];
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     AgentStarted,
@@ -52,7 +53,7 @@ impl EventKind {
 }
 
 /// The envelope of every agent event on the wire and in the event log.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct AgentEvent {
     #[serde(rename = "type")]
     pub kind: EventKind,
@@ -63,6 +64,8 @@ pub struct AgentEvent {
     pub agent_name: String,
     /// RFC 3339, UTC, millisecond precision.
     pub timestamp: String,
+    /// The event's fields, by `type` (see `docs/protocol.md`).
+    #[schema(value_type = Object)]
     pub payload: Value,
     /// Payload fields repeated at top level for clients of the original system.
     #[serde(flatten)]

@@ -3,7 +3,8 @@
 //! Everything a client can see travels through a type in this crate, so the server,
 //! the terminal client and the integration tests cannot drift apart: change a shape here
 //! and every side stops compiling until it agrees. `docs/protocol.md` is the prose
-//! version of this file.
+//! version of this file. The REST types also derive `utoipa::ToSchema`, so the server's
+//! OpenAPI document (`/openapi.json`) describes them from the same definitions.
 //!
 //! Map:
 //! - [`error`]: the one JSON error body and the stable error codes.

@@ -1,9 +1,10 @@
 //! Threads, their messages and runs as the REST API shows them.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A conversation. Owned by exactly one user; other users get 404 for it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Thread {
     pub id: String,
     pub title: String,
@@ -12,27 +13,34 @@ pub struct Thread {
     /// RFC 3339, UTC.
     pub updated_at: String,
     pub message_count: i64,
+    /// Client-defined JSON object (at most 16 KiB).
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateThreadRequest {
+    /// At most 200 characters; empty or absent gives "New conversation".
     #[serde(default)]
     pub title: Option<String>,
+    /// A JSON object of at most 16 KiB.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
 }
 
 /// `PATCH /api/threads/{id}`: absent fields are left alone; `metadata` is merged key by key.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct UpdateThreadRequest {
     #[serde(default)]
     pub title: Option<String>,
+    /// Merged into the stored object; a key set to `null` is removed.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Message {
     pub id: String,
     /// `user` or `assistant`.
@@ -40,10 +48,11 @@ pub struct Message {
     pub content: String,
     /// Unix seconds.
     pub created_at: i64,
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MessagesPage {
     pub thread_id: String,
     pub messages: Vec<Message>,
@@ -53,20 +62,22 @@ pub struct MessagesPage {
 }
 
 /// `POST /api/threads/{id}/runs`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StartRunRequest {
+    /// 1 to 16,000 characters.
+    #[schema(example = "How can I reduce my LLM costs?")]
     pub message: String,
 }
 
 /// Answer of `POST /api/threads/{id}/runs` (202) and of `POST /api/runs/{id}/cancel`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RunAccepted {
     pub run_id: String,
     pub thread_id: String,
     pub status: RunStatus,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Queued,
@@ -112,7 +123,7 @@ impl RunStatus {
 }
 
 /// `GET /api/runs/{id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Run {
     pub id: String,
     pub thread_id: String,
@@ -127,7 +138,7 @@ pub struct Run {
 }
 
 /// `GET /api/runs/{id}/events?after_seq=N`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RunEventsPage {
     pub run_id: String,
     pub events: Vec<crate::events::AgentEvent>,

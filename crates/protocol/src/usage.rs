@@ -1,9 +1,10 @@
 //! A user's AI usage data: the rows they upload (or demo data) and the summary of them.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// One LLM call of the user's own workloads, as uploaded to `POST /api/usage/events`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct UsageEventInput {
     pub provider: String,
     pub model: String,
@@ -22,13 +23,13 @@ pub struct UsageEventInput {
     pub cost_usd: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct UsageImportResult {
     pub inserted: u64,
 }
 
 /// `GET /api/usage/summary?days=N`: aggregates over the user's own rows in the window.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct UsageSummary {
     pub days: u32,
     /// RFC 3339 start of the window (inclusive).
@@ -45,14 +46,14 @@ pub struct UsageSummary {
     pub by_workload: Vec<WorkloadUsage>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LatencyPercentiles {
     pub p50: i64,
     pub p95: i64,
     pub p99: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ModelUsage {
     pub provider: String,
     pub model: String,
@@ -62,7 +63,7 @@ pub struct ModelUsage {
     pub cost_usd: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct WorkloadUsage {
     pub workload: String,
     pub requests: i64,
@@ -74,7 +75,7 @@ pub struct WorkloadUsage {
 }
 
 /// `GET /api/usage/daily?days=N`: the user's own spend per UTC day and model.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct DailyUsage {
     pub days: u32,
     /// Sorted by date, then model; a day without rows for a model has no entry.
@@ -82,7 +83,7 @@ pub struct DailyUsage {
 }
 
 /// One model's usage on one UTC day.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct DailyModelUsage {
     /// `YYYY-MM-DD`, UTC.
     pub date: String,

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::events::AgentEvent;
 use crate::threads::Message;
@@ -17,7 +18,7 @@ pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// Non-event frames the server sends.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlFrame {
     ConnectionEstablished {
@@ -76,7 +77,7 @@ pub enum ControlFrame {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ConnectionInfo {
     pub connection_id: String,
     pub user_id: String,

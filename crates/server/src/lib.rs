@@ -8,7 +8,8 @@
 //! in the order a request meets them:
 //!
 //! - [`settings`]: typed configuration and the `Secret` wrapper.
-//! - [`http`]: `app(state) -> Router`, the REST handlers; [`error`]: the one error shape.
+//! - [`http`]: `app(state) -> Router`, the REST handlers, each registered together with its
+//!   OpenAPI operation (`/openapi.json`, [`http::openapi`]); [`error`]: the one error shape.
 //! - [`auth`]: passwords, JWTs, tickets; produces [`auth::AuthenticatedUser`], the only
 //!   source of a user id.
 //! - [`ws`]: the WebSocket endpoint; one task per connection owns that connection's state.
@@ -24,7 +25,8 @@
 //!   template writer (the fallback).
 //! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
 //! - [`telemetry`]: Prometheus metric names, the HTTP metrics middleware, `/metrics`.
-//! - [`web`]: the browser chat page at `/`, its assets compiled into the binary.
+//! - [`web`]: the browser chat page at `/` and the API reference at `/docs`, their assets
+//!   compiled into the binary.
 //! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
 
 pub mod agents;

@@ -93,6 +93,16 @@ pub async fn track_http(request: Request, next: Next) -> Response {
 }
 
 /// `GET /metrics` in the Prometheus text format; 404 when no recorder was installed.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 404, description = "No metrics recorder is installed (plain text)", content_type = "text/plain", body = String),
+    )
+)]
 pub async fn render(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => (

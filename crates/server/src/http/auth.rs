@@ -1,4 +1,5 @@
-//! `/auth/*` and `/api/websocket/ticket`.
+//! `/auth/*` and `/api/websocket/ticket`: accounts, the token pair, logout and WebSocket
+//! tickets. Maps [`AuthError`] to the API's error codes.
 
 use std::sync::Arc;
 
@@ -6,12 +7,16 @@ use apex_protocol::auth::{
     LoginRequest, RefreshRequest, RegisterRequest, TicketRequest, TicketResponse, TokenPair,
     UserInfo,
 };
-use apex_protocol::error::codes;
+use apex_protocol::error::{codes, ErrorBody};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
+use super::openapi::{
+    Internal, InvalidCredentials, InvalidJson, PayloadTooLarge, RateLimited, Unauthenticated,
+    UnsupportedMediaType, ValidationFailed,
+};
 use super::{ApiJson, ClientAddress};
 use crate::auth::{AuthError, AuthUser, AuthenticatedUser};
 use crate::clock::now_ms;
@@ -38,6 +43,23 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// Creates an account and logs it in. With demo data on (the default), the account gets
+/// 30 days of generated usage.
+#[utoipa::path(
+    post,
+    path = "/auth/register",
+    tag = "auth",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Account created; its tokens", body = TokenPair),
+        (status = 400, response = InvalidJson),
+        (status = 409, description = "An account with this email exists (code: `email_taken`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn register(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RegisterRequest>,
@@ -60,6 +82,23 @@ pub async fn give_demo_data(state: &AppState, user: &AuthenticatedUser) -> Resul
     Ok(())
 }
 
+/// Exchanges email and password for a token pair. Throttled per account and per address.
+#[utoipa::path(
+    post,
+    path = "/auth/login",
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in; the tokens", body = TokenPair),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = InvalidCredentials),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     ClientAddress(address): ClientAddress,
@@ -81,6 +120,22 @@ pub async fn login(
     Ok(Json(state.auth.login(&body.email, &body.password).await?))
 }
 
+/// Exchanges a refresh token (once) for a new token pair.
+#[utoipa::path(
+    post,
+    path = "/auth/refresh",
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "New tokens; the old refresh token is spent", body = TokenPair),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn refresh(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshRequest>,
@@ -88,6 +143,18 @@ pub async fn refresh(
     Ok(Json(state.auth.refresh(&body.refresh_token).await?))
 }
 
+/// Revokes the access token used for this request.
+#[utoipa::path(
+    post,
+    path = "/auth/logout",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    responses(
+        (status = 204, description = "Logged out"),
+        (status = 401, response = Unauthenticated),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn logout(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -96,6 +163,19 @@ pub async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The caller's account.
+#[utoipa::path(
+    get,
+    path = "/auth/me",
+    operation_id = "me",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    responses(
+        (status = 200, description = "The caller's account", body = UserInfo),
+        (status = 401, response = Unauthenticated),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn me(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -103,6 +183,23 @@ pub async fn me(
     Ok(Json(state.auth.user_info(&user).await?))
 }
 
+/// Issues a short-lived ticket for `GET /ws?ticket=...`, so the JWT never appears in a URL.
+/// The body is optional: an empty POST asks for a default ticket.
+#[utoipa::path(
+    post,
+    path = "/api/websocket/ticket",
+    operation_id = "websocket_ticket",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    request_body(content = Option<TicketRequest>, description = "Optional; an empty body gives the defaults"),
+    responses(
+        (status = 200, description = "The ticket", body = TicketResponse),
+        (status = 401, response = Unauthenticated),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn ticket(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -8,14 +8,20 @@ use std::sync::Arc;
 
 use apex_protocol::auth::LoginRequest;
 use apex_protocol::auth::TokenPair;
-use apex_protocol::error::codes;
+use apex_protocol::error::{codes, ErrorBody};
+use apex_protocol::threads::RunStatus;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Map;
+use utoipa::ToSchema;
 
+use super::openapi::{
+    Internal, InvalidJson, NotFound, PayloadTooLarge, RateLimited, Unauthenticated,
+    UnsupportedMediaType, ValidationFailed,
+};
 use super::runs::validate_message;
 use super::threads::{create_thread, thread_id};
 use super::{ApiJson, ClientAddress};
@@ -26,48 +32,137 @@ use crate::runs::start_run;
 use crate::state::AppState;
 use crate::store::UserStore;
 
+/// Body of `POST /auth/validate-token-and-get-user` (optional: the Bearer header works too).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ValidateTokenRequest {
+    pub token: String,
+}
+
+/// `{valid: true, user_id, user}` or `{valid: false, error}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidateTokenResponse {
+    pub valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<CompatUser>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ValidateTokenResponse {
+    fn invalid(error: &str) -> Self {
+        Self {
+            valid: false,
+            user_id: None,
+            user: None,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// The original system's user shape: `full_name` and `name` are the same value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompatUser {
+    pub id: String,
+    pub email: String,
+    pub full_name: Option<String>,
+    pub name: Option<String>,
+}
+
 /// `POST /auth/validate-token-and-get-user`: token from the Bearer header or `{token}`.
 /// Always 200: `{valid: true, user_id, user}` or `{valid: false, error}`.
+#[utoipa::path(
+    post,
+    path = "/auth/validate-token-and-get-user",
+    tag = "compat",
+    security((), ("bearer_jwt" = [])),
+    request_body(content = Option<ValidateTokenRequest>, description = "The token, unless it is in the Authorization header"),
+    responses(
+        (status = 200, description = "Whether the token is valid, and whose it is", body = ValidateTokenResponse),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn validate_token(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let from_body = serde_json::from_slice::<Value>(&body)
+) -> Result<Json<ValidateTokenResponse>, ApiError> {
+    let from_body = serde_json::from_slice::<ValidateTokenRequest>(&body)
         .ok()
-        .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_string));
+        .map(|request| request.token);
     let token = bearer_token(&headers).map(str::to_string).or(from_body);
     let Some(token) = token else {
-        return Ok(Json(json!({"valid": false, "error": "no token given"})));
+        return Ok(Json(ValidateTokenResponse::invalid("no token given")));
     };
     let user = match state.auth.verify_access(&token).await {
         Ok(user) => user,
         Err(AuthError::Internal(err)) => return Err(ApiError::Internal(err)),
         Err(_) => {
-            return Ok(Json(
-                json!({"valid": false, "error": "token is invalid, expired or revoked"}),
-            ))
+            return Ok(Json(ValidateTokenResponse::invalid(
+                "token is invalid, expired or revoked",
+            )))
         }
     };
     let info = state.auth.user_info(&user).await?;
-    Ok(Json(json!({
-        "valid": true,
-        "user_id": info.id,
-        "user": {"id": info.id, "email": info.email, "full_name": info.name, "name": info.name},
-    })))
+    Ok(Json(ValidateTokenResponse {
+        valid: true,
+        user_id: Some(info.id.clone()),
+        user: Some(CompatUser {
+            id: info.id,
+            email: info.email,
+            full_name: info.name.clone(),
+            name: info.name,
+        }),
+        error: None,
+    }))
 }
 
-/// `GET /auth/config`.
-pub async fn auth_config(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "development_mode": state.settings.development_mode,
-        "oauth_enabled": false,
-        "google_client_id": "",
-    }))
+/// Answer of `GET /auth/config`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuthConfig {
+    pub development_mode: bool,
+    /// Always false: Apex has no OAuth.
+    pub oauth_enabled: bool,
+    /// Always empty.
+    pub google_client_id: &'static str,
+}
+
+/// `GET /auth/config`: what the original web client asks before it shows a login form.
+#[utoipa::path(
+    get,
+    path = "/auth/config",
+    tag = "compat",
+    responses((status = 200, description = "The login options", body = AuthConfig))
+)]
+pub async fn auth_config(State(state): State<AppState>) -> Json<AuthConfig> {
+    Json(AuthConfig {
+        development_mode: state.settings.development_mode,
+        oauth_enabled: false,
+        google_client_id: "",
+    })
 }
 
 /// `POST /auth/dev/login`: log in, or register on first use. Only when both
 /// `development_mode` and `dev_login` are on; otherwise it does not exist (404).
+#[utoipa::path(
+    post,
+    path = "/auth/dev/login",
+    tag = "compat",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in", body = TokenPair),
+        (status = 201, description = "Registered on first use, and logged in", body = TokenPair),
+        (status = 400, response = InvalidJson),
+        (status = 404, description = "Development login is off (code: `not_found`)", body = ErrorBody),
+        (status = 409, description = "The email has an account with another password (code: `email_taken`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn dev_login(
     State(state): State<AppState>,
     ClientAddress(address): ClientAddress,
@@ -98,22 +193,61 @@ pub async fn dev_login(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Body of `POST /api/agent/v2/execute`.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ExecuteRequest {
+    #[schema(example = "How can I reduce my LLM costs?")]
     pub message: String,
+    /// An existing thread of the caller's; absent or empty starts a new thread.
     #[serde(default)]
     pub thread_id: Option<String>,
     // request_id, agent_type, context and settings are accepted and ignored: the run's
     // ids are the server's, and there is one agent pipeline.
 }
 
+/// Answer of `POST /api/agent/v2/execute`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecuteResponse {
+    /// Always true (failures answer an error status).
+    pub success: bool,
+    pub result: ExecuteResult,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecuteResult {
+    pub run_id: String,
+    pub thread_id: String,
+    /// Always `queued`.
+    pub status: RunStatus,
+}
+
 /// `POST /api/agent/v2/execute`: starts a run and answers at once; its events go to the
 /// user's sockets as usual.
+#[utoipa::path(
+    post,
+    path = "/api/agent/v2/execute",
+    tag = "compat",
+    security(("bearer_jwt" = [])),
+    request_body = ExecuteRequest,
+    responses(
+        (status = 200, description = "The run is queued", body = ExecuteResponse),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The thread has a run in progress (code: `thread_busy`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, description = "The server is shutting down (code: `shutting_down`)", body = ErrorBody),
+    )
+)]
 pub async fn agent_v2_execute(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     ApiJson(body): ApiJson<ExecuteRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ExecuteResponse>, ApiError> {
     let text = validate_message(&body.message).map_err(ApiError::validation)?;
     let thread = match body.thread_id.as_deref().filter(|t| !t.trim().is_empty()) {
         Some(raw) => thread_id(raw)?,
@@ -126,12 +260,12 @@ pub async fn agent_v2_execute(
     let started = start_run(&state, &user, thread, text, RequestId::generate())
         .await
         .map_err(|e| super::runs::start_error(&state, e))?;
-    Ok(Json(json!({
-        "success": true,
-        "result": {
-            "run_id": started.run_id.to_string(),
-            "thread_id": started.thread_id.to_string(),
-            "status": "queued",
+    Ok(Json(ExecuteResponse {
+        success: true,
+        result: ExecuteResult {
+            run_id: started.run_id.to_string(),
+            thread_id: started.thread_id.to_string(),
+            status: RunStatus::Queued,
         },
-    })))
+    }))
 }

@@ -1,19 +1,70 @@
-//! Liveness and readiness.
+//! Liveness and readiness: `GET /health` and `GET /health/ready`, for load balancers and
+//! orchestrators (no token, no user data).
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::state::AppState;
 
+/// Answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+    /// The server's version.
+    #[schema(example = "0.1.0")]
+    pub version: &'static str,
+}
+
+/// Answer of `GET /health/ready`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` (200) or `unavailable` (503).
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    pub checks: ReadinessChecks,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadinessChecks {
+    /// The database answered a ping.
+    pub database: bool,
+    /// The server is not draining for shutdown.
+    pub accepting: bool,
+    /// The configured LLM provider (`local`, `openai`, `template`).
+    pub llm: String,
+}
+
 /// Liveness: the process answers.
-pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses((status = 200, description = "The process answers", body = Health))
+)]
+pub async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
 }
 
 /// Readiness: the database answers and the server is not shutting down.
-pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    operation_id = "ready",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready to serve", body = Readiness),
+        (status = 503, description = "The database does not answer, or shutdown has begun", body = Readiness),
+    )
+)]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let database = state.infra.store.ping().await.is_ok();
     let accepting = !state.infra.lifecycle.draining.is_cancelled();
     let status = if database && accepting {
@@ -23,9 +74,17 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     };
     (
         status,
-        Json(json!({
-            "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
-            "checks": { "database": database, "accepting": accepting, "llm": state.infra.llm.name() },
-        })),
+        Json(Readiness {
+            status: if status == StatusCode::OK {
+                "ready"
+            } else {
+                "unavailable"
+            },
+            checks: ReadinessChecks {
+                database,
+                accepting,
+                llm: state.infra.llm.name().to_string(),
+            },
+        }),
     )
 }

@@ -1,12 +1,14 @@
-//! The HTTP API: `app(state) -> Router` and the extractors the handlers share.
+//! The HTTP API: [`routes`] (every route with its OpenAPI operation), `app(state) ->
+//! Router`, and the extractors the handlers share.
 //!
-//! One file per resource. Handlers take [`AuthUser`](crate::auth::AuthUser) for anything
+//! One file per resource; [`openapi`] holds the document's frame and `/openapi.json`. Handlers take [`AuthUser`](crate::auth::AuthUser) for anything
 //! user-scoped and reach data only through a `UserStore` built from it.
 
 mod auth;
 mod compat;
 mod health;
 mod openai_compat;
+pub mod openapi;
 mod run_stream;
 pub(crate) mod runs;
 pub(crate) mod threads;
@@ -17,53 +19,70 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::{telemetry, web, ws};
+
+/// Every route the server answers, each registered together with its OpenAPI operation
+/// (`routes!` takes the path and methods from the handler's `#[utoipa::path]`): the one
+/// route list. One `routes!` per path.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::me))
+        .routes(routes!(auth::ticket))
+        .routes(routes!(compat::validate_token))
+        .routes(routes!(compat::auth_config))
+        .routes(routes!(compat::dev_login))
+        .routes(routes!(compat::agent_v2_execute))
+        .routes(routes!(threads::list, threads::create))
+        .routes(routes!(
+            threads::get_one,
+            threads::update,
+            threads::put,
+            threads::delete
+        ))
+        .routes(routes!(threads::messages))
+        .routes(routes!(runs::start))
+        .routes(routes!(runs::get_one))
+        .routes(routes!(runs::cancel))
+        .routes(routes!(runs::events))
+        .routes(
+            routes!(usage::import).layer(axum::extract::DefaultBodyLimit::max(
+                MAX_UPLOAD_BYTES as usize,
+            )),
+        )
+        .routes(routes!(usage::summary))
+        .routes(routes!(usage::daily))
+        .routes(routes!(openai_compat::models))
+        .routes(routes!(openai_compat::chat_completions))
+        .routes(routes!(ws::upgrade))
+        .merge(web::routes())
+        .routes(routes!(telemetry::render))
+        .routes(routes!(openapi::document))
+}
+
+/// The OpenAPI 3.1 document of [`routes`], as served at `/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health::health))
-        .route("/health/ready", get(health::ready))
-        .route("/auth/register", post(auth::register))
-        .route("/auth/login", post(auth::login))
-        .route("/auth/refresh", post(auth::refresh))
-        .route("/auth/logout", post(auth::logout))
-        .route("/auth/me", get(auth::me))
-        .route("/api/websocket/ticket", post(auth::ticket))
-        .route("/auth/validate-token-and-get-user", post(compat::validate_token))
-        .route("/auth/config", get(compat::auth_config))
-        .route("/auth/dev/login", post(compat::dev_login))
-        .route("/api/agent/v2/execute", post(compat::agent_v2_execute))
-        .route("/api/threads", get(threads::list).post(threads::create))
-        .route(
-            "/api/threads/{id}",
-            get(threads::get_one)
-                .patch(threads::update)
-                .put(threads::update)
-                .delete(threads::delete),
-        )
-        .route("/api/threads/{id}/messages", get(threads::messages))
-        .route("/api/threads/{id}/runs", post(runs::start))
-        .route("/api/runs/{id}", get(runs::get_one))
-        .route("/api/runs/{id}/cancel", post(runs::cancel))
-        .route("/api/runs/{id}/events", get(runs::events))
-        .route(
-            "/api/usage/events",
-            post(usage::import).layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD_BYTES as usize)),
-        )
-        .route("/api/usage/summary", get(usage::summary))
-        .route("/api/usage/daily", get(usage::daily))
-        .route("/v1/models", get(openai_compat::models))
-        .route("/v1/chat/completions", post(openai_compat::chat_completions))
-        .route("/ws", get(crate::ws::upgrade))
-        .merge(crate::web::routes())
-        .route("/metrics", get(crate::telemetry::render))
-        .route_layer(axum::middleware::from_fn(crate::telemetry::track_http))
+    let (router, document) = routes().split_for_parts();
+    router
+        .route_layer(axum::middleware::from_fn(telemetry::track_http))
         .layer(axum::middleware::from_fn(refuse_announced_oversize))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
@@ -73,6 +92,7 @@ pub fn app(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::Extension(openapi::OpenApiJson::new(&document)))
         .layer(cors_layer(&state.settings.cors_allowed_origins))
         .layer(
             // Spans carry the path only: a query string may hold a ticket.
@@ -200,9 +220,14 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 }
 
 /// `?limit&offset` with defaults and bounds.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
+    /// How many to return: 1 to 500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// How many to skip: 0 or more, default 0.
+    #[param(minimum = 0)]
     pub offset: Option<i64>,
 }
 

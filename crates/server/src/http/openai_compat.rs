@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use apex_protocol::error::codes;
+use apex_protocol::error::{codes, ErrorBody};
 use apex_protocol::events::{AgentEvent, EventKind};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -29,6 +29,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::openapi::{
+    Internal, InvalidJson, PayloadTooLarge, RateLimited, Unauthenticated, UnsupportedMediaType,
+    ValidationFailed,
+};
 use super::runs::{start_error, validate_message};
 use super::threads::create_thread;
 use super::ApiJson;
@@ -53,34 +57,43 @@ const MAX_PROMPT_CHARS: usize = 24_000;
 const DEFAULT_MAX_TOKENS: u32 = 256;
 const MAX_TOKENS_LIMIT: u32 = 2_048;
 
-#[derive(Debug, Deserialize)]
+/// The part of OpenAI's chat-completion request Apex reads; other fields are ignored.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChatCompletionRequest {
+    /// `apex` (the agent pipeline) or a model `GET /v1/models` lists.
+    #[schema(example = "apex")]
     model: String,
+    /// At most 64; model `apex` answers the last `user` message.
     messages: Vec<CompatMessage>,
+    /// Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`.
     #[serde(default)]
     stream: bool,
+    /// Local model only: 1 to 2,048, default 256.
     max_tokens: Option<u32>,
     /// The newer name of `max_tokens`.
     max_completion_tokens: Option<u32>,
+    /// Local model only: 0 to 2.
     temperature: Option<f32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct CompatMessage {
+    /// `system`, `user` or `assistant`.
+    #[schema(example = "user")]
     role: String,
     #[serde(default)]
     content: Option<MessageContent>,
 }
 
 /// A message's content: a string, or a list of parts of which the text parts count.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct ContentPart {
     #[serde(rename = "type")]
     kind: String,
@@ -119,6 +132,20 @@ fn now_secs() -> i64 {
     crate::clock::now_ms() / 1000
 }
 
+/// The models this user may name in `/v1/chat/completions`, in OpenAI's list shape.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "openai_models",
+    tag = "openai",
+    security(("bearer_jwt" = [])),
+    responses(
+        (status = 200, description = "OpenAI's model list: `apex`, and the local model when it is the configured provider",
+            body = Object,
+            example = json!({"object": "list", "data": [{"id": "apex", "object": "model", "created": 1764000000, "owned_by": "apex"}]})),
+        (status = 401, response = Unauthenticated),
+    )
+)]
 pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<Value> {
     let created = now_secs();
     let mut data = vec![json!({
@@ -130,6 +157,37 @@ pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) ->
     Json(json!({"object": "list", "data": data}))
 }
 
+/// OpenAI's chat completions: model `apex` runs the agent pipeline on the question, the
+/// local model answers the messages directly; streaming or not.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "openai_chat_completions",
+    tag = "openai",
+    security(("bearer_jwt" = [])),
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` server-sent \
+            `chat.completion.chunk` events ending with `data: [DONE]` (an error mid-stream \
+            arrives as an `{\"error\": ...}` chunk)",
+            content(
+                (Object = "application/json", example = json!({"id": "chatcmpl-…", "object": "chat.completion", "created": 1764000000, "model": "apex",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "…"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})),
+                (String = "text/event-stream"),
+            )),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 404, description = "A model `/v1/models` does not list (code: `model_not_found`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 502, description = "Model `apex`: the run ended other than `completed` (code: `run_failed`)", body = ErrorBody),
+        (status = 503, description = "The local model could not answer, or the server is shutting down (code: `llm_unavailable` or `shutting_down`)", body = ErrorBody),
+    )
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -1,8 +1,9 @@
-//! `/api/threads/{id}/runs` and `/api/runs/*`: start, inspect, stop, replay.
+//! `/api/threads/{id}/runs` and `/api/runs/*`: start, inspect, stop and replay runs over
+//! REST (the WebSocket does the same with frames); maps `StartRunError` to error codes.
 
 use std::sync::Arc;
 
-use apex_protocol::error::codes;
+use apex_protocol::error::{codes, ErrorBody};
 use apex_protocol::events::AgentEvent;
 use apex_protocol::threads::{Run, RunAccepted, RunEventsPage, RunStatus, StartRunRequest};
 use axum::extract::{Path, State};
@@ -11,6 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::openapi::{
+    Internal, InvalidJson, NotFound, PayloadTooLarge, RateLimited, Unauthenticated,
+    UnsupportedMediaType, ValidationFailed,
+};
 use super::threads::thread_id;
 use super::{ApiJson, ApiQuery};
 use crate::auth::AuthUser;
@@ -46,6 +51,30 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
     RunId::parse(raw).map_err(|_| ApiError::not_found("run"))
 }
 
+/// Stores the message and queues a run on the thread; its events go to the caller's
+/// sockets and to `GET /api/runs/{id}/events`.
+#[utoipa::path(
+    post,
+    path = "/api/threads/{id}/runs",
+    operation_id = "start_run",
+    tag = "runs",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id")),
+    request_body = StartRunRequest,
+    responses(
+        (status = 202, description = "The run is queued", body = RunAccepted),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The thread has a run in progress (code: `thread_busy`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, description = "The server is shutting down (code: `shutting_down`)", body = ErrorBody),
+    )
+)]
 pub async fn start(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -98,6 +127,21 @@ pub fn start_error(state: &AppState, err: StartRunError) -> ApiError {
     }
 }
 
+/// One of the caller's runs.
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}",
+    operation_id = "get_run",
+    tag = "runs",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "The run", body = Run),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -120,6 +164,22 @@ pub async fn get_one(
     }))
 }
 
+/// Asks a running run to stop; it ends with a `cancelled` terminal event.
+#[utoipa::path(
+    post,
+    path = "/api/runs/{id}/cancel",
+    operation_id = "cancel_run",
+    tag = "runs",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 202, description = "Cancellation requested", body = RunAccepted),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The run already finished (code: `run_not_active`)", body = ErrorBody),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -151,16 +211,49 @@ pub async fn cancel(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// Only events with a higher seq (default 0: from the start).
     #[serde(default)]
+    #[param(default = 0)]
     pub after_seq: u64,
+    /// At most this many events (JSON only): 1 to 10,000, default 1,000.
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
 }
 
-/// `GET /api/runs/{id}/events?after_seq=N`: the stored events after N as JSON, or, with
-/// `Accept: text/event-stream`, as server-sent events that continue live until the run's
-/// terminal event (`Last-Event-ID` overrides `after_seq`).
+/// A run's events: replayed as JSON, or streamed live as server-sent events.
+///
+/// The stored events after `after_seq` as JSON, or, with `Accept: text/event-stream`, as
+/// server-sent events that continue live until the run's terminal event (`Last-Event-ID`
+/// overrides `after_seq`).
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}/events",
+    operation_id = "run_events",
+    tag = "runs",
+    security(("bearer_jwt" = [])),
+    params(
+        ("id" = String, Path, description = "Run id"),
+        EventsQuery,
+        ("Accept" = Option<String>, Header, description = "`text/event-stream` for server-sent events"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume a stream after this seq (overrides `after_seq`)"),
+    ),
+    responses(
+        (status = 200, description = "The stored events after `after_seq` (JSON), or a server-sent event stream \
+            (`id` = seq, `event` = type, `data` = the event) that ends after the terminal event",
+            content(
+                (RunEventsPage = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 410, description = "Events after `after_seq` were removed by retention; reload the thread (code: `resume_gap`)", body = ErrorBody),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

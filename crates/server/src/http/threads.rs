@@ -1,4 +1,5 @@
-//! `/api/threads*`: a user's conversations and their messages.
+//! `/api/threads*`: a user's conversations and their messages, always read and written
+//! through a `UserStore` bound to the caller.
 
 use std::sync::Arc;
 
@@ -10,6 +11,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{Map, Value};
 
+use super::openapi::{
+    Internal, InvalidJson, NotFound, PayloadTooLarge, Unauthenticated, UnsupportedMediaType,
+    ValidationFailed,
+};
 use super::{ApiJson, ApiQuery, Page};
 use crate::auth::{AuthUser, AuthenticatedUser};
 use crate::clock::{ms_to_rfc3339, now_ms};
@@ -101,6 +106,21 @@ pub async fn create_thread(
     Ok(record)
 }
 
+/// The caller's threads, most recently updated first.
+#[utoipa::path(
+    get,
+    path = "/api/threads",
+    operation_id = "list_threads",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    params(Page),
+    responses(
+        (status = 200, description = "The caller's threads", body = Vec<Thread>),
+        (status = 401, response = Unauthenticated),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -111,6 +131,24 @@ pub async fn list(
     Ok(Json(threads.into_iter().map(thread_view).collect()))
 }
 
+/// Creates a thread.
+#[utoipa::path(
+    post,
+    path = "/api/threads",
+    operation_id = "create_thread",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    request_body = CreateThreadRequest,
+    responses(
+        (status = 201, description = "The new thread", body = Thread),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -126,6 +164,21 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(thread_view(record))))
 }
 
+/// One of the caller's threads.
+#[utoipa::path(
+    get,
+    path = "/api/threads/{id}",
+    operation_id = "get_thread",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id")),
+    responses(
+        (status = 200, description = "The thread", body = Thread),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -138,6 +191,26 @@ pub async fn get_one(
     Ok(Json(thread_view(record)))
 }
 
+/// Renames a thread and/or merges its metadata.
+#[utoipa::path(
+    patch,
+    path = "/api/threads/{id}",
+    operation_id = "update_thread",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id")),
+    request_body = UpdateThreadRequest,
+    responses(
+        (status = 200, description = "The updated thread", body = Thread),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn update(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -182,6 +255,50 @@ pub async fn update(
     Ok(Json(thread_view(record)))
 }
 
+/// The same as `PATCH` (absent fields are left alone), for clients that send `PUT`.
+#[utoipa::path(
+    put,
+    path = "/api/threads/{id}",
+    operation_id = "put_thread",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id")),
+    request_body = UpdateThreadRequest,
+    responses(
+        (status = 200, description = "The updated thread", body = Thread),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn put(
+    state: State<AppState>,
+    user: AuthUser,
+    id: Path<String>,
+    body: ApiJson<UpdateThreadRequest>,
+) -> Result<Json<Thread>, ApiError> {
+    update(state, user, id, body).await
+}
+
+/// Deletes a thread with its messages, runs and events; a run in progress ends cancelled.
+#[utoipa::path(
+    delete,
+    path = "/api/threads/{id}",
+    operation_id = "delete_thread",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -197,6 +314,22 @@ pub async fn delete(
     }
 }
 
+/// A thread's messages, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/threads/{id}/messages",
+    operation_id = "list_messages",
+    tag = "threads",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id"), Page),
+    responses(
+        (status = 200, description = "A page of messages", body = MessagesPage),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn messages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -1,5 +1,5 @@
 //! `/api/usage/*`: upload usage rows (JSON array or CSV), read the summary and the daily
-//! series (spend per day and model, for the web page's chart).
+//! series (spend per day and model, for the web page's chart). Only the caller's own rows.
 
 use std::sync::Arc;
 
@@ -11,6 +11,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 
+use super::openapi::{
+    Internal, PayloadTooLarge, Unauthenticated, UnsupportedMediaType, ValidationFailed,
+};
 use super::ApiQuery;
 use crate::auth::AuthUser;
 use crate::clock::now_ms;
@@ -20,6 +23,30 @@ use crate::store::UserStore;
 use crate::usage::import::{parse_csv, validate};
 use crate::usage::{daily_for, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
 
+/// Adds usage rows: a JSON array of events, or CSV with a header row of the same field
+/// names. The batch is all or nothing.
+#[utoipa::path(
+    post,
+    path = "/api/usage/events",
+    operation_id = "import_usage",
+    tag = "usage",
+    security(("bearer_jwt" = [])),
+    request_body(
+        description = "Up to 32 MiB",
+        content(
+            (Vec<UsageEventInput> = "application/json"),
+            (String = "text/csv", example = "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms\nopenai,gpt-4o,support-bot,2025-01-01T12:00:00Z,1200,300,850\n"),
+        )
+    ),
+    responses(
+        (status = 201, description = "All rows were stored", body = UsageImportResult),
+        (status = 401, response = Unauthenticated),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn import(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -52,8 +79,11 @@ pub async fn import(
 }
 
 /// `?days=N` of the summary and the daily series.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WindowQuery {
+    /// The window in days, ending now: 1 to 365, default 30.
+    #[param(minimum = 1, maximum = 365)]
     pub days: Option<u32>,
 }
 
@@ -70,6 +100,21 @@ impl WindowQuery {
     }
 }
 
+/// Totals, latency percentiles and the breakdown by model and workload over the window.
+#[utoipa::path(
+    get,
+    path = "/api/usage/summary",
+    operation_id = "usage_summary",
+    tag = "usage",
+    security(("bearer_jwt" = [])),
+    params(WindowQuery),
+    responses(
+        (status = 200, description = "The caller's usage summary", body = UsageSummary),
+        (status = 401, response = Unauthenticated),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn summary(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -80,7 +125,21 @@ pub async fn summary(
     Ok(Json(summary_for(&store, days, now_ms()).await?))
 }
 
-/// `GET /api/usage/daily?days=30`: the caller's spend and requests per UTC day and model.
+/// The caller's spend and requests per UTC day and model (the web page's chart).
+#[utoipa::path(
+    get,
+    path = "/api/usage/daily",
+    operation_id = "usage_daily",
+    tag = "usage",
+    security(("bearer_jwt" = [])),
+    params(WindowQuery),
+    responses(
+        (status = 200, description = "The caller's spend per day and model", body = DailyUsage),
+        (status = 401, response = Unauthenticated),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn daily(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -1,4 +1,5 @@
-//! The web chat page: `GET /` and its assets under `/assets/`, compiled into the binary.
+//! The browser pages: the chat page at `GET /`, the API reference at `GET /docs`, and
+//! their assets under `/assets/`, all compiled into the binary.
 //!
 //! Plain HTML, CSS and ES modules committed as source in `web/assets/` (no build step, no
 //! CDN, no third-party code), embedded with `include_bytes!`. The page talks to the same
@@ -7,13 +8,20 @@
 //! URL. It renders every server string as text (DOM `textContent`, never HTML parsing),
 //! and the strict `Content-Security-Policy` sent with it allows only its own scripts,
 //! styles and connections.
+//!
+//! The reference page (`docs.html`, `docs.js`, `docs.css`) renders `/openapi.json` the same
+//! way: operations by tag, their parameters, bodies and responses, the schemas, and a "try
+//! it" form that sends requests with a bearer token. It works offline: nothing is fetched
+//! from anywhere but this server.
 
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use sha2::{Digest, Sha256};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use apex_protocol::error::ErrorBody;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -32,6 +40,13 @@ const INDEX: Asset = Asset {
     name: "index.html",
     content_type: "text/html; charset=utf-8",
     body: include_bytes!("assets/index.html"),
+};
+
+/// The API reference page.
+const DOCS: Asset = Asset {
+    name: "docs.html",
+    content_type: "text/html; charset=utf-8",
+    body: include_bytes!("assets/docs.html"),
 };
 
 /// Everything under `/assets/`, by file name.
@@ -76,6 +91,16 @@ const ASSETS: &[Asset] = &[
         content_type: JS,
         body: include_bytes!("assets/dom.js"),
     },
+    Asset {
+        name: "docs.js",
+        content_type: JS,
+        body: include_bytes!("assets/docs.js"),
+    },
+    Asset {
+        name: "docs.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_bytes!("assets/docs.css"),
+    },
 ];
 
 /// Only the page's own files and connections (`'self'` covers its WebSocket in current
@@ -84,17 +109,62 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
                    img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
                    form-action 'self'; frame-ancestors 'none'";
 
-/// `GET /` and `GET /assets/{name}`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/", get(index))
-        .route("/assets/{name}", get(asset))
+/// `GET /`, `GET /docs` and `GET /assets/{name}`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(index))
+        .routes(routes!(docs))
+        .routes(routes!(asset))
 }
 
+/// The chat page.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "chat_page",
+    tag = "web",
+    params(("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+    )
+)]
 async fn index(headers: HeaderMap) -> Response {
     respond(&INDEX, &headers)
 }
 
+/// This API reference, rendered from `/openapi.json` in the browser.
+#[utoipa::path(
+    get,
+    path = "/docs",
+    operation_id = "docs_page",
+    tag = "meta",
+    params(("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+    )
+)]
+async fn docs(headers: HeaderMap) -> Response {
+    respond(&DOCS, &headers)
+}
+
+/// A script, style sheet or icon of the pages.
+#[utoipa::path(
+    get,
+    path = "/assets/{name}",
+    operation_id = "asset",
+    tag = "web",
+    params(
+        ("name" = String, Path, description = "File name", example = "main.js"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer"),
+    ),
+    responses(
+        (status = 200, description = "The file (JavaScript, CSS or SVG)", content_type = "text/javascript", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such asset (code: `not_found`)", body = ErrorBody),
+    )
+)]
 async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
     match ASSETS.iter().find(|a| a.name == name) {
         Some(found) => respond(found, &headers),
@@ -152,7 +222,7 @@ mod tests {
     }
 
     fn all() -> impl Iterator<Item = &'static Asset> {
-        std::iter::once(&INDEX).chain(ASSETS.iter())
+        [&INDEX, &DOCS].into_iter().chain(ASSETS.iter())
     }
 
     /// Every `/assets/x` the page or a module refers to, and every `./x.js` import, is
@@ -214,6 +284,7 @@ mod tests {
             );
         }
         assert!(!text(&INDEX).contains("<script>"), "no inline script");
+        assert!(!text(&DOCS).contains("<script>"), "no inline script");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 mod connection;
 pub mod frames;
 
-use apex_protocol::error::{codes, ws_codes};
+use apex_protocol::error::{codes, ws_codes, ErrorBody};
 use apex_protocol::ws::{ControlFrame, CLOSE_POLICY_VIOLATION};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -23,8 +23,10 @@ use crate::clock::now_rfc3339;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WsParams {
+    /// A ticket from `POST /api/websocket/ticket` (the first credential looked at).
     ticket: Option<String>,
 }
 
@@ -93,6 +95,29 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     host.is_some() && origin_host == host
 }
 
+/// Opens the WebSocket. Frames, in both directions, are described in `docs/protocol.md`.
+///
+/// Credentials, first match wins: `?ticket=`, `Authorization: Bearer`, or the subprotocol
+/// `jwt.<base64url(jwt)>` (echoed back). A refused credential still upgrades: the server
+/// then sends an `error_message` frame with `AUTH_FAILED` and closes with 1008.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    operation_id = "open_websocket",
+    tag = "websocket",
+    security(("bearer_jwt" = []), ("ws_ticket" = [])),
+    params(
+        WsParams,
+        ("Sec-WebSocket-Protocol" = Option<String>, Header, description = "`jwt.<base64url(access token)>`: a third way to authenticate, for browsers"),
+    ),
+    responses(
+        (status = 101, description = "Switching protocols: the socket is open; the first frame is \
+            `connection_established` (or `error_message` + close 1008 when authentication failed). \
+            See docs/protocol.md for the frames."),
+        (status = 400, description = "Not a WebSocket upgrade request (plain text)", content_type = "text/plain", body = String),
+        (status = 403, description = "A browser page from an origin that is not allowed (code: `origin_not_allowed`)", body = ErrorBody),
+    )
+)]
 pub async fn upgrade(
     State(state): State<AppState>,
     params: Result<Query<WsParams>, QueryRejection>,

@@ -14,6 +14,7 @@ mod lifecycle;
 mod limits;
 mod no_global_state;
 mod openai_compat;
+mod openapi;
 mod store;
 mod stress;
 mod text;
