@@ -59,7 +59,14 @@ fn missing_prerequisites(chromium: &Path, script_dir: &Path) -> Vec<String> {
 
 fn start_server(data_dir: &Path) -> (KillOnDrop, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--llm-provider", "template", "--data-dir"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--llm-provider",
+            "template",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .args(["--template-stream-delay-ms", "50"])
         .env("APEX_LOG", "warn")

@@ -199,7 +199,14 @@ fn logs_never_contain_passwords_tokens_or_tickets() {
     let log_path = data_dir.path().join("server.log");
     let log_file = std::fs::File::create(&log_path).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--llm-provider", "template", "--data-dir"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--llm-provider",
+            "template",
+            "--data-dir",
+        ])
         .arg(data_dir.path())
         .env("APEX_LOG", "debug")
         .stdout(Stdio::piped())

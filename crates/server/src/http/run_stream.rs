@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use crate::auth::AuthenticatedUser;
-use crate::events::log;
+use crate::events::{log, BusRecvError};
 use crate::state::AppState;
 use crate::store::{RunRecord, UserStore};
 
@@ -76,6 +75,12 @@ pub fn stream(
             }
             loop {
                 match subscription.recv().await {
+                    // A hole before this event (lost between instances): fill it from the store.
+                    Ok(event) if event.run_id == run.id && event.seq > cursor + 1 => {
+                        if replay(&store, &run, &mut cursor, &tx).await? {
+                            return Ok(());
+                        }
+                    }
                     Ok(event) if event.run_id == run.id && event.seq > cursor => {
                         cursor = event.seq;
                         tx.send(Ok(sse_event(event.seq, event.json.clone())))
@@ -86,12 +91,12 @@ pub fn stream(
                         }
                     }
                     Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
+                    Err(BusRecvError::Lagged(_) | BusRecvError::Resync) => {
                         if replay(&store, &run, &mut cursor, &tx).await? {
                             return Ok(());
                         }
                     }
-                    Err(RecvError::Closed) => return Ok(()),
+                    Err(BusRecvError::Closed) => return Ok(()),
                 }
             }
         };

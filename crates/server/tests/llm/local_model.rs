@@ -248,7 +248,8 @@ async fn the_golden_path_answers_with_the_local_model() {
         s.llm_provider = LlmProviderKind::Local;
         s.local_model.path = Some(path);
     })
-    .await;
+    .await
+    .expect("the llm tests run on SQLite, which needs no server");
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     // Prompt processing of the report takes a while on a loaded debug-build machine: allow
