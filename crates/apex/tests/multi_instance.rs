@@ -698,3 +698,57 @@ async fn readiness_is_503_naming_the_bus_while_redis_is_unreachable() {
     assert_eq!(body["checks"]["bus_kind"], "redis", "{body}");
     assert_eq!(body["checks"]["database"], true, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_run_limits_hold_across_instances() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    // Slow streaming: the first runs are still going while the next ones are asked for.
+    let one = cluster.start(100).await;
+    let two = cluster.start(100).await;
+    let alice = one.register("alice").await;
+
+    // One run per thread: the thread's run executes on instance 1; instance 2 refuses.
+    let (_, thread) = one
+        .post("/api/threads", Some(&alice.token), json!({"title": "busy"}))
+        .await;
+    let thread_id = thread["id"].as_str().unwrap();
+    let (status, first) = one
+        .post(
+            &format!("/api/threads/{thread_id}/runs"),
+            Some(&alice.token),
+            json!({"message": "How can I reduce my LLM costs?"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{first}");
+    let (status, body) = two
+        .post(
+            &format!("/api/threads/{thread_id}/runs"),
+            Some(&alice.token),
+            json!({"message": "and now?"}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "thread_busy", "{body}");
+
+    // Three runs at once per user (the default), counted over both instances.
+    two.start_run(&alice).await;
+    one.start_run(&alice).await;
+    let (_, thread) = two
+        .post(
+            "/api/threads",
+            Some(&alice.token),
+            json!({"title": "fourth"}),
+        )
+        .await;
+    let (status, body) = two
+        .post(
+            &format!("/api/threads/{}/runs", thread["id"].as_str().unwrap()),
+            Some(&alice.token),
+            json!({"message": "one more"}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_runs", "{body}");
+}

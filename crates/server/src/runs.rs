@@ -271,9 +271,15 @@ pub async fn start_run(
     };
 
     if state.settings.bus_url.is_some() {
-        // Several instances: this process only knows its own runs; the database knows all.
-        let max = state.limits.settings.max_concurrent_runs_per_user;
-        if store.count_unfinished_runs().await? >= max as u64 {
+        // Several instances: this process only knows its own runs; the database knows
+        // all of them. (Two starts on two instances at the same moment can both pass;
+        // the limit is exact per instance and approximate across them.)
+        let unfinished = unfinished_runs_of(&store).await?;
+        if unfinished.iter().any(|r| r.thread_id == thread) {
+            crate::telemetry::limit_rejected("thread_busy");
+            return Err(StartRunError::ThreadBusy);
+        }
+        if unfinished.len() >= state.limits.settings.max_concurrent_runs_per_user {
             crate::telemetry::limit_rejected("too_many_runs");
             return Err(StartRunError::TooManyRuns);
         }
@@ -319,6 +325,12 @@ pub async fn start_run(
         thread_id: thread,
         message_id: message.id,
     })
+}
+
+/// The user's queued or running runs on every instance, newest first.
+pub async fn unfinished_runs_of(store: &UserStore) -> Result<Vec<RunRecord>, StoreError> {
+    // `finished_since` in the future: only unfinished runs qualify.
+    store.recent_runs(i64::MAX, 1000).await
 }
 
 /// Stops a run of `user`: the run itself, or — without an id — their latest active run.

@@ -191,8 +191,6 @@ pub trait Store: Send + Sync + 'static {
         finished_since_ms: i64,
         limit: i64,
     ) -> StoreResult<Vec<RunRecord>>;
-    /// How many of `owner`'s runs are queued or running, on any instance.
-    async fn count_unfinished_runs(&self, owner: UserId) -> StoreResult<u64>;
     async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>>;
     async fn set_run_status(
         &self,

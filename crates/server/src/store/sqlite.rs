@@ -449,16 +449,6 @@ impl Store for SqliteStore {
         rows.iter().map(run_from_row).collect()
     }
 
-    async fn count_unfinished_runs(&self, owner: UserId) -> StoreResult<u64> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM runs WHERE user_id = ? AND status IN ('queued', 'running')",
-        )
-        .bind(owner.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
-    }
-
     async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>> {
         let row = sqlx::query(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE id = ? AND user_id = ?"

@@ -94,9 +94,6 @@ impl UserStore {
             .recent_runs(self.owner, finished_since_ms, limit)
             .await
     }
-    pub async fn count_unfinished_runs(&self) -> StoreResult<u64> {
-        self.store.count_unfinished_runs(self.owner).await
-    }
     pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         self.store.get_run(self.owner, id).await
     }
