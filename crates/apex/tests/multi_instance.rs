@@ -138,6 +138,8 @@ impl Cluster {
 
     fn spawn(&self, redis: &str, stream_delay_ms: u64) -> Instance {
         let data_dir = tempfile::tempdir().unwrap();
+        let log_path = data_dir.path().join("apex.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
             .args([
                 "serve",
@@ -155,8 +157,9 @@ impl Cluster {
             .env("APEX_BUS_URL", redis)
             .env("APEX_BUS_CHANNEL_PREFIX", &self.prefix)
             .env("APEX_JWT_SECRET", SECRET)
-            .env("APEX_LOG", "warn")
+            .env("APEX_LOG", "info")
             .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start apex serve");
         let mut line = String::new();
@@ -172,6 +175,7 @@ impl Cluster {
             child,
             base,
             http: reqwest::Client::new(),
+            log_path,
             _data_dir: data_dir,
         }
     }
@@ -192,6 +196,8 @@ struct Instance {
     child: Child,
     base: String,
     http: reqwest::Client,
+    /// The instance's log (stderr); shown when a test fails.
+    log_path: std::path::PathBuf,
     _data_dir: tempfile::TempDir,
 }
 
@@ -199,6 +205,13 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- log of the instance at {} ----\n{}",
+                self.base,
+                self.log()
+            );
+        }
     }
 }
 
@@ -207,6 +220,10 @@ struct User {
 }
 
 impl Instance {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -445,6 +462,12 @@ async fn a_run_started_on_one_instance_streams_live_to_the_users_socket_on_anoth
     // Bob shares instance 1 with Alice's socket and got none of her events.
     let leaked = bob_ws.frames_before_pong().await;
     assert!(leaked.is_empty(), "bob received {leaked:?}");
+    for instance in [&one, &two] {
+        let log = instance.log();
+        assert!(log.contains("several-instance mode"), "{log}");
+        assert!(!log.contains(SECRET), "the JWT secret was logged: {log}");
+        assert!(!log.contains(&alice.token), "a token was logged: {log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,12 +714,27 @@ async fn readiness_is_503_naming_the_bus_while_redis_is_unreachable() {
     let Some(cluster) = Cluster::new() else {
         return;
     };
-    // Nothing listens on port 1.
-    let instance = cluster.spawn("redis://127.0.0.1:1", 15);
+    // Nothing listens on port 1. The URL carries a password, which must never be logged.
+    let instance = cluster.spawn("redis://:bus-s3cret-pw@127.0.0.1:1", 15);
     let body = instance.wait_ready(false).await;
     assert_eq!(body["checks"]["bus"], false, "{body}");
     assert_eq!(body["checks"]["bus_kind"], "redis", "{body}");
     assert_eq!(body["checks"]["database"], true, "{body}");
+    let deadline = Instant::now() + WAIT;
+    while !instance.log().contains("cannot subscribe to Redis") {
+        assert!(
+            Instant::now() < deadline,
+            "no retry logged: {}",
+            instance.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = instance.log();
+    assert!(
+        !log.contains("bus-s3cret-pw"),
+        "the Redis password was logged: {log}"
+    );
+    assert!(!log.contains(SECRET), "the JWT secret was logged: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
