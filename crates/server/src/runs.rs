@@ -349,7 +349,11 @@ pub async fn stop_run(
         // The caller's run, unfinished, and not executing here: it runs on another
         // instance (which cancels it when it gets this request), or it is finishing.
         Some(_) => {
-            state.infra.bus.request_stop(user.user_id(), run);
+            if !state.infra.bus.request_stop(user.user_id(), run)
+                && state.settings.bus_url.is_some()
+            {
+                tracing::warn!(run_id = %run, "the stop request could not be sent to the other instances");
+            }
             StopOutcome::Stopping
         }
     })
