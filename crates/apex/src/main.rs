@@ -30,7 +30,7 @@ enum Command {
     /// Run the server: SQLite in the data folder by default, or PostgreSQL with --database-url.
     ///
     /// Example: apex serve --bind 127.0.0.1:8000 --data-dir ./data
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations, then exit (`serve` also applies them at start).
     ///
     /// Example: apex migrate --database-url postgres://apex@db.internal/apex
@@ -242,6 +242,24 @@ struct ServeArgs {
     /// Retries on 429/5xx/connection failures, with exponential backoff.
     #[arg(long, env = "APEX_OPENAI_MAX_RETRIES", default_value_t = 3)]
     openai_max_retries: u32,
+    /// Run as one of several instances: `redis://[:password@]host:6379[/db]` carries events
+    /// and stop requests between them (needs a shared PostgreSQL and a shared
+    /// APEX_JWT_SECRET). Unset: one instance, in-process events. Prefer the variable when
+    /// the URL has a password.
+    #[arg(long, env = "APEX_BUS_URL", hide_env_values = true)]
+    bus_url: Option<String>,
+    /// Prefix of the Redis channel names (deployments sharing one Redis need different ones).
+    #[arg(long, env = "APEX_BUS_CHANNEL_PREFIX", default_value = "apex")]
+    bus_channel_prefix: String,
+    /// With --bus-url: how often this instance records that it is alive, in milliseconds.
+    #[arg(long, env = "APEX_INSTANCE_HEARTBEAT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    instance_heartbeat_ms: u64,
+    /// With --bus-url: an instance silent this long (ms) is taken as dead and its unfinished
+    /// runs are ended `interrupted` by the others. Keep it several heartbeats long.
+    #[arg(long, env = "APEX_INSTANCE_STALE_AFTER_MS", default_value_t = 15000,
+          value_parser = clap::value_parser!(u64).range(200..=3_600_000))]
+    instance_stale_after_ms: u64,
 }
 
 fn init_logging(format: &str) -> anyhow::Result<()> {
@@ -307,6 +325,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|k| !k.is_empty())
         .map(apex_server::settings::Secret::new);
+    // The same reasoning: several instances must share this key, and it is never logged.
+    settings.jwt_secret = std::env::var("APEX_JWT_SECRET")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(apex_server::settings::Secret::new);
+    if let Some(url) = args.bus_url.filter(|u| !u.trim().is_empty()) {
+        anyhow::ensure!(
+            url.starts_with("redis://"),
+            "--bus-url must be a redis:// URL (no TLS is built in; use a trusted network or a local TLS proxy)"
+        );
+        anyhow::ensure!(
+            apex_server::store::Backend::from_url(&settings.database_url())
+                == apex_server::store::Backend::Postgres,
+            "--bus-url needs a shared PostgreSQL database (--database-url postgres://...)"
+        );
+        anyhow::ensure!(
+            args.instance_stale_after_ms >= 2 * args.instance_heartbeat_ms,
+            "--instance-stale-after-ms must be at least twice --instance-heartbeat-ms"
+        );
+        settings.bus_url = Some(apex_server::settings::Secret::new(url));
+    }
+    settings.bus_channel_prefix = args.bus_channel_prefix;
+    settings.instance_heartbeat = Duration::from_millis(args.instance_heartbeat_ms);
+    settings.instance_stale_after = Duration::from_millis(args.instance_stale_after_ms);
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;
@@ -378,7 +420,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Chat(args) => chat::run(args).await,
             Command::Loadgen(args) => loadgen(args).await,

@@ -16,7 +16,10 @@
 //! - [`runs`]: starts a run on its own task, stops it; [`context`]: the immutable
 //!   `UserExecutionContext` of a run.
 //! - [`agents`]: `AgentInstanceFactory` (per run), the supervisor and the five agents.
-//! - [`events`]: `UserEmitter` (per run: seq, persist, deliver) and the per-user `EventBus`.
+//! - [`events`]: `UserEmitter` (per run: seq, persist, deliver) and the per-user `EventBus`
+//!   (in-process, or `RedisBus` between several instances).
+//! - [`cluster`]: several instances on one database: heartbeats, and ending the runs of
+//!   instances that died.
 //! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
 //!   database URL), and `UserStore`, the user-scoped handle through which all user data is
 //!   read and written.
@@ -32,6 +35,7 @@
 pub mod agents;
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod context;
 pub mod error;
 pub mod events;
@@ -58,6 +62,7 @@ use rand::RngCore;
 use tokio::net::TcpListener;
 
 use crate::auth::{Authenticator, PasswordHasher};
+use crate::events::redis_bus::{RedisBus, RedisBusConfig};
 use crate::events::{EventBus, InProcessBus};
 use crate::llm::template::TemplateWriter;
 use crate::runs::ActiveRuns;
@@ -116,15 +121,39 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
 /// Opens storage, recovers runs a previous process left unfinished, and builds the state.
 pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
     let store = open_store(&settings).await?;
-    let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new());
-    let recovered = runs::recover_unfinished_runs(&store, &bus)
-        .await
-        .context("recovering unfinished runs")?;
-    if recovered > 0 {
-        tracing::warn!(
-            recovered,
-            "marked runs left unfinished by a previous process as interrupted"
-        );
+    let instance_id = uuid::Uuid::new_v4().to_string();
+    let active_runs = Arc::new(ActiveRuns::default());
+    let bus: Arc<dyn EventBus> = match &settings.bus_url {
+        None => Arc::new(InProcessBus::new()),
+        Some(url) => {
+            let runs = Arc::clone(&active_runs);
+            let bus = RedisBus::start(
+                RedisBusConfig {
+                    url: url.clone(),
+                    prefix: settings.bus_channel_prefix.clone(),
+                    instance_id: instance_id.clone(),
+                },
+                // A stop request from another instance: `cancel` checks the owner.
+                Arc::new(move |owner, run| {
+                    runs.cancel(owner, run);
+                }),
+            )?;
+            tracing::info!(%instance_id, "several-instance mode: events and stops go over Redis");
+            Arc::new(bus)
+        }
+    };
+    if settings.bus_url.is_none() {
+        // One instance: whatever is unfinished was left by a previous process. (With
+        // several, other instances may be executing them; see `cluster`.)
+        let recovered = runs::recover_unfinished_runs(&store, &bus)
+            .await
+            .context("recovering unfinished runs")?;
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "marked runs left unfinished by a previous process as interrupted"
+            );
+        }
     }
     let secret = load_jwt_secret(&settings)?;
     let llm = llm::build_provider(&settings).await?;
@@ -144,11 +173,12 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         llm_triage: settings.llm_triage,
         pricing: Arc::new(PricingTable::builtin()),
         lifecycle: Lifecycle::default(),
+        instance_id,
     };
     Ok(AppState {
         infra: Arc::new(infra),
         auth: Arc::new(auth),
-        runs: Arc::new(ActiveRuns::default()),
+        runs: active_runs,
         limits: Arc::new(limits::Limits::new(settings.limits.clone())),
         metrics: None,
         settings: Arc::new(settings),
@@ -211,6 +241,9 @@ pub async fn serve(
     let app = http::app(state.clone());
     let lifecycle = state.infra.lifecycle.clone();
     tokio::spawn(prune_events_periodically(state.clone()));
+    if state.settings.bus_url.is_some() {
+        tokio::spawn(cluster::upkeep(state.clone()));
+    }
     let draining = lifecycle.draining.clone();
     axum::serve(
         listener,
@@ -237,6 +270,9 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while state.infra.bus.subscribed_users() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if state.settings.bus_url.is_some() {
+        cluster::leave(&state).await;
     }
     Ok(())
 }

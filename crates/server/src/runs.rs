@@ -5,6 +5,11 @@
 //! from the socket or request that asked for it: closing the socket does not stop it.
 //! [`ActiveRuns`] maps a running run to its owner and cancellation token so that
 //! `stop_agent` from any of the owner's connections reaches it, and no one else's does.
+//! With several instances, a stop for a run executing elsewhere is checked against the
+//! store (the run must be the caller's and unfinished) and then sent over the bus; the
+//! executing instance cancels it through its own `ActiveRuns`, which checks the owner
+//! again. The per-user concurrent-run limit then counts the user's unfinished runs in the
+//! database, so it holds across instances.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -265,6 +270,21 @@ pub async fn start_run(
         run: run_id,
     };
 
+    if state.settings.bus_url.is_some() {
+        // Several instances: this process only knows its own runs; the database knows
+        // all of them. (Two starts on two instances at the same moment can both pass;
+        // the limit is exact per instance and approximate across them.)
+        let unfinished = unfinished_runs_of(&store).await?;
+        if unfinished.iter().any(|r| r.thread_id == thread) {
+            crate::telemetry::limit_rejected("thread_busy");
+            return Err(StartRunError::ThreadBusy);
+        }
+        if unfinished.len() >= state.limits.settings.max_concurrent_runs_per_user {
+            crate::telemetry::limit_rejected("too_many_runs");
+            return Err(StartRunError::TooManyRuns);
+        }
+    }
+
     let now = now_ms();
     let message = MessageRecord {
         id: MessageId::generate(),
@@ -278,16 +298,19 @@ pub async fn start_run(
         return Err(StartRunError::ThreadNotFound);
     }
     store
-        .create_run(&RunRecord {
-            id: run_id,
-            thread_id: thread,
-            status: RunStatus::Queued,
-            created_at_ms: now,
-            started_at_ms: None,
-            finished_at_ms: None,
-            error: None,
-            last_seq: 0,
-        })
+        .create_run_on(
+            &RunRecord {
+                id: run_id,
+                thread_id: thread,
+                status: RunStatus::Queued,
+                created_at_ms: now,
+                started_at_ms: None,
+                finished_at_ms: None,
+                error: None,
+                last_seq: 0,
+            },
+            &state.infra.instance_id,
+        )
         .await?;
 
     let instance = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra)).build(text, slot);
@@ -304,6 +327,12 @@ pub async fn start_run(
     })
 }
 
+/// The user's queued or running runs on every instance, newest first.
+pub async fn unfinished_runs_of(store: &UserStore) -> Result<Vec<RunRecord>, StoreError> {
+    // `finished_since` in the future: only unfinished runs qualify.
+    store.recent_runs(i64::MAX, 1000).await
+}
+
 /// Stops a run of `user`: the run itself, or — without an id — their latest active run.
 pub async fn stop_run(
     state: &AppState,
@@ -317,13 +346,23 @@ pub async fn stop_run(
     Ok(match store.get_run(run).await? {
         None => StopOutcome::NotFound,
         Some(record) if record.status.is_terminal() => StopOutcome::AlreadyFinished(record.status),
-        // Stored as running but not executing here: it is finishing right now.
-        Some(_) => StopOutcome::Stopping,
+        // The caller's run, unfinished, and not executing here: it runs on another
+        // instance (which cancels it when it gets this request), or it is finishing.
+        Some(_) => {
+            if !state.infra.bus.request_stop(user.user_id(), run)
+                && state.settings.bus_url.is_some()
+            {
+                tracing::warn!(run_id = %run, "the stop request could not be sent to the other instances");
+            }
+            StopOutcome::Stopping
+        }
     })
 }
 
 /// At start-up: runs a previous process left unfinished (crash or kill) are marked
-/// `interrupted` and get their terminal event, so every run's log ends properly.
+/// `interrupted` and get their terminal event, so every run's log ends properly. Only
+/// with a single instance: with several, [`crate::cluster`] does this for the runs of
+/// instances that stopped sending heartbeats.
 pub async fn recover_unfinished_runs(
     store: &Arc<dyn Store>,
     bus: &Arc<dyn crate::events::EventBus>,
@@ -331,43 +370,56 @@ pub async fn recover_unfinished_runs(
     let unfinished = store.unfinished_runs().await?;
     let count = unfinished.len();
     for (owner, run) in unfinished {
-        let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
-        let emitter = UserEmitter::resuming(&ctx, Arc::clone(store), Arc::clone(bus), run.last_seq);
-        let user_store = UserStore::for_context(Arc::clone(store), &ctx);
-        let message = "the server stopped during the run".to_string();
-        let _ = emitter
-            .emit(
-                SUPERVISOR,
-                EventBody::RunError {
-                    error_code: agent_codes::INTERRUPTED.into(),
-                    error_message: message.clone(),
-                },
-            )
-            .await;
-        user_store
-            .set_run_status(
-                run.id,
-                RunStatus::Interrupted,
-                Some(&format!("INTERRUPTED: {message}")),
-                now_ms(),
-            )
-            .await?;
-        emitter
-            .emit_terminal(
-                SUPERVISOR,
-                EventBody::RunFinished {
-                    status: RunStatus::Interrupted,
-                    final_response: String::new(),
-                    result: serde_json::Value::Null,
-                    execution_time_ms: 0,
-                    error: Some(message),
-                },
-            )
-            .await
-            .map_err(|e| match e {
-                crate::events::EmitError::Storage(s) => s,
-                other => StoreError::Corrupt(other.to_string()),
-            })?;
+        interrupt_run(store, bus, owner, &run).await?;
     }
     Ok(count)
+}
+
+/// Ends a run whose executing process is gone: an `error` event, status `interrupted`,
+/// and the terminal event, through the normal emitter (persisted, then published), with
+/// seqs continuing the stored log.
+pub async fn interrupt_run(
+    store: &Arc<dyn Store>,
+    bus: &Arc<dyn crate::events::EventBus>,
+    owner: UserId,
+    run: &RunRecord,
+) -> Result<(), StoreError> {
+    let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
+    let emitter = UserEmitter::resuming(&ctx, Arc::clone(store), Arc::clone(bus), run.last_seq);
+    let user_store = UserStore::for_context(Arc::clone(store), &ctx);
+    let message = "the server stopped during the run".to_string();
+    let _ = emitter
+        .emit(
+            SUPERVISOR,
+            EventBody::RunError {
+                error_code: agent_codes::INTERRUPTED.into(),
+                error_message: message.clone(),
+            },
+        )
+        .await;
+    user_store
+        .set_run_status(
+            run.id,
+            RunStatus::Interrupted,
+            Some(&format!("INTERRUPTED: {message}")),
+            now_ms(),
+        )
+        .await?;
+    emitter
+        .emit_terminal(
+            SUPERVISOR,
+            EventBody::RunFinished {
+                status: RunStatus::Interrupted,
+                final_response: String::new(),
+                result: serde_json::Value::Null,
+                execution_time_ms: 0,
+                error: Some(message),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            crate::events::EmitError::Storage(s) => s,
+            other => StoreError::Corrupt(other.to_string()),
+        })?;
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! Typed server settings and the `Secret` wrapper.
 //!
 //! One struct holds every knob; the CLI fills it from flags and `APEX_*` variables.
-//! Defaults are the embedded mode: SQLite in the data folder, in-process events,
+//! Defaults are the embedded mode: SQLite in the data folder, in-process events (Redis
+//! with `bus_url`, for several instances),
 //! the embedded local model (falling back to the deterministic template writer), demo usage
 //! data for new accounts.
 
@@ -215,6 +216,18 @@ pub struct Settings {
     pub openai: OpenAiSettings,
     /// Let triage ask the LLM (structured output) before its keyword rules.
     pub llm_triage: bool,
+    /// `redis://...`: run as one of several instances, with events and stop requests
+    /// carried between them over Redis. `None` (the default): the in-process bus, one
+    /// instance. May carry a password: never log it.
+    pub bus_url: Option<Secret>,
+    /// Prefix of the Redis channel names, so deployments (or tests) sharing one Redis
+    /// stay apart.
+    pub bus_channel_prefix: String,
+    /// With a bus: how often this instance records that it is alive.
+    pub instance_heartbeat: Duration,
+    /// With a bus: an instance silent this long is dead, and surviving instances end its
+    /// unfinished runs as `interrupted`.
+    pub instance_stale_after: Duration,
 }
 
 impl Settings {
@@ -244,6 +257,10 @@ impl Settings {
             local_model: LocalModelSettings::default(),
             openai: OpenAiSettings::default(),
             llm_triage: true,
+            bus_url: None,
+            bus_channel_prefix: "apex".into(),
+            instance_heartbeat: Duration::from_secs(2),
+            instance_stale_after: Duration::from_secs(15),
         }
     }
 

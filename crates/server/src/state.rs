@@ -34,6 +34,9 @@ pub struct Infrastructure {
     pub pricing: Arc<PricingTable>,
     /// The phases of a graceful shutdown.
     pub lifecycle: Lifecycle,
+    /// This process's id among several instances (a fresh UUID per start); recorded on
+    /// the runs it executes, see [`crate::cluster`].
+    pub instance_id: String,
 }
 
 /// Shutdown happens in three steps, each a token that fires once, in this order:

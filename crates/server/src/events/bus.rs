@@ -5,11 +5,17 @@
 //! "topic" a client can name. The in-process bus keeps one broadcast channel per user
 //! with at least one open connection, and removes the channel when the last one closes,
 //! so no entry outlives its connections.
+//!
+//! With several instances the bus is [`super::redis_bus::RedisBus`], which carries events
+//! between instances and hands them to an `InProcessBus` for the per-user fan-out. Because
+//! a hop between instances can lose messages (Redis briefly unreachable), a subscription
+//! can also be told to *resync*: the connection then catches up from the persisted log,
+//! exactly as when it falls behind the local buffer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::ids::{RunId, UserId};
 
@@ -25,6 +31,15 @@ pub struct BusEvent {
     pub emitted_at: std::time::Instant,
 }
 
+/// Whether the bus can deliver right now (reported by `/health/ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusHealth {
+    /// `in_process` or `redis`.
+    pub kind: &'static str,
+    /// Events published now reach every instance's subscribers.
+    pub connected: bool,
+}
+
 pub trait EventBus: Send + Sync + 'static {
     /// Delivers to the user's current subscribers; a user with none simply misses it
     /// live (the event is already in the store for `resume`).
@@ -32,20 +47,61 @@ pub trait EventBus: Send + Sync + 'static {
     fn subscribe(&self, user: UserId) -> UserSubscription;
     /// Number of users with at least one live subscription (for tests and metrics).
     fn subscribed_users(&self) -> usize;
+    fn health(&self) -> BusHealth {
+        BusHealth {
+            kind: "in_process",
+            connected: true,
+        }
+    }
+    /// Asks the other instances to cancel `run` of `owner` if one of them executes it.
+    /// The caller has checked in the store that `owner` owns `run`; the executing
+    /// instance checks again against its own record of the run. `false` when there is
+    /// no other instance to ask (the in-process bus) or the request could not be sent.
+    fn request_stop(&self, owner: UserId, run: RunId) -> bool {
+        let _ = (owner, run);
+        false
+    }
+}
+
+/// Why [`UserSubscription::recv`] returned no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusRecvError {
+    /// The connection fell this many events behind its buffer.
+    Lagged(u64),
+    /// Events may have been lost between instances (the bus reconnected): catch up.
+    Resync,
+    /// The bus is gone.
+    Closed,
 }
 
 /// How many events a connection may fall behind before it has to catch up from the store.
 const PER_USER_BUFFER: usize = 1024;
 
-#[derive(Default)]
 pub struct InProcessBus {
     /// user → channel; an entry exists only while that user has a subscription.
     channels: Arc<Mutex<HashMap<UserId, broadcast::Sender<Arc<BusEvent>>>>>,
+    /// Bumped to tell every subscription to catch up from the store.
+    resync: watch::Sender<u64>,
+}
+
+impl Default for InProcessBus {
+    fn default() -> Self {
+        Self {
+            channels: Arc::default(),
+            resync: watch::channel(0).0,
+        }
+    }
 }
 
 impl InProcessBus {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tells every current subscription to catch up from the persisted log.
+    pub fn resync_all(&self) {
+        self.resync
+            .send_modify(|epoch| *epoch = epoch.wrapping_add(1));
     }
 }
 
@@ -70,6 +126,7 @@ impl EventBus for InProcessBus {
         UserSubscription {
             user,
             receiver,
+            resync: self.resync.subscribe(),
             channels: Arc::clone(&self.channels),
         }
     }
@@ -86,6 +143,7 @@ impl EventBus for InProcessBus {
 pub struct UserSubscription {
     user: UserId,
     receiver: broadcast::Receiver<Arc<BusEvent>>,
+    resync: watch::Receiver<u64>,
     channels: Arc<Mutex<HashMap<UserId, broadcast::Sender<Arc<BusEvent>>>>>,
 }
 
@@ -94,9 +152,20 @@ impl UserSubscription {
         self.user
     }
 
-    /// The next event, or `Err(Lagged(n))` when this connection fell `n` events behind.
-    pub async fn recv(&mut self) -> Result<Arc<BusEvent>, broadcast::error::RecvError> {
-        self.receiver.recv().await
+    /// The next event, or why there is none: the connection fell behind, or events may
+    /// have been lost between instances. Either way the caller catches up from the store.
+    pub async fn recv(&mut self) -> Result<Arc<BusEvent>, BusRecvError> {
+        tokio::select! {
+            biased;
+            changed = self.resync.changed() => match changed {
+                Ok(()) => Err(BusRecvError::Resync),
+                Err(_) => Err(BusRecvError::Closed),
+            },
+            event = self.receiver.recv() => event.map_err(|err| match err {
+                broadcast::error::RecvError::Lagged(n) => BusRecvError::Lagged(n),
+                broadcast::error::RecvError::Closed => BusRecvError::Closed,
+            }),
+        }
     }
 }
 
@@ -148,5 +217,16 @@ mod tests {
         drop(alice_sub);
         drop(bob_sub);
         assert_eq!(bus.subscribed_users(), 0);
+    }
+
+    #[tokio::test]
+    async fn resync_reaches_every_subscription_once() {
+        let bus = InProcessBus::new();
+        let user = UserId::generate();
+        let mut sub = bus.subscribe(user);
+        bus.resync_all();
+        assert_eq!(sub.recv().await.unwrap_err(), BusRecvError::Resync);
+        bus.publish(event(user, 3));
+        assert_eq!(sub.recv().await.unwrap().seq, 3);
     }
 }

@@ -4,14 +4,14 @@
 //!
 //! The subscription is taken before the log is read, so an event written during the replay
 //! is either in the replay or arrives live, and the cursor drops the copy that would
-//! otherwise arrive twice. A subscriber that falls behind the bus catches up from the log.
+//! otherwise arrive twice. A subscriber that falls behind the bus, or whose bus reconnected
+//! (events may have been lost between instances), catches up from the log.
 
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use super::log;
+use super::{log, BusRecvError};
 use crate::auth::AuthenticatedUser;
 use crate::state::AppState;
 use crate::store::{RunRecord, UserStore};
@@ -81,6 +81,12 @@ pub fn follow_run(
             }
             loop {
                 match subscription.recv().await {
+                    // A hole before this event (lost between instances): fill it from the store.
+                    Ok(event) if event.run_id == run.id && event.seq > cursor + 1 => {
+                        if replay(&store, &run, &mut cursor, &tx).await? {
+                            return Ok(());
+                        }
+                    }
                     Ok(event) if event.run_id == run.id && event.seq > cursor => {
                         cursor = event.seq;
                         tx.send(RunEvent {
@@ -95,12 +101,12 @@ pub fn follow_run(
                         }
                     }
                     Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
+                    Err(BusRecvError::Lagged(_) | BusRecvError::Resync) => {
                         if replay(&store, &run, &mut cursor, &tx).await? {
                             return Ok(());
                         }
                     }
-                    Err(RecvError::Closed) => return Ok(()),
+                    Err(BusRecvError::Closed) => return Ok(()),
                 }
             }
         };

@@ -1,12 +1,14 @@
 //! Event delivery: the per-user event bus and the per-run `UserEmitter`.
 //!
 //! The only path from agent code to a socket is `UserEmitter::emit` → store → `EventBus`
-//! → the connections that subscribed with the same authenticated user id.
+//! → the connections that subscribed with the same authenticated user id. With several
+//! instances, `EventBus` is the [`redis_bus::RedisBus`], which adds the hop between them.
 
 mod bus;
 mod emitter;
 pub mod follow;
 pub mod log;
+pub mod redis_bus;
 
-pub use bus::{BusEvent, EventBus, InProcessBus, UserSubscription};
+pub use bus::{BusEvent, BusHealth, BusRecvError, EventBus, InProcessBus, UserSubscription};
 pub use emitter::{EmitError, UserEmitter};

@@ -27,12 +27,18 @@ pub struct Readiness {
     #[schema(example = "ready")]
     pub status: &'static str,
     pub checks: ReadinessChecks,
+    /// This instance's id (runs record which instance executes them).
+    pub instance_id: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadinessChecks {
     /// The database answered a ping.
     pub database: bool,
+    /// The event bus is connected (always true for the in-process bus).
+    pub bus: bool,
+    /// `in_process` or `redis`.
+    pub bus_kind: &'static str,
     /// The server is not draining for shutdown.
     pub accepting: bool,
     /// The configured LLM provider (`local`, `openai`, `template`).
@@ -53,7 +59,9 @@ pub async fn health() -> Json<Health> {
     })
 }
 
-/// Readiness: the database answers and the server is not shutting down.
+/// Readiness: the database answers, the event bus is connected (always, in-process; with
+/// Redis, both of the instance's Redis connections are up) and the server is not shutting
+/// down.
 #[utoipa::path(
     get,
     path = "/health/ready",
@@ -61,13 +69,14 @@ pub async fn health() -> Json<Health> {
     tag = "health",
     responses(
         (status = 200, description = "Ready to serve", body = Readiness),
-        (status = 503, description = "The database does not answer, or shutdown has begun", body = Readiness),
+        (status = 503, description = "The database or the event bus does not answer, or shutdown has begun", body = Readiness),
     )
 )]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let database = state.infra.store.ping().await.is_ok();
+    let bus = state.infra.bus.health();
     let accepting = !state.infra.lifecycle.draining.is_cancelled();
-    let status = if database && accepting {
+    let status = if database && bus.connected && accepting {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -82,9 +91,12 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
             },
             checks: ReadinessChecks {
                 database,
+                bus: bus.connected,
+                bus_kind: bus.kind,
                 accepting,
                 llm: state.infra.llm.name().to_string(),
             },
+            instance_id: state.infra.instance_id.clone(),
         }),
     )
 }

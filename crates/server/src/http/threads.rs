@@ -307,7 +307,16 @@ pub async fn delete(
     let id = thread_id(&id)?;
     // A run on the thread ends as cancelled rather than failing on its vanished rows.
     state.runs.cancel_thread(user.user_id(), id);
-    if store(&state, &user).delete_thread(id).await? {
+    let store = store(&state, &user);
+    if state.settings.bus_url.is_some() {
+        // Several instances: the thread's run may execute on another one.
+        for run in crate::runs::unfinished_runs_of(&store).await? {
+            if run.thread_id == id && !state.runs.is_active(user.user_id(), run.id) {
+                state.infra.bus.request_stop(user.user_id(), run.id);
+            }
+        }
+    }
+    if store.delete_thread(id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("thread"))

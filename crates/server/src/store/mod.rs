@@ -172,7 +172,25 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
         offset: i64,
     ) -> StoreResult<(Vec<MessageRecord>, i64)>;
-    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()>;
+    /// Creates a run, recording `instance` (see [`crate::cluster`]) as the one executing it.
+    async fn create_run_on(
+        &self,
+        owner: UserId,
+        run: &RunRecord,
+        instance: Option<&str>,
+    ) -> StoreResult<()>;
+    /// Creates a run executed by no recorded instance.
+    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()> {
+        self.create_run_on(owner, run, None).await
+    }
+    /// `owner`'s runs that are queued or running, plus those that finished at or after
+    /// `finished_since_ms`, newest first, at most `limit`.
+    async fn recent_runs(
+        &self,
+        owner: UserId,
+        finished_since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>>;
     async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>>;
     async fn set_run_status(
         &self,
@@ -209,6 +227,27 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// At start-up: runs left queued or running by a previous process. Returns (owner, run).
     async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>>;
+
+    // ---- several instances (see `crate::cluster`) ----
+    /// Records that `instance` is alive at `now_ms`.
+    async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()>;
+    /// Forgets `instance` (graceful shutdown), and instances silent since `stale_before_ms`.
+    async fn remove_instances(
+        &self,
+        instance: Option<&str>,
+        stale_before_ms: i64,
+    ) -> StoreResult<()>;
+    /// Runs queued or running, created before `stale_before_ms`, whose instance is not
+    /// `me` and has not recorded a heartbeat since `stale_before_ms` (or is unknown).
+    /// Returns (owner, run, the instance it was recorded on).
+    async fn orphaned_runs(
+        &self,
+        me: &str,
+        stale_before_ms: i64,
+    ) -> StoreResult<Vec<(UserId, RunRecord, Option<String>)>>;
+    /// Moves an unfinished run from instance `from` to `to`; `false` if it finished or
+    /// another instance took it first. Exactly one caller wins.
+    async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool>;
 }
 
 pub(crate) fn parse_json_column(raw: &str) -> StoreResult<Value> {

@@ -483,19 +483,44 @@ impl Store for PostgresStore {
         Ok((messages, total))
     }
 
-    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()> {
+    async fn create_run_on(
+        &self,
+        owner: UserId,
+        run: &RunRecord,
+        instance: Option<&str>,
+    ) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO runs (id, user_id, thread_id, status, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, instance_id) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(run.id.to_string())
         .bind(owner.to_string())
         .bind(run.thread_id.to_string())
         .bind(run.status.as_str())
         .bind(run.created_at_ms)
+        .bind(instance)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn recent_runs(
+        &self,
+        owner: UserId,
+        finished_since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE user_id = $1 \
+             AND (status IN ('queued', 'running') OR finished_at >= $2) \
+             ORDER BY created_at DESC, id LIMIT $3"
+        ))
+        .bind(owner.to_string())
+        .bind(finished_since_ms)
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
     }
 
     async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>> {
@@ -684,5 +709,66 @@ impl Store for PostgresStore {
                 Ok((owner, run_from_row(row)?))
             })
             .collect()
+    }
+    async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(instance)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_instances(
+        &self,
+        instance: Option<&str>,
+        stale_before_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("DELETE FROM instances WHERE id = $1 OR heartbeat_at < $2")
+            .bind(instance)
+            .bind(stale_before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn orphaned_runs(
+        &self,
+        me: &str,
+        stale_before_ms: i64,
+    ) -> StoreResult<Vec<(UserId, RunRecord, Option<String>)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT user_id, instance_id, {RUN_COLUMNS} FROM runs \
+             WHERE status IN ('queued', 'running') AND created_at < $1 \
+             AND (instance_id IS NULL OR (instance_id <> $2 AND NOT EXISTS \
+                 (SELECT 1 FROM instances i WHERE i.id = runs.instance_id AND i.heartbeat_at >= $3)))"
+        ))
+        .bind(stale_before_ms)
+        .bind(me)
+        .bind(stale_before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
+                let instance: Option<String> = row.try_get("instance_id")?;
+                Ok((owner, run_from_row(row)?, instance))
+            })
+            .collect()
+    }
+
+    async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET instance_id = $1 WHERE id = $2 \
+             AND status IN ('queued', 'running') AND instance_id IS NOT DISTINCT FROM $3",
+        )
+        .bind(to)
+        .bind(run.to_string())
+        .bind(from)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
     }
 }

@@ -78,6 +78,22 @@ impl UserStore {
     pub async fn create_run(&self, run: &RunRecord) -> StoreResult<()> {
         self.store.create_run(self.owner, run).await
     }
+    /// Creates a run executed by `instance`.
+    pub async fn create_run_on(&self, run: &RunRecord, instance: &str) -> StoreResult<()> {
+        self.store
+            .create_run_on(self.owner, run, Some(instance))
+            .await
+    }
+    /// Unfinished runs plus those finished at or after `finished_since_ms`, newest first.
+    pub async fn recent_runs(
+        &self,
+        finished_since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>> {
+        self.store
+            .recent_runs(self.owner, finished_since_ms, limit)
+            .await
+    }
     pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         self.store.get_run(self.owner, id).await
     }

@@ -13,12 +13,11 @@ use apex_protocol::ws::{ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_ME
 use apex_protocol::PROTOCOL_VERSION;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::Map;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::frames::{self, ClientFrame, FrameError};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_rfc3339;
-use crate::events::{log, BusEvent};
+use crate::events::{log, BusEvent, BusRecvError};
 use crate::http::runs::validate_message;
 use crate::http::threads::{create_thread, message_view};
 use crate::ids::{RequestId, RunId, ThreadId};
@@ -36,7 +35,12 @@ struct Connection {
     delivered: HashMap<RunId, Delivered>,
     /// The run most recently started from this connection (`stop_agent` without an id).
     last_started: Option<RunId>,
+    /// When the connection opened: a catch-up replays the user's runs active since.
+    opened_at_ms: i64,
 }
+
+/// Most runs a catch-up looks at besides those this connection already saw.
+const CATCH_UP_RUNS: i64 = 50;
 
 /// Why the connection loop ended.
 enum Exit {
@@ -78,6 +82,7 @@ async fn serve_connection(
         store,
         delivered: HashMap::new(),
         last_started: None,
+        opened_at_ms: crate::clock::now_ms(),
     };
 
     let hello = ControlFrame::ConnectionEstablished {
@@ -132,13 +137,19 @@ async fn serve_connection(
                         break Exit::ClientGone;
                     }
                 }
-                Err(RecvError::Lagged(missed)) => {
+                Err(BusRecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "connection fell behind; catching up from the event log");
                     if conn.catch_up().await.is_err() {
                         break Exit::ClientGone;
                     }
                 }
-                Err(RecvError::Closed) => break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down"),
+                Err(BusRecvError::Resync) => {
+                    tracing::info!("event bus reconnected; catching up from the event log");
+                    if conn.catch_up().await.is_err() {
+                        break Exit::ClientGone;
+                    }
+                }
+                Err(BusRecvError::Closed) => break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down"),
             },
             _ = lifecycle.draining.cancelled(), if !told_shutdown => {
                 told_shutdown = true;
@@ -231,16 +242,33 @@ impl Connection {
         Ok(())
     }
 
-    /// After falling behind the bus: replay every run that may have had events since.
+    /// After falling behind the bus, or after the bus between instances reconnected:
+    /// replay every run that may have had events since, including runs this connection
+    /// has not seen yet (started on any instance while it opened).
     async fn catch_up(&mut self) -> Sent {
         let mut runs: Vec<(RunId, u64)> = self
             .delivered
             .iter()
             .map(|(run, d)| (*run, d.contiguous))
             .collect();
-        if let Some(latest) = self.state.runs.latest_for(self.user.user_id()) {
-            if !self.delivered.contains_key(&latest) {
-                runs.push((latest, 0));
+        let mut unseen: Vec<RunId> = self
+            .state
+            .runs
+            .latest_for(self.user.user_id())
+            .into_iter()
+            .collect();
+        match self
+            .store
+            .recent_runs(self.opened_at_ms, CATCH_UP_RUNS)
+            .await
+        {
+            // Oldest first, so a client sees runs in the order they started.
+            Ok(recent) => unseen.extend(recent.iter().rev().map(|r| r.id)),
+            Err(err) => tracing::error!(error = %err, "catch-up could not list runs"),
+        }
+        for run in unseen {
+            if !self.delivered.contains_key(&run) && !runs.iter().any(|(r, _)| *r == run) {
+                runs.push((run, 0));
             }
         }
         for (run, after) in runs {
@@ -415,6 +443,20 @@ impl Connection {
                 .or_else(|| self.state.runs.latest_for(user))
             {
                 Some(run) => run,
+                // Not executing here; with several instances it may run on another.
+                None if self.state.settings.bus_url.is_some() => {
+                    match self.store.recent_runs(i64::MAX, 1).await {
+                        Ok(runs) => match runs.first() {
+                            Some(run) => run.id,
+                            None => {
+                                return self
+                                    .send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop")
+                                    .await
+                            }
+                        },
+                        Err(err) => return self.internal_error(err).await,
+                    }
+                }
                 None => {
                     return self
                         .send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop")

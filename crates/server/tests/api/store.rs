@@ -496,3 +496,115 @@ async fn concurrent_logouts_all_succeed_and_revoke_their_sessions() {
         .await
         .unwrap();
 }
+
+async fn run_on(store: &dyn Store, owner: UserId, instance: Option<&str>) -> RunId {
+    let id = RunId::generate();
+    let thread_id = thread(store, owner).await;
+    store
+        .create_run_on(
+            owner,
+            &RunRecord {
+                id,
+                thread_id,
+                status: RunStatus::Running,
+                created_at_ms: NOW,
+                started_at_ms: None,
+                finished_at_ms: None,
+                error: None,
+                last_seq: 0,
+            },
+            instance,
+        )
+        .await
+        .expect("create run");
+    id
+}
+
+/// Several instances: the sweep finds exactly the unfinished runs of silent or unknown
+/// instances, and a claim is won by one of many racing instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_runs_are_those_of_silent_instances_and_are_claimed_once() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let owner = user(store).await;
+    store
+        .heartbeat_instance("alive", NOW + 10_000)
+        .await
+        .unwrap();
+    store.heartbeat_instance("silent", NOW).await.unwrap();
+    let of_alive = run_on(store, owner, Some("alive")).await;
+    let of_silent = run_on(store, owner, Some("silent")).await;
+    let of_unknown = run_on(store, owner, Some("never-registered")).await;
+    let without = run_on(store, owner, None).await;
+    let mine = run_on(store, owner, Some("me")).await;
+    let finished = run_on(store, owner, Some("silent")).await;
+    store
+        .set_run_status(owner, finished, RunStatus::Completed, None, NOW + 1)
+        .await
+        .unwrap();
+
+    let stale_before = NOW + 5_000;
+    let mut orphaned: Vec<(RunId, Option<String>)> = store
+        .orphaned_runs("me", stale_before)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(o, run, instance)| {
+            assert_eq!(o, owner);
+            (run.id, instance)
+        })
+        .collect();
+    orphaned.sort_by_key(|(id, _)| id.to_string());
+    let mut expected = vec![
+        (of_silent, Some("silent".to_string())),
+        (of_unknown, Some("never-registered".to_string())),
+        (without, None),
+    ];
+    expected.sort_by_key(|(id, _)| id.to_string());
+    assert_eq!(
+        orphaned, expected,
+        "not {of_alive} (alive) nor {mine} (mine)"
+    );
+    // Runs created after the stale point are too young to judge.
+    assert!(store.orphaned_runs("me", NOW).await.unwrap().is_empty());
+
+    // Many instances race to claim the silent instance's run: exactly one wins.
+    let wins = futures_util::future::join_all((0..RACERS).map(|i| {
+        let store = Arc::clone(&db.store);
+        async move {
+            store
+                .claim_run(of_silent, Some("silent"), &format!("survivor-{i}"))
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1);
+    assert!(store.claim_run(without, None, "me").await.unwrap());
+    assert!(!store
+        .claim_run(finished, Some("silent"), "me")
+        .await
+        .unwrap());
+    // A claimed run belongs to a live instance now.
+    store.heartbeat_instance("me", NOW + 10_000).await.unwrap();
+    let left: Vec<RunId> = store
+        .orphaned_runs("other", stale_before)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, run, _)| run.id)
+        .collect();
+    for alive in [without, mine, of_alive] {
+        assert!(
+            !left.contains(&alive),
+            "{alive} has a live instance: {left:?}"
+        );
+    }
+    // The per-user view used by limits: unfinished runs only, with `finished_since` ahead.
+    let unfinished = store.recent_runs(owner, i64::MAX, 100).await.unwrap();
+    assert_eq!(unfinished.len(), 5);
+    assert!(unfinished.iter().all(|r| r.id != finished));
+    store.remove_instances(Some("me"), i64::MIN).await.unwrap();
+}

@@ -1,0 +1,792 @@
+//! Several real `apex serve` processes behind no load balancer at all: each test talks to
+//! whichever instance it likes. They share one PostgreSQL schema (fresh per test), one
+//! Redis (a channel prefix per test) and one JWT secret.
+//!
+//! What must hold: a user's events reach their socket on any instance, live, in order and
+//! once; a stop sent to any instance cancels the run wherever it executes, and only the
+//! owner's stop does; a run whose instance is killed is ended `interrupted` by a survivor
+//! and can be resumed on another instance without a gap; Redis going away and coming back
+//! loses no event, and readiness answers 503 meanwhile.
+//!
+//! Needs `APEX_TEST_POSTGRES_URL` and `APEX_TEST_REDIS_URL`; without them each test is
+//! skipped with a message naming them, except under `CI`, where it fails.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+const POSTGRES_VAR: &str = "APEX_TEST_POSTGRES_URL";
+const REDIS_VAR: &str = "APEX_TEST_REDIS_URL";
+/// Longest any single expected thing (a frame, a status) may take.
+const WAIT: Duration = Duration::from_secs(45);
+const SECRET: &str = "multi-instance-test-secret-0123456789abcdef";
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+fn env_url(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|u| !u.trim().is_empty())
+}
+
+/// Both service URLs, or `None` after saying which variable is missing (a panic under CI).
+fn services() -> Option<(String, String)> {
+    match (env_url(POSTGRES_VAR), env_url(REDIS_VAR)) {
+        (Some(pg), Some(redis)) => Some((pg, redis)),
+        (pg, redis) => {
+            let missing: Vec<&str> = [(POSTGRES_VAR, pg.is_none()), (REDIS_VAR, redis.is_none())]
+                .into_iter()
+                .filter(|(_, missing)| *missing)
+                .map(|(var, _)| var)
+                .collect();
+            assert!(
+                !in_ci(),
+                "{} not set, but CI is: the multi-instance tests must run in CI \
+                 (e.g. {POSTGRES_VAR}=postgres://postgres@127.0.0.1:5432/test \
+                 {REDIS_VAR}=redis://127.0.0.1:6379)",
+                missing.join(" and ")
+            );
+            eprintln!(
+                "skipping the multi-instance test: set {} to run it",
+                missing.join(" and ")
+            );
+            None
+        }
+    }
+}
+
+fn run_sql(base_url: &str, sql: String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(base_url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {POSTGRES_VAR}: {e}"));
+        sqlx::query(&sql).execute(&mut conn).await.expect(&sql);
+        let _ = conn.close().await;
+    });
+}
+
+/// What the instances of one test share: a schema, a channel prefix, a secret.
+struct Cluster {
+    pg_base: String,
+    schema: String,
+    redis: String,
+    prefix: String,
+}
+
+impl Cluster {
+    /// Creates the schema and migrates it with `apex migrate` (the deploy step).
+    fn new() -> Option<Cluster> {
+        let (pg_base, redis) = services()?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let cluster = Cluster {
+            schema: format!("apex_multi_{id}"),
+            prefix: format!("apex-test-{id}"),
+            pg_base,
+            redis,
+        };
+        // Run blocking setup off the test's runtime.
+        let (base, schema) = (cluster.pg_base.clone(), cluster.schema.clone());
+        std::thread::spawn(move || run_sql(&base, format!("CREATE SCHEMA \"{schema}\"")))
+            .join()
+            .unwrap();
+        let data_dir = tempfile::tempdir().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(["migrate", "--data-dir"])
+            .arg(data_dir.path())
+            .env("APEX_DATABASE_URL", cluster.database_url())
+            .output()
+            .expect("run apex migrate");
+        assert!(
+            output.status.success(),
+            "apex migrate: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Some(cluster)
+    }
+
+    fn database_url(&self) -> String {
+        let separator = if self.pg_base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{separator}options[search_path]={}",
+            self.pg_base, self.schema
+        )
+    }
+
+    /// Starts an instance using `redis` as its bus and waits until it is ready.
+    async fn start_via(&self, redis: &str, stream_delay_ms: u64) -> Instance {
+        let instance = self.spawn(redis, stream_delay_ms);
+        instance.wait_ready(true).await;
+        instance
+    }
+
+    async fn start(&self, stream_delay_ms: u64) -> Instance {
+        let redis = self.redis.clone();
+        self.start_via(&redis, stream_delay_ms).await
+    }
+
+    fn spawn(&self, redis: &str, stream_delay_ms: u64) -> Instance {
+        let data_dir = tempfile::tempdir().unwrap();
+        let log_path = data_dir.path().join("apex.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--llm-provider",
+                "template",
+            ])
+            .args(["--template-stream-delay-ms", &stream_delay_ms.to_string()])
+            .args(["--instance-heartbeat-ms", "200"])
+            .args(["--instance-stale-after-ms", "1500"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("APEX_DATABASE_URL", self.database_url())
+            .env("APEX_BUS_URL", redis)
+            .env("APEX_BUS_CHANNEL_PREFIX", &self.prefix)
+            .env("APEX_JWT_SECRET", SECRET)
+            .env("APEX_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start apex serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("expected the listening line, got {line:?}"))
+            .to_string();
+        Instance {
+            child,
+            base,
+            http: reqwest::Client::new(),
+            log_path,
+            _data_dir: data_dir,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let (base, schema) = (self.pg_base.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            run_sql(&base, format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        })
+        .join();
+    }
+}
+
+/// One `apex serve` process; killed when dropped.
+struct Instance {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+    /// The instance's log (stderr); shown when a test fails.
+    log_path: std::path::PathBuf,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- log of the instance at {} ----\n{}",
+                self.base,
+                self.log()
+            );
+        }
+    }
+}
+
+struct User {
+    token: String,
+}
+
+impl Instance {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn readiness(&self) -> (u16, Value) {
+        match self.http.get(self.url("/health/ready")).send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// Waits (bounded) until readiness is 200 (`true`) or 503 (`false`).
+    async fn wait_ready(&self, ready: bool) -> Value {
+        let want = if ready { 200 } else { 503 };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.readiness().await;
+            if status == want {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} readiness stayed {status} {body}, wanted {want}",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut request = self.http.post(self.url(path)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn register(&self, name: &str) -> User {
+        let email = format!("{name}-{}@example.com", uuid::Uuid::new_v4().simple());
+        let (status, pair) = self
+            .post(
+                "/auth/register",
+                None,
+                json!({"email": email, "password": "a long enough password"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{pair}");
+        User {
+            token: pair["access_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// Creates a thread and starts a run on it over REST; returns the run id.
+    async fn start_run(&self, user: &User) -> String {
+        let (status, thread) = self
+            .post("/api/threads", Some(&user.token), json!({"title": "t"}))
+            .await;
+        assert_eq!(status, 201, "{thread}");
+        let thread_id = thread["id"].as_str().unwrap();
+        let (status, accepted) = self
+            .post(
+                &format!("/api/threads/{thread_id}/runs"),
+                Some(&user.token),
+                json!({"message": "How can I reduce my LLM costs?"}),
+            )
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        accepted["run_id"].as_str().unwrap().to_string()
+    }
+
+    async fn run(&self, user: &User, run_id: &str) -> Value {
+        self.get(&format!("/api/runs/{run_id}"), &user.token).await
+    }
+
+    /// Waits (bounded) until the run's stored status satisfies `done`.
+    async fn wait_run(&self, user: &User, run_id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let run = self.run(user, run_id).await;
+            if done(&run) {
+                return run;
+            }
+            assert!(Instant::now() < deadline, "run never got there: {run}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn ws(&self, user: &User) -> Ws {
+        let (status, ticket) = self
+            .post("/api/websocket/ticket", Some(&user.token), json!({}))
+            .await;
+        assert_eq!(status, 200, "{ticket}");
+        let url = format!(
+            "{}/ws?ticket={}",
+            self.base.replacen("http", "ws", 1),
+            ticket["ticket_id"].as_str().unwrap()
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut ws = Ws { socket };
+        let hello = ws.next().await;
+        assert_eq!(hello["type"], "connection_established", "{hello}");
+        ws
+    }
+}
+
+struct Ws {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+fn is_terminal(frame: &Value) -> bool {
+    frame["type"] == "agent_completed" && frame["agent_name"] == "supervisor"
+}
+
+impl Ws {
+    async fn send(&mut self, frame: Value) {
+        self.socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame, within [`WAIT`].
+    async fn next(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("no frame in time")
+                .expect("socket closed")
+                .expect("socket error");
+            if let Message::Text(text) = message {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    /// Every event frame of `run_id` up to and including its terminal event, in arrival
+    /// order. Frames of other runs or users fail the test.
+    async fn events_until_terminal(&mut self, run_id: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let frame = self.next().await;
+            if frame.get("seq").is_none() {
+                continue; // control frames
+            }
+            assert_eq!(frame["run_id"], run_id, "a frame of another run: {frame}");
+            let done = is_terminal(&frame);
+            events.push(frame);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    /// Frames already on their way: everything before the answer to a ping.
+    async fn frames_before_pong(&mut self) -> Vec<Value> {
+        self.send(json!({"type": "ping"})).await;
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.next().await;
+            if frame["type"] == "pong" {
+                return frames;
+            }
+            frames.push(frame);
+        }
+    }
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+/// Seqs are exactly `first..=last`: contiguous, in order, nothing twice.
+fn assert_contiguous_from(events: &[Value], first: u64) {
+    let got = seqs(events);
+    let want: Vec<u64> = (first..first + got.len() as u64).collect();
+    assert_eq!(got, want, "seqs must be contiguous from {first}, once each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_started_on_one_instance_streams_live_to_the_users_socket_on_another() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let one = cluster.start(15).await;
+    let two = cluster.start(15).await;
+    // Accounts and tokens work on every instance (shared database and secret).
+    let alice = two.register("alice").await;
+    let bob = one.register("bob").await;
+    let mut alice_ws = one.ws(&alice).await;
+    let mut bob_ws = one.ws(&bob).await;
+
+    let started = Instant::now();
+    let run_id = two.start_run(&alice).await;
+    let events = alice_ws.events_until_terminal(&run_id).await;
+    let elapsed = started.elapsed();
+    assert_contiguous_from(&events, 1);
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    assert!(events.len() > 10, "a full run has many events");
+    eprintln!(
+        "{} events of a run on instance 2 reached a socket on instance 1 in {elapsed:?}",
+        events.len()
+    );
+    // Exactly what was stored, and nothing after the terminal event.
+    let stored = one
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=0"),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(stored["events"].as_array().unwrap().len(), events.len());
+    let extra = alice_ws.frames_before_pong().await;
+    assert!(
+        extra.iter().all(|f| f.get("seq").is_none()),
+        "duplicates after the terminal event: {extra:?}"
+    );
+    // Bob shares instance 1 with Alice's socket and got none of her events.
+    let leaked = bob_ws.frames_before_pong().await;
+    assert!(leaked.is_empty(), "bob received {leaked:?}");
+    for instance in [&one, &two] {
+        let log = instance.log();
+        assert!(log.contains("several-instance mode"), "{log}");
+        assert!(!log.contains(SECRET), "the JWT secret was logged: {log}");
+        assert!(!log.contains(&alice.token), "a token was logged: {log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_sent_to_one_instance_cancels_the_run_on_another_and_only_the_owners() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    // Slow streaming, so the runs are still going when the stops arrive.
+    let one = cluster.start(100).await;
+    let two = cluster.start(100).await;
+    let alice = one.register("alice").await;
+    let mallory = two.register("mallory").await;
+
+    // Over WebSocket: the run executes on instance 1, the stop goes to instance 2.
+    let ws_run = one.start_run(&alice).await;
+    let mut alice_ws = two.ws(&alice).await;
+    one.wait_run(&alice, &ws_run, |r| r["last_seq"].as_u64() > Some(3))
+        .await;
+    // Someone else's stop, on either instance, is refused and changes nothing.
+    let mut mallory_ws = two.ws(&mallory).await;
+    mallory_ws
+        .send(json!({"type": "stop_agent", "run_id": ws_run}))
+        .await;
+    let refused = mallory_ws.next().await;
+    assert_eq!(refused["error_code"], "RUN_NOT_FOUND", "{refused}");
+    let (status, _) = two
+        .post(
+            &format!("/api/runs/{ws_run}/cancel"),
+            Some(&mallory.token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(one.run(&alice, &ws_run).await["status"], "running");
+
+    let stop_sent = Instant::now();
+    alice_ws
+        .send(json!({"type": "stop_agent", "run_id": ws_run}))
+        .await;
+    let mut terminal = None;
+    while terminal.is_none() {
+        let frame = alice_ws.next().await;
+        if frame["run_id"] == ws_run.as_str() && is_terminal(&frame) {
+            terminal = Some(frame);
+        }
+    }
+    let stop_to_terminal = stop_sent.elapsed();
+    assert_eq!(terminal.unwrap()["status"], "cancelled");
+    eprintln!("stop on instance 2 → terminal event of the run on instance 1: {stop_to_terminal:?}");
+
+    // Over REST: the same, with the cancel endpoint.
+    let rest_run = one.start_run(&alice).await;
+    one.wait_run(&alice, &rest_run, |r| r["last_seq"].as_u64() > Some(3))
+        .await;
+    let (status, body) = two
+        .post(
+            &format!("/api/runs/{rest_run}/cancel"),
+            Some(&alice.token),
+            json!({}),
+        )
+        .await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let run = one
+        .wait_run(&alice, &rest_run, |r| r["status"] != "running")
+        .await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_a_killed_instance_ends_interrupted_and_resumes_gaplessly_elsewhere() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let mut doomed = cluster.start(100).await;
+    let survivor = cluster.start(100).await;
+    let alice = doomed.register("alice").await;
+    let mut ws = doomed.ws(&alice).await;
+    let run_id = doomed.start_run(&alice).await;
+    // Read a few events live, then kill the instance executing the run.
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let frame = ws.next().await;
+        if frame.get("seq").is_some() {
+            seen.push(frame);
+        }
+    }
+    assert_contiguous_from(&seen, 1);
+    doomed.child.kill().unwrap(); // SIGKILL
+    doomed.child.wait().unwrap();
+    let killed = Instant::now();
+
+    // Reconnect to the survivor and resume after the last event this client has.
+    let after = seen.len() as u64;
+    let mut ws = survivor.ws(&alice).await;
+    ws.send(json!({"type": "resume", "run_id": run_id, "after_seq": after}))
+        .await;
+    let rest = ws.events_until_terminal(&run_id).await;
+    eprintln!(
+        "terminal event of the orphaned run reached the resumed socket {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_contiguous_from(&rest, after + 1);
+    let last = rest.last().unwrap();
+    assert_eq!(last["status"], "interrupted", "{last}");
+    let error = &rest[rest.len() - 2];
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["payload"]["error_code"], "INTERRUPTED", "{error}");
+    let run = survivor.run(&alice, &run_id).await;
+    assert_eq!(run["status"], "interrupted", "{run}");
+    // The whole stored log is gapless too.
+    let stored = survivor
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=0"),
+            &alice.token,
+        )
+        .await;
+    assert_contiguous_from(stored["events"].as_array().unwrap(), 1);
+}
+
+/// A TCP proxy to Redis that can be cut (open connections dropped, new ones refused by
+/// closing them at once) and restored.
+struct Proxy {
+    address: String,
+    up: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(redis_url: &str) -> Proxy {
+        let target = redis_url
+            .trim_start_matches("redis://")
+            .split('/')
+            .next()
+            .unwrap()
+            .rsplit('@')
+            .next()
+            .unwrap()
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (accept_up, accept_links) = (Arc::clone(&up), Arc::clone(&links));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_up.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_links.lock().unwrap().push(link);
+            }
+        });
+        Proxy { address, up, links }
+    }
+
+    fn url(&self, redis_url: &str) -> String {
+        let path = redis_url
+            .trim_start_matches("redis://")
+            .split_once('/')
+            .map(|(_, db)| format!("/{db}"))
+            .unwrap_or_default();
+        // Keep credentials, if any, in front of the proxy's address.
+        let host = redis_url
+            .trim_start_matches("redis://")
+            .split('/')
+            .next()
+            .unwrap();
+        let credentials = host.rsplit_once('@').map(|(c, _)| format!("{c}@"));
+        format!(
+            "redis://{}{}{path}",
+            credentials.unwrap_or_default(),
+            self.address
+        )
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_while_an_instance_is_cut_off_from_redis_arrive_once_it_is_back() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let proxy = Proxy::start(&cluster.redis).await;
+    let one = cluster.start(15).await;
+    let two = cluster.start_via(&proxy.url(&cluster.redis), 15).await;
+    let alice = one.register("alice").await;
+    let mut ws = two.ws(&alice).await;
+
+    proxy.cut();
+    let unready = two.wait_ready(false).await;
+    assert_eq!(unready["checks"]["bus"], false, "{unready}");
+    assert_eq!(unready["checks"]["database"], true, "{unready}");
+    assert_eq!(
+        one.readiness().await.0,
+        200,
+        "instance 1 still reaches Redis"
+    );
+
+    // A whole run happens on instance 1 while instance 2 cannot hear about it.
+    let run_id = one.start_run(&alice).await;
+    one.wait_run(&alice, &run_id, |r| r["status"] == "completed")
+        .await;
+
+    let restored = Instant::now();
+    proxy.restore();
+    let events = ws.events_until_terminal(&run_id).await;
+    eprintln!(
+        "after Redis came back, instance 2's socket had the missed run in {:?}",
+        restored.elapsed()
+    );
+    assert_contiguous_from(&events, 1);
+    let stored = one
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=0"),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(stored["events"].as_array().unwrap().len(), events.len());
+    let ready = two.wait_ready(true).await;
+    assert_eq!(ready["checks"]["bus"], true, "{ready}");
+    // Live delivery through the restored link works again, once each.
+    let live = one.start_run(&alice).await;
+    let events = ws.events_until_terminal(&live).await;
+    assert_contiguous_from(&events, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_naming_the_bus_while_redis_is_unreachable() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    // Nothing listens on port 1. The URL carries a password, which must never be logged.
+    let instance = cluster.spawn("redis://:bus-s3cret-pw@127.0.0.1:1", 15);
+    let body = instance.wait_ready(false).await;
+    assert_eq!(body["checks"]["bus"], false, "{body}");
+    assert_eq!(body["checks"]["bus_kind"], "redis", "{body}");
+    assert_eq!(body["checks"]["database"], true, "{body}");
+    let deadline = Instant::now() + WAIT;
+    while !instance.log().contains("cannot subscribe to Redis") {
+        assert!(
+            Instant::now() < deadline,
+            "no retry logged: {}",
+            instance.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = instance.log();
+    assert!(
+        !log.contains("bus-s3cret-pw"),
+        "the Redis password was logged: {log}"
+    );
+    assert!(!log.contains(SECRET), "the JWT secret was logged: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_run_limits_hold_across_instances() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    // Slow streaming: the first runs are still going while the next ones are asked for.
+    let one = cluster.start(100).await;
+    let two = cluster.start(100).await;
+    let alice = one.register("alice").await;
+
+    // One run per thread: the thread's run executes on instance 1; instance 2 refuses.
+    let (_, thread) = one
+        .post("/api/threads", Some(&alice.token), json!({"title": "busy"}))
+        .await;
+    let thread_id = thread["id"].as_str().unwrap();
+    let (status, first) = one
+        .post(
+            &format!("/api/threads/{thread_id}/runs"),
+            Some(&alice.token),
+            json!({"message": "How can I reduce my LLM costs?"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{first}");
+    let (status, body) = two
+        .post(
+            &format!("/api/threads/{thread_id}/runs"),
+            Some(&alice.token),
+            json!({"message": "and now?"}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "thread_busy", "{body}");
+
+    // Three runs at once per user (the default), counted over both instances.
+    two.start_run(&alice).await;
+    one.start_run(&alice).await;
+    let (_, thread) = two
+        .post(
+            "/api/threads",
+            Some(&alice.token),
+            json!({"title": "fourth"}),
+        )
+        .await;
+    let (status, body) = two
+        .post(
+            &format!("/api/threads/{}/runs", thread["id"].as_str().unwrap()),
+            Some(&alice.token),
+            json!({"message": "one more"}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_runs", "{body}");
+}
