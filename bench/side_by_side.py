@@ -186,11 +186,18 @@ def apex_point(apex, users, duration, settle, port):
         server.close()
 
 
-def peer_points(peer_dir, users, duration):
-    if not (peer_dir / "run_bench.py").exists():
-        log(f"peer harness not found at {peer_dir}; skipping the peer")
+def peer_points(peer_source, users, duration):
+    if not (peer_source / "run_bench.py").exists():
+        log(f"peer harness not found at {peer_source}; skipping the peer")
         return []
-    log("setting up the peer (venvs, its load client) ...")
+    # The harness is read-only where it is shared: run a copy in a scratch folder outside
+    # the project, which also keeps its venvs and build between invocations.
+    peer_dir = pathlib.Path(os.environ.get("APEX_BENCH_WORK", pathlib.Path.home() / ".cache" / "apex-bench")) / "peer-langgraph"
+    shutil.copytree(peer_source, peer_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".work", "target"))
+    for path in [peer_dir, *peer_dir.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
+    log(f"setting up the peer in {peer_dir} (venvs, its load client) ...")
     subprocess.run(["bash", "setup.sh"], cwd=peer_dir, check=True)
     before = set((peer_dir / "results").glob("*.jsonl"))
     subprocess.run(

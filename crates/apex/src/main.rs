@@ -54,6 +54,10 @@ struct LoadgenArgs {
     /// Base URL of the server (must be a loopback address).
     #[arg(long, env = "APEX_SERVER", default_value = "http://127.0.0.1:8000")]
     server: String,
+    /// Another instance of the same deployment (repeatable): connections are spread over
+    /// --server and these.
+    #[arg(long = "also-server")]
+    also_servers: Vec<String>,
     /// Simulated users.
     #[arg(long, default_value_t = 50)]
     users: usize,
@@ -90,6 +94,7 @@ struct LoadgenArgs {
 async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let config = apex_loadgen::LoadConfig {
         base_url: args.server,
+        also_servers: args.also_servers,
         users: args.users,
         max_connections_per_user: args.connections,
         runs_per_user: args.runs,

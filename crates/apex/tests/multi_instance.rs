@@ -6,7 +6,8 @@
 //! once; a stop sent to any instance cancels the run wherever it executes, and only the
 //! owner's stop does; a run whose instance is killed is ended `interrupted` by a survivor
 //! and can be resumed on another instance without a gap; Redis going away and coming back
-//! loses no event, and readiness answers 503 meanwhile.
+//! loses no event, and readiness answers 503 meanwhile; and the isolation stress check holds
+//! with every user's connections spread over three instances.
 //!
 //! Needs `APEX_TEST_POSTGRES_URL` and `APEX_TEST_REDIS_URL`; without them each test is
 //! skipped with a message naming them, except under `CI`, where it fails.
@@ -789,4 +790,54 @@ async fn per_user_run_limits_hold_across_instances() {
         .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "too_many_runs", "{body}");
+}
+
+/// The isolation stress check (the same load generator and zero-tolerance checks as the
+/// single-server stress suite) with every user's connections spread over three instances:
+/// runs execute on whichever instance received the message and are followed on the
+/// others, with disconnects + resume, stops, invented thread ids and foreign run ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_keep_users_apart_under_chaos() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let instances = [
+        cluster.start(15).await,
+        cluster.start(15).await,
+        cluster.start(15).await,
+    ];
+    let seed = std::env::var("APEX_STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand_seed);
+    println!("three-instance stress seed {seed} (set APEX_STRESS_SEED={seed} to replay)");
+    let config = apex_loadgen::LoadConfig {
+        base_url: instances[0].base.clone(),
+        also_servers: vec![instances[1].base.clone(), instances[2].base.clone()],
+        users: 60,
+        max_connections_per_user: 3,
+        runs_per_user: 2,
+        seed,
+        chaos: true,
+        max_duration: Duration::from_secs(240),
+        ..apex_loadgen::LoadConfig::default()
+    };
+    let report = apex_loadgen::run(config).await.expect("load ran");
+    println!("{}", report.render());
+    assert!(
+        report.is_clean(),
+        "isolation or delivery failed (seed {seed}): {:#?}",
+        report.violations
+    );
+    assert!(report.runs_completed > 0, "{}", report.render());
+    assert!(
+        report.connections > report.users,
+        "users had several connections, so their runs crossed instances"
+    );
+}
+
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
 }

@@ -30,7 +30,9 @@ pub async fn hold_idle(
     connections: usize,
     hold: Duration,
 ) -> anyhow::Result<IdleReport> {
-    crate::check_loopback(&config.base_url)?;
+    for url in std::iter::once(&config.base_url).chain(&config.also_servers) {
+        crate::check_loopback(url)?;
+    }
     let config = Arc::new(config);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -60,7 +62,8 @@ pub async fn hold_idle(
     let mut tasks = Vec::new();
     for i in 0..connections {
         let account = &accounts[i % accounts.len()];
-        let (url, token) = (account.ws_url.clone(), account.token.clone());
+        let url = account.ws_urls[i % account.ws_urls.len()].clone();
+        let token = account.token.clone();
         let opening = Arc::clone(&opening);
         tasks.push(tokio::spawn(async move {
             let _permit = opening.acquire_owned().await;

@@ -31,8 +31,11 @@ pub use stats::Percentiles;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// `http://127.0.0.1:PORT` of a running server.
+    /// `http://127.0.0.1:PORT` of a running server (registration and REST go here).
     pub base_url: String,
+    /// Further instances of the same deployment: users' connections are spread over
+    /// `base_url` and these, so a run started through one instance is followed on others.
+    pub also_servers: Vec<String>,
     pub users: usize,
     /// Each user opens between 1 and this many connections.
     pub max_connections_per_user: usize,
@@ -56,6 +59,7 @@ impl Default for LoadConfig {
     fn default() -> Self {
         Self {
             base_url: "http://127.0.0.1:8000".into(),
+            also_servers: Vec::new(),
             users: 10,
             max_connections_per_user: 2,
             runs_per_user: 2,
@@ -226,7 +230,9 @@ impl SharedRunIds {
 /// Runs the load and returns the report. Never panics on server misbehaviour: every
 /// problem is counted and described in the report.
 pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
-    check_loopback(&config.base_url)?;
+    for url in std::iter::once(&config.base_url).chain(&config.also_servers) {
+        check_loopback(url)?;
+    }
     let config = Arc::new(config);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))

@@ -31,7 +31,8 @@ pub(crate) struct Account {
     index: usize,
     user_id: String,
     pub(crate) token: String,
-    pub(crate) ws_url: String,
+    /// WebSocket URLs of every instance; connection n goes to `ws_urls[n % len]`.
+    pub(crate) ws_urls: Vec<String>,
     /// `total_cost_usd` of the user's own 30-day summary.
     summary_total: f64,
 }
@@ -74,7 +75,10 @@ impl Account {
             index,
             user_id,
             token,
-            ws_url: format!("{}/ws", base.replacen("http", "ws", 1)),
+            ws_urls: std::iter::once(base)
+                .chain(config.also_servers.iter().map(|s| s.trim_end_matches('/')))
+                .map(|b| format!("{}/ws", b.replacen("http", "ws", 1)))
+                .collect(),
             summary_total: summary["total_cost_usd"]
                 .as_f64()
                 .context("total_cost_usd")?,
@@ -146,7 +150,8 @@ impl Session<'_> {
     }
 
     async fn connect(&mut self) -> anyhow::Result<usize> {
-        let mut request = self.account.ws_url.as_str().into_client_request()?;
+        let url = &self.account.ws_urls[self.next_conn % self.account.ws_urls.len()];
+        let mut request = url.as_str().into_client_request()?;
         request.headers_mut().insert(
             "Authorization",
             format!("Bearer {}", self.account.token).parse()?,

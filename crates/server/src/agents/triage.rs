@@ -1,9 +1,11 @@
 //! Triage: what is the user asking about, which models, which time window.
 //!
-//! Keyword rules always work. When the configured LLM enforces JSON-schema structured output
-//! (and `llm_triage` is on), triage asks it first; its answer is validated against
-//! [`triage_schema`] (category from the fixed list, days in range, only models the pricing
-//! table knows and the request names) and anything invalid falls back to the rules.
+//! Keyword rules always work. With a language model configured (anything but the template
+//! writer) and `llm_triage` on, triage asks the model first: with JSON-schema structured
+//! output where the provider enforces it, by instruction and an example otherwise (the
+//! embedded model). The answer is validated against [`triage_schema`] (category from the
+//! fixed list, days in range, only models the pricing table knows and the request names)
+//! and anything invalid falls back to the rules, saying so in the `agent_thinking` note.
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -198,13 +200,16 @@ impl TriageAgent {
                     "Classify an AI usage question. category: cost_optimization, \
                      latency_performance, model_selection, usage_report or general. days: the \
                      analysis window it asks about (default {DEFAULT_WINDOW_DAYS}). models: the \
-                     model names it mentions, from: {}. Answer with JSON only.",
+                     model names it mentions, from: {}. Answer with one JSON object only, like \
+                     {{\"category\": \"model_selection\", \"days\": 14, \"models\": [\"gpt-4o\"]}} \
+                     for \"Is gpt-4o worth it over the last two weeks?\"",
                     known.join(", ")
                 )),
                 ChatMessage::user(request),
             ],
             Value::Null,
-            200,
+            // The JSON is about 30 tokens; a model that rambles is cut off and falls back.
+            80,
         );
         llm_request.temperature = Some(0.0);
         llm_request.schema = Some(triage_schema());
@@ -250,7 +255,8 @@ impl Agent for TriageAgent {
             models: mentioned_models(&state.request, &cx.pricing),
             days: window_days(&state.request),
         };
-        let (triage, how) = if cx.llm_triage && cx.llm.supports_structured_output() {
+        let has_model = cx.llm.name() != cx.fallback.name();
+        let (triage, how) = if cx.llm_triage && has_model {
             match self.ask_llm(cx, &state.request).await {
                 Ok(triage) => (triage, format!("classified by the {} model", cx.llm.name())),
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
