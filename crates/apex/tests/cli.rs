@@ -549,3 +549,160 @@ fn serve_with_the_local_model_missing_fails_naming_the_fetch_script() {
         "the error names the model and the fetch script: {stderr}"
     );
 }
+
+/// Runs `apex` in `dir` with no `APEX_*` variable from the test's environment but `env`.
+fn apex_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("APEX_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .current_dir(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run apex")
+}
+
+#[test]
+fn config_show_layers_file_then_variables_then_flags_and_redacts_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = "file-jwt-secret-0123456789abcdefghijklmnop";
+    std::fs::write(
+        dir.path().join("apex.toml"),
+        format!(
+            "# the default file: ./apex.toml\n\
+             bind = \"127.0.0.1:7001\"\n\
+             llm_threads = 2\n\
+             openai_model = \"from-file\"\n\
+             database_url = \"postgres://apex:file-pw-123@db.internal:5432/apex\"\n\
+             cors_origin = [\"https://a.example\", \"https://b.example\"]\n\
+             jwt_secret = \"{jwt}\"\n"
+        ),
+    )
+    .unwrap();
+    let output = apex_in(
+        dir.path(),
+        &["config", "show", "--llm-threads", "4", "--no-demo-data"],
+        &[
+            ("APEX_LLM_THREADS", "3"),
+            ("APEX_OPENAI_MODEL", "from-env"),
+            ("APEX_OPENAI_API_KEY", "sk-env-key-456"),
+            ("APEX_BUS_CHANNEL_PREFIX", "blue"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "llm_threads = 4  # flag --llm-threads",
+        "no_demo_data = true  # flag --no-demo-data",
+        "openai_model = \"from-env\"  # env APEX_OPENAI_MODEL",
+        "bus_channel_prefix = \"blue\"  # env APEX_BUS_CHANNEL_PREFIX",
+        "bind = \"127.0.0.1:7001\"  # file ./apex.toml",
+        "cors_origin = [\"https://a.example\", \"https://b.example\"]  # file ./apex.toml",
+        "database_url = \"postgres://apex:***@db.internal:5432/apex\"  # file ./apex.toml",
+        "jwt_secret = \"***\"  # file ./apex.toml",
+        "openai_api_key = \"***\"  # env APEX_OPENAI_API_KEY",
+        "llm_provider = \"local\"  # default",
+        "data_dir = \"./data\"  # default",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stdout}"
+        );
+    }
+    for secret in ["file-pw-123", "sk-env-key-456", jwt] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+    }
+    // The output is TOML that reads back to the same values.
+    let table: toml::Table = toml::from_str(&stdout).expect("config show prints TOML");
+    assert_eq!(table["llm_threads"].as_integer(), Some(4));
+    assert_eq!(table["max_runs_per_user"].as_integer(), Some(3));
+
+    // APEX_CONFIG names another file; --config beats it.
+    std::fs::write(dir.path().join("other.toml"), "llm_threads = 7\n").unwrap();
+    std::fs::write(dir.path().join("third.toml"), "llm_threads = 8\n").unwrap();
+    let output = apex_in(
+        dir.path(),
+        &["config", "show"],
+        &[("APEX_CONFIG", "other.toml")],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("llm_threads = 7  # file other.toml"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("bind = \"127.0.0.1:8000\"  # default"),
+        "{stdout}"
+    );
+    let output = apex_in(
+        dir.path(),
+        &["config", "show", "--config", "third.toml"],
+        &[("APEX_CONFIG", "other.toml")],
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("llm_threads = 8  # file third.toml"));
+}
+
+#[test]
+fn config_errors_name_the_key_and_where_the_value_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let fails = |args: &[&str], env: &[(&str, &str)]| {
+        let output = apex_in(dir.path(), args, env);
+        assert!(!output.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    std::fs::write(dir.path().join("apex.toml"), "llm_threads = \"abc\"\n").unwrap();
+    let stderr = fails(&["config", "show"], &[]);
+    assert!(
+        stderr.contains("./apex.toml: llm_threads: expected a positive integer")
+            && stderr.contains("got \"abc\""),
+        "{stderr}"
+    );
+    // A later layer that sets the key wins, so the file's bad value is not read.
+    let output = apex_in(dir.path(), &["config", "show", "--llm-threads", "2"], &[]);
+    assert!(output.status.success());
+
+    std::fs::write(dir.path().join("apex.toml"), "llm_thread = 2\n").unwrap();
+    let stderr = fails(&["config", "show"], &[]);
+    assert!(
+        stderr.contains("unknown key \"llm_thread\" (did you mean \"llm_threads\"?)"),
+        "{stderr}"
+    );
+    // serve refuses it before doing anything else.
+    let stderr = fails(&["serve", "--bind", "127.0.0.1:0"], &[]);
+    assert!(stderr.contains("unknown key \"llm_thread\""), "{stderr}");
+    std::fs::remove_file(dir.path().join("apex.toml")).unwrap();
+
+    let stderr = fails(&["config", "show"], &[("APEX_MAX_RUNS_PER_USER", "0")]);
+    assert!(
+        stderr.contains("APEX_MAX_RUNS_PER_USER (environment): expected a positive integer"),
+        "{stderr}"
+    );
+    let stderr = fails(&["config", "show", "--llm-provider", "gpt"], &[]);
+    assert!(
+        stderr.contains("--llm-provider: expected one of local, template, openai, got \"gpt\""),
+        "{stderr}"
+    );
+    let stderr = fails(&["config", "show", "--config", "missing.toml"], &[]);
+    assert!(stderr.contains("missing.toml"), "{stderr}");
+    // A bad secret is named, never echoed.
+    let stderr = fails(
+        &["migrate"],
+        &[("APEX_DATABASE_URL", "mysql://apex:pw-789@db/apex")],
+    );
+    assert!(stderr.contains("APEX_DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("pw-789"), "{stderr}");
+    let stderr = fails(&["config", "show"], &[("APEX_JWT_SECRET", "too-short-jwt")]);
+    assert!(
+        stderr.contains("APEX_JWT_SECRET (environment): expected at least 32 characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("too-short-jwt"), "{stderr}");
+}
