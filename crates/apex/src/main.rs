@@ -5,6 +5,7 @@ mod account;
 mod chat;
 mod config;
 mod usage;
+mod user;
 
 /// mimalloc returns freed memory to the system far better than glibc's allocator under
 /// many short-lived allocations on several threads (each run loads and drops the user's
@@ -46,6 +47,9 @@ enum Command {
     /// Upload your usage data or print your usage summary.
     #[command(subcommand)]
     Usage(usage::UsageCommand),
+    /// Administer accounts directly in the database.
+    #[command(subcommand)]
+    User(user::UserCommand),
     /// Inspect the configuration `apex serve` would run with.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -256,6 +260,7 @@ fn main() -> std::process::ExitCode {
             Command::Chat(args) => chat::run(args).await,
             Command::Loadgen(args) => loadgen(args).await,
             Command::Usage(command) => usage::run(command).await,
+            Command::User(command) => user::run(command).await,
         }
     });
     match result {

@@ -429,7 +429,36 @@ fn migrate_then_serve_and_chat_on_postgres() {
         );
     }
 
+    // An administrator creates an account in the same database.
+    let created = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["user", "create", "--email", "pg-admin@example.com"])
+        .args(["--data-dir", dir, "--database-url", &url])
+        .env("APEX_USER_PASSWORD", "an admin password")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+
     let server = start_server_with(data_dir.path(), &["--database-url", &url]);
+    let admin = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["chat", "--server", &server.address])
+        .args(["--email", "pg-admin@example.com", "--message", "hi"])
+        .env("APEX_PASSWORD", "an admin password")
+        .output()
+        .expect("run apex chat");
+    let admin_out = String::from_utf8_lossy(&admin.stdout);
+    assert!(
+        admin_out.contains(&format!(
+            "signed in as pg-admin@example.com ({})",
+            String::from_utf8_lossy(&created.stdout).trim()
+        )),
+        "{admin_out}{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
     assert!(
         !data_dir.path().join("apex.db").exists(),
         "no SQLite file when the data is in PostgreSQL"
@@ -705,4 +734,127 @@ fn config_errors_name_the_key_and_where_the_value_came_from() {
         "{stderr}"
     );
     assert!(!stderr.contains("too-short-jwt"), "{stderr}");
+}
+
+/// Runs `apex user create` on `data_dir` with `stdin` as standard input.
+fn user_create(
+    data_dir: &std::path::Path,
+    email: &str,
+    password: Option<&str>,
+    stdin: &str,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
+    command
+        .args(["user", "create", "--email", email, "--data-dir"])
+        .arg(data_dir)
+        .env_remove("APEX_DATABASE_URL")
+        .env_remove("APEX_USER_PASSWORD")
+        .env_remove("APEX_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(password) = password {
+        command.env("APEX_USER_PASSWORD", password);
+    }
+    let mut child = command.spawn().expect("run apex user create");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn user_create_makes_an_account_that_logs_in_over_http() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let created = user_create(
+        data_dir.path(),
+        "Admin@Example.com",
+        Some("an admin password"),
+        "",
+    );
+    let stdout = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    assert!(
+        created.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    assert!(
+        uuid::Uuid::parse_str(&stdout).is_ok(),
+        "prints the user id: {stdout:?}"
+    );
+
+    // The same email again, in any case: a stable refusal.
+    let again = user_create(
+        data_dir.path(),
+        "admin@example.com",
+        Some("another password"),
+        "",
+    );
+    assert!(!again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "error: an account with this email already exists"
+    );
+    // Registration's rules, with registration's words.
+    let bad_email = user_create(data_dir.path(), "not-an-email", Some("long enough!"), "");
+    assert!(!bad_email.status.success());
+    assert!(String::from_utf8_lossy(&bad_email.stderr).contains("email must be a valid address"));
+    let short = user_create(data_dir.path(), "short@example.com", Some("short"), "");
+    assert!(!short.status.success());
+    assert!(
+        String::from_utf8_lossy(&short.stderr).contains("password must be 8 to 1024 characters")
+    );
+    // Without the variable, the password is the first line of a piped standard input.
+    let piped = user_create(
+        data_dir.path(),
+        "piped@example.com",
+        None,
+        "a piped password\n",
+    );
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    let none = user_create(data_dir.path(), "none@example.com", None, "");
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("APEX_USER_PASSWORD"));
+
+    // A server on the same data folder lets both accounts log in.
+    let server = start_server(data_dir.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for (email, password, id) in [
+            (
+                "admin@example.com",
+                "an admin password",
+                Some(stdout.as_str()),
+            ),
+            ("piped@example.com", "a piped password", None),
+        ] {
+            let response = http
+                .post(format!("{}/auth/login", server.address))
+                .json(&serde_json::json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{email} logs in");
+            let pair: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(pair["user"]["email"], email);
+            if let Some(id) = id {
+                assert_eq!(pair["user"]["id"], id);
+            }
+        }
+        let wrong = http
+            .post(format!("{}/auth/login", server.address))
+            .json(
+                &serde_json::json!({"email": "admin@example.com", "password": "another password"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401);
+    });
 }
