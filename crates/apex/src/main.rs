@@ -19,7 +19,19 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "apex", version, about = "Apex: a multi-user AI agent server")]
+#[command(
+    name = "apex",
+    version,
+    about = "Apex: a multi-user AI agent server",
+    after_help = "Every command has --help with examples. Configuration: built-in defaults < \
+apex.toml (--config FILE / APEX_CONFIG) < APEX_* variables < flags; `apex config show` prints it.
+
+Examples:
+    apex serve                                   # SQLite and the local model in ./data
+    apex config show --llm-provider template     # what serve would run with
+    APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
+    APEX_PASSWORD='a long password' apex chat --email ada@example.com"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,28 +42,39 @@ enum Command {
     /// Run the server: SQLite in the data folder by default, or PostgreSQL with --database-url.
     ///
     /// Example: apex serve --bind 127.0.0.1:8000 --data-dir ./data
+    #[command(verbatim_doc_comment)]
     Serve(config::ServeFlags),
     /// Apply pending database migrations, then exit (`serve` also applies them at start).
     ///
     /// Example: apex migrate --database-url postgres://apex@db.internal/apex
+    #[command(verbatim_doc_comment)]
     Migrate(config::DatabaseFlags),
     /// Talk to a server from the terminal: register or log in, ask, watch the agents work.
     ///
     /// Example: apex chat --register --email me@example.com
     ///          apex chat --email me@example.com --message "How can I reduce my LLM costs?"
+    #[command(verbatim_doc_comment)]
     Chat(chat::ChatArgs),
     /// Drive a running server with many simulated users and check isolation (loopback only).
     ///
     /// Example: apex loadgen --users 200 --connections 3 --runs 2 --chaos
+    #[command(verbatim_doc_comment)]
     Loadgen(LoadgenArgs),
     /// Upload your usage data or print your usage summary.
-    #[command(subcommand)]
+    ///
+    /// Example: APEX_PASSWORD=... apex usage import --email me@example.com usage.csv
+    ///          APEX_PASSWORD=... apex usage summary --email me@example.com --days 7
+    #[command(subcommand, verbatim_doc_comment)]
     Usage(usage::UsageCommand),
     /// Administer accounts directly in the database.
-    #[command(subcommand)]
+    ///
+    /// Example: APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
+    #[command(subcommand, verbatim_doc_comment)]
     User(user::UserCommand),
     /// Inspect the configuration `apex serve` would run with.
-    #[command(subcommand)]
+    ///
+    /// Example: apex config show --config /etc/apex/apex.toml
+    #[command(subcommand, verbatim_doc_comment)]
     Config(ConfigCommand),
 }
 
@@ -64,6 +87,7 @@ enum ConfigCommand {
     ///
     /// Example: apex config show
     ///          APEX_LLM_THREADS=4 apex config show --config /etc/apex.toml --bind 0.0.0.0:8000
+    #[command(verbatim_doc_comment)]
     Show(config::ServeFlags),
 }
 

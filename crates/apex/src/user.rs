@@ -18,14 +18,16 @@ pub const PASSWORD_ENV: &str = "APEX_USER_PASSWORD";
 
 #[derive(clap::Subcommand)]
 pub enum UserCommand {
-    /// Create an account in the database (the same database options as `apex migrate`)
-    /// and print its user id. The password comes from APEX_USER_PASSWORD, else a prompt,
-    /// else the first line of standard input; never from a flag. No demo usage data is
-    /// added. The rules are those of registration: a valid email, a password of 8 to 1024
-    /// characters.
+    /// Create an account in the database and print its user id.
+    ///
+    /// The database options are those of `apex migrate`. The password comes from
+    /// APEX_USER_PASSWORD, else a prompt, else the first line of standard input; never from
+    /// a flag. The rules are those of registration: a valid email, a password of 8 to 1024
+    /// characters. No demo usage data is added.
     ///
     /// Example: APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
     ///          apex user create --email ada@example.com --name Ada --database-url postgres://apex@db/apex
+    #[command(verbatim_doc_comment)]
     Create {
         /// The account's email (stored in lower case).
         #[arg(long)]

@@ -858,3 +858,55 @@ fn user_create_makes_an_account_that_logs_in_over_http() {
         assert_eq!(wrong.status(), 401);
     });
 }
+
+/// The subcommands listed under "Commands:" in a help text (without `help`).
+fn listed_subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| line.trim() != "Commands:")
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        // A name is indented by two; a wrapped description by more.
+        .filter(|line| !line[2..].starts_with(' '))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    let mut pending: Vec<Vec<String>> = vec![Vec::new()];
+    let mut seen = Vec::new();
+    while let Some(path) = pending.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let output = apex(&args);
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "apex {args:?}");
+        assert!(
+            help.contains("Example"),
+            "`apex {}` has no example:\n{help}",
+            args.join(" ")
+        );
+        for sub in listed_subcommands(&help) {
+            let mut child = path.clone();
+            child.push(sub);
+            pending.push(child);
+        }
+        seen.push(path.join(" "));
+    }
+    // The walk found the whole tree, nested commands included.
+    for command in [
+        "",
+        "serve",
+        "migrate",
+        "chat",
+        "loadgen",
+        "usage import",
+        "usage summary",
+        "user create",
+        "config show",
+    ] {
+        assert!(seen.iter().any(|s| s == command), "{command:?} in {seen:?}");
+    }
+}
