@@ -4,6 +4,7 @@
 mod account;
 mod chat;
 mod config;
+mod live;
 mod usage;
 mod user;
 
