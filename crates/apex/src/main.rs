@@ -1,5 +1,11 @@
 //! The `apex` binary: `apex serve` runs the server, `apex migrate` brings the database
-//! schema up to date, `apex chat` is a terminal client.
+//! schema up to date, `apex chat` is a terminal client, `apex usage` uploads and sums up
+//! usage, `apex user create` makes an account, `apex config show` prints the configuration,
+//! `apex loadgen` drives a server.
+//!
+//! Modules: `config` (the layered configuration: defaults < `apex.toml` < `APEX_*`
+//! variables < flags), `account` (signing in), `chat` and `live` (the terminal client and
+//! its live view), `usage`, `user`.
 
 mod account;
 mod chat;
