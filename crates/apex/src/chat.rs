@@ -3,8 +3,10 @@
 //! Registers or logs in over REST, opens the WebSocket with the access token in the
 //! `Authorization` header (never in the URL), then sends each line you type as a
 //! `user_message` and prints every agent step as it arrives, with the answer streaming in.
+//! On a terminal that is the live view of `crate::live` (a spinner line per running agent);
+//! otherwise (a pipe, a file, a test) one plain line per step.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 
 use anyhow::{bail, Context as _};
 use apex_protocol::events::{AgentEvent, EventKind, SUPERVISOR};
@@ -16,6 +18,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::account::AccountArgs;
+use crate::live::LiveView;
 
 #[derive(clap::Args)]
 pub struct ChatArgs {
@@ -24,6 +27,52 @@ pub struct ChatArgs {
     /// Ask this one question, print the run, and exit (non-interactive).
     #[arg(long)]
     message: Option<String>,
+}
+
+/// How events are shown: the live view on a terminal, plain lines otherwise.
+enum View {
+    Live(LiveView<std::io::Stdout>),
+    Plain,
+}
+
+impl View {
+    fn for_stdout() -> View {
+        if std::io::stdout().is_terminal() {
+            let color = std::env::var_os("NO_COLOR").is_none();
+            View::Live(LiveView::new(
+                std::io::stdout(),
+                crate::live::terminal_width(),
+                color,
+            ))
+        } else {
+            View::Plain
+        }
+    }
+
+    /// Shows one event; true for the run's terminal event.
+    fn event(&mut self, event: &AgentEvent) -> bool {
+        match self {
+            View::Live(view) => view.event(event),
+            View::Plain => render(event),
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        match self {
+            View::Live(view) => view.line(line),
+            View::Plain => println!("{line}"),
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self, View::Live(view) if view.is_live())
+    }
+
+    fn tick(&mut self) {
+        if let View::Live(view) = self {
+            view.tick();
+        }
+    }
 }
 
 /// Prints one event as a line (or, for answer text, inline). Returns true for the terminal.
@@ -124,8 +173,12 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = !one_shot;
+    let mut view = View::for_stdout();
+    let mut spinner = tokio::time::interval(std::time::Duration::from_millis(100));
+    spinner.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            _ = spinner.tick(), if view.is_live() => view.tick(),
             line = lines.next_line(), if stdin_open => {
                 let Some(line) = line? else { stdin_open = false; continue };
                 match line.trim() {
@@ -145,7 +198,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 };
                 match ServerFrame::parse(&text)? {
                     ServerFrame::Event(event) => {
-                        let run_ended = render(&event);
+                        let run_ended = view.event(&event);
                         match (run_ended, one_shot, event.status()) {
                             (false, _, _) => {}
                             (true, true, Some("completed")) => return Ok(()),
@@ -155,7 +208,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     }
                     ServerFrame::Control(ControlFrame::ThreadCreated { thread_id: id, .. }) => thread_id = Some(id),
                     ServerFrame::Control(ControlFrame::ErrorMessage { error_code, error_message, .. }) => {
-                        println!("✖ {error_message} ({error_code})");
+                        view.line(&format!("✖ {error_message} ({error_code})"));
                         if one_shot { bail!("{error_message}") }
                         prompt();
                     }

@@ -1,9 +1,18 @@
 //! The `apex` binary: `apex serve` runs the server, `apex migrate` brings the database
-//! schema up to date, `apex chat` is a terminal client.
+//! schema up to date, `apex chat` is a terminal client, `apex usage` uploads and sums up
+//! usage, `apex user create` makes an account, `apex config show` prints the configuration,
+//! `apex loadgen` drives a server.
+//!
+//! Modules: `config` (the layered configuration: defaults < `apex.toml` < `APEX_*`
+//! variables < flags), `account` (signing in), `chat` and `live` (the terminal client and
+//! its live view), `usage`, `user`.
 
 mod account;
 mod chat;
+mod config;
+mod live;
 mod usage;
+mod user;
 
 /// mimalloc returns freed memory to the system far better than glibc's allocator under
 /// many short-lived allocations on several threads (each run loads and drops the user's
@@ -11,15 +20,25 @@ mod usage;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "apex", version, about = "Apex: a multi-user AI agent server")]
+#[command(
+    name = "apex",
+    version,
+    about = "Apex: a multi-user AI agent server",
+    after_help = "Every command has --help with examples. Configuration: built-in defaults < \
+apex.toml (--config FILE / APEX_CONFIG) < APEX_* variables < flags; `apex config show` prints it.
+
+Examples:
+    apex serve                                   # SQLite and the local model in ./data
+    apex config show --llm-provider template     # what serve would run with
+    APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
+    APEX_PASSWORD='a long password' apex chat --email ada@example.com"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,23 +49,53 @@ enum Command {
     /// Run the server: SQLite in the data folder by default, or PostgreSQL with --database-url.
     ///
     /// Example: apex serve --bind 127.0.0.1:8000 --data-dir ./data
-    Serve(Box<ServeArgs>),
+    #[command(verbatim_doc_comment)]
+    Serve(config::ServeFlags),
     /// Apply pending database migrations, then exit (`serve` also applies them at start).
     ///
     /// Example: apex migrate --database-url postgres://apex@db.internal/apex
-    Migrate(MigrateArgs),
+    #[command(verbatim_doc_comment)]
+    Migrate(config::DatabaseFlags),
     /// Talk to a server from the terminal: register or log in, ask, watch the agents work.
     ///
     /// Example: apex chat --register --email me@example.com
     ///          apex chat --email me@example.com --message "How can I reduce my LLM costs?"
+    #[command(verbatim_doc_comment)]
     Chat(chat::ChatArgs),
     /// Drive a running server with many simulated users and check isolation (loopback only).
     ///
     /// Example: apex loadgen --users 200 --connections 3 --runs 2 --chaos
+    #[command(verbatim_doc_comment)]
     Loadgen(LoadgenArgs),
     /// Upload your usage data or print your usage summary.
-    #[command(subcommand)]
+    ///
+    /// Example: APEX_PASSWORD=... apex usage import --email me@example.com usage.csv
+    ///          APEX_PASSWORD=... apex usage summary --email me@example.com --days 7
+    #[command(subcommand, verbatim_doc_comment)]
     Usage(usage::UsageCommand),
+    /// Administer accounts directly in the database.
+    ///
+    /// Example: APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
+    #[command(subcommand, verbatim_doc_comment)]
+    User(user::UserCommand),
+    /// Inspect the configuration `apex serve` would run with.
+    ///
+    /// Example: apex config show --config /etc/apex/apex.toml
+    #[command(subcommand, verbatim_doc_comment)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults < apex.toml < APEX_* variables < flags)
+    /// as TOML, each key with where its value came from; secrets are shown as "***".
+    ///
+    /// Takes the same options as `apex serve`.
+    ///
+    /// Example: apex config show
+    ///          APEX_LLM_THREADS=4 apex config show --config /etc/apex.toml --bind 0.0.0.0:8000
+    #[command(verbatim_doc_comment)]
+    Show(config::ServeFlags),
 }
 
 #[derive(clap::Args)]
@@ -127,146 +176,6 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the data lives: shared by `serve` and `migrate`.
-#[derive(clap::Args)]
-struct DatabaseArgs {
-    /// Folder for the SQLite database and the generated JWT secret.
-    #[arg(long, env = "APEX_DATA_DIR", default_value = "./data")]
-    data_dir: PathBuf,
-    /// Database URL: `postgres://user:password@host:5432/db` (or `postgresql://`) for
-    /// PostgreSQL, `sqlite://path`; default `sqlite://<data-dir>/apex.db`.
-    #[arg(long, env = "APEX_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-    /// Most database connections this instance holds open.
-    #[arg(long, env = "APEX_DATABASE_MAX_CONNECTIONS", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    database_max_connections: u32,
-    /// Seconds a query waits for a free database connection before failing.
-    #[arg(long, env = "APEX_DATABASE_ACQUIRE_TIMEOUT_SECS", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    database_acquire_timeout_secs: u64,
-}
-
-impl DatabaseArgs {
-    fn settings(&self) -> apex_server::settings::Settings {
-        let mut settings = apex_server::settings::Settings::embedded(&self.data_dir);
-        settings.database_url = self.database_url.clone();
-        settings.database_pool = apex_server::settings::DatabasePool {
-            max_connections: self.database_max_connections,
-            acquire_timeout: Duration::from_secs(self.database_acquire_timeout_secs),
-        };
-        settings
-    }
-}
-
-#[derive(clap::Args)]
-struct MigrateArgs {
-    #[command(flatten)]
-    database: DatabaseArgs,
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Address to listen on; port 0 picks a free port (printed on start).
-    #[arg(long, env = "APEX_BIND", default_value = "127.0.0.1:8000")]
-    bind: SocketAddr,
-    #[command(flatten)]
-    database: DatabaseArgs,
-    /// Do not give new accounts 30 days of demo usage data.
-    #[arg(long, env = "APEX_NO_DEMO_DATA")]
-    no_demo_data: bool,
-    /// Browser origin allowed to call the API and open the WebSocket (repeatable, or
-    /// comma-separated in the variable). None by default.
-    #[arg(
-        long = "cors-origin",
-        env = "APEX_CORS_ALLOWED_ORIGINS",
-        value_delimiter = ','
-    )]
-    cors_origins: Vec<String>,
-    /// A development deployment (reported by /auth/config; needed by --dev-login).
-    #[arg(long, env = "APEX_DEVELOPMENT_MODE")]
-    development_mode: bool,
-    /// Enable POST /auth/dev/login (log in or register in one call). Development only.
-    #[arg(long, env = "APEX_DEV_LOGIN", requires = "development_mode")]
-    dev_login: bool,
-    /// Runs one user may have executing at once.
-    #[arg(long, env = "APEX_MAX_RUNS_PER_USER", default_value_t = 3,
-          value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    max_runs_per_user: u64,
-    /// Run-starting messages per user per minute, after the burst.
-    #[arg(long, env = "APEX_MESSAGES_PER_MINUTE", default_value_t = 30,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    messages_per_minute: u32,
-    /// Run-starting messages a user may send at once before the per-minute rate applies.
-    #[arg(long, env = "APEX_MESSAGE_BURST", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    message_burst: u32,
-    /// Open WebSocket connections per user.
-    #[arg(long, env = "APEX_MAX_CONNECTIONS_PER_USER", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    max_connections_per_user: u64,
-    /// Delay between streamed answer chunks of the template writer, in milliseconds.
-    #[arg(long, env = "APEX_TEMPLATE_STREAM_DELAY_MS", default_value_t = 15)]
-    template_stream_delay_ms: u64,
-    /// Also serve `/metrics` on this separate address (it is always on the main one).
-    #[arg(long, env = "APEX_METRICS_BIND")]
-    metrics_bind: Option<SocketAddr>,
-    /// Log format: `human` or `json`.
-    #[arg(long, env = "APEX_LOG_FORMAT", default_value = "human")]
-    log_format: String,
-    /// Who writes the answers: `local` (the embedded model), `template` (no model) or
-    /// `openai` (any OpenAI-compatible server). The template writer stands in if it fails.
-    #[arg(long, env = "APEX_LLM_PROVIDER", default_value = "local")]
-    llm_provider: apex_server::settings::LlmProviderKind,
-    /// The local model's GGUF file [default: <data-dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf,
-    /// installed by scripts/fetch-model.sh].
-    #[arg(long, env = "APEX_MODEL_PATH")]
-    model_path: Option<PathBuf>,
-    /// Dedicated inference threads for the local model.
-    #[arg(long, env = "APEX_LLM_THREADS", default_value_t = 1)]
-    llm_threads: usize,
-    /// Sampling temperature of the local model; 0 is greedy (deterministic).
-    #[arg(long, env = "APEX_LLM_TEMPERATURE", default_value_t = 0.0)]
-    llm_temperature: f32,
-    /// Nucleus sampling mass of the local model when the temperature is above 0.
-    #[arg(long, env = "APEX_LLM_TOP_P", default_value_t = 1.0)]
-    llm_top_p: f32,
-    /// OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:11434/v1.
-    #[arg(
-        long,
-        env = "APEX_OPENAI_BASE_URL",
-        default_value = "https://api.openai.com/v1"
-    )]
-    openai_base_url: String,
-    /// Model name for the OpenAI-compatible provider.
-    #[arg(long, env = "APEX_OPENAI_MODEL", default_value = "gpt-4o-mini")]
-    openai_model: String,
-    /// Seconds to wait for the provider's response to start and between streamed chunks.
-    #[arg(long, env = "APEX_OPENAI_TIMEOUT_SECS", default_value_t = 60)]
-    openai_timeout_secs: u64,
-    /// Retries on 429/5xx/connection failures, with exponential backoff.
-    #[arg(long, env = "APEX_OPENAI_MAX_RETRIES", default_value_t = 3)]
-    openai_max_retries: u32,
-    /// Run as one of several instances: `redis://[:password@]host:6379[/db]` carries events
-    /// and stop requests between them (needs a shared PostgreSQL and a shared
-    /// APEX_JWT_SECRET). Unset: one instance, in-process events. Prefer the variable when
-    /// the URL has a password.
-    #[arg(long, env = "APEX_BUS_URL", hide_env_values = true)]
-    bus_url: Option<String>,
-    /// Prefix of the Redis channel names (deployments sharing one Redis need different ones).
-    #[arg(long, env = "APEX_BUS_CHANNEL_PREFIX", default_value = "apex")]
-    bus_channel_prefix: String,
-    /// With --bus-url: how often this instance records that it is alive, in milliseconds.
-    #[arg(long, env = "APEX_INSTANCE_HEARTBEAT_MS", default_value_t = 2000,
-          value_parser = clap::value_parser!(u64).range(50..=600_000))]
-    instance_heartbeat_ms: u64,
-    /// With --bus-url: an instance silent this long (ms) is taken as dead and its unfinished
-    /// runs are ended `interrupted` by the others. Keep it several heartbeats long.
-    #[arg(long, env = "APEX_INSTANCE_STALE_AFTER_MS", default_value_t = 15000,
-          value_parser = clap::value_parser!(u64).range(200..=3_600_000))]
-    instance_stale_after_ms: u64,
-}
-
 fn init_logging(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("APEX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
@@ -303,60 +212,13 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining");
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_format)?;
-    let mut settings = args.database.settings();
-    settings.demo_data = !args.no_demo_data;
-    settings.limits.max_concurrent_runs_per_user = args.max_runs_per_user as usize;
-    settings.limits.messages_per_minute = args.messages_per_minute;
-    settings.limits.message_burst = args.message_burst;
-    settings.limits.max_connections_per_user = args.max_connections_per_user as usize;
-    settings.cors_allowed_origins = args.cors_origins;
-    settings.development_mode = args.development_mode;
-    settings.dev_login = args.dev_login;
-    settings.template_stream_delay =
-        std::time::Duration::from_millis(args.template_stream_delay_ms);
-    settings.llm_provider = args.llm_provider;
-    settings.local_model.path = args.model_path;
-    settings.local_model.threads = args.llm_threads.max(1);
-    settings.local_model.temperature = args.llm_temperature;
-    settings.local_model.top_p = args.llm_top_p;
-    settings.openai.base_url = args.openai_base_url;
-    settings.openai.model = args.openai_model;
-    settings.openai.timeout = std::time::Duration::from_secs(args.openai_timeout_secs.max(1));
-    settings.openai.max_retries = args.openai_max_retries;
-    // Read from the environment only: a key on the command line would show in `ps`.
-    settings.openai.api_key = std::env::var("APEX_OPENAI_API_KEY")
-        .ok()
-        .filter(|k| !k.is_empty())
-        .map(apex_server::settings::Secret::new);
-    // The same reasoning: several instances must share this key, and it is never logged.
-    settings.jwt_secret = std::env::var("APEX_JWT_SECRET")
-        .ok()
-        .filter(|k| !k.is_empty())
-        .map(apex_server::settings::Secret::new);
-    if let Some(url) = args.bus_url.filter(|u| !u.trim().is_empty()) {
-        anyhow::ensure!(
-            url.starts_with("redis://"),
-            "--bus-url must be a redis:// URL (no TLS is built in; use a trusted network or a local TLS proxy)"
-        );
-        anyhow::ensure!(
-            apex_server::store::Backend::from_url(&settings.database_url())
-                == apex_server::store::Backend::Postgres,
-            "--bus-url needs a shared PostgreSQL database (--database-url postgres://...)"
-        );
-        anyhow::ensure!(
-            args.instance_stale_after_ms >= 2 * args.instance_heartbeat_ms,
-            "--instance-stale-after-ms must be at least twice --instance-heartbeat-ms"
-        );
-        settings.bus_url = Some(apex_server::settings::Secret::new(url));
-    }
-    settings.bus_channel_prefix = args.bus_channel_prefix;
-    settings.instance_heartbeat = Duration::from_millis(args.instance_heartbeat_ms);
-    settings.instance_stale_after = Duration::from_millis(args.instance_stale_after_ms);
-    let listener = tokio::net::TcpListener::bind(args.bind)
+async fn serve(flags: config::ServeFlags) -> anyhow::Result<()> {
+    let config = config::Resolved::serve(&flags)?.serve_config();
+    init_logging(&config.log_format)?;
+    let settings = config.settings;
+    let listener = tokio::net::TcpListener::bind(config.bind)
         .await
-        .with_context(|| format!("binding {}", args.bind))?;
+        .with_context(|| format!("binding {}", config.bind))?;
     let mut state = apex_server::build_state(settings).await?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -370,7 +232,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics.run_upkeep();
         }
     });
-    let metrics_listener = match args.metrics_bind {
+    let metrics_listener = match config.metrics_bind {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)
                 .await
@@ -394,10 +256,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     apex_server::serve(listener, state, shutdown_signal()).await
 }
 
-async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+async fn migrate(flags: config::DatabaseFlags) -> anyhow::Result<()> {
+    let settings = config::Resolved::database(&flags)?.database_settings();
     init_logging("human")?;
-    let settings = args.database.settings();
-    let backend = apex_server::store::Backend::from_url(&settings.database_url());
+    let backend = apex_server::store::Backend::from_url(settings.database_url().expose());
     let store = apex_server::open_store(&settings).await?;
     store.ping().await.context("checking the database")?;
     println!("{} database is up to date", backend.name());
@@ -425,11 +287,16 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(*args).await,
-            Command::Migrate(args) => migrate(args).await,
+            Command::Serve(flags) => serve(flags).await,
+            Command::Migrate(flags) => migrate(flags).await,
+            Command::Config(ConfigCommand::Show(flags)) => {
+                print!("{}", config::Resolved::serve(&flags)?.render());
+                Ok(())
+            }
             Command::Chat(args) => chat::run(args).await,
             Command::Loadgen(args) => loadgen(args).await,
             Command::Usage(command) => usage::run(command).await,
+            Command::User(command) => user::run(command).await,
         }
     });
     match result {

@@ -13,6 +13,7 @@ pub enum UsageCommand {
     /// prompt_tokens,completion_tokens,latency_ms[,status,cost_usd]).
     ///
     /// Example: APEX_PASSWORD=... apex usage import --email me@example.com usage.csv
+    #[command(verbatim_doc_comment)]
     Import {
         /// The CSV file.
         file: PathBuf,
@@ -22,6 +23,7 @@ pub enum UsageCommand {
     /// Print your spend, requests and latency over the last N days.
     ///
     /// Example: APEX_PASSWORD=... apex usage summary --email me@example.com --days 7
+    #[command(verbatim_doc_comment)]
     Summary {
         /// Window in days (1..=365).
         #[arg(long, default_value_t = 30)]

@@ -429,7 +429,36 @@ fn migrate_then_serve_and_chat_on_postgres() {
         );
     }
 
+    // An administrator creates an account in the same database.
+    let created = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["user", "create", "--email", "pg-admin@example.com"])
+        .args(["--data-dir", dir, "--database-url", &url])
+        .env("APEX_USER_PASSWORD", "an admin password")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+
     let server = start_server_with(data_dir.path(), &["--database-url", &url]);
+    let admin = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["chat", "--server", &server.address])
+        .args(["--email", "pg-admin@example.com", "--message", "hi"])
+        .env("APEX_PASSWORD", "an admin password")
+        .output()
+        .expect("run apex chat");
+    let admin_out = String::from_utf8_lossy(&admin.stdout);
+    assert!(
+        admin_out.contains(&format!(
+            "signed in as pg-admin@example.com ({})",
+            String::from_utf8_lossy(&created.stdout).trim()
+        )),
+        "{admin_out}{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
     assert!(
         !data_dir.path().join("apex.db").exists(),
         "no SQLite file when the data is in PostgreSQL"
@@ -548,4 +577,336 @@ fn serve_with_the_local_model_missing_fails_naming_the_fetch_script() {
         stderr.contains("scripts/fetch-model.sh") && stderr.contains("SmolLM2-135M-Instruct"),
         "the error names the model and the fetch script: {stderr}"
     );
+}
+
+/// Runs `apex` in `dir` with no `APEX_*` variable from the test's environment but `env`.
+fn apex_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("APEX_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .current_dir(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run apex")
+}
+
+#[test]
+fn config_show_layers_file_then_variables_then_flags_and_redacts_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = "file-jwt-secret-0123456789abcdefghijklmnop";
+    std::fs::write(
+        dir.path().join("apex.toml"),
+        format!(
+            "# the default file: ./apex.toml\n\
+             bind = \"127.0.0.1:7001\"\n\
+             llm_threads = 2\n\
+             openai_model = \"from-file\"\n\
+             database_url = \"postgres://apex:file-pw-123@db.internal:5432/apex\"\n\
+             cors_origin = [\"https://a.example\", \"https://b.example\"]\n\
+             jwt_secret = \"{jwt}\"\n"
+        ),
+    )
+    .unwrap();
+    let output = apex_in(
+        dir.path(),
+        &["config", "show", "--llm-threads", "4", "--no-demo-data"],
+        &[
+            ("APEX_LLM_THREADS", "3"),
+            ("APEX_OPENAI_MODEL", "from-env"),
+            ("APEX_OPENAI_API_KEY", "sk-env-key-456"),
+            ("APEX_BUS_CHANNEL_PREFIX", "blue"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "llm_threads = 4  # flag --llm-threads",
+        "no_demo_data = true  # flag --no-demo-data",
+        "openai_model = \"from-env\"  # env APEX_OPENAI_MODEL",
+        "bus_channel_prefix = \"blue\"  # env APEX_BUS_CHANNEL_PREFIX",
+        "bind = \"127.0.0.1:7001\"  # file ./apex.toml",
+        "cors_origin = [\"https://a.example\", \"https://b.example\"]  # file ./apex.toml",
+        "database_url = \"postgres://apex:***@db.internal:5432/apex\"  # file ./apex.toml",
+        "jwt_secret = \"***\"  # file ./apex.toml",
+        "openai_api_key = \"***\"  # env APEX_OPENAI_API_KEY",
+        "llm_provider = \"local\"  # default",
+        "data_dir = \"./data\"  # default",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stdout}"
+        );
+    }
+    for secret in ["file-pw-123", "sk-env-key-456", jwt] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+    }
+    // The output is TOML that reads back to the same values.
+    let table: toml::Table = toml::from_str(&stdout).expect("config show prints TOML");
+    assert_eq!(table["llm_threads"].as_integer(), Some(4));
+    assert_eq!(table["max_runs_per_user"].as_integer(), Some(3));
+
+    // APEX_CONFIG names another file; --config beats it.
+    std::fs::write(dir.path().join("other.toml"), "llm_threads = 7\n").unwrap();
+    std::fs::write(dir.path().join("third.toml"), "llm_threads = 8\n").unwrap();
+    let output = apex_in(
+        dir.path(),
+        &["config", "show"],
+        &[("APEX_CONFIG", "other.toml")],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("llm_threads = 7  # file other.toml"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("bind = \"127.0.0.1:8000\"  # default"),
+        "{stdout}"
+    );
+    let output = apex_in(
+        dir.path(),
+        &["config", "show", "--config", "third.toml"],
+        &[("APEX_CONFIG", "other.toml")],
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("llm_threads = 8  # file third.toml"));
+}
+
+#[test]
+fn config_errors_name_the_key_and_where_the_value_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let fails = |args: &[&str], env: &[(&str, &str)]| {
+        let output = apex_in(dir.path(), args, env);
+        assert!(!output.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    std::fs::write(dir.path().join("apex.toml"), "llm_threads = \"abc\"\n").unwrap();
+    let stderr = fails(&["config", "show"], &[]);
+    assert!(
+        stderr.contains("./apex.toml: llm_threads: expected a positive integer")
+            && stderr.contains("got \"abc\""),
+        "{stderr}"
+    );
+    // A later layer that sets the key wins, so the file's bad value is not read.
+    let output = apex_in(dir.path(), &["config", "show", "--llm-threads", "2"], &[]);
+    assert!(output.status.success());
+
+    std::fs::write(dir.path().join("apex.toml"), "llm_thread = 2\n").unwrap();
+    let stderr = fails(&["config", "show"], &[]);
+    assert!(
+        stderr.contains("unknown key \"llm_thread\" (did you mean \"llm_threads\"?)"),
+        "{stderr}"
+    );
+    // serve refuses it before doing anything else.
+    let stderr = fails(&["serve", "--bind", "127.0.0.1:0"], &[]);
+    assert!(stderr.contains("unknown key \"llm_thread\""), "{stderr}");
+    std::fs::remove_file(dir.path().join("apex.toml")).unwrap();
+
+    let stderr = fails(&["config", "show"], &[("APEX_MAX_RUNS_PER_USER", "0")]);
+    assert!(
+        stderr.contains("APEX_MAX_RUNS_PER_USER (environment): expected a positive integer"),
+        "{stderr}"
+    );
+    let stderr = fails(&["config", "show", "--llm-provider", "gpt"], &[]);
+    assert!(
+        stderr.contains("--llm-provider: expected one of local, template, openai, got \"gpt\""),
+        "{stderr}"
+    );
+    let stderr = fails(&["config", "show", "--config", "missing.toml"], &[]);
+    assert!(stderr.contains("missing.toml"), "{stderr}");
+    // A bad secret is named, never echoed.
+    let stderr = fails(
+        &["migrate"],
+        &[("APEX_DATABASE_URL", "mysql://apex:pw-789@db/apex")],
+    );
+    assert!(stderr.contains("APEX_DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("pw-789"), "{stderr}");
+    let stderr = fails(&["config", "show"], &[("APEX_JWT_SECRET", "too-short-jwt")]);
+    assert!(
+        stderr.contains("APEX_JWT_SECRET (environment): expected at least 32 characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("too-short-jwt"), "{stderr}");
+}
+
+/// Runs `apex user create` on `data_dir` with `stdin` as standard input.
+fn user_create(
+    data_dir: &std::path::Path,
+    email: &str,
+    password: Option<&str>,
+    stdin: &str,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
+    command
+        .args(["user", "create", "--email", email, "--data-dir"])
+        .arg(data_dir)
+        .env_remove("APEX_DATABASE_URL")
+        .env_remove("APEX_USER_PASSWORD")
+        .env_remove("APEX_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(password) = password {
+        command.env("APEX_USER_PASSWORD", password);
+    }
+    let mut child = command.spawn().expect("run apex user create");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn user_create_makes_an_account_that_logs_in_over_http() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let created = user_create(
+        data_dir.path(),
+        "Admin@Example.com",
+        Some("an admin password"),
+        "",
+    );
+    let stdout = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    assert!(
+        created.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    assert!(
+        uuid::Uuid::parse_str(&stdout).is_ok(),
+        "prints the user id: {stdout:?}"
+    );
+
+    // The same email again, in any case: a stable refusal.
+    let again = user_create(
+        data_dir.path(),
+        "admin@example.com",
+        Some("another password"),
+        "",
+    );
+    assert!(!again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "error: an account with this email already exists"
+    );
+    // Registration's rules, with registration's words.
+    let bad_email = user_create(data_dir.path(), "not-an-email", Some("long enough!"), "");
+    assert!(!bad_email.status.success());
+    assert!(String::from_utf8_lossy(&bad_email.stderr).contains("email must be a valid address"));
+    let short = user_create(data_dir.path(), "short@example.com", Some("short"), "");
+    assert!(!short.status.success());
+    assert!(
+        String::from_utf8_lossy(&short.stderr).contains("password must be 8 to 1024 characters")
+    );
+    // Without the variable, the password is the first line of a piped standard input.
+    let piped = user_create(
+        data_dir.path(),
+        "piped@example.com",
+        None,
+        "a piped password\n",
+    );
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    let none = user_create(data_dir.path(), "none@example.com", None, "");
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("APEX_USER_PASSWORD"));
+
+    // A server on the same data folder lets both accounts log in.
+    let server = start_server(data_dir.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for (email, password, id) in [
+            (
+                "admin@example.com",
+                "an admin password",
+                Some(stdout.as_str()),
+            ),
+            ("piped@example.com", "a piped password", None),
+        ] {
+            let response = http
+                .post(format!("{}/auth/login", server.address))
+                .json(&serde_json::json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{email} logs in");
+            let pair: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(pair["user"]["email"], email);
+            if let Some(id) = id {
+                assert_eq!(pair["user"]["id"], id);
+            }
+        }
+        let wrong = http
+            .post(format!("{}/auth/login", server.address))
+            .json(
+                &serde_json::json!({"email": "admin@example.com", "password": "another password"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401);
+    });
+}
+
+/// The subcommands listed under "Commands:" in a help text (without `help`).
+fn listed_subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| line.trim() != "Commands:")
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        // A name is indented by two; a wrapped description by more.
+        .filter(|line| !line[2..].starts_with(' '))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    let mut pending: Vec<Vec<String>> = vec![Vec::new()];
+    let mut seen = Vec::new();
+    while let Some(path) = pending.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let output = apex(&args);
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "apex {args:?}");
+        assert!(
+            help.contains("Example"),
+            "`apex {}` has no example:\n{help}",
+            args.join(" ")
+        );
+        for sub in listed_subcommands(&help) {
+            let mut child = path.clone();
+            child.push(sub);
+            pending.push(child);
+        }
+        seen.push(path.join(" "));
+    }
+    // The walk found the whole tree, nested commands included.
+    for command in [
+        "",
+        "serve",
+        "migrate",
+        "chat",
+        "loadgen",
+        "usage import",
+        "usage summary",
+        "user create",
+        "config show",
+    ] {
+        assert!(seen.iter().any(|s| s == command), "{command:?} in {seen:?}");
+    }
 }

@@ -112,8 +112,8 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data folder {}", settings.data_dir.display()))?;
     let url = settings.database_url();
-    let backend = Backend::from_url(&url);
-    store::open(&url, &settings.database_pool)
+    let backend = Backend::from_url(url.expose());
+    store::open(url.expose(), &settings.database_pool)
         .await
         .with_context(|| format!("opening the {} database", backend.name()))
 }

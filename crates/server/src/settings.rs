@@ -1,6 +1,7 @@
 //! Typed server settings and the `Secret` wrapper.
 //!
-//! One struct holds every knob; the CLI fills it from flags and `APEX_*` variables.
+//! One struct holds every knob; the `apex` binary fills it from its layered configuration
+//! (defaults, `apex.toml`, `APEX_*` variables, flags).
 //! Defaults are the embedded mode: SQLite in the data folder, in-process events (Redis
 //! with `bus_url`, for several instances),
 //! the embedded local model (falling back to the deterministic template writer), demo usage
@@ -175,8 +176,9 @@ pub struct Settings {
     /// Folder for the SQLite database and the generated JWT secret.
     pub data_dir: PathBuf,
     /// `sqlite://...` or `postgres://...` (also `postgresql://`); defaults to
-    /// `sqlite://<data_dir>/apex.db`. A PostgreSQL URL may carry a password: never log it.
-    pub database_url: Option<String>,
+    /// `sqlite://<data_dir>/apex.db`. A PostgreSQL URL may carry a password, so it stays
+    /// wrapped: never log it.
+    pub database_url: Option<Secret>,
     /// Connection pool of the database, whichever the engine.
     pub database_pool: DatabasePool,
     /// HS256 signing key; generated into `<data_dir>/jwt_secret` on first start if unset.
@@ -272,10 +274,15 @@ impl Settings {
         }
     }
 
-    pub fn database_url(&self) -> String {
+    /// The database URL in effect (the explicit one, else the SQLite file in the data
+    /// folder). It may carry a password: expose it only to open the connection.
+    pub fn database_url(&self) -> Secret {
         match &self.database_url {
             Some(url) => url.clone(),
-            None => format!("sqlite://{}", self.data_dir.join("apex.db").display()),
+            None => Secret::new(format!(
+                "sqlite://{}",
+                self.data_dir.join("apex.db").display()
+            )),
         }
     }
 }

@@ -11,7 +11,7 @@ mod tokens;
 
 pub use extract::{bearer_token, AuthUser};
 pub use password::PasswordHasher;
-pub use service::{AuthError, Authenticator};
+pub use service::{create_account, validate_new_account, AuthError, Authenticator};
 
 use crate::ids::UserId;
 

@@ -84,6 +84,61 @@ fn random_token_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Checks a new account's fields by the registration rules: a valid email (returned
+/// normalized: trimmed, lower case), a password of 8 to 1024 characters, an optional name
+/// (returned trimmed, `None` if blank) of at most 200 characters.
+pub fn validate_new_account(
+    email: &str,
+    password: &str,
+    name: Option<&str>,
+) -> Result<(String, Option<String>), AuthError> {
+    let email = normalize_email(email)?;
+    if !(8..=1024).contains(&password.chars().count()) {
+        return Err(AuthError::Validation(
+            "password must be 8 to 1024 characters".into(),
+        ));
+    }
+    let name = name.map(str::trim).filter(|n| !n.is_empty());
+    if name.is_some_and(|n| n.chars().count() > 200) {
+        return Err(AuthError::Validation(
+            "name must be at most 200 characters".into(),
+        ));
+    }
+    // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
+    if name.is_some_and(|n| n.contains('\0')) {
+        return Err(AuthError::Validation(
+            "name must not contain NUL characters".into(),
+        ));
+    }
+    Ok((email, name.map(str::to_string)))
+}
+
+/// Creates an account after [`validate_new_account`]: hashes the password and stores the
+/// user. An email that has an account already is [`AuthError::EmailTaken`]. Registration
+/// and `apex user create` both come here; neither issues tokens nor adds demo data.
+pub async fn create_account(
+    store: &dyn Store,
+    hasher: &PasswordHasher,
+    email: &str,
+    password: &str,
+    name: Option<&str>,
+) -> Result<UserRecord, AuthError> {
+    let (email, name) = validate_new_account(email, password, name)?;
+    let password_hash = hasher.hash(password.to_string()).await?;
+    let user = UserRecord {
+        id: UserId::generate(),
+        email,
+        name,
+        password_hash,
+        created_at_ms: now_ms(),
+    };
+    match store.create_user(&user).await {
+        Ok(()) => Ok(user),
+        Err(StoreError::Conflict) => Err(AuthError::EmailTaken),
+        Err(err) => Err(err.into()),
+    }
+}
+
 impl Authenticator {
     pub fn new(
         store: Arc<dyn Store>,
@@ -110,37 +165,7 @@ impl Authenticator {
         password: &str,
         name: Option<&str>,
     ) -> Result<(TokenPair, AuthenticatedUser), AuthError> {
-        let email = normalize_email(email)?;
-        if !(8..=1024).contains(&password.chars().count()) {
-            return Err(AuthError::Validation(
-                "password must be 8 to 1024 characters".into(),
-            ));
-        }
-        let name = name.map(str::trim).filter(|n| !n.is_empty());
-        if name.is_some_and(|n| n.chars().count() > 200) {
-            return Err(AuthError::Validation(
-                "name must be at most 200 characters".into(),
-            ));
-        }
-        // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
-        if name.is_some_and(|n| n.contains('\0')) {
-            return Err(AuthError::Validation(
-                "name must not contain NUL characters".into(),
-            ));
-        }
-        let password_hash = self.hasher.hash(password.to_string()).await?;
-        let user = UserRecord {
-            id: UserId::generate(),
-            email,
-            name: name.map(str::to_string),
-            password_hash,
-            created_at_ms: now_ms(),
-        };
-        match self.store.create_user(&user).await {
-            Ok(()) => {}
-            Err(StoreError::Conflict) => return Err(AuthError::EmailTaken),
-            Err(err) => return Err(err.into()),
-        }
+        let user = create_account(self.store.as_ref(), &self.hasher, email, password, name).await?;
         let pair = self.issue_pair(&user).await?;
         Ok((pair, AuthenticatedUser::from_ticket(user.id)))
     }

@@ -61,7 +61,10 @@ impl TestDatabase {
     /// Test settings on this database: light password hashing, fast streaming.
     pub fn settings(&self) -> Settings {
         let mut settings = Settings::embedded(self.data_dir.path());
-        settings.database_url = self.database_url.clone();
+        settings.database_url = self
+            .database_url
+            .clone()
+            .map(apex_server::settings::Secret::new);
         settings.password_hashing = PasswordHashing::Light;
         settings.template_stream_delay = Duration::from_millis(1);
         // The fast deterministic writer; tests of the model providers opt in (tests/llm).
