@@ -87,7 +87,7 @@ pub struct LoadReport {
     pub cross_user_frames: usize,
     /// Seq gaps on a run's followed stream (including after resume).
     pub lost_events: usize,
-    /// Events a connection received twice (or out of order).
+    /// Events a connection received twice.
     pub duplicate_events: usize,
     /// Completed answers whose spend total differs from the user's own summary.
     pub wrong_numbers: usize,

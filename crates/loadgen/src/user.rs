@@ -130,8 +130,8 @@ struct Session<'a> {
     rx: mpsc::UnboundedReceiver<Frame>,
     sinks: HashMap<usize, Sink>,
     next_conn: usize,
-    /// (connection, run) → highest seq received.
-    seen: HashMap<(usize, String), u64>,
+    /// (connection, run) → the seqs received, to count any received twice.
+    seen: HashMap<(usize, String), HashSet<u64>>,
     terminals: HashSet<(usize, String)>,
     /// (run, thread) of every event received, checked against the user's own at the end.
     event_ids: Vec<(String, String)>,
@@ -224,11 +224,16 @@ impl Session<'_> {
         let run = v["run_id"].as_str().unwrap_or_default().to_string();
         let thread = v["thread_id"].as_str().unwrap_or_default().to_string();
         let seq = v["seq"].as_u64().unwrap_or(0);
-        let last = self.seen.entry((frame.conn, run.clone())).or_insert(0);
-        if seq <= *last {
+        // Exactly once per connection. Not "in order": right at a resume point a live event
+        // may overtake the replay (docs/protocol.md, 5.6); the per-run follower checks that
+        // nothing is missing.
+        if !self
+            .seen
+            .entry((frame.conn, run.clone()))
+            .or_default()
+            .insert(seq)
+        {
             self.out.duplicate_events += 1;
-        } else {
-            *last = seq;
         }
         if let Some(sent) = v["timestamp"]
             .as_str()

@@ -78,7 +78,17 @@ impl LocalProvider {
         request: LlmRequest,
         cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<Output>, LlmError> {
+        Ok(self.submit_counted(request, cancel).await?.0)
+    }
+
+    /// Queues the request; also returns the prompt's length in tokens.
+    async fn submit_counted(
+        &self,
+        request: LlmRequest,
+        cancel: CancellationToken,
+    ) -> Result<(mpsc::UnboundedReceiver<Output>, u64), LlmError> {
         let prompt = encode_chat(&self.model().tokenizer, &request.messages);
+        let prompt_tokens = prompt.len() as u64;
         let (output, receiver) = mpsc::unbounded_channel();
         let seed = self
             .options
@@ -100,7 +110,7 @@ impl LocalProvider {
                 output,
             })
             .await?;
-        Ok(receiver)
+        Ok((receiver, prompt_tokens))
     }
 }
 
@@ -120,23 +130,39 @@ impl LlmProvider for LocalProvider {
         cancel: CancellationToken,
     ) -> Result<TextStream, LlmError> {
         let meter = request.tokens.clone();
-        let receiver = self.submit(request, cancel).await?;
-        let stream = futures_util::stream::unfold(receiver, move |mut receiver| {
-            let meter = meter.clone();
-            async move {
-                match receiver.recv().await? {
-                    Output::Text(text) => Some((Ok(text), receiver)),
-                    Output::Done(stats) => {
-                        meter.add(TokenUsage {
-                            prompt_tokens: u64::from(stats.prompt_tokens),
-                            completion_tokens: u64::from(stats.completion_tokens),
-                        });
-                        None
-                    }
-                    Output::Failed(err) => Some((Err(err), receiver)),
-                }
-            }
+        let (receiver, prompt_tokens) = self.submit_counted(request, cancel).await?;
+        // Counted as it goes, so a reader that stops early (a rejected answer, a
+        // cancelled run) still gets what was really spent: the whole prompt, and one token
+        // per text piece (the engine emits one per generated token, or fewer when it holds
+        // bytes of an incomplete character back). `Done` settles the exact count.
+        meter.add(TokenUsage {
+            prompt_tokens,
+            completion_tokens: 0,
         });
+        let stream =
+            futures_util::stream::unfold((receiver, 0u64), move |(mut receiver, counted)| {
+                let meter = meter.clone();
+                async move {
+                    match receiver.recv().await? {
+                        Output::Text(text) => {
+                            meter.add(TokenUsage {
+                                prompt_tokens: 0,
+                                completion_tokens: 1,
+                            });
+                            Some((Ok(text), (receiver, counted + 1)))
+                        }
+                        Output::Done(stats) => {
+                            let exact = u64::from(stats.completion_tokens);
+                            meter.add(TokenUsage {
+                                prompt_tokens: 0,
+                                completion_tokens: exact.saturating_sub(counted),
+                            });
+                            None
+                        }
+                        Output::Failed(err) => Some((Err(err), (receiver, counted))),
+                    }
+                }
+            });
         Ok(Box::pin(stream))
     }
 }
