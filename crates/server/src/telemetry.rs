@@ -25,6 +25,8 @@ pub const AGENT_DURATION: &str = "apex_agent_duration_seconds";
 pub const EVENTS_EMITTED: &str = "apex_events_emitted_total";
 pub const EVENT_DELIVERY: &str = "apex_event_delivery_latency_seconds";
 pub const LLM_TOKENS: &str = "apex_llm_tokens_total";
+pub const LLM_QUEUE: &str = "apex_llm_queue_depth";
+pub const LLM_ACTIVE: &str = "apex_llm_active_requests";
 pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
 pub const LIMIT_REJECTIONS: &str = "apex_limit_rejections_total";
 
@@ -62,6 +64,14 @@ pub fn describe() {
     metrics::describe_counter!(
         LLM_TOKENS,
         "LLM tokens by provider and kind (prompt, completion)"
+    );
+    metrics::describe_gauge!(
+        LLM_QUEUE,
+        "Local model requests waiting for an inference thread"
+    );
+    metrics::describe_gauge!(
+        LLM_ACTIVE,
+        "Local model requests being generated (prompt or decode)"
     );
     metrics::describe_histogram!(
         LLM_LATENCY,

@@ -111,10 +111,16 @@ impl Engine {
     /// Queues a request, waiting while the queue is full.
     pub async fn submit(&self, job: Job) -> Result<(), LlmError> {
         let cancel = job.cancel.clone();
-        tokio::select! {
+        let queued = metrics::gauge!(crate::telemetry::LLM_QUEUE);
+        queued.increment(1.0);
+        let sent = tokio::select! {
             _ = cancel.cancelled() => Err(LlmError::Cancelled),
             sent = self.queue.send(job) => sent.map_err(|_| LlmError::Provider("the local model stopped".into())),
+        };
+        if sent.is_err() {
+            queued.decrement(1.0);
         }
+        sent
     }
 }
 
@@ -177,6 +183,7 @@ impl Worker {
                     Step::Continue => index += 1,
                     Step::Finished => {
                         self.active.swap_remove(index);
+                        metrics::gauge!(crate::telemetry::LLM_ACTIVE).decrement(1.0);
                     }
                 }
             }
@@ -184,6 +191,7 @@ impl Worker {
     }
 
     fn admit(&mut self, job: Job) {
+        metrics::gauge!(crate::telemetry::LLM_QUEUE).decrement(1.0);
         let limit = self.model.context_length;
         if job.prompt.is_empty() || job.prompt.len() >= limit {
             let _ = job.output.send(Output::Failed(LlmError::Provider(format!(
@@ -193,6 +201,7 @@ impl Worker {
             ))));
             return;
         }
+        metrics::gauge!(crate::telemetry::LLM_ACTIVE).increment(1.0);
         self.active.push(Active {
             sequence: self.model.sequence(),
             sampler: Sampler::new(job.sampling, job.seed),
