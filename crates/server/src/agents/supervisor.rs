@@ -61,7 +61,10 @@ async fn run_agent(
             },
         )
         .await?;
-    let outcome = match tokio::time::timeout(cx.ctx.agent_timeout(), agent.run(cx, state)).await {
+    // Inside the run's span (run and request ids), so an agent's log lines say which agent.
+    let span = tracing::info_span!("agent", agent = name);
+    let work = tracing::Instrument::instrument(agent.run(cx, state), span);
+    let outcome = match tokio::time::timeout(cx.ctx.agent_timeout(), work).await {
         Ok(outcome) => outcome,
         Err(_) => Err(AgentError::TimedOut(name)),
     };

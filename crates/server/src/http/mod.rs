@@ -95,9 +95,11 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::Extension(openapi::OpenApiJson::new(&document)))
         .layer(cors_layer(&state.settings.cors_allowed_origins))
         .layer(
-            // Spans carry the path only: a query string may hold a ticket.
+            // Spans carry the path only: a query string may hold a ticket. The request id
+            // ties a request's log lines together.
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+                let request_id = uuid::Uuid::new_v4().simple().to_string();
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), %request_id)
             }),
         )
         .with_state(state)
