@@ -11,6 +11,8 @@ Suites (all by default):
   latency  Apex event delivery latency (server timestamp -> client receipt) at 1, 100 and
            1,000 connected users with runs going.
   memory   Apex RSS per idle authenticated WebSocket at 1,000 and 10,000 connections.
+  cluster  The same load against 1 and 3 Apex instances sharing PostgreSQL and Redis
+           (--postgres, --redis; default the test services' URLs).
 
 Usage:
   python3 bench/side_by_side.py                       # everything (~15 min)
@@ -107,9 +109,10 @@ class PeakSampler(threading.Thread):
 
 
 class ApexServer:
-    """A fresh `apex serve` on an empty data folder, limits raised for load."""
+    """A fresh `apex serve` on an empty data folder, limits raised for load. `env` adds
+    variables, e.g. a PostgreSQL database and a Redis bus for several instances."""
 
-    def __init__(self, apex, port):
+    def __init__(self, apex, port, env=None):
         self.data = tempfile.mkdtemp(prefix="apex-bench-")
         args = [
             str(apex), "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", self.data,
@@ -117,7 +120,7 @@ class ApexServer:
             "--max-runs-per-user", "1000", "--messages-per-minute", "100000000",
             "--message-burst", "100000000", "--max-connections-per-user", "100000",
         ]
-        env = dict(os.environ, APEX_LOG="warn")
+        env = dict(os.environ, APEX_LOG="warn", **(env or {}))
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("listening on "):
@@ -273,12 +276,59 @@ def memory_points(apex, levels, port):
     return points
 
 
+def psql(url, sql):
+    subprocess.run(["psql", url, "-qAt", "-c", sql], check=True, capture_output=True)
+
+
+def cluster_points(apex, counts, users, duration, port, pg_url, redis_url):
+    """The same load against 1 and N instances sharing one PostgreSQL and one Redis:
+    users' connections spread over the instances, each run followed wherever it executes."""
+    points = []
+    for count in counts:
+        schema = f"apex_bench_{int(time.time())}_{count}"
+        psql(pg_url, f'CREATE SCHEMA "{schema}"')
+        separator = "&" if "?" in pg_url else "?"
+        env = {
+            "APEX_DATABASE_URL": f"{pg_url}{separator}options[search_path]={schema}",
+            "APEX_BUS_URL": redis_url,
+            "APEX_BUS_CHANNEL_PREFIX": schema,
+            "APEX_JWT_SECRET": "bench-secret-0123456789abcdef0123456789",
+        }
+        subprocess.run([str(apex), "migrate"], env=dict(os.environ, **env), check=True,
+                       capture_output=True)
+        servers = []
+        try:
+            for i in range(count):
+                servers.append(ApexServer(apex, port + i, env))
+            time.sleep(2)
+            cpu_start = sum(cpu_seconds(s.proc.pid) for s in servers)
+            extra = [a for s in servers[1:] for a in ("--also-server", s.url)]
+            out = loadgen(apex, servers[0].url, users, duration, extra)
+            cpu = sum(cpu_seconds(s.proc.pid) for s in servers) - cpu_start
+            report = json.loads(out.stdout.strip().splitlines()[-1])
+            runs = report["runs_completed"] + report["runs_cancelled"] + report["runs_other"]
+            points.append({
+                "instances": count, "users": users, "runs_per_s": report["runs_per_s"],
+                "first_event_ms": report["time_to_first_event_ms"],
+                "event_latency_ms": report["event_latency_ms"],
+                "errors": report["errors"] + report["runs_other"],
+                "isolation_violations": report["cross_user_frames"] + report["lost_events"]
+                + report["duplicate_events"] + report["wrong_numbers"],
+                "cpu_s_per_run": round(cpu / max(runs, 1), 5), "runs": runs,
+            })
+        finally:
+            for server in servers:
+                server.close()
+            psql(pg_url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return points
+
+
 def pct(d, key):
     value = d.get(key)
     return "-" if value is None else f"{value:g}"
 
 
-def render(machine, runs, latency, memory, duration):
+def render(machine, runs, latency, memory, duration, cluster=()):
     lines = [f"# Side-by-side benchmark, {machine['when']}", "",
              f"Machine: {machine['cpus']} CPUs, {machine['cpu']}; load average before: "
              f"{machine['load']}. Loopback only; {duration} s per point, a fresh server each.",
@@ -312,6 +362,17 @@ def render(machine, runs, latency, memory, duration):
             l = p["event_latency_ms"]
             lines.append(f"| {p['users']} | {p['events']} | {l['p50']} | {l['p99']} | {l['p999']} | {l['max']} |")
         lines.append("")
+    if cluster:
+        lines += ["## One instance against several (PostgreSQL + Redis, the same load)", "",
+                  "| instances | users | runs/s | first event p50 / p99 ms | event latency p50 / p99 ms "
+                  "| errors | isolation violations | CPU-s per run (all instances) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for p in cluster:
+            f, l = p["first_event_ms"], p["event_latency_ms"]
+            lines.append(f"| {p['instances']} | {p['users']} | {p['runs_per_s']:.1f} | {f['p50']} / "
+                         f"{f['p99']} | {l['p50']} / {l['p99']} | {p['errors']} | "
+                         f"{p['isolation_violations']} | {p['cpu_s_per_run']:.4f} |")
+        lines.append("")
     if memory:
         lines += ["## Memory per idle authenticated WebSocket", "",
                   "| connections | opened | RSS before / after MB | KiB per connection |",
@@ -325,13 +386,19 @@ def render(machine, runs, latency, memory, duration):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="runs,latency,memory")
+    parser.add_argument("--suites", default="runs,latency,memory,cluster")
     parser.add_argument("--users", default="1,10,50,200")
     parser.add_argument("--latency-users", default="1,100,1000")
     parser.add_argument("--memory-connections", default="1000,10000")
     parser.add_argument("--duration", type=int, default=20, help="seconds per point")
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=18321)
+    parser.add_argument("--cluster-instances", default="1,3")
+    parser.add_argument("--cluster-users", type=int, default=50)
+    parser.add_argument("--postgres", default=os.environ.get(
+        "APEX_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--redis", default=os.environ.get(
+        "APEX_TEST_REDIS_URL", "redis://127.0.0.1:6379"))
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--peer-dir", type=pathlib.Path, default=PEER_DIR_DEFAULT)
     parser.add_argument("--apex", type=pathlib.Path, help="use this apex binary (no build)")
@@ -348,7 +415,7 @@ def main():
         "load": " ".join(open("/proc/loadavg").read().split()[:3]),
     }
     users = [int(u) for u in args.users.split(",")]
-    runs, latency, memory = [], [], []
+    runs, latency, memory, cluster = [], [], [], []
     if "runs" in suites:
         for n in users:
             log(f"apex, {n} users ...")
@@ -362,14 +429,19 @@ def main():
     if "memory" in suites:
         log("idle connection memory ...")
         memory = memory_points(apex, [int(c) for c in args.memory_connections.split(",")], args.port)
-    report = render(machine, runs, latency, memory, args.duration)
+    if "cluster" in suites:
+        log("one instance against several ...")
+        cluster = cluster_points(apex, [int(c) for c in args.cluster_instances.split(",")],
+                                 args.cluster_users, args.duration, args.port,
+                                 args.postgres, args.redis)
+    report = render(machine, runs, latency, memory, args.duration, cluster)
     print(report)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out / f"{stamp}.md").write_text(report + "\n")
     with open(out / f"{stamp}.jsonl", "w") as f:
-        for p in runs + latency + memory:
+        for p in runs + latency + memory + cluster:
             f.write(json.dumps({"machine": machine, **p}) + "\n")
     log(f"wrote bench/results/{stamp}.md")
 
