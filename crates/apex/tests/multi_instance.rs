@@ -841,3 +841,46 @@ fn rand_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
 }
+
+/// The message rate (default: a burst of 10, then 30 a minute) is one budget per user for
+/// the whole deployment: alternating between two instances does not double it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_rate_limit_holds_across_instances() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    // Slow streaming: the first runs are still going while the next ones are asked for.
+    let instances = [cluster.start(100).await, cluster.start(100).await];
+    let alice = instances[0].register("alice").await;
+    let mut codes = Vec::new();
+    for attempt in 0..14 {
+        let instance = &instances[attempt % 2];
+        let (_, thread) = instance
+            .post("/api/threads", Some(&alice.token), json!({"title": "t"}))
+            .await;
+        let (status, body) = instance
+            .post(
+                &format!("/api/threads/{}/runs", thread["id"].as_str().unwrap()),
+                Some(&alice.token),
+                json!({"message": "How can I reduce my LLM costs?"}),
+            )
+            .await;
+        codes.push(match status {
+            202 => "accepted".to_string(),
+            _ => body["error"]["code"].as_str().unwrap_or("?").to_string(),
+        });
+    }
+    // Every message takes a token, also one refused for too many runs at once. Per
+    // instance, each would have had 10 of the 14; together they have 10 (plus whatever
+    // refilled at one token per 2 s while the test ran).
+    let limited = codes.iter().position(|c| c == "rate_limited");
+    assert!(
+        matches!(limited, Some(at) if (10..=12).contains(&at)),
+        "the 11th to 13th message overall is refused: {codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| *c == "accepted").count(),
+        3,
+        "{codes:?}"
+    );
+}

@@ -155,6 +155,14 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
             );
         }
     }
+    // With several instances, rate limits live in the same Redis as the bus.
+    let shared_buckets = match &settings.bus_url {
+        Some(url) => Some(limits::shared::SharedBuckets::new(
+            redis::Client::open(url.expose()).context("the bus URL")?,
+            &settings.bus_channel_prefix,
+        )),
+        None => None,
+    };
     let secret = load_jwt_secret(&settings)?;
     let llm = llm::build_provider(&settings).await?;
     let auth = Authenticator::new(
@@ -179,7 +187,10 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         infra: Arc::new(infra),
         auth: Arc::new(auth),
         runs: active_runs,
-        limits: Arc::new(limits::Limits::new(settings.limits.clone())),
+        limits: Arc::new(limits::Limits::with_shared(
+            settings.limits.clone(),
+            shared_buckets,
+        )),
         metrics: None,
         settings: Arc::new(settings),
     })

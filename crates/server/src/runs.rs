@@ -231,10 +231,14 @@ pub async fn start_run(
     if store.get_thread(thread).await?.is_none() {
         return Err(StartRunError::ThreadNotFound);
     }
-    state.limits.check_message(user.user_id()).map_err(|wait| {
-        crate::telemetry::limit_rejected("rate_limited");
-        StartRunError::RateLimited(wait)
-    })?;
+    state
+        .limits
+        .check_message(user.user_id())
+        .await
+        .map_err(|wait| {
+            crate::telemetry::limit_rejected("rate_limited");
+            StartRunError::RateLimited(wait)
+        })?;
 
     let run_id = RunId::generate();
     let ctx = UserExecutionContext::new(

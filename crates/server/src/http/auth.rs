@@ -109,6 +109,7 @@ pub async fn login(
     state
         .limits
         .check_login(&body.email, address)
+        .await
         .map_err(|retry_after| {
             crate::telemetry::limit_rejected("login_throttled");
             ApiError::Limited {

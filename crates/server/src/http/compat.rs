@@ -174,6 +174,7 @@ pub async fn dev_login(
     state
         .limits
         .check_login(&body.email, address)
+        .await
         .map_err(|retry_after| ApiError::Limited {
             code: codes::RATE_LIMITED,
             message: "too many login attempts; try again later".into(),

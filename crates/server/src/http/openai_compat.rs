@@ -407,14 +407,18 @@ async fn direct(
         }
     }
     // A direct request is a message like any other: the same per-user rate limit.
-    state.limits.check_message(user.user_id()).map_err(|wait| {
-        crate::telemetry::limit_rejected("rate_limited");
-        ApiError::Limited {
-            code: codes::RATE_LIMITED,
-            message: "too many messages; slow down".into(),
-            retry_after: wait,
-        }
-    })?;
+    state
+        .limits
+        .check_message(user.user_id())
+        .await
+        .map_err(|wait| {
+            crate::telemetry::limit_rejected("rate_limited");
+            ApiError::Limited {
+                code: codes::RATE_LIMITED,
+                message: "too many messages; slow down".into(),
+                retry_after: wait,
+            }
+        })?;
     let mut request = LlmRequest::new(messages, Value::Null, max_tokens);
     request.temperature = body.temperature;
     let tokens = request.tokens.clone();

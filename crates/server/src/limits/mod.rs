@@ -6,6 +6,12 @@
 //! a user's connections and requests, because the key is the authenticated user id, not
 //! the connection. (Concurrent-run and busy-thread limits live with the running runs, in
 //! `runs::ActiveRuns`, where the check and the reservation happen under one lock.)
+//!
+//! With several instances (a Redis bus configured), the rate limits are kept in Redis by
+//! [`shared`], so they hold across instances; the in-process buckets then only stand in
+//! while Redis does not answer. Connection caps stay per instance.
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -89,6 +95,8 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
 /// All limiters of one server.
 pub struct Limits {
     pub settings: LimitSettings,
+    /// The deployment-wide buckets, with several instances.
+    shared: Option<shared::SharedBuckets>,
     messages: RateLimiter<UserId>,
     login_by_account: RateLimiter<String>,
     login_by_address: RateLimiter<std::net::IpAddr>,
@@ -97,13 +105,20 @@ pub struct Limits {
 }
 
 const LOGIN_WINDOW: Duration = Duration::from_secs(300);
+const MESSAGE_WINDOW: Duration = Duration::from_secs(60);
 
 impl Limits {
     pub fn new(settings: LimitSettings) -> Self {
+        Self::with_shared(settings, None)
+    }
+
+    /// Limits whose rate buckets live in `shared` (Redis) when given.
+    pub fn with_shared(settings: LimitSettings, shared: Option<shared::SharedBuckets>) -> Self {
         Self {
+            shared,
             messages: RateLimiter::new(
                 settings.message_burst,
-                Duration::from_secs(60),
+                MESSAGE_WINDOW,
                 settings.messages_per_minute,
             ),
             login_by_account: RateLimiter::new(
@@ -122,21 +137,72 @@ impl Limits {
     }
 
     /// A run-starting message from `user`; `Err(retry_after)` when over the rate.
-    pub fn check_message(&self, user: UserId) -> Result<(), Duration> {
-        self.messages.check(&user)
+    pub async fn check_message(&self, user: UserId) -> Result<(), Duration> {
+        let (burst, count) = (
+            self.settings.message_burst,
+            self.settings.messages_per_minute,
+        );
+        self.take(
+            &self.messages,
+            "messages",
+            &user,
+            burst,
+            MESSAGE_WINDOW,
+            count,
+        )
+        .await
     }
 
     /// A login attempt for `email` from `address`.
-    pub fn check_login(
+    pub async fn check_login(
         &self,
         email: &str,
         address: Option<std::net::IpAddr>,
     ) -> Result<(), Duration> {
         if let Some(address) = address {
-            self.login_by_address.check(&address)?;
+            let count = self.settings.login_attempts_per_address;
+            self.take(
+                &self.login_by_address,
+                "login-address",
+                &address,
+                count,
+                LOGIN_WINDOW,
+                count,
+            )
+            .await?;
         }
-        self.login_by_account
-            .check(&email.trim().to_ascii_lowercase())
+        let count = self.settings.login_attempts_per_account;
+        let account = email.trim().to_ascii_lowercase();
+        self.take(
+            &self.login_by_account,
+            "login-account",
+            &account,
+            count,
+            LOGIN_WINDOW,
+            count,
+        )
+        .await
+    }
+
+    /// One token from the deployment-wide bucket, or from the local one when there is
+    /// none (one instance) or Redis does not answer.
+    async fn take<K: Eq + Hash + Clone + std::fmt::Display>(
+        &self,
+        local: &RateLimiter<K>,
+        name: &str,
+        key: &K,
+        burst: u32,
+        per: Duration,
+        count: u32,
+    ) -> Result<(), Duration> {
+        if let Some(shared) = &self.shared {
+            match shared.take(name, &key.to_string(), burst, per, count).await {
+                shared::Verdict::Allowed => return Ok(()),
+                shared::Verdict::Wait(wait) => return Err(wait),
+                shared::Verdict::Unavailable => {}
+            }
+        }
+        local.check(key)
     }
 
     /// Registers a connection of `user`; `None` when they already have the maximum.
