@@ -51,6 +51,7 @@ impl AgentInstanceFactory {
             fallback: Arc::clone(&self.infra.fallback_llm),
             llm_triage: self.infra.llm_triage,
             pricing: Arc::clone(&self.infra.pricing),
+            llm_usage: std::sync::Mutex::new(Vec::new()),
             ctx: self.ctx,
         };
         let agents: Vec<Box<dyn Agent>> = vec![

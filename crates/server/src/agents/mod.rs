@@ -31,7 +31,7 @@ use crate::context::UserExecutionContext;
 use crate::events::{EmitError, UserEmitter};
 use crate::llm::accounting::LlmCall;
 use crate::llm::{LlmError, LlmProvider, TokenUsage};
-use crate::store::{StoreError, UserStore};
+use crate::store::{StoreError, UsageRow, UserStore};
 use crate::usage::pricing::PricingTable;
 
 pub use factory::{AgentInstanceFactory, RunInstance};
@@ -140,6 +140,9 @@ pub struct AgentContext {
     /// Triage may ask `llm` for a structured classification.
     pub llm_triage: bool,
     pub pricing: Arc<PricingTable>,
+    /// This run's LLM requests, added to the user's usage data when the run ends (see
+    /// [`AgentContext::record_llm_usage`]). Per run, like everything here.
+    pub llm_usage: std::sync::Mutex<Vec<UsageRow>>,
 }
 
 impl AgentContext {
@@ -147,7 +150,9 @@ impl AgentContext {
         crate::clock::now_ms()
     }
 
-    /// Records what one LLM request of this run used (see [`crate::llm::accounting`]).
+    /// Records what one LLM request of this run used (see [`crate::llm::accounting`]):
+    /// the metrics now, the usage row when the run ends ([`Self::flush_llm_usage`]), so the
+    /// run's own analysis of the user's usage never counts the run's own requests.
     pub async fn record_llm_usage(
         &self,
         agent: &str,
@@ -163,7 +168,25 @@ impl AgentContext {
             elapsed,
             succeeded,
         };
-        crate::llm::accounting::record(&self.store, &self.pricing, call).await;
+        crate::llm::accounting::count(&call);
+        if let Some(row) = crate::llm::accounting::usage_row(&self.pricing, &call, self.now_ms()) {
+            self.llm_usage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(row);
+        }
+    }
+
+    /// Writes the run's LLM usage rows to the user's usage data (at the end of the run,
+    /// whatever its outcome: tokens spent on a failed run were spent too).
+    pub async fn flush_llm_usage(&self) {
+        let rows = std::mem::take(&mut *self.llm_usage.lock().unwrap_or_else(|p| p.into_inner()));
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(err) = self.store.insert_usage(&rows).await {
+            tracing::warn!(error = %err, "could not record the run's LLM token usage");
+        }
     }
 
     pub async fn think(

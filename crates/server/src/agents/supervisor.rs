@@ -172,6 +172,9 @@ async fn finish(
 ) -> RunStatus {
     let run_id = cx.ctx.run_id();
     let total_duration_ms = started.elapsed().as_millis() as u64;
+    // Before the terminal event, so a client that asks about its usage right after the run
+    // sees the run's own LLM requests.
+    cx.flush_llm_usage().await;
     let (status, error) = match outcome {
         Outcome::Completed => (RunStatus::Completed, None),
         Outcome::AgentTimedOut(agent) => (

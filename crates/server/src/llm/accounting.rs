@@ -4,7 +4,9 @@
 //! Apex analyses its users' AI usage, so its own LLM use is recorded the same way: one row
 //! per request in the requesting user's usage data (provider `apex`, the model, the agent or
 //! endpoint as the workload), which a user can then ask Apex about like any other usage.
-//! Requests whose provider counted no tokens (the template writer) add no row.
+//! Requests whose provider counted no tokens (the template writer) add no row. The
+//! pipeline's rows are written when its run ends ([`crate::agents::AgentContext`]), so a
+//! run's analysis never includes the run's own requests; `/v1` requests are written at once.
 
 use std::time::Duration;
 
@@ -50,15 +52,20 @@ pub fn usage_row(pricing: &PricingTable, call: &LlmCall<'_>, now_ms: i64) -> Opt
     })
 }
 
-/// Records `call` in the metrics and in the user's usage data. A failed write is logged,
-/// not returned: the answer matters more than its bookkeeping.
-pub async fn record(store: &UserStore, pricing: &PricingTable, call: LlmCall<'_>) {
+/// Counts `call` in the metrics (tokens and latency by provider).
+pub fn count(call: &LlmCall<'_>) {
     crate::telemetry::llm_request(
         call.provider.name(),
         call.elapsed,
         call.usage.prompt_tokens,
         call.usage.completion_tokens,
     );
+}
+
+/// Records `call` in the metrics and in the user's usage data. A failed write is logged,
+/// not returned: the answer matters more than its bookkeeping.
+pub async fn record(store: &UserStore, pricing: &PricingTable, call: LlmCall<'_>) {
+    count(&call);
     let Some(row) = usage_row(pricing, &call, crate::clock::now_ms()) else {
         return;
     };

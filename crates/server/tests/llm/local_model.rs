@@ -251,6 +251,7 @@ async fn the_golden_path_answers_with_the_local_model() {
     .await
     .expect("SQLite needs no service");
     let user = app.register().await;
+    let before = app.usage_summary(&user).await;
     let mut ws = app.ws_connect(&user).await;
     // Prompt processing of the report takes a while on a loaded debug-build machine: allow
     // more than the helpers' per-frame limit.
@@ -301,6 +302,18 @@ async fn the_golden_path_answers_with_the_local_model() {
     assert!(
         own.iter().all(|r| r.cost_usd == 0.0),
         "the embedded model costs nothing per token"
+    );
+    // The run analysed the user's data as it was when it started: its own LLM requests
+    // (triage's, recorded only when the run ended) are not part of its figures.
+    let report = run
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::FinalReport)
+        .expect("a final report");
+    assert_eq!(
+        report.payload["cost_analysis"]["total_requests"], before.total_requests,
+        "{}",
+        report.payload["cost_analysis"]
     );
     // Triage asked the model first and says how the request was classified.
     let triage_note = run
