@@ -126,8 +126,10 @@ struct Session<'a> {
     rx: mpsc::UnboundedReceiver<Frame>,
     sinks: HashMap<usize, Sink>,
     next_conn: usize,
-    /// (connection, run) → highest seq received.
-    seen: HashMap<(usize, String), u64>,
+    /// (connection, run) → every seq received on that connection. A live event may reach a
+    /// freshly opened connection before its `resume` replay does (docs/protocol.md, 5.6),
+    /// so a seq below one already received is not a duplicate; a seq received twice is.
+    seen: HashMap<(usize, String), HashSet<u64>>,
     terminals: HashSet<(usize, String)>,
     /// (run, thread) of every event received, checked against the user's own at the end.
     event_ids: Vec<(String, String)>,
@@ -219,11 +221,13 @@ impl Session<'_> {
         let run = v["run_id"].as_str().unwrap_or_default().to_string();
         let thread = v["thread_id"].as_str().unwrap_or_default().to_string();
         let seq = v["seq"].as_u64().unwrap_or(0);
-        let last = self.seen.entry((frame.conn, run.clone())).or_insert(0);
-        if seq <= *last {
+        if !self
+            .seen
+            .entry((frame.conn, run.clone()))
+            .or_default()
+            .insert(seq)
+        {
             self.out.duplicate_events += 1;
-        } else {
-            *last = seq;
         }
         if let Some(sent) = v["timestamp"]
             .as_str()
