@@ -130,7 +130,9 @@ struct Session<'a> {
     rx: mpsc::UnboundedReceiver<Frame>,
     sinks: HashMap<usize, Sink>,
     next_conn: usize,
-    /// (connection, run) → the seqs received, to count any received twice.
+    /// (connection, run) → every seq received on that connection. A live event may reach a
+    /// freshly opened connection before its `resume` replay does (docs/protocol.md, 5.6),
+    /// so a seq below one already received is not a duplicate; a seq received twice is.
     seen: HashMap<(usize, String), HashSet<u64>>,
     terminals: HashSet<(usize, String)>,
     /// (run, thread) of every event received, checked against the user's own at the end.

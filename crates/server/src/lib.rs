@@ -22,7 +22,8 @@
 //!   instances that died.
 //! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
 //!   database URL), and `UserStore`, the user-scoped handle through which all user data is
-//!   read and written.
+//!   read and written; [`store::group_commit`] batches the run events of all runs into few
+//!   transactions.
 //! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait, the
 //!   embedded local model (default), the OpenAI-compatible client and the deterministic
 //!   template writer (the fallback).

@@ -219,6 +219,14 @@ impl Agent for OptimizationAgent {
                 "savings_simulator",
                 json!({ "days": days, "strategies": strategies }),
                 || async {
+                    // The rows the data agent read for the same window, if it did.
+                    if let Some(window) = state
+                        .usage_window
+                        .as_ref()
+                        .filter(|w| w.days == days && w.start_ms <= since)
+                    {
+                        return Ok(simulate(window.rows_since(since), days, &cx.pricing));
+                    }
                     let rows = cx
                         .store
                         .usage_rows_since(since)

@@ -125,7 +125,7 @@ impl EventBus for InProcessBus {
             .subscribe();
         UserSubscription {
             user,
-            receiver,
+            receiver: Some(receiver),
             resync: self.resync.subscribe(),
             channels: Arc::clone(&self.channels),
         }
@@ -142,7 +142,8 @@ impl EventBus for InProcessBus {
 /// A connection's feed of its user's events. Dropping it unsubscribes.
 pub struct UserSubscription {
     user: UserId,
-    receiver: broadcast::Receiver<Arc<BusEvent>>,
+    /// Always `Some` until `drop`, which releases it under the map's lock.
+    receiver: Option<broadcast::Receiver<Arc<BusEvent>>>,
     resync: watch::Receiver<u64>,
     channels: Arc<Mutex<HashMap<UserId, broadcast::Sender<Arc<BusEvent>>>>>,
 }
@@ -161,7 +162,7 @@ impl UserSubscription {
                 Ok(()) => Err(BusRecvError::Resync),
                 Err(_) => Err(BusRecvError::Closed),
             },
-            event = self.receiver.recv() => event.map_err(|err| match err {
+            event = recv(&mut self.receiver) => event.map_err(|err| match err {
                 broadcast::error::RecvError::Lagged(n) => BusRecvError::Lagged(n),
                 broadcast::error::RecvError::Closed => BusRecvError::Closed,
             }),
@@ -169,13 +170,25 @@ impl UserSubscription {
     }
 }
 
+async fn recv(
+    receiver: &mut Option<broadcast::Receiver<Arc<BusEvent>>>,
+) -> Result<Arc<BusEvent>, broadcast::error::RecvError> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => Err(broadcast::error::RecvError::Closed),
+    }
+}
+
 impl Drop for UserSubscription {
     fn drop(&mut self) {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        // Our receiver is still alive here, so "only us" means a count of one.
+        // Our receiver goes while the lock is held: were it dropped after the lock is
+        // released, two subscriptions of one user closing at once could each still count
+        // the other and both leave the channel behind.
+        self.receiver = None;
         if channels
             .get(&self.user)
-            .is_some_and(|sender| sender.receiver_count() <= 1)
+            .is_some_and(|sender| sender.receiver_count() == 0)
         {
             channels.remove(&self.user);
         }
@@ -210,7 +223,7 @@ mod tests {
         bus.publish(event(bob, 7));
         assert_eq!(alice_sub.recv().await.unwrap().seq, 1);
         assert_eq!(bob_sub.recv().await.unwrap().seq, 7);
-        assert!(alice_sub.receiver.try_recv().is_err());
+        assert!(alice_sub.receiver.as_mut().unwrap().try_recv().is_err());
 
         drop(alice_second);
         assert_eq!(bus.subscribed_users(), 2, "alice still has a connection");

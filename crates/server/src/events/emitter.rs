@@ -28,6 +28,31 @@ pub enum EmitError {
     Task(String),
 }
 
+/// The wire JSON of one event of run `ids` = (user, thread, run): what is stored and what
+/// every connection receives, serialised once.
+pub fn encode_event(
+    (user_id, thread_id, run_id): (UserId, ThreadId, RunId),
+    seq: u64,
+    agent_name: &str,
+    body: EventBody,
+) -> serde_json::Result<String> {
+    let message_id = format!("{run_id}-{seq}");
+    let kind = body.kind();
+    let (payload, compat) = body.into_parts(&message_id);
+    let event = AgentEvent {
+        kind,
+        seq,
+        run_id: run_id.to_string(),
+        thread_id: thread_id.to_string(),
+        user_id: user_id.to_string(),
+        agent_name: agent_name.to_string(),
+        timestamp: now_rfc3339(),
+        payload,
+        compat,
+    };
+    serde_json::to_string(&event)
+}
+
 pub struct UserEmitter {
     user_id: UserId,
     thread_id: ThreadId,
@@ -90,22 +115,13 @@ impl UserEmitter {
     ) -> Result<u64, EmitError> {
         let mut guard = Arc::clone(&self.seq).lock_owned().await;
         let seq = *guard + 1;
-        let message_id = format!("{}-{}", self.run_id, seq);
-        let kind = body.kind();
-        let (payload, compat) = body.into_parts(&message_id);
-        let event = AgentEvent {
-            kind,
+        let json = encode_event(
+            (self.user_id, self.thread_id, self.run_id),
             seq,
-            run_id: self.run_id.to_string(),
-            thread_id: self.thread_id.to_string(),
-            user_id: self.user_id.to_string(),
-            agent_name: agent_name.to_string(),
-            timestamp: now_rfc3339(),
-            payload,
-            compat,
-        };
-        let json = serde_json::to_string(&event)
-            .map_err(|e| EmitError::Task(format!("serializing event: {e}")))?;
+            agent_name,
+            body,
+        )
+        .map_err(|e| EmitError::Task(format!("serializing event: {e}")))?;
         let store = self.store.clone();
         let bus = Arc::clone(&self.bus);
         let (user_id, run_id) = (self.user_id, self.run_id);

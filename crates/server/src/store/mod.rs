@@ -12,8 +12,10 @@
 //! Implementations: [`sqlite::SqliteStore`] (embedded default) and
 //! [`postgres::PostgresStore`] (several instances on one database), with the same semantics
 //! and the same schema shape (BIGINT millisecond timestamps, TEXT ids, JSON as TEXT).
-//! [`open`] picks one from the database URL.
+//! [`open`] picks one from the database URL. Run events are appended through
+//! [`group_commit`], which batches the events of all runs into few transactions.
 
+pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 mod user_store;
@@ -200,7 +202,9 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<()>;
-    /// Persists one event of a run's log; seqs are unique per run.
+    /// Persists one event of a run's log; seqs are unique per run. Returns once the event is
+    /// committed. Both engines batch concurrent calls into one transaction (group commit,
+    /// see [`group_commit`]), with the same result per event as one call alone.
     async fn append_event(
         &self,
         owner: UserId,

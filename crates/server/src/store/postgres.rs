@@ -15,7 +15,9 @@
 //! - `insert_message` locks the thread row (its `UPDATE threads` comes first) before it
 //!   computes the next position, so concurrent appends to one thread queue up instead of
 //!   taking the same position (a UNIQUE index backs this up);
-//! - `append_event` likewise locks the run row before inserting;
+//! - `append_event` likewise locks the run row before inserting; a batch of events (see
+//!   [`super::group_commit`]) locks its runs in id order (`SELECT ... FOR UPDATE`), so two
+//!   instances' writers cannot deadlock;
 //! - the expired-revocation housekeeping of `revoke_session` deletes with
 //!   `FOR UPDATE SKIP LOCKED`, so concurrent logouts never wait on or deadlock with each other.
 //!
@@ -28,6 +30,7 @@
 //! lock, so several instances may start at once. Queries are runtime (`sqlx::query`) so the
 //! build needs no database.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -35,6 +38,7 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres, QueryBuilder, Row};
 
+use super::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use super::{
     parse_json_column, MessageRecord, RunRecord, Store, StoreError, StoreResult, StoredEvent,
     ThreadRecord, UsageRow, UserRecord,
@@ -45,6 +49,115 @@ use apex_protocol::threads::RunStatus;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Appends run events in batches (see [`super::group_commit`]).
+    events: EventWriter,
+}
+
+/// PostgreSQL's SQL for [`group_commit`](super::group_commit).
+struct PostgresEvents {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl BatchSink for PostgresEvents {
+    async fn write_one(&self, event: &NewEvent) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        // Checks ownership and locks the run row until the event is in.
+        let updated = sqlx::query("UPDATE runs SET last_seq = $1 WHERE id = $2 AND user_id = $3")
+            .bind(event.seq)
+            .bind(event.run.to_string())
+            .bind(event.owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if updated.rows_affected() != 1 {
+            return Err(not_owned(event));
+        }
+        sqlx::query(
+            "INSERT INTO run_events (run_id, seq, event, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(event.run.to_string())
+        .bind(event.seq)
+        .bind(&event.json)
+        .bind(event.now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
+        let mut runs = runs_of(events);
+        // Rows are locked in id order, so two writers (two instances) cannot deadlock on
+        // runs they share. (Should it happen anyway, the batch is retried event by event.)
+        runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
+        let mut tx = self.pool.begin().await?;
+        // Locks and checks every run in one statement, then sets its last_seq once.
+        let mut lock: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT r.id, r.user_id FROM runs r JOIN (");
+        lock.push_values(&runs, |mut b, (run, owner, _)| {
+            b.push_bind(run.to_string()).push_bind(owner.to_string());
+        });
+        lock.push(
+            ") AS v(run_id, user_id) ON r.id = v.run_id AND r.user_id = v.user_id \
+             ORDER BY r.id FOR UPDATE OF r",
+        );
+        let owned: HashSet<(String, String)> = lock
+            .build()
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("id")?, row.try_get("user_id")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        let keys: Vec<(String, String)> = events
+            .iter()
+            .map(|e| (e.run.to_string(), e.owner.to_string()))
+            .collect();
+        let accepted: Vec<(&NewEvent, &str)> = events
+            .iter()
+            .zip(&keys)
+            .filter(|(_, key)| owned.contains(*key))
+            .map(|(e, (run, _))| (e, run.as_str()))
+            .collect();
+        if !accepted.is_empty() {
+            let mut update: QueryBuilder<Postgres> =
+                QueryBuilder::new("UPDATE runs SET last_seq = v.seq FROM (");
+            update.push_values(
+                runs.iter().filter(|(run, owner, _)| {
+                    owned.contains(&(run.to_string(), owner.to_string()))
+                }),
+                |mut b, (run, owner, seq)| {
+                    b.push_bind(run.to_string())
+                        .push_bind(owner.to_string())
+                        .push_bind(*seq);
+                },
+            );
+            update.push(
+                ") AS v(run_id, user_id, seq) WHERE runs.id = v.run_id AND runs.user_id = v.user_id",
+            );
+            update.build().execute(&mut *tx).await?;
+            let mut insert: QueryBuilder<Postgres> =
+                QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
+            insert.push_values(&accepted, |mut b, (event, run)| {
+                b.push_bind(*run)
+                    .push_bind(event.seq)
+                    .push_bind(event.json.as_str())
+                    .push_bind(event.now_ms);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(events
+            .iter()
+            .zip(&keys)
+            .map(|(e, key)| {
+                if owned.contains(key) {
+                    Ok(())
+                } else {
+                    Err(not_owned(e))
+                }
+            })
+            .collect())
+    }
 }
 
 impl PostgresStore {
@@ -62,7 +175,8 @@ impl PostgresStore {
             .acquire_timeout(pool.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        let events = EventWriter::start(PostgresEvents { pool: pool.clone() });
+        Ok(Self { pool, events })
     }
 
     /// Connects and applies pending migrations: what the server does at start.
@@ -572,30 +686,15 @@ impl Store for PostgresStore {
         now_ms: i64,
     ) -> StoreResult<()> {
         let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
-        let mut tx = self.pool.begin().await?;
-        // Checks ownership and locks the run row until the event is in.
-        let updated = sqlx::query("UPDATE runs SET last_seq = $1 WHERE id = $2 AND user_id = $3")
-            .bind(seq)
-            .bind(run.to_string())
-            .bind(owner.to_string())
-            .execute(&mut *tx)
-            .await?;
-        if updated.rows_affected() != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "event for run {run} that {owner} does not own"
-            )));
-        }
-        sqlx::query(
-            "INSERT INTO run_events (run_id, seq, event, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(run.to_string())
-        .bind(seq)
-        .bind(json)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.events
+            .append(NewEvent {
+                owner,
+                run,
+                seq,
+                json: json.to_string(),
+                now_ms,
+            })
+            .await
     }
 
     async fn list_events(

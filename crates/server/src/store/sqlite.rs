@@ -4,6 +4,7 @@
 //! checkpoints, never corrupt), a busy timeout so concurrent writers queue instead of
 //! failing, and foreign keys on. Migrations in `migrations/sqlite` run at open.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
+use super::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use super::{
     parse_json_column, MessageRecord, RunRecord, Store, StoreError, StoreResult, StoredEvent,
     ThreadRecord, UsageRow, UserRecord,
@@ -22,6 +24,97 @@ use apex_protocol::threads::RunStatus;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Appends run events in batches (see [`super::group_commit`]).
+    events: EventWriter,
+}
+
+/// SQLite's SQL for [`group_commit`](super::group_commit).
+struct SqliteEvents {
+    pool: SqlitePool,
+}
+
+#[async_trait]
+impl BatchSink for SqliteEvents {
+    async fn write_one(&self, event: &NewEvent) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query("UPDATE runs SET last_seq = ? WHERE id = ? AND user_id = ?")
+            .bind(event.seq)
+            .bind(event.run.to_string())
+            .bind(event.owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if updated.rows_affected() != 1 {
+            return Err(not_owned(event));
+        }
+        sqlx::query("INSERT INTO run_events (run_id, seq, event, created_at) VALUES (?, ?, ?, ?)")
+            .bind(event.run.to_string())
+            .bind(event.seq)
+            .bind(&event.json)
+            .bind(event.now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
+        let runs = runs_of(events);
+        let mut tx = self.pool.begin().await?;
+        // One statement checks every run's owner and sets its last_seq; the runs it returns
+        // are the ones whose events may be written.
+        let mut update: QueryBuilder<Sqlite> =
+            QueryBuilder::new("WITH v(run_id, user_id, seq) AS (");
+        update.push_values(&runs, |mut b, (run, owner, seq)| {
+            b.push_bind(run.to_string())
+                .push_bind(owner.to_string())
+                .push_bind(*seq);
+        });
+        update.push(
+            ") UPDATE runs SET last_seq = v.seq FROM v \
+             WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
+             RETURNING runs.id, runs.user_id",
+        );
+        let owned: HashSet<(String, String)> = update
+            .build()
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("id")?, row.try_get("user_id")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        let keys: Vec<(String, String)> = events
+            .iter()
+            .map(|e| (e.run.to_string(), e.owner.to_string()))
+            .collect();
+        let accepted: Vec<(&NewEvent, &str)> = events
+            .iter()
+            .zip(&keys)
+            .filter(|(_, key)| owned.contains(*key))
+            .map(|(e, (run, _))| (e, run.as_str()))
+            .collect();
+        if !accepted.is_empty() {
+            let mut insert: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
+            insert.push_values(&accepted, |mut b, (event, run)| {
+                b.push_bind(*run)
+                    .push_bind(event.seq)
+                    .push_bind(event.json.as_str())
+                    .push_bind(event.now_ms);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(events
+            .iter()
+            .zip(&keys)
+            .map(|(e, key)| {
+                if owned.contains(key) {
+                    Ok(())
+                } else {
+                    Err(not_owned(e))
+                }
+            })
+            .collect())
+    }
 }
 
 impl SqliteStore {
@@ -45,7 +138,8 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        let events = EventWriter::start(SqliteEvents { pool: pool.clone() });
+        Ok(Self { pool, events })
     }
 }
 
@@ -498,27 +592,15 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> StoreResult<()> {
         let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query("UPDATE runs SET last_seq = ? WHERE id = ? AND user_id = ?")
-            .bind(seq)
-            .bind(run.to_string())
-            .bind(owner.to_string())
-            .execute(&mut *tx)
-            .await?;
-        if updated.rows_affected() != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "event for run {run} that {owner} does not own"
-            )));
-        }
-        sqlx::query("INSERT INTO run_events (run_id, seq, event, created_at) VALUES (?, ?, ?, ?)")
-            .bind(run.to_string())
-            .bind(seq)
-            .bind(json)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        self.events
+            .append(NewEvent {
+                owner,
+                run,
+                seq,
+                json: json.to_string(),
+                now_ms,
+            })
+            .await
     }
 
     async fn list_events(

@@ -12,15 +12,47 @@ pub const MAX_WINDOW_DAYS: u32 = 365;
 
 /// Summary of the store handle's user over the last `days` days before `now_ms`.
 pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<UsageSummary> {
-    let window_start = window_start_ms(days, now_ms);
-    // Rows dated in the future (clock skew in an upload) are not counted yet.
-    let rows: Vec<UsageRow> = store
-        .usage_rows_since(window_start)
-        .await?
-        .into_iter()
-        .filter(|r| r.ts_ms <= now_ms)
-        .collect();
-    Ok(summarize(&rows, days, window_start))
+    Ok(UsageWindow::load(store, days, now_ms).await?.summary())
+}
+
+/// The user's usage rows from the start of a `days`-day window ending at `now_ms`, read
+/// once. A run reads them once and both summarises them (data agent) and simulates savings
+/// on them (optimization agent), instead of reading thousands of rows twice.
+#[derive(Debug, Clone)]
+pub struct UsageWindow {
+    pub days: u32,
+    pub now_ms: i64,
+    pub start_ms: i64,
+    /// Oldest first; includes rows dated after `now_ms` (the summary leaves them out).
+    rows: Vec<UsageRow>,
+}
+
+impl UsageWindow {
+    pub async fn load(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<Self> {
+        let start_ms = window_start_ms(days, now_ms);
+        let mut rows = store.usage_rows_since(start_ms).await?;
+        // The store returns them by time already (a stable sort of sorted rows is one
+        // linear pass); this keeps the slices below exact whatever the engine does.
+        rows.sort_by_key(|r| r.ts_ms);
+        Ok(Self {
+            days,
+            now_ms,
+            start_ms,
+            rows,
+        })
+    }
+
+    /// The summary [`summary_for`] gives.
+    pub fn summary(&self) -> UsageSummary {
+        // Rows dated in the future (clock skew in an upload) are not counted yet.
+        let until = self.rows.partition_point(|r| r.ts_ms <= self.now_ms);
+        summarize(&self.rows[..until], self.days, self.start_ms)
+    }
+
+    /// The rows dated at or after `since_ms` (which should not precede the window's start).
+    pub fn rows_since(&self, since_ms: i64) -> &[UsageRow] {
+        &self.rows[self.rows.partition_point(|r| r.ts_ms < since_ms)..]
+    }
 }
 
 /// Start of a `days`-day window ending at `now_ms`: `days` × 24 h earlier (inclusive).
