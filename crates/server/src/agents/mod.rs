@@ -152,6 +152,12 @@ impl AgentContext {
         crate::clock::now_ms()
     }
 
+    /// Whether a language model is configured (anything but the template writer, which
+    /// is also the fallback).
+    pub fn has_model(&self) -> bool {
+        self.llm.name() != self.fallback.name()
+    }
+
     /// Records what one LLM request of this run used (see [`crate::llm::accounting`]):
     /// the metrics now, the usage row when the run ends ([`Self::flush_llm_usage`]), so the
     /// run's own analysis of the user's usage never counts the run's own requests.

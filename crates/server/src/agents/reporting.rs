@@ -238,7 +238,7 @@ impl Agent for ReportingAgent {
         let llm_started = std::time::Instant::now();
         let mut provider = cx.llm.name().to_string();
         let mut fallback_reason = None;
-        if cx.llm.name() != cx.fallback.name() {
+        if cx.has_model() {
             let guard = FigureGuard::new(&report);
             match self
                 .stream_answer(
@@ -286,7 +286,7 @@ impl Agent for ReportingAgent {
             state.answer.clear();
             provider = cx.fallback.name().to_string();
         }
-        if cx.llm.name() == cx.fallback.name() || fallback_reason.is_some() {
+        if !cx.has_model() || fallback_reason.is_some() {
             self.stream_answer(cx, cx.fallback.as_ref(), fallback_request, None, state)
                 .await?;
         }

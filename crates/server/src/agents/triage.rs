@@ -255,8 +255,7 @@ impl Agent for TriageAgent {
             models: mentioned_models(&state.request, &cx.pricing),
             days: window_days(&state.request),
         };
-        let has_model = cx.llm.name() != cx.fallback.name();
-        let (triage, how) = if cx.llm_triage && has_model {
+        let (triage, how) = if cx.llm_triage && cx.has_model() {
             match self.ask_llm(cx, &state.request).await {
                 Ok(triage) => (triage, format!("classified by the {} model", cx.llm.name())),
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),

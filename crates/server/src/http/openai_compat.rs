@@ -42,7 +42,7 @@ use crate::events::follow::{follow_run, RunEvent};
 use crate::ids::RequestId;
 use crate::llm::accounting::{self, LlmCall};
 use crate::llm::{ChatMessage, LlmRequest, TokenUsage};
-use crate::runs::start_run;
+use crate::runs::{start_run, StartRunError};
 use crate::state::AppState;
 use crate::store::UserStore;
 
@@ -413,11 +413,7 @@ async fn direct(
         .await
         .map_err(|wait| {
             crate::telemetry::limit_rejected("rate_limited");
-            ApiError::Limited {
-                code: codes::RATE_LIMITED,
-                message: "too many messages; slow down".into(),
-                retry_after: wait,
-            }
+            start_error(&state, StartRunError::RateLimited(wait))
         })?;
     let mut request = LlmRequest::new(messages, Value::Null, max_tokens);
     request.temperature = body.temperature;
