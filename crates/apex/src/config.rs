@@ -443,10 +443,48 @@ pub static KEYS: &[Key] = &[
         },
         Some("15000"),
         Sv,
-        "With bus_url: an instance silent this long (ms) is taken as dead and its unfinished \
-         runs are ended `interrupted` by the others. Keep it several heartbeats long.",
+        "With bus_url: a run whose instance has not refreshed it for this long (ms) is taken \
+         as orphaned and recovered by another instance (see run_max_attempts). Keep it several \
+         heartbeats long.",
     )
     .flag("instance-stale-after-ms", "MS"),
+    key(
+        "max_runs_per_instance",
+        "APEX_MAX_RUNS_PER_INSTANCE",
+        Kind::Int {
+            min: 1,
+            max: 100_000,
+        },
+        Some("256"),
+        Sv,
+        "Runs this instance executes at once; more wait in the run queue for a free slot here \
+         or on any other instance.",
+    )
+    .flag("max-runs-per-instance", "N"),
+    key(
+        "queue_poll_interval_ms",
+        "APEX_QUEUE_POLL_INTERVAL_MS",
+        Kind::Int {
+            min: 10,
+            max: 600_000,
+        },
+        Some("1000"),
+        Sv,
+        "How often an idle instance checks the run queue unprompted (ms); submissions wake it \
+         at once.",
+    )
+    .flag("queue-poll-interval-ms", "MS"),
+    key(
+        "run_max_attempts",
+        "APEX_RUN_MAX_ATTEMPTS",
+        Kind::Int { min: 1, max: 10 },
+        Some("2"),
+        Sv,
+        "How many times a run may be started: a run whose server died (crash, kill, lost \
+         instance) runs again from the start while it has attempts left, and ends \
+         `interrupted` after the last. 1: never re-run.",
+    )
+    .flag("run-max-attempts", "N"),
 ];
 
 fn find_key(name: &str) -> Option<&'static Key> {
@@ -1076,6 +1114,10 @@ impl Resolved {
         }
         settings.instance_heartbeat = Duration::from_millis(self.int("instance_heartbeat_ms"));
         settings.instance_stale_after = Duration::from_millis(self.int("instance_stale_after_ms"));
+        settings.max_runs_per_instance =
+            usize::try_from(self.int("max_runs_per_instance")).unwrap_or(usize::MAX);
+        settings.queue_poll_interval = Duration::from_millis(self.int("queue_poll_interval_ms"));
+        settings.run_max_attempts = u32::try_from(self.int("run_max_attempts")).unwrap_or(1);
         ServeConfig {
             bind: self
                 .addr("bind")

@@ -1,22 +1,25 @@
-//! Several instances on one database: heartbeats, and ending the runs of dead instances.
+//! Several instances on one database: heartbeats, and recovering the runs of dead instances.
 //!
-//! A run executes on the instance that started it; that instance's id is stored on the run
-//! (`runs.instance_id`). With a bus configured (`bus_url`), every instance records a
-//! heartbeat in `instances` every `instance_heartbeat`, and on the same tick sweeps: an
-//! unfinished run whose instance has been silent for `instance_stale_after` (killed,
-//! crashed, cut off) is claimed by exactly one surviving instance (a conditional
-//! `UPDATE`, so two sweepers never both write), which ends it the way a restart ends the
-//! runs of a crashed single instance ([`crate::runs::interrupt_run`]): an `error` event,
-//! status `interrupted` and the terminal event, persisted and published through the
-//! normal emitter, with seqs continuing the stored log. A client that reconnects anywhere
-//! and resumes therefore always reaches a terminal event.
+//! A run executes on the instance that claimed it from the queue ([`crate::queue`]); that
+//! instance's id is stored on the run (`runs.instance_id`). With a bus configured
+//! (`bus_url`), every instance, every `instance_heartbeat`, refreshes the heartbeat of each
+//! run it executes (`runs.heartbeat_at`) and records its own (`instances`), then sweeps: a
+//! claimed, unfinished run whose heartbeat is older than `instance_stale_after` (its
+//! instance was killed, crashed or cut off) is recovered by exactly one survivor
+//! ([`crate::queue::recover_run`]: conditional `UPDATE`s, so two sweepers never both act):
+//! queued again while it has attempts left, so an instance with room runs it again from
+//! the start, continuing its event log; otherwise ended the way a restart ends the runs of
+//! a crashed single instance ([`crate::runs::interrupt_run`]): an `error` event, status
+//! `interrupted` and the terminal event. A client that reconnects anywhere and resumes
+//! therefore always reaches a terminal event.
 //!
-//! Without a bus there is one instance, and `recover_unfinished_runs` at start does the
-//! same for everything left unfinished, at once.
+//! Without a bus there is one instance, and [`crate::queue::recover_after_restart`] does the
+//! same at start for everything the previous process left unfinished.
 
 use std::time::Duration;
 
 use crate::clock::now_ms;
+use crate::queue::{recover_run, Recovery};
 use crate::state::AppState;
 use crate::store::StoreResult;
 
@@ -44,30 +47,44 @@ pub async fn upkeep(state: AppState) {
     }
 }
 
-/// One heartbeat and one sweep. Returns how many orphaned runs this instance ended.
+/// One heartbeat and one sweep. Returns how many orphaned runs this instance recovered
+/// (queued again or ended).
 pub async fn tick(state: &AppState) -> StoreResult<usize> {
     let store = &state.infra.store;
     let me = state.infra.instance_id.as_str();
     let now = now_ms();
     store.heartbeat_instance(me, now).await?;
+    store.heartbeat_runs(me, &state.runs.ids(), now).await?;
     let stale_before = now - millis(state.settings.instance_stale_after);
-    let mut ended = 0;
-    for (owner, run, instance) in store.orphaned_runs(me, stale_before).await? {
-        if !store.claim_run(run.id, instance.as_deref(), me).await? {
-            continue; // another instance took it, or it finished meanwhile
+    let mut recovered = 0;
+    let mut requeued = false;
+    for entry in store.stale_runs(stale_before).await? {
+        match recover_run(
+            store,
+            &state.infra.bus,
+            me,
+            state.settings.run_max_attempts,
+            &entry,
+        )
+        .await?
+        {
+            Recovery::Requeued => {
+                requeued = true;
+                recovered += 1;
+            }
+            Recovery::Interrupted => recovered += 1,
+            Recovery::Skipped => {}
         }
-        // Re-read: the log may have grown between the sweep query and the claim.
-        let Some(run) = store.get_run(owner, run.id).await? else {
-            continue;
-        };
-        tracing::warn!(run_id = %run.id, "ending a run whose instance stopped responding");
-        crate::runs::interrupt_run(store, &state.infra.bus, owner, &run).await?;
-        ended += 1;
+    }
+    if requeued {
+        // Any instance with room may take them, this one included.
+        state.queue.submitted();
+        store.announce_queued_runs().await?;
     }
     let forget_before =
         now - millis(state.settings.instance_stale_after * FORGET_AFTER_STALE_PERIODS);
     store.remove_instances(None, forget_before).await?;
-    Ok(ended)
+    Ok(recovered)
 }
 
 /// At graceful shutdown: this instance is gone (its runs have ended by now).

@@ -81,6 +81,29 @@ impl UserExecutionContext {
 }
 
 impl UserExecutionContext {
+    /// Context for executing a run claimed from the queue. Every id comes from the run's
+    /// row, which [`crate::runs::start_run`] wrote from an authenticated user; a client
+    /// never supplies them.
+    pub(crate) fn for_queued_run(
+        owner: UserId,
+        thread_id: ThreadId,
+        run_id: RunId,
+        request_id: RequestId,
+        run_timeout: Duration,
+        agent_timeout: Duration,
+    ) -> Self {
+        Self {
+            user_id: owner,
+            thread_id,
+            run_id,
+            request_id,
+            created_at: Utc::now(),
+            cancellation: CancellationToken::new(),
+            deadline: Instant::now() + run_timeout,
+            agent_timeout,
+        }
+    }
+
     /// Context for closing out a run a previous process left unfinished. The owner comes
     /// from the stored run row, never from a client; no agent runs under it.
     pub(crate) fn for_recovery(owner: UserId, thread_id: ThreadId, run_id: RunId) -> Self {

@@ -13,13 +13,15 @@
 //! - [`auth`]: passwords, JWTs, tickets; produces [`auth::AuthenticatedUser`], the only
 //!   source of a user id.
 //! - [`ws`]: the WebSocket endpoint; one task per connection owns that connection's state.
-//! - [`runs`]: starts a run on its own task, stops it; [`context`]: the immutable
+//! - [`runs`]: submits a run (message and queued run, within the user's limits), stops
+//!   it; [`queue`]: each instance's dispatcher claims queued runs and starts them on their
+//!   own tasks, and runs whose instance died are queued again; [`context`]: the immutable
 //!   `UserExecutionContext` of a run.
 //! - [`agents`]: `AgentInstanceFactory` (per run), the supervisor and the five agents.
 //! - [`events`]: `UserEmitter` (per run: seq, persist, deliver) and the per-user `EventBus`
 //!   (in-process, or `RedisBus` between several instances).
-//! - [`cluster`]: several instances on one database: heartbeats, and ending the runs of
-//!   instances that died.
+//! - [`cluster`]: several instances on one database: heartbeats for instances and their
+//!   runs, and the sweeper that recovers the runs of instances that died.
 //! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
 //!   database URL), and `UserStore`, the user-scoped handle through which all user data is
 //!   read and written; [`store::group_commit`] batches the run events of all runs into few
@@ -44,6 +46,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod llm;
+pub mod queue;
 pub mod runs;
 pub mod settings;
 pub mod state;
@@ -143,19 +146,6 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
             Arc::new(bus)
         }
     };
-    if settings.bus_url.is_none() {
-        // One instance: whatever is unfinished was left by a previous process. (With
-        // several, other instances may be executing them; see `cluster`.)
-        let recovered = runs::recover_unfinished_runs(&store, &bus)
-            .await
-            .context("recovering unfinished runs")?;
-        if recovered > 0 {
-            tracing::warn!(
-                recovered,
-                "marked runs left unfinished by a previous process as interrupted"
-            );
-        }
-    }
     // With several instances, rate limits live in the same Redis as the bus.
     let shared_buckets = match &settings.bus_url {
         Some(url) => Some(limits::shared::SharedBuckets::new(
@@ -184,17 +174,34 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         lifecycle: Lifecycle::default(),
         instance_id,
     };
-    Ok(AppState {
+    let state = AppState {
         infra: Arc::new(infra),
         auth: Arc::new(auth),
         runs: active_runs,
+        queue: Arc::new(queue::RunQueue::default()),
         limits: Arc::new(limits::Limits::with_shared(
             settings.limits.clone(),
             shared_buckets,
         )),
         metrics: None,
         settings: Arc::new(settings),
-    })
+    };
+    if state.settings.bus_url.is_none() {
+        // One instance: every run a previous process had claimed and not finished was left
+        // by a crash or kill. (With several, other instances may be executing theirs; see
+        // `cluster`.) Runs still queued are simply run by the dispatcher.
+        let (requeued, interrupted) = queue::recover_after_restart(&state)
+            .await
+            .context("recovering unfinished runs")?;
+        if requeued + interrupted > 0 {
+            tracing::warn!(
+                requeued,
+                interrupted,
+                "recovered runs a previous process left unfinished"
+            );
+        }
+    }
+    Ok(state)
 }
 
 /// Serves Apex on `listener` until `shutdown` resolves, then shuts down gracefully: stop
@@ -253,6 +260,7 @@ pub async fn serve(
     let app = http::app(state.clone());
     let lifecycle = state.infra.lifecycle.clone();
     tokio::spawn(prune_events_periodically(state.clone()));
+    tokio::spawn(queue::dispatch(state.clone()));
     if state.settings.bus_url.is_some() {
         tokio::spawn(cluster::upkeep(state.clone()));
     }

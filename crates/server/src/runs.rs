@@ -1,15 +1,16 @@
-//! Starting and stopping runs.
+//! Submitting, stopping and ending runs, and the registry of the runs executing here.
 //!
-//! [`start_run`] stores the user's message, creates the run, builds a fresh
-//! `AgentInstanceFactory` from a new context and spawns the run on its own task, detached
-//! from the socket or request that asked for it: closing the socket does not stop it.
-//! [`ActiveRuns`] maps a running run to its owner and cancellation token so that
-//! `stop_agent` from any of the owner's connections reaches it, and no one else's does.
-//! With several instances, a stop for a run executing elsewhere is checked against the
-//! store (the run must be the caller's and unfinished) and then sent over the bus; the
-//! executing instance cancels it through its own `ActiveRuns`, which checks the owner
-//! again. The per-user concurrent-run limit then counts the user's unfinished runs in the
-//! database, so it holds across instances.
+//! [`start_run`] stores the user's message and queues the run answering it, in one
+//! transaction that also enforces the user's limits (concurrent runs, one run per thread)
+//! in the database, so they hold across instances. It then wakes this instance's
+//! dispatcher ([`crate::queue`]), which claims the run and executes it detached from the
+//! socket or request that asked for it: closing the socket does not stop it.
+//! [`ActiveRuns`] maps a run executing in this process to its owner and cancellation token
+//! so that `stop_agent` from any of the owner's connections reaches it, and no one else's
+//! does. A stop for a run still waiting in the queue ends it in the database; one for a
+//! run executing on another instance is checked against the store (the run must be the
+//! caller's and unfinished) and sent over the bus, and the executing instance cancels it
+//! through its own `ActiveRuns`, which checks the owner again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,14 +21,15 @@ use apex_protocol::threads::RunStatus;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::{supervisor, AgentInstanceFactory};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_ms;
 use crate::context::UserExecutionContext;
 use crate::events::UserEmitter;
 use crate::ids::{MessageId, RequestId, RunId, ThreadId, UserId};
 use crate::state::AppState;
-use crate::store::{MessageRecord, RunRecord, Store, StoreError, UserStore};
+use crate::store::{
+    MessageRecord, RunRecord, RunSubmission, Store, StoreError, SubmitOutcome, UserStore,
+};
 
 struct ActiveRun {
     owner: UserId,
@@ -42,7 +44,10 @@ struct ActiveRun {
 
 #[derive(Default)]
 pub struct ActiveRuns {
+    /// A start counter (for "most recent") and the runs executing in this process.
     inner: Mutex<(u64, HashMap<RunId, ActiveRun>)>,
+    /// Signalled whenever a run leaves, so a dispatcher at capacity can claim again.
+    pub(crate) freed: tokio::sync::Notify,
 }
 
 /// Answer to a stop request.
@@ -56,43 +61,21 @@ pub enum StopOutcome {
     NotFound,
 }
 
-/// Why a run could not be reserved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReserveError {
-    TooManyRuns,
-    ThreadBusy,
-}
-
 impl ActiveRuns {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<RunId, ActiveRun>)> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks the owner's limits and registers the run, atomically: two messages arriving
-    /// together cannot both take the last slot.
-    fn try_reserve(
-        &self,
+    /// Registers a run this process is about to execute. The returned slot removes it
+    /// when dropped (when the run's task ends, even by panic).
+    pub fn register(
+        self: &Arc<Self>,
         run: RunId,
         owner: UserId,
         thread: ThreadId,
         cancel: CancellationToken,
-        max_per_user: usize,
-    ) -> Result<(), ReserveError> {
+    ) -> RunSlot {
         let mut guard = self.lock();
-        let mine = guard
-            .1
-            .values()
-            .filter(|r| r.owner == owner && !r.finishing);
-        let mut running = 0;
-        for existing in mine {
-            if existing.thread == thread {
-                return Err(ReserveError::ThreadBusy);
-            }
-            running += 1;
-        }
-        if running >= max_per_user {
-            return Err(ReserveError::TooManyRuns);
-        }
         guard.0 += 1;
         let started = guard.0;
         guard.1.insert(
@@ -105,7 +88,15 @@ impl ActiveRuns {
                 finishing: false,
             },
         );
-        Ok(())
+        RunSlot {
+            runs: Arc::clone(self),
+            run,
+        }
+    }
+
+    /// The runs executing here, for their heartbeats.
+    pub fn ids(&self) -> Vec<RunId> {
+        self.lock().1.keys().copied().collect()
     }
 
     /// Cancels every running run of `owner` on `thread` (before the thread is deleted).
@@ -131,6 +122,8 @@ impl ActiveRuns {
 
     fn remove(&self, run: RunId) {
         self.lock().1.remove(&run);
+        // A slot is free: a dispatcher waiting for room may claim again.
+        self.freed.notify_one();
     }
 
     /// Cancels `run` if it is running and belongs to `owner`.
@@ -171,9 +164,9 @@ impl ActiveRuns {
     }
 }
 
-/// A run's registration in [`ActiveRuns`]. The supervisor releases the run's limits
-/// before its terminal event goes out (so a client that sees the end can start the next
-/// run on the same thread at once); the entry itself goes when the task ends, even by panic.
+/// A run's registration in [`ActiveRuns`]. The supervisor marks the run finishing once
+/// its outcome is stored (it can no longer be stopped, and is no longer "the latest
+/// active run"); the entry itself goes when the task ends, even by panic.
 pub struct RunSlot {
     runs: Arc<ActiveRuns>,
     run: RunId,
@@ -241,89 +234,46 @@ pub async fn start_run(
         })?;
 
     let run_id = RunId::generate();
-    let ctx = UserExecutionContext::new(
-        user,
-        thread,
-        run_id,
-        request_id,
-        state.settings.run_timeout,
-        state.settings.agent_timeout,
-    );
-    state
-        .runs
-        .try_reserve(
-            run_id,
-            user.user_id(),
-            thread,
-            ctx.cancellation().clone(),
-            state.limits.settings.max_concurrent_runs_per_user,
-        )
-        .map_err(|e| match e {
-            ReserveError::TooManyRuns => {
-                crate::telemetry::limit_rejected("too_many_runs");
-                StartRunError::TooManyRuns
-            }
-            ReserveError::ThreadBusy => {
-                crate::telemetry::limit_rejected("thread_busy");
-                StartRunError::ThreadBusy
-            }
-        })?;
-    // From here on the slot is ours; dropping it (on any early return) frees it.
-    let slot = RunSlot {
-        runs: Arc::clone(&state.runs),
-        run: run_id,
-    };
-
-    if state.settings.bus_url.is_some() {
-        // Several instances: this process only knows its own runs; the database knows
-        // all of them. (Two starts on two instances at the same moment can both pass;
-        // the limit is exact per instance and approximate across them.)
-        let unfinished = unfinished_runs_of(&store).await?;
-        if unfinished.iter().any(|r| r.thread_id == thread) {
-            crate::telemetry::limit_rejected("thread_busy");
-            return Err(StartRunError::ThreadBusy);
-        }
-        if unfinished.len() >= state.limits.settings.max_concurrent_runs_per_user {
-            crate::telemetry::limit_rejected("too_many_runs");
-            return Err(StartRunError::TooManyRuns);
-        }
-    }
-
     let now = now_ms();
     let message = MessageRecord {
         id: MessageId::generate(),
         thread_id: thread,
         role: "user".into(),
-        content: text.clone(),
+        content: text,
         metadata: json!({ "run_id": run_id.to_string() }),
         created_at_ms: now,
     };
-    if !store.insert_message(&message).await? {
-        return Err(StartRunError::ThreadNotFound);
+    let run = RunRecord {
+        id: run_id,
+        thread_id: thread,
+        status: RunStatus::Queued,
+        created_at_ms: now,
+        started_at_ms: None,
+        finished_at_ms: None,
+        error: None,
+        last_seq: 0,
+    };
+    let request = request_id.to_string();
+    let submission = RunSubmission {
+        message: &message,
+        run: &run,
+        request_id: &request,
+        max_unfinished: state.limits.settings.max_concurrent_runs_per_user,
+    };
+    match store.submit_run(&submission).await? {
+        SubmitOutcome::Queued => {}
+        SubmitOutcome::ThreadNotFound => return Err(StartRunError::ThreadNotFound),
+        SubmitOutcome::ThreadBusy => {
+            crate::telemetry::limit_rejected("thread_busy");
+            return Err(StartRunError::ThreadBusy);
+        }
+        SubmitOutcome::TooManyRuns => {
+            crate::telemetry::limit_rejected("too_many_runs");
+            return Err(StartRunError::TooManyRuns);
+        }
     }
-    store
-        .create_run_on(
-            &RunRecord {
-                id: run_id,
-                thread_id: thread,
-                status: RunStatus::Queued,
-                created_at_ms: now,
-                started_at_ms: None,
-                finished_at_ms: None,
-                error: None,
-                last_seq: 0,
-            },
-            &state.infra.instance_id,
-        )
-        .await?;
-
-    let instance = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra)).build(text, slot);
-    crate::telemetry::run_started();
-    let span = tracing::info_span!("run", %run_id, %request_id);
-    tokio::spawn(tracing::Instrument::instrument(
-        supervisor::execute(instance),
-        span,
-    ));
+    crate::telemetry::run_queued();
+    state.queue.submitted();
     Ok(StartedRun {
         run_id,
         thread_id: thread,
@@ -350,6 +300,15 @@ pub async fn stop_run(
     Ok(match store.get_run(run).await? {
         None => StopOutcome::NotFound,
         Some(record) if record.status.is_terminal() => StopOutcome::AlreadyFinished(record.status),
+        // Still waiting in the queue: end it there, unless an instance claims it first.
+        Some(record)
+            if record.status == RunStatus::Queued
+                && end_unclaimed_run(state, user.user_id(), &record).await? =>
+        {
+            StopOutcome::Stopping
+        }
+        // Claimed by this process since the first look.
+        Some(_) if state.runs.cancel(user.user_id(), run) => StopOutcome::Stopping,
         // The caller's run, unfinished, and not executing here: it runs on another
         // instance (which cancels it when it gets this request), or it is finishing.
         Some(_) => {
@@ -363,20 +322,74 @@ pub async fn stop_run(
     })
 }
 
-/// At start-up: runs a previous process left unfinished (crash or kill) are marked
-/// `interrupted` and get their terminal event, so every run's log ends properly. Only
-/// with a single instance: with several, [`crate::cluster`] does this for the runs of
-/// instances that stopped sending heartbeats.
-pub async fn recover_unfinished_runs(
-    store: &Arc<dyn Store>,
-    bus: &Arc<dyn crate::events::EventBus>,
-) -> Result<usize, StoreError> {
-    let unfinished = store.unfinished_runs().await?;
-    let count = unfinished.len();
-    for (owner, run) in unfinished {
-        interrupt_run(store, bus, owner, &run).await?;
+/// Stops a run that is still queued and unclaimed: status `cancelled`, then its error
+/// and terminal events, as if the supervisor had stopped it. `false` if an instance
+/// claimed it (or it finished) in the meantime.
+async fn end_unclaimed_run(
+    state: &AppState,
+    owner: UserId,
+    run: &RunRecord,
+) -> Result<bool, StoreError> {
+    let message = "the run was stopped";
+    let store = &state.infra.store;
+    let error = format!("{}: {message}", agent_codes::CANCELLED);
+    if !store
+        .finish_unclaimed_run(owner, run.id, RunStatus::Cancelled, &error, now_ms())
+        .await?
+    {
+        return Ok(false);
     }
-    Ok(count)
+    let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
+    let emitter = UserEmitter::resuming(
+        &ctx,
+        Arc::clone(store),
+        Arc::clone(&state.infra.bus),
+        run.last_seq,
+    );
+    close_log(
+        &emitter,
+        RunStatus::Cancelled,
+        agent_codes::CANCELLED,
+        message,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Writes the last two events of a run that ended without its supervisor: an `error`
+/// event and the terminal event with `status`.
+async fn close_log(
+    emitter: &UserEmitter,
+    status: RunStatus,
+    code: &str,
+    message: &str,
+) -> Result<(), StoreError> {
+    let _ = emitter
+        .emit(
+            SUPERVISOR,
+            EventBody::RunError {
+                error_code: code.into(),
+                error_message: message.into(),
+            },
+        )
+        .await;
+    emitter
+        .emit_terminal(
+            SUPERVISOR,
+            EventBody::RunFinished {
+                status,
+                final_response: String::new(),
+                result: serde_json::Value::Null,
+                execution_time_ms: 0,
+                error: Some(message.into()),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            crate::events::EmitError::Storage(s) => s,
+            other => StoreError::Corrupt(other.to_string()),
+        })?;
+    Ok(())
 }
 
 /// Ends a run whose executing process is gone: an `error` event, status `interrupted`,
@@ -391,39 +404,20 @@ pub async fn interrupt_run(
     let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
     let emitter = UserEmitter::resuming(&ctx, Arc::clone(store), Arc::clone(bus), run.last_seq);
     let user_store = UserStore::for_context(Arc::clone(store), &ctx);
-    let message = "the server stopped during the run".to_string();
-    let _ = emitter
-        .emit(
-            SUPERVISOR,
-            EventBody::RunError {
-                error_code: agent_codes::INTERRUPTED.into(),
-                error_message: message.clone(),
-            },
-        )
-        .await;
+    let message = "the server stopped during the run";
     user_store
         .set_run_status(
             run.id,
             RunStatus::Interrupted,
-            Some(&format!("INTERRUPTED: {message}")),
+            Some(&format!("{}: {message}", agent_codes::INTERRUPTED)),
             now_ms(),
         )
         .await?;
-    emitter
-        .emit_terminal(
-            SUPERVISOR,
-            EventBody::RunFinished {
-                status: RunStatus::Interrupted,
-                final_response: String::new(),
-                result: serde_json::Value::Null,
-                execution_time_ms: 0,
-                error: Some(message),
-            },
-        )
-        .await
-        .map_err(|e| match e {
-            crate::events::EmitError::Storage(s) => s,
-            other => StoreError::Corrupt(other.to_string()),
-        })?;
-    Ok(())
+    close_log(
+        &emitter,
+        RunStatus::Interrupted,
+        agent_codes::INTERRUPTED,
+        message,
+    )
+    .await
 }

@@ -227,9 +227,19 @@ pub struct Settings {
     pub bus_channel_prefix: String,
     /// With a bus: how often this instance records that it is alive.
     pub instance_heartbeat: Duration,
-    /// With a bus: an instance silent this long is dead, and surviving instances end its
-    /// unfinished runs as `interrupted`.
+    /// With a bus: a run whose executing instance has not refreshed its heartbeat for
+    /// this long is taken as orphaned (the instance died) and is recovered by a survivor.
     pub instance_stale_after: Duration,
+    /// How many runs this instance executes at once; further runs wait in the queue (for
+    /// this instance or any other with room). See [`crate::queue`].
+    pub max_runs_per_instance: usize,
+    /// How often an idle dispatcher looks at the queue without being told to (a safety
+    /// net: submissions and requeues wake dispatchers directly).
+    pub queue_poll_interval: Duration,
+    /// How many times a run may be started. A run whose instance dies is queued again
+    /// while it has attempts left, and ended `interrupted` after the last; 1 means never
+    /// re-run.
+    pub run_max_attempts: u32,
 }
 
 impl Settings {
@@ -263,6 +273,9 @@ impl Settings {
             bus_channel_prefix: "apex".into(),
             instance_heartbeat: Duration::from_secs(2),
             instance_stale_after: Duration::from_secs(15),
+            max_runs_per_instance: 256,
+            queue_poll_interval: Duration::from_secs(1),
+            run_max_attempts: 2,
         }
     }
 

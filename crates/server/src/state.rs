@@ -58,6 +58,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Cancellation handles of the runs executing in this process.
     pub runs: Arc<ActiveRuns>,
+    /// Wakes this process's run dispatcher (a signal only; the queue is in the database).
+    pub queue: Arc<crate::queue::RunQueue>,
     /// Per-user rate limits and connection caps (counters only).
     pub limits: Arc<Limits>,
     /// Renders `/metrics` when the embedding binary installed a Prometheus recorder.

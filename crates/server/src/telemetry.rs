@@ -18,6 +18,8 @@ pub const HTTP_REQUESTS: &str = "apex_http_requests_total";
 pub const HTTP_DURATION: &str = "apex_http_request_duration_seconds";
 pub const WS_CONNECTIONS: &str = "apex_websocket_connections_open";
 pub const RUNS_STARTED: &str = "apex_runs_started_total";
+pub const RUNS_QUEUED: &str = "apex_runs_queued_total";
+pub const RUNS_REQUEUED: &str = "apex_runs_requeued_total";
 pub const RUNS_FINISHED: &str = "apex_runs_finished_total";
 pub const RUNS_ACTIVE: &str = "apex_runs_active";
 pub const RUN_DURATION: &str = "apex_run_duration_seconds";
@@ -40,7 +42,12 @@ pub fn describe() {
         "HTTP request duration by route"
     );
     metrics::describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
-    metrics::describe_counter!(RUNS_STARTED, "Runs started");
+    metrics::describe_counter!(RUNS_STARTED, "Runs started (claimed from the queue) here");
+    metrics::describe_counter!(RUNS_QUEUED, "Runs submitted to the run queue here");
+    metrics::describe_counter!(
+        RUNS_REQUEUED,
+        "Runs whose instance died, queued again by this instance"
+    );
     metrics::describe_counter!(RUNS_FINISHED, "Runs finished, by final status");
     metrics::describe_gauge!(
         RUNS_ACTIVE,
@@ -143,6 +150,14 @@ impl Drop for ConnectionGauge {
     fn drop(&mut self) {
         metrics::gauge!(WS_CONNECTIONS).decrement(1.0);
     }
+}
+
+pub fn run_queued() {
+    metrics::counter!(RUNS_QUEUED).increment(1);
+}
+
+pub fn run_requeued() {
+    metrics::counter!(RUNS_REQUEUED).increment(1);
 }
 
 pub fn run_started() {

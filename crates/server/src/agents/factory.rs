@@ -28,6 +28,19 @@ pub struct RunInstance {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The run's registration among running runs; released as the run finishes.
     pub slot: RunSlot,
+    /// Which start of the run this is (1 = first) and how many it may have; a run whose
+    /// server died is started again from the beginning.
+    pub attempt: u32,
+    pub max_attempts: u32,
+}
+
+/// Where a claimed run stands: its log so far and its attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStart {
+    /// Events already in the run's log (from earlier attempts); new ones follow them.
+    pub last_seq: u64,
+    pub attempt: u32,
+    pub max_attempts: u32,
 }
 
 impl AgentInstanceFactory {
@@ -38,11 +51,12 @@ impl AgentInstanceFactory {
         }
     }
 
-    pub fn build(self, request: String, slot: RunSlot) -> RunInstance {
-        let emitter = UserEmitter::new(
+    pub fn build(self, request: String, slot: RunSlot, start: RunStart) -> RunInstance {
+        let emitter = UserEmitter::resuming(
             &self.ctx,
             Arc::clone(&self.infra.store),
             Arc::clone(&self.infra.bus),
+            start.last_seq,
         );
         let context = AgentContext {
             store: UserStore::for_context(Arc::clone(&self.infra.store), &self.ctx),
@@ -67,6 +81,8 @@ impl AgentInstanceFactory {
             request,
             shutdown: self.infra.lifecycle.interrupt_runs.clone(),
             slot,
+            attempt: start.attempt,
+            max_attempts: start.max_attempts,
         }
     }
 }

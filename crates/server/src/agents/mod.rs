@@ -34,7 +34,7 @@ use crate::llm::{LlmError, LlmProvider, TokenUsage};
 use crate::store::{StoreError, UsageRow, UserStore};
 use crate::usage::pricing::PricingTable;
 
-pub use factory::{AgentInstanceFactory, RunInstance};
+pub use factory::{AgentInstanceFactory, RunInstance, RunStart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

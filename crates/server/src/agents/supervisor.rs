@@ -112,16 +112,12 @@ pub async fn execute(run: RunInstance) -> RunStatus {
         request,
         shutdown,
         slot,
+        attempt,
+        max_attempts,
     } = run;
     let started = Instant::now();
     let run_id = cx.ctx.run_id();
-    if let Err(err) = cx
-        .store
-        .set_run_status(run_id, RunStatus::Running, None, now_ms())
-        .await
-    {
-        tracing::error!(%run_id, error = %err, "could not mark run running");
-    }
+    // The claim that handed this run to us already marked it running.
     let mut state = RunState {
         request,
         ..RunState::default()
@@ -129,6 +125,21 @@ pub async fn execute(run: RunInstance) -> RunStatus {
 
     let outcome = {
         let pipeline = AssertUnwindSafe(async {
+            if attempt > 1 {
+                cx.emitter
+                    .emit(
+                        SUPERVISOR,
+                        EventBody::AgentThinking {
+                            reasoning: format!(
+                                "The server that was working on this request stopped; starting \
+                                 again from the beginning (attempt {attempt} of {max_attempts})."
+                            ),
+                            step_number: 0,
+                            total_steps: 0,
+                        },
+                    )
+                    .await?;
+            }
             cx.emitter
                 .emit(
                     SUPERVISOR,

@@ -107,6 +107,45 @@ pub struct UsageRow {
     pub cost_usd: f64,
 }
 
+/// A user's message and the run that will answer it, as [`Store::submit_run`] stores them.
+#[derive(Debug, Clone)]
+pub struct RunSubmission<'a> {
+    pub message: &'a MessageRecord,
+    /// `status` must be `queued`; the run's input is the message's content.
+    pub run: &'a RunRecord,
+    /// The request that submitted the run, for the executing instance's logs.
+    pub request_id: &'a str,
+    /// The owner's limit of queued and running runs (the new one included).
+    pub max_unfinished: usize,
+}
+
+/// What [`Store::submit_run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    Queued,
+    /// The thread does not exist or is not the owner's.
+    ThreadNotFound,
+    /// The thread already has a queued or running run.
+    ThreadBusy,
+    /// The owner already has `max_unfinished` queued or running runs.
+    TooManyRuns,
+}
+
+/// A run as the queue sees it: claimed by an instance, or found stale by a sweeper.
+#[derive(Debug, Clone)]
+pub struct QueueEntry {
+    pub owner: UserId,
+    pub run: RunRecord,
+    /// The message the run answers; `None` for a run stored before the queue existed,
+    /// which cannot be executed again.
+    pub input: Option<String>,
+    pub request_id: Option<String>,
+    /// How many times an instance has claimed the run (this claim included).
+    pub attempts: u32,
+    /// The instance that claimed it.
+    pub instance: Option<String>,
+}
+
 /// Everything Apex persists. See the module docs for the two kinds of methods.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -175,6 +214,7 @@ pub trait Store: Send + Sync + 'static {
         offset: i64,
     ) -> StoreResult<(Vec<MessageRecord>, i64)>;
     /// Creates a run, recording `instance` (see [`crate::cluster`]) as the one executing it.
+    /// The server submits runs with [`Store::submit_run`]; this is for tools and tests.
     async fn create_run_on(
         &self,
         owner: UserId,
@@ -229,9 +269,6 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64>;
     /// Readiness probe: the database answers.
     async fn ping(&self) -> StoreResult<()>;
-    /// At start-up: runs left queued or running by a previous process. Returns (owner, run).
-    async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>>;
-
     // ---- several instances (see `crate::cluster`) ----
     /// Records that `instance` is alive at `now_ms`.
     async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()>;
@@ -241,17 +278,58 @@ pub trait Store: Send + Sync + 'static {
         instance: Option<&str>,
         stale_before_ms: i64,
     ) -> StoreResult<()>;
-    /// Runs queued or running, created before `stale_before_ms`, whose instance is not
-    /// `me` and has not recorded a heartbeat since `stale_before_ms` (or is unknown).
-    /// Returns (owner, run, the instance it was recorded on).
-    async fn orphaned_runs(
-        &self,
-        me: &str,
-        stale_before_ms: i64,
-    ) -> StoreResult<Vec<(UserId, RunRecord, Option<String>)>>;
     /// Moves an unfinished run from instance `from` to `to`; `false` if it finished or
     /// another instance took it first. Exactly one caller wins.
     async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool>;
+
+    // ---- the run queue (see `crate::queue`) ----
+    /// Stores the user's message and queues the run answering it (status `queued`, no
+    /// instance), in one transaction, if the thread is `owner`'s, has no unfinished run,
+    /// and `owner` has fewer than `max_unfinished` queued or running runs. A user's
+    /// submissions are serialised, so the limits are exact across instances.
+    async fn submit_run(
+        &self,
+        owner: UserId,
+        submission: &RunSubmission<'_>,
+    ) -> StoreResult<SubmitOutcome>;
+    /// Claims up to `limit` of the oldest queued runs for `instance`: each becomes
+    /// `running` on it with a fresh heartbeat and one more attempt. Concurrent claimers
+    /// (any instance) never get the same run.
+    async fn claim_queued_runs(
+        &self,
+        instance: &str,
+        limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<QueueEntry>>;
+    /// Ends a run that is still queued and unclaimed with `status` (stop, or a thread
+    /// going away); `false` if an instance claimed it or it finished meanwhile.
+    async fn finish_unclaimed_run(
+        &self,
+        owner: UserId,
+        run: RunId,
+        status: RunStatus,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// The executing instance's proof of life for each run it still executes.
+    async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()>;
+    /// Unfinished runs an instance claimed whose heartbeat is older than
+    /// `stale_before_ms` (their instance died or lost the run), oldest first.
+    async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>>;
+    /// Tells the dispatchers of other processes that runs are waiting (PostgreSQL
+    /// `NOTIFY`). A no-op where one process is all there is; dispatchers also poll.
+    async fn announce_queued_runs(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Starts calling `wake` whenever some process announces queued runs, for as long as
+    /// the process lives. Engines without notifications between processes do nothing.
+    async fn watch_queue_announcements(&self, wake: Arc<tokio::sync::Notify>) -> StoreResult<()> {
+        let _ = wake;
+        Ok(())
+    }
+    /// Puts a stale run of instance `from` back in the queue for another attempt; `false`
+    /// if it finished or another sweeper moved it first. Exactly one caller wins.
+    async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool>;
 }
 
 pub(crate) fn parse_json_column(raw: &str) -> StoreResult<Value> {

@@ -18,6 +18,10 @@
 //! - `append_event` likewise locks the run row before inserting; a batch of events (see
 //!   [`super::group_commit`]) locks its runs in id order (`SELECT ... FOR UPDATE`), so two
 //!   instances' writers cannot deadlock;
+//! - `submit_run` takes a transaction-scoped advisory lock per user before counting the
+//!   user's unfinished runs, so the per-user run limits are exact across instances;
+//! - `claim_queued_runs` picks rows with `FOR UPDATE SKIP LOCKED`: concurrent claimers on
+//!   any instance skip each other's rows instead of waiting, and never share a run;
 //! - the expired-revocation housekeeping of `revoke_session` deletes with
 //!   `FOR UPDATE SKIP LOCKED`, so concurrent logouts never wait on or deadlock with each other.
 //!
@@ -40,8 +44,8 @@ use sqlx::{ConnectOptions, Connection, PgPool, Postgres, QueryBuilder, Row};
 
 use super::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use super::{
-    parse_json_column, MessageRecord, RunRecord, Store, StoreError, StoreResult, StoredEvent,
-    ThreadRecord, UsageRow, UserRecord,
+    parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, Store, StoreError,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageRow, UserRecord,
 };
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
 use crate::settings::DatabasePool;
@@ -276,6 +280,65 @@ const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated
 
 const RUN_COLUMNS: &str =
     "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+/// The `NOTIFY` channel that wakes dispatchers when runs are queued. Channels are per
+/// database, not per schema: deployments sharing a database wake each other's dispatchers
+/// for nothing, which costs one empty claim.
+const QUEUE_CHANNEL: &str = "apex_run_queue";
+
+/// A run's columns plus what the queue needs to execute it again.
+const QUEUE_COLUMNS: &str = "user_id, input, request_id, attempts, instance_id, \
+     id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+fn queue_entry_from_row(row: &PgRow) -> StoreResult<QueueEntry> {
+    let attempts: i32 = row.try_get("attempts")?;
+    Ok(QueueEntry {
+        owner: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
+        run: run_from_row(row)?,
+        input: row.try_get("input")?,
+        request_id: row.try_get("request_id")?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        instance: row.try_get("instance_id")?,
+    })
+}
+
+/// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not theirs.
+async fn insert_message_in(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    owner: UserId,
+    message: &MessageRecord,
+) -> StoreResult<bool> {
+    // Touching the thread first checks that it is `owner`'s and locks its row until
+    // commit, so concurrent appends to one thread take their positions one at a time
+    // (each INSERT's snapshot sees the messages committed before it got the lock).
+    let touched = sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+        .bind(message.created_at_ms)
+        .bind(message.thread_id.to_string())
+        .bind(owner.to_string())
+        .execute(&mut **tx)
+        .await?;
+    if touched.rows_affected() == 0 {
+        return Ok(false);
+    }
+    // The position keeps messages in insertion order even when two share a millisecond.
+    sqlx::query(
+        "INSERT INTO messages \
+             (id, thread_id, user_id, role, content, metadata, created_at, position) \
+         SELECT $1, t.id, t.user_id, $2, $3, $4, $5, \
+                (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
+         FROM threads t WHERE t.id = $6 AND t.user_id = $7",
+    )
+    .bind(message.id.to_string())
+    .bind(&message.role)
+    .bind(&message.content)
+    .bind(message.metadata.to_string())
+    .bind(message.created_at_ms)
+    .bind(message.thread_id.to_string())
+    .bind(owner.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -532,36 +595,9 @@ impl Store for PostgresStore {
 
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
-        // Touching the thread first checks that it is `owner`'s and locks its row until
-        // commit, so concurrent appends to one thread take their positions one at a time
-        // (each INSERT's snapshot sees the messages committed before it got the lock).
-        let touched =
-            sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
-                .bind(message.created_at_ms)
-                .bind(message.thread_id.to_string())
-                .bind(owner.to_string())
-                .execute(&mut *tx)
-                .await?;
-        if touched.rows_affected() == 0 {
+        if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(false);
         }
-        // The position keeps messages in insertion order even when two share a millisecond.
-        sqlx::query(
-            "INSERT INTO messages \
-                 (id, thread_id, user_id, role, content, metadata, created_at, position) \
-             SELECT $1, t.id, t.user_id, $2, $3, $4, $5, \
-                    (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
-             FROM threads t WHERE t.id = $6 AND t.user_id = $7",
-        )
-        .bind(message.id.to_string())
-        .bind(&message.role)
-        .bind(&message.content)
-        .bind(message.metadata.to_string())
-        .bind(message.created_at_ms)
-        .bind(message.thread_id.to_string())
-        .bind(owner.to_string())
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -796,19 +832,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT user_id, {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
-                Ok((owner, run_from_row(row)?))
-            })
-            .collect()
-    }
     async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -833,31 +856,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn orphaned_runs(
-        &self,
-        me: &str,
-        stale_before_ms: i64,
-    ) -> StoreResult<Vec<(UserId, RunRecord, Option<String>)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT user_id, instance_id, {RUN_COLUMNS} FROM runs \
-             WHERE status IN ('queued', 'running') AND created_at < $1 \
-             AND (instance_id IS NULL OR (instance_id <> $2 AND NOT EXISTS \
-                 (SELECT 1 FROM instances i WHERE i.id = runs.instance_id AND i.heartbeat_at >= $3)))"
-        ))
-        .bind(stale_before_ms)
-        .bind(me)
-        .bind(stale_before_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
-                let instance: Option<String> = row.try_get("instance_id")?;
-                Ok((owner, run_from_row(row)?, instance))
-            })
-            .collect()
-    }
-
     async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE runs SET instance_id = $1 WHERE id = $2 \
@@ -869,5 +867,176 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    async fn submit_run(
+        &self,
+        owner: UserId,
+        submission: &RunSubmission<'_>,
+    ) -> StoreResult<SubmitOutcome> {
+        let (message, run) = (submission.message, submission.run);
+        let mut tx = self.pool.begin().await?;
+        // One user's submissions take turns (on every instance) until commit, so two
+        // messages arriving together cannot both take the last slot.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('apex.submit_run:' || $1, 0))")
+            .bind(owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if !insert_message_in(&mut tx, owner, message).await? {
+            return Ok(SubmitOutcome::ThreadNotFound);
+        }
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS unfinished, \
+                    COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0)::BIGINT AS on_thread \
+             FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
+        )
+        .bind(run.thread_id.to_string())
+        .bind(owner.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let (unfinished, on_thread): (i64, i64) =
+            (row.try_get("unfinished")?, row.try_get("on_thread")?);
+        if on_thread > 0 {
+            return Ok(SubmitOutcome::ThreadBusy);
+        }
+        if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
+            return Ok(SubmitOutcome::TooManyRuns);
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id) \
+             VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(run.created_at_ms)
+        .bind(&message.content)
+        .bind(submission.request_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(SubmitOutcome::Queued)
+    }
+
+    async fn claim_queued_runs(
+        &self,
+        instance: &str,
+        limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        // SKIP LOCKED: a run another claimer is taking right now is passed over instead of
+        // waited for, so claimers on every instance proceed in parallel and never share one.
+        let rows = sqlx::query(&format!(
+            "UPDATE runs SET status = 'running', instance_id = $1, heartbeat_at = $2, \
+                 attempts = attempts + 1, started_at = COALESCE(started_at, $2) \
+             WHERE id IN (SELECT id FROM runs WHERE status = 'queued' AND instance_id IS NULL \
+                          ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING {QUEUE_COLUMNS}"
+        ))
+        .bind(instance)
+        .bind(now_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = rows
+            .iter()
+            .map(queue_entry_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        // RETURNING does not follow the subquery's order.
+        claimed.sort_by_key(|entry| (entry.run.created_at_ms, entry.run.id.to_string()));
+        Ok(claimed)
+    }
+
+    async fn finish_unclaimed_run(
+        &self,
+        owner: UserId,
+        run: RunId,
+        status: RunStatus,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = $1, error = $2, finished_at = $3 \
+             WHERE id = $4 AND user_id = $5 AND status = 'queued' AND instance_id IS NULL",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_ms)
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = runs.iter().map(ToString::to_string).collect();
+        sqlx::query("UPDATE runs SET heartbeat_at = $1 WHERE instance_id = $2 AND id = ANY($3)")
+            .bind(now_ms)
+            .bind(instance)
+            .bind(&ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {QUEUE_COLUMNS} FROM runs \
+             WHERE status IN ('queued', 'running') \
+             AND (status = 'running' OR instance_id IS NOT NULL) \
+             AND COALESCE(heartbeat_at, started_at, created_at) < $1 \
+             ORDER BY created_at, id"
+        ))
+        .bind(stale_before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(queue_entry_from_row).collect()
+    }
+
+    async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = 'queued', instance_id = NULL, heartbeat_at = NULL \
+             WHERE id = $1 AND status IN ('queued', 'running') \
+             AND instance_id IS NOT DISTINCT FROM $2 AND input IS NOT NULL",
+        )
+        .bind(run.to_string())
+        .bind(from)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn announce_queued_runs(&self) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(QUEUE_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn watch_queue_announcements(
+        &self,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> StoreResult<()> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(QUEUE_CHANNEL).await?;
+        tokio::spawn(async move {
+            loop {
+                // `recv` reconnects by itself after a lost connection; notifications sent
+                // while it was away are missed, which the dispatchers' polling covers.
+                match listener.recv().await {
+                    Ok(_) => wake.notify_one(),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "listening for queued runs failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 }

@@ -15,8 +15,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use super::{
-    parse_json_column, MessageRecord, RunRecord, Store, StoreError, StoreResult, StoredEvent,
-    ThreadRecord, UsageRow, UserRecord,
+    parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, Store, StoreError,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageRow, UserRecord,
 };
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
 use crate::settings::DatabasePool;
@@ -207,6 +207,58 @@ const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated
 
 const RUN_COLUMNS: &str =
     "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+/// A run's columns plus what the queue needs to execute it again.
+const QUEUE_COLUMNS: &str = "user_id, input, request_id, attempts, instance_id, \
+     id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+fn queue_entry_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<QueueEntry> {
+    let attempts: i64 = row.try_get("attempts")?;
+    Ok(QueueEntry {
+        owner: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
+        run: run_from_row(row)?,
+        input: row.try_get("input")?,
+        request_id: row.try_get("request_id")?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        instance: row.try_get("instance_id")?,
+    })
+}
+
+/// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not
+/// theirs. Its first statement writes, so it takes the database's write lock.
+async fn insert_message_in(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    owner: UserId,
+    message: &MessageRecord,
+) -> StoreResult<bool> {
+    // The INSERT ... SELECT only matches a thread of `owner`; the position keeps
+    // messages in insertion order even when two share a millisecond.
+    let result = sqlx::query(
+        "INSERT INTO messages (id, thread_id, user_id, role, content, metadata, created_at, position) \
+         SELECT ?, t.id, t.user_id, ?, ?, ?, ?, \
+                (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
+         FROM threads t WHERE t.id = ? AND t.user_id = ?",
+    )
+    .bind(message.id.to_string())
+    .bind(&message.role)
+    .bind(&message.content)
+    .bind(message.metadata.to_string())
+    .bind(message.created_at_ms)
+    .bind(message.thread_id.to_string())
+    .bind(owner.to_string())
+    .execute(&mut **tx)
+    .await?;
+    if result.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE threads SET updated_at = ? WHERE id = ? AND user_id = ?")
+        .bind(message.created_at_ms)
+        .bind(message.thread_id.to_string())
+        .bind(owner.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(true)
+}
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -442,32 +494,9 @@ impl Store for SqliteStore {
 
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
-        // The INSERT ... SELECT only matches a thread of `owner`; the position keeps
-        // messages in insertion order even when two share a millisecond.
-        let result = sqlx::query(
-            "INSERT INTO messages (id, thread_id, user_id, role, content, metadata, created_at, position) \
-             SELECT ?, t.id, t.user_id, ?, ?, ?, ?, \
-                    (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
-             FROM threads t WHERE t.id = ? AND t.user_id = ?",
-        )
-        .bind(message.id.to_string())
-        .bind(&message.role)
-        .bind(&message.content)
-        .bind(message.metadata.to_string())
-        .bind(message.created_at_ms)
-        .bind(message.thread_id.to_string())
-        .bind(owner.to_string())
-        .execute(&mut *tx)
-        .await?;
-        if result.rows_affected() == 0 {
+        if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(false);
         }
-        sqlx::query("UPDATE threads SET updated_at = ? WHERE id = ? AND user_id = ?")
-            .bind(message.created_at_ms)
-            .bind(message.thread_id.to_string())
-            .bind(owner.to_string())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -701,19 +730,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn unfinished_runs(&self) -> StoreResult<Vec<(UserId, RunRecord)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT user_id, {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
-                Ok((owner, run_from_row(row)?))
-            })
-            .collect()
-    }
     async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO instances (id, heartbeat_at) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -738,37 +754,156 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn orphaned_runs(
-        &self,
-        me: &str,
-        stale_before_ms: i64,
-    ) -> StoreResult<Vec<(UserId, RunRecord, Option<String>)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT user_id, instance_id, {RUN_COLUMNS} FROM runs \
-             WHERE status IN ('queued', 'running') AND created_at < ? \
-             AND (instance_id IS NULL OR (instance_id <> ? AND NOT EXISTS \
-                 (SELECT 1 FROM instances i WHERE i.id = runs.instance_id AND i.heartbeat_at >= ?)))"
-        ))
-        .bind(stale_before_ms)
-        .bind(me)
-        .bind(stale_before_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
-                let instance: Option<String> = row.try_get("instance_id")?;
-                Ok((owner, run_from_row(row)?, instance))
-            })
-            .collect()
-    }
-
     async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE runs SET instance_id = ? WHERE id = ? \
              AND status IN ('queued', 'running') AND instance_id IS ?",
         )
         .bind(to)
+        .bind(run.to_string())
+        .bind(from)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn submit_run(
+        &self,
+        owner: UserId,
+        submission: &RunSubmission<'_>,
+    ) -> StoreResult<SubmitOutcome> {
+        let (message, run) = (submission.message, submission.run);
+        let mut tx = self.pool.begin().await?;
+        // A write first: SQLite takes the database's write lock for the whole transaction
+        // here, so the limit check below sees every committed run and no other submission
+        // can commit between the check and the insert.
+        if !insert_message_in(&mut tx, owner, message).await? {
+            return Ok(SubmitOutcome::ThreadNotFound);
+        }
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS unfinished, COALESCE(SUM(thread_id = ?), 0) AS on_thread \
+             FROM runs WHERE user_id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(run.thread_id.to_string())
+        .bind(owner.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let (unfinished, on_thread): (i64, i64) =
+            (row.try_get("unfinished")?, row.try_get("on_thread")?);
+        if on_thread > 0 {
+            return Ok(SubmitOutcome::ThreadBusy);
+        }
+        if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
+            return Ok(SubmitOutcome::TooManyRuns);
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id) \
+             VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(run.created_at_ms)
+        .bind(&message.content)
+        .bind(submission.request_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(SubmitOutcome::Queued)
+    }
+
+    async fn claim_queued_runs(
+        &self,
+        instance: &str,
+        limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        // One statement, and SQLite has one writer: two claimers cannot take one run.
+        let rows = sqlx::query(&format!(
+            "UPDATE runs SET status = 'running', instance_id = ?, heartbeat_at = ?, \
+                 attempts = attempts + 1, started_at = COALESCE(started_at, ?) \
+             WHERE id IN (SELECT id FROM runs WHERE status = 'queued' AND instance_id IS NULL \
+                          ORDER BY created_at, id LIMIT ?) \
+             RETURNING {QUEUE_COLUMNS}"
+        ))
+        .bind(instance)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = rows
+            .iter()
+            .map(queue_entry_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        // RETURNING does not follow the subquery's order.
+        claimed.sort_by(|a, b| {
+            (a.run.created_at_ms, a.run.id.to_string())
+                .cmp(&(b.run.created_at_ms, b.run.id.to_string()))
+        });
+        Ok(claimed)
+    }
+
+    async fn finish_unclaimed_run(
+        &self,
+        owner: UserId,
+        run: RunId,
+        status: RunStatus,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = ?, error = ?, finished_at = ? \
+             WHERE id = ? AND user_id = ? AND status = 'queued' AND instance_id IS NULL",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_ms)
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let mut update: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE runs SET heartbeat_at = ");
+        update.push_bind(now_ms);
+        update.push(" WHERE instance_id = ");
+        update.push_bind(instance);
+        update.push(" AND id IN (");
+        let mut ids = update.separated(", ");
+        for run in runs {
+            ids.push_bind(run.to_string());
+        }
+        update.push(")");
+        update.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {QUEUE_COLUMNS} FROM runs \
+             WHERE status IN ('queued', 'running') \
+             AND (status = 'running' OR instance_id IS NOT NULL) \
+             AND COALESCE(heartbeat_at, started_at, created_at) < ? \
+             ORDER BY created_at, id"
+        ))
+        .bind(stale_before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(queue_entry_from_row).collect()
+    }
+
+    async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = 'queued', instance_id = NULL, heartbeat_at = NULL \
+             WHERE id = ? AND status IN ('queued', 'running') AND instance_id IS ? \
+             AND input IS NOT NULL",
+        )
         .bind(run.to_string())
         .bind(from)
         .execute(&self.pool)

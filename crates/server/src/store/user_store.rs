@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{MessageRecord, RunRecord, Store, StoreResult, StoredEvent, ThreadRecord, UsageRow};
+use super::{
+    MessageRecord, RunRecord, RunSubmission, Store, StoreResult, StoredEvent, SubmitOutcome,
+    ThreadRecord, UsageRow,
+};
 use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
@@ -78,11 +81,9 @@ impl UserStore {
     pub async fn create_run(&self, run: &RunRecord) -> StoreResult<()> {
         self.store.create_run(self.owner, run).await
     }
-    /// Creates a run executed by `instance`.
-    pub async fn create_run_on(&self, run: &RunRecord, instance: &str) -> StoreResult<()> {
-        self.store
-            .create_run_on(self.owner, run, Some(instance))
-            .await
+    /// Stores the user's message and queues its run, within the user's limits.
+    pub async fn submit_run(&self, submission: &RunSubmission<'_>) -> StoreResult<SubmitOutcome> {
+        self.store.submit_run(self.owner, submission).await
     }
     /// Unfinished runs plus those finished at or after `finished_since_ms`, newest first.
     pub async fn recent_runs(

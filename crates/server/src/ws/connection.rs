@@ -443,25 +443,18 @@ impl Connection {
                 .or_else(|| self.state.runs.latest_for(user))
             {
                 Some(run) => run,
-                // Not executing here; with several instances it may run on another.
-                None if self.state.settings.bus_url.is_some() => {
-                    match self.store.recent_runs(i64::MAX, 1).await {
-                        Ok(runs) => match runs.first() {
-                            Some(run) => run.id,
-                            None => {
-                                return self
-                                    .send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop")
-                                    .await
-                            }
-                        },
-                        Err(err) => return self.internal_error(err).await,
-                    }
-                }
-                None => {
-                    return self
-                        .send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop")
-                        .await
-                }
+                // Not executing here: still queued, or running on another instance.
+                None => match self.store.recent_runs(i64::MAX, 1).await {
+                    Ok(runs) => match runs.first() {
+                        Some(run) => run.id,
+                        None => {
+                            return self
+                                .send_error(ws_codes::RUN_NOT_ACTIVE, "no active run to stop")
+                                .await
+                        }
+                    },
+                    Err(err) => return self.internal_error(err).await,
+                },
             },
         };
         match stop_run(&self.state, &self.user, run).await {

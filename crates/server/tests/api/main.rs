@@ -15,6 +15,7 @@ mod limits;
 mod no_global_state;
 mod openai_compat;
 mod openapi;
+mod queue;
 mod store;
 mod stress;
 mod text;

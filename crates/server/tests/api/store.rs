@@ -8,7 +8,8 @@ use std::sync::Arc;
 use apex_protocol::threads::RunStatus;
 use apex_server::ids::{MessageId, RunId, ThreadId, UserId};
 use apex_server::store::{
-    MessageRecord, RunRecord, Store, StoreError, ThreadRecord, UsageRow, UserRecord,
+    MessageRecord, RunRecord, RunSubmission, Store, StoreError, SubmitOutcome, ThreadRecord,
+    UsageRow, UserRecord,
 };
 use serde_json::json;
 
@@ -383,11 +384,11 @@ async fn both_engines_answer_alike_on_edge_cases() {
     assert_eq!(finished.finished_at_ms, Some(NOW + 4));
     assert_eq!(finished.error.as_deref(), Some("boom"));
     assert!(store
-        .unfinished_runs()
+        .recent_runs(owner, i64::MAX, 100)
         .await
         .unwrap()
         .iter()
-        .all(|(_, r)| r.id != run_id));
+        .all(|r| r.id != run_id));
 
     // Thread metadata round-trips; paging: negative limit means no limit, negative offset 0.
     for i in 0..3 {
@@ -497,6 +498,308 @@ async fn concurrent_logouts_all_succeed_and_revoke_their_sessions() {
         .unwrap();
 }
 
+/// Submits a run answering a new message on `thread_id`, within `max_unfinished`.
+async fn submit(
+    store: &dyn Store,
+    owner: UserId,
+    thread_id: ThreadId,
+    created_at_ms: i64,
+    max_unfinished: usize,
+) -> (RunId, SubmitOutcome) {
+    let id = RunId::generate();
+    let message = MessageRecord {
+        id: MessageId::generate(),
+        thread_id,
+        role: "user".into(),
+        content: format!("question for {id}"),
+        metadata: json!({}),
+        created_at_ms,
+    };
+    let run = RunRecord {
+        id,
+        thread_id,
+        status: RunStatus::Queued,
+        created_at_ms,
+        started_at_ms: None,
+        finished_at_ms: None,
+        error: None,
+        last_seq: 0,
+    };
+    let request_id = format!("request-{id}");
+    let outcome = store
+        .submit_run(
+            owner,
+            &RunSubmission {
+                message: &message,
+                run: &run,
+                request_id: &request_id,
+                max_unfinished,
+            },
+        )
+        .await
+        .expect("submit run");
+    (id, outcome)
+}
+
+/// The limits `submit_run` enforces are exact when one user's messages race: of many
+/// concurrent submissions on separate threads exactly `max` are queued, and of many on one
+/// thread exactly one; a refused submission leaves no message behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_respect_the_run_limits_exactly() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let owner = user(store).await;
+    let mut threads = Vec::new();
+    for _ in 0..RACERS {
+        threads.push(thread(store, owner).await);
+    }
+    const MAX: usize = 3;
+    let outcomes = futures_util::future::join_all(threads.iter().map(|&thread_id| {
+        let store = Arc::clone(&db.store);
+        async move { submit(&*store, owner, thread_id, NOW, MAX).await.1 }
+    }))
+    .await;
+    let queued = outcomes
+        .iter()
+        .filter(|o| **o == SubmitOutcome::Queued)
+        .count();
+    assert_eq!(queued, MAX, "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, SubmitOutcome::Queued | SubmitOutcome::TooManyRuns)));
+    let mut messages = 0;
+    for &thread_id in &threads {
+        messages += store
+            .list_messages(owner, thread_id, 10, 0)
+            .await
+            .unwrap()
+            .1;
+    }
+    assert_eq!(
+        messages, MAX as i64,
+        "refused submissions stored no message"
+    );
+
+    // One thread: exactly one of many racing submissions gets it.
+    let other = user(store).await;
+    let shared = thread(store, other).await;
+    let outcomes = futures_util::future::join_all((0..RACERS).map(|_| {
+        let store = Arc::clone(&db.store);
+        async move { submit(&*store, other, shared, NOW, 100).await.1 }
+    }))
+    .await;
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == SubmitOutcome::Queued)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, SubmitOutcome::Queued | SubmitOutcome::ThreadBusy)));
+    // Someone else's thread is not found, whatever the limits.
+    let (_, outcome) = submit(store, owner, shared, NOW, 100).await;
+    assert_eq!(outcome, SubmitOutcome::ThreadNotFound);
+}
+
+/// Many claimers racing over the queue (as instances do) each get distinct runs, every
+/// queued run is claimed exactly once, oldest first, with what is needed to execute it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claimers_take_every_queued_run_exactly_once() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    const RUNS: usize = 40;
+    let mut submitted = Vec::new();
+    for i in 0..RUNS {
+        let owner = user(store).await;
+        let thread_id = thread(store, owner).await;
+        let (id, outcome) = submit(store, owner, thread_id, NOW + i as i64, 3).await;
+        assert_eq!(outcome, SubmitOutcome::Queued);
+        submitted.push((owner, id));
+    }
+    let claims = futures_util::future::join_all((0..RACERS).map(|i| {
+        let store = Arc::clone(&db.store);
+        async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store
+                    .claim_queued_runs(&format!("instance-{i}"), 3, NOW + 100)
+                    .await
+                    .unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch.into_iter().map(|entry| (i, entry)));
+            }
+        }
+    }))
+    .await;
+    let mut claimed: Vec<_> = claims.into_iter().flatten().collect();
+    assert_eq!(claimed.len(), RUNS, "every run claimed once");
+    for (i, entry) in &claimed {
+        assert_eq!(
+            entry.instance.as_deref(),
+            Some(format!("instance-{i}").as_str())
+        );
+        assert_eq!(entry.attempts, 1);
+        assert_eq!(entry.run.status, RunStatus::Running);
+        assert_eq!(entry.run.started_at_ms, Some(NOW + 100));
+        let (owner, _) = submitted
+            .iter()
+            .find(|(_, id)| *id == entry.run.id)
+            .unwrap();
+        assert_eq!(entry.owner, *owner);
+        assert_eq!(
+            entry.input.as_deref(),
+            Some(format!("question for {}", entry.run.id).as_str())
+        );
+        assert_eq!(entry.request_id, Some(format!("request-{}", entry.run.id)));
+    }
+    claimed.sort_by_key(|(_, entry)| entry.run.id.to_string());
+    claimed.dedup_by_key(|(_, entry)| entry.run.id);
+    assert_eq!(claimed.len(), RUNS, "no run claimed twice");
+
+    // Oldest first: a single claimer gets them in submission order.
+    let owner = user(store).await;
+    let mut order = Vec::new();
+    for i in 0..3 {
+        let thread_id = thread(store, owner).await;
+        order.push(submit(store, owner, thread_id, NOW + 10 - i, 3).await.0);
+    }
+    let batch = store.claim_queued_runs("solo", 10, NOW).await.unwrap();
+    let got: Vec<RunId> = batch.iter().map(|entry| entry.run.id).collect();
+    order.reverse();
+    assert_eq!(got, order);
+}
+
+/// A claimed run's heartbeat keeps it off the sweep; once stale it is found, queued again
+/// by exactly one of many racing sweepers, claimed as a second attempt with its log
+/// position, and a queued run can be ended only while no instance has claimed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_runs_are_requeued_once_and_claimed_again() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let owner = user(store).await;
+    let thread_id = thread(store, owner).await;
+    let (id, _) = submit(store, owner, thread_id, NOW, 3).await;
+    let (waiting, _) = submit(store, owner, thread(store, owner).await, NOW + 1, 3).await;
+    let first = store
+        .claim_queued_runs("doomed", 1, NOW + 10)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].run.id, id);
+    // Unclaimed queued runs are never stale: they are waiting, not lost.
+    assert!(store
+        .stale_runs(NOW + 1_000_000)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.run.id != waiting));
+
+    store
+        .append_event(owner, id, 1, "{\"seq\":1}", NOW + 11)
+        .await
+        .unwrap();
+    store
+        .append_event(owner, id, 2, "{\"seq\":2}", NOW + 12)
+        .await
+        .unwrap();
+    store
+        .heartbeat_runs("doomed", &[id], NOW + 500)
+        .await
+        .unwrap();
+    // Another instance's heartbeat cannot refresh it.
+    store
+        .heartbeat_runs("impostor", &[id], NOW + 5_000)
+        .await
+        .unwrap();
+    assert!(store.stale_runs(NOW + 400).await.unwrap().is_empty());
+    let stale = store.stale_runs(NOW + 1_000).await.unwrap();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].run.id, id);
+    assert_eq!(stale[0].instance.as_deref(), Some("doomed"));
+    assert_eq!(stale[0].attempts, 1);
+
+    let wins = futures_util::future::join_all((0..RACERS).map(|_| {
+        let store = Arc::clone(&db.store);
+        async move { store.requeue_run(id, Some("doomed")).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1);
+    let requeued = store.get_run(owner, id).await.unwrap().unwrap();
+    assert_eq!(requeued.status, RunStatus::Queued);
+    assert!(store.stale_runs(i64::MAX).await.unwrap().is_empty());
+
+    let again = store
+        .claim_queued_runs("survivor", 1, NOW + 2_000)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].run.id, id, "the older run first");
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(
+        again[0].run.last_seq, 2,
+        "the next attempt continues the log"
+    );
+    assert_eq!(
+        again[0].run.started_at_ms,
+        Some(NOW + 10),
+        "first start kept"
+    );
+
+    // Ending a queued run: only while unclaimed, and only by its owner.
+    let stranger = user(store).await;
+    assert!(!store
+        .finish_unclaimed_run(stranger, waiting, RunStatus::Cancelled, "x", NOW)
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .finish_unclaimed_run(owner, id, RunStatus::Cancelled, "x", NOW)
+            .await
+            .unwrap(),
+        "claimed runs are stopped by their instance"
+    );
+    assert!(store
+        .finish_unclaimed_run(
+            owner,
+            waiting,
+            RunStatus::Cancelled,
+            "CANCELLED: stopped",
+            NOW + 3_000
+        )
+        .await
+        .unwrap());
+    let cancelled = store.get_run(owner, waiting).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+    assert_eq!(cancelled.finished_at_ms, Some(NOW + 3_000));
+    assert!(store
+        .claim_queued_runs("late", 10, NOW + 4_000)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A run stored without its input (before the queue) is never queued again.
+    let legacy = run_on(store, owner, Some("gone")).await;
+    let stale = store.stale_runs(i64::MAX).await.unwrap();
+    let entry = stale.iter().find(|e| e.run.id == legacy).unwrap();
+    assert!(entry.input.is_none());
+    assert!(!store.requeue_run(legacy, Some("gone")).await.unwrap());
+    assert!(store
+        .claim_run(legacy, Some("gone"), "survivor")
+        .await
+        .unwrap());
+}
+
 async fn run_on(store: &dyn Store, owner: UserId, instance: Option<&str>) -> RunId {
     let id = RunId::generate();
     let thread_id = thread(store, owner).await;
@@ -518,93 +821,4 @@ async fn run_on(store: &dyn Store, owner: UserId, instance: Option<&str>) -> Run
         .await
         .expect("create run");
     id
-}
-
-/// Several instances: the sweep finds exactly the unfinished runs of silent or unknown
-/// instances, and a claim is won by one of many racing instances.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orphaned_runs_are_those_of_silent_instances_and_are_claimed_once() {
-    let Some(db) = test_store().await else {
-        return;
-    };
-    let store = &*db.store;
-    let owner = user(store).await;
-    store
-        .heartbeat_instance("alive", NOW + 10_000)
-        .await
-        .unwrap();
-    store.heartbeat_instance("silent", NOW).await.unwrap();
-    let of_alive = run_on(store, owner, Some("alive")).await;
-    let of_silent = run_on(store, owner, Some("silent")).await;
-    let of_unknown = run_on(store, owner, Some("never-registered")).await;
-    let without = run_on(store, owner, None).await;
-    let mine = run_on(store, owner, Some("me")).await;
-    let finished = run_on(store, owner, Some("silent")).await;
-    store
-        .set_run_status(owner, finished, RunStatus::Completed, None, NOW + 1)
-        .await
-        .unwrap();
-
-    let stale_before = NOW + 5_000;
-    let mut orphaned: Vec<(RunId, Option<String>)> = store
-        .orphaned_runs("me", stale_before)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(o, run, instance)| {
-            assert_eq!(o, owner);
-            (run.id, instance)
-        })
-        .collect();
-    orphaned.sort_by_key(|(id, _)| id.to_string());
-    let mut expected = vec![
-        (of_silent, Some("silent".to_string())),
-        (of_unknown, Some("never-registered".to_string())),
-        (without, None),
-    ];
-    expected.sort_by_key(|(id, _)| id.to_string());
-    assert_eq!(
-        orphaned, expected,
-        "not {of_alive} (alive) nor {mine} (mine)"
-    );
-    // Runs created after the stale point are too young to judge.
-    assert!(store.orphaned_runs("me", NOW).await.unwrap().is_empty());
-
-    // Many instances race to claim the silent instance's run: exactly one wins.
-    let wins = futures_util::future::join_all((0..RACERS).map(|i| {
-        let store = Arc::clone(&db.store);
-        async move {
-            store
-                .claim_run(of_silent, Some("silent"), &format!("survivor-{i}"))
-                .await
-                .unwrap()
-        }
-    }))
-    .await;
-    assert_eq!(wins.iter().filter(|w| **w).count(), 1);
-    assert!(store.claim_run(without, None, "me").await.unwrap());
-    assert!(!store
-        .claim_run(finished, Some("silent"), "me")
-        .await
-        .unwrap());
-    // A claimed run belongs to a live instance now.
-    store.heartbeat_instance("me", NOW + 10_000).await.unwrap();
-    let left: Vec<RunId> = store
-        .orphaned_runs("other", stale_before)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(_, run, _)| run.id)
-        .collect();
-    for alive in [without, mine, of_alive] {
-        assert!(
-            !left.contains(&alive),
-            "{alive} has a live instance: {left:?}"
-        );
-    }
-    // The per-user view used by limits: unfinished runs only, with `finished_since` ahead.
-    let unfinished = store.recent_runs(owner, i64::MAX, 100).await.unwrap();
-    assert_eq!(unfinished.len(), 5);
-    assert!(unfinished.iter().all(|r| r.id != finished));
-    store.remove_instances(Some("me"), i64::MIN).await.unwrap();
 }
