@@ -4,8 +4,9 @@
 //!
 //! What must hold: a user's events reach their socket on any instance, live, in order and
 //! once; a stop sent to any instance cancels the run wherever it executes, and only the
-//! owner's stop does; a run whose instance is killed is ended `interrupted` by a survivor
-//! and can be resumed on another instance without a gap; Redis going away and coming back
+//! owner's stop does; runs submitted through one full instance are claimed by the others; a
+//! run whose instance is killed is run again by a survivor (or, with one attempt, ended
+//! `interrupted`) and can be resumed on another instance without a gap; Redis going away and coming back
 //! loses no event, and readiness answers 503 meanwhile; and the isolation stress check holds
 //! with every user's connections spread over three instances.
 //!
@@ -82,6 +83,8 @@ fn run_sql(base_url: &str, sql: String) {
 struct Cluster {
     pg_base: String,
     schema: String,
+    /// More `apex serve` arguments for every instance this cluster starts.
+    extra_args: Vec<String>,
     redis: String,
     prefix: String,
 }
@@ -93,6 +96,7 @@ impl Cluster {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let cluster = Cluster {
             schema: format!("apex_multi_{id}"),
+            extra_args: Vec::new(),
             prefix: format!("apex-test-{id}"),
             pg_base,
             redis,
@@ -127,9 +131,35 @@ impl Cluster {
 
     /// Starts an instance using `redis` as its bus and waits until it is ready.
     async fn start_via(&self, redis: &str, stream_delay_ms: u64) -> Instance {
-        let instance = self.spawn(redis, stream_delay_ms);
-        instance.wait_ready(true).await;
+        let mut instance = self.spawn(redis, stream_delay_ms);
+        let ready = instance.wait_ready(true).await;
+        instance.id = ready["instance_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         instance
+    }
+
+    /// The id of the instance that claimed `run` from the queue.
+    async fn executing_instance(&self, run: &str) -> String {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.database_url())
+            .await
+            .expect("connect to the cluster's schema");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let row: (Option<String>,) =
+                sqlx::query_as("SELECT instance_id FROM runs WHERE id = $1")
+                    .bind(run)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("the run's row");
+            if let Some(instance) = row.0 {
+                return instance;
+            }
+            assert!(Instant::now() < deadline, "run {run} was never claimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn start(&self, stream_delay_ms: u64) -> Instance {
@@ -152,6 +182,7 @@ impl Cluster {
             .args(["--template-stream-delay-ms", &stream_delay_ms.to_string()])
             .args(["--instance-heartbeat-ms", "200"])
             .args(["--instance-stale-after-ms", "1500"])
+            .args(&self.extra_args)
             .arg("--data-dir")
             .arg(data_dir.path())
             .env("APEX_DATABASE_URL", self.database_url())
@@ -173,6 +204,7 @@ impl Cluster {
             .unwrap_or_else(|| panic!("expected the listening line, got {line:?}"))
             .to_string();
         Instance {
+            id: String::new(),
             child,
             base,
             http: reqwest::Client::new(),
@@ -194,6 +226,8 @@ impl Drop for Cluster {
 
 /// One `apex serve` process; killed when dropped.
 struct Instance {
+    /// The instance's id, from its readiness answer.
+    id: String,
     child: Child,
     base: String,
     http: reqwest::Client,
@@ -537,17 +571,17 @@ async fn a_stop_sent_to_one_instance_cancels_the_run_on_another_and_only_the_own
     assert_eq!(run["status"], "cancelled", "{run}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_of_a_killed_instance_ends_interrupted_and_resumes_gaplessly_elsewhere() {
-    let Some(cluster) = Cluster::new() else {
-        return;
-    };
-    let mut doomed = cluster.start(100).await;
-    let survivor = cluster.start(100).await;
-    let alice = doomed.register("alice").await;
-    let mut ws = doomed.ws(&alice).await;
-    let run_id = doomed.start_run(&alice).await;
-    // Read a few events live, then kill the instance executing the run.
+/// Starts two instances, starts a run, reads its first events, kills (SIGKILL) whichever
+/// instance claimed the run, then resumes on the survivor after the last event read.
+/// Returns the survivor, the user, the run id and the events after the resume point.
+async fn kill_the_executing_instance_and_resume(
+    cluster: &Cluster,
+) -> (Instance, User, String, Vec<Value>) {
+    let first = cluster.start(30).await;
+    let second = cluster.start(30).await;
+    let alice = first.register("alice").await;
+    let mut ws = first.ws(&alice).await;
+    let run_id = first.start_run(&alice).await;
     let mut seen = Vec::new();
     while seen.len() < 5 {
         let frame = ws.next().await;
@@ -556,11 +590,17 @@ async fn a_run_of_a_killed_instance_ends_interrupted_and_resumes_gaplessly_elsew
         }
     }
     assert_contiguous_from(&seen, 1);
+    let executor = cluster.executing_instance(&run_id).await;
+    let (mut doomed, survivor) = if executor == first.id {
+        (first, second)
+    } else {
+        assert_eq!(executor, second.id, "the run is claimed by one of the two");
+        (second, first)
+    };
     doomed.child.kill().unwrap(); // SIGKILL
     doomed.child.wait().unwrap();
     let killed = Instant::now();
 
-    // Reconnect to the survivor and resume after the last event this client has.
     let after = seen.len() as u64;
     let mut ws = survivor.ws(&alice).await;
     ws.send(json!({"type": "resume", "run_id": run_id, "after_seq": after}))
@@ -571,13 +611,6 @@ async fn a_run_of_a_killed_instance_ends_interrupted_and_resumes_gaplessly_elsew
         killed.elapsed()
     );
     assert_contiguous_from(&rest, after + 1);
-    let last = rest.last().unwrap();
-    assert_eq!(last["status"], "interrupted", "{last}");
-    let error = &rest[rest.len() - 2];
-    assert_eq!(error["type"], "error", "{error}");
-    assert_eq!(error["payload"]["error_code"], "INTERRUPTED", "{error}");
-    let run = survivor.run(&alice, &run_id).await;
-    assert_eq!(run["status"], "interrupted", "{run}");
     // The whole stored log is gapless too.
     let stored = survivor
         .get(
@@ -586,6 +619,85 @@ async fn a_run_of_a_killed_instance_ends_interrupted_and_resumes_gaplessly_elsew
         )
         .await;
     assert_contiguous_from(stored["events"].as_array().unwrap(), 1);
+    (survivor, alice, run_id, rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_a_killed_instance_is_finished_by_another_and_resumes_gaplessly() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let (survivor, alice, run_id, rest) = kill_the_executing_instance_and_resume(&cluster).await;
+    let notice = rest
+        .iter()
+        .find(|e| e["type"] == "agent_thinking" && e["agent_name"] == "supervisor")
+        .expect("the second attempt announces itself");
+    assert!(
+        notice["payload"]["reasoning"]
+            .as_str()
+            .unwrap()
+            .contains("attempt 2 of 2"),
+        "{notice}"
+    );
+    let last = rest.last().unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    let run = survivor.run(&alice, &run_id).await;
+    assert_eq!(run["status"], "completed", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_attempt_a_run_of_a_killed_instance_ends_interrupted() {
+    let Some(mut cluster) = Cluster::new() else {
+        return;
+    };
+    cluster.extra_args = vec!["--run-max-attempts".into(), "1".into()];
+    let (survivor, alice, run_id, rest) = kill_the_executing_instance_and_resume(&cluster).await;
+    let last = rest.last().unwrap();
+    assert_eq!(last["status"], "interrupted", "{last}");
+    let error = &rest[rest.len() - 2];
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["payload"]["error_code"], "INTERRUPTED", "{error}");
+    let run = survivor.run(&alice, &run_id).await;
+    assert_eq!(run["status"], "interrupted", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_submitted_through_a_full_instance_are_claimed_by_the_others() {
+    let Some(mut cluster) = Cluster::new() else {
+        return;
+    };
+    cluster.extra_args = vec!["--max-runs-per-instance".into(), "1".into()];
+    let front = cluster.start(30).await;
+    let others = [cluster.start(30).await, cluster.start(30).await];
+    let alice = front.register("alice").await;
+    let mut ws = front.ws(&alice).await;
+    // Three runs, all through one instance that may execute one at a time.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(front.start_run(&alice).await);
+    }
+    let mut executors = Vec::new();
+    for run in &runs {
+        executors.push(cluster.executing_instance(run).await);
+    }
+    executors.sort();
+    executors.dedup();
+    assert_eq!(executors.len(), 3, "each instance took one: {executors:?}");
+    let mut all = vec![front.id.clone()];
+    all.extend(others.iter().map(|i| i.id.clone()));
+    all.sort();
+    assert_eq!(executors, all);
+    // And the user, connected to the front instance, sees every run to its end.
+    let mut finished = std::collections::HashMap::new();
+    while finished.len() < runs.len() {
+        let frame = ws.next().await;
+        if is_terminal(&frame) {
+            finished.insert(frame["run_id"].as_str().unwrap().to_string(), frame);
+        }
+    }
+    for run in &runs {
+        assert_eq!(finished[run]["status"], "completed", "{}", finished[run]);
+    }
 }
 
 /// A TCP proxy to Redis that can be cut (open connections dropped, new ones refused by
