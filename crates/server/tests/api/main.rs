@@ -20,5 +20,6 @@ mod stress;
 mod text;
 mod threads;
 mod usage;
+mod usage_sql;
 mod web_page;
 mod websocket;
