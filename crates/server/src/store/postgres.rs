@@ -787,10 +787,11 @@ impl Store for PostgresStore {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>> {
-        let rows = usage_sql::totals::<Postgres>(owner, since_ms, until_ms)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            usage_sql::totals::<Postgres>(usage_sql::Engine::Postgres, owner, since_ms, until_ms)
+                .build()
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(usage_sql::totals_from_row).collect()
     }
 
@@ -819,10 +820,11 @@ impl Store for PostgresStore {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>> {
-        let rows = usage_sql::daily::<Postgres>(owner, since_ms, until_ms)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            usage_sql::daily::<Postgres>(usage_sql::Engine::Postgres, owner, since_ms, until_ms)
+                .build()
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(usage_sql::daily_from_row).collect()
     }
 
@@ -855,10 +857,16 @@ impl Store for PostgresStore {
         if query.rates.is_empty() && query.caps.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = usage_sql::savings::<Postgres>(owner, since_ms, until_ms, query)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = usage_sql::savings::<Postgres>(
+            usage_sql::Engine::Postgres,
+            owner,
+            since_ms,
+            until_ms,
+            query,
+        )
+        .build()
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(usage_sql::savings_from_row).collect()
     }
 

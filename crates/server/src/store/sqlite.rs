@@ -692,10 +692,11 @@ impl Store for SqliteStore {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>> {
-        let rows = usage_sql::totals::<Sqlite>(owner, since_ms, until_ms)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            usage_sql::totals::<Sqlite>(usage_sql::Engine::Sqlite, owner, since_ms, until_ms)
+                .build()
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(usage_sql::totals_from_row).collect()
     }
 
@@ -724,7 +725,7 @@ impl Store for SqliteStore {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>> {
-        let rows = usage_sql::daily::<Sqlite>(owner, since_ms, until_ms)
+        let rows = usage_sql::daily::<Sqlite>(usage_sql::Engine::Sqlite, owner, since_ms, until_ms)
             .build()
             .fetch_all(&self.pool)
             .await?;
@@ -760,10 +761,16 @@ impl Store for SqliteStore {
         if query.rates.is_empty() && query.caps.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = usage_sql::savings::<Sqlite>(owner, since_ms, until_ms, query)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = usage_sql::savings::<Sqlite>(
+            usage_sql::Engine::Sqlite,
+            owner,
+            since_ms,
+            until_ms,
+            query,
+        )
+        .build()
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(usage_sql::savings_from_row).collect()
     }
 

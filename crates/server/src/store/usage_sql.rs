@@ -10,6 +10,32 @@
 //! (PostgreSQL reads `1000000.0` as `NUMERIC`).
 //!
 //! Every query filters by the owner first, like every user-data query of the store.
+//!
+//! Sums of money must not depend on the order the database visits the rows in, or two
+//! reads of the same rows could round to different micro-dollars (the answer of a run and
+//! the summary would disagree). SQLite visits them in the order of the `(user_id, ts)`
+//! index, always, and sums with compensation; PostgreSQL's order changes with the plan it
+//! picks (index or bitmap scan, as its statistics change), so there the costs are summed as
+//! `NUMERIC`, exactly. Groups come back ordered, so adding them up in Rust is repeatable too.
+
+/// The engine a query is written for, where their SQL differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    /// The sum of the money-valued `expr`, as a `DOUBLE PRECISION` (see the module docs).
+    fn money_sum(self, expr: &str) -> String {
+        match self {
+            Engine::Sqlite => format!("CAST(SUM({expr}) AS DOUBLE PRECISION)"),
+            Engine::Postgres => {
+                format!("CAST(SUM(CAST({expr} AS NUMERIC)) AS DOUBLE PRECISION)")
+            }
+        }
+    }
+}
 
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
 
@@ -39,21 +65,27 @@ fn push_window<'q, DB>(
 }
 
 /// Totals per (provider, model, workload) of the rows dated in `[since, until]`.
-pub(super) fn totals<'q, DB>(owner: UserId, since: i64, until: i64) -> QueryBuilder<'q, DB>
+pub(super) fn totals<'q, DB>(
+    engine: Engine,
+    owner: UserId,
+    since: i64,
+    until: i64,
+) -> QueryBuilder<'q, DB>
 where
     DB: Database,
     DB::Arguments<'q>: Default,
     String: Encode<'q, DB> + Type<DB>,
     i64: Encode<'q, DB> + Type<DB>,
 {
-    let mut q = QueryBuilder::new(
+    let mut q = QueryBuilder::new(format!(
         "SELECT provider, model, workload, COUNT(*), \
          CAST(SUM(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END) AS BIGINT), \
          CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-         CAST(SUM(cost_usd) AS DOUBLE PRECISION) FROM workload_events",
-    );
+         {} FROM workload_events",
+        engine.money_sum("cost_usd")
+    ));
     push_window(&mut q, "", owner, since, until);
-    q.push(" GROUP BY provider, model, workload");
+    q.push(" GROUP BY provider, model, workload ORDER BY provider, model, workload");
     q
 }
 
@@ -107,19 +139,25 @@ where
 
 /// Spend and requests per (UTC day, model) of the rows dated in `[since, until]`. The day
 /// is the floor of `ts / 86,400,000` (also for instants before 1970).
-pub(super) fn daily<'q, DB>(owner: UserId, since: i64, until: i64) -> QueryBuilder<'q, DB>
+pub(super) fn daily<'q, DB>(
+    engine: Engine,
+    owner: UserId,
+    since: i64,
+    until: i64,
+) -> QueryBuilder<'q, DB>
 where
     DB: Database,
     DB::Arguments<'q>: Default,
     String: Encode<'q, DB> + Type<DB>,
     i64: Encode<'q, DB> + Type<DB>,
 {
-    let mut q = QueryBuilder::new(
+    let mut q = QueryBuilder::new(format!(
         "SELECT (ts - ((ts % 86400000) + 86400000) % 86400000) / 86400000 AS day, model, \
-         COUNT(*), CAST(SUM(cost_usd) AS DOUBLE PRECISION) FROM workload_events",
-    );
+         COUNT(*), {} FROM workload_events",
+        engine.money_sum("cost_usd")
+    ));
     push_window(&mut q, "", owner, since, until);
-    q.push(" GROUP BY day, model");
+    q.push(" GROUP BY day, model ORDER BY day, model");
     q
 }
 
@@ -174,6 +212,7 @@ where
 /// Routing and output-cap figures per (workload, model) of the rows in `[since, until]`
 /// (see [`SavingsQuery`]). Only rows that count for either are grouped.
 pub(super) fn savings<'q, DB>(
+    engine: Engine,
     owner: UserId,
     since: i64,
     until: i64,
@@ -227,16 +266,16 @@ where
          LEFT JOIN caps c ON c.workload = e.workload",
     );
     push_window(&mut q, "e.", owner, since, until);
-    q.push(
+    q.push(format!(
         " AND (r.model IS NOT NULL OR c.cap IS NOT NULL)) \
          SELECT workload, model, \
-         CAST(SUM(CASE WHEN saved > 0 THEN 1 ELSE 0 END) AS BIGINT), \
-         CAST(SUM(CASE WHEN saved > 0 THEN saved ELSE 0 END) AS DOUBLE PRECISION), \
+         CAST(SUM(CASE WHEN saved > 0 THEN 1 ELSE 0 END) AS BIGINT), {}, \
          CAST(SUM(CASE WHEN completion_tokens > cap THEN 1 ELSE 0 END) AS BIGINT), \
          CAST(SUM(CASE WHEN completion_tokens > cap THEN completion_tokens - cap ELSE 0 END) \
          AS BIGINT) FROM scored WHERE saved > 0 OR completion_tokens > cap \
-         GROUP BY workload, model",
-    );
+         GROUP BY workload, model ORDER BY workload, model",
+        engine.money_sum("CASE WHEN saved > 0 THEN saved ELSE 0 END")
+    ));
     q
 }
 
