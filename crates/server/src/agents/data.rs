@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, RunState};
-use crate::usage::{UsageWindow, DEFAULT_WINDOW_DAYS};
+use crate::usage::{summary_for, DEFAULT_WINDOW_DAYS};
 
 pub struct DataAgent;
 
@@ -27,19 +27,15 @@ impl Agent for DataAgent {
         )
         .await?;
         let now = cx.now_ms();
-        let mut window = None;
         let summary = cx
             .tool(
                 self.name(),
                 "usage_summary",
                 json!({ "days": days }),
                 || async {
-                    let loaded = UsageWindow::load(&cx.store, days, now)
+                    summary_for(&cx.store, days, now)
                         .await
-                        .map_err(|e| e.to_string())?;
-                    let summary = loaded.summary();
-                    window = Some(loaded);
-                    Ok(summary)
+                        .map_err(|e| e.to_string())
                 },
             )
             .await?;
@@ -62,7 +58,6 @@ impl Agent for DataAgent {
             "workloads": summary.by_workload.len(),
         });
         state.usage = Some(summary);
-        state.usage_window = window;
         Ok(result)
     }
 }

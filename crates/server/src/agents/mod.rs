@@ -112,8 +112,6 @@ pub struct RunState {
     pub request: String,
     pub triage: Option<Triage>,
     pub usage: Option<UsageSummary>,
-    /// The usage rows the data agent read, reused by the optimization agent.
-    pub usage_window: Option<crate::usage::UsageWindow>,
     pub opportunities: Vec<Opportunity>,
     pub plan: Vec<ActionStep>,
     /// The structured report (what `payload.result` of the terminal event carries).

@@ -16,8 +16,11 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, Opportunity, RunState};
-use crate::store::UsageRow;
-use crate::usage::pricing::{cost_at, PricingTable};
+use crate::store::{
+    CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult,
+    UsageTotals, UserStore,
+};
+use crate::usage::pricing::PricingTable;
 use crate::usage::DEFAULT_WINDOW_DAYS;
 
 pub struct OptimizationAgent;
@@ -27,65 +30,179 @@ const SHORT_COMPLETION: i64 = 150;
 const CACHING_MIN_AVG_PROMPT: f64 = 1500.0;
 const CACHEABLE_SHARE: f64 = 0.6;
 const CAP_MIN_AVG_COMPLETION: f64 = 400.0;
+/// No workload is capped below this many completion tokens.
+const MIN_CAP: i64 = 256;
 const OFFLINE_MARKERS: &[&str] = &["nightly", "batch", "weekly", "backfill", "eval", "report"];
 
 fn round_cents(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
 
-pub fn simulate(rows: &[UsageRow], days: u32, pricing: &PricingTable) -> Vec<Opportunity> {
+/// What the simulation needs of the user's rows in its window, computed by the database:
+/// totals per (provider, model, workload), the output cap considered for each workload that
+/// qualifies for one, and the routing and cap figures per (workload, model).
+#[derive(Debug, Clone, Default)]
+pub struct SimulationInput {
+    pub totals: Vec<UsageTotals>,
+    pub caps: BTreeMap<String, i64>,
+    pub savings: Vec<SavingsTotals>,
+}
+
+/// Requests, prompt and completion tokens of one workload.
+#[derive(Debug, Clone, Copy, Default)]
+struct WorkloadTotals {
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+}
+
+impl WorkloadTotals {
+    fn avg_prompt(&self) -> f64 {
+        self.prompt_tokens as f64 / self.requests as f64
+    }
+    fn avg_completion(&self) -> f64 {
+        self.completion_tokens as f64 / self.requests as f64
+    }
+}
+
+fn by_workload(totals: &[UsageTotals]) -> BTreeMap<&str, WorkloadTotals> {
+    let mut workloads: BTreeMap<&str, WorkloadTotals> = BTreeMap::new();
+    for group in totals {
+        let w = workloads.entry(group.workload.as_str()).or_default();
+        w.requests += group.requests;
+        w.prompt_tokens += group.prompt_tokens;
+        w.completion_tokens += group.completion_tokens;
+    }
+    workloads
+}
+
+/// The 1-based rank of a workload's output cap among its `requests` rows ordered by
+/// completion tokens: its 75th percentile, the value at index `len * 3 / 4` of the sorted
+/// list (the last one for a single row).
+fn cap_rank(requests: i64) -> i64 {
+    (requests * 3 / 4).min(requests - 1) + 1
+}
+
+/// Gathers the simulation's input for the rows dated at or after `since_ms` (rows dated in
+/// the future included) in three grouped queries instead of loading every row: totals,
+/// then the caps (the 75th percentile needs an order, so the database ranks the rows of
+/// the few workloads that qualify), then the per-row tests of routing and capping, which
+/// depend on the totals and caps, summed per (workload, model).
+pub async fn gather(
+    store: &UserStore,
+    since_ms: i64,
+    pricing: &PricingTable,
+) -> StoreResult<SimulationInput> {
+    let until = i64::MAX;
+    let totals = store.usage_totals(since_ms, until).await?;
+    let wanted: Vec<CompletionRank> = by_workload(&totals)
+        .into_iter()
+        .filter(|(_, w)| w.avg_completion() >= CAP_MIN_AVG_COMPLETION)
+        .map(|(workload, w)| CompletionRank {
+            workload: workload.to_string(),
+            rank: cap_rank(w.requests),
+        })
+        .collect();
+    let caps: BTreeMap<String, i64> = store
+        .usage_completion_at_ranks(since_ms, until, &wanted)
+        .await?
+        .into_iter()
+        .map(|(workload, tokens)| (workload, tokens.max(MIN_CAP)))
+        .collect();
+    let models: BTreeSet<&str> = totals.iter().map(|t| t.model.as_str()).collect();
+    let rates = models
+        .into_iter()
+        .filter_map(|model| {
+            let alt = pricing
+                .lookup(model)?
+                .cheaper_alternative
+                .and_then(|m| pricing.lookup(m))?;
+            Some(RepricingRate {
+                model: model.to_string(),
+                input_per_mtok: alt.input_per_mtok,
+                output_per_mtok: alt.output_per_mtok,
+            })
+        })
+        .collect();
+    let query = SavingsQuery {
+        short_prompt: SHORT_PROMPT,
+        short_completion: SHORT_COMPLETION,
+        rates,
+        caps: caps
+            .iter()
+            .map(|(workload, cap)| OutputCap {
+                workload: workload.clone(),
+                cap: *cap,
+            })
+            .collect(),
+    };
+    let savings = store.usage_savings(since_ms, until, &query).await?;
+    Ok(SimulationInput {
+        totals,
+        caps,
+        savings,
+    })
+}
+
+pub fn simulate(input: &SimulationInput, days: u32, pricing: &PricingTable) -> Vec<Opportunity> {
     let monthly = 30.0 / f64::from(days.max(1));
-    let mut by_workload: BTreeMap<&str, Vec<&UsageRow>> = BTreeMap::new();
-    for row in rows {
-        by_workload
-            .entry(row.workload.as_str())
-            .or_default()
-            .push(row);
+    let workloads = by_workload(&input.totals);
+    // Prompt tokens and cost per (workload, model), whatever the provider column says:
+    // prices are looked up by model name.
+    let mut groups: BTreeMap<(&str, &str), (i64, f64)> = BTreeMap::new();
+    for group in &input.totals {
+        let g = groups
+            .entry((group.workload.as_str(), group.model.as_str()))
+            .or_default();
+        g.0 += group.prompt_tokens;
+        g.1 += group.cost_usd;
     }
 
     let mut routing = (0.0, BTreeSet::new(), BTreeSet::new());
     let mut caching = (0.0, BTreeSet::new());
     let mut batching = (0.0, BTreeSet::new());
     let mut capping = (0.0, BTreeSet::new());
-    for (workload, rows) in &by_workload {
-        let n = rows.len() as f64;
-        let avg_prompt = rows.iter().map(|r| r.prompt_tokens).sum::<i64>() as f64 / n;
-        let avg_completion = rows.iter().map(|r| r.completion_tokens).sum::<i64>() as f64 / n;
-        let mut completions: Vec<i64> = rows.iter().map(|r| r.completion_tokens).collect();
-        completions.sort_unstable();
-        let cap = completions[(completions.len() * 3 / 4).min(completions.len() - 1)].max(256);
+    for ((workload, model), (prompt_tokens, cost)) in &groups {
+        let Some(price) = pricing.lookup(model) else {
+            continue;
+        };
+        let Some(w) = workloads.get(workload) else {
+            continue;
+        };
+        if w.avg_prompt() >= CACHING_MIN_AVG_PROMPT && price.cached_input_discount > 0.0 {
+            caching.0 += *prompt_tokens as f64
+                * CACHEABLE_SHARE
+                * price.input_per_mtok
+                * price.cached_input_discount
+                / 1_000_000.0;
+            caching.1.insert(workload.to_string());
+        }
         let offline = OFFLINE_MARKERS.iter().any(|m| workload.contains(m));
-        for row in rows {
-            let Some(price) = pricing.lookup(&row.model) else {
-                continue;
-            };
-            if row.prompt_tokens < SHORT_PROMPT && row.completion_tokens < SHORT_COMPLETION {
-                if let Some(alt) = price.cheaper_alternative.and_then(|m| pricing.lookup(m)) {
-                    let saved =
-                        row.cost_usd - cost_at(alt, row.prompt_tokens, row.completion_tokens);
-                    if saved > 0.0 {
-                        routing.0 += saved;
-                        routing.1.insert(workload.to_string());
-                        routing.2.insert(format!("{} → {}", price.model, alt.model));
-                    }
-                }
+        if offline && price.batch_discount > 0.0 {
+            batching.0 += cost * price.batch_discount;
+            batching.1.insert(workload.to_string());
+        }
+    }
+    for group in &input.savings {
+        let Some(price) = pricing.lookup(&group.model) else {
+            continue;
+        };
+        if group.routed_requests > 0 {
+            if let Some(alt) = price.cheaper_alternative.and_then(|m| pricing.lookup(m)) {
+                routing.0 += group.routing_savings_usd;
+                routing.1.insert(group.workload.clone());
+                routing.2.insert(format!("{} → {}", price.model, alt.model));
             }
-            if avg_prompt >= CACHING_MIN_AVG_PROMPT && price.cached_input_discount > 0.0 {
-                caching.0 += row.prompt_tokens as f64
-                    * CACHEABLE_SHARE
-                    * price.input_per_mtok
-                    * price.cached_input_discount
-                    / 1_000_000.0;
-                caching.1.insert(workload.to_string());
-            }
-            if offline && price.batch_discount > 0.0 {
-                batching.0 += row.cost_usd * price.batch_discount;
-                batching.1.insert(workload.to_string());
-            }
-            if avg_completion >= CAP_MIN_AVG_COMPLETION && row.completion_tokens > cap {
-                capping.0 +=
-                    (row.completion_tokens - cap) as f64 * price.output_per_mtok / 1_000_000.0;
-                capping.1.insert(format!("{workload} (cap {cap} tokens)"));
+        }
+        let qualifies = workloads
+            .get(group.workload.as_str())
+            .is_some_and(|w| w.avg_completion() >= CAP_MIN_AVG_COMPLETION);
+        if let Some(cap) = input.caps.get(&group.workload).filter(|_| qualifies) {
+            if group.capped_requests > 0 {
+                capping.0 += group.tokens_over_cap as f64 * price.output_per_mtok / 1_000_000.0;
+                capping
+                    .1
+                    .insert(format!("{} (cap {cap} tokens)", group.workload));
             }
         }
     }
@@ -219,20 +336,10 @@ impl Agent for OptimizationAgent {
                 "savings_simulator",
                 json!({ "days": days, "strategies": strategies }),
                 || async {
-                    // The rows the data agent read for the same window, if it did.
-                    if let Some(window) = state
-                        .usage_window
-                        .as_ref()
-                        .filter(|w| w.days == days && w.start_ms <= since)
-                    {
-                        return Ok(simulate(window.rows_since(since), days, &cx.pricing));
-                    }
-                    let rows = cx
-                        .store
-                        .usage_rows_since(since)
+                    let input = gather(&cx.store, since, &cx.pricing)
                         .await
                         .map_err(|e| e.to_string())?;
-                    Ok::<_, String>(simulate(&rows, days, &cx.pricing))
+                    Ok::<_, String>(simulate(&input, days, &cx.pricing))
                 },
             )
             .await?;
@@ -260,56 +367,83 @@ impl Agent for OptimizationAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::pricing::cost_at;
 
-    fn row(model: &str, workload: &str, prompt: i64, completion: i64) -> UsageRow {
+    fn totals(model: &str, workload: &str, requests: i64, tokens: (i64, i64)) -> UsageTotals {
         let pricing = PricingTable::builtin();
-        UsageRow {
+        UsageTotals {
             provider: "openai".into(),
             model: model.into(),
             workload: workload.into(),
-            ts_ms: 0,
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            latency_ms: 100,
-            status: "ok".into(),
-            cost_usd: pricing.cost(model, prompt, completion).unwrap(),
+            requests,
+            errors: 0,
+            prompt_tokens: tokens.0 * requests,
+            completion_tokens: tokens.1 * requests,
+            cost_usd: pricing.cost(model, tokens.0, tokens.1).unwrap() * requests as f64,
         }
     }
 
     #[test]
     fn routing_savings_are_the_price_difference_projected_to_a_month() {
         let pricing = PricingTable::builtin();
-        // 15 days of 1,000,000 short-request tokens on gpt-4o.
-        let rows: Vec<_> = (0..1000)
-            .map(|_| row("gpt-4o", "classifier", 500, 100))
-            .collect();
-        let found = simulate(&rows, 15, &pricing);
+        // 15 days of 1,000 short requests on gpt-4o.
+        let per_call = pricing.cost("gpt-4o", 500, 100).unwrap()
+            - cost_at(pricing.lookup("gpt-4o-mini").unwrap(), 500, 100);
+        let input = SimulationInput {
+            totals: vec![totals("gpt-4o", "classifier", 1000, (500, 100))],
+            caps: BTreeMap::new(),
+            savings: vec![SavingsTotals {
+                workload: "classifier".into(),
+                model: "gpt-4o".into(),
+                routed_requests: 1000,
+                routing_savings_usd: per_call * 1000.0,
+                capped_requests: 0,
+                tokens_over_cap: 0,
+            }],
+        };
+        let found = simulate(&input, 15, &pricing);
         let routing = found
             .iter()
             .find(|o| o.strategy == "model_routing")
             .unwrap();
-        let per_call = pricing.cost("gpt-4o", 500, 100).unwrap()
-            - pricing.cost("gpt-4o-mini", 500, 100).unwrap();
         assert_eq!(
             routing.monthly_savings_usd,
             round_cents(per_call * 1000.0 * 2.0)
         );
+        assert!(routing.description.contains("gpt-4o → gpt-4o-mini"));
         assert!(found.iter().all(|o| o.strategy != "batching"));
     }
 
     #[test]
     fn offline_and_long_workloads_get_batching_caching_and_caps() {
         let pricing = PricingTable::builtin();
-        let rows: Vec<_> = (0..100)
-            .map(|i| row("gpt-4o", "nightly-summaries", 3000, 300 + i * 10))
-            .collect();
-        let strategies: Vec<_> = simulate(&rows, 30, &pricing)
-            .into_iter()
-            .map(|o| o.strategy)
-            .collect();
-        assert!(strategies.contains(&"batching".to_string()));
-        assert!(strategies.contains(&"prompt_caching".to_string()));
-        assert!(strategies.contains(&"output_caps".to_string()));
-        assert!(simulate(&[], 30, &pricing).is_empty());
+        let input = SimulationInput {
+            totals: vec![totals("gpt-4o", "nightly-summaries", 100, (3000, 800))],
+            caps: BTreeMap::from([("nightly-summaries".to_string(), 1000)]),
+            savings: vec![SavingsTotals {
+                workload: "nightly-summaries".into(),
+                model: "gpt-4o".into(),
+                routed_requests: 0,
+                routing_savings_usd: 0.0,
+                capped_requests: 20,
+                tokens_over_cap: 2000,
+            }],
+        };
+        let found = simulate(&input, 30, &pricing);
+        let strategies: Vec<_> = found.iter().map(|o| o.strategy.as_str()).collect();
+        assert!(strategies.contains(&"batching"));
+        assert!(strategies.contains(&"prompt_caching"));
+        assert!(strategies.contains(&"output_caps"));
+        let caps = found.iter().find(|o| o.strategy == "output_caps").unwrap();
+        assert_eq!(caps.workloads, vec!["nightly-summaries (cap 1000 tokens)"]);
+        assert!(simulate(&SimulationInput::default(), 30, &pricing).is_empty());
+    }
+
+    #[test]
+    fn the_cap_is_the_value_at_three_quarters_of_the_sorted_list() {
+        // 0-based index len * 3 / 4, clamped to the last: ranks are one more.
+        assert_eq!(cap_rank(1), 1);
+        assert_eq!(cap_rank(4), 4);
+        assert_eq!(cap_rank(100), 76);
     }
 }

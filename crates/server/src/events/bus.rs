@@ -170,6 +170,31 @@ impl UserSubscription {
     }
 }
 
+impl UserSubscription {
+    /// The next event if one is already queued, without waiting; `None` if none is. Same
+    /// errors as [`Self::recv`], checked in the same order (a resync first).
+    pub fn try_recv(&mut self) -> Option<Result<Arc<BusEvent>, BusRecvError>> {
+        match self.resync.has_changed() {
+            Ok(true) => {
+                // Marks this resync seen, as `changed()` in `recv` does.
+                self.resync.borrow_and_update();
+                return Some(Err(BusRecvError::Resync));
+            }
+            Ok(false) => {}
+            Err(_) => return Some(Err(BusRecvError::Closed)),
+        }
+        let Some(receiver) = self.receiver.as_mut() else {
+            return Some(Err(BusRecvError::Closed));
+        };
+        match receiver.try_recv() {
+            Ok(event) => Some(Ok(event)),
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(BusRecvError::Lagged(n))),
+            Err(broadcast::error::TryRecvError::Closed) => Some(Err(BusRecvError::Closed)),
+        }
+    }
+}
+
 async fn recv(
     receiver: &mut Option<broadcast::Receiver<Arc<BusEvent>>>,
 ) -> Result<Arc<BusEvent>, broadcast::error::RecvError> {
@@ -230,6 +255,22 @@ mod tests {
         drop(alice_sub);
         drop(bob_sub);
         assert_eq!(bus.subscribed_users(), 0);
+    }
+
+    #[tokio::test]
+    async fn try_recv_takes_queued_events_in_order_without_waiting() {
+        let bus = InProcessBus::new();
+        let user = UserId::generate();
+        let mut sub = bus.subscribe(user);
+        assert!(sub.try_recv().is_none());
+        bus.publish(event(user, 1));
+        bus.publish(event(user, 2));
+        assert_eq!(sub.try_recv().unwrap().unwrap().seq, 1);
+        assert_eq!(sub.try_recv().unwrap().unwrap().seq, 2);
+        assert!(sub.try_recv().is_none());
+        bus.resync_all();
+        assert_eq!(sub.try_recv().unwrap().unwrap_err(), BusRecvError::Resync);
+        assert!(sub.try_recv().is_none(), "a resync is reported once");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@
 pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
+mod usage_sql;
 mod user_store;
 
 use std::sync::Arc;
@@ -146,6 +147,78 @@ pub struct QueueEntry {
     pub instance: Option<String>,
 }
 
+/// Totals of a user's usage rows that share a provider, model and workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageTotals {
+    pub provider: String,
+    pub model: String,
+    pub workload: String,
+    pub requests: i64,
+    /// Rows whose status is not `ok`.
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+}
+
+/// A user's requests and spend on one model during one UTC day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageDayTotals {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    pub model: String,
+    pub requests: i64,
+    pub cost_usd: f64,
+}
+
+/// A wanted rank (1-based) among one workload's rows ordered by completion tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRank {
+    pub workload: String,
+    pub rank: i64,
+}
+
+/// The rates (USD per million tokens) a model's short requests would be billed at on its
+/// cheaper alternative.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepricingRate {
+    pub model: String,
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+/// An output cap (completion tokens) considered for one workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputCap {
+    pub workload: String,
+    pub cap: i64,
+}
+
+/// What [`Store::usage_savings`] measures on each row of the window:
+/// - routing: rows with fewer than `short_prompt` prompt and `short_completion` completion
+///   tokens on a model of `rates`, whose cost minus their cost at those rates is positive;
+/// - output caps: rows of a workload of `caps` with more completion tokens than its cap.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SavingsQuery {
+    pub short_prompt: i64,
+    pub short_completion: i64,
+    pub rates: Vec<RepricingRate>,
+    pub caps: Vec<OutputCap>,
+}
+
+/// [`SavingsQuery`]'s figures for one (workload, model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavingsTotals {
+    pub workload: String,
+    pub model: String,
+    /// Short rows whose repricing saves money, and the sum of those savings.
+    pub routed_requests: i64,
+    pub routing_savings_usd: f64,
+    /// Rows over the workload's cap, and the sum of their tokens past it.
+    pub capped_requests: i64,
+    pub tokens_over_cap: i64,
+}
+
 /// Everything Apex persists. See the module docs for the two kinds of methods.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -261,7 +334,54 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> StoreResult<Vec<StoredEvent>>;
     async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64>;
+    /// Every row of `owner` dated at or after `since_ms`, by time. The server's own figures
+    /// come from the grouped queries below, which load no row.
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
+    /// Totals per (provider, model, workload) of `owner`'s usage rows dated in
+    /// `[since_ms, until_ms]`, computed by the database (no row is loaded).
+    async fn usage_totals(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>>;
+    /// The latency of the rows at the given 1-based ranks when `owner`'s rows dated in
+    /// `[since_ms, until_ms]` are ordered by latency, as (rank, latency) pairs; ranks past
+    /// the last row have none.
+    async fn usage_latency_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>>;
+    /// Requests and spend per (UTC day, model) of `owner`'s rows dated in
+    /// `[since_ms, until_ms]`.
+    async fn usage_daily(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>>;
+    /// For each wanted (workload, rank), the completion tokens of the row at that rank of the
+    /// workload's rows dated in `[since_ms, until_ms]`, ordered by completion tokens, as
+    /// (workload, tokens); ranks past the last row have none.
+    async fn usage_completion_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>>;
+    /// Routing and output-cap figures per (workload, model) of `owner`'s rows dated in
+    /// `[since_ms, until_ms]` (see [`SavingsQuery`]); groups with neither are left out.
+    async fn usage_savings(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>>;
 
     // ---- maintenance ----
     /// Retention: deletes the event logs of runs that finished before `finished_before_ms`.

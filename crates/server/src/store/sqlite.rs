@@ -18,6 +18,7 @@ use super::{
     parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, Store, StoreError,
     StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageRow, UserRecord,
 };
+use super::{usage_sql, CompletionRank, SavingsQuery, SavingsTotals, UsageDayTotals, UsageTotals};
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
 use crate::settings::DatabasePool;
 use apex_protocol::threads::RunStatus;
@@ -712,6 +713,94 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn usage_totals(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>> {
+        let rows =
+            usage_sql::totals::<Sqlite>(usage_sql::Engine::Sqlite, owner, since_ms, until_ms)
+                .build()
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(usage_sql::totals_from_row).collect()
+    }
+
+    async fn usage_latency_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        if ranks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = usage_sql::latency_at_ranks::<Sqlite>(owner, since_ms, until_ms, ranks)
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    async fn usage_daily(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>> {
+        let rows = usage_sql::daily::<Sqlite>(usage_sql::Engine::Sqlite, owner, since_ms, until_ms)
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(usage_sql::daily_from_row).collect()
+    }
+
+    async fn usage_completion_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = usage_sql::completion_at_ranks::<Sqlite>(owner, since_ms, until_ms, wanted)
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    async fn usage_savings(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>> {
+        if query.rates.is_empty() && query.caps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = usage_sql::savings::<Sqlite>(
+            usage_sql::Engine::Sqlite,
+            owner,
+            since_ms,
+            until_ms,
+            query,
+        )
+        .build()
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(usage_sql::savings_from_row).collect()
     }
 
     async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{
-    MessageRecord, RunRecord, RunSubmission, Store, StoreResult, StoredEvent, SubmitOutcome,
-    ThreadRecord, UsageRow,
+    CompletionRank, MessageRecord, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
 };
 use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
@@ -135,5 +135,56 @@ impl UserStore {
     }
     pub async fn usage_rows_since(&self, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         self.store.usage_rows_since(self.owner, since_ms).await
+    }
+    /// See [`Store::usage_totals`].
+    pub async fn usage_totals(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>> {
+        self.store
+            .usage_totals(self.owner, since_ms, until_ms)
+            .await
+    }
+    /// See [`Store::usage_latency_at_ranks`].
+    pub async fn usage_latency_at_ranks(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        self.store
+            .usage_latency_at_ranks(self.owner, since_ms, until_ms, ranks)
+            .await
+    }
+    /// See [`Store::usage_daily`].
+    pub async fn usage_daily(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>> {
+        self.store.usage_daily(self.owner, since_ms, until_ms).await
+    }
+    /// See [`Store::usage_completion_at_ranks`].
+    pub async fn usage_completion_at_ranks(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>> {
+        self.store
+            .usage_completion_at_ranks(self.owner, since_ms, until_ms, wanted)
+            .await
+    }
+    /// See [`Store::usage_savings`].
+    pub async fn usage_savings(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>> {
+        self.store
+            .usage_savings(self.owner, since_ms, until_ms, query)
+            .await
     }
 }

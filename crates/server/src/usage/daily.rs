@@ -1,7 +1,8 @@
 //! The daily series: spend and requests per UTC day and model, for the usage chart.
 //!
 //! Same window as the summary (`days` × 24 h before now, rows dated in the future left
-//! out), read through the caller's `UserStore`, so only their own rows are counted.
+//! out), read through the caller's `UserStore`, so only their own rows are counted. The
+//! database groups the rows by day and model ([`crate::store::Store::usage_daily`]).
 
 use std::collections::BTreeMap;
 
@@ -9,37 +10,41 @@ use apex_protocol::usage::{DailyModelUsage, DailyUsage};
 use chrono::{DateTime, Utc};
 
 use super::summary::{round_usd, window_start_ms};
-use crate::store::{StoreResult, UsageRow, UserStore};
+use crate::store::{StoreResult, UsageDayTotals, UserStore};
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
 
 /// The daily series of the store handle's user over the last `days` days before `now_ms`.
 pub async fn daily_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<DailyUsage> {
-    let rows = store
-        .usage_rows_since(window_start_ms(days, now_ms))
+    let days_totals = store
+        .usage_daily(window_start_ms(days, now_ms), now_ms)
         .await?;
     Ok(DailyUsage {
         days,
-        series: group_daily(&rows, now_ms),
+        series: group_daily(&days_totals),
     })
 }
 
-/// `YYYY-MM-DD` of a unix-milliseconds instant, in UTC.
-fn utc_date(ts_ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ts_ms)
+/// `YYYY-MM-DD` of a day counted from 1970-01-01, in UTC.
+fn utc_date(day: i64) -> String {
+    day.checked_mul(DAY_MS)
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
         .unwrap_or(DateTime::UNIX_EPOCH)
         .format("%Y-%m-%d")
         .to_string()
 }
 
-/// Groups rows by (UTC date, model), sorted by date then model; rows after `now_ms` are
-/// left out. Costs are summed, then rounded to micro-dollars.
-pub fn group_daily(rows: &[UsageRow], now_ms: i64) -> Vec<DailyModelUsage> {
+/// Sorts per-(day, model) totals by date then model, with costs rounded to micro-dollars.
+/// Totals of one date and model are merged (days out of the calendar's range all read
+/// 1970-01-01, as their rows' instants did).
+pub fn group_daily(totals: &[UsageDayTotals]) -> Vec<DailyModelUsage> {
     let mut groups: BTreeMap<(String, &str), (f64, i64)> = BTreeMap::new();
-    for row in rows.iter().filter(|r| r.ts_ms <= now_ms) {
+    for day in totals {
         let entry = groups
-            .entry((utc_date(row.ts_ms), row.model.as_str()))
+            .entry((utc_date(day.day), day.model.as_str()))
             .or_insert((0.0, 0));
-        entry.0 += row.cost_usd;
-        entry.1 += 1;
+        entry.0 += day.cost_usd;
+        entry.1 += day.requests;
     }
     groups
         .into_iter()
@@ -56,34 +61,27 @@ pub fn group_daily(rows: &[UsageRow], now_ms: i64) -> Vec<DailyModelUsage> {
 mod tests {
     use super::*;
 
-    const DAY_MS: i64 = 24 * 3600 * 1000;
-    /// 2025-11-20T00:00:00Z.
-    const NOV_20: i64 = 1_763_596_800_000;
+    /// 2025-11-20.
+    const NOV_20: i64 = 1_763_596_800_000 / DAY_MS;
 
-    fn row(model: &str, ts_ms: i64, cost: f64) -> UsageRow {
-        UsageRow {
-            provider: "openai".into(),
+    fn day(model: &str, day: i64, requests: i64, cost: f64) -> UsageDayTotals {
+        UsageDayTotals {
+            day,
             model: model.into(),
-            workload: "chat".into(),
-            ts_ms,
-            prompt_tokens: 10,
-            completion_tokens: 1,
-            latency_ms: 100,
-            status: "ok".into(),
+            requests,
             cost_usd: cost,
         }
     }
 
     #[test]
-    fn groups_by_utc_day_and_model_in_order() {
-        let rows = vec![
-            row("gpt-4o", NOV_20 + DAY_MS + 5, 0.1),
-            row("gpt-4o-mini", NOV_20 + 10, 0.000_000_4),
-            row("gpt-4o", NOV_20 + DAY_MS - 1, 0.2),
-            row("gpt-4o", NOV_20, 0.3),
-            row("claude-3-haiku", NOV_20 + DAY_MS + 7, 1.0),
+    fn orders_by_utc_day_and_model() {
+        let totals = vec![
+            day("gpt-4o", NOV_20 + 1, 1, 0.1),
+            day("gpt-4o-mini", NOV_20, 1, 0.000_000_4),
+            day("gpt-4o", NOV_20, 2, 0.5),
+            day("claude-3-haiku", NOV_20 + 1, 1, 1.0),
         ];
-        let series = group_daily(&rows, NOV_20 + 2 * DAY_MS);
+        let series = group_daily(&totals);
         let got: Vec<(&str, &str, f64, i64)> = series
             .iter()
             .map(|d| (d.date.as_str(), d.model.as_str(), d.cost_usd, d.requests))
@@ -100,9 +98,8 @@ mod tests {
     }
 
     #[test]
-    fn future_rows_are_left_out_and_no_rows_give_an_empty_series() {
-        assert!(group_daily(&[], NOV_20).is_empty());
-        let series = group_daily(&[row("gpt-4o", NOV_20 + 1, 1.0)], NOV_20);
-        assert!(series.is_empty());
+    fn no_rows_give_an_empty_series_and_days_before_1970_have_their_date() {
+        assert!(group_daily(&[]).is_empty());
+        assert_eq!(group_daily(&[day("m", -1, 1, 1.0)])[0].date, "1969-12-31");
     }
 }

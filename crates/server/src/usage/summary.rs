@@ -1,58 +1,47 @@
 //! The usage summary: totals, by model, by workload, latency percentiles.
+//!
+//! The database groups the rows (see [`crate::store::Store::usage_totals`]) and picks the
+//! latencies at the percentile ranks; no row is loaded, which is what keeps a run's CPU low
+//! with thousands of usage rows per user.
 
 use std::collections::HashMap;
 
 use apex_protocol::usage::{LatencyPercentiles, ModelUsage, UsageSummary, WorkloadUsage};
 
 use crate::clock::ms_to_rfc3339;
-use crate::store::{StoreResult, UsageRow, UserStore};
+use crate::store::{StoreResult, UsageTotals, UserStore};
 
 pub const DEFAULT_WINDOW_DAYS: u32 = 30;
 pub const MAX_WINDOW_DAYS: u32 = 365;
 
-/// Summary of the store handle's user over the last `days` days before `now_ms`.
+/// The percentiles the summary reports, in the order of [`LatencyPercentiles`]'s fields.
+const PERCENTILES: [f64; 3] = [50.0, 95.0, 99.0];
+
+/// Summary of the store handle's user over the last `days` days before `now_ms`. Rows
+/// dated after `now_ms` (clock skew in an upload) are not counted yet.
 pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<UsageSummary> {
-    Ok(UsageWindow::load(store, days, now_ms).await?.summary())
-}
-
-/// The user's usage rows from the start of a `days`-day window ending at `now_ms`, read
-/// once. A run reads them once and both summarises them (data agent) and simulates savings
-/// on them (optimization agent), instead of reading thousands of rows twice.
-#[derive(Debug, Clone)]
-pub struct UsageWindow {
-    pub days: u32,
-    pub now_ms: i64,
-    pub start_ms: i64,
-    /// Oldest first; includes rows dated after `now_ms` (the summary leaves them out).
-    rows: Vec<UsageRow>,
-}
-
-impl UsageWindow {
-    pub async fn load(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<Self> {
-        let start_ms = window_start_ms(days, now_ms);
-        let mut rows = store.usage_rows_since(start_ms).await?;
-        // The store returns them by time already (a stable sort of sorted rows is one
-        // linear pass); this keeps the slices below exact whatever the engine does.
-        rows.sort_by_key(|r| r.ts_ms);
-        Ok(Self {
-            days,
-            now_ms,
-            start_ms,
-            rows,
-        })
+    let start_ms = window_start_ms(days, now_ms);
+    let totals = store.usage_totals(start_ms, now_ms).await?;
+    let count: i64 = totals.iter().map(|t| t.requests).sum();
+    let mut latency = LatencyPercentiles::default();
+    if count > 0 {
+        let ranks = PERCENTILES.map(|p| percentile_rank(count, p));
+        let found = store
+            .usage_latency_at_ranks(start_ms, now_ms, &ranks)
+            .await?;
+        let at = |rank: i64| {
+            found
+                .iter()
+                .find(|(r, _)| *r == rank)
+                .map_or(0, |(_, latency)| *latency)
+        };
+        latency = LatencyPercentiles {
+            p50: at(ranks[0]),
+            p95: at(ranks[1]),
+            p99: at(ranks[2]),
+        };
     }
-
-    /// The summary [`summary_for`] gives.
-    pub fn summary(&self) -> UsageSummary {
-        // Rows dated in the future (clock skew in an upload) are not counted yet.
-        let until = self.rows.partition_point(|r| r.ts_ms <= self.now_ms);
-        summarize(&self.rows[..until], self.days, self.start_ms)
-    }
-
-    /// The rows dated at or after `since_ms` (which should not precede the window's start).
-    pub fn rows_since(&self, since_ms: i64) -> &[UsageRow] {
-        &self.rows[self.rows.partition_point(|r| r.ts_ms < since_ms)..]
-    }
+    Ok(summarize(&totals, latency, days, start_ms))
 }
 
 /// Start of a `days`-day window ending at `now_ms`: `days` × 24 h earlier (inclusive).
@@ -65,45 +54,49 @@ pub(crate) fn round_usd(value: f64) -> f64 {
     (value * 1_000_000.0).round() / 1_000_000.0
 }
 
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+/// Nearest-rank percentile: the 1-based rank, among `count` ≥ 1 sorted values, of the
+/// `p`th percentile.
+pub(crate) fn percentile_rank(count: i64, p: f64) -> i64 {
+    let rank = ((p / 100.0) * count as f64).ceil() as i64;
+    rank.clamp(1, count.max(1))
 }
 
-pub fn summarize(rows: &[UsageRow], days: u32, window_start_ms: i64) -> UsageSummary {
+/// The summary of grouped totals (one entry per provider, model and workload) whose
+/// latency percentiles are `latency`.
+pub fn summarize(
+    totals: &[UsageTotals],
+    latency: LatencyPercentiles,
+    days: u32,
+    window_start_ms: i64,
+) -> UsageSummary {
     let mut by_model: HashMap<(&str, &str), ModelUsage> = HashMap::new();
     let mut by_workload: HashMap<&str, WorkloadUsage> = HashMap::new();
-    let mut latencies = Vec::with_capacity(rows.len());
-    let (mut prompt, mut completion, mut cost, mut errors) = (0i64, 0i64, 0f64, 0i64);
-    for row in rows {
-        prompt += row.prompt_tokens;
-        completion += row.completion_tokens;
-        cost += row.cost_usd;
-        if row.status != "ok" {
-            errors += 1;
-        }
-        latencies.push(row.latency_ms);
+    let (mut requests, mut prompt, mut completion, mut cost, mut errors) =
+        (0i64, 0i64, 0i64, 0f64, 0i64);
+    for group in totals {
+        requests += group.requests;
+        prompt += group.prompt_tokens;
+        completion += group.completion_tokens;
+        cost += group.cost_usd;
+        errors += group.errors;
         let m = by_model
-            .entry((row.provider.as_str(), row.model.as_str()))
+            .entry((group.provider.as_str(), group.model.as_str()))
             .or_insert_with(|| ModelUsage {
-                provider: row.provider.clone(),
-                model: row.model.clone(),
+                provider: group.provider.clone(),
+                model: group.model.clone(),
                 requests: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
                 cost_usd: 0.0,
             });
-        m.requests += 1;
-        m.prompt_tokens += row.prompt_tokens;
-        m.completion_tokens += row.completion_tokens;
-        m.cost_usd += row.cost_usd;
+        m.requests += group.requests;
+        m.prompt_tokens += group.prompt_tokens;
+        m.completion_tokens += group.completion_tokens;
+        m.cost_usd += group.cost_usd;
         let w = by_workload
-            .entry(row.workload.as_str())
+            .entry(group.workload.as_str())
             .or_insert_with(|| WorkloadUsage {
-                workload: row.workload.clone(),
+                workload: group.workload.clone(),
                 requests: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
@@ -111,12 +104,11 @@ pub fn summarize(rows: &[UsageRow], days: u32, window_start_ms: i64) -> UsageSum
                 avg_prompt_tokens: 0.0,
                 avg_completion_tokens: 0.0,
             });
-        w.requests += 1;
-        w.prompt_tokens += row.prompt_tokens;
-        w.completion_tokens += row.completion_tokens;
-        w.cost_usd += row.cost_usd;
+        w.requests += group.requests;
+        w.prompt_tokens += group.prompt_tokens;
+        w.completion_tokens += group.completion_tokens;
+        w.cost_usd += group.cost_usd;
     }
-    latencies.sort_unstable();
 
     let mut by_model: Vec<ModelUsage> = by_model
         .into_values()
@@ -148,16 +140,12 @@ pub fn summarize(rows: &[UsageRow], days: u32, window_start_ms: i64) -> UsageSum
     UsageSummary {
         days,
         window_start: ms_to_rfc3339(window_start_ms),
-        total_requests: rows.len() as i64,
+        total_requests: requests,
         error_requests: errors,
         total_prompt_tokens: prompt,
         total_completion_tokens: completion,
         total_cost_usd: round_usd(cost),
-        latency_ms: LatencyPercentiles {
-            p50: percentile(&latencies, 50.0),
-            p95: percentile(&latencies, 95.0),
-            p99: percentile(&latencies, 99.0),
-        },
+        latency_ms: latency,
         by_model,
         by_workload,
     }
@@ -167,41 +155,55 @@ pub fn summarize(rows: &[UsageRow], days: u32, window_start_ms: i64) -> UsageSum
 mod tests {
     use super::*;
 
-    fn row(model: &str, workload: &str, cost: f64, latency: i64) -> UsageRow {
-        UsageRow {
+    fn group(model: &str, workload: &str, requests: i64, cost: f64) -> UsageTotals {
+        UsageTotals {
             provider: "openai".into(),
             model: model.into(),
             workload: workload.into(),
-            ts_ms: 0,
-            prompt_tokens: 100,
-            completion_tokens: 10,
-            latency_ms: latency,
-            status: "ok".into(),
+            requests,
+            errors: 0,
+            prompt_tokens: 100 * requests,
+            completion_tokens: 10 * requests,
             cost_usd: cost,
         }
     }
 
     #[test]
     fn groups_and_orders_by_cost() {
-        let rows = vec![
-            row("gpt-4o", "a", 1.0, 100),
-            row("gpt-4o-mini", "b", 0.25, 200),
-            row("gpt-4o", "b", 2.0, 300),
+        let totals = vec![
+            group("gpt-4o", "a", 1, 1.0),
+            group("gpt-4o-mini", "b", 1, 0.25),
+            group("gpt-4o", "b", 1, 2.0),
         ];
-        let s = summarize(&rows, 30, 0);
+        let latency = LatencyPercentiles {
+            p50: 200,
+            p95: 300,
+            p99: 300,
+        };
+        let s = summarize(&totals, latency.clone(), 30, 0);
         assert_eq!(s.total_requests, 3);
         assert_eq!(s.total_cost_usd, 3.25);
         assert_eq!(s.by_model[0].model, "gpt-4o");
         assert_eq!(s.by_model[0].cost_usd, 3.0);
+        assert_eq!(s.by_model[0].requests, 2);
         assert_eq!(s.by_workload[0].workload, "b");
-        assert_eq!(s.latency_ms.p50, 200);
-        assert_eq!(s.latency_ms.p99, 300);
+        assert_eq!(s.by_workload[0].avg_prompt_tokens, 100.0);
+        assert_eq!(s.latency_ms, latency);
     }
 
     #[test]
     fn empty_usage_is_all_zero() {
-        let s = summarize(&[], 7, 0);
+        let s = summarize(&[], LatencyPercentiles::default(), 7, 0);
         assert_eq!(s.total_requests, 0);
         assert_eq!(s.latency_ms, LatencyPercentiles::default());
+    }
+
+    #[test]
+    fn percentile_ranks_are_nearest_rank() {
+        assert_eq!(percentile_rank(3, 50.0), 2);
+        assert_eq!(percentile_rank(3, 99.0), 3);
+        assert_eq!(percentile_rank(1, 50.0), 1);
+        assert_eq!(percentile_rank(20, 95.0), 19);
+        assert_eq!(percentile_rank(1800, 99.0), 1782);
     }
 }

@@ -12,12 +12,13 @@ use apex_protocol::error::ws_codes;
 use apex_protocol::ws::{ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG};
 use apex_protocol::PROTOCOL_VERSION;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use serde_json::Map;
 
 use super::frames::{self, ClientFrame, FrameError};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_rfc3339;
-use crate::events::{log, BusEvent, BusRecvError};
+use crate::events::{log, BusEvent, BusRecvError, UserSubscription};
 use crate::http::runs::validate_message;
 use crate::http::threads::{create_thread, message_view};
 use crate::ids::{RequestId, RunId, ThreadId};
@@ -41,6 +42,11 @@ struct Connection {
 
 /// Most runs a catch-up looks at besides those this connection already saw.
 const CATCH_UP_RUNS: i64 = 50;
+
+/// Most live events written to the socket before one flush. Events already queued for the
+/// connection go out in one write (one syscall) instead of one each; the bound keeps the
+/// first of them from waiting long behind the others.
+const MAX_EVENTS_PER_FLUSH: usize = 64;
 
 /// Why the connection loop ended.
 enum Exit {
@@ -132,11 +138,24 @@ async fn serve_connection(
                 Some(Ok(_)) => {}
             },
             event = subscription.recv() => match event {
-                Ok(event) => {
-                    if conn.forward(&event).await.is_err() {
-                        break Exit::ClientGone;
+                Ok(event) => match conn.forward_queued(event, &mut subscription).await {
+                    Err(_) => break Exit::ClientGone,
+                    Ok(None) => {}
+                    // Met while taking the queued events: handled as if `recv` had said so.
+                    Ok(Some(BusRecvError::Lagged(missed))) => {
+                        tracing::warn!(missed, "connection fell behind; catching up from the event log");
+                        if conn.catch_up().await.is_err() {
+                            break Exit::ClientGone;
+                        }
                     }
-                }
+                    Ok(Some(BusRecvError::Resync)) => {
+                        tracing::info!("event bus reconnected; catching up from the event log");
+                        if conn.catch_up().await.is_err() {
+                            break Exit::ClientGone;
+                        }
+                    }
+                    Ok(Some(BusRecvError::Closed)) => break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down"),
+                },
                 Err(BusRecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "connection fell behind; catching up from the event log");
                     if conn.catch_up().await.is_err() {
@@ -201,29 +220,68 @@ impl Connection {
         .await
     }
 
-    /// Sends a stored or live event unless this client already has it.
+    /// Writes a stored or live event unless this client already has it. The frame is only
+    /// queued on the socket (`feed`): the caller flushes once it has written what it has
+    /// (any later `send` flushes it too, in order).
     async fn deliver(&mut self, run: RunId, seq: u64, json: String) -> Sent {
         if self.delivered.get(&run).is_some_and(|d| d.has(seq)) {
             return Ok(());
         }
-        self.send_text(json).await?;
+        self.socket.feed(Message::Text(json.into())).await?;
         // Kept after the terminal event too, so a replay overlapping live delivery of a
         // finished run still sends nothing twice. One entry per run seen on this socket.
         self.delivered.entry(run).or_default().record(seq);
         Ok(())
     }
 
-    async fn forward(&mut self, event: &BusEvent) -> Sent {
+    /// Writes one live event (not flushed, see [`Self::deliver`]); `false` if it was
+    /// dropped as another user's.
+    async fn forward(&mut self, event: &BusEvent) -> Result<bool, axum::Error> {
         // The bus only hands us our own user's events; this check makes a routing bug
         // fail closed instead of leaking.
         if event.user_id != self.user.user_id() {
             tracing::error!("event for another user reached a connection; dropped");
-            return Ok(());
+            return Ok(false);
         }
         self.deliver(event.run_id, event.seq, event.json.clone())
             .await?;
-        crate::telemetry::event_delivered(event.emitted_at);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Writes `first` and the events already queued behind it (at most
+    /// [`MAX_EVENTS_PER_FLUSH`] in all), in order, then flushes once. Returns the error
+    /// the subscription gave instead of a further event, if it did, for the caller to
+    /// handle exactly as one from `recv`.
+    async fn forward_queued(
+        &mut self,
+        first: Arc<BusEvent>,
+        subscription: &mut UserSubscription,
+    ) -> Result<Option<BusRecvError>, axum::Error> {
+        // Delivery latency is recorded once the frames are flushed, as before.
+        let mut emitted_at = Vec::with_capacity(4);
+        if self.forward(&first).await? {
+            emitted_at.push(first.emitted_at);
+        }
+        let mut stopped = None;
+        while emitted_at.len() < MAX_EVENTS_PER_FLUSH {
+            match subscription.try_recv() {
+                None => break,
+                Some(Ok(event)) => {
+                    if self.forward(&event).await? {
+                        emitted_at.push(event.emitted_at);
+                    }
+                }
+                Some(Err(err)) => {
+                    stopped = Some(err);
+                    break;
+                }
+            }
+        }
+        self.socket.flush().await?;
+        for at in emitted_at {
+            crate::telemetry::event_delivered(at);
+        }
+        Ok(stopped)
     }
 
     /// Replays stored events of `run` after `after_seq`.
@@ -237,6 +295,8 @@ impl Connection {
             for event in page {
                 self.deliver(run, event.seq, event.json).await?;
             }
+            // One write per page of the log instead of one per event.
+            self.socket.flush().await?;
             cursor = last;
         }
         Ok(())

@@ -21,5 +21,6 @@ mod stress;
 mod text;
 mod threads;
 mod usage;
+mod usage_sql;
 mod web_page;
 mod websocket;
