@@ -269,11 +269,15 @@ async fn migrate(flags: config::DatabaseFlags) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The local model's inference threads are the only ones that should compute: candle's
-    // own worker pool would otherwise add a spinning thread per core. This runs before any
-    // other thread exists (the async runtime is built below), so changing the environment
-    // is sound.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    // own worker pool would otherwise add a spinning thread per core, and its f32 matrix
+    // products (attention) would hand work to rayon's pool, which yields in a loop while it
+    // waits, and count the CPUs again (reading /proc/cpuinfo) on every call: 20% of decode
+    // time on this machine. This runs before any other thread exists (the async runtime is
+    // built below), so changing the environment is sound.
+    for variable in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(variable).is_none() {
+            std::env::set_var(variable, "1");
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,9 +1,9 @@
 //! Measures the local model's generation speed: one user, then N concurrent users.
 //!
-//! `CANDLE_NUM_THREADS=1 cargo run --release -p apex-server --example llm_bench -- [MODEL] [TOKENS] [USERS]`
+//! `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 cargo run --release -p apex-server --example llm_bench -- [MODEL] [TOKENS] [USERS]`
 //! (defaults: `data/models/SmolLM2-135M-Instruct.Q4_1.gguf`, 128 tokens, 4 users; one
-//! inference thread, greedy decoding). The prompts ask for long answers so runs seldom stop
-//! early. Reports decode speed (generated tokens per second, prompt processing excluded)
+//! inference thread, greedy decoding; the two variables are what `apex` sets for itself).
+//! The prompts ask for long answers so runs seldom stop early. Reports decode speed (generated tokens per second, prompt processing excluded)
 //! and, for the concurrent case, the aggregate over the wall-clock time of the whole batch.
 
 use std::path::PathBuf;
