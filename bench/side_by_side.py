@@ -201,7 +201,10 @@ def peer_points(peer_source, users, duration):
     for path in [peer_dir, *peer_dir.rglob("*")]:
         path.chmod(path.stat().st_mode | 0o200)
     log(f"setting up the peer in {peer_dir} (venvs, its load client) ...")
-    subprocess.run(["bash", "setup.sh"], cwd=peer_dir, check=True)
+    # The harness expects its load client in its own target folder: a CARGO_TARGET_DIR
+    # meant for Apex would send the build elsewhere.
+    peer_env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
+    subprocess.run(["bash", "setup.sh"], cwd=peer_dir, check=True, env=peer_env)
     before = set((peer_dir / "results").glob("*.jsonl"))
     subprocess.run(
         [sys.executable, "run_bench.py", "--configs", "lg-dev-default", "--users",
