@@ -315,7 +315,8 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<()>;
-    /// Persists one event of a run's log; seqs are unique per run. Returns once the event is
+    /// Persists one event of a run's log; seqs are unique per run; a run an instance has
+    /// claimed gets its heartbeat refreshed to `now_ms`. Returns once the event is
     /// committed. Both engines batch concurrent calls into one transaction (group commit,
     /// see [`group_commit`]), with the same result per event as one call alone.
     async fn append_event(
@@ -431,7 +432,9 @@ pub trait Store: Send + Sync + 'static {
         error: &str,
         now_ms: i64,
     ) -> StoreResult<bool>;
-    /// The executing instance's proof of life for each run it still executes.
+    /// The executing instance's proof of life for each run it still executes. Never waits
+    /// on a run's row: a run busy writing events is kept fresh by those events (on
+    /// every appended event refreshes its claimed run's heartbeat, see `append_event`).
     async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()>;
     /// Unfinished runs an instance claimed whose heartbeat is older than
     /// `stale_before_ms` (their instance died or lost the run), oldest first.

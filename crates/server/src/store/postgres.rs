@@ -67,13 +67,19 @@ struct PostgresEvents {
 impl BatchSink for PostgresEvents {
     async fn write_one(&self, event: &NewEvent) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        // Checks ownership and locks the run row until the event is in.
-        let updated = sqlx::query("UPDATE runs SET last_seq = $1 WHERE id = $2 AND user_id = $3")
-            .bind(event.seq)
-            .bind(event.run.to_string())
-            .bind(event.owner.to_string())
-            .execute(&mut *tx)
-            .await?;
+        // Checks ownership and locks the run row until the event is in. An event is also a
+        // claimed run's proof of life (see `heartbeat_runs`).
+        let updated = sqlx::query(
+            "UPDATE runs SET last_seq = $1, \
+             heartbeat_at = CASE WHEN instance_id IS NULL THEN heartbeat_at ELSE $4 END \
+             WHERE id = $2 AND user_id = $3",
+        )
+        .bind(event.seq)
+        .bind(event.run.to_string())
+        .bind(event.owner.to_string())
+        .bind(event.now_ms)
+        .execute(&mut *tx)
+        .await?;
         if updated.rows_affected() != 1 {
             return Err(not_owned(event));
         }
@@ -124,8 +130,14 @@ impl BatchSink for PostgresEvents {
             .map(|(e, (run, _))| (e, run.as_str()))
             .collect();
         if !accepted.is_empty() {
-            let mut update: QueryBuilder<Postgres> =
-                QueryBuilder::new("UPDATE runs SET last_seq = v.seq FROM (");
+            // An event is also a claimed run's proof of life (see `heartbeat_runs`).
+            let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
+            let mut update: QueryBuilder<Postgres> = QueryBuilder::new(
+                "UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
+                 WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
+            );
+            update.push_bind(now);
+            update.push(" END FROM (");
             update.push_values(
                 runs.iter().filter(|(run, owner, _)| {
                     owned.contains(&(run.to_string(), owner.to_string()))
@@ -1064,12 +1076,19 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let ids: Vec<String> = runs.iter().map(ToString::to_string).collect();
-        sqlx::query("UPDATE runs SET heartbeat_at = $1 WHERE instance_id = $2 AND id = ANY($3)")
-            .bind(now_ms)
-            .bind(instance)
-            .bind(&ids)
-            .execute(&self.pool)
-            .await?;
+        // SKIP LOCKED: a row the event writer holds is passed over instead of waited for.
+        // Waiting would stall that writer behind this statement (and, taking rows in
+        // another order than the writer's id order, could deadlock with it); a run whose
+        // row is busy is writing events, and every event refreshes its heartbeat anyway.
+        sqlx::query(
+            "UPDATE runs SET heartbeat_at = $1 WHERE id IN \
+             (SELECT id FROM runs WHERE instance_id = $2 AND id = ANY($3) FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now_ms)
+        .bind(instance)
+        .bind(&ids)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -38,12 +38,18 @@ struct SqliteEvents {
 impl BatchSink for SqliteEvents {
     async fn write_one(&self, event: &NewEvent) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query("UPDATE runs SET last_seq = ? WHERE id = ? AND user_id = ?")
-            .bind(event.seq)
-            .bind(event.run.to_string())
-            .bind(event.owner.to_string())
-            .execute(&mut *tx)
-            .await?;
+        // An event is also a claimed run's proof of life (as on PostgreSQL).
+        let updated = sqlx::query(
+            "UPDATE runs SET last_seq = ?, \
+             heartbeat_at = CASE WHEN instance_id IS NULL THEN heartbeat_at ELSE ? END \
+             WHERE id = ? AND user_id = ?",
+        )
+        .bind(event.seq)
+        .bind(event.now_ms)
+        .bind(event.run.to_string())
+        .bind(event.owner.to_string())
+        .execute(&mut *tx)
+        .await?;
         if updated.rows_affected() != 1 {
             return Err(not_owned(event));
         }
@@ -70,9 +76,14 @@ impl BatchSink for SqliteEvents {
                 .push_bind(owner.to_string())
                 .push_bind(*seq);
         });
+        let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
         update.push(
-            ") UPDATE runs SET last_seq = v.seq FROM v \
-             WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
+            ") UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
+             WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
+        );
+        update.push_bind(now);
+        update.push(
+            " END FROM v WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
              RETURNING runs.id, runs.user_id",
         );
         let owned: HashSet<(String, String)> = update

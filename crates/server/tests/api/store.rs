@@ -713,6 +713,9 @@ async fn stale_runs_are_requeued_once_and_claimed_again() {
         .append_event(owner, id, 2, "{\"seq\":2}", NOW + 12)
         .await
         .unwrap();
+    // An appended event is proof of life too.
+    assert!(store.stale_runs(NOW + 12).await.unwrap().is_empty());
+    assert_eq!(store.stale_runs(NOW + 13).await.unwrap().len(), 1);
     store
         .heartbeat_runs("doomed", &[id], NOW + 500)
         .await
