@@ -39,16 +39,14 @@ impl UserExecutionContext {
         run_timeout: Duration,
         agent_timeout: Duration,
     ) -> Self {
-        Self {
-            user_id: user.user_id(),
+        Self::for_queued_run(
+            user.user_id(),
             thread_id,
             run_id,
             request_id,
-            created_at: Utc::now(),
-            cancellation: CancellationToken::new(),
-            deadline: Instant::now() + run_timeout,
+            run_timeout,
             agent_timeout,
-        }
+        )
     }
 
     pub fn user_id(&self) -> UserId {

@@ -11,7 +11,9 @@ use apex_server::ids::{MessageId, RunId, ThreadId, UserId};
 use apex_server::store::{MessageRecord, RunRecord, RunSubmission, SubmitOutcome};
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_contiguous_and_terminated, spawn_app_with, TestApp, TestUser};
+use crate::helpers::{
+    assert_contiguous_and_terminated, spawn_app_with, TestApp, TestUser, WsClient,
+};
 
 const QUESTION: &str = "How can I reduce my LLM costs?";
 
@@ -23,47 +25,66 @@ async fn run_json(app: &TestApp, user: &TestUser, run_id: &str) -> Value {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runs_beyond_the_instance_capacity_wait_their_turn_and_then_run() {
-    let Some(app) = spawn_app_with(|s| {
+/// An instance that executes one run at a time: Alice's run holds the slot, Bob's was
+/// accepted and waits in the queue.
+struct OneSlotTaken {
+    app: TestApp,
+    alice: TestUser,
+    bob: TestUser,
+    alice_ws: WsClient,
+    bob_ws: WsClient,
+    busy: String,
+    waiting: String,
+}
+
+async fn one_slot_taken(stream_delay: Duration) -> Option<OneSlotTaken> {
+    let app = spawn_app_with(|s| {
         s.max_runs_per_instance = 1;
-        s.template_stream_delay = Duration::from_millis(5);
+        s.template_stream_delay = stream_delay;
     })
-    .await
-    else {
-        return;
-    };
+    .await?;
     let (alice, bob) = (app.register().await, app.register().await);
     let mut alice_ws = app.ws_connect(&alice).await;
     let mut bob_ws = app.ws_connect(&bob).await;
-    alice_ws
-        .send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let first = alice_ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    while run_json(&app, &alice, &first).await["status"] != "running" {
+    let start = async |ws: &mut WsClient| {
+        ws.send_json(json!({"type": "user_message", "text": QUESTION}))
+            .await;
+        ws.expect_type("run_accepted").await["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let busy = start(&mut alice_ws).await;
+    while run_json(&app, &alice, &busy).await["status"] != "running" {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    bob_ws
-        .send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let second = bob_ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let waiting = start(&mut bob_ws).await;
     // Accepted, but the one slot is taken: it waits.
-    assert_eq!(run_json(&app, &bob, &second).await["status"], "queued");
+    assert_eq!(run_json(&app, &bob, &waiting).await["status"], "queued");
+    Some(OneSlotTaken {
+        app,
+        alice,
+        bob,
+        alice_ws,
+        bob_ws,
+        busy,
+        waiting,
+    })
+}
 
-    let first_events = alice_ws.collect_run(&first).await;
-    let second_events = bob_ws.collect_run(&second).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_beyond_the_instance_capacity_wait_their_turn_and_then_run() {
+    let Some(mut t) = one_slot_taken(Duration::from_millis(5)).await else {
+        return;
+    };
+    let first_events = t.alice_ws.collect_run(&t.busy).await;
+    let second_events = t.bob_ws.collect_run(&t.waiting).await;
     assert_contiguous_and_terminated(&first_events);
     assert_contiguous_and_terminated(&second_events);
     assert_eq!(second_events.last().unwrap().status(), Some("completed"));
     // One at a time: the second started once the first had finished.
-    let first = run_json(&app, &alice, &first).await;
-    let second = run_json(&app, &bob, &second).await;
+    let first = run_json(&t.app, &t.alice, &t.busy).await;
+    let second = run_json(&t.app, &t.bob, &t.waiting).await;
     assert!(
         second["started_at"].as_str().unwrap() >= first["finished_at"].as_str().unwrap(),
         "{first} / {second}"
@@ -72,32 +93,18 @@ async fn runs_beyond_the_instance_capacity_wait_their_turn_and_then_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_run_can_be_stopped_before_it_starts() {
-    let Some(app) = spawn_app_with(|s| {
-        s.max_runs_per_instance = 1;
-        s.template_stream_delay = Duration::from_millis(20);
-    })
-    .await
-    else {
+    let Some(t) = one_slot_taken(Duration::from_millis(20)).await else {
         return;
     };
-    let (alice, bob) = (app.register().await, app.register().await);
-    let mut alice_ws = app.ws_connect(&alice).await;
-    let mut bob_ws = app.ws_connect(&bob).await;
-    alice_ws
-        .send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let busy = alice_ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    alice_ws.expect_type("agent_started").await;
-    bob_ws
-        .send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let waiting = bob_ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let OneSlotTaken {
+        app,
+        bob,
+        mut alice_ws,
+        mut bob_ws,
+        busy,
+        waiting,
+        ..
+    } = t;
     // Alice cannot stop Bob's waiting run; Bob can.
     alice_ws
         .send_json(json!({"type": "stop_agent", "run_id": waiting}))
