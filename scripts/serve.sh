@@ -19,7 +19,7 @@ done
 scripts/fetch-model.sh "$DATA_DIR"
 export APEX_DATA_DIR="$DATA_DIR"
 # The local model's matrix code runs about twice as fast when the whole binary may use
-# AVX2 and FMA (x86-64-v3: Intel since 2013, AMD Zen): 93-98 against 46-49 generated tokens
+# AVX2 and FMA (x86-64-v3: Intel since 2013, AMD Zen): about 100 against 46-49 generated tokens
 # per second on this project's machine (docs/benchmarks.md). Use it when this CPU has them,
 # unless RUSTFLAGS is already set.
 if [[ -z "${RUSTFLAGS+x}" && "$(uname -m)" == "x86_64" ]] \
