@@ -449,6 +449,20 @@ pub static KEYS: &[Key] = &[
     )
     .flag("instance-stale-after-ms", "MS"),
     key(
+        "shutdown_grace_ms",
+        "APEX_SHUTDOWN_GRACE_MS",
+        Kind::Int {
+            min: 0,
+            max: 3_600_000,
+        },
+        Some("10000"),
+        Sv,
+        "On SIGTERM/Ctrl-C: how long (ms) running runs may go on to finish. After it, runs end \
+         `interrupted`; with bus_url they go back to the queue for another instance instead \
+         (while they have attempts left).",
+    )
+    .flag("shutdown-grace-ms", "MS"),
+    key(
         "max_runs_per_instance",
         "APEX_MAX_RUNS_PER_INSTANCE",
         Kind::Int {
@@ -1114,6 +1128,7 @@ impl Resolved {
         }
         settings.instance_heartbeat = Duration::from_millis(self.int("instance_heartbeat_ms"));
         settings.instance_stale_after = Duration::from_millis(self.int("instance_stale_after_ms"));
+        settings.shutdown_grace = Duration::from_millis(self.int("shutdown_grace_ms"));
         settings.max_runs_per_instance =
             usize::try_from(self.int("max_runs_per_instance")).unwrap_or(usize::MAX);
         settings.queue_poll_interval = Duration::from_millis(self.int("queue_poll_interval_ms"));

@@ -646,6 +646,51 @@ async fn a_run_of_a_killed_instance_is_finished_by_another_and_resumes_gaplessly
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_still_going_when_its_instance_shuts_down_is_finished_by_another() {
+    let Some(mut cluster) = Cluster::new() else {
+        return;
+    };
+    // A rolling deploy: the instance gets SIGTERM and a short grace period.
+    cluster.extra_args = vec!["--shutdown-grace-ms".into(), "300".into()];
+    let first = cluster.start(30).await;
+    let second = cluster.start(30).await;
+    let alice = first.register("alice").await;
+    let run_id = first.start_run(&alice).await;
+    let executor = cluster.executing_instance(&run_id).await;
+    let (mut stopping, survivor) = if executor == first.id {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    survivor
+        .wait_run(&alice, &run_id, |run| run["last_seq"].as_u64() >= Some(5))
+        .await;
+    assert!(Command::new("kill")
+        .args(["-TERM", &stopping.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = stopping.child.wait().unwrap();
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+
+    let mut ws = survivor.ws(&alice).await;
+    ws.send(json!({"type": "resume", "run_id": run_id, "after_seq": 0}))
+        .await;
+    let events = ws.events_until_terminal(&run_id).await;
+    assert_contiguous_from(&events, 1);
+    assert!(
+        events.iter().any(|e| e["type"] == "agent_thinking"
+            && e["payload"]["reasoning"]
+                .as_str()
+                .is_some_and(|r| r.contains("attempt 2 of 2"))),
+        "the second attempt announces itself"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(survivor.run(&alice, &run_id).await["status"], "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_attempt_a_run_of_a_killed_instance_ends_interrupted() {
     let Some(mut cluster) = Cluster::new() else {
         return;

@@ -18,7 +18,9 @@
 //! (its instance died; see [`crate::cluster`], or at start-up for a single instance) is
 //! queued again while it has attempts left (`run_max_attempts`), and its next attempt
 //! starts from the beginning, continuing the same event log; after the last attempt it is
-//! ended `interrupted` with its terminal event.
+//! ended `interrupted` with its terminal event. With several instances, a run still going
+//! when its instance's shutdown grace period ends is handed back the same way by the
+//! supervisor itself (`agents::HandBack`), without waiting to go stale.
 
 use std::sync::Arc;
 use std::time::Duration;

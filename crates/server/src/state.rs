@@ -34,6 +34,12 @@ pub struct Infrastructure {
     pub pricing: Arc<PricingTable>,
     /// The phases of a graceful shutdown.
     pub lifecycle: Lifecycle,
+    /// With several instances: a run still going when this instance's shutdown grace
+    /// period ends goes back to the queue for another instance (while it has attempts
+    /// left) instead of ending `interrupted`.
+    pub hand_back_on_shutdown: bool,
+    /// How many times a run may be started (`run_max_attempts`).
+    pub run_max_attempts: u32,
     /// This process's id among several instances (a fresh UUID per start); recorded on
     /// the runs it executes, see [`crate::cluster`].
     pub instance_id: String,

@@ -32,6 +32,16 @@ pub struct RunInstance {
     /// server died is started again from the beginning.
     pub attempt: u32,
     pub max_attempts: u32,
+    /// Set with several instances: where to hand the run back if the server shuts down
+    /// during it (see [`HandBack`]).
+    pub hand_back: Option<HandBack>,
+}
+
+/// Returning an interrupted run to the queue so that another instance runs it again.
+pub struct HandBack {
+    pub store: Arc<dyn crate::store::Store>,
+    /// This instance, which holds the run's claim.
+    pub instance: String,
 }
 
 /// Where a claimed run stands: its log so far and its attempt.
@@ -83,6 +93,10 @@ impl AgentInstanceFactory {
             slot,
             attempt: start.attempt,
             max_attempts: start.max_attempts,
+            hand_back: self.infra.hand_back_on_shutdown.then(|| HandBack {
+                store: Arc::clone(&self.infra.store),
+                instance: self.infra.instance_id.clone(),
+            }),
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::llm::{LlmError, LlmProvider, TokenUsage};
 use crate::store::{StoreError, UsageRow, UserStore};
 use crate::usage::pricing::PricingTable;
 
-pub use factory::{AgentInstanceFactory, RunInstance, RunStart};
+pub use factory::{AgentInstanceFactory, HandBack, RunInstance, RunStart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -16,7 +16,7 @@ use futures_util::FutureExt;
 use serde_json::{json, Value};
 
 use super::reporting::build_report;
-use super::{Agent, AgentContext, AgentError, RunInstance, RunState};
+use super::{Agent, AgentContext, AgentError, HandBack, RunInstance, RunState};
 use crate::clock::now_ms;
 use crate::ids::MessageId;
 use crate::runs::RunSlot;
@@ -114,6 +114,7 @@ pub async fn execute(run: RunInstance) -> RunStatus {
         slot,
         attempt,
         max_attempts,
+        hand_back,
     } = run;
     let started = Instant::now();
     let run_id = cx.ctx.run_id();
@@ -171,7 +172,43 @@ pub async fn execute(run: RunInstance) -> RunStatus {
             },
         }
     };
+    if matches!(outcome, Outcome::Interrupted) && attempt < max_attempts {
+        if let Some(hand_back) = &hand_back {
+            if handed_back(&cx, hand_back, started).await {
+                return RunStatus::Queued;
+            }
+        }
+    }
     finish(&cx, &slot, state, outcome, started).await
+}
+
+/// At shutdown with several instances: returns the run to the queue (this instance still
+/// holds its claim), so another instance runs it again and continues its log. `false` if
+/// that failed, and the run is to end `interrupted` here instead.
+async fn handed_back(cx: &AgentContext, hand_back: &HandBack, started: Instant) -> bool {
+    let run_id = cx.ctx.run_id();
+    // The LLM requests of this attempt did happen; they are the user's usage either way.
+    cx.flush_llm_usage().await;
+    match hand_back
+        .store
+        .requeue_run(run_id, Some(&hand_back.instance))
+        .await
+    {
+        Ok(true) => {
+            if let Err(err) = hand_back.store.announce_queued_runs().await {
+                tracing::warn!(%run_id, error = %err, "could not announce the returned run");
+            }
+            crate::telemetry::run_requeued();
+            crate::telemetry::run_finished("requeued", started.elapsed());
+            tracing::info!(%run_id, "shutting down: returned the run to the queue");
+            true
+        }
+        Ok(false) => false,
+        Err(err) => {
+            tracing::error!(%run_id, error = %err, "could not return the run to the queue");
+            false
+        }
+    }
 }
 
 async fn finish(
