@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use crate::clock::now_ms;
-use crate::queue::{recover_run, Recovery};
+use crate::queue::recover_runs;
 use crate::state::AppState;
 use crate::store::StoreResult;
 
@@ -56,27 +56,9 @@ pub async fn tick(state: &AppState) -> StoreResult<usize> {
     store.heartbeat_instance(me, now).await?;
     store.heartbeat_runs(me, &state.runs.ids(), now).await?;
     let stale_before = now - millis(state.settings.instance_stale_after);
-    let mut recovered = 0;
-    let mut requeued = false;
-    for entry in store.stale_runs(stale_before).await? {
-        match recover_run(
-            store,
-            &state.infra.bus,
-            me,
-            state.settings.run_max_attempts,
-            &entry,
-        )
-        .await?
-        {
-            Recovery::Requeued => {
-                requeued = true;
-                recovered += 1;
-            }
-            Recovery::Interrupted => recovered += 1,
-            Recovery::Skipped => {}
-        }
-    }
-    if requeued {
+    let stale = store.stale_runs(stale_before).await?;
+    let (requeued, interrupted) = recover_runs(state, &stale).await?;
+    if requeued > 0 {
         // Any instance with room may take them, this one included.
         state.queue.submitted();
         store.announce_queued_runs().await?;
@@ -84,7 +66,7 @@ pub async fn tick(state: &AppState) -> StoreResult<usize> {
     let forget_before =
         now - millis(state.settings.instance_stale_after * FORGET_AFTER_STALE_PERIODS);
     store.remove_instances(None, forget_before).await?;
-    Ok(recovered)
+    Ok(requeued + interrupted)
 }
 
 /// At graceful shutdown: this instance is gone (its runs have ended by now).

@@ -173,7 +173,6 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         pricing: Arc::new(PricingTable::builtin()),
         lifecycle: Lifecycle::default(),
         hand_back_on_shutdown: settings.bus_url.is_some(),
-        run_max_attempts: settings.run_max_attempts,
         instance_id,
     };
     let state = AppState {

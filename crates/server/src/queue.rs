@@ -222,20 +222,17 @@ pub async fn recover_run(
     Ok(Recovery::Interrupted)
 }
 
-/// At start-up of a single instance: every run a previous process had claimed and not
-/// finished is recovered at once (that process is gone). Runs still queued stay queued
-/// and are executed by the dispatcher. Returns how many were queued again and how many
-/// ended `interrupted`.
-pub async fn recover_after_restart(state: &AppState) -> StoreResult<(usize, usize)> {
-    let store = &state.infra.store;
+/// Recovers every run in `stale` (see [`recover_run`]). Returns how many were queued
+/// again and how many ended `interrupted`.
+pub async fn recover_runs(state: &AppState, stale: &[QueueEntry]) -> StoreResult<(usize, usize)> {
     let (mut requeued, mut interrupted) = (0, 0);
-    for entry in store.stale_runs(i64::MAX).await? {
+    for entry in stale {
         match recover_run(
-            store,
+            &state.infra.store,
             &state.infra.bus,
             &state.infra.instance_id,
             state.settings.run_max_attempts,
-            &entry,
+            entry,
         )
         .await?
         {
@@ -245,4 +242,13 @@ pub async fn recover_after_restart(state: &AppState) -> StoreResult<(usize, usiz
         }
     }
     Ok((requeued, interrupted))
+}
+
+/// At start-up of a single instance: every run a previous process had claimed and not
+/// finished is recovered at once (that process is gone). Runs still queued stay queued
+/// and are executed by the dispatcher. Returns how many were queued again and how many
+/// ended `interrupted`.
+pub async fn recover_after_restart(state: &AppState) -> StoreResult<(usize, usize)> {
+    let stale = state.infra.store.stale_runs(i64::MAX).await?;
+    recover_runs(state, &stale).await
 }

@@ -173,7 +173,10 @@ pub struct RunSlot {
 }
 
 impl RunSlot {
-    pub fn release_limits(&self) {
+    /// The run's outcome is stored: it can no longer be stopped and is no longer the
+    /// owner's latest active run. (Its limits were counted in the database, where the
+    /// stored outcome already released them.)
+    pub fn mark_finishing(&self) {
         self.runs.mark_finishing(self.run);
     }
 }
@@ -224,14 +227,7 @@ pub async fn start_run(
     if store.get_thread(thread).await?.is_none() {
         return Err(StartRunError::ThreadNotFound);
     }
-    state
-        .limits
-        .check_message(user.user_id())
-        .await
-        .map_err(|wait| {
-            crate::telemetry::limit_rejected("rate_limited");
-            StartRunError::RateLimited(wait)
-        })?;
+    check_message_rate(state, user).await?;
 
     let run_id = RunId::generate();
     let now = now_ms();
@@ -279,6 +275,22 @@ pub async fn start_run(
         thread_id: thread,
         message_id: message.id,
     })
+}
+
+/// Spends one of `user`'s message-rate tokens (every message counts, whether it starts a
+/// run or asks the model directly); counts a refusal in the metrics.
+pub async fn check_message_rate(
+    state: &AppState,
+    user: &AuthenticatedUser,
+) -> Result<(), StartRunError> {
+    state
+        .limits
+        .check_message(user.user_id())
+        .await
+        .map_err(|wait| {
+            crate::telemetry::limit_rejected("rate_limited");
+            StartRunError::RateLimited(wait)
+        })
 }
 
 /// The user's queued or running runs on every instance, newest first.

@@ -38,8 +38,6 @@ pub struct Infrastructure {
     /// period ends goes back to the queue for another instance (while it has attempts
     /// left) instead of ending `interrupted`.
     pub hand_back_on_shutdown: bool,
-    /// How many times a run may be started (`run_max_attempts`).
-    pub run_max_attempts: u32,
     /// This process's id among several instances (a fresh UUID per start); recorded on
     /// the runs it executes, see [`crate::cluster`].
     pub instance_id: String,

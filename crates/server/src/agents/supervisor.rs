@@ -304,7 +304,7 @@ async fn finish(
     }
     // The outcome is decided and stored: the user may start the next run on this thread
     // as soon as they see the terminal event.
-    slot.release_limits();
+    slot.mark_finishing();
     let terminal = EventBody::RunFinished {
         status,
         final_response: state.answer,

@@ -42,7 +42,7 @@ use crate::events::follow::{follow_run, RunEvent};
 use crate::ids::RequestId;
 use crate::llm::accounting::{self, LlmCall};
 use crate::llm::{ChatMessage, LlmRequest, TokenUsage};
-use crate::runs::{start_run, StartRunError};
+use crate::runs::{check_message_rate, start_run};
 use crate::state::AppState;
 use crate::store::UserStore;
 
@@ -407,14 +407,9 @@ async fn direct(
         }
     }
     // A direct request is a message like any other: the same per-user rate limit.
-    state
-        .limits
-        .check_message(user.user_id())
+    check_message_rate(&state, &user)
         .await
-        .map_err(|wait| {
-            crate::telemetry::limit_rejected("rate_limited");
-            start_error(&state, StartRunError::RateLimited(wait))
-        })?;
+        .map_err(|e| start_error(&state, e))?;
     let mut request = LlmRequest::new(messages, Value::Null, max_tokens);
     request.temperature = body.temperature;
     let tokens = request.tokens.clone();
