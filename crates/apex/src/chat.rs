@@ -150,7 +150,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         "Authorization",
         format!("Bearer {}", pair.access_token).parse()?,
     );
-    let (socket, _) = tokio_tungstenite::connect_async(request)
+    // Nagle off (`true`): messages and stops are small frames that must leave at once.
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
         .await
         .with_context(|| format!("opening {ws_url}"))?;
     let (mut sink, mut stream) = socket.split();

@@ -158,7 +158,8 @@ impl Session<'_> {
             "Authorization",
             format!("Bearer {}", self.account.token).parse()?,
         );
-        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        // Nagle off (`true`): requests are small frames that must leave at once.
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
         let (sink, mut stream) = socket.split();
         let conn = self.next_conn;
         self.next_conn += 1;

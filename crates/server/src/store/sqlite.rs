@@ -1,8 +1,21 @@
 //! `SqliteStore`: the embedded storage backend (one file in the data folder).
 //!
 //! WAL journal so readers never block the writer, `synchronous=NORMAL` (durable at
-//! checkpoints, never corrupt), a busy timeout so concurrent writers queue instead of
-//! failing, and foreign keys on. Migrations in `migrations/sqlite` run at open.
+//! checkpoints, never corrupt), foreign keys on. Migrations in `migrations/sqlite` run at
+//! open.
+//!
+//! Two pools: readers, and exactly one connection that writes. SQLite admits one writer at
+//! a time; when two connections both want to write, the loser gets `SQLITE_BUSY` and its
+//! busy handler *sleeps* in steps of 1, 2, 5 ... up to 100 ms before it looks again. Under
+//! load (the event writer commits back to back) that put tens of milliseconds on ordinary
+//! writes such as queueing a run. With one writing connection, writers wait in the pool's
+//! FIFO queue instead and go the moment the previous write ends. The busy timeout stays as
+//! a safety net for another process opening the same file (e.g. `apex admin`).
+//!
+//! Checkpoints (copying the WAL back into the database file, which is when SQLite syncs to
+//! disk) run on their own connection every [`CHECKPOINT_INTERVAL`], not inside a writer's
+//! commit: SQLite's automatic checkpoint would otherwise make one commit in every ~1,000
+//! pages wait for a disk sync. The writer keeps a large automatic threshold as a backstop.
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -10,8 +23,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use super::{
@@ -23,10 +40,22 @@ use crate::ids::{MessageId, RunId, ThreadId, UserId};
 use crate::settings::DatabasePool;
 use apex_protocol::threads::RunStatus;
 
+/// How often the background checkpoint copies committed WAL pages into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The writer's automatic checkpoint threshold in pages (4 KiB each): only reached if the
+/// background checkpoint falls behind, so the WAL cannot grow without bound.
+const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
+
 pub struct SqliteStore {
-    pool: SqlitePool,
-    /// Appends run events in batches (see [`super::group_commit`]).
+    /// Read-only work: WAL lets these read while the writer writes.
+    reads: SqlitePool,
+    /// The one connection that writes (see the module doc for why only one).
+    writes: SqlitePool,
+    /// Appends run events in batches (see [`super::group_commit`]), on `writes`.
     events: EventWriter,
+    /// Stops the background checkpoint when the store is dropped.
+    _checkpoints: DropGuard,
 }
 
 /// SQLite's SQL for [`group_commit`](super::group_commit).
@@ -144,15 +173,57 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+        // Created first: it creates the file and applies the migrations.
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES),
+            )
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writes).await?;
+        let reads = SqlitePoolOptions::new()
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)
-            .connect_with(options)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        let events = EventWriter::start(SqliteEvents { pool: pool.clone() });
-        Ok(Self { pool, events })
+        let checkpoints = CancellationToken::new();
+        let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
+        tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
+        let events = EventWriter::start(SqliteEvents {
+            pool: writes.clone(),
+        });
+        Ok(Self {
+            reads,
+            writes,
+            events,
+            _checkpoints: checkpoints.drop_guard(),
+        })
     }
+}
+
+/// Copies committed WAL pages into the database file every [`CHECKPOINT_INTERVAL`] until
+/// `stop`. `PASSIVE` never waits for readers or the writer: what it cannot copy now it
+/// copies next time.
+async fn checkpoint_loop(mut connection: SqliteConnection, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut connection)
+            .await
+        {
+            // The writer's automatic checkpoint is the backstop meanwhile.
+            tracing::warn!(error = %err, "SQLite background checkpoint failed");
+        }
+    }
+    let _ = connection.close().await;
 }
 
 fn unique_violation(err: &sqlx::Error) -> bool {
@@ -283,7 +354,7 @@ impl Store for SqliteStore {
         .bind(&user.name)
         .bind(&user.password_hash)
         .bind(user.created_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await;
         match result {
             Ok(_) => Ok(()),
@@ -297,7 +368,7 @@ impl Store for SqliteStore {
             "SELECT id, email, name, password_hash, created_at FROM users WHERE email = ?",
         )
         .bind(email)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(user_from_row).transpose()
     }
@@ -307,7 +378,7 @@ impl Store for SqliteStore {
             "SELECT id, email, name, password_hash, created_at FROM users WHERE id = ?",
         )
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(user_from_row).transpose()
     }
@@ -326,7 +397,7 @@ impl Store for SqliteStore {
         .bind(user.to_string())
         .bind(access_jti)
         .bind(expires_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -346,7 +417,7 @@ impl Store for SqliteStore {
         .bind(jti)
         .bind(user.to_string())
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -357,7 +428,7 @@ impl Store for SqliteStore {
         access_expires_at_ms: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         sqlx::query(
             "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES (?, ?) \
              ON CONFLICT (jti) DO NOTHING",
@@ -385,7 +456,7 @@ impl Store for SqliteStore {
     async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
         let row = sqlx::query("SELECT 1 FROM revoked_access_tokens WHERE jti = ?")
             .bind(jti)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         Ok(row.is_some())
     }
@@ -404,7 +475,7 @@ impl Store for SqliteStore {
         .bind(user.to_string())
         .bind(expires_at_ms)
         .bind(single_use)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -418,7 +489,7 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .bind(ticket_id)
         .bind(now_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writes)
         .await?;
         match row {
             Some(row) => Ok(Some(parse_stored_id(
@@ -440,7 +511,7 @@ impl Store for SqliteStore {
         .bind(thread.metadata.to_string())
         .bind(thread.created_at_ms)
         .bind(thread.updated_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -458,7 +529,7 @@ impl Store for SqliteStore {
         .bind(owner.to_string())
         .bind(limit)
         .bind(offset)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(thread_from_row).collect()
     }
@@ -469,7 +540,7 @@ impl Store for SqliteStore {
         ))
         .bind(id.to_string())
         .bind(owner.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(thread_from_row).transpose()
     }
@@ -490,7 +561,7 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .bind(id.to_string())
         .bind(owner.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -499,13 +570,13 @@ impl Store for SqliteStore {
         let result = sqlx::query("DELETE FROM threads WHERE id = ? AND user_id = ?")
             .bind(id.to_string())
             .bind(owner.to_string())
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(result.rows_affected() == 1)
     }
 
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(false);
         }
@@ -528,13 +599,13 @@ impl Store for SqliteStore {
         .bind(owner.to_string())
         .bind(limit)
         .bind(offset)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         let total: i64 =
             sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE thread_id = ? AND user_id = ?")
                 .bind(thread.to_string())
                 .bind(owner.to_string())
-                .fetch_one(&self.pool)
+                .fetch_one(&self.reads)
                 .await?
                 .try_get("n")?;
         let messages = rows
@@ -560,7 +631,7 @@ impl Store for SqliteStore {
         .bind(run.status.as_str())
         .bind(run.created_at_ms)
         .bind(instance)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -579,7 +650,7 @@ impl Store for SqliteStore {
         .bind(owner.to_string())
         .bind(finished_since_ms)
         .bind(limit.max(0))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(run_from_row).collect()
     }
@@ -590,7 +661,7 @@ impl Store for SqliteStore {
         ))
         .bind(id.to_string())
         .bind(owner.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(run_from_row).transpose()
     }
@@ -619,7 +690,7 @@ impl Store for SqliteStore {
         .bind(finished)
         .bind(id.to_string())
         .bind(owner.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -660,7 +731,7 @@ impl Store for SqliteStore {
         .bind(owner.to_string())
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|row| {
@@ -674,7 +745,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         let mut inserted = 0;
         // SQLite allows 32766 bound parameters; 11 per row.
         for chunk in rows.chunks(500) {
@@ -707,7 +778,7 @@ impl Store for SqliteStore {
         )
         .bind(owner.to_string())
         .bind(since_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|row| {
@@ -735,7 +806,7 @@ impl Store for SqliteStore {
         let rows =
             usage_sql::totals::<Sqlite>(usage_sql::Engine::Sqlite, owner, since_ms, until_ms)
                 .build()
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?;
         rows.iter().map(usage_sql::totals_from_row).collect()
     }
@@ -752,7 +823,7 @@ impl Store for SqliteStore {
         }
         let rows = usage_sql::latency_at_ranks::<Sqlite>(owner, since_ms, until_ms, ranks)
             .build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
@@ -767,7 +838,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<UsageDayTotals>> {
         let rows = usage_sql::daily::<Sqlite>(usage_sql::Engine::Sqlite, owner, since_ms, until_ms)
             .build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter().map(usage_sql::daily_from_row).collect()
     }
@@ -784,7 +855,7 @@ impl Store for SqliteStore {
         }
         let rows = usage_sql::completion_at_ranks::<Sqlite>(owner, since_ms, until_ms, wanted)
             .build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
@@ -809,7 +880,7 @@ impl Store for SqliteStore {
             query,
         )
         .build()
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(usage_sql::savings_from_row).collect()
     }
@@ -820,13 +891,13 @@ impl Store for SqliteStore {
              (SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?)",
         )
         .bind(finished_before_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected())
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.reads).await?;
         Ok(())
     }
 
@@ -836,7 +907,7 @@ impl Store for SqliteStore {
         )
         .bind(instance)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -849,7 +920,7 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM instances WHERE id = ? OR heartbeat_at < ?")
             .bind(instance)
             .bind(stale_before_ms)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
@@ -862,7 +933,7 @@ impl Store for SqliteStore {
         .bind(to)
         .bind(run.to_string())
         .bind(from)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -873,7 +944,7 @@ impl Store for SqliteStore {
         submission: &RunSubmission<'_>,
     ) -> StoreResult<SubmitOutcome> {
         let (message, run) = (submission.message, submission.run);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         // A write first: SQLite takes the database's write lock for the whole transaction
         // here, so the limit check below sees every committed run and no other submission
         // can commit between the check and the insert.
@@ -930,7 +1001,7 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .bind(now_ms)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writes)
         .await?;
         let mut claimed = rows
             .iter()
@@ -961,7 +1032,7 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .bind(run.to_string())
         .bind(owner.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -980,7 +1051,7 @@ impl Store for SqliteStore {
             ids.push_bind(run.to_string());
         }
         update.push(")");
-        update.build().execute(&self.pool).await?;
+        update.build().execute(&self.writes).await?;
         Ok(())
     }
 
@@ -993,7 +1064,7 @@ impl Store for SqliteStore {
              ORDER BY created_at, id"
         ))
         .bind(stale_before_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(queue_entry_from_row).collect()
     }
@@ -1006,8 +1077,105 @@ impl Store for SqliteStore {
         )
         .bind(run.to_string())
         .bind(from)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Committed events reach the database file itself (not only the WAL) without any
+    /// commit having to checkpoint: the writer's automatic threshold (64 MiB) is far above
+    /// what is written here, so only the background checkpoint can have copied them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_checkpoint_copies_the_wal_into_the_database_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("apex.db");
+        let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("open");
+        let owner = UserId::generate();
+        store
+            .create_user(&UserRecord {
+                id: owner,
+                email: "c@example.com".into(),
+                name: None,
+                password_hash: "hash".into(),
+                created_at_ms: 0,
+            })
+            .await
+            .expect("user");
+        let thread = ThreadId::generate();
+        store
+            .create_thread(
+                owner,
+                &ThreadRecord {
+                    id: thread,
+                    title: "t".into(),
+                    metadata: serde_json::json!({}),
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                    message_count: 0,
+                },
+            )
+            .await
+            .expect("thread");
+        let run = RunId::generate();
+        store
+            .create_run_on(
+                owner,
+                &RunRecord {
+                    id: run,
+                    thread_id: thread,
+                    status: RunStatus::Running,
+                    created_at_ms: 0,
+                    started_at_ms: Some(0),
+                    finished_at_ms: None,
+                    error: None,
+                    last_seq: 0,
+                },
+                None,
+            )
+            .await
+            .expect("run");
+        let before = std::fs::metadata(&path).expect("db file").len();
+        let body = "x".repeat(4096);
+        for seq in 1..=512 {
+            store
+                .append_event(
+                    owner,
+                    run,
+                    seq,
+                    &format!("{{\"pad\":\"{body}\"}}"),
+                    seq as i64,
+                )
+                .await
+                .expect("append");
+        }
+        // 512 events of 4 KiB: at least 2 MiB must land in the file.
+        let wanted = before + 2 * 1024 * 1024;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let size = std::fs::metadata(&path).expect("db file").len();
+            if size >= wanted {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file stayed at {size} bytes (from {before}); nothing was checkpointed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            store
+                .list_events(owner, run, 0, 1000)
+                .await
+                .expect("list")
+                .len(),
+            512
+        );
     }
 }

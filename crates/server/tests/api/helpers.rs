@@ -409,7 +409,7 @@ impl WsClient {
     pub async fn connect(
         request: tokio_tungstenite::tungstenite::handshake::client::Request,
     ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
         Ok(WsClient { socket })
     }
 
