@@ -9,7 +9,8 @@ Suites (all by default):
            deterministic `template` writer without streaming delay; the peer runs its
            3-node graph with no LLM (../shared/bench/peer-langgraph).
   latency  Apex event delivery latency (server timestamp -> client receipt) at 1, 100 and
-           1,000 connected users with runs going.
+           1,000 connected users with runs going, saturated (runs back to back) and paced
+           (think time between a user's runs; all users together ask for --paced-rate runs/s).
   memory   Apex RSS per idle authenticated WebSocket at 1,000 and 10,000 connections.
   cluster  The same load against 1 and 3 Apex instances sharing PostgreSQL and Redis
            (--postgres, --redis; default the test services' URLs).
@@ -229,19 +230,28 @@ def peer_points(peer_source, users, duration):
     return points
 
 
-def latency_points(apex, levels, duration, port):
+def latency_points(apex, levels, duration, port, paced_rate):
+    """Each level twice: saturated (every user's runs back to back, so the two cores are
+    busy and the figure is mostly queueing) and paced (users pause between runs so that
+    all of them together ask for about `paced_rate` runs/s, a load the server keeps up
+    with, which is what delivery latency means)."""
     points = []
     for users in levels:
-        server = ApexServer(apex, port)
-        try:
-            out = loadgen(apex, server.url, users, duration)
-            report = json.loads(out.stdout.strip().splitlines()[-1])
-            points.append({
-                "users": users, "event_latency_ms": report["event_latency_ms"],
-                "events": report["events_received"], "runs_per_s": report["runs_per_s"],
-            })
-        finally:
-            server.close()
+        for mode in ("saturated", "paced"):
+            think_ms = 0 if mode == "saturated" else int(users * 1000 / paced_rate)
+            server = ApexServer(apex, port)
+            try:
+                out = loadgen(apex, server.url, users, duration,
+                              extra=("--think-ms", str(think_ms)))
+                report = json.loads(out.stdout.strip().splitlines()[-1])
+                points.append({
+                    "users": users, "mode": mode, "think_ms": think_ms,
+                    "event_latency_ms": report["event_latency_ms"],
+                    "first_event_ms": report["time_to_first_event_ms"],
+                    "events": report["events_received"], "runs_per_s": report["runs_per_s"],
+                })
+            finally:
+                server.close()
     return points
 
 
@@ -359,11 +369,16 @@ def render(machine, runs, latency, memory, duration, cluster=()):
         lines.append("")
     if latency:
         lines += ["## Event delivery latency (server timestamp to client receipt)", "",
-                  "| users (1 connection each, runs going) | events | p50 ms | p99 ms | p99.9 ms | max ms |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "Saturated: every user's runs back to back. Paced: users pause between runs "
+                  "(think time) so that together they ask for a rate the server keeps up with.", "",
+                  "| users (1 connection each, runs going) | load | runs/s | events | p50 ms | p99 ms "
+                  "| p99.9 ms | max ms | first event p50 / p99 ms |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for p in latency:
-            l = p["event_latency_ms"]
-            lines.append(f"| {p['users']} | {p['events']} | {l['p50']} | {l['p99']} | {l['p999']} | {l['max']} |")
+            l, f = p["event_latency_ms"], p["first_event_ms"]
+            load = p["mode"] if not p["think_ms"] else f"paced (think {p['think_ms']} ms)"
+            lines.append(f"| {p['users']} | {load} | {p['runs_per_s']:.1f} | {p['events']} | {l['p50']} "
+                         f"| {l['p99']} | {l['p999']} | {l['max']} | {f['p50']} / {f['p99']} |")
         lines.append("")
     if cluster:
         lines += ["## One instance against several (PostgreSQL + Redis, the same load)", "",
@@ -392,6 +407,8 @@ def main():
     parser.add_argument("--suites", default="runs,latency,memory,cluster")
     parser.add_argument("--users", default="1,10,50,200")
     parser.add_argument("--latency-users", default="1,100,1000")
+    parser.add_argument("--paced-rate", type=float, default=40.0,
+                        help="runs/s all users together ask for in the paced latency points")
     parser.add_argument("--memory-connections", default="1000,10000")
     parser.add_argument("--duration", type=int, default=20, help="seconds per point")
     parser.add_argument("--settle", type=float, default=2.0)
@@ -428,7 +445,7 @@ def main():
     if "latency" in suites:
         log("event latency ...")
         latency = latency_points(apex, [int(u) for u in args.latency_users.split(",")],
-                                 args.duration, args.port)
+                                 args.duration, args.port, args.paced_rate)
     if "memory" in suites:
         log("idle connection memory ...")
         memory = memory_points(apex, [int(c) for c in args.memory_connections.split(",")], args.port)

@@ -119,6 +119,10 @@ struct LoadgenArgs {
     /// Upper bound on the whole load, in seconds.
     #[arg(long, default_value_t = 120)]
     duration: u64,
+    /// Pause between a user's runs, in milliseconds (randomised 0.5-1.5x): 0 runs them
+    /// back to back and saturates the server; more gives a paced load it can keep up with.
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
     /// Seed of every random choice (printed, to reproduce a run).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -147,6 +151,7 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         users: args.users,
         max_connections_per_user: args.connections,
         runs_per_user: args.runs,
+        think_time: Duration::from_millis(args.think_ms),
         seed: args.seed,
         chaos: args.chaos,
         max_duration: std::time::Duration::from_secs(args.duration),

@@ -41,6 +41,10 @@ pub struct LoadConfig {
     pub max_connections_per_user: usize,
     /// Runs each user starts, one after another.
     pub runs_per_user: usize,
+    /// Pause between one of a user's runs ending and the next starting (randomised to
+    /// 0.5–1.5×; the first run starts after 0–1×). Zero: back to back (closed loop, the
+    /// server saturated); non-zero: a paced load the server can keep up with.
+    pub think_time: Duration,
     /// Seed of every random choice; print it to reproduce a failure.
     pub seed: u64,
     /// Disconnects, stops, invented thread ids and foreign run ids.
@@ -63,6 +67,7 @@ impl Default for LoadConfig {
             users: 10,
             max_connections_per_user: 2,
             runs_per_user: 2,
+            think_time: Duration::ZERO,
             seed: 1,
             chaos: false,
             max_duration: Duration::from_secs(120),

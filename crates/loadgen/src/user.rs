@@ -545,6 +545,17 @@ pub(crate) async fn simulate(
     barrier.wait().await;
     if connected {
         for run_index in 0..config.runs_per_user {
+            // Paced load: a person reads the answer before asking again. The first pause
+            // spreads the users' first runs over one think time instead of all at once.
+            if !config.think_time.is_zero() {
+                let factor = if run_index == 0 {
+                    session.rng.gen_range(0.0..1.0)
+                } else {
+                    session.rng.gen_range(0.5..1.5)
+                };
+                let pause = config.think_time.mul_f64(factor);
+                tokio::time::sleep_until((Instant::now() + pause).min(deadline).into()).await;
+            }
             if Instant::now() >= deadline {
                 break;
             }

@@ -10,6 +10,12 @@ pub fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// RFC 3339 with microseconds: run events carry it so a client can measure delivery
+/// latency (server emit to receipt) below a millisecond.
+pub fn now_rfc3339_micros() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
 pub fn ms_to_rfc3339(ms: i64) -> String {
     let time: DateTime<Utc> = Utc
         .timestamp_millis_opt(ms)

@@ -13,7 +13,7 @@ use apex_protocol::events::{AgentEvent, EventBody};
 use tokio::sync::Mutex;
 
 use super::bus::{BusEvent, EventBus};
-use crate::clock::{now_ms, now_rfc3339};
+use crate::clock::{now_ms, now_rfc3339_micros};
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{Store, StoreError, UserStore};
@@ -46,7 +46,7 @@ pub fn encode_event(
         thread_id: thread_id.to_string(),
         user_id: user_id.to_string(),
         agent_name: agent_name.to_string(),
-        timestamp: now_rfc3339(),
+        timestamp: now_rfc3339_micros(),
         payload,
         compat,
     };

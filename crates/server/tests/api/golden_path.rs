@@ -152,8 +152,16 @@ async fn golden_path_streams_every_step_and_answers_with_the_users_own_numbers()
         .all(|e| e.payload["is_complete"] == false));
 }
 
+/// RFC 3339 in UTC with microseconds (protocol 5.1), so clients can measure sub-millisecond
+/// delivery latency: `2025-11-26T09:14:03.533214Z`.
 fn chrono_like(timestamp: &str) -> bool {
-    timestamp.len() >= 20 && timestamp.ends_with('Z') && timestamp.contains('T')
+    let fraction = timestamp
+        .strip_suffix('Z')
+        .and_then(|t| t.rsplit_once('.'))
+        .map(|(_, f)| f);
+    timestamp.contains('T')
+        && chrono::DateTime::parse_from_rfc3339(timestamp).is_ok()
+        && fraction.is_some_and(|f| f.len() == 6 && f.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
