@@ -1,8 +1,11 @@
 //! The run queue: runs are rows in the database, and every instance's dispatcher claims
 //! them while it has room.
 //!
-//! A message creates its run `queued` with no instance ([`crate::runs::start_run`]). Each
-//! process runs one [`dispatch`] loop that claims the oldest queued runs, up to
+//! A message creates its run `queued` with no instance ([`crate::runs::start_run`]), or,
+//! when the receiving instance has room and nothing else waits in the queue, already
+//! claimed by that instance in the same transaction, which then starts it at once with
+//! [`start`] (one commit fewer before the first event). Each process runs one [`dispatch`]
+//! loop that claims the oldest queued runs, up to
 //! `max_runs_per_instance` executing at once, and starts each with a fresh
 //! `AgentInstanceFactory` built from a context made of the run's stored ids (the claim is
 //! one statement: `FOR UPDATE SKIP LOCKED` on PostgreSQL, SQLite's single writer on the
@@ -132,13 +135,18 @@ async fn claim_and_start(state: &AppState, limit: usize) -> StoreResult<usize> {
         .await?;
     let count = claimed.len();
     for entry in claimed {
-        start(state, entry).await;
+        start(state, entry, None).await;
     }
     Ok(count)
 }
 
-/// Starts one claimed run on its own task.
-async fn start(state: &AppState, entry: QueueEntry) {
+/// Starts one claimed run on its own task: one the dispatcher claimed, or one claimed
+/// when it was submitted, whose place in [`crate::runs::ActiveRuns`] `reservation` held.
+pub(crate) async fn start(
+    state: &AppState,
+    entry: QueueEntry,
+    reservation: Option<crate::runs::RunReservation>,
+) {
     let QueueEntry {
         owner,
         run,
@@ -170,6 +178,8 @@ async fn start(state: &AppState, entry: QueueEntry) {
     let slot = state
         .runs
         .register(run.id, owner, run.thread_id, ctx.cancellation().clone());
+    // The slot holds the place now.
+    drop(reservation);
     let instance = AgentInstanceFactory::new(ctx, Arc::clone(&state.infra)).build(
         input,
         slot,

@@ -2,9 +2,12 @@
 //!
 //! [`start_run`] stores the user's message and queues the run answering it, in one
 //! transaction that also enforces the user's limits (concurrent runs, one run per thread)
-//! in the database, so they hold across instances. It then wakes this instance's
-//! dispatcher ([`crate::queue`]), which claims the run and executes it detached from the
-//! socket or request that asked for it: closing the socket does not stop it.
+//! in the database, so they hold across instances. If this instance has room (a
+//! [`RunReservation`] in [`ActiveRuns`]) and no run waits in the queue, the same
+//! transaction claims the run and it starts at once; otherwise it wakes this instance's
+//! dispatcher ([`crate::queue`]), which claims it when it can. Either way the run executes
+//! detached from the socket or request that asked for it: closing the socket does not stop
+//! it.
 //! [`ActiveRuns`] maps a run executing in this process to its owner and cancellation token
 //! so that `stop_agent` from any of the owner's connections reaches it, and no one else's
 //! does. A stop for a run still waiting in the queue ends it in the database; one for a
@@ -13,6 +16,7 @@
 //! through its own `ActiveRuns`, which checks the owner again.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use apex_protocol::error::agent_codes;
@@ -28,7 +32,8 @@ use crate::events::UserEmitter;
 use crate::ids::{MessageId, RequestId, RunId, ThreadId, UserId};
 use crate::state::AppState;
 use crate::store::{
-    MessageRecord, RunRecord, RunSubmission, Store, StoreError, SubmitOutcome, UserStore,
+    MessageRecord, QueueEntry, RunRecord, RunSubmission, Store, StoreError, SubmitOutcome,
+    UserStore,
 };
 
 struct ActiveRun {
@@ -46,6 +51,11 @@ struct ActiveRun {
 pub struct ActiveRuns {
     /// A start counter (for "most recent") and the runs executing in this process.
     inner: Mutex<(u64, HashMap<RunId, ActiveRun>)>,
+    /// Places held by [`RunReservation`]s: runs being submitted that this instance will
+    /// start itself. Counted in [`ActiveRuns::len`] so that concurrent submissions and the
+    /// dispatcher together never start more than the instance's limit. Changed only with
+    /// `inner` locked.
+    reserved: std::sync::atomic::AtomicUsize,
     /// Signalled whenever a run leaves, so a dispatcher at capacity can claim again.
     pub(crate) freed: tokio::sync::Notify,
 }
@@ -64,6 +74,20 @@ pub enum StopOutcome {
 impl ActiveRuns {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<RunId, ActiveRun>)> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds a place for a run this process is about to submit and start itself, if
+    /// fewer than `limit` runs execute (or are reserved) here.
+    pub fn try_reserve(self: &Arc<Self>, limit: usize) -> Option<RunReservation> {
+        let guard = self.lock();
+        let reserved = self.reserved.load(Ordering::SeqCst);
+        if guard.1.len() + reserved >= limit {
+            return None;
+        }
+        self.reserved.fetch_add(1, Ordering::SeqCst);
+        Some(RunReservation {
+            runs: Arc::clone(self),
+        })
     }
 
     /// Registers a run this process is about to execute. The returned slot removes it
@@ -154,9 +178,11 @@ impl ActiveRuns {
             .is_some_and(|r| r.owner == owner && !r.finishing)
     }
 
-    /// Runs whose task has not ended yet (finishing ones included).
+    /// Runs whose task has not ended yet (finishing ones included), and places reserved
+    /// for runs being submitted here.
     pub fn len(&self) -> usize {
-        self.lock().1.len()
+        let guard = self.lock();
+        guard.1.len() + self.reserved.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -184,6 +210,23 @@ impl RunSlot {
 impl Drop for RunSlot {
     fn drop(&mut self) {
         self.runs.remove(self.run);
+    }
+}
+
+/// A place held in [`ActiveRuns`] for a run being submitted. Given back when dropped:
+/// after the run is registered (its slot then holds the place), or when the submission
+/// failed.
+pub struct RunReservation {
+    runs: Arc<ActiveRuns>,
+}
+
+impl Drop for RunReservation {
+    fn drop(&mut self) {
+        {
+            let _guard = self.runs.lock();
+            self.runs.reserved.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.runs.freed.notify_one();
     }
 }
 
@@ -250,14 +293,21 @@ pub async fn start_run(
         last_seq: 0,
     };
     let request = request_id.to_string();
+    // With room here, the run is claimed in the submitting transaction and started at once;
+    // otherwise it waits in the queue for this or another instance's dispatcher.
+    let reservation = state.runs.try_reserve(state.settings.max_runs_per_instance);
     let submission = RunSubmission {
         message: &message,
         run: &run,
         request_id: &request,
         max_unfinished: state.limits.settings.max_concurrent_runs_per_user,
+        claim_by: reservation
+            .as_ref()
+            .map(|_| state.infra.instance_id.as_str()),
     };
-    match store.submit_run(&submission).await? {
-        SubmitOutcome::Queued => {}
+    let claimed = match store.submit_run(&submission).await? {
+        SubmitOutcome::Queued => false,
+        SubmitOutcome::Claimed => true,
         SubmitOutcome::ThreadNotFound => return Err(StartRunError::ThreadNotFound),
         SubmitOutcome::ThreadBusy => {
             crate::telemetry::limit_rejected("thread_busy");
@@ -267,9 +317,26 @@ pub async fn start_run(
             crate::telemetry::limit_rejected("too_many_runs");
             return Err(StartRunError::TooManyRuns);
         }
-    }
+    };
     crate::telemetry::run_queued();
-    state.queue.submitted();
+    match reservation.filter(|_| claimed) {
+        Some(reservation) => {
+            let entry = QueueEntry {
+                owner: user.user_id(),
+                run: RunRecord {
+                    status: RunStatus::Running,
+                    started_at_ms: Some(now),
+                    ..run
+                },
+                input: Some(message.content.clone()),
+                request_id: Some(request),
+                attempts: 1,
+                instance: Some(state.infra.instance_id.clone()),
+            };
+            crate::queue::start(state, entry, Some(reservation)).await;
+        }
+        None => state.queue.submitted(),
+    }
     Ok(StartedRun {
         run_id,
         thread_id: thread,
@@ -432,4 +499,36 @@ pub async fn interrupt_run(
         message,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reservations and registered runs share the instance's limit, and a reservation gives
+    /// its place back when dropped (whether its run was registered or not).
+    #[test]
+    fn reservations_count_against_the_instance_limit() {
+        let runs = Arc::new(ActiveRuns::default());
+        let first = runs.try_reserve(2).expect("room for one");
+        let slot = runs.register(
+            RunId::generate(),
+            UserId::generate(),
+            ThreadId::generate(),
+            CancellationToken::new(),
+        );
+        drop(first);
+        assert_eq!(runs.len(), 1, "the slot now holds the reserved place");
+        let second = runs.try_reserve(2).expect("room for a second");
+        assert_eq!(runs.len(), 2);
+        assert!(
+            runs.try_reserve(2).is_none(),
+            "full: one run and one reservation"
+        );
+        drop(second);
+        assert_eq!(runs.len(), 1);
+        drop(slot);
+        assert!(runs.is_empty());
+        assert!(runs.try_reserve(1).is_some());
+    }
 }

@@ -118,12 +118,19 @@ pub struct RunSubmission<'a> {
     pub request_id: &'a str,
     /// The owner's limit of queued and running runs (the new one included).
     pub max_unfinished: usize,
+    /// Claim the run for this instance in the same transaction (`running`, first attempt,
+    /// heartbeat now) instead of leaving it `queued`: the submitting instance has room and
+    /// starts it at once, saving a claim round trip before the first event. Not done while
+    /// other runs wait in the queue, which would let a new run overtake them.
+    pub claim_by: Option<&'a str>,
 }
 
 /// What [`Store::submit_run`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitOutcome {
     Queued,
+    /// Stored and claimed for [`RunSubmission::claim_by`]: the submitter starts it.
+    Claimed,
     /// The thread does not exist or is not the owner's.
     ThreadNotFound,
     /// The thread already has a queued or running run.

@@ -307,6 +307,18 @@ fn queue_entry_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<QueueEntry
     })
 }
 
+/// Whether any run waits in the queue for an instance (the partial index `runs_queue`
+/// answers it).
+async fn runs_waiting(tx: &mut sqlx::Transaction<'_, Sqlite>) -> StoreResult<bool> {
+    let row = sqlx::query(
+        "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL) \
+         AS waiting",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.try_get("waiting")?)
+}
+
 /// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not
 /// theirs. Its first statement writes, so it takes the database's write lock.
 async fn insert_message_in(
@@ -967,20 +979,37 @@ impl Store for SqliteStore {
         if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
             return Ok(SubmitOutcome::TooManyRuns);
         }
+        // Claimed at submission (as `claim_queued_runs` would leave it) unless runs are
+        // waiting: those go first.
+        let claim_by = match submission.claim_by {
+            Some(instance) if !runs_waiting(&mut tx).await? => Some(instance),
+            _ => None,
+        };
+        let claimed = claim_by.is_some();
         sqlx::query(
-            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id) \
-             VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
+                               instance_id, heartbeat_at, attempts, started_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(run.id.to_string())
         .bind(owner.to_string())
         .bind(run.thread_id.to_string())
+        .bind(if claimed { "running" } else { "queued" })
         .bind(run.created_at_ms)
         .bind(&message.content)
         .bind(submission.request_id)
+        .bind(claim_by)
+        .bind(claimed.then_some(run.created_at_ms))
+        .bind(i64::from(claimed))
+        .bind(claimed.then_some(run.created_at_ms))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(SubmitOutcome::Queued)
+        Ok(if claimed {
+            SubmitOutcome::Claimed
+        } else {
+            SubmitOutcome::Queued
+        })
     }
 
     async fn claim_queued_runs(

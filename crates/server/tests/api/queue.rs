@@ -195,6 +195,7 @@ async fn run_left_by_a_crash(max_attempts: u32) -> Option<(TestApp, UserId, RunI
                 run: &run,
                 request_id: "request-of-the-crashed-process",
                 max_unfinished: 3,
+                claim_by: None,
             },
         )
         .await

@@ -506,6 +506,18 @@ async fn submit(
     created_at_ms: i64,
     max_unfinished: usize,
 ) -> (RunId, SubmitOutcome) {
+    submit_as(store, owner, thread_id, created_at_ms, max_unfinished, None).await
+}
+
+/// [`submit`], claiming the run for `claim_by` in the same transaction when given.
+async fn submit_as(
+    store: &dyn Store,
+    owner: UserId,
+    thread_id: ThreadId,
+    created_at_ms: i64,
+    max_unfinished: usize,
+    claim_by: Option<&str>,
+) -> (RunId, SubmitOutcome) {
     let id = RunId::generate();
     let message = MessageRecord {
         id: MessageId::generate(),
@@ -534,6 +546,7 @@ async fn submit(
                 run: &run,
                 request_id: &request_id,
                 max_unfinished,
+                claim_by,
             },
         )
         .await
@@ -681,6 +694,93 @@ async fn racing_claimers_take_every_queued_run_exactly_once() {
 /// A claimed run's heartbeat keeps it off the sweep; once stale it is found, queued again
 /// by exactly one of many racing sweepers, claimed as a second attempt with its log
 /// position, and a queued run can be ended only while no instance has claimed it.
+/// A run claimed as it is submitted (its instance has room) is the instance's from the
+/// start: running, first attempt, never handed to another claimer, counted against the
+/// user's limits, and recovered like any claimed run if its instance goes silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_claimed_at_submission_belongs_to_its_instance_alone() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let owner = user(store).await;
+    let thread_id = thread(store, owner).await;
+    let (id, outcome) = submit_as(store, owner, thread_id, NOW, 1, Some("here")).await;
+    assert_eq!(outcome, SubmitOutcome::Claimed);
+    let run = store.get_run(owner, id).await.unwrap().expect("stored");
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.started_at_ms, Some(NOW));
+    assert!(store
+        .claim_queued_runs("elsewhere", 10, NOW + 1)
+        .await
+        .unwrap()
+        .is_empty());
+    // It counts: with a limit of one, the user's next run is refused.
+    let (_, second) = submit(store, owner, thread(store, owner).await, NOW + 2, 1).await;
+    assert_eq!(second, SubmitOutcome::TooManyRuns);
+    // Its heartbeat starts at submission; silent since, it is stale and can be requeued.
+    assert!(store.stale_runs(NOW).await.unwrap().is_empty());
+    let stale = store.stale_runs(NOW + 1).await.unwrap();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].run.id, id);
+    assert_eq!(stale[0].attempts, 1);
+    assert_eq!(stale[0].instance.as_deref(), Some("here"));
+    assert!(store.requeue_run(id, Some("here")).await.unwrap());
+    let again = store
+        .claim_queued_runs("elsewhere", 10, NOW + 3)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].run.id, id);
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(
+        again[0].input.as_deref(),
+        Some(&*format!("question for {id}"))
+    );
+}
+
+/// While runs wait in the queue a new run is not claimed at submission, even with room:
+/// it queues behind them, so the waiting are not overtaken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_run_does_not_overtake_runs_waiting_in_the_queue() {
+    let Some(db) = test_store().await else {
+        return;
+    };
+    let store = &*db.store;
+    let owner = user(store).await;
+    let (waiting, first) = submit(store, owner, thread(store, owner).await, NOW, 10).await;
+    assert_eq!(first, SubmitOutcome::Queued);
+    let (newer, outcome) = submit_as(
+        store,
+        owner,
+        thread(store, owner).await,
+        NOW + 1,
+        10,
+        Some("here"),
+    )
+    .await;
+    assert_eq!(outcome, SubmitOutcome::Queued);
+    let claimed: Vec<RunId> = store
+        .claim_queued_runs("here", 10, NOW + 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.run.id)
+        .collect();
+    assert_eq!(claimed, vec![waiting, newer]);
+    // The queue is empty again: the next submission with room is claimed at once.
+    let (_, next) = submit_as(
+        store,
+        owner,
+        thread(store, owner).await,
+        NOW + 3,
+        10,
+        Some("here"),
+    )
+    .await;
+    assert_eq!(next, SubmitOutcome::Claimed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_runs_are_requeued_once_and_claimed_again() {
     let Some(db) = test_store().await else {
