@@ -16,7 +16,6 @@
 //! through its own `ActiveRuns`, which checks the owner again.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use apex_protocol::error::agent_codes;
@@ -49,15 +48,21 @@ struct ActiveRun {
 
 #[derive(Default)]
 pub struct ActiveRuns {
-    /// A start counter (for "most recent") and the runs executing in this process.
-    inner: Mutex<(u64, HashMap<RunId, ActiveRun>)>,
-    /// Places held by [`RunReservation`]s: runs being submitted that this instance will
-    /// start itself. Counted in [`ActiveRuns::len`] so that concurrent submissions and the
-    /// dispatcher together never start more than the instance's limit. Changed only with
-    /// `inner` locked.
-    reserved: std::sync::atomic::AtomicUsize,
+    inner: Mutex<Registry>,
     /// Signalled whenever a run leaves, so a dispatcher at capacity can claim again.
     pub(crate) freed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// A start counter, for "most recent".
+    started: u64,
+    /// The runs executing in this process.
+    runs: HashMap<RunId, ActiveRun>,
+    /// Places held by [`RunReservation`]s: runs being submitted that this instance will
+    /// start itself. Counted in [`ActiveRuns::len`] so that concurrent submissions and the
+    /// dispatcher together never start more than the instance's limit.
+    reserved: usize,
 }
 
 /// Answer to a stop request.
@@ -72,19 +77,18 @@ pub enum StopOutcome {
 }
 
 impl ActiveRuns {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<RunId, ActiveRun>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Holds a place for a run this process is about to submit and start itself, if
     /// fewer than `limit` runs execute (or are reserved) here.
     pub fn try_reserve(self: &Arc<Self>, limit: usize) -> Option<RunReservation> {
-        let guard = self.lock();
-        let reserved = self.reserved.load(Ordering::SeqCst);
-        if guard.1.len() + reserved >= limit {
+        let mut guard = self.lock();
+        if guard.runs.len() + guard.reserved >= limit {
             return None;
         }
-        self.reserved.fetch_add(1, Ordering::SeqCst);
+        guard.reserved += 1;
         Some(RunReservation {
             runs: Arc::clone(self),
         })
@@ -100,9 +104,9 @@ impl ActiveRuns {
         cancel: CancellationToken,
     ) -> RunSlot {
         let mut guard = self.lock();
-        guard.0 += 1;
-        let started = guard.0;
-        guard.1.insert(
+        guard.started += 1;
+        let started = guard.started;
+        guard.runs.insert(
             run,
             ActiveRun {
                 owner,
@@ -120,7 +124,7 @@ impl ActiveRuns {
 
     /// The runs executing here, for their heartbeats.
     pub fn ids(&self) -> Vec<RunId> {
-        self.lock().1.keys().copied().collect()
+        self.lock().runs.keys().copied().collect()
     }
 
     /// Cancels every running run of `owner` on `thread` (before the thread is deleted).
@@ -128,7 +132,7 @@ impl ActiveRuns {
         let guard = self.lock();
         let mut cancelled = 0;
         for run in guard
-            .1
+            .runs
             .values()
             .filter(|r| r.owner == owner && r.thread == thread && !r.finishing)
         {
@@ -139,20 +143,20 @@ impl ActiveRuns {
     }
 
     fn mark_finishing(&self, run: RunId) {
-        if let Some(active) = self.lock().1.get_mut(&run) {
+        if let Some(active) = self.lock().runs.get_mut(&run) {
             active.finishing = true;
         }
     }
 
     fn remove(&self, run: RunId) {
-        self.lock().1.remove(&run);
+        self.lock().runs.remove(&run);
         // A slot is free: a dispatcher waiting for room may claim again.
         self.freed.notify_one();
     }
 
     /// Cancels `run` if it is running and belongs to `owner`.
     pub fn cancel(&self, owner: UserId, run: RunId) -> bool {
-        match self.lock().1.get(&run) {
+        match self.lock().runs.get(&run) {
             Some(active) if active.owner == owner && !active.finishing => {
                 active.cancel.cancel();
                 true
@@ -164,7 +168,7 @@ impl ActiveRuns {
     /// The owner's most recently started run that is still executing.
     pub fn latest_for(&self, owner: UserId) -> Option<RunId> {
         self.lock()
-            .1
+            .runs
             .iter()
             .filter(|(_, r)| r.owner == owner && !r.finishing)
             .max_by_key(|(_, r)| r.started)
@@ -173,7 +177,7 @@ impl ActiveRuns {
 
     pub fn is_active(&self, owner: UserId, run: RunId) -> bool {
         self.lock()
-            .1
+            .runs
             .get(&run)
             .is_some_and(|r| r.owner == owner && !r.finishing)
     }
@@ -182,7 +186,7 @@ impl ActiveRuns {
     /// for runs being submitted here.
     pub fn len(&self) -> usize {
         let guard = self.lock();
-        guard.1.len() + self.reserved.load(Ordering::SeqCst)
+        guard.runs.len() + guard.reserved
     }
 
     pub fn is_empty(&self) -> bool {
@@ -222,10 +226,7 @@ pub struct RunReservation {
 
 impl Drop for RunReservation {
     fn drop(&mut self) {
-        {
-            let _guard = self.runs.lock();
-            self.runs.reserved.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.runs.lock().reserved -= 1;
         self.runs.freed.notify_one();
     }
 }

@@ -125,6 +125,12 @@ pub struct RunSubmission<'a> {
     pub claim_by: Option<&'a str>,
 }
 
+/// Whether any run waits in the queue for an instance, as column `waiting` (both engines;
+/// the partial index `runs_queue` answers it). A submission is not claimed at once while
+/// this holds, so it cannot overtake the waiting runs.
+const RUNS_WAITING: &str =
+    "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL) AS waiting";
+
 /// What [`Store::submit_run`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitOutcome {

@@ -315,15 +315,11 @@ fn queue_entry_from_row(row: &PgRow) -> StoreResult<QueueEntry> {
     })
 }
 
-/// Whether any run waits in the queue for an instance (the partial index `runs_queue`
-/// answers it).
+/// Whether any run waits in the queue for an instance ([`super::RUNS_WAITING`]).
 async fn runs_waiting(tx: &mut sqlx::Transaction<'_, Postgres>) -> StoreResult<bool> {
-    let row = sqlx::query(
-        "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL) \
-         AS waiting",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
+    let row = sqlx::query(super::RUNS_WAITING)
+        .fetch_one(&mut **tx)
+        .await?;
     Ok(row.try_get("waiting")?)
 }
 
