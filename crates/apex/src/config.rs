@@ -315,10 +315,10 @@ pub static KEYS: &[Key] = &[
         Kind::Path,
         None,
         Sv,
-        "The local model's GGUF file (installed by scripts/fetch-model.sh).",
+        "The local model's GGUF file (installed once per machine by scripts/fetch-model.sh).",
     )
     .flag("model-path", "FILE")
-    .unset("<data-dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    .unset("$XDG_CACHE_HOME/apex/models/SmolLM2-135M-Instruct.Q4_1.gguf (else ~/.cache/...; a copy in <data-dir>/models/ is used first)"),
     key(
         "llm_threads",
         "APEX_LLM_THREADS",

@@ -1,15 +1,16 @@
 //! The `apex` binary: `apex serve` runs the server, `apex migrate` brings the database
 //! schema up to date, `apex chat` is a terminal client, `apex usage` uploads and sums up
 //! usage, `apex user create` makes an account, `apex config show` prints the configuration,
-//! `apex loadgen` drives a server.
+//! `apex loadgen` drives a server, `apex eval` scores the answers.
 //!
 //! Modules: `config` (the layered configuration: defaults < `apex.toml` < `APEX_*`
 //! variables < flags), `account` (signing in), `chat` and `live` (the terminal client and
-//! its live view), `usage`, `user`.
+//! its live view), `eval` (the answer evaluation), `usage`, `user`.
 
 mod account;
 mod chat;
 mod config;
+mod eval;
 mod live;
 mod usage;
 mod user;
@@ -67,6 +68,13 @@ enum Command {
     /// Example: apex loadgen --users 200 --connections 3 --runs 2 --chaos
     #[command(verbatim_doc_comment)]
     Loadgen(LoadgenArgs),
+    /// Score the answers: ask a fixed question set of several users' demo data through the
+    /// real pipeline (an in-process server on a throw-away folder) and check every answer.
+    ///
+    /// Example: apex eval --llm-provider template
+    ///          apex eval --llm-provider local --users 2 --report /tmp/local.md
+    #[command(verbatim_doc_comment)]
+    Eval(eval::EvalArgs),
     /// Upload your usage data or print your usage summary.
     ///
     /// Example: APEX_PASSWORD=... apex usage import --email me@example.com usage.csv
@@ -303,6 +311,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Chat(args) => chat::run(args).await,
+            Command::Eval(args) => eval::run(args).await,
             Command::Loadgen(args) => loadgen(args).await,
             Command::Usage(command) => usage::run(command).await,
             Command::User(command) => user::run(command).await,

@@ -106,8 +106,8 @@ impl FromStr for LlmProviderKind {
 /// The embedded model.
 #[derive(Debug, Clone)]
 pub struct LocalModelSettings {
-    /// The GGUF file; `None` means `<data_dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf`,
-    /// where `scripts/fetch-model.sh` puts it.
+    /// The GGUF file; `None` means the per-machine cache that `scripts/fetch-model.sh`
+    /// fills (or a copy in `<data_dir>/models/`); see [`crate::llm::local::default_model_path`].
     pub path: Option<PathBuf>,
     /// Dedicated inference threads.
     pub threads: usize,
@@ -283,7 +283,7 @@ impl Settings {
     pub fn local_model_path(&self) -> PathBuf {
         match &self.local_model.path {
             Some(path) => path.clone(),
-            None => self.data_dir.join(crate::llm::local::DEFAULT_MODEL_FILE),
+            None => crate::llm::local::default_model_path(&self.data_dir),
         }
     }
 

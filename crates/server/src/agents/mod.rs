@@ -9,6 +9,8 @@
 //!   between runs; results flow from one agent to the next through [`RunState`].
 
 pub mod actions;
+pub mod answer;
+pub mod conversation;
 pub mod data;
 pub mod factory;
 pub mod optimization;
@@ -78,10 +80,20 @@ pub enum RequestCategory {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Triage {
     pub category: RequestCategory,
-    /// Models named in the request that the pricing table knows.
+    /// Models the request (or the thread's earlier question) names: the pricing table's
+    /// and the user's own.
     pub models: Vec<String>,
     /// Analysis window in days (from "last week", "past 14 days"...; default 30).
     pub days: u32,
+    /// The user's workloads the request (or the thread's earlier question) names.
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    /// The plan step the request asks about ("explain step 2"); `u32::MAX` is "the last".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Whether the request was read together with the thread's previous question.
+    #[serde(default)]
+    pub follow_up: bool,
 }
 
 /// One way to save money, with its projected monthly effect on this user's bill.
@@ -110,6 +122,8 @@ pub struct ActionStep {
 #[derive(Debug, Clone, Default)]
 pub struct RunState {
     pub request: String,
+    /// The thread's earlier turns, oldest first (bounded; see [`conversation`]).
+    pub history: Vec<conversation::Turn>,
     pub triage: Option<Triage>,
     pub usage: Option<UsageSummary>,
     pub opportunities: Vec<Opportunity>,

@@ -1,29 +1,87 @@
-//! Reporting: assembles the structured report and has the LLM write the answer, streamed
-//! to the user as `partial_result` events while it is generated.
+//! Reporting: assembles the structured report and writes the answer from it, streamed to
+//! the user as `partial_result` events while it is written.
 //!
-//! The prompt gives the model the figures the tools computed (the template writer's
-//! rendering of the report) and asks it to quote them. Numbers must come from the tools:
-//! a [`FigureGuard`] checks every dollar amount as it streams and holds back an amount until
-//! it is complete, so an invented figure (in particular a spend total different from the
-//! tool's) never reaches the user. When the configured provider fails or its answer is
-//! rejected, the agent says so in an `agent_thinking` note and writes the answer with the
-//! template writer instead; the run still completes and `final_response` is that answer.
+//! The answer is laid out by [`super::answer::compose`]: fixed text built from the report's
+//! figures, and a few slots of prose the configured model writes (a summary, a short why per
+//! recommendation). Each slot is generated on its own with a bound, stop sequences and the
+//! repetition controls, then checked ([`super::answer::check_slot`] and the [`FigureGuard`]:
+//! no loop, no echo, no figure that is not the tools'). A slot whose text fails the check, or
+//! whose model fails, gets its template wording instead, and an `agent_thinking` note says
+//! so. With the template writer configured every slot has its template wording. So whatever
+//! writes the prose, the answer states the user's figures; the run completes and
+//! `final_response` is the answer as streamed.
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
+use super::answer::{self, check_slot, compose, fixed_text, placed, Part, Slot, SlotProblem};
 use super::{Agent, AgentContext, AgentError, RequestCategory, RunState};
-use crate::llm::template::render;
-use crate::llm::{ChatMessage, LlmError, LlmProvider, LlmRequest};
+use crate::llm::{LlmError, LlmRequest, Repetition, TokenMeter};
 use apex_protocol::events::EventBody;
 
 pub struct ReportingAgent;
 
-/// Longest answer asked of a model.
-const MAX_ANSWER_TOKENS: u32 = 320;
+/// What the report says about the models and workloads the question names, and the plan
+/// step it asks about, with the names the data does show (for an honest "not in your data").
+fn focus(state: &RunState) -> Value {
+    let triage = state.triage.as_ref();
+    let usage = state.usage.as_ref();
+    let models: Vec<Value> = triage
+        .map(|t| t.models.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|name| {
+            let found = usage.and_then(|u| {
+                let rows: Vec<_> = u
+                    .by_model
+                    .iter()
+                    .filter(|m| m.model.eq_ignore_ascii_case(name))
+                    .collect();
+                (!rows.is_empty()).then(|| {
+                    json!({
+                        "name": name, "found": true,
+                        "cost_usd": rows.iter().map(|m| m.cost_usd).sum::<f64>(),
+                        "requests": rows.iter().map(|m| m.requests).sum::<i64>(),
+                        "prompt_tokens": rows.iter().map(|m| m.prompt_tokens).sum::<i64>(),
+                        "completion_tokens": rows.iter().map(|m| m.completion_tokens).sum::<i64>(),
+                    })
+                })
+            });
+            found.unwrap_or_else(|| json!({"name": name, "found": false}))
+        })
+        .collect();
+    let workloads: Vec<Value> = triage
+        .map(|t| t.workloads.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(
+            |name| match usage.and_then(|u| u.by_workload.iter().find(|w| &w.workload == name)) {
+                Some(w) => json!({
+                    "name": name, "found": true, "cost_usd": w.cost_usd, "requests": w.requests,
+                    "prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens,
+                }),
+                None => json!({"name": name, "found": false}),
+            },
+        )
+        .collect();
+    let mut known_models: Vec<&str> = Vec::new();
+    for m in usage.map(|u| u.by_model.as_slice()).unwrap_or_default() {
+        if !known_models.contains(&m.model.as_str()) {
+            known_models.push(&m.model);
+        }
+    }
+    json!({
+        "models": models,
+        "workloads": workloads,
+        "step": triage.and_then(|t| t.step),
+        "known_models": known_models,
+        "known_workloads": usage.map(|u| u.by_workload.iter().map(|w| w.workload.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+    })
+}
 
-/// The structured report; also what the template writer renders.
+/// The structured report (`payload.result` of the terminal event); the answer is composed
+/// from it.
 pub fn build_report(state: &RunState) -> Value {
     let usage = state.usage.as_ref();
     let savings: f64 = state
@@ -36,6 +94,9 @@ pub fn build_report(state: &RunState) -> Value {
         "category": state.triage.as_ref().map_or(RequestCategory::General, |t| t.category),
         "days": state.triage.as_ref().map(|t| t.days),
         "models_asked_about": state.triage.as_ref().map(|t| t.models.clone()).unwrap_or_default(),
+        "workloads_asked_about": state.triage.as_ref().map(|t| t.workloads.clone()).unwrap_or_default(),
+        "follow_up": state.triage.as_ref().is_some_and(|t| t.follow_up),
+        "focus": focus(state),
         "usage": usage.map(|u| json!({
             "days": u.days,
             "total_requests": u.total_requests,
@@ -51,21 +112,6 @@ pub fn build_report(state: &RunState) -> Value {
         "potential_monthly_savings_usd": (savings * 100.0).round() / 100.0,
         "action_plan": state.plan,
     })
-}
-
-/// The messages for a language model: the computed figures, then the user's question.
-pub fn report_prompt(request: &str, report: &Value) -> Vec<ChatMessage> {
-    vec![
-        ChatMessage::system(
-            "You are Apex, an AI cost and usage analyst. Answer the user's question in a few \
-             short sentences using only the figures in the analysis below. Quote dollar amounts \
-             exactly as written there and never state any other number.",
-        ),
-        ChatMessage::user(format!(
-            "Analysis of my usage:\n{}\nQuestion: {request}",
-            render(report)
-        )),
-    ]
 }
 
 /// Every dollar figure the report contains, in cents.
@@ -182,40 +228,149 @@ impl FigureGuard {
     }
 }
 
+/// Texts of the slots the model wrote and those that fell back, for the result.
+#[derive(Default)]
+struct SlotTally {
+    written: Vec<String>,
+    fell_back: Vec<Value>,
+    /// The model failed (not just wrote something unusable): later slots skip it.
+    provider_failed: Option<String>,
+}
+
 impl ReportingAgent {
-    /// Streams `provider`'s answer to the user, checked by the guard. Text already shown
-    /// stays in `state.answer`.
-    async fn stream_answer(
+    /// Streams fixed text through the template writer (same chunking and pacing as any
+    /// streamed answer) and adds it to the answer.
+    async fn stream_fixed(
         &self,
         cx: &AgentContext,
-        provider: &dyn LlmProvider,
-        request: LlmRequest,
-        mut guard: Option<FigureGuard>,
+        text: String,
         state: &mut RunState,
     ) -> Result<(), AgentError> {
-        let mut stream = provider
+        if text.is_empty() {
+            return Ok(());
+        }
+        let request = LlmRequest::new(Vec::new(), Value::String(text), 0);
+        let mut stream = cx
+            .fallback
             .stream(request, cx.ctx.cancellation().clone())
             .await?;
-        loop {
-            let (chunk, last) = match stream.next().await {
-                Some(chunk) => (chunk?, false),
-                None => (String::new(), true),
-            };
-            let text = match guard.as_mut() {
-                Some(guard) if last => guard.finish()?,
-                Some(guard) => guard.push(&chunk)?,
-                None => chunk,
-            };
-            if !text.is_empty() {
-                state.answer.push_str(&text);
-                cx.emitter
-                    .emit(self.name(), EventBody::PartialResult { content: text })
-                    .await?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if chunk.is_empty() {
+                continue;
             }
-            if last {
-                return Ok(());
+            state.answer.push_str(&chunk);
+            cx.emitter
+                .emit(self.name(), EventBody::PartialResult { content: chunk })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The model's text for one slot, bounded and cut at the stop sequences.
+    async fn generate_slot(
+        &self,
+        cx: &AgentContext,
+        slot: &Slot,
+        meter: &TokenMeter,
+    ) -> Result<String, LlmError> {
+        let mut request = LlmRequest::new(slot.messages.clone(), Value::Null, slot.max_tokens);
+        request.tokens = meter.clone();
+        request.temperature = Some(0.0);
+        request.repetition = Repetition::AGENT;
+        request.stop = answer::SLOT_STOPS.iter().map(|s| s.to_string()).collect();
+        let mut stream = cx
+            .llm
+            .stream(request, cx.ctx.cancellation().clone())
+            .await?;
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&chunk?);
+        }
+        Ok(text)
+    }
+
+    /// Writes one slot: the model's text if it passes the checks, else the template's.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_slot(
+        &self,
+        cx: &AgentContext,
+        slot: &Slot,
+        facts: &str,
+        report: &Value,
+        meter: &TokenMeter,
+        tally: &mut SlotTally,
+        state: &mut RunState,
+    ) -> Result<(), AgentError> {
+        let mut chosen = slot.fallback.clone();
+        if cx.has_model() && tally.provider_failed.is_none() {
+            let problem = match self.generate_slot(cx, slot, meter).await {
+                Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
+                Err(err) => {
+                    tracing::warn!(provider = cx.llm.name(), slot = %slot.name, error = %err, "the model failed to write a slot");
+                    tally.provider_failed = Some(err.to_string());
+                    Some(format!("the model failed ({})", err.reason()))
+                }
+                Ok(raw) => {
+                    let prompt_facts: String =
+                        slot.messages.iter().map(|m| m.content.as_str()).collect();
+                    let checked = check_slot(
+                        &raw,
+                        slot,
+                        &format!("{facts}\n{prompt_facts}"),
+                        &state.request,
+                    )
+                    .and_then(|text| {
+                        let mut guard = FigureGuard::new(report);
+                        let guarded = guard.push(&text).and_then(|mut t| {
+                            t.push_str(&guard.finish()?);
+                            Ok(t)
+                        });
+                        guarded.map_err(|_| SlotProblem::UnknownFigure("a dollar amount".into()))
+                    });
+                    match checked {
+                        Ok(text) => {
+                            chosen = text;
+                            tally.written.push(slot.name.clone());
+                            None
+                        }
+                        Err(problem) => {
+                            tracing::info!(slot = %slot.name, %problem, "a slot fell back to its template text");
+                            Some(problem.to_string())
+                        }
+                    }
+                }
+            };
+            if let Some(reason) = problem {
+                tally
+                    .fell_back
+                    .push(json!({"slot": slot.name, "reason": reason}));
+                cx.think(
+                    self.name(),
+                    format!(
+                        "The {} model's text for the {} was not used ({reason}); using the template wording",
+                        cx.llm.name(),
+                        slot_words(&slot.name)
+                    ),
+                    1,
+                    1,
+                )
+                .await?;
             }
         }
+        self.stream_fixed(cx, placed(slot, &chosen), state).await
+    }
+}
+
+/// How a slot is named to the user.
+fn slot_words(name: &str) -> String {
+    match name {
+        "summary" => "summary".into(),
+        "why_step" => "explanation of the step".into(),
+        other => match other.strip_prefix("why_") {
+            Some(n) => format!("explanation of recommendation {n}"),
+            None => other.to_string(),
+        },
     }
 }
 
@@ -229,86 +384,51 @@ impl Agent for ReportingAgent {
         cx.think(self.name(), "Writing the answer from your numbers", 1, 1)
             .await?;
         let report = build_report(state);
-        let fallback_request = LlmRequest::new(
-            report_prompt(&state.request, &report),
-            report.clone(),
-            MAX_ANSWER_TOKENS,
-        );
-        let tokens = fallback_request.tokens.clone();
-        let llm_started = std::time::Instant::now();
-        let mut provider = cx.llm.name().to_string();
-        let mut fallback_reason = None;
-        if cx.has_model() {
-            let guard = FigureGuard::new(&report);
-            match self
-                .stream_answer(
-                    cx,
-                    cx.llm.as_ref(),
-                    fallback_request.clone(),
-                    Some(guard),
-                    state,
-                )
-                .await
-            {
-                Ok(()) if !state.answer.trim().is_empty() => {}
-                Ok(()) => fallback_reason = Some("it gave an empty answer".to_string()),
-                Err(AgentError::Llm(LlmError::Cancelled)) => {
-                    return Err(AgentError::Llm(LlmError::Cancelled))
+        let parts = compose(&report, &state.request);
+        let facts = fixed_text(&parts);
+        let meter = TokenMeter::default();
+        let started = std::time::Instant::now();
+        let mut tally = SlotTally::default();
+        for part in &parts {
+            match part {
+                Part::Fixed(text) => self.stream_fixed(cx, text.clone(), state).await?,
+                Part::Slot(slot) => {
+                    self.write_slot(cx, slot, &facts, &report, &meter, &mut tally, state)
+                        .await?
                 }
-                Err(AgentError::Llm(err)) => fallback_reason = Some(err.to_string()),
-                Err(other) => return Err(other),
             }
         }
-        if let Some(reason) = &fallback_reason {
-            tracing::warn!(provider = cx.llm.name(), %reason, "falling back to the template writer");
-            cx.think(
+        let slots = parts.iter().filter(|p| matches!(p, Part::Slot(_))).count();
+        let usage = meter.get();
+        if cx.has_model() {
+            cx.record_llm_usage(
                 self.name(),
-                format!(
-                    "The {} model's answer could not be used ({reason}); writing the answer \
-                     from the template instead",
-                    cx.llm.name()
-                ),
-                1,
-                1,
+                cx.llm.as_ref(),
+                usage,
+                started.elapsed(),
+                tally.provider_failed.is_none(),
             )
-            .await?;
-            if !state.answer.is_empty() {
-                // Separate the abandoned text from the answer that replaces it.
-                cx.emitter
-                    .emit(
-                        self.name(),
-                        EventBody::PartialResult {
-                            content: "\n\n".into(),
-                        },
-                    )
-                    .await?;
-            }
-            state.answer.clear();
-            provider = cx.fallback.name().to_string();
+            .await;
         }
-        if !cx.has_model() || fallback_reason.is_some() {
-            self.stream_answer(cx, cx.fallback.as_ref(), fallback_request, None, state)
-                .await?;
-        }
-        // The tokens are the configured provider's (the template writer counts none).
-        let usage = tokens.get();
-        cx.record_llm_usage(
-            self.name(),
-            cx.llm.as_ref(),
-            usage,
-            llm_started.elapsed(),
-            fallback_reason.is_none(),
-        )
-        .await;
         state.report = Some(report);
+        let provider = if cx.has_model() && !tally.written.is_empty() {
+            cx.llm.name()
+        } else {
+            cx.fallback.name()
+        };
         let mut result = json!({
             "characters": state.answer.chars().count(),
             "provider": provider,
             "model": cx.llm.model_name(),
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
+            "slots": slots,
+            "slots_by_model": tally.written,
         });
-        if let Some(reason) = fallback_reason {
+        if !tally.fell_back.is_empty() {
+            result["slots_from_template"] = json!(tally.fell_back);
+        }
+        if let Some(reason) = tally.provider_failed {
             result["fallback_from"] = json!(cx.llm.name());
             result["fallback_reason"] = json!(reason);
         }

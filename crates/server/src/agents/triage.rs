@@ -1,63 +1,123 @@
-//! Triage: what is the user asking about, which models, which time window.
+//! Triage: what is the user asking about, for which models, workloads and time window, and
+//! how it follows from the thread's earlier turns.
 //!
-//! Keyword rules always work. With a language model configured (anything but the template
-//! writer) and `llm_triage` on, triage asks the model first: with JSON-schema structured
-//! output where the provider enforces it, by instruction and an example otherwise (the
-//! embedded model). The answer is validated against [`triage_schema`] (category from the
-//! fixed list, days in range, only models the pricing table knows and the request names)
-//! and anything invalid falls back to the rules, saying so in the `agent_thinking` note.
+//! Three sources, combined so that a 135M model can never produce an invalid
+//! classification:
+//! - **Rules** ([`classify_by_rules`]): keyword stems, tolerant of one typo in longer words.
+//!   When they find the topic, they decide it.
+//! - **The model, by constrained choice** ([`crate::llm::LlmProvider::choose`]): when the
+//!   rules find nothing, the model picks one of the fixed labels (the local model scores
+//!   each label's likelihood; other providers answer a one-field schema). Whatever it does,
+//!   the result is one of the labels or nothing.
+//! - **Entities by rules** ([`Entities`]): models from the pricing table and the user's own
+//!   model names, the user's own workload names, the window ("last 7 days", "this week") and
+//!   a plan step ("explain step 2").
+//!
+//! Follow-ups ("and gpt-4o?", "what about last week?") inherit what the new message does not
+//! say from the thread's previous question, resolved the same way. The labelled set in
+//! `triage_labelled.tsv` measures rules, model and the combination (docs/quality.md).
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, RequestCategory, RunState, Triage};
-use crate::llm::{ChatMessage, LlmError, LlmRequest, ResponseSchema};
+use crate::llm::{ChatMessage, LlmError};
 use crate::usage::pricing::PricingTable;
 use crate::usage::{DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
 
 pub struct TriageAgent;
 
+/// The labelled requests the accuracy figures in docs/quality.md are measured on:
+/// `category<TAB>request`, one per line; `#` starts a comment. A line whose request
+/// starts with `> ` is a follow-up to the line before it.
+pub const LABELLED_SET: &str = include_str!("triage_labelled.tsv");
+
+/// Keyword stems per category. A stem matches a word that starts with it; stems of six
+/// letters or more also match with one letter wrong, missing, extra or swapped ("redcue",
+/// "latncy"). Shorter stems do not: "speed" would take "spend", "batch" "match".
 const RULES: &[(RequestCategory, &[&str])] = &[
     (
         RequestCategory::CostOptimization,
         &[
             "cost",
             "cheap",
-            "spend",
             "save",
             "saving",
             "reduce",
+            "cut",
+            "cutting",
+            "lower",
             "bill",
             "price",
+            "pricing",
             "budget",
-            "expensive",
+            "expens",
             "money",
+            "afford",
+            "overspend",
+            "wast",
+            "optimi",
+            "economi",
+            "trim",
+            "spend less",
+            "spending less",
+            "pay less",
+            "smaller bill",
+            "discount",
+            "cach",
+            "batch",
         ],
     ),
     (
         RequestCategory::LatencyPerformance,
         &[
-            "latency",
+            "latenc",
             "slow",
             "fast",
             "speed",
-            "performance",
+            "perform",
+            "p50",
             "p95",
             "p99",
             "timeout",
             "throughput",
+            "respons time",
+            "response time",
+            "lag",
+            "quick",
+            "delay",
+            "wait",
+            "error",
+            "fail",
         ],
     ),
     (
         RequestCategory::ModelSelection,
         &[
             "which model",
+            "what model",
             "model choice",
             "switch",
             "compare",
+            "comparison",
             "best model",
-            "alternative",
-            "migrate",
+            "alternativ",
+            "migrat",
+            "replace",
+            "instead of",
+            "better model",
+            "move to",
+            "vs",
+            "versus",
+            "downgrade",
+            "upgrade",
+            "modle",
+            "recommend a model",
+            "a model for",
+            "good enough",
+            "value for money",
+            "which llm",
+            "should i move",
         ],
     ),
     (
@@ -65,74 +125,239 @@ const RULES: &[(RequestCategory, &[&str])] = &[
         &[
             "usage",
             "report",
-            "summary",
+            "summar",
             "how much",
+            "how many",
             "breakdown",
             "stats",
+            "statistic",
             "overview",
+            "spend",
+            "spent",
+            "total",
+            "tokens",
+            "requests",
+            "what did",
+            "what was",
+            "calls",
+            "show me",
+            "list",
+            "top",
+            "biggest",
+            "most",
+            "trend",
+            "daily",
         ],
     ),
 ];
 
-pub fn classify(text: &str) -> RequestCategory {
-    let text = text.to_lowercase();
-    RULES
-        .iter()
-        .map(|(category, words)| {
-            (
-                *category,
-                words.iter().filter(|w| text.contains(*w)).count(),
-            )
-        })
-        .filter(|(_, hits)| *hits > 0)
-        // Highest score wins; on a tie the earlier rule (max_by_key keeps the last max).
-        .rev()
-        .max_by_key(|(_, hits)| *hits)
-        .map(|(category, _)| category)
-        .unwrap_or(RequestCategory::General)
+/// Stems that, when present, decide over the usage-report words: "how much did I spend"
+/// is a report, "how much could I save" is cost optimization.
+const STRONG: &[(RequestCategory, &[&str])] = &[
+    // First: on a tie ("a cheaper alternative to X") the question is about the model.
+    (
+        RequestCategory::ModelSelection,
+        &[
+            "which model",
+            "what model",
+            "which llm",
+            "switch",
+            "compare",
+            "alternativ",
+            "migrat",
+            "instead of",
+            "best model",
+            "better model",
+            "value for money",
+            "good enough",
+            "should i move",
+        ],
+    ),
+    (
+        RequestCategory::CostOptimization,
+        &[
+            "save",
+            "saving",
+            "reduce",
+            "cut",
+            "cutting",
+            "lower",
+            "cheap",
+            "optimi",
+            "wast",
+            "trim",
+            "pay less",
+            "spend less",
+        ],
+    ),
+    (
+        RequestCategory::LatencyPerformance,
+        &[
+            "latenc",
+            "slow",
+            "fast",
+            "speed",
+            "p95",
+            "p99",
+            "timeout",
+            "throughput",
+            "fail",
+            "error",
+            "how long",
+        ],
+    ),
+];
+
+/// The labels the model chooses among, in [`RequestCategory`] order.
+const CHOICES: &[(RequestCategory, &str)] = &[
+    (RequestCategory::CostOptimization, "cost"),
+    (RequestCategory::LatencyPerformance, "latency"),
+    (RequestCategory::ModelSelection, "model"),
+    (RequestCategory::UsageReport, "usage"),
+    (RequestCategory::General, "other"),
+];
+
+fn words(text: &str) -> Vec<String> {
+    text.to_lowercase()
+        .split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '.' || c == '_'))
+        .map(|w| w.trim_matches(|c: char| c == '.' || c == '-' || c == '_'))
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
-/// Window from phrases like "last 14 days", "past week", "this month".
-pub fn window_days(text: &str) -> u32 {
-    let text = text.to_lowercase();
-    let words: Vec<&str> = text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .collect();
+/// One edit (substitution, insertion, deletion or swap of neighbours) apart, or equal.
+fn within_one_edit(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let (ra, rb) = (&a[prefix..], &b[prefix..]);
+    if ra.is_empty() || rb.is_empty() {
+        return ra.len() + rb.len() <= 1;
+    }
+    ra[1..] == rb[1..]
+        || ra[1..] == rb[..]
+        || ra[..] == rb[1..]
+        || (ra.len() >= 2
+            && rb.len() >= 2
+            && ra[0] == rb[1]
+            && ra[1] == rb[0]
+            && ra[2..] == rb[2..])
+}
+
+/// Does `stem` occur in the request (its words `words`, its lower-cased text `text`)?
+fn stem_matches(stem: &str, text: &str, words: &[String]) -> bool {
+    if stem.contains(' ') {
+        return text.contains(stem);
+    }
+    words.iter().any(|w| {
+        if w.starts_with(stem) {
+            // "vs" or "lag" must be whole words, not the start of "vsphere" or "language".
+            return stem.len() >= 4 || w.len() == stem.len();
+        }
+        let n = stem.chars().count();
+        n >= 6 && w.chars().count() + 1 >= n && {
+            // The word's start with the stem's length, one letter more (an extra letter)
+            // or one less (a missing letter).
+            (n - 1..=n + 1).any(|len| {
+                let head: String = w.chars().take(len).collect();
+                head.chars().count() == len && within_one_edit(&head, stem)
+            })
+        }
+    })
+}
+
+/// The category the rules find, and how many stems matched (0: the rules do not know).
+pub fn classify_by_rules(text: &str) -> (RequestCategory, usize) {
+    let lower = format!("{} ", text.to_lowercase());
+    let words = words(text);
+    let score = |table: &[(RequestCategory, &[&str])]| {
+        table
+            .iter()
+            .map(|(category, stems)| {
+                let hits = stems
+                    .iter()
+                    .filter(|s| stem_matches(s, &lower, &words))
+                    .count();
+                (*category, hits)
+            })
+            .filter(|(_, hits)| *hits > 0)
+            // Highest score wins; on a tie the earlier rule (max_by_key keeps the last max).
+            .rev()
+            .max_by_key(|(_, hits)| *hits)
+    };
+    if let Some((category, hits)) = score(STRONG) {
+        return (category, hits);
+    }
+    score(RULES).unwrap_or((RequestCategory::General, 0))
+}
+
+pub fn classify(text: &str) -> RequestCategory {
+    classify_by_rules(text).0
+}
+
+/// Window from phrases like "last 14 days", "past week", "this month", "yesterday";
+/// `None` when the request names no window.
+pub fn explicit_window(text: &str) -> Option<u32> {
+    let words = words(text);
+    let number = |w: &str| -> Option<u32> {
+        w.parse().ok().or(match w {
+            "one" | "a" | "an" | "last" | "past" => Some(1),
+            "two" => Some(2),
+            "three" => Some(3),
+            "four" => Some(4),
+            "five" => Some(5),
+            "six" => Some(6),
+            "seven" => Some(7),
+            "ten" => Some(10),
+            "fourteen" => Some(14),
+            "thirty" => Some(30),
+            _ => None,
+        })
+    };
     for pair in words.windows(2) {
-        if let (Ok(n), unit) = (pair[0].parse::<u32>(), pair[1]) {
-            let days = match unit {
+        if let Some(n) = number(&pair[0]) {
+            let days = match pair[1].as_str() {
                 "day" | "days" => Some(n),
                 "week" | "weeks" => Some(n.saturating_mul(7)),
+                "fortnight" => Some(n.saturating_mul(14)),
                 "month" | "months" => Some(n.saturating_mul(30)),
+                "quarter" => Some(n.saturating_mul(90)),
+                "year" => Some(n.saturating_mul(365)),
                 _ => None,
             };
             if let Some(days) = days {
-                return days.clamp(1, MAX_WINDOW_DAYS);
+                return Some(days.clamp(1, MAX_WINDOW_DAYS));
             }
         }
     }
-    if text.contains("today") {
-        1
-    } else if text.contains("week") {
-        7
-    } else if text.contains("quarter") {
-        90
+    let has = |w: &str| words.iter().any(|x| x == w);
+    if has("today") || has("yesterday") || has("daily") && has("last") {
+        Some(1)
+    } else if has("week") || has("weekly") {
+        Some(7)
+    } else if has("fortnight") {
+        Some(14)
+    } else if has("month") || has("monthly") {
+        Some(30)
+    } else if has("quarter") {
+        Some(90)
+    } else if has("year") {
+        Some(365)
     } else {
-        DEFAULT_WINDOW_DAYS
+        None
     }
 }
 
-pub fn mentioned_models(text: &str, pricing: &PricingTable) -> Vec<String> {
-    let text = text.to_lowercase();
-    let mut found: Vec<String> = pricing
-        .models()
-        .iter()
-        .map(|p| p.model)
-        .filter(|m| text.contains(m))
-        .map(str::to_string)
-        .collect();
-    // "gpt-4o-mini" also contains "gpt-4o": keep only the longest of overlapping names.
+/// Window in days: the one the request names, else the default.
+pub fn window_days(text: &str) -> u32 {
+    explicit_window(text).unwrap_or(DEFAULT_WINDOW_DAYS)
+}
+
+/// Keeps only the longest of overlapping names ("gpt-4o-mini" also contains "gpt-4o").
+fn longest_only(mut found: Vec<String>) -> Vec<String> {
     let all = found.clone();
     found.retain(|m| {
         !all.iter()
@@ -141,98 +366,324 @@ pub fn mentioned_models(text: &str, pricing: &PricingTable) -> Vec<String> {
     found
 }
 
-/// The structured output triage asks the LLM for.
-pub fn triage_schema() -> ResponseSchema {
-    ResponseSchema {
-        name: "triage".into(),
-        schema: json!({
-            "type": "object",
-            "properties": {
-                "category": {"type": "string", "enum": [
-                    "cost_optimization", "latency_performance", "model_selection",
-                    "usage_report", "general"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_DAYS},
-                "models": {"type": "array", "items": {"type": "string"}},
-            },
-            "required": ["category", "days", "models"],
-            "additionalProperties": false,
-        }),
+/// Model names the request contains, among `known` (lower-case names), in the order they
+/// appear in the request. "4o mini" and "gpt4o" count as "gpt-4o-mini" and "gpt-4o".
+pub fn mentioned_in(text: &str, known: &[String]) -> Vec<String> {
+    let text = text.to_lowercase();
+    let squashed: String = text
+        .chars()
+        .filter(|c| !matches!(c, '-' | ' ' | '_'))
+        .collect();
+    let mut found: Vec<(usize, String)> = Vec::new();
+    for name in known {
+        let at = text.find(name.as_str()).or_else(|| {
+            let flat: String = name
+                .chars()
+                .filter(|c| !matches!(c, '-' | ' ' | '_'))
+                .collect();
+            (flat.len() >= 5).then(|| squashed.find(&flat)).flatten()
+        });
+        if let Some(at) = at {
+            if !found.iter().any(|(_, n)| n == name) {
+                found.push((at, name.clone()));
+            }
+        }
+    }
+    found.sort();
+    longest_only(found.into_iter().map(|(_, n)| n).collect())
+}
+
+pub fn mentioned_models(text: &str, pricing: &PricingTable) -> Vec<String> {
+    let known: Vec<String> = pricing
+        .models()
+        .iter()
+        .map(|p| p.model.to_string())
+        .collect();
+    mentioned_in(text, &known)
+}
+
+/// Workload names the request contains: "support-chat", "support chat" and
+/// "support_chat" all name the workload `support-chat`.
+pub fn mentioned_workloads(text: &str, workloads: &[String]) -> Vec<String> {
+    let lower = text.to_lowercase();
+    let spaced = |s: &str| s.replace(['-', '_'], " ");
+    let text_spaced = spaced(&lower);
+    let mut found: Vec<(usize, String)> = workloads
+        .iter()
+        .filter_map(|w| {
+            let name = w.to_lowercase();
+            lower
+                .find(&name)
+                .or_else(|| text_spaced.find(&spaced(&name)))
+                .map(|at| (at, w.clone()))
+        })
+        .collect();
+    found.sort();
+    longest_only(found.into_iter().map(|(_, w)| w).collect())
+}
+
+/// "step 2", "the second step", "#3": the plan step the request asks about.
+pub fn mentioned_step(text: &str) -> Option<u32> {
+    let words = words(text);
+    let ordinal = |w: &str| match w {
+        "first" | "1st" => Some(1),
+        "second" | "2nd" => Some(2),
+        "third" | "3rd" => Some(3),
+        "fourth" | "4th" => Some(4),
+        "fifth" | "5th" => Some(5),
+        "last" => Some(u32::MAX),
+        _ => None,
+    };
+    for (i, w) in words.iter().enumerate() {
+        if w == "step" || w == "steps" || w == "recommendation" || w == "point" {
+            if let Some(n) = words
+                .get(i + 1)
+                .and_then(|n| n.trim_start_matches('#').parse().ok())
+            {
+                return Some(n);
+            }
+            if let Some(n) = i.checked_sub(1).and_then(|p| ordinal(&words[p])) {
+                return Some(n);
+            }
+        }
+        if let Some(n) = w.strip_prefix('#').and_then(|n| n.parse().ok()) {
+            return Some(n);
+        }
+    }
+    None
+}
+
+/// Does this message lean on the one before it ("and gpt-4o?", "what about last week?",
+/// "explain step 2", "why?")?
+pub fn looks_like_follow_up(text: &str) -> bool {
+    let lower = text.trim().to_lowercase();
+    let words = words(text);
+    const OPENERS: &[&str] = &[
+        "and ",
+        "what about",
+        "how about",
+        "and what",
+        "same for",
+        "same but",
+        "also ",
+        "why",
+        "explain",
+        "tell me more",
+        "more about",
+        "what if",
+        "ok ",
+        "okay",
+        "then ",
+        "what does that",
+        "and for",
+        "only ",
+        "just ",
+    ];
+    OPENERS.iter().any(|o| lower.starts_with(o))
+        || mentioned_step(text).is_some()
+        || words.len() <= 4
+        || words
+            .iter()
+            .any(|w| matches!(w.as_str(), "that" | "it" | "those" | "them" | "this"))
+}
+
+/// What the rules read in one message, given the user's own model and workload names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Entities {
+    pub models: Vec<String>,
+    pub workloads: Vec<String>,
+    pub days: Option<u32>,
+    pub step: Option<u32>,
+}
+
+impl Entities {
+    pub fn read(text: &str, known_models: &[String], workloads: &[String]) -> Self {
+        Self {
+            models: mentioned_in(text, known_models),
+            workloads: mentioned_workloads(text, workloads),
+            days: explicit_window(text),
+            step: mentioned_step(text),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.models.is_empty()
+            && self.workloads.is_empty()
+            && self.days.is_none()
+            && self.step.is_none()
     }
 }
 
-/// Validates the LLM's triage against the schema and the request; `None` if invalid.
-pub fn validate_llm_triage(text: &str, request: &str, pricing: &PricingTable) -> Option<Triage> {
-    // Tolerate a fenced or chatty answer: take the outermost JSON object.
-    let start = text.find('{')?;
-    let end = text.rfind('}')?;
-    let value: Value = serde_json::from_str(text.get(start..=end)?).ok()?;
-    let object = value.as_object()?;
-    if object.len() != 3 {
-        return None;
-    }
-    let category: RequestCategory = serde_json::from_value(value["category"].clone()).ok()?;
-    let days = u32::try_from(value["days"].as_u64()?).ok()?;
-    if !(1..=MAX_WINDOW_DAYS).contains(&days) {
-        return None;
-    }
-    let named = mentioned_models(request, pricing);
-    let mut models = Vec::new();
-    for model in value["models"].as_array()? {
-        let model = model.as_str()?.to_lowercase();
-        // Only models the request really names: the LLM may not invent any.
-        if named.contains(&model) && !models.contains(&model) {
-            models.push(model);
+/// The names triage recognises: the pricing table's models and the user's own.
+#[derive(Debug, Clone, Default)]
+pub struct KnownNames {
+    pub models: Vec<String>,
+    pub workloads: Vec<String>,
+}
+
+impl KnownNames {
+    pub fn new(pricing: &PricingTable, user_models: &[String], user_workloads: &[String]) -> Self {
+        let mut models: Vec<String> = pricing
+            .models()
+            .iter()
+            .map(|p| p.model.to_string())
+            .collect();
+        for m in user_models {
+            let m = m.to_lowercase();
+            if !models.contains(&m) {
+                models.push(m);
+            }
+        }
+        Self {
+            models,
+            workloads: user_workloads.to_vec(),
         }
     }
-    Some(Triage {
-        category,
-        models,
-        days,
-    })
+}
+
+/// Combines the rules, the model's choice and the thread's earlier questions (`earlier`,
+/// oldest first) into the triage. `model_choice` is consulted only when the rules do not
+/// know the topic and the message does not follow up an earlier one.
+pub fn resolve(
+    request: &str,
+    earlier: &[String],
+    names: &KnownNames,
+    model_choice: Option<RequestCategory>,
+) -> (Triage, &'static str) {
+    let (rule_category, hits) = classify_by_rules(request);
+    let here = Entities::read(request, &names.models, &names.workloads);
+    let follows =
+        !earlier.is_empty() && (looks_like_follow_up(request) || (hits == 0 && !here.is_empty()));
+    // The earlier questions, newest first, as the rules read them.
+    let before: Vec<(RequestCategory, usize, Entities)> = if follows {
+        earlier
+            .iter()
+            .rev()
+            .map(|q| {
+                let (category, hits) = classify_by_rules(q);
+                (
+                    category,
+                    hits,
+                    Entities::read(q, &names.models, &names.workloads),
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let inherited = before
+        .iter()
+        .find(|(_, hits, _)| *hits > 0)
+        .map(|(c, _, _)| *c);
+    let (category, how) = match (hits, inherited) {
+        (hits, _) if hits > 0 => (rule_category, "by keyword rules"),
+        (_, Some(category)) => (category, "from the earlier question in this thread"),
+        _ => match model_choice {
+            Some(category) => (category, "by the model's choice among the categories"),
+            None => (RequestCategory::General, "by keyword rules"),
+        },
+    };
+    let (mut models, mut workloads, mut days) = (here.models, here.workloads, here.days);
+    // A follow-up keeps the earlier scope and window unless it names new ones.
+    if models.is_empty() && workloads.is_empty() {
+        if let Some((_, _, e)) = before
+            .iter()
+            .find(|(_, _, e)| !e.models.is_empty() || !e.workloads.is_empty())
+        {
+            models = e.models.clone();
+            workloads = e.workloads.clone();
+        }
+    }
+    days = days.or_else(|| before.iter().find_map(|(_, _, e)| e.days));
+    (
+        Triage {
+            category,
+            models,
+            days: days.unwrap_or(DEFAULT_WINDOW_DAYS),
+            workloads,
+            step: here.step,
+            follow_up: follows,
+        },
+        how,
+    )
+}
+
+/// The labelled set as (expected category, request, the thread's earlier questions).
+pub fn labelled_set() -> Vec<(RequestCategory, String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut thread: Vec<String> = Vec::new();
+    for line in LABELLED_SET
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
+        let Some((label, request)) = line.split_once('\t') else {
+            continue;
+        };
+        let Ok(expected) = serde_json::from_value::<RequestCategory>(json!(label)) else {
+            continue;
+        };
+        let request = match request.strip_prefix("> ") {
+            Some(follow_up) => follow_up.to_string(),
+            None => {
+                thread.clear();
+                request.to_string()
+            }
+        };
+        out.push((expected, request.clone(), thread.clone()));
+        thread.push(request);
+    }
+    out
+}
+
+/// The instruction for the model's constrained choice of a category.
+pub fn choice_prompt(request: &str) -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::system(
+            "Sort a question about a company's AI and LLM usage into one topic. Topics: \
+             cost (saving money, bills, cheaper options), latency (speed, slowness, errors), \
+             model (choosing or comparing models), usage (how much was used or spent, \
+             reports), other (anything else). Answer with the topic word only.",
+        ),
+        ChatMessage::user(request),
+    ]
+}
+
+/// The labels of [`choice_prompt`], in order.
+pub fn choice_labels() -> Vec<String> {
+    CHOICES.iter().map(|(_, label)| label.to_string()).collect()
+}
+
+pub fn category_of_choice(index: usize) -> Option<RequestCategory> {
+    CHOICES.get(index).map(|(category, _)| *category)
 }
 
 impl TriageAgent {
-    async fn ask_llm(&self, cx: &AgentContext, request: &str) -> Result<Triage, LlmError> {
-        let known: Vec<&str> = cx.pricing.models().iter().map(|p| p.model).collect();
-        let mut llm_request = LlmRequest::new(
-            vec![
-                ChatMessage::system(format!(
-                    "Classify an AI usage question. category: cost_optimization, \
-                     latency_performance, model_selection, usage_report or general. days: the \
-                     analysis window it asks about (default {DEFAULT_WINDOW_DAYS}). models: the \
-                     model names it mentions, from: {}. Answer with one JSON object only, like \
-                     {{\"category\": \"model_selection\", \"days\": 14, \"models\": [\"gpt-4o\"]}} \
-                     for \"Is gpt-4o worth it over the last two weeks?\"",
-                    known.join(", ")
-                )),
-                ChatMessage::user(request),
-            ],
-            Value::Null,
-            // The JSON is about 30 tokens; a model that rambles is cut off and falls back.
-            80,
-        );
-        llm_request.temperature = Some(0.0);
-        llm_request.schema = Some(triage_schema());
-        let tokens = llm_request.tokens.clone();
+    /// The model's choice among the categories; `None` when it has none to give.
+    async fn model_choice(
+        &self,
+        cx: &AgentContext,
+        request: &str,
+    ) -> Result<Option<RequestCategory>, LlmError> {
         let started = std::time::Instant::now();
-        let text = cx
+        let meter = crate::llm::TokenMeter::default();
+        let choice = cx
             .llm
-            .complete_structured(llm_request, cx.ctx.cancellation().clone())
+            .choose(
+                choice_prompt(request),
+                choice_labels(),
+                meter.clone(),
+                cx.ctx.cancellation().clone(),
+            )
             .await;
-        let triage = text.and_then(|text| {
-            validate_llm_triage(&text, request, &cx.pricing).ok_or_else(|| {
-                LlmError::InvalidResponse("the classification does not match the schema".into())
-            })
-        });
         cx.record_llm_usage(
             self.name(),
             cx.llm.as_ref(),
-            tokens.get(),
+            meter.get(),
             started.elapsed(),
-            triage.is_ok(),
+            choice.is_ok(),
         )
         .await;
-        triage
+        Ok(choice?.and_then(category_of_choice))
     }
 }
 
@@ -245,39 +696,49 @@ impl Agent for TriageAgent {
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
         cx.think(
             self.name(),
-            "Classifying the request and extracting models and time range",
+            "Classifying the request and extracting models, workloads and time range",
             1,
             2,
         )
         .await?;
-        let rules = || Triage {
-            category: classify(&state.request),
-            models: mentioned_models(&state.request, &cx.pricing),
-            days: window_days(&state.request),
-        };
-        let (triage, how) = if cx.llm_triage && cx.has_model() {
-            match self.ask_llm(cx, &state.request).await {
-                Ok(triage) => (triage, format!("classified by the {} model", cx.llm.name())),
+        state.history =
+            super::conversation::earlier_turns(&cx.store, cx.ctx.thread_id(), &state.request)
+                .await?;
+        let earlier: Vec<String> = state
+            .history
+            .iter()
+            .filter(|t| t.role == "user")
+            .map(|t| t.content.clone())
+            .collect();
+        let (user_models, user_workloads) =
+            super::conversation::usage_names(&cx.store, cx.now_ms()).await?;
+        let names = KnownNames::new(&cx.pricing, &user_models, &user_workloads);
+        let needs_model = classify_by_rules(&state.request).1 == 0
+            && !(!earlier.is_empty() && looks_like_follow_up(&state.request));
+        let mut note = None;
+        let model_choice = if needs_model && cx.llm_triage && cx.has_model() {
+            match self.model_choice(cx, &state.request).await {
+                Ok(choice) => choice,
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
                 Err(err) => {
-                    tracing::warn!(error = %err, "LLM triage failed; using the rules");
-                    (
-                        rules(),
-                        format!(
-                            "the model could not classify it ({}), so by keyword rules",
-                            err.reason()
-                        ),
-                    )
+                    // Logged for operators; the user reads only that the rules decided.
+                    tracing::warn!(error = %err, "the model's triage choice failed; using the rules");
+                    note = Some("the model was not available for it");
+                    None
                 }
             }
         } else {
-            (rules(), "by keyword rules".to_string())
+            None
         };
+        let (triage, how) = resolve(&state.request, &earlier, &names, model_choice);
+        let scope = describe_scope(&triage);
         cx.think(
             self.name(),
             format!(
-                "Request is about {:?} ({how}); analysing the last {} days",
-                triage.category, triage.days
+                "Request is about {} ({how}{}){scope}; analysing the last {} days",
+                category_words(triage.category),
+                note.map(|n| format!("; {n}")).unwrap_or_default(),
+                triage.days
             ),
             2,
             2,
@@ -289,64 +750,193 @@ impl Agent for TriageAgent {
     }
 }
 
+/// How a category reads in a sentence.
+pub fn category_words(category: RequestCategory) -> &'static str {
+    match category {
+        RequestCategory::CostOptimization => "reducing costs",
+        RequestCategory::LatencyPerformance => "latency and reliability",
+        RequestCategory::ModelSelection => "choosing models",
+        RequestCategory::UsageReport => "a usage report",
+        RequestCategory::General => "something general",
+    }
+}
+
+fn describe_scope(triage: &Triage) -> String {
+    let mut parts = Vec::new();
+    if !triage.models.is_empty() {
+        parts.push(format!("model {}", triage.models.join(", ")));
+    }
+    if !triage.workloads.is_empty() {
+        parts.push(format!("workload {}", triage.workloads.join(", ")));
+    }
+    if let Some(step) = triage.step {
+        parts.push(format!(
+            "plan step {}",
+            if step == u32::MAX {
+                "last".to_string()
+            } else {
+                step.to_string()
+            }
+        ));
+    }
+    if triage.follow_up {
+        parts.push("following up the earlier question".into());
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(", about {}", parts.join("; "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn classifies_by_keywords() {
-        assert_eq!(
-            classify("How can I reduce my LLM costs?"),
-            RequestCategory::CostOptimization
-        );
-        assert_eq!(
-            classify("why is my bot so slow"),
-            RequestCategory::LatencyPerformance
-        );
-        assert_eq!(
-            classify("give me a usage breakdown"),
-            RequestCategory::UsageReport
-        );
-        assert_eq!(classify("hello"), RequestCategory::General);
+    fn names() -> KnownNames {
+        KnownNames::new(
+            &PricingTable::builtin(),
+            &["my-finetune-v2".to_string()],
+            &[
+                "support-chat".into(),
+                "rag-assistant".into(),
+                "email-classifier".into(),
+            ],
+        )
     }
 
     #[test]
-    fn llm_triage_is_validated_against_the_schema_and_the_request() {
-        let pricing = PricingTable::builtin();
-        let request = "compare gpt-4o with claude-3-5-haiku over 2 weeks";
-        let ok = validate_llm_triage(
-            r#"{"category":"model_selection","days":14,"models":["gpt-4o","gpt-4.1"]}"#,
-            request,
-            &pricing,
-        )
-        .unwrap();
-        assert_eq!(ok.category, RequestCategory::ModelSelection);
-        assert_eq!(ok.days, 14);
+    fn classifies_by_keywords_with_typos() {
+        let c = |t: &str| classify(t);
         assert_eq!(
-            ok.models,
-            vec!["gpt-4o".to_string()],
-            "unnamed models are dropped"
+            c("How can I reduce my LLM costs?"),
+            RequestCategory::CostOptimization
         );
-        for bad in [
-            r#"{"category":"astrology","days":14,"models":[]}"#,
-            r#"{"category":"general","days":0,"models":[]}"#,
-            r#"{"category":"general","days":7}"#,
-            r#"{"category":"general","days":7,"models":[],"extra":1}"#,
-            "no json here",
+        assert_eq!(
+            c("how can i redcue my bil"),
+            RequestCategory::CostOptimization
+        );
+        assert_eq!(
+            c("why is my bot so slow"),
+            RequestCategory::LatencyPerformance
+        );
+        assert_eq!(c("whats my latncy"), RequestCategory::LatencyPerformance);
+        assert_eq!(c("give me a usage breakdown"), RequestCategory::UsageReport);
+        assert_eq!(
+            c("how much did I spend last week"),
+            RequestCategory::UsageReport
+        );
+        assert_eq!(
+            c("how much could I save?"),
+            RequestCategory::CostOptimization
+        );
+        assert_eq!(
+            c("which model should I use for support"),
+            RequestCategory::ModelSelection
+        );
+        assert_eq!(c("hello"), RequestCategory::General);
+        assert_eq!(
+            c("what language is this in"),
+            RequestCategory::General,
+            "'lag' is a whole word"
+        );
+    }
+
+    #[test]
+    fn the_labelled_set_is_big_enough_and_the_rules_classify_most_of_it() {
+        let names = names();
+        let mut total = 0;
+        let mut right = 0;
+        let mut misses = Vec::new();
+        for (expected, request, earlier) in labelled_set() {
+            let (triage, _) = resolve(&request, &earlier, &names, None);
+            total += 1;
+            if triage.category == expected {
+                right += 1;
+            } else {
+                misses.push(format!(
+                    "{request:?}: {:?}, labelled {expected:?}",
+                    triage.category
+                ));
+            }
+        }
+        assert!(total >= 150, "{total} labelled requests");
+        // The rules alone: the documented figure is in docs/quality.md; this guards against
+        // a rule change that loses much of it.
+        assert!(
+            right * 100 >= total * 85,
+            "rules: {right}/{total}; misses:\n{}",
+            misses.join("\n")
+        );
+    }
+
+    #[test]
+    fn a_follow_up_without_topic_words_has_no_rule_hits() {
+        for text in [
+            "what about last week?",
+            "and gpt-4o?",
+            "explain step 2",
+            "why?",
         ] {
-            assert!(
-                validate_llm_triage(bad, request, &pricing).is_none(),
-                "{bad}"
+            assert_eq!(
+                classify_by_rules(text).1,
+                0,
+                "{text}: {:?}",
+                classify_by_rules(text)
             );
         }
     }
 
     #[test]
-    fn extracts_windows_and_models() {
+    fn follow_ups_inherit_the_earlier_scope() {
+        let names = names();
+        let (t, _) = resolve(
+            "And how much did I spend on gpt-4o?",
+            &["How can I reduce my LLM costs?".to_string()],
+            &names,
+            None,
+        );
+        assert_eq!(t.category, RequestCategory::UsageReport);
+        assert_eq!(t.models, vec!["gpt-4o".to_string()]);
+        assert!(t.follow_up);
+        let (t, _) = resolve(
+            "what about last week?",
+            &[
+                "How can I reduce my LLM costs?".into(),
+                "And how much did I spend on gpt-4o?".into(),
+            ],
+            &names,
+            None,
+        );
+        assert_eq!(t.category, RequestCategory::UsageReport);
+        assert_eq!(t.days, 7);
+        assert_eq!(t.models, vec!["gpt-4o".to_string()]);
+        let (t, _) = resolve(
+            "explain step 2",
+            &["How can I reduce my LLM costs?".to_string()],
+            &names,
+            None,
+        );
+        assert_eq!(t.category, RequestCategory::CostOptimization);
+        assert_eq!(t.step, Some(2));
+        let (t, _) = resolve(
+            "what is the capital of France?",
+            &[],
+            &names,
+            Some(RequestCategory::General),
+        );
+        assert_eq!(t.category, RequestCategory::General);
+        assert!(!t.follow_up);
+    }
+
+    #[test]
+    fn extracts_windows_models_workloads_and_steps() {
         assert_eq!(window_days("spend over the last 14 days"), 14);
         assert_eq!(window_days("this week"), 7);
+        assert_eq!(window_days("past two weeks"), 14);
         assert_eq!(window_days("reduce costs"), 30);
         assert_eq!(window_days("last 9999 days"), MAX_WINDOW_DAYS);
+        assert_eq!(explicit_window("yesterday"), Some(1));
         let pricing = PricingTable::builtin();
         assert_eq!(
             mentioned_models(
@@ -355,5 +945,24 @@ mod tests {
             ),
             vec!["gpt-4o-mini".to_string(), "claude-3-5-haiku".to_string()]
         );
+        assert_eq!(
+            mentioned_models("is gpt4o worth it", &pricing),
+            vec!["gpt-4o".to_string()]
+        );
+        let n = names();
+        assert_eq!(
+            mentioned_in("what does my-finetune-v2 cost", &n.models),
+            vec!["my-finetune-v2".to_string()]
+        );
+        assert_eq!(
+            mentioned_workloads("how is support chat doing", &n.workloads),
+            vec!["support-chat".to_string()]
+        );
+        assert_eq!(mentioned_step("explain step 2"), Some(2));
+        assert_eq!(
+            mentioned_step("tell me more about the second step"),
+            Some(2)
+        );
+        assert_eq!(mentioned_step("reduce costs"), None);
     }
 }

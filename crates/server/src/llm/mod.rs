@@ -14,6 +14,7 @@
 pub mod accounting;
 pub mod local;
 pub mod openai;
+pub mod stop;
 pub mod template;
 
 use std::pin::Pin;
@@ -66,9 +67,41 @@ pub struct LlmRequest {
     pub temperature: Option<f32>,
     /// Ask for structured output following this schema, where the provider supports it.
     pub schema: Option<ResponseSchema>,
+    /// Texts that end the answer; the text from the first of them on is never shown.
+    pub stop: Vec<String>,
+    /// Repetition controls for providers that decode themselves (the local model).
+    pub repetition: Repetition,
     /// Filled in by the provider with the tokens it processed; read by the caller once the
     /// answer has ended (see [`TokenMeter`]).
     pub tokens: TokenMeter,
+}
+
+/// How a self-decoding provider keeps an answer from repeating itself; see
+/// [`local::sampling`]. `OFF` leaves the model's distribution untouched (what the
+/// OpenAI-compatible API serves); the agents ask for [`Repetition::AGENT`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Repetition {
+    /// Above 1.0, logits of tokens generated within the last `window` tokens are penalised.
+    pub penalty: f32,
+    pub window: usize,
+    /// From 2 up, no n-gram of this many tokens is generated twice.
+    pub no_repeat_ngram: usize,
+}
+
+impl Repetition {
+    pub const OFF: Repetition = Repetition {
+        penalty: 1.0,
+        window: 0,
+        no_repeat_ngram: 0,
+    };
+    /// llama.cpp's long-standing default penalty (1.1 over the last 64 tokens) and no
+    /// 4-token n-gram twice: measured on the evaluation (docs/quality.md), this stops the
+    /// embedded model's loops without garbling model names, which repeat legitimately.
+    pub const AGENT: Repetition = Repetition {
+        penalty: 1.1,
+        window: 64,
+        no_repeat_ngram: 4,
+    };
 }
 
 /// Token counts of one request as the provider reports them: the local engine counts its
@@ -113,6 +146,8 @@ impl LlmRequest {
             max_tokens,
             temperature: None,
             schema: None,
+            stop: Vec::new(),
+            repetition: Repetition::OFF,
             tokens: TokenMeter::default(),
         }
     }
@@ -175,6 +210,32 @@ pub trait LlmProvider: Send + Sync + 'static {
         request: LlmRequest,
         cancel: CancellationToken,
     ) -> Result<TextStream, LlmError>;
+    /// Picks one of `options` as the answer to `messages` (a constrained choice: whatever
+    /// the model does, the result is one of the options, or `None` when it gives none).
+    /// The default asks for a one-field JSON object whose value must be one of the options;
+    /// the local model overrides it by scoring each option's likelihood.
+    async fn choose(
+        &self,
+        messages: Vec<ChatMessage>,
+        options: Vec<String>,
+        tokens: TokenMeter,
+        cancel: CancellationToken,
+    ) -> Result<Option<usize>, LlmError> {
+        let mut request = LlmRequest::new(messages, Value::Null, 16);
+        request.tokens = tokens;
+        request.temperature = Some(0.0);
+        request.schema = Some(ResponseSchema {
+            name: "choice".into(),
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": {"answer": {"type": "string", "enum": options}},
+                "required": ["answer"],
+                "additionalProperties": false,
+            }),
+        });
+        let text = self.complete_structured(request, cancel).await?;
+        Ok(parse_choice(&text, &options))
+    }
     /// Whether `request.schema` is enforced by the provider (JSON-schema structured output).
     fn supports_structured_output(&self) -> bool {
         false
@@ -195,6 +256,17 @@ pub trait LlmProvider: Send + Sync + 'static {
     }
 }
 
+/// The option a free-text or JSON answer names: `{"answer": "cost"}` or a bare `cost`.
+pub fn parse_choice(text: &str, options: &[String]) -> Option<usize> {
+    let answer = serde_json::from_str::<Value>(text.trim())
+        .ok()
+        .and_then(|v| v["answer"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string())
+        .to_lowercase();
+    let answer = answer.trim_matches(|c: char| !c.is_alphanumeric());
+    options.iter().position(|o| o.eq_ignore_ascii_case(answer))
+}
+
 /// Builds the configured provider. The local model is loaded (blocking; it runs on a
 /// blocking thread) and fails with a message naming the fetch script if its file is missing.
 pub async fn build_provider(settings: &Settings) -> anyhow::Result<Arc<dyn LlmProvider>> {
@@ -208,12 +280,16 @@ pub async fn build_provider(settings: &Settings) -> anyhow::Result<Arc<dyn LlmPr
         LlmProviderKind::Local => {
             let path = settings.local_model_path();
             if !path.is_file() {
+                let fetch = if settings.local_model.path.is_some() {
+                    format!("APEX_MODEL_PATH={} scripts/fetch-model.sh", path.display())
+                } else {
+                    "scripts/fetch-model.sh".to_string()
+                };
                 anyhow::bail!(
-                    "the local model file {} is missing. Fetch it with `scripts/fetch-model.sh {}` \
-                     (or start with `scripts/serve.sh`, which does it), or choose another provider \
-                     with --llm-provider template|openai",
+                    "the local model file {} is missing. Fetch it once for this machine with \
+                     `{fetch}` (or start with `scripts/serve.sh`, which does it), or choose \
+                     another provider with --llm-provider template|openai",
                     path.display(),
-                    settings.data_dir.display()
                 );
             }
             let local = &settings.local_model;

@@ -87,6 +87,10 @@ impl OpenAiClient {
         if let Some(t) = request.temperature {
             body["temperature"] = json!(t);
         }
+        if !request.stop.is_empty() {
+            // OpenAI takes at most four; [`crate::llm::stop::stop_at`] applies them all anyway.
+            body["stop"] = json!(request.stop.iter().take(4).collect::<Vec<_>>());
+        }
         if let (Some(schema), true) = (&request.schema, self.settings.structured_output) {
             body["response_format"] = json!({
                 "type": "json_schema",
@@ -321,6 +325,7 @@ impl LlmProvider for OpenAiClient {
         cancel: CancellationToken,
     ) -> Result<TextStream, LlmError> {
         let response = self.send(&self.body(&request, true), &cancel).await?;
+        let stops = request.stop.clone();
         let chunk_timeout = self.settings.timeout;
         let bytes = response.bytes_stream();
         struct State<S> {
@@ -404,7 +409,7 @@ impl LlmProvider for OpenAiClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        Ok(crate::llm::stop::stop_at(Box::pin(stream), stops))
     }
 
     fn supports_structured_output(&self) -> bool {

@@ -12,4 +12,4 @@ pub mod pricing;
 mod summary;
 
 pub use daily::{daily_for, group_daily};
-pub use summary::{summarize, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
+pub use summary::{summarize, summary_for, window_start_ms, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};

@@ -45,7 +45,7 @@ pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResu
 }
 
 /// Start of a `days`-day window ending at `now_ms`: `days` × 24 h earlier (inclusive).
-pub(crate) fn window_start_ms(days: u32, now_ms: i64) -> i64 {
+pub fn window_start_ms(days: u32, now_ms: i64) -> i64 {
     now_ms - i64::from(days) * 24 * 3600 * 1000
 }
 

@@ -65,6 +65,8 @@ pub struct GenerationStats {
 #[derive(Debug)]
 pub enum Output {
     Text(String),
+    /// For a scoring job: the log-probabilities of its candidate tokens as the next token.
+    Scores(Vec<f32>),
     /// The request ended normally (stop token, `max_tokens` or the context is full).
     Done(GenerationStats),
     Failed(LlmError),
@@ -75,6 +77,10 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub max_tokens: u32,
     pub sampling: SamplingConfig,
+    pub repetition: crate::llm::Repetition,
+    /// A scoring job: instead of generating, report how likely each of these tokens is to
+    /// come next after the prompt ([`Output::Scores`]), then end.
+    pub score: Option<Vec<u32>>,
     pub seed: u64,
     pub cancel: CancellationToken,
     pub output: mpsc::UnboundedSender<Output>,
@@ -204,7 +210,7 @@ impl Worker {
         metrics::gauge!(crate::telemetry::LLM_ACTIVE).increment(1.0);
         self.active.push(Active {
             sequence: self.model.sequence(),
-            sampler: Sampler::new(job.sampling, job.seed),
+            sampler: Sampler::new(job.sampling, job.repetition, job.seed),
             decoder: StreamDecoder::default(),
             prefill_at: 0,
             last_token: 0,
@@ -242,11 +248,16 @@ impl Worker {
         } else {
             active.sequence.forward(&[active.last_token])
         };
-        let logits = match logits {
+        let mut logits = match logits {
             Ok(logits) => logits,
             Err(err) => return fail(active, err.to_string()),
         };
-        let token = active.sampler.sample(&logits);
+        if let Some(candidates) = &active.job.score {
+            let scores = log_probabilities(&logits, candidates);
+            let _ = active.job.output.send(Output::Scores(scores));
+            return finish(active);
+        }
+        let token = active.sampler.sample(&mut logits);
         active.first_token.get_or_insert_with(Instant::now);
         if model.stop_ids.contains(&token) {
             return finish(active);
@@ -264,6 +275,22 @@ impl Worker {
         }
         Step::Continue
     }
+}
+
+/// `log p(token)` under the softmax of `logits`, for each candidate (−∞ for an id out of
+/// range).
+fn log_probabilities(logits: &[f32], candidates: &[u32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+    let log_norm = max + sum.ln();
+    candidates
+        .iter()
+        .map(|id| {
+            logits
+                .get(*id as usize)
+                .map_or(f32::NEG_INFINITY, |v| v - log_norm)
+        })
+        .collect()
 }
 
 fn fail(active: &mut Active, message: String) -> Step {

@@ -9,7 +9,8 @@
 //! - [`engine`]: dedicated inference threads fed by a bounded queue;
 //! - [`provider`]: [`LocalProvider`], the `LlmProvider` implementation.
 //!
-//! The model file comes from `scripts/fetch-model.sh`; see [`DEFAULT_MODEL_FILE`].
+//! The model file comes from `scripts/fetch-model.sh`, once per machine; see
+//! [`default_model_path`].
 
 pub mod chatml;
 pub mod engine;
@@ -22,5 +23,38 @@ pub use engine::EngineConfig;
 pub use provider::{LocalOptions, LocalProvider};
 pub use sampling::SamplingConfig;
 
-/// The model file `scripts/fetch-model.sh` installs, relative to the data folder.
+use std::path::{Path, PathBuf};
+
+/// The model file `scripts/fetch-model.sh` installs, relative to a data folder (the layout
+/// of earlier versions, still honoured).
 pub const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model's file name in the per-machine cache.
+pub const MODEL_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The per-machine model cache: `$XDG_CACHE_HOME/apex/models/<file>` (an absolute
+/// `XDG_CACHE_HOME`, as the XDG spec requires), else `$HOME/.cache/apex/models/<file>`.
+pub fn machine_cache_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".cache"))
+        })?;
+    Some(base.join("apex").join("models").join(MODEL_FILE_NAME))
+}
+
+/// Where the model is when no path is configured: `<data_dir>/models/<file>` if that file
+/// exists (earlier versions fetched it there), else the per-machine cache, which is what
+/// `scripts/fetch-model.sh` fills. So a new data folder works on a machine that has the
+/// model, without fetching it again.
+pub fn default_model_path(data_dir: &Path) -> PathBuf {
+    let in_data_dir = data_dir.join(DEFAULT_MODEL_FILE);
+    if in_data_dir.is_file() {
+        return in_data_dir;
+    }
+    machine_cache_path().unwrap_or(in_data_dir)
+}

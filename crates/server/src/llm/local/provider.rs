@@ -60,6 +60,7 @@ impl LocalProvider {
         while let Some(output) = receiver.recv().await {
             match output {
                 Output::Text(chunk) => text.push_str(&chunk),
+                Output::Scores(_) => {}
                 Output::Done(stats) => {
                     meter.add(TokenUsage {
                         prompt_tokens: u64::from(stats.prompt_tokens),
@@ -78,13 +79,14 @@ impl LocalProvider {
         request: LlmRequest,
         cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<Output>, LlmError> {
-        Ok(self.submit_counted(request, cancel).await?.0)
+        Ok(self.submit_counted(request, None, cancel).await?.0)
     }
 
     /// Queues the request; also returns the prompt's length in tokens.
     async fn submit_counted(
         &self,
         request: LlmRequest,
+        score: Option<Vec<u32>>,
         cancel: CancellationToken,
     ) -> Result<(mpsc::UnboundedReceiver<Output>, u64), LlmError> {
         let prompt = encode_chat(&self.model().tokenizer, &request.messages);
@@ -105,6 +107,8 @@ impl LocalProvider {
                     },
                     None => self.options.sampling,
                 },
+                repetition: request.repetition,
+                score,
                 seed,
                 cancel,
                 output,
@@ -114,8 +118,62 @@ impl LocalProvider {
     }
 }
 
+/// The token that starts each option at the beginning of the answer, if the options
+/// start with distinct tokens (else the model cannot tell them apart by one step).
+fn first_tokens(tokenizer: &super::tokenizer::Tokenizer, options: &[String]) -> Option<Vec<u32>> {
+    let firsts: Vec<u32> = options
+        .iter()
+        .map(|o| tokenizer.encode(o, false).first().copied())
+        .collect::<Option<_>>()?;
+    let mut distinct = firsts.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    (distinct.len() == firsts.len()).then_some(firsts)
+}
+
 #[async_trait]
 impl LlmProvider for LocalProvider {
+    /// Scores each option's first token as the first token of the answer (one forward pass
+    /// over the prompt) and picks the likeliest: a constrained choice that cannot produce
+    /// anything but an option.
+    async fn choose(
+        &self,
+        messages: Vec<crate::llm::ChatMessage>,
+        options: Vec<String>,
+        tokens: crate::llm::TokenMeter,
+        cancel: CancellationToken,
+    ) -> Result<Option<usize>, LlmError> {
+        let Some(candidates) = first_tokens(&self.model().tokenizer, &options) else {
+            return Ok(None);
+        };
+        let mut request = LlmRequest::new(messages, serde_json::Value::Null, 1);
+        request.tokens = tokens.clone();
+        let (mut receiver, prompt_tokens) = self
+            .submit_counted(request, Some(candidates), cancel)
+            .await?;
+        tokens.add(TokenUsage {
+            prompt_tokens,
+            completion_tokens: 0,
+        });
+        let mut best = None;
+        while let Some(output) = receiver.recv().await {
+            match output {
+                Output::Scores(scores) => {
+                    best = scores
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.is_finite())
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .map(|(i, _)| i);
+                }
+                Output::Text(_) => {}
+                Output::Done(_) => return Ok(best),
+                Output::Failed(err) => return Err(err),
+            }
+        }
+        Err(LlmError::Provider("the local model stopped".into()))
+    }
+
     fn name(&self) -> &str {
         "local"
     }
@@ -130,7 +188,8 @@ impl LlmProvider for LocalProvider {
         cancel: CancellationToken,
     ) -> Result<TextStream, LlmError> {
         let meter = request.tokens.clone();
-        let (receiver, prompt_tokens) = self.submit_counted(request, cancel).await?;
+        let stops = request.stop.clone();
+        let (receiver, prompt_tokens) = self.submit_counted(request, None, cancel).await?;
         // Counted as it goes, so a reader that stops early (a rejected answer, a
         // cancelled run) still gets what was really spent: the whole prompt, and one token
         // per text piece (the engine emits one per generated token, or fewer when it holds
@@ -160,9 +219,12 @@ impl LlmProvider for LocalProvider {
                             None
                         }
                         Output::Failed(err) => Some((Err(err), (receiver, counted))),
+                        // Only scoring jobs report scores; this one generates.
+                        Output::Scores(_) => Some((Ok(String::new()), (receiver, counted))),
                     }
                 }
             });
-        Ok(Box::pin(stream))
+        // Dropping the receiver when a stop sequence appears ends the generation too.
+        Ok(crate::llm::stop::stop_at(Box::pin(stream), stops))
     }
 }

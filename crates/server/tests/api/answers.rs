@@ -1,0 +1,145 @@
+//! What a person reads: the answer states their own figures in words, follow-ups in the
+//! same thread are read with the question before them, and a question about one model,
+//! workload, plan step or window gets that scope's figures (template writer; the embedded
+//! model's answers are checked in the `llm` target and by `apex eval`).
+
+use apex_protocol::events::EventKind;
+use apex_server::agents::answer::money;
+
+use crate::helpers::spawn_app;
+
+fn answer_of(run: &crate::helpers::RunTranscript) -> String {
+    run.terminal().payload["final_response"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn triage_of(run: &crate::helpers::RunTranscript) -> serde_json::Value {
+    run.events
+        .iter()
+        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "triage")
+        .expect("triage completed")
+        .payload["result"]
+        .clone()
+}
+
+#[tokio::test]
+async fn the_answer_states_the_total_the_top_model_and_every_saving() {
+    let Some(app) = spawn_app().await else { return };
+    let user = app.register().await;
+    let summary = app.usage_summary(&user).await;
+    let mut ws = app.ws_connect(&user).await;
+    let run = ws.ask("How can I reduce my LLM costs?", None).await;
+    let answer = answer_of(&run);
+    assert!(answer.contains(&money(summary.total_cost_usd)), "{answer}");
+    assert!(answer.contains(&summary.by_model[0].model), "{answer}");
+    assert!(
+        answer.contains(&summary.by_workload[0].workload),
+        "{answer}"
+    );
+    let report = &run.terminal().payload["result"];
+    let recommendations = report["recommendations"].as_array().unwrap();
+    assert!(!recommendations.is_empty());
+    for rec in recommendations {
+        let saving = money(rec["monthly_savings_usd"].as_f64().unwrap());
+        assert!(answer.contains(&saving), "{saving} missing:\n{answer}");
+    }
+    // The summary sentence comes first, in words, then the figures.
+    assert!(answer.starts_with("You spent "), "{answer}");
+}
+
+#[tokio::test]
+async fn a_follow_up_about_one_model_answers_with_that_models_figure() {
+    let Some(app) = spawn_app().await else { return };
+    let user = app.register().await;
+    let summary = app.usage_summary(&user).await;
+    let mut ws = app.ws_connect(&user).await;
+    let first = ws.ask("How can I reduce my LLM costs?", None).await;
+    // Ask about a model this user really uses (not the top one), then one they do not.
+    let model = &summary.by_model.last().unwrap().model;
+    let follow_up = ws
+        .ask(
+            &format!("And how much did I spend on {model}?"),
+            Some(&first.thread_id),
+        )
+        .await;
+    let triage = triage_of(&follow_up);
+    assert_eq!(triage["follow_up"], true, "{triage}");
+    assert_eq!(triage["models"][0], model.as_str(), "{triage}");
+    let cost: f64 = summary
+        .by_model
+        .iter()
+        .filter(|m| &m.model == model)
+        .map(|m| m.cost_usd)
+        .sum();
+    let answer = answer_of(&follow_up);
+    assert!(
+        answer.starts_with(&format!("{model}: {} over the last 30 days", money(cost))),
+        "{answer}"
+    );
+
+    // "what about last week?" keeps the model and re-runs the analysis for 7 days.
+    let week = ws
+        .ask("what about last week?", Some(&first.thread_id))
+        .await;
+    let triage = triage_of(&week);
+    assert_eq!(triage["days"], 7, "{triage}");
+    assert_eq!(triage["models"][0], model.as_str(), "{triage}");
+    assert_eq!(week.terminal().payload["result"]["usage"]["days"], 7);
+    assert!(answer_of(&week).contains("over the last 7 days"));
+
+    let unused = ["o3-mini", "mistral-large", "llama-3.1-70b"]
+        .into_iter()
+        .find(|m| !summary.by_model.iter().any(|u| &u.model == m))
+        .unwrap();
+    let none = ws
+        .ask(&format!("and {unused}?"), Some(&first.thread_id))
+        .await;
+    let answer = answer_of(&none);
+    assert!(
+        answer.contains(&format!(
+            "Your data does not show any requests to the model {unused}"
+        )),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&summary.by_model[0].model),
+        "it says what the data shows"
+    );
+}
+
+#[tokio::test]
+async fn explain_step_two_refers_to_the_previous_plan() {
+    let Some(app) = spawn_app().await else { return };
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let first = ws.ask("How can I reduce my LLM costs?", None).await;
+    let plan = first.terminal().payload["result"]["action_plan"].clone();
+    let step = ws.ask("explain step 2", Some(&first.thread_id)).await;
+    let answer = answer_of(&step);
+    let title = plan[1]["title"].as_str().unwrap();
+    assert!(
+        answer.starts_with(&format!("Step 2 of your plan: {title}")),
+        "{answer}"
+    );
+    assert_eq!(triage_of(&step)["category"], "cost_optimization");
+    // A new thread knows nothing of the earlier one.
+    let fresh = ws.ask("explain step 2", None).await;
+    assert_eq!(triage_of(&fresh)["follow_up"], false);
+}
+
+#[tokio::test]
+async fn an_off_topic_question_gets_an_honest_scope_not_a_cost_report() {
+    let Some(app) = spawn_app().await else { return };
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let run = ws.ask("what is the capital of France?", None).await;
+    let answer = answer_of(&run);
+    assert!(
+        answer.starts_with("I can answer questions about your own AI usage"),
+        "{answer}"
+    );
+    assert!(!answer.contains("You could save"), "{answer}");
+    assert_eq!(triage_of(&run)["category"], "general");
+}
