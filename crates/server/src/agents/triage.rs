@@ -208,6 +208,42 @@ const STRONG: &[(RequestCategory, &[&str])] = &[
     ),
 ];
 
+/// Phrases that decide the topic before any stem is counted, checked in this order: "how
+/// much could I save" is about saving, "how much did I spend on the model I use most" is a
+/// report even though it names a model.
+const PHRASES: &[(RequestCategory, &[&str])] = &[
+    (
+        RequestCategory::CostOptimization,
+        &[
+            "spend less",
+            "pay less",
+            "how much could",
+            "how much would",
+            "how much can i save",
+            "could save",
+            "would save",
+        ],
+    ),
+    (
+        RequestCategory::UsageReport,
+        &[
+            "spend the most",
+            "spent the most",
+            "cost me",
+            "did i spend",
+            "do i spend",
+            "have i spent",
+            "am i spending",
+            "how much did",
+            "how much does",
+            "how much do i",
+            "how much have",
+            "what did",
+            "what was my",
+        ],
+    ),
+];
+
 /// The labels the model chooses among, in [`RequestCategory`] order.
 const CHOICES: &[(RequestCategory, &str)] = &[
     (RequestCategory::CostOptimization, "cost"),
@@ -288,6 +324,12 @@ pub fn classify_by_rules(text: &str) -> (RequestCategory, usize) {
             .rev()
             .max_by_key(|(_, hits)| *hits)
     };
+    for (category, phrases) in PHRASES {
+        let hits = phrases.iter().filter(|p| lower.contains(*p)).count();
+        if hits > 0 {
+            return (*category, hits);
+        }
+    }
     if let Some((category, hits)) = score(STRONG) {
         return (category, hits);
     }
@@ -422,6 +464,66 @@ pub fn mentioned_workloads(text: &str, workloads: &[String]) -> Vec<String> {
     longest_only(found.into_iter().map(|(_, w)| w).collect())
 }
 
+/// Words that look like identifiers but name no model or workload.
+const NOT_NAMES: &[&str] = &[
+    "real-time",
+    "step-by-step",
+    "follow-up",
+    "e-mail",
+    "long-term",
+    "short-term",
+    "built-in",
+    "multi-model",
+    "open-source",
+    "re-run",
+    "day-to-day",
+    "per-user",
+    "per-model",
+    "cost-efficient",
+    "cost-effective",
+    "high-quality",
+    "low-latency",
+    "non-urgent",
+    "well-known",
+];
+
+/// Model families: an unknown name starting with one of these is a model, not a workload.
+const MODEL_FAMILIES: &[&str] = &[
+    "gpt", "claude", "gemini", "llama", "mistral", "mixtral", "o1", "o3", "o4", "deepseek", "qwen",
+    "command", "phi", "gemma",
+];
+
+/// Identifier-like words (`support-chat`, `my_batch_job`, `gemini-2.5-pro`) that are not
+/// among `known`: the user asks about a model or workload their data may not have, and the
+/// answer should say so rather than answer something else. Returns (models, workloads).
+pub fn unknown_names(text: &str, known: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut models = Vec::new();
+    let mut workloads = Vec::new();
+    for word in words(text) {
+        let identifier = word.len() >= 5
+            && (word.contains('-') || word.contains('_'))
+            && word.chars().filter(|c| c.is_ascii_alphabetic()).count() >= 3
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let time = ["day", "days", "week", "weeks", "month", "months"]
+            .iter()
+            .any(|unit| word.ends_with(&format!("-{unit}")));
+        let known_already = known
+            .iter()
+            .any(|k| k.contains(&word) || word.contains(k.as_str()));
+        if !identifier || time || NOT_NAMES.contains(&word.as_str()) || known_already {
+            continue;
+        }
+        if MODEL_FAMILIES.iter().any(|f| word.starts_with(f)) {
+            models.push(word);
+        } else {
+            workloads.push(word);
+        }
+    }
+    (models, workloads)
+}
+
 /// "step 2", "the second step", "#3": the plan step the request asks about.
 pub fn mentioned_step(text: &str) -> Option<u32> {
     let words = words(text);
@@ -498,9 +600,19 @@ pub struct Entities {
 
 impl Entities {
     pub fn read(text: &str, known_models: &[String], workloads: &[String]) -> Self {
+        let mut models = mentioned_in(text, known_models);
+        let mut named = mentioned_workloads(text, workloads);
+        let known: Vec<String> = known_models
+            .iter()
+            .chain(workloads)
+            .map(|n| n.to_lowercase())
+            .collect();
+        let (other_models, other_workloads) = unknown_names(text, &known);
+        models.extend(other_models);
+        named.extend(other_workloads);
         Self {
-            models: mentioned_in(text, known_models),
-            workloads: mentioned_workloads(text, workloads),
+            models,
+            workloads: named,
             days: explicit_window(text),
             step: mentioned_step(text),
         }
@@ -958,6 +1070,27 @@ mod tests {
             mentioned_workloads("how is support chat doing", &n.workloads),
             vec!["support-chat".to_string()]
         );
+        assert_eq!(
+            Entities::read(
+                "how much does batch-indexer cost on gemini-2.5-pro?",
+                &n.models,
+                &n.workloads
+            ),
+            Entities {
+                models: vec!["gemini-2.5-pro".into()],
+                workloads: vec!["batch-indexer".into()],
+                days: None,
+                step: None
+            },
+            "names the data may not have are kept, to be answered honestly"
+        );
+        assert!(Entities::read(
+            "a real-time step-by-step 14-day plan for support-chat",
+            &n.models,
+            &n.workloads
+        )
+        .models
+        .is_empty());
         assert_eq!(mentioned_step("explain step 2"), Some(2));
         assert_eq!(
             mentioned_step("tell me more about the second step"),
