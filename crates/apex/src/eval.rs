@@ -49,6 +49,10 @@ pub struct EvalArgs {
     /// Write the results as markdown (table, failures, example answers) to this file.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
+    /// Measure triage instead: the labelled set's accuracy by the rules alone, the
+    /// configured model's constrained choice alone, and both combined (as runs use them).
+    #[arg(long)]
+    triage: bool,
     /// Longest wait for one answer, in seconds.
     #[arg(long, default_value_t = 300)]
     answer_timeout_secs: u64,
@@ -475,6 +479,80 @@ async fn ask(
     }
 }
 
+/// Accuracy of triage on the labelled set: rules alone, the model alone, combined.
+async fn triage_accuracy(
+    state: &apex_server::state::AppState,
+    provider: &str,
+) -> anyhow::Result<String> {
+    use apex_server::agents::triage::{
+        category_of_choice, choice_labels, choice_prompt, classify_by_rules, labelled_set, resolve,
+        KnownNames,
+    };
+    use apex_server::agents::RequestCategory;
+    let llm = &state.infra.llm;
+    let names = KnownNames::new(
+        &state.infra.pricing,
+        &[],
+        &apex_server::usage::demo::workload_names(),
+    );
+    let set = labelled_set();
+    let (mut rules, mut model, mut combined) = (0usize, 0usize, 0usize);
+    let mut misses = Vec::new();
+    let started = Instant::now();
+    for (expected, request, earlier) in &set {
+        let (by_rules, _) = resolve(request, earlier, &names, None);
+        rules += usize::from(by_rules.category == *expected);
+        let choice = llm
+            .choose(
+                choice_prompt(request),
+                choice_labels(),
+                apex_server::llm::TokenMeter::default(),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(category_of_choice);
+        let by_model = choice.unwrap_or(RequestCategory::General);
+        model += usize::from(by_model == *expected);
+        // As a run decides: the model only where the rules find nothing and the message
+        // does not follow up an earlier one.
+        let needs_model = classify_by_rules(request).1 == 0
+            && !(!earlier.is_empty() && apex_server::agents::triage::looks_like_follow_up(request));
+        let (both, _) = resolve(
+            request,
+            earlier,
+            &names,
+            if needs_model { choice } else { None },
+        );
+        if both.category == *expected {
+            combined += 1;
+        } else {
+            misses.push(format!(
+                "- \"{request}\": {:?}, labelled {expected:?}",
+                both.category
+            ));
+        }
+    }
+    let n = set.len();
+    let pct = |k: usize| format!("{:.1}%", k as f64 * 100.0 / n as f64);
+    let mut out = format!(
+        "## triage on {n} labelled requests, model {provider} ({:.0} s)\n\n| source | correct | accuracy |\n| --- | ---: | ---: |\n",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(out, "| rules alone | {rules} | {} |", pct(rules));
+    let _ = writeln!(
+        out,
+        "| model alone (constrained choice) | {model} | {} |",
+        pct(model)
+    );
+    let _ = writeln!(out, "| combined | {combined} | {} |", pct(combined));
+    if !misses.is_empty() {
+        let _ = writeln!(out, "\nCombined misses:\n\n{}", misses.join("\n"));
+    }
+    Ok(out)
+}
+
 pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     let questions = questions(args.limit);
     let config = config::Resolved::serve(&args.serve)?.serve_config();
@@ -502,6 +580,16 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     let provider = format!("{:?}", settings.llm_provider).to_lowercase();
     let state = apex_server::build_state(settings).await?;
     let model = state.infra.llm.model_name().to_string();
+    if args.triage {
+        let markdown = triage_accuracy(&state, &model).await?;
+        println!("{markdown}");
+        if let Some(path) = &args.report {
+            std::fs::write(path, &markdown)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let _ = std::fs::remove_dir_all(&data_dir);
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -560,9 +560,12 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[test]
 fn serve_with_the_local_model_missing_fails_naming_the_fetch_script() {
     let data_dir = tempfile::tempdir().unwrap();
+    // An empty per-machine model cache: this machine's real one may hold the model.
+    let cache = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_apex"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir.path())
+        .env("XDG_CACHE_HOME", cache.path())
         .env("APEX_LOG", "warn")
         .env_remove("APEX_LLM_PROVIDER")
         .env_remove("APEX_MODEL_PATH")
@@ -576,6 +579,42 @@ fn serve_with_the_local_model_missing_fails_naming_the_fetch_script() {
     assert!(
         stderr.contains("scripts/fetch-model.sh") && stderr.contains("SmolLM2-135M-Instruct"),
         "the error names the model and the fetch script: {stderr}"
+    );
+}
+
+#[test]
+fn eval_scores_every_answer_of_the_question_set_on_the_template_writer() {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "eval",
+            "--llm-provider",
+            "template",
+            "--users",
+            "2",
+            "--report",
+        ])
+        .arg(report.path())
+        .env("APEX_LOG", "warn")
+        .env_remove("APEX_DATABASE_URL")
+        .output()
+        .expect("run apex eval");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // Two users, every question: every check passes on every answer.
+    let questions = stderr.lines().filter(|l| l.starts_with("user 0 ")).count();
+    assert!(questions >= 50, "{stderr}");
+    let all = format!(
+        "| **every check** | **{}** | **{}** |",
+        2 * questions,
+        2 * questions
+    );
+    assert!(stdout.contains(&all), "{stdout}");
+    let written = std::fs::read_to_string(report.path()).unwrap();
+    assert!(
+        written.contains(&all) && written.contains("Example answers"),
+        "{written}"
     );
 }
 

@@ -66,6 +66,11 @@ const WORKLOADS: &[WorkloadTemplate] = &[
     },
 ];
 
+/// The workload names demo data draws from (each user gets four of them).
+pub fn workload_names() -> Vec<String> {
+    WORKLOADS.iter().map(|w| w.name.to_string()).collect()
+}
+
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 fn seed_for(user: UserId) -> u64 {

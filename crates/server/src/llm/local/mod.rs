@@ -52,9 +52,33 @@ pub fn machine_cache_path() -> Option<PathBuf> {
 /// `scripts/fetch-model.sh` fills. So a new data folder works on a machine that has the
 /// model, without fetching it again.
 pub fn default_model_path(data_dir: &Path) -> PathBuf {
+    model_path_in(data_dir, machine_cache_path())
+}
+
+fn model_path_in(data_dir: &Path, machine_cache: Option<PathBuf>) -> PathBuf {
     let in_data_dir = data_dir.join(DEFAULT_MODEL_FILE);
     if in_data_dir.is_file() {
         return in_data_dir;
     }
-    machine_cache_path().unwrap_or(in_data_dir)
+    machine_cache.unwrap_or(in_data_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_data_folder_uses_the_machine_cache_and_an_old_one_its_own_copy() {
+        let data = std::env::temp_dir().join(format!("apex-model-path-{}", std::process::id()));
+        let cache = PathBuf::from("/cache/apex/models").join(MODEL_FILE_NAME);
+        assert_eq!(model_path_in(&data, Some(cache.clone())), cache);
+        std::fs::create_dir_all(data.join("models")).unwrap();
+        std::fs::write(data.join(DEFAULT_MODEL_FILE), b"gguf").unwrap();
+        assert_eq!(
+            model_path_in(&data, Some(cache)),
+            data.join(DEFAULT_MODEL_FILE)
+        );
+        std::fs::remove_dir_all(&data).unwrap();
+        assert_eq!(model_path_in(&data, None), data.join(DEFAULT_MODEL_FILE));
+    }
 }
