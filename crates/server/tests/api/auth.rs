@@ -17,9 +17,7 @@ async fn error_code(response: reqwest::Response) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_returns_a_token_pair_that_works_for_me() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     assert_eq!(user.tokens.token_type, "Bearer");
     assert!(user.tokens.expires_in > 0);
@@ -35,9 +33,7 @@ async fn register_returns_a_token_pair_that_works_for_me() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_rejects_duplicates_and_invalid_input() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
 
     let again = app.register_raw(&user.email.to_uppercase(), PASSWORD).await;
@@ -74,9 +70,7 @@ async fn register_rejects_duplicates_and_invalid_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_checks_the_password_and_hides_which_part_was_wrong() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
 
     let ok = app.login(&user.email, PASSWORD).await;
@@ -99,9 +93,7 @@ async fn login_checks_the_password_and_hides_which_part_was_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_rotates_and_the_old_refresh_token_stops_working() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let old = user.tokens.refresh_token.clone();
 
@@ -134,9 +126,7 @@ async fn refresh_rotates_and_the_old_refresh_token_stops_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_revokes_the_access_token_and_its_refresh_token() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let other_session: TokenPair = app.login(&user.email, PASSWORD).await.json().await.unwrap();
 
@@ -168,9 +158,7 @@ async fn logout_revokes_the_access_token_and_its_refresh_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_routes_need_a_valid_bearer_token() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let none = app.http.get(app.url("/api/threads")).send().await.unwrap();
     assert_eq!(none.status(), 401);
     assert_eq!(error_code(none).await, "unauthorized");

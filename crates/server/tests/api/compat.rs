@@ -11,14 +11,11 @@ const FRONTEND: &str = "http://localhost:3000";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_web_client_completes_its_whole_sequence() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.cors_allowed_origins = vec![FRONTEND.to_string()];
         s.template_stream_delay = Duration::from_millis(40);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
 
     // Preflight: allowed origin echoed with credentials; a foreign one gets no grant.
@@ -244,10 +241,7 @@ async fn the_original_web_client_completes_its_whole_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_from_foreign_origins_are_refused() {
-    let Some(app) = spawn_app_with(|s| s.cors_allowed_origins = vec![FRONTEND.to_string()]).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.cors_allowed_origins = vec![FRONTEND.to_string()]).await;
     let user = app.register().await;
     let open = |origin: Option<&str>| {
         let mut request = app.ws_address.as_str().into_client_request().unwrap();
@@ -277,9 +271,7 @@ async fn websockets_from_foreign_origins_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_config_dev_login_and_v2_execute() {
-    let Some(off) = spawn_app_with(|_| {}).await else {
-        return;
-    };
+    let off = spawn_app_with(|_| {}).await;
     let config: Value = off
         .http
         .get(off.url("/auth/config"))
@@ -306,14 +298,11 @@ async fn auth_config_dev_login_and_v2_execute() {
         "dev login does not exist outside development mode"
     );
 
-    let Some(dev) = spawn_app_with(|s| {
+    let dev = spawn_app_with(|s| {
         s.development_mode = true;
         s.dev_login = true;
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let body = json!({"email": "dev@example.com", "password": "dev password"});
     let first = dev.post_json("/auth/dev/login", None, &body).await;
     assert_eq!(first.status(), 201, "registers on first use");

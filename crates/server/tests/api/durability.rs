@@ -69,10 +69,7 @@ async fn start_rest_run(app: &TestApp, user: &TestUser) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_replay_after_last_event_id_then_continue_live() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(15)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(15)).await;
     let user = app.register().await;
     let (run_id, _) = start_rest_run(&app, &user).await;
     // Let a few events be stored, then attach mid-run after seq 3.
@@ -119,9 +116,7 @@ async fn server_sent_events_replay_after_last_event_id_then_continue_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_removed_by_retention_answer_resume_gap() {
-    let Some(app) = spawn_app_with(|_| {}).await else {
-        return;
-    };
+    let app = spawn_app_with(|_| {}).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask(QUESTION, None).await;
@@ -172,14 +167,11 @@ async fn events_removed_by_retention_answer_resume_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_past_its_deadline_ends_timed_out_with_its_partial_results() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.template_stream_delay = Duration::from_millis(100);
         s.run_timeout = Duration::from_millis(600);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask(QUESTION, None).await;
@@ -205,14 +197,11 @@ async fn a_run_past_its_deadline_ends_timed_out_with_its_partial_results() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_past_its_own_deadline_times_the_run_out() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.template_stream_delay = Duration::from_millis(100);
         s.agent_timeout = Duration::from_millis(400);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask(QUESTION, None).await;
@@ -228,10 +217,7 @@ async fn an_agent_past_its_own_deadline_times_the_run_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reaches_the_run_from_another_connection_and_takes_effect_at_once() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(500)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(500)).await;
     let user = app.register().await;
     let mut starter = app.ws_connect(&user).await;
     starter

@@ -63,9 +63,7 @@ fn assert_pipeline_order(events: &[AgentEvent]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_path_streams_every_step_and_answers_with_the_users_own_numbers() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let summary = app.usage_summary(&user).await;
     assert!(summary.total_requests > 100, "demo data was generated");
@@ -166,9 +164,7 @@ fn chrono_like(timestamp: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_thread_and_its_messages_are_stored_and_readable_over_rest() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let first = ws.ask(QUESTION, None).await;
@@ -235,10 +231,7 @@ async fn the_thread_and_its_messages_are_stored_and_readable_over_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_continues_after_its_socket_closes_and_its_events_stay_readable() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "user_message", "text": QUESTION}))
@@ -293,10 +286,7 @@ async fn a_run_continues_after_its_socket_closes_and_its_events_stay_readable() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_replays_exactly_the_missing_events_then_continues_live() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(25)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(25)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "user_message", "text": QUESTION}))
@@ -346,9 +336,7 @@ async fn resume_replays_exactly_the_missing_events_then_continues_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_can_start_a_run_on_a_thread() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let thread: Value = app
         .post_json(
@@ -390,10 +378,7 @@ async fn rest_can_start_a_run_on_a_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_agent_cancels_the_run_with_a_terminal_cancelled_event() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(200)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(200)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "user_message", "text": QUESTION}))

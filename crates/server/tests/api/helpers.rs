@@ -5,8 +5,10 @@
 //! targets (see `crates/server/Cargo.toml`): `api` runs on a temporary SQLite file,
 //! `api_postgres` on PostgreSQL at `APEX_TEST_POSTGRES_URL`, each test in a schema of its
 //! own (`apex_test_<unix seconds>_<uuid>`, put first on the connection's `search_path` and
-//! dropped when the test's `TestDatabase` is). Without that variable the PostgreSQL tests
-//! are skipped with a message, except under `CI`, where they fail.
+//! dropped when the test's `TestDatabase` is). Without that variable a PostgreSQL test
+//! fails, naming it: a test never skips itself, because libtest counts an early return as
+//! a pass. `scripts/test.sh` leaves out the tests whose prerequisites are missing instead,
+//! so that nextest counts them as skipped.
 
 use std::time::Duration;
 
@@ -74,50 +76,48 @@ impl TestDatabase {
     }
 }
 
-/// A fresh database for this test, or `None` (after saying why) when this is the
-/// PostgreSQL target and no server is configured. Panics under `CI` instead of skipping.
-pub async fn test_database() -> Option<TestDatabase> {
+/// Fails the calling test because `what` is missing. A test never returns early to skip
+/// (libtest would report that as a pass); `scripts/test.sh` checks the prerequisites first
+/// and leaves out the tests that need a missing one, and nextest counts those as skipped.
+pub fn missing_prerequisite(what: &str, fix: &str) -> ! {
+    panic!(
+        "{what}: {fix}. To leave out the tests that need it (counted as skipped), \
+         run the suite with scripts/test.sh"
+    )
+}
+
+/// A fresh database for this test. On the PostgreSQL target it needs
+/// `APEX_TEST_POSTGRES_URL`, and fails the test without it.
+pub async fn test_database() -> TestDatabase {
     let data_dir = tempfile::tempdir().expect("temp dir");
     match backend() {
-        Backend::Sqlite => Some(TestDatabase {
+        Backend::Sqlite => TestDatabase {
             data_dir,
             database_url: None,
             _schema: None,
-        }),
+        },
         Backend::Postgres => {
-            let base_url = postgres_url()?;
+            let base_url = postgres_url();
             let schema = TestSchema::create(&base_url).await;
-            Some(TestDatabase {
+            TestDatabase {
                 data_dir,
                 database_url: Some(schema.url()),
                 _schema: Some(schema),
-            })
+            }
         }
     }
 }
 
-fn postgres_url() -> Option<String> {
-    if let Some(url) = std::env::var(POSTGRES_URL_VAR)
+fn postgres_url() -> String {
+    std::env::var(POSTGRES_URL_VAR)
         .ok()
         .filter(|u| !u.trim().is_empty())
-    {
-        return Some(url);
-    }
-    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(
-        !in_ci,
-        "{POSTGRES_URL_VAR} is not set, but CI is: the PostgreSQL tests must run in CI \
-         (e.g. {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/test)"
-    );
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("this test")
-        .to_string();
-    eprintln!(
-        "skipping {test} on PostgreSQL: set {POSTGRES_URL_VAR} (e.g. \
-         postgres://postgres@127.0.0.1:5432/test) to run it"
-    );
-    None
+        .unwrap_or_else(|| {
+            missing_prerequisite(
+                &format!("{POSTGRES_URL_VAR} is not set, and the api_postgres tests need it"),
+                &format!("set it, e.g. {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/test"),
+            )
+        })
 }
 
 fn unix_seconds() -> u64 {
@@ -242,15 +242,14 @@ pub struct TestApp {
     _database: TestDatabase,
 }
 
-/// Starts the server on a fresh database; `None` when the test is to be skipped (see
-/// [`test_database`]).
-pub async fn spawn_app() -> Option<TestApp> {
+/// Starts the server on a fresh database (see [`test_database`]).
+pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
 /// Starts the server with test settings adjusted by `configure`.
-pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> Option<TestApp> {
-    let database = test_database().await?;
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let database = test_database().await;
     let mut settings = database.settings();
     configure(&mut settings);
     let state = apex_server::build_state(settings.clone())
@@ -264,7 +263,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> Option<Tes
     let server = tokio::spawn(apex_server::serve(listener, state.clone(), async move {
         let _ = rx.await;
     }));
-    Some(TestApp {
+    TestApp {
         settings,
         address: format!("http://127.0.0.1:{port}"),
         ws_address: format!("ws://127.0.0.1:{port}/ws"),
@@ -273,7 +272,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> Option<Tes
         shutdown: Some(tx),
         server: Some(server),
         _database: database,
-    })
+    }
 }
 
 /// A registered user and their tokens.
@@ -530,26 +529,23 @@ pub fn assert_contiguous_and_terminated(events: &[AgentEvent]) {
 }
 
 /// Runs `tests/support/openai_check.py` (the official `openai` Python package talking to
-/// `/v1`) and returns what it printed, or `None` (after saying why) when Python or the
-/// package is missing. Under `CI` a missing package fails the test instead.
+/// `/v1`) and returns what it printed. Fails the test when Python or the package is missing.
 pub async fn openai_package_check(
     app: &TestApp,
     user: &TestUser,
     model: &str,
     question: &str,
-) -> Option<Value> {
+) -> Value {
     let has_package = tokio::process::Command::new("python3")
         .args(["-c", "import openai"])
         .output()
         .await
         .is_ok_and(|o| o.status.success());
     if !has_package {
-        let why = "the `openai` Python package is missing (pip install openai)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{why}; .ci/run installs it");
-        }
-        eprintln!("skipped: {why}");
-        return None;
+        missing_prerequisite(
+            "Python's `openai` package is missing, and this test uses it as the client",
+            "pip install openai (.ci/run installs it)",
+        );
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/openai_check.py");
     let output = tokio::process::Command::new("python3")
@@ -564,5 +560,5 @@ pub async fn openai_package_check(
         "openai_check.py failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Some(serde_json::from_slice(&output.stdout).expect("openai_check.py prints JSON"))
+    serde_json::from_slice(&output.stdout).expect("openai_check.py prints JSON")
 }

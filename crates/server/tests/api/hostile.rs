@@ -80,9 +80,7 @@ async fn snapshot(app: &TestApp, user: &TestUser) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_misused_tokens_are_refused() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let now = chrono::Utc::now().timestamp();
     let forged_none = format!(
@@ -221,9 +219,7 @@ async fn forged_expired_and_misused_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_websocket_frames_get_their_documented_errors() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let attacker = app.register().await;
     let bystander = app.register().await;
     let mut bystander_ws = app.ws_connect(&bystander).await;
@@ -343,9 +339,7 @@ async fn malformed_websocket_frames_get_their_documented_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_rest_requests_get_their_documented_errors() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let attacker = app.register().await;
     let bystander = app.register().await;
     let mut bystander_ws = app.ws_connect(&bystander).await;

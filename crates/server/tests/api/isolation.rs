@@ -13,9 +13,7 @@ const USERS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_users_at_once_each_receive_only_their_own_frames_and_numbers() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let mut users = Vec::new();
     for _ in 0..USERS {
         users.push(app.register().await);
@@ -132,9 +130,7 @@ async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_thread_and_run_answer_404_exactly_like_missing_ones() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let alice = app.register().await;
     let bob = app.register().await;
     let mut ws = app.ws_connect(&alice).await;
@@ -213,10 +209,7 @@ async fn another_users_thread_and_run_answer_404_exactly_like_missing_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_run_id_cannot_be_resumed_or_stopped() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(30)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(30)).await;
     let alice = app.register().await;
     let bob: TestUser = app.register().await;
     let mut alice_ws = app.ws_connect(&alice).await;

@@ -15,11 +15,7 @@ const QUESTION: &str = "How can I reduce my LLM costs?";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_tells_clients_and_lets_runs_finish() {
-    let Some(mut app) =
-        spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(10)).await
-    else {
-        return;
-    };
+    let mut app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(10)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "user_message", "text": QUESTION}))
@@ -53,14 +49,11 @@ async fn graceful_shutdown_tells_clients_and_lets_runs_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_still_going_after_the_grace_period_end_interrupted() {
-    let Some(mut app) = spawn_app_with(|s| {
+    let mut app = spawn_app_with(|s| {
         s.template_stream_delay = Duration::from_millis(300);
         s.shutdown_grace = Duration::from_millis(100);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "user_message", "text": QUESTION}))
@@ -93,9 +86,7 @@ async fn runs_still_going_after_the_grace_period_end_interrupted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_closes_out_runs_a_previous_process_left_unfinished() {
-    let Some(app) = spawn_app_with(|_| {}).await else {
-        return;
-    };
+    let app = spawn_app_with(|_| {}).await;
     let user = app.register().await;
     let thread: serde_json::Value = app
         .post_json("/api/threads", Some(user.token()), &json!({"title": "t"}))

@@ -12,14 +12,11 @@ const QUESTION: &str = "How can I reduce my LLM costs?";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_runs_per_user_are_capped_across_connections() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.template_stream_delay = Duration::from_millis(100);
         s.limits.max_concurrent_runs_per_user = 2;
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let other = app.register().await;
     let mut first = app.ws_connect(&user).await;
@@ -48,10 +45,7 @@ async fn concurrent_runs_per_user_are_capped_across_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thread_with_a_run_in_progress_is_busy_until_the_terminal_event() {
-    let Some(app) = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await
-    else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "user_message", "text": QUESTION}))
@@ -73,14 +67,11 @@ async fn a_thread_with_a_run_in_progress_is_busy_until_the_terminal_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_over_the_rate_get_rate_limited_with_a_retry_hint() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.limits.message_burst = 2;
         s.limits.messages_per_minute = 1;
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.ask(QUESTION, None).await;
@@ -118,9 +109,7 @@ async fn messages_over_the_rate_get_rate_limited_with_a_retry_hint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_user_are_capped_and_slots_come_back() {
-    let Some(app) = spawn_app_with(|s| s.limits.max_connections_per_user = 2).await else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.limits.max_connections_per_user = 2).await;
     let user = app.register().await;
     let first = app.ws_connect(&user).await;
     let _second = app.ws_connect(&user).await;
@@ -158,9 +147,7 @@ async fn connections_per_user_are_capped_and_slots_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_attempts_are_throttled_per_account() {
-    let Some(app) = spawn_app_with(|s| s.limits.login_attempts_per_account = 3).await else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.limits.login_attempts_per_account = 3).await;
     let user = app.register().await;
     for _ in 0..3 {
         assert_eq!(
@@ -178,9 +165,7 @@ async fn login_attempts_are_throttled_per_account() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connect_disconnect_cycles_leave_no_per_connection_state() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let users = [app.register().await, app.register().await];
     for cycle in 0..1000 {
         let ws = app.ws_connect(&users[cycle % 2]).await;

@@ -6,8 +6,8 @@
 //!   route-not-found 404, no 405) and answers a status the document lists for it;
 //! - every other method on a documented path answers 405;
 //! - an operation documents the bearer scheme exactly when it answers 401 without a token;
-//! - Python's `openapi-spec-validator` accepts the document (skipped with a message when it
-//!   is not installed, except under `CI`).
+//! - Python's `openapi-spec-validator` accepts the document (that test needs the module;
+//!   `scripts/test.sh` skips it when the module is not installed, except under `CI`).
 
 use std::collections::BTreeSet;
 
@@ -173,9 +173,7 @@ fn served_pairs(router: &axum::Router) -> BTreeSet<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_lists_exactly_the_routes_the_router_serves() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let document = document(&app).await;
     assert!(
         document["openapi"]
@@ -226,14 +224,11 @@ async fn send(app: &TestApp, op: &Operation, token: Option<&str>) -> (u16, Value
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_is_routed_and_answers_a_documented_status() {
     // Development login on, so that its route exists.
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.development_mode = true;
         s.dev_login = true;
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let mut ops = operations(&document(&app).await);
     // Logging out revokes the token the others use: last.
@@ -264,9 +259,7 @@ async fn every_documented_operation_is_routed_and_answers_a_documented_status() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_a_path_does_not_document_answer_405() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let document = document(&app).await;
     let documented = documented_pairs(&document);
     let paths: BTreeSet<&String> = documented.iter().map(|(path, _)| path).collect();
@@ -297,9 +290,7 @@ async fn methods_a_path_does_not_document_answer_405() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_documented_exactly_where_a_token_is_required() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let document = document(&app).await;
     let schemes = &document["components"]["securitySchemes"];
     assert_eq!(schemes["bearer_jwt"]["type"], "http");
@@ -337,9 +328,7 @@ async fn the_bearer_scheme_is_documented_exactly_where_a_token_is_required() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_responses_use_the_error_body_and_name_their_codes() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let document = document(&app).await;
     let error_body = &document["components"]["schemas"]["ErrorBody"];
     assert_eq!(error_body["required"][0], "error");
@@ -381,36 +370,24 @@ async fn error_responses_use_the_error_body_and_name_their_codes() {
     }
 }
 
-/// Where `openapi-spec-validator` is missing: fail under CI, else say how to install it.
-fn validator_available() -> bool {
+/// Fails the test where Python's `openapi-spec-validator` is missing, saying how to get it.
+fn require_validator() {
     let found = std::process::Command::new("python3")
         .args(["-c", "import openapi_spec_validator"])
         .output()
         .is_ok_and(|output| output.status.success());
-    if found {
-        return true;
+    if !found {
+        crate::helpers::missing_prerequisite(
+            "Python's openapi-spec-validator is not installed, and this test runs it",
+            "pip install openapi-spec-validator",
+        );
     }
-    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(
-        !in_ci,
-        "Python's openapi-spec-validator is not installed, but CI is set: \
-         pip install openapi-spec-validator"
-    );
-    eprintln!(
-        "skipping the OpenAPI validation: Python's openapi-spec-validator is not installed \
-         (pip install openapi-spec-validator)"
-    );
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_json_passes_openapi_spec_validator() {
-    if !validator_available() {
-        return;
-    }
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    require_validator();
+    let app = spawn_app().await;
     let response = app
         .http
         .get(app.url("/openapi.json"))
@@ -453,9 +430,7 @@ async fn openapi_json_passes_openapi_spec_validator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_page_is_served_from_the_binary() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let page = app
         .http
         .get(app.url("/docs"))

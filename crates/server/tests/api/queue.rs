@@ -37,12 +37,12 @@ struct OneSlotTaken {
     waiting: String,
 }
 
-async fn one_slot_taken(stream_delay: Duration) -> Option<OneSlotTaken> {
+async fn one_slot_taken(stream_delay: Duration) -> OneSlotTaken {
     let app = spawn_app_with(|s| {
         s.max_runs_per_instance = 1;
         s.template_stream_delay = stream_delay;
     })
-    .await?;
+    .await;
     let (alice, bob) = (app.register().await, app.register().await);
     let mut alice_ws = app.ws_connect(&alice).await;
     let mut bob_ws = app.ws_connect(&bob).await;
@@ -61,7 +61,7 @@ async fn one_slot_taken(stream_delay: Duration) -> Option<OneSlotTaken> {
     let waiting = start(&mut bob_ws).await;
     // Accepted, but the one slot is taken: it waits.
     assert_eq!(run_json(&app, &bob, &waiting).await["status"], "queued");
-    Some(OneSlotTaken {
+    OneSlotTaken {
         app,
         alice,
         bob,
@@ -69,14 +69,12 @@ async fn one_slot_taken(stream_delay: Duration) -> Option<OneSlotTaken> {
         bob_ws,
         busy,
         waiting,
-    })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_beyond_the_instance_capacity_wait_their_turn_and_then_run() {
-    let Some(mut t) = one_slot_taken(Duration::from_millis(5)).await else {
-        return;
-    };
+    let mut t = one_slot_taken(Duration::from_millis(5)).await;
     let first_events = t.alice_ws.collect_run(&t.busy).await;
     let second_events = t.bob_ws.collect_run(&t.waiting).await;
     assert_contiguous_and_terminated(&first_events);
@@ -93,9 +91,7 @@ async fn runs_beyond_the_instance_capacity_wait_their_turn_and_then_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_run_can_be_stopped_before_it_starts() {
-    let Some(t) = one_slot_taken(Duration::from_millis(20)).await else {
-        return;
-    };
+    let t = one_slot_taken(Duration::from_millis(20)).await;
     let OneSlotTaken {
         app,
         bob,
@@ -149,13 +145,13 @@ async fn a_queued_run_can_be_stopped_before_it_starts() {
 
 /// Leaves a run as a process killed mid-run would: submitted, claimed by that process,
 /// its first event written. Returns the user, the run and the server's settings.
-async fn run_left_by_a_crash(max_attempts: u32) -> Option<(TestApp, UserId, RunId)> {
+async fn run_left_by_a_crash(max_attempts: u32) -> (TestApp, UserId, RunId) {
     let mut app = spawn_app_with(|s| {
         // This process's own dispatcher must not take the run: it only polls, rarely.
         s.queue_poll_interval = Duration::from_secs(3600);
         s.run_max_attempts = max_attempts;
     })
-    .await?;
+    .await;
     let user = app.register().await;
     let thread: Value = app
         .post_json("/api/threads", Some(user.token()), &json!({"title": "t"}))
@@ -214,7 +210,7 @@ async fn run_left_by_a_crash(max_attempts: u32) -> Option<(TestApp, UserId, RunI
         .append_event(owner, run_id, 1, &first.to_string(), now)
         .await
         .unwrap();
-    Some((app, owner, run_id))
+    (app, owner, run_id)
 }
 
 /// Starts a new process over the same database and waits for the run to end there.
@@ -254,9 +250,7 @@ async fn restart_and_wait(app: &TestApp, owner: UserId, run_id: RunId) -> Vec<Ag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_runs_again_what_a_crashed_process_was_running() {
-    let Some((app, owner, run_id)) = run_left_by_a_crash(2).await else {
-        return;
-    };
+    let (app, owner, run_id) = run_left_by_a_crash(2).await;
     let events = restart_and_wait(&app, owner, run_id).await;
     assert_contiguous_and_terminated(&events);
     assert_eq!(events.last().unwrap().status(), Some("completed"));
@@ -286,9 +280,7 @@ async fn a_restart_runs_again_what_a_crashed_process_was_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_attempt_a_crashed_run_ends_interrupted_instead() {
-    let Some((app, owner, run_id)) = run_left_by_a_crash(1).await else {
-        return;
-    };
+    let (app, owner, run_id) = run_left_by_a_crash(1).await;
     let events = restart_and_wait(&app, owner, run_id).await;
     assert_contiguous_and_terminated(&events);
     assert_eq!(events.len(), 3, "the first event, an error, the terminal");

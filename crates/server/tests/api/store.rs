@@ -24,15 +24,15 @@ struct TestStore {
     _database: TestDatabase,
 }
 
-async fn test_store() -> Option<TestStore> {
-    let database = test_database().await?;
+async fn test_store() -> TestStore {
+    let database = test_database().await;
     let store = apex_server::open_store(&database.settings())
         .await
         .expect("open the store");
-    Some(TestStore {
+    TestStore {
         store,
         _database: database,
-    })
+    }
 }
 
 async fn user(store: &dyn Store) -> UserId {
@@ -103,9 +103,7 @@ async fn run(store: &dyn Store, owner: UserId, thread_id: ThreadId) -> RunId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_consumed_concurrently_is_consumed_once() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let owner = user(&*db.store).await;
     db.store
         .insert_refresh_token("jti-1", owner, "access-1", NOW + 60_000)
@@ -156,9 +154,7 @@ async fn a_refresh_token_consumed_concurrently_is_consumed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_use_ticket_redeemed_concurrently_is_redeemed_once() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let owner = user(&*db.store).await;
     db.store
         .insert_ticket("single", owner, NOW + 60_000, true)
@@ -199,9 +195,7 @@ async fn a_single_use_ticket_redeemed_concurrently_is_redeemed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let owner = user(&*db.store).await;
     let thread_id = thread(&*db.store, owner).await;
     let mut tasks = Vec::new();
@@ -244,9 +238,7 @@ async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_rows_are_indistinguishable_from_missing_ones() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     let alice = user(store).await;
     let bob = user(store).await;
@@ -310,9 +302,7 @@ async fn another_users_rows_are_indistinguishable_from_missing_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_engines_answer_alike_on_edge_cases() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     let owner = user(store).await;
 
@@ -443,9 +433,7 @@ async fn both_engines_answer_alike_on_edge_cases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_logouts_all_succeed_and_revoke_their_sessions() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let owner = user(&*db.store).await;
     // Expired revocations that every logout's housekeeping will try to delete.
     for i in 0..RACERS {
@@ -559,9 +547,7 @@ async fn submit_as(
 /// thread exactly one; a refused submission leaves no message behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_submissions_respect_the_run_limits_exactly() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     let owner = user(store).await;
     let mut threads = Vec::new();
@@ -623,9 +609,7 @@ async fn concurrent_submissions_respect_the_run_limits_exactly() {
 /// queued run is claimed exactly once, oldest first, with what is needed to execute it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_claimers_take_every_queued_run_exactly_once() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     const RUNS: usize = 40;
     let mut submitted = Vec::new();
@@ -699,9 +683,7 @@ async fn racing_claimers_take_every_queued_run_exactly_once() {
 /// user's limits, and recovered like any claimed run if its instance goes silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_claimed_at_submission_belongs_to_its_instance_alone() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     let owner = user(store).await;
     let thread_id = thread(store, owner).await;
@@ -743,9 +725,7 @@ async fn a_run_claimed_at_submission_belongs_to_its_instance_alone() {
 /// it queues behind them, so the waiting are not overtaken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_run_does_not_overtake_runs_waiting_in_the_queue() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     let owner = user(store).await;
     let (waiting, first) = submit(store, owner, thread(store, owner).await, NOW, 10).await;
@@ -783,9 +763,7 @@ async fn a_new_run_does_not_overtake_runs_waiting_in_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_runs_are_requeued_once_and_claimed_again() {
-    let Some(db) = test_store().await else {
-        return;
-    };
+    let db = test_store().await;
     let store = &*db.store;
     let owner = user(store).await;
     let thread_id = thread(store, owner).await;

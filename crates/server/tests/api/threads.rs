@@ -6,9 +6,7 @@ use crate::helpers::spawn_app;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_can_be_created_listed_renamed_and_deleted() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let created = app
         .post_json(

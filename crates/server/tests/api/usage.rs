@@ -6,9 +6,7 @@ use crate::helpers::{spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_validated_whole_and_counted_in_the_summary() {
-    let Some(app) = spawn_app_with(|s| s.demo_data = false).await else {
-        return;
-    };
+    let app = spawn_app_with(|s| s.demo_data = false).await;
     let user = app.register().await;
     let empty = app.usage_summary(&user).await;
     assert_eq!(empty.total_requests, 0);
@@ -84,13 +82,9 @@ async fn uploads_are_validated_whole_and_counted_in_the_summary() {
 /// the summary's totals; `days` validated like the summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_series_counts_only_the_callers_rows() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let demo_user = app.register().await;
-    let Some(fresh) = spawn_app_with(|s| s.demo_data = false).await else {
-        return;
-    };
+    let fresh = spawn_app_with(|s| s.demo_data = false).await;
     let alice = fresh.register().await;
     let bob = fresh.register().await;
 

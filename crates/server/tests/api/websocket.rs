@@ -8,9 +8,7 @@ use crate::helpers::{spawn_app, WsClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticates_with_a_bearer_header() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     ws.send_json(json!({"type": "ping", "timestamp": 1, "connection_id": "x"}))
@@ -22,9 +20,7 @@ async fn authenticates_with_a_bearer_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticates_with_a_single_use_ticket() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let ticket = app
         .ticket(&user, json!({"ttl_seconds": 30, "single_use": true}))
@@ -61,9 +57,7 @@ async fn authenticates_with_a_single_use_ticket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticates_with_the_jwt_subprotocol_and_echoes_it() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let protocol = format!(
         "jwt.{}",
@@ -91,9 +85,7 @@ async fn authenticates_with_the_jwt_subprotocol_and_echoes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_get_auth_failed_and_close_1008() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     for setup in ["none", "garbage", "refresh-token"] {
         let mut request = app.ws_address.as_str().into_client_request().unwrap();
@@ -116,9 +108,7 @@ async fn bad_credentials_get_auth_failed_and_close_1008() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_errors_and_the_connection_stays_open() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let alice = app.register().await;
     let bob = app.register().await;
     let bobs_thread: serde_json::Value = app
@@ -194,9 +184,7 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_over_the_size_limit_closes_with_1009() {
-    let Some(app) = spawn_app().await else {
-        return;
-    };
+    let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let huge = json!({"type": "user_message", "text": "x".repeat(70 * 1024)});

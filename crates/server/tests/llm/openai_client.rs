@@ -249,8 +249,7 @@ async fn a_failing_provider_falls_back_to_the_template_with_a_note() {
         s.llm_provider = LlmProviderKind::OpenAi;
         s.openai = settings(url);
     })
-    .await
-    .expect("SQLite needs no service");
+    .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask("How can I reduce my LLM costs?", None).await;
@@ -293,8 +292,7 @@ async fn a_working_provider_writes_the_answer() {
         // The recorded triage answer is not JSON: triage falls back to its rules.
         s.llm_triage = true;
     })
-    .await
-    .expect("SQLite needs no service");
+    .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask("How can I reduce my LLM costs?", None).await;
