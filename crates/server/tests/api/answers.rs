@@ -26,7 +26,7 @@ fn triage_of(run: &crate::helpers::RunTranscript) -> serde_json::Value {
 
 #[tokio::test]
 async fn the_answer_states_the_total_the_top_model_and_every_saving() {
-    let Some(app) = spawn_app().await else { return };
+    let app = spawn_app().await;
     let user = app.register().await;
     let summary = app.usage_summary(&user).await;
     let mut ws = app.ws_connect(&user).await;
@@ -51,7 +51,7 @@ async fn the_answer_states_the_total_the_top_model_and_every_saving() {
 
 #[tokio::test]
 async fn a_follow_up_about_one_model_answers_with_that_models_figure() {
-    let Some(app) = spawn_app().await else { return };
+    let app = spawn_app().await;
     let user = app.register().await;
     let summary = app.usage_summary(&user).await;
     let mut ws = app.ws_connect(&user).await;
@@ -111,7 +111,7 @@ async fn a_follow_up_about_one_model_answers_with_that_models_figure() {
 
 #[tokio::test]
 async fn explain_step_two_refers_to_the_previous_plan() {
-    let Some(app) = spawn_app().await else { return };
+    let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let first = ws.ask("How can I reduce my LLM costs?", None).await;
@@ -131,7 +131,7 @@ async fn explain_step_two_refers_to_the_previous_plan() {
 
 #[tokio::test]
 async fn an_off_topic_question_gets_an_honest_scope_not_a_cost_report() {
-    let Some(app) = spawn_app().await else { return };
+    let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask("what is the capital of France?", None).await;
