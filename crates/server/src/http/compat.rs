@@ -283,3 +283,22 @@ pub async fn agent_v2_execute(
         },
     }))
 }
+
+/// `POST /ws/beacon`: the original web client's `navigator.sendBeacon` on page unload.
+/// Answers 204 and ignores the request: the body is never read, and no credential is
+/// asked for, since a beacon cannot carry an `Authorization` header. Nothing happens on
+/// the server, so there is nothing to protect; the socket itself ends with its close.
+#[utoipa::path(
+    post,
+    path = "/ws/beacon",
+    operation_id = "websocket_beacon",
+    tag = "compat",
+    request_body(content = Option<String>, content_type = "text/plain", description = "Ignored (not read)"),
+    responses(
+        (status = 204, description = "Accepted and ignored"),
+        (status = 413, response = PayloadTooLarge),
+    )
+)]
+pub async fn beacon() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
