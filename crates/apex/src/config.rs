@@ -221,6 +221,39 @@ pub static KEYS: &[Key] = &[
     )
     .flag("dev-login", ""),
     key(
+        "legacy_client_origin",
+        "APEX_LEGACY_CLIENT_ORIGINS",
+        Kind::List,
+        Some(""),
+        Sv,
+        "Browser origin the original web client is served from (repeatable; comma-separated \
+         in the variable; an array in the file); its WebSocket frames are paced. Each must \
+         also be a cors_origin. None by default.",
+    )
+    .flag("legacy-client-origin", "URL"),
+    key(
+        "legacy_frame_gap_ms",
+        "APEX_LEGACY_FRAME_GAP_MS",
+        Kind::Int { min: 1, max: 1000 },
+        Some("15"),
+        Sv,
+        "Least time between two WebSocket frames to the original web client, in milliseconds.",
+    )
+    .flag("legacy-frame-gap-ms", "MS"),
+    key(
+        "legacy_final_gap_ms",
+        "APEX_LEGACY_FINAL_GAP_MS",
+        Kind::Int {
+            min: 0,
+            max: 10_000,
+        },
+        Some("100"),
+        Sv,
+        "Least time before final_report, error and the terminal event on a connection of the \
+         original web client, in milliseconds.",
+    )
+    .flag("legacy-final-gap-ms", "MS"),
+    key(
         "max_runs_per_user",
         "APEX_MAX_RUNS_PER_USER",
         Kind::Int {
@@ -1045,6 +1078,23 @@ impl Resolved {
                 self.source("dev_login")
             );
         }
+        let allowed = self.list("cors_origin");
+        let same = |a: &str, b: &str| {
+            a.trim_end_matches('/')
+                .eq_ignore_ascii_case(b.trim_end_matches('/'))
+        };
+        if let Some(origin) = self
+            .list("legacy_client_origin")
+            .into_iter()
+            .find(|origin| !allowed.iter().any(|a| same(a, origin)))
+        {
+            // Paced delivery is only for origins that may open a socket at all; say so
+            // rather than leave the client refused with 403.
+            bail!(
+                "{}: legacy_client_origin {origin:?} is not a cors_origin (--cors-origin {origin})",
+                self.source("legacy_client_origin")
+            );
+        }
         if self.get("bus_url").is_some() {
             let url = self.database_url();
             if apex_server::store::Backend::from_url(url.expose())
@@ -1101,6 +1151,9 @@ impl Resolved {
         settings.cors_allowed_origins = self.list("cors_origin");
         settings.development_mode = self.flag("development_mode");
         settings.dev_login = self.flag("dev_login");
+        settings.legacy_client.origins = self.list("legacy_client_origin");
+        settings.legacy_client.frame_gap = Duration::from_millis(self.int("legacy_frame_gap_ms"));
+        settings.legacy_client.final_gap = Duration::from_millis(self.int("legacy_final_gap_ms"));
         settings.template_stream_delay =
             Duration::from_millis(self.int("template_stream_delay_ms"));
         settings.llm_provider = self
@@ -1316,6 +1369,47 @@ mod tests {
             redact_url("sqlite://./data/apex.db"),
             "sqlite://./data/apex.db"
         );
+    }
+
+    #[test]
+    fn legacy_client_origins_must_be_allowed_origins() {
+        let err = resolve(
+            &flags(&[("legacy_client_origin", "http://localhost:3000")]),
+            &env_of(&[]),
+            Scope::Serve,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("--legacy-client-origin: ") && err.contains("cors_origin"),
+            "{err}"
+        );
+        let env = env_of(&[
+            (
+                "APEX_CORS_ALLOWED_ORIGINS",
+                "http://localhost:3000/,https://app.example.com",
+            ),
+            ("APEX_LEGACY_CLIENT_ORIGINS", "http://localhost:3000"),
+            ("APEX_LEGACY_FRAME_GAP_MS", "20"),
+        ]);
+        let settings = resolve(&FlagValues::default(), &env, Scope::Serve)
+            .unwrap()
+            .serve_config()
+            .settings;
+        assert_eq!(
+            settings.legacy_client.origins,
+            vec!["http://localhost:3000"]
+        );
+        assert_eq!(settings.legacy_client.frame_gap, Duration::from_millis(20));
+        assert_eq!(settings.legacy_client.final_gap, Duration::from_millis(100));
+        let err = resolve(
+            &flags(&[("legacy_frame_gap_ms", "0")]),
+            &env_of(&[]),
+            Scope::Serve,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--legacy-frame-gap-ms: "), "{err}");
     }
 
     #[test]

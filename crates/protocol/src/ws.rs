@@ -16,6 +16,8 @@ pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 /// Close code sent when the server shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code sent after a client's `disconnect` frame.
+pub const CLOSE_NORMAL: u16 = 1000;
 
 /// Non-event frames the server sends.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]

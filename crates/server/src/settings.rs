@@ -171,6 +171,36 @@ impl Default for OpenAiSettings {
     }
 }
 
+/// Made only by [`Settings::dev_login_enabled`]: holding one proves that the server runs
+/// with `--development-mode --dev-login`.
+#[derive(Debug, Clone, Copy)]
+pub struct DevLoginEnabled(());
+
+/// Delivery to clients of the original system (`docs/protocol.md` §9). Its web client keeps
+/// only the first of several frames that arrive close together, so its connections get
+/// their frames spaced out; every other connection is sent frames as fast as they come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyClientSettings {
+    /// Browser origins the original web client is served from. A WebSocket whose `Origin`
+    /// is one of them (and is allowed at all, see `cors_allowed_origins`) is paced.
+    pub origins: Vec<String>,
+    /// Least time between two frames on a paced connection.
+    pub frame_gap: Duration,
+    /// Least time before `final_report`, `error` and the terminal event on a paced
+    /// connection (the frames that end a run on the client's screen).
+    pub final_gap: Duration,
+}
+
+impl Default for LegacyClientSettings {
+    fn default() -> Self {
+        Self {
+            origins: Vec::new(),
+            frame_gap: Duration::from_millis(15),
+            final_gap: Duration::from_millis(100),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Folder for the SQLite database and the generated JWT secret.
@@ -211,7 +241,10 @@ pub struct Settings {
     /// A development deployment: enables `dev_login` and reports itself in `/auth/config`.
     pub development_mode: bool,
     /// `POST /auth/dev/login` (log in or register in one call); needs `development_mode`.
+    /// Code reaches the development login only through [`Settings::dev_login_enabled`].
     pub dev_login: bool,
+    /// Paced delivery for the original web client (see [`LegacyClientSettings`]).
+    pub legacy_client: LegacyClientSettings,
     /// Which LLM writes the answers; the template writer stands in when it fails.
     pub llm_provider: LlmProviderKind,
     pub local_model: LocalModelSettings,
@@ -265,6 +298,7 @@ impl Settings {
             cors_allowed_origins: Vec::new(),
             development_mode: false,
             dev_login: false,
+            legacy_client: LegacyClientSettings::default(),
             llm_provider: LlmProviderKind::Local,
             local_model: LocalModelSettings::default(),
             openai: OpenAiSettings::default(),
@@ -277,6 +311,13 @@ impl Settings {
             queue_poll_interval: Duration::from_secs(1),
             run_max_attempts: 2,
         }
+    }
+
+    /// Proof that the development login is on: both `development_mode` and `dev_login`.
+    /// The one-step login of the dev account needs this value, so no code path can reach
+    /// it in any other mode.
+    pub fn dev_login_enabled(&self) -> Option<DevLoginEnabled> {
+        (self.development_mode && self.dev_login).then_some(DevLoginEnabled(()))
     }
 
     /// The local model's GGUF file.

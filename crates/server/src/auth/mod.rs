@@ -11,7 +11,10 @@ mod tokens;
 
 pub use extract::{bearer_token, AuthUser};
 pub use password::PasswordHasher;
-pub use service::{create_account, validate_new_account, AuthError, Authenticator};
+pub use service::{
+    create_account, is_dev_account, validate_new_account, AuthError, Authenticator,
+    DEV_ACCOUNT_EMAIL,
+};
 
 use crate::ids::UserId;
 

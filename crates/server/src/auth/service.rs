@@ -14,7 +14,7 @@ use super::tokens::{Claims, TokenKeys, TokenType, AUDIENCE, ISSUER};
 use super::AuthenticatedUser;
 use crate::clock::now_ms;
 use crate::ids::UserId;
-use crate::settings::Secret;
+use crate::settings::{DevLoginEnabled, Secret};
 use crate::store::{Store, StoreError, UserRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,15 @@ pub struct Authenticator {
     /// A hash of a random password, verified against when an email is unknown so that a
     /// login for a missing account takes as long as one with a wrong password.
     dummy_hash: String,
+}
+
+/// The account of the development login: the one the original web client's automatic
+/// login and "Quick Dev Login" button ask for (with the password `dev`).
+pub const DEV_ACCOUNT_EMAIL: &str = "dev@example.com";
+
+/// Whether `email` names the dev account (as registration would normalize it).
+pub fn is_dev_account(email: &str) -> bool {
+    normalize_email(email).is_ok_and(|email| email == DEV_ACCOUNT_EMAIL)
 }
 
 /// Largest accepted ticket lifetime, whatever the client asks.
@@ -189,6 +198,51 @@ impl Authenticator {
             return Err(AuthError::InvalidCredentials);
         }
         self.issue_pair(&user).await
+    }
+
+    /// Logs in to the dev account ([`DEV_ACCOUNT_EMAIL`]), creating it on first use; the
+    /// `bool` says whether it was created.
+    ///
+    /// No password is checked and no password rule applies: in development mode the dev
+    /// account is open to whoever reaches the server, which is what it is for (the client
+    /// that uses it sends the password `dev`). Outside development mode it cannot be
+    /// entered at all: this takes a [`DevLoginEnabled`], which only
+    /// [`Settings::dev_login_enabled`](crate::settings::Settings::dev_login_enabled) makes,
+    /// and the password stored for it is random and never told, so `/auth/login` does not
+    /// open it even when a development database is later served in production. No hash is
+    /// computed to log in, so the flow needs no login throttle.
+    pub async fn dev_account_login(
+        &self,
+        _proof: DevLoginEnabled,
+    ) -> Result<(TokenPair, AuthenticatedUser, bool), AuthError> {
+        if let Some(user) = self.store.find_user_by_email(DEV_ACCOUNT_EMAIL).await? {
+            let pair = self.issue_pair(&user).await?;
+            return Ok((pair, AuthenticatedUser::from_ticket(user.id), false));
+        }
+        let user = UserRecord {
+            id: UserId::generate(),
+            email: DEV_ACCOUNT_EMAIL.to_string(),
+            name: Some("Dev User".to_string()),
+            password_hash: self.hasher.hash(random_token_id()).await?,
+            created_at_ms: now_ms(),
+        };
+        match self.store.create_user(&user).await {
+            Ok(()) => {
+                let pair = self.issue_pair(&user).await?;
+                Ok((pair, AuthenticatedUser::from_ticket(user.id), true))
+            }
+            // A concurrent first login created it: log in to that one.
+            Err(StoreError::Conflict) => {
+                let user = self
+                    .store
+                    .find_user_by_email(DEV_ACCOUNT_EMAIL)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("the dev account exists and cannot be found"))?;
+                let pair = self.issue_pair(&user).await?;
+                Ok((pair, AuthenticatedUser::from_ticket(user.id), false))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Rotation: the presented refresh token is revoked and a new pair issued.

@@ -25,7 +25,7 @@ use super::openapi::{
 use super::runs::validate_message;
 use super::threads::{create_thread, thread_id};
 use super::{ApiJson, ClientAddress};
-use crate::auth::{bearer_token, AuthError, AuthUser};
+use crate::auth::{bearer_token, is_dev_account, AuthError, AuthUser};
 use crate::error::ApiError;
 use crate::ids::RequestId;
 use crate::runs::start_run;
@@ -145,6 +145,11 @@ pub async fn auth_config(State(state): State<AppState>) -> Json<AuthConfig> {
 
 /// `POST /auth/dev/login`: log in, or register on first use. Only when both
 /// `development_mode` and `dev_login` are on; otherwise it does not exist (404).
+///
+/// `dev@example.com` is the dev account: logged in (created on first use) whatever the
+/// password, without the password rules and without the login throttle, as the original web
+/// client's dev login expects (it sends the password `dev`, and retries). Any other email
+/// logs in with its password or registers, by the usual rules and throttle.
 #[utoipa::path(
     post,
     path = "/auth/dev/login",
@@ -168,8 +173,16 @@ pub async fn dev_login(
     ClientAddress(address): ClientAddress,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<(StatusCode, Json<TokenPair>), ApiError> {
-    if !(state.settings.development_mode && state.settings.dev_login) {
+    let Some(enabled) = state.settings.dev_login_enabled() else {
         return Err(ApiError::not_found("route"));
+    };
+    if is_dev_account(&body.email) {
+        let (pair, user, created) = state.auth.dev_account_login(enabled).await?;
+        if !created {
+            return Ok((StatusCode::OK, Json(pair)));
+        }
+        super::auth::give_demo_data(&state, &user).await?;
+        return Ok((StatusCode::CREATED, Json(pair)));
     }
     state
         .limits
@@ -269,4 +282,23 @@ pub async fn agent_v2_execute(
             status: RunStatus::Queued,
         },
     }))
+}
+
+/// `POST /ws/beacon`: the original web client's `navigator.sendBeacon` on page unload.
+/// Answers 204 and ignores the request: the body is never read, and no credential is
+/// asked for, since a beacon cannot carry an `Authorization` header. Nothing happens on
+/// the server, so there is nothing to protect; the socket itself ends with its close.
+#[utoipa::path(
+    post,
+    path = "/ws/beacon",
+    operation_id = "websocket_beacon",
+    tag = "compat",
+    request_body(content = Option<String>, content_type = "text/plain", description = "Ignored (not read)"),
+    responses(
+        (status = 204, description = "Accepted and ignored"),
+        (status = 413, response = PayloadTooLarge),
+    )
+)]
+pub async fn beacon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }

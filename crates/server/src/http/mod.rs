@@ -47,6 +47,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(compat::auth_config))
         .routes(routes!(compat::dev_login))
         .routes(routes!(compat::agent_v2_execute))
+        .routes(routes!(compat::beacon))
         .routes(routes!(threads::list, threads::create))
         .routes(routes!(
             threads::get_one,

@@ -4,18 +4,27 @@
 //! authenticated user) and a small map of the last seq delivered per run, used to drop
 //! duplicates when a `resume` replay overlaps live delivery. Client frames name threads and
 //! runs only as things to look up under the connection's own user.
+//!
+//! A connection of the original web client also owns an [`Outbox`]: its frames are queued
+//! there and sent on the schedule of [`super::pacing`] by this same task, between reading
+//! client frames and taking events from the bus. Every other connection writes its frames
+//! at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use apex_protocol::error::ws_codes;
-use apex_protocol::ws::{ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG};
+use apex_protocol::ws::{
+    ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_NORMAL,
+};
 use apex_protocol::PROTOCOL_VERSION;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::Map;
+use tokio::time::Instant;
 
 use super::frames::{self, ClientFrame, FrameError};
+use super::pacing::{Outbox, Pacing};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_rfc3339;
 use crate::events::{log, BusEvent, BusRecvError, UserSubscription};
@@ -38,6 +47,8 @@ struct Connection {
     last_started: Option<RunId>,
     /// When the connection opened: a catch-up replays the user's runs active since.
     opened_at_ms: i64,
+    /// Frames waiting for their time on a paced connection; `None`: frames go out at once.
+    outbox: Option<Outbox>,
 }
 
 /// Most runs a catch-up looks at besides those this connection already saw.
@@ -48,25 +59,41 @@ const CATCH_UP_RUNS: i64 = 50;
 /// first of them from waiting long behind the others.
 const MAX_EVENTS_PER_FLUSH: usize = 64;
 
+/// On shutdown, longest a paced connection spends sending the frames still queued before
+/// it closes (the server waits about 2 s for connections to close).
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Why the connection loop ended.
 enum Exit {
     ClientGone,
     Close(u16, &'static str),
 }
 
+/// Sleeps until `due`, or forever without one (a `select!` branch that never fires).
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one authenticated connection; `slot` is the user's connection slot, freed when
-/// this returns.
+/// this returns. With `pacing`, frames leave on that schedule (the original web client).
 pub async fn serve(
     socket: WebSocket,
     state: AppState,
     user: AuthenticatedUser,
     slot: ConnectionGuard,
+    pacing: Option<Pacing>,
 ) {
     let connection_id = uuid::Uuid::new_v4();
     let _gauge = crate::telemetry::ConnectionGauge::open();
-    let span = tracing::info_span!("ws", %connection_id);
-    tracing::Instrument::instrument(serve_connection(socket, state, user, connection_id), span)
-        .await;
+    let span = tracing::info_span!("ws", %connection_id, paced = pacing.is_some());
+    tracing::Instrument::instrument(
+        serve_connection(socket, state, user, connection_id, pacing),
+        span,
+    )
+    .await;
     drop(slot);
 }
 
@@ -75,6 +102,7 @@ async fn serve_connection(
     state: AppState,
     user: AuthenticatedUser,
     connection_id: uuid::Uuid,
+    pacing: Option<Pacing>,
 ) {
     // Subscribe before announcing the connection, so nothing published afterwards is missed.
     let mut subscription = state.infra.bus.subscribe(user.user_id());
@@ -89,6 +117,7 @@ async fn serve_connection(
         delivered: HashMap::new(),
         last_started: None,
         opened_at_ms: crate::clock::now_ms(),
+        outbox: pacing.map(Outbox::new),
     };
 
     let hello = ControlFrame::ConnectionEstablished {
@@ -104,6 +133,13 @@ async fn serve_connection(
     }
 
     let exit = loop {
+        // A paced connection takes no more events while its outbox is full; events the bus
+        // then drops for it come back from the log (`Lagged` below).
+        let room = conn.outbox.as_ref().is_none_or(Outbox::has_room);
+        let due = conn
+            .outbox
+            .as_ref()
+            .and_then(|outbox| outbox.next_due(Instant::now()));
         tokio::select! {
             incoming = conn.socket.recv() => match incoming {
                 None => break Exit::ClientGone,
@@ -118,8 +154,10 @@ async fn serve_connection(
                     if text.len() > conn.state.settings.max_frame_bytes {
                         break Exit::Close(CLOSE_MESSAGE_TOO_BIG, "frame exceeds the size limit");
                     }
-                    if conn.handle_frame(text.as_str()).await.is_err() {
-                        break Exit::ClientGone;
+                    match conn.handle_frame(text.as_str()).await {
+                        Err(_) => break Exit::ClientGone,
+                        Ok(Some(exit)) => break exit,
+                        Ok(None) => {}
                     }
                 }
                 Some(Ok(Message::Binary(bytes))) => {
@@ -128,16 +166,26 @@ async fn serve_connection(
                     }
                     let handled = match std::str::from_utf8(&bytes) {
                         Ok(text) => conn.handle_frame(text).await,
-                        Err(_) => conn.send_error(ws_codes::JSON_PARSE_ERROR, "binary frames must be UTF-8 JSON").await,
+                        Err(_) => conn
+                            .send_error(ws_codes::JSON_PARSE_ERROR, "binary frames must be UTF-8 JSON")
+                            .await
+                            .map(|()| None),
                     };
-                    if handled.is_err() {
-                        break Exit::ClientGone;
+                    match handled {
+                        Err(_) => break Exit::ClientGone,
+                        Ok(Some(exit)) => break exit,
+                        Ok(None) => {}
                     }
                 }
                 // Pings are answered by the library.
                 Some(Ok(_)) => {}
             },
-            event = subscription.recv() => match event {
+            _ = sleep_until_due(due), if due.is_some() => {
+                if conn.send_due().await.is_err() {
+                    break Exit::ClientGone;
+                }
+            }
+            event = subscription.recv(), if room => match event {
                 Ok(event) => match conn.forward_queued(event, &mut subscription).await {
                     Err(_) => break Exit::ClientGone,
                     Ok(None) => {}
@@ -182,6 +230,11 @@ async fn serve_connection(
         }
     };
     if let Exit::Close(code, reason) = exit {
+        if code == CLOSE_GOING_AWAY {
+            // The server is stopping: what the paced client is still owed (often its
+            // runs' last frames) goes first, for a bounded time.
+            conn.drain(SHUTDOWN_DRAIN).await;
+        }
         let _ = conn
             .socket
             .send(Message::Close(Some(CloseFrame {
@@ -196,8 +249,51 @@ async fn serve_connection(
 type Sent = Result<(), axum::Error>;
 
 impl Connection {
+    /// Sends a control frame now, or queues it behind the frames waiting on a paced
+    /// connection (so it keeps its place in the order).
     async fn send_text(&mut self, text: String) -> Sent {
-        self.socket.send(Message::Text(text.into())).await
+        match self.outbox.as_mut() {
+            Some(outbox) => {
+                outbox.push_control(text);
+                Ok(())
+            }
+            None => self.socket.send(Message::Text(text.into())).await,
+        }
+    }
+
+    /// On a paced connection: sends the next queued frame if its time has come.
+    async fn send_due(&mut self) -> Sent {
+        let Some(ready) = self
+            .outbox
+            .as_mut()
+            .and_then(|outbox| outbox.pop_due(Instant::now()))
+        else {
+            return Ok(());
+        };
+        self.socket.send(Message::Text(ready.text.into())).await?;
+        if let Some(outbox) = self.outbox.as_mut() {
+            outbox.sent(ready.class, Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Sends the queued frames of a paced connection on their schedule, for at most
+    /// `limit`; what is left then is not sent (the client can `resume`).
+    async fn drain(&mut self, limit: std::time::Duration) {
+        let deadline = Instant::now() + limit;
+        while let Some(due) = self
+            .outbox
+            .as_ref()
+            .and_then(|outbox| outbox.next_due(Instant::now()))
+        {
+            if due > deadline {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+            if self.send_due().await.is_err() {
+                break;
+            }
+        }
     }
 
     async fn send_control(&mut self, frame: &ControlFrame) -> Sent {
@@ -222,12 +318,17 @@ impl Connection {
 
     /// Writes a stored or live event unless this client already has it. The frame is only
     /// queued on the socket (`feed`): the caller flushes once it has written what it has
-    /// (any later `send` flushes it too, in order).
+    /// (any later `send` flushes it too, in order). On a paced connection it joins the
+    /// outbox instead, and counts as delivered from then on: the outbox loses nothing and
+    /// keeps each run's order, so a replay must not send it again.
     async fn deliver(&mut self, run: RunId, seq: u64, json: String) -> Sent {
         if self.delivered.get(&run).is_some_and(|d| d.has(seq)) {
             return Ok(());
         }
-        self.socket.feed(Message::Text(json.into())).await?;
+        match self.outbox.as_mut() {
+            Some(outbox) => outbox.push_event(run, seq, json),
+            None => self.socket.feed(Message::Text(json.into())).await?,
+        }
         // Kept after the terminal event too, so a replay overlapping live delivery of a
         // finished run still sends nothing twice. One entry per run seen on this socket.
         self.delivered.entry(run).or_default().record(seq);
@@ -257,7 +358,8 @@ impl Connection {
         first: Arc<BusEvent>,
         subscription: &mut UserSubscription,
     ) -> Result<Option<BusRecvError>, axum::Error> {
-        // Delivery latency is recorded once the frames are flushed, as before.
+        // Delivery latency is recorded once the frames are flushed, as before (on a paced
+        // connection: once they are queued, so pacing does not count as latency).
         let mut emitted_at = Vec::with_capacity(4);
         if self.forward(&first).await? {
             emitted_at.push(first.emitted_at);
@@ -343,25 +445,39 @@ impl Connection {
         Ok(())
     }
 
-    async fn handle_frame(&mut self, raw: &str) -> Sent {
+    /// Handles one client frame; `Some` when the connection is to end.
+    async fn handle_frame(&mut self, raw: &str) -> Result<Option<Exit>, axum::Error> {
         let frame = match frames::parse(raw) {
             Ok(frame) => frame,
             Err(FrameError::Parse(e)) => {
                 return self
                     .send_error(ws_codes::JSON_PARSE_ERROR, format!("invalid JSON: {e}"))
                     .await
+                    .map(|()| None)
             }
             Err(FrameError::Shape(e)) => {
-                return self.send_error(ws_codes::VALIDATION_ERROR, e).await
+                return self
+                    .send_error(ws_codes::VALIDATION_ERROR, e)
+                    .await
+                    .map(|()| None)
             }
         };
+        if matches!(frame, ClientFrame::Disconnect) {
+            // The client says it is leaving (the original web client, on page unload):
+            // no answer, a normal close. Its runs go on; frames still queued are not sent.
+            return Ok(Some(Exit::Close(CLOSE_NORMAL, "client disconnected")));
+        }
+        self.dispatch(frame).await.map(|()| None)
+    }
+
+    async fn dispatch(&mut self, frame: ClientFrame) -> Sent {
         match frame {
             ClientFrame::StartRun { text, thread_id } => self.start(text, thread_id).await,
             ClientFrame::StopRun { run_id } => self.stop(run_id).await,
             ClientFrame::Resume { run_id, after_seq } => self.resume(run_id, after_seq).await,
             ClientFrame::ThreadHistory { thread_id } => self.history(thread_id, true).await,
             ClientFrame::SwitchThread { thread_id } => self.history(thread_id, false).await,
-            ClientFrame::SessionRestore => Ok(()),
+            ClientFrame::SessionRestore | ClientFrame::Disconnect => Ok(()),
             ClientFrame::Ping => {
                 self.send_control(&ControlFrame::Pong {
                     timestamp: now_rfc3339(),

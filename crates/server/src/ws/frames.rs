@@ -25,6 +25,9 @@ pub enum ClientFrame {
         thread_id: Option<String>,
     },
     SessionRestore,
+    /// The client is leaving (the original web client sends it on page unload, with a
+    /// `reason`); answered by a normal close.
+    Disconnect,
     Ping,
     Heartbeat,
     Unknown(String),
@@ -95,6 +98,7 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
             thread_id: id_field(&frame, "thread_id").or_else(|| id_field(&frame, "threadId")),
         },
         "session_restore" => ClientFrame::SessionRestore,
+        "disconnect" => ClientFrame::Disconnect,
         "ping" => ClientFrame::Ping,
         "heartbeat" => ClientFrame::Heartbeat,
         other => ClientFrame::Unknown(other.chars().take(64).collect()),
@@ -127,6 +131,11 @@ mod tests {
                 run_id: Some("r".into()),
                 after_seq: Some(4)
             }
+        );
+        assert_eq!(
+            parse(r#"{"type":"disconnect","payload":{"connectionId":"c","reason":"page_unload"}}"#)
+                .unwrap(),
+            ClientFrame::Disconnect
         );
         assert_eq!(
             parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),

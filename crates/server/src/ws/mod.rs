@@ -3,9 +3,18 @@
 //! Authentication, first match wins: `?ticket=<id>`, `Authorization: Bearer <jwt>`, or the
 //! subprotocol `jwt.<base64url(jwt)>` (echoed back). The identity of the connection is fixed
 //! here and never changes; nothing a client sends later can alter it.
+//!
+//! So is its delivery profile: a browser page served from one of `legacy_client.origins`
+//! is the original web client, whose frames are paced ([`pacing`]); every other
+//! connection gets its frames as fast as they come. The `Origin` header is the signal
+//! because a page cannot set it (the browser does), it is there on every upgrade the
+//! original client makes, and Apex's own page (same origin), `apex chat` and other
+//! programs (no `Origin`) never carry a listed one. The ticket form (`?ticket=`) is no
+//! signal: Apex's own page uses it too.
 
 mod connection;
 pub mod frames;
+pub mod pacing;
 
 use apex_protocol::error::{codes, ws_codes, ErrorBody};
 use apex_protocol::ws::{ControlFrame, CLOSE_POLICY_VIOLATION};
@@ -21,7 +30,9 @@ use serde::Deserialize;
 use crate::auth::{bearer_token, AuthError};
 use crate::clock::now_rfc3339;
 use crate::error::ApiError;
+use crate::settings::LegacyClientSettings;
 use crate::state::AppState;
+use pacing::Pacing;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -95,11 +106,29 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     host.is_some() && origin_host == host
 }
 
+/// The pacing of a connection whose `Origin` is one of the original web client's (ignoring
+/// a trailing `/` and ASCII case; an origin that is not allowed at all never gets here);
+/// `None` for any other.
+fn delivery_pacing(headers: &HeaderMap, legacy: &LegacyClientSettings) -> Option<Pacing> {
+    let origin = headers
+        .get(axum::http::header::ORIGIN)?
+        .to_str()
+        .ok()?
+        .trim_end_matches('/');
+    legacy
+        .origins
+        .iter()
+        .any(|listed| listed.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        .then(|| Pacing::from_settings(legacy))
+}
+
 /// Opens the WebSocket. Frames, in both directions, are described in `docs/protocol.md`.
 ///
 /// Credentials, first match wins: `?ticket=`, `Authorization: Bearer`, or the subprotocol
 /// `jwt.<base64url(jwt)>` (echoed back). A refused credential still upgrades: the server
-/// then sends an `error_message` frame with `AUTH_FAILED` and closes with 1008.
+/// then sends an `error_message` frame with `AUTH_FAILED` and closes with 1008. A page from
+/// a legacy client origin (the original web client) gets its frames paced: see "Clients
+/// of the original system" in docs/protocol.md.
 #[utoipa::path(
     get,
     path = "/ws",
@@ -132,6 +161,8 @@ pub async fn upgrade(
         )
         .into_response();
     }
+    // Decided once, from the upgrade request, like the identity.
+    let pacing = delivery_pacing(&headers, &state.settings.legacy_client);
     let limit = state.settings.max_frame_bytes;
     // tungstenite's own limit is set above ours so that we, not it, answer an oversized
     // frame, with close code 1009.
@@ -170,7 +201,9 @@ pub async fn upgrade(
     };
     match outcome {
         Ok(user) => match state.limits.open_connection(user.user_id()) {
-            Some(slot) => ws.on_upgrade(move |socket| connection::serve(socket, state, user, slot)),
+            Some(slot) => {
+                ws.on_upgrade(move |socket| connection::serve(socket, state, user, slot, pacing))
+            }
             None => ws.on_upgrade(move |socket| {
                 crate::telemetry::limit_rejected("too_many_connections");
                 reject(

@@ -342,3 +342,139 @@ async fn auth_config_dev_login_and_v2_execute() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_login_of_the_original_client_works_every_time_in_development_mode_only() {
+    // What the client sends, automatically and from its "Quick Dev Login" button.
+    let dev = json!({"email": "dev@example.com", "password": "dev"});
+    let Some(app) = spawn_app_with(|s| {
+        s.development_mode = true;
+        s.dev_login = true;
+    })
+    .await
+    else {
+        return;
+    };
+    let first = app.post_json("/auth/dev/login", None, &dev).await;
+    assert_eq!(
+        first.status(),
+        201,
+        "created on first use despite a 3-character password"
+    );
+    let pair: Value = first.json().await.unwrap();
+    assert_eq!(pair["user"]["email"], "dev@example.com");
+    let user_id = pair["user"]["id"].clone();
+    // More than the 10 attempts a minute the login throttle allows one account.
+    for attempt in 0..25 {
+        let again = app.post_json("/auth/dev/login", None, &dev).await;
+        assert_eq!(again.status(), 200, "attempt {attempt}: never throttled");
+        let pair: Value = again.json().await.unwrap();
+        assert_eq!(pair["user"]["id"], user_id, "always the same account");
+    }
+    let token = pair["access_token"].as_str().unwrap();
+    let me: Value = app.get("/auth/me", token).await.json().await.unwrap();
+    assert_eq!(me["email"], "dev@example.com");
+    // New accounts get demo data, the dev account included.
+    let summary: Value = app
+        .get("/api/usage/summary?days=30", token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(summary["total_requests"].as_u64().unwrap() > 0, "{summary}");
+    // The dev account has no usable password: the ordinary login does not open it.
+    assert_eq!(app.login("dev@example.com", "dev").await.status(), 401);
+    // Any other email keeps the rules: too short a password is refused.
+    let other = app
+        .post_json(
+            "/auth/dev/login",
+            None,
+            &json!({"email": "someone@example.com", "password": "dev"}),
+        )
+        .await;
+    assert_eq!(other.status(), 422);
+
+    // Without both switches the route does not exist, whatever the body.
+    for (development_mode, dev_login) in [(false, false), (true, false), (false, true)] {
+        let Some(off) = spawn_app_with(|s| {
+            s.development_mode = development_mode;
+            s.dev_login = dev_login;
+        })
+        .await
+        else {
+            return;
+        };
+        let refused = off.post_json("/auth/dev/login", None, &dev).await;
+        assert_eq!(
+            refused.status(),
+            404,
+            "development_mode {development_mode}, dev_login {dev_login}"
+        );
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(off.login("dev@example.com", "dev").await.status(), 401);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unload_frames_close_quietly() {
+    let Some(app) = spawn_app_with(|s| {
+        s.cors_allowed_origins = vec![FRONTEND.to_string()];
+        s.legacy_client.origins = vec![FRONTEND.to_string()];
+    })
+    .await
+    else {
+        return;
+    };
+    let user = app.register().await;
+    let unload =
+        json!({"type": "disconnect", "payload": {"connectionId": "c-1", "reason": "page_unload"}});
+
+    // The original client's socket, and any other: the next frame is a normal close.
+    let ticket = app.ticket(&user, json!({})).await;
+    let url = format!(
+        "{}?ticket={}",
+        app.ws_address,
+        ticket["ticket_id"].as_str().unwrap()
+    );
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Origin", FRONTEND.parse().unwrap());
+    let mut original = WsClient::connect(request).await.unwrap();
+    assert_eq!(original.next_json().await["type"], "connection_established");
+    let mut ordinary = app.ws_connect(&user).await;
+    for ws in [&mut original, &mut ordinary] {
+        ws.send_json(unload.clone()).await;
+        match ws.next_message().await {
+            tokio_tungstenite::tungstenite::Message::Close(Some(close)) => {
+                assert_eq!(u16::from(close.code), 1000, "{close:?}");
+            }
+            other => panic!("expected a normal close and nothing before it, got {other:?}"),
+        }
+    }
+
+    // The beacon: no credentials, any body, 204; from the client's origin with CORS.
+    for (content_type, body) in [
+        (
+            "text/plain;charset=UTF-8",
+            r#"{"connectionId":"c-1","reason":"page_unload"}"#,
+        ),
+        ("application/json", "{}"),
+        ("application/octet-stream", ""),
+    ] {
+        let response = app
+            .http
+            .post(app.url("/ws/beacon"))
+            .header("Origin", FRONTEND)
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204, "{content_type}");
+        assert_eq!(response.headers()["access-control-allow-origin"], FRONTEND);
+    }
+    let get = app.http.get(app.url("/ws/beacon")).send().await.unwrap();
+    assert_eq!(get.status(), 405, "only POST");
+}

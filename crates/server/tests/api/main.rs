@@ -16,6 +16,7 @@ mod limits;
 mod no_global_state;
 mod openai_compat;
 mod openapi;
+mod paced_delivery;
 mod queue;
 mod store;
 mod stress;
