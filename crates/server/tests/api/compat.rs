@@ -347,14 +347,11 @@ async fn auth_config_dev_login_and_v2_execute() {
 async fn the_dev_login_of_the_original_client_works_every_time_in_development_mode_only() {
     // What the client sends, automatically and from its "Quick Dev Login" button.
     let dev = json!({"email": "dev@example.com", "password": "dev"});
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.development_mode = true;
         s.dev_login = true;
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let first = app.post_json("/auth/dev/login", None, &dev).await;
     assert_eq!(
         first.status(),
@@ -396,14 +393,11 @@ async fn the_dev_login_of_the_original_client_works_every_time_in_development_mo
 
     // Without both switches the route does not exist, whatever the body.
     for (development_mode, dev_login) in [(false, false), (true, false), (false, true)] {
-        let Some(off) = spawn_app_with(|s| {
+        let off = spawn_app_with(|s| {
             s.development_mode = development_mode;
             s.dev_login = dev_login;
         })
-        .await
-        else {
-            return;
-        };
+        .await;
         let refused = off.post_json("/auth/dev/login", None, &dev).await;
         assert_eq!(
             refused.status(),
@@ -418,14 +412,11 @@ async fn the_dev_login_of_the_original_client_works_every_time_in_development_mo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unload_frames_close_quietly() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.cors_allowed_origins = vec![FRONTEND.to_string()];
         s.legacy_client.origins = vec![FRONTEND.to_string()];
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let unload =
         json!({"type": "disconnect", "payload": {"connectionId": "c-1", "reason": "page_unload"}});

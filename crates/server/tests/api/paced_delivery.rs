@@ -117,7 +117,7 @@ fn frames_of<'a>(frames: impl IntoIterator<Item = &'a Value>, run: &str) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_clients_queue_sees_every_step_and_the_answer_of_every_run() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.cors_allowed_origins = vec![FRONTEND.to_string()];
         s.legacy_client.origins = vec![FRONTEND.to_string()];
         // Far wider than the default 15 ms: on a busy test machine the reader is sometimes
@@ -128,10 +128,7 @@ async fn the_original_clients_queue_sees_every_step_and_the_answer_of_every_run(
         s.legacy_client.frame_gap = Duration::from_millis(100);
         s.legacy_client.final_gap = Duration::from_millis(150);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     let request = browser_request(&app, &user, FRONTEND).await;
     // The reader has a thread and a runtime of its own, so frames are stamped as they
@@ -202,16 +199,13 @@ async fn the_original_clients_queue_sees_every_step_and_the_answer_of_every_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_connections_are_not_paced() {
-    let Some(app) = spawn_app_with(|s| {
+    let app = spawn_app_with(|s| {
         s.cors_allowed_origins = vec![FRONTEND.to_string(), OTHER_FRONTEND.to_string()];
         s.legacy_client.origins = vec![FRONTEND.to_string()];
         // So slow that a paced connection could not see two frames close together.
         s.legacy_client.frame_gap = Duration::from_millis(400);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let user = app.register().await;
     // `apex chat` and other programs: a bearer token, no `Origin`.
     let program = app.ws_connect(&user).await;
