@@ -485,8 +485,8 @@ async fn triage_accuracy(
     provider: &str,
 ) -> anyhow::Result<String> {
     use apex_server::agents::triage::{
-        category_of_choice, choice_labels, choice_prompt, classify_by_rules, labelled_set, resolve,
-        KnownNames,
+        category_of_choice, choice_labels, choice_prompt, labelled_set, needs_model_choice,
+        resolve, KnownNames,
     };
     use apex_server::agents::RequestCategory;
     let llm = &state.infra.llm;
@@ -517,8 +517,7 @@ async fn triage_accuracy(
         model += usize::from(by_model == *expected);
         // As a run decides: the model only where the rules find nothing and the message
         // does not follow up an earlier one.
-        let needs_model = classify_by_rules(request).1 == 0
-            && !(!earlier.is_empty() && apex_server::agents::triage::looks_like_follow_up(request));
+        let needs_model = needs_model_choice(request, earlier);
         let (both, _) = resolve(
             request,
             earlier,

@@ -747,6 +747,12 @@ pub fn labelled_set() -> Vec<(RequestCategory, String, Vec<String>)> {
     out
 }
 
+/// Whether a run asks the model to choose the topic: only when the rules find none and the
+/// message does not follow up an earlier question (whose topic it inherits).
+pub fn needs_model_choice(request: &str, earlier: &[String]) -> bool {
+    classify_by_rules(request).1 == 0 && (earlier.is_empty() || !looks_like_follow_up(request))
+}
+
 /// The instruction for the model's constrained choice of a category.
 pub fn choice_prompt(request: &str) -> Vec<ChatMessage> {
     vec![
@@ -825,8 +831,7 @@ impl Agent for TriageAgent {
         let (user_models, user_workloads) =
             super::conversation::usage_names(&cx.store, cx.now_ms()).await?;
         let names = KnownNames::new(&cx.pricing, &user_models, &user_workloads);
-        let needs_model = classify_by_rules(&state.request).1 == 0
-            && !(!earlier.is_empty() && looks_like_follow_up(&state.request));
+        let needs_model = needs_model_choice(&state.request, &earlier);
         let mut note = None;
         let model_choice = if needs_model && cx.llm_triage && cx.has_model() {
             match self.model_choice(cx, &state.request).await {

@@ -22,9 +22,7 @@ pub fn stop_at(stream: TextStream, stops: Vec<String>) -> TextStream {
         state,
         |(mut inner, mut held, stops)| async move {
             loop {
-                let Some(source) = inner.as_mut() else {
-                    return None;
-                };
+                let source = inner.as_mut()?;
                 match source.next().await {
                     Some(Ok(chunk)) => {
                         held.push_str(&chunk);
