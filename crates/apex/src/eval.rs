@@ -710,7 +710,13 @@ fn render(
         out.push('\n');
     }
     let _ = writeln!(out, "Example answers (user 0):\n");
-    for o in outcomes.iter().filter(|o| o.user == 0).take(EXAMPLES) {
+    // The first few answers, and the first two follow-up threads whole.
+    let shown = outcomes
+        .iter()
+        .filter(|o| o.user == 0)
+        .enumerate()
+        .filter(|(i, o)| *i < EXAMPLES || ["a", "b"].contains(&o.question.thread.as_str()));
+    for (_, o) in shown {
         let _ = writeln!(out, "**{}**\n", o.question.text);
         for line in o.answer.lines() {
             let _ = writeln!(out, "> {line}");
@@ -720,8 +726,8 @@ fn render(
     out
 }
 
-/// Full answers shown in the report.
-const EXAMPLES: usize = 5;
+/// Full answers shown in the report, besides the follow-up threads.
+const EXAMPLES: usize = 3;
 
 #[cfg(test)]
 mod tests {
