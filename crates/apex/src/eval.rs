@@ -517,7 +517,7 @@ async fn triage_accuracy(
         model += usize::from(by_model == *expected);
         // As a run decides: the model only where the rules find nothing and the message
         // does not follow up an earlier one.
-        let needs_model = needs_model_choice(request, earlier);
+        let needs_model = needs_model_choice(request, earlier, &names);
         let (both, _) = resolve(
             request,
             earlier,

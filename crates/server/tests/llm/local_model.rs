@@ -365,7 +365,7 @@ async fn triage_asks_the_local_model_to_choose_when_the_rules_do_not_know() {
     let mut ws = app.ws_connect(&user).await;
     let run = tokio::time::timeout(
         std::time::Duration::from_secs(600),
-        ask_slowly(&mut ws, "what is the capital of France?"),
+        ask_slowly(&mut ws, "gpt-4o over the last 14 days?"),
     )
     .await
     .expect("the run finished within 10 minutes");
