@@ -707,6 +707,26 @@ fn repetition(text: &str) -> Option<String> {
     None
 }
 
+/// A 4-word sequence of `text` that the rest of the answer already has twice: the slot
+/// would only restate it (a title that is also a plan step), a third or fourth time.
+fn restates(text: &str, answer: &str) -> Option<String> {
+    let words = |t: &str| -> Vec<String> {
+        t.split_whitespace()
+            .map(|w| {
+                w.trim_matches(|c: char| !c.is_alphanumeric())
+                    .to_lowercase()
+            })
+            .filter(|w| !w.is_empty())
+            .collect()
+    };
+    let mine = words(text);
+    let theirs = words(answer);
+    mine.windows(4).find_map(|gram| {
+        let seen = theirs.windows(4).filter(|w| *w == gram).count();
+        (seen >= 2).then(|| gram.join(" "))
+    })
+}
+
 /// Whether the model's text for a slot may be shown, trimmed to whole sentences within the
 /// slot's bound; `facts` is the answer's fixed text plus the slot's prompt (every number
 /// the slot states must be there), `request` the user's message (not to be echoed).
@@ -732,6 +752,9 @@ pub fn check_slot(
         return Err(SlotProblem::Empty);
     }
     if let Some(what) = repetition(&text) {
+        return Err(SlotProblem::Repeats(what));
+    }
+    if let Some(what) = restates(&text, facts) {
         return Err(SlotProblem::Repeats(what));
     }
     let lower = text.to_lowercase();
@@ -894,6 +917,11 @@ mod tests {
             Err(SlotProblem::Echo(_))
         ));
         assert!(check("ok").is_err());
+        // The title is already in the recommendation and the plan: a third time is a loop.
+        assert!(matches!(
+            check("Route short requests to a cheaper model to pay less."),
+            Err(SlotProblem::Repeats(_))
+        ));
         assert_eq!(
             check("You spent $11.41 in total. Caching helps. And then more text that is cut")
                 .unwrap(),

@@ -393,7 +393,9 @@ impl Agent for ReportingAgent {
             match part {
                 Part::Fixed(text) => self.stream_fixed(cx, text.clone(), state).await?,
                 Part::Slot(slot) => {
-                    self.write_slot(cx, slot, &facts, &report, &meter, &mut tally, state)
+                    // Checked against the fixed text and the slots written before it.
+                    let written = format!("{facts}\n{}", state.answer);
+                    self.write_slot(cx, slot, &written, &report, &meter, &mut tally, state)
                         .await?
                 }
             }
