@@ -160,14 +160,7 @@ fn collect_usd(value: &Value, key: Option<&str>, out: &mut Vec<i64>) {
 
 /// The most frequent 4-word sequence and its count.
 pub fn most_repeated_4gram(answer: &str) -> (String, usize) {
-    let words: Vec<String> = answer
-        .split_whitespace()
-        .map(|w| {
-            w.trim_matches(|c: char| !c.is_alphanumeric())
-                .to_lowercase()
-        })
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words = apex_server::agents::answer::words_of(answer);
     let mut counts: HashMap<String, usize> = HashMap::new();
     for gram in words.windows(4) {
         *counts.entry(gram.join(" ")).or_default() += 1;

@@ -677,15 +677,19 @@ pub fn numbers_in(text: &str) -> Vec<String> {
 }
 
 /// A 4-word sequence seen three times, or any sentence written twice, is a loop.
-fn repetition(text: &str) -> Option<String> {
-    let words: Vec<String> = text
-        .split_whitespace()
+/// The words of `text` as repetition is counted: lower-case, punctuation trimmed.
+pub fn words_of(text: &str) -> Vec<String> {
+    text.split_whitespace()
         .map(|w| {
             w.trim_matches(|c: char| !c.is_alphanumeric())
                 .to_lowercase()
         })
         .filter(|w| !w.is_empty())
-        .collect();
+        .collect()
+}
+
+fn repetition(text: &str) -> Option<String> {
+    let words = words_of(text);
     let mut seen: HashMap<&[String], usize> = HashMap::new();
     for gram in words.windows(4) {
         let count = seen.entry(gram).or_default();
@@ -710,17 +714,8 @@ fn repetition(text: &str) -> Option<String> {
 /// A 4-word sequence of `text` that the rest of the answer already has twice: the slot
 /// would only restate it (a title that is also a plan step), a third or fourth time.
 fn restates(text: &str, answer: &str) -> Option<String> {
-    let words = |t: &str| -> Vec<String> {
-        t.split_whitespace()
-            .map(|w| {
-                w.trim_matches(|c: char| !c.is_alphanumeric())
-                    .to_lowercase()
-            })
-            .filter(|w| !w.is_empty())
-            .collect()
-    };
-    let mine = words(text);
-    let theirs = words(answer);
+    let mine = words_of(text);
+    let theirs = words_of(answer);
     mine.windows(4).find_map(|gram| {
         let seen = theirs.windows(4).filter(|w| *w == gram).count();
         (seen >= 2).then(|| gram.join(" "))
