@@ -252,14 +252,19 @@ fn the_requantized_weights_are_cached_next_to_the_original() {
         .all(|t| !matches!(t.ggml_dtype, candle_core::quantized::GgmlDType::Q4_1)));
 }
 
-#[tokio::test]
-async fn the_golden_path_answers_with_the_local_model() {
+/// The server with the local model as its provider.
+async fn spawn_local_app() -> crate::helpers::TestApp {
     let path = model_path();
-    let app = spawn_app_with(move |s| {
+    spawn_app_with(move |s| {
         s.llm_provider = LlmProviderKind::Local;
         s.local_model.path = Some(path);
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn the_golden_path_answers_with_the_local_model() {
+    let app = spawn_local_app().await;
     let user = app.register().await;
     let before = app.usage_summary(&user).await;
     let mut ws = app.ws_connect(&user).await;
@@ -355,12 +360,7 @@ async fn the_golden_path_answers_with_the_local_model() {
 
 #[tokio::test]
 async fn triage_asks_the_local_model_to_choose_when_the_rules_do_not_know() {
-    let path = model_path();
-    let app = spawn_app_with(move |s| {
-        s.llm_provider = LlmProviderKind::Local;
-        s.local_model.path = Some(path);
-    })
-    .await;
+    let app = spawn_local_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = tokio::time::timeout(
@@ -376,16 +376,9 @@ async fn triage_asks_the_local_model_to_choose_when_the_rules_do_not_know() {
         .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "triage")
         .unwrap();
     // A constrained choice: one of the categories, never anything else.
-    let category = triage.payload["result"]["category"].as_str().unwrap();
+    let category = &triage.payload["result"]["category"];
     assert!(
-        [
-            "cost_optimization",
-            "latency_performance",
-            "model_selection",
-            "usage_report",
-            "general"
-        ]
-        .contains(&category),
+        serde_json::from_value::<apex_server::agents::RequestCategory>(category.clone()).is_ok(),
         "{category}"
     );
     let note = run
