@@ -260,7 +260,7 @@ async fn serve(flags: config::ServeFlags) -> anyhow::Result<()> {
         let metrics_app = axum::Router::new()
             .route(
                 "/metrics",
-                axum::routing::get(apex_server::telemetry::render),
+                axum::routing::get(apex_server::http::health::metrics),
             )
             .with_state(state.clone());
         println!("metrics on http://{}/metrics", listener.local_addr()?);

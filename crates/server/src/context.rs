@@ -80,7 +80,7 @@ impl UserExecutionContext {
 
 impl UserExecutionContext {
     /// Context for executing a run claimed from the queue. Every id comes from the run's
-    /// row, which [`crate::runs::start_run`] wrote from an authenticated user; a client
+    /// row, which `Runs::submit` (`crate::run::submit`) wrote from an authenticated user; a client
     /// never supplies them.
     pub(crate) fn for_queued_run(
         owner: UserId,

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::run::SubmitError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,36 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(err: SubmitError) -> Self {
+        match err {
+            SubmitError::InvalidMessage(message) => ApiError::validation(message),
+            SubmitError::ThreadNotFound => ApiError::not_found("thread"),
+            SubmitError::TooManyRuns(max) => ApiError::client(
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::TOO_MANY_RUNS,
+                format!("at most {max} runs at once; wait for one to finish"),
+            ),
+            SubmitError::ThreadBusy => ApiError::client(
+                StatusCode::CONFLICT,
+                codes::THREAD_BUSY,
+                "this thread already has a run in progress",
+            ),
+            SubmitError::RateLimited(retry_after) => ApiError::Limited {
+                code: codes::RATE_LIMITED,
+                message: "too many messages; slow down".into(),
+                retry_after,
+            },
+            SubmitError::ShuttingDown => ApiError::client(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::SHUTTING_DOWN,
+                "the server is shutting down; retry later",
+            ),
+            SubmitError::Store(err) => err.into(),
         }
     }
 }

@@ -4,55 +4,61 @@
 //! pipeline of agents (triage → data → optimization → actions → reporting) over **that
 //! person's own** usage data and streams every step back as events.
 //!
-//! The design goal is that one user's data or events cannot reach another user. Module map,
-//! in the order a request meets them:
+//! The design goal is that one user's data or events cannot reach another user. The
+//! modules sit in layers; each imports only from its own layer or below, and the
+//! top-level modules have no import cycle (`tests/api/layers.rs` enforces both). Bottom to
+//! top:
 //!
-//! - [`settings`]: typed configuration and the `Secret` wrapper.
-//! - [`http`]: `app(state) -> Router`, the REST handlers, each registered together with its
-//!   OpenAPI operation (`/openapi.json`, [`http::openapi`]); [`error`]: the one error shape.
-//! - [`auth`]: passwords, JWTs, tickets; produces [`auth::AuthenticatedUser`], the only
-//!   source of a user id.
-//! - [`ws`]: the WebSocket endpoint; one task per connection owns that connection's state.
-//! - [`runs`]: submits a run (message and queued run, within the user's limits), stops
-//!   it; [`queue`]: each instance's dispatcher claims queued runs and starts them on their
-//!   own tasks, and runs whose instance died are queued again; [`context`]: the immutable
-//!   `UserExecutionContext` of a run.
-//! - [`agents`]: `AgentInstanceFactory` (per run), the supervisor and the five agents.
-//! - [`events`]: `UserEmitter` (per run: seq, persist, deliver) and the per-user `EventBus`
-//!   (in-process, or `RedisBus` between several instances).
-//! - [`cluster`]: several instances on one database: heartbeats for instances and their
-//!   runs, and the sweeper that recovers the runs of instances that died.
-//! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
-//!   database URL), and `UserStore`, the user-scoped handle through which all user data is
-//!   read and written; [`store::group_commit`] batches the run events of all runs into few
-//!   transactions.
-//! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait, the
-//!   embedded local model (default), the OpenAI-compatible client and the deterministic
-//!   template writer (the fallback).
-//! - [`limits`]: per-user rate limits and connection caps (counters, no user data).
-//! - [`telemetry`]: Prometheus metric names, the HTTP metrics middleware, `/metrics`.
-//! - [`web`]: the browser chat page at `/` and the API reference at `/docs`, their assets
-//!   compiled into the binary.
-//! - [`state`]: the shared, per-user-free infrastructure; [`ids`]: validated id newtypes.
+//! 0. **Leaves.** [`ids`]: validated id newtypes; [`clock`]; [`settings`]: typed settings
+//!    and the `Secret` wrapper; [`telemetry`]: metric names and the HTTP metrics
+//!    middleware; [`lifecycle`]: the phases of a graceful shutdown.
+//! 1. **Infrastructure.** [`store`]: the `Store` trait and its SQLite and PostgreSQL
+//!    implementations (chosen by the database URL; [`store::group_commit`] batches run
+//!    events into few transactions); [`llm`]: the LLM trait, the embedded local model
+//!    (default), the OpenAI-compatible client and the deterministic template writer;
+//!    [`limits`]: per-user rate limits and connection caps (counters, no user data);
+//!    the event bus ([`events::bus`], in-process, or [`events::redis_bus`] between
+//!    several instances).
+//! 2. **One user's world.** [`auth`]: passwords, JWTs, tickets; produces
+//!    [`auth::AuthenticatedUser`], the only source of a user id; [`context`]: the immutable
+//!    `UserExecutionContext` of a run; [`user_store`]: `UserStore`, the user-scoped handle
+//!    through which all user data is read and written; [`usage`]: pricing, demo data, the
+//!    usage summary, and Apex's own LLM requests as the user's usage; [`events`]:
+//!    `UserEmitter` (per run: seq, persist, deliver), the event log and following a run;
+//!    [`views`]: the API's views of stored records.
+//! 3. **Agents.** [`agents`]: `AgentInstanceFactory` (per run), the pipeline and the five
+//!    agents (triage → data → optimization → actions → reporting).
+//! 4. **Runs.** [`run`]: a run's whole life behind the `Runs` handle: submit (the one
+//!    road for every entry point), the registry of runs executing here, the dispatcher
+//!    that claims queued runs, the supervisor that executes them, the one way a run ends,
+//!    recovery of runs whose instance died, and the cluster heartbeats.
+//! 5. **Edges.** [`http`]: `app(state) -> Router`, the REST handlers, each registered
+//!    with its OpenAPI operation ([`http::openapi`]); [`ws`]: the WebSocket endpoint, one
+//!    task per connection; [`web`]: the browser chat page and `/docs`; [`state`]: the
+//!    shared, per-user-free state handlers get; [`error`]: the one JSON error shape.
+//!
+//! This file builds the state from the settings ([`build_state`]) and serves it
+//! ([`run`], [`serve`]).
 
 pub mod agents;
 pub mod auth;
 pub mod clock;
-pub mod cluster;
 pub mod context;
 pub mod error;
 pub mod events;
 pub mod http;
 pub mod ids;
+pub mod lifecycle;
 pub mod limits;
 pub mod llm;
-pub mod queue;
-pub mod runs;
+pub mod run;
 pub mod settings;
 pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod usage;
+pub mod user_store;
+pub mod views;
 pub mod web;
 pub mod ws;
 
@@ -65,13 +71,15 @@ use anyhow::Context as _;
 use rand::RngCore;
 use tokio::net::TcpListener;
 
+use crate::agents::Infrastructure;
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::events::redis_bus::{RedisBus, RedisBusConfig};
 use crate::events::{EventBus, InProcessBus};
+use crate::lifecycle::Lifecycle;
 use crate::llm::template::TemplateWriter;
-use crate::runs::ActiveRuns;
+use crate::run::{ActiveRuns, RunSettings, Runs};
 use crate::settings::{Secret, Settings};
-use crate::state::{AppState, Infrastructure, Lifecycle};
+use crate::state::AppState;
 use crate::store::{Backend, Store};
 use crate::usage::pricing::PricingTable;
 
@@ -164,26 +172,33 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         settings.refresh_token_ttl,
         settings.ticket_ttl,
     );
-    let infra = Infrastructure {
+    let infra = Arc::new(Infrastructure {
         store,
         bus,
         llm,
         fallback_llm: Arc::new(TemplateWriter::new(settings.template_stream_delay)),
         llm_triage: settings.llm_triage,
         pricing: Arc::new(PricingTable::builtin()),
-        lifecycle: Lifecycle::default(),
-        hand_back_on_shutdown: settings.bus_url.is_some(),
+    });
+    let limits = Arc::new(limits::Limits::with_shared(
+        settings.limits.clone(),
+        shared_buckets,
+    ));
+    let lifecycle = Lifecycle::default();
+    let runs = Runs::new(
+        Arc::clone(&infra),
+        active_runs,
+        Arc::clone(&limits),
+        RunSettings::from_settings(&settings),
         instance_id,
-    };
+        lifecycle.clone(),
+    );
     let state = AppState {
-        infra: Arc::new(infra),
+        infra,
         auth: Arc::new(auth),
-        runs: active_runs,
-        queue: Arc::new(queue::RunQueue::default()),
-        limits: Arc::new(limits::Limits::with_shared(
-            settings.limits.clone(),
-            shared_buckets,
-        )),
+        runs,
+        limits,
+        lifecycle,
         metrics: None,
         settings: Arc::new(settings),
     };
@@ -191,7 +206,9 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         // One instance: every run a previous process had claimed and not finished was left
         // by a crash or kill. (With several, other instances may be executing theirs; see
         // `cluster`.) Runs still queued are simply run by the dispatcher.
-        let (requeued, interrupted) = queue::recover_after_restart(&state)
+        let (requeued, interrupted) = state
+            .runs
+            .recover_after_restart()
             .await
             .context("recovering unfinished runs")?;
         if requeued + interrupted > 0 {
@@ -208,7 +225,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
 /// Serves Apex on `listener` until `shutdown` resolves, then shuts down gracefully: stop
 /// accepting and tell open sockets (`server_shutdown`), give running runs the configured
 /// grace period, interrupt the rest, and close the sockets once every run has written its
-/// terminal event. See [`state::Lifecycle`].
+/// terminal event. See [`lifecycle::Lifecycle`].
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
@@ -224,7 +241,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Retention: deletes the event logs of runs finished longer ago than `event_retention`,
 /// at start and then every [`PRUNE_EVERY`], until shutdown.
 async fn prune_events_periodically(state: AppState) {
-    let draining = state.infra.lifecycle.draining.clone();
+    let draining = state.lifecycle.draining.clone();
     loop {
         let cutoff = clock::now_ms()
             - i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
@@ -240,18 +257,6 @@ async fn prune_events_periodically(state: AppState) {
     }
 }
 
-/// Waits until no run is executing, or `limit` passes.
-async fn runs_drained(runs: &ActiveRuns, limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !runs.is_empty() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 /// Like [`run`] with a prepared state (tests use it to inspect the state afterwards).
 pub async fn serve(
     listener: TcpListener,
@@ -259,11 +264,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = http::app(state.clone());
-    let lifecycle = state.infra.lifecycle.clone();
+    let lifecycle = state.lifecycle.clone();
     tokio::spawn(prune_events_periodically(state.clone()));
-    tokio::spawn(queue::dispatch(state.clone()));
+    tokio::spawn(state.runs.clone().dispatch());
     if state.settings.bus_url.is_some() {
-        tokio::spawn(cluster::upkeep(state.clone()));
+        tokio::spawn(state.runs.clone().upkeep());
     }
     let draining = lifecycle.draining.clone();
     // Events are small frames sent one after another: with Nagle's algorithm on, a frame
@@ -287,13 +292,13 @@ pub async fn serve(
     .await
     .context("serving HTTP")?;
     // The listener is closed; upgraded WebSocket connections live on in their own tasks.
-    if !runs_drained(&state.runs, state.settings.shutdown_grace).await {
+    if !state.runs.drained(state.settings.shutdown_grace).await {
         tracing::warn!(
             runs = state.runs.len(),
             "grace period over; interrupting runs"
         );
         lifecycle.interrupt_runs.cancel();
-        runs_drained(&state.runs, Duration::from_secs(5)).await;
+        state.runs.drained(Duration::from_secs(5)).await;
     }
     lifecycle.close_sockets.cancel();
     // Give connection tasks a moment to send their close frames.
@@ -302,7 +307,7 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if state.settings.bus_url.is_some() {
-        cluster::leave(&state).await;
+        state.runs.leave().await;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! data for new accounts.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -107,7 +107,7 @@ impl FromStr for LlmProviderKind {
 #[derive(Debug, Clone)]
 pub struct LocalModelSettings {
     /// The GGUF file; `None` means the per-machine cache that `scripts/fetch-model.sh`
-    /// fills (or a copy in `<data_dir>/models/`); see [`crate::llm::local::default_model_path`].
+    /// fills (or a copy in `<data_dir>/models/`); see [`default_model_path`].
     pub path: Option<PathBuf>,
     /// Dedicated inference threads.
     pub threads: usize,
@@ -234,7 +234,7 @@ pub struct Settings {
     /// On shutdown, how long running runs may continue before they end `interrupted`.
     pub shutdown_grace: Duration,
     /// Per-user fairness limits.
-    pub limits: crate::limits::LimitSettings,
+    pub limits: LimitSettings,
     /// Browser origins allowed to call the API with credentials (CORS) and to open the
     /// WebSocket. Empty: no cross-origin access.
     pub cors_allowed_origins: Vec<String>,
@@ -264,7 +264,7 @@ pub struct Settings {
     /// this long is taken as orphaned (the instance died) and is recovered by a survivor.
     pub instance_stale_after: Duration,
     /// How many runs this instance executes at once; further runs wait in the queue (for
-    /// this instance or any other with room). See [`crate::queue`].
+    /// this instance or any other with room). See `run::dispatch`.
     pub max_runs_per_instance: usize,
     /// How often an idle dispatcher looks at the queue without being told to (a safety
     /// net: submissions and requeues wake dispatchers directly).
@@ -294,7 +294,7 @@ impl Settings {
             ticket_ttl: Duration::from_secs(60),
             template_stream_delay: Duration::from_millis(15),
             shutdown_grace: Duration::from_secs(10),
-            limits: crate::limits::LimitSettings::default(),
+            limits: LimitSettings::default(),
             cors_allowed_origins: Vec::new(),
             development_mode: false,
             dev_login: false,
@@ -324,7 +324,7 @@ impl Settings {
     pub fn local_model_path(&self) -> PathBuf {
         match &self.local_model.path {
             Some(path) => path.clone(),
-            None => crate::llm::local::default_model_path(&self.data_dir),
+            None => default_model_path(&self.data_dir),
         }
     }
 
@@ -338,5 +338,93 @@ impl Settings {
                 self.data_dir.join("apex.db").display()
             )),
         }
+    }
+}
+
+/// Configured limits; defaults are documented in `docs/isolation.md`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSettings {
+    /// Runs one user may have executing at once; more get `TOO_MANY_RUNS`.
+    pub max_concurrent_runs_per_user: usize,
+    /// Run-starting messages per user per minute (WebSocket and REST together).
+    pub messages_per_minute: u32,
+    /// How many messages may arrive at once before the per-minute rate applies.
+    pub message_burst: u32,
+    /// Open WebSocket connections per user.
+    pub max_connections_per_user: usize,
+    /// Login attempts per account per 5 minutes.
+    pub login_attempts_per_account: u32,
+    /// Login attempts per client address per 5 minutes.
+    pub login_attempts_per_address: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_runs_per_user: 3,
+            messages_per_minute: 30,
+            message_burst: 10,
+            max_connections_per_user: 10,
+            login_attempts_per_account: 10,
+            login_attempts_per_address: 100,
+        }
+    }
+}
+
+/// The model file `scripts/fetch-model.sh` installs, relative to a data folder (the layout
+/// of earlier versions, still honoured).
+pub const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model's file name in the per-machine cache.
+pub const MODEL_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The per-machine model cache: `$XDG_CACHE_HOME/apex/models/<file>` (an absolute
+/// `XDG_CACHE_HOME`, as the XDG spec requires), else `$HOME/.cache/apex/models/<file>`.
+pub fn machine_cache_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".cache"))
+        })?;
+    Some(base.join("apex").join("models").join(MODEL_FILE_NAME))
+}
+
+/// Where the model is when no path is configured: `<data_dir>/models/<file>` if that file
+/// exists (earlier versions fetched it there), else the per-machine cache, which is what
+/// `scripts/fetch-model.sh` fills. So a new data folder works on a machine that has the
+/// model, without fetching it again.
+pub fn default_model_path(data_dir: &Path) -> PathBuf {
+    model_path_in(data_dir, machine_cache_path())
+}
+
+fn model_path_in(data_dir: &Path, machine_cache: Option<PathBuf>) -> PathBuf {
+    let in_data_dir = data_dir.join(DEFAULT_MODEL_FILE);
+    if in_data_dir.is_file() {
+        return in_data_dir;
+    }
+    machine_cache.unwrap_or(in_data_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_data_folder_uses_the_machine_cache_and_an_old_one_its_own_copy() {
+        let data = std::env::temp_dir().join(format!("apex-model-path-{}", std::process::id()));
+        let cache = PathBuf::from("/cache/apex/models").join(MODEL_FILE_NAME);
+        assert_eq!(model_path_in(&data, Some(cache.clone())), cache);
+        std::fs::create_dir_all(data.join("models")).unwrap();
+        std::fs::write(data.join(DEFAULT_MODEL_FILE), b"gguf").unwrap();
+        assert_eq!(
+            model_path_in(&data, Some(cache)),
+            data.join(DEFAULT_MODEL_FILE)
+        );
+        std::fs::remove_dir_all(&data).unwrap();
+        assert_eq!(model_path_in(&data, None), data.join(DEFAULT_MODEL_FILE));
     }
 }

@@ -1,4 +1,5 @@
-//! Prometheus metrics: what is recorded, under which names, and the `/metrics` page.
+//! Prometheus metrics: what is recorded, under which names, and the HTTP metrics
+//! middleware (the `/metrics` page itself is served by `http::health`).
 //!
 //! Recording goes through the `metrics` facade; the `apex` binary installs the Prometheus
 //! recorder and hands its handle to the state, so a library user (or a test) that installs
@@ -7,12 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-
-use crate::state::AppState;
+use axum::response::Response;
 
 pub const HTTP_REQUESTS: &str = "apex_http_requests_total";
 pub const HTTP_DURATION: &str = "apex_http_request_duration_seconds";
@@ -112,28 +110,6 @@ pub async fn track_http(request: Request, next: Next) -> Response {
         .increment(1);
     metrics::histogram!(HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     response
-}
-
-/// `GET /metrics` in the Prometheus text format; 404 when no recorder was installed.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    operation_id = "metrics",
-    tag = "meta",
-    responses(
-        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
-        (status = 404, description = "No metrics recorder is installed (plain text)", content_type = "text/plain", body = String),
-    )
-)]
-pub async fn render(State(state): State<AppState>) -> Response {
-    match &state.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
-    }
 }
 
 /// Counts one open WebSocket connection for as long as it lives.

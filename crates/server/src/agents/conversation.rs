@@ -5,7 +5,8 @@
 //! Both are read through the run's [`UserStore`], so they are this user's only.
 
 use crate::ids::ThreadId;
-use crate::store::{StoreResult, UserStore};
+use crate::store::StoreResult;
+use crate::user_store::UserStore;
 
 /// At most this many earlier messages are read...
 pub const MAX_TURNS: usize = 6;

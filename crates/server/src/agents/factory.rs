@@ -1,56 +1,49 @@
 //! `AgentInstanceFactory`: everything per-run, built fresh from one context.
 //!
 //! The factory is created for one run and consumed by `build`. It is the single place that
-//! turns shared infrastructure (store, bus, LLM, pricing) plus a [`UserExecutionContext`]
-//! into per-user objects: the agents, the [`UserEmitter`] bound to that user and run, and the
-//! [`UserStore`] bound to that user. Nothing it builds is shared with another run.
+//! turns shared [`Infrastructure`] (store, bus, LLM, pricing) plus a
+//! [`UserExecutionContext`] into per-user objects: the agents, the [`UserEmitter`] bound to
+//! that user and run, and the [`UserStore`] bound to that user. Nothing it builds is shared
+//! with another run.
 
 use std::sync::Arc;
 
 use super::{actions, data, optimization, reporting, triage, Agent, AgentContext};
 use crate::context::UserExecutionContext;
-use crate::events::UserEmitter;
-use crate::runs::RunSlot;
-use crate::state::Infrastructure;
-use crate::store::UserStore;
+use crate::events::{EventBus, UserEmitter};
+use crate::llm::LlmProvider;
+use crate::store::Store;
+use crate::usage::pricing::PricingTable;
+use crate::user_store::UserStore;
+
+/// What a run's agents and events are built from, besides its context. Every field is
+/// immutable or internally synchronised and holds no user's data.
+pub struct Infrastructure {
+    /// The database; user data is reached through `UserStore` handles made from it.
+    pub store: Arc<dyn Store>,
+    /// Delivers persisted events to the owning user's connections.
+    pub bus: Arc<dyn EventBus>,
+    /// Writes answers (the configured provider). Stateless between requests.
+    pub llm: Arc<dyn LlmProvider>,
+    /// The template writer: stands in when `llm` fails.
+    pub fallback_llm: Arc<dyn LlmProvider>,
+    /// Whether triage may ask `llm` for a structured classification.
+    pub llm_triage: bool,
+    /// List prices; read-only.
+    pub pricing: Arc<PricingTable>,
+}
 
 pub struct AgentInstanceFactory {
     ctx: Arc<UserExecutionContext>,
     infra: Arc<Infrastructure>,
 }
 
-/// A run ready to execute: its context, the agents in pipeline order, and their view.
+/// A run ready to execute: its agents' view of the world, the agents in pipeline order,
+/// and the user's request.
 pub struct RunInstance {
     pub context: AgentContext,
     pub agents: Vec<Box<dyn Agent>>,
     pub request: String,
-    /// Server shutdown: ends the run as `interrupted`.
-    pub shutdown: tokio_util::sync::CancellationToken,
-    /// The run's registration among running runs; released as the run finishes.
-    pub slot: RunSlot,
-    /// Which start of the run this is (1 = first) and how many it may have; a run whose
-    /// server died is started again from the beginning.
-    pub attempt: u32,
-    pub max_attempts: u32,
-    /// Set with several instances: where to hand the run back if the server shuts down
-    /// during it (see [`HandBack`]).
-    pub hand_back: Option<HandBack>,
-}
-
-/// Returning an interrupted run to the queue so that another instance runs it again.
-pub struct HandBack {
-    pub store: Arc<dyn crate::store::Store>,
-    /// This instance, which holds the run's claim.
-    pub instance: String,
-}
-
-/// Where a claimed run stands: its log so far and its attempt.
-#[derive(Debug, Clone, Copy)]
-pub struct RunStart {
-    /// Events already in the run's log (from earlier attempts); new ones follow them.
-    pub last_seq: u64,
-    pub attempt: u32,
-    pub max_attempts: u32,
 }
 
 impl AgentInstanceFactory {
@@ -61,12 +54,14 @@ impl AgentInstanceFactory {
         }
     }
 
-    pub fn build(self, request: String, slot: RunSlot, start: RunStart) -> RunInstance {
+    /// Builds the run answering `request`. `last_seq` events are already in the run's log
+    /// (from earlier attempts); new ones follow them.
+    pub fn build(self, request: String, last_seq: u64) -> RunInstance {
         let emitter = UserEmitter::resuming(
             &self.ctx,
             Arc::clone(&self.infra.store),
             Arc::clone(&self.infra.bus),
-            start.last_seq,
+            last_seq,
         );
         let context = AgentContext {
             store: UserStore::for_context(Arc::clone(&self.infra.store), &self.ctx),
@@ -89,14 +84,6 @@ impl AgentInstanceFactory {
             context,
             agents,
             request,
-            shutdown: self.infra.lifecycle.interrupt_runs.clone(),
-            slot,
-            attempt: start.attempt,
-            max_attempts: start.max_attempts,
-            hand_back: self.infra.hand_back_on_shutdown.then(|| HandBack {
-                store: Arc::clone(&self.infra.store),
-                instance: self.infra.instance_id.clone(),
-            }),
         }
     }
 }

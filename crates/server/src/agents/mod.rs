@@ -1,7 +1,8 @@
 //! The agents and what they share within one run.
 //!
 //! - [`factory::AgentInstanceFactory`] builds everything per-run from a context.
-//! - [`supervisor`] drives the pipeline and guarantees the terminal event.
+//! - [`pipeline`] runs the agents in order (the supervisor around it, which starts and
+//!   ends runs, is `run::execute`).
 //! - [`triage`], [`data`], [`optimization`], [`actions`], [`reporting`]: the pipeline.
 //! - [`AgentContext`] is an agent's whole view of the world: the run's context, its
 //!   emitter, its user-scoped store, the LLM (with the template writer as its fallback)
@@ -14,8 +15,8 @@ pub mod conversation;
 pub mod data;
 pub mod factory;
 pub mod optimization;
+pub mod pipeline;
 pub mod reporting;
-pub mod supervisor;
 pub mod triage;
 
 use std::future::Future;
@@ -31,12 +32,14 @@ use serde_json::Value;
 
 use crate::context::UserExecutionContext;
 use crate::events::{EmitError, UserEmitter};
-use crate::llm::accounting::LlmCall;
 use crate::llm::{LlmError, LlmProvider, TokenUsage};
-use crate::store::{StoreError, UsageRow, UserStore};
+use crate::store::{StoreError, UsageRow};
+use crate::usage::llm_calls::LlmCall;
 use crate::usage::pricing::PricingTable;
+use crate::user_store::UserStore;
 
-pub use factory::{AgentInstanceFactory, HandBack, RunInstance, RunStart};
+pub use factory::{AgentInstanceFactory, Infrastructure, RunInstance};
+pub use pipeline::run_pipeline;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -170,7 +173,7 @@ impl AgentContext {
         self.llm.name() != self.fallback.name()
     }
 
-    /// Records what one LLM request of this run used (see [`crate::llm::accounting`]):
+    /// Records what one LLM request of this run used (see [`crate::usage::llm_calls`]):
     /// the metrics now, the usage row when the run ends ([`Self::flush_llm_usage`]), so the
     /// run's own analysis of the user's usage never counts the run's own requests.
     pub async fn record_llm_usage(
@@ -188,8 +191,8 @@ impl AgentContext {
             elapsed,
             succeeded,
         };
-        crate::llm::accounting::count(&call);
-        if let Some(row) = crate::llm::accounting::usage_row(&self.pricing, &call, self.now_ms()) {
+        crate::usage::llm_calls::count(&call);
+        if let Some(row) = crate::usage::llm_calls::usage_row(&self.pricing, &call, self.now_ms()) {
             self.llm_usage
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

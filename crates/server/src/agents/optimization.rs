@@ -17,11 +17,11 @@ use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, Opportunity, RunState};
 use crate::store::{
-    CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult,
-    UsageTotals, UserStore,
+    CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult, UsageTotals,
 };
 use crate::usage::pricing::PricingTable;
 use crate::usage::DEFAULT_WINDOW_DAYS;
+use crate::user_store::UserStore;
 
 pub struct OptimizationAgent;
 

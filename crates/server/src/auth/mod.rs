@@ -1,15 +1,14 @@
-//! Identity: who is calling. Passwords, JWTs, WebSocket tickets and the `AuthUser` extractor.
+//! Identity: who is calling. Passwords, JWTs and WebSocket tickets (the axum extractor
+//! that turns a request into an identity is `http::extract::AuthUser`).
 //!
 //! [`AuthenticatedUser`] is the root of every per-user value in Apex. Its constructor is
 //! private to this module and only runs after a token signature, expiry, audience, type and
 //! revocation check (or a ticket redemption) succeeded, so holding one proves the identity.
 
-mod extract;
 mod password;
 mod service;
 mod tokens;
 
-pub use extract::{bearer_token, AuthUser};
 pub use password::PasswordHasher;
 pub use service::{
     create_account, is_dev_account, validate_new_account, AuthError, Authenticator,
@@ -44,4 +43,17 @@ impl AuthenticatedUser {
     pub fn user_id(&self) -> UserId {
         self.user_id
     }
+}
+
+/// The token of an `Authorization: Bearer ...` header, if any.
+pub fn bearer_token(parts: &axum::http::HeaderMap) -> Option<&str> {
+    let value = parts
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }

@@ -16,7 +16,8 @@ use super::bus::{BusEvent, EventBus};
 use crate::clock::{now_ms, now_rfc3339_micros};
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
-use crate::store::{Store, StoreError, UserStore};
+use crate::store::{Store, StoreError};
+use crate::user_store::UserStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmitError {
@@ -87,6 +88,11 @@ impl UserEmitter {
             seq: Arc::new(Mutex::new(last_seq)),
             finished: AtomicBool::new(false),
         }
+    }
+
+    /// The run this emitter writes the events of.
+    pub fn run_id(&self) -> RunId {
+        self.run_id
     }
 
     /// Persists then delivers one event; returns its seq. If it cannot be persisted it is

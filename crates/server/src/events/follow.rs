@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{log, BusRecvError};
+use super::{log, BusRecvError, EventBus};
 use crate::auth::AuthenticatedUser;
-use crate::state::AppState;
-use crate::store::{RunRecord, UserStore};
+use crate::store::RunRecord;
+use crate::user_store::UserStore;
 
 /// Backlog between the reader task and a slow consumer.
 const BUFFER: usize = 256;
@@ -61,17 +61,18 @@ async fn replay(
 }
 
 /// The events of `run` after `after_seq`, in seq order, ending with the terminal event (or
-/// earlier, if the log cannot be read or the run outlives the longest run by a minute).
+/// earlier, if the log cannot be read or following takes longer than `limit`: the longest
+/// run plus a margin).
 /// The channel closes when the follower task ends; dropping the receiver stops it.
 pub fn follow_run(
-    state: &AppState,
+    bus: &dyn EventBus,
     user: &AuthenticatedUser,
     store: UserStore,
     run: RunRecord,
     after_seq: u64,
+    limit: Duration,
 ) -> mpsc::Receiver<RunEvent> {
-    let mut subscription = state.infra.bus.subscribe(user.user_id());
-    let limit = state.settings.run_timeout + Duration::from_secs(60);
+    let mut subscription = bus.subscribe(user.user_id());
     let (tx, rx) = mpsc::channel(BUFFER);
     tokio::spawn(async move {
         let work = async {

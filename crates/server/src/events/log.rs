@@ -5,7 +5,8 @@ use apex_protocol::events::{EventKind, SUPERVISOR};
 use serde::Deserialize;
 
 use crate::ids::RunId;
-use crate::store::{RunRecord, StoreResult, StoredEvent, UserStore};
+use crate::store::{RunRecord, StoreResult, StoredEvent};
+use crate::user_store::UserStore;
 
 /// Page size when replaying a run's stored events.
 pub const REPLAY_PAGE: i64 = 500;

@@ -13,17 +13,18 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
+use super::extract::AuthUser;
 use super::openapi::{
     Internal, InvalidCredentials, InvalidJson, PayloadTooLarge, RateLimited, Unauthenticated,
     UnsupportedMediaType, ValidationFailed,
 };
 use super::{ApiJson, ClientAddress};
-use crate::auth::{AuthError, AuthUser, AuthenticatedUser};
+use crate::auth::{AuthError, AuthenticatedUser};
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::UserStore;
 use crate::usage::demo;
+use crate::user_store::UserStore;
 
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {

@@ -4,8 +4,6 @@
 //! on top of protocol v1 without changing any v1 shape. See "Clients of the original
 //! system" in `docs/protocol.md`.
 
-use std::sync::Arc;
-
 use apex_protocol::auth::LoginRequest;
 use apex_protocol::auth::TokenPair;
 use apex_protocol::error::{codes, ErrorBody};
@@ -15,22 +13,19 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::Map;
 use utoipa::ToSchema;
 
+use super::extract::AuthUser;
 use super::openapi::{
     Internal, InvalidJson, NotFound, PayloadTooLarge, RateLimited, Unauthenticated,
     UnsupportedMediaType, ValidationFailed,
 };
-use super::runs::validate_message;
-use super::threads::{create_thread, thread_id};
+use super::threads::thread_id;
 use super::{ApiJson, ClientAddress};
-use crate::auth::{bearer_token, is_dev_account, AuthError, AuthUser};
+use crate::auth::{bearer_token, is_dev_account, AuthError};
 use crate::error::ApiError;
 use crate::ids::RequestId;
-use crate::runs::start_run;
 use crate::state::AppState;
-use crate::store::UserStore;
 
 /// Body of `POST /auth/validate-token-and-get-user` (optional: the Bearer header works too).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -262,18 +257,14 @@ pub async fn agent_v2_execute(
     AuthUser(user): AuthUser,
     ApiJson(body): ApiJson<ExecuteRequest>,
 ) -> Result<Json<ExecuteResponse>, ApiError> {
-    let text = validate_message(&body.message).map_err(ApiError::validation)?;
     let thread = match body.thread_id.as_deref().filter(|t| !t.trim().is_empty()) {
-        Some(raw) => thread_id(raw)?,
-        None => {
-            let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-            let title: String = text.chars().take(60).collect();
-            create_thread(&store, &title, Map::new()).await?.id
-        }
+        Some(raw) => Some(thread_id(raw)?),
+        None => None,
     };
-    let started = start_run(&state, &user, thread, text, RequestId::generate())
-        .await
-        .map_err(|e| super::runs::start_error(&state, e))?;
+    let started = state
+        .runs
+        .submit(&user, thread, &body.message, RequestId::generate())
+        .await?;
     Ok(Json(ExecuteResponse {
         success: true,
         result: ExecuteResult {

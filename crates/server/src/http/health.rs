@@ -2,7 +2,8 @@
 //! orchestrators (no token, no user data).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -75,7 +76,7 @@ pub async fn health() -> Json<Health> {
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let database = state.infra.store.ping().await.is_ok();
     let bus = state.infra.bus.health();
-    let accepting = !state.infra.lifecycle.draining.is_cancelled();
+    let accepting = !state.lifecycle.draining.is_cancelled();
     let status = if database && bus.connected && accepting {
         StatusCode::OK
     } else {
@@ -96,7 +97,29 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
                 accepting,
                 llm: state.infra.llm.name().to_string(),
             },
-            instance_id: state.infra.instance_id.clone(),
+            instance_id: state.runs.instance_id().to_string(),
         }),
     )
+}
+
+/// `GET /metrics` in the Prometheus text format; 404 when no recorder was installed.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 404, description = "No metrics recorder is installed (plain text)", content_type = "text/plain", body = String),
+    )
+)]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
 }

@@ -1,12 +1,13 @@
 //! The HTTP API: [`routes`] (every route with its OpenAPI operation), `app(state) ->
 //! Router`, and the extractors the handlers share.
 //!
-//! One file per resource; [`openapi`] holds the document's frame and `/openapi.json`. Handlers take [`AuthUser`](crate::auth::AuthUser) for anything
+//! One file per resource; [`openapi`] holds the document's frame and `/openapi.json`. Handlers take [`AuthUser`](extract::AuthUser) for anything
 //! user-scoped and reach data only through a `UserStore` built from it.
 
 mod auth;
 mod compat;
-mod health;
+pub mod extract;
+pub mod health;
 mod openai_compat;
 pub mod openapi;
 mod run_stream;
@@ -71,7 +72,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(openai_compat::chat_completions))
         .routes(routes!(ws::upgrade))
         .merge(web::routes())
-        .routes(routes!(telemetry::render))
+        .routes(routes!(health::metrics))
         .routes(routes!(openapi::document))
 }
 
@@ -249,4 +250,10 @@ impl Page {
         }
         Ok((limit, offset))
     }
+}
+
+/// How long a reader may follow one run's events: the longest run, plus a minute for its
+/// last events to arrive.
+fn follow_limit(state: &AppState) -> std::time::Duration {
+    state.settings.run_timeout + std::time::Duration::from_secs(60)
 }

@@ -26,25 +26,23 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::extract::AuthUser;
 use super::openapi::{
     Internal, InvalidJson, PayloadTooLarge, RateLimited, Unauthenticated, UnsupportedMediaType,
     ValidationFailed,
 };
-use super::runs::{start_error, validate_message};
-use super::threads::create_thread;
 use super::ApiJson;
-use crate::auth::{AuthUser, AuthenticatedUser};
+use crate::auth::AuthenticatedUser;
 use crate::error::ApiError;
 use crate::events::follow::{follow_run, RunEvent};
 use crate::ids::RequestId;
-use crate::llm::accounting::{self, LlmCall};
 use crate::llm::{ChatMessage, LlmRequest, TokenUsage};
-use crate::runs::{check_message_rate, start_run};
 use crate::state::AppState;
-use crate::store::UserStore;
+use crate::usage::llm_calls::{self, LlmCall};
+use crate::user_store::UserStore;
 
 /// The model name that runs the agent pipeline.
 pub const PIPELINE_MODEL: &str = "apex";
@@ -228,19 +226,24 @@ async fn pipeline(
         Some(message) => message.text()?,
         None => return Err(ApiError::validation("no user message to answer")),
     };
-    let text = validate_message(&question).map_err(ApiError::validation)?;
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let title: String = text.chars().take(60).collect();
-    let thread = create_thread(&store, &title, Map::new()).await?.id;
-    let started = start_run(&state, &user, thread, text, RequestId::generate())
-        .await
-        .map_err(|e| start_error(&state, e))?;
+    let started = state
+        .runs
+        .submit(&user, None, &question, RequestId::generate())
+        .await?;
     let run = store
         .get_run(started.run_id)
         .await?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a started run is not stored")))?;
     let id = format!("chatcmpl-{}", started.run_id);
-    let events = follow_run(&state, &user, store, run, 0);
+    let events = follow_run(
+        state.infra.bus.as_ref(),
+        &user,
+        store,
+        run,
+        0,
+        super::follow_limit(&state),
+    );
     if body.stream {
         return Ok(stream_pipeline(id, events).into_response());
     }
@@ -407,9 +410,7 @@ async fn direct(
         }
     }
     // A direct request is a message like any other: the same per-user rate limit.
-    check_message_rate(&state, &user)
-        .await
-        .map_err(|e| start_error(&state, e))?;
+    state.runs.check_message_rate(&user).await?;
     let mut request = LlmRequest::new(messages, Value::Null, max_tokens);
     request.temperature = body.temperature;
     let tokens = request.tokens.clone();
@@ -438,7 +439,7 @@ async fn direct(
                 elapsed: started.elapsed(),
                 succeeded,
             };
-            accounting::record(&store, &state.infra.pricing, call).await;
+            llm_calls::record(&store, &state.infra.pricing, call).await;
             usage
         }
     };

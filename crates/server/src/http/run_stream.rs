@@ -10,7 +10,8 @@ use crate::auth::AuthenticatedUser;
 use crate::events::follow::follow_run;
 use crate::events::log;
 use crate::state::AppState;
-use crate::store::{RunRecord, UserStore};
+use crate::store::RunRecord;
+use crate::user_store::UserStore;
 
 fn sse_event(seq: u64, json: String) -> Event {
     let (kind, _) = log::head(&json);
@@ -28,7 +29,14 @@ pub fn stream(
     run: RunRecord,
     after_seq: u64,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let events = follow_run(state, user, store, run, after_seq);
+    let events = follow_run(
+        state.infra.bus.as_ref(),
+        user,
+        store,
+        run,
+        after_seq,
+        super::follow_limit(state),
+    );
     let events = futures_util::stream::unfold(events, |mut events| async move {
         let event = events.recv().await?;
         Some((Ok(sse_event(event.seq, event.json)), events))

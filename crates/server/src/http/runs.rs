@@ -1,5 +1,5 @@
 //! `/api/threads/{id}/runs` and `/api/runs/*`: start, inspect, stop and replay runs over
-//! REST (the WebSocket does the same with frames); maps `StartRunError` to error codes.
+//! REST (the WebSocket does the same with frames); submission errors map to error codes through `ApiError`.
 
 use std::sync::Arc;
 
@@ -12,40 +12,20 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::extract::AuthUser;
 use super::openapi::{
     Internal, InvalidJson, NotFound, PayloadTooLarge, RateLimited, Unauthenticated,
     UnsupportedMediaType, ValidationFailed,
 };
 use super::threads::thread_id;
 use super::{ApiJson, ApiQuery};
-use crate::auth::AuthUser;
 use crate::clock::ms_to_rfc3339;
 use crate::error::ApiError;
 use crate::events::log;
 use crate::ids::{RequestId, RunId};
-use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
+use crate::run::StopOutcome;
 use crate::state::AppState;
-use crate::store::UserStore;
-
-/// Longest accepted user message, in characters.
-pub const MAX_MESSAGE_CHARS: usize = 16_000;
-
-pub fn validate_message(text: &str) -> Result<String, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err("message must not be empty".into());
-    }
-    if text.chars().count() > MAX_MESSAGE_CHARS {
-        return Err(format!(
-            "message must be at most {MAX_MESSAGE_CHARS} characters"
-        ));
-    }
-    // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
-    if text.contains('\0') {
-        return Err("message must not contain NUL characters".into());
-    }
-    Ok(text.to_string())
-}
+use crate::user_store::UserStore;
 
 fn run_id(raw: &str) -> Result<RunId, ApiError> {
     RunId::parse(raw).map_err(|_| ApiError::not_found("run"))
@@ -81,11 +61,11 @@ pub async fn start(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<StartRunRequest>,
 ) -> Result<(StatusCode, Json<RunAccepted>), ApiError> {
-    let text = validate_message(&body.message).map_err(ApiError::validation)?;
     let thread = thread_id(&id)?;
-    let started = start_run(&state, &user, thread, text, RequestId::generate())
-        .await
-        .map_err(|e| start_error(&state, e))?;
+    let started = state
+        .runs
+        .submit(&user, Some(thread), &body.message, RequestId::generate())
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(RunAccepted {
@@ -94,37 +74,6 @@ pub async fn start(
             status: RunStatus::Queued,
         }),
     ))
-}
-
-/// The REST answer for a run that could not start.
-pub fn start_error(state: &AppState, err: StartRunError) -> ApiError {
-    match err {
-        StartRunError::ThreadNotFound => ApiError::not_found("thread"),
-        StartRunError::TooManyRuns => ApiError::client(
-            StatusCode::TOO_MANY_REQUESTS,
-            codes::TOO_MANY_RUNS,
-            format!(
-                "at most {} runs at once; wait for one to finish",
-                state.limits.settings.max_concurrent_runs_per_user
-            ),
-        ),
-        StartRunError::ThreadBusy => ApiError::client(
-            StatusCode::CONFLICT,
-            codes::THREAD_BUSY,
-            "this thread already has a run in progress",
-        ),
-        StartRunError::RateLimited(retry_after) => ApiError::Limited {
-            code: codes::RATE_LIMITED,
-            message: "too many messages; slow down".into(),
-            retry_after,
-        },
-        StartRunError::ShuttingDown => ApiError::client(
-            StatusCode::SERVICE_UNAVAILABLE,
-            codes::SHUTTING_DOWN,
-            "the server is shutting down; retry later",
-        ),
-        StartRunError::Store(err) => err.into(),
-    }
 }
 
 /// One of the caller's runs.
@@ -187,7 +136,7 @@ pub async fn cancel(
 ) -> Result<(StatusCode, Json<RunAccepted>), ApiError> {
     let id = run_id(&id)?;
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    match stop_run(&state, &user, id).await? {
+    match state.runs.stop(&user, id).await? {
         StopOutcome::Stopping => {
             let run = store
                 .get_run(id)

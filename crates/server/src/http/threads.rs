@@ -3,49 +3,29 @@
 
 use std::sync::Arc;
 
-use apex_protocol::threads::{
-    CreateThreadRequest, Message, MessagesPage, Thread, UpdateThreadRequest,
-};
+use apex_protocol::threads::{CreateThreadRequest, MessagesPage, Thread, UpdateThreadRequest};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{Map, Value};
 
+use super::extract::AuthUser;
 use super::openapi::{
     Internal, InvalidJson, NotFound, PayloadTooLarge, Unauthenticated, UnsupportedMediaType,
     ValidationFailed,
 };
 use super::{ApiJson, ApiQuery, Page};
-use crate::auth::{AuthUser, AuthenticatedUser};
-use crate::clock::{ms_to_rfc3339, now_ms};
+use crate::auth::AuthenticatedUser;
+use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::ids::ThreadId;
 use crate::state::AppState;
-use crate::store::{MessageRecord, ThreadRecord, UserStore};
+use crate::store::ThreadRecord;
+use crate::user_store::UserStore;
+use crate::views::{message_view, thread_view};
 
 pub const MAX_TITLE_CHARS: usize = 200;
 const DEFAULT_TITLE: &str = "New conversation";
-
-pub fn thread_view(record: ThreadRecord) -> Thread {
-    Thread {
-        id: record.id.to_string(),
-        title: record.title,
-        created_at: ms_to_rfc3339(record.created_at_ms),
-        updated_at: ms_to_rfc3339(record.updated_at_ms),
-        message_count: record.message_count,
-        metadata: record.metadata,
-    }
-}
-
-pub fn message_view(record: MessageRecord) -> Message {
-    Message {
-        id: record.id.to_string(),
-        role: record.role,
-        content: record.content,
-        created_at: record.created_at_ms / 1000,
-        metadata: record.metadata,
-    }
-}
 
 fn store(state: &AppState, user: &AuthenticatedUser) -> UserStore {
     UserStore::for_user(Arc::clone(&state.infra.store), user)
@@ -310,7 +290,7 @@ pub async fn delete(
     let store = store(&state, &user);
     if state.settings.bus_url.is_some() {
         // Several instances: the thread's run may execute on another one.
-        for run in crate::runs::unfinished_runs_of(&store).await? {
+        for run in crate::run::submit::unfinished_runs_of(&store).await? {
             if run.thread_id == id && !state.runs.is_active(user.user_id(), run.id) {
                 state.infra.bus.request_stop(user.user_id(), run.id);
             }

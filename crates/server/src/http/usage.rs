@@ -11,17 +11,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 
+use super::extract::AuthUser;
 use super::openapi::{
     Internal, PayloadTooLarge, Unauthenticated, UnsupportedMediaType, ValidationFailed,
 };
 use super::ApiQuery;
-use crate::auth::AuthUser;
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::UserStore;
 use crate::usage::import::{parse_csv, validate};
 use crate::usage::{daily_for, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
+use crate::user_store::UserStore;
 
 /// Adds usage rows: a JSON array of events, or CSV with a header row of the same field
 /// names. The batch is all or nothing.

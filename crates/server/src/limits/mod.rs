@@ -5,7 +5,7 @@
 //! its count; a rate bucket that refilled completely is pruned). Limits count across all of
 //! a user's connections and requests, because the key is the authenticated user id, not
 //! the connection. (Concurrent-run and busy-thread limits live with the running runs, in
-//! `runs::ActiveRuns`, where the check and the reservation happen under one lock.)
+//! `run::registry`, where the check and the reservation happen under one lock.)
 //!
 //! With several instances (a Redis bus configured), the rate limits are kept in Redis by
 //! [`shared`], so they hold across instances; the in-process buckets then only stand in
@@ -19,36 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::ids::UserId;
-
-/// Configured limits; defaults are documented in `docs/isolation.md`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LimitSettings {
-    /// Runs one user may have executing at once; more get `TOO_MANY_RUNS`.
-    pub max_concurrent_runs_per_user: usize,
-    /// Run-starting messages per user per minute (WebSocket and REST together).
-    pub messages_per_minute: u32,
-    /// How many messages may arrive at once before the per-minute rate applies.
-    pub message_burst: u32,
-    /// Open WebSocket connections per user.
-    pub max_connections_per_user: usize,
-    /// Login attempts per account per 5 minutes.
-    pub login_attempts_per_account: u32,
-    /// Login attempts per client address per 5 minutes.
-    pub login_attempts_per_address: u32,
-}
-
-impl Default for LimitSettings {
-    fn default() -> Self {
-        Self {
-            max_concurrent_runs_per_user: 3,
-            messages_per_minute: 30,
-            message_burst: 10,
-            max_connections_per_user: 10,
-            login_attempts_per_account: 10,
-            login_attempts_per_address: 100,
-        }
-    }
-}
+pub use crate::settings::LimitSettings;
 
 /// A token bucket per key: `burst` tokens, refilled at `per_second`.
 struct RateLimiter<K> {

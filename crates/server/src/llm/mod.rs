@@ -8,10 +8,9 @@
 //! - [`template::TemplateWriter`]: the deterministic fallback that writes the answer from the
 //!   agents' structured results; agents switch to it when the configured provider fails.
 //!
-//! [`build_provider`] turns the settings into the configured provider; [`accounting`]
-//! records what each request used.
+//! [`build_provider`] turns the settings into the configured provider; what each request
+//! used is recorded by `usage::llm_calls`, above this module.
 
-pub mod accounting;
 pub mod local;
 pub mod openai;
 pub mod stop;

@@ -19,7 +19,6 @@ pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 mod usage_sql;
-mod user_store;
 
 use std::sync::Arc;
 
@@ -29,8 +28,6 @@ use serde_json::Value;
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
 use crate::settings::DatabasePool;
 use apex_protocol::threads::RunStatus;
-
-pub use user_store::UserStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -299,7 +296,7 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
         offset: i64,
     ) -> StoreResult<(Vec<MessageRecord>, i64)>;
-    /// Creates a run, recording `instance` (see [`crate::cluster`]) as the one executing it.
+    /// Creates a run, recording `instance` (see `apex_server::run::cluster`) as the one executing it.
     /// The server submits runs with [`Store::submit_run`]; this is for tools and tests.
     async fn create_run_on(
         &self,
@@ -403,7 +400,7 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64>;
     /// Readiness probe: the database answers.
     async fn ping(&self) -> StoreResult<()>;
-    // ---- several instances (see `crate::cluster`) ----
+    // ---- several instances (see `apex_server::run::cluster`) ----
     /// Records that `instance` is alive at `now_ms`.
     async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()>;
     /// Forgets `instance` (graceful shutdown), and instances silent since `stale_before_ms`.
@@ -416,7 +413,7 @@ pub trait Store: Send + Sync + 'static {
     /// another instance took it first. Exactly one caller wins.
     async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool>;
 
-    // ---- the run queue (see `crate::queue`) ----
+    // ---- the run queue (see `apex_server::run::dispatch`) ----
     /// Stores the user's message and queues the run answering it (status `queued`, no
     /// instance), in one transaction, if the thread is `owner`'s, has no unfinished run,
     /// and `owner` has fewer than `max_unfinished` queued or running runs. A user's

@@ -10,7 +10,8 @@ use apex_protocol::usage::{DailyModelUsage, DailyUsage};
 use chrono::{DateTime, Utc};
 
 use super::summary::{round_usd, window_start_ms};
-use crate::store::{StoreResult, UsageDayTotals, UserStore};
+use crate::store::{StoreResult, UsageDayTotals};
+use crate::user_store::UserStore;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use apex_protocol::usage::{LatencyPercentiles, ModelUsage, UsageSummary, WorkloadUsage};
 
 use crate::clock::ms_to_rfc3339;
-use crate::store::{StoreResult, UsageTotals, UserStore};
+use crate::store::{StoreResult, UsageTotals};
+use crate::user_store::UserStore;
 
 pub const DEFAULT_WINDOW_DAYS: u32 = 30;
 pub const MAX_WINDOW_DAYS: u32 = 365;

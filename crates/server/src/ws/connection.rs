@@ -20,7 +20,6 @@ use apex_protocol::ws::{
 use apex_protocol::PROTOCOL_VERSION;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
-use serde_json::Map;
 use tokio::time::Instant;
 
 use super::frames::{self, ClientFrame, FrameError};
@@ -28,13 +27,12 @@ use super::pacing::{Outbox, Pacing};
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_rfc3339;
 use crate::events::{log, BusEvent, BusRecvError, UserSubscription};
-use crate::http::runs::validate_message;
-use crate::http::threads::{create_thread, message_view};
 use crate::ids::{RequestId, RunId, ThreadId};
 use crate::limits::ConnectionGuard;
-use crate::runs::{start_run, stop_run, StartRunError, StopOutcome};
+use crate::run::{StopOutcome, SubmitError};
 use crate::state::AppState;
-use crate::store::UserStore;
+use crate::user_store::UserStore;
+use crate::views::message_view;
 
 struct Connection {
     socket: WebSocket,
@@ -107,7 +105,7 @@ async fn serve_connection(
     // Subscribe before announcing the connection, so nothing published afterwards is missed.
     let mut subscription = state.infra.bus.subscribe(user.user_id());
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let lifecycle = state.infra.lifecycle.clone();
+    let lifecycle = state.lifecycle.clone();
     let mut told_shutdown = false;
     let mut conn = Connection {
         socket,
@@ -225,6 +223,11 @@ async fn serve_connection(
                 }
             }
             _ = lifecycle.close_sockets.cancelled() => {
+                // Every run here has published its terminal event by now; what is already
+                // queued for this connection goes out before the close.
+                if conn.forward_pending(&mut subscription).await.is_err() {
+                    break Exit::ClientGone;
+                }
                 break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down");
             }
         }
@@ -386,6 +389,17 @@ impl Connection {
         Ok(stopped)
     }
 
+    /// Forwards the events already queued in `subscription`, without waiting for more.
+    async fn forward_pending(
+        &mut self,
+        subscription: &mut UserSubscription,
+    ) -> Result<(), axum::Error> {
+        while let Some(Ok(event)) = subscription.try_recv() {
+            self.forward(&event).await?;
+        }
+        self.socket.flush().await
+    }
+
     /// Replays stored events of `run` after `after_seq`.
     async fn replay(&mut self, run: RunId, after_seq: u64) -> Result<(), ReplayError> {
         let mut cursor = after_seq;
@@ -518,42 +532,37 @@ impl Connection {
     }
 
     async fn start(&mut self, text: Option<String>, thread_id: Option<String>) -> Sent {
-        let text = match text.as_deref().map(validate_message) {
-            None => {
-                return self
-                    .send_error(ws_codes::VALIDATION_ERROR, "a message needs text")
-                    .await
-            }
-            Some(Err(e)) => return self.send_error(ws_codes::VALIDATION_ERROR, e).await,
-            Some(Ok(text)) => text,
+        let Some(text) = text else {
+            return self
+                .send_error(ws_codes::VALIDATION_ERROR, "a message needs text")
+                .await;
         };
         let thread = match thread_id {
-            Some(raw) => match self.own_thread(&raw).await {
-                Ok(Some(id)) => id,
-                Ok(None) => {
+            // A malformed id names no thread of this user.
+            Some(raw) => match ThreadId::parse(&raw) {
+                Ok(id) => Some(id),
+                Err(_) => {
                     return self
                         .send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
                         .await
                 }
-                Err(err) => return self.internal_error(err).await,
             },
-            None => {
-                let title: String = text.chars().take(60).collect();
-                match create_thread(&self.store, &title, Map::new()).await {
-                    Ok(record) => {
-                        self.send_control(&ControlFrame::ThreadCreated {
-                            thread_id: record.id.to_string(),
-                            timestamp: now_rfc3339(),
-                        })
-                        .await?;
-                        record.id
-                    }
-                    Err(err) => return self.internal_error(err).await,
-                }
-            }
+            None => None,
         };
-        match start_run(&self.state, &self.user, thread, text, RequestId::generate()).await {
+        let submitted = self
+            .state
+            .runs
+            .submit(&self.user, thread, &text, RequestId::generate())
+            .await;
+        match submitted {
             Ok(started) => {
+                if started.thread_created {
+                    self.send_control(&ControlFrame::ThreadCreated {
+                        thread_id: started.thread_id.to_string(),
+                        timestamp: now_rfc3339(),
+                    })
+                    .await?;
+                }
                 self.last_started = Some(started.run_id);
                 self.send_control(&ControlFrame::RunAccepted {
                     run_id: started.run_id.to_string(),
@@ -563,26 +572,28 @@ impl Connection {
                 })
                 .await
             }
-            Err(StartRunError::ThreadNotFound) => {
+            Err(SubmitError::InvalidMessage(message)) => {
+                self.send_error(ws_codes::VALIDATION_ERROR, message).await
+            }
+            Err(SubmitError::ThreadNotFound) => {
                 self.send_error(ws_codes::THREAD_NOT_FOUND, "thread not found")
                     .await
             }
-            Err(StartRunError::TooManyRuns) => {
-                let max = self.state.limits.settings.max_concurrent_runs_per_user;
+            Err(SubmitError::TooManyRuns(max)) => {
                 self.send_error(
                     ws_codes::TOO_MANY_RUNS,
                     format!("at most {max} runs at once; wait for one to finish"),
                 )
                 .await
             }
-            Err(StartRunError::ThreadBusy) => {
+            Err(SubmitError::ThreadBusy) => {
                 self.send_error(
                     ws_codes::THREAD_BUSY,
                     "this thread already has a run in progress; wait for it or stop it",
                 )
                 .await
             }
-            Err(StartRunError::RateLimited(wait)) => {
+            Err(SubmitError::RateLimited(wait)) => {
                 self.send_control(&ControlFrame::ErrorMessage {
                     error_code: ws_codes::RATE_LIMITED.into(),
                     error_message: "too many messages; slow down".into(),
@@ -591,14 +602,14 @@ impl Connection {
                 })
                 .await
             }
-            Err(StartRunError::ShuttingDown) => {
+            Err(SubmitError::ShuttingDown) => {
                 self.send_error(
                     ws_codes::SERVER_SHUTTING_DOWN,
                     "the server is shutting down; retry later",
                 )
                 .await
             }
-            Err(StartRunError::Store(err)) => self.internal_error(err).await,
+            Err(SubmitError::Store(err)) => self.internal_error(err).await,
         }
     }
 
@@ -633,7 +644,7 @@ impl Connection {
                 },
             },
         };
-        match stop_run(&self.state, &self.user, run).await {
+        match self.state.runs.stop(&self.user, run).await {
             Ok(StopOutcome::Stopping) => {
                 self.send_control(&ControlFrame::StopAcknowledged {
                     run_id: run.to_string(),

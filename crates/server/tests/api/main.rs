@@ -11,6 +11,7 @@ mod golden_path;
 pub mod helpers;
 mod hostile;
 mod isolation;
+mod layers;
 mod lifecycle;
 mod limits;
 mod no_global_state;

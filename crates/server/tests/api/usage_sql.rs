@@ -17,9 +17,10 @@ use apex_server::agents::optimization::{gather, simulate};
 use apex_server::agents::Opportunity;
 use apex_server::auth::{Authenticator, PasswordHasher};
 use apex_server::settings::{PasswordHashing, Secret};
-use apex_server::store::{UsageRow, UserStore};
+use apex_server::store::UsageRow;
 use apex_server::usage::pricing::{cost_at, PricingTable};
 use apex_server::usage::{daily_for, summary_for};
+use apex_server::user_store::UserStore;
 
 use crate::helpers::test_database;
 

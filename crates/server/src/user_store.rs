@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{
-    CompletionRank, MessageRecord, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
-    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
-};
 use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
+use crate::store::{
+    CompletionRank, MessageRecord, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
+};
 use apex_protocol::threads::RunStatus;
 
 #[derive(Clone)]

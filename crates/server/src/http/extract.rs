@@ -3,26 +3,13 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
-use super::{AuthError, AuthenticatedUser};
+use crate::auth::{bearer_token, AuthError, AuthenticatedUser};
 use crate::error::ApiError;
 use crate::state::AppState;
 use apex_protocol::error::codes;
 
 /// Handlers that take `AuthUser` only run for a verified caller.
 pub struct AuthUser(pub AuthenticatedUser);
-
-/// The token of an `Authorization: Bearer ...` header, if any.
-pub fn bearer_token(parts: &axum::http::HeaderMap) -> Option<&str> {
-    let value = parts
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
 
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;

@@ -1,12 +1,17 @@
-//! The supervisor: runs the pipeline for one run and always ends it with one terminal event.
+//! The supervisor: executes one run to its end and always ends it with one terminal event.
 //!
 //! Whatever happens (success, an agent error, a panic, `stop_agent`, the deadline, server
 //! shutdown), the run ends with `final_report` (success) or `error` (otherwise), then the
-//! supervisor's `agent_completed` with the final status. The run's status and, on success,
-//! the assistant message are stored before the terminal event goes out, so a client that
-//! sees it can immediately read both over REST.
+//! supervisor's `agent_completed` with the final status ([`super::ending::end_run`]). The
+//! run's status and, on success, the assistant message are stored before the terminal
+//! event goes out, so a client that sees it can immediately read both over REST.
+//!
+//! With several instances, a run still going when this instance's shutdown grace period
+//! ends is handed back to the queue instead (while it has attempts left), so another
+//! instance runs it again and continues its log.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Instant;
 
 use apex_protocol::error::agent_codes;
@@ -14,13 +19,37 @@ use apex_protocol::events::{EventBody, SUPERVISOR};
 use apex_protocol::threads::RunStatus;
 use futures_util::FutureExt;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
-use super::reporting::build_report;
-use super::{Agent, AgentContext, AgentError, HandBack, RunInstance, RunState};
+use super::ending::{end_run, Ending, StatusWrite};
+use super::registry::RunSlot;
+use crate::agents::reporting::build_report;
+use crate::agents::{run_pipeline, AgentContext, AgentError, RunInstance, RunState};
 use crate::clock::now_ms;
 use crate::ids::MessageId;
-use crate::runs::RunSlot;
-use crate::store::MessageRecord;
+use crate::store::{MessageRecord, Store};
+
+/// A built run and what executing it here involves.
+pub(super) struct Execution {
+    pub instance: RunInstance,
+    /// The run's registration among the runs executing here; released as it finishes.
+    pub slot: RunSlot,
+    /// Server shutdown: ends the run `interrupted` (or hands it back).
+    pub shutdown: CancellationToken,
+    /// Which start of the run this is (1 = first) and how many it may have; a run whose
+    /// server died is started again from the beginning.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// Set with several instances: where to hand the run back at shutdown.
+    pub hand_back: Option<HandBack>,
+}
+
+/// Returning an interrupted run to the queue so that another instance runs it again.
+pub(super) struct HandBack {
+    pub store: Arc<dyn Store>,
+    /// This instance, which holds the run's claim.
+    pub instance: String,
+}
 
 enum Outcome {
     Completed,
@@ -31,87 +60,17 @@ enum Outcome {
     Interrupted,
 }
 
-impl AgentError {
-    /// What the user is told; details stay in the server log.
-    fn client_message(&self) -> String {
-        match self {
-            AgentError::Emit(_) | AgentError::Store(_) => {
-                "the server could not store the run's progress".into()
-            }
-            AgentError::Tool { tool, .. } => format!("the {tool} tool failed"),
-            AgentError::Llm(err) => err.to_string(),
-            AgentError::Cancelled => "cancelled".into(),
-            AgentError::TimedOut(agent) => format!("the {agent} agent took too long"),
-        }
-    }
-}
-
-async fn run_agent(
-    cx: &AgentContext,
-    agent: &dyn Agent,
-    state: &mut RunState,
-) -> Result<(), AgentError> {
-    let name = agent.name();
-    let started = Instant::now();
-    cx.emitter
-        .emit(
-            name,
-            EventBody::AgentStarted {
-                message: format!("{name} agent started"),
+/// Executes a run to its end. Returns the final status (`queued` if handed back).
+pub(super) async fn execute(run: Execution) -> RunStatus {
+    let Execution {
+        instance:
+            RunInstance {
+                context: cx,
+                agents,
+                request,
             },
-        )
-        .await?;
-    // Inside the run's span (run and request ids), so an agent's log lines say which agent.
-    let span = tracing::info_span!("agent", agent = name);
-    let work = tracing::Instrument::instrument(agent.run(cx, state), span);
-    let outcome = match tokio::time::timeout(cx.ctx.agent_timeout(), work).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(AgentError::TimedOut(name)),
-    };
-    crate::telemetry::agent_finished(name, started.elapsed());
-    match outcome {
-        Ok(result) => {
-            cx.emitter
-                .emit(
-                    name,
-                    EventBody::AgentCompleted {
-                        status: "completed".into(),
-                        result,
-                        execution_time_ms: started.elapsed().as_millis() as u64,
-                    },
-                )
-                .await?;
-            Ok(())
-        }
-        Err(err) => {
-            tracing::warn!(agent = name, error = %err, "agent failed");
-            if !matches!(err, AgentError::Emit(_)) {
-                // Best effort: the run is failing anyway, the terminal event follows.
-                let _ = cx
-                    .emitter
-                    .emit(
-                        name,
-                        EventBody::AgentError {
-                            error_code: err.code().into(),
-                            error_message: err.client_message(),
-                            recoverable: false,
-                        },
-                    )
-                    .await;
-            }
-            Err(err)
-        }
-    }
-}
-
-/// Executes a run to its end. Returns the final status.
-pub async fn execute(run: RunInstance) -> RunStatus {
-    let RunInstance {
-        context: cx,
-        agents,
-        request,
-        shutdown,
         slot,
+        shutdown,
         attempt,
         max_attempts,
         hand_back,
@@ -149,10 +108,7 @@ pub async fn execute(run: RunInstance) -> RunStatus {
                     },
                 )
                 .await?;
-            for agent in &agents {
-                run_agent(&cx, agent.as_ref(), &mut state).await?;
-            }
-            Ok::<(), AgentError>(())
+            run_pipeline(&cx, &agents, &mut state).await
         })
         .catch_unwind();
         tokio::select! {
@@ -211,19 +167,9 @@ async fn handed_back(cx: &AgentContext, hand_back: &HandBack, started: Instant) 
     }
 }
 
-async fn finish(
-    cx: &AgentContext,
-    slot: &RunSlot,
-    state: RunState,
-    outcome: Outcome,
-    started: Instant,
-) -> RunStatus {
-    let run_id = cx.ctx.run_id();
-    let total_duration_ms = started.elapsed().as_millis() as u64;
-    // Before the terminal event, so a client that asks about its usage right after the run
-    // sees the run's own LLM requests.
-    cx.flush_llm_usage().await;
-    let (status, error) = match outcome {
+/// The status and, unless the run completed, the error code and message of `outcome`.
+fn status_of(outcome: Outcome) -> (RunStatus, Option<(String, String)>) {
+    match outcome {
         Outcome::Completed => (RunStatus::Completed, None),
         Outcome::AgentTimedOut(agent) => (
             RunStatus::TimedOut,
@@ -251,7 +197,22 @@ async fn finish(
                 "the server shut down during the run".into(),
             )),
         ),
-    };
+    }
+}
+
+async fn finish(
+    cx: &AgentContext,
+    slot: &RunSlot,
+    state: RunState,
+    outcome: Outcome,
+    started: Instant,
+) -> RunStatus {
+    let run_id = cx.ctx.run_id();
+    let total_duration_ms = started.elapsed().as_millis() as u64;
+    // Before the terminal event, so a client that asks about its usage right after the run
+    // sees the run's own LLM requests.
+    cx.flush_llm_usage().await;
+    let (status, error) = status_of(outcome);
     let report = state.report.clone().unwrap_or_else(|| build_report(&state));
 
     if status == RunStatus::Completed {
@@ -279,40 +240,25 @@ async fn finish(
                 },
             )
             .await;
-    } else if let Some((code, message)) = &error {
-        let _ = cx
-            .emitter
-            .emit(
-                SUPERVISOR,
-                EventBody::RunError {
-                    error_code: code.clone(),
-                    error_message: message.clone(),
-                },
-            )
-            .await;
     }
-
-    let error_text = error
-        .as_ref()
-        .map(|(code, message)| format!("{code}: {message}"));
-    if let Err(err) = cx
-        .store
-        .set_run_status(run_id, status, error_text.as_deref(), now_ms())
-        .await
-    {
-        tracing::error!(%run_id, error = %err, "could not store the run's final status");
-    }
-    // The outcome is decided and stored: the user may start the next run on this thread
-    // as soon as they see the terminal event.
-    slot.mark_finishing();
-    let terminal = EventBody::RunFinished {
+    let ending = Ending {
         status,
-        final_response: state.answer,
-        result: report,
-        execution_time_ms: total_duration_ms,
-        error: error.map(|(_, message)| message),
+        error,
+        answer: state.answer,
+        report,
+        duration_ms: total_duration_ms,
     };
-    if let Err(err) = cx.emitter.emit_terminal(SUPERVISOR, terminal).await {
+    // Once the outcome is stored, the user may start the next run on this thread as soon
+    // as they see the terminal event: the run no longer counts and can no longer be
+    // stopped.
+    let ended = end_run(
+        &cx.emitter,
+        StatusWrite::BestEffort(&cx.store),
+        ending,
+        || slot.mark_finishing(),
+    )
+    .await;
+    if let Err(err) = ended {
         tracing::error!(%run_id, error = %err, "terminal event was delivered but not stored");
     }
     crate::telemetry::run_finished(status.as_str(), started.elapsed());

@@ -10,9 +10,10 @@
 
 use std::time::Duration;
 
-use super::{LlmProvider, TokenUsage};
-use crate::store::{UsageRow, UserStore};
-use crate::usage::pricing::PricingTable;
+use super::pricing::PricingTable;
+use crate::llm::{LlmProvider, TokenUsage};
+use crate::store::UsageRow;
+use crate::user_store::UserStore;
 
 /// One finished LLM request.
 pub struct LlmCall<'a> {

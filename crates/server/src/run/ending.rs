@@ -1,0 +1,224 @@
+//! Ending a run, and stopping one wherever it is.
+//!
+//! Every run ends through [`end_run`], whoever ends it: the supervisor (completed, failed,
+//! stopped, timed out, interrupted by shutdown), a stop for a run still waiting in the
+//! queue ([`Runs::stop`]), or a survivor ending the run of an instance that died
+//! ([`interrupt_run`]). So every ending has the same shape: an `error` event if the run did
+//! not complete, its stored status, then exactly one terminal event, which is last.
+//!
+//! A stop reaches the run wherever it is: executing here (its cancellation token, through
+//! the registry, which checks the owner), still queued (ended in the database, unless an
+//! instance claims it first), or executing on another instance (checked against the store,
+//! then sent over the bus; that instance's registry checks the owner again).
+
+use std::sync::Arc;
+
+use apex_protocol::error::agent_codes;
+use apex_protocol::events::{EventBody, SUPERVISOR};
+use apex_protocol::threads::RunStatus;
+use serde_json::Value;
+
+use super::Runs;
+use crate::auth::AuthenticatedUser;
+use crate::clock::now_ms;
+use crate::context::UserExecutionContext;
+use crate::events::{EmitError, EventBus, UserEmitter};
+use crate::ids::{RunId, UserId};
+use crate::store::{RunRecord, Store, StoreError};
+use crate::user_store::UserStore;
+
+/// Answer to a stop request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Cancellation was requested; the run ends with `status: cancelled`.
+    Stopping,
+    /// The run exists but already ended with this status.
+    AlreadyFinished(RunStatus),
+    /// No run of this user has that id.
+    NotFound,
+}
+
+/// How a run ended, as its last events and stored status say.
+pub(super) struct Ending {
+    pub status: RunStatus,
+    /// The error code and the message the user is told; `None` for a completed run.
+    pub error: Option<(String, String)>,
+    /// The answer (empty unless completed).
+    pub answer: String,
+    /// The run's report (`null` when no agent produced one).
+    pub report: Value,
+    pub duration_ms: u64,
+}
+
+impl Ending {
+    /// A run that ended without its agents having produced anything.
+    fn bare(status: RunStatus, code: &str, message: &str) -> Self {
+        Self {
+            status,
+            error: Some((code.into(), message.into())),
+            answer: String::new(),
+            report: Value::Null,
+            duration_ms: 0,
+        }
+    }
+}
+
+/// How [`end_run`] stores the run's status.
+pub(super) enum StatusWrite<'a> {
+    /// Store it; if that fails, write no terminal event and return the error (the run
+    /// stays unfinished, so a later sweep tries again).
+    Store(&'a UserStore),
+    /// Store it; if that fails, log and still end the run for its watchers (the
+    /// supervisor's case: a client must see its run end).
+    BestEffort(&'a UserStore),
+    /// The caller already stored it (conditionally, as its claim on the run).
+    AlreadyStored,
+}
+
+/// Ends a run: its `error` event (unless it completed), its status, then the terminal
+/// event. `on_stored` runs once the status is stored, before the terminal event goes out.
+pub(super) async fn end_run(
+    emitter: &UserEmitter,
+    status_write: StatusWrite<'_>,
+    ending: Ending,
+    on_stored: impl FnOnce(),
+) -> Result<(), StoreError> {
+    let run_id = emitter.run_id();
+    if let Some((code, message)) = &ending.error {
+        // Best effort: the terminal event follows and carries the message too.
+        let _ = emitter
+            .emit(
+                SUPERVISOR,
+                EventBody::RunError {
+                    error_code: code.clone(),
+                    error_message: message.clone(),
+                },
+            )
+            .await;
+    }
+    let error_text = ending
+        .error
+        .as_ref()
+        .map(|(code, message)| format!("{code}: {message}"));
+    let store_status = |store: &'_ UserStore| {
+        let store = store.clone();
+        let error_text = error_text.clone();
+        async move {
+            store
+                .set_run_status(run_id, ending.status, error_text.as_deref(), now_ms())
+                .await
+        }
+    };
+    match status_write {
+        StatusWrite::Store(store) => store_status(store).await?,
+        StatusWrite::BestEffort(store) => {
+            if let Err(err) = store_status(store).await {
+                tracing::error!(%run_id, error = %err, "could not store the run's final status");
+            }
+        }
+        StatusWrite::AlreadyStored => {}
+    }
+    on_stored();
+    let terminal = EventBody::RunFinished {
+        status: ending.status,
+        final_response: ending.answer,
+        result: ending.report,
+        execution_time_ms: ending.duration_ms,
+        error: ending.error.map(|(_, message)| message),
+    };
+    match emitter.emit_terminal(SUPERVISOR, terminal).await {
+        Ok(_) => Ok(()),
+        Err(EmitError::Storage(err)) => Err(err),
+        Err(other) => Err(StoreError::Corrupt(other.to_string())),
+    }
+}
+
+/// Ends a run whose executing process is gone: an `error` event, status `interrupted`,
+/// and the terminal event, through the normal emitter (persisted, then published), with
+/// seqs continuing the stored log.
+pub async fn interrupt_run(
+    store: &Arc<dyn Store>,
+    bus: &Arc<dyn EventBus>,
+    owner: UserId,
+    run: &RunRecord,
+) -> Result<(), StoreError> {
+    let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
+    let emitter = UserEmitter::resuming(&ctx, Arc::clone(store), Arc::clone(bus), run.last_seq);
+    let user_store = UserStore::for_context(Arc::clone(store), &ctx);
+    let ending = Ending::bare(
+        RunStatus::Interrupted,
+        agent_codes::INTERRUPTED,
+        "the server stopped during the run",
+    );
+    end_run(&emitter, StatusWrite::Store(&user_store), ending, || {}).await
+}
+
+impl Runs {
+    /// Stops a run of `user`, wherever it is (see the module docs).
+    pub async fn stop(
+        &self,
+        user: &AuthenticatedUser,
+        run: RunId,
+    ) -> Result<StopOutcome, StoreError> {
+        let shared = &self.shared;
+        if shared.registry.cancel(user.user_id(), run) {
+            return Ok(StopOutcome::Stopping);
+        }
+        let store = UserStore::for_user(Arc::clone(&shared.infra.store), user);
+        Ok(match store.get_run(run).await? {
+            None => StopOutcome::NotFound,
+            Some(record) if record.status.is_terminal() => {
+                StopOutcome::AlreadyFinished(record.status)
+            }
+            // Still waiting in the queue: end it there, unless an instance claims it first.
+            Some(record)
+                if record.status == RunStatus::Queued
+                    && self.end_unclaimed_run(user.user_id(), &record).await? =>
+            {
+                StopOutcome::Stopping
+            }
+            // Claimed by this process since the first look.
+            Some(_) if shared.registry.cancel(user.user_id(), run) => StopOutcome::Stopping,
+            // The caller's run, unfinished, and not executing here: it runs on another
+            // instance (which cancels it when it gets this request), or it is finishing.
+            Some(_) => {
+                if !shared.infra.bus.request_stop(user.user_id(), run)
+                    && shared.settings.several_instances
+                {
+                    tracing::warn!(run_id = %run, "the stop request could not be sent to the other instances");
+                }
+                StopOutcome::Stopping
+            }
+        })
+    }
+
+    /// Stops a run that is still queued and unclaimed: status `cancelled`, then its error
+    /// and terminal events, as if the supervisor had stopped it. `false` if an instance
+    /// claimed it (or it finished) in the meantime.
+    async fn end_unclaimed_run(&self, owner: UserId, run: &RunRecord) -> Result<bool, StoreError> {
+        let infra = &self.shared.infra;
+        let ending = Ending::bare(
+            RunStatus::Cancelled,
+            agent_codes::CANCELLED,
+            "the run was stopped",
+        );
+        let error = format!("{}: the run was stopped", agent_codes::CANCELLED);
+        // Storing the status is the claim: it succeeds only while the run is unclaimed.
+        if !infra
+            .store
+            .finish_unclaimed_run(owner, run.id, RunStatus::Cancelled, &error, now_ms())
+            .await?
+        {
+            return Ok(false);
+        }
+        let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
+        let emitter = UserEmitter::resuming(
+            &ctx,
+            Arc::clone(&infra.store),
+            Arc::clone(&infra.bus),
+            run.last_seq,
+        );
+        end_run(&emitter, StatusWrite::AlreadyStored, ending, || {}).await?;
+        Ok(true)
+    }
+}

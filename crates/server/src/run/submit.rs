@@ -1,0 +1,219 @@
+//! Submitting a run: the one road from a user's message to a queued (or started) run.
+//!
+//! [`Runs::submit`] is used by every entry point. It validates the message, creates the
+//! thread for a message that names none, and stores the message and the run answering it
+//! in one transaction that also enforces the user's limits (unfinished runs, one run per
+//! thread) in the database, so they hold across instances. If this instance has room (a
+//! [`RunReservation`](super::registry::RunReservation)) and no run waits in the queue,
+//! the same transaction claims the run and it starts at once; otherwise this instance's
+//! dispatcher is woken and claims it when it can. Either way the run executes detached
+//! from the socket or request that asked for it: closing the socket does not stop it.
+
+use std::sync::Arc;
+
+use apex_protocol::threads::RunStatus;
+use serde_json::{json, Value};
+
+use super::Runs;
+use crate::auth::AuthenticatedUser;
+use crate::clock::now_ms;
+use crate::ids::{MessageId, RequestId, RunId, ThreadId};
+use crate::store::{
+    MessageRecord, QueueEntry, RunRecord, RunSubmission, StoreError, SubmitOutcome, ThreadRecord,
+};
+use crate::user_store::UserStore;
+
+/// Longest accepted user message, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 16_000;
+
+/// Characters of the message that title a thread created for it.
+const TITLE_CHARS: usize = 60;
+
+/// Why a message did not start a run.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    InvalidMessage(String),
+    #[error("thread not found")]
+    ThreadNotFound,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The user already has this many unfinished runs.
+    #[error("too many runs at once")]
+    TooManyRuns(usize),
+    #[error("the thread already has a run in progress")]
+    ThreadBusy,
+    #[error("rate limited")]
+    RateLimited(std::time::Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A run that was accepted.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub run_id: RunId,
+    pub thread_id: ThreadId,
+    pub message_id: MessageId,
+    /// The message named no thread and this one was created for it.
+    pub thread_created: bool,
+}
+
+/// The message as stored: trimmed, non-empty, at most [`MAX_MESSAGE_CHARS`], no NUL.
+pub fn validate_message(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("message must not be empty".into());
+    }
+    if text.chars().count() > MAX_MESSAGE_CHARS {
+        return Err(format!(
+            "message must be at most {MAX_MESSAGE_CHARS} characters"
+        ));
+    }
+    // PostgreSQL cannot store U+0000 in text; refuse it on every engine alike.
+    if text.contains('\0') {
+        return Err("message must not contain NUL characters".into());
+    }
+    Ok(text.to_string())
+}
+
+impl Runs {
+    /// Stores `message` as the user's message in `thread` (which must be theirs; `None`
+    /// creates one titled from the message) and queues a run answering it, within the
+    /// user's limits: message rate, unfinished runs, one run per thread.
+    pub async fn submit(
+        &self,
+        user: &AuthenticatedUser,
+        thread: Option<ThreadId>,
+        message: &str,
+        request_id: RequestId,
+    ) -> Result<Submitted, SubmitError> {
+        let text = validate_message(message).map_err(SubmitError::InvalidMessage)?;
+        let shared = &self.shared;
+        if shared.lifecycle.draining.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let store = UserStore::for_user(Arc::clone(&shared.infra.store), user);
+        let (thread, thread_created) = match thread {
+            // Unknown or foreign threads are answered before limits are spent on them.
+            Some(id) => match store.get_thread(id).await? {
+                Some(_) => (id, false),
+                None => return Err(SubmitError::ThreadNotFound),
+            },
+            None => (create_thread_for(&store, &text).await?, true),
+        };
+        self.check_message_rate(user).await?;
+
+        let run_id = RunId::generate();
+        let now = now_ms();
+        let message = MessageRecord {
+            id: MessageId::generate(),
+            thread_id: thread,
+            role: "user".into(),
+            content: text,
+            metadata: json!({ "run_id": run_id.to_string() }),
+            created_at_ms: now,
+        };
+        let run = RunRecord {
+            id: run_id,
+            thread_id: thread,
+            status: RunStatus::Queued,
+            created_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            last_seq: 0,
+        };
+        let request = request_id.to_string();
+        // With room here, the run is claimed in the submitting transaction and started at
+        // once; otherwise it waits in the queue for this or another instance's dispatcher.
+        let reservation = shared
+            .registry
+            .try_reserve(shared.settings.max_runs_per_instance);
+        let max_unfinished = shared.limits.settings.max_concurrent_runs_per_user;
+        let submission = RunSubmission {
+            message: &message,
+            run: &run,
+            request_id: &request,
+            max_unfinished,
+            claim_by: reservation.as_ref().map(|_| shared.instance_id.as_str()),
+        };
+        let claimed = match store.submit_run(&submission).await? {
+            SubmitOutcome::Queued => false,
+            SubmitOutcome::Claimed => true,
+            SubmitOutcome::ThreadNotFound => return Err(SubmitError::ThreadNotFound),
+            SubmitOutcome::ThreadBusy => {
+                crate::telemetry::limit_rejected("thread_busy");
+                return Err(SubmitError::ThreadBusy);
+            }
+            SubmitOutcome::TooManyRuns => {
+                crate::telemetry::limit_rejected("too_many_runs");
+                return Err(SubmitError::TooManyRuns(max_unfinished));
+            }
+        };
+        crate::telemetry::run_queued();
+        match reservation.filter(|_| claimed) {
+            Some(reservation) => {
+                let entry = QueueEntry {
+                    owner: user.user_id(),
+                    run: RunRecord {
+                        status: RunStatus::Running,
+                        started_at_ms: Some(now),
+                        ..run
+                    },
+                    input: Some(message.content.clone()),
+                    request_id: Some(request),
+                    attempts: 1,
+                    instance: Some(shared.instance_id.clone()),
+                };
+                self.start(entry, Some(reservation)).await;
+            }
+            None => self.wake_dispatcher(),
+        }
+        Ok(Submitted {
+            run_id,
+            thread_id: thread,
+            message_id: message.id,
+            thread_created,
+        })
+    }
+
+    /// Spends one of `user`'s message-rate tokens (every message counts, whether it
+    /// starts a run or asks the model directly); counts a refusal in the metrics.
+    pub async fn check_message_rate(&self, user: &AuthenticatedUser) -> Result<(), SubmitError> {
+        self.shared
+            .limits
+            .check_message(user.user_id())
+            .await
+            .map_err(|wait| {
+                crate::telemetry::limit_rejected("rate_limited");
+                SubmitError::RateLimited(wait)
+            })
+    }
+}
+
+/// Creates the thread a message without one starts, titled from the message.
+async fn create_thread_for(store: &UserStore, text: &str) -> Result<ThreadId, StoreError> {
+    let now = now_ms();
+    let record = ThreadRecord {
+        id: ThreadId::generate(),
+        title: text
+            .chars()
+            .take(TITLE_CHARS)
+            .collect::<String>()
+            .trim()
+            .to_string(),
+        metadata: Value::Object(Default::default()),
+        created_at_ms: now,
+        updated_at_ms: now,
+        message_count: 0,
+    };
+    store.create_thread(&record).await?;
+    Ok(record.id)
+}
+
+/// The user's queued or running runs on every instance, newest first.
+pub async fn unfinished_runs_of(store: &UserStore) -> Result<Vec<RunRecord>, StoreError> {
+    // `finished_since` in the future: only unfinished runs qualify.
+    store.recent_runs(i64::MAX, 1000).await
+}
