@@ -3,6 +3,7 @@
 //! Every failed HTTP request answers `{"error":{"code":"snake_case_code","message":"..."}}`.
 //! Codes are part of the contract: clients branch on them, so they never change meaning.
 //! WebSocket errors use the upper-case codes in [`ws_codes`] inside an `error_message` frame.
+//! Both come from one table, [`ErrorCode`].
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -23,50 +24,184 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// REST error codes (snake_case), paired with their HTTP status in `docs/protocol.md`.
-pub mod codes {
-    pub const VALIDATION_FAILED: &str = "validation_failed";
-    pub const EMAIL_TAKEN: &str = "email_taken";
-    pub const INVALID_CREDENTIALS: &str = "invalid_credentials";
-    pub const UNAUTHORIZED: &str = "unauthorized";
-    pub const INVALID_TOKEN: &str = "invalid_token";
-    pub const NOT_FOUND: &str = "not_found";
-    pub const RUN_NOT_ACTIVE: &str = "run_not_active";
-    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
-    pub const INVALID_JSON: &str = "invalid_json";
-    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
-    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
-    pub const SHUTTING_DOWN: &str = "shutting_down";
-    pub const TOO_MANY_RUNS: &str = "too_many_runs";
-    pub const THREAD_BUSY: &str = "thread_busy";
-    pub const RATE_LIMITED: &str = "rate_limited";
-    pub const ORIGIN_NOT_ALLOWED: &str = "origin_not_allowed";
+/// Every error a client can be told about, over REST or the WebSocket: one row per
+/// concept, with its REST code (snake_case, in the JSON error body), its WebSocket code
+/// (upper case, in an `error_message` frame, as the original system's clients expect) and
+/// its HTTP status. The constants in [`codes`] and [`ws_codes`] are read from this table,
+/// so the two vocabularies cannot drift apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request is well-formed but a value is not acceptable.
+    ValidationFailed,
+    EmailTaken,
+    InvalidCredentials,
+    /// No credential was given.
+    Unauthorized,
+    /// The credential is invalid, expired or revoked.
+    InvalidToken,
+    /// A resource other than a thread or run does not exist (or is someone else's).
+    NotFound,
+    /// The thread does not exist or is someone else's (REST: `not_found`).
+    ThreadNotFound,
+    /// The run does not exist or is someone else's (REST: `not_found`).
+    RunNotFound,
+    /// The run already ended (or, on the socket, there is no run to stop).
+    RunNotActive,
+    PayloadTooLarge,
+    /// The body or frame is not JSON of the expected shape.
+    InvalidJson,
+    UnsupportedMediaType,
+    MethodNotAllowed,
+    /// The server is draining: no new runs.
+    ShuttingDown,
+    /// The user has as many unfinished runs as allowed.
+    TooManyRuns,
+    /// The thread already has a run in progress.
+    ThreadBusy,
+    /// Too many messages; retry after the given time.
+    RateLimited,
+    /// A browser origin that may not call the API.
+    OriginNotAllowed,
     /// The requested events were removed by retention; reload the thread.
-    pub const RESUME_GAP: &str = "resume_gap";
+    ResumeGap,
     /// `/v1/chat/completions`: the model is not one `/v1/models` lists.
-    pub const MODEL_NOT_FOUND: &str = "model_not_found";
+    ModelNotFound,
     /// `/v1/chat/completions` with model `apex`: the run ended other than `completed`.
-    pub const RUN_FAILED: &str = "run_failed";
-    /// `/v1/chat/completions` with the local model: it could not answer (queue full, failure).
-    pub const LLM_UNAVAILABLE: &str = "llm_unavailable";
-    pub const INTERNAL: &str = "internal_error";
+    RunFailed,
+    /// `/v1/chat/completions` with the local model: it could not answer (queue full,
+    /// failure).
+    LlmUnavailable,
+    /// The user has as many open WebSocket connections as allowed.
+    TooManyConnections,
+    /// A WebSocket frame of a type the server does not know.
+    UnknownMessageType,
+    /// A failure of the server's own; details stay in its log.
+    Internal,
 }
 
-/// WebSocket error codes (upper case, as the original system's clients expect).
+impl ErrorCode {
+    /// Every row of the table.
+    pub const ALL: [ErrorCode; 25] = [
+        ErrorCode::ValidationFailed,
+        ErrorCode::EmailTaken,
+        ErrorCode::InvalidCredentials,
+        ErrorCode::Unauthorized,
+        ErrorCode::InvalidToken,
+        ErrorCode::NotFound,
+        ErrorCode::ThreadNotFound,
+        ErrorCode::RunNotFound,
+        ErrorCode::RunNotActive,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::InvalidJson,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::ShuttingDown,
+        ErrorCode::TooManyRuns,
+        ErrorCode::ThreadBusy,
+        ErrorCode::RateLimited,
+        ErrorCode::OriginNotAllowed,
+        ErrorCode::ResumeGap,
+        ErrorCode::ModelNotFound,
+        ErrorCode::RunFailed,
+        ErrorCode::LlmUnavailable,
+        ErrorCode::TooManyConnections,
+        ErrorCode::UnknownMessageType,
+        ErrorCode::Internal,
+    ];
+
+    /// `(REST code, WebSocket code, HTTP status)`.
+    const fn row(self) -> (&'static str, &'static str, u16) {
+        match self {
+            ErrorCode::ValidationFailed => ("validation_failed", "VALIDATION_ERROR", 422),
+            ErrorCode::EmailTaken => ("email_taken", "EMAIL_TAKEN", 409),
+            ErrorCode::InvalidCredentials => ("invalid_credentials", "INVALID_CREDENTIALS", 401),
+            ErrorCode::Unauthorized => ("unauthorized", "AUTH_FAILED", 401),
+            ErrorCode::InvalidToken => ("invalid_token", "AUTH_FAILED", 401),
+            ErrorCode::NotFound => ("not_found", "NOT_FOUND", 404),
+            ErrorCode::ThreadNotFound => ("not_found", "THREAD_NOT_FOUND", 404),
+            ErrorCode::RunNotFound => ("not_found", "RUN_NOT_FOUND", 404),
+            ErrorCode::RunNotActive => ("run_not_active", "RUN_NOT_ACTIVE", 409),
+            ErrorCode::PayloadTooLarge => ("payload_too_large", "PAYLOAD_TOO_LARGE", 413),
+            ErrorCode::InvalidJson => ("invalid_json", "JSON_PARSE_ERROR", 400),
+            ErrorCode::UnsupportedMediaType => {
+                ("unsupported_media_type", "UNSUPPORTED_MEDIA_TYPE", 415)
+            }
+            ErrorCode::MethodNotAllowed => ("method_not_allowed", "METHOD_NOT_ALLOWED", 405),
+            ErrorCode::ShuttingDown => ("shutting_down", "SERVER_SHUTTING_DOWN", 503),
+            ErrorCode::TooManyRuns => ("too_many_runs", "TOO_MANY_RUNS", 429),
+            ErrorCode::ThreadBusy => ("thread_busy", "THREAD_BUSY", 409),
+            ErrorCode::RateLimited => ("rate_limited", "RATE_LIMITED", 429),
+            ErrorCode::OriginNotAllowed => ("origin_not_allowed", "ORIGIN_NOT_ALLOWED", 403),
+            ErrorCode::ResumeGap => ("resume_gap", "RESUME_GAP", 410),
+            ErrorCode::ModelNotFound => ("model_not_found", "MODEL_NOT_FOUND", 404),
+            ErrorCode::RunFailed => ("run_failed", "RUN_FAILED", 502),
+            ErrorCode::LlmUnavailable => ("llm_unavailable", "LLM_UNAVAILABLE", 503),
+            ErrorCode::TooManyConnections => ("too_many_connections", "TOO_MANY_CONNECTIONS", 429),
+            ErrorCode::UnknownMessageType => ("unknown_message_type", "UNKNOWN_MESSAGE_TYPE", 400),
+            ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
+        }
+    }
+
+    /// The code in a REST error body.
+    pub const fn rest(self) -> &'static str {
+        self.row().0
+    }
+
+    /// The code in a WebSocket `error_message` frame.
+    pub const fn ws(self) -> &'static str {
+        self.row().1
+    }
+
+    /// The HTTP status a REST answer with this code has.
+    pub const fn http_status(self) -> u16 {
+        self.row().2
+    }
+}
+
+/// REST error codes (snake_case), from [`ErrorCode`]; `docs/errors.md` lists them.
+pub mod codes {
+    use super::ErrorCode as C;
+
+    pub const VALIDATION_FAILED: &str = C::ValidationFailed.rest();
+    pub const EMAIL_TAKEN: &str = C::EmailTaken.rest();
+    pub const INVALID_CREDENTIALS: &str = C::InvalidCredentials.rest();
+    pub const UNAUTHORIZED: &str = C::Unauthorized.rest();
+    pub const INVALID_TOKEN: &str = C::InvalidToken.rest();
+    pub const NOT_FOUND: &str = C::NotFound.rest();
+    pub const RUN_NOT_ACTIVE: &str = C::RunNotActive.rest();
+    pub const PAYLOAD_TOO_LARGE: &str = C::PayloadTooLarge.rest();
+    pub const INVALID_JSON: &str = C::InvalidJson.rest();
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = C::UnsupportedMediaType.rest();
+    pub const METHOD_NOT_ALLOWED: &str = C::MethodNotAllowed.rest();
+    pub const SHUTTING_DOWN: &str = C::ShuttingDown.rest();
+    pub const TOO_MANY_RUNS: &str = C::TooManyRuns.rest();
+    pub const THREAD_BUSY: &str = C::ThreadBusy.rest();
+    pub const RATE_LIMITED: &str = C::RateLimited.rest();
+    pub const ORIGIN_NOT_ALLOWED: &str = C::OriginNotAllowed.rest();
+    pub const RESUME_GAP: &str = C::ResumeGap.rest();
+    pub const MODEL_NOT_FOUND: &str = C::ModelNotFound.rest();
+    pub const RUN_FAILED: &str = C::RunFailed.rest();
+    pub const LLM_UNAVAILABLE: &str = C::LlmUnavailable.rest();
+    pub const INTERNAL: &str = C::Internal.rest();
+}
+
+/// WebSocket error codes (upper case), from [`ErrorCode`].
 pub mod ws_codes {
-    pub const AUTH_FAILED: &str = "AUTH_FAILED";
-    pub const JSON_PARSE_ERROR: &str = "JSON_PARSE_ERROR";
-    pub const UNKNOWN_MESSAGE_TYPE: &str = "UNKNOWN_MESSAGE_TYPE";
-    pub const VALIDATION_ERROR: &str = "VALIDATION_ERROR";
-    pub const THREAD_NOT_FOUND: &str = "THREAD_NOT_FOUND";
-    pub const RUN_NOT_FOUND: &str = "RUN_NOT_FOUND";
-    pub const RUN_NOT_ACTIVE: &str = "RUN_NOT_ACTIVE";
-    pub const SERVER_SHUTTING_DOWN: &str = "SERVER_SHUTTING_DOWN";
-    pub const TOO_MANY_RUNS: &str = "TOO_MANY_RUNS";
-    pub const THREAD_BUSY: &str = "THREAD_BUSY";
-    pub const RATE_LIMITED: &str = "RATE_LIMITED";
-    pub const TOO_MANY_CONNECTIONS: &str = "TOO_MANY_CONNECTIONS";
-    pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+    use super::ErrorCode as C;
+
+    pub const AUTH_FAILED: &str = C::InvalidToken.ws();
+    pub const JSON_PARSE_ERROR: &str = C::InvalidJson.ws();
+    pub const UNKNOWN_MESSAGE_TYPE: &str = C::UnknownMessageType.ws();
+    pub const VALIDATION_ERROR: &str = C::ValidationFailed.ws();
+    pub const THREAD_NOT_FOUND: &str = C::ThreadNotFound.ws();
+    pub const RUN_NOT_FOUND: &str = C::RunNotFound.ws();
+    pub const RUN_NOT_ACTIVE: &str = C::RunNotActive.ws();
+    pub const SERVER_SHUTTING_DOWN: &str = C::ShuttingDown.ws();
+    pub const TOO_MANY_RUNS: &str = C::TooManyRuns.ws();
+    pub const THREAD_BUSY: &str = C::ThreadBusy.ws();
+    pub const RATE_LIMITED: &str = C::RateLimited.ws();
+    pub const TOO_MANY_CONNECTIONS: &str = C::TooManyConnections.ws();
+    pub const INTERNAL_ERROR: &str = C::Internal.ws();
 }
 
 /// Codes carried by `agent_error` events and by the terminal event of a failed run.
@@ -79,4 +214,38 @@ pub mod agent_codes {
     pub const STORAGE_FAILED: &str = "STORAGE_FAILED";
     /// The server stopped (shutdown after the grace period, or a crash) during the run.
     pub const INTERRUPTED: &str = "INTERRUPTED";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    /// REST codes are snake_case, socket codes upper case, and one code never means two
+    /// things on the same side (the not-found family shares REST's `not_found` on
+    /// purpose; the unauthenticated pair shares the socket's `AUTH_FAILED`).
+    #[test]
+    fn the_table_is_consistent() {
+        for code in ErrorCode::ALL {
+            assert!(code
+                .rest()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(code
+                .ws()
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_'));
+            assert!((400..600).contains(&code.http_status()), "{code:?}");
+        }
+        for (i, a) in ErrorCode::ALL.iter().enumerate() {
+            for b in &ErrorCode::ALL[i + 1..] {
+                if a.ws() == b.ws() {
+                    assert_eq!(a.ws(), "AUTH_FAILED", "{a:?} and {b:?}");
+                }
+                if a.rest() == b.rest() {
+                    assert_eq!(a.rest(), "not_found", "{a:?} and {b:?}");
+                    assert_eq!(a.http_status(), b.http_status());
+                }
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! meant for the client; internal failures are logged once here, with their cause, and the
 //! client only ever sees `internal_error` (no SQL, paths or stack traces leak out).
 
-use apex_protocol::error::{codes, ErrorBody, ErrorDetail};
+use apex_protocol::error::{codes, ErrorBody, ErrorCode, ErrorDetail};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -53,6 +53,13 @@ impl ApiError {
         Self::client(StatusCode::UNAUTHORIZED, code, message)
     }
 
+    /// A client error with its code's status from the one table of codes.
+    pub fn coded(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self::client(status, code.rest(), message)
+    }
+
     pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self::Client {
             status,
@@ -65,29 +72,15 @@ impl ApiError {
 impl From<SubmitError> for ApiError {
     fn from(err: SubmitError) -> Self {
         match err {
-            SubmitError::InvalidMessage(message) => ApiError::validation(message),
-            SubmitError::ThreadNotFound => ApiError::not_found("thread"),
-            SubmitError::TooManyRuns(max) => ApiError::client(
-                StatusCode::TOO_MANY_REQUESTS,
-                codes::TOO_MANY_RUNS,
-                format!("at most {max} runs at once; wait for one to finish"),
-            ),
-            SubmitError::ThreadBusy => ApiError::client(
-                StatusCode::CONFLICT,
-                codes::THREAD_BUSY,
-                "this thread already has a run in progress",
-            ),
+            SubmitError::Store(err) => err.into(),
             SubmitError::RateLimited(retry_after) => ApiError::Limited {
-                code: codes::RATE_LIMITED,
-                message: "too many messages; slow down".into(),
+                code: err.code().rest(),
+                message: err.to_string(),
                 retry_after,
             },
-            SubmitError::ShuttingDown => ApiError::client(
-                StatusCode::SERVICE_UNAVAILABLE,
-                codes::SHUTTING_DOWN,
-                "the server is shutting down; retry later",
-            ),
-            SubmitError::Store(err) => err.into(),
+            // `thread not found` answers like every other missing resource.
+            SubmitError::ThreadNotFound => ApiError::not_found("thread"),
+            other => ApiError::coded(other.code(), other.to_string()),
         }
     }
 }

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use apex_protocol::error::ErrorCode;
 use apex_protocol::threads::RunStatus;
 use serde_json::{json, Value};
 
@@ -29,24 +30,41 @@ pub const MAX_MESSAGE_CHARS: usize = 16_000;
 /// Characters of the message that title a thread created for it.
 const TITLE_CHARS: usize = 60;
 
-/// Why a message did not start a run.
+/// Why a message did not start a run. The `Display` text is what the user is told (REST
+/// and WebSocket alike), with [`SubmitError::code`].
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("{0}")]
     InvalidMessage(String),
     #[error("thread not found")]
     ThreadNotFound,
-    #[error("the server is shutting down")]
+    #[error("the server is shutting down; retry later")]
     ShuttingDown,
     /// The user already has this many unfinished runs.
-    #[error("too many runs at once")]
+    #[error("at most {0} runs at once; wait for one to finish")]
     TooManyRuns(usize),
-    #[error("the thread already has a run in progress")]
+    #[error("this thread already has a run in progress; wait for it or stop it")]
     ThreadBusy,
-    #[error("rate limited")]
+    #[error("too many messages; slow down")]
     RateLimited(std::time::Duration),
+    /// Not the user's fault: logged, and the user hears only "internal error".
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl SubmitError {
+    /// The error's row in the one table of client error codes.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SubmitError::InvalidMessage(_) => ErrorCode::ValidationFailed,
+            SubmitError::ThreadNotFound => ErrorCode::ThreadNotFound,
+            SubmitError::ShuttingDown => ErrorCode::ShuttingDown,
+            SubmitError::TooManyRuns(_) => ErrorCode::TooManyRuns,
+            SubmitError::ThreadBusy => ErrorCode::ThreadBusy,
+            SubmitError::RateLimited(_) => ErrorCode::RateLimited,
+            SubmitError::Store(_) => ErrorCode::Internal,
+        }
+    }
 }
 
 /// A run that was accepted.

@@ -13,8 +13,11 @@
 //! signal: Apex's own page uses it too.
 
 mod connection;
+mod delivery;
+mod error;
 pub mod frames;
 pub mod pacing;
+mod requests;
 
 use apex_protocol::error::{codes, ws_codes, ErrorBody};
 use apex_protocol::ws::{ControlFrame, CLOSE_POLICY_VIOLATION};
