@@ -26,8 +26,13 @@ enum Raw {
     Bool(bool),
     Array(Vec<Raw>),
     Table,
+    /// A TOML date or time.
+    Date,
     Nothing,
 }
+
+/// The one key of the table a TOML date or time is read as.
+const TOML_DATETIME: &str = "$__toml_private_datetime";
 
 impl Raw {
     /// How an error quotes the value.
@@ -36,6 +41,7 @@ impl Raw {
             Raw::Text(text) => format!("{text:?}"),
             Raw::Array(_) => "an array".into(),
             Raw::Table => "a table (keys are flat)".into(),
+            Raw::Date => "a date".into(),
             Raw::Nothing => "nothing".into(),
             plain => plain.text().unwrap_or_default(),
         }
@@ -49,7 +55,7 @@ impl Raw {
             Raw::Int(n) => Some(n.to_string()),
             Raw::Float(x) => Some(format!("{x:?}")),
             Raw::Bool(b) => Some(b.to_string()),
-            Raw::Array(_) | Raw::Table | Raw::Nothing => None,
+            Raw::Array(_) | Raw::Table | Raw::Date | Raw::Nothing => None,
         }
     }
 }
@@ -112,8 +118,11 @@ impl<'de> Visitor<'de> for RawVisitor {
         Ok(Raw::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Raw::Table)
+        let mut date = false;
+        while let Some((key, IgnoredAny)) = map.next_entry::<String, IgnoredAny>()? {
+            date |= key == TOML_DATETIME;
+        }
+        Ok(if date { Raw::Date } else { Raw::Table })
     }
 }
 

@@ -218,6 +218,7 @@ fn a_kind_mismatch_in_the_file_names_the_key_and_the_file() {
             "llm_provider: expected one of local, template, openai, got \"gpt\"",
         ),
         ("jwt_secret = 12345", "jwt_secret: expected at least 32 characters"),
+        ("bind = 1979-05-27", "bind: expected HOST:PORT, e.g. 127.0.0.1:8000, got a date"),
     ] {
         let (_dir, path, file_flags) = file(text);
         let err = serve_err(&file_flags, &[]);
