@@ -237,9 +237,7 @@ impl<const MIN: i32, const MAX: i32> TryFrom<Raw> for Number<MIN, MAX> {
             _ => None,
         };
         match x {
-            Some(x) if x.is_finite() && f64::from(MIN) <= x && x <= f64::from(MAX) => {
-                Ok(Number(x))
-            }
+            Some(x) if x.is_finite() && f64::from(MIN) <= x && x <= f64::from(MAX) => Ok(Number(x)),
             _ => Err(expected(&format!("a number from {MIN} to {MAX}"), &raw)),
         }
     }

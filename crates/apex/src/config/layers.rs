@@ -242,10 +242,7 @@ impl Layers {
     /// The prefix of an error about the key named `name`: the key and its value's layer.
     pub(super) fn locate(&self, name: &str) -> String {
         match find_key(name) {
-            Some(key) => self
-                .source(key)
-                .unwrap_or(Source::Default)
-                .locate(key.name),
+            Some(key) => self.source(key).unwrap_or(Source::Default).locate(key.name),
             None => name.to_string(),
         }
     }
@@ -263,10 +260,7 @@ impl Layers {
             // the tests catch.
             return anyhow!("configuration field {path:?}: {}", err.kind);
         };
-        let location = self
-            .source(key)
-            .unwrap_or(Source::Default)
-            .locate(key.name);
+        let location = self.source(key).unwrap_or(Source::Default).locate(key.name);
         match &err.kind {
             Kind::Message(message) => anyhow!("{location}: {message}"),
             _ if key.secret => anyhow!("{location}: not a valid value"),

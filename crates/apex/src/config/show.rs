@@ -7,7 +7,8 @@ use super::{Config, CONFIG_ENV, DEFAULT_CONFIG_FILE};
 
 /// The value at the dotted `path` of `table`.
 pub(super) fn lookup<'a>(table: &'a toml::Value, path: &str) -> Option<&'a toml::Value> {
-    path.split('.').try_fold(table, |value, part| value.get(part))
+    path.split('.')
+        .try_fold(table, |value, part| value.get(part))
 }
 
 /// The lines of `config show`. Values are printed as they serialise (secrets as `"***"`,

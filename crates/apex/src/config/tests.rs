@@ -95,7 +95,11 @@ fn every_key_fills_one_field_and_has_its_own_spellings() {
         assert!(paths.insert(key.path), "{}", key.path);
         match key.flag {
             Some(flag) => {
-                assert_eq!(flag.replace('-', "_"), key.name, "the flag is the key in kebab-case");
+                assert_eq!(
+                    flag.replace('-', "_"),
+                    key.name,
+                    "the flag is the key in kebab-case"
+                );
                 assert!(flags.insert(flag));
             }
             None => assert!(key.secret, "only secrets have no flag: {}", key.name),
@@ -109,7 +113,11 @@ fn every_key_fills_one_field_and_has_its_own_spellings() {
                     Takes::Value => assert!(!default.is_bool() && !default.is_array()),
                 }
             }
-            None => assert!(!key.unset_means.is_empty(), "{} says what unset means", key.name),
+            None => assert!(
+                !key.unset_means.is_empty(),
+                "{} says what unset means",
+                key.name
+            ),
         }
         // The key's path is a field of `Config`: a value there is checked by the field's
         // type (or accepted), never refused as an unknown field.
@@ -200,7 +208,10 @@ fn a_kind_mismatch_in_the_file_names_the_key_and_the_file() {
             "no_demo_data = \"maybe\"",
             "no_demo_data: expected true or false, got \"maybe\"",
         ),
-        ("bind = 8000", "bind: expected HOST:PORT, e.g. 127.0.0.1:8000, got 8000"),
+        (
+            "bind = 8000",
+            "bind: expected HOST:PORT, e.g. 127.0.0.1:8000, got 8000",
+        ),
         (
             "llm_temperature = [1]",
             "llm_temperature: expected a number from 0 to 2, got an array",
@@ -217,8 +228,14 @@ fn a_kind_mismatch_in_the_file_names_the_key_and_the_file() {
             "llm_provider = \"gpt\"",
             "llm_provider: expected one of local, template, openai, got \"gpt\"",
         ),
-        ("jwt_secret = 12345", "jwt_secret: expected at least 32 characters"),
-        ("bind = 1979-05-27", "bind: expected HOST:PORT, e.g. 127.0.0.1:8000, got a date"),
+        (
+            "jwt_secret = 12345",
+            "jwt_secret: expected at least 32 characters",
+        ),
+        (
+            "bind = 1979-05-27",
+            "bind: expected HOST:PORT, e.g. 127.0.0.1:8000, got a date",
+        ),
     ] {
         let (_dir, path, file_flags) = file(text);
         let err = serve_err(&file_flags, &[]);
@@ -243,7 +260,11 @@ fn a_kind_mismatch_in_a_variable_names_the_variable() {
             "xml",
             "expected one of human, json, got \"xml\"",
         ),
-        ("APEX_NO_DEMO_DATA", "maybe", "expected true or false, got \"maybe\""),
+        (
+            "APEX_NO_DEMO_DATA",
+            "maybe",
+            "expected true or false, got \"maybe\"",
+        ),
         (
             "APEX_LLM_TOP_P",
             "1.5",
@@ -273,9 +294,12 @@ fn secrets_are_not_echoed_in_errors() {
     );
     assert!(err.contains("APEX_JWT_SECRET"), "{err}");
     assert!(!err.contains("short-secret-value"), "{err}");
-    let err = ResolvedDatabase::resolve(&flags(&[("database_url", "mysql://u:pw-123@h/db")]), &env_of(&[]))
-        .unwrap_err()
-        .to_string();
+    let err = ResolvedDatabase::resolve(
+        &flags(&[("database_url", "mysql://u:pw-123@h/db")]),
+        &env_of(&[]),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("--database-url: expected a URL"), "{err}");
     assert!(!err.contains("pw-123"), "{err}");
 }
@@ -292,7 +316,8 @@ fn database_commands_read_only_the_database_keys() {
     let settings = resolved.database_settings();
     assert_eq!(settings.database_pool.max_connections, 7);
     assert_eq!(settings.data_dir, Path::new("/tmp/apex-db"));
-    let (_dir, path, file_flags) = file("llm_threads = \"abc\"\ndatabase_acquire_timeout_secs = 0\n");
+    let (_dir, path, file_flags) =
+        file("llm_threads = \"abc\"\ndatabase_acquire_timeout_secs = 0\n");
     flags.config = file_flags.config;
     let err = ResolvedDatabase::resolve(&flags, &env_of(&env))
         .unwrap_err()
@@ -308,13 +333,10 @@ fn database_commands_read_only_the_database_keys() {
 
 #[test]
 fn show_lists_every_key_with_its_source_and_redacts_secrets() {
-    let (_dir, path, mut all) = file(
-        "database_url = \"postgres://apex:file-pw-1@db/apex\"\nopenai_model = \"m\"\n",
-    );
-    all.values.push((
-        find_key("no_demo_data").unwrap(),
-        FlagValue::Switch(true),
-    ));
+    let (_dir, path, mut all) =
+        file("database_url = \"postgres://apex:file-pw-1@db/apex\"\nopenai_model = \"m\"\n");
+    all.values
+        .push((find_key("no_demo_data").unwrap(), FlagValue::Switch(true)));
     let env = [
         ("APEX_JWT_SECRET", "env-jwt-secret-0123456789abcdefghijkl"),
         ("APEX_BUS_URL", "redis://:bus-pw-2@cache:6379/0"),
@@ -326,7 +348,8 @@ fn show_lists_every_key_with_its_source_and_redacts_secrets() {
         assert!(
             shown
                 .lines()
-                .any(|line| (line.starts_with(&set) && line.contains("  # ")) || line.starts_with(&unset)),
+                .any(|line| (line.starts_with(&set) && line.contains("  # "))
+                    || line.starts_with(&unset)),
             "{} missing in\n{shown}",
             key.name
         );
@@ -341,10 +364,12 @@ fn show_lists_every_key_with_its_source_and_redacts_secrets() {
         "jwt_secret = \"***\"  # env APEX_JWT_SECRET".to_string(),
         "bus_url = \"redis://:***@cache:6379/0\"  # env APEX_BUS_URL".to_string(),
         "llm_temperature = 0.0  # default".to_string(),
-        "# openai_api_key unset: no key sent (set APEX_OPENAI_API_KEY or the file key)"
-            .to_string(),
+        "# openai_api_key unset: no key sent (set APEX_OPENAI_API_KEY or the file key)".to_string(),
     ] {
-        assert!(shown.lines().any(|l| l == line), "missing {line:?} in\n{shown}");
+        assert!(
+            shown.lines().any(|l| l == line),
+            "missing {line:?} in\n{shown}"
+        );
     }
     for secret in ["file-pw-1", "bus-pw-2", "env-jwt-secret"] {
         assert!(!shown.contains(secret), "{secret} in\n{shown}");
@@ -366,7 +391,10 @@ fn urls_are_shown_without_their_password() {
 
 #[test]
 fn legacy_client_origins_must_be_allowed_origins() {
-    let err = serve_err(&flags(&[("legacy_client_origin", "http://localhost:3000")]), &[]);
+    let err = serve_err(
+        &flags(&[("legacy_client_origin", "http://localhost:3000")]),
+        &[],
+    );
     assert!(
         err.starts_with("--legacy-client-origin: ") && err.contains("cors_origin"),
         "{err}"
