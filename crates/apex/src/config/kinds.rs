@@ -158,7 +158,8 @@ deserialize_through_raw! {
 }
 
 /// A whole number in `MIN..=MAX`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub(super) struct Int<const MIN: u64, const MAX: u64>(u64);
 
 impl<const MIN: u64, const MAX: u64> Int<MIN, MAX> {
@@ -206,14 +207,9 @@ impl<const MIN: u64, const MAX: u64> TryFrom<Raw> for Int<MIN, MAX> {
     }
 }
 
-impl<const MIN: u64, const MAX: u64> Serialize for Int<MIN, MAX> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(self.0)
-    }
-}
-
 /// A number in `MIN..=MAX`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(transparent)]
 pub(super) struct Number<const MIN: i32, const MAX: i32>(f64);
 
 impl<const MIN: i32, const MAX: i32> Number<MIN, MAX> {
@@ -243,14 +239,9 @@ impl<const MIN: i32, const MAX: i32> TryFrom<Raw> for Number<MIN, MAX> {
     }
 }
 
-impl<const MIN: i32, const MAX: i32> Serialize for Number<MIN, MAX> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_f64(self.0)
-    }
-}
-
 /// `true` or `false` (also 1/0, yes/no, on/off).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub(super) struct Switch(bool);
 
 impl Switch {
@@ -272,14 +263,9 @@ impl TryFrom<Raw> for Switch {
     }
 }
 
-impl Serialize for Switch {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bool(self.0)
-    }
-}
-
 /// Any non-empty text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub(super) struct Text(String);
 
 impl Text {
@@ -301,14 +287,9 @@ impl TryFrom<Raw> for Text {
     }
 }
 
-impl Serialize for Text {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
 /// A file or folder path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub(super) struct PathValue(PathBuf);
 
 impl PathValue {
@@ -327,12 +308,6 @@ impl TryFrom<Raw> for PathValue {
             Some(text) if !text.trim().is_empty() => Ok(PathValue(text.into())),
             _ => Err(expected("a path", &raw)),
         }
-    }
-}
-
-impl Serialize for PathValue {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0.display())
     }
 }
 
@@ -367,7 +342,8 @@ impl Serialize for Addr {
 
 /// Several texts: an array in the file (whose items may also hold commas), comma-separated
 /// in a variable, a repeatable flag. Blank items are dropped.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(transparent)]
 pub(super) struct List(Vec<String>);
 
 impl List {
@@ -402,12 +378,6 @@ impl TryFrom<Raw> for List {
                 .filter(|item| !item.is_empty())
                 .collect(),
         ))
-    }
-}
-
-impl Serialize for List {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
     }
 }
 
