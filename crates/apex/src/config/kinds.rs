@@ -393,7 +393,7 @@ macro_rules! choice {
         impl $name {
             const WORDS: &'static [&'static str] = &[$($word),+];
 
-            pub fn word(self) -> &'static str {
+            fn word(self) -> &'static str {
                 match self {
                     $(Self::$variant => $word,)+
                 }
