@@ -189,18 +189,16 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: &str) -> anyhow::Result<()> {
+fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("APEX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        "human" => builder.init(),
-        "json" => builder.json().init(),
-        other => anyhow::bail!("--log-format must be `human` or `json`, not {other:?}"),
+        config::LogFormat::Human => builder.init(),
+        config::LogFormat::Json => builder.json().init(),
     }
-    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -227,7 +225,7 @@ async fn shutdown_signal() {
 
 async fn serve(flags: config::ServeFlags) -> anyhow::Result<()> {
     let config = config::Resolved::serve(&flags)?.serve_config();
-    init_logging(&config.log_format)?;
+    init_logging(config.log_format);
     let settings = config.settings;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
@@ -271,7 +269,7 @@ async fn serve(flags: config::ServeFlags) -> anyhow::Result<()> {
 
 async fn migrate(flags: config::DatabaseFlags) -> anyhow::Result<()> {
     let settings = config::Resolved::database(&flags)?.database_settings();
-    init_logging("human")?;
+    init_logging(config::LogFormat::Human);
     let backend = apex_server::store::Backend::from_url(settings.database_url().expose());
     let store = apex_server::open_store(&settings).await?;
     store.ping().await.context("checking the database")?;
@@ -307,7 +305,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(flags) => serve(flags).await,
             Command::Migrate(flags) => migrate(flags).await,
             Command::Config(ConfigCommand::Show(flags)) => {
-                print!("{}", config::Resolved::serve(&flags)?.render());
+                print!("{}", config::Resolved::serve(&flags)?.render()?);
                 Ok(())
             }
             Command::Chat(args) => chat::run(args).await,

@@ -775,6 +775,88 @@ fn config_errors_name_the_key_and_where_the_value_came_from() {
     assert!(!stderr.contains("too-short-jwt"), "{stderr}");
 }
 
+#[test]
+fn each_layer_overrides_the_ones_below_and_a_mismatch_names_key_and_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apex.toml");
+    let line = |args: &[&str], env: &[(&str, &str)]| {
+        let output = apex_in(dir.path(), args, env);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with("openai_timeout_secs = "));
+        line.unwrap_or_default().to_string()
+    };
+    let show = ["config", "show"];
+    let flag = ["config", "show", "--openai-timeout-secs", "63"];
+    let env = [("APEX_OPENAI_TIMEOUT_SECS", "62")];
+    assert_eq!(line(&show, &[]), "openai_timeout_secs = 60  # default");
+    std::fs::write(&file, "openai_timeout_secs = 61\n").unwrap();
+    assert_eq!(
+        line(&show, &[]),
+        "openai_timeout_secs = 61  # file ./apex.toml"
+    );
+    assert_eq!(
+        line(&show, &env),
+        "openai_timeout_secs = 62  # env APEX_OPENAI_TIMEOUT_SECS"
+    );
+    assert_eq!(
+        line(&flag, &env),
+        "openai_timeout_secs = 63  # flag --openai-timeout-secs"
+    );
+    // A value a higher layer replaces is never read, so a bad one there is no error.
+    std::fs::write(&file, "openai_timeout_secs = \"soon\"\n").unwrap();
+    assert_eq!(
+        line(&show, &env),
+        "openai_timeout_secs = 62  # env APEX_OPENAI_TIMEOUT_SECS"
+    );
+
+    let fails = |args: &[&str], env: &[(&str, &str)]| {
+        let output = apex_in(dir.path(), args, env);
+        assert!(!output.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    std::fs::write(&file, "development_mode = \"sometimes\"\n").unwrap();
+    let stderr = fails(&show, &[]);
+    assert!(
+        stderr.contains("./apex.toml: development_mode: expected true or false, got \"sometimes\""),
+        "{stderr}"
+    );
+    std::fs::write(&file, "cors_origin = [\"https://a.example\", 8]\n").unwrap();
+    let stderr = fails(&show, &[]);
+    assert!(
+        stderr.contains("./apex.toml: cors_origin: expected an array of strings, got an element 8"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&file).unwrap();
+    let stderr = fails(&show, &[("APEX_LLM_TOP_P", "high")]);
+    assert!(
+        stderr
+            .contains("APEX_LLM_TOP_P (environment): expected a number from 0 to 1, got \"high\""),
+        "{stderr}"
+    );
+    let stderr = fails(&["config", "show", "--log-format", "xml"], &[]);
+    assert!(
+        stderr.contains("--log-format: expected one of human, json, got \"xml\""),
+        "{stderr}"
+    );
+
+    // `migrate` reads the database keys only: another key's bad value is not its to refuse.
+    std::fs::write(&file, "llm_threads = \"abc\"\ndata_dir = \"db\"\n").unwrap();
+    let output = apex_in(dir.path(), &["migrate"], &[("APEX_LOG_FORMAT", "xml")]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(dir.path().join("db").join("apex.db").exists());
+}
+
 /// Runs `apex user create` on `data_dir` with `stdin` as standard input.
 fn user_create(
     data_dir: &std::path::Path,
