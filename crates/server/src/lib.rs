@@ -22,10 +22,10 @@
 //!   (in-process, or `RedisBus` between several instances).
 //! - [`cluster`]: several instances on one database: heartbeats for instances and their
 //!   runs, and the sweeper that recovers the runs of instances that died.
-//! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations (chosen by the
-//!   database URL), and `UserStore`, the user-scoped handle through which all user data is
-//!   read and written; [`store::group_commit`] batches the run events of all runs into few
-//!   transactions.
+//! - [`store`]: the `apex-store` crate (the `Store` role traits, and one SQL implementation
+//!   run on SQLite or PostgreSQL, chosen by the database URL, which batches the run events
+//!   of all runs into few transactions), and `UserStore`, the user-scoped handle through
+//!   which all user data is read and written.
 //! - [`usage`]: pricing table, demo data, usage summary; [`llm`]: the LLM trait, the
 //!   embedded local model (default), the OpenAI-compatible client and the deterministic
 //!   template writer (the fallback).

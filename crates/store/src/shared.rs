@@ -1,70 +1,57 @@
-//! `PostgresStore`: the storage backend for running several Apex instances on one database.
+//! Every query of the store, written once for both engines.
 //!
-//! It owns the PostgreSQL side of [`Store`]: the connection pool, the schema in
-//! `migrations/postgres`, and every query. Chosen when the database URL starts with
-//! `postgres://` or `postgresql://` (see [`super::open`]); SQLite stays the default.
+//! This file is compiled twice, as a child module of [`crate::sqlite`] and of
+//! [`crate::postgres`] (`#[path = "shared.rs"] mod shared;`), each time against that
+//! engine's concrete sqlx types. Why not one impl generic over `sqlx::Database`: executing a
+//! query generically needs higher-ranked bounds on every impl (`for<'c> &'c mut
+//! DB::Connection: Executor<'c>`, and one per bound type), and inside `async_trait`'s boxed
+//! futures rustc then fails to prove them ("implementation of `Executor` is not general
+//! enough"). Compiled per engine, every type is concrete and each query still exists once.
 //!
-//! Semantics are those of [`super::sqlite::SqliteStore`], query for query: the same owner
-//! filter on every user-data statement, the same conflict handling, the same return values,
-//! and transactions exactly where SQLite uses them. What differs is how concurrency is made
-//! safe, because PostgreSQL runs writers in parallel where SQLite serialises them:
-//! - single-statement state changes stay single statements (`consume_refresh_token`,
-//!   `redeem_ticket ... RETURNING`): under READ COMMITTED a second concurrent UPDATE waits for
-//!   the first, re-checks its `WHERE` on the new row version and matches nothing, so a token
-//!   or single-use ticket is spent exactly once;
-//! - `insert_message` locks the thread row (its `UPDATE threads` comes first) before it
-//!   computes the next position, so concurrent appends to one thread queue up instead of
-//!   taking the same position (a UNIQUE index backs this up);
-//! - `append_event` likewise locks the run row before inserting; a batch of events (see
-//!   [`super::group_commit`]) locks its runs in id order (`SELECT ... FOR UPDATE`), so two
-//!   instances' writers cannot deadlock;
-//! - `submit_run` takes a transaction-scoped advisory lock per user before counting the
-//!   user's unfinished runs, so the per-user run limits are exact across instances;
-//! - `claim_queued_runs` picks rows with `FOR UPDATE SKIP LOCKED`: concurrent claimers on
-//!   any instance skip each other's rows instead of waiting, and never share a run;
-//! - the expired-revocation housekeeping of `revoke_session` deletes with
-//!   `FOR UPDATE SKIP LOCKED`, so concurrent logouts never wait on or deadlock with each other.
+//! The SQL itself is portable (see `engine.rs`), and every spot where the engines differ
+//! asks [`Backend`](crate::Backend) (`ENGINE`). What the parent (shell) module provides: `Db`, its
+//! `sqlx::Database`; `ENGINE`; `Attempts`, the integer type its driver decodes
+//! `runs.attempts` as; and `Shell`, its store type, with the pools `reads` and `writes` (the
+//! same pool on PostgreSQL), the event writer `events`, and the function
+//! `heartbeat_claimed`, the one query whose best form needs an engine's own types.
 //!
-//! One difference of the engines is papered over here: PostgreSQL text cannot hold U+0000.
-//! A lookup by a key holding it finds nothing, as on SQLite, instead of failing; input
-//! validation refuses such text before it reaches a write.
-//!
-//! Migrations are embedded at compile time and applied by [`PostgresStore::migrate`]
-//! (`apex migrate`, and every start); sqlx serialises concurrent migrators with an advisory
-//! lock, so several instances may start at once. Queries are runtime (`sqlx::query`) so the
-//! build needs no database.
+//! How each engine makes these statements safe under concurrency is described in the
+//! shells' module docs: SQLite serialises every write on one connection; PostgreSQL runs
+//! writers in parallel and relies on row locks, single-statement updates and `SKIP LOCKED`.
 
 use std::collections::HashSet;
-use std::str::FromStr;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{ConnectOptions, Connection, PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{Pool, QueryBuilder, Row};
 
-use super::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
-use super::{
-    parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, Store, StoreError,
-    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageRow, UserRecord,
+use super::{heartbeat_claimed, Attempts, Db, Shell, ENGINE};
+use crate::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
+use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
+use crate::records::{
+    parse_json_column, CompletionRank, MessageRecord, QueueEntry, RunRecord, RunSubmission,
+    SavingsQuery, SavingsTotals, StoreError, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord,
+    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
 };
-use super::{usage_sql, CompletionRank, SavingsQuery, SavingsTotals, UsageDayTotals, UsageTotals};
-use crate::ids::{MessageId, RunId, ThreadId, UserId};
-use crate::settings::DatabasePool;
+use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads, Usage};
+use crate::usage_sql;
 use apex_protocol::threads::RunStatus;
 
-pub struct PostgresStore {
-    pool: PgPool,
-    /// Appends run events in batches (see [`super::group_commit`]).
-    events: EventWriter,
+type DbRow = <Db as sqlx::Database>::Row;
+type Transaction = sqlx::Transaction<'static, Db>;
+
+/// The engine's SQL for [`group_commit`](crate::group_commit), on the writing pool.
+struct EventSink {
+    pool: Pool<Db>,
 }
 
-/// PostgreSQL's SQL for [`group_commit`](super::group_commit).
-struct PostgresEvents {
-    pool: PgPool,
+/// Starts the group-commit writer of a store whose writing pool is `pool`.
+pub(super) fn event_writer(pool: Pool<Db>) -> EventWriter {
+    EventWriter::start(EventSink { pool })
 }
 
 #[async_trait]
-impl BatchSink for PostgresEvents {
+impl BatchSink for EventSink {
     async fn write_one(&self, event: &NewEvent) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         // Checks ownership and locks the run row until the event is in. An event is also a
@@ -98,21 +85,42 @@ impl BatchSink for PostgresEvents {
 
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
         let mut runs = runs_of(events);
-        // Rows are locked in id order, so two writers (two instances) cannot deadlock on
-        // runs they share. (Should it happen anyway, the batch is retried event by event.)
-        runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
         let mut tx = self.pool.begin().await?;
-        // Locks and checks every run in one statement, then sets its last_seq once.
-        let mut lock: QueryBuilder<Postgres> =
-            QueryBuilder::new("SELECT r.id, r.user_id FROM runs r JOIN (");
-        lock.push_values(&runs, |mut b, (run, owner, _)| {
-            b.push_bind(run.to_string()).push_bind(owner.to_string());
+        if ENGINE.parallel_writers() {
+            // Rows are locked in id order, so two writers (two instances) cannot deadlock on
+            // runs they share. (Should it happen anyway, the batch is retried event by event.)
+            runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
+            let mut lock: QueryBuilder<Db> =
+                QueryBuilder::new("SELECT r.id, r.user_id FROM runs r JOIN (");
+            lock.push_values(&runs, |mut b, (run, owner, _)| {
+                b.push_bind(run.to_string()).push_bind(owner.to_string());
+            });
+            lock.push(
+                ") AS v(run_id, user_id) ON r.id = v.run_id AND r.user_id = v.user_id \
+                 ORDER BY r.id FOR UPDATE OF r",
+            );
+            lock.build().execute(&mut *tx).await?;
+        }
+        // One statement checks every run's owner and sets its last_seq (and, as every event
+        // does, refreshes a claimed run's heartbeat); the runs it returns are the ones whose
+        // events may be written.
+        let mut update: QueryBuilder<Db> = QueryBuilder::new("WITH v(run_id, user_id, seq) AS (");
+        update.push_values(&runs, |mut b, (run, owner, seq)| {
+            b.push_bind(run.to_string())
+                .push_bind(owner.to_string())
+                .push_bind(*seq);
         });
-        lock.push(
-            ") AS v(run_id, user_id) ON r.id = v.run_id AND r.user_id = v.user_id \
-             ORDER BY r.id FOR UPDATE OF r",
+        let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
+        update.push(
+            ") UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
+             WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
         );
-        let owned: HashSet<(String, String)> = lock
+        update.push_bind(now);
+        update.push(
+            " END FROM v WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
+             RETURNING runs.id, runs.user_id",
+        );
+        let owned: HashSet<(String, String)> = update
             .build()
             .fetch_all(&mut *tx)
             .await?
@@ -130,29 +138,7 @@ impl BatchSink for PostgresEvents {
             .map(|(e, (run, _))| (e, run.as_str()))
             .collect();
         if !accepted.is_empty() {
-            // An event is also a claimed run's proof of life (see `heartbeat_runs`).
-            let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
-            let mut update: QueryBuilder<Postgres> = QueryBuilder::new(
-                "UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
-                 WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
-            );
-            update.push_bind(now);
-            update.push(" END FROM (");
-            update.push_values(
-                runs.iter().filter(|(run, owner, _)| {
-                    owned.contains(&(run.to_string(), owner.to_string()))
-                }),
-                |mut b, (run, owner, seq)| {
-                    b.push_bind(run.to_string())
-                        .push_bind(owner.to_string())
-                        .push_bind(*seq);
-                },
-            );
-            update.push(
-                ") AS v(run_id, user_id, seq) WHERE runs.id = v.run_id AND runs.user_id = v.user_id",
-            );
-            update.build().execute(&mut *tx).await?;
-            let mut insert: QueryBuilder<Postgres> =
+            let mut insert: QueryBuilder<Db> =
                 QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
             insert.push_values(&accepted, |mut b, (event, run)| {
                 b.push_bind(*run)
@@ -177,70 +163,15 @@ impl BatchSink for PostgresEvents {
     }
 }
 
-impl PostgresStore {
-    /// Connects to the database at `url` without touching the schema.
-    pub async fn connect(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
-        let mut options = PgConnectOptions::from_str(url)?;
-        if options.get_application_name().is_none() {
-            options = options.application_name("apex");
-        }
-        // One plain connection first: the pool would retry a refused or rejected connection
-        // until its acquire timeout and then report only "timed out"; this reports why.
-        options.connect().await?.close().await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool.max_connections)
-            .acquire_timeout(pool.acquire_timeout)
-            .connect_with(options)
-            .await?;
-        let events = EventWriter::start(PostgresEvents { pool: pool.clone() });
-        Ok(Self { pool, events })
-    }
-
-    /// Connects and applies pending migrations: what the server does at start.
-    pub async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
-        let store = Self::connect(url, pool).await?;
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// Applies the migrations in `migrations/postgres` that have not run yet.
-    pub async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
-    }
-}
-
 fn unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-fn parse_stored_id<T>(
-    raw: &str,
-    parse: fn(&str) -> Result<T, crate::ids::IdError>,
-) -> StoreResult<T> {
+fn parse_stored_id<T>(raw: &str, parse: fn(&str) -> Result<T, IdError>) -> StoreResult<T> {
     parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
 }
 
-/// PostgreSQL refuses U+0000 in text, so no stored key contains it: a lookup by such a
-/// key (a client-supplied ticket, say) finds nothing, as on SQLite, instead of failing.
-fn unstorable(key: &str) -> bool {
-    key.contains('\0')
-}
-
-/// SQLite reads a negative LIMIT as "no limit"; PostgreSQL rejects it, and `LIMIT NULL` is
-/// its "no limit".
-fn sql_limit(limit: i64) -> Option<i64> {
-    (limit >= 0).then_some(limit)
-}
-
-/// SQLite reads a negative OFFSET as zero; PostgreSQL rejects it.
-fn sql_offset(offset: i64) -> i64 {
-    offset.max(0)
-}
-
-fn user_from_row(row: &PgRow) -> StoreResult<UserRecord> {
+fn user_from_row(row: &DbRow) -> StoreResult<UserRecord> {
     Ok(UserRecord {
         id: parse_stored_id(row.try_get("id")?, UserId::parse)?,
         email: row.try_get("email")?,
@@ -250,7 +181,7 @@ fn user_from_row(row: &PgRow) -> StoreResult<UserRecord> {
     })
 }
 
-fn thread_from_row(row: &PgRow) -> StoreResult<ThreadRecord> {
+fn thread_from_row(row: &DbRow) -> StoreResult<ThreadRecord> {
     Ok(ThreadRecord {
         id: parse_stored_id(row.try_get("id")?, ThreadId::parse)?,
         title: row.try_get("title")?,
@@ -261,7 +192,7 @@ fn thread_from_row(row: &PgRow) -> StoreResult<ThreadRecord> {
     })
 }
 
-fn message_from_row(row: &PgRow) -> StoreResult<MessageRecord> {
+fn message_from_row(row: &DbRow) -> StoreResult<MessageRecord> {
     Ok(MessageRecord {
         id: parse_stored_id(row.try_get("id")?, MessageId::parse)?,
         thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
@@ -272,7 +203,7 @@ fn message_from_row(row: &PgRow) -> StoreResult<MessageRecord> {
     })
 }
 
-fn run_from_row(row: &PgRow) -> StoreResult<RunRecord> {
+fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
     let status: String = row.try_get("status")?;
     let last_seq: i64 = row.try_get("last_seq")?;
     Ok(RunRecord {
@@ -288,50 +219,54 @@ fn run_from_row(row: &PgRow) -> StoreResult<RunRecord> {
     })
 }
 
+const USER_COLUMNS: &str = "id, email, name, password_hash, created_at";
+
 const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated_at, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count";
 
 const RUN_COLUMNS: &str =
     "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
 
-/// The `NOTIFY` channel that wakes dispatchers when runs are queued. Channels are per
-/// database, not per schema: deployments sharing a database wake each other's dispatchers
-/// for nothing, which costs one empty claim.
-const QUEUE_CHANNEL: &str = "apex_run_queue";
-
 /// A run's columns plus what the queue needs to execute it again.
 const QUEUE_COLUMNS: &str = "user_id, input, request_id, attempts, instance_id, \
      id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
 
-fn queue_entry_from_row(row: &PgRow) -> StoreResult<QueueEntry> {
-    let attempts: i32 = row.try_get("attempts")?;
+fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
+    let attempts: Attempts = row.try_get("attempts")?;
     Ok(QueueEntry {
         owner: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
         run: run_from_row(row)?,
         input: row.try_get("input")?,
         request_id: row.try_get("request_id")?,
-        attempts: u32::try_from(attempts).unwrap_or(0),
+        // Out of range only if corrupt: such a run counts as out of attempts.
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
         instance: row.try_get("instance_id")?,
     })
 }
 
-/// Whether any run waits in the queue for an instance ([`super::RUNS_WAITING`]).
-async fn runs_waiting(tx: &mut sqlx::Transaction<'_, Postgres>) -> StoreResult<bool> {
-    let row = sqlx::query(super::RUNS_WAITING)
-        .fetch_one(&mut **tx)
-        .await?;
+/// Whether any run waits in the queue for an instance (the partial index `runs_queue`
+/// answers it). A submission is not claimed at once while this holds, so it cannot
+/// overtake the waiting runs.
+async fn runs_waiting(tx: &mut Transaction) -> StoreResult<bool> {
+    let row = sqlx::query(
+        "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL) \
+         AS waiting",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
     Ok(row.try_get("waiting")?)
 }
 
 /// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not theirs.
 async fn insert_message_in(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
+    tx: &mut Transaction,
     owner: UserId,
     message: &MessageRecord,
 ) -> StoreResult<bool> {
-    // Touching the thread first checks that it is `owner`'s and locks its row until
-    // commit, so concurrent appends to one thread take their positions one at a time
-    // (each INSERT's snapshot sees the messages committed before it got the lock).
+    // Touching the thread first checks that it is `owner`'s and takes the write lock: on
+    // PostgreSQL its row's, until commit, so concurrent appends to one thread take their
+    // positions one at a time (each INSERT's snapshot sees the messages committed before it
+    // got the lock); on SQLite the database's.
     let touched = sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
         .bind(message.created_at_ms)
         .bind(message.thread_id.to_string())
@@ -362,7 +297,7 @@ async fn insert_message_in(
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl Accounts for Shell {
     async fn create_user(&self, user: &UserRecord) -> StoreResult<()> {
         let result = sqlx::query(
             "INSERT INTO users (id, email, name, password_hash, created_at) \
@@ -373,7 +308,7 @@ impl Store for PostgresStore {
         .bind(&user.name)
         .bind(&user.password_hash)
         .bind(user.created_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await;
         match result {
             Ok(_) => Ok(()),
@@ -383,25 +318,23 @@ impl Store for PostgresStore {
     }
 
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
-        if unstorable(email) {
+        if ENGINE.unstorable(email) {
             return Ok(None);
         }
-        let row = sqlx::query(
-            "SELECT id, email, name, password_hash, created_at FROM users WHERE email = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE email = $1"
+        ))
         .bind(email)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
     async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        let row = sqlx::query(
-            "SELECT id, email, name, password_hash, created_at FROM users WHERE id = $1",
-        )
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.reads)
+            .await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -420,7 +353,7 @@ impl Store for PostgresStore {
         .bind(user.to_string())
         .bind(access_jti)
         .bind(expires_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -431,11 +364,12 @@ impl Store for PostgresStore {
         user: UserId,
         now_ms: i64,
     ) -> StoreResult<bool> {
-        if unstorable(jti) {
+        if ENGINE.unstorable(jti) {
             return Ok(false);
         }
-        // One statement: a concurrent second UPDATE waits for the first, re-checks
-        // `revoked_at IS NULL` on the committed row and matches nothing.
+        // One statement: two concurrent refreshes with the same token cannot both win (on
+        // PostgreSQL the second UPDATE waits for the first, re-checks `revoked_at IS NULL`
+        // on the committed row and matches nothing).
         let result = sqlx::query(
             "UPDATE refresh_tokens SET revoked_at = $1 \
              WHERE jti = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1",
@@ -443,7 +377,7 @@ impl Store for PostgresStore {
         .bind(now_ms)
         .bind(jti)
         .bind(user.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -454,7 +388,7 @@ impl Store for PostgresStore {
         access_expires_at_ms: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         sqlx::query(
             "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES ($1, $2) \
              ON CONFLICT (jti) DO NOTHING",
@@ -471,27 +405,21 @@ impl Store for PostgresStore {
         .bind(access_jti)
         .execute(&mut *tx)
         .await?;
-        // Housekeeping: expired revocations are useless, since the token is rejected anyway.
-        // Rows another logout is already deleting are skipped rather than waited for.
-        sqlx::query(
-            "DELETE FROM revoked_access_tokens WHERE jti IN ( \
-                 SELECT jti FROM revoked_access_tokens WHERE expires_at < $1 \
-                 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(ENGINE.delete_expired_revocations())
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
-        if unstorable(jti) {
+        if ENGINE.unstorable(jti) {
             return Ok(false);
         }
         let row = sqlx::query("SELECT 1 FROM revoked_access_tokens WHERE jti = $1")
             .bind(jti)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         Ok(row.is_some())
     }
@@ -510,13 +438,13 @@ impl Store for PostgresStore {
         .bind(user.to_string())
         .bind(expires_at_ms)
         .bind(single_use)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
 
     async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>> {
-        if unstorable(ticket_id) {
+        if ENGINE.unstorable(ticket_id) {
             return Ok(None);
         }
         // One statement, as for refresh tokens: a single-use ticket is redeemed once.
@@ -527,7 +455,7 @@ impl Store for PostgresStore {
         )
         .bind(now_ms)
         .bind(ticket_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writes)
         .await?;
         match row {
             Some(row) => Ok(Some(parse_stored_id(
@@ -537,7 +465,10 @@ impl Store for PostgresStore {
             None => Ok(None),
         }
     }
+}
 
+#[async_trait]
+impl Threads for Shell {
     async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
@@ -549,7 +480,7 @@ impl Store for PostgresStore {
         .bind(thread.metadata.to_string())
         .bind(thread.created_at_ms)
         .bind(thread.updated_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -560,14 +491,15 @@ impl Store for PostgresStore {
         limit: i64,
         offset: i64,
     ) -> StoreResult<Vec<ThreadRecord>> {
+        // A negative offset counts as zero (SQLite's reading; PostgreSQL rejects it).
         let rows = sqlx::query(&format!(
             "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.user_id = $1 \
              ORDER BY t.updated_at DESC, t.id LIMIT $2 OFFSET $3"
         ))
         .bind(owner.to_string())
-        .bind(sql_limit(limit))
-        .bind(sql_offset(offset))
-        .fetch_all(&self.pool)
+        .bind(ENGINE.limit(limit))
+        .bind(offset.max(0))
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(thread_from_row).collect()
     }
@@ -578,7 +510,7 @@ impl Store for PostgresStore {
         ))
         .bind(id.to_string())
         .bind(owner.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(thread_from_row).transpose()
     }
@@ -600,7 +532,7 @@ impl Store for PostgresStore {
         .bind(now_ms)
         .bind(id.to_string())
         .bind(owner.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -609,13 +541,13 @@ impl Store for PostgresStore {
         let result = sqlx::query("DELETE FROM threads WHERE id = $1 AND user_id = $2")
             .bind(id.to_string())
             .bind(owner.to_string())
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(result.rows_affected() == 1)
     }
 
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(false);
         }
@@ -636,15 +568,15 @@ impl Store for PostgresStore {
         )
         .bind(thread.to_string())
         .bind(owner.to_string())
-        .bind(sql_limit(limit))
-        .bind(sql_offset(offset))
-        .fetch_all(&self.pool)
+        .bind(ENGINE.limit(limit))
+        .bind(offset.max(0))
+        .fetch_all(&self.reads)
         .await?;
         let total: i64 =
             sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE thread_id = $1 AND user_id = $2")
                 .bind(thread.to_string())
                 .bind(owner.to_string())
-                .fetch_one(&self.pool)
+                .fetch_one(&self.reads)
                 .await?
                 .try_get("n")?;
         let messages = rows
@@ -653,7 +585,10 @@ impl Store for PostgresStore {
             .collect::<StoreResult<_>>()?;
         Ok((messages, total))
     }
+}
 
+#[async_trait]
+impl Runs for Shell {
     async fn create_run_on(
         &self,
         owner: UserId,
@@ -670,7 +605,7 @@ impl Store for PostgresStore {
         .bind(run.status.as_str())
         .bind(run.created_at_ms)
         .bind(instance)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -689,7 +624,7 @@ impl Store for PostgresStore {
         .bind(owner.to_string())
         .bind(finished_since_ms)
         .bind(limit.max(0))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(run_from_row).collect()
     }
@@ -700,7 +635,7 @@ impl Store for PostgresStore {
         ))
         .bind(id.to_string())
         .bind(owner.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(run_from_row).transpose()
     }
@@ -729,254 +664,9 @@ impl Store for PostgresStore {
         .bind(finished)
         .bind(id.to_string())
         .bind(owner.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
-    }
-
-    async fn append_event(
-        &self,
-        owner: UserId,
-        run: RunId,
-        seq: u64,
-        json: &str,
-        now_ms: i64,
-    ) -> StoreResult<()> {
-        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
-        self.events
-            .append(NewEvent {
-                owner,
-                run,
-                seq,
-                json: json.to_string(),
-                now_ms,
-            })
-            .await
-    }
-
-    async fn list_events(
-        &self,
-        owner: UserId,
-        run: RunId,
-        after_seq: u64,
-        limit: i64,
-    ) -> StoreResult<Vec<StoredEvent>> {
-        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
-        let rows = sqlx::query(
-            "SELECT e.seq, e.event FROM run_events e JOIN runs r ON r.id = e.run_id \
-             WHERE e.run_id = $1 AND r.user_id = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4",
-        )
-        .bind(run.to_string())
-        .bind(owner.to_string())
-        .bind(after)
-        .bind(sql_limit(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("seq")?;
-                Ok(StoredEvent {
-                    seq: u64::try_from(seq).unwrap_or(0),
-                    json: row.try_get("event")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        // PostgreSQL allows 65535 bound parameters per statement; 10 per row.
-        for chunk in rows.chunks(500) {
-            let mut builder: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
-                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
-            );
-            builder.push_values(chunk, |mut b, row| {
-                b.push_bind(owner.to_string())
-                    .push_bind(&row.provider)
-                    .push_bind(&row.model)
-                    .push_bind(&row.workload)
-                    .push_bind(row.ts_ms)
-                    .push_bind(row.prompt_tokens)
-                    .push_bind(row.completion_tokens)
-                    .push_bind(row.latency_ms)
-                    .push_bind(&row.status)
-                    .push_bind(row.cost_usd);
-            });
-            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
-        }
-        tx.commit().await?;
-        Ok(inserted)
-    }
-
-    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
-        let rows = sqlx::query(
-            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
-             status, cost_usd FROM workload_events WHERE user_id = $1 AND ts >= $2 \
-             ORDER BY ts, id",
-        )
-        .bind(owner.to_string())
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(UsageRow {
-                    provider: row.try_get("provider")?,
-                    model: row.try_get("model")?,
-                    workload: row.try_get("workload")?,
-                    ts_ms: row.try_get("ts")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    latency_ms: row.try_get("latency_ms")?,
-                    status: row.try_get("status")?,
-                    cost_usd: row.try_get("cost_usd")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn usage_totals(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> StoreResult<Vec<UsageTotals>> {
-        let rows =
-            usage_sql::totals::<Postgres>(usage_sql::Engine::Postgres, owner, since_ms, until_ms)
-                .build()
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(usage_sql::totals_from_row).collect()
-    }
-
-    async fn usage_latency_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        ranks: &[i64],
-    ) -> StoreResult<Vec<(i64, i64)>> {
-        if ranks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = usage_sql::latency_at_ranks::<Postgres>(owner, since_ms, until_ms, ranks)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect()
-    }
-
-    async fn usage_daily(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> StoreResult<Vec<UsageDayTotals>> {
-        let rows =
-            usage_sql::daily::<Postgres>(usage_sql::Engine::Postgres, owner, since_ms, until_ms)
-                .build()
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(usage_sql::daily_from_row).collect()
-    }
-
-    async fn usage_completion_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        wanted: &[CompletionRank],
-    ) -> StoreResult<Vec<(String, i64)>> {
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = usage_sql::completion_at_ranks::<Postgres>(owner, since_ms, until_ms, wanted)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect()
-    }
-
-    async fn usage_savings(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        query: &SavingsQuery,
-    ) -> StoreResult<Vec<SavingsTotals>> {
-        if query.rates.is_empty() && query.caps.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = usage_sql::savings::<Postgres>(
-            usage_sql::Engine::Postgres,
-            owner,
-            since_ms,
-            until_ms,
-            query,
-        )
-        .build()
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(usage_sql::savings_from_row).collect()
-    }
-
-    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
-        let result = sqlx::query(
-            "DELETE FROM run_events WHERE run_id IN \
-             (SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1)",
-        )
-        .bind(finished_before_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
-    }
-
-    async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-        )
-        .bind(instance)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn remove_instances(
-        &self,
-        instance: Option<&str>,
-        stale_before_ms: i64,
-    ) -> StoreResult<()> {
-        sqlx::query("DELETE FROM instances WHERE id = $1 OR heartbeat_at < $2")
-            .bind(instance)
-            .bind(stale_before_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
-        let result = sqlx::query(
-            "UPDATE runs SET instance_id = $1 WHERE id = $2 \
-             AND status IN ('queued', 'running') AND instance_id IS NOT DISTINCT FROM $3",
-        )
-        .bind(to)
-        .bind(run.to_string())
-        .bind(from)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
     }
 
     async fn submit_run(
@@ -985,19 +675,24 @@ impl Store for PostgresStore {
         submission: &RunSubmission<'_>,
     ) -> StoreResult<SubmitOutcome> {
         let (message, run) = (submission.message, submission.run);
-        let mut tx = self.pool.begin().await?;
-        // One user's submissions take turns (on every instance) until commit, so two
-        // messages arriving together cannot both take the last slot.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('apex.submit_run:' || $1, 0))")
-            .bind(owner.to_string())
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.writes.begin().await?;
+        // One user's submissions take turns until commit, so the limit check below sees
+        // every committed run and no other submission can commit between the check and the
+        // insert: on PostgreSQL through a lock per user; on SQLite the first write (the
+        // message's) takes the database's write lock for the whole transaction.
+        if let Some(serialise) = ENGINE.serialise_user() {
+            sqlx::query(serialise)
+                .bind(owner.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(SubmitOutcome::ThreadNotFound);
         }
         let row = sqlx::query(
             "SELECT COUNT(*) AS unfinished, \
-                    COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0)::BIGINT AS on_thread \
+                    CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
+                    AS on_thread \
              FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
         )
         .bind(run.thread_id.to_string())
@@ -1033,7 +728,7 @@ impl Store for PostgresStore {
         .bind(submission.request_id)
         .bind(claim_by)
         .bind(claimed.then_some(run.created_at_ms))
-        .bind(i32::from(claimed))
+        .bind(Attempts::from(claimed))
         .bind(claimed.then_some(run.created_at_ms))
         .execute(&mut *tx)
         .await?;
@@ -1051,19 +746,20 @@ impl Store for PostgresStore {
         limit: usize,
         now_ms: i64,
     ) -> StoreResult<Vec<QueueEntry>> {
-        // SKIP LOCKED: a run another claimer is taking right now is passed over instead of
-        // waited for, so claimers on every instance proceed in parallel and never share one.
+        // One statement. Two claimers cannot take one run: SQLite has one writer, and
+        // PostgreSQL's claimers skip the rows another is taking (see `skip_locked`).
         let rows = sqlx::query(&format!(
             "UPDATE runs SET status = 'running', instance_id = $1, heartbeat_at = $2, \
                  attempts = attempts + 1, started_at = COALESCE(started_at, $2) \
              WHERE id IN (SELECT id FROM runs WHERE status = 'queued' AND instance_id IS NULL \
-                          ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING {QUEUE_COLUMNS}"
+                          ORDER BY created_at, id LIMIT $3{}) \
+             RETURNING {QUEUE_COLUMNS}",
+            ENGINE.skip_locked()
         ))
         .bind(instance)
         .bind(now_ms)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writes)
         .await?;
         let mut claimed = rows
             .iter()
@@ -1091,7 +787,7 @@ impl Store for PostgresStore {
         .bind(now_ms)
         .bind(run.to_string())
         .bind(owner.to_string())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
@@ -1100,21 +796,7 @@ impl Store for PostgresStore {
         if runs.is_empty() {
             return Ok(());
         }
-        let ids: Vec<String> = runs.iter().map(ToString::to_string).collect();
-        // SKIP LOCKED: a row the event writer holds is passed over instead of waited for.
-        // Waiting would stall that writer behind this statement (and, taking rows in
-        // another order than the writer's id order, could deadlock with it); a run whose
-        // row is busy is writing events, and every event refreshes its heartbeat anyway.
-        sqlx::query(
-            "UPDATE runs SET heartbeat_at = $1 WHERE id IN \
-             (SELECT id FROM runs WHERE instance_id = $2 AND id = ANY($3) FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(now_ms)
-        .bind(instance)
-        .bind(&ids)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        heartbeat_claimed(&self.writes, instance, runs, now_ms).await
     }
 
     async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>> {
@@ -1126,7 +808,7 @@ impl Store for PostgresStore {
              ORDER BY created_at, id"
         ))
         .bind(stale_before_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(queue_entry_from_row).collect()
     }
@@ -1139,38 +821,255 @@ impl Store for PostgresStore {
         )
         .bind(run.to_string())
         .bind(from)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
+}
 
-    async fn announce_queued_runs(&self) -> StoreResult<()> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(QUEUE_CHANNEL)
-            .execute(&self.pool)
+#[async_trait]
+impl EventLog for Shell {
+    async fn append_event(
+        &self,
+        owner: UserId,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+        self.events
+            .append(NewEvent {
+                owner,
+                run,
+                seq,
+                json: json.to_string(),
+                now_ms,
+            })
+            .await
+    }
+
+    async fn list_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT e.seq, e.event FROM run_events e JOIN runs r ON r.id = e.run_id \
+             WHERE e.run_id = $1 AND r.user_id = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4",
+        )
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .bind(after)
+        .bind(ENGINE.limit(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq")?;
+                Ok(StoredEvent {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    json: row.try_get("event")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "DELETE FROM run_events WHERE run_id IN \
+             (SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1)",
+        )
+        .bind(finished_before_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Usage for Shell {
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
+        let mut tx = self.writes.begin().await?;
+        let mut inserted = 0;
+        // 10 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
+        for chunk in rows.chunks(500) {
+            let mut builder: QueryBuilder<Db> = QueryBuilder::new(
+                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
+                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
+            );
+            builder.push_values(chunk, |mut b, row| {
+                b.push_bind(owner.to_string())
+                    .push_bind(&row.provider)
+                    .push_bind(&row.model)
+                    .push_bind(&row.workload)
+                    .push_bind(row.ts_ms)
+                    .push_bind(row.prompt_tokens)
+                    .push_bind(row.completion_tokens)
+                    .push_bind(row.latency_ms)
+                    .push_bind(&row.status)
+                    .push_bind(row.cost_usd);
+            });
+            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
+             status, cost_usd FROM workload_events WHERE user_id = $1 AND ts >= $2 \
+             ORDER BY ts, id",
+        )
+        .bind(owner.to_string())
+        .bind(since_ms)
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRow {
+                    provider: row.try_get("provider")?,
+                    model: row.try_get("model")?,
+                    workload: row.try_get("workload")?,
+                    ts_ms: row.try_get("ts")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    status: row.try_get("status")?,
+                    cost_usd: row.try_get("cost_usd")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn usage_totals(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>> {
+        let rows = usage_sql::totals::<Db>(ENGINE, owner, since_ms, until_ms)
+            .build()
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(usage_sql::totals_from_row).collect()
+    }
+
+    async fn usage_latency_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        if ranks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = usage_sql::latency_at_ranks::<Db>(owner, since_ms, until_ms, ranks)
+            .build()
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    async fn usage_daily(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>> {
+        let rows = usage_sql::daily::<Db>(ENGINE, owner, since_ms, until_ms)
+            .build()
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(usage_sql::daily_from_row).collect()
+    }
+
+    async fn usage_completion_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = usage_sql::completion_at_ranks::<Db>(owner, since_ms, until_ms, wanted)
+            .build()
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    async fn usage_savings(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>> {
+        if query.rates.is_empty() && query.caps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = usage_sql::savings::<Db>(ENGINE, owner, since_ms, until_ms, query)
+            .build()
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(usage_sql::savings_from_row).collect()
+    }
+}
+
+#[async_trait]
+impl Cluster for Shell {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reads).await?;
+        Ok(())
+    }
+
+    async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(instance)
+        .bind(now_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_instances(
+        &self,
+        instance: Option<&str>,
+        stale_before_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("DELETE FROM instances WHERE id = $1 OR heartbeat_at < $2")
+            .bind(instance)
+            .bind(stale_before_ms)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
 
-    async fn watch_queue_announcements(
-        &self,
-        wake: std::sync::Arc<tokio::sync::Notify>,
-    ) -> StoreResult<()> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen(QUEUE_CHANNEL).await?;
-        tokio::spawn(async move {
-            loop {
-                // `recv` reconnects by itself after a lost connection; notifications sent
-                // while it was away are missed, which the dispatchers' polling covers.
-                match listener.recv().await {
-                    Ok(_) => wake.notify_one(),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "listening for queued runs failed; retrying");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-        Ok(())
+    async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET instance_id = $1 WHERE id = $2 \
+             AND status IN ('queued', 'running') AND instance_id IS NOT DISTINCT FROM $3",
+        )
+        .bind(to)
+        .bind(run.to_string())
+        .bind(from)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
     }
 }

@@ -18,31 +18,13 @@
 //! picks (index or bitmap scan, as its statistics change), so there the costs are summed as
 //! `NUMERIC`, exactly. Groups come back ordered, so adding them up in Rust is repeatable too.
 
-/// The engine a query is written for, where their SQL differs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Engine {
-    Sqlite,
-    Postgres,
-}
-
-impl Engine {
-    /// The sum of the money-valued `expr`, as a `DOUBLE PRECISION` (see the module docs).
-    fn money_sum(self, expr: &str) -> String {
-        match self {
-            Engine::Sqlite => format!("CAST(SUM({expr}) AS DOUBLE PRECISION)"),
-            Engine::Postgres => {
-                format!("CAST(SUM(CAST({expr} AS NUMERIC)) AS DOUBLE PRECISION)")
-            }
-        }
-    }
-}
-
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
 
-use super::{
+use crate::engine::Backend;
+use crate::ids::UserId;
+use crate::records::{
     CompletionRank, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageTotals,
 };
-use crate::ids::UserId;
 
 /// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
 fn push_window<'q, DB>(
@@ -65,8 +47,8 @@ fn push_window<'q, DB>(
 }
 
 /// Totals per (provider, model, workload) of the rows dated in `[since, until]`.
-pub(super) fn totals<'q, DB>(
-    engine: Engine,
+pub(crate) fn totals<'q, DB>(
+    engine: Backend,
     owner: UserId,
     since: i64,
     until: i64,
@@ -89,7 +71,7 @@ where
     q
 }
 
-pub(super) fn totals_from_row<R>(row: &R) -> StoreResult<UsageTotals>
+pub(crate) fn totals_from_row<R>(row: &R) -> StoreResult<UsageTotals>
 where
     R: Row,
     usize: ColumnIndex<R>,
@@ -111,7 +93,7 @@ where
 
 /// The latency at each 1-based rank of the window's rows ordered by latency, as
 /// (rank, latency) pairs. `ranks` must not be empty.
-pub(super) fn latency_at_ranks<'q, DB>(
+pub(crate) fn latency_at_ranks<'q, DB>(
     owner: UserId,
     since: i64,
     until: i64,
@@ -139,8 +121,8 @@ where
 
 /// Spend and requests per (UTC day, model) of the rows dated in `[since, until]`. The day
 /// is the floor of `ts / 86,400,000` (also for instants before 1970).
-pub(super) fn daily<'q, DB>(
-    engine: Engine,
+pub(crate) fn daily<'q, DB>(
+    engine: Backend,
     owner: UserId,
     since: i64,
     until: i64,
@@ -161,7 +143,7 @@ where
     q
 }
 
-pub(super) fn daily_from_row<R>(row: &R) -> StoreResult<UsageDayTotals>
+pub(crate) fn daily_from_row<R>(row: &R) -> StoreResult<UsageDayTotals>
 where
     R: Row,
     usize: ColumnIndex<R>,
@@ -180,7 +162,7 @@ where
 /// For each wanted (workload, rank): the completion tokens of the row at that 1-based rank
 /// among the workload's rows in `[since, until]` ordered by completion tokens. `wanted`
 /// must not be empty.
-pub(super) fn completion_at_ranks<'q, DB>(
+pub(crate) fn completion_at_ranks<'q, DB>(
     owner: UserId,
     since: i64,
     until: i64,
@@ -211,8 +193,8 @@ where
 
 /// Routing and output-cap figures per (workload, model) of the rows in `[since, until]`
 /// (see [`SavingsQuery`]). Only rows that count for either are grouped.
-pub(super) fn savings<'q, DB>(
-    engine: Engine,
+pub(crate) fn savings<'q, DB>(
+    engine: Backend,
     owner: UserId,
     since: i64,
     until: i64,
@@ -279,7 +261,7 @@ where
     q
 }
 
-pub(super) fn savings_from_row<R>(row: &R) -> StoreResult<SavingsTotals>
+pub(crate) fn savings_from_row<R>(row: &R) -> StoreResult<SavingsTotals>
 where
     R: Row,
     usize: ColumnIndex<R>,

@@ -1,0 +1,260 @@
+//! `SqliteStore`: the embedded engine (one file in the data folder), a shell around the
+//! shared SQL (`shared.rs`) that owns its connections.
+//!
+//! WAL journal so readers never block the writer, `synchronous=NORMAL` (durable at
+//! checkpoints, never corrupt), foreign keys on. Migrations in `migrations/sqlite` run at
+//! open.
+//!
+//! Two pools: readers, and exactly one connection that writes. SQLite admits one writer at
+//! a time; when two connections both want to write, the loser gets `SQLITE_BUSY` and its
+//! busy handler *sleeps* in steps of 1, 2, 5 ... up to 100 ms before it looks again. Under
+//! load (the event writer commits back to back) that put tens of milliseconds on ordinary
+//! writes such as queueing a run. With one writing connection, writers wait in the pool's
+//! FIFO queue instead and go the moment the previous write ends. The busy timeout stays as
+//! a safety net for another process opening the same file (e.g. `apex admin`).
+//!
+//! Checkpoints (copying the WAL back into the database file, which is when SQLite syncs to
+//! disk) run on their own connection every [`CHECKPOINT_INTERVAL`], not inside a writer's
+//! commit: SQLite's automatic checkpoint would otherwise make one commit in every ~1,000
+//! pages wait for a disk sync. The writer keeps a large automatic threshold as a backstop.
+//!
+//! Only the heartbeat of claimed runs has SQL of its own here (an `IN` list: SQLite has no
+//! arrays). Queue announcements between processes do not exist: one process is all there
+//! is, so [`QueueSignals`] keeps its no-op defaults.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, QueryBuilder, Sqlite, SqlitePool};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::engine::Backend;
+use crate::group_commit::EventWriter;
+use crate::ids::RunId;
+use crate::records::StoreResult;
+use crate::roles::QueueSignals;
+use crate::DatabasePool;
+
+// Deliberately also the child of `postgres`: the one copy of the SQL, compiled for each engine.
+#[allow(clippy::duplicate_mod)]
+#[path = "shared.rs"]
+mod shared;
+
+// What the shared SQL is compiled against (see `shared.rs`).
+type Db = Sqlite;
+const ENGINE: Backend = Backend::Sqlite;
+type Shell = SqliteStore;
+/// SQLite hands out `runs.attempts` (an INTEGER) as a 64-bit integer.
+type Attempts = i64;
+
+/// How often the background checkpoint copies committed WAL pages into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The writer's automatic checkpoint threshold in pages (4 KiB each): only reached if the
+/// background checkpoint falls behind, so the WAL cannot grow without bound.
+const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
+
+/// The SQLite engine: its pools and background work; its SQL is `shared.rs`.
+pub struct SqliteStore {
+    /// Read-only work: WAL lets these read while the writer writes.
+    reads: SqlitePool,
+    /// The one connection that writes (see the module doc for why only one).
+    writes: SqlitePool,
+    /// Appends run events in batches (see `group_commit`), on `writes`.
+    events: EventWriter,
+    /// Stops the background checkpoint when the store is dropped.
+    _checkpoints: DropGuard,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` with the default pool and applies
+    /// migrations.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        Self::open_with(url, &DatabasePool::default()).await
+    }
+
+    /// Like [`SqliteStore::open`] with the given pool limits.
+    pub(crate) async fn open_with(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        // Created first: it creates the file and applies the migrations.
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES),
+            )
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writes).await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(pool.max_connections)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .await?;
+        let checkpoints = CancellationToken::new();
+        let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
+        tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
+        let events = shared::event_writer(writes.clone());
+        Ok(Self {
+            reads,
+            writes,
+            events,
+            _checkpoints: checkpoints.drop_guard(),
+        })
+    }
+}
+
+/// Copies committed WAL pages into the database file every [`CHECKPOINT_INTERVAL`] until
+/// `stop`. `PASSIVE` never waits for readers or the writer: what it cannot copy now it
+/// copies next time.
+async fn checkpoint_loop(mut connection: SqliteConnection, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut connection)
+            .await
+        {
+            // The writer's automatic checkpoint is the backstop meanwhile.
+            tracing::warn!(error = %err, "SQLite background checkpoint failed");
+        }
+    }
+    let _ = connection.close().await;
+}
+
+/// The heartbeat of `runs` claimed by `instance` (see [`crate::Runs::heartbeat_runs`]).
+async fn heartbeat_claimed(
+    pool: &SqlitePool,
+    instance: &str,
+    runs: &[RunId],
+    now_ms: i64,
+) -> StoreResult<()> {
+    let mut update: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE runs SET heartbeat_at = ");
+    update.push_bind(now_ms);
+    update.push(" WHERE instance_id = ");
+    update.push_bind(instance);
+    update.push(" AND id IN (");
+    let mut ids = update.separated(", ");
+    for run in runs {
+        ids.push_bind(run.to_string());
+    }
+    update.push(")");
+    update.build().execute(pool).await?;
+    Ok(())
+}
+
+impl QueueSignals for SqliteStore {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ThreadId, UserId};
+    use crate::prelude::*;
+    use crate::{RunRecord, ThreadRecord, UserRecord};
+    use apex_protocol::threads::RunStatus;
+
+    /// Committed events reach the database file itself (not only the WAL) without any
+    /// commit having to checkpoint: the writer's automatic threshold (64 MiB) is far above
+    /// what is written here, so only the background checkpoint can have copied them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_checkpoint_copies_the_wal_into_the_database_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("apex.db");
+        let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("open");
+        let owner = UserId::generate();
+        store
+            .create_user(&UserRecord {
+                id: owner,
+                email: "c@example.com".into(),
+                name: None,
+                password_hash: "hash".into(),
+                created_at_ms: 0,
+            })
+            .await
+            .expect("user");
+        let thread = ThreadId::generate();
+        store
+            .create_thread(
+                owner,
+                &ThreadRecord {
+                    id: thread,
+                    title: "t".into(),
+                    metadata: serde_json::json!({}),
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                    message_count: 0,
+                },
+            )
+            .await
+            .expect("thread");
+        let run = RunId::generate();
+        store
+            .create_run_on(
+                owner,
+                &RunRecord {
+                    id: run,
+                    thread_id: thread,
+                    status: RunStatus::Running,
+                    created_at_ms: 0,
+                    started_at_ms: Some(0),
+                    finished_at_ms: None,
+                    error: None,
+                    last_seq: 0,
+                },
+                None,
+            )
+            .await
+            .expect("run");
+        let before = std::fs::metadata(&path).expect("db file").len();
+        let body = "x".repeat(4096);
+        for seq in 1..=512 {
+            store
+                .append_event(
+                    owner,
+                    run,
+                    seq,
+                    &format!("{{\"pad\":\"{body}\"}}"),
+                    seq as i64,
+                )
+                .await
+                .expect("append");
+        }
+        // 512 events of 4 KiB: at least 2 MiB must land in the file.
+        let wanted = before + 2 * 1024 * 1024;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let size = std::fs::metadata(&path).expect("db file").len();
+            if size >= wanted {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file stayed at {size} bytes (from {before}); nothing was checkpointed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            store
+                .list_events(owner, run, 0, 1000)
+                .await
+                .expect("list")
+                .len(),
+            512
+        );
+    }
+}
