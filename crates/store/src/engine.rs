@@ -1,10 +1,10 @@
 //! [`Backend`]: the engine a database URL selects, and every spot where SQLite's and
-//! PostgreSQL's SQL or rules differ.
+//! PostgreSQL's SQL or rules differ, so the shared queries (`shared.rs`, `usage_sql.rs`)
+//! are written once.
 //!
-//! The shared queries (`shared.rs`, `usage_sql.rs`) ask the engine here instead of being
-//! written twice. Most SQL needs no help: both engines take `$1`-style placeholders (SQLite
-//! binds them by number, so one may repeat), `IS NOT DISTINCT FROM`, `NOT` on a boolean
-//! column stored as 0/1, and `CAST(... AS BIGINT)`. What remains is below, each with why.
+//! Most SQL needs no help: both engines take `$1`-style placeholders (SQLite binds them by
+//! number, so one may repeat), `IS NOT DISTINCT FROM`, `NOT` on a boolean column (0/1 on
+//! SQLite) and `CAST(... AS BIGINT)`. What remains is below, each with why.
 
 /// The storage engine a database URL selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +30,9 @@ impl Backend {
         }
     }
 
-    /// The sum of the money-valued `expr`, as a `DOUBLE PRECISION`. Sums must not depend on
-    /// the order rows are visited in (see `usage_sql`): SQLite always visits them in index
-    /// order and sums with compensation; PostgreSQL's order changes with its plan, so there
-    /// the costs are summed as `NUMERIC`, exactly.
+    /// The sum of the money-valued `expr`, as a `DOUBLE PRECISION`, independent of the order
+    /// rows are visited in (see `usage_sql`): exact `NUMERIC` on PostgreSQL, whose order
+    /// changes with its plan; SQLite always visits in index order.
     pub(crate) fn money_sum(self, expr: &str) -> String {
         match self {
             Backend::Sqlite => format!("CAST(SUM({expr}) AS DOUBLE PRECISION)"),
@@ -43,17 +42,15 @@ impl Backend {
         }
     }
 
-    /// Whether `key` cannot be stored. PostgreSQL text cannot hold U+0000, so no stored key
-    /// contains it: a lookup by such a key (a client-supplied ticket, say) must find
-    /// nothing, as on SQLite, instead of failing. Input validation refuses such text before
-    /// it reaches a write.
+    /// Whether no row can hold `key`: PostgreSQL text cannot hold U+0000, so a lookup by such
+    /// a key (a client-supplied ticket, say) must find nothing, as on SQLite, instead of
+    /// failing. Input validation refuses such text before it reaches a write.
     pub(crate) fn unstorable(self, key: &str) -> bool {
         self == Backend::Postgres && key.contains('\0')
     }
 
-    /// `limit` as bound to a `LIMIT`: SQLite reads a negative LIMIT as "no limit" (and
-    /// rejects `LIMIT NULL`); PostgreSQL rejects a negative one, and `LIMIT NULL` is its
-    /// "no limit".
+    /// `limit` as bound to a `LIMIT`: SQLite reads a negative one as "no limit" and rejects
+    /// `LIMIT NULL`, which is PostgreSQL's "no limit" (it rejects a negative one).
     pub(crate) fn limit(self, limit: i64) -> Option<i64> {
         match self {
             Backend::Sqlite => Some(limit),
@@ -62,9 +59,9 @@ impl Backend {
     }
 
     /// Ends a subquery that picks rows to change. PostgreSQL runs writers in parallel: rows
-    /// another transaction is changing right now are passed over instead of waited for, so
-    /// concurrent claimers proceed side by side and never take the same row. SQLite has one
-    /// writer at a time, so nothing is ever locked by another (and it has no such clause).
+    /// another transaction is changing are passed over instead of waited for, so concurrent
+    /// claimers proceed side by side and never take the same row. SQLite's one writer never
+    /// meets a row locked by another (and it has no such clause).
     pub(crate) fn skip_locked(self) -> &'static str {
         match self {
             Backend::Sqlite => "",
@@ -72,16 +69,15 @@ impl Backend {
         }
     }
 
-    /// Whether writers run in parallel (PostgreSQL), so a transaction that touches several
-    /// runs must lock them in one order to avoid deadlocks. SQLite serialises writers.
+    /// Whether writers run in parallel (PostgreSQL), so a transaction that changes several
+    /// runs must lock them in one order to avoid deadlocks.
     pub(crate) fn parallel_writers(self) -> bool {
         self == Backend::Postgres
     }
 
-    /// A statement, bound to the owner's id, that makes one user's submissions take turns
-    /// until commit on every instance (a transaction-scoped advisory lock), so two messages
-    /// arriving together cannot both take the user's last run slot. SQLite needs none: its
-    /// one writer already serialises them.
+    /// A statement, bound to the owner's id, after which the user's other submissions wait
+    /// until commit (on every instance): two messages arriving together cannot both take
+    /// the last run slot. SQLite's one writer already serialises them.
     pub(crate) fn serialise_user(self) -> Option<&'static str> {
         match self {
             Backend::Sqlite => None,
@@ -91,10 +87,9 @@ impl Backend {
         }
     }
 
-    /// Logout's housekeeping, bound to now: expired revocations are useless, since the token
-    /// is rejected anyway. On PostgreSQL, rows another logout is already deleting are
-    /// skipped rather than waited for, so concurrent logouts never wait on or deadlock with
-    /// each other.
+    /// Logout's housekeeping, bound to now: expired revocations are useless (the token is
+    /// rejected anyway). PostgreSQL skips the rows another logout is deleting, so
+    /// concurrent logouts never wait on or deadlock with each other.
     pub(crate) fn delete_expired_revocations(self) -> &'static str {
         match self {
             Backend::Sqlite => "DELETE FROM revoked_access_tokens WHERE expires_at < $1",

@@ -14,7 +14,7 @@
 //!   engine has (SQLite's single writer beside its readers and its background checkpoints;
 //!   PostgreSQL's `LISTEN`/`NOTIFY`).
 //! - `group_commit`: appends the run events of all runs in few transactions.
-//! - `usage_sql`: the usage aggregation queries, grouped by the database.
+//! - `usage_sql`: the usage figures, grouped by the database (a child of `shared`).
 //! - [`ids`]: validated id newtypes.
 //!
 //! [`open`] picks the engine from the database URL and applies pending migrations; the
@@ -29,7 +29,6 @@ pub mod postgres;
 mod records;
 mod roles;
 pub mod sqlite;
-mod usage_sql;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,42 +1,22 @@
-//! `PostgresStore`: the engine for running several Apex instances on one database, a shell
-//! around the shared SQL (`shared.rs`).
+//! `PostgresStore`: the engine for several Apex instances on one database, chosen when the
+//! URL starts with `postgres://` or `postgresql://` (see [`crate::open`]).
 //!
-//! It owns the PostgreSQL side of the store: the connection pool, the schema in
-//! `migrations/postgres`, and what only PostgreSQL has (queue announcements with
-//! `LISTEN`/`NOTIFY`, the heartbeat of claimed runs with an array). Chosen when the database
-//! URL starts with `postgres://` or `postgresql://` (see [`crate::open`]); SQLite stays the
-//! default.
+//! A shell around the shared SQL (`shared.rs`): it owns the pool, the schema in
+//! `migrations/postgres`, and what only PostgreSQL has: queue announcements with
+//! `LISTEN`/`NOTIFY`, and the heartbeat of claimed runs with an array. The queries are
+//! SQLite's, with the same owner filters, conflict handling, return values and
+//! transactions. What differs is how concurrency is made safe, because PostgreSQL runs
+//! writers in parallel where SQLite serialises them (each is said where it is done):
+//! single-statement token and ticket updates (a second concurrent UPDATE re-checks its
+//! `WHERE` on the new row version and matches nothing), row locks taken in id order (the
+//! thread before a message's position is computed, the runs of an event batch), a
+//! per-user advisory lock around `submit_run`, and `FOR UPDATE SKIP LOCKED` where claimers,
+//! heartbeats and logouts must not wait on each other. Text cannot hold U+0000 here, so a
+//! lookup by such a key finds nothing, as on SQLite, instead of failing.
 //!
-//! The queries are SQLite's, the same text (see `shared.rs`): the same owner filter on
-//! every user-data statement, the same conflict handling, the same return values, and
-//! transactions in the same places. What differs is how concurrency is made safe, because
-//! PostgreSQL runs writers in parallel where SQLite serialises them (the spots are
-//! `engine.rs`'s):
-//! - single-statement state changes stay single statements (`consume_refresh_token`,
-//!   `redeem_ticket ... RETURNING`): under READ COMMITTED a second concurrent UPDATE waits for
-//!   the first, re-checks its `WHERE` on the new row version and matches nothing, so a token
-//!   or single-use ticket is spent exactly once;
-//! - `insert_message` locks the thread row (its `UPDATE threads` comes first) before it
-//!   computes the next position, so concurrent appends to one thread queue up instead of
-//!   taking the same position (a UNIQUE index backs this up);
-//! - `append_event` likewise locks the run row before inserting; a batch of events (see
-//!   `group_commit`) locks its runs in id order (`SELECT ... FOR UPDATE`), so two
-//!   instances' writers cannot deadlock;
-//! - `submit_run` takes a transaction-scoped advisory lock per user before counting the
-//!   user's unfinished runs, so the per-user run limits are exact across instances;
-//! - `claim_queued_runs` picks rows with `FOR UPDATE SKIP LOCKED`: concurrent claimers on
-//!   any instance skip each other's rows instead of waiting, and never share a run;
-//! - the expired-revocation housekeeping of `revoke_session` deletes with
-//!   `FOR UPDATE SKIP LOCKED`, so concurrent logouts never wait on or deadlock with each other.
-//!
-//! One difference of the engines is papered over: PostgreSQL text cannot hold U+0000. A
-//! lookup by a key holding it finds nothing, as on SQLite, instead of failing; input
-//! validation refuses such text before it reaches a write.
-//!
-//! Migrations are embedded at compile time and applied at open (`PostgresStore::migrate`:
-//! `apex migrate`, and every start); sqlx serialises concurrent migrators with an advisory
-//! lock, so several instances may start at once. Queries are runtime (`sqlx::query`) so the
-//! build needs no database.
+//! Migrations are embedded at compile time and applied at every open (`apex migrate` too);
+//! sqlx serialises concurrent migrators with an advisory lock, so several instances may
+//! start at once.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -75,8 +55,8 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` without touching the schema.
-    async fn connect(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
+    /// Connects to the database at `url` and applies pending migrations.
+    pub(crate) async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
         let mut options = PgConnectOptions::from_str(url)?;
         if options.get_application_name().is_none() {
             options = options.application_name("apex");
@@ -89,26 +69,12 @@ impl PostgresStore {
             .acquire_timeout(pool.acquire_timeout)
             .connect_with(options)
             .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             reads: pool.clone(),
             events: shared::event_writer(pool.clone()),
             writes: pool,
         })
-    }
-
-    /// Connects and applies pending migrations: what the server does at start.
-    pub(crate) async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
-        let store = Self::connect(url, pool).await?;
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// Applies the migrations in `migrations/postgres` that have not run yet.
-    async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.writes)
-            .await?;
-        Ok(())
     }
 }
 

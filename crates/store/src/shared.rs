@@ -29,13 +29,16 @@ use super::{heartbeat_claimed, Attempts, Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
-    parse_json_column, CompletionRank, MessageRecord, QueueEntry, RunRecord, RunSubmission,
-    SavingsQuery, SavingsTotals, StoreError, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord,
-    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
+    parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, StoreError,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UserRecord,
 };
-use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads, Usage};
-use crate::usage_sql;
+use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads};
 use apex_protocol::threads::RunStatus;
+
+// The Usage role's SQL, compiled with this module for each engine.
+#[allow(clippy::duplicate_mod)]
+#[path = "usage_sql.rs"]
+mod usage_sql;
 
 type DbRow = <Db as sqlx::Database>::Row;
 type Transaction = sqlx::Transaction<'static, Db>;
@@ -887,144 +890,6 @@ impl EventLog for Shell {
         .execute(&self.writes)
         .await?;
         Ok(result.rows_affected())
-    }
-}
-
-#[async_trait]
-impl Usage for Shell {
-    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
-        let mut tx = self.writes.begin().await?;
-        let mut inserted = 0;
-        // 10 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
-        for chunk in rows.chunks(500) {
-            let mut builder: QueryBuilder<Db> = QueryBuilder::new(
-                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
-                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
-            );
-            builder.push_values(chunk, |mut b, row| {
-                b.push_bind(owner.to_string())
-                    .push_bind(&row.provider)
-                    .push_bind(&row.model)
-                    .push_bind(&row.workload)
-                    .push_bind(row.ts_ms)
-                    .push_bind(row.prompt_tokens)
-                    .push_bind(row.completion_tokens)
-                    .push_bind(row.latency_ms)
-                    .push_bind(&row.status)
-                    .push_bind(row.cost_usd);
-            });
-            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
-        }
-        tx.commit().await?;
-        Ok(inserted)
-    }
-
-    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
-        let rows = sqlx::query(
-            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
-             status, cost_usd FROM workload_events WHERE user_id = $1 AND ts >= $2 \
-             ORDER BY ts, id",
-        )
-        .bind(owner.to_string())
-        .bind(since_ms)
-        .fetch_all(&self.reads)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(UsageRow {
-                    provider: row.try_get("provider")?,
-                    model: row.try_get("model")?,
-                    workload: row.try_get("workload")?,
-                    ts_ms: row.try_get("ts")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    latency_ms: row.try_get("latency_ms")?,
-                    status: row.try_get("status")?,
-                    cost_usd: row.try_get("cost_usd")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn usage_totals(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> StoreResult<Vec<UsageTotals>> {
-        let rows = usage_sql::totals::<Db>(ENGINE, owner, since_ms, until_ms)
-            .build()
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter().map(usage_sql::totals_from_row).collect()
-    }
-
-    async fn usage_latency_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        ranks: &[i64],
-    ) -> StoreResult<Vec<(i64, i64)>> {
-        if ranks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = usage_sql::latency_at_ranks::<Db>(owner, since_ms, until_ms, ranks)
-            .build()
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect()
-    }
-
-    async fn usage_daily(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> StoreResult<Vec<UsageDayTotals>> {
-        let rows = usage_sql::daily::<Db>(ENGINE, owner, since_ms, until_ms)
-            .build()
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter().map(usage_sql::daily_from_row).collect()
-    }
-
-    async fn usage_completion_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        wanted: &[CompletionRank],
-    ) -> StoreResult<Vec<(String, i64)>> {
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = usage_sql::completion_at_ranks::<Db>(owner, since_ms, until_ms, wanted)
-            .build()
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect()
-    }
-
-    async fn usage_savings(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        query: &SavingsQuery,
-    ) -> StoreResult<Vec<SavingsTotals>> {
-        if query.rates.is_empty() && query.caps.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = usage_sql::savings::<Db>(ENGINE, owner, since_ms, until_ms, query)
-            .build()
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter().map(usage_sql::savings_from_row).collect()
     }
 }
 

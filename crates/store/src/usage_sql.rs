@@ -1,4 +1,5 @@
-//! The usage aggregation queries, written once for both engines.
+//! The [`Usage`] role's SQL: a user's usage rows, and the figures the database computes
+//! from them. A child of `shared.rs`, compiled with it for each engine.
 //!
 //! The summary, the daily series and the savings simulation used to load every usage row
 //! of the window (about 1,800 per user per run) through sqlx, one row at a time: that
@@ -18,26 +19,18 @@
 //! picks (index or bitmap scan, as its statistics change), so there the costs are summed as
 //! `NUMERIC`, exactly. Groups come back ordered, so adding them up in Rust is repeatable too.
 
-use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
+use async_trait::async_trait;
+use sqlx::{QueryBuilder, Row};
 
-use crate::engine::Backend;
+use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
-    CompletionRank, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageTotals,
+    CompletionRank, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow, UsageTotals,
 };
+use crate::roles::Usage;
 
 /// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
-fn push_window<'q, DB>(
-    q: &mut QueryBuilder<'q, DB>,
-    alias: &str,
-    owner: UserId,
-    since: i64,
-    until: i64,
-) where
-    DB: Database,
-    String: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
+fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: i64, until: i64) {
     q.push(format!(" WHERE {alias}user_id = "))
         .push_bind(owner.to_string())
         .push(format!(" AND {alias}ts >= "))
@@ -46,235 +39,253 @@ fn push_window<'q, DB>(
         .push_bind(until);
 }
 
-/// Totals per (provider, model, workload) of the rows dated in `[since, until]`.
-pub(crate) fn totals<'q, DB>(
-    engine: Backend,
-    owner: UserId,
-    since: i64,
-    until: i64,
-) -> QueryBuilder<'q, DB>
-where
-    DB: Database,
-    DB::Arguments<'q>: Default,
-    String: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
-    let mut q = QueryBuilder::new(format!(
-        "SELECT provider, model, workload, COUNT(*), \
-         CAST(SUM(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END) AS BIGINT), \
-         CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-         {} FROM workload_events",
-        engine.money_sum("cost_usd")
-    ));
-    push_window(&mut q, "", owner, since, until);
-    q.push(" GROUP BY provider, model, workload ORDER BY provider, model, workload");
-    q
-}
-
-pub(crate) fn totals_from_row<R>(row: &R) -> StoreResult<UsageTotals>
-where
-    R: Row,
-    usize: ColumnIndex<R>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
-{
-    Ok(UsageTotals {
-        provider: row.try_get(0)?,
-        model: row.try_get(1)?,
-        workload: row.try_get(2)?,
-        requests: row.try_get(3)?,
-        errors: row.try_get(4)?,
-        prompt_tokens: row.try_get(5)?,
-        completion_tokens: row.try_get(6)?,
-        cost_usd: row.try_get(7)?,
-    })
-}
-
-/// The latency at each 1-based rank of the window's rows ordered by latency, as
-/// (rank, latency) pairs. `ranks` must not be empty.
-pub(crate) fn latency_at_ranks<'q, DB>(
-    owner: UserId,
-    since: i64,
-    until: i64,
-    ranks: &[i64],
-) -> QueryBuilder<'q, DB>
-where
-    DB: Database,
-    DB::Arguments<'q>: Default,
-    String: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
-    let mut q = QueryBuilder::new(
-        "SELECT t.rn, t.latency_ms FROM (SELECT latency_ms, \
-         ROW_NUMBER() OVER (ORDER BY latency_ms) AS rn FROM workload_events",
-    );
-    push_window(&mut q, "", owner, since, until);
-    q.push(") t WHERE t.rn IN (");
-    let mut list = q.separated(", ");
-    for rank in ranks {
-        list.push_bind(*rank);
+impl Shell {
+    /// The rows of the grouped query `q`, each decoded by `decode`.
+    async fn grouped<T>(
+        &self,
+        mut q: QueryBuilder<'_, Db>,
+        decode: fn(&DbRow) -> sqlx::Result<T>,
+    ) -> StoreResult<Vec<T>> {
+        let rows = q.build().fetch_all(&self.reads).await?;
+        Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
     }
-    q.push(")");
-    q
 }
 
-/// Spend and requests per (UTC day, model) of the rows dated in `[since, until]`. The day
-/// is the floor of `ts / 86,400,000` (also for instants before 1970).
-pub(crate) fn daily<'q, DB>(
-    engine: Backend,
-    owner: UserId,
-    since: i64,
-    until: i64,
-) -> QueryBuilder<'q, DB>
-where
-    DB: Database,
-    DB::Arguments<'q>: Default,
-    String: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
-    let mut q = QueryBuilder::new(format!(
-        "SELECT (ts - ((ts % 86400000) + 86400000) % 86400000) / 86400000 AS day, model, \
-         COUNT(*), {} FROM workload_events",
-        engine.money_sum("cost_usd")
-    ));
-    push_window(&mut q, "", owner, since, until);
-    q.push(" GROUP BY day, model ORDER BY day, model");
-    q
-}
+#[async_trait]
+impl Usage for Shell {
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
+        let mut tx = self.writes.begin().await?;
+        let mut inserted = 0;
+        // 10 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
+        for chunk in rows.chunks(500) {
+            let mut builder: QueryBuilder<Db> = QueryBuilder::new(
+                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
+                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
+            );
+            builder.push_values(chunk, |mut b, row| {
+                b.push_bind(owner.to_string())
+                    .push_bind(&row.provider)
+                    .push_bind(&row.model)
+                    .push_bind(&row.workload)
+                    .push_bind(row.ts_ms)
+                    .push_bind(row.prompt_tokens)
+                    .push_bind(row.completion_tokens)
+                    .push_bind(row.latency_ms)
+                    .push_bind(&row.status)
+                    .push_bind(row.cost_usd);
+            });
+            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
 
-pub(crate) fn daily_from_row<R>(row: &R) -> StoreResult<UsageDayTotals>
-where
-    R: Row,
-    usize: ColumnIndex<R>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
-{
-    Ok(UsageDayTotals {
-        day: row.try_get(0)?,
-        model: row.try_get(1)?,
-        requests: row.try_get(2)?,
-        cost_usd: row.try_get(3)?,
-    })
-}
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
+             status, cost_usd FROM workload_events WHERE user_id = $1 AND ts >= $2 \
+             ORDER BY ts, id",
+        )
+        .bind(owner.to_string())
+        .bind(since_ms)
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRow {
+                    provider: row.try_get("provider")?,
+                    model: row.try_get("model")?,
+                    workload: row.try_get("workload")?,
+                    ts_ms: row.try_get("ts")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    status: row.try_get("status")?,
+                    cost_usd: row.try_get("cost_usd")?,
+                })
+            })
+            .collect()
+    }
 
-/// For each wanted (workload, rank): the completion tokens of the row at that 1-based rank
-/// among the workload's rows in `[since, until]` ordered by completion tokens. `wanted`
-/// must not be empty.
-pub(crate) fn completion_at_ranks<'q, DB>(
-    owner: UserId,
-    since: i64,
-    until: i64,
-    wanted: &[CompletionRank],
-) -> QueryBuilder<'q, DB>
-where
-    DB: Database,
-    DB::Arguments<'q>: Default,
-    String: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
-    let mut q = QueryBuilder::new("WITH wanted (workload, rnk) AS (");
-    q.push_values(wanted, |mut b, w| {
-        b.push_bind(w.workload.clone()).push_bind(w.rank);
-    });
-    q.push(
-        ") SELECT t.workload, t.completion_tokens FROM (SELECT workload, completion_tokens, \
-         ROW_NUMBER() OVER (PARTITION BY workload ORDER BY completion_tokens) AS rn \
-         FROM workload_events",
-    );
-    push_window(&mut q, "", owner, since, until);
-    q.push(
-        " AND workload IN (SELECT workload FROM wanted)) t \
-         JOIN wanted w ON w.workload = t.workload AND w.rnk = t.rn",
-    );
-    q
-}
+    async fn usage_totals(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT provider, model, workload, COUNT(*), \
+             CAST(SUM(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             {} FROM workload_events",
+            ENGINE.money_sum("cost_usd")
+        ));
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(" GROUP BY provider, model, workload ORDER BY provider, model, workload");
+        self.grouped(q, |row| {
+            Ok(UsageTotals {
+                provider: row.try_get(0)?,
+                model: row.try_get(1)?,
+                workload: row.try_get(2)?,
+                requests: row.try_get(3)?,
+                errors: row.try_get(4)?,
+                prompt_tokens: row.try_get(5)?,
+                completion_tokens: row.try_get(6)?,
+                cost_usd: row.try_get(7)?,
+            })
+        })
+        .await
+    }
 
-/// Routing and output-cap figures per (workload, model) of the rows in `[since, until]`
-/// (see [`SavingsQuery`]). Only rows that count for either are grouped.
-pub(crate) fn savings<'q, DB>(
-    engine: Backend,
-    owner: UserId,
-    since: i64,
-    until: i64,
-    query: &SavingsQuery,
-) -> QueryBuilder<'q, DB>
-where
-    DB: Database,
-    DB::Arguments<'q>: Default,
-    String: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-    f64: Encode<'q, DB> + Type<DB>,
-{
-    let mut q = QueryBuilder::new("WITH rates (model, input_rate, output_rate) AS (");
-    if query.rates.is_empty() {
-        // VALUES needs at least one row; this table has none.
-        q.push(
-            "SELECT CAST(NULL AS TEXT), CAST(NULL AS DOUBLE PRECISION), \
-             CAST(NULL AS DOUBLE PRECISION) WHERE 1 = 0",
+    async fn usage_latency_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        if ranks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::new(
+            "SELECT t.rn, t.latency_ms FROM (SELECT latency_ms, \
+             ROW_NUMBER() OVER (ORDER BY latency_ms) AS rn FROM workload_events",
         );
-    } else {
-        q.push_values(&query.rates, |mut b, r| {
-            b.push_bind(r.model.clone())
-                .push_bind(r.input_per_mtok)
-                .push_bind(r.output_per_mtok);
-        });
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(") t WHERE t.rn IN (");
+        let mut list = q.separated(", ");
+        for rank in ranks {
+            list.push_bind(*rank);
+        }
+        q.push(")");
+        self.grouped(q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .await
     }
-    q.push("), caps (workload, cap) AS (");
-    if query.caps.is_empty() {
-        q.push("SELECT CAST(NULL AS TEXT), CAST(NULL AS BIGINT) WHERE 1 = 0");
-    } else {
-        q.push_values(&query.caps, |mut b, c| {
-            b.push_bind(c.workload.clone()).push_bind(c.cap);
-        });
-    }
-    // `saved` is the row's cost minus its cost at the alternative's rates, computed with the
-    // same float operations, in the same order, as `pricing::cost_at`, so the test
-    // `saved > 0` decides every row exactly as the per-row simulation did.
-    q.push(
-        "), scored AS (SELECT e.workload, e.model, e.completion_tokens, c.cap, \
-         CASE WHEN r.model IS NOT NULL AND e.prompt_tokens < ",
-    )
-    .push_bind(query.short_prompt)
-    .push(" AND e.completion_tokens < ")
-    .push_bind(query.short_completion)
-    .push(
-        " THEN e.cost_usd - (e.prompt_tokens * r.input_rate + e.completion_tokens * r.output_rate) / ",
-    )
-    .push_bind(1_000_000.0f64)
-    .push(
-        " END AS saved FROM workload_events e LEFT JOIN rates r ON r.model = e.model \
-         LEFT JOIN caps c ON c.workload = e.workload",
-    );
-    push_window(&mut q, "e.", owner, since, until);
-    q.push(format!(
-        " AND (r.model IS NOT NULL OR c.cap IS NOT NULL)) \
-         SELECT workload, model, \
-         CAST(SUM(CASE WHEN saved > 0 THEN 1 ELSE 0 END) AS BIGINT), {}, \
-         CAST(SUM(CASE WHEN completion_tokens > cap THEN 1 ELSE 0 END) AS BIGINT), \
-         CAST(SUM(CASE WHEN completion_tokens > cap THEN completion_tokens - cap ELSE 0 END) \
-         AS BIGINT) FROM scored WHERE saved > 0 OR completion_tokens > cap \
-         GROUP BY workload, model ORDER BY workload, model",
-        engine.money_sum("CASE WHEN saved > 0 THEN saved ELSE 0 END")
-    ));
-    q
-}
 
-pub(crate) fn savings_from_row<R>(row: &R) -> StoreResult<SavingsTotals>
-where
-    R: Row,
-    usize: ColumnIndex<R>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
-{
-    Ok(SavingsTotals {
-        workload: row.try_get(0)?,
-        model: row.try_get(1)?,
-        routed_requests: row.try_get(2)?,
-        routing_savings_usd: row.try_get(3)?,
-        capped_requests: row.try_get(4)?,
-        tokens_over_cap: row.try_get(5)?,
-    })
+    async fn usage_daily(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>> {
+        // The day is the floor of `ts / 86,400,000`, also for instants before 1970.
+        let mut q = QueryBuilder::new(format!(
+            "SELECT (ts - ((ts % 86400000) + 86400000) % 86400000) / 86400000 AS day, model, \
+             COUNT(*), {} FROM workload_events",
+            ENGINE.money_sum("cost_usd")
+        ));
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(" GROUP BY day, model ORDER BY day, model");
+        self.grouped(q, |row| {
+            Ok(UsageDayTotals {
+                day: row.try_get(0)?,
+                model: row.try_get(1)?,
+                requests: row.try_get(2)?,
+                cost_usd: row.try_get(3)?,
+            })
+        })
+        .await
+    }
+
+    async fn usage_completion_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::new("WITH wanted (workload, rnk) AS (");
+        q.push_values(wanted, |mut b, w| {
+            b.push_bind(w.workload.clone()).push_bind(w.rank);
+        });
+        q.push(
+            ") SELECT t.workload, t.completion_tokens FROM (SELECT workload, completion_tokens, \
+             ROW_NUMBER() OVER (PARTITION BY workload ORDER BY completion_tokens) AS rn \
+             FROM workload_events",
+        );
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(
+            " AND workload IN (SELECT workload FROM wanted)) t \
+             JOIN wanted w ON w.workload = t.workload AND w.rnk = t.rn",
+        );
+        self.grouped(q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .await
+    }
+
+    async fn usage_savings(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>> {
+        if query.rates.is_empty() && query.caps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::new("WITH rates (model, input_rate, output_rate) AS (");
+        if query.rates.is_empty() {
+            // VALUES needs at least one row; this table has none.
+            q.push(
+                "SELECT CAST(NULL AS TEXT), CAST(NULL AS DOUBLE PRECISION), \
+                 CAST(NULL AS DOUBLE PRECISION) WHERE 1 = 0",
+            );
+        } else {
+            q.push_values(&query.rates, |mut b, r| {
+                b.push_bind(r.model.clone())
+                    .push_bind(r.input_per_mtok)
+                    .push_bind(r.output_per_mtok);
+            });
+        }
+        q.push("), caps (workload, cap) AS (");
+        if query.caps.is_empty() {
+            q.push("SELECT CAST(NULL AS TEXT), CAST(NULL AS BIGINT) WHERE 1 = 0");
+        } else {
+            q.push_values(&query.caps, |mut b, c| {
+                b.push_bind(c.workload.clone()).push_bind(c.cap);
+            });
+        }
+        // `saved` is the row's cost minus its cost at the alternative's rates, computed with the
+        // same float operations, in the same order, as `pricing::cost_at`, so the test
+        // `saved > 0` decides every row exactly as the per-row simulation did.
+        q.push(
+            "), scored AS (SELECT e.workload, e.model, e.completion_tokens, c.cap, \
+             CASE WHEN r.model IS NOT NULL AND e.prompt_tokens < ",
+        )
+        .push_bind(query.short_prompt)
+        .push(" AND e.completion_tokens < ")
+        .push_bind(query.short_completion)
+        .push(
+            " THEN e.cost_usd - (e.prompt_tokens * r.input_rate + e.completion_tokens * r.output_rate) / ",
+        )
+        .push_bind(1_000_000.0f64)
+        .push(
+            " END AS saved FROM workload_events e LEFT JOIN rates r ON r.model = e.model \
+             LEFT JOIN caps c ON c.workload = e.workload",
+        );
+        push_window(&mut q, "e.", owner, since_ms, until_ms);
+        q.push(format!(
+            " AND (r.model IS NOT NULL OR c.cap IS NOT NULL)) \
+             SELECT workload, model, \
+             CAST(SUM(CASE WHEN saved > 0 THEN 1 ELSE 0 END) AS BIGINT), {}, \
+             CAST(SUM(CASE WHEN completion_tokens > cap THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN completion_tokens > cap THEN completion_tokens - cap ELSE 0 END) \
+             AS BIGINT) FROM scored WHERE saved > 0 OR completion_tokens > cap \
+             GROUP BY workload, model ORDER BY workload, model",
+            ENGINE.money_sum("CASE WHEN saved > 0 THEN saved ELSE 0 END")
+        ));
+        self.grouped(q, |row| {
+            Ok(SavingsTotals {
+                workload: row.try_get(0)?,
+                model: row.try_get(1)?,
+                routed_requests: row.try_get(2)?,
+                routing_savings_usd: row.try_get(3)?,
+                capped_requests: row.try_get(4)?,
+                tokens_over_cap: row.try_get(5)?,
+            })
+        })
+        .await
+    }
 }
