@@ -82,10 +82,8 @@ pub(crate) fn not_owned(event: &NewEvent) -> StoreError {
 /// An engine's SQL for appending events.
 #[async_trait]
 pub(crate) trait BatchSink: Send + Sync + 'static {
-    /// Appends one event in its own transaction: checks that `owner` owns the run, sets
-    /// its `last_seq`, inserts the event.
-    async fn write_one(&self, event: &NewEvent) -> StoreResult<()>;
-    /// Appends several events in one transaction. `Ok` holds one result per event (an event
+    /// Appends events in one transaction: checks that each event's owner owns its run, sets
+    /// the run's `last_seq`, inserts the events. `Ok` holds one result per event (an event
     /// for a run its owner does not own is refused, the others are written); `Err` means
     /// the transaction was rolled back and nothing was written.
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
@@ -135,16 +133,17 @@ async fn write_loop(mut incoming: mpsc::Receiver<Pending>, sink: impl BatchSink)
 }
 
 async fn write(sink: &impl BatchSink, events: &[NewEvent]) -> Vec<StoreResult<()>> {
-    if let [event] = events {
-        return vec![sink.write_one(event).await];
-    }
     match sink.write_batch(events).await {
         Ok(results) => results,
+        Err(err) if events.len() == 1 => vec![Err(err)],
         Err(err) => {
             tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
             let mut results = Vec::with_capacity(events.len());
             for event in events {
-                results.push(sink.write_one(event).await);
+                match sink.write_batch(std::slice::from_ref(event)).await {
+                    Ok(result) => results.extend(result),
+                    Err(err) => results.push(Err(err)),
+                }
             }
             results
         }

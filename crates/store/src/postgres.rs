@@ -3,9 +3,8 @@
 //!
 //! A shell around the shared SQL (`shared.rs`): it owns the pool, the schema in
 //! `migrations/postgres`, and what only PostgreSQL has: queue announcements with
-//! `LISTEN`/`NOTIFY`, and the heartbeat of claimed runs with an array. The queries are
-//! SQLite's, with the same owner filters, conflict handling, return values and
-//! transactions. What differs is how concurrency is made safe, because PostgreSQL runs
+//! `LISTEN`/`NOTIFY`. The queries are SQLite's, with the same owner filters, conflict
+//! handling, return values and transactions. What differs is how concurrency is made safe, because PostgreSQL runs
 //! writers in parallel where SQLite serialises them (each is said where it is done):
 //! single-statement token and ticket updates (a second concurrent UPDATE re-checks its
 //! `WHERE` on the new row version and matches nothing), row locks taken in id order (the
@@ -27,7 +26,6 @@ use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 
 use crate::engine::Backend;
 use crate::group_commit::EventWriter;
-use crate::ids::RunId;
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
@@ -82,30 +80,6 @@ impl PostgresStore {
 /// database, not per schema: deployments sharing a database wake each other's dispatchers
 /// for nothing, which costs one empty claim.
 const QUEUE_CHANNEL: &str = "apex_run_queue";
-
-/// The heartbeat of `runs` claimed by `instance` (see [`crate::Runs::heartbeat_runs`]).
-async fn heartbeat_claimed(
-    pool: &PgPool,
-    instance: &str,
-    runs: &[RunId],
-    now_ms: i64,
-) -> StoreResult<()> {
-    let ids: Vec<String> = runs.iter().map(ToString::to_string).collect();
-    // SKIP LOCKED: a row the event writer holds is passed over instead of waited for.
-    // Waiting would stall that writer behind this statement (and, taking rows in
-    // another order than the writer's id order, could deadlock with it); a run whose
-    // row is busy is writing events, and every event refreshes its heartbeat anyway.
-    sqlx::query(
-        "UPDATE runs SET heartbeat_at = $1 WHERE id IN \
-         (SELECT id FROM runs WHERE instance_id = $2 AND id = ANY($3) FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(now_ms)
-    .bind(instance)
-    .bind(&ids)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
 
 #[async_trait]
 impl QueueSignals for PostgresStore {

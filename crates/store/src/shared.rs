@@ -12,8 +12,7 @@
 //! asks [`Backend`](crate::Backend) (`ENGINE`). What the parent (shell) module provides: `Db`, its
 //! `sqlx::Database`; `ENGINE`; `Attempts`, the integer type its driver decodes
 //! `runs.attempts` as; and `Shell`, its store type, with the pools `reads` and `writes` (the
-//! same pool on PostgreSQL), the event writer `events`, and the function
-//! `heartbeat_claimed`, the one query whose best form needs an engine's own types.
+//! same pool on PostgreSQL) and the event writer `events`.
 //!
 //! How each engine makes these statements safe under concurrency is described in the
 //! shells' module docs: SQLite serialises every write on one connection; PostgreSQL runs
@@ -25,7 +24,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::{Pool, QueryBuilder, Row};
 
-use super::{heartbeat_claimed, Attempts, Db, Shell, ENGINE};
+use super::{Attempts, Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
@@ -55,43 +54,13 @@ pub(super) fn event_writer(pool: Pool<Db>) -> EventWriter {
 
 #[async_trait]
 impl BatchSink for EventSink {
-    async fn write_one(&self, event: &NewEvent) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        // Checks ownership and locks the run row until the event is in. An event is also a
-        // claimed run's proof of life (see `heartbeat_runs`).
-        let updated = sqlx::query(
-            "UPDATE runs SET last_seq = $1, \
-             heartbeat_at = CASE WHEN instance_id IS NULL THEN heartbeat_at ELSE $4 END \
-             WHERE id = $2 AND user_id = $3",
-        )
-        .bind(event.seq)
-        .bind(event.run.to_string())
-        .bind(event.owner.to_string())
-        .bind(event.now_ms)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            return Err(not_owned(event));
-        }
-        sqlx::query(
-            "INSERT INTO run_events (run_id, seq, event, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(event.run.to_string())
-        .bind(event.seq)
-        .bind(&event.json)
-        .bind(event.now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
         let mut runs = runs_of(events);
         let mut tx = self.pool.begin().await?;
-        if ENGINE.parallel_writers() {
+        if ENGINE.parallel_writers() && runs.len() > 1 {
             // Rows are locked in id order, so two writers (two instances) cannot deadlock on
             // runs they share. (Should it happen anyway, the batch is retried event by event.)
+            // One run's row needs no order: the UPDATE below locks it.
             runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
             let mut lock: QueryBuilder<Db> =
                 QueryBuilder::new("SELECT r.id, r.user_id FROM runs r JOIN (");
@@ -156,11 +125,10 @@ impl BatchSink for EventSink {
             .iter()
             .zip(&keys)
             .map(|(e, key)| {
-                if owned.contains(key) {
-                    Ok(())
-                } else {
-                    Err(not_owned(e))
-                }
+                owned
+                    .contains(key)
+                    .then_some(())
+                    .ok_or_else(|| not_owned(e))
             })
             .collect())
     }
@@ -460,13 +428,8 @@ impl Accounts for Shell {
         .bind(ticket_id)
         .fetch_optional(&self.writes)
         .await?;
-        match row {
-            Some(row) => Ok(Some(parse_stored_id(
-                row.try_get("user_id")?,
-                UserId::parse,
-            )?)),
-            None => Ok(None),
-        }
+        row.map(|row| parse_stored_id(row.try_get("user_id")?, UserId::parse))
+            .transpose()
     }
 }
 
@@ -799,7 +762,22 @@ impl Runs for Shell {
         if runs.is_empty() {
             return Ok(());
         }
-        heartbeat_claimed(&self.writes, instance, runs, now_ms).await
+        // PostgreSQL passes over a row the event writer holds instead of waiting for it.
+        // Waiting would stall that writer behind this statement (and, taking rows in another
+        // order than the writer's id order, could deadlock with it); a run whose row is busy
+        // is writing events, and every event refreshes its heartbeat anyway.
+        let mut update: QueryBuilder<Db> = QueryBuilder::new("UPDATE runs SET heartbeat_at = ");
+        update.push_bind(now_ms);
+        update.push(" WHERE id IN (SELECT id FROM runs WHERE instance_id = ");
+        update.push_bind(instance);
+        update.push(" AND id IN (");
+        let mut ids = update.separated(", ");
+        for run in runs {
+            ids.push_bind(run.to_string());
+        }
+        update.push(format!("){})", ENGINE.skip_locked()));
+        update.build().execute(&self.writes).await?;
+        Ok(())
     }
 
     async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>> {

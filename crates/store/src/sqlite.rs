@@ -18,9 +18,8 @@
 //! commit: SQLite's automatic checkpoint would otherwise make one commit in every ~1,000
 //! pages wait for a disk sync. The writer keeps a large automatic threshold as a backstop.
 //!
-//! Only the heartbeat of claimed runs has SQL of its own here (an `IN` list: SQLite has no
-//! arrays). Queue announcements between processes do not exist: one process is all there
-//! is, so [`QueueSignals`] keeps its no-op defaults.
+//! Queue announcements between processes do not exist: one process is all there is, so
+//! [`QueueSignals`] keeps its no-op defaults.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -28,12 +27,11 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::engine::Backend;
 use crate::group_commit::EventWriter;
-use crate::ids::RunId;
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
@@ -133,27 +131,6 @@ async fn checkpoint_loop(mut connection: SqliteConnection, stop: CancellationTok
         }
     }
     let _ = connection.close().await;
-}
-
-/// The heartbeat of `runs` claimed by `instance` (see [`crate::Runs::heartbeat_runs`]).
-async fn heartbeat_claimed(
-    pool: &SqlitePool,
-    instance: &str,
-    runs: &[RunId],
-    now_ms: i64,
-) -> StoreResult<()> {
-    let mut update: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE runs SET heartbeat_at = ");
-    update.push_bind(now_ms);
-    update.push(" WHERE instance_id = ");
-    update.push_bind(instance);
-    update.push(" AND id IN (");
-    let mut ids = update.separated(", ");
-    for run in runs {
-        ids.push_bind(run.to_string());
-    }
-    update.push(")");
-    update.build().execute(pool).await?;
-    Ok(())
 }
 
 impl QueueSignals for SqliteStore {}
