@@ -22,6 +22,22 @@
 
 #![forbid(unsafe_code)]
 
+/// Compiles `shared.rs` (every query, see its docs) as the module `shared` of the engine
+/// shell that calls this, against the shell's items it names: `Db` (its `sqlx::Database`),
+/// `ENGINE`, `Shell` (its store type) and `Attempts` (the integer type its driver decodes
+/// `runs.attempts` as). Both shells load the one file, hence the allowed `duplicate_mod`.
+macro_rules! shared_sql {
+    (db: $db:ty, engine: $engine:expr, store: $store:ty, attempts: $attempts:ty) => {
+        type Db = $db;
+        const ENGINE: $crate::Backend = $engine;
+        type Shell = $store;
+        type Attempts = $attempts;
+        #[allow(clippy::duplicate_mod)]
+        #[path = "shared.rs"]
+        mod shared;
+    };
+}
+
 mod engine;
 mod group_commit;
 pub mod ids;

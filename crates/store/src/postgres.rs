@@ -30,17 +30,8 @@ use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
 
-// Deliberately also the child of `sqlite`: the one copy of the SQL, compiled for each engine.
-#[allow(clippy::duplicate_mod)]
-#[path = "shared.rs"]
-mod shared;
-
-// What the shared SQL is compiled against (see `shared.rs`).
-type Db = Postgres;
-const ENGINE: Backend = Backend::Postgres;
-type Shell = PostgresStore;
-/// PostgreSQL's `runs.attempts` is an INTEGER: 32 bits.
-type Attempts = i32;
+// PostgreSQL's `runs.attempts` is an INTEGER: 32 bits.
+shared_sql!(db: Postgres, engine: Backend::Postgres, store: PostgresStore, attempts: i32);
 
 /// The PostgreSQL engine: its pool and notifications; its SQL is `shared.rs`.
 pub struct PostgresStore {

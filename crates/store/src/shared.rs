@@ -1,22 +1,20 @@
 //! Every query of the store, written once for both engines.
 //!
-//! This file is compiled twice, as a child module of [`crate::sqlite`] and of
-//! [`crate::postgres`] (`#[path = "shared.rs"] mod shared;`), each time against that
-//! engine's concrete sqlx types. Why not one impl generic over `sqlx::Database`: executing a
-//! query generically needs higher-ranked bounds on every impl (`for<'c> &'c mut
-//! DB::Connection: Executor<'c>`, and one per bound type), and inside `async_trait`'s boxed
-//! futures rustc then fails to prove them ("implementation of `Executor` is not general
-//! enough"). Compiled per engine, every type is concrete and each query still exists once.
+//! This file is compiled twice, as the module `shared` of [`crate::sqlite`] and of
+//! [`crate::postgres`] (see the crate's `shared_sql!`), each time against that engine's
+//! concrete sqlx types and store (`Shell`, with the pools `reads` and `writes`, one pool on
+//! PostgreSQL, and the event writer `events`). Why not one impl generic over
+//! `sqlx::Database`: executing a query generically needs higher-ranked bounds on every impl
+//! (`for<'c> &'c mut DB::Connection: Executor<'c>`, one more per bound type), which rustc
+//! then fails to prove inside `async_trait`'s boxed futures ("implementation of `Executor`
+//! is not general enough"). Compiled per engine, every type is concrete and each query
+//! still exists once.
 //!
-//! The SQL itself is portable (see `engine.rs`), and every spot where the engines differ
-//! asks [`Backend`](crate::Backend) (`ENGINE`). What the parent (shell) module provides: `Db`, its
-//! `sqlx::Database`; `ENGINE`; `Attempts`, the integer type its driver decodes
-//! `runs.attempts` as; and `Shell`, its store type, with the pools `reads` and `writes` (the
-//! same pool on PostgreSQL) and the event writer `events`.
-//!
-//! How each engine makes these statements safe under concurrency is described in the
-//! shells' module docs: SQLite serialises every write on one connection; PostgreSQL runs
-//! writers in parallel and relies on row locks, single-statement updates and `SKIP LOCKED`.
+//! The SQL is portable (see `engine.rs`); every spot where the engines differ asks
+//! [`Backend`](crate::Backend) (`ENGINE`). How each engine makes these statements safe
+//! under concurrency is in the shells' docs: SQLite serialises every write on one
+//! connection; PostgreSQL runs writers in parallel and relies on row locks,
+//! single-statement updates and `SKIP LOCKED`.
 
 use std::collections::HashSet;
 

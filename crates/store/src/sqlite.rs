@@ -36,17 +36,8 @@ use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
 
-// Deliberately also the child of `postgres`: the one copy of the SQL, compiled for each engine.
-#[allow(clippy::duplicate_mod)]
-#[path = "shared.rs"]
-mod shared;
-
-// What the shared SQL is compiled against (see `shared.rs`).
-type Db = Sqlite;
-const ENGINE: Backend = Backend::Sqlite;
-type Shell = SqliteStore;
-/// SQLite hands out `runs.attempts` (an INTEGER) as a 64-bit integer.
-type Attempts = i64;
+// SQLite hands out `runs.attempts` (an INTEGER) as a 64-bit integer.
+shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore, attempts: i64);
 
 /// How often the background checkpoint copies committed WAL pages into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
