@@ -71,7 +71,7 @@ pub(crate) fn runs_of(events: &[NewEvent]) -> Vec<(RunId, UserId, i64)> {
     runs
 }
 
-/// The error of an event for a run its owner does not own (as the one-by-one path reports).
+/// The error of an event for a run its owner does not own.
 pub(crate) fn not_owned(event: &NewEvent) -> StoreError {
     StoreError::Corrupt(format!(
         "event for run {} that {} does not own",

@@ -5,8 +5,7 @@
 //! - `records`: the rows as Rust types, [`StoreError`] and [`StoreResult`].
 //! - `roles`: what a store does, one trait per role ([`Accounts`], [`Threads`], [`Runs`],
 //!   [`QueueSignals`], [`EventLog`], [`Usage`], [`Cluster`]); [`Store`] is all of them,
-//!   what the server holds as `Arc<dyn Store>`. A role's methods need its trait in scope:
-//!   [`prelude`].
+//!   what the server holds as `Arc<dyn Store>`; [`prelude`] brings them into scope.
 //! - `engine`: [`Backend`], the engine a URL selects and every spot where the two engines'
 //!   SQL or rules differ.
 //! - `shared`: every query, written once and compiled for each engine.

@@ -1,17 +1,13 @@
 //! `PostgresStore`: the engine for several Apex instances on one database, chosen when the
 //! URL starts with `postgres://` or `postgresql://` (see [`crate::open`]).
 //!
-//! A shell around the shared SQL (`shared.rs`): it owns the pool, the schema in
-//! `migrations/postgres`, and what only PostgreSQL has: queue announcements with
-//! `LISTEN`/`NOTIFY`. The queries are SQLite's, with the same owner filters, conflict
-//! handling, return values and transactions. What differs is how concurrency is made safe, because PostgreSQL runs
-//! writers in parallel where SQLite serialises them (each is said where it is done):
-//! single-statement token and ticket updates (a second concurrent UPDATE re-checks its
-//! `WHERE` on the new row version and matches nothing), row locks taken in id order (the
-//! thread before a message's position is computed, the runs of an event batch), a
-//! per-user advisory lock around `submit_run`, and `FOR UPDATE SKIP LOCKED` where claimers,
-//! heartbeats and logouts must not wait on each other. Text cannot hold U+0000 here, so a
-//! lookup by such a key finds nothing, as on SQLite, instead of failing.
+//! A shell around the shared SQL (`shared.rs`, SQLite's queries with the same semantics):
+//! it owns the pool, the schema in `migrations/postgres`, and what only PostgreSQL has,
+//! queue announcements with `LISTEN`/`NOTIFY`. Writers run in parallel here, so the shared
+//! SQL makes them safe in ways SQLite's single writer does not need (each is said where it
+//! is done): single-statement token and ticket updates, row locks in id order, a per-user
+//! advisory lock around `submit_run`, and `FOR UPDATE SKIP LOCKED` where claimers,
+//! heartbeats and logouts must not wait on each other.
 //!
 //! Migrations are embedded at compile time and applied at every open (`apex migrate` too);
 //! sqlx serialises concurrent migrators with an advisory lock, so several instances may

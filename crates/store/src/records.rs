@@ -86,7 +86,8 @@ pub struct UsageRow {
     pub cost_usd: f64,
 }
 
-/// A user's message and the run that will answer it, as [`Runs::submit_run`](crate::Runs::submit_run) stores them.
+/// A user's message and the run that will answer it, as [`crate::Runs::submit_run`] stores
+/// them.
 #[derive(Debug, Clone)]
 pub struct RunSubmission<'a> {
     pub message: &'a MessageRecord,
@@ -103,7 +104,7 @@ pub struct RunSubmission<'a> {
     pub claim_by: Option<&'a str>,
 }
 
-/// What [`Runs::submit_run`](crate::Runs::submit_run) did.
+/// What [`crate::Runs::submit_run`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitOutcome {
     Queued,
@@ -179,7 +180,7 @@ pub struct OutputCap {
     pub cap: i64,
 }
 
-/// What [`Usage::usage_savings`](crate::Usage::usage_savings) measures on each row of the window:
+/// What [`crate::Usage::usage_savings`] measures on each row of the window:
 /// - routing: rows with fewer than `short_prompt` prompt and `short_completion` completion
 ///   tokens on a model of `rates`, whose cost minus their cost at those rates is positive;
 /// - output caps: rows of a workload of `caps` with more completion tokens than its cap.

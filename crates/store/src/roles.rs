@@ -1,18 +1,12 @@
 //! What a store does, one trait per role, and [`Store`], all of them at once.
 //!
-//! Two kinds of methods:
-//! - account methods ([`Accounts`]: users, tokens, tickets), which establish identity;
-//! - user-data methods, which all take the owning [`UserId`] and filter every query by it.
+//! Account methods ([`Accounts`]) establish identity; every other method that reads or
+//! writes a user's data takes the owning [`UserId`] and filters every query by it (the
+//! server passes it through its `UserStore`, made only from an authenticated user or a
+//! run's context), so another user's row is indistinguishable from a missing one.
 //!
-//! Application code does not call the user-data methods with a free-standing id: it goes
-//! through the server's `UserStore`, which can only be made from an authenticated user or
-//! a run's context, and passes that user's id to every call. A thread, run or message of
-//! another user is therefore indistinguishable from one that does not exist.
-//!
-//! Why roles: code that needs one role names that trait, and a role reads as one unit.
-//! The server still holds one `Arc<dyn Store>`; calling a method through it needs the
-//! method's trait in scope ([`crate::prelude`]). Both engines implement every role with the
-//! same semantics.
+//! Through `dyn Store` every role's methods are callable as they are; on a concrete store,
+//! a role's methods need its trait in scope ([`crate::prelude`]).
 
 use std::sync::Arc;
 
@@ -29,15 +23,9 @@ use apex_protocol::threads::RunStatus;
 
 /// Everything Apex persists: every role at once. Implemented for every type that has all
 /// the roles, so a store only implements the roles.
-pub trait Store:
-    Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster + 'static
-{
-}
+pub trait Store: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster {}
 
-impl<T> Store for T where
-    T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster + 'static
-{
-}
+impl<T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster> Store for T {}
 
 /// Users, refresh tokens, revoked access tokens and WebSocket tickets: what establishes
 /// identity. The only role whose methods take no owner.

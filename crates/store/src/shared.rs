@@ -20,7 +20,7 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::{Pool, QueryBuilder, Row};
+use sqlx::{query_scalar, Pool, QueryBuilder, Row};
 
 use super::{Attempts, Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
@@ -97,21 +97,13 @@ impl BatchSink for EventSink {
             .iter()
             .map(|row| Ok((row.try_get("id")?, row.try_get("user_id")?)))
             .collect::<Result<_, sqlx::Error>>()?;
-        let keys: Vec<(String, String)> = events
-            .iter()
-            .map(|e| (e.run.to_string(), e.owner.to_string()))
-            .collect();
-        let accepted: Vec<(&NewEvent, &str)> = events
-            .iter()
-            .zip(&keys)
-            .filter(|(_, key)| owned.contains(*key))
-            .map(|(e, (run, _))| (e, run.as_str()))
-            .collect();
+        let is_owned = |e: &NewEvent| owned.contains(&(e.run.to_string(), e.owner.to_string()));
+        let accepted: Vec<&NewEvent> = events.iter().filter(|e| is_owned(e)).collect();
         if !accepted.is_empty() {
             let mut insert: QueryBuilder<Db> =
                 QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
-            insert.push_values(&accepted, |mut b, (event, run)| {
-                b.push_bind(*run)
+            insert.push_values(&accepted, |mut b, event| {
+                b.push_bind(event.run.to_string())
                     .push_bind(event.seq)
                     .push_bind(event.json.as_str())
                     .push_bind(event.now_ms);
@@ -119,16 +111,8 @@ impl BatchSink for EventSink {
             insert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(events
-            .iter()
-            .zip(&keys)
-            .map(|(e, key)| {
-                owned
-                    .contains(key)
-                    .then_some(())
-                    .ok_or_else(|| not_owned(e))
-            })
-            .collect())
+        let result = |e| is_owned(e).then_some(()).ok_or_else(|| not_owned(e));
+        Ok(events.iter().map(result).collect())
     }
 }
 
@@ -216,15 +200,8 @@ fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
 /// Whether any run waits in the queue for an instance (the partial index `runs_queue`
 /// answers it). A submission is not claimed at once while this holds, so it cannot
 /// overtake the waiting runs.
-async fn runs_waiting(tx: &mut Transaction) -> StoreResult<bool> {
-    let row = sqlx::query(
-        "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL) \
-         AS waiting",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(row.try_get("waiting")?)
-}
+const RUNS_WAITING: &str =
+    "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL)";
 
 /// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not theirs.
 async fn insert_message_in(
@@ -673,8 +650,9 @@ impl Runs for Shell {
         }
         // Claimed at submission (as `claim_queued_runs` would leave it) unless runs are
         // waiting: those go first.
+        let waiting = query_scalar::<_, bool>(RUNS_WAITING);
         let claim_by = match submission.claim_by {
-            Some(instance) if !runs_waiting(&mut tx).await? => Some(instance),
+            Some(instance) if !waiting.fetch_one(&mut *tx).await? => Some(instance),
             _ => None,
         };
         let claimed = claim_by.is_some();

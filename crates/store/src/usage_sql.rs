@@ -1,11 +1,9 @@
 //! The [`Usage`] role's SQL: a user's usage rows, and the figures the database computes
 //! from them. A child of `shared.rs`, compiled with it for each engine.
 //!
-//! The summary, the daily series and the savings simulation used to load every usage row
-//! of the window (about 1,800 per user per run) through sqlx, one row at a time: that
-//! decoding, and for SQLite the hand-off of every row from the connection's thread, was
-//! the largest CPU cost of a run. These queries group in the database instead and return
-//! a handful of rows. The SQL is portable between SQLite and PostgreSQL: placeholders come
+//! The summary, the daily series and the savings simulation group in the database and get
+//! a handful of rows: loading every row of the window (about 1,800 per user per run) was
+//! the largest CPU cost of a run. The SQL is portable between SQLite and PostgreSQL: placeholders come
 //! from [`QueryBuilder`], sums of `BIGINT` columns are cast back to `BIGINT` (PostgreSQL
 //! sums them as `NUMERIC`), and constants of other types are bound, not written inline
 //! (PostgreSQL reads `1000000.0` as `NUMERIC`).
