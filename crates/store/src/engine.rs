@@ -86,18 +86,4 @@ impl Backend {
             }
         }
     }
-
-    /// Logout's housekeeping, bound to now: expired revocations are useless (the token is
-    /// rejected anyway). PostgreSQL skips the rows another logout is deleting, so
-    /// concurrent logouts never wait on or deadlock with each other.
-    pub(crate) fn delete_expired_revocations(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "DELETE FROM revoked_access_tokens WHERE expires_at < $1",
-            Backend::Postgres => {
-                "DELETE FROM revoked_access_tokens WHERE jti IN ( \
-                 SELECT jti FROM revoked_access_tokens WHERE expires_at < $1 \
-                 FOR UPDATE SKIP LOCKED)"
-            }
-        }
-    }
 }

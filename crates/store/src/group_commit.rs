@@ -40,9 +40,8 @@ const MAX_BATCH: usize = 512;
 /// Events waiting for the writer; past this, emitters wait (backpressure).
 const QUEUE: usize = 4096;
 
-/// The histogram of events per written batch. The server describes it with its other
-/// metrics (its `telemetry::EVENT_BATCH` is this name); it is recorded here, where batches
-/// are written.
+/// The histogram of events per written batch, recorded here where batches are written;
+/// the server describes it with its other metrics (`telemetry::EVENT_BATCH`).
 pub const EVENT_BATCH_METRIC: &str = "apex_event_log_batch_size";
 
 /// One event to append to a run's log.

@@ -21,9 +21,8 @@
 
 #![forbid(unsafe_code)]
 
-/// Compiles `shared.rs` (every query, see its docs) as the module `shared` of the engine
-/// shell that calls this, against the shell's items it names: `Db` (its `sqlx::Database`),
-/// `ENGINE`, `Shell` (its store type) and `Attempts` (the integer type its driver decodes
+/// Compiles `shared.rs` (every query) as the module `shared` of the calling engine shell,
+/// against the items it defines there (`Attempts`: the type the driver decodes
 /// `runs.attempts` as). Both shells load the one file, hence the allowed `duplicate_mod`.
 macro_rules! shared_sql {
     (db: $db:ty, engine: $engine:expr, store: $store:ty, attempts: $attempts:ty) => {

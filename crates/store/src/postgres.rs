@@ -57,7 +57,7 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             reads: pool.clone(),
-            events: shared::event_writer(pool.clone()),
+            events: EventWriter::start(pool.clone()),
             writes: pool,
         })
     }

@@ -1,20 +1,16 @@
 //! Every query of the store, written once for both engines.
 //!
-//! This file is compiled twice, as the module `shared` of [`crate::sqlite`] and of
-//! [`crate::postgres`] (see the crate's `shared_sql!`), each time against that engine's
-//! concrete sqlx types and store (`Shell`, with the pools `reads` and `writes`, one pool on
-//! PostgreSQL, and the event writer `events`). Why not one impl generic over
-//! `sqlx::Database`: executing a query generically needs higher-ranked bounds on every impl
-//! (`for<'c> &'c mut DB::Connection: Executor<'c>`, one more per bound type), which rustc
-//! then fails to prove inside `async_trait`'s boxed futures ("implementation of `Executor`
-//! is not general enough"). Compiled per engine, every type is concrete and each query
-//! still exists once.
+//! Compiled twice, as the module `shared` of [`crate::sqlite`] and of [`crate::postgres`]
+//! (the crate's `shared_sql!`), against that engine's sqlx types and store (`Shell`, with
+//! the pools `reads` and `writes`, one pool on PostgreSQL, and the event writer `events`).
+//! Not one impl generic over `sqlx::Database`: executing a query generically needs
+//! higher-ranked bounds on every impl (`for<'c> &'c mut DB::Connection: Executor<'c>`, one
+//! more per bound type) that rustc then fails to prove inside `async_trait`'s boxed futures.
 //!
 //! The SQL is portable (see `engine.rs`); every spot where the engines differ asks
 //! [`Backend`](crate::Backend) (`ENGINE`). How each engine makes these statements safe
-//! under concurrency is in the shells' docs: SQLite serialises every write on one
-//! connection; PostgreSQL runs writers in parallel and relies on row locks,
-//! single-statement updates and `SKIP LOCKED`.
+//! under concurrency: SQLite serialises every write on one connection; PostgreSQL runs
+//! writers in parallel and relies on row locks, single-statement updates and `SKIP LOCKED`.
 
 use std::collections::HashSet;
 
@@ -23,7 +19,7 @@ use serde_json::Value;
 use sqlx::{query_scalar, Pool, QueryBuilder, Row};
 
 use super::{Attempts, Db, Shell, ENGINE};
-use crate::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
+use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
     parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, StoreError,
@@ -40,21 +36,13 @@ mod usage_sql;
 type DbRow = <Db as sqlx::Database>::Row;
 type Transaction = sqlx::Transaction<'static, Db>;
 
-/// The engine's SQL for [`group_commit`](crate::group_commit), on the writing pool.
-struct EventSink {
-    pool: Pool<Db>,
-}
-
-/// Starts the group-commit writer of a store whose writing pool is `pool`.
-pub(super) fn event_writer(pool: Pool<Db>) -> EventWriter {
-    EventWriter::start(EventSink { pool })
-}
-
+/// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a
+/// handle to the writing pool.
 #[async_trait]
-impl BatchSink for EventSink {
+impl BatchSink for Pool<Db> {
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
         let mut runs = runs_of(events);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         if ENGINE.parallel_writers() && runs.len() > 1 {
             // Rows are locked in id order, so two writers (two instances) cannot deadlock on
             // runs they share. (Should it happen anyway, the batch is retried event by event.)
@@ -351,7 +339,14 @@ impl Accounts for Shell {
         .bind(access_jti)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(ENGINE.delete_expired_revocations())
+        // Housekeeping: expired revocations are useless (the token is rejected anyway).
+        // PostgreSQL skips rows another logout is deleting, so logouts never wait on or
+        // deadlock with each other.
+        sqlx::query(&format!(
+            "DELETE FROM revoked_access_tokens WHERE jti IN (SELECT jti \
+             FROM revoked_access_tokens WHERE expires_at < $1{})",
+            ENGINE.skip_locked()
+        ))
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
@@ -617,10 +612,8 @@ impl Runs for Shell {
     ) -> StoreResult<SubmitOutcome> {
         let (message, run) = (submission.message, submission.run);
         let mut tx = self.writes.begin().await?;
-        // One user's submissions take turns until commit, so the limit check below sees
-        // every committed run and no other submission can commit between the check and the
-        // insert: on PostgreSQL through a lock per user; on SQLite the first write (the
-        // message's) takes the database's write lock for the whole transaction.
+        // One user's submissions take turns until commit (see `serialise_user`), so the limit
+        // check below sees every committed run and none can commit between check and insert.
         if let Some(serialise) = ENGINE.serialise_user() {
             sqlx::query(serialise)
                 .bind(owner.to_string())

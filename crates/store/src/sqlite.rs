@@ -92,7 +92,7 @@ impl SqliteStore {
         let checkpoints = CancellationToken::new();
         let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
         tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
-        let events = shared::event_writer(writes.clone());
+        let events = EventWriter::start(writes.clone());
         Ok(Self {
             reads,
             writes,

@@ -2,13 +2,10 @@
 //! from them. A child of `shared.rs`, compiled with it for each engine.
 //!
 //! The summary, the daily series and the savings simulation group in the database and get
-//! a handful of rows: loading every row of the window (about 1,800 per user per run) was
-//! the largest CPU cost of a run. The SQL is portable between SQLite and PostgreSQL: placeholders come
-//! from [`QueryBuilder`], sums of `BIGINT` columns are cast back to `BIGINT` (PostgreSQL
-//! sums them as `NUMERIC`), and constants of other types are bound, not written inline
-//! (PostgreSQL reads `1000000.0` as `NUMERIC`).
-//!
-//! Every query filters by the owner first, like every user-data query of the store.
+//! a handful of rows (loading the window's rows was the largest CPU cost of a run). Every
+//! query filters by the owner first. Sums of `BIGINT` columns are cast back to `BIGINT`
+//! (PostgreSQL sums them as `NUMERIC`), and constants of other types are bound, not written
+//! inline (PostgreSQL reads `1000000.0` as `NUMERIC`).
 //!
 //! Sums of money must not depend on the order the database visits the rows in, or two
 //! reads of the same rows could round to different micro-dollars (the answer of a run and
@@ -38,7 +35,7 @@ fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: 
 }
 
 impl Shell {
-    /// The rows of the grouped query `q`, each decoded by `decode`.
+    /// The rows of the query `q`, each decoded by `decode`.
     async fn grouped<T>(
         &self,
         mut q: QueryBuilder<'_, Db>,
@@ -79,30 +76,26 @@ impl Usage for Shell {
     }
 
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
-        let rows = sqlx::query(
+        let mut q = QueryBuilder::new(
             "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
-             status, cost_usd FROM workload_events WHERE user_id = $1 AND ts >= $2 \
-             ORDER BY ts, id",
-        )
-        .bind(owner.to_string())
-        .bind(since_ms)
-        .fetch_all(&self.reads)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(UsageRow {
-                    provider: row.try_get("provider")?,
-                    model: row.try_get("model")?,
-                    workload: row.try_get("workload")?,
-                    ts_ms: row.try_get("ts")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    latency_ms: row.try_get("latency_ms")?,
-                    status: row.try_get("status")?,
-                    cost_usd: row.try_get("cost_usd")?,
-                })
+             status, cost_usd FROM workload_events WHERE user_id = ",
+        );
+        q.push_bind(owner.to_string()).push(" AND ts >= ").push_bind(since_ms);
+        q.push(" ORDER BY ts, id");
+        self.grouped(q, |row| {
+            Ok(UsageRow {
+                provider: row.try_get(0)?,
+                model: row.try_get(1)?,
+                workload: row.try_get(2)?,
+                ts_ms: row.try_get(3)?,
+                prompt_tokens: row.try_get(4)?,
+                completion_tokens: row.try_get(5)?,
+                latency_ms: row.try_get(6)?,
+                status: row.try_get(7)?,
+                cost_usd: row.try_get(8)?,
             })
-            .collect()
+        })
+        .await
     }
 
     async fn usage_totals(
