@@ -30,9 +30,8 @@ impl Backend {
         }
     }
 
-    /// The sum of the money-valued `expr`, as a `DOUBLE PRECISION`, independent of the order
-    /// rows are visited in (see `usage_sql`): exact `NUMERIC` on PostgreSQL, whose order
-    /// changes with its plan; SQLite always visits in index order.
+    /// The sum of the money-valued `expr`, as a `DOUBLE PRECISION` that does not depend on
+    /// the order rows are visited in (see `usage_sql`).
     pub(crate) fn money_sum(self, expr: &str) -> String {
         match self {
             Backend::Sqlite => format!("CAST(SUM({expr}) AS DOUBLE PRECISION)"),

@@ -21,9 +21,6 @@
 //! - one event cannot fail another: if a batch transaction fails (a duplicate seq, a
 //!   deadlock, a busy database), it is rolled back and its events are written one by one,
 //!   each with exactly the result it would have had on its own.
-//!
-//! The [`EventLog`](crate::EventLog) trait does not show it: batching is an implementation
-//! detail of the engines, whose SQL (`shared.rs`, once for both) implements [`BatchSink`].
 
 use std::collections::HashMap;
 

@@ -22,8 +22,7 @@
 #![forbid(unsafe_code)]
 
 /// Compiles `shared.rs` (every query) as the module `shared` of the calling engine shell,
-/// against the items it defines there (`Attempts`: the type the driver decodes
-/// `runs.attempts` as). Both shells load the one file, hence the allowed `duplicate_mod`.
+/// against the items defined here; both shells load the one file (`duplicate_mod`).
 macro_rules! shared_sql {
     (db: $db:ty, engine: $engine:expr, store: $store:ty, attempts: $attempts:ty) => {
         type Db = $db;

@@ -5,8 +5,8 @@
 //! server passes it through its `UserStore`, made only from an authenticated user or a
 //! run's context), so another user's row is indistinguishable from a missing one.
 //!
-//! Through `dyn Store` every role's methods are callable as they are; on a concrete store,
-//! a role's methods need its trait in scope ([`crate::prelude`]).
+//! Through `dyn Store` every method is callable as it is; on a concrete store, a role's
+//! methods need its trait in scope ([`crate::prelude`]).
 
 use std::sync::Arc;
 
@@ -185,7 +185,6 @@ pub trait QueueSignals: Send + Sync {
     async fn announce_queued_runs(&self) -> StoreResult<()> {
         Ok(())
     }
-
     /// Starts calling `wake` whenever some process announces queued runs, for as long as
     /// the process lives. Engines without notifications between processes do nothing.
     async fn watch_queue_announcements(&self, wake: Arc<tokio::sync::Notify>) -> StoreResult<()> {

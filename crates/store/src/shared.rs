@@ -1,16 +1,16 @@
 //! Every query of the store, written once for both engines.
 //!
 //! Compiled twice, as the module `shared` of [`crate::sqlite`] and of [`crate::postgres`]
-//! (the crate's `shared_sql!`), against that engine's sqlx types and store (`Shell`, with
-//! the pools `reads` and `writes`, one pool on PostgreSQL, and the event writer `events`).
-//! Not one impl generic over `sqlx::Database`: executing a query generically needs
-//! higher-ranked bounds on every impl (`for<'c> &'c mut DB::Connection: Executor<'c>`, one
-//! more per bound type) that rustc then fails to prove inside `async_trait`'s boxed futures.
+//! (the crate's `shared_sql!`), against that engine's sqlx types and store (`Shell`: pools
+//! `reads` and `writes`, one pool on PostgreSQL, and the event writer `events`). Not one
+//! impl generic over `sqlx::Database`: executing queries generically needs higher-ranked
+//! bounds (`for<'c> &'c mut DB::Connection: Executor<'c>`, one per bound type) on every
+//! impl, which rustc then fails to prove inside `async_trait`'s boxed futures.
 //!
-//! The SQL is portable (see `engine.rs`); every spot where the engines differ asks
-//! [`Backend`](crate::Backend) (`ENGINE`). How each engine makes these statements safe
-//! under concurrency: SQLite serialises every write on one connection; PostgreSQL runs
-//! writers in parallel and relies on row locks, single-statement updates and `SKIP LOCKED`.
+//! The SQL is portable; every spot where the engines differ asks
+//! [`Backend`](crate::Backend) (`ENGINE`). SQLite serialises every write on one connection;
+//! PostgreSQL runs writers in parallel, made safe by row locks, single-statement updates
+//! and `SKIP LOCKED`.
 
 use std::collections::HashSet;
 
@@ -34,7 +34,6 @@ use apex_protocol::threads::RunStatus;
 mod usage_sql;
 
 type DbRow = <Db as sqlx::Database>::Row;
-type Transaction = sqlx::Transaction<'static, Db>;
 
 /// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a
 /// handle to the writing pool.
@@ -48,8 +47,7 @@ impl BatchSink for Pool<Db> {
             // runs they share. (Should it happen anyway, the batch is retried event by event.)
             // One run's row needs no order: the UPDATE below locks it.
             runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
-            let mut lock: QueryBuilder<Db> =
-                QueryBuilder::new("SELECT r.id, r.user_id FROM runs r JOIN (");
+            let mut lock = QueryBuilder::<Db>::new("SELECT r.id FROM runs r JOIN (");
             lock.push_values(&runs, |mut b, (run, owner, _)| {
                 b.push_bind(run.to_string()).push_bind(owner.to_string());
             });
@@ -79,12 +77,11 @@ impl BatchSink for Pool<Db> {
              RETURNING runs.id, runs.user_id",
         );
         let owned: HashSet<(String, String)> = update
-            .build()
+            .build_query_as()
             .fetch_all(&mut *tx)
             .await?
-            .iter()
-            .map(|row| Ok((row.try_get("id")?, row.try_get("user_id")?)))
-            .collect::<Result<_, sqlx::Error>>()?;
+            .into_iter()
+            .collect();
         let is_owned = |e: &NewEvent| owned.contains(&(e.run.to_string(), e.owner.to_string()));
         let accepted: Vec<&NewEvent> = events.iter().filter(|e| is_owned(e)).collect();
         if !accepted.is_empty() {
@@ -104,12 +101,13 @@ impl BatchSink for Pool<Db> {
     }
 }
 
-fn unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
 fn parse_stored_id<T>(raw: &str, parse: fn(&str) -> Result<T, IdError>) -> StoreResult<T> {
     parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
+}
+
+/// Decodes every row with `decode`.
+fn decode_all<T>(rows: &[DbRow], decode: fn(&DbRow) -> StoreResult<T>) -> StoreResult<Vec<T>> {
+    rows.iter().map(decode).collect()
 }
 
 fn user_from_row(row: &DbRow) -> StoreResult<UserRecord> {
@@ -193,14 +191,13 @@ const RUNS_WAITING: &str =
 
 /// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not theirs.
 async fn insert_message_in(
-    tx: &mut Transaction,
+    tx: &mut sqlx::Transaction<'_, Db>,
     owner: UserId,
     message: &MessageRecord,
 ) -> StoreResult<bool> {
-    // Touching the thread first checks that it is `owner`'s and takes the write lock: on
-    // PostgreSQL its row's, until commit, so concurrent appends to one thread take their
-    // positions one at a time (each INSERT's snapshot sees the messages committed before it
-    // got the lock); on SQLite the database's.
+    // Touching the thread first checks that it is `owner`'s and (on PostgreSQL) locks its row
+    // until commit, so concurrent appends to one thread take their positions one at a time:
+    // each INSERT's snapshot sees the messages committed before it got the lock.
     let touched = sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
         .bind(message.created_at_ms)
         .bind(message.thread_id.to_string())
@@ -246,11 +243,10 @@ impl Accounts for Shell {
         .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err) if unique_violation(&err) => Err(StoreError::Conflict),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(StoreError::Conflict),
             Err(err) => Err(err.into()),
         }
     }
-
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
         if ENGINE.unstorable(email) {
             return Ok(None);
@@ -263,7 +259,6 @@ impl Accounts for Shell {
         .await?;
         row.as_ref().map(user_from_row).transpose()
     }
-
     async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
         let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
             .bind(id.to_string())
@@ -271,7 +266,6 @@ impl Accounts for Shell {
             .await?;
         row.as_ref().map(user_from_row).transpose()
     }
-
     async fn insert_refresh_token(
         &self,
         jti: &str,
@@ -291,7 +285,6 @@ impl Accounts for Shell {
         .await?;
         Ok(())
     }
-
     async fn consume_refresh_token(
         &self,
         jti: &str,
@@ -315,7 +308,6 @@ impl Accounts for Shell {
         .await?;
         Ok(result.rows_affected() == 1)
     }
-
     async fn revoke_session(
         &self,
         access_jti: &str,
@@ -353,7 +345,6 @@ impl Accounts for Shell {
         tx.commit().await?;
         Ok(())
     }
-
     async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
         if ENGINE.unstorable(jti) {
             return Ok(false);
@@ -364,7 +355,6 @@ impl Accounts for Shell {
             .await?;
         Ok(row.is_some())
     }
-
     async fn insert_ticket(
         &self,
         ticket_id: &str,
@@ -383,7 +373,6 @@ impl Accounts for Shell {
         .await?;
         Ok(())
     }
-
     async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>> {
         if ENGINE.unstorable(ticket_id) {
             return Ok(None);
@@ -420,7 +409,6 @@ impl Threads for Shell {
         .await?;
         Ok(())
     }
-
     async fn list_threads(
         &self,
         owner: UserId,
@@ -437,9 +425,8 @@ impl Threads for Shell {
         .bind(offset.max(0))
         .fetch_all(&self.reads)
         .await?;
-        rows.iter().map(thread_from_row).collect()
+        decode_all(&rows, thread_from_row)
     }
-
     async fn get_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<Option<ThreadRecord>> {
         let row = sqlx::query(&format!(
             "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.id = $1 AND t.user_id = $2"
@@ -450,7 +437,6 @@ impl Threads for Shell {
         .await?;
         row.as_ref().map(thread_from_row).transpose()
     }
-
     async fn update_thread(
         &self,
         owner: UserId,
@@ -472,7 +458,6 @@ impl Threads for Shell {
         .await?;
         Ok(result.rows_affected() == 1)
     }
-
     async fn delete_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<bool> {
         let result = sqlx::query("DELETE FROM threads WHERE id = $1 AND user_id = $2")
             .bind(id.to_string())
@@ -481,7 +466,6 @@ impl Threads for Shell {
             .await?;
         Ok(result.rows_affected() == 1)
     }
-
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
         let mut tx = self.writes.begin().await?;
         if !insert_message_in(&mut tx, owner, message).await? {
@@ -490,7 +474,6 @@ impl Threads for Shell {
         tx.commit().await?;
         Ok(true)
     }
-
     async fn list_messages(
         &self,
         owner: UserId,
@@ -515,11 +498,7 @@ impl Threads for Shell {
                 .fetch_one(&self.reads)
                 .await?
                 .try_get("n")?;
-        let messages = rows
-            .iter()
-            .map(message_from_row)
-            .collect::<StoreResult<_>>()?;
-        Ok((messages, total))
+        Ok((decode_all(&rows, message_from_row)?, total))
     }
 }
 
@@ -545,7 +524,6 @@ impl Runs for Shell {
         .await?;
         Ok(())
     }
-
     async fn recent_runs(
         &self,
         owner: UserId,
@@ -562,9 +540,8 @@ impl Runs for Shell {
         .bind(limit.max(0))
         .fetch_all(&self.reads)
         .await?;
-        rows.iter().map(run_from_row).collect()
+        decode_all(&rows, run_from_row)
     }
-
     async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>> {
         let row = sqlx::query(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND user_id = $2"
@@ -575,7 +552,6 @@ impl Runs for Shell {
         .await?;
         row.as_ref().map(run_from_row).transpose()
     }
-
     async fn set_run_status(
         &self,
         owner: UserId,
@@ -604,7 +580,6 @@ impl Runs for Shell {
         .await?;
         Ok(())
     }
-
     async fn submit_run(
         &self,
         owner: UserId,
@@ -623,18 +598,15 @@ impl Runs for Shell {
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(SubmitOutcome::ThreadNotFound);
         }
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS unfinished, \
+        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), \
                     CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
-                    AS on_thread \
              FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
         )
         .bind(run.thread_id.to_string())
         .bind(owner.to_string())
         .fetch_one(&mut *tx)
         .await?;
-        let (unfinished, on_thread): (i64, i64) =
-            (row.try_get("unfinished")?, row.try_get("on_thread")?);
         if on_thread > 0 {
             return Ok(SubmitOutcome::ThreadBusy);
         }
@@ -674,7 +646,6 @@ impl Runs for Shell {
             SubmitOutcome::Queued
         })
     }
-
     async fn claim_queued_runs(
         &self,
         instance: &str,
@@ -696,15 +667,11 @@ impl Runs for Shell {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.writes)
         .await?;
-        let mut claimed = rows
-            .iter()
-            .map(queue_entry_from_row)
-            .collect::<StoreResult<Vec<_>>>()?;
+        let mut claimed = decode_all(&rows, queue_entry_from_row)?;
         // RETURNING does not follow the subquery's order.
         claimed.sort_by_key(|entry| (entry.run.created_at_ms, entry.run.id.to_string()));
         Ok(claimed)
     }
-
     async fn finish_unclaimed_run(
         &self,
         owner: UserId,
@@ -726,7 +693,6 @@ impl Runs for Shell {
         .await?;
         Ok(result.rows_affected() == 1)
     }
-
     async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()> {
         if runs.is_empty() {
             return Ok(());
@@ -748,7 +714,6 @@ impl Runs for Shell {
         update.build().execute(&self.writes).await?;
         Ok(())
     }
-
     async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>> {
         let rows = sqlx::query(&format!(
             "SELECT {QUEUE_COLUMNS} FROM runs \
@@ -760,9 +725,8 @@ impl Runs for Shell {
         .bind(stale_before_ms)
         .fetch_all(&self.reads)
         .await?;
-        rows.iter().map(queue_entry_from_row).collect()
+        decode_all(&rows, queue_entry_from_row)
     }
-
     async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE runs SET status = 'queued', instance_id = NULL, heartbeat_at = NULL \
@@ -798,7 +762,6 @@ impl EventLog for Shell {
             })
             .await
     }
-
     async fn list_events(
         &self,
         owner: UserId,
@@ -827,7 +790,6 @@ impl EventLog for Shell {
             })
             .collect()
     }
-
     async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
         let result = sqlx::query(
             "DELETE FROM run_events WHERE run_id IN \
@@ -846,7 +808,6 @@ impl Cluster for Shell {
         sqlx::query("SELECT 1").execute(&self.reads).await?;
         Ok(())
     }
-
     async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
@@ -858,7 +819,6 @@ impl Cluster for Shell {
         .await?;
         Ok(())
     }
-
     async fn remove_instances(
         &self,
         instance: Option<&str>,
@@ -871,7 +831,6 @@ impl Cluster for Shell {
             .await?;
         Ok(())
     }
-
     async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE runs SET instance_id = $1 WHERE id = $2 \

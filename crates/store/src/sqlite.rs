@@ -17,9 +17,6 @@
 //! disk) run on their own connection every [`CHECKPOINT_INTERVAL`], not inside a writer's
 //! commit: SQLite's automatic checkpoint would otherwise make one commit in every ~1,000
 //! pages wait for a disk sync. The writer keeps a large automatic threshold as a backstop.
-//!
-//! Queue announcements between processes do not exist: one process is all there is, so
-//! [`QueueSignals`] keeps its no-op defaults.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -124,4 +121,5 @@ async fn checkpoint_loop(mut connection: SqliteConnection, stop: CancellationTok
     let _ = connection.close().await;
 }
 
+// One process is all there is: no announcements to others (the no-op defaults).
 impl QueueSignals for SqliteStore {}

@@ -74,7 +74,6 @@ impl Usage for Shell {
         tx.commit().await?;
         Ok(inserted)
     }
-
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         let mut q = QueryBuilder::new(
             "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
@@ -97,7 +96,6 @@ impl Usage for Shell {
         })
         .await
     }
-
     async fn usage_totals(
         &self,
         owner: UserId,
@@ -127,7 +125,6 @@ impl Usage for Shell {
         })
         .await
     }
-
     async fn usage_latency_at_ranks(
         &self,
         owner: UserId,
@@ -152,7 +149,6 @@ impl Usage for Shell {
         self.grouped(q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .await
     }
-
     async fn usage_daily(
         &self,
         owner: UserId,
@@ -177,7 +173,6 @@ impl Usage for Shell {
         })
         .await
     }
-
     async fn usage_completion_at_ranks(
         &self,
         owner: UserId,
@@ -205,7 +200,6 @@ impl Usage for Shell {
         self.grouped(q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .await
     }
-
     async fn usage_savings(
         &self,
         owner: UserId,
