@@ -24,11 +24,10 @@
 /// Compiles `shared.rs` (every query) as the module `shared` of the calling engine shell,
 /// against the items defined here; both shells load the one file (`duplicate_mod`).
 macro_rules! shared_sql {
-    (db: $db:ty, engine: $engine:expr, store: $store:ty, attempts: $attempts:ty) => {
+    (db: $db:ty, engine: $engine:expr, store: $store:ty) => {
         type Db = $db;
         const ENGINE: $crate::Backend = $engine;
         type Shell = $store;
-        type Attempts = $attempts;
         #[allow(clippy::duplicate_mod)]
         #[path = "shared.rs"]
         mod shared;

@@ -26,8 +26,7 @@ use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
 
-// PostgreSQL's `runs.attempts` is an INTEGER: 32 bits.
-shared_sql!(db: Postgres, engine: Backend::Postgres, store: PostgresStore, attempts: i32);
+shared_sql!(db: Postgres, engine: Backend::Postgres, store: PostgresStore);
 
 /// The PostgreSQL engine: its pool and notifications; its SQL is `shared.rs`.
 pub struct PostgresStore {

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::{query_scalar, Pool, QueryBuilder, Row};
 
-use super::{Attempts, Db, Shell, ENGINE};
+use super::{Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
@@ -166,12 +166,14 @@ const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated
 const RUN_COLUMNS: &str =
     "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
 
-/// A run's columns plus what the queue needs to execute it again.
-const QUEUE_COLUMNS: &str = "user_id, input, request_id, attempts, instance_id, \
+/// A run's columns plus what the queue needs to execute it again (`attempts` is an INTEGER,
+/// 32 bits on PostgreSQL, 64 on SQLite: read as 64 on both).
+const QUEUE_COLUMNS: &str = "user_id, input, request_id, CAST(attempts AS BIGINT) AS attempts, \
+     instance_id, \
      id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
 
 fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
-    let attempts: Attempts = row.try_get("attempts")?;
+    let attempts: i64 = row.try_get("attempts")?;
     Ok(QueueEntry {
         owner: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
         run: run_from_row(row)?,
@@ -635,7 +637,7 @@ impl Runs for Shell {
         .bind(submission.request_id)
         .bind(claim_by)
         .bind(claimed.then_some(run.created_at_ms))
-        .bind(Attempts::from(claimed))
+        .bind(i32::from(claimed))
         .bind(claimed.then_some(run.created_at_ms))
         .execute(&mut *tx)
         .await?;
@@ -780,15 +782,11 @@ impl EventLog for Shell {
         .bind(ENGINE.limit(limit))
         .fetch_all(&self.reads)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("seq")?;
-                Ok(StoredEvent {
-                    seq: u64::try_from(seq).unwrap_or(0),
-                    json: row.try_get("event")?,
-                })
-            })
-            .collect()
+        decode_all(&rows, |row| {
+            let seq: i64 = row.try_get("seq")?;
+            let json = row.try_get("event")?;
+            Ok(StoredEvent { seq: u64::try_from(seq).unwrap_or(0), json })
+        })
     }
     async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
         let result = sqlx::query(

@@ -33,8 +33,7 @@ use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
 
-// SQLite hands out `runs.attempts` (an INTEGER) as a 64-bit integer.
-shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore, attempts: i64);
+shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore);
 
 /// How often the background checkpoint copies committed WAL pages into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);

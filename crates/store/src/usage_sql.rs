@@ -15,7 +15,7 @@
 //! `NUMERIC`, exactly. Groups come back ordered, so adding them up in Rust is repeatable too.
 
 use async_trait::async_trait;
-use sqlx::{QueryBuilder, Row};
+use sqlx::{Pool, QueryBuilder, Row};
 
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
@@ -34,16 +34,14 @@ fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: 
         .push_bind(until);
 }
 
-impl Shell {
-    /// The rows of the query `q`, each decoded by `decode`.
-    async fn grouped<T>(
-        &self,
-        mut q: QueryBuilder<'_, Db>,
-        decode: fn(&DbRow) -> sqlx::Result<T>,
-    ) -> StoreResult<Vec<T>> {
-        let rows = q.build().fetch_all(&self.reads).await?;
-        Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
-    }
+/// The rows of the query `q`, each decoded by `decode`.
+async fn fetch_rows<T>(
+    pool: &Pool<Db>,
+    mut q: QueryBuilder<'_, Db>,
+    decode: fn(&DbRow) -> sqlx::Result<T>,
+) -> StoreResult<Vec<T>> {
+    let rows = q.build().fetch_all(pool).await?;
+    Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
 }
 
 #[async_trait]
@@ -81,7 +79,7 @@ impl Usage for Shell {
         );
         q.push_bind(owner.to_string()).push(" AND ts >= ").push_bind(since_ms);
         q.push(" ORDER BY ts, id");
-        self.grouped(q, |row| {
+        fetch_rows(&self.reads, q, |row| {
             Ok(UsageRow {
                 provider: row.try_get(0)?,
                 model: row.try_get(1)?,
@@ -111,7 +109,7 @@ impl Usage for Shell {
         ));
         push_window(&mut q, "", owner, since_ms, until_ms);
         q.push(" GROUP BY provider, model, workload ORDER BY provider, model, workload");
-        self.grouped(q, |row| {
+        fetch_rows(&self.reads, q, |row| {
             Ok(UsageTotals {
                 provider: row.try_get(0)?,
                 model: row.try_get(1)?,
@@ -146,7 +144,7 @@ impl Usage for Shell {
             list.push_bind(*rank);
         }
         q.push(")");
-        self.grouped(q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .await
     }
     async fn usage_daily(
@@ -163,7 +161,7 @@ impl Usage for Shell {
         ));
         push_window(&mut q, "", owner, since_ms, until_ms);
         q.push(" GROUP BY day, model ORDER BY day, model");
-        self.grouped(q, |row| {
+        fetch_rows(&self.reads, q, |row| {
             Ok(UsageDayTotals {
                 day: row.try_get(0)?,
                 model: row.try_get(1)?,
@@ -197,7 +195,7 @@ impl Usage for Shell {
             " AND workload IN (SELECT workload FROM wanted)) t \
              JOIN wanted w ON w.workload = t.workload AND w.rnk = t.rn",
         );
-        self.grouped(q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .await
     }
     async fn usage_savings(
@@ -261,7 +259,7 @@ impl Usage for Shell {
              GROUP BY workload, model ORDER BY workload, model",
             ENGINE.money_sum("CASE WHEN saved > 0 THEN saved ELSE 0 END")
         ));
-        self.grouped(q, |row| {
+        fetch_rows(&self.reads, q, |row| {
             Ok(SavingsTotals {
                 workload: row.try_get(0)?,
                 model: row.try_get(1)?,
