@@ -1,10 +1,7 @@
 //! [`Backend`]: the engine a database URL selects, and every spot where SQLite's and
-//! PostgreSQL's SQL or rules differ, so the shared queries (`shared.rs`, `usage_sql.rs`)
-//! are written once.
-//!
-//! Most SQL needs no help: both engines take `$1`-style placeholders (SQLite binds them by
-//! number, so one may repeat), `IS NOT DISTINCT FROM`, `NOT` on a boolean column (0/1 on
-//! SQLite) and `CAST(... AS BIGINT)`. What remains is below, each with why.
+//! PostgreSQL's SQL or rules differ. Most SQL needs no help: both take `$1` placeholders
+//! (SQLite binds them by number, so one may repeat), `IS NOT DISTINCT FROM`, `NOT` on a
+//! boolean column (0/1 on SQLite) and `CAST(... AS BIGINT)`. The rest is below, with why.
 
 /// The storage engine a database URL selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,10 +54,9 @@ impl Backend {
         }
     }
 
-    /// Ends a subquery that picks rows to change. PostgreSQL runs writers in parallel: rows
-    /// another transaction is changing are passed over instead of waited for, so concurrent
-    /// claimers proceed side by side and never take the same row. SQLite's one writer never
-    /// meets a row locked by another (and it has no such clause).
+    /// Ends a subquery that picks rows to change. On PostgreSQL, whose writers run in
+    /// parallel, rows another transaction is changing are passed over instead of waited for.
+    /// SQLite's one writer never meets a row locked by another (and has no such clause).
     pub(crate) fn skip_locked(self) -> &'static str {
         match self {
             Backend::Sqlite => "",

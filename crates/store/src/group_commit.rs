@@ -1,11 +1,9 @@
 //! Group commit for run event logs: one writer per store, many events per transaction.
 //!
 //! Why: a run emits ~80–100 events and each must be durable before it is delivered
-//! ("persist then publish"). Writing each in its own transaction (`BEGIN`, `UPDATE runs SET
-//! last_seq`, `INSERT`, `COMMIT`) costs four database round trips per event (four thread
-//! hand-offs to SQLite's worker thread, or four network round trips to PostgreSQL) and, on
-//! SQLite, makes every emitting run fight for the one write lock. Under many concurrent
-//! users that dominated the CPU spent per run.
+//! ("persist then publish"). A transaction per event (`BEGIN`, `UPDATE runs SET last_seq`,
+//! `INSERT`, `COMMIT`) costs four round trips (to SQLite's worker thread, or PostgreSQL's
+//! server) per event; under many concurrent users that dominated the CPU spent per run.
 //!
 //! How: [`EventLog::append_event`](crate::EventLog::append_event) hands the event to this
 //! module's writer task over a bounded channel and waits for the outcome. The writer takes

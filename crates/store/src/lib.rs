@@ -6,12 +6,10 @@
 //! - `roles`: what a store does, one trait per role ([`Accounts`], [`Threads`], [`Runs`],
 //!   [`QueueSignals`], [`EventLog`], [`Usage`], [`Cluster`]); [`Store`] is all of them,
 //!   what the server holds as `Arc<dyn Store>`; [`prelude`] brings them into scope.
-//! - `engine`: [`Backend`], the engine a URL selects and every spot where the two engines'
-//!   SQL or rules differ.
-//! - `shared`: every query, written once and compiled for each engine.
+//! - `engine`: [`Backend`], the engine a URL selects, and where the engines' SQL differs.
+//! - `shared`: every query, written once and compiled for each engine (`shared_sql!`).
 //! - [`sqlite`], [`postgres`]: the engine shells: connections, migrations and what only one
-//!   engine has (SQLite's single writer beside its readers and its background checkpoints;
-//!   PostgreSQL's `LISTEN`/`NOTIFY`).
+//!   engine has (SQLite's single writer and its checkpoints; PostgreSQL's `LISTEN`/`NOTIFY`).
 //! - `group_commit`: appends the run events of all runs in few transactions.
 //! - `usage_sql`: the usage figures, grouped by the database (a child of `shared`).
 //! - [`ids`]: validated id newtypes.

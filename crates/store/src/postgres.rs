@@ -9,9 +9,8 @@
 //! advisory lock around `submit_run`, and `FOR UPDATE SKIP LOCKED` where claimers,
 //! heartbeats and logouts must not wait on each other.
 //!
-//! Migrations are embedded at compile time and applied at every open (`apex migrate` too);
-//! sqlx serialises concurrent migrators with an advisory lock, so several instances may
-//! start at once.
+//! Migrations are applied at every open (and by `apex migrate`); sqlx serialises concurrent
+//! migrators with an advisory lock, so several instances may start at once.
 
 use std::str::FromStr;
 use std::sync::Arc;

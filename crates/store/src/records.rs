@@ -1,7 +1,5 @@
-//! The rows the store reads and writes, as Rust types, and its error.
-//!
-//! Every engine returns exactly these, so the server never sees which engine answered.
-//! Timestamps are Unix milliseconds, as the columns store them.
+//! The rows the store reads and writes, as Rust types, and its error: the same from every
+//! engine. Timestamps are Unix milliseconds, as the columns store them.
 
 use serde_json::Value;
 

@@ -1,10 +1,8 @@
 //! What a store does, one trait per role, and [`Store`], all of them at once.
 //!
-//! Account methods ([`Accounts`]) establish identity; every other method that reads or
-//! writes a user's data takes the owning [`UserId`] and filters every query by it (the
-//! server passes it through its `UserStore`, made only from an authenticated user or a
-//! run's context), so another user's row is indistinguishable from a missing one.
-//!
+//! Account methods ([`Accounts`]) establish identity; every method on a user's data takes
+//! the owning [`UserId`] and filters every query by it (the server's `UserStore` passes the
+//! authenticated user's), so another user's row is indistinguishable from a missing one.
 //! Through `dyn Store` every method is callable as it is; on a concrete store, a role's
 //! methods need its trait in scope ([`crate::prelude`]).
 
@@ -176,8 +174,7 @@ pub trait Runs: Send + Sync {
 }
 
 /// How processes wake each other's queue dispatchers: a submitting instance announces
-/// queued runs, and every instance's dispatcher claims at once instead of at its next poll.
-/// The defaults do nothing, which is right where one process is all there is.
+/// queued runs, and every dispatcher claims at once instead of at its next poll.
 #[async_trait]
 pub trait QueueSignals: Send + Sync {
     /// Tells the dispatchers of other processes that runs are waiting (PostgreSQL

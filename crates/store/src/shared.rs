@@ -105,7 +105,6 @@ fn parse_stored_id<T>(raw: &str, parse: fn(&str) -> Result<T, IdError>) -> Store
     parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
 }
 
-/// Decodes every row with `decode`.
 fn decode_all<T>(rows: &[DbRow], decode: fn(&DbRow) -> StoreResult<T>) -> StoreResult<Vec<T>> {
     rows.iter().map(decode).collect()
 }
@@ -157,8 +156,6 @@ fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
         last_seq: u64::try_from(last_seq).unwrap_or(0),
     })
 }
-
-const USER_COLUMNS: &str = "id, email, name, password_hash, created_at";
 
 const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated_at, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count";
@@ -229,6 +226,17 @@ async fn insert_message_in(
     Ok(true)
 }
 
+impl Shell {
+    /// The user whose `column` holds `key`.
+    async fn user_where(&self, column: &str, key: &str) -> StoreResult<Option<UserRecord>> {
+        let sql = format!(
+            "SELECT id, email, name, password_hash, created_at FROM users WHERE {column} = $1"
+        );
+        let row = sqlx::query(&sql).bind(key).fetch_optional(&self.reads).await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+}
+
 #[async_trait]
 impl Accounts for Shell {
     async fn create_user(&self, user: &UserRecord) -> StoreResult<()> {
@@ -253,20 +261,10 @@ impl Accounts for Shell {
         if ENGINE.unstorable(email) {
             return Ok(None);
         }
-        let row = sqlx::query(&format!(
-            "SELECT {USER_COLUMNS} FROM users WHERE email = $1"
-        ))
-        .bind(email)
-        .fetch_optional(&self.reads)
-        .await?;
-        row.as_ref().map(user_from_row).transpose()
+        self.user_where("email", email).await
     }
     async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-            .bind(id.to_string())
-            .fetch_optional(&self.reads)
-            .await?;
-        row.as_ref().map(user_from_row).transpose()
+        self.user_where("id", &id.to_string()).await
     }
     async fn insert_refresh_token(
         &self,

@@ -2,8 +2,7 @@
 //! shared SQL (`shared.rs`) that owns its connections.
 //!
 //! WAL journal so readers never block the writer, `synchronous=NORMAL` (durable at
-//! checkpoints, never corrupt), foreign keys on. Migrations in `migrations/sqlite` run at
-//! open.
+//! checkpoints, never corrupt), foreign keys on; `migrations/sqlite` run at open.
 //!
 //! Two pools: readers, and exactly one connection that writes. SQLite admits one writer at
 //! a time; when two connections both want to write, the loser gets `SQLITE_BUSY` and its

@@ -3,7 +3,8 @@
 //!
 //! `apex-store` holds the role traits ([`Accounts`], [`Threads`], [`Runs`],
 //! [`QueueSignals`], [`EventLog`], [`Usage`], [`Cluster`]; [`Store`] is all of them), their
-//! records, and the SQLite and PostgreSQL engines; see its crate docs. A role's methods
+//! records, and the SQLite and PostgreSQL engines; see its crate docs. Through
+//! `dyn Store` every method is callable as it is; on a concrete store, a role's methods
 //! need its trait in scope (`use crate::store::prelude::*`, or the trait by name).
 //!
 //! Application code does not call the user-data methods with a free-standing id: it goes
