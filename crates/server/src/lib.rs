@@ -12,9 +12,9 @@
 //! 0. **Leaves.** [`ids`]: validated id newtypes; [`clock`]; [`settings`]: typed settings
 //!    and the `Secret` wrapper; [`telemetry`]: metric names and the HTTP metrics
 //!    middleware; [`lifecycle`]: the phases of a graceful shutdown.
-//! 1. **Infrastructure.** [`store`]: the `Store` trait and its SQLite and PostgreSQL
-//!    implementations (chosen by the database URL; [`store::group_commit`] batches run
-//!    events into few transactions); [`llm`]: the LLM trait, the embedded local model
+//! 1. **Infrastructure.** [`store`]: the `apex-store` crate (the `Store` role traits
+//!    and one SQL implementation run on SQLite or PostgreSQL, chosen by the database
+//!    URL; [`store::group_commit`] batches run events into few transactions); [`llm`]: the LLM trait, the embedded local model
 //!    (default), the OpenAI-compatible client and the deterministic template writer;
 //!    [`limits`]: per-user rate limits and connection caps (counters, no user data);
 //!    the event bus ([`events::bus`], in-process, or [`events::redis_bus`] between

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The database's connection-pool limits: defined by the store, which applies them.
+pub use apex_store::DatabasePool;
+
 /// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -45,27 +48,6 @@ pub enum PasswordHashing {
     Standard,
     /// argon2id, 256 KiB, 1 pass. Never use in production.
     Light,
-}
-
-/// Connection-pool limits of the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DatabasePool {
-    /// Most connections one instance holds open. With several instances on one PostgreSQL,
-    /// keep `instances x max_connections` under the server's `max_connections` (100 by
-    /// default).
-    pub max_connections: u32,
-    /// How long a query waits for a free connection before it fails (and the request
-    /// answers 500, readiness 503) instead of hanging.
-    pub acquire_timeout: Duration,
-}
-
-impl Default for DatabasePool {
-    fn default() -> Self {
-        Self {
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(10),
-        }
-    }
 }
 
 /// Which LLM writes answers (and helps triage).

@@ -24,7 +24,8 @@ pub const RUN_DURATION: &str = "apex_run_duration_seconds";
 pub const AGENT_DURATION: &str = "apex_agent_duration_seconds";
 pub const EVENTS_EMITTED: &str = "apex_events_emitted_total";
 pub const EVENT_DELIVERY: &str = "apex_event_delivery_latency_seconds";
-pub const EVENT_BATCH: &str = "apex_event_log_batch_size";
+/// Recorded by the store, which writes the batches.
+pub const EVENT_BATCH: &str = apex_store::EVENT_BATCH_METRIC;
 pub const LLM_TOKENS: &str = "apex_llm_tokens_total";
 pub const LLM_QUEUE: &str = "apex_llm_queue_depth";
 pub const LLM_ACTIVE: &str = "apex_llm_active_requests";
@@ -153,10 +154,6 @@ pub fn agent_finished(agent: &'static str, duration: Duration) {
 
 pub fn event_emitted() {
     metrics::counter!(EVENTS_EMITTED).increment(1);
-}
-
-pub fn event_batch_written(events: usize) {
-    metrics::histogram!(EVENT_BATCH).record(events as f64);
 }
 
 pub fn event_delivered(emitted: Instant) {

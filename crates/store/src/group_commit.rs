@@ -1,18 +1,16 @@
 //! Group commit for run event logs: one writer per store, many events per transaction.
 //!
 //! Why: a run emits ~80–100 events and each must be durable before it is delivered
-//! ("persist then publish"). Writing each in its own transaction (`BEGIN`, `UPDATE runs SET
-//! last_seq`, `INSERT`, `COMMIT`) costs four database round trips per event (four thread
-//! hand-offs to SQLite's worker thread, or four network round trips to PostgreSQL) and, on
-//! SQLite, makes every emitting run fight for the one write lock. Under many concurrent
-//! users that dominated the CPU spent per run.
+//! ("persist then publish"). A transaction per event (`BEGIN`, `UPDATE runs SET last_seq`,
+//! `INSERT`, `COMMIT`) costs four round trips (to SQLite's worker thread, or PostgreSQL's
+//! server) per event; under many concurrent users that dominated the CPU spent per run.
 //!
-//! How: [`Store::append_event`](super::Store::append_event) hands the event to this module's
-//! writer task over a bounded channel and waits for the outcome. The writer takes whatever
-//! has queued up (at most [`MAX_BATCH`] events), writes it with [`BatchSink::write_batch`]
-//! (one transaction: one `UPDATE runs ... RETURNING` that checks ownership and sets
-//! `last_seq` once per run, one multi-row `INSERT`), and only after the commit answers each
-//! caller. So:
+//! How: [`EventLog::append_event`](crate::EventLog::append_event) hands the event to this
+//! module's writer task over a bounded channel and waits for the outcome. The writer takes
+//! whatever has queued up (at most [`MAX_BATCH`] events), writes it with
+//! [`BatchSink::write_batch`] (one transaction: one `UPDATE runs ... RETURNING` that checks
+//! ownership and sets `last_seq` once per run, one multi-row `INSERT`), and only after the
+//! commit answers each caller. So:
 //! - an event is never acknowledged, and so never published, before it is committed;
 //! - seq order per run is kept: the emitter holds its run's seq lock until its event is
 //!   acknowledged, so a run has at most one event in flight;
@@ -21,37 +19,38 @@
 //! - one event cannot fail another: if a batch transaction fails (a duplicate seq, a
 //!   deadlock, a busy database), it is rolled back and its events are written one by one,
 //!   each with exactly the result it would have had on its own.
-//!
-//! The [`Store`](super::Store) trait stays as it was: batching is an implementation detail
-//! of the engines, which each implement [`BatchSink`] for their SQL.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{StoreError, StoreResult};
 use crate::ids::{RunId, UserId};
+use crate::records::{StoreError, StoreResult};
 
 /// Most events written in one transaction (SQLite allows 32,766 bound parameters; a batch
 /// binds four per event and three per run).
-pub const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 512;
 
 /// Events waiting for the writer; past this, emitters wait (backpressure).
 const QUEUE: usize = 4096;
 
+/// The histogram of events per written batch, recorded here where batches are written;
+/// the server describes it with its other metrics (`telemetry::EVENT_BATCH`).
+pub const EVENT_BATCH_METRIC: &str = "apex_event_log_batch_size";
+
 /// One event to append to a run's log.
 #[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub owner: UserId,
-    pub run: RunId,
-    pub seq: i64,
-    pub json: String,
-    pub now_ms: i64,
+pub(crate) struct NewEvent {
+    pub(crate) owner: UserId,
+    pub(crate) run: RunId,
+    pub(crate) seq: i64,
+    pub(crate) json: String,
+    pub(crate) now_ms: i64,
 }
 
 /// The rows one batch touches in `runs`: each (run, owner) once, with its highest seq.
-pub fn runs_of(events: &[NewEvent]) -> Vec<(RunId, UserId, i64)> {
+pub(crate) fn runs_of(events: &[NewEvent]) -> Vec<(RunId, UserId, i64)> {
     let mut runs: Vec<(RunId, UserId, i64)> = Vec::new();
     let mut index: HashMap<(RunId, UserId), usize> = HashMap::new();
     for event in events {
@@ -66,8 +65,8 @@ pub fn runs_of(events: &[NewEvent]) -> Vec<(RunId, UserId, i64)> {
     runs
 }
 
-/// The error of an event for a run its owner does not own (as the one-by-one path reports).
-pub fn not_owned(event: &NewEvent) -> StoreError {
+/// The error of an event for a run its owner does not own.
+pub(crate) fn not_owned(event: &NewEvent) -> StoreError {
     StoreError::Corrupt(format!(
         "event for run {} that {} does not own",
         event.run, event.owner
@@ -76,11 +75,9 @@ pub fn not_owned(event: &NewEvent) -> StoreError {
 
 /// An engine's SQL for appending events.
 #[async_trait]
-pub trait BatchSink: Send + Sync + 'static {
-    /// Appends one event in its own transaction: checks that `owner` owns the run, sets
-    /// its `last_seq`, inserts the event.
-    async fn write_one(&self, event: &NewEvent) -> StoreResult<()>;
-    /// Appends several events in one transaction. `Ok` holds one result per event (an event
+pub(crate) trait BatchSink: Send + Sync + 'static {
+    /// Appends events in one transaction: checks that each event's owner owns its run, sets
+    /// the run's `last_seq`, inserts the events. `Ok` holds one result per event (an event
     /// for a run its owner does not own is refused, the others are written); `Err` means
     /// the transaction was rolled back and nothing was written.
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
@@ -92,20 +89,20 @@ struct Pending {
 }
 
 /// The handle through which a store appends events; the writer task ends when it is dropped.
-pub struct EventWriter {
+pub(crate) struct EventWriter {
     queue: mpsc::Sender<Pending>,
 }
 
 impl EventWriter {
     /// Starts the writer task on the current Tokio runtime.
-    pub fn start(sink: impl BatchSink) -> Self {
+    pub(crate) fn start(sink: impl BatchSink) -> Self {
         let (queue, incoming) = mpsc::channel(QUEUE);
         tokio::spawn(write_loop(incoming, sink));
         Self { queue }
     }
 
     /// Appends `event` and waits until it is committed (or refused).
-    pub async fn append(&self, event: NewEvent) -> StoreResult<()> {
+    pub(crate) async fn append(&self, event: NewEvent) -> StoreResult<()> {
         let (done, outcome) = oneshot::channel();
         let gone = || StoreError::Corrupt("the event writer has stopped".into());
         self.queue
@@ -121,7 +118,7 @@ async fn write_loop(mut incoming: mpsc::Receiver<Pending>, sink: impl BatchSink)
     while incoming.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let events: Vec<NewEvent> = batch.iter().map(|p| p.event.clone()).collect();
         let results = write(&sink, &events).await;
-        crate::telemetry::event_batch_written(events.len());
+        metrics::histogram!(EVENT_BATCH_METRIC).record(events.len() as f64);
         for (pending, result) in batch.drain(..).zip(results) {
             // The caller may have gone (its task was cancelled); the event is written anyway.
             let _ = pending.done.send(result);
@@ -130,16 +127,17 @@ async fn write_loop(mut incoming: mpsc::Receiver<Pending>, sink: impl BatchSink)
 }
 
 async fn write(sink: &impl BatchSink, events: &[NewEvent]) -> Vec<StoreResult<()>> {
-    if let [event] = events {
-        return vec![sink.write_one(event).await];
-    }
     match sink.write_batch(events).await {
         Ok(results) => results,
+        Err(err) if events.len() == 1 => vec![Err(err)],
         Err(err) => {
             tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
             let mut results = Vec::with_capacity(events.len());
             for event in events {
-                results.push(sink.write_one(event).await);
+                match sink.write_batch(std::slice::from_ref(event)).await {
+                    Ok(result) => results.extend(result),
+                    Err(err) => results.push(Err(err)),
+                }
             }
             results
         }

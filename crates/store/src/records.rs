@@ -1,0 +1,209 @@
+//! The rows the store reads and writes, as Rust types, and its error: the same from every
+//! engine. Timestamps are Unix milliseconds, as the columns store them.
+
+use serde_json::Value;
+
+use crate::ids::{MessageId, RunId, ThreadId, UserId};
+use apex_protocol::threads::RunStatus;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A row with the same unique key (a user's email) exists.
+    #[error("already exists")]
+    Conflict,
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub email: String,
+    pub name: Option<String>,
+    pub password_hash: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ThreadRecord {
+    pub id: ThreadId,
+    pub title: String,
+    pub metadata: Value,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub message_count: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    pub id: MessageId,
+    pub thread_id: ThreadId,
+    pub role: String,
+    pub content: String,
+    pub metadata: Value,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub thread_id: ThreadId,
+    pub status: RunStatus,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub error: Option<String>,
+    pub last_seq: u64,
+}
+
+/// One stored event of a run's log, as JSON text (exactly what was delivered).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub json: String,
+}
+
+/// One row of the user's AI usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub provider: String,
+    pub model: String,
+    pub workload: String,
+    pub ts_ms: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub latency_ms: i64,
+    pub status: String,
+    pub cost_usd: f64,
+}
+
+/// A user's message and the run that will answer it, as [`crate::Runs::submit_run`] stores
+/// them.
+#[derive(Debug, Clone)]
+pub struct RunSubmission<'a> {
+    pub message: &'a MessageRecord,
+    /// `status` must be `queued`; the run's input is the message's content.
+    pub run: &'a RunRecord,
+    /// The request that submitted the run, for the executing instance's logs.
+    pub request_id: &'a str,
+    /// The owner's limit of queued and running runs (the new one included).
+    pub max_unfinished: usize,
+    /// Claim the run for this instance in the same transaction (`running`, first attempt,
+    /// heartbeat now) instead of leaving it `queued`: the submitting instance has room and
+    /// starts it at once, saving a claim round trip before the first event. Not done while
+    /// other runs wait in the queue, which would let a new run overtake them.
+    pub claim_by: Option<&'a str>,
+}
+
+/// What [`crate::Runs::submit_run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    Queued,
+    /// Stored and claimed for [`RunSubmission::claim_by`]: the submitter starts it.
+    Claimed,
+    /// The thread does not exist or is not the owner's.
+    ThreadNotFound,
+    /// The thread already has a queued or running run.
+    ThreadBusy,
+    /// The owner already has `max_unfinished` queued or running runs.
+    TooManyRuns,
+}
+
+/// A run as the queue sees it: claimed by an instance, or found stale by a sweeper.
+#[derive(Debug, Clone)]
+pub struct QueueEntry {
+    pub owner: UserId,
+    pub run: RunRecord,
+    /// The message the run answers; `None` for a run stored before the queue existed,
+    /// which cannot be executed again.
+    pub input: Option<String>,
+    pub request_id: Option<String>,
+    /// How many times an instance has claimed the run (this claim included).
+    pub attempts: u32,
+    /// The instance that claimed it.
+    pub instance: Option<String>,
+}
+
+/// Totals of a user's usage rows that share a provider, model and workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageTotals {
+    pub provider: String,
+    pub model: String,
+    pub workload: String,
+    pub requests: i64,
+    /// Rows whose status is not `ok`.
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+}
+
+/// A user's requests and spend on one model during one UTC day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageDayTotals {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    pub model: String,
+    pub requests: i64,
+    pub cost_usd: f64,
+}
+
+/// A wanted rank (1-based) among one workload's rows ordered by completion tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRank {
+    pub workload: String,
+    pub rank: i64,
+}
+
+/// The rates (USD per million tokens) a model's short requests would be billed at on its
+/// cheaper alternative.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepricingRate {
+    pub model: String,
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+/// An output cap (completion tokens) considered for one workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputCap {
+    pub workload: String,
+    pub cap: i64,
+}
+
+/// What [`crate::Usage::usage_savings`] measures on each row of the window:
+/// - routing: rows with fewer than `short_prompt` prompt and `short_completion` completion
+///   tokens on a model of `rates`, whose cost minus their cost at those rates is positive;
+/// - output caps: rows of a workload of `caps` with more completion tokens than its cap.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SavingsQuery {
+    pub short_prompt: i64,
+    pub short_completion: i64,
+    pub rates: Vec<RepricingRate>,
+    pub caps: Vec<OutputCap>,
+}
+
+/// [`SavingsQuery`]'s figures for one (workload, model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavingsTotals {
+    pub workload: String,
+    pub model: String,
+    /// Short rows whose repricing saves money, and the sum of those savings.
+    pub routed_requests: i64,
+    pub routing_savings_usd: f64,
+    /// Rows over the workload's cap, and the sum of their tokens past it.
+    pub capped_requests: i64,
+    pub tokens_over_cap: i64,
+}
+
+/// A JSON column's text as a value; text that is not JSON is corrupt data, not a bug.
+pub(crate) fn parse_json_column(raw: &str) -> StoreResult<Value> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("json column: {e}")))
+}

@@ -1,0 +1,292 @@
+//! What a store does, one trait per role, and [`Store`], all of them at once.
+//!
+//! Account methods ([`Accounts`]) establish identity; every method on a user's data takes
+//! the owning [`UserId`] and filters every query by it (the server's `UserStore` passes the
+//! authenticated user's), so another user's row is indistinguishable from a missing one.
+//! Through `dyn Store` every method is callable as it is; on a concrete store, a role's
+//! methods need its trait in scope ([`crate::prelude`]).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::ids::{RunId, ThreadId, UserId};
+use crate::records::{
+    CompletionRank, MessageRecord, QueueEntry, RunRecord, RunSubmission, SavingsQuery,
+    SavingsTotals, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow,
+    UsageTotals, UserRecord,
+};
+use apex_protocol::threads::RunStatus;
+
+/// Everything Apex persists: every role at once. Implemented for every type that has all
+/// the roles, so a store only implements the roles.
+pub trait Store: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster {}
+
+impl<T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster> Store for T {}
+
+/// Users, refresh tokens, revoked access tokens and WebSocket tickets: what establishes
+/// identity. The only role whose methods take no owner.
+#[async_trait]
+pub trait Accounts: Send + Sync {
+    async fn create_user(&self, user: &UserRecord) -> StoreResult<()>;
+    async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>>;
+    async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>>;
+    async fn insert_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        access_jti: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<()>;
+    /// Revokes an active refresh token; `false` if it was unknown, expired or already used.
+    async fn consume_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Logout: revokes the access token and the refresh tokens issued with it.
+    async fn revoke_session(
+        &self,
+        access_jti: &str,
+        access_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool>;
+    async fn insert_ticket(
+        &self,
+        ticket_id: &str,
+        user: UserId,
+        expires_at_ms: i64,
+        single_use: bool,
+    ) -> StoreResult<()>;
+    /// The ticket's user if the ticket is known, unexpired and (if single-use) unused;
+    /// marks single-use tickets used in the same statement.
+    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>>;
+}
+
+/// A user's threads and the messages in them; every method is filtered by `owner`.
+#[async_trait]
+pub trait Threads: Send + Sync {
+    async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()>;
+    async fn list_threads(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<ThreadRecord>>;
+    async fn get_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<Option<ThreadRecord>>;
+    async fn update_thread(
+        &self,
+        owner: UserId,
+        id: ThreadId,
+        title: &str,
+        metadata: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    async fn delete_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<bool>;
+    /// Appends a message to a thread of `owner`; `false` if the thread is not theirs.
+    async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool>;
+    async fn list_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, i64)>;
+}
+
+/// Runs and the run queue: submitting, claiming, heartbeats, recovery (see the server's
+/// `queue` module; waking other processes is [`QueueSignals`]). Methods with an `owner` are
+/// filtered by it; the queue's own methods work across users, for the instances that
+/// execute runs.
+#[async_trait]
+pub trait Runs: Send + Sync {
+    /// Creates a run, recording `instance` (see the server's `cluster` module) as the one
+    /// executing it. The server submits runs with [`Runs::submit_run`]; this is for tools
+    /// and tests.
+    async fn create_run_on(
+        &self,
+        owner: UserId,
+        run: &RunRecord,
+        instance: Option<&str>,
+    ) -> StoreResult<()>;
+    /// Creates a run executed by no recorded instance.
+    async fn create_run(&self, owner: UserId, run: &RunRecord) -> StoreResult<()> {
+        self.create_run_on(owner, run, None).await
+    }
+    /// `owner`'s runs that are queued or running, plus those that finished at or after
+    /// `finished_since_ms`, newest first, at most `limit`.
+    async fn recent_runs(
+        &self,
+        owner: UserId,
+        finished_since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>>;
+    async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>>;
+    async fn set_run_status(
+        &self,
+        owner: UserId,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    /// Stores the user's message and queues the run answering it (status `queued`, no
+    /// instance), in one transaction, if the thread is `owner`'s, has no unfinished run,
+    /// and `owner` has fewer than `max_unfinished` queued or running runs. A user's
+    /// submissions are serialised, so the limits are exact across instances.
+    async fn submit_run(
+        &self,
+        owner: UserId,
+        submission: &RunSubmission<'_>,
+    ) -> StoreResult<SubmitOutcome>;
+    /// Claims up to `limit` of the oldest queued runs for `instance`: each becomes
+    /// `running` on it with a fresh heartbeat and one more attempt. Concurrent claimers
+    /// (any instance) never get the same run.
+    async fn claim_queued_runs(
+        &self,
+        instance: &str,
+        limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<QueueEntry>>;
+    /// Ends a run that is still queued and unclaimed with `status` (stop, or a thread
+    /// going away); `false` if an instance claimed it or it finished meanwhile.
+    async fn finish_unclaimed_run(
+        &self,
+        owner: UserId,
+        run: RunId,
+        status: RunStatus,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// The executing instance's proof of life for each run it still executes. Never waits
+    /// on a run's row: a run busy writing events is kept fresh by those events (on
+    /// every appended event refreshes its claimed run's heartbeat, see `append_event`).
+    async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()>;
+    /// Unfinished runs an instance claimed whose heartbeat is older than
+    /// `stale_before_ms` (their instance died or lost the run), oldest first.
+    async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>>;
+    /// Puts a stale run of instance `from` back in the queue for another attempt; `false`
+    /// if it finished or another sweeper moved it first. Exactly one caller wins.
+    async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool>;
+}
+
+/// How processes wake each other's queue dispatchers: a submitting instance announces
+/// queued runs, and every dispatcher claims at once instead of at its next poll.
+#[async_trait]
+pub trait QueueSignals: Send + Sync {
+    /// Tells the dispatchers of other processes that runs are waiting (PostgreSQL
+    /// `NOTIFY`). A no-op where one process is all there is; dispatchers also poll.
+    async fn announce_queued_runs(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Starts calling `wake` whenever some process announces queued runs, for as long as
+    /// the process lives. Engines without notifications between processes do nothing.
+    async fn watch_queue_announcements(&self, wake: Arc<tokio::sync::Notify>) -> StoreResult<()> {
+        let _ = wake;
+        Ok(())
+    }
+}
+
+/// Each run's log of events, persisted before they are delivered.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    /// Persists one event of a run's log; seqs are unique per run; a run an instance has
+    /// claimed gets its heartbeat refreshed to `now_ms`. Returns once the event is
+    /// committed. Both engines batch concurrent calls into one transaction (group commit,
+    /// see `group_commit`), with the same result per event as one call alone.
+    async fn append_event(
+        &self,
+        owner: UserId,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    async fn list_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Retention: deletes the event logs of runs that finished before `finished_before_ms`.
+    /// The runs and messages stay; only the step-by-step events go. Returns events deleted.
+    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64>;
+}
+
+/// A user's AI usage rows and the figures the database computes from them; every method is
+/// filtered by `owner`.
+#[async_trait]
+pub trait Usage: Send + Sync {
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64>;
+    /// Every row of `owner` dated at or after `since_ms`, by time. The server's own figures
+    /// come from the grouped queries below, which load no row.
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
+    /// Totals per (provider, model, workload) of `owner`'s usage rows dated in
+    /// `[since_ms, until_ms]`, computed by the database (no row is loaded).
+    async fn usage_totals(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>>;
+    /// The latency of the rows at the given 1-based ranks when `owner`'s rows dated in
+    /// `[since_ms, until_ms]` are ordered by latency, as (rank, latency) pairs; ranks past
+    /// the last row have none.
+    async fn usage_latency_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>>;
+    /// Requests and spend per (UTC day, model) of `owner`'s rows dated in
+    /// `[since_ms, until_ms]`.
+    async fn usage_daily(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>>;
+    /// For each wanted (workload, rank), the completion tokens of the row at that rank of the
+    /// workload's rows dated in `[since_ms, until_ms]`, ordered by completion tokens, as
+    /// (workload, tokens); ranks past the last row have none.
+    async fn usage_completion_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>>;
+    /// Routing and output-cap figures per (workload, model) of `owner`'s rows dated in
+    /// `[since_ms, until_ms]` (see [`SavingsQuery`]); groups with neither are left out.
+    async fn usage_savings(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>>;
+}
+
+/// What the instances sharing one database coordinate through (see the server's `cluster`
+/// module), and the readiness probe.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// Readiness probe: the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+    /// Records that `instance` is alive at `now_ms`.
+    async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()>;
+    /// Forgets `instance` (graceful shutdown), and instances silent since `stale_before_ms`.
+    async fn remove_instances(
+        &self,
+        instance: Option<&str>,
+        stale_before_ms: i64,
+    ) -> StoreResult<()>;
+    /// Moves an unfinished run from instance `from` to `to`; `false` if it finished or
+    /// another instance took it first. Exactly one caller wins.
+    async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool>;
+}

@@ -1,0 +1,842 @@
+//! Every query of the store, written once for both engines.
+//!
+//! Compiled twice, as the module `shared` of [`crate::sqlite`] and of [`crate::postgres`]
+//! (the crate's `shared_sql!`), against that engine's sqlx types and store (`Shell`: pools
+//! `reads` and `writes`, one pool on PostgreSQL, and the event writer `events`). Not one
+//! impl generic over `sqlx::Database`: executing queries generically needs higher-ranked
+//! bounds (`for<'c> &'c mut DB::Connection: Executor<'c>`, one per bound type) on every
+//! impl, which rustc then fails to prove inside `async_trait`'s boxed futures.
+//!
+//! The SQL is portable; every spot where the engines differ asks
+//! [`Backend`](crate::Backend) (`ENGINE`). SQLite serialises every write on one connection;
+//! PostgreSQL runs writers in parallel, made safe by row locks, single-statement updates
+//! and `SKIP LOCKED`.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::{query_scalar, Pool, QueryBuilder, Row};
+
+use super::{Db, Shell, ENGINE};
+use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
+use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
+use crate::records::{
+    parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, StoreError,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UserRecord,
+};
+use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads};
+use apex_protocol::threads::RunStatus;
+
+// The Usage role's SQL, compiled with this module for each engine.
+#[allow(clippy::duplicate_mod)]
+#[path = "usage_sql.rs"]
+mod usage_sql;
+
+type DbRow = <Db as sqlx::Database>::Row;
+
+/// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a
+/// handle to the writing pool.
+#[async_trait]
+impl BatchSink for Pool<Db> {
+    async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
+        let mut runs = runs_of(events);
+        let mut tx = self.begin().await?;
+        if ENGINE.parallel_writers() && runs.len() > 1 {
+            // Rows are locked in id order, so two writers (two instances) cannot deadlock on
+            // runs they share. (Should it happen anyway, the batch is retried event by event.)
+            // One run's row needs no order: the UPDATE below locks it.
+            runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
+            let mut lock = QueryBuilder::<Db>::new("SELECT r.id FROM runs r JOIN (");
+            lock.push_values(&runs, |mut b, (run, owner, _)| {
+                b.push_bind(run.to_string()).push_bind(owner.to_string());
+            });
+            lock.push(
+                ") AS v(run_id, user_id) ON r.id = v.run_id AND r.user_id = v.user_id \
+                 ORDER BY r.id FOR UPDATE OF r",
+            );
+            lock.build().execute(&mut *tx).await?;
+        }
+        // One statement checks every run's owner and sets its last_seq (and, as every event
+        // does, refreshes a claimed run's heartbeat); the runs it returns are the ones whose
+        // events may be written.
+        let mut update: QueryBuilder<Db> = QueryBuilder::new("WITH v(run_id, user_id, seq) AS (");
+        update.push_values(&runs, |mut b, (run, owner, seq)| {
+            b.push_bind(run.to_string())
+                .push_bind(owner.to_string())
+                .push_bind(*seq);
+        });
+        let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
+        update.push(
+            ") UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
+             WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
+        );
+        update.push_bind(now);
+        update.push(
+            " END FROM v WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
+             RETURNING runs.id, runs.user_id",
+        );
+        let owned: HashSet<(String, String)> = update
+            .build_query_as()
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let is_owned = |e: &NewEvent| owned.contains(&(e.run.to_string(), e.owner.to_string()));
+        let accepted: Vec<&NewEvent> = events.iter().filter(|e| is_owned(e)).collect();
+        if !accepted.is_empty() {
+            let mut insert: QueryBuilder<Db> =
+                QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
+            insert.push_values(&accepted, |mut b, event| {
+                b.push_bind(event.run.to_string())
+                    .push_bind(event.seq)
+                    .push_bind(event.json.as_str())
+                    .push_bind(event.now_ms);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let result = |e| is_owned(e).then_some(()).ok_or_else(|| not_owned(e));
+        Ok(events.iter().map(result).collect())
+    }
+}
+
+fn parse_stored_id<T>(raw: &str, parse: fn(&str) -> Result<T, IdError>) -> StoreResult<T> {
+    parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
+}
+
+fn decode_all<T>(rows: &[DbRow], decode: fn(&DbRow) -> StoreResult<T>) -> StoreResult<Vec<T>> {
+    rows.iter().map(decode).collect()
+}
+
+fn user_from_row(row: &DbRow) -> StoreResult<UserRecord> {
+    Ok(UserRecord {
+        id: parse_stored_id(row.try_get("id")?, UserId::parse)?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        password_hash: row.try_get("password_hash")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn thread_from_row(row: &DbRow) -> StoreResult<ThreadRecord> {
+    Ok(ThreadRecord {
+        id: parse_stored_id(row.try_get("id")?, ThreadId::parse)?,
+        title: row.try_get("title")?,
+        metadata: parse_json_column(row.try_get("metadata")?)?,
+        created_at_ms: row.try_get("created_at")?,
+        updated_at_ms: row.try_get("updated_at")?,
+        message_count: row.try_get("message_count")?,
+    })
+}
+
+fn message_from_row(row: &DbRow) -> StoreResult<MessageRecord> {
+    Ok(MessageRecord {
+        id: parse_stored_id(row.try_get("id")?, MessageId::parse)?,
+        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
+        role: row.try_get("role")?,
+        content: row.try_get("content")?,
+        metadata: parse_json_column(row.try_get("metadata")?)?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
+    let status: String = row.try_get("status")?;
+    let last_seq: i64 = row.try_get("last_seq")?;
+    Ok(RunRecord {
+        id: parse_stored_id(row.try_get("id")?, RunId::parse)?,
+        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status:?}")))?,
+        created_at_ms: row.try_get("created_at")?,
+        started_at_ms: row.try_get("started_at")?,
+        finished_at_ms: row.try_get("finished_at")?,
+        error: row.try_get("error")?,
+        last_seq: u64::try_from(last_seq).unwrap_or(0),
+    })
+}
+
+const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated_at, \
+     (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count";
+
+const RUN_COLUMNS: &str =
+    "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+/// A run's columns plus what the queue needs to execute it again (`attempts` is an INTEGER,
+/// 32 bits on PostgreSQL, 64 on SQLite: read as 64 on both).
+const QUEUE_COLUMNS: &str = "user_id, input, request_id, CAST(attempts AS BIGINT) AS attempts, \
+     instance_id, \
+     id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
+    let attempts: i64 = row.try_get("attempts")?;
+    Ok(QueueEntry {
+        owner: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
+        run: run_from_row(row)?,
+        input: row.try_get("input")?,
+        request_id: row.try_get("request_id")?,
+        // Out of range only if corrupt: such a run counts as out of attempts.
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        instance: row.try_get("instance_id")?,
+    })
+}
+
+/// Whether any run waits in the queue for an instance (the partial index `runs_queue`
+/// answers it). A submission is not claimed at once while this holds, so it cannot
+/// overtake the waiting runs.
+const RUNS_WAITING: &str =
+    "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL)";
+
+/// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not theirs.
+async fn insert_message_in(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    owner: UserId,
+    message: &MessageRecord,
+) -> StoreResult<bool> {
+    // Touching the thread first checks that it is `owner`'s and (on PostgreSQL) locks its row
+    // until commit, so concurrent appends to one thread take their positions one at a time:
+    // each INSERT's snapshot sees the messages committed before it got the lock.
+    let touched = sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+        .bind(message.created_at_ms)
+        .bind(message.thread_id.to_string())
+        .bind(owner.to_string())
+        .execute(&mut **tx)
+        .await?;
+    if touched.rows_affected() == 0 {
+        return Ok(false);
+    }
+    // The position keeps messages in insertion order even when two share a millisecond.
+    sqlx::query(
+        "INSERT INTO messages \
+             (id, thread_id, user_id, role, content, metadata, created_at, position) \
+         SELECT $1, t.id, t.user_id, $2, $3, $4, $5, \
+                (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
+         FROM threads t WHERE t.id = $6 AND t.user_id = $7",
+    )
+    .bind(message.id.to_string())
+    .bind(&message.role)
+    .bind(&message.content)
+    .bind(message.metadata.to_string())
+    .bind(message.created_at_ms)
+    .bind(message.thread_id.to_string())
+    .bind(owner.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+impl Shell {
+    /// The user whose `column` holds `key`.
+    async fn user_where(&self, column: &str, key: &str) -> StoreResult<Option<UserRecord>> {
+        let sql = format!(
+            "SELECT id, email, name, password_hash, created_at FROM users WHERE {column} = $1"
+        );
+        let row = sqlx::query(&sql).bind(key).fetch_optional(&self.reads).await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+}
+
+#[async_trait]
+impl Accounts for Shell {
+    async fn create_user(&self, user: &UserRecord) -> StoreResult<()> {
+        let result = sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(user.id.to_string())
+        .bind(&user.email)
+        .bind(&user.name)
+        .bind(&user.password_hash)
+        .bind(user.created_at_ms)
+        .execute(&self.writes)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(StoreError::Conflict),
+            Err(err) => Err(err.into()),
+        }
+    }
+    async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
+        if ENGINE.unstorable(email) {
+            return Ok(None);
+        }
+        self.user_where("email", email).await
+    }
+    async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
+        self.user_where("id", &id.to_string()).await
+    }
+    async fn insert_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        access_jti: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (jti, user_id, access_jti, expires_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(jti)
+        .bind(user.to_string())
+        .bind(access_jti)
+        .bind(expires_at_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn consume_refresh_token(
+        &self,
+        jti: &str,
+        user: UserId,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        if ENGINE.unstorable(jti) {
+            return Ok(false);
+        }
+        // One statement: two concurrent refreshes with the same token cannot both win (on
+        // PostgreSQL the second UPDATE waits for the first, re-checks `revoked_at IS NULL`
+        // on the committed row and matches nothing).
+        let result = sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = $1 \
+             WHERE jti = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1",
+        )
+        .bind(now_ms)
+        .bind(jti)
+        .bind(user.to_string())
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn revoke_session(
+        &self,
+        access_jti: &str,
+        access_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.writes.begin().await?;
+        sqlx::query(
+            "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES ($1, $2) \
+             ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(access_jti)
+        .bind(access_expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = $1 \
+             WHERE access_jti = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms)
+        .bind(access_jti)
+        .execute(&mut *tx)
+        .await?;
+        // Housekeeping: expired revocations are useless (the token is rejected anyway).
+        // PostgreSQL skips rows another logout is deleting, so logouts never wait on or
+        // deadlock with each other.
+        sqlx::query(&format!(
+            "DELETE FROM revoked_access_tokens WHERE jti IN (SELECT jti \
+             FROM revoked_access_tokens WHERE expires_at < $1{})",
+            ENGINE.skip_locked()
+        ))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
+        if ENGINE.unstorable(jti) {
+            return Ok(false);
+        }
+        let row = sqlx::query("SELECT 1 FROM revoked_access_tokens WHERE jti = $1")
+            .bind(jti)
+            .fetch_optional(&self.reads)
+            .await?;
+        Ok(row.is_some())
+    }
+    async fn insert_ticket(
+        &self,
+        ticket_id: &str,
+        user: UserId,
+        expires_at_ms: i64,
+        single_use: bool,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO ws_tickets (id, user_id, expires_at, single_use) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(ticket_id)
+        .bind(user.to_string())
+        .bind(expires_at_ms)
+        .bind(single_use)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>> {
+        if ENGINE.unstorable(ticket_id) {
+            return Ok(None);
+        }
+        // One statement, as for refresh tokens: a single-use ticket is redeemed once.
+        let row = sqlx::query(
+            "UPDATE ws_tickets SET used_at = $1 \
+             WHERE id = $2 AND expires_at > $1 AND (NOT single_use OR used_at IS NULL) \
+             RETURNING user_id",
+        )
+        .bind(now_ms)
+        .bind(ticket_id)
+        .fetch_optional(&self.writes)
+        .await?;
+        row.map(|row| parse_stored_id(row.try_get("user_id")?, UserId::parse))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl Threads for Shell {
+    async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(thread.id.to_string())
+        .bind(owner.to_string())
+        .bind(&thread.title)
+        .bind(thread.metadata.to_string())
+        .bind(thread.created_at_ms)
+        .bind(thread.updated_at_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn list_threads(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<ThreadRecord>> {
+        // A negative offset counts as zero (SQLite's reading; PostgreSQL rejects it).
+        let rows = sqlx::query(&format!(
+            "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.user_id = $1 \
+             ORDER BY t.updated_at DESC, t.id LIMIT $2 OFFSET $3"
+        ))
+        .bind(owner.to_string())
+        .bind(ENGINE.limit(limit))
+        .bind(offset.max(0))
+        .fetch_all(&self.reads)
+        .await?;
+        decode_all(&rows, thread_from_row)
+    }
+    async fn get_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<Option<ThreadRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {THREAD_COLUMNS} FROM threads t WHERE t.id = $1 AND t.user_id = $2"
+        ))
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(thread_from_row).transpose()
+    }
+    async fn update_thread(
+        &self,
+        owner: UserId,
+        id: ThreadId,
+        title: &str,
+        metadata: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE threads SET title = $1, metadata = $2, updated_at = $3 \
+             WHERE id = $4 AND user_id = $5",
+        )
+        .bind(title)
+        .bind(metadata.to_string())
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn delete_thread(&self, owner: UserId, id: ThreadId) -> StoreResult<bool> {
+        let result = sqlx::query("DELETE FROM threads WHERE id = $1 AND user_id = $2")
+            .bind(id.to_string())
+            .bind(owner.to_string())
+            .execute(&self.writes)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
+        let mut tx = self.writes.begin().await?;
+        if !insert_message_in(&mut tx, owner, message).await? {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+    async fn list_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, i64)> {
+        let rows = sqlx::query(
+            "SELECT id, thread_id, role, content, metadata, created_at FROM messages \
+             WHERE thread_id = $1 AND user_id = $2 ORDER BY position LIMIT $3 OFFSET $4",
+        )
+        .bind(thread.to_string())
+        .bind(owner.to_string())
+        .bind(ENGINE.limit(limit))
+        .bind(offset.max(0))
+        .fetch_all(&self.reads)
+        .await?;
+        let total: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE thread_id = $1 AND user_id = $2")
+                .bind(thread.to_string())
+                .bind(owner.to_string())
+                .fetch_one(&self.reads)
+                .await?
+                .try_get("n")?;
+        Ok((decode_all(&rows, message_from_row)?, total))
+    }
+}
+
+#[async_trait]
+impl Runs for Shell {
+    async fn create_run_on(
+        &self,
+        owner: UserId,
+        run: &RunRecord,
+        instance: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, instance_id) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(run.status.as_str())
+        .bind(run.created_at_ms)
+        .bind(instance)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn recent_runs(
+        &self,
+        owner: UserId,
+        finished_since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE user_id = $1 \
+             AND (status IN ('queued', 'running') OR finished_at >= $2) \
+             ORDER BY created_at DESC, id LIMIT $3"
+        ))
+        .bind(owner.to_string())
+        .bind(finished_since_ms)
+        .bind(limit.max(0))
+        .fetch_all(&self.reads)
+        .await?;
+        decode_all(&rows, run_from_row)
+    }
+    async fn get_run(&self, owner: UserId, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND user_id = $2"
+        ))
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+    async fn set_run_status(
+        &self,
+        owner: UserId,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let (started, finished) = match status {
+            RunStatus::Running => (Some(now_ms), None),
+            s if s.is_terminal() => (None, Some(now_ms)),
+            _ => (None, None),
+        };
+        sqlx::query(
+            "UPDATE runs SET status = $1, error = COALESCE($2, error), \
+             started_at = COALESCE(started_at, $3), finished_at = COALESCE($4, finished_at) \
+             WHERE id = $5 AND user_id = $6",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(started)
+        .bind(finished)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn submit_run(
+        &self,
+        owner: UserId,
+        submission: &RunSubmission<'_>,
+    ) -> StoreResult<SubmitOutcome> {
+        let (message, run) = (submission.message, submission.run);
+        let mut tx = self.writes.begin().await?;
+        // One user's submissions take turns until commit (see `serialise_user`), so the limit
+        // check below sees every committed run and none can commit between check and insert.
+        if let Some(serialise) = ENGINE.serialise_user() {
+            sqlx::query(serialise)
+                .bind(owner.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !insert_message_in(&mut tx, owner, message).await? {
+            return Ok(SubmitOutcome::ThreadNotFound);
+        }
+        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), \
+                    CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
+             FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
+        )
+        .bind(run.thread_id.to_string())
+        .bind(owner.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if on_thread > 0 {
+            return Ok(SubmitOutcome::ThreadBusy);
+        }
+        if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
+            return Ok(SubmitOutcome::TooManyRuns);
+        }
+        // Claimed at submission (as `claim_queued_runs` would leave it) unless runs are
+        // waiting: those go first.
+        let waiting = query_scalar::<_, bool>(RUNS_WAITING);
+        let claim_by = match submission.claim_by {
+            Some(instance) if !waiting.fetch_one(&mut *tx).await? => Some(instance),
+            _ => None,
+        };
+        let claimed = claim_by.is_some();
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
+                               instance_id, heartbeat_at, attempts, started_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(if claimed { "running" } else { "queued" })
+        .bind(run.created_at_ms)
+        .bind(&message.content)
+        .bind(submission.request_id)
+        .bind(claim_by)
+        .bind(claimed.then_some(run.created_at_ms))
+        .bind(i32::from(claimed))
+        .bind(claimed.then_some(run.created_at_ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(if claimed {
+            SubmitOutcome::Claimed
+        } else {
+            SubmitOutcome::Queued
+        })
+    }
+    async fn claim_queued_runs(
+        &self,
+        instance: &str,
+        limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        // One statement. Two claimers cannot take one run: SQLite has one writer, and
+        // PostgreSQL's claimers skip the rows another is taking (see `skip_locked`).
+        let rows = sqlx::query(&format!(
+            "UPDATE runs SET status = 'running', instance_id = $1, heartbeat_at = $2, \
+                 attempts = attempts + 1, started_at = COALESCE(started_at, $2) \
+             WHERE id IN (SELECT id FROM runs WHERE status = 'queued' AND instance_id IS NULL \
+                          ORDER BY created_at, id LIMIT $3{}) \
+             RETURNING {QUEUE_COLUMNS}",
+            ENGINE.skip_locked()
+        ))
+        .bind(instance)
+        .bind(now_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.writes)
+        .await?;
+        let mut claimed = decode_all(&rows, queue_entry_from_row)?;
+        // RETURNING does not follow the subquery's order.
+        claimed.sort_by_key(|entry| (entry.run.created_at_ms, entry.run.id.to_string()));
+        Ok(claimed)
+    }
+    async fn finish_unclaimed_run(
+        &self,
+        owner: UserId,
+        run: RunId,
+        status: RunStatus,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = $1, error = $2, finished_at = $3 \
+             WHERE id = $4 AND user_id = $5 AND status = 'queued' AND instance_id IS NULL",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_ms)
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn heartbeat_runs(&self, instance: &str, runs: &[RunId], now_ms: i64) -> StoreResult<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        // PostgreSQL passes over a row the event writer holds instead of waiting for it.
+        // Waiting would stall that writer behind this statement (and, taking rows in another
+        // order than the writer's id order, could deadlock with it); a run whose row is busy
+        // is writing events, and every event refreshes its heartbeat anyway.
+        let mut update: QueryBuilder<Db> = QueryBuilder::new("UPDATE runs SET heartbeat_at = ");
+        update.push_bind(now_ms);
+        update.push(" WHERE id IN (SELECT id FROM runs WHERE instance_id = ");
+        update.push_bind(instance);
+        update.push(" AND id IN (");
+        let mut ids = update.separated(", ");
+        for run in runs {
+            ids.push_bind(run.to_string());
+        }
+        update.push(format!("){})", ENGINE.skip_locked()));
+        update.build().execute(&self.writes).await?;
+        Ok(())
+    }
+    async fn stale_runs(&self, stale_before_ms: i64) -> StoreResult<Vec<QueueEntry>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {QUEUE_COLUMNS} FROM runs \
+             WHERE status IN ('queued', 'running') \
+             AND (status = 'running' OR instance_id IS NOT NULL) \
+             AND COALESCE(heartbeat_at, started_at, created_at) < $1 \
+             ORDER BY created_at, id"
+        ))
+        .bind(stale_before_ms)
+        .fetch_all(&self.reads)
+        .await?;
+        decode_all(&rows, queue_entry_from_row)
+    }
+    async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = 'queued', instance_id = NULL, heartbeat_at = NULL \
+             WHERE id = $1 AND status IN ('queued', 'running') \
+             AND instance_id IS NOT DISTINCT FROM $2 AND input IS NOT NULL",
+        )
+        .bind(run.to_string())
+        .bind(from)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+#[async_trait]
+impl EventLog for Shell {
+    async fn append_event(
+        &self,
+        owner: UserId,
+        run: RunId,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+        self.events
+            .append(NewEvent {
+                owner,
+                run,
+                seq,
+                json: json.to_string(),
+                now_ms,
+            })
+            .await
+    }
+    async fn list_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        after_seq: u64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT e.seq, e.event FROM run_events e JOIN runs r ON r.id = e.run_id \
+             WHERE e.run_id = $1 AND r.user_id = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4",
+        )
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .bind(after)
+        .bind(ENGINE.limit(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        decode_all(&rows, |row| {
+            let seq: i64 = row.try_get("seq")?;
+            let json = row.try_get("event")?;
+            Ok(StoredEvent { seq: u64::try_from(seq).unwrap_or(0), json })
+        })
+    }
+    async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "DELETE FROM run_events WHERE run_id IN \
+             (SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1)",
+        )
+        .bind(finished_before_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Cluster for Shell {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reads).await?;
+        Ok(())
+    }
+    async fn heartbeat_instance(&self, instance: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(instance)
+        .bind(now_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn remove_instances(
+        &self,
+        instance: Option<&str>,
+        stale_before_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("DELETE FROM instances WHERE id = $1 OR heartbeat_at < $2")
+            .bind(instance)
+            .bind(stale_before_ms)
+            .execute(&self.writes)
+            .await?;
+        Ok(())
+    }
+    async fn claim_run(&self, run: RunId, from: Option<&str>, to: &str) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET instance_id = $1 WHERE id = $2 \
+             AND status IN ('queued', 'running') AND instance_id IS NOT DISTINCT FROM $3",
+        )
+        .bind(to)
+        .bind(run.to_string())
+        .bind(from)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,123 @@
+//! `SqliteStore`: the embedded engine (one file in the data folder), a shell around the
+//! shared SQL (`shared.rs`) that owns its connections.
+//!
+//! WAL journal so readers never block the writer, `synchronous=NORMAL` (durable at
+//! checkpoints, never corrupt), foreign keys on; `migrations/sqlite` run at open.
+//!
+//! Two pools: readers, and exactly one connection that writes. SQLite admits one writer at
+//! a time; when two connections both want to write, the loser gets `SQLITE_BUSY` and its
+//! busy handler *sleeps* in steps of 1, 2, 5 ... up to 100 ms before it looks again. Under
+//! load (the event writer commits back to back) that put tens of milliseconds on ordinary
+//! writes such as queueing a run. With one writing connection, writers wait in the pool's
+//! FIFO queue instead and go the moment the previous write ends. The busy timeout stays as
+//! a safety net for another process opening the same file (e.g. `apex admin`).
+//!
+//! Checkpoints (copying the WAL back into the database file, which is when SQLite syncs to
+//! disk) run on their own connection every [`CHECKPOINT_INTERVAL`], not inside a writer's
+//! commit: SQLite's automatic checkpoint would otherwise make one commit in every ~1,000
+//! pages wait for a disk sync. The writer keeps a large automatic threshold as a backstop.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::engine::Backend;
+use crate::group_commit::EventWriter;
+use crate::records::StoreResult;
+use crate::roles::QueueSignals;
+use crate::DatabasePool;
+
+shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore);
+
+/// How often the background checkpoint copies committed WAL pages into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The writer's automatic checkpoint threshold in pages (4 KiB each): only reached if the
+/// background checkpoint falls behind, so the WAL cannot grow without bound.
+const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
+
+/// The SQLite engine: its pools and background work; its SQL is `shared.rs`.
+pub struct SqliteStore {
+    /// Read-only work: WAL lets these read while the writer writes.
+    reads: SqlitePool,
+    /// The one connection that writes (see the module doc for why only one).
+    writes: SqlitePool,
+    /// Appends run events in batches (see `group_commit`), on `writes`.
+    events: EventWriter,
+    /// Stops the background checkpoint when the store is dropped.
+    _checkpoints: DropGuard,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` with the default pool and applies
+    /// migrations.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        Self::open_with(url, &DatabasePool::default()).await
+    }
+
+    /// Like [`SqliteStore::open`] with the given pool limits.
+    pub(crate) async fn open_with(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        // Created first: it creates the file and applies the migrations.
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES),
+            )
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writes).await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(pool.max_connections)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .await?;
+        let checkpoints = CancellationToken::new();
+        let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
+        tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
+        let events = EventWriter::start(writes.clone());
+        Ok(Self {
+            reads,
+            writes,
+            events,
+            _checkpoints: checkpoints.drop_guard(),
+        })
+    }
+}
+
+/// Copies committed WAL pages into the database file every [`CHECKPOINT_INTERVAL`] until
+/// `stop`. `PASSIVE` never waits for readers or the writer: what it cannot copy now it
+/// copies next time.
+async fn checkpoint_loop(mut connection: SqliteConnection, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut connection)
+            .await
+        {
+            // The writer's automatic checkpoint is the backstop meanwhile.
+            tracing::warn!(error = %err, "SQLite background checkpoint failed");
+        }
+    }
+    let _ = connection.close().await;
+}
+
+// One process is all there is: no announcements to others (the no-op defaults).
+impl QueueSignals for SqliteStore {}

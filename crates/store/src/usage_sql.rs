@@ -1,0 +1,274 @@
+//! The [`Usage`] role's SQL: a user's usage rows, and the figures the database computes
+//! from them. A child of `shared.rs`, compiled with it for each engine.
+//!
+//! The summary, the daily series and the savings simulation group in the database and get
+//! a handful of rows (loading the window's rows was the largest CPU cost of a run). Every
+//! query filters by the owner first. Sums of `BIGINT` columns are cast back to `BIGINT`
+//! (PostgreSQL sums them as `NUMERIC`), and constants of other types are bound, not written
+//! inline (PostgreSQL reads `1000000.0` as `NUMERIC`).
+//!
+//! Sums of money must not depend on the order the database visits the rows in, or two
+//! reads of the same rows could round to different micro-dollars (the answer of a run and
+//! the summary would disagree). SQLite visits them in the order of the `(user_id, ts)`
+//! index, always, and sums with compensation; PostgreSQL's order changes with the plan it
+//! picks (index or bitmap scan, as its statistics change), so there the costs are summed as
+//! `NUMERIC`, exactly. Groups come back ordered, so adding them up in Rust is repeatable too.
+
+use async_trait::async_trait;
+use sqlx::{Pool, QueryBuilder, Row};
+
+use super::{Db, DbRow, Shell, ENGINE};
+use crate::ids::UserId;
+use crate::records::{
+    CompletionRank, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow, UsageTotals,
+};
+use crate::roles::Usage;
+
+/// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
+fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: i64, until: i64) {
+    q.push(format!(" WHERE {alias}user_id = "))
+        .push_bind(owner.to_string())
+        .push(format!(" AND {alias}ts >= "))
+        .push_bind(since)
+        .push(format!(" AND {alias}ts <= "))
+        .push_bind(until);
+}
+
+/// The rows of the query `q`, each decoded by `decode`.
+async fn fetch_rows<T>(
+    pool: &Pool<Db>,
+    mut q: QueryBuilder<'_, Db>,
+    decode: fn(&DbRow) -> sqlx::Result<T>,
+) -> StoreResult<Vec<T>> {
+    let rows = q.build().fetch_all(pool).await?;
+    Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
+}
+
+#[async_trait]
+impl Usage for Shell {
+    async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
+        let mut tx = self.writes.begin().await?;
+        let mut inserted = 0;
+        // 10 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
+        for chunk in rows.chunks(500) {
+            let mut builder: QueryBuilder<Db> = QueryBuilder::new(
+                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
+                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
+            );
+            builder.push_values(chunk, |mut b, row| {
+                b.push_bind(owner.to_string())
+                    .push_bind(&row.provider)
+                    .push_bind(&row.model)
+                    .push_bind(&row.workload)
+                    .push_bind(row.ts_ms)
+                    .push_bind(row.prompt_tokens)
+                    .push_bind(row.completion_tokens)
+                    .push_bind(row.latency_ms)
+                    .push_bind(&row.status)
+                    .push_bind(row.cost_usd);
+            });
+            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+    async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
+        let mut q = QueryBuilder::new(
+            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
+             status, cost_usd FROM workload_events WHERE user_id = ",
+        );
+        q.push_bind(owner.to_string()).push(" AND ts >= ").push_bind(since_ms);
+        q.push(" ORDER BY ts, id");
+        fetch_rows(&self.reads, q, |row| {
+            Ok(UsageRow {
+                provider: row.try_get(0)?,
+                model: row.try_get(1)?,
+                workload: row.try_get(2)?,
+                ts_ms: row.try_get(3)?,
+                prompt_tokens: row.try_get(4)?,
+                completion_tokens: row.try_get(5)?,
+                latency_ms: row.try_get(6)?,
+                status: row.try_get(7)?,
+                cost_usd: row.try_get(8)?,
+            })
+        })
+        .await
+    }
+    async fn usage_totals(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageTotals>> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT provider, model, workload, COUNT(*), \
+             CAST(SUM(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             {} FROM workload_events",
+            ENGINE.money_sum("cost_usd")
+        ));
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(" GROUP BY provider, model, workload ORDER BY provider, model, workload");
+        fetch_rows(&self.reads, q, |row| {
+            Ok(UsageTotals {
+                provider: row.try_get(0)?,
+                model: row.try_get(1)?,
+                workload: row.try_get(2)?,
+                requests: row.try_get(3)?,
+                errors: row.try_get(4)?,
+                prompt_tokens: row.try_get(5)?,
+                completion_tokens: row.try_get(6)?,
+                cost_usd: row.try_get(7)?,
+            })
+        })
+        .await
+    }
+    async fn usage_latency_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        ranks: &[i64],
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        if ranks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::new(
+            "SELECT t.rn, t.latency_ms FROM (SELECT latency_ms, \
+             ROW_NUMBER() OVER (ORDER BY latency_ms) AS rn FROM workload_events",
+        );
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(") t WHERE t.rn IN (");
+        let mut list = q.separated(", ");
+        for rank in ranks {
+            list.push_bind(*rank);
+        }
+        q.push(")");
+        fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .await
+    }
+    async fn usage_daily(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<UsageDayTotals>> {
+        // The day is the floor of `ts / 86,400,000`, also for instants before 1970.
+        let mut q = QueryBuilder::new(format!(
+            "SELECT (ts - ((ts % 86400000) + 86400000) % 86400000) / 86400000 AS day, model, \
+             COUNT(*), {} FROM workload_events",
+            ENGINE.money_sum("cost_usd")
+        ));
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(" GROUP BY day, model ORDER BY day, model");
+        fetch_rows(&self.reads, q, |row| {
+            Ok(UsageDayTotals {
+                day: row.try_get(0)?,
+                model: row.try_get(1)?,
+                requests: row.try_get(2)?,
+                cost_usd: row.try_get(3)?,
+            })
+        })
+        .await
+    }
+    async fn usage_completion_at_ranks(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        wanted: &[CompletionRank],
+    ) -> StoreResult<Vec<(String, i64)>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::new("WITH wanted (workload, rnk) AS (");
+        q.push_values(wanted, |mut b, w| {
+            b.push_bind(w.workload.clone()).push_bind(w.rank);
+        });
+        q.push(
+            ") SELECT t.workload, t.completion_tokens FROM (SELECT workload, completion_tokens, \
+             ROW_NUMBER() OVER (PARTITION BY workload ORDER BY completion_tokens) AS rn \
+             FROM workload_events",
+        );
+        push_window(&mut q, "", owner, since_ms, until_ms);
+        q.push(
+            " AND workload IN (SELECT workload FROM wanted)) t \
+             JOIN wanted w ON w.workload = t.workload AND w.rnk = t.rn",
+        );
+        fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .await
+    }
+    async fn usage_savings(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        query: &SavingsQuery,
+    ) -> StoreResult<Vec<SavingsTotals>> {
+        if query.rates.is_empty() && query.caps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::new("WITH rates (model, input_rate, output_rate) AS (");
+        if query.rates.is_empty() {
+            // VALUES needs at least one row; this table has none.
+            q.push(
+                "SELECT CAST(NULL AS TEXT), CAST(NULL AS DOUBLE PRECISION), \
+                 CAST(NULL AS DOUBLE PRECISION) WHERE 1 = 0",
+            );
+        } else {
+            q.push_values(&query.rates, |mut b, r| {
+                b.push_bind(r.model.clone())
+                    .push_bind(r.input_per_mtok)
+                    .push_bind(r.output_per_mtok);
+            });
+        }
+        q.push("), caps (workload, cap) AS (");
+        if query.caps.is_empty() {
+            q.push("SELECT CAST(NULL AS TEXT), CAST(NULL AS BIGINT) WHERE 1 = 0");
+        } else {
+            q.push_values(&query.caps, |mut b, c| {
+                b.push_bind(c.workload.clone()).push_bind(c.cap);
+            });
+        }
+        // `saved` is the row's cost minus its cost at the alternative's rates, computed with the
+        // same float operations, in the same order, as `pricing::cost_at`, so the test
+        // `saved > 0` decides every row exactly as the per-row simulation did.
+        q.push(
+            "), scored AS (SELECT e.workload, e.model, e.completion_tokens, c.cap, \
+             CASE WHEN r.model IS NOT NULL AND e.prompt_tokens < ",
+        )
+        .push_bind(query.short_prompt)
+        .push(" AND e.completion_tokens < ")
+        .push_bind(query.short_completion)
+        .push(
+            " THEN e.cost_usd - (e.prompt_tokens * r.input_rate + e.completion_tokens * r.output_rate) / ",
+        )
+        .push_bind(1_000_000.0f64)
+        .push(
+            " END AS saved FROM workload_events e LEFT JOIN rates r ON r.model = e.model \
+             LEFT JOIN caps c ON c.workload = e.workload",
+        );
+        push_window(&mut q, "e.", owner, since_ms, until_ms);
+        q.push(format!(
+            " AND (r.model IS NOT NULL OR c.cap IS NOT NULL)) \
+             SELECT workload, model, \
+             CAST(SUM(CASE WHEN saved > 0 THEN 1 ELSE 0 END) AS BIGINT), {}, \
+             CAST(SUM(CASE WHEN completion_tokens > cap THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN completion_tokens > cap THEN completion_tokens - cap ELSE 0 END) \
+             AS BIGINT) FROM scored WHERE saved > 0 OR completion_tokens > cap \
+             GROUP BY workload, model ORDER BY workload, model",
+            ENGINE.money_sum("CASE WHEN saved > 0 THEN saved ELSE 0 END")
+        ));
+        fetch_rows(&self.reads, q, |row| {
+            Ok(SavingsTotals {
+                workload: row.try_get(0)?,
+                model: row.try_get(1)?,
+                routed_requests: row.try_get(2)?,
+                routing_savings_usd: row.try_get(3)?,
+                capped_requests: row.try_get(4)?,
+                tokens_over_cap: row.try_get(5)?,
+            })
+        })
+        .await
+    }
+}
