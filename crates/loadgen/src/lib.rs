@@ -15,6 +15,8 @@
 //! Used by `apex loadgen` and by the server's stress suite; [`hold_idle`] (idle connections
 //! for memory measurements) by `apex loadgen --idle-connections`.
 
+#![forbid(unsafe_code)]
+
 mod idle;
 mod stats;
 mod user;

@@ -14,6 +14,8 @@
 //! - [`events`]: agent events streamed during a run (`agent_started`, `tool_completed`...).
 //! - [`ws`]: the other server → client WebSocket frames and the close codes.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod error;
 pub mod events;

@@ -40,6 +40,8 @@
 //! This file builds the state from the settings ([`build_state`]) and serves it
 //! ([`run`], [`serve`]).
 
+#![forbid(unsafe_code)]
+
 pub mod agents;
 pub mod auth;
 pub mod clock;
@@ -235,6 +237,9 @@ pub async fn run(
     serve(listener, state, shutdown).await
 }
 
+/// Longest the server waits at shutdown for its background tasks to end.
+const BACKGROUND_JOIN: Duration = Duration::from_secs(5);
+
 /// How often old event logs are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -265,10 +270,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let app = http::app(state.clone());
     let lifecycle = state.lifecycle.clone();
-    tokio::spawn(prune_events_periodically(state.clone()));
-    tokio::spawn(state.runs.clone().dispatch());
+    // The server's own background tasks, joined before it returns: each ends at its
+    // phase of the shutdown (pruning and dispatching when draining starts, the cluster
+    // heartbeat once the sockets close).
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(prune_events_periodically(state.clone()));
+    background.spawn(state.runs.clone().dispatch());
     if state.settings.bus_url.is_some() {
-        tokio::spawn(state.runs.clone().upkeep());
+        background.spawn(state.runs.clone().upkeep());
     }
     let draining = lifecycle.draining.clone();
     // Events are small frames sent one after another: with Nagle's algorithm on, a frame
@@ -305,6 +314,16 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while state.infra.bus.subscribed_users() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Joined before leaving the cluster, so no heartbeat records this instance again
+    // after it left.
+    let joined = tokio::time::timeout(BACKGROUND_JOIN, async {
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("background tasks did not stop in time; aborting them");
+        background.abort_all();
     }
     if state.settings.bus_url.is_some() {
         state.runs.leave().await;

@@ -234,9 +234,7 @@ async fn a_run_continues_after_its_socket_closes_and_its_events_stay_readable() 
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let accepted = ws.expect_type("run_accepted").await;
+    let accepted = ws.start_run(QUESTION).await;
     let run_id = accepted["run_id"].as_str().unwrap().to_string();
     ws.close().await;
 
@@ -289,12 +287,7 @@ async fn resume_replays_exactly_the_missing_events_then_continues_live() {
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(25)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let run_id = ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let run_id = ws.start_run_id(QUESTION).await;
     let mut seen = Vec::new();
     while seen.len() < 5 {
         let frame = ws.next_json().await;
@@ -381,12 +374,7 @@ async fn stop_agent_cancels_the_run_with_a_terminal_cancelled_event() {
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(200)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let run_id = ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let run_id = ws.start_run_id(QUESTION).await;
     // Wait until the answer is streaming, then stop without naming the run.
     loop {
         let frame = ws.next_json().await;

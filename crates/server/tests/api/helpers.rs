@@ -472,6 +472,23 @@ impl WsClient {
     }
 
     /// Sends a `user_message` and collects the run's events up to and including the terminal.
+    /// Sends `text` as a `user_message` (a new thread) and returns the `run_accepted`
+    /// frame (frames before it, such as `thread_created`, are dropped).
+    pub async fn start_run(&mut self, text: &str) -> Value {
+        self.send_json(json!({"type": "user_message", "text": text}))
+            .await;
+        self.expect_type("run_accepted").await
+    }
+
+    /// [`WsClient::start_run`], returning only the run's id.
+    pub async fn start_run_id(&mut self, text: &str) -> String {
+        let accepted = self.start_run(text).await;
+        accepted["run_id"]
+            .as_str()
+            .expect("run_accepted has a run_id")
+            .to_string()
+    }
+
     pub async fn ask(&mut self, text: &str, thread_id: Option<&str>) -> RunTranscript {
         let mut frame = json!({"type": "user_message", "text": text});
         if let Some(thread) = thread_id {

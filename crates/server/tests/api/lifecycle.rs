@@ -18,12 +18,7 @@ async fn graceful_shutdown_tells_clients_and_lets_runs_finish() {
     let mut app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(10)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let run_id = ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let run_id = ws.start_run_id(QUESTION).await;
     ws.expect_type("partial_result").await;
 
     app.shutdown().await;
@@ -56,12 +51,7 @@ async fn runs_still_going_after_the_grace_period_end_interrupted() {
     .await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let run_id = ws.expect_type("run_accepted").await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let run_id = ws.start_run_id(QUESTION).await;
     ws.expect_type("partial_result").await;
 
     app.shutdown().await;

@@ -48,9 +48,7 @@ async fn a_thread_with_a_run_in_progress_is_busy_until_the_terminal_event() {
     let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(20)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    ws.send_json(json!({"type": "user_message", "text": QUESTION}))
-        .await;
-    let accepted = ws.expect_type("run_accepted").await;
+    let accepted = ws.start_run(QUESTION).await;
     let thread_id = accepted["thread_id"].as_str().unwrap().to_string();
     let run_id = accepted["run_id"].as_str().unwrap().to_string();
     ws.send_json(json!({"type": "user_message", "text": "and latency?", "thread_id": thread_id}))
