@@ -47,7 +47,7 @@ use crate::settings::Settings;
 
 pub use ending::StopOutcome;
 pub use registry::ActiveRuns;
-pub use submit::{validate_message, SubmitError, Submitted, MAX_MESSAGE_CHARS};
+pub use submit::SubmitError;
 
 /// The settings runs are executed under (copied out of [`Settings`] once).
 #[derive(Debug, Clone)]
