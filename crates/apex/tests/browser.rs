@@ -11,7 +11,8 @@
 //! saying what to install (it never passes without running); `scripts/test.sh` leaves it
 //! out, counted as skipped, except under `CI`.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,34 +60,12 @@ fn missing_prerequisites(chromium: &Path, script_dir: &Path) -> Vec<String> {
 }
 
 fn start_server(data_dir: &Path) -> (KillOnDrop, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--llm-provider",
-            "template",
-            "--data-dir",
-        ])
-        .arg(data_dir)
+    let mut command = support::serve_command(data_dir);
+    command
         .args(["--template-stream-delay-ms", "50"])
-        .env("APEX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start apex serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let server = KillOnDrop(child);
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let address = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (server, address)
+        .stderr(Stdio::inherit());
+    let (child, address) = support::spawn_serve(command);
+    (KillOnDrop(child), address)
 }
 
 #[test]

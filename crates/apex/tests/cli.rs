@@ -5,6 +5,8 @@
 //! fails without it; `scripts/test.sh` leaves it out (counted as skipped) when PostgreSQL
 //! is missing, except under `CI`.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,36 +46,9 @@ fn start_server(data_dir: &std::path::Path) -> Server {
 }
 
 fn start_server_with(data_dir: &std::path::Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--llm-provider",
-            "template",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(extra)
-        .env("APEX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start apex serve");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let address = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    assert!(
-        address.starts_with("http://127.0.0.1:") && !address.ends_with(":0"),
-        "{address}"
-    );
+    let mut command = support::serve_command(data_dir);
+    command.args(extra).stderr(Stdio::inherit());
+    let (child, address) = support::spawn_serve(command);
     Server { child, address }
 }
 

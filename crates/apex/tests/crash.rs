@@ -2,8 +2,9 @@
 //! runs every in-flight run again (a second attempt continuing its event log) to a
 //! completed answer, and the database passes SQLite's integrity check.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Child;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -11,32 +12,9 @@ use serde_json::{json, Value};
 /// Starts `apex serve` on `data_dir`, streaming the template answer with `delay_ms`
 /// between chunks.
 fn start(data_dir: &std::path::Path, delay_ms: u64) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--llm-provider",
-            "template",
-            "--template-stream-delay-ms",
-        ])
-        .arg(delay_ms.to_string())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("APEX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start apex serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
-    (child, address)
+    let mut command = support::serve_command(data_dir);
+    command.args(["--template-stream-delay-ms", &delay_ms.to_string()]);
+    support::spawn_serve(command)
 }
 
 async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {

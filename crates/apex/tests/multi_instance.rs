@@ -15,7 +15,8 @@
 //! `scripts/test.sh` leaves these tests out, counted as skipped, when either service is
 //! missing, except under `CI`.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -164,38 +165,19 @@ impl Cluster {
         let data_dir = tempfile::tempdir().unwrap();
         let log_path = data_dir.path().join("apex.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
-            .args([
-                "serve",
-                "--bind",
-                "127.0.0.1:0",
-                "--llm-provider",
-                "template",
-            ])
+        let mut command = support::serve_command(data_dir.path());
+        command
             .args(["--template-stream-delay-ms", &stream_delay_ms.to_string()])
             .args(["--instance-heartbeat-ms", "200"])
             .args(["--instance-stale-after-ms", "1500"])
             .args(&self.extra_args)
-            .arg("--data-dir")
-            .arg(data_dir.path())
             .env("APEX_DATABASE_URL", self.database_url())
             .env("APEX_BUS_URL", redis)
             .env("APEX_BUS_CHANNEL_PREFIX", &self.prefix)
             .env("APEX_JWT_SECRET", SECRET)
             .env("APEX_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start apex serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("expected the listening line, got {line:?}"))
-            .to_string();
+            .stderr(Stdio::from(log));
+        let (child, base) = support::spawn_serve(command);
         Instance {
             id: String::new(),
             child,
