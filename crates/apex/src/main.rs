@@ -12,6 +12,8 @@ mod chat;
 mod config;
 mod eval;
 mod live;
+mod sessions;
+mod terminal;
 mod usage;
 mod user;
 
@@ -86,6 +88,12 @@ enum Command {
     /// Example: APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
     #[command(subcommand, verbatim_doc_comment)]
     User(user::UserCommand),
+    /// See where your account is logged in; end one session or every one.
+    ///
+    /// Example: APEX_PASSWORD=... apex sessions list --email me@example.com
+    ///          APEX_PASSWORD=... apex sessions logout-all --email me@example.com
+    #[command(subcommand, verbatim_doc_comment)]
+    Sessions(sessions::SessionsCommand),
     /// Inspect the configuration `apex serve` would run with.
     ///
     /// Example: apex config show --config /etc/apex/apex.toml
@@ -313,6 +321,7 @@ fn main() -> std::process::ExitCode {
             Command::Loadgen(args) => loadgen(args).await,
             Command::Usage(command) => usage::run(command).await,
             Command::User(command) => user::run(command).await,
+            Command::Sessions(command) => sessions::run(command).await,
         }
     });
     match result {

@@ -70,3 +70,21 @@ pub struct TicketResponse {
     pub single_use: bool,
     pub websocket_url: String,
 }
+
+/// One active login session of the caller (`GET /auth/sessions`). A session is the family
+/// of refresh tokens rotated from one login; ending it (`DELETE /auth/sessions/{id}`)
+/// ends its tokens, tickets and open sockets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct SessionInfo {
+    pub id: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// When a token of it was last refreshed (RFC 3339).
+    pub last_used_at: String,
+    /// The absolute end of the session, whatever rotation happens (RFC 3339).
+    pub expires_at: String,
+    /// What the client said it was when it logged in.
+    pub user_agent: Option<String>,
+    /// Whether this is the session of the token that asked.
+    pub current: bool,
+}

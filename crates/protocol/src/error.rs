@@ -75,13 +75,19 @@ pub enum ErrorCode {
     TooManyConnections,
     /// A WebSocket frame of a type the server does not know.
     UnknownMessageType,
+    /// The session the credential belongs to ended (logout, logout-all, revoked, or a
+    /// replayed refresh token); log in again. Sent before a socket or stream is closed.
+    SessionEnded,
+    /// The access token a socket or stream was opened with expired; reconnect with a fresh
+    /// token (and `resume`, which loses nothing).
+    TokenExpired,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -106,6 +112,8 @@ impl ErrorCode {
         ErrorCode::LlmUnavailable,
         ErrorCode::TooManyConnections,
         ErrorCode::UnknownMessageType,
+        ErrorCode::SessionEnded,
+        ErrorCode::TokenExpired,
         ErrorCode::Internal,
     ];
 
@@ -138,6 +146,8 @@ impl ErrorCode {
             ErrorCode::LlmUnavailable => ("llm_unavailable", "LLM_UNAVAILABLE", 503),
             ErrorCode::TooManyConnections => ("too_many_connections", "TOO_MANY_CONNECTIONS", 429),
             ErrorCode::UnknownMessageType => ("unknown_message_type", "UNKNOWN_MESSAGE_TYPE", 400),
+            ErrorCode::SessionEnded => ("session_ended", "SESSION_ENDED", 401),
+            ErrorCode::TokenExpired => ("token_expired", "TOKEN_EXPIRED", 401),
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -190,6 +200,8 @@ pub mod ws_codes {
     use super::ErrorCode as C;
 
     pub const AUTH_FAILED: &str = C::InvalidToken.ws();
+    pub const SESSION_ENDED: &str = C::SessionEnded.ws();
+    pub const TOKEN_EXPIRED: &str = C::TokenExpired.ws();
     pub const JSON_PARSE_ERROR: &str = C::InvalidJson.ws();
     pub const UNKNOWN_MESSAGE_TYPE: &str = C::UnknownMessageType.ws();
     pub const VALIDATION_ERROR: &str = C::ValidationFailed.ws();

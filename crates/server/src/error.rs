@@ -32,6 +32,17 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A rate limit of [`Limits`](crate::limits::Limits) refused: 429 `rate_limited` with
+    /// `Retry-After`, counted in `apex_limit_rejections_total`.
+    pub fn throttled(which: crate::limits::Throttled, retry_after: std::time::Duration) -> Self {
+        crate::telemetry::limit_rejected(which.metric_reason());
+        ApiError::Limited {
+            code: apex_protocol::error::codes::RATE_LIMITED,
+            message: which.message().into(),
+            retry_after,
+        }
+    }
+
     pub fn validation(message: impl Into<String>) -> Self {
         Self::client(
             StatusCode::UNPROCESSABLE_ENTITY,

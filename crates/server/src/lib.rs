@@ -74,7 +74,7 @@ use rand::RngCore;
 use tokio::net::TcpListener;
 
 use crate::agents::Infrastructure;
-use crate::auth::{Authenticator, PasswordHasher};
+use crate::auth::{AuthLifetimes, Authenticator, PasswordHasher};
 use crate::events::redis_bus::{RedisBus, RedisBusConfig};
 use crate::events::{EventBus, InProcessBus};
 use crate::lifecycle::Lifecycle;
@@ -170,9 +170,12 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         Arc::clone(&store),
         &secret,
         PasswordHasher::new(settings.password_hashing),
-        settings.access_token_ttl,
-        settings.refresh_token_ttl,
-        settings.ticket_ttl,
+        AuthLifetimes {
+            access: settings.access_token_ttl,
+            refresh: settings.refresh_token_ttl,
+            ticket: settings.ticket_ttl,
+            session: settings.session_lifetime,
+        },
     );
     let infra = Arc::new(Infrastructure {
         store,
@@ -244,7 +247,8 @@ const BACKGROUND_JOIN: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// Retention: deletes the event logs of runs finished longer ago than `event_retention`,
-/// at start and then every [`PRUNE_EVERY`], until shutdown.
+/// expired tickets and refresh tokens, and sessions that ended longer ago than the same
+/// retention, at start and then every [`PRUNE_EVERY`], until shutdown.
 async fn prune_events_periodically(state: AppState) {
     let draining = state.lifecycle.draining.clone();
     loop {
@@ -254,6 +258,11 @@ async fn prune_events_periodically(state: AppState) {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "pruned old run events"),
             Err(err) => tracing::error!(error = %err, "pruning run events failed"),
+        }
+        match state.auth.prune(state.settings.event_retention).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "pruned expired tickets, tokens and sessions"),
+            Err(err) => tracing::error!(error = %err, "pruning expired sessions failed"),
         }
         tokio::select! {
             _ = draining.cancelled() => return,
@@ -275,6 +284,7 @@ pub async fn serve(
     // heartbeat once the sockets close).
     let mut background = tokio::task::JoinSet::new();
     background.spawn(prune_events_periodically(state.clone()));
+    background.spawn(Arc::clone(state.auth.sessions()).run(lifecycle.close_sockets.clone()));
     background.spawn(state.runs.clone().dispatch());
     if state.settings.bus_url.is_some() {
         background.spawn(state.runs.clone().upkeep());

@@ -196,7 +196,10 @@ pub struct Settings {
     /// HS256 signing key; generated into `<data_dir>/jwt_secret` on first start if unset.
     pub jwt_secret: Option<Secret>,
     pub access_token_ttl: Duration,
+    /// How long a refresh token may go unused; each rotation issues a fresh one.
     pub refresh_token_ttl: Duration,
+    /// The absolute lifetime of a login session: rotation never extends it.
+    pub session_lifetime: Duration,
     pub password_hashing: PasswordHashing,
     /// Give each new account 30 days of generated usage data.
     pub demo_data: bool,
@@ -267,6 +270,7 @@ impl Settings {
             jwt_secret: None,
             access_token_ttl: Duration::from_secs(15 * 60),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            session_lifetime: Duration::from_secs(30 * 24 * 3600),
             password_hashing: PasswordHashing::Standard,
             demo_data: true,
             max_frame_bytes: 64 * 1024,
@@ -338,6 +342,19 @@ pub struct LimitSettings {
     pub login_attempts_per_account: u32,
     /// Login attempts per client address per 5 minutes.
     pub login_attempts_per_address: u32,
+    /// Accounts created per client address per minute (0: no limit, for load tests).
+    pub registrations_per_minute: u32,
+    /// Accounts created on this instance per minute, from all addresses (0: no limit).
+    pub registrations_per_minute_total: u32,
+    /// Refresh-token exchanges per client address per minute (0: no limit).
+    pub refreshes_per_minute: u32,
+    /// Threads a user creates per minute, explicitly or by a message without one (0: no
+    /// limit).
+    pub threads_per_minute: u32,
+    /// WebSocket tickets per user per minute (0: no limit).
+    pub tickets_per_minute: u32,
+    /// Usage imports per user per minute (0: no limit).
+    pub imports_per_minute: u32,
 }
 
 impl Default for LimitSettings {
@@ -349,6 +366,12 @@ impl Default for LimitSettings {
             max_connections_per_user: 10,
             login_attempts_per_account: 10,
             login_attempts_per_address: 100,
+            registrations_per_minute: 20,
+            registrations_per_minute_total: 300,
+            refreshes_per_minute: 30,
+            threads_per_minute: 60,
+            tickets_per_minute: 60,
+            imports_per_minute: 10,
         }
     }
 }

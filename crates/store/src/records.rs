@@ -31,6 +31,83 @@ pub struct UserRecord {
     pub created_at_ms: i64,
 }
 
+/// A login session: the family of refresh tokens rotated from one login. Access tokens and
+/// tickets name it; ending it ends them all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user_id: UserId,
+    pub created_at_ms: i64,
+    /// The absolute end of the session; rotation never extends it.
+    pub expires_at_ms: i64,
+    pub last_used_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    /// What the client said it was at login, if anything.
+    pub user_agent: Option<String>,
+}
+
+impl SessionRecord {
+    /// Not ended and not past its absolute lifetime at `now_ms`.
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        self.ended_at_ms.is_none() && self.expires_at_ms > now_ms
+    }
+}
+
+/// Why a session ended (stored with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEndReason {
+    Logout,
+    LogoutAll,
+    Revoked,
+    /// A spent refresh token of the session was presented again: someone holds a copy.
+    RefreshReuse,
+}
+
+impl SessionEndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEndReason::Logout => "logout",
+            SessionEndReason::LogoutAll => "logout_all",
+            SessionEndReason::Revoked => "revoked",
+            SessionEndReason::RefreshReuse => "refresh_reuse",
+        }
+    }
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefreshRotation {
+    /// The token was live and its session active: it is spent and `new_jti` issued in its
+    /// place (expiring no later than the session).
+    Rotated { session: SessionRecord },
+    /// The token had been spent already: the session is ended (reuse detection).
+    Reused { session_id: String },
+    /// Unknown, expired, another user's, or its session had ended.
+    Invalid,
+}
+
+/// A WebSocket ticket as stored (its id is a digest of what the client holds).
+#[derive(Debug, Clone)]
+pub struct TicketRecord {
+    pub id: String,
+    pub user_id: UserId,
+    pub session_id: String,
+    pub expires_at_ms: i64,
+    /// When the access token that bought the ticket expires: sockets opened with the ticket
+    /// end then.
+    pub access_expires_at_ms: i64,
+    /// How many sockets the ticket may open (1 for a single-use ticket).
+    pub max_uses: u32,
+}
+
+/// A ticket that opened a socket: whose, and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedeemedTicket {
+    pub user_id: UserId,
+    pub session_id: String,
+    pub access_expires_at_ms: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct ThreadRecord {
     pub id: ThreadId,

@@ -13,9 +13,10 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    CompletionRank, MessageRecord, QueueEntry, RunRecord, RunSubmission, SavingsQuery,
-    SavingsTotals, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow,
-    UsageTotals, UserRecord,
+    CompletionRank, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation, RunRecord,
+    RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
+    StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals,
+    UserRecord,
 };
 use apex_protocol::threads::RunStatus;
 
@@ -25,45 +26,61 @@ pub trait Store: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + C
 
 impl<T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster> Store for T {}
 
-/// Users, refresh tokens, revoked access tokens and WebSocket tickets: what establishes
-/// identity. The only role whose methods take no owner.
+/// Users, sessions, refresh tokens and WebSocket tickets: what establishes identity. The only role whose methods take no owner.
 #[async_trait]
 pub trait Accounts: Send + Sync {
     async fn create_user(&self, user: &UserRecord) -> StoreResult<()>;
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>>;
     async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>>;
-    async fn insert_refresh_token(
+    /// Starts a session with its first refresh token (`refresh_expires_at_ms` is capped at
+    /// the session's end).
+    async fn create_session(
         &self,
-        jti: &str,
-        user: UserId,
-        access_jti: &str,
-        expires_at_ms: i64,
+        session: &SessionRecord,
+        refresh_jti: &str,
+        refresh_expires_at_ms: i64,
     ) -> StoreResult<()>;
-    /// Revokes an active refresh token; `false` if it was unknown, expired or already used.
-    async fn consume_refresh_token(
+    async fn get_session(&self, id: &str) -> StoreResult<Option<SessionRecord>>;
+    /// Spends the refresh token `jti` of `user` and issues `new_jti` in the same session, in
+    /// one transaction; a token presented after it was spent ends its session.
+    async fn rotate_refresh_token(
         &self,
         jti: &str,
         user: UserId,
+        new_jti: &str,
+        new_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<RefreshRotation>;
+    /// Ends one session of `owner`; `false` if it is not theirs, unknown or already ended.
+    async fn end_session(
+        &self,
+        owner: UserId,
+        id: &str,
+        reason: SessionEndReason,
         now_ms: i64,
     ) -> StoreResult<bool>;
-    /// Logout: revokes the access token and the refresh tokens issued with it.
-    async fn revoke_session(
+    /// Ends every active session of `owner`; returns their ids.
+    async fn end_all_sessions(
         &self,
-        access_jti: &str,
-        access_expires_at_ms: i64,
+        owner: UserId,
+        reason: SessionEndReason,
         now_ms: i64,
-    ) -> StoreResult<()>;
-    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool>;
-    async fn insert_ticket(
+    ) -> StoreResult<Vec<String>>;
+    /// The active sessions of `owner`, newest first.
+    async fn list_sessions(&self, owner: UserId, now_ms: i64) -> StoreResult<Vec<SessionRecord>>;
+    /// Which of `ids` are no longer active at `now_ms` (ended, past their lifetime, or gone).
+    async fn inactive_sessions(&self, ids: &[String], now_ms: i64) -> StoreResult<Vec<String>>;
+    async fn insert_ticket(&self, ticket: &TicketRecord) -> StoreResult<()>;
+    /// Uses the ticket once if it is known, unexpired, has uses left and its session is
+    /// active, in one statement (concurrent redemptions cannot exceed `max_uses`).
+    async fn redeem_ticket(
         &self,
         ticket_id: &str,
-        user: UserId,
-        expires_at_ms: i64,
-        single_use: bool,
-    ) -> StoreResult<()>;
-    /// The ticket's user if the ticket is known, unexpired and (if single-use) unused;
-    /// marks single-use tickets used in the same statement.
-    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>>;
+        now_ms: i64,
+    ) -> StoreResult<Option<RedeemedTicket>>;
+    /// Deletes expired tickets and refresh tokens, and sessions that ended or expired before
+    /// `sessions_before_ms` (with their tokens). Returns how many rows went.
+    async fn prune_sessions(&self, now_ms: i64, sessions_before_ms: i64) -> StoreResult<u64>;
 }
 
 /// A user's threads and the messages in them; every method is filtered by `owner`.

@@ -22,8 +22,9 @@ use super::{Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
-    parse_json_column, MessageRecord, QueueEntry, RunRecord, RunSubmission, StoreError,
-    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UserRecord,
+    parse_json_column, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation, RunRecord,
+    RunSubmission, SessionEndReason, SessionRecord, StoreError, StoreResult, StoredEvent,
+    SubmitOutcome, ThreadRecord, TicketRecord, UserRecord,
 };
 use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads};
 use apex_protocol::threads::RunStatus;
@@ -266,130 +267,311 @@ impl Accounts for Shell {
     async fn get_user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
         self.user_where("id", &id.to_string()).await
     }
-    async fn insert_refresh_token(
+    async fn create_session(
         &self,
-        jti: &str,
-        user: UserId,
-        access_jti: &str,
-        expires_at_ms: i64,
+        session: &SessionRecord,
+        refresh_jti: &str,
+        refresh_expires_at_ms: i64,
     ) -> StoreResult<()> {
+        let mut tx = self.writes.begin().await?;
         sqlx::query(
-            "INSERT INTO refresh_tokens (jti, user_id, access_jti, expires_at) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO sessions (id, user_id, created_at, expires_at, last_used_at, user_agent) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(jti)
-        .bind(user.to_string())
-        .bind(access_jti)
-        .bind(expires_at_ms)
-        .execute(&self.writes)
+        .bind(&session.id)
+        .bind(session.user_id.to_string())
+        .bind(session.created_at_ms)
+        .bind(session.expires_at_ms)
+        .bind(session.last_used_at_ms)
+        .bind(&session.user_agent)
+        .execute(&mut *tx)
         .await?;
+        insert_refresh_token(
+            &mut tx,
+            refresh_jti,
+            &session.id,
+            session.user_id,
+            refresh_expires_at_ms.min(session.expires_at_ms),
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
-    async fn consume_refresh_token(
+    async fn get_session(&self, id: &str) -> StoreResult<Option<SessionRecord>> {
+        if ENGINE.unstorable(id) {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+    async fn rotate_refresh_token(
         &self,
         jti: &str,
         user: UserId,
+        new_jti: &str,
+        new_expires_at_ms: i64,
         now_ms: i64,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<RefreshRotation> {
         if ENGINE.unstorable(jti) {
-            return Ok(false);
+            return Ok(RefreshRotation::Invalid);
         }
-        // One statement: two concurrent refreshes with the same token cannot both win (on
-        // PostgreSQL the second UPDATE waits for the first, re-checks `revoked_at IS NULL`
-        // on the committed row and matches nothing).
-        let result = sqlx::query(
+        let mut tx = self.writes.begin().await?;
+        // Spending is one statement: two concurrent refreshes with the same token cannot both
+        // win (on PostgreSQL the second UPDATE waits for the first, re-checks
+        // `revoked_at IS NULL` on the committed row and matches nothing, so it is reuse).
+        let spent: Option<String> = query_scalar(
             "UPDATE refresh_tokens SET revoked_at = $1 \
-             WHERE jti = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1",
+             WHERE jti = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1 \
+             RETURNING session_id",
         )
         .bind(now_ms)
         .bind(jti)
         .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(session_id) = spent else {
+            // Not live: a spent token of this user presented again means a copy exists
+            // somewhere. End its session, so neither copy is worth anything.
+            let reused: Option<String> = query_scalar(
+                "SELECT session_id FROM refresh_tokens \
+                 WHERE jti = $1 AND user_id = $2 AND revoked_at IS NOT NULL",
+            )
+            .bind(jti)
+            .bind(user.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let outcome = match reused {
+                Some(session_id) => {
+                    end_session_rows(&mut tx, &session_id, SessionEndReason::RefreshReuse, now_ms)
+                        .await?;
+                    RefreshRotation::Reused { session_id }
+                }
+                None => RefreshRotation::Invalid,
+            };
+            tx.commit().await?;
+            return Ok(outcome);
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE sessions SET last_used_at = $1 \
+             WHERE id = $2 AND ended_at IS NULL AND expires_at > $1 \
+             RETURNING {SESSION_COLUMNS}"
+        ))
+        .bind(now_ms)
+        .bind(&session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(session) = row.as_ref().map(session_from_row).transpose()? else {
+            // The session ended (or outlived its lifetime): the token is spent for nothing.
+            tx.commit().await?;
+            return Ok(RefreshRotation::Invalid);
+        };
+        insert_refresh_token(
+            &mut tx,
+            new_jti,
+            &session.id,
+            user,
+            new_expires_at_ms.min(session.expires_at_ms),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RefreshRotation::Rotated { session })
+    }
+    async fn end_session(
+        &self,
+        owner: UserId,
+        id: &str,
+        reason: SessionEndReason,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        if ENGINE.unstorable(id) {
+            return Ok(false);
+        }
+        let result = sqlx::query(
+            "UPDATE sessions SET ended_at = $1, ended_reason = $2 \
+             WHERE id = $3 AND user_id = $4 AND ended_at IS NULL",
+        )
+        .bind(now_ms)
+        .bind(reason.as_str())
+        .bind(id)
+        .bind(owner.to_string())
         .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
     }
-    async fn revoke_session(
+    async fn end_all_sessions(
         &self,
-        access_jti: &str,
-        access_expires_at_ms: i64,
+        owner: UserId,
+        reason: SessionEndReason,
         now_ms: i64,
-    ) -> StoreResult<()> {
-        let mut tx = self.writes.begin().await?;
-        sqlx::query(
-            "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES ($1, $2) \
-             ON CONFLICT (jti) DO NOTHING",
-        )
-        .bind(access_jti)
-        .bind(access_expires_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE refresh_tokens SET revoked_at = $1 \
-             WHERE access_jti = $2 AND revoked_at IS NULL",
+    ) -> StoreResult<Vec<String>> {
+        let ids: Vec<String> = query_scalar(
+            "UPDATE sessions SET ended_at = $1, ended_reason = $2 \
+             WHERE user_id = $3 AND ended_at IS NULL RETURNING id",
         )
         .bind(now_ms)
-        .bind(access_jti)
-        .execute(&mut *tx)
+        .bind(reason.as_str())
+        .bind(owner.to_string())
+        .fetch_all(&self.writes)
         .await?;
-        // Housekeeping: expired revocations are useless (the token is rejected anyway).
-        // PostgreSQL skips rows another logout is deleting, so logouts never wait on or
-        // deadlock with each other.
-        sqlx::query(&format!(
-            "DELETE FROM revoked_access_tokens WHERE jti IN (SELECT jti \
-             FROM revoked_access_tokens WHERE expires_at < $1{})",
-            ENGINE.skip_locked()
+        Ok(ids)
+    }
+    async fn list_sessions(&self, owner: UserId, now_ms: i64) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions \
+             WHERE user_id = $1 AND ended_at IS NULL AND expires_at > $2 \
+             ORDER BY created_at DESC, id"
         ))
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        .bind(owner.to_string())
+        .bind(now_ms)
+        .fetch_all(&self.reads)
+        .await?;
+        decode_all(&rows, session_from_row)
     }
-    async fn is_access_token_revoked(&self, jti: &str) -> StoreResult<bool> {
-        if ENGINE.unstorable(jti) {
-            return Ok(false);
+    async fn inactive_sessions(&self, ids: &[String], now_ms: i64) -> StoreResult<Vec<String>> {
+        let mut inactive = Vec::new();
+        // Bounded IN lists: both engines cap bound parameters per statement.
+        for chunk in ids.chunks(500) {
+            let mut query = QueryBuilder::<Db>::new(
+                "SELECT id FROM sessions WHERE ended_at IS NULL AND expires_at > ",
+            );
+            query.push_bind(now_ms).push(" AND id IN (");
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(id.as_str());
+            }
+            query.push(")");
+            let active: HashSet<String> = query
+                .build_query_scalar::<String>()
+                .fetch_all(&self.reads)
+                .await?
+                .into_iter()
+                .collect();
+            inactive.extend(chunk.iter().filter(|id| !active.contains(*id)).cloned());
         }
-        let row = sqlx::query("SELECT 1 FROM revoked_access_tokens WHERE jti = $1")
-            .bind(jti)
-            .fetch_optional(&self.reads)
-            .await?;
-        Ok(row.is_some())
+        Ok(inactive)
     }
-    async fn insert_ticket(
-        &self,
-        ticket_id: &str,
-        user: UserId,
-        expires_at_ms: i64,
-        single_use: bool,
-    ) -> StoreResult<()> {
+    async fn insert_ticket(&self, ticket: &TicketRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO ws_tickets (id, user_id, expires_at, single_use) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO ws_tickets \
+             (id, user_id, session_id, expires_at, access_expires_at, max_uses) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(ticket_id)
-        .bind(user.to_string())
-        .bind(expires_at_ms)
-        .bind(single_use)
+        .bind(&ticket.id)
+        .bind(ticket.user_id.to_string())
+        .bind(&ticket.session_id)
+        .bind(ticket.expires_at_ms)
+        .bind(ticket.access_expires_at_ms)
+        .bind(i64::from(ticket.max_uses))
         .execute(&self.writes)
         .await?;
         Ok(())
     }
-    async fn redeem_ticket(&self, ticket_id: &str, now_ms: i64) -> StoreResult<Option<UserId>> {
+    async fn redeem_ticket(
+        &self,
+        ticket_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<RedeemedTicket>> {
         if ENGINE.unstorable(ticket_id) {
             return Ok(None);
         }
-        // One statement, as for refresh tokens: a single-use ticket is redeemed once.
+        // One statement, as for refresh tokens: concurrent redemptions cannot exceed
+        // `max_uses`, and a ticket of an ended session opens nothing.
         let row = sqlx::query(
-            "UPDATE ws_tickets SET used_at = $1 \
-             WHERE id = $2 AND expires_at > $1 AND (NOT single_use OR used_at IS NULL) \
-             RETURNING user_id",
+            "UPDATE ws_tickets SET uses = uses + 1 \
+             WHERE id = $2 AND expires_at > $1 AND access_expires_at > $1 AND uses < max_uses \
+             AND session_id IN (SELECT id FROM sessions \
+                                WHERE ended_at IS NULL AND expires_at > $1) \
+             RETURNING user_id, session_id, access_expires_at",
         )
         .bind(now_ms)
         .bind(ticket_id)
         .fetch_optional(&self.writes)
         .await?;
-        row.map(|row| parse_stored_id(row.try_get("user_id")?, UserId::parse))
-            .transpose()
+        row.map(|row| {
+            Ok(RedeemedTicket {
+                user_id: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
+                session_id: row.try_get("session_id")?,
+                access_expires_at_ms: row.try_get("access_expires_at")?,
+            })
+        })
+        .transpose()
     }
+    async fn prune_sessions(&self, now_ms: i64, sessions_before_ms: i64) -> StoreResult<u64> {
+        let mut tx = self.writes.begin().await?;
+        let mut removed = 0;
+        for (sql, cutoff) in [
+            ("DELETE FROM ws_tickets WHERE expires_at <= $1", now_ms),
+            ("DELETE FROM refresh_tokens WHERE expires_at <= $1", now_ms),
+            // Their remaining tokens and tickets go with them (ON DELETE CASCADE).
+            (
+                "DELETE FROM sessions WHERE ended_at < $1 OR expires_at < $1",
+                sessions_before_ms,
+            ),
+        ] {
+            removed += sqlx::query(sql)
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+}
+
+const SESSION_COLUMNS: &str =
+    "id, user_id, created_at, expires_at, last_used_at, ended_at, user_agent";
+
+fn session_from_row(row: &DbRow) -> StoreResult<SessionRecord> {
+    Ok(SessionRecord {
+        id: row.try_get("id")?,
+        user_id: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
+        created_at_ms: row.try_get("created_at")?,
+        expires_at_ms: row.try_get("expires_at")?,
+        last_used_at_ms: row.try_get("last_used_at")?,
+        ended_at_ms: row.try_get("ended_at")?,
+        user_agent: row.try_get("user_agent")?,
+    })
+}
+
+async fn insert_refresh_token(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    jti: &str,
+    session_id: &str,
+    user: UserId,
+    expires_at_ms: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (jti, session_id, user_id, expires_at) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(jti)
+    .bind(session_id)
+    .bind(user.to_string())
+    .bind(expires_at_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn end_session_rows(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    session_id: &str,
+    reason: SessionEndReason,
+    now_ms: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE sessions SET ended_at = $1, ended_reason = $2 WHERE id = $3 AND ended_at IS NULL",
+    )
+    .bind(now_ms)
+    .bind(reason.as_str())
+    .bind(session_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]

@@ -230,6 +230,48 @@ pub(super) static KEYS: &[Key] = &[
     )
     .flag("max-connections-per-user", "N"),
     key(
+        "registrations_per_minute",
+        "limits.registrations_per_minute",
+        "APEX_REGISTRATIONS_PER_MINUTE",
+        "Accounts created per client address per minute (0: no limit, for load tests).",
+    )
+    .flag("registrations-per-minute", "N"),
+    key(
+        "registrations_per_minute_total",
+        "limits.registrations_per_minute_total",
+        "APEX_REGISTRATIONS_PER_MINUTE_TOTAL",
+        "Accounts created on this instance per minute from all addresses (0: no limit).",
+    )
+    .flag("registrations-per-minute-total", "N"),
+    key(
+        "refreshes_per_minute",
+        "limits.refreshes_per_minute",
+        "APEX_REFRESHES_PER_MINUTE",
+        "Refresh-token exchanges per client address per minute (0: no limit).",
+    )
+    .flag("refreshes-per-minute", "N"),
+    key(
+        "threads_per_minute",
+        "limits.threads_per_minute",
+        "APEX_THREADS_PER_MINUTE",
+        "Threads a user creates per minute, explicitly or by a message without one (0: no limit).",
+    )
+    .flag("threads-per-minute", "N"),
+    key(
+        "tickets_per_minute",
+        "limits.tickets_per_minute",
+        "APEX_TICKETS_PER_MINUTE",
+        "WebSocket tickets per user per minute (0: no limit).",
+    )
+    .flag("tickets-per-minute", "N"),
+    key(
+        "imports_per_minute",
+        "limits.imports_per_minute",
+        "APEX_IMPORTS_PER_MINUTE",
+        "Usage imports per user per minute (0: no limit).",
+    )
+    .flag("imports-per-minute", "N"),
+    key(
         "template_stream_delay_ms",
         "llm.template_stream_delay_ms",
         "APEX_TEMPLATE_STREAM_DELAY_MS",

@@ -136,15 +136,29 @@ struct Limits {
     messages_per_minute: Int<1, { u32::MAX as u64 }>,
     message_burst: Int<1, { u32::MAX as u64 }>,
     max_connections_per_user: Int<1, 100_000>,
+    registrations_per_minute: Int<0, { u32::MAX as u64 }>,
+    registrations_per_minute_total: Int<0, { u32::MAX as u64 }>,
+    refreshes_per_minute: Int<0, { u32::MAX as u64 }>,
+    threads_per_minute: Int<0, { u32::MAX as u64 }>,
+    tickets_per_minute: Int<0, { u32::MAX as u64 }>,
+    imports_per_minute: Int<0, { u32::MAX as u64 }>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
+        // The abuse limits' defaults are the server's own.
+        let server = apex_server::settings::LimitSettings::default();
         Limits {
             max_runs_per_user: Int::new(3),
             messages_per_minute: Int::new(30),
             message_burst: Int::new(10),
             max_connections_per_user: Int::new(10),
+            registrations_per_minute: Int::new(server.registrations_per_minute.into()),
+            registrations_per_minute_total: Int::new(server.registrations_per_minute_total.into()),
+            refreshes_per_minute: Int::new(server.refreshes_per_minute.into()),
+            threads_per_minute: Int::new(server.threads_per_minute.into()),
+            tickets_per_minute: Int::new(server.tickets_per_minute.into()),
+            imports_per_minute: Int::new(server.imports_per_minute.into()),
         }
     }
 }
@@ -352,6 +366,13 @@ impl Config {
         settings.limits.messages_per_minute = limits.messages_per_minute.to_u32();
         settings.limits.message_burst = limits.message_burst.to_u32();
         settings.limits.max_connections_per_user = limits.max_connections_per_user.to_usize();
+        settings.limits.registrations_per_minute = limits.registrations_per_minute.to_u32();
+        settings.limits.registrations_per_minute_total =
+            limits.registrations_per_minute_total.to_u32();
+        settings.limits.refreshes_per_minute = limits.refreshes_per_minute.to_u32();
+        settings.limits.threads_per_minute = limits.threads_per_minute.to_u32();
+        settings.limits.tickets_per_minute = limits.tickets_per_minute.to_u32();
+        settings.limits.imports_per_minute = limits.imports_per_minute.to_u32();
         settings.max_runs_per_instance = runs.max_per_instance.to_usize();
         settings.queue_poll_interval = runs.queue_poll_interval_ms.millis();
         settings.run_max_attempts = runs.max_attempts.to_u32();

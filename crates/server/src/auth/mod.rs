@@ -1,19 +1,25 @@
-//! Identity: who is calling. Passwords, JWTs and WebSocket tickets (the axum extractor
-//! that turns a request into an identity is `http::extract::AuthUser`).
+//! Identity: who is calling, and in which session. Passwords, JWTs, sessions and WebSocket
+//! tickets (the axum extractor that turns a request into an identity is
+//! `http::extract::AuthUser`).
 //!
 //! [`AuthenticatedUser`] is the root of every per-user value in Apex. Its constructor is
-//! private to this module and only runs after a token signature, expiry, audience, type and
-//! revocation check (or a ticket redemption) succeeded, so holding one proves the identity.
+//! private to this module and only runs after a token's signature, expiry, audience and type
+//! were checked and its session was found active (or a ticket of an active session was
+//! redeemed), so holding one proves the identity. It also carries the session and the time
+//! its credential expires, so a long-lived socket or stream can end when either does
+//! ([`SessionWatch`]).
 
 mod password;
 mod service;
+mod session_watch;
 mod tokens;
 
 pub use password::PasswordHasher;
 pub use service::{
-    create_account, is_dev_account, validate_new_account, AuthError, Authenticator,
-    DEV_ACCOUNT_EMAIL,
+    create_account, is_dev_account, validate_new_account, AuthError, AuthLifetimes, Authenticator,
+    DEV_ACCOUNT_EMAIL, MAX_TICKET_USES,
 };
+pub use session_watch::{SessionEnd, SessionGuard, SessionWatch};
 
 use crate::ids::UserId;
 
@@ -21,27 +27,34 @@ use crate::ids::UserId;
 #[derive(Debug, Clone)]
 pub struct AuthenticatedUser {
     user_id: UserId,
-    /// The access token's id and expiry, when the identity came from a JWT (for logout).
-    access_token: Option<(String, i64)>,
+    /// The login session the credential belongs to.
+    session_id: String,
+    /// When the credential (the access token, or the one that bought the ticket) expires,
+    /// in unix milliseconds, never later than the session's own end.
+    credential_expires_at_ms: i64,
 }
 
 impl AuthenticatedUser {
-    fn from_access_token(user_id: UserId, jti: String, expires_at_ms: i64) -> Self {
+    fn new(user_id: UserId, session_id: String, credential_expires_at_ms: i64) -> Self {
         Self {
             user_id,
-            access_token: Some((jti, expires_at_ms)),
-        }
-    }
-
-    fn from_ticket(user_id: UserId) -> Self {
-        Self {
-            user_id,
-            access_token: None,
+            session_id,
+            credential_expires_at_ms,
         }
     }
 
     pub fn user_id(&self) -> UserId {
         self.user_id
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// Unix milliseconds at which the credential stops being valid: a socket or stream
+    /// opened with it ends then.
+    pub fn credential_expires_at_ms(&self) -> i64 {
+        self.credential_expires_at_ms
     }
 }
 

@@ -1,21 +1,25 @@
-//! `Authenticator`: registration, login, token rotation, logout, tickets.
+//! `Authenticator`: registration, login, sessions (token rotation with reuse detection,
+//! logout, logout-all, the sessions list), tickets.
 //!
 //! Shared by every request; it holds only immutable keys and settings plus the store.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use apex_protocol::auth::{TicketResponse, TokenPair, UserInfo};
+use apex_protocol::auth::{SessionInfo, TicketResponse, TokenPair, UserInfo};
 use base64::Engine;
 use rand::RngCore;
 
 use super::password::PasswordHasher;
+use super::session_watch::SessionWatch;
 use super::tokens::{Claims, TokenKeys, TokenType, AUDIENCE, ISSUER};
 use super::AuthenticatedUser;
-use crate::clock::now_ms;
+use crate::clock::{ms_to_rfc3339, now_ms};
 use crate::ids::UserId;
 use crate::settings::{DevLoginEnabled, Secret};
-use crate::store::{Store, StoreError, UserRecord};
+use crate::store::{
+    RefreshRotation, SessionEndReason, SessionRecord, Store, StoreError, TicketRecord, UserRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -41,9 +45,9 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     keys: TokenKeys,
     hasher: PasswordHasher,
-    access_ttl: Duration,
-    refresh_ttl: Duration,
-    ticket_ttl: Duration,
+    lifetimes: AuthLifetimes,
+    /// Streams of this instance bound to their sessions, ended when the session ends.
+    sessions: Arc<SessionWatch>,
     /// A hash of a random password, verified against when an email is unknown so that a
     /// login for a missing account takes as long as one with a wrong password.
     dummy_hash: String,
@@ -60,6 +64,11 @@ pub fn is_dev_account(email: &str) -> bool {
 
 /// Largest accepted ticket lifetime, whatever the client asks.
 const MAX_TICKET_TTL_SECS: u64 = 600;
+
+/// Most sockets one multi-use ticket opens. A page that reconnects asks for a new ticket
+/// each time; without a cap, one leaked ticket opened sockets until the user's connection
+/// cap was full and their own page was refused.
+pub const MAX_TICKET_USES: u32 = 5;
 
 fn normalize_email(email: &str) -> Result<String, AuthError> {
     let email = email.trim().to_ascii_lowercase();
@@ -148,24 +157,51 @@ pub async fn create_account(
     }
 }
 
+/// How long each credential lives.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthLifetimes {
+    pub access: Duration,
+    /// How long a refresh token may go unused (each rotation issues a fresh one).
+    pub refresh: Duration,
+    /// Default lifetime of a WebSocket ticket.
+    pub ticket: Duration,
+    /// The absolute lifetime of a session: after it, log in again, however often the tokens
+    /// were refreshed.
+    pub session: Duration,
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a client said it was at login, as the sessions list shows it: printable characters
+/// only, at most 200 of them.
+fn user_agent_label(raw: Option<&str>) -> Option<String> {
+    let label: String = raw?.chars().filter(|c| !c.is_control()).take(200).collect();
+    let label = label.trim();
+    (!label.is_empty()).then(|| label.to_string())
+}
+
 impl Authenticator {
     pub fn new(
         store: Arc<dyn Store>,
         secret: &Secret,
         hasher: PasswordHasher,
-        access_ttl: Duration,
-        refresh_ttl: Duration,
-        ticket_ttl: Duration,
+        lifetimes: AuthLifetimes,
     ) -> Self {
         Self {
+            sessions: SessionWatch::new(Arc::clone(&store)),
             store,
             keys: TokenKeys::new(secret),
             dummy_hash: hasher.hash_blocking(&random_token_id()),
             hasher,
-            access_ttl,
-            refresh_ttl,
-            ticket_ttl,
+            lifetimes,
         }
+    }
+
+    /// The streams bound to sessions on this instance.
+    pub fn sessions(&self) -> &Arc<SessionWatch> {
+        &self.sessions
     }
 
     pub async fn register(
@@ -173,13 +209,18 @@ impl Authenticator {
         email: &str,
         password: &str,
         name: Option<&str>,
+        user_agent: Option<&str>,
     ) -> Result<(TokenPair, AuthenticatedUser), AuthError> {
         let user = create_account(self.store.as_ref(), &self.hasher, email, password, name).await?;
-        let pair = self.issue_pair(&user).await?;
-        Ok((pair, AuthenticatedUser::from_ticket(user.id)))
+        self.start_session(&user, user_agent).await
     }
 
-    pub async fn login(&self, email: &str, password: &str) -> Result<TokenPair, AuthError> {
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        user_agent: Option<&str>,
+    ) -> Result<TokenPair, AuthError> {
         let email = normalize_email(email).map_err(|_| AuthError::InvalidCredentials)?;
         let user = self.store.find_user_by_email(&email).await?;
         let Some(user) = user else {
@@ -197,7 +238,7 @@ impl Authenticator {
         {
             return Err(AuthError::InvalidCredentials);
         }
-        self.issue_pair(&user).await
+        Ok(self.start_session(&user, user_agent).await?.0)
     }
 
     /// Logs in to the dev account ([`DEV_ACCOUNT_EMAIL`]), creating it on first use; the
@@ -214,10 +255,11 @@ impl Authenticator {
     pub async fn dev_account_login(
         &self,
         _proof: DevLoginEnabled,
+        user_agent: Option<&str>,
     ) -> Result<(TokenPair, AuthenticatedUser, bool), AuthError> {
         if let Some(user) = self.store.find_user_by_email(DEV_ACCOUNT_EMAIL).await? {
-            let pair = self.issue_pair(&user).await?;
-            return Ok((pair, AuthenticatedUser::from_ticket(user.id), false));
+            let (pair, identity) = self.start_session(&user, user_agent).await?;
+            return Ok((pair, identity, false));
         }
         let user = UserRecord {
             id: UserId::generate(),
@@ -226,26 +268,26 @@ impl Authenticator {
             password_hash: self.hasher.hash(random_token_id()).await?,
             created_at_ms: now_ms(),
         };
-        match self.store.create_user(&user).await {
-            Ok(()) => {
-                let pair = self.issue_pair(&user).await?;
-                Ok((pair, AuthenticatedUser::from_ticket(user.id), true))
-            }
+        let (user, created) = match self.store.create_user(&user).await {
+            Ok(()) => (user, true),
             // A concurrent first login created it: log in to that one.
-            Err(StoreError::Conflict) => {
-                let user = self
-                    .store
+            Err(StoreError::Conflict) => (
+                self.store
                     .find_user_by_email(DEV_ACCOUNT_EMAIL)
                     .await?
-                    .ok_or_else(|| anyhow::anyhow!("the dev account exists and cannot be found"))?;
-                let pair = self.issue_pair(&user).await?;
-                Ok((pair, AuthenticatedUser::from_ticket(user.id), false))
-            }
-            Err(err) => Err(err.into()),
-        }
+                    .ok_or_else(|| anyhow::anyhow!("the dev account exists and cannot be found"))?,
+                false,
+            ),
+            Err(err) => return Err(err.into()),
+        };
+        let (pair, identity) = self.start_session(&user, user_agent).await?;
+        Ok((pair, identity, created))
     }
 
-    /// Rotation: the presented refresh token is revoked and a new pair issued.
+    /// Rotation with reuse detection: the presented refresh token is spent and a new pair
+    /// issued in the same session, expiring no later than the session. A token presented
+    /// after it was spent ends its session: either the client or a thief holds a copy, and
+    /// neither can tell which, so both must log in again.
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, AuthError> {
         let claims = self
             .keys
@@ -253,31 +295,103 @@ impl Authenticator {
             .filter(|c| c.token_type == TokenType::Refresh)
             .ok_or(AuthError::InvalidToken)?;
         let user_id = UserId::parse(&claims.sub).map_err(|_| AuthError::InvalidToken)?;
-        if !self
+        let now = now_ms();
+        let new_jti = uuid::Uuid::new_v4().to_string();
+        let rotation = self
             .store
-            .consume_refresh_token(&claims.jti, user_id, now_ms())
-            .await?
-        {
-            return Err(AuthError::InvalidToken);
-        }
+            .rotate_refresh_token(
+                &claims.jti,
+                user_id,
+                &new_jti,
+                now.saturating_add(millis(self.lifetimes.refresh)),
+                now,
+            )
+            .await?;
+        let session = match rotation {
+            RefreshRotation::Rotated { session } => session,
+            RefreshRotation::Reused { session_id } => {
+                tracing::warn!(
+                    user = %user_id,
+                    "a spent refresh token was presented again; its session is ended"
+                );
+                self.sessions.mark_ended([session_id.as_str()]);
+                return Err(AuthError::InvalidToken);
+            }
+            RefreshRotation::Invalid => return Err(AuthError::InvalidToken),
+        };
         let user = self
             .store
             .get_user(user_id)
             .await?
             .ok_or(AuthError::InvalidToken)?;
-        self.issue_pair(&user).await
+        Ok(self.sign_pair(&user, &session, &new_jti)?.0)
     }
 
+    /// Ends the caller's session: its tokens, tickets and open streams, on every instance.
     pub async fn logout(&self, user: &AuthenticatedUser) -> Result<(), AuthError> {
-        if let Some((jti, expires_at_ms)) = &user.access_token {
-            self.store
-                .revoke_session(jti, *expires_at_ms, now_ms())
-                .await?;
-        }
-        Ok(())
+        self.end_session(user, user.session_id(), SessionEndReason::Logout)
+            .await
+            .map(|_| ())
     }
 
-    /// Verifies an access token: signature, expiry, issuer, audience, type, revocation.
+    /// Ends every session of the caller, this one included.
+    pub async fn logout_all(&self, user: &AuthenticatedUser) -> Result<usize, AuthError> {
+        let ended = self
+            .store
+            .end_all_sessions(user.user_id(), SessionEndReason::LogoutAll, now_ms())
+            .await?;
+        self.sessions.mark_ended(ended.iter().map(String::as_str));
+        Ok(ended.len())
+    }
+
+    /// Ends one of the caller's sessions; `false` when they have no active session `id`
+    /// (someone else's answers the same).
+    pub async fn revoke_session(
+        &self,
+        user: &AuthenticatedUser,
+        id: &str,
+    ) -> Result<bool, AuthError> {
+        self.end_session(user, id, SessionEndReason::Revoked).await
+    }
+
+    async fn end_session(
+        &self,
+        user: &AuthenticatedUser,
+        id: &str,
+        reason: SessionEndReason,
+    ) -> Result<bool, AuthError> {
+        let ended = self
+            .store
+            .end_session(user.user_id(), id, reason, now_ms())
+            .await?;
+        if ended {
+            self.sessions.mark_ended([id]);
+        }
+        Ok(ended)
+    }
+
+    /// The caller's active sessions, newest first.
+    pub async fn list_sessions(
+        &self,
+        user: &AuthenticatedUser,
+    ) -> Result<Vec<SessionInfo>, AuthError> {
+        let sessions = self.store.list_sessions(user.user_id(), now_ms()).await?;
+        Ok(sessions
+            .into_iter()
+            .map(|session| SessionInfo {
+                current: session.id == user.session_id(),
+                id: session.id,
+                created_at: ms_to_rfc3339(session.created_at_ms),
+                last_used_at: ms_to_rfc3339(session.last_used_at_ms),
+                expires_at: ms_to_rfc3339(session.expires_at_ms),
+                user_agent: session.user_agent,
+            })
+            .collect())
+    }
+
+    /// Verifies an access token: signature, expiry, issuer, audience, type, and that its
+    /// session is active and belongs to the token's subject (so a validly signed token for
+    /// a user that does not exist is refused like any other bad token).
     pub async fn verify_access(&self, token: &str) -> Result<AuthenticatedUser, AuthError> {
         let claims = self
             .keys
@@ -285,13 +399,17 @@ impl Authenticator {
             .filter(|c| c.token_type == TokenType::Access)
             .ok_or(AuthError::InvalidToken)?;
         let user_id = UserId::parse(&claims.sub).map_err(|_| AuthError::InvalidToken)?;
-        if self.store.is_access_token_revoked(&claims.jti).await? {
-            return Err(AuthError::InvalidToken);
-        }
-        Ok(AuthenticatedUser::from_access_token(
+        let session_id = claims.sid.ok_or(AuthError::InvalidToken)?;
+        let session = self
+            .store
+            .get_session(&session_id)
+            .await?
+            .filter(|s| s.user_id == user_id && s.is_active(now_ms()))
+            .ok_or(AuthError::InvalidToken)?;
+        Ok(AuthenticatedUser::new(
             user_id,
-            claims.jti,
-            claims.exp.saturating_mul(1000),
+            session.id,
+            claims.exp.saturating_mul(1000).min(session.expires_at_ms),
         ))
     }
 
@@ -304,6 +422,9 @@ impl Authenticator {
         Ok(user_info(&record))
     }
 
+    /// A ticket for `GET /ws?ticket=`: in the caller's session, living at most as long as
+    /// the access token that asked for it (sockets opened with it end then too). A
+    /// multi-use ticket opens at most [`MAX_TICKET_USES`] sockets.
     pub async fn issue_ticket(
         &self,
         user: &AuthenticatedUser,
@@ -311,20 +432,25 @@ impl Authenticator {
         single_use: Option<bool>,
         websocket_url: String,
     ) -> Result<TicketResponse, AuthError> {
+        let created_ms = now_ms();
+        let remaining_secs =
+            u64::try_from((user.credential_expires_at_ms() - created_ms) / 1000).unwrap_or(0);
         let ttl = ttl_seconds
-            .unwrap_or(self.ticket_ttl.as_secs())
-            .clamp(1, MAX_TICKET_TTL_SECS);
+            .unwrap_or(self.lifetimes.ticket.as_secs())
+            .clamp(1, MAX_TICKET_TTL_SECS)
+            .min(remaining_secs.max(1));
         let single_use = single_use.unwrap_or(true);
         let ticket_id = random_token_id();
-        let created_ms = now_ms();
         let expires_ms = created_ms + (ttl as i64) * 1000;
         self.store
-            .insert_ticket(
-                &ticket_digest(&ticket_id),
-                user.user_id(),
-                expires_ms,
-                single_use,
-            )
+            .insert_ticket(&TicketRecord {
+                id: ticket_digest(&ticket_id),
+                user_id: user.user_id(),
+                session_id: user.session_id().to_string(),
+                expires_at_ms: expires_ms,
+                access_expires_at_ms: user.credential_expires_at_ms(),
+                max_uses: if single_use { 1 } else { MAX_TICKET_USES },
+            })
             .await?;
         Ok(TicketResponse {
             ticket_id,
@@ -343,16 +469,67 @@ impl Authenticator {
         self.store
             .redeem_ticket(&ticket_digest(ticket_id), now_ms())
             .await?
-            .map(AuthenticatedUser::from_ticket)
+            .map(|ticket| {
+                AuthenticatedUser::new(
+                    ticket.user_id,
+                    ticket.session_id,
+                    ticket.access_expires_at_ms,
+                )
+            })
             .ok_or(AuthError::InvalidToken)
     }
 
-    async fn issue_pair(&self, user: &UserRecord) -> Result<TokenPair, AuthError> {
-        let now_secs = now_ms() / 1000;
-        let access_jti = uuid::Uuid::new_v4().to_string();
+    /// Deletes expired tickets and refresh tokens, and sessions that ended or expired
+    /// longer ago than `keep_ended` (the retention job).
+    pub async fn prune(&self, keep_ended: Duration) -> Result<u64, AuthError> {
+        let now = now_ms();
+        Ok(self
+            .store
+            .prune_sessions(now, now.saturating_sub(millis(keep_ended)))
+            .await?)
+    }
+
+    /// A new session for `user`, with its first token pair.
+    async fn start_session(
+        &self,
+        user: &UserRecord,
+        user_agent: Option<&str>,
+    ) -> Result<(TokenPair, AuthenticatedUser), AuthError> {
+        let now = now_ms();
+        let session = SessionRecord {
+            id: random_token_id(),
+            user_id: user.id,
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(millis(self.lifetimes.session)),
+            last_used_at_ms: now,
+            ended_at_ms: None,
+            user_agent: user_agent_label(user_agent),
+        };
         let refresh_jti = uuid::Uuid::new_v4().to_string();
-        let access_exp = now_secs + self.access_ttl.as_secs() as i64;
-        let refresh_exp = now_secs + self.refresh_ttl.as_secs() as i64;
+        let (pair, identity) = self.sign_pair(user, &session, &refresh_jti)?;
+        self.store
+            .create_session(
+                &session,
+                &refresh_jti,
+                now.saturating_add(millis(self.lifetimes.refresh)),
+            )
+            .await?;
+        Ok((pair, identity))
+    }
+
+    /// Signs an access token and the refresh token `refresh_jti` (already stored, or stored
+    /// by the caller) in `session`, neither outliving it.
+    fn sign_pair(
+        &self,
+        user: &UserRecord,
+        session: &SessionRecord,
+        refresh_jti: &str,
+    ) -> Result<(TokenPair, AuthenticatedUser), AuthError> {
+        let now_secs = now_ms() / 1000;
+        let session_end_secs = session.expires_at_ms / 1000;
+        let access_exp = (now_secs + self.lifetimes.access.as_secs() as i64).min(session_end_secs);
+        let refresh_exp =
+            (now_secs + self.lifetimes.refresh.as_secs() as i64).min(session_end_secs);
         let claims = |jti: &str, exp: i64, token_type| Claims {
             sub: user.id.to_string(),
             iat: now_secs,
@@ -361,23 +538,24 @@ impl Authenticator {
             token_type,
             iss: ISSUER.to_string(),
             aud: AUDIENCE.to_string(),
+            sid: Some(session.id.clone()),
         };
+        let access_jti = uuid::Uuid::new_v4().to_string();
         let access_token = self
             .keys
             .sign(&claims(&access_jti, access_exp, TokenType::Access))?;
         let refresh_token =
             self.keys
-                .sign(&claims(&refresh_jti, refresh_exp, TokenType::Refresh))?;
-        self.store
-            .insert_refresh_token(&refresh_jti, user.id, &access_jti, refresh_exp * 1000)
-            .await?;
-        Ok(TokenPair {
+                .sign(&claims(refresh_jti, refresh_exp, TokenType::Refresh))?;
+        let pair = TokenPair {
             access_token,
             refresh_token,
             token_type: "Bearer".to_string(),
-            expires_in: self.access_ttl.as_secs(),
+            expires_in: u64::try_from(access_exp - now_secs).unwrap_or(0),
             user: user_info(user),
-        })
+        };
+        let identity = AuthenticatedUser::new(user.id, session.id.clone(), access_exp * 1000);
+        Ok((pair, identity))
     }
 }
 

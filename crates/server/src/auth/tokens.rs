@@ -1,4 +1,4 @@
-//! JWT issue and verification (HS256, claims sub/iat/exp/jti/type/iss/aud).
+//! JWT issue and verification (HS256, claims sub/iat/exp/jti/type/iss/aud/sid).
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,10 @@ pub struct Claims {
     pub token_type: TokenType,
     pub iss: String,
     pub aud: String,
+    /// The session the token belongs to. Tokens issued before sessions existed have none
+    /// and are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// Signing and verification keys derived from the configured secret.

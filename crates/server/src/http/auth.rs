@@ -1,15 +1,23 @@
-//! `/auth/*` and `/api/websocket/ticket`: accounts, the token pair, logout and WebSocket
-//! tickets. Maps [`AuthError`] to the API's error codes.
+//! `/auth/*` and `/api/websocket/ticket`: accounts, the token pair, sessions (logout,
+//! logout-all, the sessions list) and WebSocket tickets. Maps [`AuthError`] to the API's
+//! error codes.
+//!
+//! Registration keeps answering `409 email_taken` for a taken email: registration logs the
+//! new account in (it answers with tokens), so an answer identical to success cannot be
+//! given for an account that is not the caller's, and Apex has no mail channel to send
+//! "you already have an account" through instead. The oracle is bounded by the
+//! registration throttle (per address and per instance), which makes probing emails as
+//! slow as creating accounts. See "Security" in the README.
 
 use std::sync::Arc;
 
 use apex_protocol::auth::{
-    LoginRequest, RefreshRequest, RegisterRequest, TicketRequest, TicketResponse, TokenPair,
-    UserInfo,
+    LoginRequest, RefreshRequest, RegisterRequest, SessionInfo, TicketRequest, TicketResponse,
+    TokenPair, UserInfo,
 };
 use apex_protocol::error::{codes, ErrorBody};
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
@@ -18,10 +26,11 @@ use super::openapi::{
     Internal, InvalidCredentials, InvalidJson, PayloadTooLarge, RateLimited, Unauthenticated,
     UnsupportedMediaType, ValidationFailed,
 };
-use super::{ApiJson, ClientAddress};
+use super::{ApiJson, ClientAddress, ClientLabel};
 use crate::auth::{AuthError, AuthenticatedUser};
 use crate::clock::now_ms;
 use crate::error::ApiError;
+use crate::limits::Throttled;
 use crate::state::AppState;
 use crate::usage::demo;
 use crate::user_store::UserStore;
@@ -58,16 +67,30 @@ impl From<AuthError> for ApiError {
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
 )]
 pub async fn register(
     State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
+    ClientLabel(user_agent): ClientLabel,
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<TokenPair>), ApiError> {
+    // Before any work: every per-user limit multiplies with accounts.
+    state
+        .limits
+        .check_registration(address)
+        .await
+        .map_err(|wait| ApiError::throttled(Throttled::Registration, wait))?;
     let (pair, user) = state
         .auth
-        .register(&body.email, &body.password, body.name.as_deref())
+        .register(
+            &body.email,
+            &body.password,
+            body.name.as_deref(),
+            user_agent.as_deref(),
+        )
         .await?;
     give_demo_data(&state, &user).await?;
     Ok((StatusCode::CREATED, Json(pair)))
@@ -83,7 +106,9 @@ pub async fn give_demo_data(state: &AppState, user: &AuthenticatedUser) -> Resul
     Ok(())
 }
 
-/// Exchanges email and password for a token pair. Throttled per account and per address.
+/// Exchanges email and password for a token pair, starting a new session. Throttled per
+/// address, and per account from that address (so failed guesses from elsewhere never lock
+/// the owner out).
 #[utoipa::path(
     post,
     path = "/auth/login",
@@ -103,26 +128,27 @@ pub async fn give_demo_data(state: &AppState, user: &AuthenticatedUser) -> Resul
 pub async fn login(
     State(state): State<AppState>,
     ClientAddress(address): ClientAddress,
+    ClientLabel(user_agent): ClientLabel,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Json<TokenPair>, ApiError> {
-    // Throttled per account and per address, whether the attempt succeeds or not, so
-    // guessing passwords is slow even across many accounts.
+    // Counted whether the attempt succeeds or not, so guessing passwords is slow even
+    // across many accounts.
     state
         .limits
         .check_login(&body.email, address)
         .await
-        .map_err(|retry_after| {
-            crate::telemetry::limit_rejected("login_throttled");
-            ApiError::Limited {
-                code: codes::RATE_LIMITED,
-                message: "too many login attempts; try again later".into(),
-                retry_after,
-            }
-        })?;
-    Ok(Json(state.auth.login(&body.email, &body.password).await?))
+        .map_err(|wait| ApiError::throttled(Throttled::Login, wait))?;
+    Ok(Json(
+        state
+            .auth
+            .login(&body.email, &body.password, user_agent.as_deref())
+            .await?,
+    ))
 }
 
-/// Exchanges a refresh token (once) for a new token pair.
+/// Exchanges a refresh token (once) for a new token pair in the same session. A refresh
+/// token presented a second time ends its session (every token of it stops working), and
+/// no pair outlives the session's absolute lifetime.
 #[utoipa::path(
     post,
     path = "/auth/refresh",
@@ -135,17 +161,25 @@ pub async fn login(
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
 )]
 pub async fn refresh(
     State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
     ApiJson(body): ApiJson<RefreshRequest>,
 ) -> Result<Json<TokenPair>, ApiError> {
+    state
+        .limits
+        .check_refresh(address)
+        .await
+        .map_err(|wait| ApiError::throttled(Throttled::Refresh, wait))?;
     Ok(Json(state.auth.refresh(&body.refresh_token).await?))
 }
 
-/// Revokes the access token used for this request.
+/// Ends the session of the access token used for this request: its refresh token, its
+/// tickets and its open sockets and streams (on every instance, within a second).
 #[utoipa::path(
     post,
     path = "/auth/logout",
@@ -163,6 +197,75 @@ pub async fn logout(
 ) -> Result<StatusCode, ApiError> {
     state.auth.logout(&user).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends every session of the caller, this one included ("log out everywhere").
+#[utoipa::path(
+    post,
+    path = "/auth/logout-all",
+    operation_id = "logout_all",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    responses(
+        (status = 204, description = "Every session ended"),
+        (status = 401, response = Unauthenticated),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn logout_all(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<StatusCode, ApiError> {
+    state.auth.logout_all(&user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's active sessions, newest first; `current` marks the one asking.
+#[utoipa::path(
+    get,
+    path = "/auth/sessions",
+    operation_id = "list_sessions",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    responses(
+        (status = 200, description = "Active sessions", body = Vec<SessionInfo>),
+        (status = 401, response = Unauthenticated),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn sessions(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<Vec<SessionInfo>>, ApiError> {
+    Ok(Json(state.auth.list_sessions(&user).await?))
+}
+
+/// Ends one of the caller's sessions (its tokens, tickets and open sockets). Another
+/// user's session id answers like a missing one.
+#[utoipa::path(
+    delete,
+    path = "/auth/sessions/{session_id}",
+    operation_id = "revoke_session",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    params(("session_id" = String, Path, description = "A session id from `GET /auth/sessions`")),
+    responses(
+        (status = 204, description = "The session ended"),
+        (status = 401, response = Unauthenticated),
+        (status = 404, description = "No such active session of the caller's (code: `not_found`)", body = ErrorBody),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn revoke_session(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(session_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.auth.revoke_session(&user, &session_id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("session"))
+    }
 }
 
 /// The caller's account.
@@ -186,7 +289,9 @@ pub async fn me(
 }
 
 /// Issues a short-lived ticket for `GET /ws?ticket=...`, so the JWT never appears in a URL.
-/// The body is optional: an empty POST asks for a default ticket.
+/// The body is optional: an empty POST asks for a default ticket. A ticket belongs to the
+/// caller's session and lives no longer than the access token that asked for it (a socket
+/// opened with it closes then, too); a multi-use ticket opens at most 5 sockets.
 #[utoipa::path(
     post,
     path = "/api/websocket/ticket",
@@ -199,6 +304,7 @@ pub async fn me(
         (status = 401, response = Unauthenticated),
         (status = 413, response = PayloadTooLarge),
         (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
 )]
@@ -208,6 +314,11 @@ pub async fn ticket(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<TicketResponse>, ApiError> {
+    state
+        .limits
+        .check_ticket(user.user_id())
+        .await
+        .map_err(|wait| ApiError::throttled(Throttled::Ticket, wait))?;
     // The body is optional: an empty POST asks for a default ticket.
     let request: TicketRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TicketRequest::default()

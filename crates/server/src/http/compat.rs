@@ -6,7 +6,7 @@
 
 use apex_protocol::auth::LoginRequest;
 use apex_protocol::auth::TokenPair;
-use apex_protocol::error::{codes, ErrorBody};
+use apex_protocol::error::ErrorBody;
 use apex_protocol::threads::RunStatus;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -21,10 +21,11 @@ use super::openapi::{
     UnsupportedMediaType, ValidationFailed,
 };
 use super::threads::thread_id;
-use super::{ApiJson, ClientAddress};
+use super::{ApiJson, ClientAddress, ClientLabel};
 use crate::auth::{bearer_token, is_dev_account, AuthError};
 use crate::error::ApiError;
 use crate::ids::RequestId;
+use crate::limits::Throttled;
 use crate::state::AppState;
 
 /// Body of `POST /auth/validate-token-and-get-user` (optional: the Bearer header works too).
@@ -166,13 +167,17 @@ pub async fn auth_config(State(state): State<AppState>) -> Json<AuthConfig> {
 pub async fn dev_login(
     State(state): State<AppState>,
     ClientAddress(address): ClientAddress,
+    ClientLabel(user_agent): ClientLabel,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<(StatusCode, Json<TokenPair>), ApiError> {
     let Some(enabled) = state.settings.dev_login_enabled() else {
         return Err(ApiError::not_found("route"));
     };
     if is_dev_account(&body.email) {
-        let (pair, user, created) = state.auth.dev_account_login(enabled).await?;
+        let (pair, user, created) = state
+            .auth
+            .dev_account_login(enabled, user_agent.as_deref())
+            .await?;
         if !created {
             return Ok((StatusCode::OK, Json(pair)));
         }
@@ -183,17 +188,22 @@ pub async fn dev_login(
         .limits
         .check_login(&body.email, address)
         .await
-        .map_err(|retry_after| ApiError::Limited {
-            code: codes::RATE_LIMITED,
-            message: "too many login attempts; try again later".into(),
-            retry_after,
-        })?;
-    match state.auth.login(&body.email, &body.password).await {
+        .map_err(|wait| ApiError::throttled(Throttled::Login, wait))?;
+    match state
+        .auth
+        .login(&body.email, &body.password, user_agent.as_deref())
+        .await
+    {
         Ok(pair) => Ok((StatusCode::OK, Json(pair))),
         Err(AuthError::InvalidCredentials) => {
+            state
+                .limits
+                .check_registration(address)
+                .await
+                .map_err(|wait| ApiError::throttled(Throttled::Registration, wait))?;
             let (pair, user) = state
                 .auth
-                .register(&body.email, &body.password, None)
+                .register(&body.email, &body.password, None, user_agent.as_deref())
                 .await?;
             super::auth::give_demo_data(&state, &user).await?;
             Ok((StatusCode::CREATED, Json(pair)))

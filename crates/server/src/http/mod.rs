@@ -42,6 +42,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(auth::login))
         .routes(routes!(auth::refresh))
         .routes(routes!(auth::logout))
+        .routes(routes!(auth::logout_all))
+        .routes(routes!(auth::sessions))
+        .routes(routes!(auth::revoke_session))
         .routes(routes!(auth::me))
         .routes(routes!(auth::ticket))
         .routes(routes!(compat::validate_token))
@@ -219,6 +222,23 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
                 .extensions
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map(|info| info.0.ip()),
+        ))
+    }
+}
+
+/// The request's `User-Agent`, if any: what a client says it is, shown in its session.
+pub struct ClientLabel(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientLabel {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientLabel(
+            parts
+                .headers
+                .get(axum::http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         ))
     }
 }

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use super::extract::AuthUser;
 use super::openapi::{
-    Internal, InvalidJson, NotFound, PayloadTooLarge, Unauthenticated, UnsupportedMediaType,
-    ValidationFailed,
+    Internal, InvalidJson, NotFound, PayloadTooLarge, RateLimited, Unauthenticated,
+    UnsupportedMediaType, ValidationFailed,
 };
 use super::{ApiJson, ApiQuery, Page};
 use crate::auth::AuthenticatedUser;
@@ -126,6 +126,7 @@ pub async fn list(
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
 )]
@@ -134,6 +135,11 @@ pub async fn create(
     AuthUser(user): AuthUser,
     ApiJson(body): ApiJson<CreateThreadRequest>,
 ) -> Result<(StatusCode, Json<Thread>), ApiError> {
+    state
+        .limits
+        .check_thread_creation(user.user_id())
+        .await
+        .map_err(|wait| ApiError::throttled(crate::limits::Throttled::ThreadCreation, wait))?;
     let metadata = validate_metadata(body.metadata)?;
     let record = create_thread(
         &store(&state, &user),

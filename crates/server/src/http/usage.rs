@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::extract::AuthUser;
 use super::openapi::{
-    Internal, PayloadTooLarge, Unauthenticated, UnsupportedMediaType, ValidationFailed,
+    Internal, PayloadTooLarge, RateLimited, Unauthenticated, UnsupportedMediaType, ValidationFailed,
 };
 use super::ApiQuery;
 use crate::clock::now_ms;
@@ -44,6 +44,7 @@ use crate::user_store::UserStore;
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
 )]
@@ -53,6 +54,11 @@ pub async fn import(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<UsageImportResult>), ApiError> {
+    state
+        .limits
+        .check_import(user.user_id())
+        .await
+        .map_err(|wait| ApiError::throttled(crate::limits::Throttled::Import, wait))?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -15,6 +15,7 @@ pub mod shared;
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,14 +70,67 @@ pub struct Limits {
     /// The deployment-wide buckets, with several instances.
     shared: Option<shared::SharedBuckets>,
     messages: RateLimiter<UserId>,
+    /// Keyed by account *and* address: someone guessing from one address exhausts their own
+    /// bucket, never the owner's (who logs in from another), so failed guesses cannot lock
+    /// the owner out. `login_by_address` bounds one address across all accounts.
     login_by_account: RateLimiter<String>,
-    login_by_address: RateLimiter<std::net::IpAddr>,
+    login_by_address: RateLimiter<IpAddr>,
+    registrations_by_address: RateLimiter<IpAddr>,
+    /// One bucket for the whole instance (the key is `()`), against many addresses.
+    registrations_total: RateLimiter<&'static str>,
+    refreshes_by_address: RateLimiter<IpAddr>,
+    threads: RateLimiter<UserId>,
+    tickets: RateLimiter<UserId>,
+    imports: RateLimiter<UserId>,
     /// Open connections per user; an entry exists only while the user has one.
     connections: Arc<Mutex<HashMap<UserId, usize>>>,
 }
 
 const LOGIN_WINDOW: Duration = Duration::from_secs(300);
 const MESSAGE_WINDOW: Duration = Duration::from_secs(60);
+/// The window of every other per-minute limit; the burst is the per-minute count.
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A rate limit that refused: its metric name and what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttled {
+    Login,
+    Registration,
+    Refresh,
+    ThreadCreation,
+    Ticket,
+    Import,
+}
+
+impl Throttled {
+    /// The `reason` label of `apex_limit_rejections_total`.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Throttled::Login => "login_throttled",
+            Throttled::Registration => "registration_throttled",
+            Throttled::Refresh => "refresh_throttled",
+            Throttled::ThreadCreation => "thread_creation_throttled",
+            Throttled::Ticket => "ticket_throttled",
+            Throttled::Import => "import_throttled",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Throttled::Login => "too many login attempts; try again later",
+            Throttled::Registration => "too many accounts created from here; try again later",
+            Throttled::Refresh => "too many token refreshes; try again later",
+            Throttled::ThreadCreation => "too many threads created; try again later",
+            Throttled::Ticket => "too many WebSocket tickets requested; try again later",
+            Throttled::Import => "too many imports; try again later",
+        }
+    }
+}
+
+/// A limiter of `count` per minute with a burst of `count` (0: never consulted).
+fn per_minute<K: Eq + Hash + Clone>(count: u32) -> RateLimiter<K> {
+    RateLimiter::new(count, MINUTE, count)
+}
 
 impl Limits {
     pub fn new(settings: LimitSettings) -> Self {
@@ -102,6 +156,12 @@ impl Limits {
                 LOGIN_WINDOW,
                 settings.login_attempts_per_address,
             ),
+            registrations_by_address: per_minute(settings.registrations_per_minute),
+            registrations_total: per_minute(settings.registrations_per_minute_total),
+            refreshes_by_address: per_minute(settings.refreshes_per_minute),
+            threads: per_minute(settings.threads_per_minute),
+            tickets: per_minute(settings.tickets_per_minute),
+            imports: per_minute(settings.imports_per_minute),
             connections: Arc::new(Mutex::new(HashMap::new())),
             settings,
         }
@@ -125,11 +185,7 @@ impl Limits {
     }
 
     /// A login attempt for `email` from `address`.
-    pub async fn check_login(
-        &self,
-        email: &str,
-        address: Option<std::net::IpAddr>,
-    ) -> Result<(), Duration> {
+    pub async fn check_login(&self, email: &str, address: Option<IpAddr>) -> Result<(), Duration> {
         if let Some(address) = address {
             let count = self.settings.login_attempts_per_address;
             self.take(
@@ -143,7 +199,11 @@ impl Limits {
             .await?;
         }
         let count = self.settings.login_attempts_per_account;
-        let account = email.trim().to_ascii_lowercase();
+        let account = format!(
+            "{}|{}",
+            email.trim().to_ascii_lowercase(),
+            address.map(|a| a.to_string()).unwrap_or_default()
+        );
         self.take(
             &self.login_by_account,
             "login-account",
@@ -153,6 +213,74 @@ impl Limits {
             count,
         )
         .await
+    }
+
+    /// An account created from `address`: limited per address and for the instance as a
+    /// whole (each count 0 = off).
+    pub async fn check_registration(&self, address: Option<IpAddr>) -> Result<(), Duration> {
+        if let Some(address) = address {
+            let count = self.settings.registrations_per_minute;
+            self.per_minute(
+                &self.registrations_by_address,
+                "register-address",
+                &address,
+                count,
+            )
+            .await?;
+        }
+        let count = self.settings.registrations_per_minute_total;
+        self.per_minute(&self.registrations_total, "register-total", &"all", count)
+            .await
+    }
+
+    /// A refresh-token exchange from `address`.
+    pub async fn check_refresh(&self, address: Option<IpAddr>) -> Result<(), Duration> {
+        let Some(address) = address else {
+            return Ok(());
+        };
+        let count = self.settings.refreshes_per_minute;
+        self.per_minute(
+            &self.refreshes_by_address,
+            "refresh-address",
+            &address,
+            count,
+        )
+        .await
+    }
+
+    /// A thread created by `user` (explicitly, or by a message without one).
+    pub async fn check_thread_creation(&self, user: UserId) -> Result<(), Duration> {
+        let count = self.settings.threads_per_minute;
+        self.per_minute(&self.threads, "threads", &user, count)
+            .await
+    }
+
+    /// A WebSocket ticket for `user`.
+    pub async fn check_ticket(&self, user: UserId) -> Result<(), Duration> {
+        let count = self.settings.tickets_per_minute;
+        self.per_minute(&self.tickets, "tickets", &user, count)
+            .await
+    }
+
+    /// A usage import by `user`.
+    pub async fn check_import(&self, user: UserId) -> Result<(), Duration> {
+        let count = self.settings.imports_per_minute;
+        self.per_minute(&self.imports, "imports", &user, count)
+            .await
+    }
+
+    /// One token of a per-minute limit whose burst is its count; a count of 0 is no limit.
+    async fn per_minute<K: Eq + Hash + Clone + std::fmt::Display>(
+        &self,
+        local: &RateLimiter<K>,
+        name: &str,
+        key: &K,
+        count: u32,
+    ) -> Result<(), Duration> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.take(local, name, key, count, MINUTE, count).await
     }
 
     /// One token from the deployment-wide bucket, or from the local one when there is

@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use apex_protocol::error::ErrorCode;
-use apex_protocol::ws::{ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG};
+use apex_protocol::ws::{
+    ConnectionInfo, ControlFrame, CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION,
+};
 use apex_protocol::PROTOCOL_VERSION;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use tokio::time::Instant;
@@ -96,6 +98,8 @@ async fn serve_connection(
 ) {
     // Subscribe before announcing the connection, so nothing published afterwards is missed.
     let mut subscription = state.infra.bus.subscribe(user.user_id());
+    // The connection lives while its credential and session do, not a moment longer.
+    let mut session = state.auth.sessions().bind(&user);
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     let lifecycle = state.lifecycle.clone();
     let mut told_shutdown = false;
@@ -205,6 +209,20 @@ async fn serve_connection(
                 }
                 Err(BusRecvError::Closed) => break Exit::Close(CLOSE_GOING_AWAY, "server is shutting down"),
             },
+            end = session.ended() => {
+                // Straight to the socket, past a paced connection's queue: nothing more of
+                // this user's goes to a connection whose session is over.
+                let frame = ControlFrame::ErrorMessage {
+                    error_code: end.code().ws().into(),
+                    error_message: end.message().into(),
+                    retry_after_ms: None,
+                    timestamp: now_rfc3339(),
+                };
+                if let Ok(text) = serde_json::to_string(&frame) {
+                    let _ = conn.socket.send(Message::Text(text.into())).await;
+                }
+                break Exit::Close(CLOSE_POLICY_VIOLATION, end.code().rest());
+            }
             _ = lifecycle.draining.cancelled(), if !told_shutdown => {
                 told_shutdown = true;
                 if conn.send_control(&ControlFrame::ServerShutdown { timestamp: now_rfc3339() }).await.is_err() {

@@ -72,6 +72,15 @@ impl TestDatabase {
         // The fast deterministic writer; tests of the model providers opt in (tests/llm).
         settings.llm_provider = LlmProviderKind::Template;
         settings.jwt_secret = Some(apex_server::settings::Secret::new(JWT_SECRET));
+        // Tests create many accounts, threads and tickets from one address in moments; the
+        // abuse throttles are off here and turned on (at their defaults) by the tests of
+        // them (`hostile_sessions.rs`).
+        settings.limits.registrations_per_minute = 0;
+        settings.limits.registrations_per_minute_total = 0;
+        settings.limits.refreshes_per_minute = 0;
+        settings.limits.threads_per_minute = 0;
+        settings.limits.tickets_per_minute = 0;
+        settings.limits.imports_per_minute = 0;
         settings
     }
 }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use apex_protocol::threads::RunStatus;
 use apex_server::ids::{MessageId, RunId, ThreadId, UserId};
 use apex_server::store::{
-    MessageRecord, RunRecord, RunSubmission, Store, StoreError, SubmitOutcome, ThreadRecord,
-    UsageRow, UserRecord,
+    MessageRecord, RedeemedTicket, RefreshRotation, RunRecord, RunSubmission, SessionEndReason,
+    SessionRecord, Store, StoreError, SubmitOutcome, ThreadRecord, TicketRecord, UsageRow,
+    UserRecord,
 };
 use serde_json::json;
 
@@ -101,67 +102,172 @@ async fn run(store: &dyn Store, owner: UserId, thread_id: ThreadId) -> RunId {
     id
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refresh_token_consumed_concurrently_is_consumed_once() {
-    let db = test_store().await;
-    let owner = user(&*db.store).await;
-    db.store
-        .insert_refresh_token("jti-1", owner, "access-1", NOW + 60_000)
+/// Starts a session of `owner` lasting a minute from [`NOW`], with refresh token `jti`.
+async fn session(store: &dyn Store, owner: UserId, id: &str, jti: &str) -> SessionRecord {
+    let record = SessionRecord {
+        id: id.to_string(),
+        user_id: owner,
+        created_at_ms: NOW,
+        expires_at_ms: NOW + 60_000,
+        last_used_at_ms: NOW,
+        ended_at_ms: None,
+        user_agent: Some("test".into()),
+    };
+    store
+        .create_session(&record, jti, NOW + 120_000)
         .await
-        .unwrap();
-    let mut tasks = Vec::new();
-    for _ in 0..RACERS {
-        let store = Arc::clone(&db.store);
-        tasks.push(tokio::spawn(async move {
-            store.consume_refresh_token("jti-1", owner, NOW).await
-        }));
-    }
-    let mut wins = 0;
-    for task in tasks {
-        if task.await.unwrap().expect("consume") {
-            wins += 1;
-        }
-    }
-    assert_eq!(wins, 1, "exactly one concurrent refresh wins");
-
-    // Unknown, expired and foreign tokens are refused.
-    let other = user(&*db.store).await;
-    db.store
-        .insert_refresh_token("jti-2", owner, "access-2", NOW + 60_000)
-        .await
-        .unwrap();
-    assert!(!db
-        .store
-        .consume_refresh_token("nope", owner, NOW)
-        .await
-        .unwrap());
-    assert!(!db
-        .store
-        .consume_refresh_token("jti-2", other, NOW)
-        .await
-        .unwrap());
-    assert!(!db
-        .store
-        .consume_refresh_token("jti-2", owner, NOW + 60_000)
-        .await
-        .unwrap());
-    assert!(db
-        .store
-        .consume_refresh_token("jti-2", owner, NOW)
-        .await
-        .unwrap());
+        .expect("create session");
+    record
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_use_ticket_redeemed_concurrently_is_redeemed_once() {
+async fn a_refresh_token_rotated_concurrently_is_rotated_once_and_the_rest_is_reuse() {
     let db = test_store().await;
     let owner = user(&*db.store).await;
+    session(&*db.store, owner, "s-1", "jti-1").await;
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let store = Arc::clone(&db.store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .rotate_refresh_token("jti-1", owner, &format!("next-{i}"), NOW + 60_000, NOW)
+                .await
+        }));
+    }
+    let (mut rotated, mut reused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap().expect("rotate") {
+            RefreshRotation::Rotated { session } => {
+                assert_eq!(session.id, "s-1");
+                rotated += 1;
+            }
+            RefreshRotation::Reused { session_id } => {
+                assert_eq!(session_id, "s-1");
+                reused += 1;
+            }
+            RefreshRotation::Invalid => panic!("a known token is rotated or reused"),
+        }
+    }
+    assert_eq!(rotated, 1, "exactly one concurrent refresh wins");
+    assert_eq!(reused, RACERS - 1, "the others are reuse");
+    let ended = db.store.get_session("s-1").await.unwrap().unwrap();
+    assert!(!ended.is_active(NOW), "reuse ends the session");
+}
+
+#[tokio::test]
+async fn refresh_rotation_refuses_unknown_expired_foreign_and_ended_tokens() {
+    let db = test_store().await;
+    let owner = user(&*db.store).await;
+    let other = user(&*db.store).await;
+    session(&*db.store, owner, "s-2", "jti-2").await;
+    let rotate = |jti: &'static str, who: UserId, now: i64| {
+        let store = Arc::clone(&db.store);
+        async move {
+            store
+                .rotate_refresh_token(jti, who, "new", NOW + 60_000, now)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(rotate("nope", owner, NOW).await, RefreshRotation::Invalid);
+    assert_eq!(rotate("jti-2", other, NOW).await, RefreshRotation::Invalid);
+    assert_eq!(
+        rotate("jti-2", owner, NOW + 60_000).await,
+        RefreshRotation::Invalid,
+        "the refresh token expires with its session (capped at a minute)"
+    );
+    let RefreshRotation::Rotated { session } = rotate("jti-2", owner, NOW).await else {
+        panic!("a live token rotates");
+    };
+    assert_eq!(session.last_used_at_ms, NOW);
+    // The new token works once the session is live, and not after it ended.
+    assert!(db
+        .store
+        .end_session(owner, "s-2", SessionEndReason::Logout, NOW)
+        .await
+        .unwrap());
+    assert!(
+        !db.store
+            .end_session(owner, "s-2", SessionEndReason::Logout, NOW)
+            .await
+            .unwrap(),
+        "ending twice is a no-op"
+    );
+    assert_eq!(rotate("new", owner, NOW).await, RefreshRotation::Invalid);
+}
+
+#[tokio::test]
+async fn sessions_are_listed_ended_and_watched_per_owner() {
+    let db = test_store().await;
+    let owner = user(&*db.store).await;
+    let other = user(&*db.store).await;
+    session(&*db.store, owner, "a", "ra").await;
+    session(&*db.store, owner, "b", "rb").await;
+    session(&*db.store, other, "c", "rc").await;
+    let listed: Vec<String> = db
+        .store
+        .list_sessions(owner, NOW)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        !db.store
+            .end_session(other, "a", SessionEndReason::Revoked, NOW)
+            .await
+            .unwrap(),
+        "another user's session is not theirs to end"
+    );
+    let ids = ["a", "b", "c", "gone"].map(String::from);
+    assert_eq!(
+        db.store.inactive_sessions(&ids, NOW).await.unwrap(),
+        vec!["gone".to_string()]
+    );
+    let mut ended = db
+        .store
+        .end_all_sessions(owner, SessionEndReason::LogoutAll, NOW)
+        .await
+        .unwrap();
+    ended.sort();
+    assert_eq!(ended, ["a", "b"]);
+    let mut inactive = db.store.inactive_sessions(&ids, NOW).await.unwrap();
+    inactive.sort();
+    assert_eq!(inactive, ["a", "b", "gone"]);
+    assert_eq!(
+        db.store
+            .inactive_sessions(&ids, NOW + 60_000)
+            .await
+            .unwrap()
+            .len(),
+        4,
+        "past its lifetime a session is inactive too"
+    );
+}
+
+fn ticket(id: &str, owner: UserId, session: &str, max_uses: u32) -> TicketRecord {
+    TicketRecord {
+        id: id.to_string(),
+        user_id: owner,
+        session_id: session.to_string(),
+        expires_at_ms: NOW + 30_000,
+        access_expires_at_ms: NOW + 45_000,
+        max_uses,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_redeemed_concurrently_never_exceed_their_uses() {
+    let db = test_store().await;
+    let owner = user(&*db.store).await;
+    session(&*db.store, owner, "s", "r").await;
     db.store
-        .insert_ticket("single", owner, NOW + 60_000, true)
+        .insert_ticket(&ticket("single", owner, "s", 1))
         .await
         .unwrap();
     db.store
-        .insert_ticket("multi", owner, NOW + 60_000, false)
+        .insert_ticket(&ticket("multi", owner, "s", 3))
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -175,8 +281,15 @@ async fn a_single_use_ticket_redeemed_concurrently_is_redeemed_once() {
     let (mut single, mut multi) = (0, 0);
     for task in tasks {
         let (ticket, redeemed) = task.await.unwrap();
-        if let Some(user) = redeemed.expect("redeem") {
-            assert_eq!(user, owner);
+        if let Some(redeemed) = redeemed.expect("redeem") {
+            assert_eq!(
+                redeemed,
+                RedeemedTicket {
+                    user_id: owner,
+                    session_id: "s".into(),
+                    access_expires_at_ms: NOW + 45_000,
+                }
+            );
             match ticket {
                 "single" => single += 1,
                 _ => multi += 1,
@@ -184,13 +297,58 @@ async fn a_single_use_ticket_redeemed_concurrently_is_redeemed_once() {
         }
     }
     assert_eq!(single, 1, "a single-use ticket is redeemed once");
-    assert_eq!(multi, RACERS, "a reusable ticket is redeemed every time");
+    assert_eq!(multi, 3, "a multi-use ticket up to its uses");
+    db.store
+        .insert_ticket(&ticket("late", owner, "s", 3))
+        .await
+        .unwrap();
     assert_eq!(
-        db.store.redeem_ticket("multi", NOW + 60_000).await.unwrap(),
+        db.store.redeem_ticket("late", NOW + 30_000).await.unwrap(),
         None,
         "expired"
     );
     assert_eq!(db.store.redeem_ticket("unknown", NOW).await.unwrap(), None);
+    // A ticket of an ended session opens nothing.
+    db.store
+        .end_session(owner, "s", SessionEndReason::Logout, NOW)
+        .await
+        .unwrap();
+    assert_eq!(db.store.redeem_ticket("late", NOW).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn pruning_removes_expired_credentials_and_old_sessions_only() {
+    let db = test_store().await;
+    let owner = user(&*db.store).await;
+    session(&*db.store, owner, "live", "r-live").await;
+    session(&*db.store, owner, "ended", "r-ended").await;
+    db.store
+        .insert_ticket(&ticket("t", owner, "live", 1))
+        .await
+        .unwrap();
+    db.store
+        .end_session(owner, "ended", SessionEndReason::Logout, NOW)
+        .await
+        .unwrap();
+    // Nothing has expired yet, and the session ended less than the kept window ago.
+    assert_eq!(db.store.prune_sessions(NOW, NOW - 1).await.unwrap(), 0);
+    // The ticket (30 s) expired; the ended session is past the window (with its token).
+    assert_eq!(
+        db.store
+            .prune_sessions(NOW + 31_000, NOW + 1)
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(db.store.get_session("ended").await.unwrap().is_none());
+    assert!(db.store.get_session("live").await.unwrap().is_some());
+    assert!(matches!(
+        db.store
+            .rotate_refresh_token("r-live", owner, "r-next", NOW + 60_000, NOW + 31_000)
+            .await
+            .unwrap(),
+        RefreshRotation::Rotated { .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,58 +590,34 @@ async fn both_engines_answer_alike_on_edge_cases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_logouts_all_succeed_and_revoke_their_sessions() {
+async fn concurrent_logouts_all_succeed_and_end_their_sessions() {
     let db = test_store().await;
     let owner = user(&*db.store).await;
-    // Expired revocations that every logout's housekeeping will try to delete.
     for i in 0..RACERS {
-        db.store
-            .revoke_session(&format!("old-{i}"), NOW - 10_000, NOW - 20_000)
-            .await
-            .unwrap();
-    }
-    for i in 0..RACERS {
-        db.store
-            .insert_refresh_token(&format!("r-{i}"), owner, &format!("a-{i}"), NOW + 60_000)
-            .await
-            .unwrap();
+        session(&*db.store, owner, &format!("s-{i}"), &format!("r-{i}")).await;
     }
     let mut tasks = Vec::new();
     for i in 0..RACERS {
         let store = Arc::clone(&db.store);
         tasks.push(tokio::spawn(async move {
             store
-                .revoke_session(&format!("a-{i}"), NOW + 60_000, NOW)
+                .end_session(owner, &format!("s-{i}"), SessionEndReason::Logout, NOW)
                 .await
         }));
     }
     for task in tasks {
-        task.await.unwrap().expect("logout");
+        assert!(task.await.unwrap().expect("logout"));
     }
     for i in 0..RACERS {
-        assert!(db
-            .store
-            .is_access_token_revoked(&format!("a-{i}"))
-            .await
-            .unwrap());
-        assert!(
-            !db.store
-                .is_access_token_revoked(&format!("old-{i}"))
+        assert_eq!(
+            db.store
+                .rotate_refresh_token(&format!("r-{i}"), owner, "x", NOW + 60_000, NOW)
                 .await
                 .unwrap(),
-            "expired revocations are cleaned up"
+            RefreshRotation::Invalid
         );
-        assert!(!db
-            .store
-            .consume_refresh_token(&format!("r-{i}"), owner, NOW)
-            .await
-            .unwrap());
     }
-    // Logging out twice is harmless.
-    db.store
-        .revoke_session("a-0", NOW + 60_000, NOW)
-        .await
-        .unwrap();
+    assert!(db.store.list_sessions(owner, NOW).await.unwrap().is_empty());
 }
 
 /// Submits a run answering a new message on `thread_id`, within `max_unfinished`.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use apex_protocol::usage::{DailyModelUsage, LatencyPercentiles};
 use apex_server::agents::optimization::{gather, simulate};
 use apex_server::agents::Opportunity;
-use apex_server::auth::{Authenticator, PasswordHasher};
+use apex_server::auth::{AuthLifetimes, Authenticator, PasswordHasher};
 use apex_server::settings::{PasswordHashing, Secret};
 use apex_server::store::UsageRow;
 use apex_server::usage::pricing::{cost_at, PricingTable};
@@ -298,18 +298,21 @@ async fn usage_figures_from_sql_match_the_row_by_row_computation() {
         Arc::clone(&store),
         &Secret::new("a test secret of at least thirty-two characters"),
         PasswordHasher::new(PasswordHashing::Light),
-        Duration::from_secs(900),
-        Duration::from_secs(3600),
-        Duration::from_secs(60),
+        AuthLifetimes {
+            access: Duration::from_secs(900),
+            refresh: Duration::from_secs(3600),
+            ticket: Duration::from_secs(60),
+            session: Duration::from_secs(3600),
+        },
     );
     let pricing = PricingTable::builtin();
     // Two users with different demo data; the second one's rows must not count for the first.
     let (_, user) = auth
-        .register("figures@example.com", "a long password", None)
+        .register("figures@example.com", "a long password", None, None)
         .await
         .unwrap();
     let (_, other) = auth
-        .register("other@example.com", "a long password", None)
+        .register("other@example.com", "a long password", None, None)
         .await
         .unwrap();
     let users = UserStore::for_user(Arc::clone(&store), &user);

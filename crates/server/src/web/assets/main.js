@@ -105,7 +105,56 @@ function showTab(tab) {
   if (tab === 'usage') {
     $('tab-usage').setAttribute('aria-current', 'page');
     state.usage.load();
+    loadSessions();
   }
+}
+
+/** The account's sessions (GET /auth/sessions), each with a button that ends it. */
+async function loadSessions() {
+  const list = $('session-list');
+  let sessions;
+  try {
+    sessions = await api('/auth/sessions');
+  } catch (err) {
+    $('sessions-status').textContent = `Could not load sessions: ${err.message}`;
+    return;
+  }
+  $('sessions-status').textContent = '';
+  clear(list);
+  for (const session of sessions) {
+    const started = new Date(session.created_at).toLocaleString();
+    const used = new Date(session.last_used_at).toLocaleString();
+    const label = session.current ? 'This browser' : (session.user_agent || 'Unknown client');
+    list.append(h('li', { class: 'session', 'data-session': session.id },
+      h('span', { class: 'session-label', text: label }),
+      h('span', { class: 'muted', text: ` started ${started}, last refreshed ${used}` }),
+      session.current ? null : h('button', {
+        type: 'button',
+        class: 'ghost',
+        text: 'End',
+        onclick: async () => {
+          try {
+            await api(`/auth/sessions/${encodeURIComponent(session.id)}`, { method: 'DELETE' });
+            $('sessions-status').textContent = 'Session ended.';
+          } catch (err) {
+            $('sessions-status').textContent = `Could not end the session: ${err.message}`;
+          }
+          loadSessions();
+        },
+      })));
+  }
+}
+
+/** POST /auth/logout-all: every session ends, this one too. */
+async function logoutEverywhere() {
+  try {
+    await api('/auth/logout-all', { method: 'POST' });
+  } catch (err) {
+    $('sessions-status').textContent = `Could not log out everywhere: ${err.message}`;
+    return;
+  }
+  await logout();
+  showAuth('You were logged out everywhere.');
 }
 
 function setConnectionState(connState) {
@@ -382,6 +431,7 @@ function init() {
   $('logout').addEventListener('click', async () => { await logout(); showAuth(); });
   $('tab-chat').addEventListener('click', () => showTab('chat'));
   $('tab-usage').addEventListener('click', () => showTab('usage'));
+  $('logout-all').addEventListener('click', logoutEverywhere);
   $('new-chat').addEventListener('click', newChat);
   $('composer').addEventListener('submit', sendMessage);
   $('composer-input').addEventListener('keydown', (e) => {
