@@ -170,6 +170,8 @@ impl Cluster {
             .args(["--template-stream-delay-ms", &stream_delay_ms.to_string()])
             .args(["--instance-heartbeat-ms", "200"])
             .args(["--instance-stale-after-ms", "1500"])
+            // The load tests create dozens of accounts from one address in moments.
+            .args(["--registrations-per-minute", "0"])
             .args(&self.extra_args)
             .env("APEX_DATABASE_URL", self.database_url())
             .env("APEX_BUS_URL", redis)
@@ -996,4 +998,80 @@ async fn the_message_rate_limit_holds_across_instances() {
         3,
         "{codes:?}"
     );
+}
+
+/// Issue 22: a socket of a logged-out session received the victim's events. A logout on
+/// one instance must close that session's sockets on every other instance within a second
+/// (asserted with slack for a loaded machine), and nothing of the victim's next run reaches
+/// them; the victim's socket of another session on the same instance stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_on_one_instance_closes_the_sessions_sockets_on_the_others() {
+    let cluster = Cluster::new();
+    let one = cluster.start(15).await;
+    let two = cluster.start(15).await;
+    let three = cluster.start(15).await;
+    let email = format!("victim-{}@example.com", uuid::Uuid::new_v4().simple());
+    let (status, stolen) = one
+        .post(
+            "/auth/register",
+            None,
+            json!({"email": email, "password": "a long enough password"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{stolen}");
+    let stolen = User {
+        token: stolen["access_token"].as_str().unwrap().to_string(),
+    };
+    let (status, own) = one
+        .post(
+            "/auth/login",
+            None,
+            json!({"email": email, "password": "a long enough password"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{own}");
+    let own = User {
+        token: own["access_token"].as_str().unwrap().to_string(),
+    };
+    // The attacker's sockets (the stolen session) on two instances; the victim's own on a third.
+    let mut on_two = two.ws(&stolen).await;
+    let mut on_three = three.ws(&stolen).await;
+    let mut victims_own = three.ws(&own).await;
+
+    let (status, _) = one
+        .post("/auth/logout", Some(&stolen.token), json!({}))
+        .await;
+    assert_eq!(status, 204);
+    let logged_out = Instant::now();
+    for socket in [&mut on_two, &mut on_three] {
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut code = None;
+            loop {
+                match socket.socket.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        let frame: Value = serde_json::from_str(&text).unwrap();
+                        if frame["type"] == "error_message" {
+                            code = frame["error_code"].as_str().map(str::to_string);
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        return (code, frame.map(|f| u16::from(f.code)));
+                    }
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => return (code, None),
+                }
+            }
+        })
+        .await
+        .expect("the logged-out session's socket must close");
+        assert_eq!(closed, (Some("SESSION_ENDED".to_string()), Some(1008)));
+    }
+    eprintln!(
+        "sockets of the logged-out session closed on two other instances after {:?}",
+        logged_out.elapsed()
+    );
+    // The victim's own session is untouched: their next run reaches their socket.
+    let run_id = one.start_run(&own).await;
+    let events = victims_own.events_until_terminal(&run_id).await;
+    assert_contiguous_from(&events, 1);
 }

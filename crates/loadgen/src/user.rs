@@ -54,6 +54,13 @@ impl Account {
             .json(&json!({"email": email, "password": PASSWORD, "name": format!("load user {index}")}))
             .send()
             .await?;
+        if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            bail!(
+                "register answered 429: the server throttles accounts per address; start it \
+                 with --registrations-per-minute 0 (and --registrations-per-minute-total 0) \
+                 for load tests"
+            );
+        }
         if !response.status().is_success() {
             bail!("register answered {}", response.status());
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use apex_protocol::events::EventBody;
 use apex_protocol::threads::RunStatus;
-use apex_server::auth::{Authenticator, PasswordHasher};
+use apex_server::auth::{AuthLifetimes, Authenticator, PasswordHasher};
 use apex_server::context::UserExecutionContext;
 use apex_server::events::{encode_event, EventBus, InProcessBus, UserEmitter};
 use apex_server::ids::{RequestId, RunId, ThreadId, UserId};
@@ -88,12 +88,15 @@ impl Fixture {
             Arc::clone(&store),
             &Secret::new("a benchmark secret of at least 32 characters"),
             PasswordHasher::new(PasswordHashing::Light),
-            Duration::from_secs(900),
-            Duration::from_secs(3600),
-            Duration::from_secs(60),
+            AuthLifetimes {
+                access: Duration::from_secs(900),
+                refresh: Duration::from_secs(3600),
+                ticket: Duration::from_secs(60),
+                session: Duration::from_secs(3600),
+            },
         );
         let (_, user) = auth
-            .register("bench@example.com", "a long password", None)
+            .register("bench@example.com", "a long password", None, None)
             .await
             .unwrap();
         let thread = ThreadId::generate();
