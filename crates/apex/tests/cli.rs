@@ -518,6 +518,107 @@ fn usage_import_and_summary_from_the_command_line() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("validation_failed"));
 }
 
+#[tokio::test]
+async fn sessions_are_listed_revoked_and_ended_everywhere_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server(data_dir.path());
+    let email = "sessions@example.com";
+    let password = "a long enough password";
+    let http = reqwest::Client::new();
+    let base = server.address.clone();
+    let login = |agent: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let response = http
+                .post(format!("{base}/auth/login"))
+                .header("User-Agent", agent)
+                .json(&serde_json::json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let me = |token: String| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.get(format!("{base}/auth/me"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let apex = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", email])
+            .env("APEX_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let registered = apex(&["sessions", "list", "--register"]);
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    // A session whose client label tries to drive the terminal (the header cannot carry
+    // control characters, so the hostile part is what a header can: bidi overrides and the
+    // printable remains of a sequence are shown as text, never as escapes).
+    let browser = login("Firefox on a laptop").await;
+    let listed = apex(&["sessions", "list"]);
+    let out = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{out}");
+    assert!(out.contains("Firefox on a laptop"), "{out}");
+    assert!(out.contains("(this command)"), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    let browser_token = browser["access_token"].as_str().unwrap().to_string();
+    let sessions: Vec<serde_json::Value> = http
+        .get(format!("{base}/auth/sessions"))
+        .bearer_auth(&browser_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        sessions.len(),
+        1,
+        "the CLI ends the sessions it started: {sessions:?}"
+    );
+    let id = sessions[0]["id"].as_str().unwrap();
+    let revoked = apex(&["sessions", "revoke", id]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert_eq!(
+        me(browser_token).await,
+        401,
+        "the revoked session's token is dead"
+    );
+    let unknown = apex(&["sessions", "revoke", "no-such-session"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not_found"));
+
+    let first = login("one").await;
+    let second = login("two").await;
+    let all = apex(&["sessions", "logout-all"]);
+    assert!(all.status.success());
+    for pair in [first, second] {
+        assert_eq!(
+            me(pair["access_token"].as_str().unwrap().to_string()).await,
+            401
+        );
+    }
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -1001,6 +1102,9 @@ fn every_command_has_help_with_an_example() {
         "usage import",
         "usage summary",
         "user create",
+        "sessions list",
+        "sessions revoke",
+        "sessions logout-all",
         "config show",
     ] {
         assert!(seen.iter().any(|s| s == command), "{command:?} in {seen:?}");
