@@ -289,6 +289,33 @@ try {
     assert.equal(me.status, 401);
   });
 
+  await step("Alice sees where she is logged in, ends another session, then logs out everywhere", async () => {
+    // A second session of Alice's, as a phone would have.
+    const phoneLogin = await fetch(`${BASE}/auth/login`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'User-Agent': 'Alice phone' },
+      body: JSON.stringify({ email: alice.email, password: PASSWORD }),
+    });
+    assert.equal(phoneLogin.status, 200);
+    const phone = await phoneLogin.json();
+    await pageA.click('#tab-chat');
+    await pageA.click('#tab-usage');
+    await pageA.waitForFunction(() => document.querySelectorAll('#session-list .session').length >= 2);
+    const labels = await pageA.locator('#session-list .session-label').allTextContents();
+    assert.ok(labels.includes('This browser'), `${labels}`);
+    await pageA.screenshot({ path: join(ARTIFACTS, 'sessions-alice.png'), fullPage: true });
+    const before = await pageA.locator('#session-list .session').count();
+    await pageA.locator('#session-list .session button').first().click();
+    await pageA.waitForFunction((n) => document.querySelectorAll('#session-list .session').length === n - 1, before);
+    const me = (token) => fetch(`${BASE}/auth/me`, { headers: { Authorization: `Bearer ${token}` } });
+    // The page ended one of the other sessions; after "log out everywhere" every one is over.
+    const token = await pageA.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')).access_token);
+    await pageA.click('#logout-all');
+    await pageA.waitForSelector('#auth-view:not([hidden])');
+    assert.equal((await me(token)).status, 401);
+    assert.equal((await me(phone.access_token)).status, 401);
+  });
+
   assert.deepEqual(errors, [], 'no script errors on the pages');
   log(`screenshots in ${ARTIFACTS}`);
   console.log('BROWSER TEST OK: every check passed');
