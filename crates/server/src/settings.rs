@@ -332,8 +332,11 @@ pub struct LimitSettings {
     pub messages_per_minute: u32,
     /// How many messages may arrive at once before the per-minute rate applies.
     pub message_burst: u32,
-    /// Open WebSocket connections per user.
+    /// Open connections per user: WebSockets and server-sent event streams together.
     pub max_connections_per_user: usize,
+    /// Direct completions (`/v1/chat/completions` on the local model) one user may have in
+    /// progress at once; a streaming one holds its place until the stream ends.
+    pub max_completions_per_user: usize,
     /// Login attempts per account per 5 minutes.
     pub login_attempts_per_account: u32,
     /// Login attempts per client address per 5 minutes.
@@ -347,6 +350,7 @@ impl Default for LimitSettings {
             messages_per_minute: 30,
             message_burst: 10,
             max_connections_per_user: 10,
+            max_completions_per_user: 2,
             login_attempts_per_account: 10,
             login_attempts_per_address: 100,
         }

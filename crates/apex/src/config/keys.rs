@@ -226,9 +226,17 @@ pub(super) static KEYS: &[Key] = &[
         "max_connections_per_user",
         "limits.max_connections_per_user",
         "APEX_MAX_CONNECTIONS_PER_USER",
-        "Open WebSocket connections per user.",
+        "Open connections per user: WebSockets and server-sent event streams together.",
     )
     .flag("max-connections-per-user", "N"),
+    key(
+        "max_completions_per_user",
+        "limits.max_completions_per_user",
+        "APEX_MAX_COMPLETIONS_PER_USER",
+        "Direct completions (`/v1/chat/completions` on the local model) one user may have in \
+         progress at once; a stream holds its place until it ends.",
+    )
+    .flag("max-completions-per-user", "N"),
     key(
         "template_stream_delay_ms",
         "llm.template_stream_delay_ms",

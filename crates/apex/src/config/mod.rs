@@ -136,6 +136,7 @@ struct Limits {
     messages_per_minute: Int<1, { u32::MAX as u64 }>,
     message_burst: Int<1, { u32::MAX as u64 }>,
     max_connections_per_user: Int<1, 100_000>,
+    max_completions_per_user: Int<1, 100_000>,
 }
 
 impl Default for Limits {
@@ -145,6 +146,7 @@ impl Default for Limits {
             messages_per_minute: Int::new(30),
             message_burst: Int::new(10),
             max_connections_per_user: Int::new(10),
+            max_completions_per_user: Int::new(2),
         }
     }
 }
@@ -352,6 +354,7 @@ impl Config {
         settings.limits.messages_per_minute = limits.messages_per_minute.to_u32();
         settings.limits.message_burst = limits.message_burst.to_u32();
         settings.limits.max_connections_per_user = limits.max_connections_per_user.to_usize();
+        settings.limits.max_completions_per_user = limits.max_completions_per_user.to_usize();
         settings.max_runs_per_instance = runs.max_per_instance.to_usize();
         settings.queue_poll_interval = runs.queue_poll_interval_ms.millis();
         settings.run_max_attempts = runs.max_attempts.to_u32();
