@@ -145,7 +145,7 @@ if [ ${#browser_missing[@]} -gt 0 ]; then
 fi
 
 # --- the local model --------------------------------------------------------------------
-# The order crates/server/tests/llm/local_model.rs::model_path() looks in: APEX_TEST_MODEL
+# The order crates/server/tests/api/helpers.rs::model_path() looks in: APEX_TEST_MODEL
 # alone when set, else the per-machine cache, else the repository's data folder.
 if [ -n "${APEX_TEST_MODEL:-}" ]; then
     model_candidates=("$APEX_TEST_MODEL")
@@ -164,8 +164,8 @@ for candidate in "${model_candidates[@]}"; do
 done
 if [ -z "$model_found" ]; then
     joined=$(printf '%s, ' "${model_candidates[@]}")
-    leave_out "llm: the local-model tests (local_model::*, openai_api::*)" \
-        'binary_id(apex-server::llm) & (test(/^local_model::/) | test(/^openai_api::/))' \
+    leave_out "the local-model tests (llm local_model::*, openai_api::*; api and api_postgres hostile_fairness::local_model_*)" \
+        '(binary_id(apex-server::llm) & (test(/^local_model::/) | test(/^openai_api::/))) | test(/^(api::)?hostile_fairness::local_model_/)' \
         "the local model is missing (looked for ${joined%, }); run scripts/fetch-model.sh or set APEX_TEST_MODEL to the file"
 fi
 

@@ -500,6 +500,7 @@ async fn triage_accuracy(
                 choice_prompt(request),
                 choice_labels(),
                 apex_server::llm::TokenMeter::default(),
+                None,
                 tokio_util::sync::CancellationToken::new(),
             )
             .await

@@ -71,8 +71,11 @@ pub enum ErrorCode {
     /// `/v1/chat/completions` with the local model: it could not answer (queue full,
     /// failure).
     LlmUnavailable,
-    /// The user has as many open WebSocket connections as allowed.
+    /// The user has as many open connections (WebSockets and event streams) as allowed.
     TooManyConnections,
+    /// `/v1/chat/completions` with the local model: the user has as many direct
+    /// completions in progress as allowed.
+    TooManyCompletions,
     /// A WebSocket frame of a type the server does not know.
     UnknownMessageType,
     /// The session the credential belongs to ended (logout, logout-all, revoked, or a
@@ -87,7 +90,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -111,6 +114,7 @@ impl ErrorCode {
         ErrorCode::RunFailed,
         ErrorCode::LlmUnavailable,
         ErrorCode::TooManyConnections,
+        ErrorCode::TooManyCompletions,
         ErrorCode::UnknownMessageType,
         ErrorCode::SessionEnded,
         ErrorCode::TokenExpired,
@@ -145,6 +149,7 @@ impl ErrorCode {
             ErrorCode::RunFailed => ("run_failed", "RUN_FAILED", 502),
             ErrorCode::LlmUnavailable => ("llm_unavailable", "LLM_UNAVAILABLE", 503),
             ErrorCode::TooManyConnections => ("too_many_connections", "TOO_MANY_CONNECTIONS", 429),
+            ErrorCode::TooManyCompletions => ("too_many_completions", "TOO_MANY_COMPLETIONS", 429),
             ErrorCode::UnknownMessageType => ("unknown_message_type", "UNKNOWN_MESSAGE_TYPE", 400),
             ErrorCode::SessionEnded => ("session_ended", "SESSION_ENDED", 401),
             ErrorCode::TokenExpired => ("token_expired", "TOKEN_EXPIRED", 401),
@@ -192,6 +197,8 @@ pub mod codes {
     pub const MODEL_NOT_FOUND: &str = C::ModelNotFound.rest();
     pub const RUN_FAILED: &str = C::RunFailed.rest();
     pub const LLM_UNAVAILABLE: &str = C::LlmUnavailable.rest();
+    pub const TOO_MANY_CONNECTIONS: &str = C::TooManyConnections.rest();
+    pub const TOO_MANY_COMPLETIONS: &str = C::TooManyCompletions.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

@@ -336,8 +336,11 @@ pub struct LimitSettings {
     pub messages_per_minute: u32,
     /// How many messages may arrive at once before the per-minute rate applies.
     pub message_burst: u32,
-    /// Open WebSocket connections per user.
+    /// Open connections per user: WebSockets and server-sent event streams together.
     pub max_connections_per_user: usize,
+    /// Direct completions (`/v1/chat/completions` on the local model) one user may have in
+    /// progress at once; a streaming one holds its place until the stream ends.
+    pub max_completions_per_user: usize,
     /// Login attempts per account per 5 minutes.
     pub login_attempts_per_account: u32,
     /// Login attempts per client address per 5 minutes.
@@ -348,8 +351,8 @@ pub struct LimitSettings {
     pub registrations_per_minute_total: u32,
     /// Refresh-token exchanges per client address per minute (0: no limit).
     pub refreshes_per_minute: u32,
-    /// Threads a user creates per minute, explicitly or by a message without one (0: no
-    /// limit).
+    /// Threads a user creates per minute with `POST /api/threads` (0: no limit); a message
+    /// without a thread is under the message rate already.
     pub threads_per_minute: u32,
     /// WebSocket tickets per user per minute (0: no limit).
     pub tickets_per_minute: u32,
@@ -364,6 +367,7 @@ impl Default for LimitSettings {
             messages_per_minute: 30,
             message_burst: 10,
             max_connections_per_user: 10,
+            max_completions_per_user: 2,
             login_attempts_per_account: 10,
             login_attempts_per_address: 100,
             registrations_per_minute: 20,

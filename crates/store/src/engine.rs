@@ -64,6 +64,16 @@ impl Backend {
         }
     }
 
+    /// [`Backend::skip_locked`] for a subquery that joins other relations: only the rows of
+    /// `alias` are locked (PostgreSQL refuses to lock the rows of a subquery with window
+    /// functions, and there is no need to).
+    pub(crate) fn skip_locked_of(self, alias: &str) -> String {
+        match self {
+            Backend::Sqlite => String::new(),
+            Backend::Postgres => format!(" FOR UPDATE OF {alias} SKIP LOCKED"),
+        }
+    }
+
     /// Whether writers run in parallel (PostgreSQL), so a transaction that changes several
     /// runs must lock them in one order to avoid deadlocks.
     pub(crate) fn parallel_writers(self) -> bool {

@@ -177,6 +177,9 @@ pub struct RunSubmission<'a> {
     /// starts it at once, saving a claim round trip before the first event. Not done while
     /// other runs wait in the queue, which would let a new run overtake them.
     pub claim_by: Option<&'a str>,
+    /// A thread to create for the message (which names it) in the same transaction: it is
+    /// stored only if the run is accepted, so refused messages leave no threads behind.
+    pub new_thread: Option<&'a ThreadRecord>,
 }
 
 /// What [`crate::Runs::submit_run`] did.

@@ -189,6 +189,41 @@ fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
 const RUNS_WAITING: &str =
     "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL)";
 
+/// Every queued, unclaimed run with its `turn` in the fair order of the queue: the number
+/// of runs its owner has executing (on any instance) plus its place among the owner's
+/// queued runs (1 for the oldest). Claiming in order of `turn`, then age, is the same as
+/// always taking the oldest queued run of the user with the fewest runs executing (counting
+/// the ones claimed before it): a user's second queued run ranks behind every other user's
+/// first, so one user's many runs never keep another's waiting for more than one turn.
+/// Computed without row locks (PostgreSQL allows no `FOR UPDATE` with window functions);
+/// the claim locks the runs it takes, and skips any another claimer has taken meanwhile.
+const FAIR_QUEUE: &str = "SELECT q.id, \
+         ROW_NUMBER() OVER (PARTITION BY q.user_id ORDER BY q.created_at, q.id) \
+         + COALESCE(busy.executing, 0) AS turn \
+     FROM runs q LEFT JOIN (SELECT user_id, COUNT(*) AS executing FROM runs \
+                            WHERE status = 'running' GROUP BY user_id) busy \
+          ON busy.user_id = q.user_id \
+     WHERE q.status = 'queued' AND q.instance_id IS NULL";
+
+const INSERT_THREAD: &str =
+    "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// [`INSERT_THREAD`] with `thread` of `owner` bound.
+fn bind_thread<'q>(
+    query: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>>,
+    owner: UserId,
+    thread: &'q ThreadRecord,
+) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>> {
+    query
+        .bind(thread.id.to_string())
+        .bind(owner.to_string())
+        .bind(&thread.title)
+        .bind(thread.metadata.to_string())
+        .bind(thread.created_at_ms)
+        .bind(thread.updated_at_ms)
+}
+
 /// Appends `message` to a thread of `owner` inside `tx`; `false` if the thread is not theirs.
 async fn insert_message_in(
     tx: &mut sqlx::Transaction<'_, Db>,
@@ -577,18 +612,9 @@ async fn end_session_rows(
 #[async_trait]
 impl Threads for Shell {
     async fn create_thread(&self, owner: UserId, thread: &ThreadRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(thread.id.to_string())
-        .bind(owner.to_string())
-        .bind(&thread.title)
-        .bind(thread.metadata.to_string())
-        .bind(thread.created_at_ms)
-        .bind(thread.updated_at_ms)
-        .execute(&self.writes)
-        .await?;
+        bind_thread(sqlx::query(INSERT_THREAD), owner, thread)
+            .execute(&self.writes)
+            .await?;
         Ok(())
     }
     async fn list_threads(
@@ -777,6 +803,12 @@ impl Runs for Shell {
                 .execute(&mut *tx)
                 .await?;
         }
+        // A new thread is created here, not before: a refused message rolls it back.
+        if let Some(thread) = submission.new_thread {
+            bind_thread(sqlx::query(INSERT_THREAD), owner, thread)
+                .execute(&mut *tx)
+                .await?;
+        }
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(SubmitOutcome::ThreadNotFound);
         }
@@ -835,14 +867,17 @@ impl Runs for Shell {
         now_ms: i64,
     ) -> StoreResult<Vec<QueueEntry>> {
         // One statement. Two claimers cannot take one run: SQLite has one writer, and
-        // PostgreSQL's claimers skip the rows another is taking (see `skip_locked`).
+        // PostgreSQL's claimers skip the rows another is taking (see `skip_locked_of`).
+        // The order is the fair share (see `FAIR_QUEUE`), not first come: one user's many
+        // queued runs cannot hold another user's run back.
         let rows = sqlx::query(&format!(
             "UPDATE runs SET status = 'running', instance_id = $1, heartbeat_at = $2, \
                  attempts = attempts + 1, started_at = COALESCE(started_at, $2) \
-             WHERE id IN (SELECT id FROM runs WHERE status = 'queued' AND instance_id IS NULL \
-                          ORDER BY created_at, id LIMIT $3{}) \
+             WHERE id IN (SELECT r.id FROM runs r JOIN ({FAIR_QUEUE}) fair ON fair.id = r.id \
+                          WHERE r.status = 'queued' AND r.instance_id IS NULL \
+                          ORDER BY fair.turn, r.created_at, r.id LIMIT $3{}) \
              RETURNING {QUEUE_COLUMNS}",
-            ENGINE.skip_locked()
+            ENGINE.skip_locked_of("r")
         ))
         .bind(instance)
         .bind(now_ms)

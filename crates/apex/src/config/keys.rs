@@ -226,7 +226,7 @@ pub(super) static KEYS: &[Key] = &[
         "max_connections_per_user",
         "limits.max_connections_per_user",
         "APEX_MAX_CONNECTIONS_PER_USER",
-        "Open WebSocket connections per user.",
+        "Open connections per user: WebSockets and server-sent event streams together.",
     )
     .flag("max-connections-per-user", "N"),
     key(
@@ -254,7 +254,7 @@ pub(super) static KEYS: &[Key] = &[
         "threads_per_minute",
         "limits.threads_per_minute",
         "APEX_THREADS_PER_MINUTE",
-        "Threads a user creates per minute, explicitly or by a message without one (0: no limit).",
+        "Threads a user creates per minute with POST /api/threads (0: no limit).",
     )
     .flag("threads-per-minute", "N"),
     key(
@@ -271,6 +271,14 @@ pub(super) static KEYS: &[Key] = &[
         "Usage imports per user per minute (0: no limit).",
     )
     .flag("imports-per-minute", "N"),
+    key(
+        "max_completions_per_user",
+        "limits.max_completions_per_user",
+        "APEX_MAX_COMPLETIONS_PER_USER",
+        "Direct completions (`/v1/chat/completions` on the local model) one user may have in \
+         progress at once; a stream holds its place until it ends.",
+    )
+    .flag("max-completions-per-user", "N"),
     key(
         "template_stream_delay_ms",
         "llm.template_stream_delay_ms",

@@ -142,6 +142,7 @@ struct Limits {
     threads_per_minute: Int<0, { u32::MAX as u64 }>,
     tickets_per_minute: Int<0, { u32::MAX as u64 }>,
     imports_per_minute: Int<0, { u32::MAX as u64 }>,
+    max_completions_per_user: Int<1, 100_000>,
 }
 
 impl Default for Limits {
@@ -159,6 +160,7 @@ impl Default for Limits {
             threads_per_minute: Int::new(server.threads_per_minute.into()),
             tickets_per_minute: Int::new(server.tickets_per_minute.into()),
             imports_per_minute: Int::new(server.imports_per_minute.into()),
+            max_completions_per_user: Int::new(2),
         }
     }
 }
@@ -373,6 +375,7 @@ impl Config {
         settings.limits.threads_per_minute = limits.threads_per_minute.to_u32();
         settings.limits.tickets_per_minute = limits.tickets_per_minute.to_u32();
         settings.limits.imports_per_minute = limits.imports_per_minute.to_u32();
+        settings.limits.max_completions_per_user = limits.max_completions_per_user.to_usize();
         settings.max_runs_per_instance = runs.max_per_instance.to_usize();
         settings.queue_poll_interval = runs.queue_poll_interval_ms.millis();
         settings.run_max_attempts = runs.max_attempts.to_u32();

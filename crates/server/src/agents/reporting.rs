@@ -276,6 +276,7 @@ impl ReportingAgent {
     ) -> Result<String, LlmError> {
         let mut request = LlmRequest::new(slot.messages.clone(), Value::Null, slot.max_tokens);
         request.tokens = meter.clone();
+        request.user = Some(cx.ctx.user_id());
         request.temperature = Some(0.0);
         request.repetition = Repetition::AGENT;
         request.stop = answer::SLOT_STOPS.iter().map(|s| s.to_string()).collect();

@@ -796,6 +796,7 @@ impl TriageAgent {
                 choice_prompt(request),
                 choice_labels(),
                 meter.clone(),
+                Some(cx.ctx.user_id()),
                 cx.ctx.cancellation().clone(),
             )
             .await;

@@ -6,6 +6,12 @@
 //! is either in the replay or arrives live, and the cursor drops the copy that would
 //! otherwise arrive twice. A subscriber that falls behind the bus, or whose bus reconnected
 //! (events may have been lost between instances), catches up from the log.
+//!
+//! Following ends at the run's end whatever the cursor: a cursor at or past the terminal
+//! event's seq (a client's `after_seq=999999`) must not hold the stream, and the user's
+//! connection slot with it, open until the follow limit. So the run's terminal event ends
+//! following even when its seq is not after the cursor (it is then not sent), and a run
+//! found ended once subscribed ends it at once.
 
 use std::time::Duration;
 
@@ -60,6 +66,25 @@ async fn replay(
     }
 }
 
+/// Whether `run`'s terminal event is in its log (the terminal event is always its last),
+/// or the run is gone: either way no event of it is still to come.
+async fn terminal_stored(store: &UserStore, run: &RunRecord) -> Result<bool, ()> {
+    let failed = |err: crate::store::StoreError| {
+        tracing::error!(error = %err, "reading the followed run failed");
+    };
+    let Some(now) = store.get_run(run.id).await.map_err(failed)? else {
+        return Ok(true);
+    };
+    if !now.status.is_terminal() || now.last_seq == 0 {
+        return Ok(false);
+    }
+    let last = store
+        .list_events(run.id, now.last_seq - 1, 1)
+        .await
+        .map_err(failed)?;
+    Ok(last.first().is_some_and(|event| log::head(&event.json).1))
+}
+
 /// The events of `run` after `after_seq`, in seq order, ending with the terminal event (or
 /// earlier, if the log cannot be read or following takes longer than `limit`: the longest
 /// run plus a margin).
@@ -80,8 +105,23 @@ pub fn follow_run(
             if replay(&store, &run, &mut cursor, &tx).await? || run.status.is_terminal() {
                 return Ok::<(), ()>(());
             }
+            // `run` was read before the subscription was taken: the run may have ended in
+            // between, its terminal event published before we listened.
+            if terminal_stored(&store, &run).await? {
+                // The log has the rest (nothing, if the cursor is past the end).
+                replay(&store, &run, &mut cursor, &tx).await?;
+                return Ok(());
+            }
+            // Not stored yet: the terminal event is published after it is stored, and we are
+            // subscribed, so it arrives below.
             loop {
                 match subscription.recv().await {
+                    // The run's end ends following, even when the cursor is past it.
+                    Ok(event)
+                        if event.run_id == run.id && event.terminal && event.seq <= cursor =>
+                    {
+                        return Ok(());
+                    }
                     // A hole before this event (lost between instances): fill it from the store.
                     Ok(event) if event.run_id == run.id && event.seq > cursor + 1 => {
                         if replay(&store, &run, &mut cursor, &tx).await? {

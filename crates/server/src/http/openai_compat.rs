@@ -8,7 +8,10 @@
 //!   run's final response, streamed as it is written.
 //! - The embedded local model, when it is the configured provider, is offered under its own
 //!   name and answers the messages directly. Its token use is recorded in the user's usage
-//!   data like every other LLM request Apex makes for them.
+//!   data like every other LLM request Apex makes for them. Besides the message rate, a
+//!   user may have at most `max_completions_per_user` direct completions in progress (a
+//!   stream holds its place until it ends or its client goes away): the model's sequences
+//!   are shared by every user's runs, and one user's long streams must not hold them all.
 //!
 //! Errors keep Apex's one error shape, `{"error": {"code", "message"}}`, which OpenAI's
 //! clients read as an API error with that message.
@@ -31,8 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::extract::AuthUser;
 use super::openapi::{
-    Internal, InvalidJson, PayloadTooLarge, RateLimited, Unauthenticated, UnsupportedMediaType,
-    ValidationFailed,
+    Internal, InvalidJson, PayloadTooLarge, Unauthenticated, UnsupportedMediaType, ValidationFailed,
 };
 use super::ApiJson;
 use crate::auth::AuthenticatedUser;
@@ -180,7 +182,9 @@ pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) ->
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
-        (status = 429, response = RateLimited),
+        (status = 429, description = "Too many messages (code: `rate_limited`, with a `Retry-After` header), \
+            too many runs (model `apex`, code: `too_many_runs`), or too many direct completions in progress \
+            (the local model, code: `too_many_completions`)", body = ErrorBody),
         (status = 500, response = Internal),
         (status = 502, description = "Model `apex`: the run ended other than `completed` (code: `run_failed`)", body = ErrorBody),
         (status = 503, description = "The local model could not answer, or the server is shutting down (code: `llm_unavailable` or `shutting_down`)", body = ErrorBody),
@@ -409,10 +413,26 @@ async fn direct(
             return Err(ApiError::validation("temperature must be between 0 and 2"));
         }
     }
+    // Checked before the rate, so a refused request spends no message token. The slot is
+    // held until the answer is complete: by this function for a whole answer, by the
+    // response stream (which the server drops when the client goes away) for a stream.
+    let Some(slot) = state.limits.start_completion(user.user_id()) else {
+        crate::telemetry::limit_rejected("too_many_completions");
+        return Err(ApiError::client(
+            StatusCode::TOO_MANY_REQUESTS,
+            codes::TOO_MANY_COMPLETIONS,
+            format!(
+                "at most {} completions at once; wait for one to finish",
+                state.limits.settings.max_completions_per_user
+            ),
+        ));
+    };
     // A direct request is a message like any other: the same per-user rate limit.
     state.runs.check_message_rate(&user).await?;
     let mut request = LlmRequest::new(messages, Value::Null, max_tokens);
     request.temperature = body.temperature;
+    // The local engine takes waiting requests in turn per user.
+    request.user = Some(user.user_id());
     let tokens = request.tokens.clone();
     let provider = Arc::clone(&state.infra.llm);
     let model = provider.model_name().to_string();
@@ -456,6 +476,7 @@ async fn direct(
         }
         let usage = record(true).await;
         drop(guard);
+        drop(slot);
         return Ok(Json(completion(&id, &model, &answer, usage)).into_response());
     }
     struct Direct<S, R> {
@@ -464,6 +485,8 @@ async fn direct(
         text: S,
         record: R,
         _guard: tokio_util::sync::DropGuard,
+        /// The user's completion slot, freed when the stream ends or is dropped.
+        _slot: crate::limits::SlotGuard,
         started: bool,
         done: bool,
     }
@@ -473,6 +496,7 @@ async fn direct(
         text: text_stream,
         record,
         _guard: guard,
+        _slot: slot,
         started: false,
         done: false,
     };

@@ -200,6 +200,7 @@ pub struct EventsQuery {
         (status = 404, response = NotFound),
         (status = 410, description = "Events after `after_seq` were removed by retention; reload the thread (code: `resume_gap`)", body = ErrorBody),
         (status = 422, response = ValidationFailed),
+        (status = 429, description = "A stream, and the user already has as many open connections (WebSockets and streams) as allowed (code: `too_many_connections`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -243,7 +244,17 @@ pub async fn events(
         ));
     }
     if wants_stream {
-        return Ok(super::run_stream::stream(&state, &user, store, run, after_seq).into_response());
+        // A stream is held open like a WebSocket, and counts against the same cap.
+        let Some(slot) = state.limits.open_connection(user.user_id()) else {
+            crate::telemetry::limit_rejected("too_many_connections");
+            return Err(ApiError::client(
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::TOO_MANY_CONNECTIONS,
+                "too many connections for this user",
+            ));
+        };
+        let stream = super::run_stream::stream(&state, &user, store, run, after_seq, slot);
+        return Ok(stream.into_response());
     }
     let stored = store.list_events(id, after_seq, limit).await?;
     let events = stored

@@ -1,15 +1,16 @@
 //! Fair limits: per-user rate limits, connection caps and login throttling.
 //!
 //! These are the only shared structures keyed by user: they hold counters, never user
-//! data, and every entry disappears when it is no longer needed (a connection guard drops
-//! its count; a rate bucket that refilled completely is pruned). Limits count across all of
+//! data, and every entry disappears when it is no longer needed (a connection or completion
+//! guard drops its count; a rate bucket that refilled completely is pruned). Limits count across all of
 //! a user's connections and requests, because the key is the authenticated user id, not
 //! the connection. (Concurrent-run and busy-thread limits live with the running runs, in
 //! `run::registry`, where the check and the reservation happen under one lock.)
 //!
 //! With several instances (a Redis bus configured), the rate limits are kept in Redis by
 //! [`shared`], so they hold across instances; the in-process buckets then only stand in
-//! while Redis does not answer. Connection caps stay per instance.
+//! while Redis does not answer. Connection and completion caps stay per instance (they
+//! guard this instance's sockets and its local model).
 
 pub mod shared;
 
@@ -82,8 +83,10 @@ pub struct Limits {
     threads: RateLimiter<UserId>,
     tickets: RateLimiter<UserId>,
     imports: RateLimiter<UserId>,
-    /// Open connections per user; an entry exists only while the user has one.
-    connections: Arc<Mutex<HashMap<UserId, usize>>>,
+    /// Open connections per user (WebSockets and event streams).
+    connections: SlotCounter,
+    /// Direct completions in progress per user.
+    completions: SlotCounter,
 }
 
 const LOGIN_WINDOW: Duration = Duration::from_secs(300);
@@ -162,7 +165,8 @@ impl Limits {
             threads: per_minute(settings.threads_per_minute),
             tickets: per_minute(settings.tickets_per_minute),
             imports: per_minute(settings.imports_per_minute),
-            connections: Arc::new(Mutex::new(HashMap::new())),
+            connections: SlotCounter::default(),
+            completions: SlotCounter::default(),
             settings,
         }
     }
@@ -304,45 +308,70 @@ impl Limits {
         local.check(key)
     }
 
-    /// Registers a connection of `user`; `None` when they already have the maximum.
+    /// Registers a connection of `user` (a WebSocket or an event stream); `None` when they
+    /// already have the maximum.
     pub fn open_connection(&self, user: UserId) -> Option<ConnectionGuard> {
-        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        let count = connections.entry(user).or_insert(0);
-        if *count >= self.settings.max_connections_per_user {
-            if *count == 0 {
-                connections.remove(&user);
-            }
-            return None;
-        }
-        *count += 1;
-        Some(ConnectionGuard {
-            user,
-            connections: Arc::clone(&self.connections),
-        })
+        self.connections
+            .take(user, self.settings.max_connections_per_user)
+    }
+
+    /// Registers a direct completion of `user` for as long as the guard lives; `None` when
+    /// they already have `max_completions_per_user` in progress.
+    pub fn start_completion(&self, user: UserId) -> Option<SlotGuard> {
+        self.completions
+            .take(user, self.settings.max_completions_per_user)
     }
 
     /// Users with at least one open connection (for tests and metrics).
     pub fn users_with_connections(&self) -> usize {
-        self.connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.connections.users()
     }
 }
 
-/// Holds one connection slot of a user; dropping it frees the slot.
-pub struct ConnectionGuard {
-    user: UserId,
-    connections: Arc<Mutex<HashMap<UserId, usize>>>,
+/// How many slots of one kind each user holds; an entry exists only while the user holds
+/// one, so the map never outgrows the users active right now.
+#[derive(Default)]
+struct SlotCounter(Arc<Mutex<HashMap<UserId, usize>>>);
+
+impl SlotCounter {
+    /// One more slot for `user`, unless they hold `max` already.
+    fn take(&self, user: UserId, max: usize) -> Option<SlotGuard> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(user).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                counts.remove(&user);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(SlotGuard {
+            user,
+            counts: Arc::clone(&self.0),
+        })
+    }
+
+    fn users(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
-impl Drop for ConnectionGuard {
+/// Holds one slot of a user (a connection, a completion); dropping it frees the slot.
+pub struct SlotGuard {
+    user: UserId,
+    counts: Arc<Mutex<HashMap<UserId, usize>>>,
+}
+
+/// One open connection's slot.
+pub type ConnectionGuard = SlotGuard;
+
+impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = connections.get_mut(&self.user) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.user) {
             *count -= 1;
             if *count == 0 {
-                connections.remove(&self.user);
+                counts.remove(&self.user);
             }
         }
     }
@@ -383,5 +412,25 @@ mod tests {
         drop(a);
         assert!(limits.open_connection(user).is_some());
         assert_eq!(limits.users_with_connections(), 1);
+    }
+
+    #[test]
+    fn completion_slots_are_per_user_and_apart_from_connections() {
+        let limits = Limits::new(LimitSettings {
+            max_connections_per_user: 1,
+            max_completions_per_user: 2,
+            ..LimitSettings::default()
+        });
+        let (user, other) = (UserId::generate(), UserId::generate());
+        let _connection = limits.open_connection(user).unwrap();
+        let first = limits.start_completion(user).unwrap();
+        let _second = limits.start_completion(user).unwrap();
+        assert!(limits.start_completion(user).is_none(), "over the cap");
+        assert!(limits.start_completion(other).is_some(), "users are apart");
+        drop(first);
+        assert!(
+            limits.start_completion(user).is_some(),
+            "a freed slot is reusable"
+        );
     }
 }

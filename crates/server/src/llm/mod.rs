@@ -24,6 +24,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::ids::UserId;
 use crate::settings::{LlmProviderKind, Settings};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +74,10 @@ pub struct LlmRequest {
     /// Filled in by the provider with the tokens it processed; read by the caller once the
     /// answer has ended (see [`TokenMeter`]).
     pub tokens: TokenMeter,
+    /// The user the answer is for: a provider that queues requests (the local model) takes
+    /// waiting ones in turn per user, so one user's many requests cannot hold back
+    /// another's. `None` for work on no user's behalf (benchmarks, evaluations).
+    pub user: Option<UserId>,
 }
 
 /// How a self-decoding provider keeps an answer from repeating itself; see
@@ -148,6 +153,7 @@ impl LlmRequest {
             stop: Vec::new(),
             repetition: Repetition::OFF,
             tokens: TokenMeter::default(),
+            user: None,
         }
     }
 }
@@ -213,15 +219,18 @@ pub trait LlmProvider: Send + Sync + 'static {
     /// the model does, the result is one of the options, or `None` when it gives none).
     /// The default asks for a one-field JSON object whose value must be one of the options;
     /// the local model overrides it by scoring each option's likelihood.
+    /// `user` is whom the choice is for (see [`LlmRequest::user`]).
     async fn choose(
         &self,
         messages: Vec<ChatMessage>,
         options: Vec<String>,
         tokens: TokenMeter,
+        user: Option<UserId>,
         cancel: CancellationToken,
     ) -> Result<Option<usize>, LlmError> {
         let mut request = LlmRequest::new(messages, Value::Null, 16);
         request.tokens = tokens;
+        request.user = user;
         request.temperature = Some(0.0);
         request.schema = Some(ResponseSchema {
             name: "choice".into(),

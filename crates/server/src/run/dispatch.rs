@@ -5,11 +5,13 @@
 //! receiving instance has room and nothing else waits in the queue, already claimed by
 //! that instance in the same transaction, which then starts it at once with
 //! [`Runs::start`] (one commit fewer before the first event). Each process runs one
-//! [`Runs::dispatch`] loop that claims the oldest queued runs, up to
-//! `max_runs_per_instance` executing at once, and starts each with a fresh
-//! `AgentInstanceFactory` built from a context made of the run's stored ids (the claim is
-//! one statement: `FOR UPDATE SKIP LOCKED` on PostgreSQL, SQLite's single writer on the
-//! embedded store, so exactly one instance gets each run). A dispatcher wakes when:
+//! [`Runs::dispatch`] loop that claims queued runs, up to `max_runs_per_instance`
+//! executing at once, in fair order: the oldest queued run of the user with the fewest runs
+//! executing goes first (so one user's many queued runs cannot hold another's back), and
+//! starts each with a fresh `AgentInstanceFactory` built from a context made of the run's
+//! stored ids (the claim is one statement: `FOR UPDATE SKIP LOCKED` on PostgreSQL,
+//! SQLite's single writer on the embedded store, so exactly one instance gets each run).
+//! A dispatcher wakes when:
 //! - this process queued a run ([`Runs::wake_dispatcher`]): the common case is that the
 //!   instance that received the message runs it, without a round trip to anyone else;
 //! - another process announced queued runs (PostgreSQL `NOTIFY`, sent when an instance is

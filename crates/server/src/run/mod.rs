@@ -5,10 +5,11 @@
 //! `/v1/chat/completions`) goes through [`Runs::submit`], and every way a run can end
 //! goes through [`ending`]. In the order a run meets them:
 //!
-//! - [`submit`]: validates the message, creates the thread for a message without one, and
-//!   stores the message and its queued run in one transaction that enforces the user's
-//!   limits in the database (so they hold across instances). With room here and nothing
-//!   waiting, the same transaction claims the run and it starts at once.
+//! - [`submit`]: validates the message and stores it, its queued run and (for a message
+//!   without one) its new thread in one transaction that enforces the user's limits in the
+//!   database (so they hold across instances, and a refused message leaves no thread).
+//!   With room here and nothing waiting, the same transaction claims the run and it starts
+//!   at once.
 //! - [`registry`]: the runs executing in this process (owner and cancellation token per
 //!   run) and the places held for runs being submitted here.
 //! - [`dispatch`]: each instance's dispatcher claims queued runs while it has room and

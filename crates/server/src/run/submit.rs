@@ -1,8 +1,8 @@
 //! Submitting a run: the one road from a user's message to a queued (or started) run.
 //!
 //! [`Runs::submit`] is used by every entry point. It validates the message, creates the
-//! thread for a message that names none, and stores the message and the run answering it
-//! in one transaction that also enforces the user's limits (unfinished runs, one run per
+//! thread for a message that names none, and stores it, the message and the run answering
+//! it in one transaction that also enforces the user's limits (unfinished runs, one run per
 //! thread) in the database, so they hold across instances. If this instance has room (a
 //! [`RunReservation`](super::registry::RunReservation)) and no run waits in the queue,
 //! the same transaction claims the run and it starts at once; otherwise this instance's
@@ -112,15 +112,23 @@ impl Runs {
             return Err(SubmitError::ShuttingDown);
         }
         let store = UserStore::for_user(Arc::clone(&shared.infra.store), user);
-        let (thread, thread_created) = match thread {
-            // Unknown or foreign threads are answered before limits are spent on them.
-            Some(id) => match store.get_thread(id).await? {
-                Some(_) => (id, false),
-                None => return Err(SubmitError::ThreadNotFound),
-            },
-            None => (create_thread_for(&store, &text).await?, true),
-        };
+        // Unknown or foreign threads are answered before limits are spent on them.
+        if let Some(id) = thread {
+            if store.get_thread(id).await?.is_none() {
+                return Err(SubmitError::ThreadNotFound);
+            }
+        }
         self.check_message_rate(user).await?;
+        // A message without a thread gets one, stored by the same transaction as its run:
+        // a message the limits refuse leaves no thread behind.
+        let (thread, new_thread) = match thread {
+            Some(id) => (id, None),
+            None => {
+                let record = thread_for(&text);
+                (record.id, Some(record))
+            }
+        };
+        let thread_created = new_thread.is_some();
 
         let run_id = RunId::generate();
         let now = now_ms();
@@ -155,6 +163,7 @@ impl Runs {
             request_id: &request,
             max_unfinished,
             claim_by: reservation.as_ref().map(|_| shared.instance_id.as_str()),
+            new_thread: new_thread.as_ref(),
         };
         let claimed = match store.submit_run(&submission).await? {
             SubmitOutcome::Queued => false,
@@ -210,10 +219,10 @@ impl Runs {
     }
 }
 
-/// Creates the thread a message without one starts, titled from the message.
-async fn create_thread_for(store: &UserStore, text: &str) -> Result<ThreadId, StoreError> {
+/// The thread a message without one starts, titled from the message (stored with the run).
+fn thread_for(text: &str) -> ThreadRecord {
     let now = now_ms();
-    let record = ThreadRecord {
+    ThreadRecord {
         id: ThreadId::generate(),
         title: text
             .chars()
@@ -225,9 +234,7 @@ async fn create_thread_for(store: &UserStore, text: &str) -> Result<ThreadId, St
         created_at_ms: now,
         updated_at_ms: now,
         message_count: 0,
-    };
-    store.create_thread(&record).await?;
-    Ok(record.id)
+    }
 }
 
 /// The user's queued or running runs on every instance, newest first.

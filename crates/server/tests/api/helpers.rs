@@ -10,6 +10,7 @@
 //! a pass. `scripts/test.sh` leaves out the tests whose prerequisites are missing instead,
 //! so that nextest counts them as skipped.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use apex_protocol::auth::TokenPair;
@@ -587,4 +588,40 @@ pub async fn openai_package_check(
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("openai_check.py prints JSON")
+}
+
+/// The local model file the tests that need it load, looked for in the order
+/// `scripts/test.sh` checks:
+/// `APEX_TEST_MODEL` when set (only there: a wrong explicit path is an error, not a reason
+/// to load another file), else the per-machine cache
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/apex/models/`, else `<repo>/data/models/`. Fails the
+/// test, naming the places looked in, when there is none.
+pub fn model_path() -> PathBuf {
+    let set = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty());
+    let candidates: Vec<PathBuf> = match set("APEX_TEST_MODEL") {
+        Some(path) => vec![PathBuf::from(path)],
+        None => {
+            let cache = set("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| set("HOME").map(|home| PathBuf::from(home).join(".cache")));
+            let repo_data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data");
+            cache
+                .map(|cache| cache.join("apex"))
+                .into_iter()
+                .chain([repo_data])
+                .map(|dir| dir.join(apex_server::llm::local::DEFAULT_MODEL_FILE))
+                .collect()
+        }
+    };
+    if let Some(found) = candidates.iter().find(|path| path.is_file()) {
+        return found.clone();
+    }
+    let looked_in: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    missing_prerequisite(
+        &format!(
+            "the local model is missing (looked for {})",
+            looked_in.join(", then ")
+        ),
+        "run scripts/fetch-model.sh or set APEX_TEST_MODEL to the file",
+    )
 }

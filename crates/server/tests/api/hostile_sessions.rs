@@ -553,3 +553,39 @@ async fn the_retention_job_prunes_expired_tickets_tokens_and_ended_sessions() {
     assert!(removed >= 3, "ticket, refresh token and session: {removed}");
     assert_eq!(app.state.auth.prune(Duration::ZERO).await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_of_a_logged_out_session_ends_with_an_error_event() {
+    let app = spawn_app_with(|settings| {
+        // A run long enough to still be going when the session ends.
+        settings.template_stream_delay = Duration::from_millis(200);
+    })
+    .await;
+    let victim = app.register().await;
+    let mut ws = app.ws_connect(&victim).await;
+    let run = ws.start_run_id("How can I reduce my LLM costs?").await;
+    // The attacker follows the run with the stolen token.
+    let stream = app
+        .http
+        .get(app.url(&format!("/api/runs/{run}/events")))
+        .bearer_auth(victim.token())
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let response = app
+        .post_json("/auth/logout", Some(victim.token()), &json!({}))
+        .await;
+    assert_eq!(response.status(), 204);
+    let body = tokio::time::timeout(SESSION_END_BOUND, stream.text())
+        .await
+        .expect("the stream of the logged-out session must end")
+        .unwrap();
+    assert!(body.contains("event: error"), "{body}");
+    assert!(body.contains("session_ended"), "{body}");
+    assert!(
+        !body.contains("\"agent_name\":\"supervisor\",\"status\""),
+        "the run had not ended; its terminal event must not be what ended the stream: {body}"
+    );
+}

@@ -10,6 +10,7 @@ mod durability;
 mod golden_path;
 pub mod helpers;
 mod hostile;
+mod hostile_fairness;
 mod hostile_sessions;
 mod isolation;
 mod layers;

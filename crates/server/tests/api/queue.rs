@@ -192,6 +192,7 @@ async fn run_left_by_a_crash(max_attempts: u32) -> (TestApp, UserId, RunId) {
                 request_id: "request-of-the-crashed-process",
                 max_unfinished: 3,
                 claim_by: None,
+                new_thread: None,
             },
         )
         .await

@@ -669,6 +669,7 @@ async fn submit_as(
                 request_id: &request_id,
                 max_unfinished,
                 claim_by,
+                new_thread: None,
             },
         )
         .await

@@ -6,7 +6,6 @@
 //! where it is looked for. When it is missing these tests fail, naming the places looked
 //! in; `scripts/test.sh` leaves them out (counted as skipped) unless `CI` is set.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use apex_protocol::events::EventKind;
@@ -20,6 +19,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::helpers::model_path;
 use crate::helpers::{assert_contiguous_and_terminated, spawn_app_with, RunTranscript, WsClient};
 
 /// Like `WsClient::ask`, without the per-frame timeout (the caller bounds the whole run).
@@ -61,41 +61,6 @@ async fn ask_slowly(ws: &mut WsClient, text: &str) -> RunTranscript {
             };
         }
     }
-}
-
-/// The model file these tests load, looked for in the order `scripts/test.sh` checks:
-/// `APEX_TEST_MODEL` when set (only there: a wrong explicit path is an error, not a reason
-/// to load another file), else the per-machine cache
-/// `${XDG_CACHE_HOME:-$HOME/.cache}/apex/models/`, else `<repo>/data/models/`. Fails the
-/// test, naming the places looked in, when there is none.
-pub fn model_path() -> PathBuf {
-    let set = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty());
-    let candidates: Vec<PathBuf> = match set("APEX_TEST_MODEL") {
-        Some(path) => vec![PathBuf::from(path)],
-        None => {
-            let cache = set("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| set("HOME").map(|home| PathBuf::from(home).join(".cache")));
-            let repo_data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data");
-            cache
-                .map(|cache| cache.join("apex"))
-                .into_iter()
-                .chain([repo_data])
-                .map(|dir| dir.join(apex_server::llm::local::DEFAULT_MODEL_FILE))
-                .collect()
-        }
-    };
-    if let Some(found) = candidates.iter().find(|path| path.is_file()) {
-        return found.clone();
-    }
-    let looked_in: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-    crate::helpers::missing_prerequisite(
-        &format!(
-            "the local model is missing (looked for {})",
-            looked_in.join(", then ")
-        ),
-        "run scripts/fetch-model.sh or set APEX_TEST_MODEL to the file",
-    )
 }
 
 fn provider(path: &std::path::Path) -> LocalProvider {

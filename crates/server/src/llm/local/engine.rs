@@ -3,7 +3,9 @@
 //! Model inference is CPU-bound for tens of milliseconds per token, so it never runs on the
 //! async runtime's workers. [`Engine::start`] spawns `threads` OS threads (`apex-llm-N`);
 //! requests reach them through one bounded queue (a full queue makes `submit` wait, which
-//! is the server's back-pressure). Each thread keeps a small set of active sequences and
+//! is the server's back-pressure). The queue is a [`FairQueue`] keyed by the user each
+//! request serves: a thread with room takes the waiting requests round-robin across users,
+//! so one user's many requests cannot keep another's waiting behind all of them. Each thread keeps a small set of active sequences and
 //! advances them in turn, one step each (a prompt chunk, or one generated token), so a
 //! short answer is not stuck behind a long one and several users stream at the same time.
 //! Every sequence has its own KV cache over the shared weights (see [`super::model`]).
@@ -15,12 +17,13 @@
 //! The engine holds no per-user state between requests; dropping it closes the queue and
 //! the threads exit once their active sequences finish.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::fair_queue::FairQueue;
 use super::model::{LocalModel, Sequence};
 use super::sampling::{Sampler, SamplingConfig};
 use super::tokenizer::StreamDecoder;
@@ -78,6 +81,8 @@ pub struct Job {
     pub max_tokens: u32,
     pub sampling: SamplingConfig,
     pub repetition: crate::llm::Repetition,
+    /// The user the job serves: waiting jobs are taken in turn per user.
+    pub user: Option<crate::ids::UserId>,
     /// A scoring job: instead of generating, report how likely each of these tokens is to
     /// come next after the prompt ([`Output::Scores`]), then end.
     pub score: Option<Vec<u32>>,
@@ -87,19 +92,72 @@ pub struct Job {
 }
 
 pub struct Engine {
-    queue: mpsc::Sender<Job>,
+    waiting: Arc<Waiting>,
     model: Arc<LocalModel>,
+}
+
+/// The requests no thread has taken yet, shared by `submit` and the threads.
+struct Waiting {
+    queue: Mutex<Lanes>,
+    /// Signalled when a request is queued or the engine stops.
+    ready: Condvar,
+    /// One permit per place in the queue: `submit` waits for one (the back-pressure), and
+    /// a queued job holds it until a thread takes the job.
+    places: Arc<Semaphore>,
+}
+
+struct Lanes {
+    jobs: FairQueue<Option<crate::ids::UserId>, Queued>,
+    /// The engine was dropped: threads leave once nothing is waiting.
+    closed: bool,
+}
+
+struct Queued {
+    job: Job,
+    _place: OwnedSemaphorePermit,
+}
+
+impl Waiting {
+    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next job in fair order, waiting for one; `None` once the engine stopped and
+    /// nothing is left.
+    fn next_blocking(&self) -> Option<Job> {
+        let mut lanes = self.lanes();
+        loop {
+            if let Some(queued) = lanes.jobs.pop() {
+                return Some(queued.job);
+            }
+            if lanes.closed {
+                return None;
+            }
+            lanes = self.ready.wait(lanes).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The next job in fair order, if one is waiting.
+    fn try_next(&self) -> Option<Job> {
+        self.lanes().jobs.pop().map(|queued| queued.job)
+    }
 }
 
 impl Engine {
     /// Starts the inference threads over `model`.
     pub fn start(model: Arc<LocalModel>, config: EngineConfig) -> std::io::Result<Self> {
-        let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
-        let receiver = Arc::new(Mutex::new(receiver));
+        let waiting = Arc::new(Waiting {
+            queue: Mutex::new(Lanes {
+                jobs: FairQueue::default(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            places: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
+        });
         for index in 0..config.threads.max(1) {
             let worker = Worker {
                 model: Arc::clone(&model),
-                queue: Arc::clone(&receiver),
+                waiting: Arc::clone(&waiting),
                 max_active: config.max_active_per_thread.max(1),
                 active: Vec::new(),
             };
@@ -107,7 +165,7 @@ impl Engine {
                 .name(format!("apex-llm-{index}"))
                 .spawn(move || worker.run())?;
         }
-        Ok(Self { queue, model })
+        Ok(Self { waiting, model })
     }
 
     pub fn model(&self) -> &LocalModel {
@@ -117,16 +175,31 @@ impl Engine {
     /// Queues a request, waiting while the queue is full.
     pub async fn submit(&self, job: Job) -> Result<(), LlmError> {
         let cancel = job.cancel.clone();
-        let queued = metrics::gauge!(crate::telemetry::LLM_QUEUE);
-        queued.increment(1.0);
-        let sent = tokio::select! {
-            _ = cancel.cancelled() => Err(LlmError::Cancelled),
-            sent = self.queue.send(job) => sent.map_err(|_| LlmError::Provider("the local model stopped".into())),
+        let places = Arc::clone(&self.waiting.places);
+        let place = tokio::select! {
+            _ = cancel.cancelled() => return Err(LlmError::Cancelled),
+            place = places.acquire_owned() => place
+                .map_err(|_| LlmError::Provider("the local model stopped".into()))?,
         };
-        if sent.is_err() {
-            queued.decrement(1.0);
+        {
+            let mut lanes = self.waiting.lanes();
+            if lanes.closed {
+                return Err(LlmError::Provider("the local model stopped".into()));
+            }
+            lanes.jobs.push(job.user, Queued { job, _place: place });
         }
-        sent
+        metrics::gauge!(crate::telemetry::LLM_QUEUE).increment(1.0);
+        self.waiting.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    /// Closes the queue: the threads finish what they have, then exit.
+    fn drop(&mut self) {
+        self.waiting.lanes().closed = true;
+        self.waiting.places.close();
+        self.waiting.ready.notify_all();
     }
 }
 
@@ -151,7 +224,7 @@ enum Step {
 
 struct Worker {
     model: Arc<LocalModel>,
-    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    waiting: Arc<Waiting>,
     max_active: usize,
     active: Vec<Active>,
 }
@@ -160,27 +233,17 @@ impl Worker {
     fn run(mut self) {
         loop {
             if self.active.is_empty() {
-                // Idle: wait for work. Another idle thread may hold the lock while waiting.
-                let job = match self.queue.lock() {
-                    Ok(mut queue) => queue.blocking_recv(),
-                    Err(_) => None,
-                };
-                match job {
+                // Idle: wait for work.
+                match self.waiting.next_blocking() {
                     Some(job) => self.admit(job),
                     None => return,
                 }
             }
             // Take more work while there is room, without waiting for it.
             while self.active.len() < self.max_active {
-                let Ok(mut queue) = self.queue.try_lock() else {
-                    break;
-                };
-                match queue.try_recv() {
-                    Ok(job) => {
-                        drop(queue);
-                        self.admit(job);
-                    }
-                    Err(_) => break,
+                match self.waiting.try_next() {
+                    Some(job) => self.admit(job),
+                    None => break,
                 }
             }
             let mut index = 0;

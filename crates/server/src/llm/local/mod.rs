@@ -7,6 +7,7 @@
 //!   cache, and per-request sequences (own KV cache over shared weights);
 //! - [`sampling`]: greedy by default, temperature/top-p when configured;
 //! - [`engine`]: dedicated inference threads fed by a bounded queue;
+//! - [`fair_queue`]: the engine's waiting requests, taken in turn per user;
 //! - [`provider`]: [`LocalProvider`], the `LlmProvider` implementation.
 //!
 //! The model file comes from `scripts/fetch-model.sh`, once per machine; see
@@ -14,6 +15,7 @@
 
 pub mod chatml;
 pub mod engine;
+pub mod fair_queue;
 pub mod model;
 pub mod provider;
 pub mod sampling;

@@ -108,6 +108,7 @@ impl LocalProvider {
                     None => self.options.sampling,
                 },
                 repetition: request.repetition,
+                user: request.user,
                 score,
                 seed,
                 cancel,
@@ -141,6 +142,7 @@ impl LlmProvider for LocalProvider {
         messages: Vec<crate::llm::ChatMessage>,
         options: Vec<String>,
         tokens: crate::llm::TokenMeter,
+        user: Option<crate::ids::UserId>,
         cancel: CancellationToken,
     ) -> Result<Option<usize>, LlmError> {
         let Some(candidates) = first_tokens(&self.model().tokenizer, &options) else {
@@ -148,6 +150,7 @@ impl LlmProvider for LocalProvider {
         };
         let mut request = LlmRequest::new(messages, serde_json::Value::Null, 1);
         request.tokens = tokens.clone();
+        request.user = user;
         let (mut receiver, prompt_tokens) = self
             .submit_counted(request, Some(candidates), cancel)
             .await?;
