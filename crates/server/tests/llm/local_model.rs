@@ -202,6 +202,63 @@ async fn cancelling_stops_generation() {
     );
 }
 
+/// The engine takes waiting requests in turn per user: with one sequence at a time, a
+/// user's request queued behind another user's four waits for at most one of them, where
+/// first come would serve it last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_takes_waiting_requests_in_turn_per_user() {
+    use apex_server::ids::UserId;
+    use apex_server::llm::local::EngineConfig;
+    let path = model_path();
+    let provider = tokio::task::spawn_blocking(move || {
+        let options = LocalOptions {
+            engine: EngineConfig {
+                threads: 1,
+                queue_capacity: 64,
+                max_active_per_thread: 1,
+            },
+            ..LocalOptions::default()
+        };
+        LocalProvider::load(&path, options).expect("load the local model")
+    })
+    .await
+    .unwrap();
+    let (mallory, alice) = (UserId::generate(), UserId::generate());
+    let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    // `stream` returns once the request is queued, so the queue order is this order.
+    let requests = [
+        ("mallory-1", mallory),
+        ("mallory-2", mallory),
+        ("mallory-3", mallory),
+        ("mallory-4", mallory),
+        ("alice", alice),
+    ];
+    for (label, user) in requests {
+        let mut request = question("Name a colour.", 4);
+        request.user = Some(user);
+        let mut stream = provider
+            .stream(request, CancellationToken::new())
+            .await
+            .unwrap();
+        let finished = Arc::clone(&finished);
+        readers.push(tokio::spawn(async move {
+            while let Some(chunk) = stream.next().await {
+                chunk.expect("a chunk");
+            }
+            finished.lock().unwrap().push(label);
+        }));
+    }
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let order = finished.lock().unwrap().clone();
+    let alice_at = order.iter().position(|l| *l == "alice").unwrap();
+    // Mallory's first may already be generating and her second be served in turn before
+    // Alice's lane comes up; never more.
+    assert!(alice_at <= 2, "alice finished at {alice_at}: {order:?}");
+}
+
 #[test]
 fn the_requantized_weights_are_cached_next_to_the_original() {
     let path = model_path();

@@ -186,9 +186,10 @@ impl Engine {
             if lanes.closed {
                 return Err(LlmError::Provider("the local model stopped".into()));
             }
+            // Counted before a thread can take it (and count it out) in `admit`.
+            metrics::gauge!(crate::telemetry::LLM_QUEUE).increment(1.0);
             lanes.jobs.push(job.user, Queued { job, _place: place });
         }
-        metrics::gauge!(crate::telemetry::LLM_QUEUE).increment(1.0);
         self.waiting.ready.notify_one();
         Ok(())
     }
