@@ -12,6 +12,7 @@ mod chat;
 mod config;
 mod eval;
 mod live;
+mod terminal;
 mod usage;
 mod user;
 
@@ -318,7 +319,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // The chain may quote the server (a refusal's message): never its escapes.
+            eprintln!("error: {}", terminal::clean(&format!("{err:#}")));
             std::process::ExitCode::FAILURE
         }
     }

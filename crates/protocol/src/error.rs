@@ -75,13 +75,16 @@ pub enum ErrorCode {
     TooManyConnections,
     /// A WebSocket frame of a type the server does not know.
     UnknownMessageType,
+    /// A usage import would leave the user with more stored rows than allowed; nothing of
+    /// it was stored.
+    ImportQuotaExceeded,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -106,6 +109,7 @@ impl ErrorCode {
         ErrorCode::LlmUnavailable,
         ErrorCode::TooManyConnections,
         ErrorCode::UnknownMessageType,
+        ErrorCode::ImportQuotaExceeded,
         ErrorCode::Internal,
     ];
 
@@ -138,6 +142,9 @@ impl ErrorCode {
             ErrorCode::LlmUnavailable => ("llm_unavailable", "LLM_UNAVAILABLE", 503),
             ErrorCode::TooManyConnections => ("too_many_connections", "TOO_MANY_CONNECTIONS", 429),
             ErrorCode::UnknownMessageType => ("unknown_message_type", "UNKNOWN_MESSAGE_TYPE", 400),
+            ErrorCode::ImportQuotaExceeded => {
+                ("import_quota_exceeded", "IMPORT_QUOTA_EXCEEDED", 409)
+            }
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -182,6 +189,7 @@ pub mod codes {
     pub const MODEL_NOT_FOUND: &str = C::ModelNotFound.rest();
     pub const RUN_FAILED: &str = C::RunFailed.rest();
     pub const LLM_UNAVAILABLE: &str = C::LlmUnavailable.rest();
+    pub const IMPORT_QUOTA_EXCEEDED: &str = C::ImportQuotaExceeded.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

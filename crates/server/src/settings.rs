@@ -220,6 +220,14 @@ pub struct Settings {
     /// Browser origins allowed to call the API with credentials (CORS) and to open the
     /// WebSocket. Empty: no cross-origin access.
     pub cors_allowed_origins: Vec<String>,
+    /// The browser origins Apex's own pages are served from (`https://apex.example.com`),
+    /// allowed to open the WebSocket besides `cors_allowed_origins`; the first also names
+    /// the URL in WebSocket tickets. Empty (the default): the loopback origins of the port
+    /// the server listens on (`http://127.0.0.1:PORT`, `http://localhost:PORT`,
+    /// `http://[::1]:PORT`), filled in by [`crate::serve`]. A page's origin is never
+    /// compared with the request's `Host` header, which DNS rebinding lets an attacker's
+    /// page choose.
+    pub public_origins: Vec<String>,
     /// A development deployment: enables `dev_login` and reports itself in `/auth/config`.
     pub development_mode: bool,
     /// `POST /auth/dev/login` (log in or register in one call); needs `development_mode`.
@@ -278,6 +286,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             limits: LimitSettings::default(),
             cors_allowed_origins: Vec::new(),
+            public_origins: Vec::new(),
             development_mode: false,
             dev_login: false,
             legacy_client: LegacyClientSettings::default(),
@@ -338,6 +347,10 @@ pub struct LimitSettings {
     pub login_attempts_per_account: u32,
     /// Login attempts per client address per 5 minutes.
     pub login_attempts_per_address: u32,
+    /// Most usage rows one user may have stored; an import that would go past it is
+    /// refused whole (`import_quota_exceeded`). Rows the server adds itself (demo data, its
+    /// own LLM calls) count but are never refused.
+    pub import_row_quota: u64,
 }
 
 impl Default for LimitSettings {
@@ -349,6 +362,7 @@ impl Default for LimitSettings {
             max_connections_per_user: 10,
             login_attempts_per_account: 10,
             login_attempts_per_address: 100,
+            import_row_quota: 1_000_000,
         }
     }
 }

@@ -10,6 +10,7 @@ mod durability;
 mod golden_path;
 pub mod helpers;
 mod hostile;
+mod hostile_hygiene;
 mod isolation;
 mod layers;
 mod lifecycle;
