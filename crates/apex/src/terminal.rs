@@ -41,12 +41,21 @@ pub fn clean(text: &str) -> String {
     out
 }
 
-/// Every string in `value` (keys left alone) passed through [`clean`].
+/// Every string in `value`, keys included, passed through [`clean`]. Keys too: a tool's
+/// parameters are printed as JSON, whose escaping leaves C1 controls and bidi overrides.
 pub fn clean_json(value: &mut Value) {
     match value {
         Value::String(text) => *text = clean(text),
         Value::Array(items) => items.iter_mut().for_each(clean_json),
-        Value::Object(fields) => fields.values_mut().for_each(clean_json),
+        Value::Object(fields) => {
+            *fields = std::mem::take(fields)
+                .into_iter()
+                .map(|(key, mut value)| {
+                    clean_json(&mut value);
+                    (clean(&key), value)
+                })
+                .collect();
+        }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
@@ -120,12 +129,12 @@ mod tests {
         let mut value = serde_json::json!({
             "content": "\u{1b}[2Jhi",
             "list": ["\u{1b}]0;t\u{7}a", 1, null],
-            "nested": {"name": "b\u{202e}"}
+            "nested": {"name": "b\u{202e}", "k\u{9b}2J": true}
         });
         clean_json(&mut value);
         assert_eq!(
             value,
-            serde_json::json!({"content": "hi", "list": ["a", 1, null], "nested": {"name": "b"}})
+            serde_json::json!({"content": "hi", "list": ["a", 1, null], "nested": {"name": "b", "k": true}})
         );
     }
 }
