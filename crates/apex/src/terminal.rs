@@ -100,7 +100,10 @@ mod tests {
     #[test]
     fn removes_escape_sequences_and_keeps_the_text() {
         assert_eq!(clean("a\u{1b}]0;pwned\u{7}b"), "ab");
-        assert_eq!(clean("a\u{1b}]8;;http://x\u{1b}\\link\u{1b}]8;;\u{1b}\\"), "alink");
+        assert_eq!(
+            clean("a\u{1b}]8;;http://x\u{1b}\\link\u{1b}]8;;\u{1b}\\"),
+            "alink"
+        );
         assert_eq!(clean("\u{1b}[2Jclear\u{1b}[1;31mred\u{1b}[0m"), "clearred");
         assert_eq!(clean("\u{1b}[?1049h"), "");
         assert_eq!(clean("\u{1b}Pq#0;2;0;0;0\u{1b}\\x"), "x");
@@ -114,7 +117,10 @@ mod tests {
 
     #[test]
     fn removes_controls_but_newline_and_tab() {
-        assert_eq!(clean("a\tb\nc\rd\u{8}e\u{7}f\u{0}g\u{7f}h\u{85}i"), "a\tb\ncdefghi");
+        assert_eq!(
+            clean("a\tb\nc\rd\u{8}e\u{7}f\u{0}g\u{7f}h\u{85}i"),
+            "a\tb\ncdefghi"
+        );
         assert_eq!(clean("gpt-4o — ✓ ok é 中文"), "gpt-4o — ✓ ok é 中文");
     }
 

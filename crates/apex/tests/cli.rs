@@ -542,7 +542,7 @@ fn server_supplied_text_is_printed_without_terminal_escapes() {
         &csv,
         format!(
             "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status,cost_usd\n\
-             acme,evil\x1b]0;pwned\x07model,wipe\x1b[2Jout\u{{202e}}txt,{stamp},1000,100,900,ok,5000\n"
+             acme,evil\x1b]0;pwned\x07model,wipe\x1b[2Jout\u{202e}txt,{stamp},1000,100,900,ok,5000\n"
         ),
     )
     .unwrap();
@@ -563,7 +563,10 @@ fn server_supplied_text_is_printed_without_terminal_escapes() {
     let summary = run(&["usage", "summary", "--days", "2"]);
     let out = String::from_utf8_lossy(&summary.stdout);
     assert!(summary.status.success(), "{out}");
-    assert!(out.contains("evilmodel"), "the sequence is gone, the name stays: {out}");
+    assert!(
+        out.contains("evilmodel"),
+        "the sequence is gone, the name stays: {out}"
+    );
     assert!(out.contains("wipeouttxt"), "{out}");
     let chat = run(&[
         "chat",

@@ -284,7 +284,10 @@ pub async fn serve(
     let mut state = state;
     if state.settings.public_origins.is_empty() {
         // Only now is the port known (tests and `--bind HOST:0` pick a free one).
-        let port = listener.local_addr().context("the listener's address")?.port();
+        let port = listener
+            .local_addr()
+            .context("the listener's address")?
+            .port();
         let mut settings = (*state.settings).clone();
         settings.public_origins = ws::loopback_origins(port);
         state.settings = Arc::new(settings);

@@ -12,8 +12,9 @@ use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
-    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
-    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RunRecord, RunSubmission,
+    SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord,
+    UsageDayTotals, UsageRow, UsageTotals,
 };
 use apex_protocol::threads::RunStatus;
 

@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RunRecord, RunSubmission, SavingsQuery,
-    SavingsTotals, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow,
-    UsageTotals, UserRecord,
+    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RunRecord, RunSubmission,
+    SavingsQuery, SavingsTotals, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord,
+    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
 };
 use apex_protocol::threads::RunStatus;
 

@@ -41,8 +41,8 @@ use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
-use tokio::sync::mpsc;
 use sha2::Sha256;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::bus::{BusEvent, BusHealth, EventBus, InProcessBus, UserSubscription};

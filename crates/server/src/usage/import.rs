@@ -207,7 +207,13 @@ mod tests {
             status: None,
             cost_usd: Some(cost),
         };
-        for bad in [1.7e308, f64::INFINITY, f64::NAN, -0.01, MAX_COST_USD * 1.000001] {
+        for bad in [
+            1.7e308,
+            f64::INFINITY,
+            f64::NAN,
+            -0.01,
+            MAX_COST_USD * 1.000001,
+        ] {
             let err = validate(vec![row(0.5), row(bad)], &pricing).unwrap_err();
             assert!(
                 matches!(&err, ImportError::Row { index: 1, reason } if reason.contains("cost_usd")),

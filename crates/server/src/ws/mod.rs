@@ -133,7 +133,9 @@ pub fn ticket_websocket_url(public: &[String], headers: &HeaderMap) -> String {
         if let Some(rest) = origin.strip_prefix("https://") {
             Some((true, rest.to_string()))
         } else {
-            origin.strip_prefix("http://").map(|rest| (false, rest.to_string()))
+            origin
+                .strip_prefix("http://")
+                .map(|rest| (false, rest.to_string()))
         }
     };
     let chosen = public
@@ -309,7 +311,8 @@ mod tests {
     fn only_listed_origins_pass_whatever_the_host_says() {
         let public = loopback_origins(8000);
         let cors = vec!["https://chat.example.com/".to_string()];
-        let allowed = |pairs: &[(&'static str, &str)]| origin_allowed(&headers(pairs), &public, &cors);
+        let allowed =
+            |pairs: &[(&'static str, &str)]| origin_allowed(&headers(pairs), &public, &cors);
         assert!(allowed(&[]));
         assert!(allowed(&[("origin", "http://127.0.0.1:8000")]));
         assert!(allowed(&[("origin", "http://LOCALHOST:8000")]));
@@ -334,6 +337,9 @@ mod tests {
         assert_eq!(url("apex.example.com"), "wss://apex.example.com/ws");
         assert_eq!(url("127.0.0.1:8000"), "ws://127.0.0.1:8000/ws");
         assert_eq!(url("evil.example:8000"), "wss://apex.example.com/ws");
-        assert_eq!(ticket_websocket_url(&[], &HeaderMap::new()), "ws://localhost/ws");
+        assert_eq!(
+            ticket_websocket_url(&[], &HeaderMap::new()),
+            "ws://localhost/ws"
+        );
     }
 }

@@ -27,7 +27,11 @@ fn row(model: &str, workload: &str, cost: Value) -> Value {
 }
 
 fn rows(n: usize, workload: &str) -> Value {
-    Value::Array((0..n).map(|_| row("acme-1", workload, json!(0.01))).collect())
+    Value::Array(
+        (0..n)
+            .map(|_| row("acme-1", workload, json!(0.01)))
+            .collect(),
+    )
 }
 
 async fn import(app: &TestApp, user: &TestUser, body: &Value) -> (u16, Value) {
@@ -60,7 +64,11 @@ async fn an_imported_cost_of_1_7e308_is_refused_and_the_summary_stays_finite() {
         message.contains("row 1") && message.contains("cost_usd"),
         "names the row and the field: {message}"
     );
-    assert_eq!(stored(&app, &user).await, 0, "nothing of the batch was stored");
+    assert_eq!(
+        stored(&app, &user).await,
+        0,
+        "nothing of the batch was stored"
+    );
     let csv = app
         .http
         .post(app.url("/api/usage/events"))
@@ -216,7 +224,12 @@ async fn concurrent_imports_of_one_user_never_pass_the_quota_or_store_half() {
         .cloned()
         .collect::<Vec<_>>();
     assert_eq!(
-        app.state.infra.store.import_usage(owner, fill, &plan).await.unwrap(),
+        app.state
+            .infra
+            .store
+            .import_usage(owner, fill, &plan)
+            .await
+            .unwrap(),
         ImportOutcome::Stored(rest as u64)
     );
     assert_eq!(stored(&app, &user).await, 5_000);
@@ -242,7 +255,10 @@ async fn a_big_import_does_not_hold_the_writer_against_another_users_small_write
             !upload.is_finished(),
             "the import ended before any of its rows was seen"
         );
-        assert!(tokio::time::Instant::now() < deadline, "the import never started");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the import never started"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Another user's one-row write goes through between two chunks, not after the import.
@@ -303,7 +319,10 @@ async fn redis_frames_without_a_valid_mac_never_reach_a_socket() {
     let mut ws = app.ws_connect(&user).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !app.state.infra.bus.health().connected {
-        assert!(tokio::time::Instant::now() < deadline, "the bus never connected");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bus never connected"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let events = format!("{prefix}:events");
@@ -322,13 +341,20 @@ async fn redis_frames_without_a_valid_mac_never_reach_a_socket() {
         // No MAC: the frame format of before.
         body("forged"),
         // A MAC under another deployment's secret.
-        sealed("another deployment's secret, 32+ chars", &events, &body("forged")),
+        sealed(
+            "another deployment's secret, 32+ chars",
+            &events,
+            &body("forged"),
+        ),
         // The right key, for the other channel.
         sealed(JWT_SECRET, &control, &body("forged")),
         // A right MAC, for another body.
         sealed(JWT_SECRET, &events, &body("genuine")).replace("genuine", "forged"),
     ];
-    for payload in forged.iter().chain([&sealed(JWT_SECRET, &events, &body("genuine"))]) {
+    for payload in forged
+        .iter()
+        .chain([&sealed(JWT_SECRET, &events, &body("genuine"))])
+    {
         redis::cmd("PUBLISH")
             .arg(&events)
             .arg(payload)
@@ -383,7 +409,11 @@ async fn a_dns_rebound_page_cannot_open_the_websocket_and_loopback_pages_can() {
         format!("http://localhost:{port}"),
         format!("http://[::1]:{port}"),
     ] {
-        assert_eq!(upgrade_status(&app, &user, &origin, &loopback).await, None, "{origin}");
+        assert_eq!(
+            upgrade_status(&app, &user, &origin, &loopback).await,
+            None,
+            "{origin}"
+        );
     }
     // The ticket names a public origin, whatever the Host says.
     let ticket: Value = app
@@ -410,8 +440,14 @@ async fn configured_public_origins_replace_the_loopback_default() {
     let user = app.register().await;
     let port = app.address.rsplit(':').next().unwrap().to_string();
     let host = format!("127.0.0.1:{port}");
-    assert_eq!(upgrade_status(&app, &user, "https://apex.example.com", &host).await, None);
-    assert_eq!(upgrade_status(&app, &user, "https://partner.example", &host).await, None);
+    assert_eq!(
+        upgrade_status(&app, &user, "https://apex.example.com", &host).await,
+        None
+    );
+    assert_eq!(
+        upgrade_status(&app, &user, "https://partner.example", &host).await,
+        None
+    );
     assert_eq!(
         upgrade_status(&app, &user, &format!("http://{host}"), &host).await,
         Some(403)
