@@ -305,6 +305,10 @@ fn redis_url() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_frames_without_a_valid_mac_never_reach_a_socket() {
     let url = redis_url();
+    // Each test runs in a process of its own (nextest): this recorder sees this test only.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("no other recorder in this process");
     let prefix = format!("hygiene-{}", uuid::Uuid::new_v4().simple());
     let app = {
         let prefix = prefix.clone();
@@ -370,6 +374,13 @@ async fn redis_frames_without_a_valid_mac_never_reach_a_socket() {
             break;
         }
     }
+    // Handled in order, so the four were counted before the genuine one was delivered.
+    let rendered = metrics.render();
+    let rejected = rendered
+        .lines()
+        .find_map(|line| line.strip_prefix("apex_bus_frames_rejected_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    assert_eq!(rejected, Some(4.0), "{rendered}");
 }
 
 /// Opens `/ws` as a browser page of `origin` whose request names `host`; the HTTP status
