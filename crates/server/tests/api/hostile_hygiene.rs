@@ -466,3 +466,61 @@ async fn configured_public_origins_replace_the_loopback_default() {
     let ticket = app.ticket(&user, json!({})).await;
     assert_eq!(ticket["websocket_url"], "wss://apex.example.com/ws");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_whose_later_chunk_fails_leaves_none_of_its_rows() {
+    let app = spawn_app_with(|s| s.demo_data = false).await;
+    let user = app.register().await;
+    let owner = UserId::parse(&user.id).unwrap();
+    let plan = ImportPlan {
+        quota: 1_000_000,
+        chunk_rows: 100,
+        now_ms: apex_server::clock::now_ms(),
+    };
+    let mut batch: Vec<UsageRow> = (0..350)
+        .map(|i| UsageRow {
+            provider: "acme".into(),
+            model: "acme-1".into(),
+            workload: "w".into(),
+            ts_ms: plan.now_ms - i,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            latency_ms: 1,
+            status: "ok".into(),
+            cost_usd: 0.01,
+        })
+        .collect();
+    // PostgreSQL cannot store U+0000 in text: the fourth chunk fails there, after three
+    // were committed. (Uploads refuse NUL before the store; this row goes around that.)
+    batch[320].model = "bad\0model".into();
+    let outcome = app
+        .state
+        .infra
+        .store
+        .import_usage(owner, &batch, &plan)
+        .await;
+    match crate::helpers::backend() {
+        apex_server::store::Backend::Postgres => {
+            assert!(outcome.is_err(), "{outcome:?}");
+            assert_eq!(
+                stored(&app, &user).await,
+                0,
+                "the committed chunks were undone"
+            );
+        }
+        apex_server::store::Backend::Sqlite => {
+            assert_eq!(outcome.unwrap(), ImportOutcome::Stored(350));
+            assert_eq!(stored(&app, &user).await, 350);
+        }
+    }
+    // Nothing is left listed as unfinished for the sweep either way.
+    assert_eq!(
+        app.state
+            .infra
+            .store
+            .sweep_abandoned_imports(i64::MAX)
+            .await
+            .unwrap(),
+        0
+    );
+}
