@@ -12,7 +12,7 @@
 //! programs (no `Origin`) never carry a listed one. The ticket form (`?ticket=`) is no
 //! signal: Apex's own page uses it too.
 //!
-//! Which browser pages may open a socket at all is decided by [`origin_allowed`]: the
+//! Which browser pages may open a socket at all is decided by `origin_allowed`: the
 //! server's configured public origins (by default the loopback origins of its port) and
 //! the CORS origins, never the request's own `Host` header (DNS rebinding).
 
