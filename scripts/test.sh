@@ -111,6 +111,9 @@ if [ -z "${APEX_TEST_REDIS_URL:-}" ]; then
     leave_out "apex::multi_instance (several apex serve processes)" \
         "$(whole_binary apex::multi_instance)" \
         "Redis: APEX_TEST_REDIS_URL is not set (set it, e.g. APEX_TEST_REDIS_URL=redis://127.0.0.1:6379)"
+    leave_out "the Redis bus attack test (hostile_hygiene::redis_*)" \
+        'test(/hostile_hygiene::redis_/)' \
+        "Redis: APEX_TEST_REDIS_URL is not set (set it, e.g. APEX_TEST_REDIS_URL=redis://127.0.0.1:6379)"
 else
     read -r redis_host redis_port <<<"$(host_port "$APEX_TEST_REDIS_URL" 6379)"
     redis_reply=$(timeout 5 bash -c "exec 3<>/dev/tcp/$redis_host/$redis_port && printf 'PING\r\n' >&3 && head -c 7 <&3" 2>/dev/null || true)
@@ -120,6 +123,9 @@ else
         *)
             leave_out "apex::multi_instance (several apex serve processes)" \
                 "$(whole_binary apex::multi_instance)" \
+                "Redis does not answer PING at $redis_host:$redis_port (APEX_TEST_REDIS_URL); start it or correct the URL"
+            leave_out "the Redis bus attack test (hostile_hygiene::redis_*)" \
+                'test(/hostile_hygiene::redis_/)' \
                 "Redis does not answer PING at $redis_host:$redis_port (APEX_TEST_REDIS_URL); start it or correct the URL"
             ;;
     esac

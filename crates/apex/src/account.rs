@@ -59,12 +59,18 @@ impl AccountArgs {
     }
 }
 
-/// "message (code)" from an error response, or the bare status.
+/// "message (code)" from an error response, or the bare status; safe to print.
 pub async fn describe_error(response: reqwest::Response) -> String {
     let status = response.status();
     response
         .json::<ErrorBody>()
         .await
-        .map(|b| format!("{} ({})", b.error.message, b.error.code))
+        .map(|b| {
+            format!(
+                "{} ({})",
+                crate::terminal::clean(&b.error.message),
+                crate::terminal::clean(&b.error.code)
+            )
+        })
         .unwrap_or_else(|_| status.to_string())
 }

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::account::AccountArgs;
 use crate::live::LiveView;
+use crate::terminal::{clean, clean_json};
 
 #[derive(clap::Args)]
 pub struct ChatArgs {
@@ -137,7 +138,11 @@ fn prompt() {
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let pair = args.account.authenticate().await?;
-    println!("signed in as {} ({})", pair.user.email, pair.user.id);
+    println!(
+        "signed in as {} ({})",
+        clean(&pair.user.email),
+        clean(&pair.user.id)
+    );
     let ws_url = format!(
         "{}/ws",
         args.account
@@ -198,7 +203,11 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     _ => continue,
                 };
                 match ServerFrame::parse(&text)? {
-                    ServerFrame::Event(event) => {
+                    ServerFrame::Event(mut event) => {
+                        // Any of it may be printed (names, reasoning, the answer, errors),
+                        // and all of it may carry text from other people's data.
+                        event.agent_name = clean(&event.agent_name);
+                        clean_json(&mut event.payload);
                         let run_ended = view.event(&event);
                         match (run_ended, one_shot, event.status()) {
                             (false, _, _) => {}
@@ -209,6 +218,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     }
                     ServerFrame::Control(ControlFrame::ThreadCreated { thread_id: id, .. }) => thread_id = Some(id),
                     ServerFrame::Control(ControlFrame::ErrorMessage { error_code, error_message, .. }) => {
+                        let (error_code, error_message) = (clean(&error_code), clean(&error_message));
                         view.line(&format!("✖ {error_message} ({error_code})"));
                         if one_shot { bail!("{error_message}") }
                         prompt();

@@ -327,7 +327,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // The chain may quote the server (a refusal's message): never its escapes.
+            eprintln!("error: {}", terminal::clean(&format!("{err:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -110,10 +110,10 @@ async fn list(http: &reqwest::Client, account: &AccountArgs, token: &str) -> any
         };
         println!(
             "{:<44} {:<21} {:<21} {}{}",
-            crate::terminal::printable(&session.id),
+            crate::terminal::clean(&session.id),
             short_time(&session.created_at),
             short_time(&session.last_used_at),
-            crate::terminal::printable(client),
+            crate::terminal::clean(client),
             marker
         );
     }
@@ -147,10 +147,10 @@ async fn revoke(
 
 /// `2026-12-05T07:09:27Z` from an RFC 3339 time (seconds, no fraction).
 fn short_time(rfc3339: &str) -> String {
-    let printable = crate::terminal::printable(rfc3339);
+    let printable = crate::terminal::clean(rfc3339);
     match printable.split_once('.') {
         Some((seconds, _)) => format!("{seconds}Z"),
-        None => printable.into_owned(),
+        None => printable,
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Context as _};
 use apex_protocol::usage::{UsageImportResult, UsageSummary};
 
 use crate::account::{describe_error, AccountArgs};
+use crate::terminal::clean;
 
 #[derive(clap::Subcommand)]
 pub enum UsageCommand {
@@ -87,18 +88,23 @@ fn print_summary(s: &UsageSummary) {
         "latency p50 {} ms, p95 {} ms, p99 {} ms",
         s.latency_ms.p50, s.latency_ms.p95, s.latency_ms.p99
     );
+    // Model and workload names are whatever an uploaded file said: printed cleaned.
     println!("by model:");
     for m in &s.by_model {
         println!(
             "  {:<24} {:>8} requests  ${:.2}",
-            m.model, m.requests, m.cost_usd
+            clean(&m.model),
+            m.requests,
+            m.cost_usd
         );
     }
     println!("by workload:");
     for w in &s.by_workload {
         println!(
             "  {:<24} {:>8} requests  ${:.2}",
-            w.workload, w.requests, w.cost_usd
+            clean(&w.workload),
+            w.requests,
+            w.cost_usd
         );
     }
 }

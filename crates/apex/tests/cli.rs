@@ -619,6 +619,86 @@ async fn sessions_are_listed_revoked_and_ended_everywhere_from_the_command_line(
     }
 }
 
+#[test]
+fn server_supplied_text_is_printed_without_terminal_escapes() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server_with(data_dir.path(), &["--no-demo-data"]);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let stamp = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    // A model name that retitles the terminal, a workload that clears it, and a bidi
+    // override; the costliest rows, so the answer about spend names them.
+    let csv = data_dir.path().join("hostile.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status,cost_usd\n\
+             acme,evil\x1b]0;pwned\x07model,wipe\x1b[2Jout\u{202e}txt,{stamp},1000,100,900,ok,5000\n"
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", "escape@example.com"])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap()
+    };
+    let imported = run(&["usage", "import", csv.to_str().unwrap(), "--register"]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let summary = run(&["usage", "summary", "--days", "2"]);
+    let out = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.status.success(), "{out}");
+    assert!(
+        out.contains("evilmodel"),
+        "the sequence is gone, the name stays: {out}"
+    );
+    assert!(out.contains("wipeouttxt"), "{out}");
+    let chat = run(&[
+        "chat",
+        "--message",
+        "Which models and workloads cost me the most?",
+    ]);
+    let chat_out = String::from_utf8_lossy(&chat.stdout);
+    assert!(chat.status.success(), "{chat_out}");
+    for (name, printed) in [("usage summary", &out), ("chat", &chat_out)] {
+        assert!(
+            !printed.contains('\x1b') && !printed.contains('\x07') && !printed.contains('\u{202e}'),
+            "{name} printed a control sequence: {printed:?}"
+        );
+    }
+    // A refusal quotes the server's message: cleaned as well.
+    let bad = data_dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        format!(
+            "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status\n\
+             acme,x\x1b[2J,w,{stamp},1,1,1,\x1b]0;pwned\x07\n"
+        ),
+    )
+    .unwrap();
+    let refused = run(&["usage", "import", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("validation_failed"), "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

@@ -84,13 +84,16 @@ pub enum ErrorCode {
     /// The access token a socket or stream was opened with expired; reconnect with a fresh
     /// token (and `resume`, which loses nothing).
     TokenExpired,
+    /// A usage import would leave the user with more stored rows than allowed; nothing of
+    /// it was stored.
+    ImportQuotaExceeded,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -118,6 +121,7 @@ impl ErrorCode {
         ErrorCode::UnknownMessageType,
         ErrorCode::SessionEnded,
         ErrorCode::TokenExpired,
+        ErrorCode::ImportQuotaExceeded,
         ErrorCode::Internal,
     ];
 
@@ -153,6 +157,9 @@ impl ErrorCode {
             ErrorCode::UnknownMessageType => ("unknown_message_type", "UNKNOWN_MESSAGE_TYPE", 400),
             ErrorCode::SessionEnded => ("session_ended", "SESSION_ENDED", 401),
             ErrorCode::TokenExpired => ("token_expired", "TOKEN_EXPIRED", 401),
+            ErrorCode::ImportQuotaExceeded => {
+                ("import_quota_exceeded", "IMPORT_QUOTA_EXCEEDED", 409)
+            }
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -199,6 +206,7 @@ pub mod codes {
     pub const LLM_UNAVAILABLE: &str = C::LlmUnavailable.rest();
     pub const TOO_MANY_CONNECTIONS: &str = C::TooManyConnections.rest();
     pub const TOO_MANY_COMPLETIONS: &str = C::TooManyCompletions.rest();
+    pub const IMPORT_QUOTA_EXCEEDED: &str = C::ImportQuotaExceeded.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

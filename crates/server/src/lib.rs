@@ -75,7 +75,7 @@ use tokio::net::TcpListener;
 
 use crate::agents::Infrastructure;
 use crate::auth::{AuthLifetimes, Authenticator, PasswordHasher};
-use crate::events::redis_bus::{RedisBus, RedisBusConfig};
+use crate::events::redis_bus::{BusKey, RedisBus, RedisBusConfig};
 use crate::events::{EventBus, InProcessBus};
 use crate::lifecycle::Lifecycle;
 use crate::llm::template::TemplateWriter;
@@ -137,6 +137,8 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
     let store = open_store(&settings).await?;
     let instance_id = uuid::Uuid::new_v4().to_string();
     let active_runs = Arc::new(ActiveRuns::default());
+    // Before the bus: its frames are authenticated with a key derived from the secret.
+    let secret = load_jwt_secret(&settings)?;
     let bus: Arc<dyn EventBus> = match &settings.bus_url {
         None => Arc::new(InProcessBus::new()),
         Some(url) => {
@@ -146,6 +148,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
                     url: url.clone(),
                     prefix: settings.bus_channel_prefix.clone(),
                     instance_id: instance_id.clone(),
+                    key: BusKey::derive(&secret),
                 },
                 // A stop request from another instance: `cancel` checks the owner.
                 Arc::new(move |owner, run| {
@@ -164,7 +167,6 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         )),
         None => None,
     };
-    let secret = load_jwt_secret(&settings)?;
     let llm = llm::build_provider(&settings).await?;
     let auth = Authenticator::new(
         Arc::clone(&store),
@@ -243,6 +245,9 @@ pub async fn run(
 /// Longest the server waits at shutdown for its background tasks to end.
 const BACKGROUND_JOIN: Duration = Duration::from_secs(5);
 
+/// Age after which a usage import still in progress is taken as abandoned.
+const ABANDONED_IMPORT_AFTER_MS: i64 = 3600 * 1000;
+
 /// How often old event logs are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -264,6 +269,14 @@ async fn prune_events_periodically(state: AppState) {
             Ok(deleted) => tracing::info!(deleted, "pruned expired tickets, tokens and sessions"),
             Err(err) => tracing::error!(error = %err, "pruning expired sessions failed"),
         }
+        // An import takes seconds; one still unfinished after an hour was cut short by a
+        // stopped process (this one or another instance) and must not count half.
+        let abandoned = clock::now_ms() - ABANDONED_IMPORT_AFTER_MS;
+        match state.infra.store.sweep_abandoned_imports(abandoned).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::warn!(deleted, "removed the rows of unfinished usage imports"),
+            Err(err) => tracing::error!(error = %err, "removing unfinished usage imports failed"),
+        }
         tokio::select! {
             _ = draining.cancelled() => return,
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
@@ -277,6 +290,17 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let mut state = state;
+    if state.settings.public_origins.is_empty() {
+        // Only now is the port known (tests and `--bind HOST:0` pick a free one).
+        let port = listener
+            .local_addr()
+            .context("the listener's address")?
+            .port();
+        let mut settings = (*state.settings).clone();
+        settings.public_origins = ws::loopback_origins(port);
+        state.settings = Arc::new(settings);
+    }
     let app = http::app(state.clone());
     let lifecycle = state.lifecycle.clone();
     // The server's own background tasks, joined before it returns: each ends at its

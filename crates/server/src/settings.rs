@@ -223,6 +223,14 @@ pub struct Settings {
     /// Browser origins allowed to call the API with credentials (CORS) and to open the
     /// WebSocket. Empty: no cross-origin access.
     pub cors_allowed_origins: Vec<String>,
+    /// The browser origins Apex's own pages are served from (`https://apex.example.com`),
+    /// allowed to open the WebSocket besides `cors_allowed_origins`; the first also names
+    /// the URL in WebSocket tickets. Empty (the default): the loopback origins of the port
+    /// the server listens on (`http://127.0.0.1:PORT`, `http://localhost:PORT`,
+    /// `http://[::1]:PORT`), filled in by [`crate::serve`]. A page's origin is never
+    /// compared with the request's `Host` header, which DNS rebinding lets an attacker's
+    /// page choose.
+    pub public_origins: Vec<String>,
     /// A development deployment: enables `dev_login` and reports itself in `/auth/config`.
     pub development_mode: bool,
     /// `POST /auth/dev/login` (log in or register in one call); needs `development_mode`.
@@ -282,6 +290,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             limits: LimitSettings::default(),
             cors_allowed_origins: Vec::new(),
+            public_origins: Vec::new(),
             development_mode: false,
             dev_login: false,
             legacy_client: LegacyClientSettings::default(),
@@ -358,6 +367,10 @@ pub struct LimitSettings {
     pub tickets_per_minute: u32,
     /// Usage imports per user per minute (0: no limit).
     pub imports_per_minute: u32,
+    /// Most usage rows one user may have stored; an import that would go past it is
+    /// refused whole (`import_quota_exceeded`). Rows the server adds itself (demo data, its
+    /// own LLM calls) count but are never refused.
+    pub import_row_quota: u64,
 }
 
 impl Default for LimitSettings {
@@ -376,6 +389,7 @@ impl Default for LimitSettings {
             threads_per_minute: 60,
             tickets_per_minute: 60,
             imports_per_minute: 10,
+            import_row_quota: 1_000_000,
         }
     }
 }

@@ -31,6 +31,7 @@ pub const LLM_QUEUE: &str = "apex_llm_queue_depth";
 pub const LLM_ACTIVE: &str = "apex_llm_active_requests";
 pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
 pub const LIMIT_REJECTIONS: &str = "apex_limit_rejections_total";
+pub const BUS_FRAMES_REJECTED: &str = "apex_bus_frames_rejected_total";
 
 /// Describes every metric once, so `/metrics` carries help text.
 pub fn describe() {
@@ -92,6 +93,10 @@ pub fn describe() {
     metrics::describe_counter!(
         LIMIT_REJECTIONS,
         "Requests refused by a per-user limit, by code"
+    );
+    metrics::describe_counter!(
+        BUS_FRAMES_REJECTED,
+        "Redis bus frames dropped because their MAC was missing or wrong"
     );
 }
 
@@ -158,6 +163,10 @@ pub fn event_emitted() {
 
 pub fn event_delivered(emitted: Instant) {
     metrics::histogram!(EVENT_DELIVERY).record(emitted.elapsed().as_secs_f64());
+}
+
+pub fn bus_frame_rejected() {
+    metrics::counter!(BUS_FRAMES_REJECTED).increment(1);
 }
 
 pub fn limit_rejected(code: &'static str) {

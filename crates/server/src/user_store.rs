@@ -12,8 +12,9 @@ use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
-    CompletionRank, MessageRecord, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
-    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RunRecord, RunSubmission,
+    SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord,
+    UsageDayTotals, UsageRow, UsageTotals,
 };
 use apex_protocol::threads::RunStatus;
 
@@ -132,6 +133,14 @@ impl UserStore {
     }
     pub async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
         self.store.insert_usage(self.owner, rows).await
+    }
+    /// See [`Store::import_usage`]: chunked, all or nothing, within the quota.
+    pub async fn import_usage(
+        &self,
+        rows: &[UsageRow],
+        plan: &ImportPlan,
+    ) -> StoreResult<ImportOutcome> {
+        self.store.import_usage(self.owner, rows, plan).await
     }
     pub async fn usage_rows_since(&self, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         self.store.usage_rows_since(self.owner, since_ms).await

@@ -32,8 +32,10 @@ impl Backend {
     pub(crate) fn money_sum(self, expr: &str) -> String {
         match self {
             Backend::Sqlite => format!("CAST(SUM({expr}) AS DOUBLE PRECISION)"),
+            // Capped below the largest double: a sum of rows stored before imports were
+            // bounded (1.7e308 each, say) would otherwise fail the cast, and the query.
             Backend::Postgres => {
-                format!("CAST(SUM(CAST({expr} AS NUMERIC)) AS DOUBLE PRECISION)")
+                format!("CAST(LEAST(SUM(CAST({expr} AS NUMERIC)), 1e300) AS DOUBLE PRECISION)")
             }
         }
     }

@@ -161,6 +161,27 @@ pub struct UsageRow {
     pub cost_usd: f64,
 }
 
+/// How [`crate::Usage::import_usage`] writes one upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportPlan {
+    /// Most usage rows the user may have stored once the import is in.
+    pub quota: u64,
+    /// Rows written per transaction (each transaction holds SQLite's one writer).
+    pub chunk_rows: usize,
+    /// When the import starts, so that an import a crash left unfinished can be found.
+    pub now_ms: i64,
+}
+
+/// What became of an import: all of it is stored, or none of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// Every row is stored.
+    Stored(u64),
+    /// Storing the rows would leave the user with more than `quota` rows (`stored` is what
+    /// they had); nothing of the import was kept.
+    OverQuota { stored: u64, quota: u64 },
+}
+
 /// A user's message and the run that will answer it, as [`crate::Runs::submit_run`] stores
 /// them.
 #[derive(Debug, Clone)]

@@ -13,10 +13,10 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    CompletionRank, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation, RunRecord,
-    RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
-    StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals,
-    UserRecord,
+    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RedeemedTicket,
+    RefreshRotation, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason,
+    SessionRecord, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord,
+    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
 };
 use apex_protocol::threads::RunStatus;
 
@@ -239,6 +239,24 @@ pub trait EventLog: Send + Sync {
 #[async_trait]
 pub trait Usage: Send + Sync {
     async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64>;
+    /// Stores an upload of `owner`'s rows in chunks of `plan.chunk_rows`, one transaction
+    /// each, so that other users' writes get the writer between chunks. All or nothing: the
+    /// rows carry the import's id, and if a chunk fails, or the quota check after the last
+    /// one fails (two imports of one user at once), the chunks already written are deleted
+    /// again. A crash between chunks leaves the import listed as unfinished, for
+    /// [`Usage::sweep_abandoned_imports`]. Refused whole, with nothing written, when
+    /// `owner` would have more than `plan.quota` rows.
+    async fn import_usage(
+        &self,
+        owner: UserId,
+        rows: &[UsageRow],
+        plan: &ImportPlan,
+    ) -> StoreResult<ImportOutcome>;
+    /// How many usage rows `owner` has stored (what the import quota counts).
+    async fn count_usage(&self, owner: UserId) -> StoreResult<u64>;
+    /// Deletes the rows of imports started before `started_before_ms` that never finished
+    /// (the process stopped between two chunks). Returns the rows deleted.
+    async fn sweep_abandoned_imports(&self, started_before_ms: i64) -> StoreResult<u64>;
     /// Every row of `owner` dated at or after `since_ms`, by time. The server's own figures
     /// come from the grouped queries below, which load no row.
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;

@@ -20,7 +20,7 @@ use sqlx::{Pool, QueryBuilder, Row};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
-    CompletionRank, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow, UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
 
@@ -44,33 +44,186 @@ async fn fetch_rows<T>(
     Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
 }
 
+/// Inserts `rows` of `owner` (tagged with `import`, if any) on the connection `conn`.
+async fn insert_rows(
+    conn: &mut <Db as sqlx::Database>::Connection,
+    owner: UserId,
+    import: Option<&str>,
+    rows: &[UsageRow],
+) -> StoreResult<u64> {
+    let mut inserted = 0;
+    // 11 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
+    for chunk in rows.chunks(1000) {
+        let mut builder: QueryBuilder<Db> = QueryBuilder::new(
+            "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
+             prompt_tokens, completion_tokens, latency_ms, status, cost_usd, import_id) ",
+        );
+        builder.push_values(chunk, |mut b, row| {
+            b.push_bind(owner.to_string())
+                .push_bind(&row.provider)
+                .push_bind(&row.model)
+                .push_bind(&row.workload)
+                .push_bind(row.ts_ms)
+                .push_bind(row.prompt_tokens)
+                .push_bind(row.completion_tokens)
+                .push_bind(row.latency_ms)
+                .push_bind(&row.status)
+                .push_bind(row.cost_usd)
+                .push_bind(import.map(str::to_string));
+        });
+        inserted += builder.build().execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(inserted)
+}
+
+/// How many usage rows `owner` has stored.
+async fn count_rows(
+    conn: &mut <Db as sqlx::Database>::Connection,
+    owner: UserId,
+) -> StoreResult<u64> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM workload_events WHERE user_id = $1")
+        .bind(owner.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Rows deleted per statement when an import is undone: short transactions again.
+const UNDO_CHUNK: i64 = 1000;
+
+impl Shell {
+    /// Deletes every row of the import `import`, a chunk per transaction, then forgets the
+    /// import. Returns the rows deleted.
+    async fn undo_import(&self, import: &str) -> StoreResult<u64> {
+        let mut deleted = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM workload_events WHERE id IN (SELECT id FROM workload_events \
+                 WHERE import_id = $1 LIMIT $2)",
+            )
+            .bind(import)
+            .bind(UNDO_CHUNK)
+            .execute(&self.writes)
+            .await?
+            .rows_affected();
+            deleted += done;
+            if done == 0 {
+                break;
+            }
+        }
+        sqlx::query("DELETE FROM usage_imports WHERE id = $1")
+            .bind(import)
+            .execute(&self.writes)
+            .await?;
+        Ok(deleted)
+    }
+
+    /// The chunks of an import, after the first; then the quota check and completion.
+    async fn import_rest(
+        &self,
+        owner: UserId,
+        import: &str,
+        rest: &[UsageRow],
+        plan: &ImportPlan,
+    ) -> StoreResult<ImportOutcome> {
+        let mut inserted = 0;
+        for chunk in rest.chunks(plan.chunk_rows.max(1)) {
+            let mut tx = self.writes.begin().await?;
+            inserted += insert_rows(&mut tx, owner, Some(import), chunk).await?;
+            tx.commit().await?;
+        }
+        let mut tx = self.writes.begin().await?;
+        let stored = count_rows(&mut tx, owner).await?;
+        if stored > plan.quota {
+            // Another import of this user's ran at the same time: neither checked the
+            // other's rows at its start. The one that finds the quota exceeded backs out.
+            return Ok(ImportOutcome::OverQuota {
+                stored,
+                quota: plan.quota,
+            });
+        }
+        sqlx::query("DELETE FROM usage_imports WHERE id = $1")
+            .bind(import)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ImportOutcome::Stored(inserted))
+    }
+}
+
 #[async_trait]
 impl Usage for Shell {
     async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
         let mut tx = self.writes.begin().await?;
-        let mut inserted = 0;
-        // 10 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
-        for chunk in rows.chunks(500) {
-            let mut builder: QueryBuilder<Db> = QueryBuilder::new(
-                "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
-                 prompt_tokens, completion_tokens, latency_ms, status, cost_usd) ",
-            );
-            builder.push_values(chunk, |mut b, row| {
-                b.push_bind(owner.to_string())
-                    .push_bind(&row.provider)
-                    .push_bind(&row.model)
-                    .push_bind(&row.workload)
-                    .push_bind(row.ts_ms)
-                    .push_bind(row.prompt_tokens)
-                    .push_bind(row.completion_tokens)
-                    .push_bind(row.latency_ms)
-                    .push_bind(&row.status)
-                    .push_bind(row.cost_usd);
-            });
-            inserted += builder.build().execute(&mut *tx).await?.rows_affected();
-        }
+        let inserted = insert_rows(&mut tx, owner, None, rows).await?;
         tx.commit().await?;
         Ok(inserted)
+    }
+    async fn import_usage(
+        &self,
+        owner: UserId,
+        rows: &[UsageRow],
+        plan: &ImportPlan,
+    ) -> StoreResult<ImportOutcome> {
+        let import = uuid::Uuid::new_v4().to_string();
+        let (first, rest) = rows.split_at(plan.chunk_rows.max(1).min(rows.len()));
+        // The quota check, the import's registration and its first chunk are one
+        // transaction: a refused import writes nothing at all.
+        let mut tx = self.writes.begin().await?;
+        let stored = count_rows(&mut tx, owner).await?;
+        if stored.saturating_add(rows.len() as u64) > plan.quota {
+            return Ok(ImportOutcome::OverQuota {
+                stored,
+                quota: plan.quota,
+            });
+        }
+        sqlx::query("INSERT INTO usage_imports (id, user_id, started_at) VALUES ($1, $2, $3)")
+            .bind(&import)
+            .bind(owner.to_string())
+            .bind(plan.now_ms)
+            .execute(&mut *tx)
+            .await?;
+        let mut inserted = insert_rows(&mut tx, owner, Some(&import), first).await?;
+        tx.commit().await?;
+        let outcome = self.import_rest(owner, &import, rest, plan).await;
+        match outcome {
+            Ok(ImportOutcome::Stored(more)) => {
+                inserted += more;
+                Ok(ImportOutcome::Stored(inserted))
+            }
+            Ok(ImportOutcome::OverQuota { stored, quota }) => {
+                self.undo_import(&import).await?;
+                Ok(ImportOutcome::OverQuota {
+                    // What the user had besides this import.
+                    stored: stored.saturating_sub(rows.len() as u64),
+                    quota,
+                })
+            }
+            Err(err) => {
+                // Undo what was written; if that fails too, the import stays listed as
+                // unfinished and the periodic sweep removes it.
+                if let Err(undo) = self.undo_import(&import).await {
+                    tracing::error!(error = %undo, "could not undo a failed usage import");
+                }
+                Err(err)
+            }
+        }
+    }
+    async fn count_usage(&self, owner: UserId) -> StoreResult<u64> {
+        let mut conn = self.reads.acquire().await?;
+        count_rows(&mut conn, owner).await
+    }
+    async fn sweep_abandoned_imports(&self, started_before_ms: i64) -> StoreResult<u64> {
+        let abandoned: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM usage_imports WHERE started_at < $1")
+                .bind(started_before_ms)
+                .fetch_all(&self.writes)
+                .await?;
+        let mut deleted = 0;
+        for import in abandoned {
+            deleted += self.undo_import(&import).await?;
+        }
+        Ok(deleted)
     }
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         let mut q = QueryBuilder::new(

@@ -163,6 +163,17 @@ pub(super) static KEYS: &[Key] = &[
     )
     .list("cors-origin", "URL"),
     key(
+        "public_origin",
+        "server.public_origins",
+        "APEX_PUBLIC_ORIGINS",
+        "Origin Apex's own pages are served from, e.g. https://apex.example.com (repeatable; \
+         comma-separated in the variable; an array in the file): allowed to open the \
+         WebSocket, and the first names the URL in WebSocket tickets. Default: the loopback \
+         origins of the bound port (http://127.0.0.1:PORT, http://localhost:PORT, \
+         http://[::1]:PORT).",
+    )
+    .list("public-origin", "URL"),
+    key(
         "development_mode",
         "server.development_mode",
         "APEX_DEVELOPMENT_MODE",
@@ -279,6 +290,14 @@ pub(super) static KEYS: &[Key] = &[
          progress at once; a stream holds its place until it ends.",
     )
     .flag("max-completions-per-user", "N"),
+    key(
+        "import_row_quota",
+        "limits.import_row_quota",
+        "APEX_IMPORT_ROW_QUOTA",
+        "Most usage rows one user may have stored; a usage upload that would go past it is \
+         refused whole.",
+    )
+    .flag("import-row-quota", "N"),
     key(
         "template_stream_delay_ms",
         "llm.template_stream_delay_ms",

@@ -85,6 +85,7 @@ struct Server {
     log_format: LogFormat,
     no_demo_data: Switch,
     cors_origins: List,
+    public_origins: List,
     development_mode: Switch,
     dev_login: Switch,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -99,6 +100,7 @@ impl Default for Server {
             log_format: LogFormat::Human,
             no_demo_data: Switch::OFF,
             cors_origins: List::default(),
+            public_origins: List::default(),
             development_mode: Switch::OFF,
             dev_login: Switch::OFF,
             jwt_secret: None,
@@ -143,6 +145,7 @@ struct Limits {
     tickets_per_minute: Int<0, { u32::MAX as u64 }>,
     imports_per_minute: Int<0, { u32::MAX as u64 }>,
     max_completions_per_user: Int<1, 100_000>,
+    import_row_quota: Int<1, 1_000_000_000_000>,
 }
 
 impl Default for Limits {
@@ -161,6 +164,7 @@ impl Default for Limits {
             tickets_per_minute: Int::new(server.tickets_per_minute.into()),
             imports_per_minute: Int::new(server.imports_per_minute.into()),
             max_completions_per_user: Int::new(2),
+            import_row_quota: Int::new(1_000_000),
         }
     }
 }
@@ -306,6 +310,21 @@ impl Config {
                 layers.locate("dev_login")
             );
         }
+        if let Some(origin) = self.server.public_origins.get().iter().find(|origin| {
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            !rest.is_some_and(|rest| {
+                let host = rest.trim_end_matches('/');
+                !host.is_empty() && !host.contains(['/', '?', '#', '@'])
+            })
+        }) {
+            bail!(
+                "{}: public_origin {origin:?} is not an origin (http:// or https://, a host, \
+                 an optional port, no path)",
+                layers.locate("public_origin")
+            );
+        }
         let allowed = self.server.cors_origins.get();
         let same = |a: &str, b: &str| {
             a.trim_end_matches('/')
@@ -361,6 +380,7 @@ impl Config {
         } = self;
         settings.demo_data = !server.no_demo_data.get();
         settings.cors_allowed_origins = server.cors_origins.get().to_vec();
+        settings.public_origins = server.public_origins.get().to_vec();
         settings.development_mode = server.development_mode.get();
         settings.dev_login = server.dev_login.get();
         settings.jwt_secret = server.jwt_secret.as_ref().map(|s| s.get().clone());
@@ -376,6 +396,7 @@ impl Config {
         settings.limits.tickets_per_minute = limits.tickets_per_minute.to_u32();
         settings.limits.imports_per_minute = limits.imports_per_minute.to_u32();
         settings.limits.max_completions_per_user = limits.max_completions_per_user.to_usize();
+        settings.limits.import_row_quota = limits.import_row_quota.get();
         settings.max_runs_per_instance = runs.max_per_instance.to_usize();
         settings.queue_poll_interval = runs.queue_poll_interval_ms.millis();
         settings.run_max_attempts = runs.max_attempts.to_u32();

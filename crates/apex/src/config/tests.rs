@@ -457,3 +457,46 @@ fn a_bus_needs_postgres_and_a_long_enough_staleness() {
     assert_eq!(settings.bus_url.unwrap().expose(), "redis://cache:6379");
     assert_eq!(settings.instance_heartbeat, Duration::from_millis(1000));
 }
+
+#[test]
+fn public_origins_and_the_import_quota_reach_the_settings() {
+    let defaults = serve(&FlagValues::default(), &[])
+        .unwrap()
+        .serve_config()
+        .settings;
+    assert!(
+        defaults.public_origins.is_empty(),
+        "empty: serve fills in the loopback origins of the bound port"
+    );
+    assert_eq!(defaults.limits.import_row_quota, 1_000_000);
+    let env = [
+        (
+            "APEX_PUBLIC_ORIGINS",
+            "https://apex.example.com,http://10.0.0.5:8000/",
+        ),
+        ("APEX_IMPORT_ROW_QUOTA", "5000"),
+    ];
+    let settings = serve(&FlagValues::default(), &env)
+        .unwrap()
+        .serve_config()
+        .settings;
+    assert_eq!(
+        settings.public_origins,
+        vec!["https://apex.example.com", "http://10.0.0.5:8000/"]
+    );
+    assert_eq!(settings.limits.import_row_quota, 5000);
+    for bad in [
+        "apex.example.com",
+        "https://apex.example.com/app",
+        "https://",
+        "ftp://x",
+    ] {
+        let err = serve_err(&flags(&[("public_origin", bad)]), &[]);
+        assert!(
+            err.starts_with("--public-origin: ") && err.contains("not an origin"),
+            "{bad}: {err}"
+        );
+    }
+    let err = serve_err(&flags(&[("import_row_quota", "0")]), &[]);
+    assert!(err.starts_with("--import-row-quota: "), "{err}");
+}

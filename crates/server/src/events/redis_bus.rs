@@ -22,20 +22,90 @@
 //!   instance could not publish something (Redis down, queue full), it broadcasts a
 //!   `resync` as soon as it can publish again, so the other instances catch up too.
 //! - The URL may carry a password: it is held as a [`Secret`] and never logged.
+//! - **Every frame is authenticated.** Anyone who can publish on the Redis channel could
+//!   otherwise hand a user's sockets events of their choosing (or stop other users' runs).
+//!   Each message is `v1.<hex HMAC-SHA256>\n<body>`, the MAC taken over the channel name
+//!   and the body with a key derived from the deployment's shared JWT secret
+//!   ([`BusKey::derive`]), so only instances of the same deployment can produce one, and a
+//!   control message cannot be replayed as an event. A message whose MAC is missing or
+//!   wrong is dropped and counted (`apex_bus_frames_rejected_total`); the first is logged
+//!   at warn, without its payload. A genuine frame recorded and published again is
+//!   accepted (no replay window): it only repeats an event the store already holds, which
+//!   clients drop by its sequence number, or a stop or resync that was already asked for.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
+use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::bus::{BusEvent, BusHealth, EventBus, InProcessBus, UserSubscription};
 use crate::ids::{RunId, UserId};
 use crate::settings::Secret;
+use crate::telemetry;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key that authenticates bus frames: HMAC-SHA256 of the label `apex-bus-v1` under the
+/// deployment's JWT secret, so the secret itself signs nothing but tokens, and every
+/// instance sharing that secret derives the same key. Never printed.
+#[derive(Clone)]
+pub struct BusKey([u8; 32]);
+
+impl BusKey {
+    pub fn derive(secret: &Secret) -> Self {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(secret.expose().as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(b"apex-bus-v1");
+        Self(mac.finalize().into_bytes().into())
+    }
+
+    fn mac(&self, channel: &str, body: &str) -> HmacSha256 {
+        let mut mac =
+            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        // The channel is part of what is signed: a control frame is no valid event frame.
+        mac.update(channel.as_bytes());
+        mac.update(b"\n");
+        mac.update(body.as_bytes());
+        mac
+    }
+
+    /// `body` with its MAC, as published on `channel`.
+    fn seal(&self, channel: &str, body: &str) -> String {
+        let tag = self.mac(channel, body).finalize().into_bytes();
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{MAC_PREFIX}{hex}\n{body}")
+    }
+
+    /// The body of a message received on `channel`, if its MAC is there and right
+    /// (compared in constant time).
+    fn open<'a>(&self, channel: &str, message: &'a str) -> Option<&'a str> {
+        let (tag, body) = message.strip_prefix(MAC_PREFIX)?.split_once('\n')?;
+        if tag.len() != 64 || !tag.is_ascii() {
+            return None;
+        }
+        let bytes = (0..32)
+            .map(|i| u8::from_str_radix(&tag[2 * i..2 * i + 2], 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        self.mac(channel, body).verify_slice(&bytes).ok()?;
+        Some(body)
+    }
+}
+
+impl std::fmt::Debug for BusKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The start of every message: the format's version, then the MAC in hex.
+const MAC_PREFIX: &str = "v1.";
 
 /// What the bus does with a stop request from another instance: cancel the run if it
 /// executes here and belongs to that owner.
@@ -60,6 +130,8 @@ pub struct RedisBusConfig {
     pub prefix: String,
     /// This instance's id, to recognise its own messages.
     pub instance_id: String,
+    /// Authenticates the messages (see [`BusKey`]).
+    pub key: BusKey,
 }
 
 enum Outgoing {
@@ -87,6 +159,10 @@ pub struct RedisBus {
 struct Channels {
     events: String,
     control: String,
+    key: BusKey,
+    /// A frame with a bad MAC was already logged (once is enough to alert; the metric
+    /// counts them all).
+    warned: AtomicBool,
 }
 
 impl RedisBus {
@@ -98,6 +174,8 @@ impl RedisBus {
         let channels = Arc::new(Channels {
             events: format!("{}:events", config.prefix),
             control: format!("{}:control", config.prefix),
+            key: config.key,
+            warned: AtomicBool::new(false),
         });
         let local = Arc::new(InProcessBus::new());
         let flags = Arc::new(Flags::default());
@@ -274,14 +352,16 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<MultiplexedConnec
         .await
 }
 
+/// Publishes `payload`, sealed with the deployment's key, on `channel`.
 async fn publish(
     conn: &mut MultiplexedConnection,
+    channels: &Channels,
     channel: &str,
     payload: String,
 ) -> redis::RedisResult<()> {
     redis::cmd("PUBLISH")
         .arg(channel)
-        .arg(payload)
+        .arg(channels.key.seal(channel, &payload))
         .query_async::<i64>(conn)
         .await
         .map(|_| ())
@@ -305,7 +385,7 @@ async fn publish_loop(
                     // Tell the others about anything we could not send before.
                     if flags.lost.swap(false, Ordering::SeqCst) {
                         let resync = format!("resync\n{instance_id}");
-                        if publish(&mut fresh, &channels.control, resync)
+                        if publish(&mut fresh, &channels, &channels.control, resync)
                             .await
                             .is_err()
                         {
@@ -345,11 +425,11 @@ async fn publish_loop(
             message = queue.recv() => match message {
                 None => return,
                 Some(Outgoing::Event(event)) => {
-                    publish(active, &channels.events, event_payload(&instance_id, &event)).await
+                    publish(active, &channels, &channels.events, event_payload(&instance_id, &event)).await
                 }
                 Some(Outgoing::Stop { owner, run }) => {
                     let payload = format!("stop\n{instance_id}\n{owner}\n{run}");
-                    publish(active, &channels.control, payload).await
+                    publish(active, &channels, &channels.control, payload).await
                 }
             },
             _ = ping.tick() => redis::cmd("PING").query_async::<String>(active).await.map(|_| ()),
@@ -437,10 +517,23 @@ fn handle_message(
     local: &InProcessBus,
     on_stop: &StopHandler,
 ) {
-    let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) else {
+    let channel = message.get_channel_name();
+    let opened = std::str::from_utf8(message.get_payload_bytes())
+        .ok()
+        .and_then(|text| channels.key.open(channel, text));
+    let Some(payload) = opened else {
+        telemetry::bus_frame_rejected();
+        // Never the payload: it is whatever an intruder chose to send.
+        if !channels.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                channel,
+                "event bus: dropped a Redis message without a valid MAC (someone else can \
+                 publish on this Redis, or an instance has another JWT secret); further ones \
+                 are only counted in apex_bus_frames_rejected_total"
+            );
+        }
         return;
     };
-    let channel = message.get_channel_name();
     if channel == channels.events {
         match parse_event(payload) {
             // Our own events were delivered locally when they were published.
@@ -487,6 +580,24 @@ mod tests {
         assert!(parse_event("o\nnot-a-user\nx\n1\n0\n{}").is_none());
         let bad_seq = payload.replacen("\n42\n", "\n-1\n", 1);
         assert!(parse_event(&bad_seq).is_none());
+    }
+
+    #[test]
+    fn only_messages_sealed_with_the_key_for_their_channel_open() {
+        let key = BusKey::derive(&Secret::new("a".repeat(40)));
+        let sealed = key.seal("apex:events", "body\nwith lines");
+        assert_eq!(key.open("apex:events", &sealed), Some("body\nwith lines"));
+        // Another channel, another deployment's key, a changed body, no MAC at all.
+        assert_eq!(key.open("apex:control", &sealed), None);
+        let other = BusKey::derive(&Secret::new("b".repeat(40)));
+        assert_eq!(other.open("apex:events", &sealed), None);
+        let tampered = sealed.replace("body", "bodY");
+        assert_eq!(key.open("apex:events", &tampered), None);
+        assert_eq!(key.open("apex:events", "body\nwith lines"), None);
+        assert_eq!(key.open("apex:events", "v1.zz\nbody"), None);
+        let non_ascii = format!("v1.{}\nbody", "é".repeat(32));
+        assert_eq!(key.open("apex:events", &non_ascii), None);
+        assert_eq!(format!("{key:?}"), "[redacted]");
     }
 
     #[test]

@@ -326,15 +326,7 @@ pub async fn ticket(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::validation(format!("invalid ticket request: {e}")))?
     };
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| {
-            h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c))
-        })
-        .unwrap_or("localhost");
-    let websocket_url = format!("ws://{host}/ws");
+    let websocket_url = crate::ws::ticket_websocket_url(&state.settings.public_origins, &headers);
     Ok(Json(
         state
             .auth

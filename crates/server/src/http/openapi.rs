@@ -48,6 +48,7 @@ pub const WS_TICKET: &str = "ws_ticket";
             UnsupportedMediaType,
             ValidationFailed,
             RateLimited,
+            ImportQuotaExceeded,
             Internal
         )
     ),
@@ -146,6 +147,10 @@ error_responses! {
     /// 422.
     ValidationFailed => "A well-formed request that breaks a rule; the message says which",
         [(codes::VALIDATION_FAILED, "message must not be empty")];
+    /// 409 on a usage upload.
+    ImportQuotaExceeded => "The upload would leave the user with more stored usage rows than \
+        the quota (import_row_quota); nothing was stored",
+        [(codes::IMPORT_QUOTA_EXCEEDED, "this upload of 50000 rows would exceed your quota of 1000000 stored usage rows (990000 stored); nothing was imported")];
     /// 500.
     Internal => "A server-side failure; details are in the server log only", [(codes::INTERNAL, "internal server error")];
 }

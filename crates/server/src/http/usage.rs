@@ -13,18 +13,21 @@ use serde::Deserialize;
 
 use super::extract::AuthUser;
 use super::openapi::{
-    Internal, PayloadTooLarge, RateLimited, Unauthenticated, UnsupportedMediaType, ValidationFailed,
+    ImportQuotaExceeded, Internal, PayloadTooLarge, RateLimited, Unauthenticated,
+    UnsupportedMediaType, ValidationFailed,
 };
 use super::ApiQuery;
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::usage::import::{parse_csv, validate};
+use crate::store::{ImportOutcome, ImportPlan};
+use crate::usage::import::{parse_csv, validate, IMPORT_CHUNK_ROWS};
 use crate::usage::{daily_for, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
 use crate::user_store::UserStore;
 
 /// Adds usage rows: a JSON array of events, or CSV with a header row of the same field
-/// names. The batch is all or nothing.
+/// names. The batch is all or nothing, and refused whole if it would leave the user with
+/// more stored rows than the quota.
 #[utoipa::path(
     post,
     path = "/api/usage/events",
@@ -42,6 +45,7 @@ use crate::user_store::UserStore;
         (status = 201, description = "All rows were stored", body = UsageImportResult),
         (status = 401, response = Unauthenticated),
         (status = 413, response = PayloadTooLarge),
+        (status = 409, response = ImportQuotaExceeded),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
         (status = 429, response = RateLimited),
@@ -80,8 +84,25 @@ pub async fn import(
     let rows =
         validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))?;
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let inserted = store.insert_usage(&rows).await?;
-    Ok((StatusCode::CREATED, Json(UsageImportResult { inserted })))
+    let plan = ImportPlan {
+        quota: state.settings.limits.import_row_quota,
+        chunk_rows: IMPORT_CHUNK_ROWS,
+        now_ms: now_ms(),
+    };
+    match store.import_usage(&rows, &plan).await? {
+        ImportOutcome::Stored(inserted) => {
+            Ok((StatusCode::CREATED, Json(UsageImportResult { inserted })))
+        }
+        ImportOutcome::OverQuota { stored, quota } => Err(ApiError::client(
+            StatusCode::CONFLICT,
+            codes::IMPORT_QUOTA_EXCEEDED,
+            format!(
+                "this upload of {} rows would exceed your quota of {quota} stored usage rows \
+                 ({stored} stored); nothing was imported",
+                rows.len()
+            ),
+        )),
+    }
 }
 
 /// `?days=N` of the summary and the daily series.

@@ -1,7 +1,9 @@
 //! Validation of uploaded usage rows (JSON array or CSV), all-or-nothing.
 //!
 //! A batch with one bad row is rejected whole with the row's index and the reason, so a
-//! half-imported file can never skew a user's numbers.
+//! half-imported file can never skew a user's numbers. Every value is bounded (text
+//! length, tokens, latency, cost), so that sums over a user's rows stay finite and exact;
+//! the per-user quota on stored rows is the store's (`Usage::import_usage`).
 
 use apex_protocol::usage::UsageEventInput;
 
@@ -11,8 +13,18 @@ use crate::store::UsageRow;
 
 /// Most rows accepted in one upload.
 pub const MAX_ROWS_PER_UPLOAD: usize = 50_000;
-const MAX_TOKENS: i64 = 100_000_000;
+/// Largest token count (and latency, in ms) of one row: 10^8. Far above any real request,
+/// and small enough that a user's sums stay exact in an `i64` (and in SQLite's `SUM`, which
+/// fails on overflow) even at the row quota.
+pub const MAX_TOKENS: i64 = 100_000_000;
+/// Largest cost of one row, in USD. Bounded so that sums of a user's rows stay finite
+/// (an unbounded `1.7e308` made the summary's totals `null`) and exact to the micro-dollar.
+pub const MAX_COST_USD: f64 = 1_000_000.0;
 const MAX_TEXT: usize = 200;
+/// Rows stored per transaction: on SQLite each transaction holds the one writer, and other
+/// users' writes wait for it, so a 50,000-row upload is written in 50 short ones (a few ms
+/// each) rather than one long one. The store keeps the upload all or nothing regardless.
+pub const IMPORT_CHUNK_ROWS: usize = 1_000;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ImportError {
@@ -88,8 +100,7 @@ pub fn validate(
                 }
             };
             let cost_usd = match input.cost_usd {
-                Some(cost) if cost.is_finite() && cost >= 0.0 => cost,
-                Some(_) => return Err(row_error(index, "cost_usd must be a non-negative number")),
+                Some(cost) => cost,
                 None => pricing
                     .cost(&model, prompt_tokens, completion_tokens)
                     .ok_or_else(|| {
@@ -99,6 +110,13 @@ pub fn validate(
                         )
                     })?,
             };
+            // Also a computed cost: the pricing table's rates are not bounded here.
+            if !(cost_usd.is_finite() && (0.0..=MAX_COST_USD).contains(&cost_usd)) {
+                return Err(row_error(
+                    index,
+                    format!("cost_usd must be a number from 0 to {MAX_COST_USD}"),
+                ));
+            }
             Ok(UsageRow {
                 provider: text_field(index, "provider", &input.provider)?,
                 workload: text_field(index, "workload", &input.workload)?,
@@ -173,5 +191,47 @@ mod tests {
             ..input
         };
         assert!(validate(vec![negative], &pricing).is_err());
+    }
+
+    #[test]
+    fn costs_must_be_finite_and_at_most_the_maximum() {
+        let pricing = PricingTable::builtin();
+        let row = |cost: f64| UsageEventInput {
+            provider: "acme".into(),
+            model: "acme-1".into(),
+            workload: "w".into(),
+            timestamp: "2026-11-01T10:00:00Z".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            latency_ms: 1,
+            status: None,
+            cost_usd: Some(cost),
+        };
+        for bad in [
+            1.7e308,
+            f64::INFINITY,
+            f64::NAN,
+            -0.01,
+            MAX_COST_USD * 1.000001,
+        ] {
+            let err = validate(vec![row(0.5), row(bad)], &pricing).unwrap_err();
+            assert!(
+                matches!(&err, ImportError::Row { index: 1, reason } if reason.contains("cost_usd")),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            validate(vec![row(MAX_COST_USD)], &pricing).unwrap()[0].cost_usd,
+            MAX_COST_USD
+        );
+        let too_many = UsageEventInput {
+            completion_tokens: MAX_TOKENS + 1,
+            ..row(1.0)
+        };
+        let err = validate(vec![too_many], &pricing).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("row 0: completion_tokens must be between 0 and {MAX_TOKENS}")
+        );
     }
 }

@@ -50,8 +50,21 @@ pub fn window_start_ms(days: u32, now_ms: i64) -> i64 {
     now_ms - i64::from(days) * 24 * 3600 * 1000
 }
 
-/// Money is reported in whole micro-dollars so that sums compare exactly everywhere.
+/// The largest amount of money a figure reports, in USD. Imports bound each row (see
+/// `import::MAX_COST_USD`), but rows stored before that bound, or a sum the database
+/// computed past the largest double, must still give a finite figure: JSON has no
+/// infinity (serde writes `null`), and an agent reading `null` reported "$0.00".
+pub(crate) const MAX_REPORTED_USD: f64 = 1e15;
+
+/// Money is reported in whole micro-dollars so that sums compare exactly everywhere; a
+/// non-finite or out-of-range amount reads as the nearest bound (NaN, which only a sum of
+/// infinities gives, as the upper one).
 pub(crate) fn round_usd(value: f64) -> f64 {
+    let value = if value.is_nan() {
+        MAX_REPORTED_USD
+    } else {
+        value.clamp(-MAX_REPORTED_USD, MAX_REPORTED_USD)
+    };
     (value * 1_000_000.0).round() / 1_000_000.0
 }
 
@@ -74,12 +87,13 @@ pub fn summarize(
     let mut by_workload: HashMap<&str, WorkloadUsage> = HashMap::new();
     let (mut requests, mut prompt, mut completion, mut cost, mut errors) =
         (0i64, 0i64, 0i64, 0f64, 0i64);
+    // Saturating: the counts come from the database, which bounds nothing.
     for group in totals {
-        requests += group.requests;
-        prompt += group.prompt_tokens;
-        completion += group.completion_tokens;
+        requests = requests.saturating_add(group.requests);
+        prompt = prompt.saturating_add(group.prompt_tokens);
+        completion = completion.saturating_add(group.completion_tokens);
         cost += group.cost_usd;
-        errors += group.errors;
+        errors = errors.saturating_add(group.errors);
         let m = by_model
             .entry((group.provider.as_str(), group.model.as_str()))
             .or_insert_with(|| ModelUsage {
@@ -90,9 +104,9 @@ pub fn summarize(
                 completion_tokens: 0,
                 cost_usd: 0.0,
             });
-        m.requests += group.requests;
-        m.prompt_tokens += group.prompt_tokens;
-        m.completion_tokens += group.completion_tokens;
+        m.requests = m.requests.saturating_add(group.requests);
+        m.prompt_tokens = m.prompt_tokens.saturating_add(group.prompt_tokens);
+        m.completion_tokens = m.completion_tokens.saturating_add(group.completion_tokens);
         m.cost_usd += group.cost_usd;
         let w = by_workload
             .entry(group.workload.as_str())
@@ -105,9 +119,9 @@ pub fn summarize(
                 avg_prompt_tokens: 0.0,
                 avg_completion_tokens: 0.0,
             });
-        w.requests += group.requests;
-        w.prompt_tokens += group.prompt_tokens;
-        w.completion_tokens += group.completion_tokens;
+        w.requests = w.requests.saturating_add(group.requests);
+        w.prompt_tokens = w.prompt_tokens.saturating_add(group.prompt_tokens);
+        w.completion_tokens = w.completion_tokens.saturating_add(group.completion_tokens);
         w.cost_usd += group.cost_usd;
     }
 
@@ -190,6 +204,28 @@ mod tests {
         assert_eq!(s.by_workload[0].workload, "b");
         assert_eq!(s.by_workload[0].avg_prompt_tokens, 100.0);
         assert_eq!(s.latency_ms, latency);
+    }
+
+    #[test]
+    fn totals_stay_finite_whatever_the_stored_costs() {
+        let mut huge = group("c", "w", 1, f64::INFINITY);
+        huge.requests = i64::MAX;
+        huge.prompt_tokens = i64::MAX;
+        let totals = vec![
+            group("a", "w", 1, 1.7e308),
+            group("b", "w", 1, 1.7e308),
+            huge,
+        ];
+        let s = summarize(&totals, LatencyPercentiles::default(), 30, 0);
+        assert_eq!(s.total_cost_usd, MAX_REPORTED_USD);
+        assert_eq!(s.total_requests, i64::MAX);
+        assert_eq!(s.total_prompt_tokens, i64::MAX);
+        assert!(s.by_model.iter().all(|m| m.cost_usd.is_finite()));
+        assert_eq!(s.by_workload[0].cost_usd, MAX_REPORTED_USD);
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json["total_cost_usd"].is_number(), "{json}");
+        assert_eq!(round_usd(f64::NAN), MAX_REPORTED_USD);
+        assert_eq!(round_usd(1.25), 1.25);
     }
 
     #[test]

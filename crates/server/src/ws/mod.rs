@@ -11,6 +11,10 @@
 //! original client makes, and Apex's own page (same origin), `apex chat` and other
 //! programs (no `Origin`) never carry a listed one. The ticket form (`?ticket=`) is no
 //! signal: Apex's own page uses it too.
+//!
+//! Which browser pages may open a socket at all is decided by `origin_allowed`: the
+//! server's configured public origins (by default the loopback origins of its port) and
+//! the CORS origins, never the request's own `Host` header (DNS rebinding).
 
 mod connection;
 mod delivery;
@@ -87,26 +91,68 @@ fn credential(params: &Result<Query<WsParams>, QueryRejection>, headers: &Header
     Credential::Missing
 }
 
+/// The origins a browser on this machine reaches a server listening on `port` by: the
+/// default of `public_origins`.
+pub fn loopback_origins(port: u16) -> Vec<String> {
+    vec![
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+        format!("http://[::1]:{port}"),
+    ]
+}
+
+/// Origins compare without a trailing `/` and ignoring ASCII case (scheme and host are
+/// case-insensitive).
+fn same_origin(listed: &str, origin: &str) -> bool {
+    listed
+        .trim_end_matches('/')
+        .eq_ignore_ascii_case(origin.trim_end_matches('/'))
+}
+
 /// Browsers always send `Origin`; a page from another site must not open a socket with
-/// the user's credentials. Allowed: no `Origin` (non-browser clients), a configured
-/// origin, or the server's own origin.
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+/// the user's credentials. Allowed: no `Origin` (non-browser clients), one of the
+/// server's public origins, or a configured CORS origin. The request's `Host` is no
+/// evidence: with DNS rebinding, a page of `http://evil.example:PORT` reaches this server
+/// with `Host: evil.example:PORT`, its own origin.
+fn origin_allowed(headers: &HeaderMap, public: &[String], cors: &[String]) -> bool {
     let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
         return true;
     };
     let Ok(origin) = origin.to_str() else {
         return false;
     };
-    if allowed.iter().any(|o| o.trim_end_matches('/') == origin) {
-        return true;
-    }
+    public.iter().chain(cors).any(|o| same_origin(o, origin))
+}
+
+/// The WebSocket URL a ticket names: the public origin whose host is the request's `Host`
+/// (so a client that reached the server by one of its names keeps using it), else the
+/// first public origin, with `ws`/`wss` for `http`/`https`. Never a name only the `Host`
+/// header vouches for.
+pub fn ticket_websocket_url(public: &[String], headers: &HeaderMap) -> String {
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok());
-    let origin_host = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
-    host.is_some() && origin_host == host
+    let authority = |origin: &str| -> Option<(bool, String)> {
+        let origin = origin.trim_end_matches('/');
+        if let Some(rest) = origin.strip_prefix("https://") {
+            Some((true, rest.to_string()))
+        } else {
+            origin
+                .strip_prefix("http://")
+                .map(|rest| (false, rest.to_string()))
+        }
+    };
+    let chosen = public
+        .iter()
+        .filter_map(|o| authority(o))
+        .find(|(_, a)| host.is_some_and(|h| a.eq_ignore_ascii_case(h)))
+        .or_else(|| public.iter().find_map(|o| authority(o)));
+    match chosen {
+        Some((true, authority)) => format!("wss://{authority}/ws"),
+        Some((false, authority)) => format!("ws://{authority}/ws"),
+        // Not served through `serve` (which always fills the list): a neutral default.
+        None => "ws://localhost/ws".to_string(),
+    }
 }
 
 /// The pacing of a connection whose `Origin` is one of the original web client's (ignoring
@@ -156,7 +202,11 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !origin_allowed(&headers, &state.settings.cors_allowed_origins) {
+    if !origin_allowed(
+        &headers,
+        &state.settings.public_origins,
+        &state.settings.cors_allowed_origins,
+    ) {
         return ApiError::client(
             StatusCode::FORBIDDEN,
             codes::ORIGIN_NOT_ALLOWED,
@@ -247,4 +297,53 @@ async fn reject(mut socket: WebSocket, code: &'static str, reason: &'static str)
             reason: reason.into(),
         })))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn only_listed_origins_pass_whatever_the_host_says() {
+        let public = loopback_origins(8000);
+        let cors = vec!["https://chat.example.com/".to_string()];
+        let allowed =
+            |pairs: &[(&'static str, &str)]| origin_allowed(&headers(pairs), &public, &cors);
+        assert!(allowed(&[]));
+        assert!(allowed(&[("origin", "http://127.0.0.1:8000")]));
+        assert!(allowed(&[("origin", "http://LOCALHOST:8000")]));
+        assert!(allowed(&[("origin", "http://[::1]:8000")]));
+        assert!(allowed(&[("origin", "https://chat.example.com")]));
+        // DNS rebinding: the page's own name in both headers.
+        assert!(!allowed(&[
+            ("origin", "http://evil.example:8000"),
+            ("host", "evil.example:8000")
+        ]));
+        assert!(!allowed(&[("origin", "http://127.0.0.1:8001")]));
+        assert!(!allowed(&[("origin", "null")]));
+    }
+
+    #[test]
+    fn ticket_urls_name_a_public_origin() {
+        let public = vec![
+            "https://apex.example.com".to_string(),
+            "http://127.0.0.1:8000".to_string(),
+        ];
+        let url = |host: &str| ticket_websocket_url(&public, &headers(&[("host", host)]));
+        assert_eq!(url("apex.example.com"), "wss://apex.example.com/ws");
+        assert_eq!(url("127.0.0.1:8000"), "ws://127.0.0.1:8000/ws");
+        assert_eq!(url("evil.example:8000"), "wss://apex.example.com/ws");
+        assert_eq!(
+            ticket_websocket_url(&[], &HeaderMap::new()),
+            "ws://localhost/ws"
+        );
+    }
 }

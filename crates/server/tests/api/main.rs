@@ -11,6 +11,7 @@ mod golden_path;
 pub mod helpers;
 mod hostile;
 mod hostile_fairness;
+mod hostile_hygiene;
 mod hostile_sessions;
 mod isolation;
 mod layers;
