@@ -58,6 +58,16 @@ impl SessionEnd {
             SessionEnd::SessionEnded => "the session of this connection ended; log in again",
         }
     }
+
+    /// The close frame's reason: the code first, for programs; then the word "ticket",
+    /// which the original web client takes as "fetch a new ticket and reconnect" (with its
+    /// refreshed token that works; after a logout its refresh fails and it shows the login).
+    pub fn close_reason(self) -> &'static str {
+        match self {
+            SessionEnd::CredentialExpired => "token_expired: reconnect with a new ticket or token",
+            SessionEnd::SessionEnded => "session_ended: log in again for a new ticket or token",
+        }
+    }
 }
 
 /// One watched session: a flag its streams wait on, and how many streams there are.

@@ -221,7 +221,7 @@ async fn serve_connection(
                 if let Ok(text) = serde_json::to_string(&frame) {
                     let _ = conn.socket.send(Message::Text(text.into())).await;
                 }
-                break Exit::Close(CLOSE_POLICY_VIOLATION, end.code().rest());
+                break Exit::Close(CLOSE_POLICY_VIOLATION, end.close_reason());
             }
             _ = lifecycle.draining.cancelled(), if !told_shutdown => {
                 told_shutdown = true;

@@ -58,8 +58,8 @@ async fn ws_with_ticket(app: &TestApp, ticket: &str) -> WsClient {
 }
 
 /// Reads until the socket closes; returns the error code sent before the close (if any) and
-/// the close code.
-async fn until_closed(client: &mut WsClient) -> (Option<String>, u16) {
+/// the close code and reason.
+async fn until_closed(client: &mut WsClient) -> (Option<String>, (u16, String)) {
     let mut code = None;
     loop {
         match client.next_message().await {
@@ -70,7 +70,10 @@ async fn until_closed(client: &mut WsClient) -> (Option<String>, u16) {
                 }
             }
             tokio_tungstenite::tungstenite::Message::Close(frame) => {
-                return (code, frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                let (close, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                return (code, (close, reason));
             }
             _ => {}
         }
@@ -91,7 +94,12 @@ async fn a_socket_of_a_logged_out_session_is_closed_within_a_second() {
     let (code, close) = tokio::time::timeout(SESSION_END_BOUND, until_closed(&mut stolen))
         .await
         .expect("the socket of the logged-out session must close");
-    assert_eq!(close, 1008);
+    assert_eq!(close.0, 1008);
+    assert!(
+        close.1.starts_with("session_ended") && close.1.contains("ticket"),
+        "the reason names the code, and a ticket for the original web client: {}",
+        close.1
+    );
     assert_eq!(code.as_deref(), Some("SESSION_ENDED"));
     assert!(logged_out.elapsed() < SESSION_END_BOUND);
 
@@ -143,7 +151,7 @@ async fn a_logout_elsewhere_closes_this_instances_socket_through_the_store() {
     let (code, close) = tokio::time::timeout(SESSION_END_BOUND, until_closed(&mut socket))
         .await
         .expect("the poll must find the ended session");
-    assert_eq!((code.as_deref(), close), (Some("SESSION_ENDED"), 1008));
+    assert_eq!((code.as_deref(), close.0), (Some("SESSION_ENDED"), 1008));
 }
 
 #[tokio::test]
@@ -158,7 +166,7 @@ async fn a_socket_closes_when_its_access_token_expires() {
     let (code, close) = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut socket))
         .await
         .expect("the socket must close when its token expires");
-    assert_eq!((code.as_deref(), close), (Some("TOKEN_EXPIRED"), 1008));
+    assert_eq!((code.as_deref(), close.0), (Some("TOKEN_EXPIRED"), 1008));
     assert!(
         opened.elapsed() >= Duration::from_millis(900),
         "not before the token expired"
@@ -181,7 +189,7 @@ async fn a_socket_closes_when_its_access_token_expires() {
     let (code, close) = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut socket))
         .await
         .expect("a ticket's socket ends with the token that bought the ticket");
-    assert_eq!((code.as_deref(), close), (Some("TOKEN_EXPIRED"), 1008));
+    assert_eq!((code.as_deref(), close.0), (Some("TOKEN_EXPIRED"), 1008));
 }
 
 #[tokio::test]
@@ -225,7 +233,7 @@ async fn tickets_die_with_their_session_and_multi_use_tickets_are_capped() {
         let (code, close) = tokio::time::timeout(SESSION_END_BOUND, until_closed(&mut socket))
             .await
             .expect("ticket sockets close with their session");
-        assert_eq!((code.as_deref(), close), (Some("SESSION_ENDED"), 1008));
+        assert_eq!((code.as_deref(), close.0), (Some("SESSION_ENDED"), 1008));
     }
     // The victim's own page can connect again: the attacker's sockets are gone.
     let fresh = login(&app, &victim).await;
