@@ -570,6 +570,11 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     // Every user asks many questions back to back.
     settings.limits.messages_per_minute = 10_000;
     settings.limits.message_burst = 10_000;
+    // Its users are registered from one address in moments, and each asks on a thread of
+    // its own.
+    settings.limits.registrations_per_minute = 0;
+    settings.limits.registrations_per_minute_total = 0;
+    settings.limits.threads_per_minute = 0;
     let provider = format!("{:?}", settings.llm_provider).to_lowercase();
     let state = apex_server::build_state(settings).await?;
     let model = state.infra.llm.model_name().to_string();
