@@ -77,7 +77,7 @@ pub struct Limits {
     login_by_account: RateLimiter<String>,
     login_by_address: RateLimiter<IpAddr>,
     registrations_by_address: RateLimiter<IpAddr>,
-    /// One bucket for the whole instance (the key is `()`), against many addresses.
+    /// One bucket for the whole instance (one constant key), against many addresses.
     registrations_total: RateLimiter<&'static str>,
     refreshes_by_address: RateLimiter<IpAddr>,
     threads: RateLimiter<UserId>,
@@ -252,7 +252,8 @@ impl Limits {
         .await
     }
 
-    /// A thread created by `user` (explicitly, or by a message without one).
+    /// A thread created by `user` with `POST /api/threads` (a message without a thread is
+    /// under the message rate).
     pub async fn check_thread_creation(&self, user: UserId) -> Result<(), Duration> {
         let count = self.settings.threads_per_minute;
         self.per_minute(&self.threads, "threads", &user, count)
