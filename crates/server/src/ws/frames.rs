@@ -14,6 +14,10 @@ pub enum ClientFrame {
     StopRun {
         run_id: Option<String>,
     },
+    /// `regenerate`: answer the thread's last message again.
+    Regenerate {
+        thread_id: Option<String>,
+    },
     Resume {
         run_id: Option<String>,
         after_seq: Option<u64>,
@@ -82,6 +86,9 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
         },
         "start_agent" => ClientFrame::StartRun {
             text: text(&frame, &["user_request", "text", "content", "message"]),
+            thread_id: id_field(&frame, "thread_id"),
+        },
+        "regenerate" => ClientFrame::Regenerate {
             thread_id: id_field(&frame, "thread_id"),
         },
         "stop_agent" => ClientFrame::StopRun {
