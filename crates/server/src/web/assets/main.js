@@ -312,8 +312,8 @@ async function openThread(threadId) {
     }
   }
   if (page.messages.length === 0) box.append(note('No messages yet.', 'muted'));
+  updateComposer(); // places the Regenerate button, which the scroll then shows
   scrollToEnd();
-  updateComposer();
 }
 
 function runView(runId, threadId) {
