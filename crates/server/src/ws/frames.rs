@@ -145,6 +145,16 @@ mod tests {
             ClientFrame::Disconnect
         );
         assert_eq!(
+            parse(r#"{"type":"regenerate","payload":{"thread_id":" t "}}"#).unwrap(),
+            ClientFrame::Regenerate {
+                thread_id: Some("t".into())
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"regenerate","thread_id":""}"#).unwrap(),
+            ClientFrame::Regenerate { thread_id: None }
+        );
+        assert_eq!(
             parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),
             ClientFrame::StartRun {
                 text: None,
