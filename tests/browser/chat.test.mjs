@@ -8,7 +8,8 @@
 // its own run, steps and answer, and the answer must quote that user's own spend (compared
 // with GET /api/usage/summary). User B's WebSocket is dropped mid-answer: the page must
 // reconnect with a fresh ticket, `resume` from its last seq and show the answer exactly
-// once. User A stops a slow second run. The usage view draws the user's own chart and
+// once. User A regenerates her answer (the first one stays, labelled superseded), then
+// stops a slow second run. The usage view draws the user's own chart and
 // takes a CSV upload. Logging out leaves nothing of the user behind. Screenshots go to
 // APEX_ARTIFACTS.
 
@@ -210,6 +211,36 @@ try {
   }
   await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice.png'), fullPage: false });
   await pageB.screenshot({ path: join(ARTIFACTS, 'chat-bob.png'), fullPage: false });
+
+  await step('Alice regenerates her answer: a second answer, the first kept and labelled superseded', async () => {
+    const first = pageA.locator(`.run[data-run-id="${alice.runId}"]`);
+    await pageA.waitForSelector('#regenerate:not([disabled])');
+    await pageA.click('#regenerate');
+    await pageA.waitForFunction((id) => [...document.querySelectorAll('.run')].some((e) => e.dataset.runId !== id), alice.runId);
+    const runId = await pageA.locator('.run').last().getAttribute('data-run-id');
+    assert.notEqual(runId, alice.runId);
+    const second = pageA.locator(`.run[data-run-id="${runId}"]`);
+    // While it runs: the first answer is dimmed and labelled, and there is no button.
+    assert.equal(await first.locator('.superseded-label').textContent(), 'superseded');
+    if ((await second.getAttribute('data-status')) === 'running') {
+      assert.equal(await pageA.locator('#regenerate').count(), 0, 'no Regenerate while a run is going');
+    }
+    await second.locator('xpath=self::*[@data-status="completed"]').waitFor({ timeout: RUN_TIMEOUT });
+    assert.ok((await second.locator('.answer').textContent()).length > 0, 'a second answer');
+    assert.ok(await first.evaluate((e) => e.classList.contains('superseded')));
+    assert.equal(await second.locator('.superseded-label').count(), 0, 'the new answer is current');
+    await pageA.waitForSelector('#regenerate', { timeout: 5000 });
+    const run = await pageApi(pageA, `/api/runs/${runId}`);
+    const messages = (await pageApi(pageA, `/api/threads/${run.body.thread_id}/messages`)).body.messages;
+    assert.deepEqual(messages.map((m) => [m.role, m.superseded]),
+      [['user', false], ['assistant', true], ['assistant', false]], 'the question is stored once');
+    assert.equal(messages[1].superseded_by, runId);
+    // Opened again from history, the thread shows the same.
+    await pageA.click(`.thread[data-thread-id="${run.body.thread_id}"]`);
+    await pageA.waitForFunction(() => document.querySelectorAll('#messages .superseded .superseded-label').length === 1);
+    assert.equal(await pageA.locator('#messages .msg.user').count(), 1);
+    await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice-regenerated.png') });
+  });
 
   await step('Alice stops a slow second run', async () => {
     const runId = await ask(pageA, 'And how could I cut spend over the last 7 days?');

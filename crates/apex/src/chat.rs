@@ -3,6 +3,7 @@
 //! Registers or logs in over REST, opens the WebSocket with the access token in the
 //! `Authorization` header (never in the URL), then sends each line you type as a
 //! `user_message` and prints every agent step as it arrives, with the answer streaming in.
+//! `/regenerate` (or `--regenerate THREAD_ID`) answers the thread's last question again.
 //! On a terminal that is the live view of `crate::live` (a spinner line per running agent);
 //! otherwise (a pipe, a file, a test) one plain line per step.
 
@@ -26,8 +27,12 @@ pub struct ChatArgs {
     #[command(flatten)]
     account: AccountArgs,
     /// Ask this one question, print the run, and exit (non-interactive).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "regenerate")]
     message: Option<String>,
+    /// Answer the last question of this thread again, print the run, and exit
+    /// (non-interactive). The earlier answer stays in the thread, marked superseded.
+    #[arg(long, value_name = "THREAD_ID")]
+    regenerate: Option<String>,
 }
 
 /// How events are shown: the live view on a terminal, plain lines otherwise.
@@ -161,8 +166,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening {ws_url}"))?;
     let (mut sink, mut stream) = socket.split();
 
-    let mut thread_id: Option<String> = None;
-    let one_shot = args.message.is_some();
+    let mut thread_id: Option<String> = args.regenerate.clone();
+    let one_shot = args.message.is_some() || args.regenerate.is_some();
     let send_message = |text: String, thread: &Option<String>| {
         let mut frame = json!({ "type": "user_message", "text": text });
         if let Some(thread) = thread {
@@ -170,10 +175,22 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         }
         Message::Text(frame.to_string().into())
     };
+    let regenerate = |thread: &str| {
+        Message::Text(
+            json!({ "type": "regenerate", "thread_id": thread })
+                .to_string()
+                .into(),
+        )
+    };
     if let Some(text) = &args.message {
         sink.send(send_message(text.clone(), &thread_id)).await?;
+    } else if let Some(thread) = &args.regenerate {
+        sink.send(regenerate(thread)).await?;
     } else {
-        println!("Ask about your AI usage. Commands: /stop, /new (new thread), /quit");
+        println!(
+            "Ask about your AI usage. Commands: /stop, /regenerate (answer the last question \
+             again), /new (new thread), /quit"
+        );
         prompt();
     }
 
@@ -192,6 +209,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     "/quit" => break,
                     "/new" => { thread_id = None; println!("(new thread)"); prompt(); }
                     "/stop" => sink.send(Message::Text(json!({"type": "stop_agent"}).to_string().into())).await?,
+                    "/regenerate" => match &thread_id {
+                        Some(thread) => sink.send(regenerate(thread)).await?,
+                        None => { view.line("(nothing to regenerate yet: ask a question first)"); prompt(); }
+                    },
                     text => sink.send(send_message(text.to_string(), &thread_id)).await?,
                 }
             }

@@ -519,6 +519,89 @@ fn usage_import_and_summary_from_the_command_line() {
 }
 
 #[tokio::test]
+async fn chat_regenerate_answers_the_threads_last_question_again() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server(data_dir.path());
+    let (email, password) = ("regenerate@example.com", "a long enough password");
+    let chat = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .arg("chat")
+            .args(["--server", &server.address, "--email", email])
+            .args(args)
+            .env("APEX_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let asked = chat(&["--register", "--message", "How can I reduce my LLM costs?"]);
+    assert!(asked.status.success(), "{asked:?}");
+
+    let http = reqwest::Client::new();
+    let login: serde_json::Value = http
+        .post(format!("{}/auth/login", server.address))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_string();
+    let get = |path: String| {
+        let (http, token, base) = (http.clone(), token.clone(), server.address.clone());
+        async move {
+            http.get(format!("{base}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let threads = get("/api/threads".into()).await;
+    let thread = threads[0]["id"].as_str().unwrap().to_string();
+
+    let regenerated = chat(&["--regenerate", &thread]);
+    let stdout = String::from_utf8_lossy(&regenerated.stdout);
+    assert!(
+        regenerated.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&regenerated.stderr)
+    );
+    assert!(stdout.contains("▶ reporting"), "{stdout}");
+    assert!(stdout.contains("— run completed"), "{stdout}");
+    let page = get(format!("/api/threads/{thread}/messages")).await;
+    let marks: Vec<(String, bool)> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_string(),
+                m["superseded"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            ("user".to_string(), false),
+            ("assistant".to_string(), true),
+            ("assistant".to_string(), false)
+        ]
+    );
+
+    // A thread that is not the user's is refused, clearly, with a failing exit.
+    let missing = chat(&["--regenerate", "00000000-0000-4000-8000-000000000000"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("thread not found"),
+        "{missing:?}"
+    );
+}
+
+#[tokio::test]
 async fn sessions_are_listed_revoked_and_ended_everywhere_from_the_command_line() {
     let data_dir = tempfile::tempdir().unwrap();
     let server = start_server(data_dir.path());

@@ -50,6 +50,13 @@ pub struct Message {
     pub created_at: i64,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
+    /// An answer that was regenerated (`POST /api/threads/{id}/regenerate`): kept in
+    /// history, but no longer the thread's answer to its question.
+    #[serde(default)]
+    pub superseded: bool,
+    /// With `superseded`: the run that answers the question again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

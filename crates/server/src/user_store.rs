@@ -12,9 +12,9 @@ use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
-    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RunRecord, RunSubmission,
-    SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord,
-    UsageDayTotals, UsageRow, UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RegenerateOutcome,
+    RegenerateSubmission, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
+    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
 };
 use apex_protocol::threads::RunStatus;
 
@@ -85,6 +85,18 @@ impl UserStore {
     /// Stores the user's message and queues its run, within the user's limits.
     pub async fn submit_run(&self, submission: &RunSubmission<'_>) -> StoreResult<SubmitOutcome> {
         self.store.submit_run(self.owner, submission).await
+    }
+    /// Queues a run answering the thread's last user message again and marks the answers
+    /// after it superseded, within the user's limits.
+    pub async fn regenerate_run(
+        &self,
+        submission: &RegenerateSubmission<'_>,
+    ) -> StoreResult<RegenerateOutcome> {
+        self.store.regenerate_run(self.owner, submission).await
+    }
+    /// Clears the superseded mark `run` put on this user's answers.
+    pub async fn restore_superseded(&self, run: RunId) -> StoreResult<u64> {
+        self.store.restore_superseded(self.owner, run).await
     }
     /// Unfinished runs plus those finished at or after `finished_since_ms`, newest first.
     pub async fn recent_runs(

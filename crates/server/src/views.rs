@@ -1,5 +1,6 @@
 //! The API's views of stored records: what REST and the WebSocket send for a thread or a
-//! message (the protocol crate's types), made in one place so both say the same.
+//! message (the protocol crate's types), made in one place so both say the same (a
+//! regenerated answer's `superseded` mark included).
 
 use apex_protocol::threads::{Message, Thread};
 
@@ -24,5 +25,7 @@ pub fn message_view(record: MessageRecord) -> Message {
         content: record.content,
         created_at: record.created_at_ms / 1000,
         metadata: record.metadata,
+        superseded: record.superseded_by.is_some(),
+        superseded_by: record.superseded_by.map(|run| run.to_string()),
     }
 }

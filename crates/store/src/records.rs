@@ -126,6 +126,8 @@ pub struct MessageRecord {
     pub content: String,
     pub metadata: Value,
     pub created_at_ms: i64,
+    /// For an answer that was regenerated: the run answering its question again.
+    pub superseded_by: Option<RunId>,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +213,37 @@ pub enum SubmitOutcome {
     Claimed,
     /// The thread does not exist or is not the owner's.
     ThreadNotFound,
+    /// The thread already has a queued or running run.
+    ThreadBusy,
+    /// The owner already has `max_unfinished` queued or running runs.
+    TooManyRuns,
+}
+
+/// A run answering a thread's last question again, as [`crate::Runs::regenerate_run`]
+/// stores it (see [`RunSubmission`] for the limits and the claim).
+#[derive(Debug, Clone)]
+pub struct RegenerateSubmission<'a> {
+    /// `status` must be `queued`; its thread is the one whose answer is regenerated, and
+    /// its input becomes the thread's last user message.
+    pub run: &'a RunRecord,
+    pub request_id: &'a str,
+    pub max_unfinished: usize,
+    pub claim_by: Option<&'a str>,
+}
+
+/// What [`crate::Runs::regenerate_run`] did.
+#[derive(Debug, Clone)]
+pub enum RegenerateOutcome {
+    /// The run is stored (claimed for `claim_by` if `claimed`) to answer `question` again;
+    /// the answers after it are marked superseded by the run.
+    Stored {
+        question: MessageRecord,
+        claimed: bool,
+    },
+    /// The thread does not exist or is not the owner's.
+    ThreadNotFound,
+    /// The thread has no user message to answer again.
+    NoQuestion,
     /// The thread already has a queued or running run.
     ThreadBusy,
     /// The owner already has `max_unfinished` queued or running runs.

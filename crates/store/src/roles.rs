@@ -14,9 +14,9 @@ use serde_json::Value;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
     CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RedeemedTicket,
-    RefreshRotation, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason,
-    SessionRecord, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord,
-    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
+    RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunRecord, RunSubmission,
+    SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult, StoredEvent,
+    SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals, UserRecord,
 };
 use apex_protocol::threads::RunStatus;
 
@@ -159,6 +159,18 @@ pub trait Runs: Send + Sync {
         owner: UserId,
         submission: &RunSubmission<'_>,
     ) -> StoreResult<SubmitOutcome>;
+    /// Queues a run answering the last user message of `submission.run`'s thread again,
+    /// within the same limits as [`Runs::submit_run`] and in one transaction that also
+    /// marks the thread's answers after that message (not yet superseded) as superseded by
+    /// the run. No message is stored.
+    async fn regenerate_run(
+        &self,
+        owner: UserId,
+        submission: &RegenerateSubmission<'_>,
+    ) -> StoreResult<RegenerateOutcome>;
+    /// Clears the superseded mark `run` put on `owner`'s answers: a regeneration that
+    /// ended without an answer leaves the earlier one current.
+    async fn restore_superseded(&self, owner: UserId, run: RunId) -> StoreResult<u64>;
     /// Claims up to `limit` of the oldest queued runs for `instance`: each becomes
     /// `running` on it with a fresh heartbeat and one more attempt. Concurrent claimers
     /// (any instance) never get the same run.

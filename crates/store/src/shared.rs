@@ -22,7 +22,8 @@ use super::{Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
-    parse_json_column, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation, RunRecord,
+    parse_json_column, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
+    RegenerateOutcome, RegenerateSubmission, RunRecord,
     RunSubmission, SessionEndReason, SessionRecord, StoreError, StoreResult, StoredEvent,
     SubmitOutcome, ThreadRecord, TicketRecord, UserRecord,
 };
@@ -139,8 +140,15 @@ fn message_from_row(row: &DbRow) -> StoreResult<MessageRecord> {
         content: row.try_get("content")?,
         metadata: parse_json_column(row.try_get("metadata")?)?,
         created_at_ms: row.try_get("created_at")?,
+        superseded_by: row
+            .try_get::<Option<&str>, _>("superseded_by")?
+            .map(|raw| parse_stored_id(raw, RunId::parse))
+            .transpose()?,
     })
 }
+
+/// The columns [`message_from_row`] reads.
+const MESSAGE_COLUMNS: &str = "id, thread_id, role, content, metadata, created_at, superseded_by";
 
 fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
     let status: String = row.try_get("status")?;
@@ -690,8 +698,8 @@ impl Threads for Shell {
         offset: i64,
     ) -> StoreResult<(Vec<MessageRecord>, i64)> {
         let rows = sqlx::query(
-            "SELECT id, thread_id, role, content, metadata, created_at FROM messages \
-             WHERE thread_id = $1 AND user_id = $2 ORDER BY position LIMIT $3 OFFSET $4",
+            &format!("SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE thread_id = $1 AND user_id = $2 ORDER BY position LIMIT $3 OFFSET $4"),
         )
         .bind(thread.to_string())
         .bind(owner.to_string())
@@ -859,6 +867,110 @@ impl Runs for Shell {
         } else {
             SubmitOutcome::Queued
         })
+    }
+    async fn regenerate_run(
+        &self,
+        owner: UserId,
+        submission: &RegenerateSubmission<'_>,
+    ) -> StoreResult<RegenerateOutcome> {
+        let run = submission.run;
+        let mut tx = self.writes.begin().await?;
+        // The same turn-taking as `submit_run`: the limits below are exact.
+        if let Some(serialise) = ENGINE.serialise_user() {
+            sqlx::query(serialise)
+                .bind(owner.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Checks the owner and (on PostgreSQL) locks the thread until commit, so a message
+        // appended meanwhile cannot slip between the question read below and the marking.
+        let touched =
+            sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+                .bind(run.created_at_ms)
+                .bind(run.thread_id.to_string())
+                .bind(owner.to_string())
+                .execute(&mut *tx)
+                .await?;
+        if touched.rows_affected() == 0 {
+            return Ok(RegenerateOutcome::ThreadNotFound);
+        }
+        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), \
+                    CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
+             FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
+        )
+        .bind(run.thread_id.to_string())
+        .bind(owner.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if on_thread > 0 {
+            return Ok(RegenerateOutcome::ThreadBusy);
+        }
+        let question = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS}, position FROM messages \
+             WHERE thread_id = $1 AND user_id = $2 AND role = 'user' \
+             ORDER BY position DESC LIMIT 1"
+        ))
+        .bind(run.thread_id.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = question else {
+            return Ok(RegenerateOutcome::NoQuestion);
+        };
+        let question = message_from_row(&row)?;
+        let position: i64 = row.try_get("position")?;
+        if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
+            return Ok(RegenerateOutcome::TooManyRuns);
+        }
+        let waiting = query_scalar::<_, bool>(RUNS_WAITING);
+        let claim_by = match submission.claim_by {
+            Some(instance) if !waiting.fetch_one(&mut *tx).await? => Some(instance),
+            _ => None,
+        };
+        let claimed = claim_by.is_some();
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
+                               instance_id, heartbeat_at, attempts, started_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(run.id.to_string())
+        .bind(owner.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(if claimed { "running" } else { "queued" })
+        .bind(run.created_at_ms)
+        .bind(&question.content)
+        .bind(submission.request_id)
+        .bind(claim_by)
+        .bind(claimed.then_some(run.created_at_ms))
+        .bind(i32::from(claimed))
+        .bind(claimed.then_some(run.created_at_ms))
+        .execute(&mut *tx)
+        .await?;
+        // Answers superseded before keep the run that superseded them.
+        sqlx::query(
+            "UPDATE messages SET superseded_by = $1 \
+             WHERE thread_id = $2 AND user_id = $3 AND role = 'assistant' \
+             AND position > $4 AND superseded_by IS NULL",
+        )
+        .bind(run.id.to_string())
+        .bind(run.thread_id.to_string())
+        .bind(owner.to_string())
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RegenerateOutcome::Stored { question, claimed })
+    }
+    async fn restore_superseded(&self, owner: UserId, run: RunId) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "UPDATE messages SET superseded_by = NULL WHERE superseded_by = $1 AND user_id = $2",
+        )
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected())
     }
     async fn claim_queued_runs(
         &self,

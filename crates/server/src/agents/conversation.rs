@@ -22,7 +22,7 @@ pub struct Turn {
 }
 
 /// The thread's messages before the run's own (the last user message equal to `request`),
-/// newest [`MAX_TURNS`] within [`MAX_CHARS`], oldest first.
+/// superseded answers left out, newest [`MAX_TURNS`] within [`MAX_CHARS`], oldest first.
 pub async fn earlier_turns(
     store: &UserStore,
     thread: ThreadId,
@@ -41,6 +41,11 @@ pub async fn earlier_turns(
     for message in messages[..own].iter().rev() {
         if turns.len() == MAX_TURNS || !matches!(message.role.as_str(), "user" | "assistant") {
             break;
+        }
+        // A regenerated answer is no longer the thread's answer: the model reads the one
+        // that replaced it.
+        if message.superseded_by.is_some() {
+            continue;
         }
         let content: String = message.content.chars().take(MAX_CHARS - chars).collect();
         chars += content.chars().count();

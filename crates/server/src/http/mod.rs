@@ -61,6 +61,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(threads::messages))
         .routes(routes!(runs::start))
+        .routes(routes!(runs::regenerate))
         .routes(routes!(runs::get_one))
         .routes(routes!(runs::cancel))
         .routes(routes!(runs::events))

@@ -1,5 +1,6 @@
-//! `/api/threads/{id}/runs` and `/api/runs/*`: start, inspect, stop and replay runs over
-//! REST (the WebSocket does the same with frames); submission errors map to error codes through `ApiError`.
+//! `/api/threads/{id}/runs`, `/api/threads/{id}/regenerate` and `/api/runs/*`: start,
+//! regenerate, inspect, stop and replay runs over REST (the WebSocket does the same with
+//! frames); submission errors map to error codes through `ApiError`.
 
 use std::sync::Arc;
 
@@ -65,6 +66,47 @@ pub async fn start(
     let started = state
         .runs
         .submit(&user, Some(thread), &body.message, RequestId::generate())
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RunAccepted {
+            run_id: started.run_id.to_string(),
+            thread_id: started.thread_id.to_string(),
+            status: RunStatus::Queued,
+        }),
+    ))
+}
+
+/// Starts a new run for the thread's last user message, storing no message: the answers
+/// after that message stay in history, marked `superseded` (cleared again if the new run
+/// ends without an answer).
+#[utoipa::path(
+    post,
+    path = "/api/threads/{id}/regenerate",
+    operation_id = "regenerate",
+    tag = "runs",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Thread id")),
+    responses(
+        (status = 202, description = "The run is queued", body = RunAccepted),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The thread has a run in progress (code: `thread_busy`)", body = ErrorBody),
+        (status = 422, description = "The thread has no user message yet (code: `validation_failed`)", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, description = "The server is shutting down (code: `shutting_down`)", body = ErrorBody),
+    )
+)]
+pub async fn regenerate(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<RunAccepted>), ApiError> {
+    let thread = thread_id(&id)?;
+    let started = state
+        .runs
+        .regenerate(&user, thread, RequestId::generate())
         .await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -109,14 +109,23 @@ pub(super) async fn end_run(
                 .await
         }
     };
-    match status_write {
-        StatusWrite::Store(store) => store_status(store).await?,
+    let store = match status_write {
+        StatusWrite::Store(store) => {
+            store_status(store).await?;
+            Some(store)
+        }
         StatusWrite::BestEffort(store) => {
             if let Err(err) = store_status(store).await {
                 tracing::error!(%run_id, error = %err, "could not store the run's final status");
             }
+            Some(store)
         }
-        StatusWrite::AlreadyStored => {}
+        StatusWrite::AlreadyStored => None,
+    };
+    if ending.status != RunStatus::Completed {
+        if let Some(store) = store {
+            restore_superseded(store, run_id).await;
+        }
     }
     on_stored();
     let terminal = EventBody::RunFinished {
@@ -130,6 +139,15 @@ pub(super) async fn end_run(
         Ok(_) => Ok(()),
         Err(EmitError::Storage(err)) => Err(err),
         Err(other) => Err(StoreError::Corrupt(other.to_string())),
+    }
+}
+
+/// A run that ends without an answer leaves the answers it was to replace current (see
+/// [`super::regenerate`]); before the terminal event, so a client reloading the thread
+/// on it sees them so. Best effort: a failure only leaves them marked superseded.
+async fn restore_superseded(store: &UserStore, run_id: RunId) {
+    if let Err(err) = store.restore_superseded(run_id).await {
+        tracing::error!(%run_id, error = %err, "could not restore the answers a run was to replace");
     }
 }
 
@@ -212,6 +230,11 @@ impl Runs {
             return Ok(false);
         }
         let ctx = UserExecutionContext::for_recovery(owner, run.thread_id, run.id);
+        restore_superseded(
+            &UserStore::for_context(Arc::clone(&infra.store), &ctx),
+            run.id,
+        )
+        .await;
         let emitter = UserEmitter::resuming(
             &ctx,
             Arc::clone(&infra.store),

@@ -223,6 +223,7 @@ async fn finish(
             content: state.answer.clone(),
             metadata: json!({ "run_id": run_id.to_string(), "report": report }),
             created_at_ms: now_ms(),
+            superseded_by: None,
         };
         if let Err(err) = cx.store.insert_message(&message).await {
             tracing::error!(%run_id, error = %err, "could not store the answer");

@@ -10,6 +10,8 @@
 //!   database (so they hold across instances, and a refused message leaves no thread).
 //!   With room here and nothing waiting, the same transaction claims the run and it starts
 //!   at once.
+//! - [`regenerate`]: a new run for a thread's last message, the earlier answers kept and
+//!   marked superseded.
 //! - [`registry`]: the runs executing in this process (owner and cancellation token per
 //!   run) and the places held for runs being submitted here.
 //! - [`dispatch`]: each instance's dispatcher claims queued runs while it has room and
@@ -32,6 +34,7 @@ mod dispatch;
 pub mod ending;
 mod execute;
 pub mod recovery;
+pub mod regenerate;
 pub mod registry;
 pub mod submit;
 

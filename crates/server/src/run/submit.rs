@@ -139,6 +139,7 @@ impl Runs {
             content: text,
             metadata: json!({ "run_id": run_id.to_string() }),
             created_at_ms: now,
+            superseded_by: None,
         };
         let run = RunRecord {
             id: run_id,

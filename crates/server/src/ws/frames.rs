@@ -14,6 +14,10 @@ pub enum ClientFrame {
     StopRun {
         run_id: Option<String>,
     },
+    /// `regenerate`: answer the thread's last message again.
+    Regenerate {
+        thread_id: Option<String>,
+    },
     Resume {
         run_id: Option<String>,
         after_seq: Option<u64>,
@@ -84,6 +88,9 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
             text: text(&frame, &["user_request", "text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
         },
+        "regenerate" => ClientFrame::Regenerate {
+            thread_id: id_field(&frame, "thread_id"),
+        },
         "stop_agent" => ClientFrame::StopRun {
             run_id: id_field(&frame, "run_id"),
         },
@@ -136,6 +143,16 @@ mod tests {
             parse(r#"{"type":"disconnect","payload":{"connectionId":"c","reason":"page_unload"}}"#)
                 .unwrap(),
             ClientFrame::Disconnect
+        );
+        assert_eq!(
+            parse(r#"{"type":"regenerate","payload":{"thread_id":" t "}}"#).unwrap(),
+            ClientFrame::Regenerate {
+                thread_id: Some("t".into())
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"regenerate","thread_id":""}"#).unwrap(),
+            ClientFrame::Regenerate { thread_id: None }
         );
         assert_eq!(
             parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),

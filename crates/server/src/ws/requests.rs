@@ -1,4 +1,4 @@
-//! What a connection does with each client frame: start, stop and resume runs, send a
+//! What a connection does with each client frame: start, regenerate, stop and resume runs, send a
 //! thread's history, answer pings. Every handler returns `Result<(), WsError>`; the
 //! connection renders a refusal or an internal error as one `error_message` frame.
 //!
@@ -52,6 +52,7 @@ impl Connection {
         match frame {
             ClientFrame::StartRun { text, thread_id } => self.start(text, thread_id).await,
             ClientFrame::StopRun { run_id } => self.stop(run_id).await,
+            ClientFrame::Regenerate { thread_id } => self.regenerate(thread_id).await,
             ClientFrame::Resume { run_id, after_seq } => self.resume(run_id, after_seq).await,
             ClientFrame::ThreadHistory { thread_id } => self.history(thread_id).await,
             ClientFrame::SwitchThread { thread_id } => {
@@ -102,6 +103,29 @@ impl Connection {
             })
             .await?;
         }
+        self.last_started = Some(started.run_id);
+        self.send_control(&ControlFrame::RunAccepted {
+            run_id: started.run_id.to_string(),
+            thread_id: started.thread_id.to_string(),
+            message_id: started.message_id.to_string(),
+            timestamp: now_rfc3339(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A new run for the thread's last message; answered `run_accepted` like a message
+    /// (its `message_id` is the message answered again).
+    async fn regenerate(&mut self, thread_id: Option<String>) -> Handled {
+        let thread = thread_id
+            .as_deref()
+            .and_then(|raw| ThreadId::parse(raw).ok())
+            .ok_or_else(thread_not_found)?;
+        let started = self
+            .state
+            .runs
+            .regenerate(&self.user, thread, RequestId::generate())
+            .await?;
         self.last_started = Some(started.run_id);
         self.send_control(&ControlFrame::RunAccepted {
             run_id: started.run_id.to_string(),

@@ -22,6 +22,7 @@ mod openai_compat;
 mod openapi;
 mod paced_delivery;
 mod queue;
+mod regenerate;
 mod store;
 mod stress;
 mod text;

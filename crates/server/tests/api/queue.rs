@@ -172,6 +172,7 @@ async fn run_left_by_a_crash(max_attempts: u32) -> (TestApp, UserId, RunId) {
         content: QUESTION.into(),
         metadata: json!({"run_id": run_id.to_string()}),
         created_at_ms: now,
+        superseded_by: None,
     };
     let run = RunRecord {
         id: run_id,

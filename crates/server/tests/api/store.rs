@@ -78,6 +78,7 @@ fn message(thread_id: ThreadId, content: &str) -> MessageRecord {
         content: content.into(),
         metadata: json!({}),
         created_at_ms: NOW,
+        superseded_by: None,
     }
 }
 
@@ -648,6 +649,7 @@ async fn submit_as(
         content: format!("question for {id}"),
         metadata: json!({}),
         created_at_ms,
+        superseded_by: None,
     };
     let run = RunRecord {
         id,

@@ -23,6 +23,7 @@ const state = {
   threadId: null,   // the thread shown; null for a new conversation
   runs: new Map(),  // run_id -> RunView: every run this page has seen, with its last seq
   pending: null,    // {bubble} while a sent message waits for run_accepted
+  regenerating: null, // the thread id while a regenerate frame waits for its answer
   filling: new Set(), // run ids whose missing events are being fetched
   openToken: 0,
 };
@@ -208,6 +209,24 @@ function userBubble(text) {
   return h('div', { class: 'msg user' }, h('div', { class: 'bubble', text }));
 }
 
+/** Dims an answer that a regeneration replaced and labels it "superseded". */
+function markSuperseded(el, superseded) {
+  el.classList.toggle('superseded', superseded);
+  const label = el.querySelector(':scope > .superseded-label');
+  if (superseded && !label) {
+    el.prepend(h('span', { class: 'superseded-label', text: 'superseded' }));
+  } else if (!superseded && label) {
+    label.remove();
+  }
+}
+
+/** The answers shown after the thread's last question (the ones a regeneration replaces). */
+function answersAfterLastQuestion() {
+  const items = [...$('messages').children];
+  const last = items.map((el) => el.classList.contains('user')).lastIndexOf(true);
+  return items.slice(last + 1).filter((el) => el.matches('.msg.assistant, .run') && !el.classList.contains('superseded'));
+}
+
 function note(text, kind) {
   return h('p', { class: `chat-note ${kind || ''}`, text });
 }
@@ -264,8 +283,15 @@ async function openThread(threadId) {
       } else if (runId && !answered.has(runId)) {
         unanswered = runId;
       }
-    } else if (!(runId && state.runs.has(runId))) {
-      box.append(h('div', { class: 'msg assistant' }, h('div', { class: 'answer', text: message.content })));
+    } else if (runId && state.runs.has(runId)) {
+      // A regeneration's run has no question of its own: its card goes where its answer is.
+      const view = state.runs.get(runId);
+      if (!view.el.isConnected) box.append(view.el);
+      markSuperseded(view.el, Boolean(message.superseded));
+    } else {
+      const answer = h('div', { class: 'msg assistant' }, h('div', { class: 'answer', text: message.content }));
+      markSuperseded(answer, Boolean(message.superseded));
+      box.append(answer);
     }
   }
   // The thread's last question has no answer yet: follow its run if it is still going
@@ -286,8 +312,8 @@ async function openThread(threadId) {
     }
   }
   if (page.messages.length === 0) box.append(note('No messages yet.', 'muted'));
+  updateComposer(); // places the Regenerate button, which the scroll then shows
   scrollToEnd();
-  updateComposer();
 }
 
 function runView(runId, threadId) {
@@ -330,11 +356,34 @@ function currentRunActive() {
 
 function updateComposer() {
   const online = state.connection && state.connection.isOpen();
-  const busy = Boolean(state.pending) || currentRunActive();
+  const busy = Boolean(state.pending) || Boolean(state.regenerating) || currentRunActive();
   $('send').disabled = !online || busy;
   $('composer-note').textContent = !online
     ? 'Connecting to the server…'
     : busy ? 'The agents are working on this conversation; wait for the answer or stop it.' : '';
+  placeRegenerate(online && !busy);
+}
+
+/** The Regenerate button, after the thread's last answer; only while nothing runs there. */
+function placeRegenerate(allowed) {
+  const existing = $('regenerate');
+  if (existing) existing.parentElement.remove();
+  const box = $('messages');
+  const items = [...box.children];
+  const last = items.filter((el) => el.matches('.msg.user, .msg.assistant, .run')).pop();
+  if (!allowed || !state.threadId || !last || last.classList.contains('user')) return;
+  box.append(h('div', { class: 'regenerate-row' }, h('button', {
+    type: 'button', id: 'regenerate', class: 'ghost', text: '↻ Regenerate',
+    title: 'Answer the last question again (this answer is kept, marked superseded)',
+    onclick: regenerate,
+  })));
+}
+
+function regenerate() {
+  const threadId = state.threadId;
+  if (!threadId || !state.connection.send({ type: 'regenerate', thread_id: threadId })) return;
+  state.regenerating = threadId;
+  updateComposer();
 }
 
 function sendMessage(event) {
@@ -371,6 +420,14 @@ function handleFrame(frame) {
       break;
     case 'run_accepted': {
       const view = runView(frame.run_id, frame.thread_id);
+      if (state.regenerating && state.regenerating === frame.thread_id && !state.pending) {
+        // The answers it replaces stay, dimmed; they are current again if it brings none.
+        state.regenerating = null;
+        if (frame.thread_id === state.threadId) {
+          view.supersedes = answersAfterLastQuestion();
+          for (const el of view.supersedes) markSuperseded(el, true);
+        }
+      }
       if (state.pending && state.pending.threadId === frame.thread_id) {
         state.pending.bubble.classList.remove('pending');
         state.pending.bubble.after(view.el);
@@ -388,7 +445,11 @@ function handleFrame(frame) {
       break;
     }
     case 'error_message':
-      if (state.pending && START_ERRORS.has(frame.error_code)) {
+      if (state.regenerating && !state.pending) {
+        state.regenerating = null;
+        $('messages').append(note(`Could not regenerate: ${frame.error_message}`, 'error'));
+        updateComposer();
+      } else if (state.pending && START_ERRORS.has(frame.error_code)) {
         state.pending.bubble.classList.replace('pending', 'failed');
         state.pending.bubble.after(note(`Not sent: ${frame.error_message}`, 'error'));
         state.pending = null;
@@ -416,6 +477,9 @@ function handleEvent(event) {
   view.receive(event);
   if (nearEnd && view.el.isConnected) scrollToEnd();
   if (view.done && !wasDone) {
+    if (view.el.dataset.status !== 'completed' && view.supersedes) {
+      for (const el of view.supersedes) markSuperseded(el, false);
+    }
     refreshThreads();
     updateComposer();
   }
