@@ -884,7 +884,7 @@ async fn per_user_run_limits_hold_across_instances() {
         .post(
             &format!("/api/threads/{thread_id}/runs"),
             Some(&alice.token),
-            json!({"message": "and now?"}),
+            json!({"message": "and now?", "multitask_strategy": "reject"}),
         )
         .await;
     assert_eq!(status, 409, "{body}");

@@ -167,6 +167,7 @@ impl Runs {
                 store: Arc::clone(&shared.infra.store),
                 instance: shared.instance_id.clone(),
             }),
+            wake: Arc::clone(&shared.wake),
         };
         crate::telemetry::run_started();
         let span = tracing::info_span!("run", run_id = %run.id, %request_id, attempt = attempts);

@@ -38,6 +38,7 @@ pub mod submit;
 use std::sync::Arc;
 use std::time::Duration;
 
+use apex_protocol::threads::MultitaskStrategy;
 use tokio::sync::Notify;
 
 use crate::agents::Infrastructure;
@@ -71,6 +72,8 @@ pub struct RunSettings {
     /// when this instance's shutdown grace period ends goes back to the queue, and a stop
     /// for a run executing elsewhere is sent over the bus.
     pub several_instances: bool,
+    /// The strategy of a message that names none (see [`submit`]).
+    pub default_multitask_strategy: MultitaskStrategy,
 }
 
 impl RunSettings {
@@ -84,6 +87,7 @@ impl RunSettings {
             instance_heartbeat: settings.instance_heartbeat,
             instance_stale_after: settings.instance_stale_after,
             several_instances: settings.bus_url.is_some(),
+            default_multitask_strategy: settings.default_multitask_strategy,
         }
     }
 }

@@ -10,6 +10,9 @@ pub enum ClientFrame {
     StartRun {
         text: Option<String>,
         thread_id: Option<String>,
+        /// As sent (checked by the handler); a non-string is kept as its JSON text, so it
+        /// is refused rather than ignored.
+        multitask_strategy: Option<String>,
     },
     StopRun {
         run_id: Option<String>,
@@ -79,10 +82,12 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
         "user_message" | "chat" | "chat_message" => ClientFrame::StartRun {
             text: text(&frame, &["text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
+            multitask_strategy: id_field(&frame, "multitask_strategy"),
         },
         "start_agent" => ClientFrame::StartRun {
             text: text(&frame, &["user_request", "text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
+            multitask_strategy: id_field(&frame, "multitask_strategy"),
         },
         "stop_agent" => ClientFrame::StopRun {
             run_id: id_field(&frame, "run_id"),
@@ -115,14 +120,16 @@ mod tests {
             parse(r#"{"type":"chat","payload":{"content":"hi","thread_id":"t"}}"#).unwrap(),
             ClientFrame::StartRun {
                 text: Some("hi".into()),
-                thread_id: Some("t".into())
+                thread_id: Some("t".into()),
+                multitask_strategy: None
             }
         );
         assert_eq!(
             parse(r#"{"type":"start_agent","user_request":"go"}"#).unwrap(),
             ClientFrame::StartRun {
                 text: Some("go".into()),
-                thread_id: None
+                thread_id: None,
+                multitask_strategy: None
             }
         );
         assert_eq!(
@@ -141,7 +148,8 @@ mod tests {
             parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),
             ClientFrame::StartRun {
                 text: None,
-                thread_id: None
+                thread_id: None,
+                multitask_strategy: None
             }
         );
     }
