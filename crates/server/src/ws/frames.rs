@@ -155,6 +155,32 @@ mod tests {
     }
 
     #[test]
+    fn keeps_the_multitask_strategy_as_sent() {
+        let strategy = |raw: &str| match parse(raw).unwrap() {
+            ClientFrame::StartRun {
+                multitask_strategy, ..
+            } => multitask_strategy,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            strategy(r#"{"type":"user_message","text":"hi","multitask_strategy":"interrupt"}"#),
+            Some("interrupt".into())
+        );
+        assert_eq!(
+            strategy(
+                r#"{"type":"start_agent","payload":{"user_request":"go","multitask_strategy":"rollback"}}"#
+            ),
+            Some("rollback".into())
+        );
+        // A non-string is kept as its JSON text, so the handler refuses it.
+        assert_eq!(
+            strategy(r#"{"type":"chat","text":"hi","multitask_strategy":3}"#),
+            Some("3".into())
+        );
+        assert_eq!(strategy(r#"{"type":"chat","text":"hi"}"#), None);
+    }
+
+    #[test]
     fn reports_bad_json_and_shapes() {
         assert!(matches!(parse("{nope"), Err(FrameError::Parse(_))));
         assert!(matches!(parse("[1,2]"), Err(FrameError::Shape(_))));

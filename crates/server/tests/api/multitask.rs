@@ -425,3 +425,25 @@ async fn queued_runs_count_against_the_per_user_limit_and_superseded_ones_do_not
     let again = ws.ask(QUESTION, Some(&thread)).await;
     assert_eq!(again.terminal().status(), Some("completed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_the_strategy() {
+    let app = spawn_app_with(|_| {}).await;
+    let document: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &document["components"]["schemas"];
+    let field = &schemas["StartRunRequest"]["properties"]["multitask_strategy"];
+    assert!(!field.is_null(), "{}", schemas["StartRunRequest"]);
+    let strategies = schemas["MultitaskStrategy"]["enum"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", schemas["MultitaskStrategy"]));
+    let names: Vec<&str> = strategies.iter().filter_map(Value::as_str).collect();
+    assert_eq!(names, ["enqueue", "interrupt", "rollback", "reject"]);
+}
