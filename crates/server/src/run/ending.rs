@@ -10,6 +10,13 @@
 //! the registry, which checks the owner), still queued (ended in the database, unless an
 //! instance claims it first), or executing on another instance (checked against the store,
 //! then sent over the bus; that instance's registry checks the owner again).
+//!
+//! A newer message on the thread stops runs the same way ([`Runs::supersede`], for
+//! `interrupt` and `rollback`). The stop itself carries no reason across instances: the
+//! submitting transaction marks the run `superseded` in the store, and whoever ends it
+//! reads the mark ([`StopReason::of`]) to end it `interrupted` (or `cancelled`). After the
+//! terminal event, [`settle`] removes a rolled-back run and wakes the dispatcher for the
+//! next run of the thread.
 
 use std::sync::Arc;
 

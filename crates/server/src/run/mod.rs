@@ -9,7 +9,9 @@
 //!   without one) its new thread in one transaction that enforces the user's limits in the
 //!   database (so they hold across instances, and a refused message leaves no thread).
 //!   With room here and nothing waiting, the same transaction claims the run and it starts
-//!   at once.
+//!   at once. A message to a thread whose run is still going follows its
+//!   `multitask_strategy` (double-texting: queue behind it, interrupt it, roll it back, or
+//!   refuse); a thread's runs execute one at a time, in order, which the claim enforces.
 //! - [`registry`]: the runs executing in this process (owner and cancellation token per
 //!   run) and the places held for runs being submitted here.
 //! - [`dispatch`]: each instance's dispatcher claims queued runs while it has room and
