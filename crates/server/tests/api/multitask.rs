@@ -447,3 +447,49 @@ async fn the_openapi_document_describes_the_strategy() {
     let names: Vec<&str> = strategies.iter().filter_map(Value::as_str).collect();
     assert_eq!(names, ["enqueue", "interrupt", "rollback", "reject"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_also_removes_runs_still_queued_behind_the_running_one() {
+    let app = spawn_app_with(slow_runs).await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let (first, thread, _) = first_run(&mut ws).await;
+    ws.send_json(second_message(&thread, Some("enqueue"))).await;
+    let queued = ws.expect_type("run_accepted").await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut frame = second_message(&thread, Some("rollback"));
+    frame["payload"]["text"] = json!("start over");
+    ws.send_json(frame).await;
+    let seen = read_until_ended(&mut ws, 3).await;
+    let last = seen.accepted[0]["run_id"].as_str().unwrap().to_string();
+    for gone in [&first, &queued] {
+        assert_eq!(
+            seen.of_run(gone).last().unwrap().status(),
+            Some("cancelled")
+        );
+    }
+    assert_eq!(
+        seen.of_run(&last).last().unwrap().status(),
+        Some("completed")
+    );
+    for gone in [&first, &queued] {
+        let mut removed = false;
+        for _ in 0..100 {
+            if run_status(&app, &user, gone).await.0 == 404 {
+                removed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(removed, "run {gone} is still there");
+    }
+    let messages = thread_messages(&app, &user, &thread).await;
+    let runs: Vec<&str> = messages
+        .iter()
+        .map(|m| m["metadata"]["run_id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(runs, [last.as_str(), last.as_str()], "{messages:?}");
+    assert_eq!(messages[0]["content"], "start over");
+}
