@@ -884,7 +884,7 @@ async fn per_user_run_limits_hold_across_instances() {
         .post(
             &format!("/api/threads/{thread_id}/runs"),
             Some(&alice.token),
-            json!({"message": "and now?"}),
+            json!({"message": "and now?", "multitask_strategy": "reject"}),
         )
         .await;
     assert_eq!(status, 409, "{body}");
@@ -1074,4 +1074,110 @@ async fn a_logout_on_one_instance_closes_the_sessions_sockets_on_the_others() {
     let run_id = one.start_run(&own).await;
     let events = victims_own.events_until_terminal(&run_id).await;
     assert_contiguous_from(&events, 1);
+}
+
+/// Event frames on `ws` until `terminals` runs have ended, in arrival order.
+async fn events_until_terminals(ws: &mut Ws, terminals: usize) -> Vec<Value> {
+    let mut events = Vec::new();
+    while events.iter().filter(|e| is_terminal(e)).count() < terminals {
+        let frame = ws.next().await;
+        if frame.get("seq").is_some() {
+            events.push(frame);
+        }
+    }
+    events
+}
+
+/// The events of `run` among `events`, and where its first and terminal events are.
+fn run_span(events: &[Value], run: &str) -> (Vec<Value>, usize, usize) {
+    let of_run: Vec<Value> = events
+        .iter()
+        .filter(|e| e["run_id"] == run)
+        .cloned()
+        .collect();
+    let first = events.iter().position(|e| e["run_id"] == run);
+    let end = events
+        .iter()
+        .position(|e| e["run_id"] == run && is_terminal(e));
+    (
+        of_run,
+        first.expect("events of the run"),
+        end.expect("the run's terminal event"),
+    )
+}
+
+/// Posts a message to the thread's runs with `strategy`; returns the queued run's id.
+async fn submit_double_text(
+    instance: &Instance,
+    user: &User,
+    runs: &str,
+    message: &str,
+    strategy: &str,
+) -> String {
+    let body = json!({"message": message, "multitask_strategy": strategy});
+    let (status, accepted) = instance.post(runs, Some(&user.token), body).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["status"], "queued", "{accepted}");
+    accepted["run_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_texting_across_instances_enqueues_and_interrupts() {
+    let cluster = Cluster::new();
+    let one = cluster.start(30).await;
+    let two = cluster.start(30).await;
+    let alice = one.register("alice").await;
+    let mut ws = two.ws(&alice).await;
+    let (_, thread) = one
+        .post("/api/threads", Some(&alice.token), json!({"title": "t"}))
+        .await;
+    let runs = format!("/api/threads/{}/runs", thread["id"].as_str().unwrap());
+    let submit = |instance, message, strategy| {
+        submit_double_text(instance, &alice, &runs, message, strategy)
+    };
+
+    // Enqueue: the first message executes on instance 1 (which had room), the second,
+    // sent to instance 2, waits in the shared queue until the first has ended.
+    let first = submit(&one, "How can I reduce my LLM costs?", "enqueue").await;
+    assert_eq!(cluster.executing_instance(&first).await, one.id);
+    one.wait_run(&alice, &first, |r| r["last_seq"].as_u64() > Some(1))
+        .await;
+    let second = submit(&two, "and latency?", "enqueue").await;
+    let events = events_until_terminals(&mut ws, 2).await;
+    let (first_events, _, first_end) = run_span(&events, &first);
+    let (second_events, second_start, _) = run_span(&events, &second);
+    assert!(
+        first_end < second_start,
+        "the queued run overtook the first"
+    );
+    for run in [&first_events, &second_events] {
+        assert_contiguous_from(run, 1);
+        assert_eq!(run.last().unwrap()["status"], "completed");
+    }
+
+    // Interrupt: a run executing on instance 1 is ended `interrupted` by a message sent
+    // to instance 2 (through the bus's stop), then the new run completes.
+    let third = submit(&one, "How can I reduce my LLM costs?", "enqueue").await;
+    assert_eq!(cluster.executing_instance(&third).await, one.id);
+    one.wait_run(&alice, &third, |r| r["last_seq"].as_u64() > Some(1))
+        .await;
+    let fourth = submit(&two, "never mind, only latency", "interrupt").await;
+    let events = events_until_terminals(&mut ws, 2).await;
+    let (third_events, _, third_end) = run_span(&events, &third);
+    let (fourth_events, fourth_start, _) = run_span(&events, &fourth);
+    assert!(third_end < fourth_start);
+    assert_eq!(third_events.last().unwrap()["status"], "interrupted");
+    assert_eq!(fourth_events.last().unwrap()["status"], "completed");
+    assert_contiguous_from(&fourth_events, 1);
+    // The interrupted run keeps its events, contiguous up to its terminal event.
+    let stored = two
+        .get(
+            &format!("/api/runs/{third}/events?after_seq=0"),
+            &alice.token,
+        )
+        .await;
+    let stored = stored["events"].as_array().unwrap().clone();
+    assert_contiguous_from(&stored, 1);
+    assert!(is_terminal(stored.last().unwrap()));
+    assert_eq!(two.run(&alice, &third).await["status"], "interrupted");
 }

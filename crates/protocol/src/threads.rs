@@ -74,6 +74,61 @@ pub struct StartRunRequest {
     /// 1 to 16,000 characters.
     #[schema(example = "How can I reduce my LLM costs?")]
     pub message: String,
+    /// What to do if the thread's previous run is still going (double-texting); absent:
+    /// the server's `default_multitask_strategy` (`enqueue` unless configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multitask_strategy: Option<MultitaskStrategy>,
+}
+
+/// What a message sent to a thread whose run is still going (queued or running, on any
+/// instance) does with that run: LangGraph's double-texting strategies.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MultitaskStrategy {
+    /// The new run waits in the queue behind the thread's unfinished runs and starts when
+    /// the last of them has ended.
+    Enqueue,
+    /// The thread's unfinished runs end `interrupted` (their events kept), then the new
+    /// run starts.
+    Interrupt,
+    /// The thread's unfinished runs are stopped and removed (their user message, events
+    /// and run row), then the new run starts.
+    Rollback,
+    /// The message is refused with `THREAD_BUSY` / `409 thread_busy`.
+    Reject,
+}
+
+impl MultitaskStrategy {
+    /// Every strategy, in the order the documentation lists them.
+    pub const ALL: [MultitaskStrategy; 4] = [
+        MultitaskStrategy::Enqueue,
+        MultitaskStrategy::Interrupt,
+        MultitaskStrategy::Rollback,
+        MultitaskStrategy::Reject,
+    ];
+
+    /// The wire (and stored) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultitaskStrategy::Enqueue => "enqueue",
+            MultitaskStrategy::Interrupt => "interrupt",
+            MultitaskStrategy::Rollback => "rollback",
+            MultitaskStrategy::Reject => "reject",
+        }
+    }
+
+    /// The strategy named `name` (exactly a wire name).
+    pub fn parse(name: &str) -> Option<MultitaskStrategy> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether the thread's unfinished runs are ended for the new one.
+    pub fn ends_previous(self) -> bool {
+        matches!(
+            self,
+            MultitaskStrategy::Interrupt | MultitaskStrategy::Rollback
+        )
+    }
 }
 
 /// Answer of `POST /api/threads/{id}/runs` (202) and of `POST /api/runs/{id}/cancel`.

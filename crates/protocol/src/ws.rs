@@ -32,11 +32,14 @@ pub enum ControlFrame {
         thread_id: String,
         timestamp: String,
     },
-    /// A message was stored and a run queued for it.
+    /// A message was stored and a run queued for it. `status` is `queued`: the run's
+    /// `agent_started` event marks its start (behind the thread's earlier runs, with
+    /// `multitask_strategy: "enqueue"`).
     RunAccepted {
         run_id: String,
         thread_id: String,
         message_id: String,
+        status: crate::threads::RunStatus,
         timestamp: String,
     },
     ThreadData {

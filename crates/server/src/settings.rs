@@ -7,6 +7,7 @@
 //! the embedded local model (falling back to the deterministic template writer), demo usage
 //! data for new accounts.
 
+use apex_protocol::threads::MultitaskStrategy;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -266,6 +267,9 @@ pub struct Settings {
     /// while it has attempts left, and ended `interrupted` after the last; 1 means never
     /// re-run.
     pub run_max_attempts: u32,
+    /// What a message does to its thread's unfinished run when it names no
+    /// `multitask_strategy` (double-texting): queue behind it, by default.
+    pub default_multitask_strategy: MultitaskStrategy,
 }
 
 impl Settings {
@@ -305,6 +309,7 @@ impl Settings {
             max_runs_per_instance: 256,
             queue_poll_interval: Duration::from_secs(1),
             run_max_attempts: 2,
+            default_multitask_strategy: MultitaskStrategy::Enqueue,
         }
     }
 

@@ -13,10 +13,11 @@ use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
     CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RegenerateOutcome,
-    RegenerateSubmission, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store,
-    StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow, UsageTotals,
+    RegenerateSubmission, RunAftermath, RunRecord, RunSubmission, SavingsQuery, SavingsTotals,
+    Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow,
+    UsageTotals,
 };
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 #[derive(Clone)]
 pub struct UserStore {
@@ -110,6 +111,15 @@ impl UserStore {
     }
     pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         self.store.get_run(self.owner, id).await
+    }
+    /// The strategy of the newer message that superseded the run, if one did.
+    pub async fn run_superseded(&self, id: RunId) -> StoreResult<Option<MultitaskStrategy>> {
+        self.store.run_superseded(self.owner, id).await
+    }
+    /// After the run's terminal event: removes it if rolled back; whether a run of its
+    /// thread now waits in the queue.
+    pub async fn settle_ended_run(&self, id: RunId) -> StoreResult<RunAftermath> {
+        self.store.settle_ended_run(self.owner, id).await
     }
     pub async fn set_run_status(
         &self,

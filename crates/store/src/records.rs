@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::ids::{MessageId, RunId, ThreadId, UserId};
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +130,7 @@ pub struct MessageRecord {
     pub superseded_by: Option<RunId>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunRecord {
     pub id: RunId,
     pub thread_id: ThreadId,
@@ -203,17 +203,24 @@ pub struct RunSubmission<'a> {
     /// A thread to create for the message (which names it) in the same transaction: it is
     /// stored only if the run is accepted, so refused messages leave no threads behind.
     pub new_thread: Option<&'a ThreadRecord>,
+    /// What to do if the thread already has unfinished runs (see [`SubmitOutcome`]).
+    pub strategy: MultitaskStrategy,
 }
 
 /// What [`crate::Runs::submit_run`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitOutcome {
+    /// Stored and queued (behind the thread's unfinished runs, if it has any).
     Queued,
+    /// Stored and queued behind the thread's unfinished runs, which the submission
+    /// (`interrupt` or `rollback`) marked `superseded`: the caller stops each of them.
+    /// They do not count against `max_unfinished`: they are ending.
+    Superseding(Vec<RunRecord>),
     /// Stored and claimed for [`RunSubmission::claim_by`]: the submitter starts it.
     Claimed,
     /// The thread does not exist or is not the owner's.
     ThreadNotFound,
-    /// The thread already has a queued or running run.
+    /// The thread already has a queued or running run and the strategy is `reject`.
     ThreadBusy,
     /// The owner already has `max_unfinished` queued or running runs.
     TooManyRuns,
@@ -340,4 +347,13 @@ pub struct SavingsTotals {
 /// A JSON column's text as a value; text that is not JSON is corrupt data, not a bug.
 pub(crate) fn parse_json_column(raw: &str) -> StoreResult<Value> {
     serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("json column: {e}")))
+}
+
+/// What happened once a run ended ([`crate::Runs::settle_ended_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunAftermath {
+    /// The run was superseded with `rollback`: its messages, events and row are gone.
+    pub removed: bool,
+    /// A queued run of the same thread now waits to be claimed.
+    pub successor_waiting: bool,
 }

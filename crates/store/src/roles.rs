@@ -14,11 +14,12 @@ use serde_json::Value;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
     CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RedeemedTicket,
-    RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunRecord, RunSubmission,
-    SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult, StoredEvent,
-    SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals, UserRecord,
+    RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunAftermath, RunRecord,
+    RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
+    StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals,
+    UserRecord,
 };
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 /// Everything Apex persists: every role at once. Implemented for every type that has all
 /// the roles, so a store only implements the roles.
@@ -200,6 +201,17 @@ pub trait Runs: Send + Sync {
     /// Puts a stale run of instance `from` back in the queue for another attempt; `false`
     /// if it finished or another sweeper moved it first. Exactly one caller wins.
     async fn requeue_run(&self, run: RunId, from: Option<&str>) -> StoreResult<bool>;
+    /// The strategy of the newer message that superseded `owner`'s run `run` (marked by
+    /// [`Runs::submit_run`]), if one did: a stopped run ends `interrupted` for `interrupt`.
+    async fn run_superseded(
+        &self,
+        owner: UserId,
+        run: RunId,
+    ) -> StoreResult<Option<MultitaskStrategy>>;
+    /// Called once `owner`'s run `run` has ended (its terminal event is stored): removes
+    /// it (its messages, events and row) if a newer message rolled it back, and tells
+    /// whether a queued run of its thread now waits for a dispatcher.
+    async fn settle_ended_run(&self, owner: UserId, run: RunId) -> StoreResult<RunAftermath>;
 }
 
 /// How processes wake each other's queue dispatchers: a submitting instance announces

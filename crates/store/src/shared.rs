@@ -23,12 +23,12 @@ use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
     parse_json_column, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
-    RegenerateOutcome, RegenerateSubmission, RunRecord,
-    RunSubmission, SessionEndReason, SessionRecord, StoreError, StoreResult, StoredEvent,
+    RegenerateOutcome, RegenerateSubmission, RunAftermath, RunRecord, RunSubmission,
+    SessionEndReason, SessionRecord, StoreError, StoreResult, StoredEvent,
     SubmitOutcome, ThreadRecord, TicketRecord, UserRecord,
 };
 use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads};
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 // The Usage role's SQL, compiled with this module for each engine.
 #[allow(clippy::duplicate_mod)]
@@ -191,11 +191,31 @@ fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
     })
 }
 
+/// The condition (on the queued run `q`) that no earlier run of its thread is unfinished:
+/// a thread's runs execute one at a time, in the order they were submitted
+/// (`thread_position`, see migration 0007). A running run of the thread always holds the
+/// others back (whatever its position: a run from before the column existed has none).
+/// Part of the claim itself, so it holds across instances: a run is never claimed while
+/// its predecessor is still queued or executing anywhere.
+macro_rules! free_to_start {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM runs e WHERE e.thread_id = q.thread_id AND e.id <> q.id \
+         AND e.status IN ('queued', 'running') \
+         AND (e.status = 'running' \
+              OR COALESCE(e.thread_position, 0) < COALESCE(q.thread_position, 0)))"
+    };
+}
+
 /// Whether any run waits in the queue for an instance (the partial index `runs_queue`
 /// answers it). A submission is not claimed at once while this holds, so it cannot
 /// overtake the waiting runs.
-const RUNS_WAITING: &str =
-    "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued' AND instance_id IS NULL)";
+const RUNS_WAITING: &str = concat!(
+    "SELECT EXISTS (SELECT 1 FROM runs q WHERE q.status = 'queued' AND q.instance_id IS NULL \
+     AND ",
+    free_to_start!(),
+    ")"
+);
+
 
 /// Every queued, unclaimed run with its `turn` in the fair order of the queue: the number
 /// of runs its owner has executing (on any instance) plus its place among the owner's
@@ -205,13 +225,18 @@ const RUNS_WAITING: &str =
 /// first, so one user's many runs never keep another's waiting for more than one turn.
 /// Computed without row locks (PostgreSQL allows no `FOR UPDATE` with window functions);
 /// the claim locks the runs it takes, and skips any another claimer has taken meanwhile.
-const FAIR_QUEUE: &str = "SELECT q.id, \
+/// Runs held back by an unfinished earlier run of their thread ([`free_to_start`]) are
+/// not in it: they neither get claimed nor take a turn from their owner's other runs.
+const FAIR_QUEUE: &str = concat!(
+    "SELECT q.id, \
          ROW_NUMBER() OVER (PARTITION BY q.user_id ORDER BY q.created_at, q.id) \
          + COALESCE(busy.executing, 0) AS turn \
      FROM runs q LEFT JOIN (SELECT user_id, COUNT(*) AS executing FROM runs \
                             WHERE status = 'running' GROUP BY user_id) busy \
           ON busy.user_id = q.user_id \
-     WHERE q.status = 'queued' AND q.instance_id IS NULL";
+     WHERE q.status = 'queued' AND q.instance_id IS NULL AND ",
+    free_to_start!()
+);
 
 const INSERT_THREAD: &str =
     "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
@@ -268,6 +293,28 @@ async fn insert_message_in(
     .execute(&mut **tx)
     .await?;
     Ok(true)
+}
+
+/// Deletes the messages of `run` (its user message and any answer) from its thread, inside
+/// `tx`. Messages name their run only in their metadata (`{"run_id": ...}`, written by the
+/// server as compact JSON), so they are matched there, among the thread's messages only.
+async fn delete_messages_of_run(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    owner: UserId,
+    run: &RunRecord,
+) -> StoreResult<()> {
+    // `_` is a LIKE wildcard: escaped. A run id is a UUID, with no wildcard in it.
+    let pattern = format!("%\"run\\_id\":\"{}\"%", run.id);
+    sqlx::query(
+        "DELETE FROM messages WHERE thread_id = $1 AND user_id = $2 \
+         AND metadata LIKE $3 ESCAPE '\\'",
+    )
+    .bind(run.thread_id.to_string())
+    .bind(owner.to_string())
+    .bind(pattern)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 impl Shell {
@@ -829,24 +876,62 @@ impl Runs for Shell {
         .bind(owner.to_string())
         .fetch_one(&mut *tx)
         .await?;
-        if on_thread > 0 {
+        let strategy = submission.strategy;
+        if on_thread > 0 && strategy == MultitaskStrategy::Reject {
             return Ok(SubmitOutcome::ThreadBusy);
         }
-        if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
+        // Interrupt and rollback mark the thread's unfinished runs in this transaction: the
+        // ones this UPDATE returns are the ones still unfinished now, whatever finished
+        // meanwhile; a refusal below rolls the mark back.
+        let superseded = if on_thread > 0 && strategy.ends_previous() {
+            let rows = sqlx::query(&format!(
+                "UPDATE runs SET superseded = $1 \
+                 WHERE thread_id = $2 AND user_id = $3 AND status IN ('queued', 'running') \
+                 RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(strategy.as_str())
+            .bind(run.thread_id.to_string())
+            .bind(owner.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+            decode_all(&rows, run_from_row)?
+        } else {
+            Vec::new()
+        };
+        // Superseded runs are ending and do not count; queued ones (enqueue) do.
+        let counted = usize::try_from(unfinished)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(superseded.len());
+        if counted >= submission.max_unfinished {
             return Ok(SubmitOutcome::TooManyRuns);
         }
+        if strategy == MultitaskStrategy::Rollback {
+            // The rolled-back runs' user messages leave the thread with this message's
+            // arrival; their runs, events and any answer go once they have ended
+            // (`settle_ended_run`).
+            for gone in &superseded {
+                delete_messages_of_run(&mut tx, owner, gone).await?;
+            }
+        }
         // Claimed at submission (as `claim_queued_runs` would leave it) unless runs are
-        // waiting: those go first.
+        // waiting: those go first; and never behind an unfinished run of the thread,
+        // which the claim waits for.
         let waiting = query_scalar::<_, bool>(RUNS_WAITING);
         let claim_by = match submission.claim_by {
-            Some(instance) if !waiting.fetch_one(&mut *tx).await? => Some(instance),
+            Some(instance) if on_thread == 0 && !waiting.fetch_one(&mut *tx).await? => {
+                Some(instance)
+            }
             _ => None,
         };
         let claimed = claim_by.is_some();
+        // The run's place among its thread's runs: submissions of one user are serialised
+        // (and a thread has one user), so positions are unique and in submission order.
         sqlx::query(
             "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
-                               instance_id, heartbeat_at, attempts, started_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                               instance_id, heartbeat_at, attempts, started_at, thread_position) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                     (SELECT COALESCE(MAX(thread_position), 0) + 1 FROM runs \
+                      WHERE thread_id = $3))",
         )
         .bind(run.id.to_string())
         .bind(owner.to_string())
@@ -864,6 +949,8 @@ impl Runs for Shell {
         tx.commit().await?;
         Ok(if claimed {
             SubmitOutcome::Claimed
+        } else if !superseded.is_empty() {
+            SubmitOutcome::Superseding(superseded)
         } else {
             SubmitOutcome::Queued
         })
@@ -929,10 +1016,14 @@ impl Runs for Shell {
             _ => None,
         };
         let claimed = claim_by.is_some();
+        // Its place among the thread's runs, as for a message (see `submit_run`): a message
+        // sent while it runs queues behind it.
         sqlx::query(
             "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
-                               instance_id, heartbeat_at, attempts, started_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                               instance_id, heartbeat_at, attempts, started_at, thread_position) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                     (SELECT COALESCE(MAX(thread_position), 0) + 1 FROM runs \
+                      WHERE thread_id = $3))",
         )
         .bind(run.id.to_string())
         .bind(owner.to_string())
@@ -1067,6 +1158,64 @@ impl Runs for Shell {
         .execute(&self.writes)
         .await?;
         Ok(result.rows_affected() == 1)
+    }
+    async fn run_superseded(
+        &self,
+        owner: UserId,
+        run: RunId,
+    ) -> StoreResult<Option<MultitaskStrategy>> {
+        let marked: Option<Option<String>> =
+            query_scalar("SELECT superseded FROM runs WHERE id = $1 AND user_id = $2")
+                .bind(run.to_string())
+                .bind(owner.to_string())
+                .fetch_optional(&self.reads)
+                .await?;
+        Ok(marked.flatten().as_deref().and_then(MultitaskStrategy::parse))
+    }
+    async fn settle_ended_run(&self, owner: UserId, run: RunId) -> StoreResult<RunAftermath> {
+        // Reads only, in the common case: every run's end comes through here, and on SQLite
+        // a write transaction would queue behind the one writer for nothing.
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS}, superseded FROM runs WHERE id = $1 AND user_id = $2 \
+             AND status NOT IN ('queued', 'running')"
+        ))
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        let Some(row) = row else {
+            // Gone already, or not ended (then this is not the moment).
+            return Ok(RunAftermath::default());
+        };
+        let record = run_from_row(&row)?;
+        let superseded: Option<String> = row.try_get("superseded")?;
+        let removed = superseded.as_deref() == Some(MultitaskStrategy::Rollback.as_str());
+        if removed {
+            let mut tx = self.writes.begin().await?;
+            delete_messages_of_run(&mut tx, owner, &record).await?;
+            // Events first: the engines' foreign keys are not relied on to cascade.
+            sqlx::query("DELETE FROM run_events WHERE run_id = $1")
+                .bind(run.to_string())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM runs WHERE id = $1 AND user_id = $2")
+                .bind(run.to_string())
+                .bind(owner.to_string())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        let successor_waiting: bool = query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE thread_id = $1 \
+             AND status = 'queued' AND instance_id IS NULL)",
+        )
+        .bind(record.thread_id.to_string())
+        .fetch_one(&self.reads)
+        .await?;
+        Ok(RunAftermath {
+            removed,
+            successor_waiting,
+        })
     }
 }
 

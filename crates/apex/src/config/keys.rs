@@ -473,4 +473,14 @@ pub(super) static KEYS: &[Key] = &[
          `interrupted` after the last. 1: never re-run.",
     )
     .flag("run-max-attempts", "N"),
+    key(
+        "default_multitask_strategy",
+        "runs.default_multitask_strategy",
+        "APEX_DEFAULT_MULTITASK_STRATEGY",
+        "What a message to a thread whose run is still going does when it names no \
+         `multitask_strategy`: `enqueue` (its run starts after that one), `interrupt` (that run \
+         ends `interrupted`), `rollback` (that run is stopped and removed) or `reject` \
+         (`THREAD_BUSY`).",
+    )
+    .flag("default-multitask-strategy", "STRATEGY"),
 ];

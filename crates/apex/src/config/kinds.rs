@@ -153,6 +153,7 @@ deserialize_through_raw! {
     impl[] List;
     impl[] LogFormat;
     impl[] LlmProvider;
+    impl[] MultitaskChoice;
     impl[const MIN_LEN: usize] SecretText<MIN_LEN>;
     impl[S: Schemes] SecretUrl<S>;
 }
@@ -424,6 +425,16 @@ choice! {
     pub enum LogFormat {
         Human = "human",
         Json = "json",
+    }
+}
+
+choice! {
+    /// What a message does to its thread's unfinished run (double-texting).
+    pub(super) enum MultitaskChoice {
+        Enqueue = "enqueue",
+        Interrupt = "interrupt",
+        Rollback = "rollback",
+        Reject = "reject",
     }
 }
 

@@ -42,6 +42,7 @@ mod show;
 use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail};
+use apex_protocol::threads::MultitaskStrategy;
 use apex_server::settings::{DatabasePool, LlmProviderKind, Settings};
 use serde::{Deserialize, Serialize};
 
@@ -50,8 +51,8 @@ pub use kinds::LogFormat;
 
 use keys::Scope;
 use kinds::{
-    Addr, BusSchemes, DatabaseSchemes, Int, List, LlmProvider, Number, PathValue, SecretText,
-    SecretUrl, Switch, Text,
+    Addr, BusSchemes, DatabaseSchemes, Int, List, LlmProvider, MultitaskChoice, Number, PathValue,
+    SecretText, SecretUrl, Switch, Text,
 };
 use layers::{EnvLookup, Layers};
 
@@ -177,6 +178,7 @@ struct Runs {
     queue_poll_interval_ms: Int<10, 600_000>,
     max_attempts: Int<1, 10>,
     shutdown_grace_ms: Int<0, 3_600_000>,
+    default_multitask_strategy: MultitaskChoice,
 }
 
 impl Default for Runs {
@@ -186,6 +188,7 @@ impl Default for Runs {
             queue_poll_interval_ms: Int::new(1000),
             max_attempts: Int::new(2),
             shutdown_grace_ms: Int::new(10_000),
+            default_multitask_strategy: MultitaskChoice::Enqueue,
         }
     }
 }
@@ -401,6 +404,12 @@ impl Config {
         settings.queue_poll_interval = runs.queue_poll_interval_ms.millis();
         settings.run_max_attempts = runs.max_attempts.to_u32();
         settings.shutdown_grace = runs.shutdown_grace_ms.millis();
+        settings.default_multitask_strategy = match runs.default_multitask_strategy {
+            MultitaskChoice::Enqueue => MultitaskStrategy::Enqueue,
+            MultitaskChoice::Interrupt => MultitaskStrategy::Interrupt,
+            MultitaskChoice::Rollback => MultitaskStrategy::Rollback,
+            MultitaskChoice::Reject => MultitaskStrategy::Reject,
+        };
         settings.llm_provider = match llm.provider {
             LlmProvider::Local => LlmProviderKind::Local,
             LlmProvider::Template => LlmProviderKind::Template,

@@ -500,3 +500,32 @@ fn public_origins_and_the_import_quota_reach_the_settings() {
     let err = serve_err(&flags(&[("import_row_quota", "0")]), &[]);
     assert!(err.starts_with("--import-row-quota: "), "{err}");
 }
+
+#[test]
+fn the_default_multitask_strategy_reaches_the_settings() {
+    let strategy = |flags: &FlagValues, env: &[(&'static str, &'static str)]| {
+        serve(flags, env)
+            .unwrap()
+            .serve_config()
+            .settings
+            .default_multitask_strategy
+    };
+    assert_eq!(
+        strategy(&FlagValues::default(), &[]),
+        MultitaskStrategy::Enqueue
+    );
+    let env = [("APEX_DEFAULT_MULTITASK_STRATEGY", "reject")];
+    assert_eq!(
+        strategy(&FlagValues::default(), &env),
+        MultitaskStrategy::Reject
+    );
+    let rollback = flags(&[("default_multitask_strategy", "rollback")]);
+    assert_eq!(strategy(&rollback, &env), MultitaskStrategy::Rollback);
+    let err = serve_err(&flags(&[("default_multitask_strategy", "queue")]), &[]);
+    assert!(
+        err.starts_with(
+            "--default-multitask-strategy: expected one of enqueue, interrupt, rollback, reject"
+        ),
+        "{err}"
+    );
+}

@@ -7,7 +7,7 @@
 use apex_protocol::auth::LoginRequest;
 use apex_protocol::auth::TokenPair;
 use apex_protocol::error::ErrorBody;
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -273,7 +273,15 @@ pub async fn agent_v2_execute(
     };
     let started = state
         .runs
-        .submit(&user, thread, &body.message, RequestId::generate())
+        // The original client's route keeps its contract: a busy thread answers 409
+        // `thread_busy` (double-texting is for the WebSocket and `/api/threads/{id}/runs`).
+        .submit(
+            &user,
+            thread,
+            &body.message,
+            Some(MultitaskStrategy::Reject),
+            RequestId::generate(),
+        )
         .await?;
     Ok(Json(ExecuteResponse {
         success: true,

@@ -233,7 +233,8 @@ async fn pipeline(
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     let started = state
         .runs
-        .submit(&user, None, &question, RequestId::generate())
+        // Always a new thread: no earlier run to double-text.
+        .submit(&user, None, &question, None, RequestId::generate())
         .await?;
     let run = store
         .get_run(started.run_id)

@@ -33,7 +33,9 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
 }
 
 /// Stores the message and queues a run on the thread; its events go to the caller's
-/// sockets and to `GET /api/runs/{id}/events`.
+/// sockets and to `GET /api/runs/{id}/events`. If the thread's previous run is still
+/// going, `multitask_strategy` says what happens (default `enqueue`: the run starts after
+/// it).
 #[utoipa::path(
     post,
     path = "/api/threads/{id}/runs",
@@ -47,7 +49,7 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
         (status = 404, response = NotFound),
-        (status = 409, description = "The thread has a run in progress (code: `thread_busy`)", body = ErrorBody),
+        (status = 409, description = "The thread has a run in progress and `multitask_strategy` is `reject` (code: `thread_busy`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
@@ -65,7 +67,13 @@ pub async fn start(
     let thread = thread_id(&id)?;
     let started = state
         .runs
-        .submit(&user, Some(thread), &body.message, RequestId::generate())
+        .submit(
+            &user,
+            Some(thread),
+            &body.message,
+            body.multitask_strategy,
+            RequestId::generate(),
+        )
         .await?;
     Ok((
         StatusCode::ACCEPTED,

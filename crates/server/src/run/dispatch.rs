@@ -11,6 +11,9 @@
 //! starts each with a fresh `AgentInstanceFactory` built from a context made of the run's
 //! stored ids (the claim is one statement: `FOR UPDATE SKIP LOCKED` on PostgreSQL,
 //! SQLite's single writer on the embedded store, so exactly one instance gets each run).
+//! The claim skips a run while an earlier run of its thread is unfinished on any instance
+//! (double-texting: a thread's runs execute one at a time, in submission order); the end
+//! of a run wakes its instance's dispatcher when a run of its thread waits.
 //! A dispatcher wakes when:
 //! - this process queued a run ([`Runs::wake_dispatcher`]): the common case is that the
 //!   instance that received the message runs it, without a round trip to anyone else;
@@ -167,6 +170,7 @@ impl Runs {
                 store: Arc::clone(&shared.infra.store),
                 instance: shared.instance_id.clone(),
             }),
+            wake: Arc::clone(&shared.wake),
         };
         crate::telemetry::run_started();
         let span = tracing::info_span!("run", run_id = %run.id, %request_id, attempt = attempts);

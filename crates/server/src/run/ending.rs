@@ -10,12 +10,19 @@
 //! the registry, which checks the owner), still queued (ended in the database, unless an
 //! instance claims it first), or executing on another instance (checked against the store,
 //! then sent over the bus; that instance's registry checks the owner again).
+//!
+//! A newer message on the thread stops runs the same way ([`Runs::supersede`], for
+//! `interrupt` and `rollback`). The stop itself carries no reason across instances: the
+//! submitting transaction marks the run `superseded` in the store, and whoever ends it
+//! reads the mark ([`StopReason::of`]) to end it `interrupted` (or `cancelled`). After the
+//! terminal event, [`settle`] removes a rolled-back run and wakes the dispatcher for the
+//! next run of the thread.
 
 use std::sync::Arc;
 
 use apex_protocol::error::agent_codes;
 use apex_protocol::events::{EventBody, SUPERVISOR};
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 use serde_json::Value;
 
 use super::Runs;
@@ -151,6 +158,71 @@ async fn restore_superseded(store: &UserStore, run_id: RunId) {
     }
 }
 
+/// Why a run was stopped before its end: it decides the status and the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StopReason {
+    /// `stop_agent` or `POST /api/runs/{id}/cancel`.
+    User,
+    /// A newer message on the thread, with `interrupt` or `rollback`.
+    Superseded(MultitaskStrategy),
+}
+
+impl StopReason {
+    /// The reason a stopped run of `store` ends with: a newer message's if it superseded
+    /// the run (read from the store, since the stop may have come from another instance),
+    /// else the user's.
+    pub(super) async fn of(store: &UserStore, run: RunId) -> StopReason {
+        match store.run_superseded(run).await {
+            Ok(Some(strategy)) => StopReason::Superseded(strategy),
+            Ok(None) => StopReason::User,
+            Err(err) => {
+                tracing::warn!(run_id = %run, error = %err, "could not read why the run was stopped");
+                StopReason::User
+            }
+        }
+    }
+
+    /// The status, error code and message a run stopped for this reason ends with.
+    pub(super) fn ending(self) -> (RunStatus, &'static str, &'static str) {
+        match self {
+            StopReason::Superseded(MultitaskStrategy::Interrupt) => (
+                RunStatus::Interrupted,
+                agent_codes::INTERRUPTED,
+                "a newer message on the thread interrupted the run",
+            ),
+            StopReason::Superseded(MultitaskStrategy::Rollback) => (
+                RunStatus::Cancelled,
+                agent_codes::CANCELLED,
+                "a newer message on the thread rolled the run back",
+            ),
+            StopReason::User | StopReason::Superseded(_) => (
+                RunStatus::Cancelled,
+                agent_codes::CANCELLED,
+                "the run was stopped",
+            ),
+        }
+    }
+}
+
+/// After a run's terminal event: removes the run if a newer message rolled it back, and
+/// returns whether a queued run of its thread now waits (to be claimed at once rather than
+/// at the next poll).
+pub(super) async fn settle(store: &UserStore, run: RunId) -> bool {
+    match store.settle_ended_run(run).await {
+        Ok(aftermath) => {
+            if aftermath.removed {
+                tracing::info!(%run, "rolled-back run removed");
+            }
+            aftermath.successor_waiting
+        }
+        Err(err) => {
+            // The next dispatcher poll still finds a waiting run; a rollback's leftovers stay.
+            tracing::error!(%run, error = %err, "could not settle an ended run");
+            true
+        }
+    }
+}
+
 /// Ends a run whose executing process is gone: an `error` event, status `interrupted`,
 /// and the terminal event, through the normal emitter (persisted, then published), with
 /// seqs continuing the stored log.
@@ -168,7 +240,10 @@ pub async fn interrupt_run(
         agent_codes::INTERRUPTED,
         "the server stopped during the run",
     );
-    end_run(&emitter, StatusWrite::Store(&user_store), ending, || {}).await
+    end_run(&emitter, StatusWrite::Store(&user_store), ending, || {}).await?;
+    // A successor it held back is claimed at the next dispatcher poll.
+    settle(&user_store, run.id).await;
+    Ok(())
 }
 
 impl Runs {
@@ -177,6 +252,28 @@ impl Runs {
         &self,
         user: &AuthenticatedUser,
         run: RunId,
+    ) -> Result<StopOutcome, StoreError> {
+        self.stop_for(user, run, StopReason::User).await
+    }
+
+    /// Stops `run`, which a newer message superseded with `strategy` (`interrupt` or
+    /// `rollback`), wherever it is. The store already marks it, so the supervisor that
+    /// ends it (here or on another instance) ends it for that reason.
+    pub(super) async fn supersede(
+        &self,
+        user: &AuthenticatedUser,
+        run: &RunRecord,
+        strategy: MultitaskStrategy,
+    ) -> Result<StopOutcome, StoreError> {
+        self.stop_for(user, run.id, StopReason::Superseded(strategy))
+            .await
+    }
+
+    async fn stop_for(
+        &self,
+        user: &AuthenticatedUser,
+        run: RunId,
+        reason: StopReason,
     ) -> Result<StopOutcome, StoreError> {
         let shared = &self.shared;
         if shared.registry.cancel(user.user_id(), run) {
@@ -191,7 +288,9 @@ impl Runs {
             // Still waiting in the queue: end it there, unless an instance claims it first.
             Some(record)
                 if record.status == RunStatus::Queued
-                    && self.end_unclaimed_run(user.user_id(), &record).await? =>
+                    && self
+                        .end_unclaimed_run(user.user_id(), &record, reason)
+                        .await? =>
             {
                 StopOutcome::Stopping
             }
@@ -213,18 +312,20 @@ impl Runs {
     /// Stops a run that is still queued and unclaimed: status `cancelled`, then its error
     /// and terminal events, as if the supervisor had stopped it. `false` if an instance
     /// claimed it (or it finished) in the meantime.
-    async fn end_unclaimed_run(&self, owner: UserId, run: &RunRecord) -> Result<bool, StoreError> {
+    async fn end_unclaimed_run(
+        &self,
+        owner: UserId,
+        run: &RunRecord,
+        reason: StopReason,
+    ) -> Result<bool, StoreError> {
         let infra = &self.shared.infra;
-        let ending = Ending::bare(
-            RunStatus::Cancelled,
-            agent_codes::CANCELLED,
-            "the run was stopped",
-        );
-        let error = format!("{}: the run was stopped", agent_codes::CANCELLED);
+        let (status, code, message) = reason.ending();
+        let ending = Ending::bare(status, code, message);
+        let error = format!("{code}: {message}");
         // Storing the status is the claim: it succeeds only while the run is unclaimed.
         if !infra
             .store
-            .finish_unclaimed_run(owner, run.id, RunStatus::Cancelled, &error, now_ms())
+            .finish_unclaimed_run(owner, run.id, status, &error, now_ms())
             .await?
         {
             return Ok(false);
@@ -242,6 +343,10 @@ impl Runs {
             run.last_seq,
         );
         end_run(&emitter, StatusWrite::AlreadyStored, ending, || {}).await?;
+        let user_store = UserStore::for_context(Arc::clone(&infra.store), &ctx);
+        if settle(&user_store, run.id).await {
+            self.wake_dispatcher();
+        }
         Ok(true)
     }
 }

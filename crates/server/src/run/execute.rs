@@ -19,9 +19,10 @@ use apex_protocol::events::{EventBody, SUPERVISOR};
 use apex_protocol::threads::RunStatus;
 use futures_util::FutureExt;
 use serde_json::{json, Value};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::ending::{end_run, Ending, StatusWrite};
+use super::ending::{end_run, settle, Ending, StatusWrite, StopReason};
 use super::registry::RunSlot;
 use crate::agents::reporting::build_report;
 use crate::agents::{run_pipeline, AgentContext, AgentError, RunInstance, RunState};
@@ -42,6 +43,9 @@ pub(super) struct Execution {
     pub max_attempts: u32,
     /// Set with several instances: where to hand the run back at shutdown.
     pub hand_back: Option<HandBack>,
+    /// This process's dispatcher, woken when the run's end frees a run of its thread that
+    /// was queued behind it (double-texting with `enqueue`, `interrupt`, `rollback`).
+    pub wake: Arc<Notify>,
 }
 
 /// Returning an interrupted run to the queue so that another instance runs it again.
@@ -55,7 +59,8 @@ enum Outcome {
     Completed,
     AgentTimedOut(&'static str),
     Failed(String, String),
-    Cancelled,
+    /// Stopped: by its user, or by a newer message on its thread.
+    Cancelled(StopReason),
     TimedOut,
     Interrupted,
 }
@@ -74,6 +79,7 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
         attempt,
         max_attempts,
         hand_back,
+        wake,
     } = run;
     let started = Instant::now();
     let run_id = cx.ctx.run_id();
@@ -113,12 +119,12 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
         .catch_unwind();
         tokio::select! {
             biased;
-            _ = cx.ctx.cancellation().cancelled() => Outcome::Cancelled,
+            _ = cx.ctx.cancellation().cancelled() => Outcome::Cancelled(StopReason::User),
             _ = shutdown.cancelled() => Outcome::Interrupted,
             _ = tokio::time::sleep_until(cx.ctx.deadline().into()) => Outcome::TimedOut,
             result = pipeline => match result {
                 Ok(Ok(())) => Outcome::Completed,
-                Ok(Err(AgentError::Cancelled | AgentError::Llm(crate::llm::LlmError::Cancelled))) => Outcome::Cancelled,
+                Ok(Err(AgentError::Cancelled | AgentError::Llm(crate::llm::LlmError::Cancelled))) => Outcome::Cancelled(StopReason::User),
                 Ok(Err(AgentError::TimedOut(agent))) => Outcome::AgentTimedOut(agent),
                 Ok(Err(err)) => Outcome::Failed(err.code().into(), err.client_message()),
                 Err(_) => {
@@ -135,7 +141,16 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
             }
         }
     }
-    finish(&cx, &slot, state, outcome, started).await
+    // A stop may have come from a newer message (from any instance): the store says.
+    let outcome = match outcome {
+        Outcome::Cancelled(_) => Outcome::Cancelled(StopReason::of(&cx.store, run_id).await),
+        other => other,
+    };
+    let status = finish(&cx, &slot, state, outcome, started).await;
+    if settle(&cx.store, run_id).await {
+        wake.notify_one();
+    }
+    status
 }
 
 /// At shutdown with several instances: returns the run to the queue (this instance still
@@ -179,10 +194,10 @@ fn status_of(outcome: Outcome) -> (RunStatus, Option<(String, String)>) {
             )),
         ),
         Outcome::Failed(code, message) => (RunStatus::Failed, Some((code, message))),
-        Outcome::Cancelled => (
-            RunStatus::Cancelled,
-            Some((agent_codes::CANCELLED.into(), "the run was stopped".into())),
-        ),
+        Outcome::Cancelled(reason) => {
+            let (status, code, message) = reason.ending();
+            (status, Some((code.into(), message.into())))
+        }
         Outcome::TimedOut => (
             RunStatus::TimedOut,
             Some((

@@ -9,7 +9,9 @@
 //!   without one) its new thread in one transaction that enforces the user's limits in the
 //!   database (so they hold across instances, and a refused message leaves no thread).
 //!   With room here and nothing waiting, the same transaction claims the run and it starts
-//!   at once.
+//!   at once. A message to a thread whose run is still going follows its
+//!   `multitask_strategy` (double-texting: queue behind it, interrupt it, roll it back, or
+//!   refuse); a thread's runs execute one at a time, in order, which the claim enforces.
 //! - [`regenerate`]: a new run for a thread's last message, the earlier answers kept and
 //!   marked superseded.
 //! - [`registry`]: the runs executing in this process (owner and cancellation token per
@@ -41,6 +43,7 @@ pub mod submit;
 use std::sync::Arc;
 use std::time::Duration;
 
+use apex_protocol::threads::MultitaskStrategy;
 use tokio::sync::Notify;
 
 use crate::agents::Infrastructure;
@@ -74,6 +77,8 @@ pub struct RunSettings {
     /// when this instance's shutdown grace period ends goes back to the queue, and a stop
     /// for a run executing elsewhere is sent over the bus.
     pub several_instances: bool,
+    /// The strategy of a message that names none (see [`submit`]).
+    pub default_multitask_strategy: MultitaskStrategy,
 }
 
 impl RunSettings {
@@ -87,6 +92,7 @@ impl RunSettings {
             instance_heartbeat: settings.instance_heartbeat,
             instance_stale_after: settings.instance_stale_after,
             several_instances: settings.bus_url.is_some(),
+            default_multitask_strategy: settings.default_multitask_strategy,
         }
     }
 }

@@ -8,11 +8,19 @@
 //! the same transaction claims the run and it starts at once; otherwise this instance's
 //! dispatcher is woken and claims it when it can. Either way the run executes detached
 //! from the socket or request that asked for it: closing the socket does not stop it.
+//!
+//! Double-texting: a message to a thread whose run is still going (queued or running, on
+//! any instance) follows its [`MultitaskStrategy`] (the server's
+//! `default_multitask_strategy` when it names none). `enqueue` queues the new run behind
+//! the thread's unfinished runs (the claim starts a thread's runs one at a time, in
+//! order); `interrupt` and `rollback` queue it too and stop those runs (marked
+//! `superseded` by the same transaction, so the supervisor wherever they execute ends them
+//! `interrupted`, or `cancelled` and then removed); `reject` refuses it (`THREAD_BUSY`).
 
 use std::sync::Arc;
 
 use apex_protocol::error::ErrorCode;
-use apex_protocol::threads::RunStatus;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 use serde_json::{json, Value};
 
 use super::Runs;
@@ -98,14 +106,17 @@ pub fn validate_message(text: &str) -> Result<String, String> {
 impl Runs {
     /// Stores `message` as the user's message in `thread` (which must be theirs; `None`
     /// creates one titled from the message) and queues a run answering it, within the
-    /// user's limits: message rate, unfinished runs, one run per thread.
+    /// user's limits: message rate, unfinished runs. If the thread's previous run is still
+    /// going, `strategy` (else the configured default) says what happens (module docs).
     pub async fn submit(
         &self,
         user: &AuthenticatedUser,
         thread: Option<ThreadId>,
         message: &str,
+        strategy: Option<MultitaskStrategy>,
         request_id: RequestId,
     ) -> Result<Submitted, SubmitError> {
+        let strategy = strategy.unwrap_or(self.shared.settings.default_multitask_strategy);
         let text = validate_message(message).map_err(SubmitError::InvalidMessage)?;
         let shared = &self.shared;
         if shared.lifecycle.draining.is_cancelled() {
@@ -165,10 +176,22 @@ impl Runs {
             max_unfinished,
             claim_by: reservation.as_ref().map(|_| shared.instance_id.as_str()),
             new_thread: new_thread.as_ref(),
+            strategy,
         };
         let claimed = match store.submit_run(&submission).await? {
             SubmitOutcome::Queued => false,
             SubmitOutcome::Claimed => true,
+            SubmitOutcome::Superseding(previous) => {
+                // Stored: the new run waits in the queue until these have ended.
+                for run in &previous {
+                    if let Err(err) = self.supersede(user, run, strategy).await {
+                        // The mark is stored: the run still ends `interrupted` (or is
+                        // removed) when it ends; only its stop is late.
+                        tracing::error!(run_id = %run.id, error = %err, "could not stop a superseded run");
+                    }
+                }
+                false
+            }
             SubmitOutcome::ThreadNotFound => return Err(SubmitError::ThreadNotFound),
             SubmitOutcome::ThreadBusy => {
                 crate::telemetry::limit_rejected("thread_busy");

@@ -10,6 +10,9 @@ pub enum ClientFrame {
     StartRun {
         text: Option<String>,
         thread_id: Option<String>,
+        /// As sent (checked by the handler); a non-string is kept as its JSON text, so it
+        /// is refused rather than ignored.
+        multitask_strategy: Option<String>,
     },
     StopRun {
         run_id: Option<String>,
@@ -83,10 +86,12 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
         "user_message" | "chat" | "chat_message" => ClientFrame::StartRun {
             text: text(&frame, &["text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
+            multitask_strategy: id_field(&frame, "multitask_strategy"),
         },
         "start_agent" => ClientFrame::StartRun {
             text: text(&frame, &["user_request", "text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
+            multitask_strategy: id_field(&frame, "multitask_strategy"),
         },
         "regenerate" => ClientFrame::Regenerate {
             thread_id: id_field(&frame, "thread_id"),
@@ -122,14 +127,16 @@ mod tests {
             parse(r#"{"type":"chat","payload":{"content":"hi","thread_id":"t"}}"#).unwrap(),
             ClientFrame::StartRun {
                 text: Some("hi".into()),
-                thread_id: Some("t".into())
+                thread_id: Some("t".into()),
+                multitask_strategy: None
             }
         );
         assert_eq!(
             parse(r#"{"type":"start_agent","user_request":"go"}"#).unwrap(),
             ClientFrame::StartRun {
                 text: Some("go".into()),
-                thread_id: None
+                thread_id: None,
+                multitask_strategy: None
             }
         );
         assert_eq!(
@@ -158,9 +165,36 @@ mod tests {
             parse(r#"{"type":"user_message","text":"  ","thread_id":""}"#).unwrap(),
             ClientFrame::StartRun {
                 text: None,
-                thread_id: None
+                thread_id: None,
+                multitask_strategy: None
             }
         );
+    }
+
+    #[test]
+    fn keeps_the_multitask_strategy_as_sent() {
+        let strategy = |raw: &str| match parse(raw).unwrap() {
+            ClientFrame::StartRun {
+                multitask_strategy, ..
+            } => multitask_strategy,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            strategy(r#"{"type":"user_message","text":"hi","multitask_strategy":"interrupt"}"#),
+            Some("interrupt".into())
+        );
+        assert_eq!(
+            strategy(
+                r#"{"type":"start_agent","payload":{"user_request":"go","multitask_strategy":"rollback"}}"#
+            ),
+            Some("rollback".into())
+        );
+        // A non-string is kept as its JSON text, so the handler refuses it.
+        assert_eq!(
+            strategy(r#"{"type":"chat","text":"hi","multitask_strategy":3}"#),
+            Some("3".into())
+        );
+        assert_eq!(strategy(r#"{"type":"chat","text":"hi"}"#), None);
     }
 
     #[test]

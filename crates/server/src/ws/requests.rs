@@ -6,6 +6,7 @@
 //! own user: a malformed id, someone else's id and a missing one get the same answer.
 
 use apex_protocol::error::ErrorCode;
+use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 use apex_protocol::ws::{ControlFrame, CLOSE_NORMAL};
 
 use super::connection::{Connection, Exit};
@@ -50,7 +51,11 @@ impl Connection {
 
     async fn dispatch(&mut self, frame: ClientFrame) -> Handled {
         match frame {
-            ClientFrame::StartRun { text, thread_id } => self.start(text, thread_id).await,
+            ClientFrame::StartRun {
+                text,
+                thread_id,
+                multitask_strategy,
+            } => self.start(text, thread_id, multitask_strategy).await,
             ClientFrame::StopRun { run_id } => self.stop(run_id).await,
             ClientFrame::Regenerate { thread_id } => self.regenerate(thread_id).await,
             ClientFrame::Resume { run_id, after_seq } => self.resume(run_id, after_seq).await,
@@ -84,9 +89,23 @@ impl Connection {
         }
     }
 
-    async fn start(&mut self, text: Option<String>, thread_id: Option<String>) -> Handled {
+    async fn start(
+        &mut self,
+        text: Option<String>,
+        thread_id: Option<String>,
+        multitask_strategy: Option<String>,
+    ) -> Handled {
         let text = text
             .ok_or_else(|| WsError::refused(ErrorCode::ValidationFailed, "a message needs text"))?;
+        let strategy = match multitask_strategy {
+            Some(name) => Some(MultitaskStrategy::parse(&name).ok_or_else(|| {
+                WsError::refused(
+                    ErrorCode::ValidationFailed,
+                    "multitask_strategy must be one of enqueue, interrupt, rollback, reject",
+                )
+            })?),
+            None => None,
+        };
         let thread = match thread_id {
             Some(raw) => Some(ThreadId::parse(&raw).map_err(|_| thread_not_found())?),
             None => None,
@@ -94,7 +113,7 @@ impl Connection {
         let started = self
             .state
             .runs
-            .submit(&self.user, thread, &text, RequestId::generate())
+            .submit(&self.user, thread, &text, strategy, RequestId::generate())
             .await?;
         if started.thread_created {
             self.send_control(&ControlFrame::ThreadCreated {
@@ -108,6 +127,7 @@ impl Connection {
             run_id: started.run_id.to_string(),
             thread_id: started.thread_id.to_string(),
             message_id: started.message_id.to_string(),
+            status: RunStatus::Queued,
             timestamp: now_rfc3339(),
         })
         .await?;
@@ -131,6 +151,9 @@ impl Connection {
             run_id: started.run_id.to_string(),
             thread_id: started.thread_id.to_string(),
             message_id: started.message_id.to_string(),
+            // A regenerate never waits behind another run of its thread (a busy thread is
+            // refused); like every accepted run it starts queued.
+            status: RunStatus::Queued,
             timestamp: now_rfc3339(),
         })
         .await?;

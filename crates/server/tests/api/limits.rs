@@ -51,8 +51,14 @@ async fn a_thread_with_a_run_in_progress_is_busy_until_the_terminal_event() {
     let accepted = ws.start_run(QUESTION).await;
     let thread_id = accepted["thread_id"].as_str().unwrap().to_string();
     let run_id = accepted["run_id"].as_str().unwrap().to_string();
-    ws.send_json(json!({"type": "user_message", "text": "and latency?", "thread_id": thread_id}))
-        .await;
+    // Refused only when asked to (the default strategy queues it: see `multitask`).
+    ws.send_json(json!({
+        "type": "user_message",
+        "text": "and latency?",
+        "thread_id": thread_id,
+        "multitask_strategy": "reject",
+    }))
+    .await;
     assert_eq!(
         ws.expect_type("error_message").await["error_code"],
         "THREAD_BUSY"

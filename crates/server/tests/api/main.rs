@@ -17,6 +17,7 @@ mod isolation;
 mod layers;
 mod lifecycle;
 mod limits;
+mod multitask;
 mod no_global_state;
 mod openai_compat;
 mod openapi;

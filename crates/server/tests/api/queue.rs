@@ -194,6 +194,7 @@ async fn run_left_by_a_crash(max_attempts: u32) -> (TestApp, UserId, RunId) {
                 max_unfinished: 3,
                 claim_by: None,
                 new_thread: None,
+                strategy: apex_protocol::threads::MultitaskStrategy::Reject,
             },
         )
         .await

@@ -672,6 +672,8 @@ async fn submit_as(
                 max_unfinished,
                 claim_by,
                 new_thread: None,
+                // The store's refusal is what these tests race for.
+                strategy: apex_protocol::threads::MultitaskStrategy::Reject,
             },
         )
         .await
