@@ -81,11 +81,14 @@ async function openPage(context, user, errors) {
 
 async function ask(page, text) {
   await page.waitForSelector('#send:not([disabled])');
-  const before = await page.locator('.run').count();
+  const before = await page.locator('.run').evaluateAll((els) => els.map((el) => el.dataset.runId));
   await page.fill('#composer-input', text);
   await page.click('#send');
-  await page.waitForFunction((n) => document.querySelectorAll('.run').length > n, before);
-  return page.locator('.run').nth(before).getAttribute('data-run-id');
+  // The new run's card: the one whose id was not on the page (a "replace" removes one).
+  const card = await page.waitForFunction((known) => [...document.querySelectorAll('.run')]
+    .map((el) => el.dataset.runId)
+    .find((id) => !known.includes(id)), before);
+  return card.jsonValue();
 }
 
 /** Every check of one finished run on one page, against that user's own data. */
@@ -261,6 +264,36 @@ try {
     assert.ok(partial.length < answerA.length, 'the answer stopped part-way');
     assert.equal(await card.getAttribute('data-applied'), String(run.body.last_seq));
     await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice-stopped.png') });
+  });
+
+  await step('Alice writes into her running conversation: queue one message, replace another', async () => {
+    const first = await ask(pageA, 'Which workload costs me most?');
+    // While it runs the page offers the strategies; "queue" waits for that answer.
+    await pageA.waitForSelector('#strategy-row:not([hidden])');
+    await pageA.selectOption('#strategy', 'enqueue');
+    const queued = await ask(pageA, 'And which model?');
+    const cards = (id) => pageA.locator(`.run[data-run-id="${id}"]`);
+    await cards(first).locator('xpath=self::*[@data-status="completed"]').waitFor({ timeout: RUN_TIMEOUT });
+    await cards(queued).locator('xpath=self::*[@data-status="completed"]').waitFor({ timeout: RUN_TIMEOUT });
+    const [a, b] = await Promise.all([pageApi(pageA, `/api/runs/${first}`), pageApi(pageA, `/api/runs/${queued}`)]);
+    assert.ok(b.body.started_at >= a.body.finished_at, 'the queued run started after the first ended');
+
+    // "replace": the running question and its answer leave the page and the thread.
+    const replaced = await ask(pageA, 'Summarise my spend per day, please.');
+    await pageA.waitForSelector('#strategy-row:not([hidden])');
+    await pageA.selectOption('#strategy', 'rollback');
+    const replacement = await ask(pageA, 'Summarise my spend per week instead.');
+    await cards(replacement).locator('xpath=self::*[@data-status="completed"]').waitFor({ timeout: RUN_TIMEOUT });
+    assert.equal(await cards(replaced).count(), 0, 'the replaced run left the page');
+    const bubbles = await pageA.locator('.msg.user').allTextContents();
+    assert.ok(!bubbles.some((t) => t.includes('per day')), `the replaced question left the page: ${bubbles}`);
+    assert.ok(bubbles.some((t) => t.includes('per week')));
+    await pageA.waitForFunction(async (id) => {
+      const session = JSON.parse(sessionStorage.getItem('apex.session'));
+      const r = await fetch(`/api/runs/${id}`, { headers: { Authorization: `Bearer ${session.access_token}` } });
+      return r.status === 404;
+    }, replaced, { timeout: 20000, polling: 250 });
+    await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice-double-texting.png') });
   });
 
   await step("the usage view charts the user's own spend and takes a CSV upload", async () => {

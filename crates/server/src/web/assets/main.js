@@ -22,7 +22,7 @@ const state = {
   threads: [],
   threadId: null,   // the thread shown; null for a new conversation
   runs: new Map(),  // run_id -> RunView: every run this page has seen, with its last seq
-  pending: null,    // {bubble} while a sent message waits for run_accepted
+  pending: null,    // {bubble, threadId, discard} while a sent message waits for run_accepted
   regenerating: null, // the thread id while a regenerate frame waits for its answer
   filling: new Set(), // run ids whose missing events are being fetched
   openToken: 0,
@@ -356,12 +356,14 @@ function currentRunActive() {
 
 function updateComposer() {
   const online = state.connection && state.connection.isOpen();
-  const busy = Boolean(state.pending) || Boolean(state.regenerating) || currentRunActive();
-  $('send').disabled = !online || busy;
-  $('composer-note').textContent = !online
-    ? 'Connecting to the server…'
-    : busy ? 'The agents are working on this conversation; wait for the answer or stop it.' : '';
-  placeRegenerate(online && !busy);
+  const waiting = Boolean(state.pending) || Boolean(state.regenerating);
+  const running = currentRunActive();
+  // A message may go into a thread whose run is still going: the strategy choice says
+  // what happens to that run (double-texting, docs/protocol.md 3.4.1).
+  $('send').disabled = !online || waiting;
+  $('strategy-row').hidden = !online || !running;
+  $('composer-note').textContent = !online ? 'Connecting to the server…' : '';
+  placeRegenerate(online && !waiting && !running);
 }
 
 /** The Regenerate button, after the thread's last answer; only while nothing runs there. */
@@ -393,6 +395,9 @@ function sendMessage(event) {
   if (!text || $('send').disabled) return;
   const frame = { type: 'user_message', text };
   if (state.threadId) frame.thread_id = state.threadId;
+  const running = currentRunActive();
+  const strategy = running ? $('strategy').value : null;
+  if (strategy) frame.multitask_strategy = strategy;
   if (!state.connection.send(frame)) {
     updateComposer();
     return;
@@ -401,7 +406,12 @@ function sendMessage(event) {
   const bubble = userBubble(text);
   bubble.classList.add('pending');
   $('messages').append(bubble);
-  state.pending = { bubble, threadId: state.threadId };
+  // A rollback removes the running run with its question: they leave the page once the
+  // server accepted the new message.
+  const discard = strategy === 'rollback'
+    ? [...state.runs.values()].filter((run) => run.threadId === state.threadId && !run.done)
+    : [];
+  state.pending = { bubble, threadId: state.threadId, discard };
   input.value = '';
   scrollToEnd();
   updateComposer();
@@ -429,6 +439,12 @@ function handleFrame(frame) {
         }
       }
       if (state.pending && state.pending.threadId === frame.thread_id) {
+        for (const old of state.pending.discard || []) {
+          old.discarded = true;
+          const question = old.el.previousElementSibling;
+          if (question && question.matches('.msg.user')) question.remove();
+          old.el.remove();
+        }
         state.pending.bubble.classList.remove('pending');
         state.pending.bubble.after(view.el);
         state.pending = null;
@@ -469,7 +485,7 @@ function handleFrame(frame) {
 function handleEvent(event) {
   const view = runView(event.run_id, event.thread_id);
   // A run started elsewhere (another tab, the API) in the thread on screen shows up live.
-  if (!view.el.isConnected && event.thread_id === state.threadId && !state.pending) {
+  if (!view.el.isConnected && event.thread_id === state.threadId && !state.pending && !view.discarded) {
     $('messages').append(view.el);
   }
   const nearEnd = $('messages').scrollHeight - $('messages').scrollTop - $('messages').clientHeight < 80;
