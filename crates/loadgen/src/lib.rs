@@ -87,6 +87,9 @@ pub struct LoadReport {
     pub users: usize,
     pub connections: usize,
     pub runs_started: usize,
+    /// Runs started by `regenerate` after a completed run (chaos only), on top of
+    /// `runs_started`; their ends are counted with the others.
+    pub runs_regenerated: usize,
     pub runs_completed: usize,
     pub runs_cancelled: usize,
     pub runs_other: usize,
@@ -151,7 +154,7 @@ impl LoadReport {
     pub fn render(&self) -> String {
         format!(
             "seed {seed}\n\
-             users {users}, connections {connections}, runs started {started}\n\
+             users {users}, connections {connections}, runs started {started} (+{regenerated} regenerated)\n\
              runs completed {completed}, cancelled {cancelled}, other {other}\n\
              runs/s {rps:.1} over {elapsed:.1} s (after {registration:.1} s of registration), events received {events}\n\
              event latency ms      p50 {l50} p90 {l90} p99 {l99} p99.9 {l999} max {lmax}\n\
@@ -164,6 +167,7 @@ impl LoadReport {
             users = self.users,
             connections = self.connections,
             started = self.runs_started,
+            regenerated = self.runs_regenerated,
             completed = self.runs_completed,
             cancelled = self.runs_cancelled,
             other = self.runs_other,
@@ -321,6 +325,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
     for outcome in outcomes {
         report.connections += outcome.connections;
         report.runs_started += outcome.runs_started;
+        report.runs_regenerated += outcome.runs_regenerated;
         report.runs_completed += outcome.runs_completed;
         report.runs_cancelled += outcome.runs_cancelled;
         report.runs_other += outcome.runs_other;

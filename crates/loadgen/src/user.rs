@@ -1,4 +1,5 @@
-//! One simulated user: registration, connections, runs, chaos, and every check.
+//! One simulated user: registration, connections, runs, chaos (disconnect and resume,
+//! stops, foreign ids, regenerating answers), and every check.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -98,6 +99,7 @@ impl Account {
 pub(crate) struct Outcome {
     pub connections: usize,
     pub runs_started: usize,
+    pub runs_regenerated: usize,
     pub runs_completed: usize,
     pub runs_cancelled: usize,
     pub runs_other: usize,
@@ -464,6 +466,86 @@ impl Session<'_> {
         }
         if chaos && self.rng.gen_bool(0.3) {
             self.probe_foreign_run(followed, shared).await;
+        }
+        // Steering: answer the thread's question again. The new run is this user's like any
+        // other, and must arrive whole with one terminal event like any other.
+        if chaos && terminal["status"] == "completed" && self.rng.gen_bool(0.2) {
+            let thread = terminal["thread_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            self.regenerate(followed, &thread, shared).await;
+        }
+    }
+
+    /// Sends `regenerate` for `thread` and follows the new run to its terminal event: seqs
+    /// 1..=end each exactly once, and the answer about this user's own numbers.
+    async fn regenerate(&mut self, conn: usize, thread: &str, shared: &SharedRunIds) {
+        self.send(conn, json!({"type": "regenerate", "thread_id": thread}))
+            .await;
+        let Some(accepted) = self
+            .wait_for(conn, |v| {
+                v["type"] == "run_accepted" || v["type"] == "error_message"
+            })
+            .await
+        else {
+            return;
+        };
+        if accepted["type"] == "error_message" {
+            // The user's own limits (runs, message rate) may refuse it; that is no fault.
+            let code = accepted["error_code"].as_str().unwrap_or_default();
+            if !matches!(code, "TOO_MANY_RUNS" | "RATE_LIMITED") {
+                self.out.errors += 1;
+                self.violation(format!("regenerate refused: {accepted}"));
+            }
+            return;
+        }
+        let run_id = accepted["run_id"].as_str().unwrap_or_default().to_string();
+        if accepted["thread_id"] != thread {
+            self.violation(format!("regenerate of {thread} answered {accepted}"));
+        }
+        self.my_runs.insert(run_id.clone());
+        shared.add(self.account.index, run_id.clone());
+        self.out.runs_regenerated += 1;
+        let mut got = std::collections::BTreeSet::new();
+        let terminal = loop {
+            let Some(frame) = self.next_frame().await else {
+                self.out.lost_events += 1;
+                self.violation(format!(
+                    "regenerated run {run_id}: its events never arrived"
+                ));
+                return;
+            };
+            let v = &frame.value;
+            if frame.conn != conn || !is_event(v) || v["run_id"] != run_id.as_str() {
+                continue;
+            }
+            got.insert(v["seq"].as_u64().unwrap_or(0));
+            if is_terminal(v) {
+                break frame.value.clone();
+            }
+        };
+        let end = terminal["seq"].as_u64().unwrap_or(0);
+        if got.len() as u64 != end || got.iter().copied().ne(1..=end) {
+            self.out.lost_events += end.saturating_sub(got.len() as u64) as usize;
+            self.violation(format!("regenerated run {run_id}: seqs {got:?}, end {end}"));
+        }
+        match terminal["status"].as_str() {
+            Some("completed") => {
+                self.out.runs_completed += 1;
+                let reported = terminal["payload"]["result"]["usage"]["total_cost_usd"].as_f64();
+                if reported != Some(self.account.summary_total) {
+                    self.out.wrong_numbers += 1;
+                    self.violation(format!(
+                        "regenerated run {run_id}: answer says {reported:?}, summary says {}",
+                        self.account.summary_total
+                    ));
+                }
+            }
+            other => {
+                self.out.runs_other += 1;
+                self.violation(format!("regenerated run {run_id} ended {other:?}"));
+            }
         }
     }
 

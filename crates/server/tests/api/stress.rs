@@ -46,6 +46,10 @@ async fn two_hundred_users_with_chaos_see_only_their_own_complete_streams() {
     assert_eq!(report.runs_started, 400, "seed {seed}");
     assert!(report.probes > 0, "chaos probes ran");
     assert!(report.runs_cancelled > 0, "some runs were stopped mid-way");
+    assert!(
+        report.runs_regenerated > 0,
+        "steering (regenerate) was mixed in"
+    );
 
     // Everything a connection held is gone once the users left.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
