@@ -100,6 +100,7 @@ pub(crate) struct Outcome {
     pub connections: usize,
     pub runs_started: usize,
     pub runs_regenerated: usize,
+    pub runs_double_texted: usize,
     pub runs_completed: usize,
     pub runs_cancelled: usize,
     pub runs_other: usize,
@@ -467,14 +468,116 @@ impl Session<'_> {
         if chaos && self.rng.gen_bool(0.3) {
             self.probe_foreign_run(followed, shared).await;
         }
-        // Steering: answer the thread's question again. The new run is this user's like any
-        // other, and must arrive whole with one terminal event like any other.
-        if chaos && terminal["status"] == "completed" && self.rng.gen_bool(0.2) {
+        // Steering: answer the thread's question again, or send it two messages back to
+        // back. The new runs are this user's like any other, and must arrive whole with one
+        // terminal event like any other.
+        if chaos && terminal["status"] == "completed" {
             let thread = terminal["thread_id"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            self.regenerate(followed, &thread, shared).await;
+            match self.rng.gen_range(0..100) {
+                0..=19 => self.regenerate(followed, &thread, shared).await,
+                20..=34 => self.double_text(followed, &thread, shared).await,
+                _ => {}
+            }
+        }
+    }
+
+    /// Double-texting: two messages to `thread` back to back, the second with `enqueue` or
+    /// `interrupt`. Both runs must arrive whole (every seq once, one terminal event); the
+    /// second completes; the first completes (enqueue) or ends interrupted.
+    async fn double_text(&mut self, conn: usize, thread: &str, shared: &SharedRunIds) {
+        let strategy = if self.rng.gen_bool(0.5) {
+            "enqueue"
+        } else {
+            "interrupt"
+        };
+        let question = self.config.question.clone();
+        self.send(
+            conn,
+            json!({"type": "user_message", "text": question, "thread_id": thread}),
+        )
+        .await;
+        self.send(
+            conn,
+            json!({"type": "user_message", "text": question, "thread_id": thread,
+                   "multitask_strategy": strategy}),
+        )
+        .await;
+        // Run ids in the order accepted (None: refused by the user's own limits), and each
+        // run's seqs and terminal event.
+        let mut accepted: Vec<Option<String>> = Vec::new();
+        let mut seqs: HashMap<String, std::collections::BTreeSet<u64>> = HashMap::new();
+        let mut ends: HashMap<String, Value> = HashMap::new();
+        loop {
+            let complete = |run: &String| {
+                ends.get(run)
+                    .and_then(|t| t["seq"].as_u64())
+                    .is_some_and(|end| seqs.get(run).map_or(0, |s| s.len() as u64) >= end)
+            };
+            if accepted.len() == 2 && accepted.iter().flatten().all(complete) {
+                break;
+            }
+            let Some(frame) = self.next_frame().await else {
+                self.out.lost_events += 1;
+                self.violation(format!("double-text on {thread}: frames stopped"));
+                return;
+            };
+            let v = &frame.value;
+            if frame.conn != conn {
+                continue;
+            }
+            if v["type"] == "run_accepted" && v["thread_id"] == thread && accepted.len() < 2 {
+                let run = v["run_id"].as_str().unwrap_or_default().to_string();
+                self.my_runs.insert(run.clone());
+                shared.add(self.account.index, run.clone());
+                self.out.runs_double_texted += 1;
+                accepted.push(Some(run));
+            } else if v["type"] == "error_message" && accepted.len() < 2 {
+                let code = v["error_code"].as_str().unwrap_or_default();
+                if !matches!(code, "TOO_MANY_RUNS" | "RATE_LIMITED") {
+                    self.out.errors += 1;
+                    self.violation(format!("double-text refused: {v}"));
+                }
+                accepted.push(None);
+            } else if is_event(v) && v["thread_id"] == thread {
+                let run = v["run_id"].as_str().unwrap_or_default().to_string();
+                seqs.entry(run.clone())
+                    .or_default()
+                    .insert(v["seq"].as_u64().unwrap_or(0));
+                if is_terminal(v) {
+                    ends.insert(run, v.clone());
+                }
+            }
+        }
+        for (index, run) in accepted.iter().enumerate() {
+            let Some(run) = run else { continue };
+            let Some(terminal) = ends.get(run) else {
+                continue;
+            };
+            let end = terminal["seq"].as_u64().unwrap_or(0);
+            let got = seqs.get(run).cloned().unwrap_or_default();
+            if got.iter().copied().ne(1..=end) {
+                self.out.lost_events += end.saturating_sub(got.len() as u64) as usize;
+                self.violation(format!("double-texted run {run}: seqs {got:?}, end {end}"));
+            }
+            let status = terminal["status"].as_str().unwrap_or_default();
+            let expected = match (index, strategy) {
+                (0, "interrupt") => matches!(status, "interrupted" | "completed"),
+                _ => status == "completed",
+            };
+            if status == "completed" {
+                self.out.runs_completed += 1;
+            } else {
+                self.out.runs_other += 1;
+            }
+            if !expected {
+                self.violation(format!(
+                    "double-texted run {run} ({strategy}, message {}) ended {status}",
+                    index + 1
+                ));
+            }
         }
     }
 
