@@ -109,6 +109,20 @@ class PeakSampler(threading.Thread):
             time.sleep(0.1)
 
 
+def load_flags(apex):
+    """The abuse throttles off (the load client creates every account, thread and ticket
+    from one address in moments), for a binary that has them: releases before the
+    throttles existed would refuse the flags."""
+    help_text = subprocess.run([str(apex), "serve", "--help"], capture_output=True,
+                               text=True, check=False).stdout
+    flags = []
+    for flag in ("--registrations-per-minute", "--registrations-per-minute-total",
+                 "--threads-per-minute", "--tickets-per-minute"):
+        if flag + " " in help_text or flag + "\n" in help_text:
+            flags += [flag, "0"]
+    return flags
+
+
 class ApexServer:
     """A fresh `apex serve` on an empty data folder, limits raised for load. `env` adds
     variables, e.g. a PostgreSQL database and a Redis bus for several instances."""
@@ -120,7 +134,7 @@ class ApexServer:
             "--llm-provider", "template", "--template-stream-delay-ms", "0",
             "--max-runs-per-user", "1000", "--messages-per-minute", "100000000",
             "--message-burst", "100000000", "--max-connections-per-user", "100000",
-        ]
+        ] + load_flags(apex)
         env = dict(os.environ, APEX_LOG="warn", **(env or {}))
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)
         line = self.proc.stdout.readline().strip()
