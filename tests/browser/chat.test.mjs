@@ -296,6 +296,32 @@ try {
     await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice-double-texting.png') });
   });
 
+  await step('Alice asks to approve the plan first, leaves a step out and approves it on the page', async () => {
+    await pageA.check('#require-approval');
+    const runId = await ask(pageA, 'How can I reduce my LLM costs?');
+    const card = pageA.locator(`.run[data-run-id="${runId}"]`);
+    await card.locator('.approval-card button.approve').waitFor({ timeout: RUN_TIMEOUT });
+    assert.equal(await card.getAttribute('data-status'), 'awaiting_approval');
+    assert.equal(await card.locator('[data-agent="reporting"]').count(), 0, 'the report waits for the answer');
+    const waiting = await pageApi(pageA, `/api/runs/${runId}`);
+    assert.equal(waiting.body.status, 'awaiting_approval');
+    const steps = waiting.body.approval.plan;
+    assert.ok(steps.length >= 2, `a plan with steps: ${JSON.stringify(steps)}`);
+    // Leave the last step out: what is approved is the rest, in order.
+    await card.locator(`.approval-card input[data-step="${steps[steps.length - 1].order}"]`).uncheck();
+    await pageA.screenshot({ path: join(ARTIFACTS, 'chat-alice-approval.png') });
+    await card.locator('.approval-card button.approve').click();
+    await card.locator('xpath=self::*[@data-status="completed"]').waitFor({ timeout: RUN_TIMEOUT });
+    assert.equal(await card.locator('.approval-card[data-decision="edit"]').count(), 1);
+    assert.equal(await card.locator('.approval-card button').count(), 0, 'the answered card is read-only');
+    const done = await pageApi(pageA, `/api/runs/${runId}/events`);
+    const terminal = done.body.events[done.body.events.length - 1];
+    const carried = terminal.payload.result.action_plan.map((s) => s.title);
+    assert.deepEqual(carried, steps.slice(0, -1).map((s) => s.title));
+    assert.ok((await card.locator('.answer').textContent()).length > 0, 'the answer is shown');
+    await pageA.uncheck('#require-approval');
+  });
+
   await step("the usage view charts the user's own spend and takes a CSV upload", async () => {
     // An expired-looking access token: the page refreshes it with /auth/refresh.
     const oldRefresh = await pageA.evaluate(() => {

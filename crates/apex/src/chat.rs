@@ -4,6 +4,8 @@
 //! `Authorization` header (never in the URL), then sends each line you type as a
 //! `user_message` and prints every agent step as it arrives, with the answer streaming in.
 //! `/regenerate` (or `--regenerate THREAD_ID`) answers the thread's last question again.
+//! A run that waits for approval of its plan (`--require-approval`, or the account's
+//! setting) prints the plan and asks: approve, reject, or the step numbers to carry out.
 //! On a terminal that is the live view of `crate::live` (a spinner line per running agent);
 //! otherwise (a pipe, a file, a test) one plain line per step.
 
@@ -33,6 +35,68 @@ pub struct ChatArgs {
     /// (non-interactive). The earlier answer stays in the thread, marked superseded.
     #[arg(long, value_name = "THREAD_ID")]
     regenerate: Option<String>,
+    /// Ask for approval of the action plan before the report (every message of this
+    /// session); without it, the account's setting decides.
+    #[arg(long)]
+    require_approval: bool,
+}
+
+/// A run waiting for this terminal's answer to its plan.
+struct AwaitingAnswer {
+    run_id: String,
+    approval_id: String,
+    /// The proposed steps' numbers, to check an edit against before sending it.
+    steps: Vec<u64>,
+}
+
+/// What was typed at the approval prompt, as the `approval` frame's fields.
+fn approval_answer(line: &str, steps: &[u64]) -> Result<Value, String> {
+    match line.trim().to_ascii_lowercase().as_str() {
+        "a" | "approve" | "y" | "yes" => return Ok(json!({"decision": "approve"})),
+        "r" | "reject" | "n" | "no" => return Ok(json!({"decision": "reject"})),
+        _ => {}
+    }
+    let mut chosen = Vec::new();
+    for part in line.split(|c: char| c == ',' || c.is_whitespace()) {
+        if part.is_empty() {
+            continue;
+        }
+        let order: u64 = part
+            .parse()
+            .map_err(|_| format!("{part:?} is not a step number"))?;
+        if !steps.contains(&order) {
+            return Err(format!("there is no step {order}"));
+        }
+        chosen.push(order);
+    }
+    if chosen.is_empty() {
+        return Err("type a, r, or step numbers".into());
+    }
+    Ok(json!({"decision": "edit", "plan": chosen}))
+}
+
+/// The plan of an `approval_required` event, one line per step, then the question.
+fn approval_lines(payload: &Value) -> Vec<String> {
+    let mut lines = vec!["The plan waits for your approval:".to_string()];
+    for step in payload["plan"].as_array().into_iter().flatten() {
+        let savings = step["expected_monthly_savings_usd"].as_f64().unwrap_or(0.0);
+        let saves = if savings > 0.0 {
+            format!(" (saves about ${savings:.2}/month)")
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "  {}. {}{saves}",
+            step["order"],
+            step["title"].as_str().unwrap_or("?")
+        ));
+    }
+    lines.push(format!(
+        "Approve [a], reject [r], or list the steps to carry out in order (e.g. \"2 1\"); \
+         it expires at {}.",
+        payload["expires_at"].as_str().unwrap_or("?")
+    ));
+    lines
 }
 
 /// How events are shown: the live view on a terminal, plain lines otherwise.
@@ -168,8 +232,12 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
 
     let mut thread_id: Option<String> = args.regenerate.clone();
     let one_shot = args.message.is_some() || args.regenerate.is_some();
+    let require_approval = args.require_approval;
     let send_message = |text: String, thread: &Option<String>| {
         let mut frame = json!({ "type": "user_message", "text": text });
+        if require_approval {
+            frame["require_approval"] = Value::Bool(true);
+        }
         if let Some(thread) = thread {
             frame["thread_id"] = Value::String(thread.clone());
         }
@@ -196,14 +264,42 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = !one_shot;
+    // A one-shot run still reads its answer to a request for approval from stdin.
+    let mut stdin_ended = false;
+    let mut awaiting: Option<AwaitingAnswer> = None;
     let mut view = View::for_stdout();
     let mut spinner = tokio::time::interval(std::time::Duration::from_millis(100));
     spinner.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = spinner.tick(), if view.is_live() => view.tick(),
-            line = lines.next_line(), if stdin_open => {
-                let Some(line) = line? else { stdin_open = false; continue };
+            line = lines.next_line(), if (stdin_open || awaiting.is_some()) && !stdin_ended => {
+                let Some(line) = line? else {
+                    stdin_open = false;
+                    stdin_ended = true;
+                    if awaiting.is_some() {
+                        view.line("(no answer to the plan: it waits on the server until it expires)");
+                        if one_shot { return Ok(()) }
+                    }
+                    continue;
+                };
+                if let Some(asked) = &awaiting {
+                    match approval_answer(&line, &asked.steps) {
+                        Ok(mut frame) => {
+                            frame["type"] = json!("approval");
+                            frame["run_id"] = json!(asked.run_id);
+                            frame["approval_id"] = json!(asked.approval_id);
+                            sink.send(Message::Text(frame.to_string().into())).await?;
+                            awaiting = None;
+                        }
+                        Err(problem) => {
+                            view.line(&format!("({problem})"));
+                            print!("approve> ");
+                            let _ = std::io::stdout().flush();
+                        }
+                    }
+                    continue;
+                }
                 match line.trim() {
                     "" => prompt(),
                     "/quit" => break,
@@ -230,6 +326,23 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                         event.agent_name = clean(&event.agent_name);
                         clean_json(&mut event.payload);
                         let run_ended = view.event(&event);
+                        if event.kind == EventKind::ApprovalRequired {
+                            for line in approval_lines(&event.payload) {
+                                view.line(&line);
+                            }
+                            awaiting = Some(AwaitingAnswer {
+                                run_id: event.run_id.clone(),
+                                approval_id: event.payload["approval_id"].as_str().unwrap_or("").to_string(),
+                                steps: event.payload["plan"].as_array().into_iter().flatten()
+                                    .filter_map(|s| s["order"].as_u64()).collect(),
+                            });
+                            print!("approve> ");
+                            let _ = std::io::stdout().flush();
+                        }
+                        if run_ended && awaiting.as_ref().is_some_and(|a| a.run_id == event.run_id) {
+                            // Ended while asking (expired, stopped): nothing left to answer.
+                            awaiting = None;
+                        }
                         match (run_ended, one_shot, event.status()) {
                             (false, _, _) => {}
                             (true, true, Some("completed")) => return Ok(()),
@@ -238,6 +351,9 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                         }
                     }
                     ServerFrame::Control(ControlFrame::ThreadCreated { thread_id: id, .. }) => thread_id = Some(id),
+                    ServerFrame::Control(ControlFrame::ApprovalAccepted { decision, .. }) => {
+                        view.line(&format!("(plan answered: {}; the run continues)", decision.as_str()));
+                    }
                     ServerFrame::Control(ControlFrame::ErrorMessage { error_code, error_message, .. }) => {
                         let (error_code, error_message) = (clean(&error_code), clean(&error_message));
                         view.line(&format!("✖ {error_message} ({error_code})"));

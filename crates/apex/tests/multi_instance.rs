@@ -1181,3 +1181,137 @@ async fn double_texting_across_instances_enqueues_and_interrupts() {
     assert!(is_terminal(stored.last().unwrap()));
     assert_eq!(two.run(&alice, &third).await["status"], "interrupted");
 }
+
+/// A streamed answer from an OpenAI-compatible server.
+const LLM_STREAM: &str = concat!(
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Route the short requests to a smaller model.\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: [DONE]\n\n",
+);
+
+/// An OpenAI-compatible server shared by every instance of a test, counting the requests
+/// it gets (whichever instance makes them). Returns its base URL.
+async fn counting_llm(hits: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let hits = Arc::clone(&hits);
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                if body["stream"] == true {
+                    ([("content-type", "text/event-stream")], LLM_STREAM).into_response()
+                } else {
+                    axum::Json(json!({
+                        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": "{}"}}]
+                    }))
+                    .into_response()
+                }
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{address}/v1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_awaiting_approval_survives_its_instance_being_killed_and_continues_on_another() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let llm = counting_llm(Arc::clone(&hits)).await;
+    let mut cluster = Cluster::new();
+    cluster.extra_args = vec![
+        "--llm-provider".into(),
+        "openai".into(),
+        "--openai-base-url".into(),
+        llm,
+        "--openai-model".into(),
+        "m".into(),
+    ];
+    let first = cluster.start(0).await;
+    let second = cluster.start(0).await;
+    let alice = first.register("alice").await;
+
+    // What one run asks of the model when nothing pauses it.
+    let plain = first.start_run(&alice).await;
+    first
+        .wait_run(&alice, &plain, |r| r["status"] == "completed")
+        .await;
+    let per_run = hits.swap(0, Ordering::SeqCst);
+    assert!(per_run > 0, "the pipeline asks the model");
+
+    // A run that asks for approval parks on the instance that received it...
+    let mut ws = first.ws(&alice).await;
+    ws.send(
+        json!({"type": "user_message", "text": "How can I reduce my LLM costs?",
+                   "require_approval": true}),
+    )
+    .await;
+    let mut seen = Vec::new();
+    let asked = loop {
+        let frame = ws.next().await;
+        if frame.get("seq").is_none() {
+            continue;
+        }
+        seen.push(frame.clone());
+        if frame["type"] == "approval_required" {
+            break frame;
+        }
+        assert!(!is_terminal(&frame), "ended before asking: {frame}");
+    };
+    let run_id = asked["run_id"].as_str().unwrap().to_string();
+    assert_contiguous_from(&seen, 1);
+    second
+        .wait_run(&alice, &run_id, |r| r["status"] == "awaiting_approval")
+        .await;
+    let asked_of_model = hits.load(Ordering::SeqCst);
+
+    // ...which is killed while it waits. Another instance takes the answer and continues.
+    let mut doomed = first;
+    doomed.child.kill().unwrap(); // SIGKILL
+    doomed.child.wait().unwrap();
+    let mut ws = second.ws(&alice).await;
+    ws.send(json!({"type": "resume", "run_id": run_id, "after_seq": seen.len()}))
+        .await;
+    let answer = json!({"type": "approval", "run_id": run_id,
+                        "approval_id": asked["payload"]["approval_id"], "decision": "approve"});
+    ws.send(answer.clone()).await;
+    let rest = ws.events_until_terminal(&run_id).await;
+    assert_contiguous_from(&rest, seen.len() as u64 + 1);
+    let last = rest.last().unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    let started: Vec<&str> = rest
+        .iter()
+        .filter(|e| e["type"] == "agent_started")
+        .map(|e| e["agent_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(started, ["reporting"], "nothing before the pause ran again");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        per_run,
+        "no LLM request was repeated ({asked_of_model} before the pause)"
+    );
+
+    // Answering again is idempotent: accepted, nothing more happens.
+    ws.send(answer).await;
+    let frames = ws.frames_before_pong().await;
+    assert!(
+        frames.iter().any(|f| f["type"] == "approval_accepted"),
+        "{frames:?}"
+    );
+    assert!(frames.iter().all(|f| f.get("seq").is_none()), "{frames:?}");
+    let stored = second
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=0"),
+            &alice.token,
+        )
+        .await;
+    let stored = stored["events"].as_array().unwrap();
+    assert_contiguous_from(stored, 1);
+    assert_eq!(stored.len(), seen.len() + rest.len());
+}

@@ -93,6 +93,9 @@ pub struct LoadReport {
     /// Runs started by two messages sent back to back to one thread, the second with
     /// `enqueue` or `interrupt` (chaos only), on top of `runs_started`.
     pub runs_double_texted: usize,
+    /// Runs started with `require_approval` after a completed run (chaos only), whose plan
+    /// was approved, edited or rejected while they waited; on top of `runs_started`.
+    pub runs_approved: usize,
     pub runs_completed: usize,
     pub runs_cancelled: usize,
     pub runs_other: usize,
@@ -157,7 +160,7 @@ impl LoadReport {
     pub fn render(&self) -> String {
         format!(
             "seed {seed}\n\
-             users {users}, connections {connections}, runs started {started} (+{regenerated} regenerated, +{double} double-texted)\n\
+             users {users}, connections {connections}, runs started {started} (+{regenerated} regenerated, +{double} double-texted, +{approved} approved)\n\
              runs completed {completed}, cancelled {cancelled}, other {other}\n\
              runs/s {rps:.1} over {elapsed:.1} s (after {registration:.1} s of registration), events received {events}\n\
              event latency ms      p50 {l50} p90 {l90} p99 {l99} p99.9 {l999} max {lmax}\n\
@@ -172,6 +175,7 @@ impl LoadReport {
             started = self.runs_started,
             regenerated = self.runs_regenerated,
             double = self.runs_double_texted,
+            approved = self.runs_approved,
             completed = self.runs_completed,
             cancelled = self.runs_cancelled,
             other = self.runs_other,
@@ -331,6 +335,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
         report.runs_started += outcome.runs_started;
         report.runs_regenerated += outcome.runs_regenerated;
         report.runs_double_texted += outcome.runs_double_texted;
+        report.runs_approved += outcome.runs_approved;
         report.runs_completed += outcome.runs_completed;
         report.runs_cancelled += outcome.runs_cancelled;
         report.runs_other += outcome.runs_other;

@@ -101,6 +101,8 @@ pub(crate) struct Outcome {
     pub runs_started: usize,
     pub runs_regenerated: usize,
     pub runs_double_texted: usize,
+    /// Runs that asked for approval of their plan, answered while they waited.
+    pub runs_approved: usize,
     pub runs_completed: usize,
     pub runs_cancelled: usize,
     pub runs_other: usize,
@@ -479,6 +481,7 @@ impl Session<'_> {
             match self.rng.gen_range(0..100) {
                 0..=19 => self.regenerate(followed, &thread, shared).await,
                 20..=34 => self.double_text(followed, &thread, shared).await,
+                35..=49 => self.ask_with_approval(followed, &thread, shared).await,
                 _ => {}
             }
         }
@@ -610,28 +613,43 @@ impl Session<'_> {
         self.my_runs.insert(run_id.clone());
         shared.add(self.account.index, run_id.clone());
         self.out.runs_regenerated += 1;
+        self.follow_to_end(conn, &run_id, "regenerated", |_, _| None)
+            .await;
+    }
+
+    /// Follows `run_id` on `conn` to its terminal event and checks it: seqs 1..=end each
+    /// exactly once, `completed`, and a report about this user's own numbers. `on_event`
+    /// sees each event first and may answer with a frame to send (an approval).
+    async fn follow_to_end(
+        &mut self,
+        conn: usize,
+        run_id: &str,
+        what: &str,
+        mut on_event: impl FnMut(&Value, &mut StdRng) -> Option<Value>,
+    ) {
         let mut got = std::collections::BTreeSet::new();
         let terminal = loop {
             let Some(frame) = self.next_frame().await else {
                 self.out.lost_events += 1;
-                self.violation(format!(
-                    "regenerated run {run_id}: its events never arrived"
-                ));
+                self.violation(format!("{what} run {run_id}: its events never arrived"));
                 return;
             };
             let v = &frame.value;
-            if frame.conn != conn || !is_event(v) || v["run_id"] != run_id.as_str() {
+            if frame.conn != conn || !is_event(v) || v["run_id"] != run_id {
                 continue;
             }
             got.insert(v["seq"].as_u64().unwrap_or(0));
             if is_terminal(v) {
                 break frame.value.clone();
             }
+            if let Some(reply) = on_event(v, &mut self.rng) {
+                self.send(conn, reply).await;
+            }
         };
         let end = terminal["seq"].as_u64().unwrap_or(0);
         if got.len() as u64 != end || got.iter().copied().ne(1..=end) {
             self.out.lost_events += end.saturating_sub(got.len() as u64) as usize;
-            self.violation(format!("regenerated run {run_id}: seqs {got:?}, end {end}"));
+            self.violation(format!("{what} run {run_id}: seqs {got:?}, end {end}"));
         }
         match terminal["status"].as_str() {
             Some("completed") => {
@@ -640,16 +658,69 @@ impl Session<'_> {
                 if reported != Some(self.account.summary_total) {
                     self.out.wrong_numbers += 1;
                     self.violation(format!(
-                        "regenerated run {run_id}: answer says {reported:?}, summary says {}",
+                        "{what} run {run_id}: answer says {reported:?}, summary says {}",
                         self.account.summary_total
                     ));
                 }
             }
             other => {
                 self.out.runs_other += 1;
-                self.violation(format!("regenerated run {run_id} ended {other:?}"));
+                self.violation(format!("{what} run {run_id} ended {other:?}"));
             }
         }
+    }
+
+    /// Asks `thread` again with `require_approval`, and answers the plan when it is asked
+    /// for: approve, reject, or keep only its first step. The run must pause with a seq
+    /// like any event, continue after the answer, and arrive whole with one terminal event.
+    async fn ask_with_approval(&mut self, conn: usize, thread: &str, shared: &SharedRunIds) {
+        let question = self.config.question.clone();
+        self.send(
+            conn,
+            json!({"type": "user_message", "text": question, "thread_id": thread,
+                   "require_approval": true}),
+        )
+        .await;
+        let Some(accepted) = self
+            .wait_for(conn, |v| {
+                v["type"] == "run_accepted" || v["type"] == "error_message"
+            })
+            .await
+        else {
+            return;
+        };
+        if accepted["type"] == "error_message" {
+            let code = accepted["error_code"].as_str().unwrap_or_default();
+            if !matches!(code, "TOO_MANY_RUNS" | "RATE_LIMITED") {
+                self.out.errors += 1;
+                self.violation(format!("message with approval refused: {accepted}"));
+            }
+            return;
+        }
+        let run_id = accepted["run_id"].as_str().unwrap_or_default().to_string();
+        self.my_runs.insert(run_id.clone());
+        shared.add(self.account.index, run_id.clone());
+        self.out.runs_approved += 1;
+        let answered = run_id.clone();
+        self.follow_to_end(conn, &run_id, "approval", move |event, rng| {
+            if event["type"] != "approval_required" {
+                return None;
+            }
+            let approval_id = event["payload"]["approval_id"].clone();
+            let decision = match rng.gen_range(0..3) {
+                0 => json!({"decision": "approve"}),
+                1 => json!({"decision": "reject"}),
+                _ => json!({"decision": "edit",
+                            "plan": [event["payload"]["plan"][0]["order"].clone()]}),
+            };
+            let mut frame = json!({"type": "approval", "run_id": answered,
+                                   "approval_id": approval_id});
+            if let (Some(frame), Some(decision)) = (frame.as_object_mut(), decision.as_object()) {
+                frame.extend(decision.clone());
+            }
+            Some(frame)
+        })
+        .await;
     }
 
     /// Every open connection must receive the terminal event of every run it saw.

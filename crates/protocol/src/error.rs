@@ -87,13 +87,20 @@ pub enum ErrorCode {
     /// A usage import would leave the user with more stored rows than allowed; nothing of
     /// it was stored.
     ImportQuotaExceeded,
+    /// An approval answered a run that is not waiting for it (never asked, already
+    /// ended, or another `approval_id`).
+    ApprovalNotPending,
+    /// The run's approval was already answered with another decision.
+    ApprovalAlreadyDecided,
+    /// The approval was not answered in time; the run ended `timed_out`.
+    ApprovalExpired,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -122,6 +129,9 @@ impl ErrorCode {
         ErrorCode::SessionEnded,
         ErrorCode::TokenExpired,
         ErrorCode::ImportQuotaExceeded,
+        ErrorCode::ApprovalNotPending,
+        ErrorCode::ApprovalAlreadyDecided,
+        ErrorCode::ApprovalExpired,
         ErrorCode::Internal,
     ];
 
@@ -160,6 +170,11 @@ impl ErrorCode {
             ErrorCode::ImportQuotaExceeded => {
                 ("import_quota_exceeded", "IMPORT_QUOTA_EXCEEDED", 409)
             }
+            ErrorCode::ApprovalNotPending => ("approval_not_pending", "APPROVAL_NOT_PENDING", 409),
+            ErrorCode::ApprovalAlreadyDecided => {
+                ("approval_already_decided", "APPROVAL_ALREADY_DECIDED", 409)
+            }
+            ErrorCode::ApprovalExpired => ("approval_expired", "APPROVAL_EXPIRED", 409),
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -207,6 +222,9 @@ pub mod codes {
     pub const TOO_MANY_CONNECTIONS: &str = C::TooManyConnections.rest();
     pub const TOO_MANY_COMPLETIONS: &str = C::TooManyCompletions.rest();
     pub const IMPORT_QUOTA_EXCEEDED: &str = C::ImportQuotaExceeded.rest();
+    pub const APPROVAL_NOT_PENDING: &str = C::ApprovalNotPending.rest();
+    pub const APPROVAL_ALREADY_DECIDED: &str = C::ApprovalAlreadyDecided.rest();
+    pub const APPROVAL_EXPIRED: &str = C::ApprovalExpired.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

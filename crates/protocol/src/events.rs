@@ -34,6 +34,9 @@ pub enum EventKind {
     FinalReport,
     /// Sent instead of `final_report` when a run fails, is cancelled or times out.
     Error,
+    /// The run paused for its user to approve, edit or reject the proposed plan (payload:
+    /// [`crate::approval::PendingApproval`]); more events follow once they answer.
+    ApprovalRequired,
 }
 
 impl EventKind {
@@ -48,6 +51,7 @@ impl EventKind {
             EventKind::AgentError => "agent_error",
             EventKind::FinalReport => "final_report",
             EventKind::Error => "error",
+            EventKind::ApprovalRequired => "approval_required",
         }
     }
 }
@@ -131,6 +135,8 @@ pub enum EventBody {
         error_code: String,
         error_message: String,
     },
+    /// The run waits for its user's answer to the proposed plan.
+    ApprovalRequired(crate::approval::PendingApproval),
     /// The supervisor's terminal `agent_completed`.
     RunFinished {
         status: RunStatus,
@@ -155,6 +161,7 @@ impl EventBody {
             EventBody::AgentError { .. } => EventKind::AgentError,
             EventBody::FinalReport { .. } => EventKind::FinalReport,
             EventBody::RunError { .. } => EventKind::Error,
+            EventBody::ApprovalRequired(_) => EventKind::ApprovalRequired,
         }
     }
 
@@ -244,6 +251,7 @@ impl EventBody {
                 error_code,
                 error_message,
             } => json!({"error_code": error_code, "error_message": error_message}),
+            EventBody::ApprovalRequired(pending) => json!(pending),
             EventBody::RunFinished {
                 status,
                 final_response,

@@ -10,12 +10,14 @@
 //! - [`error`]: the one JSON error body and the stable error codes.
 //! - [`auth`]: register / login / refresh bodies, the token pair, WebSocket tickets.
 //! - [`threads`]: threads, messages, runs over REST.
+//! - [`approval`]: approving, editing or rejecting a run's action plan; the user's settings.
 //! - [`usage`]: a user's AI usage rows and the summary computed from them.
 //! - [`events`]: agent events streamed during a run (`agent_started`, `tool_completed`...).
 //! - [`ws`]: the other server → client WebSocket frames and the close codes.
 
 #![forbid(unsafe_code)]
 
+pub mod approval;
 pub mod auth;
 pub mod error;
 pub mod events;

@@ -78,6 +78,11 @@ pub struct StartRunRequest {
     /// the server's `default_multitask_strategy` (`enqueue` unless configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multitask_strategy: Option<MultitaskStrategy>,
+    /// Pause after the actions agent until the user approves, edits or rejects the
+    /// proposed plan (`approval_required` event); absent: the user's setting
+    /// (`GET /api/settings`, off unless changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_approval: Option<bool>,
 }
 
 /// What a message sent to a thread whose run is still going (queued or running, on any
@@ -150,6 +155,9 @@ pub enum RunStatus {
     TimedOut,
     /// The server stopped (crash or shutdown) while the run was in flight.
     Interrupted,
+    /// Paused after the actions agent until its user answers the `approval_required`
+    /// event; holds no execution slot meanwhile. Not terminal.
+    AwaitingApproval,
 }
 
 impl RunStatus {
@@ -162,6 +170,7 @@ impl RunStatus {
             RunStatus::Cancelled => "cancelled",
             RunStatus::TimedOut => "timed_out",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -174,13 +183,17 @@ impl RunStatus {
             "cancelled" => RunStatus::Cancelled,
             "timed_out" => RunStatus::TimedOut,
             "interrupted" => RunStatus::Interrupted,
+            "awaiting_approval" => RunStatus::AwaitingApproval,
             _ => return None,
         })
     }
 
     /// A terminal run never changes status again.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, RunStatus::Queued | RunStatus::Running)
+        !matches!(
+            self,
+            RunStatus::Queued | RunStatus::Running | RunStatus::AwaitingApproval
+        )
     }
 }
 
@@ -197,6 +210,10 @@ pub struct Run {
     pub error: Option<String>,
     /// Highest event seq stored for this run.
     pub last_seq: u64,
+    /// With status `awaiting_approval`: what the user is asked to approve (the same as
+    /// the `approval_required` event's payload), so a client that reloads can answer it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::approval::PendingApproval>,
 }
 
 /// `GET /api/runs/{id}/events?after_seq=N`.

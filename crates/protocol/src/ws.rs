@@ -57,6 +57,15 @@ pub enum ControlFrame {
         message: String,
         timestamp: String,
     },
+    /// Answer to `approval`: the decision is stored and the run continues (or ends, for
+    /// `reject`) wherever an instance has room.
+    ApprovalAccepted {
+        run_id: String,
+        approval_id: String,
+        decision: crate::approval::ApprovalDecision,
+        status: crate::threads::RunStatus,
+        timestamp: String,
+    },
     /// Answer to `stop_agent` once cancellation has been requested.
     StopAcknowledged {
         run_id: String,

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::run::SubmitError;
+use crate::run::{ApprovalError, SubmitError};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,17 @@ impl From<SubmitError> for ApiError {
             },
             // `thread not found` answers like every other missing resource.
             SubmitError::ThreadNotFound => ApiError::not_found("thread"),
+            other => ApiError::coded(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<ApprovalError> for ApiError {
+    fn from(err: ApprovalError) -> Self {
+        match err {
+            ApprovalError::Store(err) => err.into(),
+            // A stranger's run answers like every other missing resource.
+            ApprovalError::RunNotFound => ApiError::not_found("run"),
             other => ApiError::coded(other.code(), other.to_string()),
         }
     }

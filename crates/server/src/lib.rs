@@ -310,6 +310,7 @@ pub async fn serve(
     background.spawn(prune_events_periodically(state.clone()));
     background.spawn(Arc::clone(state.auth.sessions()).run(lifecycle.close_sockets.clone()));
     background.spawn(state.runs.clone().dispatch());
+    background.spawn(state.runs.clone().expire_approvals_periodically());
     if state.settings.bus_url.is_some() {
         background.spawn(state.runs.clone().upkeep());
     }

@@ -270,6 +270,9 @@ pub struct Settings {
     /// What a message does to its thread's unfinished run when it names no
     /// `multitask_strategy` (double-texting): queue behind it, by default.
     pub default_multitask_strategy: MultitaskStrategy,
+    /// How long a run waits for its user to answer a request for approval of its plan;
+    /// unanswered by then, it ends `timed_out`.
+    pub approval_timeout: Duration,
 }
 
 impl Settings {
@@ -310,6 +313,7 @@ impl Settings {
             queue_poll_interval: Duration::from_secs(1),
             run_max_attempts: 2,
             default_multitask_strategy: MultitaskStrategy::Enqueue,
+            approval_timeout: Duration::from_secs(24 * 3600),
         }
     }
 

@@ -13,9 +13,9 @@ use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
     CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RegenerateOutcome,
-    RegenerateSubmission, RunAftermath, RunRecord, RunSubmission, SavingsQuery, SavingsTotals,
-    Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageRow,
-    UsageTotals,
+    RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
+    SavingsTotals, Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals,
+    UsageRow, UsageTotals,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -111,6 +111,35 @@ impl UserStore {
     }
     pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         self.store.get_run(self.owner, id).await
+    }
+    /// The run with where its approval stands.
+    pub async fn run_approval(&self, id: RunId) -> StoreResult<Option<(RunRecord, RunApproval)>> {
+        self.store.run_approval(self.owner, id).await
+    }
+    /// Records the user's answer to the run's request for approval (see
+    /// [`crate::store::Runs::decide_approval`]).
+    pub async fn decide_approval(
+        &self,
+        id: RunId,
+        decision: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        self.store
+            .decide_approval(self.owner, id, decision, now_ms)
+            .await
+    }
+    /// Whether the user's runs wait for approval unless a message says otherwise.
+    pub async fn require_approval_setting(&self) -> StoreResult<bool> {
+        Ok(self
+            .store
+            .require_approval_setting(self.owner)
+            .await?
+            .unwrap_or(false))
+    }
+    pub async fn set_require_approval_setting(&self, value: bool) -> StoreResult<bool> {
+        self.store
+            .set_require_approval_setting(self.owner, value)
+            .await
     }
     /// The strategy of the newer message that superseded the run, if one did.
     pub async fn run_superseded(&self, id: RunId) -> StoreResult<Option<MultitaskStrategy>> {

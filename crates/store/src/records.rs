@@ -205,6 +205,8 @@ pub struct RunSubmission<'a> {
     pub new_thread: Option<&'a ThreadRecord>,
     /// What to do if the thread already has unfinished runs (see [`SubmitOutcome`]).
     pub strategy: MultitaskStrategy,
+    /// Whether the run pauses for approval of its plan; `None`: the owner's setting.
+    pub require_approval: Option<bool>,
 }
 
 /// What [`crate::Runs::submit_run`] did.
@@ -216,8 +218,9 @@ pub enum SubmitOutcome {
     /// (`interrupt` or `rollback`) marked `superseded`: the caller stops each of them.
     /// They do not count against `max_unfinished`: they are ending.
     Superseding(Vec<RunRecord>),
-    /// Stored and claimed for [`RunSubmission::claim_by`]: the submitter starts it.
-    Claimed,
+    /// Stored and claimed for [`RunSubmission::claim_by`]: the submitter starts it
+    /// (pausing for approval of its plan if `approval_required`).
+    Claimed { approval_required: bool },
     /// The thread does not exist or is not the owner's.
     ThreadNotFound,
     /// The thread already has a queued or running run and the strategy is `reject`.
@@ -246,6 +249,8 @@ pub enum RegenerateOutcome {
     Stored {
         question: MessageRecord,
         claimed: bool,
+        /// The user's setting asks for approval of the plan.
+        approval_required: bool,
     },
     /// The thread does not exist or is not the owner's.
     ThreadNotFound,
@@ -270,6 +275,22 @@ pub struct QueueEntry {
     pub attempts: u32,
     /// The instance that claimed it.
     pub instance: Option<String>,
+    /// Whether it pauses for approval of its plan, and where that stands.
+    pub approval: RunApproval,
+}
+
+/// A run's approval of its action plan, as stored (see migration 0009). The store keeps
+/// the JSON the server gives it and does not look inside.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunApproval {
+    /// The run pauses after its actions agent.
+    pub required: bool,
+    /// Set when it pauses: the request for approval and what the run had produced.
+    pub pending: Option<Value>,
+    /// Unanswered by then, the run ends `timed_out`.
+    pub expires_at_ms: Option<i64>,
+    /// The user's answer; a run that has one continues from `pending`.
+    pub decision: Option<Value>,
 }
 
 /// Totals of a user's usage rows that share a provider, model and workload.

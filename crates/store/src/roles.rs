@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
     CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RedeemedTicket,
-    RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunAftermath, RunRecord,
+    RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval, RunRecord,
     RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
     StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals,
     UserRecord,
@@ -82,6 +82,11 @@ pub trait Accounts: Send + Sync {
     /// Deletes expired tickets and refresh tokens, and sessions that ended or expired before
     /// `sessions_before_ms` (with their tokens). Returns how many rows went.
     async fn prune_sessions(&self, now_ms: i64, sessions_before_ms: i64) -> StoreResult<u64>;
+    /// Whether `user`'s runs wait for approval of their plan unless a message says
+    /// otherwise; `None` for an unknown user.
+    async fn require_approval_setting(&self, user: UserId) -> StoreResult<Option<bool>>;
+    /// Sets that default; `false` for an unknown user.
+    async fn set_require_approval_setting(&self, user: UserId, value: bool) -> StoreResult<bool>;
 }
 
 /// A user's threads and the messages in them; every method is filtered by `owner`.
@@ -212,6 +217,39 @@ pub trait Runs: Send + Sync {
     /// it (its messages, events and row) if a newer message rolled it back, and tells
     /// whether a queued run of its thread now waits for a dispatcher.
     async fn settle_ended_run(&self, owner: UserId, run: RunId) -> StoreResult<RunAftermath>;
+    /// `owner`'s run `run` with its approval state.
+    async fn run_approval(
+        &self,
+        owner: UserId,
+        run: RunId,
+    ) -> StoreResult<Option<(RunRecord, RunApproval)>>;
+    /// Records the request for approval of a run that `instance` executes (still
+    /// `running`): `pending` and its expiry. `false` if the run is no longer this
+    /// instance's, or already has one.
+    async fn request_approval(
+        &self,
+        run: RunId,
+        instance: &str,
+        pending: &Value,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Parks a run `instance` executes, whose request for approval is recorded and not
+    /// yet answered: status `awaiting_approval`, no instance, no heartbeat. `false` if it
+    /// was answered meanwhile (the caller continues it) or is no longer this instance's.
+    async fn park_for_approval(&self, run: RunId, instance: &str) -> StoreResult<bool>;
+    /// Records `owner`'s answer to the unanswered, unexpired request for approval of
+    /// `run`: a parked run goes back to the queue (first attempt again), one still
+    /// parking keeps going on its instance. `false` if there is no such request.
+    async fn decide_approval(
+        &self,
+        owner: UserId,
+        run: RunId,
+        decision: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Ends every parked run whose request expired at or before `now_ms` with
+    /// `timed_out` and `error`, and returns them; concurrent callers never both get one.
+    async fn expire_approvals(&self, now_ms: i64, error: &str) -> StoreResult<Vec<QueueEntry>>;
 }
 
 /// How processes wake each other's queue dispatchers: a submitting instance announces

@@ -23,7 +23,7 @@ use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
     parse_json_column, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
-    RegenerateOutcome, RegenerateSubmission, RunAftermath, RunRecord, RunSubmission,
+    RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission,
     SessionEndReason, SessionRecord, StoreError, StoreResult, StoredEvent,
     SubmitOutcome, ThreadRecord, TicketRecord, UserRecord,
 };
@@ -175,7 +175,8 @@ const RUN_COLUMNS: &str =
 /// A run's columns plus what the queue needs to execute it again (`attempts` is an INTEGER,
 /// 32 bits on PostgreSQL, 64 on SQLite: read as 64 on both).
 const QUEUE_COLUMNS: &str = "user_id, input, request_id, CAST(attempts AS BIGINT) AS attempts, \
-     instance_id, \
+     instance_id, CAST(approval_required AS BIGINT) AS approval_required, approval, \
+     approval_expires_at, approval_decision, \
      id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
 
 fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
@@ -188,21 +189,49 @@ fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
         // Out of range only if corrupt: such a run counts as out of attempts.
         attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
         instance: row.try_get("instance_id")?,
+        approval: approval_from_row(row)?,
     })
+}
+
+fn approval_from_row(row: &DbRow) -> StoreResult<RunApproval> {
+    let required: i64 = row.try_get("approval_required")?;
+    let json = |column: &str| -> StoreResult<Option<Value>> {
+        let raw: Option<String> = row.try_get(column)?;
+        raw.as_deref().map(parse_json_column).transpose()
+    };
+    Ok(RunApproval {
+        required: required != 0,
+        pending: json("approval")?,
+        expires_at_ms: row.try_get("approval_expires_at")?,
+        decision: json("approval_decision")?,
+    })
+}
+
+/// The statuses of an unfinished run: queued, executing, or parked for its user's approval
+/// (which holds no instance but still holds its thread). The partial index
+/// `runs_thread_unfinished` has the same list (migration 0009).
+macro_rules! unfinished {
+    () => {
+        "('queued', 'running', 'awaiting_approval')"
+    };
 }
 
 /// The condition (on the queued run `q`) that no earlier run of its thread is unfinished:
 /// a thread's runs execute one at a time, in the order they were submitted
-/// (`thread_position`, see migration 0007). A running run of the thread always holds the
-/// others back (whatever its position: a run from before the column existed has none).
+/// (`thread_position`, see migration 0007). A running (or parked) run of the thread always
+/// holds the others back (whatever its position: a run from before the column existed has
+/// none).
 /// Part of the claim itself, so it holds across instances: a run is never claimed while
 /// its predecessor is still queued or executing anywhere.
 macro_rules! free_to_start {
     () => {
-        "NOT EXISTS (SELECT 1 FROM runs e WHERE e.thread_id = q.thread_id AND e.id <> q.id \
-         AND e.status IN ('queued', 'running') \
-         AND (e.status = 'running' \
+        concat!(
+            "NOT EXISTS (SELECT 1 FROM runs e WHERE e.thread_id = q.thread_id AND e.id <> q.id \
+             AND e.status IN ",
+            unfinished!(),
+            " AND (e.status <> 'queued' \
               OR COALESCE(e.thread_position, 0) < COALESCE(q.thread_position, 0)))"
+        )
     };
 }
 
@@ -237,6 +266,27 @@ const FAIR_QUEUE: &str = concat!(
      WHERE q.status = 'queued' AND q.instance_id IS NULL AND ",
     free_to_start!()
 );
+
+/// A user's unfinished runs, and how many of them are on thread `$1` (user `$2`).
+const UNFINISHED_RUNS: &str = concat!(
+    "SELECT COUNT(*), \
+            CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
+     FROM runs WHERE user_id = $2 AND status IN ",
+    unfinished!()
+);
+
+/// A submitted run, queued or claimed, at the end of its thread's runs. Its place among
+/// them: submissions of one user are serialised (and a thread has one user), so positions
+/// are unique and in submission order. `$12` asks for approval of the plan; NULL takes the
+/// user's setting.
+const INSERT_QUEUED_RUN: &str =
+    "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
+                       instance_id, heartbeat_at, attempts, started_at, thread_position, \
+                       approval_required) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+             (SELECT COALESCE(MAX(thread_position), 0) + 1 FROM runs WHERE thread_id = $3), \
+             COALESCE($12, (SELECT require_approval FROM users WHERE id = $2))) \
+     RETURNING CAST(approval_required AS BIGINT)";
 
 const INSERT_THREAD: &str =
     "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
@@ -610,6 +660,23 @@ impl Accounts for Shell {
         tx.commit().await?;
         Ok(removed)
     }
+    async fn require_approval_setting(&self, user: UserId) -> StoreResult<Option<bool>> {
+        let value: Option<i64> = query_scalar(
+            "SELECT CAST(require_approval AS BIGINT) FROM users WHERE id = $1",
+        )
+        .bind(user.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        Ok(value.map(|v| v != 0))
+    }
+    async fn set_require_approval_setting(&self, user: UserId, value: bool) -> StoreResult<bool> {
+        let result = sqlx::query("UPDATE users SET require_approval = $1 WHERE id = $2")
+            .bind(i32::from(value))
+            .bind(user.to_string())
+            .execute(&self.writes)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
 }
 
 const SESSION_COLUMNS: &str =
@@ -795,8 +862,9 @@ impl Runs for Shell {
     ) -> StoreResult<Vec<RunRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE user_id = $1 \
-             AND (status IN ('queued', 'running') OR finished_at >= $2) \
-             ORDER BY created_at DESC, id LIMIT $3"
+             AND (status IN {} OR finished_at >= $2) \
+             ORDER BY created_at DESC, id LIMIT $3",
+            unfinished!()
         ))
         .bind(owner.to_string())
         .bind(finished_since_ms)
@@ -867,11 +935,7 @@ impl Runs for Shell {
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(SubmitOutcome::ThreadNotFound);
         }
-        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), \
-                    CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
-             FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
-        )
+        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(UNFINISHED_RUNS)
         .bind(run.thread_id.to_string())
         .bind(owner.to_string())
         .fetch_one(&mut *tx)
@@ -886,8 +950,9 @@ impl Runs for Shell {
         let superseded = if on_thread > 0 && strategy.ends_previous() {
             let rows = sqlx::query(&format!(
                 "UPDATE runs SET superseded = $1 \
-                 WHERE thread_id = $2 AND user_id = $3 AND status IN ('queued', 'running') \
-                 RETURNING {RUN_COLUMNS}"
+                 WHERE thread_id = $2 AND user_id = $3 AND status IN {} \
+                 RETURNING {RUN_COLUMNS}",
+                unfinished!()
             ))
             .bind(strategy.as_str())
             .bind(run.thread_id.to_string())
@@ -926,13 +991,7 @@ impl Runs for Shell {
         let claimed = claim_by.is_some();
         // The run's place among its thread's runs: submissions of one user are serialised
         // (and a thread has one user), so positions are unique and in submission order.
-        sqlx::query(
-            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
-                               instance_id, heartbeat_at, attempts, started_at, thread_position) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                     (SELECT COALESCE(MAX(thread_position), 0) + 1 FROM runs \
-                      WHERE thread_id = $3))",
-        )
+        let approval_required: i64 = query_scalar(INSERT_QUEUED_RUN)
         .bind(run.id.to_string())
         .bind(owner.to_string())
         .bind(run.thread_id.to_string())
@@ -944,11 +1003,14 @@ impl Runs for Shell {
         .bind(claimed.then_some(run.created_at_ms))
         .bind(i32::from(claimed))
         .bind(claimed.then_some(run.created_at_ms))
-        .execute(&mut *tx)
+        .bind(submission.require_approval.map(i32::from))
+        .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(if claimed {
-            SubmitOutcome::Claimed
+            SubmitOutcome::Claimed {
+                approval_required: approval_required != 0,
+            }
         } else if !superseded.is_empty() {
             SubmitOutcome::Superseding(superseded)
         } else {
@@ -981,11 +1043,7 @@ impl Runs for Shell {
         if touched.rows_affected() == 0 {
             return Ok(RegenerateOutcome::ThreadNotFound);
         }
-        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), \
-                    CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
-             FROM runs WHERE user_id = $2 AND status IN ('queued', 'running')",
-        )
+        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(UNFINISHED_RUNS)
         .bind(run.thread_id.to_string())
         .bind(owner.to_string())
         .fetch_one(&mut *tx)
@@ -1018,13 +1076,7 @@ impl Runs for Shell {
         let claimed = claim_by.is_some();
         // Its place among the thread's runs, as for a message (see `submit_run`): a message
         // sent while it runs queues behind it.
-        sqlx::query(
-            "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
-                               instance_id, heartbeat_at, attempts, started_at, thread_position) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                     (SELECT COALESCE(MAX(thread_position), 0) + 1 FROM runs \
-                      WHERE thread_id = $3))",
-        )
+        let approval_required: i64 = query_scalar(INSERT_QUEUED_RUN)
         .bind(run.id.to_string())
         .bind(owner.to_string())
         .bind(run.thread_id.to_string())
@@ -1036,7 +1088,9 @@ impl Runs for Shell {
         .bind(claimed.then_some(run.created_at_ms))
         .bind(i32::from(claimed))
         .bind(claimed.then_some(run.created_at_ms))
-        .execute(&mut *tx)
+        // A regeneration follows the user's setting.
+        .bind(None::<i32>)
+        .fetch_one(&mut *tx)
         .await?;
         // Answers superseded before keep the run that superseded them.
         sqlx::query(
@@ -1051,7 +1105,11 @@ impl Runs for Shell {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(RegenerateOutcome::Stored { question, claimed })
+        Ok(RegenerateOutcome::Stored {
+            question,
+            claimed,
+            approval_required: approval_required != 0,
+        })
     }
     async fn restore_superseded(&self, owner: UserId, run: RunId) -> StoreResult<u64> {
         let result = sqlx::query(
@@ -1102,7 +1160,8 @@ impl Runs for Shell {
     ) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE runs SET status = $1, error = $2, finished_at = $3 \
-             WHERE id = $4 AND user_id = $5 AND status = 'queued' AND instance_id IS NULL",
+             WHERE id = $4 AND user_id = $5 AND status IN ('queued', 'awaiting_approval') \
+             AND instance_id IS NULL",
         )
         .bind(status.as_str())
         .bind(error)
@@ -1177,7 +1236,8 @@ impl Runs for Shell {
         // a write transaction would queue behind the one writer for nothing.
         let row = sqlx::query(&format!(
             "SELECT {RUN_COLUMNS}, superseded FROM runs WHERE id = $1 AND user_id = $2 \
-             AND status NOT IN ('queued', 'running')"
+             AND status NOT IN {}",
+            unfinished!()
         ))
         .bind(run.to_string())
         .bind(owner.to_string())
@@ -1216,6 +1276,93 @@ impl Runs for Shell {
             removed,
             successor_waiting,
         })
+    }
+    async fn run_approval(
+        &self,
+        owner: UserId,
+        run: RunId,
+    ) -> StoreResult<Option<(RunRecord, RunApproval)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {QUEUE_COLUMNS} FROM runs WHERE id = $1 AND user_id = $2"
+        ))
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref()
+            .map(|row| Ok((run_from_row(row)?, approval_from_row(row)?)))
+            .transpose()
+    }
+    async fn request_approval(
+        &self,
+        run: RunId,
+        instance: &str,
+        pending: &Value,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET approval = $1, approval_expires_at = $2 \
+             WHERE id = $3 AND status = 'running' AND instance_id = $4 AND approval IS NULL",
+        )
+        .bind(pending.to_string())
+        .bind(expires_at_ms)
+        .bind(run.to_string())
+        .bind(instance)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn park_for_approval(&self, run: RunId, instance: &str) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE runs SET status = 'awaiting_approval', instance_id = NULL, \
+                 heartbeat_at = NULL \
+             WHERE id = $1 AND status = 'running' AND instance_id = $2 \
+             AND approval IS NOT NULL AND approval_decision IS NULL",
+        )
+        .bind(run.to_string())
+        .bind(instance)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn decide_approval(
+        &self,
+        owner: UserId,
+        run: RunId,
+        decision: &Value,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        // Every SET expression reads the row as it was: a parked run is queued again, as a
+        // first attempt (its start after the pause is no retry); a run still parking (on
+        // its instance, between recording the request and parking) only gets the answer,
+        // which its instance reads when it tries to park.
+        let result = sqlx::query(
+            "UPDATE runs SET approval_decision = $1, \
+                 status = CASE WHEN status = 'awaiting_approval' THEN 'queued' ELSE status END, \
+                 attempts = CASE WHEN status = 'awaiting_approval' THEN 0 ELSE attempts END \
+             WHERE id = $2 AND user_id = $3 AND status IN ('running', 'awaiting_approval') \
+             AND approval IS NOT NULL AND approval_decision IS NULL \
+             AND approval_expires_at > $4",
+        )
+        .bind(decision.to_string())
+        .bind(run.to_string())
+        .bind(owner.to_string())
+        .bind(now_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn expire_approvals(&self, now_ms: i64, error: &str) -> StoreResult<Vec<QueueEntry>> {
+        let rows = sqlx::query(&format!(
+            "UPDATE runs SET status = 'timed_out', error = $1, finished_at = $2 \
+             WHERE status = 'awaiting_approval' AND approval_expires_at <= $2 \
+             RETURNING {QUEUE_COLUMNS}"
+        ))
+        .bind(error)
+        .bind(now_ms)
+        .fetch_all(&self.writes)
+        .await?;
+        decode_all(&rows, queue_entry_from_row)
     }
 }
 

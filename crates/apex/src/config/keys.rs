@@ -483,4 +483,13 @@ pub(super) static KEYS: &[Key] = &[
          (`THREAD_BUSY`).",
     )
     .flag("default-multitask-strategy", "STRATEGY"),
+    key(
+        "approval_timeout_ms",
+        "runs.approval_timeout_ms",
+        "APEX_APPROVAL_TIMEOUT_MS",
+        "How long a run that asked its user to approve its plan waits for the answer (ms, \
+         default one day); unanswered by then, it ends `timed_out`. A waiting run holds no \
+         execution slot.",
+    )
+    .flag("approval-timeout-ms", "MS"),
 ];

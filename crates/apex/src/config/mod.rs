@@ -179,6 +179,8 @@ struct Runs {
     max_attempts: Int<1, 10>,
     shutdown_grace_ms: Int<0, 3_600_000>,
     default_multitask_strategy: MultitaskChoice,
+    /// One second to 30 days.
+    approval_timeout_ms: Int<1_000, 2_592_000_000>,
 }
 
 impl Default for Runs {
@@ -189,6 +191,7 @@ impl Default for Runs {
             max_attempts: Int::new(2),
             shutdown_grace_ms: Int::new(10_000),
             default_multitask_strategy: MultitaskChoice::Enqueue,
+            approval_timeout_ms: Int::new(24 * 3600 * 1000),
         }
     }
 }
@@ -410,6 +413,7 @@ impl Config {
             MultitaskChoice::Rollback => MultitaskStrategy::Rollback,
             MultitaskChoice::Reject => MultitaskStrategy::Reject,
         };
+        settings.approval_timeout = runs.approval_timeout_ms.millis();
         settings.llm_provider = match llm.provider {
             LlmProvider::Local => LlmProviderKind::Local,
             LlmProvider::Template => LlmProviderKind::Template,

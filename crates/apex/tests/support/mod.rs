@@ -10,15 +10,11 @@ use std::process::{Child, Command, Stdio};
 pub fn serve_command(data_dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
     command
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--llm-provider",
-            "template",
-        ])
+        .args(["serve", "--bind", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data_dir)
+        // A variable, not a flag, so that a test may still pass `--llm-provider`.
+        .env("APEX_LLM_PROVIDER", "template")
         .env("APEX_LOG", "warn")
         .stdout(Stdio::piped());
     command

@@ -14,7 +14,7 @@ pub const MAX_TURNS: usize = 6;
 pub const MAX_CHARS: usize = 3_000;
 
 /// One earlier message of the thread.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Turn {
     /// `user` or `assistant`.
     pub role: String,

@@ -121,8 +121,9 @@ pub struct ActionStep {
     pub expected_monthly_savings_usd: f64,
 }
 
-/// Results passed down the pipeline, one field per agent.
-#[derive(Debug, Clone, Default)]
+/// Results passed down the pipeline, one field per agent. Serializable: a run that pauses
+/// for approval of its plan stores it, and continues from it (see `run::approval`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunState {
     pub request: String,
     /// The thread's earlier turns, oldest first (bounded; see [`conversation`]).

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use apex_protocol::approval::UserSettings;
 use apex_protocol::auth::{
     LoginRequest, RefreshRequest, RegisterRequest, SessionInfo, TicketRequest, TicketResponse,
     TokenPair, UserInfo,
@@ -286,6 +287,63 @@ pub async fn me(
     AuthUser(user): AuthUser,
 ) -> Result<Json<UserInfo>, ApiError> {
     Ok(Json(state.auth.user_info(&user).await?))
+}
+
+/// The caller's settings.
+#[utoipa::path(
+    get,
+    path = "/api/settings",
+    operation_id = "get_settings",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    responses(
+        (status = 200, description = "The caller's settings", body = UserSettings),
+        (status = 401, response = Unauthenticated),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn settings(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<UserSettings>, ApiError> {
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    Ok(Json(UserSettings {
+        require_approval: store.require_approval_setting().await?,
+    }))
+}
+
+/// Replaces the caller's settings; answers them as stored.
+#[utoipa::path(
+    put,
+    path = "/api/settings",
+    operation_id = "update_settings",
+    tag = "auth",
+    security(("bearer_jwt" = [])),
+    request_body = UserSettings,
+    responses(
+        (status = 200, description = "The caller's settings, as stored", body = UserSettings),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn update_settings(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiJson(body): ApiJson<UserSettings>,
+) -> Result<Json<UserSettings>, ApiError> {
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    if !store
+        .set_require_approval_setting(body.require_approval)
+        .await?
+    {
+        // The account is gone while its token still verified: nothing to set.
+        return Err(ApiError::not_found("user"));
+    }
+    Ok(Json(body))
 }
 
 /// Issues a short-lived ticket for `GET /ws?ticket=...`, so the JWT never appears in a URL.

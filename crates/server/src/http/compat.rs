@@ -26,6 +26,7 @@ use crate::auth::{bearer_token, is_dev_account, AuthError};
 use crate::error::ApiError;
 use crate::ids::RequestId;
 use crate::limits::Throttled;
+use crate::run::Steering;
 use crate::state::AppState;
 
 /// Body of `POST /auth/validate-token-and-get-user` (optional: the Bearer header works too).
@@ -279,7 +280,10 @@ pub async fn agent_v2_execute(
             &user,
             thread,
             &body.message,
-            Some(MultitaskStrategy::Reject),
+            Steering {
+                multitask_strategy: Some(MultitaskStrategy::Reject),
+                ..Steering::unattended()
+            },
             RequestId::generate(),
         )
         .await?;

@@ -64,6 +64,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::regenerate))
         .routes(routes!(runs::get_one))
         .routes(routes!(runs::cancel))
+        .routes(routes!(runs::approval))
+        .routes(routes!(auth::settings, auth::update_settings))
         .routes(routes!(runs::events))
         .routes(
             routes!(usage::import).layer(axum::extract::DefaultBodyLimit::max(

@@ -42,6 +42,7 @@ use crate::error::ApiError;
 use crate::events::follow::{follow_run, RunEvent};
 use crate::ids::RequestId;
 use crate::llm::{ChatMessage, LlmRequest, TokenUsage};
+use crate::run::Steering;
 use crate::state::AppState;
 use crate::usage::llm_calls::{self, LlmCall};
 use crate::user_store::UserStore;
@@ -234,7 +235,14 @@ async fn pipeline(
     let started = state
         .runs
         // Always a new thread: no earlier run to double-text.
-        .submit(&user, None, &question, None, RequestId::generate())
+        .submit(
+            &user,
+            None,
+            &question,
+            // A completion cannot answer a request for approval.
+            Steering::unattended(),
+            RequestId::generate(),
+        )
         .await?;
     let run = store
         .get_run(started.run_id)

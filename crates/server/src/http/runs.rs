@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use apex_protocol::approval::{ApprovalAccepted, ApprovalRequest};
 use apex_protocol::error::{codes, ErrorBody};
 use apex_protocol::events::AgentEvent;
 use apex_protocol::threads::{Run, RunAccepted, RunEventsPage, RunStatus, StartRunRequest};
@@ -24,7 +25,8 @@ use crate::clock::ms_to_rfc3339;
 use crate::error::ApiError;
 use crate::events::log;
 use crate::ids::{RequestId, RunId};
-use crate::run::StopOutcome;
+use crate::run::approval::pending_view;
+use crate::run::{Steering, StopOutcome};
 use crate::state::AppState;
 use crate::user_store::UserStore;
 
@@ -71,7 +73,10 @@ pub async fn start(
             &user,
             Some(thread),
             &body.message,
-            body.multitask_strategy,
+            Steering {
+                multitask_strategy: body.multitask_strategy,
+                require_approval: body.require_approval,
+            },
             RequestId::generate(),
         )
         .await?;
@@ -147,11 +152,12 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Run>, ApiError> {
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let run = store
-        .get_run(run_id(&id)?)
+    let (run, approval) = store
+        .run_approval(run_id(&id)?)
         .await?
         .ok_or_else(|| ApiError::not_found("run"))?;
     Ok(Json(Run {
+        approval: pending_view(&approval),
         id: run.id.to_string(),
         thread_id: run.thread_id.to_string(),
         status: run.status,
@@ -161,6 +167,40 @@ pub async fn get_one(
         error: run.error,
         last_seq: run.last_seq,
     }))
+}
+
+/// Answers a run's request for approval of its plan (`approval_required` event): approve
+/// it, carry out an edited plan (some of the proposed steps, possibly reordered), or
+/// reject it. The run continues (or, rejected, ends `completed`) on whichever instance has
+/// room. Sending the same answer again changes nothing and is accepted again.
+#[utoipa::path(
+    post,
+    path = "/api/runs/{id}/approval",
+    operation_id = "answer_approval",
+    tag = "runs",
+    security(("bearer_jwt" = [])),
+    params(("id" = String, Path, description = "Run id")),
+    request_body = ApprovalRequest,
+    responses(
+        (status = 202, description = "The answer is stored", body = ApprovalAccepted),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The run is not waiting for this approval (code: `approval_not_pending`), it was answered otherwise (`approval_already_decided`), or the request expired (`approval_expired`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn approval(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ApprovalRequest>,
+) -> Result<(StatusCode, Json<ApprovalAccepted>), ApiError> {
+    let accepted = state.runs.decide(&user, run_id(&id)?, &body).await?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
 /// Asks a running run to stop; it ends with a `cancelled` terminal event.

@@ -25,8 +25,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::approval::Resumption;
 use super::ending::interrupt_run;
-use super::execute::{execute, Execution, HandBack};
+use super::execute::{execute, Execution, HandBack, Parking};
 use super::registry::RunReservation;
 use super::Runs;
 use crate::agents::AgentInstanceFactory;
@@ -130,10 +131,19 @@ impl Runs {
             input,
             request_id,
             attempts,
+            approval,
             ..
         } = entry;
-        let Some(input) = input else {
-            // Stored before the queue kept the message with its run: it cannot be run.
+        let resumption = match Resumption::of(&approval) {
+            Ok(resumption) => Some(resumption),
+            Err(err) => {
+                tracing::error!(run_id = %run.id, error = %err, "the run's approval state is unreadable");
+                None
+            }
+        };
+        let (Some(input), Some(resumption)) = (input, resumption) else {
+            // Stored before the queue kept the message with its run, or with an approval
+            // state that cannot be read: it cannot be run.
             if let Err(err) =
                 interrupt_run(&shared.infra.store, &shared.infra.bus, owner, &run).await
             {
@@ -171,6 +181,12 @@ impl Runs {
                 instance: shared.instance_id.clone(),
             }),
             wake: Arc::clone(&shared.wake),
+            resumption,
+            parking: Parking {
+                store: Arc::clone(&shared.infra.store),
+                instance: shared.instance_id.clone(),
+                timeout: shared.settings.approval_timeout,
+            },
         };
         crate::telemetry::run_started();
         let span = tracing::info_span!("run", run_id = %run.id, %request_id, attempt = attempts);

@@ -7,7 +7,7 @@
 //! not complete, its stored status, then exactly one terminal event, which is last.
 //!
 //! A stop reaches the run wherever it is: executing here (its cancellation token, through
-//! the registry, which checks the owner), still queued (ended in the database, unless an
+//! the registry, which checks the owner), still queued or parked for approval (ended in the database, unless an
 //! instance claims it first), or executing on another instance (checked against the store,
 //! then sent over the bus; that instance's registry checks the owner again).
 //!
@@ -59,7 +59,7 @@ pub(super) struct Ending {
 
 impl Ending {
     /// A run that ended without its agents having produced anything.
-    fn bare(status: RunStatus, code: &str, message: &str) -> Self {
+    pub(super) fn bare(status: RunStatus, code: &str, message: &str) -> Self {
         Self {
             status,
             error: Some((code.into(), message.into())),
@@ -152,7 +152,7 @@ pub(super) async fn end_run(
 /// A run that ends without an answer leaves the answers it was to replace current (see
 /// [`super::regenerate`]); before the terminal event, so a client reloading the thread
 /// on it sees them so. Best effort: a failure only leaves them marked superseded.
-async fn restore_superseded(store: &UserStore, run_id: RunId) {
+pub(super) async fn restore_superseded(store: &UserStore, run_id: RunId) {
     if let Err(err) = store.restore_superseded(run_id).await {
         tracing::error!(%run_id, error = %err, "could not restore the answers a run was to replace");
     }
@@ -285,12 +285,15 @@ impl Runs {
             Some(record) if record.status.is_terminal() => {
                 StopOutcome::AlreadyFinished(record.status)
             }
-            // Still waiting in the queue: end it there, unless an instance claims it first.
+            // Still waiting in the queue, or parked for approval of its plan: end it there,
+            // unless an instance claims it first.
             Some(record)
-                if record.status == RunStatus::Queued
-                    && self
-                        .end_unclaimed_run(user.user_id(), &record, reason)
-                        .await? =>
+                if matches!(
+                    record.status,
+                    RunStatus::Queued | RunStatus::AwaitingApproval
+                ) && self
+                    .end_unclaimed_run(user.user_id(), &record, reason)
+                    .await? =>
             {
                 StopOutcome::Stopping
             }
@@ -309,7 +312,7 @@ impl Runs {
         })
     }
 
-    /// Stops a run that is still queued and unclaimed: status `cancelled`, then its error
+    /// Stops a run that is still queued and unclaimed (or parked for approval): status `cancelled`, then its error
     /// and terminal events, as if the supervisor had stopped it. `false` if an instance
     /// claimed it (or it finished) in the meantime.
     async fn end_unclaimed_run(

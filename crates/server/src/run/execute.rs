@@ -14,6 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use apex_protocol::approval::ApprovalDecision;
 use apex_protocol::error::agent_codes;
 use apex_protocol::events::{EventBody, SUPERVISOR};
 use apex_protocol::threads::RunStatus;
@@ -22,6 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::approval::{apply, park, worth_approving, Checkpoint, Parked, Resumption, PAUSE_AFTER};
 use super::ending::{end_run, settle, Ending, StatusWrite, StopReason};
 use super::registry::RunSlot;
 use crate::agents::reporting::build_report;
@@ -46,6 +48,28 @@ pub(super) struct Execution {
     /// This process's dispatcher, woken when the run's end frees a run of its thread that
     /// was queued behind it (double-texting with `enqueue`, `interrupt`, `rollback`).
     pub wake: Arc<Notify>,
+    /// Whether the run parks for approval of its plan, or continues after it.
+    pub resumption: Resumption,
+    /// Where a run parks (see [`super::approval`]).
+    pub parking: Parking,
+}
+
+/// What parking a run for approval needs besides its context.
+pub(super) struct Parking {
+    /// The queue's view of the store: parking is a change of the run's claim.
+    pub store: Arc<dyn Store>,
+    /// This instance, which holds the run's claim.
+    pub instance: String,
+    /// How long the user has to answer.
+    pub timeout: std::time::Duration,
+}
+
+/// How the pipeline stopped when it did not fail.
+enum Stopped {
+    /// Every agent ran.
+    Completed,
+    /// Parked for approval of the plan; the run goes on after its user's answer.
+    Parked,
 }
 
 /// Returning an interrupted run to the queue so that another instance runs it again.
@@ -57,6 +81,7 @@ pub(super) struct HandBack {
 
 enum Outcome {
     Completed,
+    Parked,
     AgentTimedOut(&'static str),
     Failed(String, String),
     /// Stopped: by its user, or by a newer message on its thread.
@@ -80,6 +105,8 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
         max_attempts,
         hand_back,
         wake,
+        resumption,
+        parking,
     } = run;
     let started = Instant::now();
     let run_id = cx.ctx.run_id();
@@ -88,10 +115,12 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
         request,
         ..RunState::default()
     };
+    // The report's `approval` section, once the plan is answered.
+    let mut approval_section = None;
 
     let outcome = {
         let pipeline = AssertUnwindSafe(async {
-            if attempt > 1 {
+            if attempt > 1 && matches!(resumption, Resumption::Fresh { .. }) {
                 cx.emitter
                     .emit(
                         SUPERVISOR,
@@ -106,15 +135,65 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
                     )
                     .await?;
             }
-            cx.emitter
-                .emit(
-                    SUPERVISOR,
-                    EventBody::AgentStarted {
-                        message: "Working on your request".into(),
-                    },
-                )
+            // The agents up to the pause, and the ones after it.
+            let split = agents
+                .iter()
+                .position(|agent| agent.name() == PAUSE_AFTER)
+                .map_or(agents.len(), |i| i + 1);
+            let (before, after) = agents.split_at(split);
+            let decision = match resumption {
+                Resumption::Fresh { pause } => {
+                    cx.emitter
+                        .emit(
+                            SUPERVISOR,
+                            EventBody::AgentStarted {
+                                message: "Working on your request".into(),
+                            },
+                        )
+                        .await?;
+                    run_pipeline(&cx, before, &mut state).await?;
+                    if pause && worth_approving(&state.plan) {
+                        let checkpoint = Checkpoint::new(&state, parking.timeout);
+                        match park(&cx, &parking, checkpoint, false).await? {
+                            Parked::Waiting => return Ok(Stopped::Parked),
+                            Parked::Answered(decision) => Some(decision),
+                        }
+                    } else {
+                        if pause {
+                            cx.think(
+                                SUPERVISOR,
+                                "The plan changes nothing, so there is nothing to approve",
+                                0,
+                                0,
+                            )
+                            .await?;
+                        }
+                        None
+                    }
+                }
+                Resumption::Repark(checkpoint) => {
+                    state = checkpoint.state.clone();
+                    match park(&cx, &parking, checkpoint, true).await? {
+                        Parked::Waiting => return Ok(Stopped::Parked),
+                        Parked::Answered(decision) => Some(decision),
+                    }
+                }
+                Resumption::Decided(checkpoint, decision) => {
+                    state = checkpoint.state;
+                    Some(decision)
+                }
+            };
+            let Some(decision) = decision else {
+                run_pipeline(&cx, after, &mut state).await?;
+                return Ok(Stopped::Completed);
+            };
+            approval_section = Some(apply(&decision, &mut state));
+            cx.think(SUPERVISOR, continuing_note(&decision, &state), 0, 0)
                 .await?;
-            run_pipeline(&cx, &agents, &mut state).await
+            if decision.decision != ApprovalDecision::Reject {
+                run_pipeline(&cx, after, &mut state).await?;
+            }
+            Ok(Stopped::Completed)
         })
         .catch_unwind();
         tokio::select! {
@@ -123,7 +202,8 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
             _ = shutdown.cancelled() => Outcome::Interrupted,
             _ = tokio::time::sleep_until(cx.ctx.deadline().into()) => Outcome::TimedOut,
             result = pipeline => match result {
-                Ok(Ok(())) => Outcome::Completed,
+                Ok(Ok(Stopped::Completed)) => Outcome::Completed,
+                Ok(Ok(Stopped::Parked)) => Outcome::Parked,
                 Ok(Err(AgentError::Cancelled | AgentError::Llm(crate::llm::LlmError::Cancelled))) => Outcome::Cancelled(StopReason::User),
                 Ok(Err(AgentError::TimedOut(agent))) => Outcome::AgentTimedOut(agent),
                 Ok(Err(err)) => Outcome::Failed(err.code().into(), err.client_message()),
@@ -134,6 +214,20 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
             },
         }
     };
+    if matches!(outcome, Outcome::Parked) {
+        // The LLM requests before the pause were made; the slot is free for other runs.
+        cx.flush_llm_usage().await;
+        drop(slot);
+        tracing::info!(%run_id, "run parked until its plan is answered");
+        return RunStatus::AwaitingApproval;
+    }
+    if let Some(section) = approval_section {
+        let mut report = state.report.take().unwrap_or_else(|| build_report(&state));
+        if let Value::Object(fields) = &mut report {
+            fields.insert("approval".into(), section);
+        }
+        state.report = Some(report);
+    }
     if matches!(outcome, Outcome::Interrupted) && attempt < max_attempts {
         if let Some(hand_back) = &hand_back {
             if handed_back(&cx, hand_back, started).await {
@@ -151,6 +245,18 @@ pub(super) async fn execute(run: Execution) -> RunStatus {
         wake.notify_one();
     }
     status
+}
+
+/// What the supervisor says as a run continues after its user answered the plan.
+fn continuing_note(decision: &super::approval::StoredDecision, state: &RunState) -> String {
+    match decision.decision {
+        ApprovalDecision::Approve => "You approved the plan; writing the report".into(),
+        ApprovalDecision::Edit => format!(
+            "You edited the plan to {} step(s); writing the report for those",
+            state.plan.len()
+        ),
+        ApprovalDecision::Reject => "You rejected the plan; nothing will be carried out".into(),
+    }
 }
 
 /// At shutdown with several instances: returns the run to the queue (this instance still
@@ -186,6 +292,8 @@ async fn handed_back(cx: &AgentContext, hand_back: &HandBack, started: Instant) 
 fn status_of(outcome: Outcome) -> (RunStatus, Option<(String, String)>) {
     match outcome {
         Outcome::Completed => (RunStatus::Completed, None),
+        // Returned before the run is finished (see `execute`); never ends a run.
+        Outcome::Parked => (RunStatus::AwaitingApproval, None),
         Outcome::AgentTimedOut(agent) => (
             RunStatus::TimedOut,
             Some((

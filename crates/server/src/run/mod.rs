@@ -14,6 +14,9 @@
 //!   refuse); a thread's runs execute one at a time, in order, which the claim enforces.
 //! - [`regenerate`]: a new run for a thread's last message, the earlier answers kept and
 //!   marked superseded.
+//! - [`approval`]: a run that asked for approval of its plan parks after the actions
+//!   agent (`awaiting_approval`, holding no slot); the user's answer queues it again and
+//!   it continues from what it stored, on any instance; unanswered, it expires.
 //! - [`registry`]: the runs executing in this process (owner and cancellation token per
 //!   run) and the places held for runs being submitted here.
 //! - [`dispatch`]: each instance's dispatcher claims queued runs while it has room and
@@ -31,6 +34,7 @@
 //! [`Runs`] is the cheap `Clone` handle all of this hangs off (in the spirit of
 //! mini-redis's `Db`): it holds exactly what runs need and nothing per user.
 
+pub mod approval;
 pub mod cluster;
 mod dispatch;
 pub mod ending;
@@ -52,9 +56,10 @@ use crate::lifecycle::Lifecycle;
 use crate::limits::Limits;
 use crate::settings::Settings;
 
+pub use approval::ApprovalError;
 pub use ending::StopOutcome;
 pub use registry::ActiveRuns;
-pub use submit::SubmitError;
+pub use submit::{Steering, SubmitError};
 
 /// The settings runs are executed under (copied out of [`Settings`] once).
 #[derive(Debug, Clone)]
@@ -79,6 +84,8 @@ pub struct RunSettings {
     pub several_instances: bool,
     /// The strategy of a message that names none (see [`submit`]).
     pub default_multitask_strategy: MultitaskStrategy,
+    /// How long a run waits for approval of its plan (see [`approval`]).
+    pub approval_timeout: Duration,
 }
 
 impl RunSettings {
@@ -93,6 +100,7 @@ impl RunSettings {
             instance_stale_after: settings.instance_stale_after,
             several_instances: settings.bus_url.is_some(),
             default_multitask_strategy: settings.default_multitask_strategy,
+            approval_timeout: settings.approval_timeout,
         }
     }
 }

@@ -16,7 +16,7 @@ use super::Runs;
 use crate::auth::AuthenticatedUser;
 use crate::clock::now_ms;
 use crate::ids::{RequestId, RunId, ThreadId};
-use crate::store::{QueueEntry, RegenerateOutcome, RegenerateSubmission, RunRecord};
+use crate::store::{RegenerateOutcome, RegenerateSubmission, RunRecord};
 use crate::user_store::UserStore;
 
 /// What the user is told when the thread has nothing to answer again.
@@ -67,8 +67,13 @@ impl Runs {
             max_unfinished,
             claim_by: reservation.as_ref().map(|_| shared.instance_id.as_str()),
         };
-        let (question, claimed) = match store.regenerate_run(&submission).await? {
-            RegenerateOutcome::Stored { question, claimed } => (question, claimed),
+        let (question, claimed, approval_required) = match store.regenerate_run(&submission).await?
+        {
+            RegenerateOutcome::Stored {
+                question,
+                claimed,
+                approval_required,
+            } => (question, claimed, approval_required),
             RegenerateOutcome::ThreadNotFound => return Err(SubmitError::ThreadNotFound),
             RegenerateOutcome::NoQuestion => {
                 return Err(SubmitError::InvalidMessage(NO_QUESTION.into()))
@@ -82,25 +87,15 @@ impl Runs {
                 return Err(SubmitError::TooManyRuns(max_unfinished));
             }
         };
-        crate::telemetry::run_queued();
-        match reservation.filter(|_| claimed) {
-            Some(reservation) => {
-                let entry = QueueEntry {
-                    owner: user.user_id(),
-                    run: RunRecord {
-                        status: RunStatus::Running,
-                        started_at_ms: Some(now),
-                        ..run
-                    },
-                    input: Some(question.content.clone()),
-                    request_id: Some(request),
-                    attempts: 1,
-                    instance: Some(shared.instance_id.clone()),
-                };
-                self.start(entry, Some(reservation)).await;
-            }
-            None => self.wake_dispatcher(),
-        }
+        self.launch(
+            user,
+            run,
+            &question.content,
+            request,
+            reservation.filter(|_| claimed),
+            approval_required,
+        )
+        .await;
         Ok(Submitted {
             run_id,
             thread_id: thread,

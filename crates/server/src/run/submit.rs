@@ -28,7 +28,8 @@ use crate::auth::AuthenticatedUser;
 use crate::clock::now_ms;
 use crate::ids::{MessageId, RequestId, RunId, ThreadId};
 use crate::store::{
-    MessageRecord, QueueEntry, RunRecord, RunSubmission, StoreError, SubmitOutcome, ThreadRecord,
+    MessageRecord, QueueEntry, RunApproval, RunRecord, RunSubmission, StoreError, SubmitOutcome,
+    ThreadRecord,
 };
 use crate::user_store::UserStore;
 
@@ -75,6 +76,27 @@ impl SubmitError {
     }
 }
 
+/// How a message steers its run (both optional; see the module docs and
+/// [`super::approval`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Steering {
+    /// What to do with the thread's unfinished run; `None`: the server's default.
+    pub multitask_strategy: Option<MultitaskStrategy>,
+    /// Park after the actions agent for approval of the plan; `None`: the user's setting.
+    pub require_approval: Option<bool>,
+}
+
+impl Steering {
+    /// For entry points that cannot answer a request for approval (the OpenAI-compatible
+    /// API, the original client's REST route): never parks, whatever the user's setting.
+    pub fn unattended() -> Self {
+        Self {
+            multitask_strategy: None,
+            require_approval: Some(false),
+        }
+    }
+}
+
 /// A run that was accepted.
 #[derive(Debug, Clone)]
 pub struct Submitted {
@@ -107,16 +129,18 @@ impl Runs {
     /// Stores `message` as the user's message in `thread` (which must be theirs; `None`
     /// creates one titled from the message) and queues a run answering it, within the
     /// user's limits: message rate, unfinished runs. If the thread's previous run is still
-    /// going, `strategy` (else the configured default) says what happens (module docs).
+    /// going, its strategy (else the configured default) says what happens (module docs).
     pub async fn submit(
         &self,
         user: &AuthenticatedUser,
         thread: Option<ThreadId>,
         message: &str,
-        strategy: Option<MultitaskStrategy>,
+        steering: Steering,
         request_id: RequestId,
     ) -> Result<Submitted, SubmitError> {
-        let strategy = strategy.unwrap_or(self.shared.settings.default_multitask_strategy);
+        let strategy = steering
+            .multitask_strategy
+            .unwrap_or(self.shared.settings.default_multitask_strategy);
         let text = validate_message(message).map_err(SubmitError::InvalidMessage)?;
         let shared = &self.shared;
         if shared.lifecycle.draining.is_cancelled() {
@@ -177,10 +201,19 @@ impl Runs {
             claim_by: reservation.as_ref().map(|_| shared.instance_id.as_str()),
             new_thread: new_thread.as_ref(),
             strategy,
+            require_approval: steering.require_approval,
         };
+        // Whether the run parks for approval matters here only if it starts here at once;
+        // a queued run's claim reads it from the store.
+        let mut approval_required = false;
         let claimed = match store.submit_run(&submission).await? {
             SubmitOutcome::Queued => false,
-            SubmitOutcome::Claimed => true,
+            SubmitOutcome::Claimed {
+                approval_required: required,
+            } => {
+                approval_required = required;
+                true
+            }
             SubmitOutcome::Superseding(previous) => {
                 // Stored: the new run waits in the queue until these have ended.
                 for run in &previous {
@@ -202,25 +235,15 @@ impl Runs {
                 return Err(SubmitError::TooManyRuns(max_unfinished));
             }
         };
-        crate::telemetry::run_queued();
-        match reservation.filter(|_| claimed) {
-            Some(reservation) => {
-                let entry = QueueEntry {
-                    owner: user.user_id(),
-                    run: RunRecord {
-                        status: RunStatus::Running,
-                        started_at_ms: Some(now),
-                        ..run
-                    },
-                    input: Some(message.content.clone()),
-                    request_id: Some(request),
-                    attempts: 1,
-                    instance: Some(shared.instance_id.clone()),
-                };
-                self.start(entry, Some(reservation)).await;
-            }
-            None => self.wake_dispatcher(),
-        }
+        self.launch(
+            user,
+            run,
+            &message.content,
+            request,
+            reservation.filter(|_| claimed),
+            approval_required,
+        )
+        .await;
         Ok(Submitted {
             run_id,
             thread_id: thread,
@@ -265,4 +288,44 @@ fn thread_for(text: &str) -> ThreadRecord {
 pub async fn unfinished_runs_of(store: &UserStore) -> Result<Vec<RunRecord>, StoreError> {
     // `finished_since` in the future: only unfinished runs qualify.
     store.recent_runs(i64::MAX, 1000).await
+}
+
+impl Runs {
+    /// A run just stored: started here at once when the submitting transaction claimed it
+    /// for this instance (`claimed` holds the slot reserved for it), else left to the
+    /// dispatcher, which is woken. Messages and regenerations both end here.
+    pub(super) async fn launch(
+        &self,
+        user: &AuthenticatedUser,
+        run: RunRecord,
+        input: &str,
+        request: String,
+        claimed: Option<super::registry::RunReservation>,
+        approval_required: bool,
+    ) {
+        crate::telemetry::run_queued();
+        match claimed {
+            Some(reservation) => {
+                let entry = QueueEntry {
+                    owner: user.user_id(),
+                    run: RunRecord {
+                        status: RunStatus::Running,
+                        // As the claiming transaction stored it.
+                        started_at_ms: Some(run.created_at_ms),
+                        ..run
+                    },
+                    input: Some(input.to_string()),
+                    request_id: Some(request),
+                    attempts: 1,
+                    instance: Some(self.shared.instance_id.clone()),
+                    approval: RunApproval {
+                        required: approval_required,
+                        ..RunApproval::default()
+                    },
+                };
+                self.start(entry, Some(reservation)).await;
+            }
+            None => self.wake_dispatcher(),
+        }
+    }
 }

@@ -13,7 +13,7 @@ use apex_protocol::error::ErrorCode;
 use apex_protocol::ws::ControlFrame;
 
 use crate::clock::now_rfc3339;
-use crate::run::SubmitError;
+use crate::run::{ApprovalError, SubmitError};
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -84,6 +84,15 @@ impl From<SubmitError> for WsError {
                 message: SubmitError::RateLimited(wait).to_string(),
                 retry_after: Some(wait),
             },
+            other => WsError::refused(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<ApprovalError> for WsError {
+    fn from(err: ApprovalError) -> Self {
+        match err {
+            ApprovalError::Store(err) => err.into(),
             other => WsError::refused(other.code(), other.to_string()),
         }
     }

@@ -13,6 +13,14 @@ pub enum ClientFrame {
         /// As sent (checked by the handler); a non-string is kept as its JSON text, so it
         /// is refused rather than ignored.
         multitask_strategy: Option<String>,
+        /// As sent (checked by the handler: a non-boolean is refused).
+        require_approval: Option<Value>,
+    },
+    /// `approval`: the answer to a run's request for approval of its plan.
+    Approval {
+        run_id: Option<String>,
+        /// `approval_id`, `decision` and `plan` as sent (checked by the handler).
+        answer: Value,
     },
     StopRun {
         run_id: Option<String>,
@@ -87,11 +95,25 @@ pub fn parse(raw: &str) -> Result<ClientFrame, FrameError> {
             text: text(&frame, &["text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
             multitask_strategy: id_field(&frame, "multitask_strategy"),
+            require_approval: field(&frame, "require_approval").cloned(),
         },
         "start_agent" => ClientFrame::StartRun {
             text: text(&frame, &["user_request", "text", "content", "message"]),
             thread_id: id_field(&frame, "thread_id"),
             multitask_strategy: id_field(&frame, "multitask_strategy"),
+            require_approval: field(&frame, "require_approval").cloned(),
+        },
+        "approval" => ClientFrame::Approval {
+            run_id: id_field(&frame, "run_id"),
+            answer: {
+                let mut answer = serde_json::Map::new();
+                for name in ["approval_id", "decision", "plan"] {
+                    if let Some(value) = field(&frame, name) {
+                        answer.insert(name.into(), value.clone());
+                    }
+                }
+                Value::Object(answer)
+            },
         },
         "regenerate" => ClientFrame::Regenerate {
             thread_id: id_field(&frame, "thread_id"),
@@ -128,7 +150,8 @@ mod tests {
             ClientFrame::StartRun {
                 text: Some("hi".into()),
                 thread_id: Some("t".into()),
-                multitask_strategy: None
+                multitask_strategy: None,
+                require_approval: None
             }
         );
         assert_eq!(
@@ -136,7 +159,8 @@ mod tests {
             ClientFrame::StartRun {
                 text: Some("go".into()),
                 thread_id: None,
-                multitask_strategy: None
+                multitask_strategy: None,
+                require_approval: None
             }
         );
         assert_eq!(
@@ -166,7 +190,8 @@ mod tests {
             ClientFrame::StartRun {
                 text: None,
                 thread_id: None,
-                multitask_strategy: None
+                multitask_strategy: None,
+                require_approval: None
             }
         );
     }

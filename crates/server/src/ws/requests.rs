@@ -5,6 +5,7 @@
 //! Client frames name threads and runs only as things to look up under the connection's
 //! own user: a malformed id, someone else's id and a missing one get the same answer.
 
+use apex_protocol::approval::ApprovalRequest;
 use apex_protocol::error::ErrorCode;
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 use apex_protocol::ws::{ControlFrame, CLOSE_NORMAL};
@@ -15,7 +16,7 @@ use super::frames::{self, ClientFrame, FrameError};
 use crate::clock::now_rfc3339;
 use crate::events::log;
 use crate::ids::{RequestId, RunId, ThreadId};
-use crate::run::StopOutcome;
+use crate::run::{Steering, StopOutcome};
 use crate::views::message_view;
 
 type Handled = Result<(), WsError>;
@@ -55,7 +56,12 @@ impl Connection {
                 text,
                 thread_id,
                 multitask_strategy,
-            } => self.start(text, thread_id, multitask_strategy).await,
+                require_approval,
+            } => {
+                self.start(text, thread_id, multitask_strategy, require_approval)
+                    .await
+            }
+            ClientFrame::Approval { run_id, answer } => self.approval(run_id, answer).await,
             ClientFrame::StopRun { run_id } => self.stop(run_id).await,
             ClientFrame::Regenerate { thread_id } => self.regenerate(thread_id).await,
             ClientFrame::Resume { run_id, after_seq } => self.resume(run_id, after_seq).await,
@@ -94,6 +100,7 @@ impl Connection {
         text: Option<String>,
         thread_id: Option<String>,
         multitask_strategy: Option<String>,
+        require_approval: Option<serde_json::Value>,
     ) -> Handled {
         let text = text
             .ok_or_else(|| WsError::refused(ErrorCode::ValidationFailed, "a message needs text"))?;
@@ -106,6 +113,16 @@ impl Connection {
             })?),
             None => None,
         };
+        let require_approval = match require_approval {
+            None => None,
+            Some(serde_json::Value::Bool(value)) => Some(value),
+            Some(_) => {
+                return Err(WsError::refused(
+                    ErrorCode::ValidationFailed,
+                    "require_approval must be true or false",
+                ))
+            }
+        };
         let thread = match thread_id {
             Some(raw) => Some(ThreadId::parse(&raw).map_err(|_| thread_not_found())?),
             None => None,
@@ -113,7 +130,16 @@ impl Connection {
         let started = self
             .state
             .runs
-            .submit(&self.user, thread, &text, strategy, RequestId::generate())
+            .submit(
+                &self.user,
+                thread,
+                &text,
+                Steering {
+                    multitask_strategy: strategy,
+                    require_approval,
+                },
+                RequestId::generate(),
+            )
             .await?;
         if started.thread_created {
             self.send_control(&ControlFrame::ThreadCreated {
@@ -154,6 +180,33 @@ impl Connection {
             // A regenerate never waits behind another run of its thread (a busy thread is
             // refused); like every accepted run it starts queued.
             status: RunStatus::Queued,
+            timestamp: now_rfc3339(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The answer to a run's request for approval; `approval_accepted` once it is stored.
+    async fn approval(&mut self, run_id: Option<String>, answer: serde_json::Value) -> Handled {
+        let run = run_id
+            .as_deref()
+            .and_then(|raw| RunId::parse(raw).ok())
+            .ok_or_else(run_not_found)?;
+        let answer: ApprovalRequest = serde_json::from_value(answer).map_err(|e| {
+            WsError::refused(
+                ErrorCode::ValidationFailed,
+                format!(
+                    "an approval needs approval_id, decision (approve, edit or reject) and, \
+                     to edit, plan: {e}"
+                ),
+            )
+        })?;
+        let accepted = self.state.runs.decide(&self.user, run, &answer).await?;
+        self.send_control(&ControlFrame::ApprovalAccepted {
+            run_id: accepted.run_id,
+            approval_id: accepted.approval_id,
+            decision: accepted.decision,
+            status: accepted.status,
             timestamp: now_rfc3339(),
         })
         .await?;

@@ -4,6 +4,7 @@
 //! again to run them on PostgreSQL (see `helpers.rs`).
 
 mod answers;
+mod approval;
 mod auth;
 mod compat;
 mod durability;

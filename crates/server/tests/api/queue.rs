@@ -195,6 +195,7 @@ async fn run_left_by_a_crash(max_attempts: u32) -> (TestApp, UserId, RunId) {
                 claim_by: None,
                 new_thread: None,
                 strategy: apex_protocol::threads::MultitaskStrategy::Reject,
+                require_approval: None,
             },
         )
         .await

@@ -674,6 +674,7 @@ async fn submit_as(
                 new_thread: None,
                 // The store's refusal is what these tests race for.
                 strategy: apex_protocol::threads::MultitaskStrategy::Reject,
+                require_approval: None,
             },
         )
         .await
@@ -827,7 +828,12 @@ async fn a_run_claimed_at_submission_belongs_to_its_instance_alone() {
     let owner = user(store).await;
     let thread_id = thread(store, owner).await;
     let (id, outcome) = submit_as(store, owner, thread_id, NOW, 1, Some("here")).await;
-    assert_eq!(outcome, SubmitOutcome::Claimed);
+    assert_eq!(
+        outcome,
+        SubmitOutcome::Claimed {
+            approval_required: false
+        }
+    );
     let run = store.get_run(owner, id).await.unwrap().expect("stored");
     assert_eq!(run.status, RunStatus::Running);
     assert_eq!(run.started_at_ms, Some(NOW));
@@ -897,7 +903,12 @@ async fn a_new_run_does_not_overtake_runs_waiting_in_the_queue() {
         Some("here"),
     )
     .await;
-    assert_eq!(next, SubmitOutcome::Claimed);
+    assert_eq!(
+        next,
+        SubmitOutcome::Claimed {
+            approval_required: false
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,10 @@ async fn two_hundred_users_with_chaos_see_only_their_own_complete_streams() {
         report.runs_double_texted > 0,
         "steering (double-texting) was mixed in"
     );
+    assert!(
+        report.runs_approved > 0,
+        "steering (approval of the plan) was mixed in"
+    );
 
     // Everything a connection held is gone once the users left.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

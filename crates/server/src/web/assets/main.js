@@ -24,6 +24,7 @@ const state = {
   runs: new Map(),  // run_id -> RunView: every run this page has seen, with its last seq
   pending: null,    // {bubble, threadId, discard} while a sent message waits for run_accepted
   regenerating: null, // the thread id while a regenerate frame waits for its answer
+  answering: null,  // the RunView whose approval frame waits for its answer
   filling: new Set(), // run ids whose missing events are being fetched
   openToken: 0,
 };
@@ -87,6 +88,8 @@ function showApp() {
   showTab('chat');
   renderEmptyChat();
   refreshThreads();
+  // The composer's approval box starts at the account's setting.
+  api('/api/settings').then((s) => { $('require-approval').checked = Boolean(s.require_approval); }).catch(() => {});
   state.connection = new Connection({
     onFrame: handleFrame,
     onState: setConnectionState,
@@ -326,6 +329,15 @@ function runView(runId, threadId) {
         }
       },
       onGap: fillGap,
+      onApproval: (id, answer) => {
+        if (!state.connection.send({ type: 'approval', run_id: id, ...answer })) {
+          api(`/api/runs/${encodeURIComponent(id)}/approval`, { method: 'POST', json: answer })
+            .then((accepted) => view.approvalAnswered(accepted.decision))
+            .catch((err) => view.approvalAnswered(null, err.message));
+        } else {
+          state.answering = view;
+        }
+      },
     });
     state.runs.set(runId, view);
   }
@@ -398,6 +410,7 @@ function sendMessage(event) {
   const running = currentRunActive();
   const strategy = running ? $('strategy').value : null;
   if (strategy) frame.multitask_strategy = strategy;
+  frame.require_approval = $('require-approval').checked;
   if (!state.connection.send(frame)) {
     updateComposer();
     return;
@@ -455,13 +468,22 @@ function handleFrame(frame) {
       updateComposer();
       break;
     }
+    case 'approval_accepted': {
+      const view = state.runs.get(frame.run_id);
+      if (view) view.approvalAnswered(frame.decision);
+      if (state.answering === view) state.answering = null;
+      break;
+    }
     case 'stop_acknowledged': {
       const view = state.runs.get(frame.run_id);
       if (view) view.stopAcknowledged();
       break;
     }
     case 'error_message':
-      if (state.regenerating && !state.pending) {
+      if (state.answering && frame.error_code.startsWith('APPROVAL_')) {
+        state.answering.approvalAnswered(null, frame.error_message);
+        state.answering = null;
+      } else if (state.regenerating && !state.pending) {
         state.regenerating = null;
         $('messages').append(note(`Could not regenerate: ${frame.error_message}`, 'error'));
         updateComposer();

@@ -20,7 +20,14 @@ const STATUS_LABELS = {
   cancelled: 'Stopped',
   timed_out: 'Timed out',
   interrupted: 'Interrupted',
+  awaiting_approval: 'Waiting for you',
 };
+
+const DECISION_LABELS = { approve: 'Approved', edit: 'Approved with changes', reject: 'Rejected' };
+
+function money(usd) {
+  return `$${Number(usd || 0).toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`;
+}
 
 function pretty(value) {
   try {
@@ -35,11 +42,15 @@ export function isTerminal(event) {
 }
 
 export class RunView {
-  /** onStop(runId): the stop button; onGap(view): events are missing after view.lastSeq. */
-  constructor(runId, threadId, { onStop, onGap }) {
+  /** onStop(runId): the stop button; onGap(view): events are missing after view.lastSeq;
+   *  onApproval(runId, answer): the approve/edit/reject card's answer
+   *  ({approval_id, decision, plan?}). */
+  constructor(runId, threadId, { onStop, onGap, onApproval }) {
     this.runId = runId;
     this.threadId = threadId;
     this.onGap = onGap;
+    this.onApproval = onApproval;
+    this.approval = null; // the card while the plan waits for an answer
     this.lastSeq = 0;
     this.applied = 0;
     this.done = false;
@@ -113,7 +124,12 @@ export class RunView {
     const p = event.payload || {};
     const name = String(event.agent_name || '');
     const supervisor = name === 'supervisor';
+    // Anything after the request for approval means it was answered (here or elsewhere).
+    if (this.approval && event.type !== 'approval_required') this.approvalSettled();
     switch (event.type) {
+      case 'approval_required':
+        this.askApproval(p);
+        break;
       case 'agent_started':
         if (!supervisor) this.agent(name);
         break;
@@ -190,6 +206,78 @@ export class RunView {
       this.answerEl.textContent = String(p.final_response);
     }
     if (!this.answerEl.textContent) this.answerEl.hidden = true;
+  }
+
+  /** The plan, each step with its savings, a checkbox to keep it and a button to move it
+   *  up; Approve sends `approve` for the plan as proposed, `edit` for a changed one. */
+  askApproval(p) {
+    if (this.approval) this.approval.el.remove();
+    this.el.dataset.status = 'awaiting_approval';
+    this.statusEl.textContent = STATUS_LABELS.awaiting_approval;
+    const steps = Array.isArray(p.plan) ? p.plan : [];
+    const list = h('ol', { class: 'approval-steps' });
+    const row = (step) => {
+      const keep = h('input', { type: 'checkbox', checked: true, 'data-step': String(step.order),
+        'aria-label': `Carry out step ${step.order}` });
+      const up = h('button', { type: 'button', class: 'ghost step-up', title: 'Move up', text: '↑',
+        onclick: () => { const li = up.closest('li'); if (li.previousElementSibling) li.previousElementSibling.before(li); } });
+      const savings = Number(step.expected_monthly_savings_usd) > 0
+        ? h('span', { class: 'muted', text: ` saves about ${money(step.expected_monthly_savings_usd)}/month` }) : null;
+      return h('li', { 'data-order': String(step.order) },
+        h('label', {}, keep, h('span', { class: 'step-title', text: step.title || '' }), savings), up);
+    };
+    for (const step of steps) list.append(row(step));
+    const status = h('p', { class: 'approval-status muted' });
+    const answer = (decision) => {
+      const chosen = [...list.children]
+        .filter((li) => li.querySelector('input').checked)
+        .map((li) => Number(li.dataset.order));
+      const proposed = steps.map((s) => Number(s.order));
+      let body = { approval_id: p.approval_id, decision };
+      if (decision === 'approve' && chosen.join() !== proposed.join()) {
+        if (chosen.length === 0) { status.textContent = 'Keep at least one step, or reject the plan.'; return; }
+        body = { approval_id: p.approval_id, decision: 'edit', plan: chosen };
+      }
+      for (const b of buttons) b.disabled = true;
+      status.textContent = 'Sending your answer…';
+      this.onApproval(this.runId, body);
+    };
+    const buttons = [
+      h('button', { type: 'button', class: 'primary approve', text: 'Approve', onclick: () => answer('approve') }),
+      h('button', { type: 'button', class: 'ghost reject', text: 'Reject', onclick: () => answer('reject') }),
+    ];
+    const expires = p.expires_at ? new Date(p.expires_at).toLocaleString() : '';
+    const el = h('section', { class: 'approval-card', 'data-approval-id': String(p.approval_id || '') },
+      h('h3', { text: 'Approve the plan?' }),
+      h('p', { class: 'muted', text: `Together about ${money(p.total_monthly_savings_usd)} a month. Untick steps to leave them out, ↑ to reorder.${expires ? ` Waits until ${expires}.` : ''}` }),
+      list, h('div', { class: 'approval-actions' }, ...buttons), status);
+    this.approval = { el, buttons, status };
+    this.answerEl.before(el);
+  }
+
+  /** The server took the answer (`approval_accepted`), or refused it. */
+  approvalAnswered(decision, error) {
+    if (!this.approval) return;
+    if (error) {
+      this.approval.status.textContent = `Not sent: ${error}`;
+      for (const b of this.approval.buttons) b.disabled = false;
+      return;
+    }
+    this.approval.status.textContent = `${DECISION_LABELS[decision] || decision}; continuing…`;
+    this.approval.el.dataset.decision = decision;
+  }
+
+  /** The run went on after the request: the card stays, read-only. */
+  approvalSettled() {
+    const card = this.approval;
+    this.approval = null;
+    for (const b of card.buttons) b.remove();
+    for (const input of card.el.querySelectorAll('input, .step-up')) input.disabled = true;
+    if (!card.el.dataset.decision) card.status.textContent = 'Answered.';
+    if (!this.done) {
+      this.el.dataset.status = 'running';
+      this.statusEl.textContent = STATUS_LABELS.running;
+    }
   }
 
   stopAcknowledged() {
