@@ -91,7 +91,7 @@ pub struct LoadReport {
     /// `runs_started`; their ends are counted with the others.
     pub runs_regenerated: usize,
     /// Runs started by two messages sent back to back to one thread, the second with
-    /// `enqueue` or `interrupt` (chaos only), on top of `runs_started`.
+    /// `enqueue`, `interrupt` or `rollback` (chaos only), on top of `runs_started`.
     pub runs_double_texted: usize,
     /// Runs started with `require_approval` after a completed run (chaos only), whose plan
     /// was approved, edited or rejected while they waited; on top of `runs_started`.

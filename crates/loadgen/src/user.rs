@@ -487,15 +487,13 @@ impl Session<'_> {
         }
     }
 
-    /// Double-texting: two messages to `thread` back to back, the second with `enqueue` or
-    /// `interrupt`. Both runs must arrive whole (every seq once, one terminal event); the
-    /// second completes; the first completes (enqueue) or ends interrupted.
+    /// Double-texting: two messages to `thread` back to back, the second with `enqueue`,
+    /// `interrupt` or `rollback`. Both runs must arrive whole (every seq once, one terminal
+    /// event, sent live even for a run rolled back and removed afterwards); the second
+    /// completes; the first completes (enqueue), or ends interrupted (interrupt) or
+    /// cancelled (rollback) unless it finished first.
     async fn double_text(&mut self, conn: usize, thread: &str, shared: &SharedRunIds) {
-        let strategy = if self.rng.gen_bool(0.5) {
-            "enqueue"
-        } else {
-            "interrupt"
-        };
+        let strategy = ["enqueue", "interrupt", "rollback"][self.rng.gen_range(0..3)];
         let question = self.config.question.clone();
         self.send(
             conn,
@@ -568,6 +566,7 @@ impl Session<'_> {
             let status = terminal["status"].as_str().unwrap_or_default();
             let expected = match (index, strategy) {
                 (0, "interrupt") => matches!(status, "interrupted" | "completed"),
+                (0, "rollback") => matches!(status, "cancelled" | "completed"),
                 _ => status == "completed",
             };
             if status == "completed" {
@@ -635,6 +634,17 @@ impl Session<'_> {
                 return;
             };
             let v = &frame.value;
+            if frame.conn == conn
+                && v["type"] == "error_message"
+                && v["error_code"]
+                    .as_str()
+                    .is_some_and(|code| code.starts_with("APPROVAL_"))
+            {
+                // An answer to the plan was refused: the run would wait until it expires.
+                self.out.errors += 1;
+                self.violation(format!("{what} run {run_id}: answer refused: {v}"));
+                return;
+            }
             if frame.conn != conn || !is_event(v) || v["run_id"] != run_id {
                 continue;
             }
@@ -741,8 +751,24 @@ impl Session<'_> {
                 Ok(Some(frame)) => self.observe(&frame),
                 _ => {
                     self.out.lost_events += owed;
+                    // Which run, on which connection, up to which seq: what to look for
+                    // in the server logs.
+                    let detail: Vec<String> = self
+                        .seen
+                        .iter()
+                        .filter(|(key, _)| self.sinks.contains_key(&key.0))
+                        .filter(|(key, _)| !self.terminals.contains(*key))
+                        .map(|((conn, run), seqs)| {
+                            format!(
+                                "run {run} on connection {conn}: {} events, last seq {:?}",
+                                seqs.len(),
+                                seqs.iter().max()
+                            )
+                        })
+                        .collect();
                     self.violation(format!(
-                        "{owed} connection(s) never got their terminal event"
+                        "{owed} connection(s) never got their terminal event: {}",
+                        detail.join("; ")
                     ));
                     return;
                 }

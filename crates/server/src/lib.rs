@@ -248,6 +248,10 @@ const BACKGROUND_JOIN: Duration = Duration::from_secs(5);
 /// Age after which a usage import still in progress is taken as abandoned.
 const ABANDONED_IMPORT_AFTER_MS: i64 = 3600 * 1000;
 
+/// Age after which a rolled-back run that is still stored was left behind by a stopped
+/// process (its own removal follows its terminal event at once).
+const ROLLED_BACK_GRACE_MS: i64 = 60 * 1000;
+
 /// How often old event logs are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -276,6 +280,14 @@ async fn prune_events_periodically(state: AppState) {
             Ok(0) => {}
             Ok(deleted) => tracing::warn!(deleted, "removed the rows of unfinished usage imports"),
             Err(err) => tracing::error!(error = %err, "removing unfinished usage imports failed"),
+        }
+        // A rolled-back run is removed right after its terminal event; one whose process
+        // stopped in between is removed here.
+        let settled = clock::now_ms() - ROLLED_BACK_GRACE_MS;
+        match state.infra.store.sweep_rolled_back_runs(settled).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::warn!(removed, "removed rolled-back runs left behind"),
+            Err(err) => tracing::error!(error = %err, "removing rolled-back runs failed"),
         }
         tokio::select! {
             _ = draining.cancelled() => return,

@@ -217,6 +217,10 @@ pub trait Runs: Send + Sync {
     /// it (its messages, events and row) if a newer message rolled it back, and tells
     /// whether a queued run of its thread now waits for a dispatcher.
     async fn settle_ended_run(&self, owner: UserId, run: RunId) -> StoreResult<RunAftermath>;
+    /// Removes the runs a newer message rolled back that ended before `ended_before_ms`
+    /// and are still there (their process stopped between their terminal event and
+    /// [`Runs::settle_ended_run`]), as that would have. Returns how many.
+    async fn sweep_rolled_back_runs(&self, ended_before_ms: i64) -> StoreResult<u64>;
     /// `owner`'s run `run` with its approval state.
     async fn run_approval(
         &self,

@@ -368,6 +368,25 @@ async fn delete_messages_of_run(
 }
 
 impl Shell {
+    /// Removes `owner`'s rolled-back, ended run `run`: its messages, events and row, in one
+    /// transaction.
+    async fn remove_rolled_back(&self, owner: UserId, run: &RunRecord) -> StoreResult<()> {
+        let mut tx = self.writes.begin().await?;
+        delete_messages_of_run(&mut tx, owner, run).await?;
+        // Events first: the engines' foreign keys are not relied on to cascade.
+        sqlx::query("DELETE FROM run_events WHERE run_id = $1")
+            .bind(run.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM runs WHERE id = $1 AND user_id = $2")
+            .bind(run.id.to_string())
+            .bind(owner.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The user whose `column` holds `key`.
     async fn user_where(&self, column: &str, key: &str) -> StoreResult<Option<UserRecord>> {
         let sql = format!(
@@ -1251,19 +1270,7 @@ impl Runs for Shell {
         let superseded: Option<String> = row.try_get("superseded")?;
         let removed = superseded.as_deref() == Some(MultitaskStrategy::Rollback.as_str());
         if removed {
-            let mut tx = self.writes.begin().await?;
-            delete_messages_of_run(&mut tx, owner, &record).await?;
-            // Events first: the engines' foreign keys are not relied on to cascade.
-            sqlx::query("DELETE FROM run_events WHERE run_id = $1")
-                .bind(run.to_string())
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM runs WHERE id = $1 AND user_id = $2")
-                .bind(run.to_string())
-                .bind(owner.to_string())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            self.remove_rolled_back(owner, &record).await?;
         }
         let successor_waiting: bool = query_scalar(
             "SELECT EXISTS (SELECT 1 FROM runs WHERE thread_id = $1 \
@@ -1276,6 +1283,24 @@ impl Runs for Shell {
             removed,
             successor_waiting,
         })
+    }
+    async fn sweep_rolled_back_runs(&self, ended_before_ms: i64) -> StoreResult<u64> {
+        let rows = sqlx::query(&format!(
+            "SELECT user_id, {RUN_COLUMNS} FROM runs WHERE superseded = $1 \
+             AND status NOT IN {} AND finished_at < $2 ORDER BY finished_at LIMIT 1000",
+            unfinished!()
+        ))
+        .bind(MultitaskStrategy::Rollback.as_str())
+        .bind(ended_before_ms)
+        .fetch_all(&self.reads)
+        .await?;
+        let mut removed = 0;
+        for row in &rows {
+            let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
+            self.remove_rolled_back(owner, &run_from_row(row)?).await?;
+            removed += 1;
+        }
+        Ok(removed)
     }
     async fn run_approval(
         &self,

@@ -156,11 +156,19 @@ pub async fn get_one(
         .run_approval(run_id(&id)?)
         .await?
         .ok_or_else(|| ApiError::not_found("run"))?;
+    // A request that ended unanswered (expired, stopped) is no longer pending.
+    let pending = pending_view(&approval).filter(|_| !run.status.is_terminal());
+    // Between the `approval_required` event and the parking that follows it, the row still
+    // says `running`; the run is waiting for its user all the same.
+    let status = match (&pending, run.status) {
+        (Some(_), RunStatus::Running) => RunStatus::AwaitingApproval,
+        (_, status) => status,
+    };
     Ok(Json(Run {
-        approval: pending_view(&approval),
+        approval: pending,
         id: run.id.to_string(),
         thread_id: run.thread_id.to_string(),
-        status: run.status,
+        status,
         created_at: ms_to_rfc3339(run.created_at_ms),
         started_at: run.started_at_ms.map(ms_to_rfc3339),
         finished_at: run.finished_at_ms.map(ms_to_rfc3339),

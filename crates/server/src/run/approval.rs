@@ -432,13 +432,16 @@ impl Runs {
                 .map_err(|e| StoreError::Corrupt(format!("decision: {e}")))?;
             if store.decide_approval(run, &stored, now_ms()).await? {
                 tracing::info!(run_id = %run, decision = decision.decision.as_str(), "plan answered");
-                if record.status == RunStatus::AwaitingApproval {
-                    // Queued again: this instance's dispatcher, or any other's.
-                    self.wake_dispatcher();
-                    self.announce().await;
-                    return Ok(accepted(RunStatus::Queued));
-                }
-                return Ok(accepted(RunStatus::Running));
+                // A parked run is queued again: this instance's dispatcher, or any other's,
+                // takes it. (Woken even if the run looked still parking when read: it may
+                // have parked before the answer was stored.)
+                self.wake_dispatcher();
+                self.announce().await;
+                return Ok(accepted(if record.status == RunStatus::AwaitingApproval {
+                    RunStatus::Queued
+                } else {
+                    RunStatus::Running
+                }));
             }
         }
         Err(ApprovalError::NotPending(

@@ -423,6 +423,12 @@ async fn an_unanswered_request_expires_and_the_run_ends_timed_out() {
     .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "approval_expired");
+    let view = run_view(&app, &user, &run).await;
+    assert_eq!(view["status"], "timed_out");
+    assert!(
+        view.get("approval").is_none(),
+        "nothing is pending any more: {view}"
+    );
 }
 
 #[tokio::test]

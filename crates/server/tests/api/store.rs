@@ -1053,3 +1053,104 @@ async fn run_on(store: &dyn Store, owner: UserId, instance: Option<&str>) -> Run
         .expect("create run");
     id
 }
+
+/// Submits a message on `thread_id` with `strategy`, its metadata naming its run as the
+/// server's do.
+async fn submit_with(
+    store: &dyn Store,
+    owner: UserId,
+    thread_id: ThreadId,
+    strategy: apex_protocol::threads::MultitaskStrategy,
+) -> (RunId, SubmitOutcome) {
+    let id = RunId::generate();
+    let mut message = message(thread_id, &format!("question for {id}"));
+    message.metadata = json!({ "run_id": id.to_string() });
+    let run = RunRecord {
+        id,
+        thread_id,
+        status: RunStatus::Queued,
+        created_at_ms: NOW,
+        started_at_ms: None,
+        finished_at_ms: None,
+        error: None,
+        last_seq: 0,
+    };
+    let outcome = store
+        .submit_run(
+            owner,
+            &RunSubmission {
+                message: &message,
+                run: &run,
+                request_id: "request",
+                max_unfinished: 3,
+                claim_by: None,
+                new_thread: None,
+                strategy,
+                require_approval: None,
+            },
+        )
+        .await
+        .expect("submit run");
+    (id, outcome)
+}
+
+/// A run rolled back by a newer message is removed right after its end (`settle`); when
+/// its process stopped in between, the sweep removes it later with its answer and events,
+/// and leaves every other run alone.
+#[tokio::test]
+async fn rolled_back_runs_left_behind_are_swept_with_their_answer_and_events() {
+    use apex_protocol::threads::MultitaskStrategy;
+    let db = test_store().await;
+    let store = db.store.as_ref();
+    let owner = user(store).await;
+    let thread_id = thread(store, owner).await;
+    let (first, _) = submit_with(store, owner, thread_id, MultitaskStrategy::Enqueue).await;
+    store
+        .append_event(owner, first, 1, "{\"seq\":1}", NOW)
+        .await
+        .unwrap();
+    let (second, outcome) = submit_with(store, owner, thread_id, MultitaskStrategy::Rollback).await;
+    assert!(matches!(outcome, SubmitOutcome::Superseding(ref runs) if runs.len() == 1));
+    // The first run answered and ended, but its process stopped before removing it.
+    let mut answer = message(thread_id, "the rolled-back answer");
+    answer.role = "assistant".into();
+    answer.metadata = json!({ "run_id": first.to_string() });
+    assert!(store.insert_message(owner, &answer).await.unwrap());
+    store
+        .set_run_status(
+            owner,
+            first,
+            RunStatus::Cancelled,
+            Some("CANCELLED"),
+            NOW + 10,
+        )
+        .await
+        .unwrap();
+    // Another user's ended run, and the new run, are not the sweep's.
+    let other = user(store).await;
+    let other_thread = thread(store, other).await;
+    let bystander = run(store, other, other_thread).await;
+    store
+        .set_run_status(other, bystander, RunStatus::Cancelled, Some("x"), NOW + 10)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.sweep_rolled_back_runs(NOW).await.unwrap(),
+        0,
+        "not ended before"
+    );
+    assert_eq!(store.sweep_rolled_back_runs(NOW + 1000).await.unwrap(), 1);
+    assert!(store.get_run(owner, first).await.unwrap().is_none());
+    assert!(store
+        .list_events(owner, first, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let (messages, total) = store.list_messages(owner, thread_id, 100, 0).await.unwrap();
+    assert_eq!(total, 1, "{messages:?}");
+    assert_eq!(messages[0].metadata["run_id"], second.to_string());
+    assert!(store.get_run(owner, second).await.unwrap().is_some());
+    assert!(store.get_run(other, bystander).await.unwrap().is_some());
+    assert_eq!(store.sweep_rolled_back_runs(NOW + 1000).await.unwrap(), 0);
+}

@@ -272,7 +272,8 @@ export class RunView {
     const card = this.approval;
     this.approval = null;
     for (const b of card.buttons) b.remove();
-    for (const input of card.el.querySelectorAll('input, .step-up')) input.disabled = true;
+    for (const up of card.el.querySelectorAll('.step-up')) up.remove();
+    for (const input of card.el.querySelectorAll('input')) input.disabled = true;
     if (!card.el.dataset.decision) card.status.textContent = 'Answered.';
     if (!this.done) {
       this.el.dataset.status = 'running';
