@@ -585,3 +585,55 @@ async fn a_run_that_waited_for_approval_makes_exactly_the_llm_requests_of_one_th
         "no LLM request before the pause was made again"
     );
 }
+
+#[tokio::test]
+async fn a_run_recovered_after_its_process_died_while_parking_asks_again_from_its_checkpoint() {
+    use apex_protocol::threads::RunStatus;
+    use apex_server::ids::{RunId, UserId};
+    let app = spawn_app().await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let (run, _) = start_with_approval(&mut ws, None).await;
+    let before = until_approval_required(&mut ws, &run).await;
+    let approval_id = before.last().unwrap().payload["approval_id"].clone();
+
+    // The row as a process leaves it when it dies after recording the request and before
+    // parking the run: still `running`, the checkpoint stored, no answer. A restart
+    // recovers it like any run of a dead process.
+    let store = &app.state.infra.store;
+    let (owner, run_id) = (
+        UserId::parse(&user.id).unwrap(),
+        RunId::parse(&run).unwrap(),
+    );
+    store
+        .set_run_status(owner, run_id, RunStatus::Running, None, 0)
+        .await
+        .unwrap();
+    let (requeued, interrupted) = app.state.runs.recover_after_restart().await.unwrap();
+    assert_eq!((requeued, interrupted), (1, 0));
+
+    // Claimed again, it asks again (same request) without running any agent.
+    let again = until_approval_required(&mut ws, &run).await;
+    assert_eq!(again.len(), 1, "nothing but the request again: {again:?}");
+    assert_eq!(again[0].payload["approval_id"], approval_id);
+    assert_eq!(again[0].seq, before.len() as u64 + 1);
+    let mut parked = false;
+    for _ in 0..100 {
+        if run_view(&app, &user, &run).await["status"] == "awaiting_approval" {
+            parked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(parked);
+
+    ws.send_json(json!({"type": "approval", "run_id": run, "approval_id": approval_id, "decision": "approve"}))
+        .await;
+    let after = ws.collect_run(&run).await;
+    let mut all = before;
+    all.extend(again);
+    all.extend(after.iter().cloned());
+    assert_contiguous_and_terminated(&all);
+    assert_eq!(agents_started(&after), ["reporting"]);
+    assert_eq!(after.last().unwrap().payload["status"], "completed");
+}
