@@ -11,6 +11,7 @@ mod account;
 mod chat;
 mod config;
 mod eval;
+mod keys;
 mod live;
 mod sessions;
 mod terminal;
@@ -94,6 +95,12 @@ enum Command {
     ///          APEX_PASSWORD=... apex sessions logout-all --email me@example.com
     #[command(subcommand, verbatim_doc_comment)]
     Sessions(sessions::SessionsCommand),
+    /// API keys for programs: make one (printed once), list them, revoke one.
+    ///
+    /// Example: APEX_PASSWORD=... apex keys create --email me@example.com --key-name etl --scope usage:write
+    ///          APEX_PASSWORD=... apex keys list --email me@example.com
+    #[command(subcommand, verbatim_doc_comment)]
+    Keys(keys::KeysCommand),
     /// Inspect the configuration `apex serve` would run with.
     ///
     /// Example: apex config show --config /etc/apex/apex.toml
@@ -322,6 +329,7 @@ fn main() -> std::process::ExitCode {
             Command::Usage(command) => usage::run(command).await,
             Command::User(command) => user::run(command).await,
             Command::Sessions(command) => sessions::run(command).await,
+            Command::Keys(command) => keys::run(command).await,
         }
     });
     match result {

@@ -146,7 +146,7 @@ async fn revoke(
 }
 
 /// `2026-12-05T07:09:27Z` from an RFC 3339 time (seconds, no fraction).
-fn short_time(rfc3339: &str) -> String {
+pub(crate) fn short_time(rfc3339: &str) -> String {
     let printable = crate::terminal::clean(rfc3339);
     match printable.split_once('.') {
         Some((seconds, _)) => format!("{seconds}Z"),
@@ -154,8 +154,8 @@ fn short_time(rfc3339: &str) -> String {
     }
 }
 
-/// A session id as one path segment: ids are URL-safe base64, anything else is escaped.
-fn urlencoding_path(segment: &str) -> String {
+/// An id as one path segment: session and key ids are URL-safe, anything else is escaped.
+pub(crate) fn urlencoding_path(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {

@@ -1273,3 +1273,83 @@ fn every_command_has_help_with_an_example() {
         assert!(seen.iter().any(|s| s == command), "{command:?} in {seen:?}");
     }
 }
+
+#[tokio::test]
+async fn api_keys_are_made_listed_and_revoked_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server(data_dir.path());
+    let email = "keys@example.com";
+    let password = "a long enough password";
+    let http = reqwest::Client::new();
+    let base = server.address.clone();
+    let apex = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", email])
+            .env("APEX_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let summary = |key: String| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.get(format!("{base}/api/usage/summary"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let created = apex(&[
+        "keys",
+        "create",
+        "--register",
+        "--key-name",
+        "reporting job",
+        "--scope",
+        "usage:read",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // The key alone on stdout (for `KEY=$(apex keys create ...)`), the note on stderr.
+    let key = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    assert!(key.starts_with("apx_"), "{key}");
+    assert!(String::from_utf8_lossy(&created.stderr).contains("only time"));
+    assert_eq!(summary(key.clone()).await, 200);
+
+    let listed = apex(&["keys", "list"]);
+    let out = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.status.success(), "{out}");
+    assert!(
+        out.contains("reporting job") && out.contains("usage:read"),
+        "{out}"
+    );
+    assert!(out.contains(&key[..12]), "listed by its prefix: {out}");
+    assert!(!out.contains(&key[12..]), "never the key itself: {out}");
+    let id = out
+        .lines()
+        .find(|line| line.contains("reporting job"))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap()
+        .to_string();
+
+    let bad = apex(&["keys", "create", "--key-name", "x", "--scope", "admin"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope"));
+
+    let revoked = apex(&["keys", "revoke", &id]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert_eq!(summary(key).await, 401, "a revoked key is dead");
+    let again = apex(&["keys", "revoke", &id]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not_found"));
+}

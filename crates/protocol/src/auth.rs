@@ -88,3 +88,81 @@ pub struct SessionInfo {
     /// Whether this is the session of the token that asked.
     pub current: bool,
 }
+
+/// What an API key may do. A key works as a bearer token on the routes of its scopes and
+/// on no other (not on accounts, sessions, keys, settings or the WebSocket).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
+pub enum ApiKeyScope {
+    /// Threads, messages and runs over REST (events as JSON or a stream), and
+    /// `/v1/models`, `/v1/chat/completions`.
+    #[serde(rename = "chat")]
+    Chat,
+    /// `GET /api/usage/summary` and `GET /api/usage/daily`.
+    #[serde(rename = "usage:read")]
+    UsageRead,
+    /// `POST /api/usage/events`: rows stored as the key's user's, whatever they say.
+    #[serde(rename = "usage:write")]
+    UsageWrite,
+}
+
+impl ApiKeyScope {
+    pub const ALL: [ApiKeyScope; 3] = [
+        ApiKeyScope::Chat,
+        ApiKeyScope::UsageRead,
+        ApiKeyScope::UsageWrite,
+    ];
+
+    /// The wire (and stored) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKeyScope::Chat => "chat",
+            ApiKeyScope::UsageRead => "usage:read",
+            ApiKeyScope::UsageWrite => "usage:write",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// `POST /api/keys`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateApiKeyRequest {
+    /// 1 to 100 characters, to recognise the key by.
+    #[schema(example = "nightly usage export")]
+    pub name: String,
+    /// At least one.
+    pub scopes: Vec<ApiKeyScope>,
+    /// 1 to 3,650; absent: the key does not expire (revoke it when it is no longer needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_days: Option<u32>,
+}
+
+/// A key as `GET /api/keys` lists it: never the key itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub name: String,
+    /// The key's first characters (`apx_` and 8 more), to tell keys apart.
+    pub prefix: String,
+    pub scopes: Vec<ApiKeyScope>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    /// Within a minute.
+    pub last_used_at: Option<String>,
+}
+
+/// Answer of `POST /api/keys` (201): the key, shown this once, and what is stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct CreatedApiKey {
+    /// `apx_` and 48 hexadecimal characters. Only its digest is stored: keep it now.
+    pub key: String,
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: Vec<ApiKeyScope>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+}

@@ -94,13 +94,15 @@ pub enum ErrorCode {
     ApprovalAlreadyDecided,
     /// The approval was not answered in time; the run ended `timed_out`.
     ApprovalExpired,
+    /// An API key was used on a route its scopes do not allow (or one no key may use).
+    InsufficientScope,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 33] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -132,6 +134,7 @@ impl ErrorCode {
         ErrorCode::ApprovalNotPending,
         ErrorCode::ApprovalAlreadyDecided,
         ErrorCode::ApprovalExpired,
+        ErrorCode::InsufficientScope,
         ErrorCode::Internal,
     ];
 
@@ -175,6 +178,7 @@ impl ErrorCode {
                 ("approval_already_decided", "APPROVAL_ALREADY_DECIDED", 409)
             }
             ErrorCode::ApprovalExpired => ("approval_expired", "APPROVAL_EXPIRED", 409),
+            ErrorCode::InsufficientScope => ("insufficient_scope", "INSUFFICIENT_SCOPE", 403),
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -225,6 +229,7 @@ pub mod codes {
     pub const APPROVAL_NOT_PENDING: &str = C::ApprovalNotPending.rest();
     pub const APPROVAL_ALREADY_DECIDED: &str = C::ApprovalAlreadyDecided.rest();
     pub const APPROVAL_EXPIRED: &str = C::ApprovalExpired.rest();
+    pub const INSUFFICIENT_SCOPE: &str = C::InsufficientScope.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

@@ -53,6 +53,29 @@ impl SessionRecord {
     }
 }
 
+/// An API key as stored: everything but the key itself, of which only a digest is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    /// The user the key acts as: the one who made it.
+    pub user_id: UserId,
+    pub name: String,
+    /// The key's first characters, to tell keys apart in a list.
+    pub prefix: String,
+    pub scopes: Vec<String>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub last_used_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl ApiKeyRecord {
+    /// Not revoked and not expired at `now_ms`.
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        self.revoked_at_ms.is_none() && self.expires_at_ms.is_none_or(|end| end > now_ms)
+    }
+}
+
 /// Why a session ended (stored with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionEndReason {

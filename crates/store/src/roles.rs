@@ -13,11 +13,11 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry, RedeemedTicket,
-    RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval, RunRecord,
-    RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
-    StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageRow, UsageTotals,
-    UserRecord,
+    ApiKeyRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry,
+    RedeemedTicket, RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunAftermath,
+    RunApproval, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason,
+    SessionRecord, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord,
+    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -70,6 +70,8 @@ pub trait Accounts: Send + Sync {
     /// The active sessions of `owner`, newest first.
     async fn list_sessions(&self, owner: UserId, now_ms: i64) -> StoreResult<Vec<SessionRecord>>;
     /// Which of `ids` are no longer active at `now_ms` (ended, past their lifetime, or gone).
+    /// An id may also name an API key (a stream opened with one): revoked or expired keys
+    /// are inactive too.
     async fn inactive_sessions(&self, ids: &[String], now_ms: i64) -> StoreResult<Vec<String>>;
     async fn insert_ticket(&self, ticket: &TicketRecord) -> StoreResult<()>;
     /// Uses the ticket once if it is known, unexpired, has uses left and its session is
@@ -82,6 +84,17 @@ pub trait Accounts: Send + Sync {
     /// Deletes expired tickets and refresh tokens, and sessions that ended or expired before
     /// `sessions_before_ms` (with their tokens). Returns how many rows went.
     async fn prune_sessions(&self, now_ms: i64, sessions_before_ms: i64) -> StoreResult<u64>;
+    /// Stores a new API key of `key.user_id` with the digest of its secret.
+    async fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &str) -> StoreResult<()>;
+    /// `owner`'s keys that are active at `now_ms`, newest first.
+    async fn list_api_keys(&self, owner: UserId, now_ms: i64) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// The key whose secret has this digest, whatever its state.
+    async fn find_api_key(&self, secret_hash: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    /// Revokes `owner`'s active key `id`; `false` if it is not theirs, unknown or not active.
+    async fn revoke_api_key(&self, owner: UserId, id: &str, now_ms: i64) -> StoreResult<bool>;
+    /// Records that key `id` was used at `now_ms`, at most once a minute (a write per
+    /// request would be a write per request).
+    async fn touch_api_key(&self, id: &str, now_ms: i64) -> StoreResult<()>;
     /// Whether `user`'s runs wait for approval of their plan unless a message says
     /// otherwise; `None` for an unknown user.
     async fn require_approval_setting(&self, user: UserId) -> StoreResult<Option<bool>>;

@@ -22,7 +22,7 @@ use super::{Db, Shell, ENGINE};
 use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
-    parse_json_column, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
+    parse_json_column, ApiKeyRecord, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
     RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission,
     SessionEndReason, SessionRecord, StoreError, StoreResult, StoredEvent,
     SubmitOutcome, ThreadRecord, TicketRecord, UserRecord,
@@ -601,6 +601,12 @@ impl Accounts for Shell {
             for id in chunk {
                 list.push_bind(id.as_str());
             }
+            query.push(") UNION ALL SELECT id FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ");
+            query.push_bind(now_ms).push(") AND id IN (");
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(id.as_str());
+            }
             query.push(")");
             let active: HashSet<String> = query
                 .build_query_scalar::<String>()
@@ -679,6 +685,68 @@ impl Accounts for Shell {
         tx.commit().await?;
         Ok(removed)
     }
+    async fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, user_id, name, prefix, secret_hash, scopes, created_at, \
+                                   expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&key.id)
+        .bind(key.user_id.to_string())
+        .bind(&key.name)
+        .bind(&key.prefix)
+        .bind(secret_hash)
+        .bind(key.scopes.join(" "))
+        .bind(key.created_at_ms)
+        .bind(key.expires_at_ms)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
+    async fn list_api_keys(&self, owner: UserId, now_ms: i64) -> StoreResult<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at DESC, id"
+        ))
+        .bind(owner.to_string())
+        .bind(now_ms)
+        .fetch_all(&self.reads)
+        .await?;
+        decode_all(&rows, api_key_from_row)
+    }
+    async fn find_api_key(&self, secret_hash: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1"
+        ))
+        .bind(secret_hash)
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+    async fn revoke_api_key(&self, owner: UserId, id: &str, now_ms: i64) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .bind(owner.to_string())
+        .execute(&self.writes)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+    async fn touch_api_key(&self, id: &str, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE api_keys SET last_used_at = $1 WHERE id = $2 \
+             AND (last_used_at IS NULL OR last_used_at < $3)",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .bind(now_ms - 60_000)
+        .execute(&self.writes)
+        .await?;
+        Ok(())
+    }
     async fn require_approval_setting(&self, user: UserId) -> StoreResult<Option<bool>> {
         let value: Option<i64> = query_scalar(
             "SELECT CAST(require_approval AS BIGINT) FROM users WHERE id = $1",
@@ -700,6 +768,24 @@ impl Accounts for Shell {
 
 const SESSION_COLUMNS: &str =
     "id, user_id, created_at, expires_at, last_used_at, ended_at, user_agent";
+
+const API_KEY_COLUMNS: &str = "id, user_id, name, prefix, scopes, created_at, expires_at, \
+     last_used_at, revoked_at";
+
+fn api_key_from_row(row: &DbRow) -> StoreResult<ApiKeyRecord> {
+    let scopes: String = row.try_get("scopes")?;
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        user_id: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        scopes: scopes.split_whitespace().map(str::to_string).collect(),
+        created_at_ms: row.try_get("created_at")?,
+        expires_at_ms: row.try_get("expires_at")?,
+        last_used_at_ms: row.try_get("last_used_at")?,
+        revoked_at_ms: row.try_get("revoked_at")?,
+    })
+}
 
 fn session_from_row(row: &DbRow) -> StoreResult<SessionRecord> {
     Ok(SessionRecord {

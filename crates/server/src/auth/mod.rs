@@ -9,6 +9,7 @@
 //! its credential expires, so a long-lived socket or stream can end when either does
 //! ([`SessionWatch`]).
 
+pub mod api_keys;
 mod password;
 mod service;
 mod session_watch;
@@ -32,6 +33,8 @@ pub struct AuthenticatedUser {
     /// When the credential (the access token, or the one that bought the ticket) expires,
     /// in unix milliseconds, never later than the session's own end.
     credential_expires_at_ms: i64,
+    /// With an API key: what it may do (see [`api_keys`]); `None` for a login.
+    key_scopes: Option<Vec<apex_protocol::auth::ApiKeyScope>>,
 }
 
 impl AuthenticatedUser {
@@ -40,7 +43,29 @@ impl AuthenticatedUser {
             user_id,
             session_id,
             credential_expires_at_ms,
+            key_scopes: None,
         }
+    }
+
+    /// A program with an API key: the key's id stands for the session (streams opened with
+    /// it end when it is revoked).
+    fn for_api_key(
+        user_id: UserId,
+        key_id: String,
+        expires_at_ms: i64,
+        scopes: Vec<apex_protocol::auth::ApiKeyScope>,
+    ) -> Self {
+        Self {
+            user_id,
+            session_id: key_id,
+            credential_expires_at_ms: expires_at_ms,
+            key_scopes: Some(scopes),
+        }
+    }
+
+    /// The scopes of the API key this identity came from; `None` for a login.
+    pub fn api_key_scopes(&self) -> Option<&[apex_protocol::auth::ApiKeyScope]> {
+        self.key_scopes.as_deref()
     }
 
     pub fn user_id(&self) -> UserId {

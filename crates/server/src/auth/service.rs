@@ -42,12 +42,12 @@ impl From<StoreError> for AuthError {
 }
 
 pub struct Authenticator {
-    store: Arc<dyn Store>,
+    pub(super) store: Arc<dyn Store>,
     keys: TokenKeys,
     hasher: PasswordHasher,
     lifetimes: AuthLifetimes,
     /// Streams of this instance bound to their sessions, ended when the session ends.
-    sessions: Arc<SessionWatch>,
+    pub(super) sessions: Arc<SessionWatch>,
     /// A hash of a random password, verified against when an email is unknown so that a
     /// login for a missing account takes as long as one with a wrong password.
     dummy_hash: String,

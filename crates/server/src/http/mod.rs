@@ -8,6 +8,7 @@ mod auth;
 mod compat;
 pub mod extract;
 pub mod health;
+mod keys;
 mod openai_compat;
 pub mod openapi;
 mod run_stream;
@@ -65,6 +66,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::get_one))
         .routes(routes!(runs::cancel))
         .routes(routes!(runs::approval))
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::revoke))
         .routes(routes!(auth::settings, auth::update_settings))
         .routes(routes!(runs::events))
         .routes(

@@ -56,6 +56,7 @@ pub const WS_TICKET: &str = "ws_ticket";
         (name = "auth", description = "Accounts, tokens and WebSocket tickets"),
         (name = "threads", description = "A user's conversations and their messages"),
         (name = "runs", description = "Starting, inspecting, stopping and replaying agent runs"),
+        (name = "keys", description = "API keys for programs: made, listed and revoked by a logged-in user; each acts as that user on the routes of its scopes"),
         (name = "usage", description = "A user's own AI usage data: upload, summary, daily series"),
         (name = "websocket", description = "The live channel; frames are described in docs/protocol.md"),
         (name = "compat", description = "Entry points kept for clients of the original system"),
@@ -79,7 +80,10 @@ impl Modify for SecuritySchemes {
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
                     .description(Some(
-                        "The `access_token` from /auth/register, /auth/login or /auth/refresh.",
+                        "The `access_token` from /auth/register, /auth/login or /auth/refresh; \
+                         or an API key (`apx_…`, POST /api/keys) on the routes of its scopes \
+                         (`chat`: threads, runs, /v1; `usage:read`; `usage:write`), elsewhere \
+                         403 `insufficient_scope`.",
                     ))
                     .build(),
             ),

@@ -4,6 +4,7 @@
 //! again to run them on PostgreSQL (see `helpers.rs`).
 
 mod answers;
+mod api_keys;
 mod approval;
 mod auth;
 mod compat;
