@@ -367,6 +367,28 @@ try {
     assert.ok(!bobLegend.includes(hostile));
   });
 
+  await step('Alice makes an API key on the page, a program reads her usage with it, then she revokes it', async () => {
+    await pageA.waitForSelector('#key-form');
+    await pageA.fill('#key-name', 'spreadsheet export');
+    await pageA.click('#key-create');
+    const key = (await pageA.locator('#key-secret').textContent()).trim();
+    assert.match(key, /^apx_[0-9a-f]{48}$/);
+    await pageA.waitForSelector('#key-list .session[data-key]');
+    const listed = await pageA.locator('#key-list').textContent();
+    assert.ok(listed.includes('spreadsheet export') && listed.includes(key.slice(0, 12)), listed);
+    assert.ok(!listed.includes(key.slice(12)), 'the list never shows the key');
+    const summary = await fetch(`${BASE}/api/usage/summary?days=30`, { headers: { Authorization: `Bearer ${key}` } });
+    assert.equal(summary.status, 200);
+    assert.equal((await summary.json()).total_requests, alice.summary.total_requests + 2, "Alice's own rows");
+    const threads = await fetch(`${BASE}/api/threads`, { headers: { Authorization: `Bearer ${key}` } });
+    assert.equal(threads.status, 403, 'a usage key cannot read conversations');
+    await pageA.screenshot({ path: join(ARTIFACTS, 'keys-alice.png'), fullPage: true });
+    await pageA.locator('#key-list .session[data-key] button').click();
+    await pageA.waitForFunction(() => document.querySelectorAll('#key-list .session[data-key]').length === 0);
+    const after = await fetch(`${BASE}/api/usage/summary`, { headers: { Authorization: `Bearer ${key}` } });
+    assert.equal(after.status, 401, 'a revoked key is dead');
+  });
+
   await step('Bob logs out: his token is revoked and nothing of his stays on the page', async () => {
     const token = await pageB.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')).access_token);
     await pageB.click('#logout');

@@ -1315,3 +1315,70 @@ async fn a_plan_awaiting_approval_survives_its_instance_being_killed_and_continu
     assert_contiguous_from(stored, 1);
     assert_eq!(stored.len(), seen.len() + rest.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_one_instance_stops_working_on_the_others_within_a_second() {
+    let cluster = Cluster::new();
+    let one = cluster.start(200).await;
+    let two = cluster.start(200).await;
+    let alice = one.register("alice").await;
+    let (status, created) = one
+        .post(
+            "/api/keys",
+            Some(&alice.token),
+            json!({"name": "job", "scopes": ["chat", "usage:read"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let program = User {
+        token: created["key"].as_str().unwrap().to_string(),
+    };
+    // The program follows a run on instance 2 with its key.
+    let run_id = two.start_run(&program).await;
+    let stream = two
+        .http
+        .get(two.url(&format!("/api/runs/{run_id}/events")))
+        .bearer_auth(&program.token)
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+
+    let response = one
+        .http
+        .delete(one.url(&format!("/api/keys/{}", created["id"].as_str().unwrap())))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let revoked = Instant::now();
+    // Every request with it fails at once, on either instance...
+    for instance in [&one, &two] {
+        let status = instance
+            .http
+            .get(instance.url("/api/usage/summary"))
+            .bearer_auth(&program.token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401);
+    }
+    // ...and the stream it opened on the other instance ends.
+    let body = tokio::time::timeout(Duration::from_secs(3), stream.text())
+        .await
+        .expect("the stream of the revoked key must end")
+        .unwrap();
+    eprintln!(
+        "stream of the revoked key ended {:?} after the revocation",
+        revoked.elapsed()
+    );
+    assert!(body.contains("event: error"), "{body}");
+    // Alice herself is untouched.
+    let (status, _) = one
+        .post("/api/threads", Some(&alice.token), json!({"title": "mine"}))
+        .await;
+    assert_eq!(status, 201);
+}

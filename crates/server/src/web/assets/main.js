@@ -69,7 +69,8 @@ function showAuth(message) {
   state.threadId = null;
   state.openToken += 1;
   // Nothing of the previous user stays in the page.
-  for (const id of ['thread-list', 'messages', 'usage-stats', 'usage-chart', 'usage-legend', 'csv-status', 'who']) clear($(id));
+  for (const id of ['thread-list', 'messages', 'usage-stats', 'usage-chart', 'usage-legend', 'csv-status', 'who', 'key-list', 'key-new']) clear($(id));
+  $('key-new').hidden = true;
   $('app-view').hidden = true;
   $('auth-view').hidden = false;
   $('auth-error').textContent = message || '';
@@ -110,6 +111,7 @@ function showTab(tab) {
     $('tab-usage').setAttribute('aria-current', 'page');
     state.usage.load();
     loadSessions();
+    loadKeys();
   }
 }
 
@@ -147,6 +149,59 @@ async function loadSessions() {
         },
       })));
   }
+}
+
+/** The account's API keys (GET /api/keys), each with a button that revokes it. */
+async function loadKeys() {
+  const list = $('key-list');
+  let keys;
+  try {
+    keys = await api('/api/keys');
+  } catch (err) {
+    $('keys-status').textContent = `Could not load keys: ${err.message}`;
+    return;
+  }
+  clear(list);
+  if (keys.length === 0) list.append(h('li', { class: 'muted', text: 'No keys.' }));
+  for (const key of keys) {
+    const used = key.last_used_at ? `last used ${new Date(key.last_used_at).toLocaleString()}` : 'never used';
+    const expires = key.expires_at ? `expires ${new Date(key.expires_at).toLocaleDateString()}` : 'never expires';
+    list.append(h('li', { class: 'session', 'data-key': key.id },
+      h('span', { class: 'session-label', text: key.name }),
+      h('code', { text: `${key.prefix}…` }),
+      h('span', { class: 'muted', text: ` ${key.scopes.join(', ')} · ${used} · ${expires}` }),
+      h('button', {
+        type: 'button', class: 'ghost', text: 'Revoke',
+        onclick: async () => {
+          try {
+            await api(`/api/keys/${encodeURIComponent(key.id)}`, { method: 'DELETE' });
+            $('keys-status').textContent = `Key "${key.name}" revoked.`;
+          } catch (err) {
+            $('keys-status').textContent = `Could not revoke the key: ${err.message}`;
+          }
+          loadKeys();
+        },
+      })));
+  }
+}
+
+/** POST /api/keys; the new key is shown once, here. */
+async function createKey(event) {
+  event.preventDefault();
+  const scopes = [...document.querySelectorAll('#key-form input[name="scope"]:checked')].map((i) => i.value);
+  const body = { name: $('key-name').value.trim(), scopes };
+  if ($('key-expiry').value) body.expires_in_days = Number($('key-expiry').value);
+  try {
+    const created = await api('/api/keys', { method: 'POST', json: body });
+    const shown = $('key-new');
+    clear(shown).append('Your new key (shown only now, copy it): ', h('code', { id: 'key-secret', text: created.key }));
+    shown.hidden = false;
+    $('keys-status').textContent = '';
+    $('key-name').value = '';
+  } catch (err) {
+    $('keys-status').textContent = `Could not make the key: ${err.message}`;
+  }
+  loadKeys();
 }
 
 /** POST /auth/logout-all: every session ends, this one too. */
@@ -534,6 +589,7 @@ function init() {
   $('tab-chat').addEventListener('click', () => showTab('chat'));
   $('tab-usage').addEventListener('click', () => showTab('usage'));
   $('logout-all').addEventListener('click', logoutEverywhere);
+  $('key-form').addEventListener('submit', createKey);
   $('new-chat').addEventListener('click', newChat);
   $('composer').addEventListener('submit', sendMessage);
   $('composer-input').addEventListener('keydown', (e) => {
