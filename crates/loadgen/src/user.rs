@@ -588,23 +588,9 @@ impl Session<'_> {
     async fn regenerate(&mut self, conn: usize, thread: &str, shared: &SharedRunIds) {
         self.send(conn, json!({"type": "regenerate", "thread_id": thread}))
             .await;
-        let Some(accepted) = self
-            .wait_for(conn, |v| {
-                v["type"] == "run_accepted" || v["type"] == "error_message"
-            })
-            .await
-        else {
+        let Some(accepted) = self.accepted_run(conn, "regenerate").await else {
             return;
         };
-        if accepted["type"] == "error_message" {
-            // The user's own limits (runs, message rate) may refuse it; that is no fault.
-            let code = accepted["error_code"].as_str().unwrap_or_default();
-            if !matches!(code, "TOO_MANY_RUNS" | "RATE_LIMITED") {
-                self.out.errors += 1;
-                self.violation(format!("regenerate refused: {accepted}"));
-            }
-            return;
-        }
         let run_id = accepted["run_id"].as_str().unwrap_or_default().to_string();
         if accepted["thread_id"] != thread {
             self.violation(format!("regenerate of {thread} answered {accepted}"));
@@ -614,6 +600,26 @@ impl Session<'_> {
         self.out.runs_regenerated += 1;
         self.follow_to_end(conn, &run_id, "regenerated", |_, _| None)
             .await;
+    }
+
+    /// The `run_accepted` answer on `conn` to a steering request (`what`); `None` if it was
+    /// refused (a violation unless by the user's own limits, runs or message rate, which is
+    /// no fault) or frames stopped.
+    async fn accepted_run(&mut self, conn: usize, what: &str) -> Option<Value> {
+        let answer = self
+            .wait_for(conn, |v| {
+                v["type"] == "run_accepted" || v["type"] == "error_message"
+            })
+            .await?;
+        if answer["type"] != "error_message" {
+            return Some(answer);
+        }
+        let code = answer["error_code"].as_str().unwrap_or_default();
+        if !matches!(code, "TOO_MANY_RUNS" | "RATE_LIMITED") {
+            self.out.errors += 1;
+            self.violation(format!("{what} refused: {answer}"));
+        }
+        None
     }
 
     /// Follows `run_id` on `conn` to its terminal event and checks it: seqs 1..=end each
@@ -691,22 +697,9 @@ impl Session<'_> {
                    "require_approval": true}),
         )
         .await;
-        let Some(accepted) = self
-            .wait_for(conn, |v| {
-                v["type"] == "run_accepted" || v["type"] == "error_message"
-            })
-            .await
-        else {
+        let Some(accepted) = self.accepted_run(conn, "message with approval").await else {
             return;
         };
-        if accepted["type"] == "error_message" {
-            let code = accepted["error_code"].as_str().unwrap_or_default();
-            if !matches!(code, "TOO_MANY_RUNS" | "RATE_LIMITED") {
-                self.out.errors += 1;
-                self.violation(format!("message with approval refused: {accepted}"));
-            }
-            return;
-        }
         let run_id = accepted["run_id"].as_str().unwrap_or_default().to_string();
         self.my_runs.insert(run_id.clone());
         shared.add(self.account.index, run_id.clone());
