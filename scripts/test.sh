@@ -187,6 +187,12 @@ if ! python3 -c 'import openai' 2>/dev/null; then
         "Python's openai package is not installed (pip install openai)"
 fi
 
+if ! python3 -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+    leave_out "the official OpenTelemetry exporter's test (api and api_postgres usage_sources)" \
+        'test(/^(api::)?usage_sources::the_official_python_exporter_sends_spans_that_are_stored_once$/)' \
+        "Python's opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http are not installed (pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http)"
+fi
+
 # --- report, and refuse under CI ------------------------------------------------------------
 if [ ${#suites[@]} -gt 0 ]; then
     if in_ci; then

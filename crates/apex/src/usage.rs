@@ -1,4 +1,5 @@
-//! `apex usage`: upload your AI usage from a CSV file and print your usage summary.
+//! `apex usage`: upload your AI usage (Apex's CSV or JSON rows, or a provider's usage
+//! export) and print your usage summary.
 
 use std::path::PathBuf;
 
@@ -10,14 +11,25 @@ use crate::terminal::clean;
 
 #[derive(clap::Subcommand)]
 pub enum UsageCommand {
-    /// Upload usage rows from a CSV file (header: provider,model,workload,timestamp,
-    /// prompt_tokens,completion_tokens,latency_ms[,status,cost_usd]).
+    /// Upload usage rows from a file: Apex's CSV (header: provider,model,workload,
+    /// timestamp,prompt_tokens,completion_tokens,latency_ms[,status,cost_usd,
+    /// cached_tokens,reasoning_tokens,id]) or JSON rows, or a provider's export:
+    ///   openai-usage     OpenAI's organization Usage API (completions), group_by=model
+    ///   anthropic-usage  Anthropic's usage report (messages), group_by[]=model
+    ///   litellm-spend    LiteLLM's spend logs (/spend/logs)
+    /// Importing the same export again stores nothing twice; entries that cannot be
+    /// used are listed with the reason.
     ///
     /// Example: APEX_PASSWORD=... apex usage import --email me@example.com usage.csv
+    ///          APEX_PASSWORD=... apex usage import --email me@example.com \
+    ///                --format openai-usage completions-2026-11.json
     #[command(verbatim_doc_comment)]
     Import {
-        /// The CSV file.
+        /// The file.
         file: PathBuf,
+        /// csv, json (Apex's rows), openai-usage, anthropic-usage or litellm-spend.
+        #[arg(long, default_value = "csv")]
+        format: String,
         #[command(flatten)]
         account: AccountArgs,
     },
@@ -37,14 +49,32 @@ pub enum UsageCommand {
 pub async fn run(command: UsageCommand) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     match command {
-        UsageCommand::Import { file, account } => {
+        UsageCommand::Import {
+            file,
+            format,
+            account,
+        } => {
+            let (content_type, query) = match format.as_str() {
+                "csv" => ("text/csv", "rows"),
+                "json" => ("application/json", "rows"),
+                "openai-usage" | "anthropic-usage" | "litellm-spend" => {
+                    ("application/json", format.as_str())
+                }
+                other => bail!(
+                    "unknown --format {other:?}: use csv, json, openai-usage, anthropic-usage \
+                     or litellm-spend"
+                ),
+            };
             let body =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let token = account.authenticate().await?.access_token;
             let response = http
-                .post(format!("{}/api/usage/events", account.base_url()))
+                .post(format!(
+                    "{}/api/usage/events?format={query}",
+                    account.base_url()
+                ))
                 .bearer_auth(token)
-                .header("Content-Type", "text/csv")
+                .header("Content-Type", content_type)
                 .body(body)
                 .send()
                 .await?;
@@ -52,7 +82,7 @@ pub async fn run(command: UsageCommand) -> anyhow::Result<()> {
                 bail!("import refused: {}", describe_error(response).await);
             }
             let result: UsageImportResult = response.json().await?;
-            println!("imported {} rows from {}", result.inserted, file.display());
+            print_import(&result, &file);
         }
         UsageCommand::Summary { days, account } => {
             let token = account.authenticate().await?.access_token;
@@ -74,6 +104,20 @@ pub async fn run(command: UsageCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_import(result: &UsageImportResult, file: &std::path::Path) {
+    println!(
+        "imported {} rows from {} ({} already stored, {} skipped)",
+        result.inserted,
+        file.display(),
+        result.duplicates,
+        result.skipped.len()
+    );
+    for skip in &result.skipped {
+        // The reason may quote a model name from the file: printed cleaned.
+        println!("  skipped entry {}: {}", skip.index, clean(&skip.reason));
+    }
+}
+
 fn print_summary(s: &UsageSummary) {
     println!(
         "last {} days: {} requests ({} failed), ${:.2}, {} prompt + {} completion tokens",
@@ -84,6 +128,12 @@ fn print_summary(s: &UsageSummary) {
         s.total_prompt_tokens,
         s.total_completion_tokens
     );
+    if s.total_cached_tokens > 0 || s.total_reasoning_tokens > 0 {
+        println!(
+            "of which {} prompt tokens cached, {} completion tokens reasoning",
+            s.total_cached_tokens, s.total_reasoning_tokens
+        );
+    }
     println!(
         "latency p50 {} ms, p95 {} ms, p99 {} ms",
         s.latency_ms.p50, s.latency_ms.p95, s.latency_ms.p99
@@ -96,6 +146,16 @@ fn print_summary(s: &UsageSummary) {
             clean(&m.model),
             m.requests,
             m.cost_usd
+        );
+    }
+    println!("by source:");
+    for source in &s.by_source {
+        println!(
+            "  {:<24} {:>8} requests  ${:.2}  latest {}",
+            clean(&source.source),
+            source.requests,
+            source.cost_usd,
+            source.latest
         );
     }
     println!("by workload:");

@@ -782,6 +782,77 @@ fn server_supplied_text_is_printed_without_terminal_escapes() {
     assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
 }
 
+#[test]
+fn a_provider_export_imports_once_and_the_summary_names_its_source() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server_with(data_dir.path(), &["--no-demo-data"]);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let started = format!("{y:04}-{m:02}-{d:02}T00:00:01.000000");
+    // LiteLLM's spend log: one usable request, one without a model.
+    let log = data_dir.path().join("spend.json");
+    std::fs::write(
+        &log,
+        format!(
+            r#"[{{"request_id": "chatcmpl-1", "spend": 0.25, "prompt_tokens": 300,
+                  "completion_tokens": 50, "startTime": "{started}", "model": "gpt-4o",
+                  "custom_llm_provider": "openai", "request_tags": ["triage"]}},
+                {{"request_id": "chatcmpl-2", "spend": 0.1, "startTime": "{started}"}}]"#
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", "export@example.com"])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap()
+    };
+    let path = log.to_str().unwrap();
+    let first = run(&[
+        "usage",
+        "import",
+        "--format",
+        "litellm-spend",
+        path,
+        "--register",
+    ]);
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        out.contains("imported 1 rows") && out.contains("1 skipped"),
+        "{out}"
+    );
+    assert!(out.contains("skipped entry 1: no model"), "{out}");
+    let second = run(&["usage", "import", "--format", "litellm-spend", path]);
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        out.contains("imported 0 rows") && out.contains("1 already stored"),
+        "{out}"
+    );
+    let summary = run(&["usage", "summary", "--days", "2"]);
+    let out = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.status.success(), "{out}");
+    assert!(out.contains("1 requests"), "{out}");
+    let source_line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("litellm-spend"))
+        .unwrap_or_else(|| panic!("no source line: {out}"));
+    assert!(source_line.contains("$0.25"), "{source_line}");
+    let unknown = run(&["usage", "import", "--format", "excel", path]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown --format"));
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

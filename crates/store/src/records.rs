@@ -172,7 +172,12 @@ pub struct StoredEvent {
     pub json: String,
 }
 
-/// One row of the user's AI usage.
+/// One row of the user's AI usage: one request, or a provider export's bucket of many.
+///
+/// Token classes nest: `cached_tokens` and `cache_write_tokens` are part of
+/// `prompt_tokens`, `reasoning_tokens` part of `completion_tokens` (OpenAI's convention;
+/// sources that count them apart, like Anthropic's, are added up on the way in), so a
+/// total of prompt tokens never counts a cached token twice.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRow {
     pub provider: String,
@@ -181,9 +186,44 @@ pub struct UsageRow {
     pub ts_ms: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// For one request its latency; for a bucket (`requests > 1`) 0, unknown.
     pub latency_ms: i64,
     pub status: String,
     pub cost_usd: f64,
+    /// Requests the row stands for: 1, or a bucket's count.
+    pub requests: i64,
+    pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    /// Where the row came from: `upload`, `demo`, `apex`, `otlp`, `gateway`, or an export
+    /// format's name.
+    pub source: String,
+    /// The source's own id for the row; a row whose `(source, source_ref)` the user
+    /// already has is not stored again.
+    pub source_ref: Option<String>,
+}
+
+impl Default for UsageRow {
+    /// One successful request of an upload, with nothing counted yet.
+    fn default() -> Self {
+        Self {
+            provider: String::new(),
+            model: String::new(),
+            workload: String::new(),
+            ts_ms: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            latency_ms: 0,
+            status: "ok".into(),
+            cost_usd: 0.0,
+            requests: 1,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            source: "upload".into(),
+            source_ref: None,
+        }
+    }
 }
 
 /// How [`crate::Usage::import_usage`] writes one upload.
@@ -323,11 +363,20 @@ pub struct UsageTotals {
     pub model: String,
     pub workload: String,
     pub requests: i64,
-    /// Rows whose status is not `ok`.
+    /// Requests whose status is not `ok`.
     pub errors: i64,
+    /// Requests with a latency of their own (rows of one request, not buckets): the
+    /// population of the latency percentiles.
+    pub timed_requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub reasoning_tokens: i64,
     pub cost_usd: f64,
+    /// Where the rows came from (see [`UsageRow::source`]).
+    pub source: String,
+    /// When the group's latest row is dated.
+    pub last_ts_ms: i64,
 }
 
 /// A user's requests and spend on one model during one UTC day.

@@ -339,7 +339,7 @@ pub trait Usage: Send + Sync {
     /// Every row of `owner` dated at or after `since_ms`, by time. The server's own figures
     /// come from the grouped queries below, which load no row.
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
-    /// Totals per (provider, model, workload) of `owner`'s usage rows dated in
+    /// Totals per (provider, model, workload, source) of `owner`'s usage rows dated in
     /// `[since_ms, until_ms]`, computed by the database (no row is loaded).
     async fn usage_totals(
         &self,

@@ -20,7 +20,8 @@ use sqlx::{Pool, QueryBuilder, Row};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
-    CompletionRank, ImportOutcome, ImportPlan, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow, UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow,
+    UsageTotals,
 };
 use crate::roles::Usage;
 
@@ -45,6 +46,8 @@ async fn fetch_rows<T>(
 }
 
 /// Inserts `rows` of `owner` (tagged with `import`, if any) on the connection `conn`.
+/// A row whose `(source, source_ref)` the user already has is skipped (the unique index
+/// `workload_events_source_ref`); the count returned is of the rows stored.
 async fn insert_rows(
     conn: &mut <Db as sqlx::Database>::Connection,
     owner: UserId,
@@ -52,11 +55,13 @@ async fn insert_rows(
     rows: &[UsageRow],
 ) -> StoreResult<u64> {
     let mut inserted = 0;
-    // 11 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
+    // 17 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
     for chunk in rows.chunks(1000) {
         let mut builder: QueryBuilder<Db> = QueryBuilder::new(
             "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
-             prompt_tokens, completion_tokens, latency_ms, status, cost_usd, import_id) ",
+             prompt_tokens, completion_tokens, latency_ms, status, cost_usd, import_id, \
+             requests, cached_tokens, cache_write_tokens, reasoning_tokens, source, \
+             source_ref) ",
         );
         builder.push_values(chunk, |mut b, row| {
             b.push_bind(owner.to_string())
@@ -69,8 +74,15 @@ async fn insert_rows(
                 .push_bind(row.latency_ms)
                 .push_bind(&row.status)
                 .push_bind(row.cost_usd)
-                .push_bind(import.map(str::to_string));
+                .push_bind(import.map(str::to_string))
+                .push_bind(row.requests)
+                .push_bind(row.cached_tokens)
+                .push_bind(row.cache_write_tokens)
+                .push_bind(row.reasoning_tokens)
+                .push_bind(&row.source)
+                .push_bind(&row.source_ref);
         });
+        builder.push(" ON CONFLICT DO NOTHING");
         inserted += builder.build().execute(&mut *conn).await?.rows_affected();
     }
     Ok(inserted)
@@ -228,7 +240,8 @@ impl Usage for Shell {
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         let mut q = QueryBuilder::new(
             "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
-             status, cost_usd FROM workload_events WHERE user_id = ",
+             status, cost_usd, requests, cached_tokens, cache_write_tokens, reasoning_tokens, \
+             source, source_ref FROM workload_events WHERE user_id = ",
         );
         q.push_bind(owner.to_string()).push(" AND ts >= ").push_bind(since_ms);
         q.push(" ORDER BY ts, id");
@@ -243,6 +256,12 @@ impl Usage for Shell {
                 latency_ms: row.try_get(6)?,
                 status: row.try_get(7)?,
                 cost_usd: row.try_get(8)?,
+                requests: row.try_get(9)?,
+                cached_tokens: row.try_get(10)?,
+                cache_write_tokens: row.try_get(11)?,
+                reasoning_tokens: row.try_get(12)?,
+                source: row.try_get(13)?,
+                source_ref: row.try_get(14)?,
             })
         })
         .await
@@ -254,24 +273,34 @@ impl Usage for Shell {
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>> {
         let mut q = QueryBuilder::new(format!(
-            "SELECT provider, model, workload, COUNT(*), \
-             CAST(SUM(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END) AS BIGINT), \
+            "SELECT provider, model, workload, source, CAST(SUM(requests) AS BIGINT), \
+             CAST(SUM(CASE WHEN status <> 'ok' THEN requests ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN requests = 1 THEN 1 ELSE 0 END) AS BIGINT), \
              CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-             {} FROM workload_events",
+             CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), \
+             {}, MAX(ts) FROM workload_events",
             ENGINE.money_sum("cost_usd")
         ));
         push_window(&mut q, "", owner, since_ms, until_ms);
-        q.push(" GROUP BY provider, model, workload ORDER BY provider, model, workload");
+        q.push(
+            " GROUP BY provider, model, workload, source \
+             ORDER BY provider, model, workload, source",
+        );
         fetch_rows(&self.reads, q, |row| {
             Ok(UsageTotals {
                 provider: row.try_get(0)?,
                 model: row.try_get(1)?,
                 workload: row.try_get(2)?,
-                requests: row.try_get(3)?,
-                errors: row.try_get(4)?,
-                prompt_tokens: row.try_get(5)?,
-                completion_tokens: row.try_get(6)?,
-                cost_usd: row.try_get(7)?,
+                source: row.try_get(3)?,
+                requests: row.try_get(4)?,
+                errors: row.try_get(5)?,
+                timed_requests: row.try_get(6)?,
+                prompt_tokens: row.try_get(7)?,
+                completion_tokens: row.try_get(8)?,
+                cached_tokens: row.try_get(9)?,
+                reasoning_tokens: row.try_get(10)?,
+                cost_usd: row.try_get(11)?,
+                last_ts_ms: row.try_get(12)?,
             })
         })
         .await
@@ -291,7 +320,8 @@ impl Usage for Shell {
              ROW_NUMBER() OVER (ORDER BY latency_ms) AS rn FROM workload_events",
         );
         push_window(&mut q, "", owner, since_ms, until_ms);
-        q.push(") t WHERE t.rn IN (");
+        // A bucket's latency is unknown: only rows of one request are ranked.
+        q.push(" AND requests = 1) t WHERE t.rn IN (");
         let mut list = q.separated(", ");
         for rank in ranks {
             list.push_bind(*rank);
@@ -309,7 +339,7 @@ impl Usage for Shell {
         // The day is the floor of `ts / 86,400,000`, also for instants before 1970.
         let mut q = QueryBuilder::new(format!(
             "SELECT (ts - ((ts % 86400000) + 86400000) % 86400000) / 86400000 AS day, model, \
-             COUNT(*), {} FROM workload_events",
+             CAST(SUM(requests) AS BIGINT), {} FROM workload_events",
             ENGINE.money_sum("cost_usd")
         ));
         push_window(&mut q, "", owner, since_ms, until_ms);
@@ -344,8 +374,9 @@ impl Usage for Shell {
              FROM workload_events",
         );
         push_window(&mut q, "", owner, since_ms, until_ms);
+        // Ranked like latencies: a bucket's tokens per request are an average, not a request.
         q.push(
-            " AND workload IN (SELECT workload FROM wanted)) t \
+            " AND requests = 1 AND workload IN (SELECT workload FROM wanted)) t \
              JOIN wanted w ON w.workload = t.workload AND w.rnk = t.rn",
         );
         fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
@@ -385,13 +416,16 @@ impl Usage for Shell {
         }
         // `saved` is the row's cost minus its cost at the alternative's rates, computed with the
         // same float operations, in the same order, as `pricing::cost_at`, so the test
-        // `saved > 0` decides every row exactly as the per-row simulation did.
+        // `saved > 0` decides every row exactly as the per-row simulation did. A bucket of
+        // `requests` rows (a provider export) is judged by its tokens per request, and a cap
+        // by `cap` tokens per request; for one request that is the row itself.
         q.push(
-            "), scored AS (SELECT e.workload, e.model, e.completion_tokens, c.cap, \
-             CASE WHEN r.model IS NOT NULL AND e.prompt_tokens < ",
+            "), scored AS (SELECT e.workload, e.model, e.requests, e.completion_tokens, \
+             CASE WHEN e.requests > 0 THEN c.cap * e.requests END AS cap, \
+             CASE WHEN r.model IS NOT NULL AND e.prompt_tokens < e.requests * ",
         )
         .push_bind(query.short_prompt)
-        .push(" AND e.completion_tokens < ")
+        .push(" AND e.completion_tokens < e.requests * ")
         .push_bind(query.short_completion)
         .push(
             " THEN e.cost_usd - (e.prompt_tokens * r.input_rate + e.completion_tokens * r.output_rate) / ",
@@ -405,8 +439,8 @@ impl Usage for Shell {
         q.push(format!(
             " AND (r.model IS NOT NULL OR c.cap IS NOT NULL)) \
              SELECT workload, model, \
-             CAST(SUM(CASE WHEN saved > 0 THEN 1 ELSE 0 END) AS BIGINT), {}, \
-             CAST(SUM(CASE WHEN completion_tokens > cap THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN saved > 0 THEN requests ELSE 0 END) AS BIGINT), {}, \
+             CAST(SUM(CASE WHEN completion_tokens > cap THEN requests ELSE 0 END) AS BIGINT), \
              CAST(SUM(CASE WHEN completion_tokens > cap THEN completion_tokens - cap ELSE 0 END) \
              AS BIGINT) FROM scored WHERE saved > 0 OR completion_tokens > cap \
              GROUP BY workload, model ORDER BY workload, model",

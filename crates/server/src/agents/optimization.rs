@@ -52,16 +52,28 @@ pub struct SimulationInput {
 #[derive(Debug, Clone, Copy, Default)]
 struct WorkloadTotals {
     requests: i64,
+    /// Requests stored one per row (not in a provider export's bucket): the rows a
+    /// percentile can rank.
+    timed: i64,
     prompt_tokens: i64,
     completion_tokens: i64,
 }
 
 impl WorkloadTotals {
+    /// Per request; 0 for a workload known only from buckets that do not count requests.
     fn avg_prompt(&self) -> f64 {
-        self.prompt_tokens as f64 / self.requests as f64
+        per_request(self.prompt_tokens, self.requests)
     }
     fn avg_completion(&self) -> f64 {
-        self.completion_tokens as f64 / self.requests as f64
+        per_request(self.completion_tokens, self.requests)
+    }
+}
+
+fn per_request(tokens: i64, requests: i64) -> f64 {
+    if requests > 0 {
+        tokens as f64 / requests as f64
+    } else {
+        0.0
     }
 }
 
@@ -70,6 +82,7 @@ fn by_workload(totals: &[UsageTotals]) -> BTreeMap<&str, WorkloadTotals> {
     for group in totals {
         let w = workloads.entry(group.workload.as_str()).or_default();
         w.requests += group.requests;
+        w.timed += group.timed_requests;
         w.prompt_tokens += group.prompt_tokens;
         w.completion_tokens += group.completion_tokens;
     }
@@ -97,10 +110,10 @@ pub async fn gather(
     let totals = store.usage_totals(since_ms, until).await?;
     let wanted: Vec<CompletionRank> = by_workload(&totals)
         .into_iter()
-        .filter(|(_, w)| w.avg_completion() >= CAP_MIN_AVG_COMPLETION)
+        .filter(|(_, w)| w.timed > 0 && w.avg_completion() >= CAP_MIN_AVG_COMPLETION)
         .map(|(workload, w)| CompletionRank {
             workload: workload.to_string(),
-            rank: cap_rank(w.requests),
+            rank: cap_rank(w.timed),
         })
         .collect();
     let caps: BTreeMap<String, i64> = store
@@ -377,9 +390,14 @@ mod tests {
             workload: workload.into(),
             requests,
             errors: 0,
+            timed_requests: requests,
             prompt_tokens: tokens.0 * requests,
             completion_tokens: tokens.1 * requests,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
             cost_usd: pricing.cost(model, tokens.0, tokens.1).unwrap() * requests as f64,
+            source: "upload".into(),
+            last_ts_ms: 0,
         }
     }
 

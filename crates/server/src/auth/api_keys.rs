@@ -45,7 +45,7 @@ pub fn required_scope(method: &Method, path: &str) -> Option<ApiKeyScope> {
     use ApiKeyScope::*;
     let scope = match (method.as_str(), path) {
         ("GET", "/api/usage/summary" | "/api/usage/daily") => UsageRead,
-        ("POST", "/api/usage/events") => UsageWrite,
+        ("POST", "/api/usage/events" | "/otlp/v1/traces") => UsageWrite,
         (_, "/v1/models" | "/v1/chat/completions") => Chat,
         (_, path) if path.starts_with("/api/threads") || path.starts_with("/api/runs") => Chat,
         _ => return None,

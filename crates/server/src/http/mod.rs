@@ -11,6 +11,7 @@ pub mod health;
 mod keys;
 mod openai_compat;
 pub mod openapi;
+mod otlp;
 mod run_stream;
 pub(crate) mod runs;
 pub(crate) mod threads;
@@ -72,6 +73,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::events))
         .routes(
             routes!(usage::import).layer(axum::extract::DefaultBodyLimit::max(
+                MAX_UPLOAD_BYTES as usize,
+            )),
+        )
+        .routes(
+            routes!(otlp::traces).layer(axum::extract::DefaultBodyLimit::max(
                 MAX_UPLOAD_BYTES as usize,
             )),
         )
@@ -151,7 +157,10 @@ async fn refuse_announced_oversize(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let limit = if request.uri().path() == "/api/usage/events" {
+    let limit = if matches!(
+        request.uri().path(),
+        "/api/usage/events" | "/otlp/v1/traces"
+    ) {
         MAX_UPLOAD_BYTES
     } else {
         MAX_BODY_BYTES

@@ -21,19 +21,35 @@ use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{ImportOutcome, ImportPlan};
+use crate::usage::exports::{read_export, ExportFormat};
 use crate::usage::import::{parse_csv, validate, IMPORT_CHUNK_ROWS};
 use crate::usage::{daily_for, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
 use crate::user_store::UserStore;
 
+/// `?format=` of an upload.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImportQuery {
+    /// `rows` (the default: Apex's rows, as JSON or CSV by `Content-Type`), or a provider
+    /// export: `openai-usage` (OpenAI's organization Usage API, completions),
+    /// `anthropic-usage` (Anthropic's usage report for messages), `litellm-spend`
+    /// (LiteLLM's spend logs).
+    pub format: Option<String>,
+}
+
 /// Adds usage rows: a JSON array of events, or CSV with a header row of the same field
-/// names. The batch is all or nothing, and refused whole if it would leave the user with
-/// more stored rows than the quota.
+/// names; or a provider's usage export (`?format=`). Rows are all or nothing, and the
+/// upload is refused whole if it would leave the user with more stored rows than the
+/// quota; an export's entries Apex cannot use are skipped and listed. A row stored before
+/// (same `id`, or the export's own id for it) is counted in `duplicates`, not stored
+/// again.
 #[utoipa::path(
     post,
     path = "/api/usage/events",
     operation_id = "import_usage",
     tag = "usage",
     security(("bearer_jwt" = [])),
+    params(ImportQuery),
     request_body(
         description = "Up to 32 MiB",
         content(
@@ -55,6 +71,7 @@ use crate::user_store::UserStore;
 pub async fn import(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    ApiQuery(query): ApiQuery<ImportQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<UsageImportResult>), ApiError> {
@@ -68,31 +85,48 @@ pub async fn import(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let inputs: Vec<UsageEventInput> = if content_type.starts_with("text/csv") {
-        parse_csv(&body).map_err(|e| ApiError::validation(e.to_string()))?
-    } else if content_type.starts_with("application/json") {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::validation(format!("body must be a JSON array of usage events: {e}"))
-        })?
-    } else {
-        return Err(ApiError::client(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            codes::UNSUPPORTED_MEDIA_TYPE,
-            "send application/json (an array) or text/csv",
-        ));
+    let (rows, skipped) = match query.format.as_deref().map(str::trim) {
+        None | Some("") | Some("rows") | Some("csv") | Some("json") => {
+            (read_rows(&state, &content_type, &body)?, Vec::new())
+        }
+        Some(name) => {
+            let format = ExportFormat::parse(name).ok_or_else(|| {
+                ApiError::validation(format!(
+                    "format {name:?} is not one of rows, openai-usage, anthropic-usage, \
+                     litellm-spend"
+                ))
+            })?;
+            let read =
+                read_export(format, &body, &state.infra.pricing).map_err(ApiError::validation)?;
+            (read.rows, read.skipped)
+        }
     };
-    let rows =
-        validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))?;
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    if rows.is_empty() {
+        // An export with nothing usable in it: nothing to store, everything explained.
+        return Ok((
+            StatusCode::CREATED,
+            Json(UsageImportResult {
+                inserted: 0,
+                duplicates: 0,
+                skipped,
+            }),
+        ));
+    }
     let plan = ImportPlan {
         quota: state.settings.limits.import_row_quota,
         chunk_rows: IMPORT_CHUNK_ROWS,
         now_ms: now_ms(),
     };
     match store.import_usage(&rows, &plan).await? {
-        ImportOutcome::Stored(inserted) => {
-            Ok((StatusCode::CREATED, Json(UsageImportResult { inserted })))
-        }
+        ImportOutcome::Stored(inserted) => Ok((
+            StatusCode::CREATED,
+            Json(UsageImportResult {
+                inserted,
+                duplicates: (rows.len() as u64).saturating_sub(inserted),
+                skipped,
+            }),
+        )),
         ImportOutcome::OverQuota { stored, quota } => Err(ApiError::client(
             StatusCode::CONFLICT,
             codes::IMPORT_QUOTA_EXCEEDED,
@@ -103,6 +137,28 @@ pub async fn import(
             ),
         )),
     }
+}
+
+/// Apex's own rows, as JSON or CSV by `content_type`, validated all or nothing.
+fn read_rows(
+    state: &AppState,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Vec<crate::store::UsageRow>, ApiError> {
+    let inputs: Vec<UsageEventInput> = if content_type.starts_with("text/csv") {
+        parse_csv(body).map_err(|e| ApiError::validation(e.to_string()))?
+    } else if content_type.starts_with("application/json") {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::validation(format!("body must be a JSON array of usage events: {e}"))
+        })?
+    } else {
+        return Err(ApiError::client(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            codes::UNSUPPORTED_MEDIA_TYPE,
+            "send application/json (an array) or text/csv",
+        ));
+    };
+    validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))
 }
 
 /// `?days=N` of the summary and the daily series.

@@ -129,6 +129,8 @@ pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageR
                     latency_ms,
                     status: status.to_string(),
                     cost_usd,
+                    source: "demo".into(),
+                    ..UsageRow::default()
                 });
             }
         }

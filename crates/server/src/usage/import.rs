@@ -89,6 +89,29 @@ pub fn validate(
             let prompt_tokens = count_field(index, "prompt_tokens", input.prompt_tokens)?;
             let completion_tokens =
                 count_field(index, "completion_tokens", input.completion_tokens)?;
+            let cached_tokens =
+                count_field(index, "cached_tokens", input.cached_tokens.unwrap_or(0))?;
+            if cached_tokens > prompt_tokens {
+                return Err(row_error(
+                    index,
+                    "cached_tokens are part of prompt_tokens and cannot exceed them",
+                ));
+            }
+            let reasoning_tokens = count_field(
+                index,
+                "reasoning_tokens",
+                input.reasoning_tokens.unwrap_or(0),
+            )?;
+            if reasoning_tokens > completion_tokens {
+                return Err(row_error(
+                    index,
+                    "reasoning_tokens are part of completion_tokens and cannot exceed them",
+                ));
+            }
+            let source_ref = match input.id.as_deref() {
+                None => None,
+                Some(id) => Some(text_field(index, "id", id)?),
+            };
             let status = match input.status.as_deref().map(str::trim) {
                 None | Some("") | Some("ok") | Some("success") => "ok",
                 Some("error") | Some("failed") => "error",
@@ -102,7 +125,7 @@ pub fn validate(
             let cost_usd = match input.cost_usd {
                 Some(cost) => cost,
                 None => pricing
-                    .cost(&model, prompt_tokens, completion_tokens)
+                    .cost_with_cache(&model, prompt_tokens, cached_tokens, completion_tokens)
                     .ok_or_else(|| {
                         row_error(
                             index,
@@ -128,6 +151,10 @@ pub fn validate(
                 status: status.to_string(),
                 cost_usd,
                 model,
+                cached_tokens,
+                reasoning_tokens,
+                source_ref,
+                ..UsageRow::default()
             })
         })
         .collect()
@@ -183,6 +210,9 @@ mod tests {
             latency_ms: 1,
             status: None,
             cost_usd: None,
+            cached_tokens: None,
+            reasoning_tokens: None,
+            id: None,
         };
         assert!(validate(vec![input.clone()], &pricing).is_err());
         let negative = UsageEventInput {
@@ -206,6 +236,9 @@ mod tests {
             latency_ms: 1,
             status: None,
             cost_usd: Some(cost),
+            cached_tokens: None,
+            reasoning_tokens: None,
+            id: None,
         };
         for bad in [
             1.7e308,

@@ -50,6 +50,8 @@ pub fn usage_row(pricing: &PricingTable, call: &LlmCall<'_>, now_ms: i64) -> Opt
         latency_ms: i64::try_from(call.elapsed.as_millis()).unwrap_or(i64::MAX),
         status: if call.succeeded { "ok" } else { "error" }.into(),
         cost_usd,
+        source: "apex".into(),
+        ..UsageRow::default()
     })
 }
 

@@ -1,6 +1,6 @@
 //! A user's AI usage: the built-in pricing table, demo data, the usage summary, the
-//! daily series behind the web page's chart, and [`llm_calls`]: Apex's own LLM requests
-//! recorded as the requesting user's usage.
+//! daily series behind the web page's chart, [`exports`]: provider usage exports read into
+//! rows, and [`llm_calls`]: Apex's own LLM requests recorded as the requesting user's usage.
 //!
 //! The summary is computed by one function, [`summary_for`], used both by
 //! `GET /api/usage/summary` and by the data agent's `usage_summary` tool, so the numbers in
@@ -8,8 +8,10 @@
 
 mod daily;
 pub mod demo;
+pub mod exports;
 pub mod import;
 pub mod llm_calls;
+pub mod otlp;
 pub mod pricing;
 mod summary;
 

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 
-use apex_protocol::usage::{LatencyPercentiles, ModelUsage, UsageSummary, WorkloadUsage};
+use apex_protocol::usage::{
+    LatencyPercentiles, ModelUsage, SourceUsage, UsageSummary, WorkloadUsage,
+};
 
 use crate::clock::ms_to_rfc3339;
 use crate::store::{StoreResult, UsageTotals};
@@ -23,7 +25,8 @@ const PERCENTILES: [f64; 3] = [50.0, 95.0, 99.0];
 pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<UsageSummary> {
     let start_ms = window_start_ms(days, now_ms);
     let totals = store.usage_totals(start_ms, now_ms).await?;
-    let count: i64 = totals.iter().map(|t| t.requests).sum();
+    // Percentiles rank the requests that have a latency of their own.
+    let count: i64 = totals.iter().map(|t| t.timed_requests).sum();
     let mut latency = LatencyPercentiles::default();
     if count > 0 {
         let ranks = PERCENTILES.map(|p| percentile_rank(count, p));
@@ -85,8 +88,10 @@ pub fn summarize(
 ) -> UsageSummary {
     let mut by_model: HashMap<(&str, &str), ModelUsage> = HashMap::new();
     let mut by_workload: HashMap<&str, WorkloadUsage> = HashMap::new();
+    let mut by_source: HashMap<&str, (SourceUsage, i64)> = HashMap::new();
     let (mut requests, mut prompt, mut completion, mut cost, mut errors) =
         (0i64, 0i64, 0i64, 0f64, 0i64);
+    let (mut cached, mut reasoning) = (0i64, 0i64);
     // Saturating: the counts come from the database, which bounds nothing.
     for group in totals {
         requests = requests.saturating_add(group.requests);
@@ -94,6 +99,22 @@ pub fn summarize(
         completion = completion.saturating_add(group.completion_tokens);
         cost += group.cost_usd;
         errors = errors.saturating_add(group.errors);
+        cached = cached.saturating_add(group.cached_tokens);
+        reasoning = reasoning.saturating_add(group.reasoning_tokens);
+        let (source, latest) = by_source.entry(group.source.as_str()).or_insert_with(|| {
+            (
+                SourceUsage {
+                    source: group.source.clone(),
+                    requests: 0,
+                    cost_usd: 0.0,
+                    latest: String::new(),
+                },
+                i64::MIN,
+            )
+        });
+        source.requests = source.requests.saturating_add(group.requests);
+        source.cost_usd += group.cost_usd;
+        *latest = (*latest).max(group.last_ts_ms);
         let m = by_model
             .entry((group.provider.as_str(), group.model.as_str()))
             .or_insert_with(|| ModelUsage {
@@ -102,11 +123,13 @@ pub fn summarize(
                 requests: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
+                cached_tokens: 0,
                 cost_usd: 0.0,
             });
         m.requests = m.requests.saturating_add(group.requests);
         m.prompt_tokens = m.prompt_tokens.saturating_add(group.prompt_tokens);
         m.completion_tokens = m.completion_tokens.saturating_add(group.completion_tokens);
+        m.cached_tokens = m.cached_tokens.saturating_add(group.cached_tokens);
         m.cost_usd += group.cost_usd;
         let w = by_workload
             .entry(group.workload.as_str())
@@ -115,6 +138,7 @@ pub fn summarize(
                 requests: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
+                cached_tokens: 0,
                 cost_usd: 0.0,
                 avg_prompt_tokens: 0.0,
                 avg_completion_tokens: 0.0,
@@ -122,6 +146,7 @@ pub fn summarize(
         w.requests = w.requests.saturating_add(group.requests);
         w.prompt_tokens = w.prompt_tokens.saturating_add(group.prompt_tokens);
         w.completion_tokens = w.completion_tokens.saturating_add(group.completion_tokens);
+        w.cached_tokens = w.cached_tokens.saturating_add(group.cached_tokens);
         w.cost_usd += group.cost_usd;
     }
 
@@ -141,8 +166,10 @@ pub fn summarize(
         .into_values()
         .map(|mut w| {
             w.cost_usd = round_usd(w.cost_usd);
-            w.avg_prompt_tokens = (w.prompt_tokens as f64 / w.requests as f64).round();
-            w.avg_completion_tokens = (w.completion_tokens as f64 / w.requests as f64).round();
+            // A workload known only from buckets that do not count requests has no average.
+            let requests = w.requests.max(1) as f64;
+            w.avg_prompt_tokens = (w.prompt_tokens as f64 / requests).round();
+            w.avg_completion_tokens = (w.completion_tokens as f64 / requests).round();
             w
         })
         .collect();
@@ -152,6 +179,16 @@ pub fn summarize(
             .then(a.workload.cmp(&b.workload))
     });
 
+    let mut by_source: Vec<SourceUsage> = by_source
+        .into_values()
+        .map(|(mut s, latest)| {
+            s.cost_usd = round_usd(s.cost_usd);
+            s.latest = ms_to_rfc3339(latest);
+            s
+        })
+        .collect();
+    by_source.sort_by(|a, b| a.source.cmp(&b.source));
+
     UsageSummary {
         days,
         window_start: ms_to_rfc3339(window_start_ms),
@@ -159,10 +196,13 @@ pub fn summarize(
         error_requests: errors,
         total_prompt_tokens: prompt,
         total_completion_tokens: completion,
+        total_cached_tokens: cached,
+        total_reasoning_tokens: reasoning,
         total_cost_usd: round_usd(cost),
         latency_ms: latency,
         by_model,
         by_workload,
+        by_source,
     }
 }
 
@@ -177,9 +217,14 @@ mod tests {
             workload: workload.into(),
             requests,
             errors: 0,
+            timed_requests: requests,
             prompt_tokens: 100 * requests,
             completion_tokens: 10 * requests,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
             cost_usd: cost,
+            source: "upload".into(),
+            last_ts_ms: 0,
         }
     }
 

@@ -586,6 +586,17 @@ async fn a_run_that_waited_for_approval_makes_exactly_the_llm_requests_of_one_th
     );
 }
 
+/// Waits until the run's stored status reads `awaiting_approval`.
+async fn wait_until_parked(app: &TestApp, user: &TestUser, run: &str) {
+    for _ in 0..250 {
+        if run_view(app, user, run).await["status"] == "awaiting_approval" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("run {run} was never parked");
+}
+
 #[tokio::test]
 async fn a_run_recovered_after_its_process_died_while_parking_asks_again_from_its_checkpoint() {
     use apex_protocol::threads::RunStatus;
@@ -596,6 +607,9 @@ async fn a_run_recovered_after_its_process_died_while_parking_asks_again_from_it
     let (run, _) = start_with_approval(&mut ws, None).await;
     let before = until_approval_required(&mut ws, &run).await;
     let approval_id = before.last().unwrap().payload["approval_id"].clone();
+    // The request reaches the client before the run is parked; rewriting the row before
+    // the park lands would let the park overwrite it, so wait for the park first.
+    wait_until_parked(&app, &user, &run).await;
 
     // The row as a process leaves it when it dies after recording the request and before
     // parking the run: still `running`, the checkpoint stored, no answer. A restart
@@ -617,15 +631,7 @@ async fn a_run_recovered_after_its_process_died_while_parking_asks_again_from_it
     assert_eq!(again.len(), 1, "nothing but the request again: {again:?}");
     assert_eq!(again[0].payload["approval_id"], approval_id);
     assert_eq!(again[0].seq, before.len() as u64 + 1);
-    let mut parked = false;
-    for _ in 0..100 {
-        if run_view(&app, &user, &run).await["status"] == "awaiting_approval" {
-            parked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(parked);
+    wait_until_parked(&app, &user, &run).await;
 
     ws.send_json(json!({"type": "approval", "run_id": run, "approval_id": approval_id, "decision": "approve"}))
         .await;

@@ -107,6 +107,7 @@ async fn an_imported_cost_of_1_7e308_is_refused_and_the_summary_stays_finite() {
         latency_ms: 1,
         status: "ok".into(),
         cost_usd: 1.7e308,
+        ..UsageRow::default()
     };
     app.state
         .infra
@@ -189,6 +190,7 @@ async fn concurrent_imports_of_one_user_never_pass_the_quota_or_store_half() {
             latency_ms: 1,
             status: "ok".into(),
             cost_usd: 0.01,
+            ..UsageRow::default()
         })
         .collect();
     // Four imports of 2,000 rows at once: at most two fit. Each checks the quota before
@@ -488,6 +490,7 @@ async fn an_import_whose_later_chunk_fails_leaves_none_of_its_rows() {
             latency_ms: 1,
             status: "ok".into(),
             cost_usd: 0.01,
+            ..UsageRow::default()
         })
         .collect();
     // PostgreSQL cannot store U+0000 in text: the fourth chunk fails there, after three

@@ -31,6 +31,7 @@ mod stress;
 mod text;
 mod threads;
 mod usage;
+mod usage_sources;
 mod usage_sql;
 mod web_page;
 mod websocket;

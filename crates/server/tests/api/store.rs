@@ -576,6 +576,7 @@ async fn both_engines_answer_alike_on_edge_cases() {
             latency_ms: 10,
             status: "ok".into(),
             cost_usd: 0.1 + 0.2 * i as f64,
+            ..UsageRow::default()
         })
         .collect();
     assert_eq!(store.insert_usage(owner, &rows).await.unwrap(), 3);

@@ -39,6 +39,7 @@ fn row(model: &str, workload: &str, ts_ms: i64, tokens: (i64, i64), cost_usd: f6
         latency_ms: 100 + tokens.1,
         status: if tokens.1 % 7 == 0 { "error" } else { "ok" }.into(),
         cost_usd,
+        ..UsageRow::default()
     }
 }
 
