@@ -182,8 +182,8 @@ if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
         "Python's openapi-spec-validator is not installed (pip install openapi-spec-validator)"
 fi
 if ! python3 -c 'import openai' 2>/dev/null; then
-    leave_out "the official openai client's tests (api and api_postgres openai_compat, llm openai_api)" \
-        'test(/^(api::)?openai_compat::the_openai_package_gets_pipeline_answers_about_the_users_own_data$/) | (binary_id(apex-server::llm) & test(=openai_api::the_openai_package_talks_to_the_local_model))' \
+    leave_out "the official openai client's tests (api and api_postgres openai_compat and gateway, llm openai_api)" \
+        'test(/^(api::)?openai_compat::the_openai_package_gets_pipeline_answers_about_the_users_own_data$/) | test(/^(api::)?gateway::the_official_openai_client_through_the_gateway_is_counted_streamed_and_not$/) | (binary_id(apex-server::llm) & test(=openai_api::the_openai_package_talks_to_the_local_model))' \
         "Python's openai package is not installed (pip install openai)"
 fi
 

@@ -357,6 +357,23 @@ try {
     assert.equal(await pageA.locator('#usage-legend img, #usage-chart img').count(), 0, 'markup is not parsed');
     assert.equal(await pageA.textContent('#stat-total'),
       `$${(alice.summary.total_cost_usd + 5).toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`);
+    await pageA.waitForSelector('#usage-sources li[data-source="upload"]');
+    const sources = await pageA.locator('#usage-sources li').evaluateAll((els) => els.map((e) => e.dataset.source));
+    assert.ok(sources.includes('demo') && sources.includes('upload'), `the page says where the figures came from: ${sources}`);
+    assert.match(await pageA.textContent('#usage-sources li[data-source="upload"]'), /\$5\.00 · 2 requests/);
+
+    // A provider export: LiteLLM's spend log, one usable entry, uploaded twice.
+    const log = JSON.stringify([
+      { request_id: 'chatcmpl-page-1', spend: 0.25, prompt_tokens: 300, completion_tokens: 50, startTime: ts, model: 'gpt-4o', request_tags: ['page-export'] },
+      { request_id: 'chatcmpl-page-2', spend: 0.1, startTime: ts },
+    ]);
+    await pageA.selectOption('#import-format', 'litellm-spend');
+    for (const expected of [/Imported 1 rows .*1 skipped: entry 1: no model/, /Imported 0 rows .*1 already stored/]) {
+      await pageA.setInputFiles('#csv-file', { name: 'spend.json', mimeType: 'application/json', buffer: Buffer.from(log) });
+      await pageA.click('#csv-upload');
+      await pageA.waitForFunction((re) => new RegExp(re).test(document.getElementById('csv-status').textContent), expected.source);
+    }
+    await pageA.waitForSelector('#usage-sources li[data-source="litellm-spend"]');
     await pageA.screenshot({ path: join(ARTIFACTS, 'usage-alice-after-upload.png'), fullPage: true });
 
     // Bob's chart has none of it.
@@ -379,7 +396,7 @@ try {
     assert.ok(!listed.includes(key.slice(12)), 'the list never shows the key');
     const summary = await fetch(`${BASE}/api/usage/summary?days=30`, { headers: { Authorization: `Bearer ${key}` } });
     assert.equal(summary.status, 200);
-    assert.equal((await summary.json()).total_requests, alice.summary.total_requests + 2, "Alice's own rows");
+    assert.equal((await summary.json()).total_requests, alice.summary.total_requests + 3, "Alice's own rows (two uploaded, one imported)");
     const threads = await fetch(`${BASE}/api/threads`, { headers: { Authorization: `Bearer ${key}` } });
     assert.equal(threads.status, 403, 'a usage key cannot read conversations');
     await pageA.screenshot({ path: join(ARTIFACTS, 'keys-alice.png'), fullPage: true });

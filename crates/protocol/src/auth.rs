@@ -103,13 +103,18 @@ pub enum ApiKeyScope {
     /// `POST /api/usage/events`: rows stored as the key's user's, whatever they say.
     #[serde(rename = "usage:write")]
     UsageWrite,
+    /// `/v1/chat/completions` and `/v1/embeddings` with an upstream's model: the LLM
+    /// gateway, each call recorded as the key's user's usage.
+    #[serde(rename = "gateway")]
+    Gateway,
 }
 
 impl ApiKeyScope {
-    pub const ALL: [ApiKeyScope; 3] = [
+    pub const ALL: [ApiKeyScope; 4] = [
         ApiKeyScope::Chat,
         ApiKeyScope::UsageRead,
         ApiKeyScope::UsageWrite,
+        ApiKeyScope::Gateway,
     ];
 
     /// The wire (and stored) name.
@@ -118,6 +123,7 @@ impl ApiKeyScope {
             ApiKeyScope::Chat => "chat",
             ApiKeyScope::UsageRead => "usage:read",
             ApiKeyScope::UsageWrite => "usage:write",
+            ApiKeyScope::Gateway => "gateway",
         }
     }
 

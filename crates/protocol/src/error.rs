@@ -96,13 +96,16 @@ pub enum ErrorCode {
     ApprovalExpired,
     /// An API key was used on a route its scopes do not allow (or one no key may use).
     InsufficientScope,
+    /// The gateway could not reach the model's upstream (an upstream's own error answers
+    /// are passed on as they came).
+    UpstreamUnavailable,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 33] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -135,6 +138,7 @@ impl ErrorCode {
         ErrorCode::ApprovalAlreadyDecided,
         ErrorCode::ApprovalExpired,
         ErrorCode::InsufficientScope,
+        ErrorCode::UpstreamUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -179,6 +183,7 @@ impl ErrorCode {
             }
             ErrorCode::ApprovalExpired => ("approval_expired", "APPROVAL_EXPIRED", 409),
             ErrorCode::InsufficientScope => ("insufficient_scope", "INSUFFICIENT_SCOPE", 403),
+            ErrorCode::UpstreamUnavailable => ("upstream_unavailable", "UPSTREAM_UNAVAILABLE", 502),
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -230,6 +235,7 @@ pub mod codes {
     pub const APPROVAL_ALREADY_DECIDED: &str = C::ApprovalAlreadyDecided.rest();
     pub const APPROVAL_EXPIRED: &str = C::ApprovalExpired.rest();
     pub const INSUFFICIENT_SCOPE: &str = C::InsufficientScope.rest();
+    pub const UPSTREAM_UNAVAILABLE: &str = C::UpstreamUnavailable.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

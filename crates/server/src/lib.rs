@@ -23,7 +23,9 @@
 //!    [`auth::AuthenticatedUser`], the only source of a user id; [`context`]: the immutable
 //!    `UserExecutionContext` of a run; [`user_store`]: `UserStore`, the user-scoped handle
 //!    through which all user data is read and written; [`usage`]: pricing, demo data, the
-//!    usage summary, and Apex's own LLM requests as the user's usage; [`events`]:
+//!    usage summary, provider exports and OpenTelemetry spans read into rows, and Apex's
+//!    own LLM requests as the user's usage; [`gateway`]: the LLM gateway's upstreams and
+//!    the usage row of each call it forwards; [`events`]:
 //!    `UserEmitter` (per run: seq, persist, deliver), the event log and following a run;
 //!    [`views`]: the API's views of stored records.
 //! 3. **Agents.** [`agents`]: `AgentInstanceFactory` (per run), the pipeline and the five
@@ -48,6 +50,7 @@ pub mod clock;
 pub mod context;
 pub(crate) mod error;
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod ids;
 pub(crate) mod lifecycle;
@@ -207,6 +210,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         limits,
         lifecycle,
         metrics: None,
+        gateway: gateway::build(&settings.gateway)?,
         settings: Arc::new(settings),
     };
     if state.settings.bus_url.is_none() {

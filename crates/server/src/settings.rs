@@ -139,6 +139,37 @@ pub struct OpenAiSettings {
     pub structured_output: bool,
 }
 
+/// The LLM gateway: upstream providers `/v1/chat/completions` and `/v1/embeddings`
+/// forward to, for keys with the `gateway` scope (see `crate::gateway`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Empty: no gateway (only `apex` and the local model answer at `/v1`).
+    pub upstreams: Vec<GatewayUpstream>,
+    /// Longest wait for an upstream's response to start, and between two streamed chunks.
+    pub timeout: Duration,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One OpenAI-compatible upstream of the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayUpstream {
+    /// Its name, also the `provider` of the usage rows its calls make (`openai`), and the
+    /// prefix that routes a model to it (`openai/gpt-4o`).
+    pub name: String,
+    /// Up to and including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Sent upstream as a bearer token; never logged.
+    pub api_key: Option<Secret>,
+}
+
 impl Default for OpenAiSettings {
     fn default() -> Self {
         Self {
@@ -243,6 +274,8 @@ pub struct Settings {
     pub llm_provider: LlmProviderKind,
     pub local_model: LocalModelSettings,
     pub openai: OpenAiSettings,
+    /// Upstream providers of the LLM gateway.
+    pub gateway: GatewaySettings,
     /// Let triage ask the LLM (structured output) before its keyword rules.
     pub llm_triage: bool,
     /// `redis://...`: run as one of several instances, with events and stop requests
@@ -304,6 +337,7 @@ impl Settings {
             llm_provider: LlmProviderKind::Local,
             local_model: LocalModelSettings::default(),
             openai: OpenAiSettings::default(),
+            gateway: GatewaySettings::default(),
             llm_triage: true,
             bus_url: None,
             bus_channel_prefix: "apex".into(),

@@ -28,5 +28,7 @@ pub struct AppState {
     pub lifecycle: Lifecycle,
     /// Renders `/metrics` when the embedding binary installed a Prometheus recorder.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The LLM gateway's upstreams and HTTP client (immutable; no user state).
+    pub gateway: Arc<crate::gateway::Gateway>,
     pub settings: Arc<Settings>,
 }

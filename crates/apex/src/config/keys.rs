@@ -397,6 +397,31 @@ pub(super) static KEYS: &[Key] = &[
     )
     .flag("openai-max-retries", "N"),
     key(
+        "gateway_upstream",
+        "gateway.upstreams",
+        "APEX_GATEWAY_UPSTREAMS",
+        "An upstream of the LLM gateway, NAME=BASE_URL (e.g. openai=https://api.openai.com/v1; \
+         repeatable; comma-separated in the variable; an array in the file). Keys with the \
+         gateway scope reach it at /v1 by model (openai/gpt-4o, or gpt-4o by its provider). \
+         None by default.",
+    )
+    .list("gateway-upstream", "NAME=URL"),
+    key(
+        "gateway_api_keys",
+        "gateway.api_keys",
+        "APEX_GATEWAY_API_KEYS",
+        "The upstreams' API keys, NAME=KEY,NAME=KEY (variable or file only; never logged).",
+    )
+    .secret()
+    .unset("no key sent upstream"),
+    key(
+        "gateway_timeout_secs",
+        "gateway.timeout_secs",
+        "APEX_GATEWAY_TIMEOUT_SECS",
+        "Longest wait for an upstream's answer to start, and between two streamed chunks.",
+    )
+    .flag("gateway-timeout-secs", "SECS"),
+    key(
         "jwt_secret",
         "server.jwt_secret",
         "APEX_JWT_SECRET",

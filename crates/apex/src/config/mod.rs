@@ -43,7 +43,7 @@ use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail};
 use apex_protocol::threads::MultitaskStrategy;
-use apex_server::settings::{DatabasePool, LlmProviderKind, Settings};
+use apex_server::settings::{DatabasePool, GatewayUpstream, LlmProviderKind, Settings};
 use serde::{Deserialize, Serialize};
 
 pub use flags::{DatabaseFlags, ServeFlags};
@@ -72,6 +72,7 @@ struct Config {
     runs: Runs,
     llm: Llm,
     openai: OpenAi,
+    gateway: Gateway,
     bus: Bus,
     legacy_client: LegacyClient,
 }
@@ -246,6 +247,89 @@ impl Default for OpenAi {
     }
 }
 
+/// The LLM gateway's upstreams.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Gateway {
+    upstreams: List,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_keys: Option<SecretText<1>>,
+    timeout_secs: Int<1, 3600>,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            upstreams: List::default(),
+            api_keys: None,
+            timeout_secs: Int::new(120),
+        }
+    }
+}
+
+impl Gateway {
+    /// The upstreams, each `NAME=URL`, with their keys from `api_keys` (`NAME=KEY,...`).
+    /// Errors name the key at fault and the entry, never an API key.
+    fn upstreams(&self) -> Result<Vec<GatewayUpstream>, (&'static str, String)> {
+        let upstream_error = |message: String| ("gateway_upstream", message);
+        let mut keys = std::collections::HashMap::new();
+        if let Some(secret) = &self.api_keys {
+            for entry in secret
+                .get()
+                .expose()
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+            {
+                let Some((name, key)) = entry.split_once('=') else {
+                    return Err(("gateway_api_keys", "each entry is NAME=KEY".into()));
+                };
+                keys.insert(name.trim().to_string(), key.trim().to_string());
+            }
+        }
+        let mut upstreams: Vec<GatewayUpstream> = Vec::new();
+        for entry in self.upstreams.get() {
+            let Some((name, url)) = entry.split_once('=') else {
+                return Err(upstream_error(format!(
+                    "gateway_upstream {entry:?} is not NAME=BASE_URL"
+                )));
+            };
+            let (name, url) = (name.trim(), url.trim());
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(upstream_error(format!(
+                    "gateway_upstream {entry:?}: the name is letters, digits, '-', '_' or '.'"
+                )));
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(upstream_error(format!(
+                    "gateway_upstream {entry:?}: the base URL must start with http:// or https://"
+                )));
+            }
+            if upstreams.iter().any(|u| u.name == name) {
+                return Err(upstream_error(format!(
+                    "gateway_upstream {name:?} is given twice"
+                )));
+            }
+            upstreams.push(GatewayUpstream {
+                name: name.to_string(),
+                base_url: url.to_string(),
+                api_key: keys.remove(name).map(apex_server::settings::Secret::new),
+            });
+        }
+        if let Some(name) = keys.keys().next() {
+            return Err((
+                "gateway_api_keys",
+                format!("names {name:?}, which is not a gateway_upstream"),
+            ));
+        }
+        Ok(upstreams)
+    }
+}
+
 /// Several instances over Redis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,6 +434,9 @@ impl Config {
                 layers.locate("legacy_client_origin")
             );
         }
+        if let Err((key, problem)) = self.gateway.upstreams() {
+            bail!("{}: {problem}", layers.locate(key));
+        }
         if self.bus.url.is_some() {
             let url = self.database.settings().database_url();
             if apex_server::store::Backend::from_url(url.expose())
@@ -380,6 +467,7 @@ impl Config {
             runs,
             llm,
             openai,
+            gateway,
             bus,
             legacy_client,
             database: _,
@@ -429,6 +517,9 @@ impl Config {
         settings.openai.api_key = openai.api_key.as_ref().map(|s| s.get().clone());
         settings.openai.timeout = openai.timeout_secs.secs();
         settings.openai.max_retries = openai.max_retries.to_u32();
+        // Checked by `check` before this runs.
+        settings.gateway.upstreams = gateway.upstreams().unwrap_or_default();
+        settings.gateway.timeout = gateway.timeout_secs.secs();
         settings.bus_url = bus.url.as_ref().map(|s| s.get().clone());
         settings.bus_channel_prefix = bus.channel_prefix.get().to_string();
         settings.instance_heartbeat = bus.instance_heartbeat_ms.millis();

@@ -100,6 +100,21 @@ fn text(v: &Value) -> &str {
     v.as_str().unwrap_or("?")
 }
 
+/// How a usage source is named in an answer.
+fn source_name(source: &str) -> String {
+    match source {
+        "upload" => "your uploads".into(),
+        "demo" => "demo data".into(),
+        "apex" => "Apex's own LLM calls".into(),
+        "otlp" => "OpenTelemetry spans".into(),
+        "gateway" => "calls through Apex's LLM gateway".into(),
+        "openai-usage" => "OpenAI's usage export".into(),
+        "anthropic-usage" => "Anthropic's usage report".into(),
+        "litellm-spend" => "LiteLLM's spend logs".into(),
+        other => other.to_string(),
+    }
+}
+
 fn share(part: f64, total: f64) -> String {
     if total > 0.0 {
         format!("{:.0}%", part / total * 100.0)
@@ -147,14 +162,39 @@ impl<'a> Figures<'a> {
     }
 
     fn totals(&self) -> String {
-        format!(
+        let mut out = format!(
             "Over the last {} days you made {} LLM requests costing {} in total ({} prompt and {} completion tokens).\n",
             self.days,
             thousands(int(&self.usage["total_requests"])),
             money(self.total),
             thousands(int(&self.usage["total_prompt_tokens"])),
             thousands(int(&self.usage["total_completion_tokens"])),
-        )
+        );
+        let cached = int(&self.usage["total_cached_tokens"]);
+        if cached > 0 {
+            let prompt = int(&self.usage["total_prompt_tokens"]);
+            let _ = writeln!(
+                out,
+                "{} of the prompt tokens ({}) were served from a prompt cache.",
+                thousands(cached),
+                share(cached as f64, prompt as f64),
+            );
+        }
+        // Said only when there is more than one place the figures come from.
+        if let Some(sources) = self.usage["sources"].as_array().filter(|s| s.len() > 1) {
+            let listed: Vec<String> = sources
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} ({} requests)",
+                        source_name(s["source"].as_str().unwrap_or("?")),
+                        thousands(int(&s["requests"]))
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "These figures come from {}.", listed.join(", "));
+        }
+        out
     }
 
     fn top_model(&self) -> Option<&'a Value> {
@@ -921,6 +961,30 @@ mod tests {
             check("You spent $11.41 in total. Caching helps. And then more text that is cut")
                 .unwrap(),
             "You spent $11.41 in total. Caching helps."
+        );
+    }
+
+    #[test]
+    fn the_answer_says_how_much_was_cached_and_where_the_figures_come_from() {
+        let plain = template_answer(&compose(&report("usage_report"), "what did I spend?"));
+        assert!(
+            !plain.contains("prompt cache") && !plain.contains("come from"),
+            "{plain}"
+        );
+        let mut r = report("usage_report");
+        r["usage"]["total_cached_tokens"] = json!(25000);
+        r["usage"]["sources"] = json!([{"source": "demo", "requests": 1000},
+                                       {"source": "otlp", "requests": 234}]);
+        let answer = template_answer(&compose(&r, "what did I spend?"));
+        assert!(
+            answer.contains("25,000 of the prompt tokens (25%) were served from a prompt cache."),
+            "{answer}"
+        );
+        assert!(
+            answer.contains(
+                "These figures come from demo data (1,000 requests), OpenTelemetry spans (234 requests)."
+            ),
+            "{answer}"
         );
     }
 

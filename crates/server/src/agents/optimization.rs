@@ -5,6 +5,9 @@
 //!   (< 150 tokens) on a model that has a cheaper same-provider sibling move to it;
 //! - **prompt caching**: workloads averaging ≥ 1,500 prompt tokens are assumed to share
 //!   60% of their prompt as a cacheable prefix, billed at the provider's cached discount;
+//!   the prompt tokens already served from the cache (as gateway, OpenTelemetry and export
+//!   rows report them) are taken off first, so a workload that caches its prefix already
+//!   is not told to;
 //! - **batching**: workloads whose name marks them offline (nightly, batch, weekly,
 //!   backfill, eval, report) move to the provider's batch API discount;
 //! - **output caps**: workloads averaging ≥ 400 completion tokens are capped at their own
@@ -162,32 +165,36 @@ pub fn simulate(input: &SimulationInput, days: u32, pricing: &PricingTable) -> V
     let workloads = by_workload(&input.totals);
     // Prompt tokens and cost per (workload, model), whatever the provider column says:
     // prices are looked up by model name.
-    let mut groups: BTreeMap<(&str, &str), (i64, f64)> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, &str), (i64, f64, i64)> = BTreeMap::new();
     for group in &input.totals {
         let g = groups
             .entry((group.workload.as_str(), group.model.as_str()))
             .or_default();
         g.0 += group.prompt_tokens;
         g.1 += group.cost_usd;
+        g.2 += group.cached_tokens;
     }
 
     let mut routing = (0.0, BTreeSet::new(), BTreeSet::new());
     let mut caching = (0.0, BTreeSet::new());
     let mut batching = (0.0, BTreeSet::new());
     let mut capping = (0.0, BTreeSet::new());
-    for ((workload, model), (prompt_tokens, cost)) in &groups {
+    for ((workload, model), (prompt_tokens, cost, cached_tokens)) in &groups {
         let Some(price) = pricing.lookup(model) else {
             continue;
         };
         let Some(w) = workloads.get(workload) else {
             continue;
         };
-        if w.avg_prompt() >= CACHING_MIN_AVG_PROMPT && price.cached_input_discount > 0.0 {
-            caching.0 += *prompt_tokens as f64
-                * CACHEABLE_SHARE
-                * price.input_per_mtok
-                * price.cached_input_discount
-                / 1_000_000.0;
+        // The cacheable prefix not served from the cache yet.
+        let uncached_prefix =
+            (*prompt_tokens as f64 * CACHEABLE_SHARE - *cached_tokens as f64).max(0.0);
+        if w.avg_prompt() >= CACHING_MIN_AVG_PROMPT
+            && price.cached_input_discount > 0.0
+            && uncached_prefix > 0.0
+        {
+            caching.0 +=
+                uncached_prefix * price.input_per_mtok * price.cached_input_discount / 1_000_000.0;
             caching.1.insert(workload.to_string());
         }
         let offline = OFFLINE_MARKERS.iter().any(|m| workload.contains(m));
@@ -455,6 +462,28 @@ mod tests {
         let caps = found.iter().find(|o| o.strategy == "output_caps").unwrap();
         assert_eq!(caps.workloads, vec!["nightly-summaries (cap 1000 tokens)"]);
         assert!(simulate(&SimulationInput::default(), 30, &pricing).is_empty());
+    }
+
+    #[test]
+    fn prompts_already_served_from_the_cache_are_not_counted_as_savings() {
+        let pricing = PricingTable::builtin();
+        let caching = |cached_share: f64| {
+            let mut group = totals("gpt-4o", "rag", 1000, (3000, 100));
+            group.cached_tokens = (group.prompt_tokens as f64 * cached_share) as i64;
+            let input = SimulationInput {
+                totals: vec![group],
+                ..SimulationInput::default()
+            };
+            simulate(&input, 30, &pricing)
+                .into_iter()
+                .find(|o| o.strategy == "prompt_caching")
+                .map(|o| o.monthly_savings_usd)
+        };
+        // 3M prompt tokens, 60% cacheable at half of $2.50: $2.25.
+        assert_eq!(caching(0.0), Some(2.25));
+        // A third of that cached already: the rest, 1.2M tokens, $1.50.
+        assert_eq!(caching(0.2), Some(1.5));
+        assert_eq!(caching(0.6), None, "the prefix is cached already");
     }
 
     #[test]

@@ -103,7 +103,13 @@ pub fn build_report(state: &RunState) -> Value {
             "error_requests": u.error_requests,
             "total_prompt_tokens": u.total_prompt_tokens,
             "total_completion_tokens": u.total_completion_tokens,
+            "total_cached_tokens": u.total_cached_tokens,
             "total_cost_usd": u.total_cost_usd,
+            // Where the figures came from: names and request counts (the costs are in the
+            // totals already).
+            "sources": u.by_source.iter()
+                .map(|s| json!({"source": s.source, "requests": s.requests}))
+                .collect::<Vec<_>>(),
             "latency_ms": u.latency_ms,
             "top_models": u.by_model.iter().take(3).collect::<Vec<_>>(),
             "top_workloads": u.by_workload.iter().take(3).collect::<Vec<_>>(),

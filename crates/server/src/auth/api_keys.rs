@@ -46,11 +46,22 @@ pub fn required_scope(method: &Method, path: &str) -> Option<ApiKeyScope> {
     let scope = match (method.as_str(), path) {
         ("GET", "/api/usage/summary" | "/api/usage/daily") => UsageRead,
         ("POST", "/api/usage/events" | "/otlp/v1/traces") => UsageWrite,
+        // A `gateway` key passes here too (see `route_accepts`); the handler then asks
+        // for the scope of the model named: `gateway` for an upstream's, `chat` for
+        // `apex` and the local model.
         (_, "/v1/models" | "/v1/chat/completions") => Chat,
+        ("POST", "/v1/embeddings") => Gateway,
         (_, path) if path.starts_with("/api/threads") || path.starts_with("/api/runs") => Chat,
         _ => return None,
     };
     Some(scope)
+}
+
+/// Whether a key with `scopes` may reach `route`, whose scope is `needed`.
+pub fn route_accepts(scopes: &[ApiKeyScope], needed: ApiKeyScope, route: &str) -> bool {
+    scopes.contains(&needed)
+        || (matches!(route, "/v1/models" | "/v1/chat/completions")
+            && scopes.contains(&ApiKeyScope::Gateway))
 }
 
 /// The digest a key is stored and looked up by.

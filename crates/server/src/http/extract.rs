@@ -33,7 +33,7 @@ impl FromRequestParts<AppState> for AuthUser {
                         .get::<MatchedPath>()
                         .map_or("", MatchedPath::as_str);
                     match api_keys::required_scope(&parts.method, route) {
-                        Some(needed) if scopes.contains(&needed) => {}
+                        Some(needed) if api_keys::route_accepts(scopes, needed, route) => {}
                         Some(needed) => {
                             return Err(ApiError::coded(
                                 ErrorCode::InsufficientScope,

@@ -7,6 +7,7 @@
 mod auth;
 mod compat;
 pub mod extract;
+mod gateway;
 pub mod health;
 mod keys;
 mod openai_compat;
@@ -85,6 +86,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(usage::daily))
         .routes(routes!(openai_compat::models))
         .routes(routes!(openai_compat::chat_completions))
+        .routes(routes!(gateway::embeddings))
         .routes(routes!(ws::upgrade))
         .merge(web::routes())
         .routes(routes!(health::metrics))

@@ -159,7 +159,9 @@ pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) ->
 }
 
 /// OpenAI's chat completions: model `apex` runs the agent pipeline on the question, the
-/// local model answers the messages directly; streaming or not.
+/// local model answers the messages directly; streaming or not. Any other model goes to
+/// its upstream through the gateway (keys with the `gateway` scope; `X-Apex-Workload`
+/// names the workload the call is counted under).
 #[utoipa::path(
     post,
     path = "/v1/chat/completions",
@@ -194,8 +196,35 @@ pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) ->
 pub async fn chat_completions(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    ApiJson(body): ApiJson<ChatCompletionRequest>,
+    headers: axum::http::HeaderMap,
+    ApiJson(raw): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let model = raw.get("model").and_then(Value::as_str).unwrap_or("");
+    if model != PIPELINE_MODEL && local_model(&state) != Some(model) {
+        // Not Apex's own: the gateway forwards it, as sent, to the model's upstream.
+        let gateway = Arc::clone(&state.gateway);
+        if let Some(route) = gateway.route(model, &state.infra.pricing) {
+            return super::gateway::forward(
+                state.clone(),
+                user,
+                &headers,
+                route,
+                "chat/completions",
+                raw,
+            )
+            .await;
+        }
+    }
+    let body: ChatCompletionRequest =
+        serde_json::from_value(raw).map_err(|e| ApiError::validation(e.to_string()))?;
+    if let Some(scopes) = user.api_key_scopes() {
+        if !scopes.contains(&apex_protocol::auth::ApiKeyScope::Chat) {
+            return Err(ApiError::coded(
+                apex_protocol::error::ErrorCode::InsufficientScope,
+                "this API key lacks the chat scope",
+            ));
+        }
+    }
     if body.messages.is_empty() {
         return Err(ApiError::validation("messages must not be empty"));
     }

@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("context", 2),
     ("user_store", 2),
     ("usage", 2),
+    ("gateway", 2),
     ("events", 2),
     ("views", 2),
     ("agents", 3),

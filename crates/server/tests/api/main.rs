@@ -9,6 +9,7 @@ mod approval;
 mod auth;
 mod compat;
 mod durability;
+mod gateway;
 mod golden_path;
 pub mod helpers;
 mod hostile;

@@ -99,6 +99,31 @@ export function drawChart(container, legend, daily) {
   for (const swatch of legend.querySelectorAll('.swatch')) swatch.style.background = swatch.dataset.color;
 }
 
+/// The summary's sources, as text (a source name comes from the server, never as markup).
+function drawSources(list, sources) {
+  clear(list);
+  if (sources.length === 0) {
+    list.append(h('li', { class: 'muted', text: 'No usage in this window yet.' }));
+    return;
+  }
+  for (const source of sources) {
+    list.append(h('li', { 'data-source': source.source },
+      h('span', { class: 'legend-name', text: SOURCE_NAMES[source.source] || source.source }),
+      h('span', { class: 'muted', text: `${usd(source.cost_usd)} · ${source.requests.toLocaleString('en-US')} requests · latest ${source.latest.slice(0, 10)}` })));
+  }
+}
+
+const SOURCE_NAMES = {
+  upload: 'Uploads',
+  demo: 'Demo data',
+  apex: "Apex's own LLM calls",
+  otlp: 'OpenTelemetry',
+  gateway: 'LLM gateway',
+  'openai-usage': 'OpenAI usage export',
+  'anthropic-usage': 'Anthropic usage report',
+  'litellm-spend': 'LiteLLM spend logs',
+};
+
 function stat(label, value, id) {
   return h('div', { class: 'stat' }, h('div', { class: 'stat-label muted', text: label }),
     h('div', { class: 'stat-value', id, title: value, text: value }));
@@ -128,6 +153,7 @@ export class UsageView {
         stat('p95 latency', `${summary.latency_ms.p95.toLocaleString('en-US')} ms`),
       );
       drawChart($('usage-chart'), $('usage-legend'), daily);
+      drawSources($('usage-sources'), summary.by_source || []);
     } catch (err) {
       if (ticket !== this.loading) return;
       clear(stats).append(h('p', { class: 'error', text: `Could not load usage: ${err.message}` }));
@@ -139,15 +165,25 @@ export class UsageView {
     const file = $('csv-file').files[0];
     status.className = 'note';
     if (!file) {
-      status.textContent = 'Choose a CSV file first.';
+      status.textContent = 'Choose a file first.';
       return;
     }
+    const format = $('import-format').value;
+    const [path, contentType] = format === 'csv'
+      ? ['/api/usage/events', 'text/csv']
+      : [`/api/usage/events?format=${encodeURIComponent(format)}`, 'application/json'];
     $('csv-upload').disabled = true;
     status.textContent = `Uploading ${file.name}…`;
     try {
-      const result = await api('/api/usage/events', { method: 'POST', body: await file.text(), contentType: 'text/csv' });
+      const result = await api(path, { method: 'POST', body: await file.text(), contentType });
       status.classList.add('ok');
-      status.textContent = `Imported ${result.inserted} rows from ${file.name}.`;
+      const notes = [];
+      if (result.duplicates) notes.push(`${result.duplicates} already stored`);
+      const skipped = result.skipped || [];
+      if (skipped.length) {
+        notes.push(`${skipped.length} skipped: ${skipped.slice(0, 3).map((s) => `entry ${s.index}: ${s.reason}`).join('; ')}`);
+      }
+      status.textContent = `Imported ${result.inserted} rows from ${file.name}.${notes.length ? ` (${notes.join('; ')})` : ''}`;
       $('csv-file').value = '';
       await this.load();
     } catch (err) {
