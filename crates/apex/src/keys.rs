@@ -13,7 +13,7 @@ use crate::terminal::clean;
 
 #[derive(clap::Subcommand)]
 pub enum KeysCommand {
-    /// Make a key; it is printed once. Scopes: chat, usage:read, usage:write.
+    /// Make a key; it is printed once. Scopes: chat, usage:read, usage:write, gateway.
     ///
     /// Example: APEX_PASSWORD=... apex keys create --email me@example.com \
     ///              --key-name "nightly export" --scope usage:write --expires-in-days 90
