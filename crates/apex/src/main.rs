@@ -13,6 +13,7 @@ mod config;
 mod eval;
 mod keys;
 mod live;
+mod pricebook;
 mod sessions;
 mod terminal;
 mod usage;
@@ -84,6 +85,12 @@ enum Command {
     ///          APEX_PASSWORD=... apex usage summary --email me@example.com --days 7
     #[command(subcommand, verbatim_doc_comment)]
     Usage(usage::UsageCommand),
+    /// The prices that cost your usage: list them, add your negotiated rates.
+    ///
+    /// Example: APEX_PASSWORD=... apex pricebook import --email me@example.com rates.json
+    ///          APEX_PASSWORD=... apex pricebook list --email me@example.com --model gpt-4o
+    #[command(subcommand, verbatim_doc_comment)]
+    Pricebook(pricebook::PricebookCommand),
     /// Administer accounts directly in the database.
     ///
     /// Example: APEX_USER_PASSWORD='a long password' apex user create --email ada@example.com
@@ -327,6 +334,7 @@ fn main() -> std::process::ExitCode {
             Command::Eval(args) => eval::run(args).await,
             Command::Loadgen(args) => loadgen(args).await,
             Command::Usage(command) => usage::run(command).await,
+            Command::Pricebook(command) => pricebook::run(command).await,
             Command::User(command) => user::run(command).await,
             Command::Sessions(command) => sessions::run(command).await,
             Command::Keys(command) => keys::run(command).await,

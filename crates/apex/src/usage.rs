@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
+use apex_protocol::prices::{UsageExplanation, UsageRowsPage};
 use apex_protocol::usage::{UsageImportResult, UsageSummary};
 
 use crate::account::{describe_error, AccountArgs};
@@ -44,6 +45,69 @@ pub enum UsageCommand {
         #[command(flatten)]
         account: AccountArgs,
     },
+    /// List your latest usage rows with their ids and the price each was costed with.
+    ///
+    /// Example: APEX_PASSWORD=... apex usage rows --email me@example.com --source gateway
+    #[command(verbatim_doc_comment)]
+    Rows {
+        #[command(flatten)]
+        cell: CellArgs,
+        /// Rows to list (1..=500).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        account: AccountArgs,
+    },
+    /// Show how a cost was computed: one row (--row, an id from `apex usage rows`), or
+    /// every row of a model, workload, provider or source in the window: tokens × rate
+    /// per class, and the price entry and version used.
+    ///
+    /// Example: APEX_PASSWORD=... apex usage explain --email me@example.com --row 1234
+    ///          APEX_PASSWORD=... apex usage explain --email me@example.com --model gpt-4o
+    #[command(verbatim_doc_comment)]
+    Explain {
+        /// A row id.
+        #[arg(long)]
+        row: Option<i64>,
+        #[command(flatten)]
+        cell: CellArgs,
+        #[command(flatten)]
+        account: AccountArgs,
+    },
+}
+
+/// A cell of the summary: the window and the fields that select its rows.
+#[derive(clap::Args)]
+pub struct CellArgs {
+    /// Window in days (1..=365).
+    #[arg(long, default_value_t = 30)]
+    days: u32,
+    #[arg(long)]
+    provider: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    workload: Option<String>,
+    /// upload, demo, apex, otlp, gateway, openai-usage, anthropic-usage, litellm-spend.
+    #[arg(long)]
+    source: Option<String>,
+}
+
+impl CellArgs {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut query = vec![("days", self.days.to_string())];
+        for (name, value) in [
+            ("provider", &self.provider),
+            ("model", &self.model),
+            ("workload", &self.workload),
+            ("source", &self.source),
+        ] {
+            if let Some(value) = value {
+                query.push((name, value.clone()));
+            }
+        }
+        query
+    }
 }
 
 pub async fn run(command: UsageCommand) -> anyhow::Result<()> {
@@ -99,6 +163,61 @@ pub async fn run(command: UsageCommand) -> anyhow::Result<()> {
             }
             let summary: UsageSummary = response.json().await?;
             print_summary(&summary);
+        }
+        UsageCommand::Rows {
+            cell,
+            limit,
+            account,
+        } => {
+            let token = account.authenticate().await?.access_token;
+            let mut query = cell.query();
+            query.push(("limit", limit.to_string()));
+            let response = http
+                .get(format!("{}/api/usage/rows", account.base_url()))
+                .query(&query)
+                .bearer_auth(token)
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                bail!("rows refused: {}", describe_error(response).await);
+            }
+            let page: UsageRowsPage = response.json().await?;
+            for r in &page.rows {
+                println!(
+                    "{:>10}  {}  {:<10} {:<24} {:<20} {:<15} {:>8}+{:<8} ${:.6}  {}",
+                    r.id,
+                    r.timestamp,
+                    clean(&r.provider),
+                    clean(&r.model),
+                    clean(&r.workload),
+                    clean(&r.source),
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.cost_usd,
+                    r.price_version
+                        .as_deref()
+                        .map(clean)
+                        .unwrap_or_else(|| "(cost as sent)".into())
+                );
+            }
+        }
+        UsageCommand::Explain { row, cell, account } => {
+            let token = account.authenticate().await?.access_token;
+            let query = match row {
+                Some(id) => vec![("row", id.to_string())],
+                None => cell.query(),
+            };
+            let response = http
+                .get(format!("{}/api/usage/explain", account.base_url()))
+                .query(&query)
+                .bearer_auth(token)
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                bail!("explain refused: {}", describe_error(response).await);
+            }
+            let explanation: UsageExplanation = response.json().await?;
+            crate::pricebook::print_explanation(&explanation);
         }
     }
     Ok(())

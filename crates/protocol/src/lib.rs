@@ -12,6 +12,8 @@
 //! - [`threads`]: threads, messages, runs over REST.
 //! - [`approval`]: approving, editing or rejecting a run's action plan; the user's settings.
 //! - [`usage`]: a user's AI usage rows and the summary computed from them.
+//! - [`prices`]: the price book (built-in prices and a user's negotiated rates) and the
+//!   explanation of a cost.
 //! - [`events`]: agent events streamed during a run (`agent_started`, `tool_completed`...).
 //! - [`ws`]: the other server → client WebSocket frames and the close codes.
 
@@ -21,6 +23,7 @@ pub mod approval;
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod prices;
 pub mod threads;
 pub mod usage;
 pub mod ws;

@@ -21,14 +21,15 @@
 //! Shared infrastructure: the upstream table is immutable and the HTTP client internally
 //! synchronised; nothing here holds a user's state between calls.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::settings::{GatewaySettings, GatewayUpstream};
 use crate::store::UsageRow;
-use crate::usage::pricing::{PricingTable, TokenCounts};
+use crate::usage::price_book::UserPrices;
+use crate::usage::pricing::PricingTable;
+use crate::usage::stored_label;
 
 /// The source name of the rows of gateway calls.
 pub const SOURCE: &str = "gateway";
@@ -214,8 +215,9 @@ pub struct FinishedCall<'a> {
     pub now_ms: i64,
 }
 
-/// The usage row of a call.
-pub fn usage_row(call: FinishedCall<'_>, pricing: &PricingTable) -> UsageRow {
+/// The usage row of a call, costed with the caller's prices (a model without a price
+/// costs 0 and names no price version: the tokens are still worth recording).
+pub fn usage_row(call: FinishedCall<'_>, prices: &UserPrices<'_>) -> UsageRow {
     let mut usage = call.usage;
     if !usage.reported {
         // Nothing reported (a cut stream, a refused call): what was sent.
@@ -227,38 +229,22 @@ pub fn usage_row(call: FinishedCall<'_>, pricing: &PricingTable) -> UsageRow {
         .clone()
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| call.requested_model.to_string());
-    let cost_usd = pricing
-        .cost_of(
-            &model,
-            &TokenCounts {
-                prompt: usage.prompt_tokens,
-                cached: usage.cached_tokens,
-                completion: usage.completion_tokens,
-                ..TokenCounts::default()
-            },
-        )
-        .unwrap_or(0.0);
-    let clip = |s: &str| {
-        s.chars()
-            .filter(|c| *c != '\0')
-            .take(200)
-            .collect::<String>()
-    };
-    UsageRow {
-        provider: clip(call.upstream),
-        model: clip(&model),
-        workload: clip(call.workload),
+    let mut row = UsageRow {
+        provider: stored_label(call.upstream),
+        model: stored_label(&model),
+        workload: stored_label(call.workload),
         ts_ms: call.now_ms,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         latency_ms: i64::try_from(call.started.elapsed().as_millis()).unwrap_or(i64::MAX),
         status: if call.succeeded { "ok" } else { "error" }.into(),
-        cost_usd,
         cached_tokens: usage.cached_tokens,
         reasoning_tokens: usage.reasoning_tokens,
         source: SOURCE.into(),
         ..UsageRow::default()
-    }
+    };
+    let _ = prices.price_row(&mut row, false);
+    row
 }
 
 /// Characters of a chat request's messages (text content) or an embedding request's input.
@@ -281,10 +267,6 @@ pub fn prompt_chars(body: &Value) -> usize {
 }
 
 /// The gateway of `settings`, shared by every request.
-pub fn build(settings: &GatewaySettings) -> anyhow::Result<Arc<Gateway>> {
-    Ok(Arc::new(Gateway::new(settings)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +338,8 @@ mod tests {
 
     #[test]
     fn a_call_without_reported_usage_is_recorded_with_what_was_sent() {
-        let pricing = PricingTable::builtin();
+        let book = crate::usage::price_book::PriceBook::builtin(&PricingTable::builtin());
+        let pricing = book.for_user(&[]);
         let body =
             json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "12345678"}]});
         let row = usage_row(
@@ -371,7 +354,8 @@ mod tests {
                 prompt_chars: prompt_chars(&body),
                 started: Instant::now(),
                 succeeded: false,
-                now_ms: 1,
+                // 2026-11-01: today's gpt-4o price.
+                now_ms: 1_793_491_200_000,
             },
             &pricing,
         );
@@ -379,5 +363,9 @@ mod tests {
         assert_eq!(row.status, "error");
         assert_eq!(row.source, "gateway");
         assert!(row.cost_usd > 0.0);
+        assert_eq!(
+            row.price_version.as_deref(),
+            Some("builtin:openai/gpt-4o@2024-10-02")
+        );
     }
 }

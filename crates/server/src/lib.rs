@@ -86,6 +86,7 @@ use crate::run::{ActiveRuns, RunSettings, Runs};
 use crate::settings::{Secret, Settings};
 use crate::state::AppState;
 use crate::store::{Backend, Store};
+use crate::usage::price_book::PriceBook;
 use crate::usage::pricing::PricingTable;
 
 /// Reads the JWT secret from settings, else from `<data_dir>/jwt_secret`, creating it.
@@ -188,6 +189,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         llm,
         fallback_llm: Arc::new(TemplateWriter::new(settings.template_stream_delay)),
         llm_triage: settings.llm_triage,
+        price_book: Arc::new(PriceBook::builtin(&PricingTable::builtin())),
         pricing: Arc::new(PricingTable::builtin()),
     });
     let limits = Arc::new(limits::Limits::with_shared(
@@ -210,7 +212,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         limits,
         lifecycle,
         metrics: None,
-        gateway: gateway::build(&settings.gateway)?,
+        gateway: Arc::new(gateway::Gateway::new(&settings.gateway)?),
         settings: Arc::new(settings),
     };
     if state.settings.bus_url.is_none() {

@@ -12,10 +12,11 @@ use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
-    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, RegenerateOutcome,
-    RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
-    SavingsTotals, Store, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, UsageDayTotals,
-    UsageRow, UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, PriceOverrideRecord,
+    PriceVersionTotals, RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval,
+    RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent,
+    StoredUsageRow, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageFilter, UsageRow,
+    UsageTotals,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -246,5 +247,35 @@ impl UserStore {
         self.store
             .usage_savings(self.owner, since_ms, until_ms, query)
             .await
+    }
+    /// See [`Store::usage_row`].
+    pub async fn usage_row(&self, id: i64) -> StoreResult<Option<StoredUsageRow>> {
+        self.store.usage_row(self.owner, id).await
+    }
+    /// See [`Store::usage_rows_page`].
+    pub async fn usage_rows_page(
+        &self,
+        filter: &UsageFilter,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredUsageRow>> {
+        self.store
+            .usage_rows_page(self.owner, filter, before_id, limit)
+            .await
+    }
+    /// See [`Store::usage_by_price_version`].
+    pub async fn usage_by_price_version(
+        &self,
+        filter: &UsageFilter,
+    ) -> StoreResult<Vec<PriceVersionTotals>> {
+        self.store.usage_by_price_version(self.owner, filter).await
+    }
+    /// See [`Store::add_price_overrides`].
+    pub async fn add_price_overrides(&self, entries: &[PriceOverrideRecord]) -> StoreResult<()> {
+        self.store.add_price_overrides(self.owner, entries).await
+    }
+    /// See [`Store::price_overrides`].
+    pub async fn price_overrides(&self) -> StoreResult<Vec<PriceOverrideRecord>> {
+        self.store.price_overrides(self.owner).await
     }
 }

@@ -201,6 +201,9 @@ pub struct UsageRow {
     /// The source's own id for the row; a row whose `(source, source_ref)` the user
     /// already has is not stored again.
     pub source_ref: Option<String>,
+    /// The price entry `cost_usd` was computed with (see the server's
+    /// `usage::price_book`); `None` when the source sent the cost itself.
+    pub price_version: Option<String>,
 }
 
 impl Default for UsageRow {
@@ -222,6 +225,7 @@ impl Default for UsageRow {
             reasoning_tokens: 0,
             source: "upload".into(),
             source_ref: None,
+            price_version: None,
         }
     }
 }
@@ -354,6 +358,59 @@ pub struct RunApproval {
     pub expires_at_ms: Option<i64>,
     /// The user's answer; a run that has one continues from `pending`.
     pub decision: Option<Value>,
+}
+
+/// A stored usage row with its id, for listing rows and explaining one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredUsageRow {
+    pub id: i64,
+    pub row: UsageRow,
+}
+
+/// Which of a user's usage rows a query looks at: those dated in `[since_ms, until_ms]`
+/// and matching every field that is set (a cell of the usage summary).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageFilter {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub workload: Option<String>,
+    pub source: Option<String>,
+}
+
+/// Token counts by class and stored cost of a user's rows costed with one price version
+/// (`None`: costs sent by the source).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceVersionTotals {
+    pub price_version: Option<String>,
+    pub rows: i64,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_usd: f64,
+}
+
+/// One of a user's price overrides (negotiated rates). Rates are pico-dollars (1e-12 USD)
+/// per token, and per request for `request_fee`; every class is set (the server fills the
+/// ones a file leaves out from the others).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceOverrideRecord {
+    pub id: String,
+    pub provider: String,
+    pub model: String,
+    pub effective_from_ms: i64,
+    pub input_rate: i64,
+    pub cached_input_rate: i64,
+    pub cache_write_rate: i64,
+    pub output_rate: i64,
+    pub reasoning_rate: i64,
+    pub request_fee: i64,
+    pub note: Option<String>,
+    pub created_at_ms: i64,
 }
 
 /// Totals of a user's usage rows that share a provider, model and workload.

@@ -13,11 +13,12 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    ApiKeyRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord, QueueEntry,
-    RedeemedTicket, RefreshRotation, RegenerateOutcome, RegenerateSubmission, RunAftermath,
-    RunApproval, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason,
-    SessionRecord, StoreResult, StoredEvent, SubmitOutcome, ThreadRecord, TicketRecord,
-    UsageDayTotals, UsageRow, UsageTotals, UserRecord,
+    ApiKeyRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord, PriceOverrideRecord,
+    PriceVersionTotals, QueueEntry, RedeemedTicket, RefreshRotation, RegenerateOutcome,
+    RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
+    SavingsTotals, SessionEndReason, SessionRecord, StoreResult, StoredEvent, StoredUsageRow,
+    SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
+    UserRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -384,6 +385,32 @@ pub trait Usage: Send + Sync {
         until_ms: i64,
         query: &SavingsQuery,
     ) -> StoreResult<Vec<SavingsTotals>>;
+    /// `owner`'s row `id`, if it is theirs.
+    async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>>;
+    /// `owner`'s rows matching `filter`, newest first, at most `limit`, only those with an
+    /// id below `before_id` when it is set (the next page).
+    async fn usage_rows_page(
+        &self,
+        owner: UserId,
+        filter: &UsageFilter,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredUsageRow>>;
+    /// Tokens by class and stored cost of `owner`'s rows matching `filter`, per price
+    /// version, ordered by version (rows with the source's own cost first).
+    async fn usage_by_price_version(
+        &self,
+        owner: UserId,
+        filter: &UsageFilter,
+    ) -> StoreResult<Vec<PriceVersionTotals>>;
+    /// Adds price overrides of `owner`, all or none.
+    async fn add_price_overrides(
+        &self,
+        owner: UserId,
+        entries: &[PriceOverrideRecord],
+    ) -> StoreResult<()>;
+    /// Every price override of `owner`, oldest first.
+    async fn price_overrides(&self, owner: UserId) -> StoreResult<Vec<PriceOverrideRecord>>;
 }
 
 /// What the instances sharing one database coordinate through (see the server's `cluster`

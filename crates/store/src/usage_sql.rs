@@ -20,8 +20,9 @@ use sqlx::{Pool, QueryBuilder, Row};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
-    CompletionRank, ImportOutcome, ImportPlan, SavingsQuery, SavingsTotals, StoreResult, UsageDayTotals, UsageRow,
-    UsageTotals,
+    CompletionRank, ImportOutcome, ImportPlan, PriceOverrideRecord, PriceVersionTotals,
+    SavingsQuery, SavingsTotals, StoreResult, StoredUsageRow, UsageDayTotals, UsageFilter,
+    UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
 
@@ -45,6 +46,51 @@ async fn fetch_rows<T>(
     Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
 }
 
+/// The columns [`decode_row`] reads, in its order.
+const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_tokens, completion_tokens, \
+     latency_ms, status, cost_usd, requests, cached_tokens, cache_write_tokens, \
+     reasoning_tokens, source, source_ref, price_version";
+
+/// A row selected with [`ROW_COLUMNS`].
+fn decode_row(row: &DbRow) -> sqlx::Result<StoredUsageRow> {
+    Ok(StoredUsageRow {
+        id: row.try_get(0)?,
+        row: UsageRow {
+            provider: row.try_get(1)?,
+            model: row.try_get(2)?,
+            workload: row.try_get(3)?,
+            ts_ms: row.try_get(4)?,
+            prompt_tokens: row.try_get(5)?,
+            completion_tokens: row.try_get(6)?,
+            latency_ms: row.try_get(7)?,
+            status: row.try_get(8)?,
+            cost_usd: row.try_get(9)?,
+            requests: row.try_get(10)?,
+            cached_tokens: row.try_get(11)?,
+            cache_write_tokens: row.try_get(12)?,
+            reasoning_tokens: row.try_get(13)?,
+            source: row.try_get(14)?,
+            source_ref: row.try_get(15)?,
+            price_version: row.try_get(16)?,
+        },
+    })
+}
+
+/// Appends the window of `filter` and each of its fields that is set, for `owner`.
+fn push_filter(q: &mut QueryBuilder<'_, Db>, owner: UserId, filter: &UsageFilter) {
+    push_window(q, "", owner, filter.since_ms, filter.until_ms);
+    for (column, value) in [
+        ("provider", &filter.provider),
+        ("model", &filter.model),
+        ("workload", &filter.workload),
+        ("source", &filter.source),
+    ] {
+        if let Some(value) = value {
+            q.push(format!(" AND {column} = ")).push_bind(value.clone());
+        }
+    }
+}
+
 /// Inserts `rows` of `owner` (tagged with `import`, if any) on the connection `conn`.
 /// A row whose `(source, source_ref)` the user already has is skipped (the unique index
 /// `workload_events_source_ref`); the count returned is of the rows stored.
@@ -55,13 +101,13 @@ async fn insert_rows(
     rows: &[UsageRow],
 ) -> StoreResult<u64> {
     let mut inserted = 0;
-    // 17 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
+    // 18 bound parameters a row: SQLite allows 32,766 a statement, PostgreSQL 65,535.
     for chunk in rows.chunks(1000) {
         let mut builder: QueryBuilder<Db> = QueryBuilder::new(
             "INSERT INTO workload_events (user_id, provider, model, workload, ts, \
              prompt_tokens, completion_tokens, latency_ms, status, cost_usd, import_id, \
              requests, cached_tokens, cache_write_tokens, reasoning_tokens, source, \
-             source_ref) ",
+             source_ref, price_version) ",
         );
         builder.push_values(chunk, |mut b, row| {
             b.push_bind(owner.to_string())
@@ -80,7 +126,8 @@ async fn insert_rows(
                 .push_bind(row.cache_write_tokens)
                 .push_bind(row.reasoning_tokens)
                 .push_bind(&row.source)
-                .push_bind(&row.source_ref);
+                .push_bind(&row.source_ref)
+                .push_bind(&row.price_version);
         });
         builder.push(" ON CONFLICT DO NOTHING");
         inserted += builder.build().execute(&mut *conn).await?.rows_affected();
@@ -239,31 +286,11 @@ impl Usage for Shell {
     }
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         let mut q = QueryBuilder::new(
-            "SELECT provider, model, workload, ts, prompt_tokens, completion_tokens, latency_ms, \
-             status, cost_usd, requests, cached_tokens, cache_write_tokens, reasoning_tokens, \
-             source, source_ref FROM workload_events WHERE user_id = ",
+            format!("SELECT {ROW_COLUMNS} FROM workload_events WHERE user_id = "),
         );
         q.push_bind(owner.to_string()).push(" AND ts >= ").push_bind(since_ms);
         q.push(" ORDER BY ts, id");
-        fetch_rows(&self.reads, q, |row| {
-            Ok(UsageRow {
-                provider: row.try_get(0)?,
-                model: row.try_get(1)?,
-                workload: row.try_get(2)?,
-                ts_ms: row.try_get(3)?,
-                prompt_tokens: row.try_get(4)?,
-                completion_tokens: row.try_get(5)?,
-                latency_ms: row.try_get(6)?,
-                status: row.try_get(7)?,
-                cost_usd: row.try_get(8)?,
-                requests: row.try_get(9)?,
-                cached_tokens: row.try_get(10)?,
-                cache_write_tokens: row.try_get(11)?,
-                reasoning_tokens: row.try_get(12)?,
-                source: row.try_get(13)?,
-                source_ref: row.try_get(14)?,
-            })
-        })
+        fetch_rows(&self.reads, q, |row| Ok(decode_row(row)?.row))
         .await
     }
     async fn usage_totals(
@@ -454,6 +481,119 @@ impl Usage for Shell {
                 routing_savings_usd: row.try_get(3)?,
                 capped_requests: row.try_get(4)?,
                 tokens_over_cap: row.try_get(5)?,
+            })
+        })
+        .await
+    }
+    async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT {ROW_COLUMNS} FROM workload_events WHERE user_id = "
+        ));
+        q.push_bind(owner.to_string()).push(" AND id = ").push_bind(id);
+        Ok(fetch_rows(&self.reads, q, decode_row).await?.pop())
+    }
+    async fn usage_rows_page(
+        &self,
+        owner: UserId,
+        filter: &UsageFilter,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredUsageRow>> {
+        let mut q = QueryBuilder::new(format!("SELECT {ROW_COLUMNS} FROM workload_events"));
+        push_filter(&mut q, owner, filter);
+        if let Some(before) = before_id {
+            q.push(" AND id < ").push_bind(before);
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+        fetch_rows(&self.reads, q, decode_row).await
+    }
+    async fn usage_by_price_version(
+        &self,
+        owner: UserId,
+        filter: &UsageFilter,
+    ) -> StoreResult<Vec<PriceVersionTotals>> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT price_version, COUNT(*), CAST(SUM(requests) AS BIGINT), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), \
+             CAST(SUM(cache_write_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(reasoning_tokens) AS BIGINT), {} FROM workload_events",
+            ENGINE.money_sum("cost_usd")
+        ));
+        push_filter(&mut q, owner, filter);
+        // NULL (costs sent by the source) sorts first on both engines with this CASE.
+        q.push(
+            " GROUP BY price_version \
+             ORDER BY CASE WHEN price_version IS NULL THEN 0 ELSE 1 END, price_version",
+        );
+        fetch_rows(&self.reads, q, |row| {
+            Ok(PriceVersionTotals {
+                price_version: row.try_get(0)?,
+                rows: row.try_get(1)?,
+                requests: row.try_get(2)?,
+                prompt_tokens: row.try_get(3)?,
+                cached_tokens: row.try_get(4)?,
+                cache_write_tokens: row.try_get(5)?,
+                completion_tokens: row.try_get(6)?,
+                reasoning_tokens: row.try_get(7)?,
+                cost_usd: row.try_get(8)?,
+            })
+        })
+        .await
+    }
+    async fn add_price_overrides(
+        &self,
+        owner: UserId,
+        entries: &[PriceOverrideRecord],
+    ) -> StoreResult<()> {
+        let mut tx = self.writes.begin().await?;
+        // 14 bound parameters an entry.
+        for chunk in entries.chunks(1000) {
+            let mut q: QueryBuilder<Db> = QueryBuilder::new(
+                "INSERT INTO price_overrides (id, user_id, provider, model, effective_from, \
+                 input_rate, cached_input_rate, cache_write_rate, output_rate, reasoning_rate, \
+                 request_fee, note, created_at) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(&e.id)
+                    .push_bind(owner.to_string())
+                    .push_bind(&e.provider)
+                    .push_bind(&e.model)
+                    .push_bind(e.effective_from_ms)
+                    .push_bind(e.input_rate)
+                    .push_bind(e.cached_input_rate)
+                    .push_bind(e.cache_write_rate)
+                    .push_bind(e.output_rate)
+                    .push_bind(e.reasoning_rate)
+                    .push_bind(e.request_fee)
+                    .push_bind(&e.note)
+                    .push_bind(e.created_at_ms);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+    async fn price_overrides(&self, owner: UserId) -> StoreResult<Vec<PriceOverrideRecord>> {
+        let mut q = QueryBuilder::new(
+            "SELECT id, provider, model, effective_from, input_rate, cached_input_rate, \
+             cache_write_rate, output_rate, reasoning_rate, request_fee, note, created_at \
+             FROM price_overrides WHERE user_id = ",
+        );
+        q.push_bind(owner.to_string()).push(" ORDER BY created_at, id");
+        fetch_rows(&self.reads, q, |row| {
+            Ok(PriceOverrideRecord {
+                id: row.try_get(0)?,
+                provider: row.try_get(1)?,
+                model: row.try_get(2)?,
+                effective_from_ms: row.try_get(3)?,
+                input_rate: row.try_get(4)?,
+                cached_input_rate: row.try_get(5)?,
+                cache_write_rate: row.try_get(6)?,
+                output_rate: row.try_get(7)?,
+                reasoning_rate: row.try_get(8)?,
+                request_fee: row.try_get(9)?,
+                note: row.try_get(10)?,
+                created_at_ms: row.try_get(11)?,
             })
         })
         .await

@@ -13,6 +13,7 @@ use crate::context::UserExecutionContext;
 use crate::events::{EventBus, UserEmitter};
 use crate::llm::LlmProvider;
 use crate::store::Store;
+use crate::usage::price_book::PriceBook;
 use crate::usage::pricing::PricingTable;
 use crate::user_store::UserStore;
 
@@ -31,6 +32,9 @@ pub struct Infrastructure {
     pub llm_triage: bool,
     /// List prices; read-only.
     pub pricing: Arc<PricingTable>,
+    /// The built-in price snapshot every cost is computed with (with the user's own
+    /// rates, loaded per request); read-only.
+    pub price_book: Arc<PriceBook>,
 }
 
 pub struct AgentInstanceFactory {
@@ -70,6 +74,7 @@ impl AgentInstanceFactory {
             fallback: Arc::clone(&self.infra.fallback_llm),
             llm_triage: self.infra.llm_triage,
             pricing: Arc::clone(&self.infra.pricing),
+            price_book: Arc::clone(&self.infra.price_book),
             llm_usage: std::sync::Mutex::new(Vec::new()),
             ctx: self.ctx,
         };

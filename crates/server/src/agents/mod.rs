@@ -35,6 +35,7 @@ use crate::events::{EmitError, UserEmitter};
 use crate::llm::{LlmError, LlmProvider, TokenUsage};
 use crate::store::{StoreError, UsageRow};
 use crate::usage::llm_calls::LlmCall;
+use crate::usage::price_book::PriceBook;
 use crate::usage::pricing::PricingTable;
 use crate::user_store::UserStore;
 
@@ -158,6 +159,8 @@ pub struct AgentContext {
     /// Triage may ask `llm` for a structured classification.
     pub llm_triage: bool,
     pub pricing: Arc<PricingTable>,
+    /// Costs the run's own LLM requests (with the user's rates, at the end of the run).
+    pub price_book: Arc<PriceBook>,
     /// This run's LLM requests, added to the user's usage data when the run ends (see
     /// [`AgentContext::record_llm_usage`]). Per run, like everything here.
     pub llm_usage: std::sync::Mutex<Vec<UsageRow>>,
@@ -193,7 +196,7 @@ impl AgentContext {
             succeeded,
         };
         crate::usage::llm_calls::count(&call);
-        if let Some(row) = crate::usage::llm_calls::usage_row(&self.pricing, &call, self.now_ms()) {
+        if let Some(row) = crate::usage::llm_calls::usage_row(&call, self.now_ms()) {
             self.llm_usage
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -208,9 +211,7 @@ impl AgentContext {
         if rows.is_empty() {
             return;
         }
-        if let Err(err) = self.store.insert_usage(&rows).await {
-            tracing::warn!(error = %err, "could not record the run's LLM token usage");
-        }
+        crate::usage::llm_calls::store_rows(&self.store, &self.price_book, rows).await;
     }
 
     pub async fn think(

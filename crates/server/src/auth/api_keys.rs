@@ -44,8 +44,12 @@ const MAX_LIFETIME_DAYS: u32 = 3650;
 pub fn required_scope(method: &Method, path: &str) -> Option<ApiKeyScope> {
     use ApiKeyScope::*;
     let scope = match (method.as_str(), path) {
-        ("GET", "/api/usage/summary" | "/api/usage/daily") => UsageRead,
-        ("POST", "/api/usage/events" | "/otlp/v1/traces") => UsageWrite,
+        (
+            "GET",
+            "/api/usage/summary" | "/api/usage/daily" | "/api/usage/rows" | "/api/usage/explain"
+            | "/api/pricebook",
+        ) => UsageRead,
+        ("POST", "/api/usage/events" | "/otlp/v1/traces" | "/api/pricebook") => UsageWrite,
         // A `gateway` key passes here too (see `route_accepts`); the handler then asks
         // for the scope of the model named: `gateway` for an upstream's, `chat` for
         // `apex` and the local model.

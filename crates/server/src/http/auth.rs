@@ -101,7 +101,7 @@ pub async fn register(
 pub async fn give_demo_data(state: &AppState, user: &AuthenticatedUser) -> Result<(), ApiError> {
     if state.settings.demo_data {
         let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
-        let rows = demo::generate(user.user_id(), now_ms(), &state.infra.pricing);
+        let rows = demo::generate(user.user_id(), now_ms(), &state.infra.price_book);
         store.insert_usage(&rows).await?;
     }
     Ok(())

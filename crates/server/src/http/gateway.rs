@@ -56,15 +56,49 @@ fn workload(headers: &HeaderMap) -> String {
         .collect()
 }
 
-/// Records a finished call in `user`'s usage; a failed write is logged, not returned (the
-/// call itself went through).
-async fn record(state: &AppState, user: &AuthenticatedUser, call: FinishedCall<'_>) {
-    let row = usage_row(call, &state.infra.pricing);
-    let store = UserStore::for_user(Arc::clone(&state.infra.store), user);
-    if let Err(err) = store.insert_usage(&[row]).await {
-        tracing::warn!(error = %err, "could not record a gateway call's usage");
+/// One call through the gateway, from the moment it is sent: what its usage row needs
+/// besides the usage itself.
+struct GatewayCall {
+    state: AppState,
+    user: AuthenticatedUser,
+    upstream: String,
+    requested_model: String,
+    workload: String,
+    /// Characters of the request's messages or input (see [`prompt_chars`]).
+    prompt_chars: usize,
+    started: Instant,
+}
+
+impl GatewayCall {
+    /// Records the finished call in the user's usage, costed with their prices. A failed
+    /// write is logged, not returned: the call itself went through.
+    async fn finish(self, usage: CallUsage, succeeded: bool) {
+        let store = UserStore::for_user(Arc::clone(&self.state.infra.store), &self.user);
+        let overrides = match store.price_overrides().await {
+            Ok(overrides) => overrides,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the user's prices; list prices used");
+                Vec::new()
+            }
+        };
+        let row = usage_row(
+            FinishedCall {
+                upstream: &self.upstream,
+                requested_model: &self.requested_model,
+                workload: &self.workload,
+                usage,
+                prompt_chars: self.prompt_chars,
+                started: self.started,
+                succeeded,
+                now_ms: crate::clock::now_ms(),
+            },
+            &self.state.infra.price_book.for_user(&overrides),
+        );
+        if let Err(err) = store.insert_usage(&[row]).await {
+            tracing::warn!(error = %err, "could not record a gateway call's usage");
+        }
+        metrics::counter!("apex_gateway_calls_total").increment(1);
     }
-    metrics::counter!("apex_gateway_calls_total").increment(1);
 }
 
 fn upstream_unreachable(name: &str, err: reqwest::Error) -> ApiError {
@@ -101,28 +135,20 @@ pub async fn forward(
             options.insert("include_usage".into(), Value::Bool(true));
         }
     }
-    let upstream = route.upstream.name.clone();
-    let workload = workload(headers);
-    let prompt = prompt_chars(&body);
-    let started = Instant::now();
+    let call = GatewayCall {
+        state: state.clone(),
+        user,
+        upstream: route.upstream.name.clone(),
+        requested_model,
+        workload: workload(headers),
+        prompt_chars: prompt_chars(&body),
+        started: Instant::now(),
+    };
     let response = match state.gateway.send(&route, path, &body).await {
         Ok(response) => response,
         Err(err) => {
-            record(
-                &state,
-                &user,
-                FinishedCall {
-                    upstream: &upstream,
-                    requested_model: &requested_model,
-                    workload: &workload,
-                    usage: CallUsage::default(),
-                    prompt_chars: prompt,
-                    started,
-                    succeeded: false,
-                    now_ms: crate::clock::now_ms(),
-                },
-            )
-            .await;
+            let upstream = call.upstream.clone();
+            call.finish(CallUsage::default(), false).await;
             return Err(upstream_unreachable(&upstream, err));
         }
     };
@@ -142,27 +168,13 @@ pub async fn forward(
         // One body: read it whole, record its usage, pass it on as it came.
         let bytes = match response.bytes().await {
             Ok(bytes) => bytes,
-            Err(err) => return Err(upstream_unreachable(&upstream, err)),
+            Err(err) => return Err(upstream_unreachable(&call.upstream, err)),
         };
         let mut usage = CallUsage::default();
         if let Ok(parsed) = serde_json::from_slice::<Value>(&bytes) {
             usage.read(&parsed);
         }
-        record(
-            &state,
-            &user,
-            FinishedCall {
-                upstream: &upstream,
-                requested_model: &requested_model,
-                workload: &workload,
-                usage,
-                prompt_chars: prompt,
-                started,
-                succeeded: status.is_success(),
-                now_ms: crate::clock::now_ms(),
-            },
-        )
-        .await;
+        call.finish(usage, status.is_success()).await;
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = status;
         out.headers_mut().insert(header::CONTENT_TYPE, content_type);
@@ -173,13 +185,7 @@ pub async fn forward(
     // the call when it ends, whether it finished, the upstream broke off or the client
     // went away (the stream is dropped then, and the recorder with it).
     let recorder = StreamRecorder {
-        state: state.clone(),
-        user,
-        upstream,
-        requested_model,
-        workload,
-        prompt_chars: prompt,
-        started,
+        call: Some(call),
         watch: StreamWatch::default(),
         failed: false,
     };
@@ -194,7 +200,7 @@ pub async fn forward(
                     Some((Ok::<_, Infallible>(bytes), (upstream_stream, recorder)))
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(upstream = rec.upstream, error = %err.without_url(), "gateway stream broke off");
+                    tracing::warn!(upstream = rec.upstream(), error = %err.without_url(), "gateway stream broke off");
                     rec.failed = true;
                     drop(recorder.take());
                     None
@@ -216,45 +222,30 @@ pub async fn forward(
 
 /// Records a streamed call when dropped: at its end, or when its client goes away.
 struct StreamRecorder {
-    state: AppState,
-    user: AuthenticatedUser,
-    upstream: String,
-    requested_model: String,
-    workload: String,
-    prompt_chars: usize,
-    started: Instant,
+    /// Taken when the call is recorded.
+    call: Option<GatewayCall>,
     watch: StreamWatch,
     failed: bool,
 }
 
+impl StreamRecorder {
+    fn upstream(&self) -> &str {
+        self.call.as_ref().map_or("", |c| c.upstream.as_str())
+    }
+}
+
 impl Drop for StreamRecorder {
     fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
         let mut usage = std::mem::take(&mut self.watch.usage);
         if !usage.reported {
             usage.completion_tokens = self.watch.content_chunks;
         }
         let succeeded = !self.failed && self.watch.done;
-        let row = usage_row(
-            FinishedCall {
-                upstream: &self.upstream,
-                requested_model: &self.requested_model,
-                workload: &self.workload,
-                usage,
-                prompt_chars: self.prompt_chars,
-                started: self.started,
-                succeeded,
-                now_ms: crate::clock::now_ms(),
-            },
-            &self.state.infra.pricing,
-        );
-        let store = UserStore::for_user(Arc::clone(&self.state.infra.store), &self.user);
         // Drop cannot wait: the write goes on in its own task.
-        tokio::spawn(async move {
-            if let Err(err) = store.insert_usage(&[row]).await {
-                tracing::warn!(error = %err, "could not record a gateway stream's usage");
-            }
-            metrics::counter!("apex_gateway_calls_total").increment(1);
-        });
+        tokio::spawn(call.finish(usage, succeeded));
     }
 }
 

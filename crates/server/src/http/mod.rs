@@ -13,6 +13,7 @@ mod keys;
 mod openai_compat;
 pub mod openapi;
 mod otlp;
+mod prices;
 mod run_stream;
 pub(crate) mod runs;
 pub(crate) mod threads;
@@ -84,6 +85,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         )
         .routes(routes!(usage::summary))
         .routes(routes!(usage::daily))
+        .routes(routes!(prices::rows))
+        .routes(routes!(prices::explain))
+        .routes(routes!(prices::list, prices::import))
         .routes(routes!(openai_compat::models))
         .routes(routes!(openai_compat::chat_completions))
         .routes(routes!(gateway::embeddings))

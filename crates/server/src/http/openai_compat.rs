@@ -497,7 +497,7 @@ async fn direct(
                 elapsed: started.elapsed(),
                 succeeded,
             };
-            llm_calls::record(&store, &state.infra.pricing, call).await;
+            llm_calls::record(&store, &state.infra.price_book, call).await;
             usage
         }
     };

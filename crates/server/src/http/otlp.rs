@@ -130,9 +130,10 @@ pub async fn traces(
         Ok(request) => request,
         Err(message) => return Ok(bad_request(encoding, &message)),
     };
-    let mut read = rows_of(&request, &state.infra.pricing);
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let overrides = store.price_overrides().await?;
+    let mut read = rows_of(&request, &state.infra.price_book.for_user(&overrides));
     if !read.rows.is_empty() {
-        let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
         let plan = ImportPlan {
             quota: state.settings.limits.import_row_quota,
             chunk_rows: IMPORT_CHUNK_ROWS,

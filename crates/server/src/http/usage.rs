@@ -23,6 +23,7 @@ use crate::state::AppState;
 use crate::store::{ImportOutcome, ImportPlan};
 use crate::usage::exports::{read_export, ExportFormat};
 use crate::usage::import::{parse_csv, validate, IMPORT_CHUNK_ROWS};
+use crate::usage::price_book::UserPrices;
 use crate::usage::{daily_for, summary_for, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
 use crate::user_store::UserStore;
 
@@ -85,9 +86,12 @@ pub async fn import(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let overrides = store.price_overrides().await?;
+    let prices = state.infra.price_book.for_user(&overrides);
     let (rows, skipped) = match query.format.as_deref().map(str::trim) {
         None | Some("") | Some("rows") | Some("csv") | Some("json") => {
-            (read_rows(&state, &content_type, &body)?, Vec::new())
+            (read_rows(&prices, &content_type, &body)?, Vec::new())
         }
         Some(name) => {
             let format = ExportFormat::parse(name).ok_or_else(|| {
@@ -96,12 +100,10 @@ pub async fn import(
                      litellm-spend"
                 ))
             })?;
-            let read =
-                read_export(format, &body, &state.infra.pricing).map_err(ApiError::validation)?;
+            let read = read_export(format, &body, &prices).map_err(ApiError::validation)?;
             (read.rows, read.skipped)
         }
     };
-    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     if rows.is_empty() {
         // An export with nothing usable in it: nothing to store, everything explained.
         return Ok((
@@ -141,7 +143,7 @@ pub async fn import(
 
 /// Apex's own rows, as JSON or CSV by `content_type`, validated all or nothing.
 fn read_rows(
-    state: &AppState,
+    prices: &UserPrices<'_>,
     content_type: &str,
     body: &[u8],
 ) -> Result<Vec<crate::store::UsageRow>, ApiError> {
@@ -158,7 +160,7 @@ fn read_rows(
             "send application/json (an array) or text/csv",
         ));
     };
-    validate(inputs, &state.infra.pricing).map_err(|e| ApiError::validation(e.to_string()))
+    validate(inputs, prices).map_err(|e| ApiError::validation(e.to_string()))
 }
 
 /// `?days=N` of the summary and the daily series.

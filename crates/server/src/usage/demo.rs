@@ -6,7 +6,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::pricing::PricingTable;
+use super::price_book::PriceBook;
 use crate::ids::UserId;
 use crate::store::UsageRow;
 
@@ -85,7 +85,9 @@ fn seed_for(user: UserId) -> u64 {
 
 /// Rows of the 30 days before `now_ms`. The oldest start an hour inside the window, so a
 /// 30-day summary taken within the hour after registration counts every row.
-pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageRow> {
+pub fn generate(user: UserId, now_ms: i64, book: &PriceBook) -> Vec<UsageRow> {
+    // A new account has no rates of its own: list prices.
+    let prices = book.for_user(&[]);
     let mut rng = ChaCha8Rng::seed_from_u64(seed_for(user));
     // Each user runs four of the six workload kinds, each on one of its candidate models,
     // with a volume scale of their own.
@@ -116,10 +118,7 @@ pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageR
                     rng.gen_range(workload.completion_tokens.0..=workload.completion_tokens.1);
                 let latency_ms = base_latency + completion_tokens * rng.gen_range(8..20) / 2;
                 let status = if rng.gen_bool(0.02) { "error" } else { "ok" };
-                let cost_usd = pricing
-                    .cost(model, prompt_tokens, completion_tokens)
-                    .unwrap_or(0.0);
-                rows.push(UsageRow {
+                let mut row = UsageRow {
                     provider: provider.to_string(),
                     model: model.to_string(),
                     workload: workload.name.to_string(),
@@ -128,10 +127,12 @@ pub fn generate(user: UserId, now_ms: i64, pricing: &PricingTable) -> Vec<UsageR
                     completion_tokens,
                     latency_ms,
                     status: status.to_string(),
-                    cost_usd,
                     source: "demo".into(),
                     ..UsageRow::default()
-                });
+                };
+                // Every demo model is in the snapshot.
+                let _ = prices.price_row(&mut row, false);
+                rows.push(row);
             }
         }
     }
@@ -145,7 +146,7 @@ mod tests {
 
     #[test]
     fn same_user_same_rows_different_users_different_rows() {
-        let pricing = PricingTable::builtin();
+        let pricing = PriceBook::builtin(&crate::usage::pricing::PricingTable::builtin());
         let user = UserId::generate();
         let now = 1_790_000_000_000;
         let a = generate(user, now, &pricing);
@@ -157,6 +158,8 @@ mod tests {
         assert!(a
             .iter()
             .all(|r| r.ts_ms > now - 30 * DAY_MS && r.ts_ms <= now));
-        assert!(a.iter().all(|r| r.cost_usd > 0.0));
+        assert!(a
+            .iter()
+            .all(|r| r.cost_usd > 0.0 && r.price_version.is_some()));
     }
 }

@@ -21,7 +21,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::import::{MAX_COST_USD, MAX_TOKENS};
-use super::pricing::{PricingTable, TokenCounts};
+use super::price_book::UserPrices;
+use super::stored_label as label;
 use crate::clock::parse_rfc3339_ms;
 use crate::store::UsageRow;
 
@@ -74,13 +75,13 @@ impl ExportRows {
 pub fn read_export(
     format: ExportFormat,
     body: &[u8],
-    pricing: &PricingTable,
+    prices: &UserPrices<'_>,
 ) -> Result<ExportRows, String> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| format!("a {} export is JSON: {e}", format.name()))?;
     match format {
-        ExportFormat::OpenAiUsage => read_openai(value, pricing),
-        ExportFormat::AnthropicUsage => read_anthropic(value, pricing),
+        ExportFormat::OpenAiUsage => read_openai(value, prices),
+        ExportFormat::AnthropicUsage => read_anthropic(value, prices),
         ExportFormat::LiteLlmSpend => read_litellm(value),
     }
 }
@@ -108,16 +109,6 @@ fn count(value: i64, name: &str) -> Result<i64, String> {
     } else {
         Err(format!("{name} must be between 0 and {MAX_TOKENS}"))
     }
-}
-
-/// Text of an export's field, as stored: trimmed, at most 200 characters, no NUL.
-fn label(value: &str) -> String {
-    value
-        .trim()
-        .chars()
-        .filter(|c| *c != '\0')
-        .take(200)
-        .collect()
 }
 
 #[derive(Deserialize)]
@@ -149,7 +140,7 @@ struct OpenAiResult {
     batch: Option<bool>,
 }
 
-fn read_openai(value: Value, pricing: &PricingTable) -> Result<ExportRows, String> {
+fn read_openai(value: Value, prices: &UserPrices<'_>) -> Result<ExportRows, String> {
     let mut out = ExportRows::default();
     let mut index = 0;
     for page in pages::<OpenAiPage>(value, "OpenAI usage")? {
@@ -157,7 +148,7 @@ fn read_openai(value: Value, pricing: &PricingTable) -> Result<ExportRows, Strin
             for result in bucket.results {
                 let i = index;
                 index += 1;
-                match openai_row(bucket.start_time, &result, pricing) {
+                match openai_row(bucket.start_time, &result, prices) {
                     Ok(Some(row)) => out.rows.push(row),
                     Ok(None) => {}
                     Err(reason) => out.skip(i, reason),
@@ -172,7 +163,7 @@ fn read_openai(value: Value, pricing: &PricingTable) -> Result<ExportRows, Strin
 fn openai_row(
     start_time: i64,
     result: &OpenAiResult,
-    pricing: &PricingTable,
+    prices: &UserPrices<'_>,
 ) -> Result<Option<UsageRow>, String> {
     let requests = count(result.num_model_requests, "num_model_requests")?;
     let prompt = count(result.input_tokens, "input_tokens")?;
@@ -188,30 +179,16 @@ fn openai_row(
         .map(label)
         .filter(|m| !m.is_empty())
         .ok_or("no model: export with group_by=model")?;
-    let price = pricing
-        .lookup(&model)
-        .ok_or_else(|| format!("no price is known for model {model:?}"))?;
     let batch = result.batch.unwrap_or(false);
-    let mut cost = super::pricing::cost_of_tokens(
-        price,
-        &TokenCounts {
-            prompt,
-            cached,
-            completion,
-            ..TokenCounts::default()
-        },
-    );
-    if batch {
-        cost *= 1.0 - price.batch_discount;
-    }
     let project = result.project_id.as_deref().map(label);
     let key = result.api_key_id.as_deref().map(label);
     let user = result.user_id.as_deref().map(label);
     let ts_ms = start_time
         .checked_mul(1000)
         .ok_or("start_time is out of range")?;
-    Ok(Some(UsageRow {
-        provider: price.provider.to_string(),
+    let mut row = UsageRow {
+        // The price book's provider for the model (an OpenAI export may hold others').
+        provider: String::new(),
         workload: project
             .clone()
             .filter(|p| !p.is_empty())
@@ -219,7 +196,6 @@ fn openai_row(
         ts_ms,
         prompt_tokens: prompt,
         completion_tokens: completion,
-        cost_usd: cost.min(MAX_COST_USD),
         requests,
         cached_tokens: cached,
         source: ExportFormat::OpenAiUsage.name().into(),
@@ -231,7 +207,19 @@ fn openai_row(
         )),
         model,
         ..UsageRow::default()
-    }))
+    };
+    priced(&mut row, prices, batch)?;
+    Ok(Some(row))
+}
+
+/// Costs an export's row with the user's price book; `Err` (the entry is skipped) for a
+/// model without a price or a cost past the maximum a row may have.
+fn priced(row: &mut UsageRow, prices: &UserPrices<'_>, batch: bool) -> Result<(), String> {
+    prices.price_row(row, batch)?;
+    if row.cost_usd > MAX_COST_USD {
+        return Err(format!("costs more than {MAX_COST_USD} USD"));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -271,7 +259,7 @@ struct AnthropicCacheCreation {
     ephemeral_5m_input_tokens: i64,
 }
 
-fn read_anthropic(value: Value, pricing: &PricingTable) -> Result<ExportRows, String> {
+fn read_anthropic(value: Value, prices: &UserPrices<'_>) -> Result<ExportRows, String> {
     let mut out = ExportRows::default();
     let mut index = 0;
     for page in pages::<AnthropicPage>(value, "Anthropic usage report")? {
@@ -279,7 +267,7 @@ fn read_anthropic(value: Value, pricing: &PricingTable) -> Result<ExportRows, St
             for result in bucket.results {
                 let i = index;
                 index += 1;
-                match anthropic_row(&bucket.starting_at, &result, pricing) {
+                match anthropic_row(&bucket.starting_at, &result, prices) {
                     Ok(Some(row)) => out.rows.push(row),
                     Ok(None) => {}
                     Err(reason) => out.skip(i, reason),
@@ -293,7 +281,7 @@ fn read_anthropic(value: Value, pricing: &PricingTable) -> Result<ExportRows, St
 fn anthropic_row(
     starting_at: &str,
     result: &AnthropicResult,
-    pricing: &PricingTable,
+    prices: &UserPrices<'_>,
 ) -> Result<Option<UsageRow>, String> {
     let uncached = count(result.uncached_input_tokens, "uncached_input_tokens")?;
     let cached = count(result.cache_read_input_tokens, "cache_read_input_tokens")?;
@@ -317,22 +305,10 @@ fn anthropic_row(
         .map(label)
         .filter(|m| !m.is_empty())
         .ok_or("no model: export with group_by[]=model")?;
-    let price = pricing
-        .lookup(&model)
-        .ok_or_else(|| format!("no price is known for model {model:?}"))?;
-    let cost = super::pricing::cost_of_tokens(
-        price,
-        &TokenCounts {
-            prompt,
-            cached,
-            cache_write: written,
-            completion,
-        },
-    );
     let workspace = result.workspace_id.as_deref().map(label);
     let key = result.api_key_id.as_deref().map(label);
-    Ok(Some(UsageRow {
-        provider: price.provider.to_string(),
+    let mut row = UsageRow {
+        provider: String::new(),
         workload: workspace
             .clone()
             .filter(|w| !w.is_empty())
@@ -340,7 +316,6 @@ fn anthropic_row(
         ts_ms,
         prompt_tokens: prompt,
         completion_tokens: completion,
-        cost_usd: cost.min(MAX_COST_USD),
         // The report counts tokens, not requests.
         requests: 0,
         cached_tokens: cached,
@@ -363,7 +338,9 @@ fn anthropic_row(
         )),
         model,
         ..UsageRow::default()
-    }))
+    };
+    priced(&mut row, prices, false)?;
+    Ok(Some(row))
 }
 
 /// LiteLLM's spend log: an array of entries, or `{"data": [...]}` as some of its
@@ -483,6 +460,12 @@ fn parse_litellm_time(raw: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::price_book::PriceBook;
+    use crate::usage::pricing::PricingTable;
+
+    fn builtin() -> PriceBook {
+        PriceBook::builtin(&PricingTable::builtin())
+    }
     use serde_json::json;
 
     fn micro(usd: f64) -> i64 {
@@ -510,7 +493,7 @@ mod tests {
         let read = read_export(
             ExportFormat::OpenAiUsage,
             page.to_string().as_bytes(),
-            &PricingTable::builtin(),
+            &builtin().for_user(&[]),
         )
         .unwrap();
         assert_eq!(read.rows.len(), 1);
@@ -540,7 +523,7 @@ mod tests {
         let read = read_export(
             ExportFormat::AnthropicUsage,
             page.to_string().as_bytes(),
-            &PricingTable::builtin(),
+            &builtin().for_user(&[]),
         )
         .unwrap();
         let row = &read.rows[0];
@@ -571,7 +554,7 @@ mod tests {
         let read = read_export(
             ExportFormat::LiteLlmSpend,
             log.to_string().as_bytes(),
-            &PricingTable::builtin(),
+            &builtin().for_user(&[]),
         )
         .unwrap();
         let row = &read.rows[0];
@@ -587,7 +570,8 @@ mod tests {
 
     #[test]
     fn a_file_of_another_shape_is_refused_whole() {
-        let pricing = PricingTable::builtin();
+        let book = builtin();
+        let pricing = book.for_user(&[]);
         for format in [
             ExportFormat::OpenAiUsage,
             ExportFormat::AnthropicUsage,

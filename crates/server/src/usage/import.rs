@@ -7,7 +7,7 @@
 
 use apex_protocol::usage::UsageEventInput;
 
-use super::pricing::PricingTable;
+use super::price_book::UserPrices;
 use crate::clock::parse_rfc3339_ms;
 use crate::store::UsageRow;
 
@@ -71,7 +71,7 @@ fn count_field(index: usize, name: &str, value: i64) -> Result<i64, ImportError>
 
 pub fn validate(
     inputs: Vec<UsageEventInput>,
-    pricing: &PricingTable,
+    prices: &UserPrices<'_>,
 ) -> Result<Vec<UsageRow>, ImportError> {
     if inputs.is_empty() {
         return Err(ImportError::Batch("no rows to import".into()));
@@ -122,25 +122,7 @@ pub fn validate(
                     ))
                 }
             };
-            let cost_usd = match input.cost_usd {
-                Some(cost) => cost,
-                None => pricing
-                    .cost_with_cache(&model, prompt_tokens, cached_tokens, completion_tokens)
-                    .ok_or_else(|| {
-                        row_error(
-                            index,
-                            format!("model {model:?} is not in the pricing table; send cost_usd"),
-                        )
-                    })?,
-            };
-            // Also a computed cost: the pricing table's rates are not bounded here.
-            if !(cost_usd.is_finite() && (0.0..=MAX_COST_USD).contains(&cost_usd)) {
-                return Err(row_error(
-                    index,
-                    format!("cost_usd must be a number from 0 to {MAX_COST_USD}"),
-                ));
-            }
-            Ok(UsageRow {
+            let mut row = UsageRow {
                 provider: text_field(index, "provider", &input.provider)?,
                 workload: text_field(index, "workload", &input.workload)?,
                 ts_ms: parse_rfc3339_ms(input.timestamp.trim())
@@ -149,13 +131,26 @@ pub fn validate(
                 completion_tokens,
                 latency_ms: count_field(index, "latency_ms", input.latency_ms)?,
                 status: status.to_string(),
-                cost_usd,
                 model,
                 cached_tokens,
                 reasoning_tokens,
                 source_ref,
                 ..UsageRow::default()
-            })
+            };
+            match input.cost_usd {
+                Some(cost) => row.cost_usd = cost,
+                None => prices
+                    .price_row(&mut row, false)
+                    .map_err(|reason| row_error(index, format!("{reason}; send cost_usd")))?,
+            }
+            // Also a computed cost: a user's negotiated rates are bounded, not their sums.
+            if !(row.cost_usd.is_finite() && (0.0..=MAX_COST_USD).contains(&row.cost_usd)) {
+                return Err(row_error(
+                    index,
+                    format!("cost_usd must be a number from 0 to {MAX_COST_USD}"),
+                ));
+            }
+            Ok(row)
         })
         .collect()
 }
@@ -180,16 +175,28 @@ pub fn parse_csv(body: &[u8]) -> Result<Vec<UsageEventInput>, ImportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::price_book::PriceBook;
+    use crate::usage::pricing::PricingTable;
+
+    fn builtin() -> PriceBook {
+        PriceBook::builtin(&PricingTable::builtin())
+    }
 
     #[test]
     fn computes_missing_cost_and_rejects_unknown_models_without_cost() {
-        let pricing = PricingTable::builtin();
+        let book = builtin();
+        let pricing = book.for_user(&[]);
         let csv = "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms,status,cost_usd\n\
                    openai,gpt-4o,chat,2026-11-01T10:00:00Z,1000000,0,500,ok,\n\
                    acme,acme-1,chat,2026-11-01T10:00:00Z,10,10,500,,0.5\n";
         let rows = validate(parse_csv(csv.as_bytes()).unwrap(), &pricing).unwrap();
         assert_eq!(rows[0].cost_usd, 2.5);
+        assert_eq!(
+            rows[0].price_version.as_deref(),
+            Some("builtin:openai/gpt-4o@2024-10-02")
+        );
         assert_eq!(rows[1].cost_usd, 0.5);
+        assert_eq!(rows[1].price_version, None);
 
         let bad = "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms\n\
                    acme,acme-1,chat,2026-11-01T10:00:00Z,10,10,500\n";
@@ -199,7 +206,8 @@ mod tests {
 
     #[test]
     fn rejects_negative_counts_and_bad_timestamps() {
-        let pricing = PricingTable::builtin();
+        let book = builtin();
+        let pricing = book.for_user(&[]);
         let input = UsageEventInput {
             provider: "openai".into(),
             model: "gpt-4o".into(),
@@ -225,7 +233,8 @@ mod tests {
 
     #[test]
     fn costs_must_be_finite_and_at_most_the_maximum() {
-        let pricing = PricingTable::builtin();
+        let book = builtin();
+        let pricing = book.for_user(&[]);
         let row = |cost: f64| UsageEventInput {
             provider: "acme".into(),
             model: "acme-1".into(),

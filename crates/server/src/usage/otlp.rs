@@ -24,7 +24,8 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use super::import::{MAX_COST_USD, MAX_TOKENS};
-use super::pricing::{PricingTable, TokenCounts};
+use super::price_book::UserPrices;
+use super::stored_label as label;
 use crate::store::UsageRow;
 
 /// The source name of rows from spans.
@@ -358,7 +359,7 @@ pub struct SpanRows {
 const MAX_REASONS: usize = 5;
 
 /// The usage rows of a batch's GenAI spans.
-pub fn rows_of(request: &ExportTraceServiceRequest, pricing: &PricingTable) -> SpanRows {
+pub fn rows_of(request: &ExportTraceServiceRequest, prices: &UserPrices<'_>) -> SpanRows {
     let mut out = SpanRows::default();
     for rs in &request.resource_spans {
         let resource = rs
@@ -372,7 +373,7 @@ pub fn rows_of(request: &ExportTraceServiceRequest, pricing: &PricingTable) -> S
                 if !is_gen_ai(&attrs) {
                     continue;
                 }
-                match span_row(span, &attrs, &resource, pricing) {
+                match span_row(span, &attrs, &resource, prices) {
                     Ok(row) => out.rows.push(row),
                     Err(reason) => {
                         out.rejected += 1;
@@ -429,16 +430,11 @@ fn tokens(attrs: &Attributes<'_>, keys: &[&str]) -> Result<i64, String> {
     Ok(0)
 }
 
-/// Stored text: at most 200 characters, no NUL.
-fn label(value: &str) -> String {
-    value.chars().filter(|c| *c != '\0').take(200).collect()
-}
-
 fn span_row(
     span: &Span,
     attrs: &Attributes<'_>,
     resource: &Attributes<'_>,
-    pricing: &PricingTable,
+    prices: &UserPrices<'_>,
 ) -> Result<UsageRow, String> {
     if span.trace_id.len() != 16 || span.span_id.len() != 8 {
         return Err("a span needs a 16-byte trace id and an 8-byte span id".into());
@@ -492,24 +488,12 @@ fn span_row(
         input
     };
     let completion = output.max(reasoning);
-    let cost_usd = match attrs.get("gen_ai.usage.cost") {
+    let sent_cost = match attrs.get("gen_ai.usage.cost") {
         Some(Value::Double(cost)) if cost.is_finite() && (0.0..=MAX_COST_USD).contains(cost) => {
-            *cost
+            Some(*cost)
         }
         Some(_) => return Err(format!("gen_ai.usage.cost must be 0 to {MAX_COST_USD}")),
-        None => pricing
-            .cost_of(
-                &model,
-                &TokenCounts {
-                    prompt,
-                    cached,
-                    cache_write: written,
-                    completion,
-                },
-            )
-            .ok_or_else(|| {
-                format!("no price is known for model {model:?}; send gen_ai.usage.cost")
-            })?,
+        None => None,
     };
     let workload = text(attrs, &["apex.workload"])
         .or_else(|| text(resource, &["apex.workload", "service.name"]))
@@ -523,7 +507,7 @@ fn span_row(
         / 1_000_000;
     let failed =
         span.status.as_ref().is_some_and(|s| s.code == 2) || attrs.contains_key("error.type");
-    Ok(UsageRow {
+    let mut row = UsageRow {
         provider,
         model,
         workload,
@@ -534,7 +518,6 @@ fn span_row(
             .unwrap_or(MAX_TOKENS)
             .min(MAX_TOKENS),
         status: if failed { "error" } else { "ok" }.into(),
-        cost_usd,
         cached_tokens: cached.min(prompt),
         cache_write_tokens: written.min(prompt - cached.min(prompt)),
         reasoning_tokens: reasoning,
@@ -545,7 +528,17 @@ fn span_row(
             hex_of(&span.span_id)
         )),
         ..UsageRow::default()
-    })
+    };
+    match sent_cost {
+        Some(cost) => row.cost_usd = cost,
+        None => prices
+            .price_row(&mut row, false)
+            .map_err(|reason| format!("{reason}; send gen_ai.usage.cost"))?,
+    }
+    if row.cost_usd > MAX_COST_USD {
+        return Err(format!("costs more than {MAX_COST_USD} USD"));
+    }
+    Ok(row)
 }
 
 fn hex_of(bytes: &[u8]) -> String {
@@ -571,6 +564,12 @@ pub struct JsonPartialSuccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::price_book::PriceBook;
+    use crate::usage::pricing::PricingTable;
+
+    fn builtin() -> PriceBook {
+        PriceBook::builtin(&PricingTable::builtin())
+    }
     use prost::Message as _;
     use serde_json::json;
 
@@ -626,7 +625,7 @@ mod tests {
         ]);
         // Through the wire format and back.
         let decoded = decode_protobuf(&request.encode_to_vec()).unwrap();
-        let out = rows_of(&decoded, &PricingTable::builtin());
+        let out = rows_of(&decoded, &builtin().for_user(&[]));
         assert_eq!((out.rows.len(), out.rejected), (1, 0));
         let row = &out.rows[0];
         assert_eq!(row.model, "gpt-4o-2024-08-06");
@@ -659,7 +658,7 @@ mod tests {
                 ],
             ),
         ]);
-        let out = rows_of(&request, &PricingTable::builtin());
+        let out = rows_of(&request, &builtin().for_user(&[]));
         assert_eq!((out.rows.len(), out.rejected), (0, 2));
         assert!(out.reasons[0].contains("model"), "{:?}", out.reasons);
         assert!(out.reasons[1].contains("input_tokens"), "{:?}", out.reasons);
@@ -687,7 +686,7 @@ mod tests {
             }]}]
         }]});
         let decoded = decode_json(body.to_string().as_bytes()).unwrap();
-        let out = rows_of(&decoded, &PricingTable::builtin());
+        let out = rows_of(&decoded, &builtin().for_user(&[]));
         let row = &out.rows[0];
         assert_eq!(row.status, "error");
         assert_eq!((row.cost_usd * 1e6).round() as i64, 3_000_000);
@@ -721,7 +720,7 @@ mod tests {
                 kv("gen_ai.usage.output_tokens", Value::Int(0)),
             ],
         )]);
-        let out = rows_of(&request, &PricingTable::builtin());
+        let out = rows_of(&request, &builtin().for_user(&[]));
         let row = &out.rows[0];
         assert_eq!(row.prompt_tokens, 1_000_000);
         assert_eq!((row.cost_usd * 1e6).round() as i64, 1_725_000);

@@ -1,7 +1,8 @@
 //! The built-in pricing table: USD per million tokens for common models.
 //!
 //! Immutable after construction and shared by every request. Prices are list prices as
-//! commonly published; teams with negotiated prices upload `cost_usd` with their rows.
+//! commonly published. Rows are costed by `price_book`, which builds its snapshot from
+//! this table; the agents' simulations read the table's alternatives and discounts.
 
 /// One model's list price.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,12 +191,7 @@ impl PricingTable {
         let wanted = model.trim().to_ascii_lowercase();
         self.models
             .iter()
-            .filter(|p| {
-                wanted == p.model
-                    || wanted.strip_prefix(p.model).is_some_and(|rest| {
-                        rest.starts_with('-') && rest[1..].starts_with(|c: char| c.is_ascii_digit())
-                    })
-            })
+            .filter(|p| names_model(p.model, &wanted))
             .max_by_key(|p| p.model.len())
     }
 
@@ -204,41 +200,17 @@ impl PricingTable {
         self.lookup(model)
             .map(|p| cost_at(p, prompt_tokens, completion_tokens))
     }
-
-    /// List cost of a call some of whose prompt tokens came from the prompt cache.
-    pub fn cost_with_cache(
-        &self,
-        model: &str,
-        prompt_tokens: i64,
-        cached_tokens: i64,
-        completion_tokens: i64,
-    ) -> Option<f64> {
-        self.cost_of(
-            model,
-            &TokenCounts {
-                prompt: prompt_tokens,
-                cached: cached_tokens,
-                completion: completion_tokens,
-                ..TokenCounts::default()
-            },
-        )
-    }
-
-    /// List cost of `tokens` on `model`, or `None` for a model the table does not know.
-    pub fn cost_of(&self, model: &str, tokens: &TokenCounts) -> Option<f64> {
-        self.lookup(model).map(|p| cost_of_tokens(p, tokens))
-    }
 }
 
-/// A call's tokens by class. Classes nest as in a usage row: `cached` and `cache_write`
-/// are part of `prompt`, reasoning tokens (not listed: priced as output) part of
-/// `completion`; so a cached token is priced once, at the cached rate.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenCounts {
-    pub prompt: i64,
-    pub cached: i64,
-    pub cache_write: i64,
-    pub completion: i64,
+/// Whether a price for `listed` (lowercase) applies to the model a row names, `wanted`
+/// (trimmed, lowercase): the same name, or the name with a dated suffix
+/// ("gpt-4o-2024-08-06"). Callers prefer the longest `listed` that matches, so
+/// "gpt-4o-mini" is not taken for "gpt-4o".
+pub fn names_model(listed: &str, wanted: &str) -> bool {
+    wanted == listed
+        || wanted.strip_prefix(listed).is_some_and(|rest| {
+            rest.starts_with('-') && rest[1..].starts_with(|c: char| c.is_ascii_digit())
+        })
 }
 
 /// Price of a prompt token written to the cache, as a multiple of the input price:
@@ -250,19 +222,6 @@ pub fn cache_write_multiplier(price: &ModelPrice) -> f64 {
     } else {
         1.0
     }
-}
-
-/// Cost of `tokens` at `price`. With no cached or cache-write tokens, exactly
-/// [`cost_at`] (adding `0.0` changes no float).
-pub fn cost_of_tokens(price: &ModelPrice, tokens: &TokenCounts) -> f64 {
-    let cached = tokens.cached.clamp(0, tokens.prompt.max(0));
-    let cache_write = tokens.cache_write.clamp(0, tokens.prompt.max(0) - cached);
-    let uncached = tokens.prompt - cached - cache_write;
-    (uncached as f64 * price.input_per_mtok
-        + cached as f64 * (price.input_per_mtok * (1.0 - price.cached_input_discount))
-        + cache_write as f64 * (price.input_per_mtok * cache_write_multiplier(price))
-        + tokens.completion as f64 * price.output_per_mtok)
-        / 1_000_000.0
 }
 
 pub fn cost_at(price: &ModelPrice, prompt_tokens: i64, completion_tokens: i64) -> f64 {
@@ -281,32 +240,6 @@ mod tests {
         assert_eq!(table.lookup("GPT-4o-2024-08-06").unwrap().model, "gpt-4o");
         assert!(table.lookup("gpt-4omega").is_none());
         assert!(table.lookup("unknown-model").is_none());
-    }
-
-    #[test]
-    fn cached_tokens_are_priced_once_at_the_cached_rate() {
-        let table = PricingTable::builtin();
-        // gpt-4o: $2.50 input, 50% off cached, $10 output. 1M prompt tokens of which
-        // 400k cached: 600k × 2.50 + 400k × 1.25 = $2.00, plus 1M output = $10.
-        let cost = table
-            .cost_with_cache("gpt-4o", 1_000_000, 400_000, 1_000_000)
-            .unwrap();
-        assert_eq!((cost * 1e6).round() as i64, 12_000_000);
-        // No cached tokens: exactly the plain cost, float for float.
-        assert_eq!(
-            table.cost_with_cache("gpt-4o", 1234, 0, 567),
-            table.cost("gpt-4o", 1234, 567)
-        );
-        // claude-3-5-sonnet: $3 input, 90% off reads, 1.25× writes, $15 output.
-        let tokens = TokenCounts {
-            prompt: 1_000_000,
-            cached: 500_000,
-            cache_write: 100_000,
-            completion: 0,
-        };
-        let cost = table.cost_of("claude-3-5-sonnet", &tokens).unwrap();
-        // 400k × 3 + 500k × 0.3 + 100k × 3.75 = 1.2 + 0.15 + 0.375 = $1.725
-        assert_eq!((cost * 1e6).round() as i64, 1_725_000);
     }
 
     #[test]

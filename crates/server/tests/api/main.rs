@@ -25,6 +25,7 @@ mod no_global_state;
 mod openai_compat;
 mod openapi;
 mod paced_delivery;
+mod price_book;
 mod queue;
 mod regenerate;
 mod store;

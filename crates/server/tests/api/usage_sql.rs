@@ -307,6 +307,7 @@ async fn usage_figures_from_sql_match_the_row_by_row_computation() {
         },
     );
     let pricing = PricingTable::builtin();
+    let book = apex_server::usage::price_book::PriceBook::builtin(&pricing);
     // Two users with different demo data; the second one's rows must not count for the first.
     let (_, user) = auth
         .register("figures@example.com", "a long password", None, None)
@@ -322,11 +323,11 @@ async fn usage_figures_from_sql_match_the_row_by_row_computation() {
         .insert_usage(&apex_server::usage::demo::generate(
             other.user_id(),
             NOW,
-            &pricing,
+            &book,
         ))
         .await
         .unwrap();
-    let mut rows = apex_server::usage::demo::generate(user.user_id(), NOW, &pricing);
+    let mut rows = apex_server::usage::demo::generate(user.user_id(), NOW, &book);
     rows.extend(edge_rows());
     users.insert_usage(&rows).await.unwrap();
     // Whatever registration may have added too.
