@@ -853,6 +853,100 @@ fn a_provider_export_imports_once_and_the_summary_names_its_source() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown --format"));
 }
 
+#[test]
+fn negotiated_rates_are_imported_and_every_cost_explained_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server_with(data_dir.path(), &["--no-demo-data"]);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let (py, pm, pd) = civil_from_days((secs / 86_400) as i64 - 7);
+    let rates = data_dir.path().join("rates.json");
+    std::fs::write(
+        &rates,
+        format!(
+            r#"[{{"model": "gpt-4o", "effective_from": "{py:04}-{pm:02}-{pd:02}",
+                 "input_usd_per_mtok": 1.5, "output_usd_per_mtok": 6,
+                 "note": "contract"}}]"#
+        ),
+    )
+    .unwrap();
+    let csv = data_dir.path().join("usage.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "provider,model,workload,timestamp,prompt_tokens,completion_tokens,latency_ms\n\
+             openai,gpt-4o,cli-explain,{y:04}-{m:02}-{d:02}T00:00:01Z,2000000,500000,900\n"
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", "rates@example.com"])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).to_string();
+        let err = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), out, err)
+    };
+    let (ok, out, err) = run(&["pricebook", "import", rates.to_str().unwrap(), "--register"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("imported 1 prices") && out.contains("override:"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["pricebook", "list", "--model", "gpt-4o"]);
+    assert!(ok);
+    let first = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.contains("override:") && first.contains("contract"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["usage", "import", csv.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    // 2M × $1.50 + 0.5M × $6 = $6.
+    let (ok, out, err) = run(&[
+        "usage",
+        "explain",
+        "--workload",
+        "cli-explain",
+        "--days",
+        "2",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("1 rows costed with override:"), "{out}");
+    assert!(
+        out.contains("input") && out.contains("2000000 × $1.5"),
+        "{out}"
+    );
+    assert!(
+        out.contains("output") && out.contains("500000 × $6"),
+        "{out}"
+    );
+    assert!(
+        out.contains("total: $6.000000 computed (6000000 µ$)"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["usage", "rows", "--workload", "cli-explain", "--days", "2"]);
+    assert!(ok);
+    let id = out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let (ok, out, err) = run(&["usage", "explain", "--row", &id]);
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with(&format!("row {id}:")), "{out}");
+    let (ok, _, err) = run(&["usage", "explain", "--row", "999999999"]);
+    assert!(!ok);
+    assert!(err.contains("not_found"), "{err}");
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
