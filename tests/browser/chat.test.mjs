@@ -374,6 +374,27 @@ try {
       await pageA.waitForFunction((re) => new RegExp(re).test(document.getElementById('csv-status').textContent), expected.source);
     }
     await pageA.waitForSelector('#usage-sources li[data-source="litellm-spend"]');
+
+    // How a cost was computed: the top model's arithmetic, tokens × rate per class, adds
+    // up to its spend; the hostile model's cost was sent with the upload, and says so.
+    const top = alice.summary.by_model[0];
+    const topItem = pageA.locator('#usage-costs > li').filter({ has: pageA.locator('.legend-name', { hasText: top.model }) }).first();
+    await topItem.locator('button').click();
+    await topItem.locator('.explain-total').waitFor();
+    const lines = await topItem.locator('.explain li').allTextContents();
+    assert.ok(lines.some((l) => /^input: [\d,]+ × \$[\d.]+ per million = \$[\d,.]+$/.test(l)), lines.join('\n'));
+    const groups = await topItem.locator('.explain-group').allTextContents();
+    assert.ok(groups.some((g) => /rows at builtin:/.test(g)), groups.join('\n'));
+    const total = await topItem.locator('.explain-total').textContent();
+    const computed = Number(/Total \$([\d,.]+) computed/.exec(total)[1].replace(/,/g, ''));
+    // The LiteLLM entry above (gpt-4o, $0.25 as sent) counts too when gpt-4o is the top model.
+    const expected = top.cost_usd + (top.model === 'gpt-4o' ? 0.25 : 0);
+    assert.ok(Math.abs(computed - expected) < 0.000001, `${total} vs ${expected}`);
+    const hostileItem = pageA.locator('#usage-costs > li').filter({ has: pageA.locator('.legend-name', { hasText: hostile }) }).first();
+    await hostileItem.locator('button').click();
+    await hostileItem.locator('.explain-total').waitFor();
+    assert.match(await hostileItem.locator('.explain-group').first().textContent(), /2 rows with the cost their source sent: \$5\.000000/);
+    assert.equal(await pageA.locator('#usage-costs img').count(), 0, 'markup is not parsed');
     await pageA.screenshot({ path: join(ARTIFACTS, 'usage-alice-after-upload.png'), fullPage: true });
 
     // Bob's chart has none of it.

@@ -22,6 +22,10 @@ pub struct ErrorDetail {
     pub code: String,
     /// Human-readable; may change between versions.
     pub message: String,
+    /// Figures a client can act on, for the codes that have them (`budget_exceeded`:
+    /// a [`crate::budgets::BudgetExceededDetails`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// Every error a client can be told about, over REST or the WebSocket: one row per
@@ -99,13 +103,16 @@ pub enum ErrorCode {
     /// The gateway could not reach the model's upstream (an upstream's own error answers
     /// are passed on as they came).
     UpstreamUnavailable,
+    /// An LLM call would go past a budget the user set; `details` says which, its limit,
+    /// what is spent and when it resets.
+    BudgetExceeded,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 35] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -139,6 +146,7 @@ impl ErrorCode {
         ErrorCode::ApprovalExpired,
         ErrorCode::InsufficientScope,
         ErrorCode::UpstreamUnavailable,
+        ErrorCode::BudgetExceeded,
         ErrorCode::Internal,
     ];
 
@@ -184,6 +192,7 @@ impl ErrorCode {
             ErrorCode::ApprovalExpired => ("approval_expired", "APPROVAL_EXPIRED", 409),
             ErrorCode::InsufficientScope => ("insufficient_scope", "INSUFFICIENT_SCOPE", 403),
             ErrorCode::UpstreamUnavailable => ("upstream_unavailable", "UPSTREAM_UNAVAILABLE", 502),
+            ErrorCode::BudgetExceeded => ("budget_exceeded", "BUDGET_EXCEEDED", 402),
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -236,6 +245,7 @@ pub mod codes {
     pub const APPROVAL_EXPIRED: &str = C::ApprovalExpired.rest();
     pub const INSUFFICIENT_SCOPE: &str = C::InsufficientScope.rest();
     pub const UPSTREAM_UNAVAILABLE: &str = C::UpstreamUnavailable.rest();
+    pub const BUDGET_EXCEEDED: &str = C::BudgetExceeded.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

@@ -12,6 +12,7 @@
 //! - [`threads`]: threads, messages, runs over REST.
 //! - [`approval`]: approving, editing or rejecting a run's action plan; the user's settings.
 //! - [`usage`]: a user's AI usage rows and the summary computed from them.
+//! - [`budgets`]: spending caps and what a refused call is told.
 //! - [`prices`]: the price book (built-in prices and a user's negotiated rates) and the
 //!   explanation of a cost.
 //! - [`events`]: agent events streamed during a run (`agent_started`, `tool_completed`...).
@@ -21,6 +22,7 @@
 
 pub mod approval;
 pub mod auth;
+pub mod budgets;
 pub mod error;
 pub mod events;
 pub mod prices;

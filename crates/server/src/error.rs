@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::budgets::BudgetError;
 use crate::run::{ApprovalError, SubmitError};
 use crate::store::StoreError;
 
@@ -19,6 +20,14 @@ pub enum ApiError {
         status: StatusCode,
         code: &'static str,
         message: String,
+    },
+    /// A client error with figures the client can act on (`details` in the body).
+    #[error("{message}")]
+    Detailed {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        details: serde_json::Value,
     },
     /// 429 with a `Retry-After` header.
     #[error("{message}")]
@@ -65,6 +74,21 @@ impl ApiError {
     }
 
     /// A client error with its code's status from the one table of codes.
+    /// `code` with `details` in the error body.
+    pub fn with_details(
+        code: ErrorCode,
+        message: impl Into<String>,
+        details: serde_json::Value,
+    ) -> Self {
+        Self::Detailed {
+            status: StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code: code.rest(),
+            message: message.into(),
+            details,
+        }
+    }
+
     pub fn coded(code: ErrorCode, message: impl Into<String>) -> Self {
         let status =
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -107,6 +131,19 @@ impl From<ApprovalError> for ApiError {
     }
 }
 
+impl From<BudgetError> for ApiError {
+    fn from(err: BudgetError) -> Self {
+        match err {
+            BudgetError::Store(err) => err.into(),
+            BudgetError::Exceeded { message, details } => ApiError::with_details(
+                ErrorCode::BudgetExceeded,
+                message,
+                serde_json::to_value(&*details).unwrap_or_default(),
+            ),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         ApiError::Internal(anyhow::Error::new(err))
@@ -116,7 +153,17 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut retry_after = None;
+        let mut details = None;
         let (status, code, message) = match self {
+            ApiError::Detailed {
+                status,
+                code,
+                message,
+                details: figures,
+            } => {
+                details = Some(figures);
+                (status, code, message)
+            }
             ApiError::Limited {
                 code,
                 message,
@@ -143,6 +190,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: code.to_string(),
                 message,
+                details,
             },
         };
         let mut response = (status, Json(body)).into_response();

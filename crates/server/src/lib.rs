@@ -25,7 +25,8 @@
 //!    through which all user data is read and written; [`usage`]: pricing, demo data, the
 //!    usage summary, provider exports and OpenTelemetry spans read into rows, and Apex's
 //!    own LLM requests as the user's usage; [`gateway`]: the LLM gateway's upstreams and
-//!    the usage row of each call it forwards; [`events`]:
+//!    the usage row of each call it forwards; [`budgets`]: spending caps, held by
+//!    reserving what a call can cost before it goes out; [`events`]:
 //!    `UserEmitter` (per run: seq, persist, deliver), the event log and following a run;
 //!    [`views`]: the API's views of stored records.
 //! 3. **Agents.** [`agents`]: `AgentInstanceFactory` (per run), the pipeline and the five
@@ -46,6 +47,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod budgets;
 pub mod clock;
 pub mod context;
 pub(crate) mod error;

@@ -12,11 +12,11 @@ use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
-    CompletionRank, ImportOutcome, ImportPlan, MessageRecord, PriceOverrideRecord,
-    PriceVersionTotals, RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval,
-    RunRecord, RunSubmission, SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent,
-    StoredUsageRow, SubmitOutcome, ThreadRecord, UsageDayTotals, UsageFilter, UsageRow,
-    UsageTotals,
+    BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord,
+    PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome, RegenerateSubmission,
+    ReserveOutcome, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
+    SavingsTotals, Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, ThreadRecord,
+    UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -277,5 +277,47 @@ impl UserStore {
     /// See [`Store::price_overrides`].
     pub async fn price_overrides(&self) -> StoreResult<Vec<PriceOverrideRecord>> {
         self.store.price_overrides(self.owner).await
+    }
+    /// See [`Store::create_budget`].
+    pub async fn create_budget(&self, budget: &BudgetRecord) -> StoreResult<()> {
+        self.store.create_budget(self.owner, budget).await
+    }
+    /// See [`Store::list_budgets`].
+    pub async fn list_budgets(&self) -> StoreResult<Vec<BudgetRecord>> {
+        self.store.list_budgets(self.owner).await
+    }
+    /// See [`Store::update_budget`].
+    pub async fn update_budget(&self, budget: &BudgetRecord) -> StoreResult<bool> {
+        self.store.update_budget(self.owner, budget).await
+    }
+    /// See [`Store::delete_budget`].
+    pub async fn delete_budget(&self, id: &str) -> StoreResult<bool> {
+        self.store.delete_budget(self.owner, id).await
+    }
+    /// What one of the user's budgets has spent in `[start_ms, end_ms)` (see
+    /// [`Store::budget_spent`]); the caller took `id` from [`Self::list_budgets`].
+    pub async fn budget_spent(
+        &self,
+        id: &str,
+        start_ms: i64,
+        end_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<i64> {
+        self.store.budget_spent(id, start_ms, end_ms, now_ms).await
+    }
+    /// See [`Store::reserve_budgets`]: only the user's own budgets are charged.
+    pub async fn reserve_budgets(
+        &self,
+        charges: &[BudgetCharge],
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> StoreResult<ReserveOutcome> {
+        self.store
+            .reserve_budgets(self.owner, charges, now_ms, expires_at_ms)
+            .await
+    }
+    /// See [`Store::settle_reservations`].
+    pub async fn settle_reservations(&self, settlements: &[(String, i64)]) -> StoreResult<()> {
+        self.store.settle_reservations(settlements).await
     }
 }

@@ -93,4 +93,16 @@ impl Backend {
             }
         }
     }
+
+    /// A statement, bound to a budget's id, after which other transactions reserving on
+    /// that budget wait until commit (on every instance). SQLite's one writer already
+    /// serialises them.
+    pub(crate) fn serialise_budget(self) -> Option<&'static str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                Some("SELECT pg_advisory_xact_lock(hashtextextended('apex.budget:' || $1, 0))")
+            }
+        }
+    }
 }

@@ -46,12 +46,12 @@ use std::time::Duration;
 pub use engine::Backend;
 pub use group_commit::EVENT_BATCH_METRIC;
 pub use records::*;
-pub use roles::{Accounts, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage};
+pub use roles::{Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage};
 
 /// The role traits, for `use apex_store::prelude::*` where store methods are called.
 pub mod prelude {
     pub use crate::roles::{
-        Accounts, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage,
+        Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage,
     };
 }
 

@@ -507,3 +507,48 @@ pub struct RunAftermath {
     /// A queued run of the same thread now waits to be claimed.
     pub successor_waiting: bool,
 }
+
+/// A spending cap of one user (see the server's `budgets` module). Exactly one of the two
+/// limits is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetRecord {
+    pub id: String,
+    /// `user`, `key` or `model`.
+    pub scope: String,
+    /// The key's id for `key`, the model's name for `model`.
+    pub scope_id: Option<String>,
+    pub limit_micro_usd: Option<i64>,
+    pub limit_tokens: Option<i64>,
+    /// `day`, `week`, `month` or `rolling_days`.
+    pub period: String,
+    /// For `rolling_days`.
+    pub days: Option<i64>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// What a call may use of one budget: `amount` (the budget's unit) is reserved on `day`
+/// if what the budget used and has reserved in `[window_start_ms, window_end_ms)` plus
+/// `amount` stays within `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetCharge {
+    pub budget_id: String,
+    /// The reservation's id, for settling it.
+    pub reservation_id: String,
+    pub amount: i64,
+    pub limit: i64,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    /// Start (UTC midnight) of the day the call is counted on.
+    pub day_ms: i64,
+}
+
+/// What [`crate::Budgets::reserve_budgets`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// Every charge is reserved.
+    Reserved,
+    /// Nothing is reserved: this budget has `spent` (used and reserved) of its limit, and
+    /// the charge would go past it.
+    Exceeded { budget_id: String, spent: i64 },
+}

@@ -13,20 +13,26 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    ApiKeyRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord, PriceOverrideRecord,
-    PriceVersionTotals, QueueEntry, RedeemedTicket, RefreshRotation, RegenerateOutcome,
-    RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
-    SavingsTotals, SessionEndReason, SessionRecord, StoreResult, StoredEvent, StoredUsageRow,
-    SubmitOutcome, ThreadRecord, TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
-    UserRecord,
+    ApiKeyRecord, BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome, ImportPlan,
+    MessageRecord, PriceOverrideRecord, PriceVersionTotals, QueueEntry, RedeemedTicket,
+    RefreshRotation, RegenerateOutcome, RegenerateSubmission, ReserveOutcome, RunAftermath,
+    RunApproval, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason,
+    SessionRecord, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, ThreadRecord,
+    TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals, UserRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 /// Everything Apex persists: every role at once. Implemented for every type that has all
 /// the roles, so a store only implements the roles.
-pub trait Store: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster {}
+pub trait Store:
+    Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Cluster
+{
+}
 
-impl<T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Cluster> Store for T {}
+impl<T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Cluster> Store
+    for T
+{
+}
 
 /// Users, sessions, refresh tokens and WebSocket tickets: what establishes identity. The only role whose methods take no owner.
 #[async_trait]
@@ -411,6 +417,51 @@ pub trait Usage: Send + Sync {
     ) -> StoreResult<()>;
     /// Every price override of `owner`, oldest first.
     async fn price_overrides(&self, owner: UserId) -> StoreResult<Vec<PriceOverrideRecord>>;
+}
+
+/// Spending caps and what counts against them (see the server's `budgets` module).
+/// Reservations are exact under concurrency, on one instance or many: a call is admitted
+/// only if every budget it falls under has room for what it may cost at most.
+#[async_trait]
+pub trait Budgets: Send + Sync {
+    async fn create_budget(&self, owner: UserId, budget: &BudgetRecord) -> StoreResult<()>;
+    /// `owner`'s budgets, oldest first.
+    async fn list_budgets(&self, owner: UserId) -> StoreResult<Vec<BudgetRecord>>;
+    /// Replaces `owner`'s budget `budget.id`; false if there is none.
+    async fn update_budget(&self, owner: UserId, budget: &BudgetRecord) -> StoreResult<bool>;
+    /// Deletes `owner`'s budget `id` with what counted against it; false if there is none.
+    async fn delete_budget(&self, owner: UserId, id: &str) -> StoreResult<bool>;
+    /// What budget `id` used and has reserved (unexpired at `now_ms`) in
+    /// `[start_ms, end_ms)`.
+    async fn budget_spent(
+        &self,
+        id: &str,
+        start_ms: i64,
+        end_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<i64>;
+    /// Reserves every charge of `owner`'s call, or none: in one transaction that holds
+    /// each budget (in id order) until commit, so concurrent calls, on any instance, see
+    /// each other's reservations. Reservations stop counting at `expires_at_ms`.
+    async fn reserve_budgets(
+        &self,
+        owner: UserId,
+        charges: &[BudgetCharge],
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> StoreResult<ReserveOutcome>;
+    /// Settles reservations: each `(reservation id, used)` is removed, and `used` added
+    /// to its budget's day. A reservation already gone (expired and swept, or its budget
+    /// deleted) is skipped.
+    async fn settle_reservations(&self, settlements: &[(String, i64)]) -> StoreResult<()>;
+    /// Records that the warning at `threshold` percent of budget `id` was sent for the
+    /// period starting at `period_start_ms`; false if it was already.
+    async fn claim_budget_notice(
+        &self,
+        id: &str,
+        period_start_ms: i64,
+        threshold: i64,
+    ) -> StoreResult<bool>;
 }
 
 /// What the instances sharing one database coordinate through (see the server's `cluster`

@@ -35,6 +35,11 @@ use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 #[path = "usage_sql.rs"]
 mod usage_sql;
 
+// The Budgets role's SQL, likewise.
+#[allow(clippy::duplicate_mod)]
+#[path = "budgets_sql.rs"]
+mod budgets_sql;
+
 type DbRow = <Db as sqlx::Database>::Row;
 
 /// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a

@@ -68,6 +68,11 @@ impl AuthenticatedUser {
         self.key_scopes.as_deref()
     }
 
+    /// The id of the API key this identity came from; `None` for a login.
+    pub fn api_key_id(&self) -> Option<&str> {
+        self.key_scopes.as_ref().map(|_| self.session_id.as_str())
+    }
+
     pub fn user_id(&self) -> UserId {
         self.user_id
     }

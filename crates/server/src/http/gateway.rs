@@ -23,6 +23,7 @@ use super::ApiJson;
 use crate::auth::AuthenticatedUser;
 use apex_protocol::error::ErrorCode;
 
+use crate::budgets::{self, CallBound, Reservation};
 use crate::error::ApiError;
 use crate::gateway::{
     prompt_chars, usage_row, CallUsage, FinishedCall, Route, StreamWatch, DEFAULT_WORKLOAD,
@@ -67,6 +68,8 @@ struct GatewayCall {
     /// Characters of the request's messages or input (see [`prompt_chars`]).
     prompt_chars: usize,
     started: Instant,
+    /// What the call holds on the user's budgets, settled when it ends.
+    reservation: Option<Reservation>,
 }
 
 impl GatewayCall {
@@ -94,11 +97,23 @@ impl GatewayCall {
             },
             &self.state.infra.price_book.for_user(&overrides),
         );
+        if let Some(reservation) = self.reservation {
+            let used = CallBound::used(row.cost_usd, row.prompt_tokens, row.completion_tokens);
+            reservation.settle(&store, used).await;
+        }
         if let Err(err) = store.insert_usage(&[row]).await {
             tracing::warn!(error = %err, "could not record a gateway call's usage");
         }
         metrics::counter!("apex_gateway_calls_total").increment(1);
     }
+}
+
+/// The most completion tokens a request allows (`max_completion_tokens`, or the older
+/// `max_tokens`), if it says.
+fn max_output(body: &Value) -> Option<i64> {
+    ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_i64))
 }
 
 fn upstream_unreachable(name: &str, err: reqwest::Error) -> ApiError {
@@ -135,14 +150,26 @@ pub async fn forward(
             options.insert("include_usage".into(), Value::Bool(true));
         }
     }
+    let prompt_chars = prompt_chars(&body);
+    // Before it goes out, the call's most is reserved on the user's budgets (a refusal
+    // sends nothing upstream).
+    let reservation = {
+        let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+        let overrides = store.price_overrides().await?;
+        let prices = state.infra.price_book.for_user(&overrides);
+        let now = crate::clock::now_ms();
+        let bound = CallBound::of_call(&prices, &route.model, now, prompt_chars, max_output(&body));
+        budgets::reserve(&store, user.api_key_id(), &route.model, bound, now).await?
+    };
     let call = GatewayCall {
         state: state.clone(),
         user,
         upstream: route.upstream.name.clone(),
         requested_model,
         workload: workload(headers),
-        prompt_chars: prompt_chars(&body),
+        prompt_chars,
         started: Instant::now(),
+        reservation,
     };
     let response = match state.gateway.send(&route, path, &body).await {
         Ok(response) => response,

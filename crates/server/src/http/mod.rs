@@ -5,6 +5,7 @@
 //! user-scoped and reach data only through a `UserStore` built from it.
 
 mod auth;
+mod budgets;
 mod compat;
 pub mod extract;
 mod gateway;
@@ -71,6 +72,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::approval))
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))
+        .routes(routes!(budgets::create, budgets::list))
+        .routes(routes!(budgets::get_one, budgets::update, budgets::delete))
         .routes(routes!(auth::settings, auth::update_settings))
         .routes(routes!(runs::events))
         .routes(

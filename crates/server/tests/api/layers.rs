@@ -35,6 +35,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("user_store", 2),
     ("usage", 2),
     ("gateway", 2),
+    ("budgets", 2),
     ("events", 2),
     ("views", 2),
     ("agents", 3),

@@ -7,6 +7,7 @@ mod answers;
 mod api_keys;
 mod approval;
 mod auth;
+mod budgets;
 mod compat;
 mod durability;
 mod gateway;

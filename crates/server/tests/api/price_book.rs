@@ -60,6 +60,15 @@ async fn explain_model(
     explain(app, user.token(), &format!("row={}", page.rows[0].id)).await
 }
 
+/// (source, model, micro-dollars, price version, [(class, quantity, micro-dollars)]).
+type Golden = (
+    &'static str,
+    &'static str,
+    i64,
+    &'static str,
+    &'static [(&'static str, i64, i64)],
+);
+
 fn micro(cost_usd: f64) -> i64 {
     (cost_usd * 1e6).round() as i64
 }
@@ -92,7 +101,7 @@ async fn every_cost_is_explained_to_the_micro_dollar_by_token_class() {
     }]}]});
     import(&app, &user, "anthropic-usage", &anthropic).await;
 
-    let golden: [(&str, &str, i64, &str, &[(&str, i64, i64)]); 5] = [
+    let golden: [Golden; 5] = [
         (
             "upload",
             "gpt-4o",

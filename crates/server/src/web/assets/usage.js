@@ -1,5 +1,6 @@
 // The usage view: the user's own spend by model per day as a stacked bar chart drawn in
-// SVG, headline numbers from the summary, and CSV upload.
+// SVG, headline numbers from the summary, where the figures came from and how each cost
+// was computed, and uploads.
 
 import { api } from './api.js';
 import { $, h, svg, clear, usd } from './dom.js';
@@ -113,6 +114,57 @@ function drawSources(list, sources) {
   }
 }
 
+/// One line per model of the summary, each with a button that shows the arithmetic of its
+/// cost (`GET /api/usage/explain`). Names come from the server and are set as text.
+function drawCosts(list, models, days) {
+  clear(list);
+  if (models.length === 0) {
+    list.append(h('li', { class: 'muted', text: 'No usage in this window yet.' }));
+    return;
+  }
+  for (const model of models) {
+    const detail = h('div', { class: 'explain' });
+    const button = h('button', { type: 'button', class: 'ghost', text: 'Show the arithmetic' });
+    button.addEventListener('click', () => explainModel(detail, model.model, days, button));
+    list.append(h('li', { 'data-model': model.model },
+      h('span', { class: 'legend-name', text: model.model }),
+      h('span', { class: 'muted', text: ` ${usd(model.cost_usd)} · ${model.requests.toLocaleString('en-US')} requests ` }),
+      button, detail));
+  }
+}
+
+const CLASS_NAMES = {
+  input: 'input', cached_input: 'cached input', cache_write: 'cache write',
+  output: 'output', reasoning: 'reasoning', requests: 'request fee',
+};
+
+async function explainModel(detail, model, days, button) {
+  button.disabled = true;
+  try {
+    const x = await api(`/api/usage/explain?days=${days}&model=${encodeURIComponent(model)}`);
+    clear(detail);
+    for (const group of x.groups) {
+      const title = group.price
+        ? `${group.rows.toLocaleString('en-US')} rows at ${group.price.version}`
+        : `${group.rows.toLocaleString('en-US')} rows with the cost their source sent: ${usd(group.stored_cost_usd, 6)}`;
+      const lines = group.lines.map((line) => h('li', {
+        'data-class': line.class,
+        text: `${CLASS_NAMES[line.class] || line.class}: ${line.quantity.toLocaleString('en-US')} × $${line.rate_usd}`
+          + `${line.class === 'requests' ? '' : ' per million'} = ${usd(line.cost_usd, 6)}`,
+      }));
+      detail.append(h('p', { class: 'explain-group', text: title }), h('ul', {}, ...lines));
+    }
+    detail.append(h('p', {
+      class: 'explain-total',
+      text: `Total ${usd(x.computed_cost_usd, 6)} computed (${x.computed_cost_micro_usd.toLocaleString('en-US')} µ$), ${usd(x.stored_cost_usd, 6)} stored`,
+    }));
+  } catch (err) {
+    clear(detail).append(h('p', { class: 'error', text: `Could not explain: ${err.message}` }));
+  } finally {
+    button.disabled = false;
+  }
+}
+
 const SOURCE_NAMES = {
   upload: 'Uploads',
   demo: 'Demo data',
@@ -154,6 +206,7 @@ export class UsageView {
       );
       drawChart($('usage-chart'), $('usage-legend'), daily);
       drawSources($('usage-sources'), summary.by_source || []);
+      drawCosts($('usage-costs'), summary.by_model || [], days);
     } catch (err) {
       if (ticket !== this.loading) return;
       clear(stats).append(h('p', { class: 'error', text: `Could not load usage: ${err.message}` }));
