@@ -1382,3 +1382,83 @@ async fn a_key_revoked_on_one_instance_stops_working_on_the_others_within_a_seco
         .await;
     assert_eq!(status, 201);
 }
+
+/// An upstream whose every answer uses 20 prompt and 10 completion tokens, after a pause
+/// so that the calls of a burst overlap.
+async fn fixed_usage_llm() -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|axum::Json(_): axum::Json<Value>| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            axum::Json(json!({
+                "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30}
+            }))
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{address}/v1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_admits_exactly_what_it_holds_when_calls_race_on_three_instances() {
+    let mut cluster = Cluster::new();
+    cluster.extra_args = vec![
+        "--gateway-upstream".into(),
+        format!("openai={}", fixed_usage_llm().await),
+    ];
+    let instances = [
+        cluster.start(5).await,
+        cluster.start(5).await,
+        cluster.start(5).await,
+    ];
+    let alice = instances[0].register("budget").await;
+    let (status, key) = instances[1]
+        .post(
+            "/api/keys",
+            Some(&alice.token),
+            json!({"name": "program", "scopes": ["gateway"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let key = key["key"].as_str().unwrap().to_string();
+    // Each call reserves 20 prompt characters + 10 completion tokens, and uses them all:
+    // room for 9 calls.
+    let (status, budget) = instances[2]
+        .post(
+            "/api/budgets",
+            Some(&alice.token),
+            json!({"scope": "user", "limit_tokens": 9 * 30 + 20, "period": "day"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{budget}");
+    let calls = (0..64).map(|i| {
+        let instance = &instances[i % 3];
+        let key = key.clone();
+        async move {
+            instance
+                .post(
+                    "/v1/chat/completions",
+                    Some(&key),
+                    json!({"model": "gpt-4o-mini", "max_tokens": 10,
+                           "messages": [{"role": "user", "content": "Summarise my costs!!"}]}),
+                )
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let admitted = results.iter().filter(|(s, _)| *s == 200).count();
+    let refused = results
+        .iter()
+        .filter(|(s, b)| *s == 402 && b["error"]["code"] == "budget_exceeded")
+        .count();
+    assert_eq!((admitted, refused), (9, 55), "{results:?}");
+    let listed = instances[0].get("/api/budgets", &alice.token).await;
+    assert_eq!(listed[0]["spent"], 270.0, "{listed}");
+}

@@ -32,6 +32,8 @@ fn decode_budget(row: &DbRow) -> sqlx::Result<BudgetRecord> {
 }
 
 /// What budget `id` used and has reserved in `[start, end)` on the connection `conn`.
+/// One statement, so one snapshot: a settlement committing meanwhile (which moves an
+/// amount from the reservations to the usage) is seen whole or not at all.
 async fn spent_on(
     conn: &mut <Db as sqlx::Database>::Connection,
     id: &str,
@@ -39,18 +41,11 @@ async fn spent_on(
     end: i64,
     now: i64,
 ) -> StoreResult<i64> {
-    let used: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(used), 0) AS BIGINT) FROM budget_usage \
-         WHERE budget_id = $1 AND day >= $2 AND day < $3",
-    )
-    .bind(id)
-    .bind(start)
-    .bind(end)
-    .fetch_one(&mut *conn)
-    .await?;
-    let reserved: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM budget_reservations \
-         WHERE budget_id = $1 AND day >= $2 AND day < $3 AND expires_at > $4",
+    let spent: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE((SELECT SUM(used) FROM budget_usage \
+         WHERE budget_id = $1 AND day >= $2 AND day < $3), 0) \
+         + COALESCE((SELECT SUM(amount) FROM budget_reservations \
+         WHERE budget_id = $1 AND day >= $2 AND day < $3 AND expires_at > $4), 0) AS BIGINT)",
     )
     .bind(id)
     .bind(start)
@@ -58,7 +53,7 @@ async fn spent_on(
     .bind(now)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(used.saturating_add(reserved))
+    Ok(spent)
 }
 
 #[async_trait]
