@@ -8,6 +8,7 @@
 //! its live view), `eval` (the answer evaluation), `usage`, `user`.
 
 mod account;
+mod budgets;
 mod chat;
 mod config;
 mod eval;
@@ -108,6 +109,12 @@ enum Command {
     ///          APEX_PASSWORD=... apex keys list --email me@example.com
     #[command(subcommand, verbatim_doc_comment)]
     Keys(keys::KeysCommand),
+    /// Caps on what your calls through the gateway may spend: set, list, delete.
+    ///
+    /// Example: APEX_PASSWORD=... apex budgets create --email me@example.com --limit-usd 25 --period month
+    ///          APEX_PASSWORD=... apex budgets list --email me@example.com
+    #[command(subcommand, verbatim_doc_comment)]
+    Budgets(budgets::BudgetsCommand),
     /// Inspect the configuration `apex serve` would run with.
     ///
     /// Example: apex config show --config /etc/apex/apex.toml
@@ -338,6 +345,7 @@ fn main() -> std::process::ExitCode {
             Command::User(command) => user::run(command).await,
             Command::Sessions(command) => sessions::run(command).await,
             Command::Keys(command) => keys::run(command).await,
+            Command::Budgets(command) => budgets::run(command).await,
         }
     });
     match result {

@@ -947,6 +947,69 @@ fn negotiated_rates_are_imported_and_every_cost_explained_from_the_command_line(
     assert!(err.contains("not_found"), "{err}");
 }
 
+#[test]
+fn budgets_are_set_listed_and_deleted_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server_with(data_dir.path(), &["--no-demo-data"]);
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .arg("budgets")
+            .args(args)
+            .args([
+                "--server",
+                &server.address,
+                "--email",
+                "budgets@example.com",
+            ])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).to_string();
+        let err = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), out, err)
+    };
+    let (ok, out, err) = run(&["create", "--limit-usd", "25", "--register"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("all your calls: $25.00 per month; $0.0000 spent (0%)"),
+        "{out}"
+    );
+    let id = out.split_whitespace().next().unwrap().to_string();
+    assert!(id.starts_with("bud_"), "{out}");
+    let (ok, out, err) = run(&[
+        "create",
+        "--model",
+        "gpt-4o",
+        "--limit-tokens",
+        "5000",
+        "--period",
+        "rolling_days",
+        "--days",
+        "7",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("model gpt-4o: 5000 tokens last 7 days"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["list"]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (ok, _, err) = run(&["create", "--limit-usd", "5", "--period", "year"]);
+    assert!(!ok);
+    assert!(
+        err.contains("validation_failed") && err.contains("period"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&["delete", &id]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = run(&["delete", &id]);
+    assert!(!ok);
+    assert!(err.contains("not_found"), "{err}");
+    let (_, out, _) = run(&["list"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

@@ -29,6 +29,7 @@ use crate::gateway::{
     prompt_chars, usage_row, CallUsage, FinishedCall, Route, StreamWatch, DEFAULT_WORKLOAD,
 };
 use crate::state::AppState;
+use crate::store::PriceOverrideRecord;
 use crate::user_store::UserStore;
 
 /// The header that names the workload of a call.
@@ -68,6 +69,8 @@ struct GatewayCall {
     /// Characters of the request's messages or input (see [`prompt_chars`]).
     prompt_chars: usize,
     started: Instant,
+    /// The user's negotiated rates, read once for the call: its bound and its cost.
+    overrides: Vec<PriceOverrideRecord>,
     /// What the call holds on the user's budgets, settled when it ends.
     reservation: Option<Reservation>,
 }
@@ -77,13 +80,6 @@ impl GatewayCall {
     /// write is logged, not returned: the call itself went through.
     async fn finish(self, usage: CallUsage, succeeded: bool) {
         let store = UserStore::for_user(Arc::clone(&self.state.infra.store), &self.user);
-        let overrides = match store.price_overrides().await {
-            Ok(overrides) => overrides,
-            Err(err) => {
-                tracing::warn!(error = %err, "could not read the user's prices; list prices used");
-                Vec::new()
-            }
-        };
         let row = usage_row(
             FinishedCall {
                 upstream: &self.upstream,
@@ -95,7 +91,7 @@ impl GatewayCall {
                 succeeded,
                 now_ms: crate::clock::now_ms(),
             },
-            &self.state.infra.price_book.for_user(&overrides),
+            &self.state.infra.price_book.for_user(&self.overrides),
         );
         if let Some(reservation) = self.reservation {
             let used = CallBound::used(row.cost_usd, row.prompt_tokens, row.completion_tokens);
@@ -153,9 +149,9 @@ pub async fn forward(
     let prompt_chars = prompt_chars(&body);
     // Before it goes out, the call's most is reserved on the user's budgets (a refusal
     // sends nothing upstream).
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let overrides = store.price_overrides().await?;
     let reservation = {
-        let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-        let overrides = store.price_overrides().await?;
         let prices = state.infra.price_book.for_user(&overrides);
         let now = crate::clock::now_ms();
         let bound = CallBound::of_call(&prices, &route.model, now, prompt_chars, max_output(&body));
@@ -169,6 +165,7 @@ pub async fn forward(
         workload: workload(headers),
         prompt_chars,
         started: Instant::now(),
+        overrides,
         reservation,
     };
     let response = match state.gateway.send(&route, path, &body).await {
