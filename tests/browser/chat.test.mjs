@@ -427,6 +427,24 @@ try {
     assert.equal(after.status, 401, 'a revoked key is dead');
   });
 
+  await step('Alice sets a budget on the page; it is listed with what it spent, then deleted', async () => {
+    await pageA.waitForSelector('#budget-form');
+    await pageA.fill('#budget-model', 'gpt-4o');
+    await pageA.fill('#budget-limit', '12.5');
+    await pageA.selectOption('#budget-period', 'rolling_days:7');
+    await pageA.click('#budget-create');
+    await pageA.waitForSelector('#budget-list .session[data-budget]');
+    const listed = await pageA.locator('#budget-list .session[data-budget]').textContent();
+    assert.match(listed, /model gpt-4o.*\$12\.50 the last 7 days · \$0\.0000 spent \(0%\)/, listed);
+    const budgets = await (await fetch(`${BASE}/api/budgets`, {
+      headers: { Authorization: `Bearer ${await pageA.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')).access_token)}` },
+    })).json();
+    assert.deepEqual(budgets.map((b) => [b.scope, b.scope_id, b.limit_usd, b.period, b.days]), [['model', 'gpt-4o', 12.5, 'rolling_days', 7]]);
+    await pageA.screenshot({ path: join(ARTIFACTS, 'budgets-alice.png'), fullPage: true });
+    await pageA.locator('#budget-list .session[data-budget] button').click();
+    await pageA.waitForFunction(() => document.querySelectorAll('#budget-list .session[data-budget]').length === 0);
+  });
+
   await step('Bob logs out: his token is revoked and nothing of his stays on the page', async () => {
     const token = await pageB.evaluate(() => JSON.parse(sessionStorage.getItem('apex.session')).access_token);
     await pageB.click('#logout');

@@ -87,6 +87,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("assets/usage.js"),
     },
     Asset {
+        name: "budgets.js",
+        content_type: JS,
+        body: include_bytes!("assets/budgets.js"),
+    },
+    Asset {
         name: "dom.js",
         content_type: JS,
         body: include_bytes!("assets/dom.js"),

@@ -5,6 +5,7 @@ import { $, h, clear } from './dom.js';
 import { Connection } from './socket.js';
 import { RunView, isTerminal } from './run.js';
 import { UsageView } from './usage.js';
+import { loadBudgets, createBudget } from './budgets.js';
 
 const SUGGESTIONS = [
   'How can I reduce my LLM costs?',
@@ -69,7 +70,7 @@ function showAuth(message) {
   state.threadId = null;
   state.openToken += 1;
   // Nothing of the previous user stays in the page.
-  for (const id of ['thread-list', 'messages', 'usage-stats', 'usage-chart', 'usage-legend', 'csv-status', 'who', 'key-list', 'key-new']) clear($(id));
+  for (const id of ['thread-list', 'messages', 'usage-stats', 'usage-chart', 'usage-legend', 'csv-status', 'who', 'key-list', 'key-new', 'budget-list']) clear($(id));
   $('key-new').hidden = true;
   $('app-view').hidden = true;
   $('auth-view').hidden = false;
@@ -112,6 +113,7 @@ function showTab(tab) {
     state.usage.load();
     loadSessions();
     loadKeys();
+    loadBudgets();
   }
 }
 
@@ -590,6 +592,7 @@ function init() {
   $('tab-usage').addEventListener('click', () => showTab('usage'));
   $('logout-all').addEventListener('click', logoutEverywhere);
   $('key-form').addEventListener('submit', createKey);
+  $('budget-form').addEventListener('submit', createBudget);
   $('new-chat').addEventListener('click', newChat);
   $('composer').addEventListener('submit', sendMessage);
   $('composer-input').addEventListener('keydown', (e) => {
