@@ -38,6 +38,7 @@ use super::openapi::{
 };
 use super::ApiJson;
 use crate::auth::AuthenticatedUser;
+use crate::budgets::{self, CallBound, Reservation};
 use crate::error::ApiError;
 use crate::events::follow::{follow_run, RunEvent};
 use crate::ids::RequestId;
@@ -474,6 +475,19 @@ async fn direct(
     let tokens = request.tokens.clone();
     let provider = Arc::clone(&state.infra.llm);
     let model = provider.model_name().to_string();
+    // Token and model budgets hold the local model too (it costs nothing in USD).
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let budget = {
+        let overrides = store.price_overrides().await?;
+        let prices = state.infra.price_book.for_user(&overrides);
+        let now = crate::clock::now_ms();
+        let bound = CallBound::of_call(&prices, &model, now, chars, Some(i64::from(max_tokens)));
+        BudgetSettle {
+            reservation: budgets::reserve(&store, user.api_key_id(), &model, bound, now).await?,
+            store: store.clone(),
+            tokens: tokens.clone(),
+        }
+    };
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     // Generation stops when the client goes away: the response body owns this guard.
     let cancel = CancellationToken::new();
@@ -483,7 +497,6 @@ async fn direct(
         .stream(request, cancel)
         .await
         .map_err(|e| llm_unavailable(&e))?;
-    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     let record = move |succeeded: bool| {
         let state = state.clone();
         let provider = Arc::clone(&provider);
@@ -515,6 +528,7 @@ async fn direct(
         let usage = record(true).await;
         drop(guard);
         drop(slot);
+        drop(budget);
         return Ok(Json(completion(&id, &model, &answer, usage)).into_response());
     }
     struct Direct<S, R> {
@@ -525,6 +539,8 @@ async fn direct(
         _guard: tokio_util::sync::DropGuard,
         /// The user's completion slot, freed when the stream ends or is dropped.
         _slot: crate::limits::SlotGuard,
+        /// Settled when the stream ends or is dropped.
+        _budget: BudgetSettle,
         started: bool,
         done: bool,
     }
@@ -535,6 +551,7 @@ async fn direct(
         record,
         _guard: guard,
         _slot: slot,
+        _budget: budget,
         started: false,
         done: false,
     };
@@ -574,6 +591,37 @@ async fn direct(
         }
     });
     Ok(sse(stream).into_response())
+}
+
+/// Settles a direct completion's budget reservation to the tokens it used when dropped:
+/// when the answer is complete, failed, or its client went away.
+struct BudgetSettle {
+    reservation: Option<Reservation>,
+    store: UserStore,
+    tokens: crate::llm::TokenMeter,
+}
+
+impl Drop for BudgetSettle {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let used = self.tokens.get();
+        let tokens = i64::try_from(used.total()).unwrap_or(i64::MAX);
+        let store = self.store.clone();
+        // Drop cannot wait: the write goes on in its own task.
+        tokio::spawn(async move {
+            reservation
+                .settle(
+                    &store,
+                    CallBound {
+                        micro_usd: 0,
+                        tokens,
+                    },
+                )
+                .await;
+        });
+    }
 }
 
 fn llm_unavailable(err: &crate::llm::LlmError) -> ApiError {

@@ -101,3 +101,60 @@ async fn the_openai_client_works_against_apex_serving_its_local_model() {
     };
     assert_eq!(err.reason(), "auth_failed", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budgets_hold_the_local_model_and_are_settled_to_what_it_generated() {
+    let path = model_path();
+    let mut app = spawn_local(path).await;
+    let user = app.register().await;
+    let body = serde_json::json!({"model": MODEL, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Name a colour."}]});
+    // 14 characters + 8 tokens = a bound of 22 tokens.
+    let response = app
+        .post_json(
+            "/api/budgets",
+            Some(user.token()),
+            &serde_json::json!({"scope": "model", "scope_id": MODEL, "limit_tokens": 21, "period": "day"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let budget: Value = response.json().await.unwrap();
+    let response = app
+        .post_json("/v1/chat/completions", Some(user.token()), &body)
+        .await;
+    assert_eq!(response.status(), 402);
+    let refused: Value = response.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "budget_exceeded");
+    assert_eq!(refused["error"]["details"]["requested"], 22.0);
+    // Room for it: answered, and the budget holds what the model really processed.
+    let response = app
+        .http
+        .patch(app.url(&format!("/api/budgets/{}", budget["id"].as_str().unwrap())))
+        .bearer_auth(user.token())
+        .json(&serde_json::json!({"limit_tokens": 10_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = app
+        .post_json("/v1/chat/completions", Some(user.token()), &body)
+        .await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let used = answer["usage"]["total_tokens"].as_f64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed: Value = app
+            .get("/api/budgets", user.token())
+            .await
+            .json()
+            .await
+            .unwrap();
+        if listed[0]["spent"].as_f64() == Some(used) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed} vs {used}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.shutdown().await;
+}
