@@ -260,12 +260,12 @@ async fn serve(flags: config::ServeFlags) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.bind))?;
     let mut state = apex_server::build_state(settings).await?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let metrics = apex_server::telemetry::prometheus_builder()
         .install_recorder()
         .context("installing the metrics recorder")?;
     apex_server::telemetry::describe();
     state.metrics = Some(metrics.clone());
-    // Histograms are summarised lazily; keep their buckets fresh.
+    // The recorder drains its histograms' samples into their buckets lazily: keep /metrics fresh.
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;

@@ -104,10 +104,16 @@ fn serve_and_chat_show_a_full_run_then_sigterm_stops_the_server() {
         ),
         "{metrics}"
     );
+    // Histograms with their own buckets (sub-millisecond for delivery), not summaries.
     assert!(
-        metrics.contains("apex_event_delivery_latency_seconds"),
+        metrics.contains("apex_event_delivery_latency_seconds_bucket{le=\"0.0001\"}"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("apex_run_duration_seconds_bucket{status=\"completed\",le=\"600\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("quantile="), "no summaries: {metrics}");
     assert!(
         metrics.contains("apex_websocket_connections_open"),
         "{metrics}"

@@ -33,6 +33,62 @@ pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
 pub const LIMIT_REJECTIONS: &str = "apex_limit_rejections_total";
 pub const BUS_FRAMES_REJECTED: &str = "apex_bus_frames_rejected_total";
 
+/// The buckets of each histogram, chosen for what it measures. Histograms (not summaries)
+/// so that instances' figures add up in Prometheus, and a quiet minute does not read 0.
+pub const BUCKETS: &[(&str, &[f64])] = &[
+    // Sub-millisecond: an event goes from its emitter to a socket in microseconds.
+    (
+        EVENT_DELIVERY,
+        &[
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 1.0,
+        ],
+    ),
+    (
+        HTTP_DURATION,
+        &[
+            0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ],
+    ),
+    (
+        AGENT_DURATION,
+        &[
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ],
+    ),
+    // A run lasts seconds (the template writer) to minutes (a local model under load).
+    (
+        RUN_DURATION,
+        &[
+            0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ],
+    ),
+    (
+        LLM_LATENCY,
+        &[
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        ],
+    ),
+    // Events per transaction, not seconds.
+    (
+        EVENT_BATCH,
+        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+    ),
+];
+
+/// The Prometheus recorder's builder with [`BUCKETS`] set: what `apex serve` installs.
+pub fn prometheus_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    BUCKETS
+        .iter()
+        .fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
+            // Only an empty list is refused, and none is.
+            builder
+                .set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+        })
+}
+
 /// Describes every metric once, so `/metrics` carries help text.
 pub fn describe() {
     metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
@@ -180,4 +236,24 @@ pub fn llm_request(provider: &str, duration: Duration, prompt_tokens: u64, compl
         .increment(prompt_tokens);
     metrics::counter!(LLM_TOKENS, "provider" => provider, "kind" => "completion")
         .increment(completion_tokens);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_histogram_has_rising_buckets() {
+        for (name, buckets) in BUCKETS {
+            assert!(!buckets.is_empty(), "{name}");
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{name}");
+        }
+        // The delivery latency resolves well below a millisecond.
+        let delivery = BUCKETS
+            .iter()
+            .find(|(n, _)| *n == EVENT_DELIVERY)
+            .unwrap()
+            .1;
+        assert!(delivery.iter().filter(|b| **b < 0.001).count() >= 4);
+    }
 }
