@@ -377,6 +377,33 @@ impl CallBound {
         }
     }
 
+    /// What a call of `model` at `now_ms` used, at the user's prices.
+    pub fn of_usage(
+        prices: &UserPrices<'_>,
+        model: &str,
+        now_ms: i64,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+    ) -> Self {
+        let micro_usd = prices.entry_at(model, now_ms).map_or(0, |entry| {
+            let pico = cost(
+                &entry.rates,
+                &Quantities {
+                    requests: 1,
+                    prompt: prompt_tokens,
+                    completion: completion_tokens,
+                    ..Quantities::default()
+                },
+            )
+            .pico;
+            i64::try_from((pico + 500_000) / 1_000_000).unwrap_or(i64::MAX)
+        });
+        Self {
+            micro_usd,
+            tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+
     /// What a finished call used: its usage row's cost and tokens.
     pub fn used(cost_usd: f64, prompt_tokens: i64, completion_tokens: i64) -> Self {
         Self {

@@ -204,6 +204,64 @@ impl AgentContext {
         }
     }
 
+    /// Reserves what a request to the run's model can use at most (`prompt_chars` of
+    /// prompt at a token each, `max_tokens` of answer) on the user's budgets (see
+    /// [`crate::budgets`]); settle it with [`Self::settle_budget`]. A budget without room
+    /// is [`LlmError::OverBudget`]: the caller writes without the model. Budgets that
+    /// cannot be read fail the same way, closed.
+    pub async fn hold_budget(
+        &self,
+        prompt_chars: usize,
+        max_tokens: u32,
+    ) -> Result<Option<crate::budgets::Reservation>, LlmError> {
+        use crate::budgets::{reserve, BudgetError, CallBound};
+        let model = self.llm.model_name();
+        let now = self.now_ms();
+        let overrides = self.store.price_overrides().await.map_err(|err| {
+            tracing::warn!(error = %err, "could not read the user's prices");
+            LlmError::OverBudget("the budgets could not be checked".into())
+        })?;
+        let prices = self.price_book.for_user(&overrides);
+        let bound = CallBound::of_call(
+            &prices,
+            model,
+            now,
+            prompt_chars,
+            Some(i64::from(max_tokens)),
+        );
+        match reserve(&self.store, None, model, bound, now).await {
+            Ok(reservation) => Ok(reservation),
+            Err(BudgetError::Exceeded { message, .. }) => Err(LlmError::OverBudget(message)),
+            Err(BudgetError::Store(err)) => {
+                tracing::warn!(error = %err, "could not check the user's budgets");
+                Err(LlmError::OverBudget(
+                    "the budgets could not be checked".into(),
+                ))
+            }
+        }
+    }
+
+    /// Settles a reservation of [`Self::hold_budget`] to what the request used.
+    pub async fn settle_budget(
+        &self,
+        reservation: Option<crate::budgets::Reservation>,
+        used: TokenUsage,
+    ) {
+        let Some(reservation) = reservation else {
+            return;
+        };
+        let overrides = self.store.price_overrides().await.unwrap_or_default();
+        let prices = self.price_book.for_user(&overrides);
+        let used = crate::budgets::CallBound::of_usage(
+            &prices,
+            self.llm.model_name(),
+            self.now_ms(),
+            i64::try_from(used.prompt_tokens).unwrap_or(i64::MAX),
+            i64::try_from(used.completion_tokens).unwrap_or(i64::MAX),
+        );
+        reservation.settle(&self.store, used).await;
+    }
+
     /// Writes the run's LLM usage rows to the user's usage data (at the end of the run,
     /// whatever its outcome: tokens spent on a failed run were spent too).
     pub async fn flush_llm_usage(&self) {

@@ -280,21 +280,41 @@ impl ReportingAgent {
         slot: &Slot,
         meter: &TokenMeter,
     ) -> Result<String, LlmError> {
+        let prompt_chars = slot
+            .messages
+            .iter()
+            .map(|m| m.content.chars().count())
+            .sum();
+        let held = cx.hold_budget(prompt_chars, slot.max_tokens).await?;
+        let before = meter.get();
         let mut request = LlmRequest::new(slot.messages.clone(), Value::Null, slot.max_tokens);
         request.tokens = meter.clone();
         request.user = Some(cx.ctx.user_id());
         request.temperature = Some(0.0);
         request.repetition = Repetition::AGENT;
         request.stop = answer::SLOT_STOPS.iter().map(|s| s.to_string()).collect();
-        let mut stream = cx
-            .llm
-            .stream(request, cx.ctx.cancellation().clone())
-            .await?;
-        let mut text = String::new();
-        while let Some(chunk) = stream.next().await {
-            text.push_str(&chunk?);
+        let text = async {
+            let mut stream = cx
+                .llm
+                .stream(request, cx.ctx.cancellation().clone())
+                .await?;
+            let mut text = String::new();
+            while let Some(chunk) = stream.next().await {
+                text.push_str(&chunk?);
+            }
+            Ok(text)
         }
-        Ok(text)
+        .await;
+        // The meter counts the whole run's slots: this slot used the difference.
+        let after = meter.get();
+        let used = crate::llm::TokenUsage {
+            prompt_tokens: after.prompt_tokens.saturating_sub(before.prompt_tokens),
+            completion_tokens: after
+                .completion_tokens
+                .saturating_sub(before.completion_tokens),
+        };
+        cx.settle_budget(held, used).await;
+        text
     }
 
     /// Writes one slot: the model's text if it passes the checks, else the template's.
@@ -313,6 +333,11 @@ impl ReportingAgent {
         if cx.has_model() && tally.provider_failed.is_none() {
             let problem = match self.generate_slot(cx, slot, meter).await {
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
+                Err(LlmError::OverBudget(message)) => {
+                    // Not a failure of the model: the user's own cap. Later slots skip it.
+                    tally.provider_failed = Some(message);
+                    Some("your budget has no room for the model".to_string())
+                }
                 Err(err) => {
                     tracing::warn!(provider = cx.llm.name(), slot = %slot.name, error = %err, "the model failed to write a slot");
                     tally.provider_failed = Some(err.to_string());

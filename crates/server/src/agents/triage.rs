@@ -760,6 +760,9 @@ pub fn needs_model_choice(request: &str, earlier: &[String], names: &KnownNames)
 }
 
 /// The instruction for the model's constrained choice of a category.
+/// Most answer tokens a choice takes (the provider's `choose` asks for 16).
+const CHOICE_TOKENS_BOUND: u32 = 16;
+
 pub fn choice_prompt(request: &str) -> Vec<ChatMessage> {
     vec![
         ChatMessage::system(
@@ -790,16 +793,21 @@ impl TriageAgent {
     ) -> Result<Option<RequestCategory>, LlmError> {
         let started = std::time::Instant::now();
         let meter = crate::llm::TokenMeter::default();
+        let prompt = choice_prompt(request);
+        let prompt_chars = prompt.iter().map(|m| m.content.chars().count()).sum();
+        // A choice is a few tokens of answer.
+        let held = cx.hold_budget(prompt_chars, CHOICE_TOKENS_BOUND).await?;
         let choice = cx
             .llm
             .choose(
-                choice_prompt(request),
+                prompt,
                 choice_labels(),
                 meter.clone(),
                 Some(cx.ctx.user_id()),
                 cx.ctx.cancellation().clone(),
             )
             .await;
+        cx.settle_budget(held, meter.get()).await;
         cx.record_llm_usage(
             self.name(),
             cx.llm.as_ref(),
@@ -844,6 +852,10 @@ impl Agent for TriageAgent {
             match self.model_choice(cx, &state.request).await {
                 Ok(choice) => choice,
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
+                Err(LlmError::OverBudget(_)) => {
+                    note = Some("your budget has no room for the model");
+                    None
+                }
                 Err(err) => {
                     // Logged for operators; the user reads only that the rules decided.
                     tracing::warn!(error = %err, "the model's triage choice failed; using the rules");

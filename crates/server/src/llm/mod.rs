@@ -178,6 +178,9 @@ pub enum LlmError {
     Config(String),
     #[error("the model's answer was rejected: {0}")]
     Rejected(String),
+    /// One of the user's budgets has no room for the request (see `crate::budgets`).
+    #[error("{0}")]
+    OverBudget(String),
 }
 
 impl LlmError {
@@ -193,6 +196,7 @@ impl LlmError {
             LlmError::InvalidResponse(_) => "invalid_response",
             LlmError::Config(_) => "misconfigured",
             LlmError::Rejected(_) => "answer_rejected",
+            LlmError::OverBudget(_) => "budget_exceeded",
         }
     }
 }

@@ -422,3 +422,59 @@ async fn triage_asks_the_local_model_to_choose_when_the_rules_do_not_know() {
         "the choice was a model request"
     );
 }
+
+#[tokio::test]
+async fn a_run_over_its_users_token_budget_is_answered_without_the_model() {
+    let app = spawn_local_app().await;
+    let user = app.register().await;
+    let before = app.usage_summary(&user).await;
+    let response = app
+        .post_json(
+            "/api/budgets",
+            Some(user.token()),
+            &serde_json::json!({"scope": "user", "limit_tokens": 0, "period": "day"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let mut ws = app.ws_connect(&user).await;
+    let run = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        ask_slowly(&mut ws, "How can I reduce my LLM costs?"),
+    )
+    .await
+    .expect("the run finished");
+    let terminal = run.terminal();
+    assert_eq!(terminal.payload["status"], "completed", "{:?}", terminal);
+    // The answer is the template's, with the user's figures; the run says why.
+    let answer = terminal.payload["final_response"].as_str().unwrap();
+    let total = apex_server::agents::answer::money(before.total_cost_usd);
+    assert!(answer.contains(&total), "{answer}");
+    let reporting = run
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "reporting")
+        .unwrap();
+    let result = &reporting.payload["result"];
+    assert!(
+        result["fallback_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("budget")),
+        "{result}"
+    );
+    assert_eq!(result["completion_tokens"], 0, "{result}");
+    let notes: Vec<&str> = run
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::AgentThinking)
+        .filter_map(|e| e.payload["reasoning"].as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("your budget has no room for the model")),
+        "{notes:?}"
+    );
+    // The model was never asked: no token of the user's was spent on it.
+    let rows = crate::usage_rows(&app, &user).await;
+    assert!(rows.iter().all(|r| r.provider != "apex"), "{rows:?}");
+}
