@@ -13,11 +13,13 @@
 //! refused for one.
 
 use apex_protocol::budgets::{
-    Budget as BudgetView, BudgetExceededDetails, BudgetInput, BudgetPatch,
+    Budget as BudgetView, BudgetExceededDetails, BudgetInput, BudgetPatch, BudgetWarning,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 
 use crate::clock::ms_to_rfc3339;
+use crate::events::{BusEvent, EventBus};
+use crate::ids::UserId;
 use crate::store::{BudgetCharge, BudgetRecord, ReserveOutcome, StoreError, StoreResult};
 use crate::usage::price_book::{cost, Quantities, UserPrices};
 use crate::usage::pricing::names_model;
@@ -446,22 +448,82 @@ pub enum BudgetError {
 /// What a call holds on the budgets it falls under, until [`Reservation::settle`].
 #[derive(Debug)]
 pub struct Reservation {
-    /// (reservation id, the budget's limit): settled in the budget's unit.
-    held: Vec<(String, Limit)>,
+    /// (reservation id, its budget): settled in the budget's unit.
+    held: Vec<(String, Budget)>,
 }
 
+/// The shares of a limit at which the user is warned, once per period each.
+pub const WARNING_THRESHOLDS: [u32; 3] = [50, 80, 100];
+
 impl Reservation {
-    /// Settles to what the call `used`; a failure is logged (the reservation then stops
-    /// counting when it expires).
-    pub async fn settle(self, store: &UserStore, used: CallBound) {
+    /// Settles to what the call `used`, then warns (once per period and threshold) of each
+    /// budget now past 50, 80 or 100% of its limit: the warnings to publish with
+    /// [`publish_warnings`]. A failure is logged (a reservation not settled stops counting
+    /// when it expires).
+    pub async fn settle(self, store: &UserStore, used: CallBound) -> Vec<BudgetWarning> {
         let settlements: Vec<(String, i64)> = self
             .held
-            .into_iter()
-            .map(|(id, limit)| (id, used.in_unit(limit)))
+            .iter()
+            .map(|(id, budget)| (id.clone(), used.in_unit(budget.limit)))
             .collect();
         if let Err(err) = store.settle_reservations(&settlements).await {
             tracing::warn!(error = %err, "could not settle a budget reservation");
+            return Vec::new();
         }
+        let now = crate::clock::now_ms();
+        let mut warnings = Vec::new();
+        for (_, budget) in &self.held {
+            let window = budget.period.window(now);
+            let limit = budget.limit.amount();
+            let spent = match store
+                .budget_spent(&budget.id, window.start_ms, window.end_ms, now)
+                .await
+            {
+                Ok(spent) => spent,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not read a budget's spending");
+                    continue;
+                }
+            };
+            for threshold in WARNING_THRESHOLDS {
+                // spent / limit >= threshold %, in integers.
+                if i128::from(spent) * 100 < i128::from(limit) * i128::from(threshold) {
+                    continue;
+                }
+                match store
+                    .claim_budget_notice(&budget.id, window.start_ms, i64::from(threshold))
+                    .await
+                {
+                    Ok(true) => warnings.push(BudgetWarning {
+                        budget_id: budget.id.clone(),
+                        scope: budget.scope.name().into(),
+                        scope_id: budget.scope.id(),
+                        threshold,
+                        unit: budget.limit.unit().into(),
+                        limit: budget.limit.shown(limit),
+                        spent: budget.limit.shown(spent),
+                        resets_at: ms_to_rfc3339(window.resets_at_ms),
+                    }),
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(error = %err, "could not record a budget warning"),
+                }
+            }
+        }
+        warnings
+    }
+}
+
+/// Sends `warnings` to `user`'s open sockets as `budget_warning` frames.
+pub fn publish_warnings(bus: &dyn EventBus, user: UserId, warnings: Vec<BudgetWarning>) {
+    for warning in warnings {
+        metrics::counter!("apex_budget_warnings_total", "threshold" => warning.threshold.to_string())
+            .increment(1);
+        let mut frame = serde_json::to_value(&warning).unwrap_or_default();
+        frame["type"] = serde_json::Value::String("budget_warning".into());
+        bus.publish(std::sync::Arc::new(BusEvent::notice(
+            user,
+            frame.to_string(),
+        )));
     }
 }
 
@@ -505,8 +567,8 @@ pub async fn reserve(
         ReserveOutcome::Reserved => Ok(Some(Reservation {
             held: charges
                 .into_iter()
-                .zip(&budgets)
-                .map(|(c, b)| (c.reservation_id, b.limit))
+                .zip(budgets.iter().cloned())
+                .map(|(c, b)| (c.reservation_id, b))
                 .collect(),
         })),
         ReserveOutcome::Exceeded { budget_id, spent } => {

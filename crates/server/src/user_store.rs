@@ -320,4 +320,16 @@ impl UserStore {
     pub async fn settle_reservations(&self, settlements: &[(String, i64)]) -> StoreResult<()> {
         self.store.settle_reservations(settlements).await
     }
+    /// See [`Store::claim_budget_notice`] (the caller took `id` from
+    /// [`Self::list_budgets`]).
+    pub async fn claim_budget_notice(
+        &self,
+        id: &str,
+        period_start_ms: i64,
+        threshold: i64,
+    ) -> StoreResult<bool> {
+        self.store
+            .claim_budget_notice(id, period_start_ms, threshold)
+            .await
+    }
 }

@@ -75,6 +75,7 @@ impl AgentInstanceFactory {
             llm_triage: self.infra.llm_triage,
             pricing: Arc::clone(&self.infra.pricing),
             price_book: Arc::clone(&self.infra.price_book),
+            bus: Arc::clone(&self.infra.bus),
             llm_usage: std::sync::Mutex::new(Vec::new()),
             ctx: self.ctx,
         };

@@ -161,6 +161,8 @@ pub struct AgentContext {
     pub pricing: Arc<PricingTable>,
     /// Costs the run's own LLM requests (with the user's rates, at the end of the run).
     pub price_book: Arc<PriceBook>,
+    /// For budget warnings to the user's sockets (run events go through `emitter`).
+    pub bus: Arc<dyn crate::events::EventBus>,
     /// This run's LLM requests, added to the user's usage data when the run ends (see
     /// [`AgentContext::record_llm_usage`]). Per run, like everything here.
     pub llm_usage: std::sync::Mutex<Vec<UsageRow>>,
@@ -259,7 +261,8 @@ impl AgentContext {
             i64::try_from(used.prompt_tokens).unwrap_or(i64::MAX),
             i64::try_from(used.completion_tokens).unwrap_or(i64::MAX),
         );
-        reservation.settle(&self.store, used).await;
+        let warnings = reservation.settle(&self.store, used).await;
+        crate::budgets::publish_warnings(self.bus.as_ref(), self.ctx.user_id(), warnings);
     }
 
     /// Writes the run's LLM usage rows to the user's usage data (at the end of the run,

@@ -31,6 +31,29 @@ pub struct BusEvent {
     pub emitted_at: std::time::Instant,
 }
 
+/// The `seq` of a notice: a frame for the user's sockets that belongs to no run (a
+/// `budget_warning`). Nothing stores it; a socket that is not open misses it.
+pub const NOTICE_SEQ: u64 = 0;
+
+impl BusEvent {
+    /// A notice for `user_id`'s sockets (see [`NOTICE_SEQ`]).
+    pub fn notice(user_id: UserId, json: String) -> Self {
+        Self {
+            user_id,
+            // No run: a fresh id that names nothing stored.
+            run_id: RunId::generate(),
+            seq: NOTICE_SEQ,
+            terminal: false,
+            json,
+            emitted_at: std::time::Instant::now(),
+        }
+    }
+
+    pub fn is_notice(&self) -> bool {
+        self.seq == NOTICE_SEQ
+    }
+}
+
 /// Whether the bus can deliver right now (reported by `/health/ready`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BusHealth {

@@ -1,7 +1,9 @@
 //! Event delivery: the per-user event bus and the per-run `UserEmitter`.
 //!
 //! The only path from agent code to a socket is `UserEmitter::emit` → store → `EventBus`
-//! → the connections that subscribed with the same authenticated user id. With several
+//! → the connections that subscribed with the same authenticated user id. The one other
+//! thing the bus carries is a notice for a user's sockets that belongs to no run
+//! (`BusEvent::notice`: a budget warning), routed the same way, by user id only. With several
 //! instances, `EventBus` is the [`redis_bus::RedisBus`], which adds the hop between them.
 
 mod bus;

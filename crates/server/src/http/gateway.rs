@@ -95,7 +95,8 @@ impl GatewayCall {
         );
         if let Some(reservation) = self.reservation {
             let used = CallBound::used(row.cost_usd, row.prompt_tokens, row.completion_tokens);
-            reservation.settle(&store, used).await;
+            let warnings = reservation.settle(&store, used).await;
+            budgets::publish_warnings(self.state.infra.bus.as_ref(), self.user.user_id(), warnings);
         }
         if let Err(err) = store.insert_usage(&[row]).await {
             tracing::warn!(error = %err, "could not record a gateway call's usage");

@@ -486,6 +486,8 @@ async fn direct(
             reservation: budgets::reserve(&store, user.api_key_id(), &model, bound, now).await?,
             store: store.clone(),
             tokens: tokens.clone(),
+            bus: Arc::clone(&state.infra.bus),
+            user: user.user_id(),
         }
     };
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
@@ -599,6 +601,9 @@ struct BudgetSettle {
     reservation: Option<Reservation>,
     store: UserStore,
     tokens: crate::llm::TokenMeter,
+    /// For the warnings the settlement may raise.
+    bus: Arc<dyn crate::events::EventBus>,
+    user: crate::ids::UserId,
 }
 
 impl Drop for BudgetSettle {
@@ -608,18 +613,15 @@ impl Drop for BudgetSettle {
         };
         let used = self.tokens.get();
         let tokens = i64::try_from(used.total()).unwrap_or(i64::MAX);
-        let store = self.store.clone();
+        let (store, bus, user) = (self.store.clone(), Arc::clone(&self.bus), self.user);
         // Drop cannot wait: the write goes on in its own task.
         tokio::spawn(async move {
-            reservation
-                .settle(
-                    &store,
-                    CallBound {
-                        micro_usd: 0,
-                        tokens,
-                    },
-                )
-                .await;
+            let used = CallBound {
+                micro_usd: 0,
+                tokens,
+            };
+            let warnings = reservation.settle(&store, used).await;
+            budgets::publish_warnings(bus.as_ref(), user, warnings);
         });
     }
 }

@@ -52,6 +52,16 @@ impl Connection {
             tracing::error!("event for another user reached a connection; dropped");
             return Ok(false);
         }
+        if event.is_notice() {
+            // Not part of any run: not deduplicated or replayed. A paced connection (the
+            // original client) does not know notices and is not sent them.
+            if self.outbox.is_none() {
+                self.socket
+                    .feed(Message::Text(event.json.clone().into()))
+                    .await?;
+            }
+            return Ok(true);
+        }
         self.deliver(event.run_id, event.seq, event.json.clone())
             .await?;
         Ok(true)

@@ -378,3 +378,80 @@ async fn budgets_are_managed_by_their_owner_with_a_login() {
     assert!(budgets(&app, &user).await.is_empty());
     app.shutdown().await;
 }
+
+/// The next `budget_warning` frame on `ws`, or `None` when none comes within `wait`.
+async fn next_warning(ws: &mut crate::helpers::WsClient, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let message = tokio::time::timeout(left, ws.socket.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == "budget_warning" {
+                return Some(frame);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn warnings_at_50_80_and_100_percent_reach_the_users_sockets_once_each() {
+    let mut app = app_with_upstream().await;
+    let user = app.register().await;
+    let other = app.register().await;
+    let (secret, _) = key(&app, &user).await;
+    let mut ws = app.ws_connect(&user).await;
+    let mut theirs = app.ws_connect(&other).await;
+    // 30 tokens a call: 33%, 67% (past 50), 100% (past 80 and 100).
+    let budget = create(
+        &app,
+        &user,
+        json!({"scope": "user", "limit_tokens": 90, "period": "day"}),
+    )
+    .await;
+    let (status, _) = call(&app, &secret, "gpt-4o-mini").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        next_warning(&mut ws, Duration::from_millis(300)).await,
+        None
+    );
+    let (status, _) = call(&app, &secret, "gpt-4o-mini").await;
+    assert_eq!(status, 200);
+    let half = next_warning(&mut ws, Duration::from_secs(5))
+        .await
+        .expect("the 50% warning");
+    assert_eq!(half["threshold"], 50);
+    assert_eq!(half["budget_id"], budget.id.as_str());
+    assert_eq!(
+        (half["spent"].as_f64(), half["limit"].as_f64()),
+        (Some(60.0), Some(90.0))
+    );
+    assert_eq!(half["unit"], "tokens");
+    let (status, _) = call(&app, &secret, "gpt-4o-mini").await;
+    assert_eq!(status, 200);
+    let mut thresholds = Vec::new();
+    for _ in 0..2 {
+        let warning = next_warning(&mut ws, Duration::from_secs(5))
+            .await
+            .expect("a warning");
+        thresholds.push(warning["threshold"].as_u64().unwrap());
+    }
+    thresholds.sort();
+    assert_eq!(thresholds, vec![80, 100]);
+    // Refused from here on, and no warning is sent twice.
+    let (status, _) = call(&app, &secret, "gpt-4o-mini").await;
+    assert_eq!(status, 402);
+    assert_eq!(
+        next_warning(&mut ws, Duration::from_millis(300)).await,
+        None
+    );
+    // Another user's sockets never see them.
+    assert_eq!(
+        next_warning(&mut theirs, Duration::from_millis(100)).await,
+        None
+    );
+    app.shutdown().await;
+}
