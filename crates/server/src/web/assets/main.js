@@ -556,6 +556,15 @@ function handleFrame(frame) {
     case 'server_shutdown':
       $('conn-text').textContent = 'server restarting…';
       break;
+    case 'budget_warning': {
+      // Names come from the user's own budgets; set as text.
+      const what = frame.scope === 'model' ? `the ${frame.scope_id} budget`
+        : frame.scope === 'key' ? 'an API key\'s budget' : 'your budget';
+      const amount = (n) => (frame.unit === 'usd' ? `$${n.toFixed(2)}` : `${n.toLocaleString('en-US')} tokens`);
+      $('messages').append(note(`${frame.threshold}% of ${what} is spent (${amount(frame.spent)} of ${amount(frame.limit)}); it resets ${new Date(frame.resets_at).toLocaleString()}.`, 'budget-warning'));
+      if (!$('usage-view').hidden) loadBudgets();
+      break;
+    }
     default:
       break;
   }
