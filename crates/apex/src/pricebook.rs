@@ -136,6 +136,10 @@ fn print_entry(e: &PriceEntry) {
 /// Prints `GET /api/usage/explain`'s answer: per price version, each class's
 /// `quantity × rate = cost`.
 pub fn print_explanation(x: &UsageExplanation) {
+    if x.rows == 0 {
+        println!("no rows match in this window");
+        return;
+    }
     if let Some(row) = &x.row {
         println!(
             "row {}: {} {} / {} ({}), {}, {} request(s)",

@@ -89,7 +89,8 @@ fn explanation(row: Option<UsageRowView>, groups: Vec<(PriceGroup, i128)>) -> Us
         requests: groups.iter().map(|g| g.requests).sum(),
         computed_cost_usd: pico as f64 / 1e12,
         computed_cost_micro_usd: micro_of_pico(pico),
-        stored_cost_usd: groups.iter().map(|g| g.stored_cost_usd).sum(),
+        // From +0.0: a sum of no floats is -0.0 in Rust.
+        stored_cost_usd: groups.iter().fold(0.0, |sum, g| sum + g.stored_cost_usd),
         groups,
     }
 }

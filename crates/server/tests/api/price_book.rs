@@ -204,6 +204,10 @@ async fn a_cost_the_source_sent_is_kept_and_said_to_be_sent() {
     assert_eq!(x.groups[0].price, None);
     assert!(x.groups[0].lines.is_empty());
     assert_eq!(x.computed_cost_micro_usd, 250_000);
+    // A cell with no rows costs nothing (not -0).
+    let none = explain(&app, user.token(), "model=nothing-here").await;
+    assert_eq!((none.rows, none.groups.len()), (0, 0));
+    assert!(none.stored_cost_usd == 0.0 && none.stored_cost_usd.is_sign_positive());
     app.shutdown().await;
 }
 
