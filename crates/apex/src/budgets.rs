@@ -41,6 +41,9 @@ pub enum BudgetsCommand {
         /// For --period rolling_days.
         #[arg(long)]
         days: Option<u32>,
+        /// IANA time zone whose midnights start the days (default UTC).
+        #[arg(long)]
+        timezone: Option<String>,
         #[command(flatten)]
         account: AccountArgs,
     },
@@ -82,6 +85,7 @@ pub async fn run(command: BudgetsCommand) -> anyhow::Result<()> {
                 limit_tokens,
                 period,
                 days,
+                timezone,
                 ..
             } => {
                 let (scope, scope_id) = match (key, model) {
@@ -96,6 +100,7 @@ pub async fn run(command: BudgetsCommand) -> anyhow::Result<()> {
                     limit_tokens: *limit_tokens,
                     period: period.clone(),
                     days: *days,
+                    timezone: timezone.clone(),
                 };
                 let response = http
                     .post(format!("{base}/api/budgets"))
@@ -168,10 +173,13 @@ fn print_budget(b: &Budget) {
         ("model", Some(model)) => format!("model {}", clean(model)),
         _ => "all your calls".into(),
     };
-    let period = match b.days {
+    let mut period = match b.days {
         Some(days) => format!("last {days} days"),
         None => format!("per {}", b.period),
     };
+    if b.timezone != "UTC" {
+        period.push_str(&format!(" ({})", clean(&b.timezone)));
+    }
     let (limit, spent) = match (b.limit_usd, b.limit_tokens) {
         (Some(usd), _) => (format!("${usd:.2}"), format!("${:.4}", b.spent)),
         (_, Some(tokens)) => (format!("{tokens} tokens"), format!("{} tokens", b.spent)),

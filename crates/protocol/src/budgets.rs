@@ -16,11 +16,14 @@ pub struct BudgetInput {
     pub limit_usd: Option<f64>,
     #[serde(default)]
     pub limit_tokens: Option<i64>,
-    /// `day`, `week` (from Monday), `month` (UTC), or `rolling_days` (the last `days`
-    /// days, today included).
+    /// `day`, `week` (from Monday), `month`, or `rolling_days` (the last `days` days,
+    /// today included), from midnight in `timezone`.
     pub period: String,
     #[serde(default)]
     pub days: Option<u32>,
+    /// IANA time zone (`Europe/Paris`); default `UTC`.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// A change to a budget: the fields given replace the budget's (a limit of the other
@@ -35,6 +38,8 @@ pub struct BudgetPatch {
     pub period: Option<String>,
     #[serde(default)]
     pub days: Option<u32>,
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// A budget with what its current period has used.
@@ -47,6 +52,7 @@ pub struct Budget {
     pub limit_tokens: Option<i64>,
     pub period: String,
     pub days: Option<u32>,
+    pub timezone: String,
     /// Used and reserved by calls in progress, in the budget's unit: USD or tokens.
     pub spent: f64,
     /// `spent` as a share of the limit, 0–100 (or more when a call used more than it

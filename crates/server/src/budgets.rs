@@ -16,6 +16,7 @@ use apex_protocol::budgets::{
     Budget as BudgetView, BudgetExceededDetails, BudgetInput, BudgetPatch, BudgetWarning,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
 
 use crate::clock::ms_to_rfc3339;
 use crate::events::{BusEvent, EventBus};
@@ -79,13 +80,25 @@ pub struct Window {
     pub resets_at_ms: i64,
 }
 
-fn utc_midnight(ms: i64) -> DateTime<Utc> {
-    let day = Utc
-        .timestamp_millis_opt(ms)
-        .single()
-        .unwrap_or(DateTime::UNIX_EPOCH)
-        .date_naive();
-    day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()
+/// Length of a usage bucket: every time zone's midnight falls on a quarter hour.
+const BUCKET_MS: i64 = 15 * 60 * 1000;
+
+/// Start of the quarter hour holding `ms`.
+fn bucket_of(ms: i64) -> i64 {
+    ms.div_euclid(BUCKET_MS) * BUCKET_MS
+}
+
+/// The instant `date` starts (its first moment) in `tz`. On a day whose midnight a
+/// daylight-saving change skips, the first moment that exists.
+fn start_of(date: NaiveDate, tz: Tz) -> DateTime<Utc> {
+    let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+    (0..=4)
+        .find_map(|hours| {
+            tz.from_local_datetime(&(midnight + Duration::hours(hours)))
+                .earliest()
+        })
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| midnight.and_utc())
 }
 
 impl Period {
@@ -123,11 +136,14 @@ impl Period {
         }
     }
 
-    /// The period containing `now_ms`. Usage is counted per UTC day, so every window
-    /// starts at a UTC midnight.
-    pub fn window(self, now_ms: i64) -> Window {
-        let today = utc_midnight(now_ms);
-        let (start, end) = match self {
+    /// The period containing `now_ms`, its days running from midnight to midnight in `tz`.
+    pub fn window(self, now_ms: i64, tz: Tz) -> Window {
+        let now = Utc
+            .timestamp_millis_opt(now_ms)
+            .single()
+            .unwrap_or(DateTime::UNIX_EPOCH);
+        let today = now.with_timezone(&tz).date_naive();
+        let (first, next) = match self {
             Period::Day => (today, today + Duration::days(1)),
             Period::Week => {
                 let monday =
@@ -143,14 +159,14 @@ impl Period {
                     NaiveDate::from_ymd_opt(today.year(), today.month() + 1, 1)
                 }
                 .unwrap_or_default();
-                let at = |d: NaiveDate| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
-                (at(first), at(next))
+                (first, next)
             }
             Period::RollingDays(days) => (
                 today - Duration::days(i64::from(days) - 1),
                 today + Duration::days(1),
             ),
         };
+        let (start, end) = (start_of(first, tz), start_of(next, tz));
         Window {
             start_ms: start.timestamp_millis(),
             end_ms: end.timestamp_millis(),
@@ -192,6 +208,8 @@ pub struct Budget {
     pub scope: Scope,
     pub limit: Limit,
     pub period: Period,
+    /// Whose midnights start its days.
+    pub timezone: Tz,
     pub created_at_ms: i64,
 }
 
@@ -215,6 +233,7 @@ impl Budget {
             scope,
             limit,
             period: Period::parse(&r.period, days).ok()?,
+            timezone: r.timezone.parse().ok()?,
             created_at_ms: r.created_at_ms,
         })
     }
@@ -232,6 +251,7 @@ impl Budget {
             limit_tokens: tokens,
             period: self.period.name().into(),
             days: self.period.days().map(i64::from),
+            timezone: self.timezone.name().to_string(),
             created_at_ms: self.created_at_ms,
             updated_at_ms,
         }
@@ -247,8 +267,13 @@ impl Budget {
     }
 
     /// The budget as the API shows it, with what its period has `spent`.
+    /// The period containing `now_ms`.
+    pub fn window(&self, now_ms: i64) -> Window {
+        self.period.window(now_ms, self.timezone)
+    }
+
     pub fn view(&self, spent: i64, now_ms: i64) -> BudgetView {
-        let window = self.period.window(now_ms);
+        let window = self.window(now_ms);
         let limit = self.limit.amount();
         BudgetView {
             id: self.id.clone(),
@@ -258,6 +283,7 @@ impl Budget {
             limit_tokens: matches!(self.limit, Limit::Tokens(_)).then_some(limit),
             period: self.period.name().into(),
             days: self.period.days(),
+            timezone: self.timezone.name().to_string(),
             spent: self.limit.shown(spent),
             percent: if limit > 0 {
                 spent as f64 * 100.0 / limit as f64
@@ -316,8 +342,19 @@ pub fn new_budget(input: &BudgetInput, now_ms: i64) -> Result<Budget, String> {
         scope,
         limit: limit_of(input.limit_usd, input.limit_tokens)?,
         period: Period::parse(&input.period, input.days)?,
+        timezone: timezone_of(input.timezone.as_deref())?,
         created_at_ms: now_ms,
     })
+}
+
+/// The time zone named `name` (IANA), UTC when none is given.
+fn timezone_of(name: Option<&str>) -> Result<Tz, String> {
+    match name.map(str::trim).filter(|n| !n.is_empty()) {
+        None => Ok(Tz::UTC),
+        Some(name) => name
+            .parse()
+            .map_err(|_| format!("timezone {name:?} is not an IANA time zone (Europe/Paris, UTC)")),
+    }
 }
 
 /// `budget` with `patch` applied, checked.
@@ -330,6 +367,9 @@ pub fn patched(budget: &Budget, patch: &BudgetPatch) -> Result<Budget, String> {
         out.period = Period::parse(period, patch.days)?;
     } else if patch.days.is_some() {
         out.period = Period::parse("rolling_days", patch.days)?;
+    }
+    if patch.timezone.is_some() {
+        out.timezone = timezone_of(patch.timezone.as_deref())?;
     }
     Ok(out)
 }
@@ -473,7 +513,7 @@ impl Reservation {
         let now = crate::clock::now_ms();
         let mut warnings = Vec::new();
         for (_, budget) in &self.held {
-            let window = budget.period.window(now);
+            let window = budget.window(now);
             let limit = budget.limit.amount();
             let spent = match store
                 .budget_spent(&budget.id, window.start_ms, window.end_ms, now)
@@ -544,11 +584,11 @@ pub async fn reserve(
     if budgets.is_empty() {
         return Ok(None);
     }
-    let day_ms = utc_midnight(now_ms).timestamp_millis();
+    let bucket_ms = bucket_of(now_ms);
     let charges: Vec<BudgetCharge> = budgets
         .iter()
         .map(|b| {
-            let window = b.period.window(now_ms);
+            let window = b.window(now_ms);
             BudgetCharge {
                 budget_id: b.id.clone(),
                 reservation_id: format!("res_{}", uuid::Uuid::new_v4().simple()),
@@ -556,7 +596,7 @@ pub async fn reserve(
                 limit: b.limit.amount(),
                 window_start_ms: window.start_ms,
                 window_end_ms: window.end_ms,
-                day_ms,
+                bucket_ms,
             }
         })
         .collect();
@@ -586,7 +626,7 @@ pub async fn reserve(
 
 fn exceeded(budget: &Budget, spent: i64, bound: CallBound, now_ms: i64) -> BudgetError {
     let limit = budget.limit;
-    let window = budget.period.window(now_ms);
+    let window = budget.window(now_ms);
     let details = BudgetExceededDetails {
         budget_id: budget.id.clone(),
         scope: budget.scope.name().into(),
@@ -629,27 +669,59 @@ mod tests {
     fn periods_are_utc_days_weeks_months_and_rolling_windows() {
         // Wednesday 2026-12-02 15:00 UTC.
         let now = at("2026-12-02T15:00:00Z");
-        let w = Period::Day.window(now);
+        let w = Period::Day.window(now, Tz::UTC);
         assert_eq!(
             (w.start_ms, w.end_ms),
             (at("2026-12-02T00:00:00Z"), at("2026-12-03T00:00:00Z"))
         );
-        let w = Period::Week.window(now);
+        let w = Period::Week.window(now, Tz::UTC);
         assert_eq!(
             (w.start_ms, w.end_ms),
             (at("2026-11-30T00:00:00Z"), at("2026-12-07T00:00:00Z"))
         );
-        let w = Period::Month.window(now);
+        let w = Period::Month.window(now, Tz::UTC);
         assert_eq!(
             (w.start_ms, w.end_ms),
             (at("2026-12-01T00:00:00Z"), at("2027-01-01T00:00:00Z"))
         );
-        let w = Period::RollingDays(7).window(now);
+        let w = Period::RollingDays(7).window(now, Tz::UTC);
         assert_eq!(
             (w.start_ms, w.end_ms),
             (at("2026-11-26T00:00:00Z"), at("2026-12-03T00:00:00Z"))
         );
         assert!(Period::parse("rolling_days", None).is_err());
+        // In a time zone, its midnights: Kolkata is UTC+5:30, so its 2 December starts at
+        // 18:30 UTC on the 1st; at 20:00 UTC on the 2nd it is already the 3rd there.
+        let kolkata: Tz = "Asia/Kolkata".parse().unwrap();
+        let w = Period::Day.window(now, kolkata);
+        assert_eq!(
+            (w.start_ms, w.end_ms),
+            (at("2026-12-01T18:30:00Z"), at("2026-12-02T18:30:00Z"))
+        );
+        let w = Period::Day.window(at("2026-12-02T20:00:00Z"), kolkata);
+        assert_eq!(w.start_ms, at("2026-12-02T18:30:00Z"));
+        // A day with a daylight-saving change is 23 hours long: New York, 8 March 2026.
+        let new_york: Tz = "America/New_York".parse().unwrap();
+        let w = Period::Day.window(at("2026-03-08T12:00:00Z"), new_york);
+        assert_eq!(
+            (w.start_ms, w.end_ms),
+            (at("2026-03-08T05:00:00Z"), at("2026-03-09T04:00:00Z"))
+        );
+        let w = Period::Month.window(at("2026-03-31T23:00:00Z"), new_york);
+        assert_eq!(
+            (w.start_ms, w.end_ms),
+            (at("2026-03-01T05:00:00Z"), at("2026-04-01T04:00:00Z"))
+        );
+        // Every window starts on a usage bucket's boundary.
+        for tz in [
+            Tz::UTC,
+            kolkata,
+            new_york,
+            "Asia/Kathmandu".parse().unwrap(),
+        ] {
+            let w = Period::Week.window(now, tz);
+            assert_eq!(bucket_of(w.start_ms), w.start_ms, "{tz}");
+        }
         assert!(Period::parse("day", Some(3)).is_err());
         assert!(Period::parse("fortnight", None).is_err());
     }
@@ -663,6 +735,7 @@ mod tests {
             limit_tokens: None,
             period: "day".into(),
             days: None,
+            timezone: None,
         };
         let user = new_budget(&input("user", None), 0).unwrap();
         let key = new_budget(&input("key", Some("key_1")), 0).unwrap();
@@ -683,6 +756,19 @@ mod tests {
         assert!(new_budget(&both, 0).is_err());
         // Stored and read back unchanged.
         assert_eq!(Budget::from_record(&model.record(1)), Some(model));
+        let paris = BudgetInput {
+            timezone: Some("Europe/Paris".into()),
+            ..input("user", None)
+        };
+        assert_eq!(
+            new_budget(&paris, 0).unwrap().timezone,
+            chrono_tz::Europe::Paris
+        );
+        let nowhere = BudgetInput {
+            timezone: Some("Mars/Olympus".into()),
+            ..input("user", None)
+        };
+        assert!(new_budget(&nowhere, 0).unwrap_err().contains("timezone"));
     }
 
     #[test]

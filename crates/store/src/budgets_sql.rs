@@ -15,7 +15,7 @@ use crate::records::{BudgetCharge, BudgetRecord, ReserveOutcome, StoreResult};
 use crate::roles::Budgets;
 
 const BUDGET_COLUMNS: &str = "id, scope, scope_id, limit_micro_usd, limit_tokens, period, days, \
-     created_at, updated_at";
+     timezone, created_at, updated_at";
 
 fn decode_budget(row: &DbRow) -> sqlx::Result<BudgetRecord> {
     Ok(BudgetRecord {
@@ -26,8 +26,9 @@ fn decode_budget(row: &DbRow) -> sqlx::Result<BudgetRecord> {
         limit_tokens: row.try_get(4)?,
         period: row.try_get(5)?,
         days: row.try_get(6)?,
-        created_at_ms: row.try_get(7)?,
-        updated_at_ms: row.try_get(8)?,
+        timezone: row.try_get(7)?,
+        created_at_ms: row.try_get(8)?,
+        updated_at_ms: row.try_get(9)?,
     })
 }
 
@@ -43,9 +44,9 @@ async fn spent_on(
 ) -> StoreResult<i64> {
     let spent: i64 = sqlx::query_scalar(
         "SELECT CAST(COALESCE((SELECT SUM(used) FROM budget_usage \
-         WHERE budget_id = $1 AND day >= $2 AND day < $3), 0) \
+         WHERE budget_id = $1 AND bucket >= $2 AND bucket < $3), 0) \
          + COALESCE((SELECT SUM(amount) FROM budget_reservations \
-         WHERE budget_id = $1 AND day >= $2 AND day < $3 AND expires_at > $4), 0) AS BIGINT)",
+         WHERE budget_id = $1 AND bucket >= $2 AND bucket < $3 AND expires_at > $4), 0) AS BIGINT)",
     )
     .bind(id)
     .bind(start)
@@ -61,8 +62,8 @@ impl Budgets for Shell {
     async fn create_budget(&self, owner: UserId, budget: &BudgetRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO budgets (id, user_id, scope, scope_id, limit_micro_usd, limit_tokens, \
-             period, days, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             period, days, timezone, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&budget.id)
         .bind(owner.to_string())
@@ -72,6 +73,7 @@ impl Budgets for Shell {
         .bind(budget.limit_tokens)
         .bind(&budget.period)
         .bind(budget.days)
+        .bind(&budget.timezone)
         .bind(budget.created_at_ms)
         .bind(budget.updated_at_ms)
         .execute(&self.writes)
@@ -98,7 +100,7 @@ impl Budgets for Shell {
         }
         let done = sqlx::query(
             "UPDATE budgets SET scope = $3, scope_id = $4, limit_micro_usd = $5, \
-             limit_tokens = $6, period = $7, days = $8, updated_at = $9 \
+             limit_tokens = $6, period = $7, days = $8, timezone = $9, updated_at = $10 \
              WHERE id = $1 AND user_id = $2",
         )
         .bind(&budget.id)
@@ -109,6 +111,7 @@ impl Budgets for Shell {
         .bind(budget.limit_tokens)
         .bind(&budget.period)
         .bind(budget.days)
+        .bind(&budget.timezone)
         .bind(budget.updated_at_ms)
         .execute(&self.writes)
         .await?;
@@ -184,12 +187,12 @@ impl Budgets for Shell {
                 });
             }
             sqlx::query(
-                "INSERT INTO budget_reservations (id, budget_id, day, amount, expires_at) \
+                "INSERT INTO budget_reservations (id, budget_id, bucket, amount, expires_at) \
                  VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&charge.reservation_id)
             .bind(&charge.budget_id)
-            .bind(charge.day_ms)
+            .bind(charge.bucket_ms)
             .bind(charge.amount)
             .bind(expires_at_ms)
             .execute(&mut *tx)
@@ -211,7 +214,7 @@ impl Budgets for Shell {
         let mut tx = self.writes.begin().await?;
         for (reservation, used) in settlements {
             let row = sqlx::query(
-                "DELETE FROM budget_reservations WHERE id = $1 RETURNING budget_id, day",
+                "DELETE FROM budget_reservations WHERE id = $1 RETURNING budget_id, bucket",
             )
             .bind(reservation)
             .fetch_optional(&mut *tx)
@@ -219,13 +222,13 @@ impl Budgets for Shell {
             let Some(row) = row else {
                 continue;
             };
-            let (budget, day): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let (budget, bucket): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
             sqlx::query(
-                "INSERT INTO budget_usage (budget_id, day, used) VALUES ($1, $2, $3) \
-                 ON CONFLICT (budget_id, day) DO UPDATE SET used = budget_usage.used + $3",
+                "INSERT INTO budget_usage (budget_id, bucket, used) VALUES ($1, $2, $3) \
+                 ON CONFLICT (budget_id, bucket) DO UPDATE SET used = budget_usage.used + $3",
             )
             .bind(&budget)
-            .bind(day)
+            .bind(bucket)
             .bind(*used)
             .execute(&mut *tx)
             .await?;

@@ -523,12 +523,14 @@ pub struct BudgetRecord {
     pub period: String,
     /// For `rolling_days`.
     pub days: Option<i64>,
+    /// IANA name of the time zone whose midnights start its periods (`UTC`, `Europe/Paris`).
+    pub timezone: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
 
-/// What a call may use of one budget: `amount` (the budget's unit) is reserved on `day`
-/// if what the budget used and has reserved in `[window_start_ms, window_end_ms)` plus
+/// What a call may use of one budget: `amount` (the budget's unit) is reserved in
+/// `bucket_ms` if what the budget used and has reserved in `[window_start_ms, window_end_ms)` plus
 /// `amount` stays within `limit`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetCharge {
@@ -539,8 +541,8 @@ pub struct BudgetCharge {
     pub limit: i64,
     pub window_start_ms: i64,
     pub window_end_ms: i64,
-    /// Start (UTC midnight) of the day the call is counted on.
-    pub day_ms: i64,
+    /// Start of the quarter hour the call is counted in.
+    pub bucket_ms: i64,
 }
 
 /// What [`crate::Budgets::reserve_budgets`] did.

@@ -451,7 +451,7 @@ pub trait Budgets: Send + Sync {
         expires_at_ms: i64,
     ) -> StoreResult<ReserveOutcome>;
     /// Settles reservations: each `(reservation id, used)` is removed, and `used` added
-    /// to its budget's day. A reservation already gone (expired and swept, or its budget
+    /// to its budget's usage in the reservation's quarter hour. A reservation already gone (expired and swept, or its budget
     /// deleted) is skipped.
     async fn settle_reservations(&self, settlements: &[(String, i64)]) -> StoreResult<()>;
     /// Records that the warning at `threshold` percent of budget `id` was sent for the

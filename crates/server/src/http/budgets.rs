@@ -24,7 +24,7 @@ use crate::user_store::UserStore;
 /// `budget` with what its current period has spent.
 async fn view(store: &UserStore, budget: &Budget) -> Result<BudgetView, ApiError> {
     let now = now_ms();
-    let window = budget.period.window(now);
+    let window = budget.window(now);
     let spent = store
         .budget_spent(&budget.id, window.start_ms, window.end_ms, now)
         .await?;

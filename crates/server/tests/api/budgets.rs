@@ -355,6 +355,10 @@ async fn budgets_are_managed_by_their_owner_with_a_login() {
             json!({"scope": "user", "limit_usd": 1, "period": "year"}),
             "period",
         ),
+        (
+            json!({"scope": "user", "limit_usd": 1, "period": "day", "timezone": "Mars/Base"}),
+            "timezone",
+        ),
     ] {
         let response = app
             .post_json("/api/budgets", Some(user.token()), &body)
@@ -367,14 +371,35 @@ async fn budgets_are_managed_by_their_owner_with_a_login() {
             "{error}"
         );
     }
-    let response = app
-        .http
-        .delete(app.url(&path))
-        .bearer_auth(user.token())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
+    // Days from midnight in a time zone: Kolkata (UTC+5:30) starts its days at 18:30 UTC.
+    let kolkata = create(
+        &app,
+        &user,
+        json!({"scope": "user", "limit_usd": 1, "period": "day", "timezone": "Asia/Kolkata"}),
+    )
+    .await;
+    assert_eq!(kolkata.timezone, "Asia/Kolkata");
+    assert!(
+        kolkata.period_start.ends_with("T18:30:00.000Z"),
+        "{}",
+        kolkata.period_start
+    );
+    assert!(
+        kolkata.resets_at.ends_with("T18:30:00.000Z"),
+        "{}",
+        kolkata.resets_at
+    );
+    assert_eq!(budget.timezone, "UTC");
+    for id in [&kolkata.id, &budget.id] {
+        let response = app
+            .http
+            .delete(app.url(&format!("/api/budgets/{id}")))
+            .bearer_auth(user.token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+    }
     assert!(budgets(&app, &user).await.is_empty());
     app.shutdown().await;
 }
