@@ -7,7 +7,8 @@ import { $, h, clear, usd } from './dom.js';
 function describe(budget) {
   const what = budget.scope === 'key' ? `API key ${budget.scope_id}`
     : budget.scope === 'model' ? `model ${budget.scope_id}` : 'all your calls';
-  const period = budget.period === 'rolling_days' ? `the last ${budget.days} days` : `per ${budget.period}`;
+  let period = budget.period === 'rolling_days' ? `the last ${budget.days} days` : `per ${budget.period}`;
+  if (budget.timezone && budget.timezone !== 'UTC') period += ` (${budget.timezone})`;
   const limit = budget.limit_usd != null ? usd(budget.limit_usd) : `${budget.limit_tokens.toLocaleString('en-US')} tokens`;
   const spent = budget.limit_usd != null ? usd(budget.spent, 4) : `${budget.spent.toLocaleString('en-US')} tokens`;
   return { what, text: `${limit} ${period} · ${spent} spent (${Math.round(budget.percent)}%) · resets ${new Date(budget.resets_at).toLocaleString()}` };
@@ -52,6 +53,8 @@ export async function createBudget(event) {
   const amount = Number($('budget-limit').value);
   const period = $('budget-period').value;
   const body = model ? { scope: 'model', scope_id: model } : { scope: 'user' };
+  // Days run from midnight where the user is.
+  body.timezone = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
   if ($('budget-unit').value === 'usd') body.limit_usd = amount; else body.limit_tokens = Math.round(amount);
   if (period.startsWith('rolling_days:')) {
     body.period = 'rolling_days';
