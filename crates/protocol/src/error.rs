@@ -106,13 +106,16 @@ pub enum ErrorCode {
     /// An LLM call would go past a budget the user set; `details` says which, its limit,
     /// what is spent and when it resets.
     BudgetExceeded,
+    /// The caller's role in a team does not allow this (a member asking for the team's
+    /// usage, an admin removing the owner).
+    Forbidden,
     /// A failure of the server's own; details stay in its log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every row of the table.
-    pub const ALL: [ErrorCode; 35] = [
+    pub const ALL: [ErrorCode; 36] = [
         ErrorCode::ValidationFailed,
         ErrorCode::EmailTaken,
         ErrorCode::InvalidCredentials,
@@ -147,6 +150,7 @@ impl ErrorCode {
         ErrorCode::InsufficientScope,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::BudgetExceeded,
+        ErrorCode::Forbidden,
         ErrorCode::Internal,
     ];
 
@@ -193,6 +197,7 @@ impl ErrorCode {
             ErrorCode::InsufficientScope => ("insufficient_scope", "INSUFFICIENT_SCOPE", 403),
             ErrorCode::UpstreamUnavailable => ("upstream_unavailable", "UPSTREAM_UNAVAILABLE", 502),
             ErrorCode::BudgetExceeded => ("budget_exceeded", "BUDGET_EXCEEDED", 402),
+            ErrorCode::Forbidden => ("forbidden", "FORBIDDEN", 403),
             ErrorCode::Internal => ("internal_error", "INTERNAL_ERROR", 500),
         }
     }
@@ -246,6 +251,7 @@ pub mod codes {
     pub const INSUFFICIENT_SCOPE: &str = C::InsufficientScope.rest();
     pub const UPSTREAM_UNAVAILABLE: &str = C::UpstreamUnavailable.rest();
     pub const BUDGET_EXCEEDED: &str = C::BudgetExceeded.rest();
+    pub const FORBIDDEN: &str = C::Forbidden.rest();
     pub const INTERNAL: &str = C::Internal.rest();
 }
 

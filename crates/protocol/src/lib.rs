@@ -13,6 +13,7 @@
 //! - [`approval`]: approving, editing or rejecting a run's action plan; the user's settings.
 //! - [`usage`]: a user's AI usage rows and the summary computed from them.
 //! - [`budgets`]: spending caps and what a refused call is told.
+//! - [`teams`]: teams, their members, invites and usage aggregates.
 //! - [`prices`]: the price book (built-in prices and a user's negotiated rates) and the
 //!   explanation of a cost.
 //! - [`events`]: agent events streamed during a run (`agent_started`, `tool_completed`...).
@@ -26,6 +27,7 @@ pub mod budgets;
 pub mod error;
 pub mod events;
 pub mod prices;
+pub mod teams;
 pub mod threads;
 pub mod usage;
 pub mod ws;

@@ -183,6 +183,8 @@ pub enum Scope {
     User,
     Key(String),
     Model(String),
+    /// Every call of every member of the team (set by its owner or an admin).
+    Team(String),
 }
 
 impl Scope {
@@ -191,12 +193,13 @@ impl Scope {
             Scope::User => "user",
             Scope::Key(_) => "key",
             Scope::Model(_) => "model",
+            Scope::Team(_) => "team",
         }
     }
     fn id(&self) -> Option<String> {
         match self {
             Scope::User => None,
-            Scope::Key(id) | Scope::Model(id) => Some(id.clone()),
+            Scope::Key(id) | Scope::Model(id) | Scope::Team(id) => Some(id.clone()),
         }
     }
 }
@@ -220,6 +223,7 @@ impl Budget {
             ("user", _) => Scope::User,
             ("key", Some(id)) => Scope::Key(id.clone()),
             ("model", Some(model)) => Scope::Model(model.to_ascii_lowercase()),
+            ("team", Some(team)) => Scope::Team(team.clone()),
             _ => return None,
         };
         let limit = match (r.limit_micro_usd, r.limit_tokens) {
@@ -260,7 +264,8 @@ impl Budget {
     /// Whether a call made with `key` (an API key's id, if any) to `model` counts here.
     pub fn counts(&self, key: Option<&str>, model: &str) -> bool {
         match &self.scope {
-            Scope::User => true,
+            // A team budget reaches a caller only through their membership.
+            Scope::User | Scope::Team(_) => true,
             Scope::Key(id) => key == Some(id.as_str()),
             Scope::Model(name) => names_model(name, &model.trim().to_ascii_lowercase()),
         }
@@ -332,10 +337,15 @@ pub fn new_budget(input: &BudgetInput, now_ms: i64) -> Result<Budget, String> {
         ("user", Some(_)) => return Err("a user budget has no scope_id".into()),
         ("key", Some(id)) => Scope::Key(id.into()),
         ("model", Some(model)) => Scope::Model(model.to_ascii_lowercase()),
-        ("key" | "model", None) => {
+        ("team", Some(team)) => Scope::Team(team.into()),
+        ("key" | "model" | "team", None) => {
             return Err(format!("a {} budget needs a scope_id", input.scope))
         }
-        (other, _) => return Err(format!("scope {other:?} is not one of user, key, model")),
+        (other, _) => {
+            return Err(format!(
+                "scope {other:?} is not one of user, key, model, team"
+            ))
+        }
     };
     Ok(Budget {
         id: format!("bud_{}", uuid::Uuid::new_v4().simple()),
@@ -472,6 +482,18 @@ pub async fn budgets_of(store: &UserStore) -> StoreResult<Vec<Budget>> {
         .collect())
 }
 
+/// Every budget that holds the caller's calls: their own and their teams'.
+pub async fn budgets_holding(store: &UserStore) -> StoreResult<Vec<Budget>> {
+    let mut budgets = budgets_of(store).await?;
+    for record in store.team_budgets().await? {
+        // A team budget the caller set is theirs already.
+        if !budgets.iter().any(|b| b.id == record.id) {
+            budgets.extend(Budget::from_record(&record));
+        }
+    }
+    Ok(budgets)
+}
+
 /// Why a call may not go out.
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
@@ -576,7 +598,7 @@ pub async fn reserve(
     bound: CallBound,
     now_ms: i64,
 ) -> Result<Option<Reservation>, BudgetError> {
-    let budgets: Vec<Budget> = budgets_of(store)
+    let budgets: Vec<Budget> = budgets_holding(store)
         .await?
         .into_iter()
         .filter(|b| b.counts(key, model))
@@ -641,6 +663,7 @@ fn exceeded(budget: &Budget, spent: i64, bound: CallBound, now_ms: i64) -> Budge
         Scope::User => "your".to_string(),
         Scope::Key(id) => format!("the API key {id}'s"),
         Scope::Model(model) => format!("the {model}"),
+        Scope::Team(team) => format!("the team {team}'s"),
     };
     BudgetError::Exceeded {
         message: format!(
@@ -749,6 +772,7 @@ mod tests {
         assert!(model.counts(None, "gpt-4o-2024-08-06") && !model.counts(None, "gpt-4o-mini"));
         assert!(new_budget(&input("key", None), 0).is_err());
         assert!(new_budget(&input("team", None), 0).is_err());
+        assert!(new_budget(&input("org", Some("x")), 0).is_err());
         let both = BudgetInput {
             limit_tokens: Some(5),
             ..input("user", None)

@@ -26,7 +26,8 @@
 //!    usage summary, provider exports and OpenTelemetry spans read into rows, and Apex's
 //!    own LLM requests as the user's usage; [`gateway`]: the LLM gateway's upstreams and
 //!    the usage row of each call it forwards; [`budgets`]: spending caps, held by
-//!    reserving what a call can cost before it goes out; [`events`]:
+//!    reserving what a call can cost before it goes out; [`teams`]: roles and invites;
+//!    [`events`]:
 //!    `UserEmitter` (per run: seq, persist, deliver), the event log and following a run;
 //!    [`views`]: the API's views of stored records.
 //! 3. **Agents.** [`agents`]: `AgentInstanceFactory` (per run), the pipeline and the five
@@ -62,6 +63,7 @@ pub(crate) mod run;
 pub mod settings;
 pub mod state;
 pub mod store;
+pub mod teams;
 pub mod telemetry;
 pub mod usage;
 pub mod user_store;

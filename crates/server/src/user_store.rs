@@ -15,8 +15,8 @@ use crate::store::{
     BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord,
     PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome, RegenerateSubmission,
     ReserveOutcome, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
-    SavingsTotals, Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, ThreadRecord,
-    UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
+    SavingsTotals, Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, TeamMembership,
+    ThreadRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -331,5 +331,32 @@ impl UserStore {
         self.store
             .claim_budget_notice(id, period_start_ms, threshold)
             .await
+    }
+    /// See [`Store::create_team`]: this user is its owner.
+    pub async fn create_team(&self, id: &str, name: &str, now_ms: i64) -> StoreResult<()> {
+        self.store.create_team(self.owner, id, name, now_ms).await
+    }
+    /// See [`Store::teams_of`].
+    pub async fn teams(&self) -> StoreResult<Vec<TeamMembership>> {
+        self.store.teams_of(self.owner).await
+    }
+    /// This user's membership of team `id` (see [`Store::team_membership`]): every team
+    /// route starts here, so a stranger's team answers like a missing one.
+    pub async fn team_membership(&self, id: &str) -> StoreResult<Option<TeamMembership>> {
+        self.store.team_membership(self.owner, id).await
+    }
+    /// See [`Store::redeem_team_invite`]: this user joins.
+    pub async fn redeem_team_invite(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<String>> {
+        self.store
+            .redeem_team_invite(token_hash, self.owner, now_ms)
+            .await
+    }
+    /// See [`Store::team_budgets_of`].
+    pub async fn team_budgets(&self) -> StoreResult<Vec<BudgetRecord>> {
+        self.store.team_budgets_of(self.owner).await
     }
 }

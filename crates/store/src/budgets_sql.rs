@@ -14,10 +14,10 @@ use crate::ids::UserId;
 use crate::records::{BudgetCharge, BudgetRecord, ReserveOutcome, StoreResult};
 use crate::roles::Budgets;
 
-const BUDGET_COLUMNS: &str = "id, scope, scope_id, limit_micro_usd, limit_tokens, period, days, \
+pub(super) const BUDGET_COLUMNS: &str = "id, scope, scope_id, limit_micro_usd, limit_tokens, period, days, \
      timezone, created_at, updated_at";
 
-fn decode_budget(row: &DbRow) -> sqlx::Result<BudgetRecord> {
+pub(super) fn decode_budget(row: &DbRow) -> sqlx::Result<BudgetRecord> {
     Ok(BudgetRecord {
         id: row.try_get(0)?,
         scope: row.try_get(1)?,
@@ -161,13 +161,15 @@ impl Budgets for Shell {
                     .execute(&mut *tx)
                     .await?;
             }
-            // The budget must be the caller's (and still exist).
-            let mine: Option<String> =
-                sqlx::query_scalar("SELECT id FROM budgets WHERE id = $1 AND user_id = $2")
-                    .bind(&charge.budget_id)
-                    .bind(owner.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            // The budget must hold the caller: theirs, or their team's (and still exist).
+            let mine: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM budgets WHERE id = $1 AND (user_id = $2 OR (scope = 'team' \
+                 AND scope_id IN (SELECT team_id FROM team_members WHERE user_id = $2)))",
+            )
+            .bind(&charge.budget_id)
+            .bind(owner.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
             if mine.is_none() {
                 continue;
             }

@@ -51,7 +51,7 @@ pub use roles::{Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store,
 /// The role traits, for `use apex_store::prelude::*` where store methods are called.
 pub mod prelude {
     pub use crate::roles::{
-        Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage,
+        Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Teams, Threads, Usage,
     };
 }
 

@@ -554,3 +554,35 @@ pub enum ReserveOutcome {
     /// the charge would go past it.
     Exceeded { budget_id: String, spent: i64 },
 }
+
+/// A team and the role in it of the user who asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamMembership {
+    pub team_id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    /// `owner`, `admin` or `member`.
+    pub role: String,
+    pub members: i64,
+}
+
+/// A member of a team, as the team's members see them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamMemberRecord {
+    pub user_id: String,
+    pub email: String,
+    pub name: Option<String>,
+    pub role: String,
+    pub joined_at_ms: i64,
+}
+
+/// One member's usage totals in a window: aggregates only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberUsageTotals {
+    pub user_id: String,
+    pub email: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+}

@@ -14,23 +14,25 @@ use serde_json::Value;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
     ApiKeyRecord, BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome, ImportPlan,
-    MessageRecord, PriceOverrideRecord, PriceVersionTotals, QueueEntry, RedeemedTicket,
-    RefreshRotation, RegenerateOutcome, RegenerateSubmission, ReserveOutcome, RunAftermath,
-    RunApproval, RunRecord, RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason,
-    SessionRecord, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, ThreadRecord,
-    TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals, UserRecord,
+    MemberUsageTotals, MessageRecord, PriceOverrideRecord, PriceVersionTotals, QueueEntry,
+    RedeemedTicket, RefreshRotation, RegenerateOutcome, RegenerateSubmission, ReserveOutcome,
+    RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery, SavingsTotals,
+    SessionEndReason, SessionRecord, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome,
+    TeamMemberRecord, TeamMembership, ThreadRecord, TicketRecord, UsageDayTotals, UsageFilter,
+    UsageRow, UsageTotals, UserRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 /// Everything Apex persists: every role at once. Implemented for every type that has all
 /// the roles, so a store only implements the roles.
 pub trait Store:
-    Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Cluster
+    Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Teams + Cluster
 {
 }
 
-impl<T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Cluster> Store
-    for T
+impl<
+        T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Teams + Cluster,
+    > Store for T
 {
 }
 
@@ -462,6 +464,54 @@ pub trait Budgets: Send + Sync {
         period_start_ms: i64,
         threshold: i64,
     ) -> StoreResult<bool>;
+}
+
+/// Teams: membership and roles, single-use invites, and members' usage as aggregates.
+#[async_trait]
+pub trait Teams: Send + Sync {
+    /// Makes a team with `owner` as its owner.
+    async fn create_team(
+        &self,
+        owner: UserId,
+        id: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    /// The teams `user` belongs to, with their role, oldest first.
+    async fn teams_of(&self, user: UserId) -> StoreResult<Vec<TeamMembership>>;
+    /// `user`'s membership of team `id`, if any.
+    async fn team_membership(&self, user: UserId, id: &str) -> StoreResult<Option<TeamMembership>>;
+    /// The members of team `id`, by join time.
+    async fn team_members(&self, id: &str) -> StoreResult<Vec<TeamMemberRecord>>;
+    /// Stores an invite to team `id` with `role`, by its token's digest.
+    async fn create_team_invite(
+        &self,
+        id: &str,
+        token_hash: &str,
+        role: &str,
+        created_by: UserId,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> StoreResult<()>;
+    /// Uses the invite `token_hash` (once, before it expires) for `user`: they join its
+    /// team with its role (a member already keeps their role). The team's id, or `None`.
+    async fn redeem_team_invite(
+        &self,
+        token_hash: &str,
+        user: UserId,
+        now_ms: i64,
+    ) -> StoreResult<Option<String>>;
+    /// Removes `user` from team `id`; false if they were not in it.
+    async fn remove_team_member(&self, id: &str, user: UserId) -> StoreResult<bool>;
+    /// Every member's usage totals in `[since_ms, until_ms]`, by email.
+    async fn team_usage(
+        &self,
+        id: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<MemberUsageTotals>>;
+    /// Budgets of the teams `user` belongs to (scope `team`), which hold their calls.
+    async fn team_budgets_of(&self, user: UserId) -> StoreResult<Vec<BudgetRecord>>;
 }
 
 /// What the instances sharing one database coordinate through (see the server's `cluster`

@@ -40,6 +40,11 @@ mod usage_sql;
 #[path = "budgets_sql.rs"]
 mod budgets_sql;
 
+// The Teams role's SQL, likewise.
+#[allow(clippy::duplicate_mod)]
+#[path = "teams_sql.rs"]
+mod teams_sql;
+
 type DbRow = <Db as sqlx::Database>::Row;
 
 /// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a

@@ -15,11 +15,13 @@ use super::openapi::{
     Internal, InvalidJson, PayloadTooLarge, Unauthenticated, UnsupportedMediaType, ValidationFailed,
 };
 use super::ApiJson;
-use crate::budgets::{budgets_of, new_budget, patched, Budget};
+use crate::budgets::{budgets_holding, budgets_of, new_budget, patched, Budget, Scope};
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::teams::Role;
 use crate::user_store::UserStore;
+use apex_protocol::error::ErrorCode;
 
 /// `budget` with what its current period has spent.
 async fn view(store: &UserStore, budget: &Budget) -> Result<BudgetView, ApiError> {
@@ -41,8 +43,9 @@ async fn find(store: &UserStore, id: &str) -> Result<Budget, ApiError> {
 }
 
 /// Sets a spending cap on the caller's own LLM calls through Apex: all of them, those of
-/// one API key, or of one model; USD or tokens; per day, week, month or rolling days. A
-/// call that could go past it is refused with `budget_exceeded` (402) before it is sent.
+/// one API key, or of one model; or, for a team's owner or admin, every member's calls
+/// (`scope: team`). USD or tokens; per day, week, month or rolling days. A call that could
+/// go past it is refused with `budget_exceeded` (402) before it is sent.
 #[utoipa::path(
     post,
     path = "/api/budgets",
@@ -69,11 +72,25 @@ pub async fn create(
     let now = now_ms();
     let budget = new_budget(&body, now).map_err(ApiError::validation)?;
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    if let Scope::Team(team) = &budget.scope {
+        // Only the team's owner and admins cap the team; a stranger's team is not found.
+        let membership = store
+            .team_membership(team)
+            .await?
+            .ok_or_else(|| ApiError::not_found("team"))?;
+        if !Role::parse(&membership.role).is_some_and(Role::manages) {
+            return Err(ApiError::coded(
+                ErrorCode::Forbidden,
+                "only the team's owner and admins set its budgets",
+            ));
+        }
+    }
     store.create_budget(&budget.record(now)).await?;
     Ok((StatusCode::CREATED, Json(view(&store, &budget).await?)))
 }
 
-/// The caller's budgets, oldest first, each with what its current period has spent.
+/// The budgets that hold the caller: their own, oldest first, then their teams' (which
+/// only whoever set them changes), each with what its current period has spent.
 #[utoipa::path(
     get,
     path = "/api/budgets",
@@ -93,7 +110,7 @@ pub async fn list(
 ) -> Result<Json<Vec<BudgetView>>, ApiError> {
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
     let mut out = Vec::new();
-    for budget in budgets_of(&store).await? {
+    for budget in budgets_holding(&store).await? {
         out.push(view(&store, &budget).await?);
     }
     Ok(Json(out))

@@ -17,6 +17,7 @@ mod otlp;
 mod prices;
 mod run_stream;
 pub(crate) mod runs;
+mod teams;
 pub(crate) mod threads;
 mod usage;
 
@@ -74,6 +75,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::revoke))
         .routes(routes!(budgets::create, budgets::list))
         .routes(routes!(budgets::get_one, budgets::update, budgets::delete))
+        .routes(routes!(teams::create, teams::list))
+        .routes(routes!(teams::join))
+        .routes(routes!(teams::invite))
+        .routes(routes!(teams::members))
+        .routes(routes!(teams::remove))
+        .routes(routes!(teams::usage))
         .routes(routes!(auth::settings, auth::update_settings))
         .routes(routes!(runs::events))
         .routes(

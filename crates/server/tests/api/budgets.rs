@@ -57,7 +57,7 @@ async fn upstream() -> String {
     url
 }
 
-async fn app_with_upstream() -> TestApp {
+pub(crate) async fn app_with_upstream() -> TestApp {
     let url = upstream().await;
     spawn_app_with(move |settings| {
         settings.gateway.upstreams = vec![apex_server::settings::GatewayUpstream {
@@ -69,7 +69,7 @@ async fn app_with_upstream() -> TestApp {
     .await
 }
 
-async fn key(app: &TestApp, user: &TestUser) -> (String, String) {
+pub(crate) async fn key(app: &TestApp, user: &TestUser) -> (String, String) {
     let response = app
         .post_json(
             "/api/keys",
@@ -85,7 +85,7 @@ async fn key(app: &TestApp, user: &TestUser) -> (String, String) {
     )
 }
 
-async fn call(app: &TestApp, token: &str, model: &str) -> (u16, Value) {
+pub(crate) async fn call(app: &TestApp, token: &str, model: &str) -> (u16, Value) {
     let response = app
         .post_json(
             "/v1/chat/completions",

@@ -36,6 +36,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("usage", 2),
     ("gateway", 2),
     ("budgets", 2),
+    ("teams", 2),
     ("events", 2),
     ("views", 2),
     ("agents", 3),
