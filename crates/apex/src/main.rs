@@ -16,6 +16,7 @@ mod keys;
 mod live;
 mod pricebook;
 mod sessions;
+mod teams;
 mod terminal;
 mod usage;
 mod user;
@@ -115,6 +116,12 @@ enum Command {
     ///          APEX_PASSWORD=... apex budgets list --email me@example.com
     #[command(subcommand, verbatim_doc_comment)]
     Budgets(budgets::BudgetsCommand),
+    /// Teams: make one, invite people (apex teams add), join, members, usage per member.
+    ///
+    /// Example: APEX_PASSWORD=... apex teams create --email me@example.com Platform
+    ///          APEX_PASSWORD=... apex teams add --email me@example.com TEAM_ID --role admin
+    #[command(subcommand, verbatim_doc_comment)]
+    Teams(teams::TeamsCommand),
     /// Inspect the configuration `apex serve` would run with.
     ///
     /// Example: apex config show --config /etc/apex/apex.toml
@@ -346,6 +353,7 @@ fn main() -> std::process::ExitCode {
             Command::Sessions(command) => sessions::run(command).await,
             Command::Keys(command) => keys::run(command).await,
             Command::Budgets(command) => budgets::run(command).await,
+            Command::Teams(command) => teams::run(command).await,
         }
     });
     match result {

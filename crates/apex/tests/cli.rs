@@ -1016,6 +1016,55 @@ fn budgets_are_set_listed_and_deleted_from_the_command_line() {
     assert_eq!(out.lines().count(), 1, "{out}");
 }
 
+#[test]
+fn a_team_is_made_joined_and_its_usage_read_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server(data_dir.path());
+    let run = |email: &str, args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .arg("teams")
+            .args(args)
+            .args(["--server", &server.address, "--email", email])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).to_string();
+        let err = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), out, err)
+    };
+    let (ok, out, err) = run("owner@example.com", &["create", "Platform", "--register"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("Platform (you are its owner)"), "{out}");
+    let team = out.split_whitespace().next().unwrap().to_string();
+    let (ok, out, err) = run("owner@example.com", &["add", &team]);
+    assert!(ok, "{out}{err}");
+    let token = out.trim().to_string();
+    assert!(token.starts_with("apt_"), "{out}");
+    let (ok, out, err) = run("member@example.com", &["join", &token, "--register"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("joined Platform") && out.contains("as member"),
+        "{out}"
+    );
+    let (ok, _, err) = run("member@example.com", &["join", &token]);
+    assert!(!ok && err.contains("not_found"), "{err}");
+    let (_, out, _) = run("member@example.com", &["members", &team]);
+    assert!(
+        out.contains("owner@example.com") && out.contains("member@example.com"),
+        "{out}"
+    );
+    let (ok, _, err) = run("member@example.com", &["usage", &team]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let (ok, out, err) = run("owner@example.com", &["usage", &team, "--days", "7"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.starts_with("last 7 days:") && out.contains("member@example.com"),
+        "{out}"
+    );
+    let (_, out, _) = run("member@example.com", &["list"]);
+    assert!(out.contains("2 members, you: member"), "{out}");
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
