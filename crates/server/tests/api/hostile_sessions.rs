@@ -425,6 +425,7 @@ async fn registration_is_throttled_per_address() {
     .await;
     let mut created = 0;
     let mut throttled = 0;
+    let started = std::time::Instant::now();
     for i in 0..25 {
         let response = app
             .register_raw(
@@ -444,8 +445,15 @@ async fn registration_is_throttled_per_address() {
         }
     }
     let allowed = LimitSettings::default().registrations_per_minute;
-    assert_eq!(created, allowed, "at most the per-address burst is created");
-    assert_eq!(throttled, 25 - allowed);
+    // The bucket refills `allowed` a minute: on a loaded machine the 25 attempts take
+    // seconds, and what refilled meanwhile may be spent too.
+    let refilled = (started.elapsed().as_secs_f64() * f64::from(allowed) / 60.0).ceil() as u32;
+    assert!(
+        (allowed..=allowed + refilled).contains(&created),
+        "at most the per-address burst (+{refilled} refilled) is created: {created}"
+    );
+    assert_eq!(created + throttled, 25);
+    assert!(throttled >= 25 - allowed - refilled);
 }
 
 #[tokio::test]
