@@ -1462,3 +1462,73 @@ async fn a_budget_admits_exactly_what_it_holds_when_calls_race_on_three_instance
     let listed = instances[0].get("/api/budgets", &alice.token).await;
     assert_eq!(listed[0]["spent"], 270.0, "{listed}");
 }
+
+/// Three instances polling for due ticks every 20 ms: each tick of a scheduled report is
+/// taken by one of them and starts exactly one run, the first (at creation) and each one
+/// after (made due again in the database, as a schedule does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scheduled_tick_starts_exactly_one_run_across_three_instances() {
+    use sqlx::Connection;
+    let mut cluster = Cluster::new();
+    cluster.extra_args = vec!["--alert-poll-interval-ms".into(), "20".into()];
+    let instances = [
+        cluster.start(1).await,
+        cluster.start(1).await,
+        cluster.start(1).await,
+    ];
+    let alice = instances[0].register("reports").await;
+    let (status, rule) = instances[1]
+        .post(
+            "/api/alerts/rules",
+            Some(&alice.token),
+            json!({"kind": "report", "every": "week"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rule}");
+    let mut conn = sqlx::PgConnection::connect(&cluster.database_url())
+        .await
+        .expect("connect to the cluster's schema");
+    for tick in 1..=4_usize {
+        if tick > 1 {
+            // Due now, on every instance at once.
+            sqlx::query("UPDATE alert_rules SET next_tick_at = $1")
+                .bind(now_unix_ms())
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let reports = instances[tick % 3].get("/api/alerts", &alice.token).await;
+            let reports = reports.as_array().unwrap();
+            if reports.len() == tick && reports.iter().all(|r| r["run_id"].is_string()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "tick {tick}: {reports:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Several polls of every instance later, still one run per tick.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (runs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM runs")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let (ticks,): (i64,) = sqlx::query_as("SELECT ticks FROM alert_rules")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let reports = instances[0].get("/api/alerts", &alice.token).await;
+        assert_eq!(
+            (runs, ticks, reports.as_array().unwrap().len()),
+            (tick as i64, tick as i64, tick),
+            "runs, ticks and reports after tick {tick}"
+        );
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}

@@ -13,6 +13,8 @@
 //! - [`approval`]: approving, editing or rejecting a run's action plan; the user's settings.
 //! - [`usage`]: a user's AI usage rows and the summary computed from them.
 //! - [`budgets`]: spending caps and what a refused call is told.
+//! - [`alerts`]: alert rules, scheduled reports, what they raised, webhooks and their
+//!   delivery log.
 //! - [`teams`]: teams, their members, invites and usage aggregates.
 //! - [`prices`]: the price book (built-in prices and a user's negotiated rates) and the
 //!   explanation of a cost.
@@ -21,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod approval;
 pub mod auth;
 pub mod budgets;

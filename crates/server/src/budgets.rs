@@ -90,7 +90,7 @@ fn bucket_of(ms: i64) -> i64 {
 
 /// The instant `date` starts (its first moment) in `tz`. On a day whose midnight a
 /// daylight-saving change skips, the first moment that exists.
-fn start_of(date: NaiveDate, tz: Tz) -> DateTime<Utc> {
+pub(crate) fn start_of(date: NaiveDate, tz: Tz) -> DateTime<Utc> {
     let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
     (0..=4)
         .find_map(|hours| {
@@ -358,7 +358,7 @@ pub fn new_budget(input: &BudgetInput, now_ms: i64) -> Result<Budget, String> {
 }
 
 /// The time zone named `name` (IANA), UTC when none is given.
-fn timezone_of(name: Option<&str>) -> Result<Tz, String> {
+pub(crate) fn timezone_of(name: Option<&str>) -> Result<Tz, String> {
     match name.map(str::trim).filter(|n| !n.is_empty()) {
         None => Ok(Tz::UTC),
         Some(name) => name

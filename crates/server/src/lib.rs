@@ -35,7 +35,9 @@
 //! 4. **Runs.** [`run`]: a run's whole life behind the `Runs` handle: submit (the one
 //!    road for every entry point), the registry of runs executing here, the dispatcher
 //!    that claims queued runs, the supervisor that executes them, the one way a run ends,
-//!    recovery of runs whose instance died, and the cluster heartbeats.
+//!    recovery of runs whose instance died, and the cluster heartbeats. [`alerts`]: alert
+//!    rules and scheduled reports ticking on every instance (each tick taken by one),
+//!    the runs that explain them, and Standard Webhooks delivery with retries.
 //! 5. **Edges.** [`http`]: `app(state) -> Router`, the REST handlers, each registered
 //!    with its OpenAPI operation ([`http::openapi`]); [`ws`]: the WebSocket endpoint, one
 //!    task per connection; [`web`]: the browser chat page and `/docs`; [`state`]: the
@@ -47,6 +49,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod alerts;
 pub mod auth;
 pub mod budgets;
 pub mod clock;
@@ -209,7 +212,14 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         instance_id,
         lifecycle.clone(),
     );
+    let alerting = Arc::new(alerts::Alerting::new(
+        Arc::clone(&infra),
+        runs.clone(),
+        settings.alerts.poll_interval,
+        settings.alerts.webhooks.clone(),
+    )?);
     let state = AppState {
+        alerting,
         infra,
         auth: Arc::new(auth),
         runs,
@@ -333,6 +343,7 @@ pub async fn serve(
     background.spawn(Arc::clone(state.auth.sessions()).run(lifecycle.close_sockets.clone()));
     background.spawn(state.runs.clone().dispatch());
     background.spawn(state.runs.clone().expire_approvals_periodically());
+    background.spawn(Arc::clone(&state.alerting).run(lifecycle.draining.clone()));
     if state.settings.bus_url.is_some() {
         background.spawn(state.runs.clone().upkeep());
     }

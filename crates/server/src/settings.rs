@@ -185,6 +185,54 @@ impl Default for OpenAiSettings {
     }
 }
 
+/// Alert rules and webhooks (see `crate::alerts`).
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    /// How often each instance looks for due ticks and webhook messages.
+    pub poll_interval: Duration,
+    pub webhooks: WebhookSettings,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(5),
+            webhooks: WebhookSettings::default(),
+        }
+    }
+}
+
+/// How webhooks are delivered (see `crate::alerts::webhooks`).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// Wait after each failed attempt before the next; the delivery fails after the last.
+    pub retry_delays: Vec<Duration>,
+    /// Longest wait for a receiver's answer.
+    pub timeout: Duration,
+    /// Allow targets on loopback and private networks (tests; a private deployment).
+    pub allow_private_targets: bool,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Self {
+            // Standard Webhooks' suggested schedule.
+            retry_delays: vec![
+                s(5),
+                s(5 * 60),
+                s(30 * 60),
+                s(2 * 3600),
+                s(5 * 3600),
+                s(10 * 3600),
+                s(10 * 3600),
+            ],
+            timeout: Duration::from_secs(15),
+            allow_private_targets: false,
+        }
+    }
+}
+
 /// Made only by [`Settings::dev_login_enabled`]: holding one proves that the server runs
 /// with `--development-mode --dev-login`.
 #[derive(Debug, Clone, Copy)]
@@ -306,6 +354,8 @@ pub struct Settings {
     /// How long a run waits for its user to answer a request for approval of its plan;
     /// unanswered by then, it ends `timed_out`.
     pub approval_timeout: Duration,
+    /// Alert rules, scheduled reports and webhooks.
+    pub alerts: AlertSettings,
 }
 
 impl Settings {
@@ -348,6 +398,7 @@ impl Settings {
             run_max_attempts: 2,
             default_multitask_strategy: MultitaskStrategy::Enqueue,
             approval_timeout: Duration::from_secs(24 * 3600),
+            alerts: AlertSettings::default(),
         }
     }
 

@@ -31,4 +31,6 @@ pub struct AppState {
     /// The LLM gateway's upstreams and HTTP client (immutable; no user state).
     pub gateway: Arc<crate::gateway::Gateway>,
     pub settings: Arc<Settings>,
+    /// Takes due alert ticks and sends webhook messages; woken when a handler queues work.
+    pub alerting: Arc<crate::alerts::Alerting>,
 }

@@ -12,11 +12,12 @@ use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::{
-    BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome, ImportPlan, MessageRecord,
-    PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome, RegenerateSubmission,
-    ReserveOutcome, RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery,
-    SavingsTotals, Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, TeamMembership,
-    ThreadRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
+    AlertRecord, AlertRuleRecord, BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome,
+    ImportPlan, MessageRecord, PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome,
+    RegenerateSubmission, ReserveOutcome, RunAftermath, RunApproval, RunRecord, RunSubmission,
+    SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome,
+    TeamMembership, ThreadRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
+    WebhookAttemptRecord, WebhookDeliveryRecord, WebhookRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -358,5 +359,70 @@ impl UserStore {
     /// See [`Store::team_budgets_of`].
     pub async fn team_budgets(&self) -> StoreResult<Vec<BudgetRecord>> {
         self.store.team_budgets_of(self.owner).await
+    }
+    /// See [`Store::create_alert_rule`]: the rule is this user's, whatever `rule.user_id`.
+    pub async fn create_alert_rule(&self, rule: &AlertRuleRecord) -> StoreResult<()> {
+        let mut rule = rule.clone();
+        rule.user_id = self.owner;
+        self.store.create_alert_rule(&rule).await
+    }
+    /// See [`Store::list_alert_rules`].
+    pub async fn list_alert_rules(&self) -> StoreResult<Vec<AlertRuleRecord>> {
+        self.store.list_alert_rules(self.owner).await
+    }
+    /// See [`Store::delete_alert_rule`].
+    pub async fn delete_alert_rule(&self, id: &str) -> StoreResult<bool> {
+        self.store.delete_alert_rule(self.owner, id).await
+    }
+    /// See [`Store::record_alert`].
+    pub async fn record_alert(&self, alert: &AlertRecord) -> StoreResult<bool> {
+        self.store.record_alert(self.owner, alert).await
+    }
+    /// See [`Store::set_alert_run`].
+    pub async fn set_alert_run(&self, id: &str, run: RunId, thread: ThreadId) -> StoreResult<()> {
+        self.store
+            .set_alert_run(self.owner, id, &run.to_string(), &thread.to_string())
+            .await
+    }
+    /// See [`Store::list_alerts`].
+    pub async fn list_alerts(&self, limit: i64) -> StoreResult<Vec<AlertRecord>> {
+        self.store.list_alerts(self.owner, limit).await
+    }
+    /// See [`Store::create_webhook`].
+    pub async fn create_webhook(&self, hook: &WebhookRecord) -> StoreResult<()> {
+        self.store.create_webhook(self.owner, hook).await
+    }
+    /// See [`Store::list_webhooks`].
+    pub async fn list_webhooks(&self) -> StoreResult<Vec<WebhookRecord>> {
+        self.store.list_webhooks(self.owner).await
+    }
+    /// See [`Store::delete_webhook`].
+    pub async fn delete_webhook(&self, id: &str) -> StoreResult<bool> {
+        self.store.delete_webhook(self.owner, id).await
+    }
+    /// See [`Store::enqueue_deliveries`].
+    pub async fn enqueue_deliveries(
+        &self,
+        deliveries: &[WebhookDeliveryRecord],
+    ) -> StoreResult<()> {
+        self.store.enqueue_deliveries(self.owner, deliveries).await
+    }
+    /// See [`Store::list_deliveries`].
+    pub async fn list_deliveries(
+        &self,
+        webhook_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDeliveryRecord>> {
+        self.store
+            .list_deliveries(self.owner, webhook_id, limit)
+            .await
+    }
+    /// See [`Store::delivery_attempts`].
+    pub async fn delivery_attempts(&self, id: &str) -> StoreResult<Vec<WebhookAttemptRecord>> {
+        self.store.delivery_attempts(self.owner, id).await
+    }
+    /// See [`Store::redeliver`].
+    pub async fn redeliver(&self, id: &str, now_ms: i64) -> StoreResult<bool> {
+        self.store.redeliver(self.owner, id, now_ms).await
     }
 }

@@ -4,7 +4,8 @@
 //! Module map (what `records` and `roles` hold is re-exported at the root):
 //! - `records`: the rows as Rust types, [`StoreError`] and [`StoreResult`].
 //! - `roles`: what a store does, one trait per role ([`Accounts`], [`Threads`], [`Runs`],
-//!   [`QueueSignals`], [`EventLog`], [`Usage`], [`Cluster`]); [`Store`] is all of them,
+//!   [`QueueSignals`], [`EventLog`], [`Usage`], [`Budgets`], `Teams`, [`Alerts`],
+//!   [`Cluster`]); [`Store`] is all of them,
 //!   what the server holds as `Arc<dyn Store>`; [`prelude`] brings them into scope.
 //! - `engine`: [`Backend`], the engine a URL selects, and where the engines' SQL differs.
 //! - `shared`: every query, written once and compiled for each engine (`shared_sql!`).
@@ -46,12 +47,15 @@ use std::time::Duration;
 pub use engine::Backend;
 pub use group_commit::EVENT_BATCH_METRIC;
 pub use records::*;
-pub use roles::{Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage};
+pub use roles::{
+    Accounts, Alerts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage,
+};
 
 /// The role traits, for `use apex_store::prelude::*` where store methods are called.
 pub mod prelude {
     pub use crate::roles::{
-        Accounts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Teams, Threads, Usage,
+        Accounts, Alerts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Teams, Threads,
+        Usage,
     };
 }
 

@@ -586,3 +586,107 @@ pub struct MemberUsageTotals {
     pub completion_tokens: i64,
     pub cost_usd: f64,
 }
+
+/// An alert rule or scheduled report of one user (see the server's `alerts` module).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRuleRecord {
+    pub id: String,
+    /// Whose rule it is: the alerts go to them.
+    pub user_id: UserId,
+    /// The team whose usage it watches (its owner's or an admin's rule); `None`: the user's.
+    pub team_id: Option<String>,
+    /// `spend_over`, `spend_change`, `budget_forecast` or `report`.
+    pub kind: String,
+    /// The kind's settings (threshold, percent, budget id, ...), as JSON.
+    pub params: Value,
+    /// `hour`, `day` or `week`.
+    pub every: String,
+    /// Hour of the day (0–23) a daily or weekly tick falls on, in `timezone`.
+    pub at_hour: i64,
+    /// IANA time zone of the schedule and of the rule's periods.
+    pub timezone: String,
+    /// When the rule is next evaluated (unix ms).
+    pub next_tick_at_ms: i64,
+    pub last_tick_at_ms: Option<i64>,
+    /// How many ticks have been taken.
+    pub ticks: i64,
+    pub created_at_ms: i64,
+}
+
+/// What a rule raised (or a report it started), once per rule and period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRecord {
+    pub id: String,
+    pub rule_id: String,
+    pub kind: String,
+    /// The period it belongs to (a rule raises at most one alert per key).
+    pub period_key: String,
+    pub title: String,
+    pub detail: String,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    /// The run that explains it (or the report's run).
+    pub run_id: Option<String>,
+    pub thread_id: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// A user's webhook (Standard Webhooks). `secret` is `whsec_` and base64: what signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    pub id: String,
+    pub url: String,
+    pub secret: String,
+    pub description: String,
+    pub created_at_ms: i64,
+}
+
+/// One message to one webhook, with the state of its delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDeliveryRecord {
+    /// Also the `webhook-id` header of every attempt.
+    pub id: String,
+    pub webhook_id: String,
+    pub event_type: String,
+    /// The exact body sent (and signed).
+    pub payload: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: i64,
+    /// Attempts made before the last redelivery: the retry schedule counts from here.
+    pub schedule_start: i64,
+    pub next_attempt_at_ms: i64,
+    pub created_at_ms: i64,
+    pub delivered_at_ms: Option<i64>,
+}
+
+/// A delivery that is due, with where it goes and what signs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    pub delivery: WebhookDeliveryRecord,
+    pub owner: UserId,
+    pub url: String,
+    pub secret: String,
+}
+
+/// One attempt to deliver, as the delivery log shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttemptRecord {
+    pub attempt: i64,
+    pub at_ms: i64,
+    /// The receiver's HTTP status; `None` when no response came.
+    pub status_code: Option<i64>,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryNext {
+    /// The receiver answered 2xx at this time.
+    Delivered(i64),
+    /// Try again at this time.
+    RetryAt(i64),
+    /// The retries are spent.
+    Failed,
+}

@@ -13,25 +13,35 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    ApiKeyRecord, BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome, ImportPlan,
-    MemberUsageTotals, MessageRecord, PriceOverrideRecord, PriceVersionTotals, QueueEntry,
-    RedeemedTicket, RefreshRotation, RegenerateOutcome, RegenerateSubmission, ReserveOutcome,
-    RunAftermath, RunApproval, RunRecord, RunSubmission, SavingsQuery, SavingsTotals,
-    SessionEndReason, SessionRecord, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome,
-    TeamMemberRecord, TeamMembership, ThreadRecord, TicketRecord, UsageDayTotals, UsageFilter,
-    UsageRow, UsageTotals, UserRecord,
+    AlertRecord, AlertRuleRecord, ApiKeyRecord, BudgetCharge, BudgetRecord, CompletionRank,
+    DeliveryNext, DueDelivery, ImportOutcome, ImportPlan, MemberUsageTotals, MessageRecord,
+    PriceOverrideRecord, PriceVersionTotals, QueueEntry, RedeemedTicket, RefreshRotation,
+    RegenerateOutcome, RegenerateSubmission, ReserveOutcome, RunAftermath, RunApproval, RunRecord,
+    RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
+    StoredEvent, StoredUsageRow, SubmitOutcome, TeamMemberRecord, TeamMembership, ThreadRecord,
+    TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals, UserRecord,
+    WebhookAttemptRecord, WebhookDeliveryRecord, WebhookRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 /// Everything Apex persists: every role at once. Implemented for every type that has all
 /// the roles, so a store only implements the roles.
 pub trait Store:
-    Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Teams + Cluster
+    Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Teams + Alerts + Cluster
 {
 }
 
 impl<
-        T: Accounts + Threads + Runs + QueueSignals + EventLog + Usage + Budgets + Teams + Cluster,
+        T: Accounts
+            + Threads
+            + Runs
+            + QueueSignals
+            + EventLog
+            + Usage
+            + Budgets
+            + Teams
+            + Alerts
+            + Cluster,
     > Store for T
 {
 }
@@ -512,6 +522,86 @@ pub trait Teams: Send + Sync {
     ) -> StoreResult<Vec<MemberUsageTotals>>;
     /// Budgets of the teams `user` belongs to (scope `team`), which hold their calls.
     async fn team_budgets_of(&self, user: UserId) -> StoreResult<Vec<BudgetRecord>>;
+}
+
+/// Alert rules and scheduled reports, what they raised, and webhook deliveries (see the
+/// server's `alerts` module). Ticks and deliveries are taken by compare-and-set, so with
+/// several instances on one database each is taken by exactly one.
+#[async_trait]
+pub trait Alerts: Send + Sync {
+    async fn create_alert_rule(&self, rule: &AlertRuleRecord) -> StoreResult<()>;
+    /// `owner`'s rules, oldest first.
+    async fn list_alert_rules(&self, owner: UserId) -> StoreResult<Vec<AlertRuleRecord>>;
+    /// Deletes `owner`'s rule `id` with its alerts; false if there is none.
+    async fn delete_alert_rule(&self, owner: UserId, id: &str) -> StoreResult<bool>;
+    /// Every user's rules due at `now_ms` (at most `limit`, most overdue first).
+    async fn due_alert_rules(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AlertRuleRecord>>;
+    /// Takes the tick of rule `id` due at `due_ms`: moves its next tick to `next_ms` if
+    /// it still is `due_ms`. True for exactly one caller, on any instance.
+    async fn claim_alert_tick(
+        &self,
+        id: &str,
+        due_ms: i64,
+        next_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Records what a rule of `owner` raised; false if the rule already raised one for
+    /// `alert.period_key` (nothing is written then).
+    async fn record_alert(&self, owner: UserId, alert: &AlertRecord) -> StoreResult<bool>;
+    /// Links `owner`'s alert `id` to the run that explains it.
+    async fn set_alert_run(
+        &self,
+        owner: UserId,
+        id: &str,
+        run_id: &str,
+        thread_id: &str,
+    ) -> StoreResult<()>;
+    /// `owner`'s alerts, newest first.
+    async fn list_alerts(&self, owner: UserId, limit: i64) -> StoreResult<Vec<AlertRecord>>;
+    async fn create_webhook(&self, owner: UserId, hook: &WebhookRecord) -> StoreResult<()>;
+    /// `owner`'s webhooks, oldest first.
+    async fn list_webhooks(&self, owner: UserId) -> StoreResult<Vec<WebhookRecord>>;
+    /// Deletes `owner`'s webhook `id` with its deliveries; false if there is none.
+    async fn delete_webhook(&self, owner: UserId, id: &str) -> StoreResult<bool>;
+    /// Queues messages to `owner`'s webhooks (each names its webhook).
+    async fn enqueue_deliveries(
+        &self,
+        owner: UserId,
+        deliveries: &[WebhookDeliveryRecord],
+    ) -> StoreResult<()>;
+    /// Pending deliveries of every user due at `now_ms` (at most `limit`, oldest first).
+    async fn due_deliveries(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<DueDelivery>>;
+    /// Takes delivery `id` for one attempt: if it is still pending and due at `seen_ms`,
+    /// counts the attempt and leases it until `lease_until_ms`. True for one caller.
+    async fn claim_delivery(
+        &self,
+        id: &str,
+        seen_ms: i64,
+        lease_until_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Logs an attempt of delivery `id` and moves it on to `next`, in one transaction.
+    async fn finish_delivery_attempt(
+        &self,
+        id: &str,
+        attempt: &WebhookAttemptRecord,
+        next: DeliveryNext,
+    ) -> StoreResult<()>;
+    /// The deliveries of `owner`'s webhook `webhook_id`, newest first.
+    async fn list_deliveries(
+        &self,
+        owner: UserId,
+        webhook_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDeliveryRecord>>;
+    /// The attempts of `owner`'s delivery `id`, first first.
+    async fn delivery_attempts(
+        &self,
+        owner: UserId,
+        id: &str,
+    ) -> StoreResult<Vec<WebhookAttemptRecord>>;
+    /// Sends `owner`'s delivery `id` again, same message id, with a fresh retry schedule
+    /// starting at `now_ms`; false if there is none.
+    async fn redeliver(&self, owner: UserId, id: &str, now_ms: i64) -> StoreResult<bool>;
 }
 
 /// What the instances sharing one database coordinate through (see the server's `cluster`

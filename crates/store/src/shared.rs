@@ -45,6 +45,11 @@ mod budgets_sql;
 #[path = "teams_sql.rs"]
 mod teams_sql;
 
+// The Alerts role's SQL, likewise.
+#[allow(clippy::duplicate_mod)]
+#[path = "alerts_sql.rs"]
+mod alerts_sql;
+
 type DbRow = <Db as sqlx::Database>::Row;
 
 /// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a

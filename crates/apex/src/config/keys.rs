@@ -449,6 +449,38 @@ pub(super) static KEYS: &[Key] = &[
     )
     .flag("bus-channel-prefix", "PREFIX"),
     key(
+        "alert_poll_interval_ms",
+        "alerts.poll_interval_ms",
+        "APEX_ALERT_POLL_INTERVAL_MS",
+        "How often each instance looks for alert rules due to tick and webhook messages due to \
+         send, in milliseconds (each is taken by one instance).",
+    )
+    .flag("alert-poll-interval-ms", "MS"),
+    key(
+        "webhook_retry_delays_ms",
+        "alerts.webhook_retry_delays_ms",
+        "APEX_WEBHOOK_RETRY_DELAYS_MS",
+        "Waits between a webhook message's failed attempts, in milliseconds (comma-separated in \
+         the variable; an array in the file); it fails after the last. Default: the Standard \
+         Webhooks schedule 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.",
+    )
+    .list("webhook-retry-delay-ms", "MS"),
+    key(
+        "webhook_timeout_ms",
+        "alerts.webhook_timeout_ms",
+        "APEX_WEBHOOK_TIMEOUT_MS",
+        "Longest wait for a webhook receiver's answer, in milliseconds.",
+    )
+    .flag("webhook-timeout-ms", "MS"),
+    key(
+        "webhook_allow_private_targets",
+        "alerts.webhook_allow_private_targets",
+        "APEX_WEBHOOK_ALLOW_PRIVATE_TARGETS",
+        "Let webhooks target loopback, private and link-local addresses (refused by default, so \
+         users cannot aim Apex at the network it runs in).",
+    )
+    .switch("webhook-allow-private-targets"),
+    key(
         "instance_heartbeat_ms",
         "bus.instance_heartbeat_ms",
         "APEX_INSTANCE_HEARTBEAT_MS",

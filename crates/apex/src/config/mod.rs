@@ -75,6 +75,7 @@ struct Config {
     gateway: Gateway,
     bus: Bus,
     legacy_client: LegacyClient,
+    alerts: Alerts,
 }
 
 /// The listener, the log, browsers and sign-in.
@@ -352,6 +353,49 @@ impl Default for Bus {
     }
 }
 
+/// Alert rules, scheduled reports and webhooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Alerts {
+    poll_interval_ms: Int<10, 600_000>,
+    /// Empty: the Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h).
+    webhook_retry_delays_ms: List,
+    webhook_timeout_ms: Int<100, 120_000>,
+    webhook_allow_private_targets: Switch,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Alerts {
+            poll_interval_ms: Int::new(5000),
+            webhook_retry_delays_ms: List::default(),
+            webhook_timeout_ms: Int::new(15_000),
+            webhook_allow_private_targets: Switch::OFF,
+        }
+    }
+}
+
+impl Alerts {
+    /// The retry delays given, each 1 ms to a day; `None` when none are (the default).
+    fn retry_delays(&self) -> Result<Option<Vec<std::time::Duration>>, String> {
+        let given = self.webhook_retry_delays_ms.get();
+        if given.is_empty() {
+            return Ok(None);
+        }
+        if given.len() > 20 {
+            return Err("at most 20 retry delays".into());
+        }
+        given
+            .iter()
+            .map(|d| match d.trim().parse::<u64>() {
+                Ok(ms @ 1..=86_400_000) => Ok(std::time::Duration::from_millis(ms)),
+                _ => Err(format!("{d:?} is not a delay from 1 to 86400000 ms")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
 /// The original web client's paced delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -434,6 +478,9 @@ impl Config {
                 layers.locate("legacy_client_origin")
             );
         }
+        if let Err(problem) = self.alerts.retry_delays() {
+            bail!("{}: {problem}", layers.locate("webhook_retry_delays_ms"));
+        }
         if let Err((key, problem)) = self.gateway.upstreams() {
             bail!("{}: {problem}", layers.locate(key));
         }
@@ -470,6 +517,7 @@ impl Config {
             gateway,
             bus,
             legacy_client,
+            alerts,
             database: _,
         } = self;
         settings.demo_data = !server.no_demo_data.get();
@@ -527,6 +575,13 @@ impl Config {
         settings.legacy_client.origins = legacy_client.origins.get().to_vec();
         settings.legacy_client.frame_gap = legacy_client.frame_gap_ms.millis();
         settings.legacy_client.final_gap = legacy_client.final_gap_ms.millis();
+        settings.alerts.poll_interval = alerts.poll_interval_ms.millis();
+        // Checked by `check` before this runs.
+        if let Ok(Some(delays)) = alerts.retry_delays() {
+            settings.alerts.webhooks.retry_delays = delays;
+        }
+        settings.alerts.webhooks.timeout = alerts.webhook_timeout_ms.millis();
+        settings.alerts.webhooks.allow_private_targets = alerts.webhook_allow_private_targets.get();
         ServeConfig {
             bind: server.bind.get(),
             metrics_bind: server.metrics_bind.map(Addr::get),

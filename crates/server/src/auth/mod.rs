@@ -63,6 +63,18 @@ impl AuthenticatedUser {
         }
     }
 
+    /// A user's standing instruction: an alert rule or scheduled report they made, acting
+    /// as them at its tick. The identity is the rule's stored owner, never anything a
+    /// client sends at the time; `rule:<id>` stands for the session.
+    pub(crate) fn for_schedule(user_id: UserId, rule_id: &str) -> Self {
+        Self {
+            user_id,
+            session_id: format!("rule:{rule_id}"),
+            credential_expires_at_ms: i64::MAX,
+            key_scopes: None,
+        }
+    }
+
     /// The scopes of the API key this identity came from; `None` for a login.
     pub fn api_key_scopes(&self) -> Option<&[apex_protocol::auth::ApiKeyScope]> {
         self.key_scopes.as_deref()

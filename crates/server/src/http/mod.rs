@@ -4,6 +4,7 @@
 //! One file per resource; [`openapi`] holds the document's frame and `/openapi.json`. Handlers take [`AuthUser`](extract::AuthUser) for anything
 //! user-scoped and reach data only through a `UserStore` built from it.
 
+mod alerts;
 mod auth;
 mod budgets;
 mod compat;
@@ -81,6 +82,14 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(teams::members))
         .routes(routes!(teams::remove))
         .routes(routes!(teams::usage))
+        .routes(routes!(alerts::create_rule, alerts::list_rules))
+        .routes(routes!(alerts::delete_rule))
+        .routes(routes!(alerts::list_alerts))
+        .routes(routes!(alerts::create_webhook, alerts::list_webhooks))
+        .routes(routes!(alerts::delete_webhook))
+        .routes(routes!(alerts::list_deliveries))
+        .routes(routes!(alerts::redeliver))
+        .routes(routes!(alerts::test_webhook))
         .routes(routes!(auth::settings, auth::update_settings))
         .routes(routes!(runs::events))
         .routes(

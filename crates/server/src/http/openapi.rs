@@ -58,6 +58,7 @@ pub const WS_TICKET: &str = "ws_ticket";
         (name = "runs", description = "Starting, inspecting, stopping and replaying agent runs"),
         (name = "keys", description = "API keys for programs: made, listed and revoked by a logged-in user; each acts as that user on the routes of its scopes"),
         (name = "teams", description = "Teams: members, single-use invites, roles (owner, admin, member); admins see usage as totals per member, never messages"),
+        (name = "alerts", description = "Alert rules on the caller's (or their team's) usage and scheduled reports, evaluated on a schedule, each tick taken by one instance; what they raised; Standard Webhooks delivery with retries, a delivery log and redelivery"),
         (name = "budgets", description = "Spending caps on the caller's own LLM calls, held by reserving what each call can cost before it goes out (`budget_exceeded`, 402)"),
         (name = "usage", description = "A user's own AI usage data: upload, summary, daily series"),
         (name = "websocket", description = "The live channel; frames are described in docs/protocol.md"),

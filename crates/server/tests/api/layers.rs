@@ -41,6 +41,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("views", 2),
     ("agents", 3),
     ("run", 4),
+    ("alerts", 4),
     ("http", 5),
     ("ws", 5),
     ("web", 5),

@@ -3,6 +3,7 @@
 //! This target (`api`) runs them on SQLite; `tests/api_postgres` compiles the same files
 //! again to run them on PostgreSQL (see `helpers.rs`).
 
+mod alerts;
 mod answers;
 mod api_keys;
 mod approval;
