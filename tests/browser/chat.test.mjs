@@ -15,6 +15,7 @@
 
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -443,6 +444,59 @@ try {
     await pageA.screenshot({ path: join(ARTIFACTS, 'budgets-alice.png'), fullPage: true });
     await pageA.locator('#budget-list .session[data-budget] button').click();
     await pageA.waitForFunction(() => document.querySelectorAll('#budget-list .session[data-budget]').length === 0);
+  });
+
+  await step('Alice adds a webhook and an alert: it is raised at once, explained by a run, posted signed, and logged', async () => {
+    // A receiver on loopback that takes every message.
+    const received = [];
+    const receiver = createServer((req, res) => {
+      let body = '';
+      req.on('data', (chunk) => { body += chunk; });
+      req.on('end', () => { received.push({ headers: req.headers, body }); res.writeHead(204).end(); });
+    });
+    await new Promise((resolve) => receiver.listen(0, '127.0.0.1', resolve));
+    try {
+      await pageA.fill('#webhook-url', `http://127.0.0.1:${receiver.address().port}/hook`);
+      await pageA.click('#webhook-create');
+      await pageA.waitForSelector('#webhook-secret:not([hidden])');
+      assert.match(await pageA.locator('#webhook-secret').textContent(), /whsec_/);
+      await pageA.waitForSelector('#webhook-list .session[data-webhook]');
+      // Alert when this month's spend reaches a cent: the demo data has spent more.
+      await pageA.selectOption('#alert-kind', 'spend_over');
+      await pageA.fill('#alert-amount', '0.01');
+      await pageA.selectOption('#alert-every', 'hour');
+      await pageA.click('#alert-create');
+      await pageA.waitForSelector('#alert-rule-list .session[data-rule]');
+      await pageA.waitForSelector('#alert-list .session[data-alert] button', { timeout: 15_000 });
+      assert.match(await pageA.locator('#alert-list .session[data-alert]').first().textContent(), /this month reached \$/);
+      for (let i = 0; i < 100 && received.length === 0; i += 1) await new Promise((r) => setTimeout(r, 100));
+      assert.equal(received.length, 1, 'one message at the webhook');
+      const message = JSON.parse(received[0].body);
+      assert.equal(message.type, 'alert.fired');
+      assert.match(received[0].headers['webhook-signature'], /^v1,/);
+      await pageA.locator('#webhook-list .session[data-webhook] button', { hasText: 'Delivery log' }).click();
+      await pageA.waitForSelector('#webhook-list .delivery[data-status="delivered"]');
+      await pageA.screenshot({ path: join(ARTIFACTS, 'alerts-alice.png'), fullPage: true });
+      // "Why?" opens the thread of the run that explains the alert.
+      await pageA.locator('#alert-list .session[data-alert] button').first().click();
+      await pageA.waitForSelector('#chat-view:not([hidden])');
+      await pageA.waitForFunction(() => document.querySelector('#messages').textContent.includes('alert threshold'), null, { timeout: RUN_TIMEOUT });
+      await pageA.click('#tab-usage');
+      await pageA.locator('#alert-rule-list .session[data-rule] button').click();
+      await pageA.waitForFunction(() => document.querySelectorAll('#alert-rule-list .session[data-rule]').length === 0);
+    } finally {
+      receiver.close();
+    }
+  });
+
+  await step('Alice makes a team; as its owner she sees its members with their usage totals', async () => {
+    await pageA.fill('#team-name', 'Platform');
+    await pageA.click('#team-create');
+    await pageA.waitForSelector('#team-list .session[data-team]');
+    assert.match(await pageA.locator('#team-list .session[data-team]').textContent(), /Platform · owner · 1 member/);
+    await pageA.locator('#team-list .session[data-team] button', { hasText: 'Members' }).click();
+    await pageA.waitForSelector('#team-list .member[data-member]');
+    assert.match(await pageA.locator('#team-list .member[data-member]').textContent(), /\(owner\).*\$[\d,.]+ over 30 days/);
   });
 
   await step('Bob logs out: his token is revoked and nothing of his stays on the page', async () => {

@@ -8,6 +8,7 @@
 //! its live view), `eval` (the answer evaluation), `usage`, `user`.
 
 mod account;
+mod alerts;
 mod budgets;
 mod chat;
 mod config;
@@ -122,6 +123,18 @@ enum Command {
     ///          APEX_PASSWORD=... apex teams add --email me@example.com TEAM_ID --role admin
     #[command(subcommand, verbatim_doc_comment)]
     Teams(teams::TeamsCommand),
+    /// Alert rules and scheduled reports: make, list, delete, and what they raised.
+    ///
+    /// Example: APEX_PASSWORD=... apex alerts create --email me@example.com --kind spend_over --threshold-usd 50
+    ///          APEX_PASSWORD=... apex alerts raised --email me@example.com
+    #[command(subcommand, verbatim_doc_comment)]
+    Alerts(alerts::AlertsCommand),
+    /// Webhooks alerts and reports are posted to (Standard Webhooks), and their delivery log.
+    ///
+    /// Example: APEX_PASSWORD=... apex webhooks create --email me@example.com https://hooks.example.com/apex
+    ///          APEX_PASSWORD=... apex webhooks deliveries --email me@example.com WEBHOOK_ID
+    #[command(subcommand, verbatim_doc_comment)]
+    Webhooks(alerts::WebhooksCommand),
     /// Inspect the configuration `apex serve` would run with.
     ///
     /// Example: apex config show --config /etc/apex/apex.toml
@@ -354,6 +367,8 @@ fn main() -> std::process::ExitCode {
             Command::Keys(command) => keys::run(command).await,
             Command::Budgets(command) => budgets::run(command).await,
             Command::Teams(command) => teams::run(command).await,
+            Command::Alerts(command) => alerts::run_alerts(command).await,
+            Command::Webhooks(command) => alerts::run_webhooks(command).await,
         }
     });
     match result {

@@ -63,6 +63,9 @@ fn start_server(data_dir: &Path) -> (KillOnDrop, String) {
     let mut command = support::serve_command(data_dir);
     command
         .args(["--template-stream-delay-ms", "50"])
+        // Alerts tick at once and post to the test's receiver on loopback.
+        .args(["--alert-poll-interval-ms", "100"])
+        .arg("--webhook-allow-private-targets")
         .stderr(Stdio::inherit());
     let (child, address) = support::spawn_serve(command);
     (KillOnDrop(child), address)

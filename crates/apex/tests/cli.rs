@@ -1636,3 +1636,88 @@ async fn api_keys_are_made_listed_and_revoked_from_the_command_line() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not_found"));
 }
+
+#[test]
+fn alerts_and_webhooks_are_managed_from_the_command_line() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = start_server_with(
+        data_dir.path(),
+        &[
+            "--alert-poll-interval-ms",
+            "50",
+            "--webhook-allow-private-targets",
+        ],
+    );
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .args(["--server", &server.address, "--email", "alerts@example.com"])
+            .env("APEX_PASSWORD", "a long enough password")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).to_string();
+        let err = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), out, err)
+    };
+    let until = |args: &[&str], wanted: &dyn Fn(&str) -> bool| {
+        for _ in 0..100 {
+            let (ok, out, err) = run(args);
+            assert!(ok, "{out}{err}");
+            if wanted(&out) {
+                return out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{args:?} never showed what was wanted");
+    };
+    // Nothing listens on port 1: the attempt fails, and the log says why.
+    let (ok, out, err) = run(&[
+        "webhooks",
+        "create",
+        "http://127.0.0.1:1/hook",
+        "--register",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("signing secret") && out.contains("whsec_"),
+        "{out}"
+    );
+    let hook = out.split_whitespace().next().unwrap().to_string();
+    let (ok, out, err) = run(&["webhooks", "test", &hook]);
+    assert!(ok && out.contains("webhook.test"), "{out}{err}");
+    let log = until(&["webhooks", "deliveries", &hook], &|out| {
+        out.contains("#1 ")
+    });
+    assert!(log.contains("could not connect"), "{log}");
+
+    let (ok, out, err) = run(&[
+        "alerts",
+        "create",
+        "--kind",
+        "spend_over",
+        "--threshold-usd",
+        "0.01",
+        "--every",
+        "hour",
+    ]);
+    assert!(ok, "{out}{err}");
+    let rule = out.split_whitespace().next().unwrap().to_string();
+    assert!(
+        rule.starts_with("rule_") && out.contains("spend_over"),
+        "{out}"
+    );
+    let raised = until(&["alerts", "raised"], &|out| {
+        out.contains("explained by run")
+    });
+    assert!(raised.contains("this month reached $"), "{raised}");
+    let (ok, out, err) = run(&["alerts", "create", "--kind", "sometimes"]);
+    assert!(!ok && err.contains("validation_failed"), "{out}{err}");
+    let (ok, out, _) = run(&["alerts", "list"]);
+    assert!(ok && out.lines().count() == 1, "{out}");
+    let (ok, out, err) = run(&["alerts", "delete", &rule]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = run(&["alerts", "list"]);
+    assert!(ok && out.contains("no alert rules"), "{out}");
+    let (ok, out, err) = run(&["webhooks", "delete", &hook]);
+    assert!(ok && out.contains("deleted"), "{out}{err}");
+}

@@ -464,7 +464,7 @@ pub(super) static KEYS: &[Key] = &[
          the variable; an array in the file); it fails after the last. Default: the Standard \
          Webhooks schedule 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.",
     )
-    .list("webhook-retry-delay-ms", "MS"),
+    .list("webhook-retry-delays-ms", "MS"),
     key(
         "webhook_timeout_ms",
         "alerts.webhook_timeout_ms",

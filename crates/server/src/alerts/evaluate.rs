@@ -59,6 +59,16 @@ impl Scope<'_> {
     }
 }
 
+/// The date (in `tz`) of the instant `ms`, as people write it: `2026-12-01`.
+fn local_date(ms: i64, tz: Tz) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::UNIX_EPOCH)
+        .with_timezone(&tz)
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 fn usd(v: f64) -> String {
     format!("${v:.2}")
 }
@@ -112,7 +122,7 @@ pub async fn evaluate(
                 detail: format!(
                     "{} since {}, over the alert threshold of {}.",
                     usd(spent),
-                    ms_to_rfc3339(window.start_ms),
+                    local_date(window.start_ms, tz),
                     usd(*threshold_usd)
                 ),
                 value: Some(spent),
@@ -197,7 +207,7 @@ pub async fn evaluate(
                 title: format!(
                     "Budget {} is on course to run out before {}",
                     budget.id,
-                    ms_to_rfc3339(window.end_ms)
+                    local_date(window.end_ms, budget.timezone)
                 ),
                 detail: format!(
                     "{:.2} {unit} used of {:.2} so far; at this pace the period ends near \

@@ -92,6 +92,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("assets/budgets.js"),
     },
     Asset {
+        name: "alerts.js",
+        content_type: JS,
+        body: include_bytes!("assets/alerts.js"),
+    },
+    Asset {
         name: "dom.js",
         content_type: JS,
         body: include_bytes!("assets/dom.js"),

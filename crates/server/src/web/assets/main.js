@@ -6,6 +6,9 @@ import { Connection } from './socket.js';
 import { RunView, isTerminal } from './run.js';
 import { UsageView } from './usage.js';
 import { loadBudgets, createBudget } from './budgets.js';
+import {
+  loadAlerts, createAlertRule, loadWebhooks, createWebhook, loadTeams, createOrJoinTeam,
+} from './alerts.js';
 
 const SUGGESTIONS = [
   'How can I reduce my LLM costs?',
@@ -114,7 +117,16 @@ function showTab(tab) {
     loadSessions();
     loadKeys();
     loadBudgets();
+    loadAlerts(openAlertThread);
+    loadWebhooks();
+    loadTeams();
   }
+}
+
+/** From an alert: the chat tab, on the thread of the run that explains it. */
+function openAlertThread(threadId) {
+  showTab('chat');
+  refreshThreads().then(() => openThread(threadId));
 }
 
 /** The account's sessions (GET /auth/sessions), each with a button that ends it. */
@@ -565,6 +577,11 @@ function handleFrame(frame) {
       if (!$('usage-view').hidden) loadBudgets();
       break;
     }
+    case 'alert':
+      // An alert rule of the user's raised this (text set as text).
+      $('messages').append(note(`${frame.title}. ${frame.detail}`, 'budget-warning'));
+      if (!$('usage-view').hidden) loadAlerts(openAlertThread);
+      break;
     default:
       break;
   }
@@ -602,6 +619,9 @@ function init() {
   $('logout-all').addEventListener('click', logoutEverywhere);
   $('key-form').addEventListener('submit', createKey);
   $('budget-form').addEventListener('submit', createBudget);
+  $('alert-form').addEventListener('submit', (e) => createAlertRule(e, openAlertThread));
+  $('webhook-form').addEventListener('submit', createWebhook);
+  $('team-form').addEventListener('submit', createOrJoinTeam);
   $('new-chat').addEventListener('click', newChat);
   $('composer').addEventListener('submit', sendMessage);
   $('composer-input').addEventListener('keydown', (e) => {
