@@ -32,6 +32,13 @@ pub const LLM_ACTIVE: &str = "apex_llm_active_requests";
 pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
 pub const LIMIT_REJECTIONS: &str = "apex_limit_rejections_total";
 pub const BUS_FRAMES_REJECTED: &str = "apex_bus_frames_rejected_total";
+/// Alert ticks taken by this instance, by rule kind (no user ids).
+pub const ALERT_TICKS: &str = "apex_alert_ticks_total";
+/// Alerts raised (and reports started), by rule kind.
+pub const ALERTS_RAISED: &str = "apex_alerts_raised_total";
+/// Webhook attempts, by result: delivered, retry, failed.
+pub const WEBHOOK_ATTEMPTS: &str = "apex_webhook_attempts_total";
+pub const WEBHOOK_DURATION: &str = "apex_webhook_attempt_duration_seconds";
 
 /// The buckets of each histogram, chosen for what it measures. Histograms (not summaries)
 /// so that instances' figures add up in Prometheus, and a quiet minute does not read 0.
@@ -69,6 +76,11 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
             0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
         ],
     ),
+    // A receiver answers in milliseconds, or times out (15 s by default).
+    (
+        WEBHOOK_DURATION,
+        &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0],
+    ),
     // Events per transaction, not seconds.
     (
         EVENT_BATCH,
@@ -98,6 +110,17 @@ pub fn describe() {
         "HTTP request duration by route"
     );
     metrics::describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
+    metrics::describe_counter!(ALERT_TICKS, "Alert rule ticks taken here, by kind");
+    metrics::describe_counter!(ALERTS_RAISED, "Alerts raised and reports started, by kind");
+    metrics::describe_counter!(
+        WEBHOOK_ATTEMPTS,
+        "Webhook delivery attempts, by result (delivered, retry, failed)"
+    );
+    metrics::describe_histogram!(
+        WEBHOOK_DURATION,
+        metrics::Unit::Seconds,
+        "Time from sending a webhook message to the receiver's answer (or the error)"
+    );
     metrics::describe_counter!(RUNS_STARTED, "Runs started (claimed from the queue) here");
     metrics::describe_counter!(RUNS_QUEUED, "Runs submitted to the run queue here");
     metrics::describe_counter!(

@@ -32,6 +32,7 @@ use crate::run::submit::Steering;
 use crate::run::Runs;
 use crate::settings::WebhookSettings;
 use crate::store::{AlertRecord, AlertRuleRecord, WebhookDeliveryRecord};
+use crate::telemetry;
 use crate::user_store::UserStore;
 
 /// At most this many due rules are taken per pass.
@@ -115,7 +116,7 @@ impl Alerting {
                 }
             }
             taken += 1;
-            metrics::counter!("apex_alert_ticks_total", "kind" => rule.kind.name()).increment(1);
+            metrics::counter!(telemetry::ALERT_TICKS, "kind" => rule.kind.name()).increment(1);
             if let Err(err) = self.tick(&record, &rule, now).await {
                 tracing::error!(error = %err, rule = %record.id, "evaluating an alert rule failed");
             }
@@ -167,7 +168,7 @@ impl Alerting {
         if !store.record_alert(&alert).await? {
             return Ok(()); // raised already in this period
         }
-        metrics::counter!("apex_alerts_raised_total", "kind" => rule.kind.name()).increment(1);
+        metrics::counter!(telemetry::ALERTS_RAISED, "kind" => rule.kind.name()).increment(1);
         if rule.explain {
             match self
                 .runs

@@ -26,6 +26,7 @@ use sha2::Sha256;
 
 use crate::clock::now_ms;
 use crate::settings::WebhookSettings;
+use crate::telemetry;
 use crate::store::{DeliveryNext, DueDelivery, Store, WebhookAttemptRecord};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -184,7 +185,7 @@ impl Deliverer {
         let at_ms = now_ms();
         let outcome = self.send(&due).await;
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        metrics::histogram!("apex_webhook_attempt_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::WEBHOOK_DURATION).record(started.elapsed().as_secs_f64());
         let (status_code, error) = match &outcome {
             Ok(status) => (Some(i64::from(*status)), None),
             Err(err) => (None, Some(err.clone())),
@@ -208,7 +209,7 @@ impl Deliverer {
             DeliveryNext::RetryAt(_) => "retry",
             DeliveryNext::Failed => "failed",
         };
-        metrics::counter!("apex_webhook_attempts_total", "result" => result).increment(1);
+        metrics::counter!(telemetry::WEBHOOK_ATTEMPTS, "result" => result).increment(1);
         let attempt = WebhookAttemptRecord {
             attempt: number,
             at_ms,
