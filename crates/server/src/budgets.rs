@@ -384,6 +384,15 @@ pub fn patched(budget: &Budget, patch: &BudgetPatch) -> Result<Budget, String> {
     Ok(out)
 }
 
+/// How a cost in pico-dollars becomes micro-dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rounding {
+    /// Up, and the dearer of output and reasoning for every completion token: a bound.
+    Bound,
+    /// To the nearest: what was used.
+    Nearest,
+}
+
 /// The most a call can cost, in each unit a budget may count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CallBound {
@@ -406,27 +415,7 @@ impl CallBound {
         let completion = max_output
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        let micro_usd = prices.entry_at(model, now_ms).map_or(0, |entry| {
-            let mut rates = entry.rates;
-            // Whichever of output and reasoning is dearer bounds every completion token.
-            rates.output = rates.output.max(rates.reasoning);
-            let pico = cost(
-                &rates,
-                &Quantities {
-                    requests: 1,
-                    prompt,
-                    completion,
-                    ..Quantities::default()
-                },
-            )
-            .pico;
-            // Rounded up: a bound.
-            i64::try_from((pico + 999_999) / 1_000_000).unwrap_or(i64::MAX)
-        });
-        Self {
-            micro_usd,
-            tokens: prompt.saturating_add(completion),
-        }
+        Self::priced(prices, model, now_ms, prompt, completion, Rounding::Bound)
     }
 
     /// What a call of `model` at `now_ms` used, at the user's prices.
@@ -437,22 +426,48 @@ impl CallBound {
         prompt_tokens: i64,
         completion_tokens: i64,
     ) -> Self {
+        Self::priced(
+            prices,
+            model,
+            now_ms,
+            prompt_tokens,
+            completion_tokens,
+            Rounding::Nearest,
+        )
+    }
+
+    /// `prompt` and `completion` tokens of `model` at `now_ms`, in micro-dollars rounded
+    /// as `rounding` says, and in tokens.
+    fn priced(
+        prices: &UserPrices<'_>,
+        model: &str,
+        now_ms: i64,
+        prompt: i64,
+        completion: i64,
+        rounding: Rounding,
+    ) -> Self {
         let micro_usd = prices.entry_at(model, now_ms).map_or(0, |entry| {
-            let pico = cost(
-                &entry.rates,
-                &Quantities {
-                    requests: 1,
-                    prompt: prompt_tokens,
-                    completion: completion_tokens,
-                    ..Quantities::default()
-                },
-            )
-            .pico;
-            i64::try_from((pico + 500_000) / 1_000_000).unwrap_or(i64::MAX)
+            let mut rates = entry.rates;
+            if rounding == Rounding::Bound {
+                // Whichever of output and reasoning is dearer bounds every completion token.
+                rates.output = rates.output.max(rates.reasoning);
+            }
+            let quantities = Quantities {
+                requests: 1,
+                prompt,
+                completion,
+                ..Quantities::default()
+            };
+            let pico = cost(&rates, &quantities).pico;
+            let up = match rounding {
+                Rounding::Bound => 999_999,
+                Rounding::Nearest => 500_000,
+            };
+            i64::try_from((pico + up) / 1_000_000).unwrap_or(i64::MAX)
         });
         Self {
             micro_usd,
-            tokens: prompt_tokens.saturating_add(completion_tokens),
+            tokens: prompt.saturating_add(completion),
         }
     }
 
@@ -482,16 +497,14 @@ pub async fn budgets_of(store: &UserStore) -> StoreResult<Vec<Budget>> {
         .collect())
 }
 
-/// Every budget that holds the caller's calls: their own and their teams'.
+/// Every budget that holds the caller's calls: their own and their teams' (one query).
 pub async fn budgets_holding(store: &UserStore) -> StoreResult<Vec<Budget>> {
-    let mut budgets = budgets_of(store).await?;
-    for record in store.team_budgets().await? {
-        // A team budget the caller set is theirs already.
-        if !budgets.iter().any(|b| b.id == record.id) {
-            budgets.extend(Budget::from_record(&record));
-        }
-    }
-    Ok(budgets)
+    Ok(store
+        .budgets_holding()
+        .await?
+        .iter()
+        .filter_map(Budget::from_record)
+        .collect())
 }
 
 /// Why a call may not go out.

@@ -356,9 +356,9 @@ impl UserStore {
             .redeem_team_invite(token_hash, self.owner, now_ms)
             .await
     }
-    /// See [`Store::team_budgets_of`].
-    pub async fn team_budgets(&self) -> StoreResult<Vec<BudgetRecord>> {
-        self.store.team_budgets_of(self.owner).await
+    /// See [`Store::budgets_holding`].
+    pub async fn budgets_holding(&self) -> StoreResult<Vec<BudgetRecord>> {
+        self.store.budgets_holding(self.owner).await
     }
     /// See [`Store::create_alert_rule`]: the rule is this user's, whatever `rule.user_id`.
     pub async fn create_alert_rule(&self, rule: &AlertRuleRecord) -> StoreResult<()> {

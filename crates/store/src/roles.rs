@@ -520,8 +520,9 @@ pub trait Teams: Send + Sync {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<MemberUsageTotals>>;
-    /// Budgets of the teams `user` belongs to (scope `team`), which hold their calls.
-    async fn team_budgets_of(&self, user: UserId) -> StoreResult<Vec<BudgetRecord>>;
+    /// Every budget that holds `user`'s calls, in one statement: their own (oldest first),
+    /// then those of the teams they belong to that others set (scope `team`).
+    async fn budgets_holding(&self, user: UserId) -> StoreResult<Vec<BudgetRecord>>;
 }
 
 /// Alert rules and scheduled reports, what they raised, and webhook deliveries (see the

@@ -214,16 +214,21 @@ impl Teams for Shell {
         Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
     }
 
-    async fn team_budgets_of(&self, user: UserId) -> StoreResult<Vec<BudgetRecord>> {
+    async fn budgets_holding(&self, user: UserId) -> StoreResult<Vec<BudgetRecord>> {
         let columns = BUDGET_COLUMNS
             .split(", ")
             .map(|c| format!("b.{}", c.trim()))
             .collect::<Vec<_>>()
             .join(", ");
+        // One statement for what every call it makes reads first: the user's own budgets,
+        // then those of their teams that someone else set (one they set is theirs already).
         let rows = sqlx::query(&format!(
-            "SELECT {columns} FROM budgets b JOIN team_members m \
+            "SELECT {columns}, 0 AS theirs FROM budgets b WHERE b.user_id = $1 \
+             UNION ALL \
+             SELECT {columns}, 1 AS theirs FROM budgets b JOIN team_members m \
              ON b.scope = 'team' AND b.scope_id = m.team_id \
-             WHERE m.user_id = $1 ORDER BY b.created_at, b.id"
+             WHERE m.user_id = $1 AND b.user_id <> $1 \
+             ORDER BY theirs, created_at, id"
         ))
         .bind(user.to_string())
         .fetch_all(&self.reads)

@@ -77,6 +77,7 @@ impl AgentInstanceFactory {
             price_book: Arc::clone(&self.infra.price_book),
             bus: Arc::clone(&self.infra.bus),
             llm_usage: std::sync::Mutex::new(Vec::new()),
+            price_overrides: tokio::sync::OnceCell::new(),
             ctx: self.ctx,
         };
         let agents: Vec<Box<dyn Agent>> = vec![

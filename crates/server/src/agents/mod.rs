@@ -166,9 +166,22 @@ pub struct AgentContext {
     /// This run's LLM requests, added to the user's usage data when the run ends (see
     /// [`AgentContext::record_llm_usage`]). Per run, like everything here.
     pub llm_usage: std::sync::Mutex<Vec<UsageRow>>,
+    /// The user's negotiated rates, read once per run (the first model request that needs
+    /// them) rather than at each reservation and settlement.
+    pub price_overrides: tokio::sync::OnceCell<Vec<crate::store::PriceOverrideRecord>>,
 }
 
 impl AgentContext {
+    /// The user's price overrides, read from the store the first time in this run.
+    async fn user_price_overrides(
+        &self,
+    ) -> Result<&[crate::store::PriceOverrideRecord], StoreError> {
+        self.price_overrides
+            .get_or_try_init(|| self.store.price_overrides())
+            .await
+            .map(Vec::as_slice)
+    }
+
     pub fn now_ms(&self) -> i64 {
         crate::clock::now_ms()
     }
@@ -219,11 +232,11 @@ impl AgentContext {
         use crate::budgets::{reserve, BudgetError, CallBound};
         let model = self.llm.model_name();
         let now = self.now_ms();
-        let overrides = self.store.price_overrides().await.map_err(|err| {
+        let overrides = self.user_price_overrides().await.map_err(|err| {
             tracing::warn!(error = %err, "could not read the user's prices");
             LlmError::OverBudget("the budgets could not be checked".into())
         })?;
-        let prices = self.price_book.for_user(&overrides);
+        let prices = self.price_book.for_user(overrides);
         let bound = CallBound::of_call(
             &prices,
             model,
@@ -252,8 +265,8 @@ impl AgentContext {
         let Some(reservation) = reservation else {
             return;
         };
-        let overrides = self.store.price_overrides().await.unwrap_or_default();
-        let prices = self.price_book.for_user(&overrides);
+        let overrides = self.user_price_overrides().await.unwrap_or_default();
+        let prices = self.price_book.for_user(overrides);
         let used = crate::budgets::CallBound::of_usage(
             &prices,
             self.llm.model_name(),
