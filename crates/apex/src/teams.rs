@@ -4,7 +4,7 @@
 
 use anyhow::bail;
 use apex_protocol::teams::{
-    CreateInvite, CreateTeam, Invite, JoinTeam, Team, TeamMember, TeamUsage,
+    ChangeRole, CreateInvite, CreateTeam, Invite, JoinTeam, Team, TeamMember, TeamUsage,
 };
 use serde::de::DeserializeOwned;
 
@@ -61,6 +61,20 @@ pub enum TeamsCommand {
         #[command(flatten)]
         account: AccountArgs,
     },
+    /// Change a member's role to admin or member (the owner only).
+    ///
+    /// Example: APEX_PASSWORD=... apex teams role --email me@example.com TEAM_ID USER_ID --role admin
+    #[command(verbatim_doc_comment)]
+    Role {
+        team_id: String,
+        /// A member's user id (from `apex teams members`).
+        user_id: String,
+        /// admin or member.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        account: AccountArgs,
+    },
     /// A team's usage as totals per member (owners and admins).
     ///
     /// Example: APEX_PASSWORD=... apex teams usage --email me@example.com TEAM_ID --days 7
@@ -88,6 +102,7 @@ pub async fn run(command: TeamsCommand) -> anyhow::Result<()> {
         | TeamsCommand::Add { account, .. }
         | TeamsCommand::Join { account, .. }
         | TeamsCommand::Members { account, .. }
+        | TeamsCommand::Role { account, .. }
         | TeamsCommand::Usage { account, .. } => account,
     };
     let token = account.authenticate().await?.access_token;
@@ -153,6 +168,21 @@ pub async fn run(command: TeamsCommand) -> anyhow::Result<()> {
                 for m in members {
                     println!("{}  {:<7}  {}", clean(&m.user_id), m.role, clean(&m.email));
                 }
+            }
+            TeamsCommand::Role {
+                team_id,
+                user_id,
+                role,
+                ..
+            } => {
+                let response = http
+                    .patch(team_url(team_id, &format!("/members/{}", urlencoding_path(user_id))))
+                    .bearer_auth(&token)
+                    .json(&ChangeRole { role: role.clone() })
+                    .send()
+                    .await?;
+                let member: TeamMember = answer(response, "changing the role").await?;
+                println!("{} is now {}", clean(&member.email), member.role);
             }
             TeamsCommand::Usage { team_id, days, .. } => {
                 let response = http

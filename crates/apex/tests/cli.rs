@@ -1063,6 +1063,27 @@ fn a_team_is_made_joined_and_its_usage_read_from_the_command_line() {
     );
     let (_, out, _) = run("member@example.com", &["list"]);
     assert!(out.contains("2 members, you: member"), "{out}");
+    // The owner makes the member an admin; the member may not change roles.
+    let (_, out, _) = run("owner@example.com", &["members", &team]);
+    let member_id = out
+        .lines()
+        .find(|l| l.contains("member@example.com"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let (ok, out, err) = run(
+        "owner@example.com",
+        &["role", &team, &member_id, "--role", "admin"],
+    );
+    assert!(
+        ok && out.contains("member@example.com is now admin"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = run(
+        "member@example.com",
+        &["role", &team, &member_id, "--role", "member"],
+    );
+    assert!(!ok && err.contains("forbidden"), "{err}");
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).

@@ -42,6 +42,12 @@ pub struct JoinTeam {
     pub token: String,
 }
 
+/// A member's new role: `admin` or `member` (the owner's role does not change).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ChangeRole {
+    pub role: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TeamMember {
     pub user_id: String,

@@ -48,6 +48,12 @@ impl Role {
 
     /// Whether this role may remove a member whose role is `target` (anyone may leave,
     /// except the owner, who would leave the team without one).
+    /// Whether this role may change a member's role from `from` to `to`: only the owner,
+    /// and never to or from owner (ownership does not move).
+    pub fn may_change_role(self, from: Role, to: Role) -> bool {
+        self == Role::Owner && from != Role::Owner && to != Role::Owner
+    }
+
     pub fn may_remove(self, target: Role, themself: bool) -> bool {
         if themself {
             return target != Role::Owner;

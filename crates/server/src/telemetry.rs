@@ -79,7 +79,9 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
     // A receiver answers in milliseconds, or times out (15 s by default).
     (
         WEBHOOK_DURATION,
-        &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0],
+        &[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
+        ],
     ),
     // Events per transaction, not seconds.
     (

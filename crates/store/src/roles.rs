@@ -511,6 +511,8 @@ pub trait Teams: Send + Sync {
         user: UserId,
         now_ms: i64,
     ) -> StoreResult<Option<String>>;
+    /// Sets `user`'s role in team `id`; false if they are not in it.
+    async fn set_team_role(&self, id: &str, user: UserId, role: &str) -> StoreResult<bool>;
     /// Removes `user` from team `id`; false if they were not in it.
     async fn remove_team_member(&self, id: &str, user: UserId) -> StoreResult<bool>;
     /// Every member's usage totals in `[since_ms, until_ms]`, by email.

@@ -171,6 +171,17 @@ impl Teams for Shell {
         Ok(Some(team))
     }
 
+    async fn set_team_role(&self, id: &str, user: UserId, role: &str) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE team_members SET role = $1 WHERE team_id = $2 AND user_id = $3")
+                .bind(role)
+                .bind(id)
+                .bind(user.to_string())
+                .execute(&self.writes)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn remove_team_member(&self, id: &str, user: UserId) -> StoreResult<bool> {
         let done = sqlx::query("DELETE FROM team_members WHERE team_id = $1 AND user_id = $2")
             .bind(id)

@@ -26,8 +26,8 @@ use sha2::Sha256;
 
 use crate::clock::now_ms;
 use crate::settings::WebhookSettings;
-use crate::telemetry;
 use crate::store::{DeliveryNext, DueDelivery, Store, WebhookAttemptRecord};
+use crate::telemetry;
 
 type HmacSha256 = Hmac<Sha256>;
 

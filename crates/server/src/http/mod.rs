@@ -80,7 +80,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(teams::join))
         .routes(routes!(teams::invite))
         .routes(routes!(teams::members))
-        .routes(routes!(teams::remove))
+        .routes(routes!(teams::remove, teams::change_role))
         .routes(routes!(teams::usage))
         .routes(routes!(alerts::create_rule, alerts::list_rules))
         .routes(routes!(alerts::delete_rule))

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use apex_protocol::error::{ErrorBody, ErrorCode};
 use apex_protocol::teams::{
-    CreateInvite, CreateTeam, Invite, JoinTeam, MemberUsage, Team, TeamMember, TeamUsage,
+    ChangeRole, CreateInvite, CreateTeam, Invite, JoinTeam, MemberUsage, Team, TeamMember,
+    TeamUsage,
 };
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -296,6 +297,72 @@ pub async fn remove(
         .remove_team_member(&team.team_id, member)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Changes a member's role between `admin` and `member` (the owner only; ownership does
+/// not move).
+#[utoipa::path(
+    patch,
+    path = "/api/teams/{team_id}/members/{user_id}",
+    operation_id = "change_team_role",
+    tag = "teams",
+    security(("bearer_jwt" = [])),
+    params(
+        ("team_id" = String, Path, description = "A team id"),
+        ("user_id" = String, Path, description = "A member's user id"),
+    ),
+    request_body = ChangeRole,
+    responses(
+        (status = 200, description = "The member with their new role", body = TeamMember),
+        (status = 400, response = InvalidJson),
+        (status = 401, response = Unauthenticated),
+        (status = 403, description = "Not the team's owner, or the owner's own role (code: `forbidden`), or an API key (code: `insufficient_scope`)", body = ErrorBody),
+        (status = 404, description = "Not a team of the caller's, or not a member (code: `not_found`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn change_role(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path((team_id, member)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ChangeRole>,
+) -> Result<Json<TeamMember>, ApiError> {
+    let to = match Role::parse(&body.role) {
+        Some(role @ (Role::Admin | Role::Member)) => role,
+        _ => return Err(ApiError::validation("role must be admin or member")),
+    };
+    let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
+    let (team, role) = membership(&store, &team_id).await?;
+    let member = UserId::parse(&member).map_err(|_| ApiError::not_found("member"))?;
+    let members = state.infra.store.team_members(&team.team_id).await?;
+    let target = members
+        .iter()
+        .find(|m| m.user_id == member.to_string())
+        .ok_or_else(|| ApiError::not_found("member"))?;
+    let from = Role::parse(&target.role).unwrap_or(Role::Member);
+    if !role.may_change_role(from, to) {
+        return Err(forbidden(
+            "only the team's owner changes roles, and the owner's own role does not change",
+        ));
+    }
+    if !state
+        .infra
+        .store
+        .set_team_role(&team.team_id, member, to.name())
+        .await?
+    {
+        return Err(ApiError::not_found("member"));
+    }
+    Ok(Json(TeamMember {
+        user_id: target.user_id.clone(),
+        email: target.email.clone(),
+        name: target.name.clone(),
+        role: to.name().into(),
+        joined_at: ms_to_rfc3339(target.joined_at_ms),
+    }))
 }
 
 /// `?days=N` of the team's usage.

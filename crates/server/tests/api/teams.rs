@@ -339,3 +339,55 @@ async fn admins_see_usage_as_totals_per_member_and_a_team_budget_holds_every_mem
     assert_eq!(response.status(), 201);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_the_owner_changes_roles_and_ownership_never_moves() {
+    let mut app = spawn_app().await;
+    let c = cast(&app).await;
+    let patch = |caller: &TestUser, target: &TestUser, role: &str| {
+        let url = app.url(&format!("/api/teams/{}/members/{}", c.team, target.id));
+        let request = app
+            .http
+            .patch(url)
+            .bearer_auth(caller.token())
+            .json(&json!({ "role": role }));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    // The owner makes the member an admin: they may now invite members.
+    let (status, body) = patch(&c.owner, &c.member, "admin").await;
+    assert_eq!(
+        (status, body["role"].as_str()),
+        (200, Some("admin")),
+        "{body}"
+    );
+    assert_eq!(invite(&app, &c.member, &c.team, "member").await.0, 201);
+    // An admin changes no one's role; nobody changes the owner's, or makes an owner.
+    assert_eq!(patch(&c.admin, &c.member, "member").await.0, 403);
+    assert_eq!(patch(&c.owner, &c.owner, "admin").await.0, 403);
+    assert_eq!(patch(&c.owner, &c.admin, "owner").await.0, 422);
+    assert_eq!(patch(&c.owner, &c.admin, "boss").await.0, 422);
+    // A stranger's view: no such team; a non-member: no such member.
+    assert_eq!(patch(&c.stranger, &c.member, "member").await.0, 404);
+    assert_eq!(patch(&c.owner, &c.stranger, "member").await.0, 404);
+    // Back to member: invites are the owner's and admins' again.
+    let (status, _) = patch(&c.owner, &c.member, "member").await;
+    assert_eq!(status, 200);
+    assert_eq!(invite(&app, &c.member, &c.team, "member").await.0, 403);
+    let members: Vec<TeamMember> = app
+        .get(&format!("/api/teams/{}/members", c.team), c.owner.token())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let roles: Vec<_> = members.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["owner", "admin", "member"]);
+    let _ = c.other_team;
+    app.shutdown().await;
+}
