@@ -198,6 +198,7 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         llm_triage: settings.llm_triage,
         price_book: Arc::new(PriceBook::builtin(&PricingTable::builtin())),
         pricing: Arc::new(PricingTable::builtin()),
+        llm_queue_wait: settings.local_model.max_queue_wait,
     });
     let limits = Arc::new(limits::Limits::with_shared(
         settings.limits.clone(),

@@ -104,6 +104,9 @@ pub struct LocalModelSettings {
     pub top_p: f32,
     /// Sampling seed when `temperature > 0`; `None` draws one per request.
     pub seed: Option<u64>,
+    /// Longest a run's request waits for the model to start on it; past it that run's
+    /// answer is written by the template writer and says so. `None`: runs wait their turn.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for LocalModelSettings {
@@ -116,6 +119,7 @@ impl Default for LocalModelSettings {
             temperature: 0.0,
             top_p: 1.0,
             seed: None,
+            max_queue_wait: Some(Duration::from_secs(20)),
         }
     }
 }

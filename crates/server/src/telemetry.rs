@@ -30,6 +30,8 @@ pub const LLM_TOKENS: &str = "apex_llm_tokens_total";
 pub const LLM_QUEUE: &str = "apex_llm_queue_depth";
 pub const LLM_ACTIVE: &str = "apex_llm_active_requests";
 pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
+/// Requests the local model did not start on within their `max_queue_wait`.
+pub const LLM_BUSY: &str = "apex_llm_busy_total";
 pub const LIMIT_REJECTIONS: &str = "apex_limit_rejections_total";
 pub const BUS_FRAMES_REJECTED: &str = "apex_bus_frames_rejected_total";
 /// Alert ticks taken by this instance, by rule kind (no user ids).
@@ -112,6 +114,10 @@ pub fn describe() {
         "HTTP request duration by route"
     );
     metrics::describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
+    metrics::describe_counter!(
+        LLM_BUSY,
+        "Run requests the local model did not start on in time, written without it"
+    );
     metrics::describe_counter!(ALERT_TICKS, "Alert rule ticks taken here, by kind");
     metrics::describe_counter!(ALERTS_RAISED, "Alerts raised and reports started, by kind");
     metrics::describe_counter!(

@@ -340,6 +340,15 @@ pub(super) static KEYS: &[Key] = &[
          a copy in <data-dir>/models/ is used first)",
     ),
     key(
+        "llm_max_queue_wait_ms",
+        "llm.max_queue_wait_ms",
+        "APEX_LLM_MAX_QUEUE_WAIT_MS",
+        "Longest a run waits for the local model to start on its request (ms, default 20000): \
+         past it, that run's answer is written without the model and says so, so nobody waits \
+         minutes behind other users. 0: runs wait their turn.",
+    )
+    .flag("llm-max-queue-wait-ms", "MS"),
+    key(
         "llm_threads",
         "llm.threads",
         "APEX_LLM_THREADS",

@@ -209,6 +209,8 @@ struct Llm {
     temperature: Number<0, 2>,
     top_p: Number<0, 1>,
     template_stream_delay_ms: Int<0, 60_000>,
+    /// 0: runs wait their turn for the local model.
+    max_queue_wait_ms: Int<0, 3_600_000>,
 }
 
 impl Default for Llm {
@@ -220,6 +222,7 @@ impl Default for Llm {
             temperature: Number::new(0.0),
             top_p: Number::new(1.0),
             template_stream_delay_ms: Int::new(15),
+            max_queue_wait_ms: Int::new(20_000),
         }
     }
 }
@@ -560,6 +563,8 @@ impl Config {
         settings.local_model.temperature = llm.temperature.get() as f32;
         settings.local_model.top_p = llm.top_p.get() as f32;
         settings.template_stream_delay = llm.template_stream_delay_ms.millis();
+        settings.local_model.max_queue_wait =
+            Some(llm.max_queue_wait_ms.millis()).filter(|wait| !wait.is_zero());
         settings.openai.base_url = openai.base_url.get().to_string();
         settings.openai.model = openai.model.get().to_string();
         settings.openai.api_key = openai.api_key.as_ref().map(|s| s.get().clone());

@@ -35,6 +35,9 @@ pub struct Infrastructure {
     /// The built-in price snapshot every cost is computed with (with the user's own
     /// rates, loaded per request); read-only.
     pub price_book: Arc<PriceBook>,
+    /// Longest a run's request waits for the model to start on it before the run writes
+    /// without the model (see [`crate::llm::LlmRequest::max_queue_wait`]).
+    pub llm_queue_wait: Option<std::time::Duration>,
 }
 
 pub struct AgentInstanceFactory {
@@ -78,6 +81,7 @@ impl AgentInstanceFactory {
             bus: Arc::clone(&self.infra.bus),
             llm_usage: std::sync::Mutex::new(Vec::new()),
             price_overrides: tokio::sync::OnceCell::new(),
+            llm_queue_wait: self.infra.llm_queue_wait,
             ctx: self.ctx,
         };
         let agents: Vec<Box<dyn Agent>> = vec![

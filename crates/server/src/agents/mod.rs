@@ -169,6 +169,8 @@ pub struct AgentContext {
     /// The user's negotiated rates, read once per run (the first model request that needs
     /// them) rather than at each reservation and settlement.
     pub price_overrides: tokio::sync::OnceCell<Vec<crate::store::PriceOverrideRecord>>,
+    /// Longest the run's model requests wait for the model to start on them.
+    pub llm_queue_wait: Option<std::time::Duration>,
 }
 
 impl AgentContext {

@@ -290,6 +290,7 @@ impl ReportingAgent {
         let mut request = LlmRequest::new(slot.messages.clone(), Value::Null, slot.max_tokens);
         request.tokens = meter.clone();
         request.user = Some(cx.ctx.user_id());
+        request.max_queue_wait = cx.llm_queue_wait;
         request.temperature = Some(0.0);
         request.repetition = Repetition::AGENT;
         request.stop = answer::SLOT_STOPS.iter().map(|s| s.to_string()).collect();
@@ -337,6 +338,12 @@ impl ReportingAgent {
                     // Not a failure of the model: the user's own cap. Later slots skip it.
                     tally.provider_failed = Some(message);
                     Some("your budget has no room for the model".to_string())
+                }
+                Err(LlmError::Busy(message)) => {
+                    // Other users' requests fill the model's queue: rather than wait,
+                    // this and later slots are written without it.
+                    tally.provider_failed = Some(message);
+                    Some("the model is busy with other requests".to_string())
                 }
                 Err(err) => {
                     tracing::warn!(provider = cx.llm.name(), slot = %slot.name, error = %err, "the model failed to write a slot");

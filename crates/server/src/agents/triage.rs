@@ -797,16 +797,26 @@ impl TriageAgent {
         let prompt_chars = prompt.iter().map(|m| m.content.chars().count()).sum();
         // A choice is a few tokens of answer.
         let held = cx.hold_budget(prompt_chars, CHOICE_TOKENS_BOUND).await?;
-        let choice = cx
-            .llm
-            .choose(
-                prompt,
-                choice_labels(),
-                meter.clone(),
-                Some(cx.ctx.user_id()),
-                cx.ctx.cancellation().clone(),
-            )
-            .await;
+        // Its own token: given up on after `llm_queue_wait`, the request is withdrawn
+        // from the model's queue and the run goes on.
+        let token = cx.ctx.cancellation().child_token();
+        let choosing = cx.llm.choose(
+            prompt,
+            choice_labels(),
+            meter.clone(),
+            Some(cx.ctx.user_id()),
+            token.clone(),
+        );
+        let choice = match cx.llm_queue_wait {
+            None => choosing.await,
+            Some(wait) => match tokio::time::timeout(wait, choosing).await {
+                Ok(choice) => choice,
+                Err(_) => {
+                    token.cancel();
+                    Err(LlmError::Busy("the model did not answer in time".into()))
+                }
+            },
+        };
         cx.settle_budget(held, meter.get()).await;
         cx.record_llm_usage(
             self.name(),
@@ -854,6 +864,10 @@ impl Agent for TriageAgent {
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
                 Err(LlmError::OverBudget(_)) => {
                     note = Some("your budget has no room for the model");
+                    None
+                }
+                Err(LlmError::Busy(_)) => {
+                    note = Some("the model is busy with other requests");
                     None
                 }
                 Err(err) => {

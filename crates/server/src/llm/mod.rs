@@ -78,6 +78,11 @@ pub struct LlmRequest {
     /// waiting ones in turn per user, so one user's many requests cannot hold back
     /// another's. `None` for work on no user's behalf (benchmarks, evaluations).
     pub user: Option<UserId>,
+    /// Longest this request may wait for a provider that queues requests (the local model)
+    /// to start on it; past it the provider answers [`LlmError::Busy`] and the caller
+    /// writes without the model, so nobody waits minutes behind other users. `None`: it
+    /// waits its turn (direct completions).
+    pub max_queue_wait: Option<std::time::Duration>,
 }
 
 /// How a self-decoding provider keeps an answer from repeating itself; see
@@ -154,6 +159,7 @@ impl LlmRequest {
             repetition: Repetition::OFF,
             tokens: TokenMeter::default(),
             user: None,
+            max_queue_wait: None,
         }
     }
 }
@@ -181,6 +187,9 @@ pub enum LlmError {
     /// One of the user's budgets has no room for the request (see `crate::budgets`).
     #[error("{0}")]
     OverBudget(String),
+    /// The model would not start on the request within its `max_queue_wait`.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl LlmError {
@@ -197,6 +206,7 @@ impl LlmError {
             LlmError::Config(_) => "misconfigured",
             LlmError::Rejected(_) => "answer_rejected",
             LlmError::OverBudget(_) => "budget_exceeded",
+            LlmError::Busy(_) => "model_busy",
         }
     }
 }

@@ -8,6 +8,7 @@ mod answers;
 mod api_keys;
 mod approval;
 mod auth;
+mod authorization;
 pub mod budgets;
 mod compat;
 mod durability;

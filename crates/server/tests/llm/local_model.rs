@@ -478,3 +478,125 @@ async fn a_run_over_its_users_token_budget_is_answered_without_the_model() {
     let rows = crate::usage_rows(&app, &user).await;
     assert!(rows.iter().all(|r| r.provider != "apex"), "{rows:?}");
 }
+
+/// A request that may wait only so long for the model is withdrawn when the model stays
+/// busy with another's; one that may wait longer is answered once the model is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_model_does_not_start_in_time_is_withdrawn_as_busy() {
+    use apex_server::llm::local::EngineConfig;
+    let path = model_path();
+    let provider = tokio::task::spawn_blocking(move || {
+        let options = LocalOptions {
+            engine: EngineConfig {
+                threads: 1,
+                queue_capacity: 64,
+                max_active_per_thread: 1,
+            },
+            ..LocalOptions::default()
+        };
+        LocalProvider::load(&path, options).expect("load the local model")
+    })
+    .await
+    .unwrap();
+    // The one sequence the model runs: a long answer.
+    let mut long = provider
+        .stream(
+            question("Write a long story about clouds.", 300),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let first = long.next().await;
+    assert!(first.is_some_and(|c| c.is_ok()), "the long answer started");
+    let mut impatient = question("Name a colour.", 4);
+    impatient.max_queue_wait = Some(std::time::Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let busy = provider.stream(impatient, CancellationToken::new()).await;
+    assert!(
+        matches!(busy, Err(LlmError::Busy(_))),
+        "busy, not queued on"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let mut patient = question("Name a colour.", 4);
+    patient.max_queue_wait = Some(std::time::Duration::from_secs(600));
+    let waiting = tokio::spawn({
+        let provider = Arc::new(provider);
+        async move {
+            let mut stream = provider
+                .stream(patient, CancellationToken::new())
+                .await
+                .expect("taken once the model is free");
+            let mut text = String::new();
+            while let Some(chunk) = stream.next().await {
+                text.push_str(&chunk.unwrap());
+            }
+            text
+        }
+    });
+    // Reading the long answer to its end frees the model.
+    while let Some(chunk) = long.next().await {
+        chunk.unwrap();
+    }
+    let text = waiting.await.unwrap();
+    assert!(!text.trim().is_empty(), "the patient request was answered");
+}
+
+/// A run whose model requests would wait past `max_queue_wait` behind another request is
+/// answered at once by the template writer, with the user's figures, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_would_wait_for_a_busy_model_is_answered_without_it() {
+    let path = model_path();
+    let app = spawn_app_with(move |s| {
+        s.llm_provider = LlmProviderKind::Local;
+        s.local_model.path = Some(path);
+        s.local_model.max_active_per_thread = 1;
+        s.local_model.max_queue_wait = Some(std::time::Duration::from_millis(200));
+    })
+    .await;
+    let (busy, user) = (app.register().await, app.register().await);
+    // Another user's long direct completion holds the model's one sequence (direct
+    // completions wait their turn, and are not withdrawn).
+    let long = {
+        let http = app.http.clone();
+        let url = app.url("/v1/chat/completions");
+        let token = busy.token().to_string();
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(
+                    &serde_json::json!({"model": "SmolLM2-135M-Instruct", "max_tokens": 600,
+                    "messages": [{"role": "user", "content": "Write a long story about clouds."}]}),
+                )
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = app.usage_summary(&user).await;
+    let mut ws = app.ws_connect(&user).await;
+    let run = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        ask_slowly(&mut ws, "How can I reduce my LLM costs?"),
+    )
+    .await
+    .expect("the run finished");
+    let terminal = run.terminal();
+    assert_eq!(terminal.payload["status"], "completed", "{terminal:?}");
+    let answer = terminal.payload["final_response"].as_str().unwrap();
+    let total = apex_server::agents::answer::money(before.total_cost_usd);
+    assert!(answer.contains(&total), "the user's figures: {answer}");
+    let notes: Vec<&str> = run
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::AgentThinking)
+        .filter_map(|e| e.payload["reasoning"].as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("the model is busy with other requests")),
+        "{notes:?}"
+    );
+    long.abort();
+}

@@ -67,6 +67,9 @@ pub struct GenerationStats {
 /// One chunk of a request's output.
 #[derive(Debug)]
 pub enum Output {
+    /// A thread took the request: it is no longer waiting (always the first output of a
+    /// request that passed the checks).
+    Started,
     Text(String),
     /// For a scoring job: the log-probabilities of its candidate tokens as the next token.
     Scores(Vec<f32>),
@@ -272,6 +275,7 @@ impl Worker {
             return;
         }
         metrics::gauge!(crate::telemetry::LLM_ACTIVE).increment(1.0);
+        let _ = job.output.send(Output::Started);
         self.active.push(Active {
             sequence: self.model.sequence(),
             sampler: Sampler::new(job.sampling, job.repetition, job.seed),

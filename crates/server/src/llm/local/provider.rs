@@ -60,7 +60,7 @@ impl LocalProvider {
         while let Some(output) = receiver.recv().await {
             match output {
                 Output::Text(chunk) => text.push_str(&chunk),
-                Output::Scores(_) => {}
+                Output::Scores(_) | Output::Started => {}
                 Output::Done(stats) => {
                     meter.add(TokenUsage {
                         prompt_tokens: u64::from(stats.prompt_tokens),
@@ -82,7 +82,9 @@ impl LocalProvider {
         Ok(self.submit_counted(request, None, cancel).await?.0)
     }
 
-    /// Queues the request; also returns the prompt's length in tokens.
+    /// Queues the request; also returns the prompt's length in tokens. With a
+    /// `max_queue_wait`, returns once a thread took it, or [`LlmError::Busy`] (the request
+    /// withdrawn) when none did in time.
     async fn submit_counted(
         &self,
         request: LlmRequest,
@@ -91,31 +93,55 @@ impl LocalProvider {
     ) -> Result<(mpsc::UnboundedReceiver<Output>, u64), LlmError> {
         let prompt = encode_chat(&self.model().tokenizer, &request.messages);
         let prompt_tokens = prompt.len() as u64;
-        let (output, receiver) = mpsc::unbounded_channel();
+        let (output, mut receiver) = mpsc::unbounded_channel();
         let seed = self
             .options
             .seed
             .unwrap_or_else(|| rand::rngs::OsRng.next_u64());
-        self.engine
-            .submit(Job {
-                prompt,
-                max_tokens: request.max_tokens.max(1),
-                sampling: match request.temperature {
-                    Some(temperature) => SamplingConfig {
-                        temperature,
-                        ..self.options.sampling
-                    },
-                    None => self.options.sampling,
+        // The job's own token: withdrawing it after a long wait leaves the caller's alone.
+        let job_cancel = cancel.child_token();
+        let queued = self.engine.submit(Job {
+            prompt,
+            max_tokens: request.max_tokens.max(1),
+            sampling: match request.temperature {
+                Some(temperature) => SamplingConfig {
+                    temperature,
+                    ..self.options.sampling
                 },
-                repetition: request.repetition,
-                user: request.user,
-                score,
-                seed,
-                cancel,
-                output,
-            })
-            .await?;
-        Ok((receiver, prompt_tokens))
+                None => self.options.sampling,
+            },
+            repetition: request.repetition,
+            user: request.user,
+            score,
+            seed,
+            cancel: job_cancel.clone(),
+            output,
+        });
+        let Some(wait) = request.max_queue_wait else {
+            queued.await?;
+            return Ok((receiver, prompt_tokens));
+        };
+        // Waiting for a place in the queue counts as waiting too.
+        let started = async {
+            queued.await?;
+            match receiver.recv().await {
+                Some(Output::Started) => Ok(()),
+                Some(Output::Failed(err)) => Err(err),
+                Some(_) | None => Err(LlmError::Provider("the local model stopped".into())),
+            }
+        };
+        match tokio::time::timeout(wait, started).await {
+            Ok(Ok(())) => Ok((receiver, prompt_tokens)),
+            Ok(Err(err)) => Err(err),
+            Err(_) => {
+                job_cancel.cancel();
+                metrics::counter!(crate::telemetry::LLM_BUSY).increment(1);
+                Err(LlmError::Busy(format!(
+                    "the local model did not start on it within {} s",
+                    wait.as_secs_f64()
+                )))
+            }
+        }
     }
 }
 
@@ -169,7 +195,7 @@ impl LlmProvider for LocalProvider {
                         .max_by(|a, b| a.1.total_cmp(b.1))
                         .map(|(i, _)| i);
                 }
-                Output::Text(_) => {}
+                Output::Text(_) | Output::Started => {}
                 Output::Done(_) => return Ok(best),
                 Output::Failed(err) => return Err(err),
             }
@@ -222,8 +248,11 @@ impl LlmProvider for LocalProvider {
                             None
                         }
                         Output::Failed(err) => Some((Err(err), (receiver, counted))),
-                        // Only scoring jobs report scores; this one generates.
-                        Output::Scores(_) => Some((Ok(String::new()), (receiver, counted))),
+                        // Only scoring jobs report scores; this one generates. `Started`
+                        // says a thread took it: nothing to show.
+                        Output::Scores(_) | Output::Started => {
+                            Some((Ok(String::new()), (receiver, counted)))
+                        }
                     }
                 }
             });
