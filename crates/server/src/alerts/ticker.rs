@@ -46,9 +46,10 @@ pub struct Alerting {
     deliverer: Arc<Deliverer>,
     /// How often the queues are read without being woken.
     poll: Duration,
-    /// Woken when this instance queues a webhook message or makes a rule, so it need not
-    /// wait for the next poll.
-    wake: Notify,
+    /// Woken when a rule is made here, so its first tick need not wait for the next poll.
+    wake_ticks: Notify,
+    /// Woken when this instance queues a webhook message.
+    wake_deliveries: Notify,
 }
 
 impl Alerting {
@@ -63,26 +64,41 @@ impl Alerting {
             infra,
             runs,
             poll,
-            wake: Notify::new(),
+            wake_ticks: Notify::new(),
+            wake_deliveries: Notify::new(),
         })
     }
 
-    /// Tells the task that work is due now.
+    /// Tells the tasks that a tick or a message may be due now.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.wake_ticks.notify_one();
+        self.wake_deliveries.notify_one();
     }
 
-    /// Takes due ticks and sends due messages until `draining`.
+    /// Takes due ticks and sends due messages until `draining`: two loops, so a slow
+    /// webhook receiver never delays a tick.
     pub async fn run(self: Arc<Self>, draining: CancellationToken) {
-        loop {
-            self.take_due_ticks().await;
-            self.deliverer.deliver_due().await;
-            tokio::select! {
-                _ = draining.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.poll) => {}
+        let ticks = async {
+            loop {
+                self.take_due_ticks().await;
+                tokio::select! {
+                    _ = draining.cancelled() => return,
+                    _ = self.wake_ticks.notified() => {}
+                    _ = tokio::time::sleep(self.poll) => {}
+                }
             }
-        }
+        };
+        let deliveries = async {
+            loop {
+                self.deliverer.deliver_due().await;
+                tokio::select! {
+                    _ = draining.cancelled() => return,
+                    _ = self.wake_deliveries.notified() => {}
+                    _ = tokio::time::sleep(self.poll) => {}
+                }
+            }
+        };
+        tokio::join!(ticks, deliveries);
     }
 
     /// Takes and evaluates every rule due now. How many ticks this instance took.
@@ -227,7 +243,7 @@ impl Alerting {
             .collect();
         if !deliveries.is_empty() {
             store.enqueue_deliveries(&deliveries).await?;
-            self.wake();
+            self.wake_deliveries.notify_one();
         }
         Ok(())
     }

@@ -189,6 +189,7 @@ pub async fn refresh(
     responses(
         (status = 204, description = "Logged out"),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -210,6 +211,7 @@ pub async fn logout(
     responses(
         (status = 204, description = "Every session ended"),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -231,6 +233,7 @@ pub async fn logout_all(
     responses(
         (status = 200, description = "Active sessions", body = Vec<SessionInfo>),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -253,6 +256,7 @@ pub async fn sessions(
     responses(
         (status = 204, description = "The session ended"),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, description = "No such active session of the caller's (code: `not_found`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
@@ -279,6 +283,7 @@ pub async fn revoke_session(
     responses(
         (status = 200, description = "The caller's account", body = UserInfo),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -299,6 +304,7 @@ pub async fn me(
     responses(
         (status = 200, description = "The caller's settings", body = UserSettings),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -324,6 +330,7 @@ pub async fn settings(
         (status = 200, description = "The caller's settings, as stored", body = UserSettings),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
@@ -360,6 +367,7 @@ pub async fn update_settings(
     responses(
         (status = 200, description = "The ticket", body = TicketResponse),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 422, response = ValidationFailed),
         (status = 429, response = RateLimited),

@@ -253,6 +253,7 @@ pub struct ExecuteResult {
         (status = 200, description = "The run is queued", body = ExecuteResponse),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 409, description = "The thread has a run in progress (code: `thread_busy`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),

@@ -146,6 +146,7 @@ fn now_secs() -> i64 {
             body = Object,
             example = json!({"object": "list", "data": [{"id": "apex", "object": "model", "created": 1764000000, "owned_by": "apex"}]})),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
     )
 )]
 pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<Value> {
@@ -182,6 +183,7 @@ pub async fn models(State(state): State<AppState>, AuthUser(_user): AuthUser) ->
             )),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, description = "A model `/v1/models` does not list (code: `model_not_found`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),

@@ -13,6 +13,7 @@
 use std::io::Read as _;
 use std::sync::Arc;
 
+use apex_protocol::error::ErrorBody;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -76,6 +77,7 @@ impl Encoding {
         (status = 400, description = "Not an OTLP trace export (a `google.rpc.Status`); not \
             worth retrying"),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 500, response = Internal),

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use apex_protocol::error::ErrorBody;
 use apex_protocol::prices::{
     PriceBook as PriceBookView, PriceOverrideImport, PriceOverrideResult, UsageExplanation,
     UsageRowsPage,
@@ -40,6 +41,7 @@ use crate::user_store::UserStore;
     responses(
         (status = 200, description = "The caller's price book", body = PriceBookView),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 500, response = Internal),
     )
 )]
@@ -71,6 +73,7 @@ pub async fn list(
         (status = 201, description = "The stored entries", body = PriceOverrideResult),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
@@ -158,6 +161,7 @@ impl RowsQuery {
     responses(
         (status = 200, description = "A page of the caller's rows", body = UsageRowsPage),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 422, response = ValidationFailed),
         (status = 500, response = Internal),
     )
@@ -214,6 +218,7 @@ pub struct ExplainQuery {
     responses(
         (status = 200, description = "The arithmetic", body = UsageExplanation),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 422, response = ValidationFailed),
         (status = 500, response = Internal),

@@ -50,6 +50,7 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
         (status = 202, description = "The run is queued", body = RunAccepted),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 409, description = "The thread has a run in progress and `multitask_strategy` is `reject` (code: `thread_busy`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
@@ -103,6 +104,7 @@ pub async fn start(
     responses(
         (status = 202, description = "The run is queued", body = RunAccepted),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 409, description = "The thread has a run in progress (code: `thread_busy`)", body = ErrorBody),
         (status = 422, description = "The thread has no user message yet (code: `validation_failed`)", body = ErrorBody),
@@ -142,6 +144,7 @@ pub async fn regenerate(
     responses(
         (status = 200, description = "The run", body = Run),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 500, response = Internal),
     )
@@ -193,6 +196,7 @@ pub async fn get_one(
         (status = 202, description = "The answer is stored", body = ApprovalAccepted),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 409, description = "The run is not waiting for this approval (code: `approval_not_pending`), it was answered otherwise (`approval_already_decided`), or the request expired (`approval_expired`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
@@ -222,6 +226,7 @@ pub async fn approval(
     responses(
         (status = 202, description = "Cancellation requested", body = RunAccepted),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 409, description = "The run already finished (code: `run_not_active`)", body = ErrorBody),
         (status = 500, response = Internal),
@@ -295,6 +300,7 @@ pub struct EventsQuery {
                 (String = "text/event-stream"),
             )),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 410, description = "Events after `after_seq` were removed by retention; reload the thread (code: `resume_gap`)", body = ErrorBody),
         (status = 422, response = ValidationFailed),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use apex_protocol::error::ErrorBody;
 use apex_protocol::threads::{CreateThreadRequest, MessagesPage, Thread, UpdateThreadRequest};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -97,6 +98,7 @@ pub async fn create_thread(
     responses(
         (status = 200, description = "The caller's threads", body = Vec<Thread>),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 422, response = ValidationFailed),
         (status = 500, response = Internal),
     )
@@ -123,6 +125,7 @@ pub async fn list(
         (status = 201, description = "The new thread", body = Thread),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = ValidationFailed),
@@ -161,6 +164,7 @@ pub async fn create(
     responses(
         (status = 200, description = "The thread", body = Thread),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 500, response = Internal),
     )
@@ -190,6 +194,7 @@ pub async fn get_one(
         (status = 200, description = "The updated thread", body = Thread),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
@@ -254,6 +259,7 @@ pub async fn update(
         (status = 200, description = "The updated thread", body = Thread),
         (status = 400, response = InvalidJson),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
@@ -281,6 +287,7 @@ pub async fn put(
     responses(
         (status = 204, description = "Deleted"),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 500, response = Internal),
     )
@@ -320,6 +327,7 @@ pub async fn delete(
     responses(
         (status = 200, description = "A page of messages", body = MessagesPage),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 404, response = NotFound),
         (status = 422, response = ValidationFailed),
         (status = 500, response = Internal),

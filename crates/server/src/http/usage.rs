@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use apex_protocol::error::codes;
+use apex_protocol::error::{codes, ErrorBody};
 use apex_protocol::usage::{DailyUsage, UsageEventInput, UsageImportResult, UsageSummary};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -61,6 +61,7 @@ pub struct ImportQuery {
     responses(
         (status = 201, description = "All rows were stored", body = UsageImportResult),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 409, response = ImportQuotaExceeded),
         (status = 415, response = UnsupportedMediaType),
@@ -196,6 +197,7 @@ impl WindowQuery {
     responses(
         (status = 200, description = "The caller's usage summary", body = UsageSummary),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 422, response = ValidationFailed),
         (status = 500, response = Internal),
     )
@@ -221,6 +223,7 @@ pub async fn summary(
     responses(
         (status = 200, description = "The caller's spend per day and model", body = DailyUsage),
         (status = 401, response = Unauthenticated),
+        (status = 403, description = "An API key without the scope this route needs (code: `insufficient_scope`)", body = ErrorBody),
         (status = 422, response = ValidationFailed),
         (status = 500, response = Internal),
     )
