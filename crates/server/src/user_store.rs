@@ -385,8 +385,8 @@ impl UserStore {
             .await
     }
     /// See [`Store::list_alerts`].
-    pub async fn list_alerts(&self, limit: i64) -> StoreResult<Vec<AlertRecord>> {
-        self.store.list_alerts(self.owner, limit).await
+    pub async fn list_alerts(&self, limit: i64, offset: i64) -> StoreResult<Vec<AlertRecord>> {
+        self.store.list_alerts(self.owner, limit, offset).await
     }
     /// See [`Store::create_webhook`].
     pub async fn create_webhook(&self, hook: &WebhookRecord) -> StoreResult<()> {
@@ -412,10 +412,19 @@ impl UserStore {
         &self,
         webhook_id: &str,
         limit: i64,
+        offset: i64,
     ) -> StoreResult<Vec<WebhookDeliveryRecord>> {
         self.store
-            .list_deliveries(self.owner, webhook_id, limit)
+            .list_deliveries(self.owner, webhook_id, limit, offset)
             .await
+    }
+    /// See [`Store::get_delivery`].
+    pub async fn get_delivery(
+        &self,
+        webhook_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<WebhookDeliveryRecord>> {
+        self.store.get_delivery(self.owner, webhook_id, id).await
     }
     /// See [`Store::delivery_attempts`].
     pub async fn delivery_attempts(&self, id: &str) -> StoreResult<Vec<WebhookAttemptRecord>> {

@@ -218,13 +218,19 @@ impl Alerts for Shell {
         Ok(())
     }
 
-    async fn list_alerts(&self, owner: UserId, limit: i64) -> StoreResult<Vec<AlertRecord>> {
+    async fn list_alerts(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<AlertRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {ALERT_COLUMNS} FROM alerts WHERE user_id = $1 \
-             ORDER BY created_at DESC, id DESC LIMIT $2"
+             ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
         ))
         .bind(owner.to_string())
         .bind(limit)
+        .bind(offset)
         .fetch_all(&self.reads)
         .await?;
         decode_all(&rows, decode_alert)
@@ -380,18 +386,38 @@ impl Alerts for Shell {
         owner: UserId,
         webhook_id: &str,
         limit: i64,
+        offset: i64,
     ) -> StoreResult<Vec<WebhookDeliveryRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d \
              WHERE d.webhook_id = $1 AND d.user_id = $2 \
-             ORDER BY d.created_at DESC, d.id DESC LIMIT $3"
+             ORDER BY d.created_at DESC, d.id DESC LIMIT $3 OFFSET $4"
         ))
         .bind(webhook_id)
         .bind(owner.to_string())
         .bind(limit)
+        .bind(offset)
         .fetch_all(&self.reads)
         .await?;
         decode_all(&rows, decode_delivery)
+    }
+
+    async fn get_delivery(
+        &self,
+        owner: UserId,
+        webhook_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<WebhookDeliveryRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d \
+             WHERE d.id = $1 AND d.webhook_id = $2 AND d.user_id = $3"
+        ))
+        .bind(id)
+        .bind(webhook_id)
+        .bind(owner.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(decode_delivery).transpose()
     }
 
     async fn delivery_attempts(

@@ -559,8 +559,13 @@ pub trait Alerts: Send + Sync {
         run_id: &str,
         thread_id: &str,
     ) -> StoreResult<()>;
-    /// `owner`'s alerts, newest first.
-    async fn list_alerts(&self, owner: UserId, limit: i64) -> StoreResult<Vec<AlertRecord>>;
+    /// `owner`'s alerts, newest first: `limit` of them after skipping `offset`.
+    async fn list_alerts(
+        &self,
+        owner: UserId,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<AlertRecord>>;
     async fn create_webhook(&self, owner: UserId, hook: &WebhookRecord) -> StoreResult<()>;
     /// `owner`'s webhooks, oldest first.
     async fn list_webhooks(&self, owner: UserId) -> StoreResult<Vec<WebhookRecord>>;
@@ -589,13 +594,22 @@ pub trait Alerts: Send + Sync {
         attempt: &WebhookAttemptRecord,
         next: DeliveryNext,
     ) -> StoreResult<()>;
-    /// The deliveries of `owner`'s webhook `webhook_id`, newest first.
+    /// The deliveries of `owner`'s webhook `webhook_id`, newest first: `limit` of them
+    /// after skipping `offset`.
     async fn list_deliveries(
         &self,
         owner: UserId,
         webhook_id: &str,
         limit: i64,
+        offset: i64,
     ) -> StoreResult<Vec<WebhookDeliveryRecord>>;
+    /// `owner`'s delivery `id` of webhook `webhook_id`, if any.
+    async fn get_delivery(
+        &self,
+        owner: UserId,
+        webhook_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<WebhookDeliveryRecord>>;
     /// The attempts of `owner`'s delivery `id`, first first.
     async fn delivery_attempts(
         &self,

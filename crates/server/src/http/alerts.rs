@@ -169,8 +169,8 @@ pub async fn list_alerts(
     AuthUser(user): AuthUser,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<Vec<Alert>>, ApiError> {
-    let (limit, _) = page.bounds()?;
-    let alerts = store_of(&state, &user).list_alerts(limit).await?;
+    let (limit, offset) = page.bounds()?;
+    let alerts = store_of(&state, &user).list_alerts(limit, offset).await?;
     Ok(Json(alerts.iter().map(alert_view).collect()))
 }
 
@@ -346,11 +346,11 @@ pub async fn list_deliveries(
     Path(id): Path<String>,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<Vec<WebhookDelivery>>, ApiError> {
-    let (limit, _) = page.bounds()?;
+    let (limit, offset) = page.bounds()?;
     let store = store_of(&state, &user);
     own_webhook(&store, &id).await?;
     let mut out = Vec::new();
-    for d in store.list_deliveries(&id, limit).await? {
+    for d in store.list_deliveries(&id, limit, offset).await? {
         out.push(delivery_view(&store, &d).await?);
     }
     Ok(Json(out))
@@ -384,20 +384,16 @@ pub async fn redeliver(
     let store = store_of(&state, &user);
     own_webhook(&store, &hook).await?;
     let found = store
-        .list_deliveries(&hook, i64::MAX)
+        .get_delivery(&hook, &delivery)
         .await?
-        .into_iter()
-        .find(|d| d.id == delivery)
         .ok_or_else(|| ApiError::not_found("delivery"))?;
     if !store.redeliver(&found.id, now_ms()).await? {
         return Err(ApiError::not_found("delivery"));
     }
     state.alerting.wake();
     let again = store
-        .list_deliveries(&hook, i64::MAX)
+        .get_delivery(&hook, &delivery)
         .await?
-        .into_iter()
-        .find(|d| d.id == delivery)
         .ok_or_else(|| ApiError::not_found("delivery"))?;
     Ok((
         StatusCode::ACCEPTED,

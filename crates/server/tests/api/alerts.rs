@@ -399,6 +399,28 @@ async fn rules_webhooks_and_deliveries_are_their_owners_alone() {
                 .as_u16()
         }
     };
+    // The log pages: two more messages, read two and then the rest.
+    for _ in 0..2 {
+        let path = format!("/api/webhooks/{}/test", hook.id);
+        let status = app
+            .post_json(&path, Some(owner.token()), &json!({}))
+            .await
+            .status();
+        assert_eq!(status, 202);
+    }
+    let page = |query: &'static str| {
+        let path = format!("/api/webhooks/{}/deliveries?{query}", hook.id);
+        let app = &app;
+        let token = owner.token().to_string();
+        async move {
+            let page: Vec<WebhookDelivery> = app.get(&path, &token).await.json().await.unwrap();
+            page.into_iter().map(|d| d.id).collect::<Vec<_>>()
+        }
+    };
+    let (first, rest) = (page("limit=2").await, page("limit=2&offset=2").await);
+    assert_eq!((first.len(), rest.len()), (2, 1));
+    assert!(!first.contains(&rest[0]));
+
     // A stranger's view: nothing there.
     assert!(rules(&app, &stranger).await.is_empty());
     let hooks: Vec<Webhook> = app
