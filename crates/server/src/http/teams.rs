@@ -53,6 +53,42 @@ fn forbidden(message: &str) -> ApiError {
     ApiError::coded(ErrorCode::Forbidden, message.to_string())
 }
 
+/// A member a route acts on: the caller's team `team_id` (with the caller's role), and
+/// `member`'s record and role in it. Not the caller's team, or not a member: not found.
+struct Target {
+    team: TeamMembership,
+    caller: Role,
+    id: UserId,
+    record: crate::store::TeamMemberRecord,
+    role: Role,
+}
+
+async fn target(
+    state: &AppState,
+    store: &UserStore,
+    team_id: &str,
+    member: &str,
+) -> Result<Target, ApiError> {
+    let (team, caller) = membership(store, team_id).await?;
+    let id = UserId::parse(member).map_err(|_| ApiError::not_found("member"))?;
+    let record = state
+        .infra
+        .store
+        .team_members(&team.team_id)
+        .await?
+        .into_iter()
+        .find(|m| m.user_id == id.to_string())
+        .ok_or_else(|| ApiError::not_found("member"))?;
+    let role = Role::parse(&record.role).unwrap_or(Role::Member);
+    Ok(Target {
+        team,
+        caller,
+        id,
+        record,
+        role,
+    })
+}
+
 /// Makes a team; the caller is its owner.
 #[utoipa::path(
     post,
@@ -278,15 +314,11 @@ pub async fn remove(
     Path((team_id, member)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let (team, role) = membership(&store, &team_id).await?;
-    let member = UserId::parse(&member).map_err(|_| ApiError::not_found("member"))?;
-    let members = state.infra.store.team_members(&team.team_id).await?;
-    let target = members
-        .iter()
-        .find(|m| m.user_id == member.to_string())
-        .ok_or_else(|| ApiError::not_found("member"))?;
-    let target_role = Role::parse(&target.role).unwrap_or(Role::Member);
-    if !role.may_remove(target_role, member == user.user_id()) {
+    let target = target(&state, &store, &team_id, &member).await?;
+    if !target
+        .caller
+        .may_remove(target.role, target.id == user.user_id())
+    {
         return Err(forbidden(
             "owners remove admins and members, admins remove members; the owner cannot leave",
         ));
@@ -294,7 +326,7 @@ pub async fn remove(
     state
         .infra
         .store
-        .remove_team_member(&team.team_id, member)
+        .remove_team_member(&target.team.team_id, target.id)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -335,15 +367,8 @@ pub async fn change_role(
         _ => return Err(ApiError::validation("role must be admin or member")),
     };
     let store = UserStore::for_user(Arc::clone(&state.infra.store), &user);
-    let (team, role) = membership(&store, &team_id).await?;
-    let member = UserId::parse(&member).map_err(|_| ApiError::not_found("member"))?;
-    let members = state.infra.store.team_members(&team.team_id).await?;
-    let target = members
-        .iter()
-        .find(|m| m.user_id == member.to_string())
-        .ok_or_else(|| ApiError::not_found("member"))?;
-    let from = Role::parse(&target.role).unwrap_or(Role::Member);
-    if !role.may_change_role(from, to) {
+    let target = target(&state, &store, &team_id, &member).await?;
+    if !target.caller.may_change_role(target.role, to) {
         return Err(forbidden(
             "only the team's owner changes roles, and the owner's own role does not change",
         ));
@@ -351,17 +376,18 @@ pub async fn change_role(
     if !state
         .infra
         .store
-        .set_team_role(&team.team_id, member, to.name())
+        .set_team_role(&target.team.team_id, target.id, to.name())
         .await?
     {
         return Err(ApiError::not_found("member"));
     }
+    let record = target.record;
     Ok(Json(TeamMember {
-        user_id: target.user_id.clone(),
-        email: target.email.clone(),
-        name: target.name.clone(),
+        user_id: record.user_id,
+        email: record.email,
+        name: record.name,
         role: to.name().into(),
-        joined_at: ms_to_rfc3339(target.joined_at_ms),
+        joined_at: ms_to_rfc3339(record.joined_at_ms),
     }))
 }
 

@@ -67,6 +67,25 @@ fn provider(path: &std::path::Path) -> LocalProvider {
     LocalProvider::load(path, LocalOptions::default()).expect("load the local model")
 }
 
+/// The model on one inference thread that runs one sequence at a time: requests queue.
+async fn one_sequence_provider() -> LocalProvider {
+    use apex_server::llm::local::EngineConfig;
+    let path = model_path();
+    tokio::task::spawn_blocking(move || {
+        let options = LocalOptions {
+            engine: EngineConfig {
+                threads: 1,
+                queue_capacity: 64,
+                max_active_per_thread: 1,
+            },
+            ..LocalOptions::default()
+        };
+        LocalProvider::load(&path, options).expect("load the local model")
+    })
+    .await
+    .unwrap()
+}
+
 fn question(text: &str, max_tokens: u32) -> LlmRequest {
     LlmRequest::new(vec![ChatMessage::user(text)], Value::Null, max_tokens)
 }
@@ -208,21 +227,7 @@ async fn cancelling_stops_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_takes_waiting_requests_in_turn_per_user() {
     use apex_server::ids::UserId;
-    use apex_server::llm::local::EngineConfig;
-    let path = model_path();
-    let provider = tokio::task::spawn_blocking(move || {
-        let options = LocalOptions {
-            engine: EngineConfig {
-                threads: 1,
-                queue_capacity: 64,
-                max_active_per_thread: 1,
-            },
-            ..LocalOptions::default()
-        };
-        LocalProvider::load(&path, options).expect("load the local model")
-    })
-    .await
-    .unwrap();
+    let provider = one_sequence_provider().await;
     let (mallory, alice) = (UserId::generate(), UserId::generate());
     let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut readers = Vec::new();
@@ -483,21 +488,7 @@ async fn a_run_over_its_users_token_budget_is_answered_without_the_model() {
 /// busy with another's; one that may wait longer is answered once the model is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_model_does_not_start_in_time_is_withdrawn_as_busy() {
-    use apex_server::llm::local::EngineConfig;
-    let path = model_path();
-    let provider = tokio::task::spawn_blocking(move || {
-        let options = LocalOptions {
-            engine: EngineConfig {
-                threads: 1,
-                queue_capacity: 64,
-                max_active_per_thread: 1,
-            },
-            ..LocalOptions::default()
-        };
-        LocalProvider::load(&path, options).expect("load the local model")
-    })
-    .await
-    .unwrap();
+    let provider = one_sequence_provider().await;
     // The one sequence the model runs: a long answer.
     let mut long = provider
         .stream(
