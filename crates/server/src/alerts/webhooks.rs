@@ -178,7 +178,7 @@ impl Deliverer {
     }
 
     /// One attempt of a delivery this instance took.
-    async fn attempt(&self, due: DueDelivery) -> Result<(), ()> {
+    async fn attempt(&self, due: DueDelivery) {
         let d = &due.delivery;
         let number = d.attempts + 1;
         let started = Instant::now();
@@ -224,9 +224,7 @@ impl Deliverer {
         {
             // The lease ends and the delivery is attempted again: at least once.
             tracing::error!(error = %err, delivery = %d.id, "recording a webhook attempt failed");
-            return Err(());
         }
-        Ok(())
     }
 
     /// POSTs the message; the receiver's status, or why there was none.

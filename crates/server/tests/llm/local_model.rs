@@ -67,6 +67,15 @@ fn provider(path: &std::path::Path) -> LocalProvider {
     LocalProvider::load(path, LocalOptions::default()).expect("load the local model")
 }
 
+/// The `agent_thinking` notes of a run, in order.
+fn thinking_notes(run: &RunTranscript) -> Vec<&str> {
+    run.events
+        .iter()
+        .filter(|e| e.kind == EventKind::AgentThinking)
+        .filter_map(|e| e.payload["reasoning"].as_str())
+        .collect()
+}
+
 /// The model on one inference thread that runs one sequence at a time: requests queue.
 async fn one_sequence_provider() -> LocalProvider {
     use apex_server::llm::local::EngineConfig;
@@ -467,12 +476,7 @@ async fn a_run_over_its_users_token_budget_is_answered_without_the_model() {
         "{result}"
     );
     assert_eq!(result["completion_tokens"], 0, "{result}");
-    let notes: Vec<&str> = run
-        .events
-        .iter()
-        .filter(|e| e.kind == EventKind::AgentThinking)
-        .filter_map(|e| e.payload["reasoning"].as_str())
-        .collect();
+    let notes = thinking_notes(&run);
     assert!(
         notes
             .iter()
@@ -577,12 +581,7 @@ async fn a_run_that_would_wait_for_a_busy_model_is_answered_without_it() {
     let answer = terminal.payload["final_response"].as_str().unwrap();
     let total = apex_server::agents::answer::money(before.total_cost_usd);
     assert!(answer.contains(&total), "the user's figures: {answer}");
-    let notes: Vec<&str> = run
-        .events
-        .iter()
-        .filter(|e| e.kind == EventKind::AgentThinking)
-        .filter_map(|e| e.payload["reasoning"].as_str())
-        .collect();
+    let notes = thinking_notes(&run);
     assert!(
         notes
             .iter()
