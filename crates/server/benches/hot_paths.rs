@@ -4,7 +4,10 @@
 //! - `emit`: `UserEmitter::emit` end to end against a temporary SQLite database — persist
 //!   (group commit), then publish to two subscribed connections — one run alone, and 50
 //!   runs emitting at once (where group commit batches);
-//! - `client_frame`: parsing client frames.
+//! - `client_frame`: parsing client frames;
+//! - `analysis`: what a run's data and optimization agents read of the user's usage (the
+//!   30-day summary and the savings simulation's input), on a month of demo data and on a
+//!   month twenty times as busy, from the store's rollups.
 //!
 //! See docs/benchmarks.md for the figures and for the whole-server benchmark.
 
@@ -215,5 +218,47 @@ fn client_frame(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encode, emit, client_frame);
+fn analysis(c: &mut Criterion) {
+    use apex_server::agents::optimization::gather;
+    use apex_server::usage::price_book::PriceBook;
+    use apex_server::usage::pricing::PricingTable;
+    use apex_server::usage::{demo, summary_for};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pricing = PricingTable::builtin();
+    let book = PriceBook::builtin(&pricing);
+    // 2025-11-20T13:00:00Z: mid-day, so the window has partial days at both edges.
+    let now = 1_763_643_600_000_i64;
+    let mut group = c.benchmark_group("analysis");
+    for (name, copies) in [("demo_month", 1), ("busy_month", 20)] {
+        let fixture = runtime.block_on(Fixture::new());
+        let users = UserStore::for_user(Arc::clone(&fixture.store), &fixture.user);
+        let month = demo::generate(fixture.user.user_id(), now, &book);
+        let rows: Vec<_> = (0..copies)
+            .flat_map(|copy| {
+                month.iter().map(move |row| {
+                    let mut row = row.clone();
+                    row.ts_ms -= copy;
+                    row.source_ref = None;
+                    row
+                })
+            })
+            .collect();
+        runtime.block_on(users.insert_usage(&rows)).unwrap();
+        let since = now - 30 * 24 * 3600 * 1000;
+        group.bench_function(format!("{name}_{}_rows", rows.len()), |b| {
+            b.to_async(&runtime).iter(|| async {
+                summary_for(&users, 30, now).await.unwrap();
+                gather(&users, since, &pricing).await.unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encode, emit, client_frame, analysis);
 criterion_main!(benches);

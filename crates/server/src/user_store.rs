@@ -195,6 +195,10 @@ impl UserStore {
     ) -> StoreResult<ImportOutcome> {
         self.store.import_usage(self.owner, rows, plan).await
     }
+    /// See [`Store::count_usage`]: what the import quota counts.
+    pub async fn count_usage(&self) -> StoreResult<u64> {
+        self.store.count_usage(self.owner).await
+    }
     pub async fn usage_rows_since(&self, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         self.store.usage_rows_since(self.owner, since_ms).await
     }

@@ -94,6 +94,18 @@ impl Backend {
         }
     }
 
+    /// A statement, bound to a user's id, after which other transactions changing that
+    /// user's usage rollups wait until commit (on every instance): a rollup is read,
+    /// changed and written back. SQLite's one writer already serialises them.
+    pub(crate) fn serialise_rollups(self) -> Option<&'static str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                "SELECT pg_advisory_xact_lock(hashtextextended('apex.usage_rollups:' || $1, 0))",
+            ),
+        }
+    }
+
     /// A statement, bound to a budget's id, after which other transactions reserving on
     /// that budget wait until commit (on every instance). SQLite's one writer already
     /// serialises them.

@@ -12,7 +12,9 @@
 //! - [`sqlite`], [`postgres`]: the engine shells: connections, migrations and what only one
 //!   engine has (SQLite's single writer and its checkpoints; PostgreSQL's `LISTEN`/`NOTIFY`).
 //! - `group_commit`: appends the run events of all runs in few transactions.
-//! - `usage_sql`: the usage figures, grouped by the database (a child of `shared`).
+//! - [`rollups`]: per-user rollups of the usage rows (sums per day, latency and completion
+//!   sketches), what the usage figures are read from; `rollups_sql` stores and reads them
+//!   and `usage_sql` computes the figures (children of `shared`).
 //! - [`ids`]: validated id newtypes.
 //!
 //! [`open`] picks the engine from the database URL and applies pending migrations; the
@@ -39,6 +41,7 @@ pub mod ids;
 pub mod postgres;
 mod records;
 mod roles;
+pub mod rollups;
 pub mod sqlite;
 
 use std::sync::Arc;

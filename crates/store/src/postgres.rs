@@ -53,6 +53,7 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        shared::rollups_sql::backfill(&pool).await?;
         Ok(Self {
             reads: pool.clone(),
             events: EventWriter::start(pool.clone()),

@@ -469,14 +469,14 @@ pub struct OutputCap {
     pub cap: i64,
 }
 
-/// What [`crate::Usage::usage_savings`] measures on each row of the window:
-/// - routing: rows with fewer than `short_prompt` prompt and `short_completion` completion
-///   tokens on a model of `rates`, whose cost minus their cost at those rates is positive;
-/// - output caps: rows of a workload of `caps` with more completion tokens than its cap.
+/// What [`crate::Usage::usage_savings`] measures in the window (see
+/// [`crate::rollups::savings_of`]):
+/// - routing: the short requests (fewer than [`crate::rollups::SHORT_PROMPT_TOKENS`] prompt
+///   and [`crate::rollups::SHORT_COMPLETION_TOKENS`] completion tokens each) of a
+///   (workload, model) whose model is in `rates`, when repricing them at those rates saves;
+/// - output caps: requests of a workload of `caps` with more completion tokens than its cap.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SavingsQuery {
-    pub short_prompt: i64,
-    pub short_completion: i64,
     pub rates: Vec<RepricingRate>,
     pub caps: Vec<OutputCap>,
 }
@@ -486,7 +486,7 @@ pub struct SavingsQuery {
 pub struct SavingsTotals {
     pub workload: String,
     pub model: String,
-    /// Short rows whose repricing saves money, and the sum of those savings.
+    /// Short requests whose repricing saves money, and what it saves.
     pub routed_requests: i64,
     pub routing_savings_usd: f64,
     /// Rows over the workload's cap, and the sum of their tokens past it.

@@ -356,10 +356,11 @@ pub trait Usage: Send + Sync {
     /// (the process stopped between two chunks). Returns the rows deleted.
     async fn sweep_abandoned_imports(&self, started_before_ms: i64) -> StoreResult<u64>;
     /// Every row of `owner` dated at or after `since_ms`, by time. The server's own figures
-    /// come from the grouped queries below, which load no row.
+    /// come from the queries below, which read the rollups (see [`crate::rollups`]).
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
     /// Totals per (provider, model, workload, source) of `owner`'s usage rows dated in
-    /// `[since_ms, until_ms]`, computed by the database (no row is loaded).
+    /// `[since_ms, until_ms]`: the window's whole days from the rollups, its partial edge
+    /// days from the rows.
     async fn usage_totals(
         &self,
         owner: UserId,
@@ -367,7 +368,8 @@ pub trait Usage: Send + Sync {
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>>;
     /// The latency of the rows at the given 1-based ranks when `owner`'s rows dated in
-    /// `[since_ms, until_ms]` are ordered by latency, as (rank, latency) pairs; ranks past
+    /// `[since_ms, until_ms]` are ordered by latency, as (rank, latency) pairs, read off
+    /// the latency sketches (within [`crate::rollups::SKETCH_RELATIVE_ERROR`]); ranks past
     /// the last row have none.
     async fn usage_latency_at_ranks(
         &self,
@@ -386,7 +388,8 @@ pub trait Usage: Send + Sync {
     ) -> StoreResult<Vec<UsageDayTotals>>;
     /// For each wanted (workload, rank), the completion tokens of the row at that rank of the
     /// workload's rows dated in `[since_ms, until_ms]`, ordered by completion tokens, as
-    /// (workload, tokens); ranks past the last row have none.
+    /// (workload, tokens), read off the completion sketches; ranks past the last row have
+    /// none.
     async fn usage_completion_at_ranks(
         &self,
         owner: UserId,

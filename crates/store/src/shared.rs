@@ -35,6 +35,11 @@ use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 #[path = "usage_sql.rs"]
 mod usage_sql;
 
+// The usage rollups' SQL (used by the Usage role's), likewise.
+#[allow(clippy::duplicate_mod)]
+#[path = "rollups_sql.rs"]
+pub(crate) mod rollups_sql;
+
 // The Budgets role's SQL, likewise.
 #[allow(clippy::duplicate_mod)]
 #[path = "budgets_sql.rs"]

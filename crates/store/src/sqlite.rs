@@ -79,6 +79,7 @@ impl SqliteStore {
             )
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writes).await?;
+        shared::rollups_sql::backfill(&writes).await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)

@@ -1,22 +1,25 @@
-//! The [`Usage`] role's SQL: a user's usage rows, and the figures the database computes
-//! from them. A child of `shared.rs`, compiled with it for each engine.
+//! The [`Usage`] role's SQL: a user's usage rows, and the figures computed from them. A
+//! child of `shared.rs`, compiled with it for each engine.
 //!
-//! The summary, the daily series and the savings simulation group in the database and get
-//! a handful of rows (loading the window's rows was the largest CPU cost of a run). Every
-//! query filters by the owner first. Sums of `BIGINT` columns are cast back to `BIGINT`
-//! (PostgreSQL sums them as `NUMERIC`), and constants of other types are bound, not written
-//! inline (PostgreSQL reads `1000000.0` as `NUMERIC`).
+//! Rows are written with their rollups (`rollups_sql::apply`, same transaction; a row sent
+//! twice is neither stored nor counted again), and an import undone takes its rows out of
+//! both. The summary, the daily series, the percentiles and the savings simulation read
+//! the rollups of the window's whole days and only the rows of its partial edge days (a
+//! run's analysis read the whole window's rows six times before). Every query filters by
+//! the owner first.
 //!
-//! Sums of money must not depend on the order the database visits the rows in, or two
-//! reads of the same rows could round to different micro-dollars (the answer of a run and
-//! the summary would disagree). SQLite visits them in the order of the `(user_id, ts)`
-//! index, always, and sums with compensation; PostgreSQL's order changes with the plan it
-//! picks (index or bitmap scan, as its statistics change), so there the costs are summed as
-//! `NUMERIC`, exactly. Groups come back ordered, so adding them up in Rust is repeatable too.
+//! Sums of money must not depend on the order rows are visited in, or two reads of the
+//! same rows could round to different micro-dollars (the answer of a run and the summary
+//! would disagree): the window's groups are added up in key order (day by day), and edge
+//! rows are folded in time order. What is still summed by the database (totals per price
+//! version) is summed as `NUMERIC` on PostgreSQL, whose visiting order changes with its plan.
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use sqlx::{Pool, QueryBuilder, Row};
 
+use super::rollups_sql::{apply, read_window, Change};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
@@ -25,6 +28,7 @@ use crate::records::{
     UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
+use crate::rollups::{savings_of, value_at_rank};
 
 /// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
 fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: i64, until: i64) {
@@ -47,12 +51,12 @@ async fn fetch_rows<T>(
 }
 
 /// The columns [`decode_row`] reads, in its order.
-const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_tokens, completion_tokens, \
+pub(super) const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_tokens, completion_tokens, \
      latency_ms, status, cost_usd, requests, cached_tokens, cache_write_tokens, \
      reasoning_tokens, source, source_ref, price_version";
 
 /// A row selected with [`ROW_COLUMNS`].
-fn decode_row(row: &DbRow) -> sqlx::Result<StoredUsageRow> {
+pub(super) fn decode_row(row: &DbRow) -> sqlx::Result<StoredUsageRow> {
     Ok(StoredUsageRow {
         id: row.try_get(0)?,
         row: UsageRow {
@@ -129,8 +133,18 @@ async fn insert_rows(
                 .push_bind(&row.source_ref)
                 .push_bind(&row.price_version);
         });
-        builder.push(" ON CONFLICT DO NOTHING");
-        inserted += builder.build().execute(&mut *conn).await?.rows_affected();
+        builder.push(format!(" ON CONFLICT DO NOTHING RETURNING {ROW_COLUMNS}"));
+        // What was stored (a row sent twice is not), folded into the rollups in the same
+        // transaction.
+        let stored = builder
+            .build()
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| Ok(decode_row(row)?.row))
+            .collect::<sqlx::Result<Vec<UsageRow>>>()?;
+        apply(conn, owner, &stored, Change::Add).await?;
+        inserted += stored.len() as u64;
     }
     Ok(inserted)
 }
@@ -154,19 +168,34 @@ impl Shell {
     /// Deletes every row of the import `import`, a chunk per transaction, then forgets the
     /// import. Returns the rows deleted.
     async fn undo_import(&self, import: &str) -> StoreResult<u64> {
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM usage_imports WHERE id = $1")
+                .bind(import)
+                .fetch_optional(&self.writes)
+                .await?;
+        let owner = match owner.map(|o| UserId::parse(&o)) {
+            Some(Ok(owner)) => owner,
+            // Not listed (or not a user's): no row carries the import's id.
+            _ => return Ok(0),
+        };
         let mut deleted = 0;
         loop {
-            let done = sqlx::query(
+            let mut tx = self.writes.begin().await?;
+            let rows = sqlx::query(&format!(
                 "DELETE FROM workload_events WHERE id IN (SELECT id FROM workload_events \
-                 WHERE import_id = $1 LIMIT $2)",
-            )
+                 WHERE import_id = $1 LIMIT $2) RETURNING {ROW_COLUMNS}"
+            ))
             .bind(import)
             .bind(UNDO_CHUNK)
-            .execute(&self.writes)
+            .fetch_all(&mut *tx)
             .await?
-            .rows_affected();
-            deleted += done;
-            if done == 0 {
+            .iter()
+            .map(|row| Ok(decode_row(row)?.row))
+            .collect::<sqlx::Result<Vec<UsageRow>>>()?;
+            apply(&mut tx, owner, &rows, Change::Remove).await?;
+            tx.commit().await?;
+            deleted += rows.len() as u64;
+            if rows.is_empty() {
                 break;
             }
         }
@@ -299,38 +328,38 @@ impl Usage for Shell {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>> {
-        let mut q = QueryBuilder::new(format!(
-            "SELECT provider, model, workload, source, CAST(SUM(requests) AS BIGINT), \
-             CAST(SUM(CASE WHEN status <> 'ok' THEN requests ELSE 0 END) AS BIGINT), \
-             CAST(SUM(CASE WHEN requests = 1 THEN 1 ELSE 0 END) AS BIGINT), \
-             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-             CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), \
-             {}, MAX(ts) FROM workload_events",
-            ENGINE.money_sum("cost_usd")
-        ));
-        push_window(&mut q, "", owner, since_ms, until_ms);
-        q.push(
-            " GROUP BY provider, model, workload, source \
-             ORDER BY provider, model, workload, source",
-        );
-        fetch_rows(&self.reads, q, |row| {
-            Ok(UsageTotals {
-                provider: row.try_get(0)?,
-                model: row.try_get(1)?,
-                workload: row.try_get(2)?,
-                source: row.try_get(3)?,
-                requests: row.try_get(4)?,
-                errors: row.try_get(5)?,
-                timed_requests: row.try_get(6)?,
-                prompt_tokens: row.try_get(7)?,
-                completion_tokens: row.try_get(8)?,
-                cached_tokens: row.try_get(9)?,
-                reasoning_tokens: row.try_get(10)?,
-                cost_usd: row.try_get(11)?,
-                last_ts_ms: row.try_get(12)?,
-            })
-        })
-        .await
+        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
+        // Day by day within each group, in key order: the same sum at every read.
+        let mut totals: BTreeMap<(&str, &str, &str, &str), UsageTotals> = BTreeMap::new();
+        for (key, g) in &window.groups {
+            let total = totals
+                .entry((&key.provider, &key.model, &key.workload, &key.source))
+                .or_insert_with(|| UsageTotals {
+                    provider: key.provider.clone(),
+                    model: key.model.clone(),
+                    workload: key.workload.clone(),
+                    source: key.source.clone(),
+                    requests: 0,
+                    errors: 0,
+                    timed_requests: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    cached_tokens: 0,
+                    reasoning_tokens: 0,
+                    cost_usd: 0.0,
+                    last_ts_ms: g.last_ts_ms,
+                });
+            total.requests += g.requests;
+            total.errors += g.errors;
+            total.timed_requests += g.timed_requests;
+            total.prompt_tokens += g.prompt_tokens;
+            total.completion_tokens += g.completion_tokens;
+            total.cached_tokens += g.cached_tokens;
+            total.reasoning_tokens += g.reasoning_tokens;
+            total.cost_usd += g.cost_usd;
+            total.last_ts_ms = total.last_ts_ms.max(g.last_ts_ms);
+        }
+        Ok(totals.into_values().collect())
     }
     async fn usage_latency_at_ranks(
         &self,
@@ -342,20 +371,12 @@ impl Usage for Shell {
         if ranks.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = QueryBuilder::new(
-            "SELECT t.rn, t.latency_ms FROM (SELECT latency_ms, \
-             ROW_NUMBER() OVER (ORDER BY latency_ms) AS rn FROM workload_events",
-        );
-        push_window(&mut q, "", owner, since_ms, until_ms);
-        // A bucket's latency is unknown: only rows of one request are ranked.
-        q.push(" AND requests = 1) t WHERE t.rn IN (");
-        let mut list = q.separated(", ");
-        for rank in ranks {
-            list.push_bind(*rank);
-        }
-        q.push(")");
-        fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .await
+        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
+        let sketch = window.latency_sketch();
+        Ok(ranks
+            .iter()
+            .filter_map(|rank| Some((*rank, value_at_rank(&sketch, *rank)?)))
+            .collect())
     }
     async fn usage_daily(
         &self,
@@ -363,23 +384,21 @@ impl Usage for Shell {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>> {
-        // The day is the floor of `ts / 86,400,000`, also for instants before 1970.
-        let mut q = QueryBuilder::new(format!(
-            "SELECT (ts - ((ts % 86400000) + 86400000) % 86400000) / 86400000 AS day, model, \
-             CAST(SUM(requests) AS BIGINT), {} FROM workload_events",
-            ENGINE.money_sum("cost_usd")
-        ));
-        push_window(&mut q, "", owner, since_ms, until_ms);
-        q.push(" GROUP BY day, model ORDER BY day, model");
-        fetch_rows(&self.reads, q, |row| {
-            Ok(UsageDayTotals {
-                day: row.try_get(0)?,
-                model: row.try_get(1)?,
-                requests: row.try_get(2)?,
-                cost_usd: row.try_get(3)?,
-            })
-        })
-        .await
+        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
+        let mut days: BTreeMap<(i64, &str), UsageDayTotals> = BTreeMap::new();
+        for (key, g) in &window.groups {
+            let day = days
+                .entry((key.day, &key.model))
+                .or_insert_with(|| UsageDayTotals {
+                    day: key.day,
+                    model: key.model.clone(),
+                    requests: 0,
+                    cost_usd: 0.0,
+                });
+            day.requests += g.requests;
+            day.cost_usd += g.cost_usd;
+        }
+        Ok(days.into_values().collect())
     }
     async fn usage_completion_at_ranks(
         &self,
@@ -391,23 +410,15 @@ impl Usage for Shell {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = QueryBuilder::new("WITH wanted (workload, rnk) AS (");
-        q.push_values(wanted, |mut b, w| {
-            b.push_bind(w.workload.clone()).push_bind(w.rank);
-        });
-        q.push(
-            ") SELECT t.workload, t.completion_tokens FROM (SELECT workload, completion_tokens, \
-             ROW_NUMBER() OVER (PARTITION BY workload ORDER BY completion_tokens) AS rn \
-             FROM workload_events",
-        );
-        push_window(&mut q, "", owner, since_ms, until_ms);
-        // Ranked like latencies: a bucket's tokens per request are an average, not a request.
-        q.push(
-            " AND requests = 1 AND workload IN (SELECT workload FROM wanted)) t \
-             JOIN wanted w ON w.workload = t.workload AND w.rnk = t.rn",
-        );
-        fetch_rows(&self.reads, q, |row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .await
+        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
+        let sketches = window.completion_ranked();
+        Ok(wanted
+            .iter()
+            .filter_map(|w| {
+                let tokens = value_at_rank(sketches.get(w.workload.as_str())?, w.rank)?;
+                Some((w.workload.clone(), tokens))
+            })
+            .collect())
     }
     async fn usage_savings(
         &self,
@@ -419,71 +430,8 @@ impl Usage for Shell {
         if query.rates.is_empty() && query.caps.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = QueryBuilder::new("WITH rates (model, input_rate, output_rate) AS (");
-        if query.rates.is_empty() {
-            // VALUES needs at least one row; this table has none.
-            q.push(
-                "SELECT CAST(NULL AS TEXT), CAST(NULL AS DOUBLE PRECISION), \
-                 CAST(NULL AS DOUBLE PRECISION) WHERE 1 = 0",
-            );
-        } else {
-            q.push_values(&query.rates, |mut b, r| {
-                b.push_bind(r.model.clone())
-                    .push_bind(r.input_per_mtok)
-                    .push_bind(r.output_per_mtok);
-            });
-        }
-        q.push("), caps (workload, cap) AS (");
-        if query.caps.is_empty() {
-            q.push("SELECT CAST(NULL AS TEXT), CAST(NULL AS BIGINT) WHERE 1 = 0");
-        } else {
-            q.push_values(&query.caps, |mut b, c| {
-                b.push_bind(c.workload.clone()).push_bind(c.cap);
-            });
-        }
-        // `saved` is the row's cost minus its cost at the alternative's rates, computed with the
-        // same float operations, in the same order, as `pricing::cost_at`, so the test
-        // `saved > 0` decides every row exactly as the per-row simulation did. A bucket of
-        // `requests` rows (a provider export) is judged by its tokens per request, and a cap
-        // by `cap` tokens per request; for one request that is the row itself.
-        q.push(
-            "), scored AS (SELECT e.workload, e.model, e.requests, e.completion_tokens, \
-             CASE WHEN e.requests > 0 THEN c.cap * e.requests END AS cap, \
-             CASE WHEN r.model IS NOT NULL AND e.prompt_tokens < e.requests * ",
-        )
-        .push_bind(query.short_prompt)
-        .push(" AND e.completion_tokens < e.requests * ")
-        .push_bind(query.short_completion)
-        .push(
-            " THEN e.cost_usd - (e.prompt_tokens * r.input_rate + e.completion_tokens * r.output_rate) / ",
-        )
-        .push_bind(1_000_000.0f64)
-        .push(
-            " END AS saved FROM workload_events e LEFT JOIN rates r ON r.model = e.model \
-             LEFT JOIN caps c ON c.workload = e.workload",
-        );
-        push_window(&mut q, "e.", owner, since_ms, until_ms);
-        q.push(format!(
-            " AND (r.model IS NOT NULL OR c.cap IS NOT NULL)) \
-             SELECT workload, model, \
-             CAST(SUM(CASE WHEN saved > 0 THEN requests ELSE 0 END) AS BIGINT), {}, \
-             CAST(SUM(CASE WHEN completion_tokens > cap THEN requests ELSE 0 END) AS BIGINT), \
-             CAST(SUM(CASE WHEN completion_tokens > cap THEN completion_tokens - cap ELSE 0 END) \
-             AS BIGINT) FROM scored WHERE saved > 0 OR completion_tokens > cap \
-             GROUP BY workload, model ORDER BY workload, model",
-            ENGINE.money_sum("CASE WHEN saved > 0 THEN saved ELSE 0 END")
-        ));
-        fetch_rows(&self.reads, q, |row| {
-            Ok(SavingsTotals {
-                workload: row.try_get(0)?,
-                model: row.try_get(1)?,
-                routed_requests: row.try_get(2)?,
-                routing_savings_usd: row.try_get(3)?,
-                capped_requests: row.try_get(4)?,
-                tokens_over_cap: row.try_get(5)?,
-            })
-        })
-        .await
+        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
+        Ok(savings_of(&window, query))
     }
     async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>> {
         let mut q = QueryBuilder::new(format!(

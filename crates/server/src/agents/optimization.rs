@@ -28,8 +28,6 @@ use crate::user_store::UserStore;
 
 pub struct OptimizationAgent;
 
-const SHORT_PROMPT: i64 = 600;
-const SHORT_COMPLETION: i64 = 150;
 const CACHING_MIN_AVG_PROMPT: f64 = 1500.0;
 const CACHEABLE_SHARE: f64 = 0.6;
 const CAP_MIN_AVG_COMPLETION: f64 = 400.0;
@@ -141,8 +139,6 @@ pub async fn gather(
         })
         .collect();
     let query = SavingsQuery {
-        short_prompt: SHORT_PROMPT,
-        short_completion: SHORT_COMPLETION,
         rates,
         caps: caps
             .iter()
