@@ -1,5 +1,6 @@
 //! Reporting: assembles the structured report and writes the answer from it, streamed to
-//! the user as `partial_result` events while it is written.
+//! the user as `partial_result` events while it is written (chunks written within
+//! [`PARTIAL_RESULT_GAP`] of each other leave as one event).
 //!
 //! The answer is laid out by [`super::answer::compose`]: fixed text built from the report's
 //! figures, and a few slots of prose the configured model writes (a summary, a short why per
@@ -11,9 +12,12 @@
 //! writes the prose, the answer states the user's figures; the run completes and
 //! `final_response` is the answer as streamed.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio::time::{sleep_until, Instant};
 
 use super::answer::{self, check_slot, compose, fixed_text, placed, Part, Slot, SlotProblem};
 use super::{Agent, AgentContext, AgentError, RequestCategory, RunState};
@@ -21,6 +25,10 @@ use crate::llm::{LlmError, LlmRequest, Repetition, TokenMeter};
 use apex_protocol::events::EventBody;
 
 pub struct ReportingAgent;
+
+/// Least time between two `partial_result` events of a run (about 60 a second, a screen's
+/// refresh): chunks written faster are sent together.
+pub const PARTIAL_RESULT_GAP: Duration = Duration::from_millis(16);
 
 /// What the report says about the models and workloads the question names, and the plan
 /// step it asks about, with the names the data does show (for an honest "not in your data").
@@ -260,16 +268,46 @@ impl ReportingAgent {
             .fallback
             .stream(request, cx.ctx.cancellation().clone())
             .await?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            if chunk.is_empty() {
-                continue;
+        // Chunks that arrive within PARTIAL_RESULT_GAP of the last event wait and leave
+        // together (the first at once, so the first words are not delayed): a fast writer
+        // costs one persisted, delivered event per gap instead of one per chunk, and the
+        // stored log and the wire carry the same events.
+        let mut held = String::new();
+        let mut last_sent: Option<Instant> = None;
+        loop {
+            let due = last_sent.map(|at| at + PARTIAL_RESULT_GAP);
+            tokio::select! {
+                biased;
+                _ = sleep_until(due.unwrap_or_else(Instant::now)), if !held.is_empty() => {
+                    self.send_chunk(cx, std::mem::take(&mut held)).await?;
+                    last_sent = Some(Instant::now());
+                }
+                next = stream.next() => {
+                    let Some(chunk) = next else { break };
+                    let chunk = chunk?;
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    state.answer.push_str(&chunk);
+                    held.push_str(&chunk);
+                    if due.is_none_or(|due| Instant::now() >= due) {
+                        self.send_chunk(cx, std::mem::take(&mut held)).await?;
+                        last_sent = Some(Instant::now());
+                    }
+                }
             }
-            state.answer.push_str(&chunk);
-            cx.emitter
-                .emit(self.name(), EventBody::PartialResult { content: chunk })
-                .await?;
         }
+        if !held.is_empty() {
+            self.send_chunk(cx, held).await?;
+        }
+        Ok(())
+    }
+
+    /// Emits one `partial_result` event with `content`.
+    async fn send_chunk(&self, cx: &AgentContext, content: String) -> Result<(), AgentError> {
+        cx.emitter
+            .emit(self.name(), EventBody::PartialResult { content })
+            .await?;
         Ok(())
     }
 

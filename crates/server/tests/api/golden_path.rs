@@ -419,3 +419,50 @@ async fn stop_agent_cancels_the_run_with_a_terminal_cancelled_event() {
         .await;
     assert_eq!(rest.status(), 409);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_writers_chunks_leave_together_and_the_stored_log_matches_the_wire() {
+    // No delay between the template writer's chunks: they arrive faster than one event
+    // per 16 ms could carry them.
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::ZERO).await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let run = ws.ask(QUESTION, None).await;
+    assert_contiguous_and_terminated(&run.events);
+    let partials: Vec<&AgentEvent> = run
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::PartialResult)
+        .collect();
+    let streamed: String = partials
+        .iter()
+        .map(|e| e.payload["content"].as_str().unwrap())
+        .collect();
+    let answer = run.terminal().compat["final_response"].as_str().unwrap();
+    assert_eq!(streamed, answer, "the chunks are the answer, in order");
+    // The writer's chunks are four words or a line each; together they leave as far fewer
+    // events.
+    let lines = answer.matches('\n').count();
+    let words = answer.split([' ', '\n']).filter(|w| !w.is_empty()).count();
+    let chunks = lines.max(words / 4);
+    assert!(
+        partials.len() * 2 < chunks,
+        "{} partial_result events for about {chunks} chunks",
+        partials.len()
+    );
+    // The stored log holds exactly the events the socket carried.
+    let page: Value = app
+        .get(
+            &format!("/api/runs/{}/events?after_seq=0", run.run_id),
+            user.token(),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let stored: Vec<AgentEvent> = serde_json::from_value(page["events"].clone()).unwrap();
+    assert_eq!(stored.len(), run.events.len());
+    for (s, w) in stored.iter().zip(&run.events) {
+        assert_eq!((s.seq, s.kind, &s.payload), (w.seq, w.kind, &w.payload));
+    }
+}
