@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::auth::AuthenticatedUser;
 use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
+use crate::store::rollups::{Rollup, Sketches};
 use crate::store::{
     AlertRecord, AlertRuleRecord, BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome,
     ImportPlan, MessageRecord, PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome,
@@ -201,6 +202,17 @@ impl UserStore {
     }
     pub async fn usage_rows_since(&self, since_ms: i64) -> StoreResult<Vec<UsageRow>> {
         self.store.usage_rows_since(self.owner, since_ms).await
+    }
+    /// See [`Store::usage_window`]: the window folded once, for several figures.
+    pub async fn usage_window(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+    ) -> StoreResult<Rollup> {
+        self.store
+            .usage_window(self.owner, since_ms, until_ms, sketches)
+            .await
     }
     /// See [`Store::usage_totals`].
     pub async fn usage_totals(

@@ -22,6 +22,7 @@ use crate::records::{
     TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals, UserRecord,
     WebhookAttemptRecord, WebhookDeliveryRecord, WebhookRecord,
 };
+use crate::rollups::{Rollup, Sketches};
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 /// Everything Apex persists: every role at once. Implemented for every type that has all
@@ -358,6 +359,17 @@ pub trait Usage: Send + Sync {
     /// Every row of `owner` dated at or after `since_ms`, by time. The server's own figures
     /// come from the queries below, which read the rollups (see [`crate::rollups`]).
     async fn usage_rows_since(&self, owner: UserId, since_ms: i64) -> StoreResult<Vec<UsageRow>>;
+    /// `owner`'s usage rows dated in `[since_ms, until_ms]`, folded: the window's whole
+    /// days from the rollups, its partial edge days from the rows, with the `sketches`
+    /// asked for. The figures below are functions of it (see [`crate::rollups`]); read it
+    /// once where several are needed.
+    async fn usage_window(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+    ) -> StoreResult<Rollup>;
     /// Totals per (provider, model, workload, source) of `owner`'s usage rows dated in
     /// `[since_ms, until_ms]`: the window's whole days from the rollups, its partial edge
     /// days from the rows.

@@ -24,7 +24,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::records::{SavingsQuery, SavingsTotals, UsageRow};
+use crate::records::{
+    CompletionRank, SavingsQuery, SavingsTotals, UsageDayTotals, UsageRow, UsageTotals,
+};
 
 /// Requests with fewer prompt tokens than this (per request) are short enough to route to
 /// a model's cheaper alternative.
@@ -294,29 +296,29 @@ impl Group {
     }
 
     /// Reads the stored sketches back (see [`Group::latency_text`]); `None` when either is
-    /// not in that form (corrupt data).
+    /// not in that form (corrupt data). Parsed without allocating: a window read parses one
+    /// entry per (group, bucket).
     pub fn read_sketches(&mut self, latency: &str, completion: &str) -> Option<()> {
-        let numbers = |entry: &str| -> Option<Vec<i64>> {
-            entry.split(':').map(|n| n.parse().ok()).collect()
-        };
+        fn numbers<const N: usize>(entry: &str) -> Option<[i64; N]> {
+            let mut out = [0; N];
+            let mut parts = entry.split(':');
+            for slot in &mut out {
+                *slot = parts.next()?.parse().ok()?;
+            }
+            parts.next().is_none().then_some(out)
+        }
         for entry in latency.split(',').filter(|e| !e.is_empty()) {
-            match numbers(entry)?.as_slice() {
-                [bucket, count] => self.latency.insert(*bucket, *count),
-                _ => return None,
-            };
+            let [bucket, count] = numbers(entry)?;
+            self.latency.insert(bucket, count);
         }
         for entry in completion.split(',').filter(|e| !e.is_empty()) {
-            match numbers(entry)?.as_slice() {
-                [bucket, ranked, requests, tokens] => self.completion.insert(
-                    *bucket,
-                    CompletionBucket {
-                        ranked: *ranked,
-                        requests: *requests,
-                        completion_tokens: *tokens,
-                    },
-                ),
-                _ => return None,
+            let [bucket, ranked, requests, completion_tokens] = numbers(entry)?;
+            let b = CompletionBucket {
+                ranked,
+                requests,
+                completion_tokens,
             };
+            self.completion.insert(bucket, b);
         }
         Some(())
     }
@@ -335,8 +337,93 @@ pub fn value_at_rank(sketch: &BTreeMap<i64, i64>, rank: i64) -> Option<i64> {
     None
 }
 
+/// Which sketches a window read decodes (each is text to parse per group; the totals and
+/// the daily series need neither).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sketches {
+    pub latency: bool,
+    pub completion: bool,
+}
+
+/// Totals per (provider, model, workload, source) of `window`, in that order; each group's
+/// days are added in date order, so a read of the same rows always gives the same sums.
+pub fn totals(window: &Rollup) -> Vec<UsageTotals> {
+    let mut totals: BTreeMap<(&str, &str, &str, &str), UsageTotals> = BTreeMap::new();
+    for (key, g) in &window.groups {
+        let total = totals
+            .entry((&key.provider, &key.model, &key.workload, &key.source))
+            .or_insert_with(|| UsageTotals {
+                provider: key.provider.clone(),
+                model: key.model.clone(),
+                workload: key.workload.clone(),
+                source: key.source.clone(),
+                requests: 0,
+                errors: 0,
+                timed_requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+                cost_usd: 0.0,
+                last_ts_ms: g.last_ts_ms,
+            });
+        total.requests += g.requests;
+        total.errors += g.errors;
+        total.timed_requests += g.timed_requests;
+        total.prompt_tokens += g.prompt_tokens;
+        total.completion_tokens += g.completion_tokens;
+        total.cached_tokens += g.cached_tokens;
+        total.reasoning_tokens += g.reasoning_tokens;
+        total.cost_usd += g.cost_usd;
+        total.last_ts_ms = total.last_ts_ms.max(g.last_ts_ms);
+    }
+    totals.into_values().collect()
+}
+
+/// Requests and spend per (UTC day, model) of `window`.
+pub fn daily(window: &Rollup) -> Vec<UsageDayTotals> {
+    let mut days: BTreeMap<(i64, &str), UsageDayTotals> = BTreeMap::new();
+    for (key, g) in &window.groups {
+        let day = days
+            .entry((key.day, &key.model))
+            .or_insert_with(|| UsageDayTotals {
+                day: key.day,
+                model: key.model.clone(),
+                requests: 0,
+                cost_usd: 0.0,
+            });
+        day.requests += g.requests;
+        day.cost_usd += g.cost_usd;
+    }
+    days.into_values().collect()
+}
+
+/// The latency at each 1-based rank among `window`'s single requests ordered by latency,
+/// as (rank, latency); ranks past the last request have none. Needs the latency sketches.
+pub fn latency_at_ranks(window: &Rollup, ranks: &[i64]) -> Vec<(i64, i64)> {
+    let sketch = window.latency_sketch();
+    ranks
+        .iter()
+        .filter_map(|rank| Some((*rank, value_at_rank(&sketch, *rank)?)))
+        .collect()
+}
+
+/// For each wanted (workload, rank), the completion tokens at that rank among the
+/// workload's single requests, as (workload, tokens); ranks past the last request have
+/// none. Needs the completion sketches.
+pub fn completion_at_ranks(window: &Rollup, wanted: &[CompletionRank]) -> Vec<(String, i64)> {
+    let sketches = window.completion_ranked();
+    wanted
+        .iter()
+        .filter_map(|w| {
+            let tokens = value_at_rank(sketches.get(w.workload.as_str())?, w.rank)?;
+            Some((w.workload.clone(), tokens))
+        })
+        .collect()
+}
+
 /// Routing and output-cap figures per (workload, model) of `window` (see [`SavingsQuery`]);
-/// groups with neither are left out.
+/// groups with neither are left out. Needs the completion sketches.
 ///
 /// Routing reprices a (workload, model)'s short requests together at the cheaper model's
 /// rates and counts them when that saves money. A cap counts the requests whose bucket of

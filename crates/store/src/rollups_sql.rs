@@ -14,7 +14,7 @@ use super::usage_sql::{decode_row, ROW_COLUMNS};
 use super::{Db, DbRow, ENGINE};
 use crate::ids::UserId;
 use crate::records::{StoreError, StoreResult, UsageRow};
-use crate::rollups::{Group, GroupKey, Rollup};
+use crate::rollups::{Group, GroupKey, Rollup, Sketches};
 
 type Conn = <Db as sqlx::Database>::Connection;
 
@@ -263,12 +263,23 @@ pub(super) async fn read_window(
     owner: UserId,
     since: i64,
     until: i64,
+    sketches: Sketches,
 ) -> StoreResult<Rollup> {
     let split = split_window(since, until);
     let mut rollup = Rollup::default();
     if let Some((first, last)) = split.days {
+        // A sketch not asked for is neither sent nor parsed.
+        let columns = GROUP_COLUMNS
+            .replace(
+                "latency_sketch",
+                if sketches.latency { "latency_sketch" } else { "''" },
+            )
+            .replace(
+                "completion_sketch",
+                if sketches.completion { "completion_sketch" } else { "''" },
+            );
         let mut q = QueryBuilder::new(format!(
-            "SELECT day, provider, model, workload, source, {GROUP_COLUMNS} FROM usage_rollups \
+            "SELECT day, provider, model, workload, source, {columns} FROM usage_rollups \
              WHERE user_id = "
         ));
         q.push_bind(owner.to_string())
@@ -303,7 +314,16 @@ pub(super) async fn read_window(
             .iter()
             .map(|row| Ok(decode_row(row)?.row))
             .collect::<sqlx::Result<Vec<UsageRow>>>()?;
-        rollup.merge(Rollup::of(&rows));
+        let mut edges = Rollup::of(&rows);
+        for g in edges.groups.values_mut() {
+            if !sketches.latency {
+                g.latency.clear();
+            }
+            if !sketches.completion {
+                g.completion.clear();
+            }
+        }
+        rollup.merge(edges);
     }
     Ok(rollup)
 }

@@ -14,8 +14,6 @@
 //! rows are folded in time order. What is still summed by the database (totals per price
 //! version) is summed as `NUMERIC` on PostgreSQL, whose visiting order changes with its plan.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use sqlx::{Pool, QueryBuilder, Row};
 
@@ -28,7 +26,7 @@ use crate::records::{
     UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
-use crate::rollups::{savings_of, value_at_rank};
+use crate::rollups::{self, Rollup, Sketches};
 
 /// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
 fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: i64, until: i64) {
@@ -322,44 +320,23 @@ impl Usage for Shell {
         fetch_rows(&self.reads, q, |row| Ok(decode_row(row)?.row))
         .await
     }
+    async fn usage_window(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+    ) -> StoreResult<Rollup> {
+        read_window(&self.reads, owner, since_ms, until_ms, sketches).await
+    }
     async fn usage_totals(
         &self,
         owner: UserId,
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>> {
-        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
-        // Day by day within each group, in key order: the same sum at every read.
-        let mut totals: BTreeMap<(&str, &str, &str, &str), UsageTotals> = BTreeMap::new();
-        for (key, g) in &window.groups {
-            let total = totals
-                .entry((&key.provider, &key.model, &key.workload, &key.source))
-                .or_insert_with(|| UsageTotals {
-                    provider: key.provider.clone(),
-                    model: key.model.clone(),
-                    workload: key.workload.clone(),
-                    source: key.source.clone(),
-                    requests: 0,
-                    errors: 0,
-                    timed_requests: 0,
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    cached_tokens: 0,
-                    reasoning_tokens: 0,
-                    cost_usd: 0.0,
-                    last_ts_ms: g.last_ts_ms,
-                });
-            total.requests += g.requests;
-            total.errors += g.errors;
-            total.timed_requests += g.timed_requests;
-            total.prompt_tokens += g.prompt_tokens;
-            total.completion_tokens += g.completion_tokens;
-            total.cached_tokens += g.cached_tokens;
-            total.reasoning_tokens += g.reasoning_tokens;
-            total.cost_usd += g.cost_usd;
-            total.last_ts_ms = total.last_ts_ms.max(g.last_ts_ms);
-        }
-        Ok(totals.into_values().collect())
+        let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
+        Ok(rollups::totals(&window.await?))
     }
     async fn usage_latency_at_ranks(
         &self,
@@ -371,12 +348,12 @@ impl Usage for Shell {
         if ranks.is_empty() {
             return Ok(Vec::new());
         }
-        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
-        let sketch = window.latency_sketch();
-        Ok(ranks
-            .iter()
-            .filter_map(|rank| Some((*rank, value_at_rank(&sketch, *rank)?)))
-            .collect())
+        let sketches = Sketches {
+            latency: true,
+            ..Sketches::default()
+        };
+        let window = read_window(&self.reads, owner, since_ms, until_ms, sketches).await?;
+        Ok(rollups::latency_at_ranks(&window, ranks))
     }
     async fn usage_daily(
         &self,
@@ -384,21 +361,8 @@ impl Usage for Shell {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>> {
-        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
-        let mut days: BTreeMap<(i64, &str), UsageDayTotals> = BTreeMap::new();
-        for (key, g) in &window.groups {
-            let day = days
-                .entry((key.day, &key.model))
-                .or_insert_with(|| UsageDayTotals {
-                    day: key.day,
-                    model: key.model.clone(),
-                    requests: 0,
-                    cost_usd: 0.0,
-                });
-            day.requests += g.requests;
-            day.cost_usd += g.cost_usd;
-        }
-        Ok(days.into_values().collect())
+        let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
+        Ok(rollups::daily(&window.await?))
     }
     async fn usage_completion_at_ranks(
         &self,
@@ -410,15 +374,12 @@ impl Usage for Shell {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
-        let sketches = window.completion_ranked();
-        Ok(wanted
-            .iter()
-            .filter_map(|w| {
-                let tokens = value_at_rank(sketches.get(w.workload.as_str())?, w.rank)?;
-                Some((w.workload.clone(), tokens))
-            })
-            .collect())
+        let sketches = Sketches {
+            completion: true,
+            ..Sketches::default()
+        };
+        let window = read_window(&self.reads, owner, since_ms, until_ms, sketches).await?;
+        Ok(rollups::completion_at_ranks(&window, wanted))
     }
     async fn usage_savings(
         &self,
@@ -430,8 +391,12 @@ impl Usage for Shell {
         if query.rates.is_empty() && query.caps.is_empty() {
             return Ok(Vec::new());
         }
-        let window = read_window(&self.reads, owner, since_ms, until_ms).await?;
-        Ok(savings_of(&window, query))
+        let sketches = Sketches {
+            completion: true,
+            ..Sketches::default()
+        };
+        let window = read_window(&self.reads, owner, since_ms, until_ms, sketches).await?;
+        Ok(rollups::savings_of(&window, query))
     }
     async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>> {
         let mut q = QueryBuilder::new(format!(

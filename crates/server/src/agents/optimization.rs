@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, Opportunity, RunState};
+use crate::store::rollups::{self, Sketches};
 use crate::store::{
     CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult, UsageTotals,
 };
@@ -98,17 +99,21 @@ fn cap_rank(requests: i64) -> i64 {
 }
 
 /// Gathers the simulation's input for the rows dated at or after `since_ms` (rows dated in
-/// the future included) in three grouped queries instead of loading every row: totals,
-/// then the caps (the 75th percentile needs an order, so the database ranks the rows of
-/// the few workloads that qualify), then the per-row tests of routing and capping, which
-/// depend on the totals and caps, summed per (workload, model).
+/// the future included) from one read of the window's rollups: totals, then the caps (the
+/// 75th percentile of completion tokens of the few workloads that qualify, from the
+/// completion sketches), then routing and capping, which depend on both, per (workload,
+/// model).
 pub async fn gather(
     store: &UserStore,
     since_ms: i64,
     pricing: &PricingTable,
 ) -> StoreResult<SimulationInput> {
-    let until = i64::MAX;
-    let totals = store.usage_totals(since_ms, until).await?;
+    let sketches = Sketches {
+        completion: true,
+        ..Sketches::default()
+    };
+    let window = store.usage_window(since_ms, i64::MAX, sketches).await?;
+    let totals = rollups::totals(&window);
     let wanted: Vec<CompletionRank> = by_workload(&totals)
         .into_iter()
         .filter(|(_, w)| w.timed > 0 && w.avg_completion() >= CAP_MIN_AVG_COMPLETION)
@@ -117,9 +122,7 @@ pub async fn gather(
             rank: cap_rank(w.timed),
         })
         .collect();
-    let caps: BTreeMap<String, i64> = store
-        .usage_completion_at_ranks(since_ms, until, &wanted)
-        .await?
+    let caps: BTreeMap<String, i64> = rollups::completion_at_ranks(&window, &wanted)
         .into_iter()
         .map(|(workload, tokens)| (workload, tokens.max(MIN_CAP)))
         .collect();
@@ -148,7 +151,7 @@ pub async fn gather(
             })
             .collect(),
     };
-    let savings = store.usage_savings(since_ms, until, &query).await?;
+    let savings = rollups::savings_of(&window, &query);
     Ok(SimulationInput {
         totals,
         caps,

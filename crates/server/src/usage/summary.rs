@@ -1,7 +1,8 @@
 //! The usage summary: totals, by model, by workload, latency percentiles.
 //!
-//! The database groups the rows (see [`crate::store::Store::usage_totals`]) and picks the
-//! latencies at the percentile ranks; no row is loaded, which is what keeps a run's CPU low
+//! One read of the window's rollups (see [`crate::store::Store::usage_window`]) gives the
+//! totals and the latency sketch the percentiles are read from; the usage rows themselves
+//! are only read for the window's partial edge days, which is what keeps a run's CPU low
 //! with thousands of usage rows per user.
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use apex_protocol::usage::{
 };
 
 use crate::clock::ms_to_rfc3339;
+use crate::store::rollups::{self, Sketches};
 use crate::store::{StoreResult, UsageTotals};
 use crate::user_store::UserStore;
 
@@ -24,15 +26,18 @@ const PERCENTILES: [f64; 3] = [50.0, 95.0, 99.0];
 /// dated after `now_ms` (clock skew in an upload) are not counted yet.
 pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResult<UsageSummary> {
     let start_ms = window_start_ms(days, now_ms);
-    let totals = store.usage_totals(start_ms, now_ms).await?;
+    let sketches = Sketches {
+        latency: true,
+        ..Sketches::default()
+    };
+    let window = store.usage_window(start_ms, now_ms, sketches).await?;
+    let totals = rollups::totals(&window);
     // Percentiles rank the requests that have a latency of their own.
     let count: i64 = totals.iter().map(|t| t.timed_requests).sum();
     let mut latency = LatencyPercentiles::default();
     if count > 0 {
         let ranks = PERCENTILES.map(|p| percentile_rank(count, p));
-        let found = store
-            .usage_latency_at_ranks(start_ms, now_ms, &ranks)
-            .await?;
+        let found = rollups::latency_at_ranks(&window, &ranks);
         let at = |rank: i64| {
             found
                 .iter()
