@@ -13,12 +13,12 @@ use crate::context::UserExecutionContext;
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::store::rollups::{Rollup, Sketches};
 use crate::store::{
-    AlertRecord, AlertRuleRecord, BudgetCharge, BudgetRecord, CompletionRank, ImportOutcome,
-    ImportPlan, MessageRecord, PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome,
+    AlertRecord, AlertRuleRecord, BudgetCharge, BudgetRecord, ImportOutcome, ImportPlan,
+    MessageRecord, PriceOverrideRecord, PriceVersionTotals, RegenerateOutcome,
     RegenerateSubmission, ReserveOutcome, RunAftermath, RunApproval, RunRecord, RunSubmission,
-    SavingsQuery, SavingsTotals, Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome,
-    TeamMembership, ThreadRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals,
-    WebhookAttemptRecord, WebhookDeliveryRecord, WebhookRecord,
+    Store, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome, TeamMembership, ThreadRecord,
+    UsageDayTotals, UsageFilter, UsageRow, UsageTotals, WebhookAttemptRecord,
+    WebhookDeliveryRecord, WebhookRecord,
 };
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
@@ -224,17 +224,6 @@ impl UserStore {
             .usage_totals(self.owner, since_ms, until_ms)
             .await
     }
-    /// See [`Store::usage_latency_at_ranks`].
-    pub async fn usage_latency_at_ranks(
-        &self,
-        since_ms: i64,
-        until_ms: i64,
-        ranks: &[i64],
-    ) -> StoreResult<Vec<(i64, i64)>> {
-        self.store
-            .usage_latency_at_ranks(self.owner, since_ms, until_ms, ranks)
-            .await
-    }
     /// See [`Store::usage_daily`].
     pub async fn usage_daily(
         &self,
@@ -242,28 +231,6 @@ impl UserStore {
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>> {
         self.store.usage_daily(self.owner, since_ms, until_ms).await
-    }
-    /// See [`Store::usage_completion_at_ranks`].
-    pub async fn usage_completion_at_ranks(
-        &self,
-        since_ms: i64,
-        until_ms: i64,
-        wanted: &[CompletionRank],
-    ) -> StoreResult<Vec<(String, i64)>> {
-        self.store
-            .usage_completion_at_ranks(self.owner, since_ms, until_ms, wanted)
-            .await
-    }
-    /// See [`Store::usage_savings`].
-    pub async fn usage_savings(
-        &self,
-        since_ms: i64,
-        until_ms: i64,
-        query: &SavingsQuery,
-    ) -> StoreResult<Vec<SavingsTotals>> {
-        self.store
-            .usage_savings(self.owner, since_ms, until_ms, query)
-            .await
     }
     /// See [`Store::usage_row`].
     pub async fn usage_row(&self, id: i64) -> StoreResult<Option<StoredUsageRow>> {

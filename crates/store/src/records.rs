@@ -469,8 +469,7 @@ pub struct OutputCap {
     pub cap: i64,
 }
 
-/// What [`crate::Usage::usage_savings`] measures in the window (see
-/// [`crate::rollups::savings_of`]):
+/// What [`crate::rollups::savings_of`] measures in a window:
 /// - routing: the short requests (fewer than [`crate::rollups::SHORT_PROMPT_TOKENS`] prompt
 ///   and [`crate::rollups::SHORT_COMPLETION_TOKENS`] completion tokens each) of a
 ///   (workload, model) whose model is in `rates`, when repricing them at those rates saves;

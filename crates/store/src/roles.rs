@@ -13,14 +13,13 @@ use serde_json::Value;
 
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
-    AlertRecord, AlertRuleRecord, ApiKeyRecord, BudgetCharge, BudgetRecord, CompletionRank,
-    DeliveryNext, DueDelivery, ImportOutcome, ImportPlan, MemberUsageTotals, MessageRecord,
-    PriceOverrideRecord, PriceVersionTotals, QueueEntry, RedeemedTicket, RefreshRotation,
-    RegenerateOutcome, RegenerateSubmission, ReserveOutcome, RunAftermath, RunApproval, RunRecord,
-    RunSubmission, SavingsQuery, SavingsTotals, SessionEndReason, SessionRecord, StoreResult,
-    StoredEvent, StoredUsageRow, SubmitOutcome, TeamMemberRecord, TeamMembership, ThreadRecord,
-    TicketRecord, UsageDayTotals, UsageFilter, UsageRow, UsageTotals, UserRecord,
-    WebhookAttemptRecord, WebhookDeliveryRecord, WebhookRecord,
+    AlertRecord, AlertRuleRecord, ApiKeyRecord, BudgetCharge, BudgetRecord, DeliveryNext,
+    DueDelivery, ImportOutcome, ImportPlan, MemberUsageTotals, MessageRecord, PriceOverrideRecord,
+    PriceVersionTotals, QueueEntry, RedeemedTicket, RefreshRotation, RegenerateOutcome,
+    RegenerateSubmission, ReserveOutcome, RunAftermath, RunApproval, RunRecord, RunSubmission,
+    SessionEndReason, SessionRecord, StoreResult, StoredEvent, StoredUsageRow, SubmitOutcome,
+    TeamMemberRecord, TeamMembership, ThreadRecord, TicketRecord, UsageDayTotals, UsageFilter,
+    UsageRow, UsageTotals, UserRecord, WebhookAttemptRecord, WebhookDeliveryRecord, WebhookRecord,
 };
 use crate::rollups::{Rollup, Sketches};
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
@@ -379,17 +378,6 @@ pub trait Usage: Send + Sync {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>>;
-    /// The latency of the rows at the given 1-based ranks when `owner`'s rows dated in
-    /// `[since_ms, until_ms]` are ordered by latency, as (rank, latency) pairs, read off
-    /// the latency sketches (within [`crate::rollups::SKETCH_RELATIVE_ERROR`]); ranks past
-    /// the last row have none.
-    async fn usage_latency_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        ranks: &[i64],
-    ) -> StoreResult<Vec<(i64, i64)>>;
     /// Requests and spend per (UTC day, model) of `owner`'s rows dated in
     /// `[since_ms, until_ms]`.
     async fn usage_daily(
@@ -398,26 +386,6 @@ pub trait Usage: Send + Sync {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>>;
-    /// For each wanted (workload, rank), the completion tokens of the row at that rank of the
-    /// workload's rows dated in `[since_ms, until_ms]`, ordered by completion tokens, as
-    /// (workload, tokens), read off the completion sketches; ranks past the last row have
-    /// none.
-    async fn usage_completion_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        wanted: &[CompletionRank],
-    ) -> StoreResult<Vec<(String, i64)>>;
-    /// Routing and output-cap figures per (workload, model) of `owner`'s rows dated in
-    /// `[since_ms, until_ms]` (see [`SavingsQuery`]); groups with neither are left out.
-    async fn usage_savings(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        query: &SavingsQuery,
-    ) -> StoreResult<Vec<SavingsTotals>>;
     /// `owner`'s row `id`, if it is theirs.
     async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>>;
     /// `owner`'s rows matching `filter`, newest first, at most `limit`, only those with an

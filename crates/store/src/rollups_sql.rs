@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use sqlx::{Pool, QueryBuilder, Row};
 
-use super::usage_sql::{decode_row, ROW_COLUMNS};
+use super::usage_sql::{usage_rows, ROW_COLUMNS};
 use super::{Db, DbRow, ENGINE};
 use crate::ids::UserId;
 use crate::records::{StoreError, StoreResult, UsageRow};
@@ -309,11 +309,7 @@ pub(super) async fn read_window(
         }
         // In a fixed order, so the money adds up the same way at every read.
         q.push(") ORDER BY ts, id");
-        let rows = q.build().fetch_all(pool).await?;
-        let rows = rows
-            .iter()
-            .map(|row| Ok(decode_row(row)?.row))
-            .collect::<sqlx::Result<Vec<UsageRow>>>()?;
+        let rows = usage_rows(&q.build().fetch_all(pool).await?)?;
         let mut edges = Rollup::of(&rows);
         for g in edges.groups.values_mut() {
             if !sketches.latency {
@@ -355,10 +351,7 @@ pub(crate) async fn backfill(pool: &Pool<Db>) -> StoreResult<()> {
         .bind(&owner)
         .fetch_all(&mut *tx)
         .await?;
-        let rows = rows
-            .iter()
-            .map(|row| Ok(decode_row(row)?.row))
-            .collect::<sqlx::Result<Vec<UsageRow>>>()?;
+        let rows = usage_rows(&rows)?;
         apply(&mut tx, id, &rows, Change::Add).await?;
     }
     tx.commit().await?;

@@ -21,8 +21,8 @@ use super::rollups_sql::{apply, read_window, Change};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
-    CompletionRank, ImportOutcome, ImportPlan, PriceOverrideRecord, PriceVersionTotals,
-    SavingsQuery, SavingsTotals, StoreResult, StoredUsageRow, UsageDayTotals, UsageFilter,
+    ImportOutcome, ImportPlan, PriceOverrideRecord, PriceVersionTotals,
+    StoreResult, StoredUsageRow, UsageDayTotals, UsageFilter,
     UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
@@ -76,6 +76,11 @@ pub(super) fn decode_row(row: &DbRow) -> sqlx::Result<StoredUsageRow> {
             price_version: row.try_get(16)?,
         },
     })
+}
+
+/// The usage rows of `rows`, selected (or returned) as [`ROW_COLUMNS`].
+pub(super) fn usage_rows(rows: &[DbRow]) -> sqlx::Result<Vec<UsageRow>> {
+    rows.iter().map(|row| Ok(decode_row(row)?.row)).collect()
 }
 
 /// Appends the window of `filter` and each of its fields that is set, for `owner`.
@@ -134,13 +139,7 @@ async fn insert_rows(
         builder.push(format!(" ON CONFLICT DO NOTHING RETURNING {ROW_COLUMNS}"));
         // What was stored (a row sent twice is not), folded into the rollups in the same
         // transaction.
-        let stored = builder
-            .build()
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|row| Ok(decode_row(row)?.row))
-            .collect::<sqlx::Result<Vec<UsageRow>>>()?;
+        let stored = usage_rows(&builder.build().fetch_all(&mut *conn).await?)?;
         apply(conn, owner, &stored, Change::Add).await?;
         inserted += stored.len() as u64;
     }
@@ -179,17 +178,15 @@ impl Shell {
         let mut deleted = 0;
         loop {
             let mut tx = self.writes.begin().await?;
-            let rows = sqlx::query(&format!(
+            let deleted_rows = sqlx::query(&format!(
                 "DELETE FROM workload_events WHERE id IN (SELECT id FROM workload_events \
                  WHERE import_id = $1 LIMIT $2) RETURNING {ROW_COLUMNS}"
             ))
             .bind(import)
             .bind(UNDO_CHUNK)
             .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|row| Ok(decode_row(row)?.row))
-            .collect::<sqlx::Result<Vec<UsageRow>>>()?;
+            .await?;
+            let rows = usage_rows(&deleted_rows)?;
             apply(&mut tx, owner, &rows, Change::Remove).await?;
             tx.commit().await?;
             deleted += rows.len() as u64;
@@ -338,23 +335,6 @@ impl Usage for Shell {
         let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
         Ok(rollups::totals(&window.await?))
     }
-    async fn usage_latency_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        ranks: &[i64],
-    ) -> StoreResult<Vec<(i64, i64)>> {
-        if ranks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sketches = Sketches {
-            latency: true,
-            ..Sketches::default()
-        };
-        let window = read_window(&self.reads, owner, since_ms, until_ms, sketches).await?;
-        Ok(rollups::latency_at_ranks(&window, ranks))
-    }
     async fn usage_daily(
         &self,
         owner: UserId,
@@ -363,40 +343,6 @@ impl Usage for Shell {
     ) -> StoreResult<Vec<UsageDayTotals>> {
         let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
         Ok(rollups::daily(&window.await?))
-    }
-    async fn usage_completion_at_ranks(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        wanted: &[CompletionRank],
-    ) -> StoreResult<Vec<(String, i64)>> {
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sketches = Sketches {
-            completion: true,
-            ..Sketches::default()
-        };
-        let window = read_window(&self.reads, owner, since_ms, until_ms, sketches).await?;
-        Ok(rollups::completion_at_ranks(&window, wanted))
-    }
-    async fn usage_savings(
-        &self,
-        owner: UserId,
-        since_ms: i64,
-        until_ms: i64,
-        query: &SavingsQuery,
-    ) -> StoreResult<Vec<SavingsTotals>> {
-        if query.rates.is_empty() && query.caps.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sketches = Sketches {
-            completion: true,
-            ..Sketches::default()
-        };
-        let window = read_window(&self.reads, owner, since_ms, until_ms, sketches).await?;
-        Ok(rollups::savings_of(&window, query))
     }
     async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>> {
         let mut q = QueryBuilder::new(format!(

@@ -28,7 +28,7 @@ use apex_server::store::{
 use apex_server::usage::pricing::{cost_at, PricingTable};
 use apex_server::usage::{daily_for, summary_for};
 use apex_server::user_store::UserStore;
-use apex_store::rollups::{bucket, representative, SKETCH_RELATIVE_ERROR};
+use apex_store::rollups::{self, bucket, representative, Sketches, SKETCH_RELATIVE_ERROR};
 
 use crate::helpers::test_database;
 
@@ -589,16 +589,19 @@ async fn assert_rollups_match_rows(users: &UserStore, rows: &[UsageRow], since: 
         assert!(close(g.cost_usd, *cost, 1e-6));
     }
 
+    // Both sketches, read once, as the summary and the simulation read them.
+    let sketches = Sketches {
+        latency: true,
+        completion: true,
+    };
+    let window = users.usage_window(since, until, sketches).await.unwrap();
     let mut latencies: Vec<i64> = in_window()
         .filter(|r| r.requests == 1)
         .map(|r| sketched(r.latency_ms))
         .collect();
     latencies.sort_unstable();
     let ranks: Vec<i64> = (1..=latencies.len() as i64 + 1).collect();
-    let got = users
-        .usage_latency_at_ranks(since, until, &ranks)
-        .await
-        .unwrap();
+    let got = rollups::latency_at_ranks(&window, &ranks);
     let want: Vec<(i64, i64)> = latencies
         .iter()
         .enumerate()
@@ -618,10 +621,7 @@ async fn assert_rollups_match_rows(users: &UserStore, rows: &[UsageRow], since: 
                 rank,
             })
             .collect();
-        let got = users
-            .usage_completion_at_ranks(since, until, &wanted)
-            .await
-            .unwrap();
+        let got = rollups::completion_at_ranks(&window, &wanted);
         let want: Vec<(String, i64)> = tokens.iter().map(|t| (workload.into(), *t)).collect();
         assert_eq!(
             got, want,
@@ -640,7 +640,7 @@ async fn assert_rollups_match_rows(users: &UserStore, rows: &[UsageRow], since: 
             cap: 1000,
         }],
     };
-    let got = users.usage_savings(since, until, &query).await.unwrap();
+    let got = rollups::savings_of(&window, &query);
     let mut routed: BTreeMap<String, (i64, i64, i64, f64)> = BTreeMap::new();
     let mut capped: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for r in in_window() {
