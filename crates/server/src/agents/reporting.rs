@@ -26,8 +26,10 @@ use apex_protocol::events::EventBody;
 
 pub struct ReportingAgent;
 
-/// Least time between two `partial_result` events of a run (about 60 a second, a screen's
-/// refresh): chunks written faster are sent together.
+/// Least time between two `partial_result` events while one passage of the answer streams
+/// (about 60 a second, a screen's refresh): chunks written faster are sent together. A
+/// passage's first chunk leaves at once and its last is not held, so the gap adds no delay
+/// between passages.
 pub const PARTIAL_RESULT_GAP: Duration = Duration::from_millis(16);
 
 /// What the report says about the models and workloads the question names, and the plan
