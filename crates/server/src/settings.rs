@@ -96,7 +96,7 @@ pub struct LocalModelSettings {
     pub threads: usize,
     /// Requests that may wait for an inference thread before new ones wait to be queued.
     pub queue_capacity: usize,
-    /// Sequences one inference thread advances in turn.
+    /// Requests one inference thread advances together, one forward pass per step.
     pub max_active_per_thread: usize,
     /// 0 means greedy decoding (the same prompt always gives the same answer).
     pub temperature: f32,
@@ -115,7 +115,7 @@ impl Default for LocalModelSettings {
             path: None,
             threads: 1,
             queue_capacity: 64,
-            max_active_per_thread: 8,
+            max_active_per_thread: 16,
             temperature: 0.0,
             top_p: 1.0,
             seed: None,

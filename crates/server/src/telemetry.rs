@@ -29,6 +29,8 @@ pub const EVENT_BATCH: &str = apex_store::EVENT_BATCH_METRIC;
 pub const LLM_TOKENS: &str = "apex_llm_tokens_total";
 pub const LLM_QUEUE: &str = "apex_llm_queue_depth";
 pub const LLM_ACTIVE: &str = "apex_llm_active_requests";
+/// Requests advanced together by one forward pass of the local model.
+pub const LLM_BATCH: &str = "apex_llm_batch_size";
 pub const LLM_LATENCY: &str = "apex_llm_request_duration_seconds";
 /// Requests the local model did not start on within their `max_queue_wait`.
 pub const LLM_BUSY: &str = "apex_llm_busy_total";
@@ -85,6 +87,8 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
         ],
     ),
+    // Requests per forward pass, not seconds (a thread holds at most 64 by configuration).
+    (LLM_BATCH, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
     // Events per transaction, not seconds.
     (
         EVENT_BATCH,
@@ -171,6 +175,10 @@ pub fn describe() {
     metrics::describe_gauge!(
         LLM_ACTIVE,
         "Local model requests being generated (prompt or decode)"
+    );
+    metrics::describe_histogram!(
+        LLM_BATCH,
+        "Local model requests advanced together by one forward pass"
     );
     metrics::describe_histogram!(
         LLM_LATENCY,

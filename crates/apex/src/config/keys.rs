@@ -356,6 +356,14 @@ pub(super) static KEYS: &[Key] = &[
     )
     .flag("llm-threads", "N"),
     key(
+        "llm_max_batch",
+        "llm.max_batch",
+        "APEX_LLM_MAX_BATCH",
+        "Requests one inference thread generates together (1 to 64, default 16): each step \
+         advances all of them in one pass over the weights; more wait in the queue.",
+    )
+    .flag("llm-max-batch", "N"),
+    key(
         "llm_temperature",
         "llm.temperature",
         "APEX_LLM_TEMPERATURE",

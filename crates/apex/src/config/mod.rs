@@ -206,6 +206,8 @@ struct Llm {
     #[serde(skip_serializing_if = "Option::is_none")]
     model_path: Option<PathValue>,
     threads: Int<1, 1024>,
+    /// Requests one inference thread advances together.
+    max_batch: Int<1, 64>,
     temperature: Number<0, 2>,
     top_p: Number<0, 1>,
     template_stream_delay_ms: Int<0, 60_000>,
@@ -219,6 +221,7 @@ impl Default for Llm {
             provider: LlmProvider::Local,
             model_path: None,
             threads: Int::new(1),
+            max_batch: Int::new(16),
             temperature: Number::new(0.0),
             top_p: Number::new(1.0),
             template_stream_delay_ms: Int::new(15),
@@ -560,6 +563,7 @@ impl Config {
         };
         settings.local_model.path = llm.model_path.as_ref().map(|p| p.get().to_path_buf());
         settings.local_model.threads = llm.threads.to_usize();
+        settings.local_model.max_active_per_thread = llm.max_batch.to_usize();
         settings.local_model.temperature = llm.temperature.get() as f32;
         settings.local_model.top_p = llm.top_p.get() as f32;
         settings.template_stream_delay = llm.template_stream_delay_ms.millis();

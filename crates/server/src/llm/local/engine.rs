@@ -5,10 +5,14 @@
 //! requests reach them through one bounded queue (a full queue makes `submit` wait, which
 //! is the server's back-pressure). The queue is a [`FairQueue`] keyed by the user each
 //! request serves: a thread with room takes the waiting requests round-robin across users,
-//! so one user's many requests cannot keep another's waiting behind all of them. Each thread keeps a small set of active sequences and
-//! advances them in turn, one step each (a prompt chunk, or one generated token), so a
-//! short answer is not stuck behind a long one and several users stream at the same time.
-//! Every sequence has its own KV cache over the shared weights (see [`super::model`]).
+//! so one user's many requests cannot keep another's waiting behind all of them.
+//!
+//! Each thread keeps a set of active requests (up to `max_active_per_thread`) and advances
+//! all of them together, one forward pass per step ("continuous batching"): every decoding
+//! request gets its next token, prefilling requests share a budget of prompt tokens, and a
+//! request taken from the queue joins at the next step, so nobody waits for a batch to end.
+//! Decoding on a CPU is bound by reading the weights, which a batched pass reads once for
+//! all of them (see [`super::transformer`]). Every request has its own KV cache.
 //!
 //! Generated text goes back through an unbounded channel per request (its size is bounded
 //! by `max_tokens`), so a slow reader never stalls the thread. A request ends when it
@@ -29,8 +33,9 @@ use super::sampling::{Sampler, SamplingConfig};
 use super::tokenizer::StreamDecoder;
 use crate::llm::LlmError;
 
-/// Prompt tokens processed per step, so a long prompt does not stall other sequences.
-const PREFILL_CHUNK: usize = 64;
+/// Prompt tokens processed per step across all prefilling requests, so long prompts do not
+/// stall the answers being streamed (each step also carries one token per decoding request).
+const PREFILL_PER_STEP: usize = 64;
 
 /// Engine sizing.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +44,7 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Requests waiting for a thread before `submit` waits.
     pub queue_capacity: usize,
-    /// Sequences one thread advances in turn.
+    /// Requests one thread advances together (one forward pass per step).
     pub max_active_per_thread: usize,
 }
 
@@ -48,7 +53,7 @@ impl Default for EngineConfig {
         Self {
             threads: 1,
             queue_capacity: 64,
-            max_active_per_thread: 8,
+            max_active_per_thread: 16,
         }
     }
 }
@@ -250,16 +255,7 @@ impl Worker {
                     None => break,
                 }
             }
-            let mut index = 0;
-            while index < self.active.len() {
-                match self.step(index) {
-                    Step::Continue => index += 1,
-                    Step::Finished => {
-                        self.active.swap_remove(index);
-                        metrics::gauge!(crate::telemetry::LLM_ACTIVE).decrement(1.0);
-                    }
-                }
-            }
+            self.step_all();
         }
     }
 
@@ -289,37 +285,108 @@ impl Worker {
         });
     }
 
-    fn step(&mut self, index: usize) -> Step {
+    /// One step for every active request, in one pass over the weights: each decoding
+    /// request feeds its last token, and prefilling requests feed prompt chunks (oldest
+    /// first) up to [`PREFILL_PER_STEP`] tokens in all, so prompts never stall the
+    /// streams of the others for long.
+    fn step_all(&mut self) {
+        // Requests whose caller left or cancelled end here, before any work for them.
+        let mut index = 0;
+        while index < self.active.len() {
+            let active = &self.active[index];
+            let gone = if active.job.cancel.is_cancelled() {
+                let _ = active.job.output.send(Output::Failed(LlmError::Cancelled));
+                true
+            } else {
+                active.job.output.is_closed()
+            };
+            if gone {
+                self.remove(index);
+            } else {
+                index += 1;
+            }
+        }
+        // What each request feeds this step (`None`: it waits for room in the prefill).
+        let mut prefill_room = PREFILL_PER_STEP;
+        let spans: Vec<Option<(usize, usize)>> = self
+            .active
+            .iter()
+            .map(|active| {
+                let prompt_len = active.job.prompt.len();
+                if active.prefill_at >= prompt_len {
+                    return Some((0, 0));
+                }
+                if prefill_room == 0 {
+                    return None;
+                }
+                let end = (active.prefill_at + prefill_room).min(prompt_len);
+                prefill_room -= end - active.prefill_at;
+                Some((active.prefill_at, end))
+            })
+            .collect();
+        let mut batch: Vec<(usize, &mut Sequence, &[u32])> = Vec::new();
+        for (index, (active, span)) in self.active.iter_mut().zip(&spans).enumerate() {
+            let Some((start, end)) = *span else { continue };
+            let tokens: &[u32] = if start == end {
+                std::slice::from_ref(&active.last_token)
+            } else {
+                &active.job.prompt[start..end]
+            };
+            batch.push((index, &mut active.sequence, tokens));
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let members: Vec<usize> = batch.iter().map(|(index, _, _)| *index).collect();
+        let mut pairs: Vec<(&mut Sequence, &[u32])> = batch
+            .into_iter()
+            .map(|(_, seq, tokens)| (seq, tokens))
+            .collect();
+        metrics::histogram!(crate::telemetry::LLM_BATCH).record(pairs.len() as f64);
+        let result = self.model.forward(&mut pairs);
+        drop(pairs);
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(err) => {
+                // One pass failed for all of them: each is told, none is left hanging.
+                for &index in members.iter().rev() {
+                    fail(&mut self.active[index], err.to_string());
+                    self.remove(index);
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (&index, logits) in members.iter().zip(logits) {
+            let active = &mut self.active[index];
+            if let Some((start, end)) = spans[index] {
+                if start != end {
+                    active.prefill_at = end;
+                    if end < active.job.prompt.len() {
+                        continue;
+                    }
+                }
+            }
+            if let Step::Finished = self.after_pass(index, logits) {
+                finished.push(index);
+            }
+        }
+        for index in finished.into_iter().rev() {
+            self.remove(index);
+        }
+    }
+
+    /// Ends an active request's place on this thread (preserving the others' order, which
+    /// is who gets prefill room first).
+    fn remove(&mut self, index: usize) {
+        self.active.remove(index);
+        metrics::gauge!(crate::telemetry::LLM_ACTIVE).decrement(1.0);
+    }
+
+    /// What a request does with the logits of its last token: score, or sample and stream.
+    fn after_pass(&mut self, index: usize, mut logits: Vec<f32>) -> Step {
         let model = Arc::clone(&self.model);
         let active = &mut self.active[index];
-        if active.job.cancel.is_cancelled() {
-            let _ = active.job.output.send(Output::Failed(LlmError::Cancelled));
-            return Step::Finished;
-        }
-        if active.job.output.is_closed() {
-            return Step::Finished;
-        }
-        let prompt_len = active.job.prompt.len();
-        let logits = if active.prefill_at < prompt_len {
-            let end = (active.prefill_at + PREFILL_CHUNK).min(prompt_len);
-            let result = active
-                .sequence
-                .forward(&active.job.prompt[active.prefill_at..end]);
-            active.prefill_at = end;
-            if end < prompt_len {
-                return match result {
-                    Ok(_) => Step::Continue,
-                    Err(err) => fail(active, err.to_string()),
-                };
-            }
-            result
-        } else {
-            active.sequence.forward(&[active.last_token])
-        };
-        let mut logits = match logits {
-            Ok(logits) => logits,
-            Err(err) => return fail(active, err.to_string()),
-        };
         if let Some(candidates) = &active.job.score {
             let scores = log_probabilities(&logits, candidates);
             let _ = active.job.output.send(Output::Scores(scores));

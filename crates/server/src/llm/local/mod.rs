@@ -5,6 +5,7 @@
 //! - [`chatml`]: the ChatML prompt format;
 //! - [`model`]: loading the GGUF file, the one-time Q4_1 → Q8_0 requantization and its
 //!   cache, and per-request sequences (own KV cache over shared weights);
+//! - [`transformer`]: the forward pass, batched: one pass advances every active request;
 //! - [`sampling`]: greedy by default, temperature/top-p when configured;
 //! - [`engine`]: dedicated inference threads fed by a bounded queue;
 //! - [`fair_queue`]: the engine's waiting requests, taken in turn per user;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod provider;
 pub mod sampling;
 pub mod tokenizer;
+pub mod transformer;
 
 pub use engine::EngineConfig;
 pub use provider::{LocalOptions, LocalProvider};

@@ -6,18 +6,18 @@
 //! noticed). If the folder is not writable the requantized weights are used from memory.
 //!
 //! [`LocalModel`] holds the weights (immutable, shared by every request) and the tokenizer.
-//! A [`Sequence`] is one request's view: it clones the weight handles (reference-counted
-//! tensors, nothing is copied) and owns its own KV cache and position, so requests never see
-//! each other's state.
+//! A [`Sequence`] is one request's state: its own KV cache and position, so requests never
+//! see each other's state. [`LocalModel::forward`] advances any number of sequences in one
+//! pass over the weights (see [`super::transformer`]).
 
 use std::io::{Cursor, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use candle_core::Device;
 
 use super::tokenizer::Tokenizer;
+use super::transformer::{KvCache, Step, Transformer, MAX_SEQ_LEN};
 
 /// Bumped when the cached file's layout or content rules change.
 const REQUANT_VERSION: u32 = 1;
@@ -197,7 +197,7 @@ fn open_q8(source: &Path) -> Result<Weights, ModelError> {
 
 /// The loaded model: shared weights and tokenizer. Immutable; shared by all requests.
 pub struct LocalModel {
-    weights: ModelWeights,
+    weights: Transformer,
     pub tokenizer: Tokenizer,
     /// Tokens that end an answer (`<|im_end|>`, `<|endoftext|>`).
     pub stop_ids: Vec<u32>,
@@ -247,8 +247,8 @@ impl LocalModel {
             .min(MAX_SEQ_LEN);
         let name = model_name(path);
         let weights = match &mut reader {
-            Weights::File(file) => ModelWeights::from_gguf(content, file, &device),
-            Weights::Memory(bytes) => ModelWeights::from_gguf(content, bytes, &device),
+            Weights::File(file) => Transformer::from_gguf(&content, file, &device),
+            Weights::Memory(bytes) => Transformer::from_gguf(&content, bytes, &device),
         }
         .map_err(|e| load_err(path, e))?;
         Ok(Self {
@@ -260,20 +260,41 @@ impl LocalModel {
         })
     }
 
-    /// A fresh sequence (empty KV cache) over the shared weights.
+    /// A fresh sequence (empty KV cache).
     pub fn sequence(&self) -> Sequence {
-        let mut weights = self.weights.clone();
-        weights.clear_kv_cache();
         Sequence {
-            weights,
+            cache: KvCache::default(),
             position: 0,
         }
     }
+
+    /// Feeds each sequence its tokens (a prompt chunk or one generated token), all in one
+    /// pass over the weights; returns, per sequence, the logits that predict the token after
+    /// its last one.
+    pub fn forward(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut steps: Vec<Step<'_>> = batch
+            .iter_mut()
+            .map(|(sequence, tokens)| Step {
+                position: sequence.position,
+                cache: &mut sequence.cache,
+                tokens,
+            })
+            .collect();
+        let logits = self.weights.forward(&mut steps)?;
+        drop(steps);
+        for (sequence, tokens) in batch.iter_mut() {
+            sequence.position += tokens.len();
+        }
+        Ok(logits)
+    }
 }
 
-/// One request's decoding state: its own KV cache and position over the shared weights.
+/// One request's decoding state: its own KV cache and position.
 pub struct Sequence {
-    weights: ModelWeights,
+    cache: KvCache,
     position: usize,
 }
 
@@ -281,19 +302,6 @@ impl Sequence {
     /// Tokens processed so far.
     pub fn position(&self) -> usize {
         self.position
-    }
-
-    /// Feeds `tokens` (a prompt chunk or one generated token); returns the logits that
-    /// predict the token after the last one.
-    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        if tokens.is_empty() {
-            return Err(ModelError::Inference("no tokens to process".into()));
-        }
-        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = self.weights.forward(&input, self.position)?;
-        self.position += tokens.len();
-        let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
-        Ok(logits.to_vec1::<f32>()?)
     }
 }
 

@@ -1,0 +1,419 @@
+//! The llama forward pass, batched across requests: one pass advances many sequences.
+//!
+//! Why not candle's `quantized_llama::ModelWeights`: its `forward` takes one sequence (its
+//! KV cache lives inside the weights), so N concurrent requests cost N passes and every
+//! weight block is read N times per generated token. Decoding a 135M model on one core is
+//! bound by reading the weights, so here the rows of every sequence in a step (one token
+//! for each decoding request, a prompt chunk for each prefilling one) go through each
+//! matrix product together: candle's quantized matmul reads a weight block once per tile of
+//! 16 rows. Only attention is per sequence, against that sequence's own cache.
+//!
+//! Two more differences, both for long prompts: each sequence's KV cache is a buffer that
+//! grows by doubling and is written in place ([`KvCache`]; candle's appends by copying the
+//! whole cache every token), and grouped-query attention reads the shared K/V heads through
+//! a reshape of the queries instead of copying K and V once per query head.
+//!
+//! The arithmetic is the same as candle's model, operation for operation (the tests compare
+//! logits with it), so answers do not change; only how many requests share a pass does.
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+/// Longest sequence the rotary tables cover (candle's limit for the same models).
+pub const MAX_SEQ_LEN: usize = 4096;
+
+/// The weights: immutable after loading, shared by every request (`&self` everywhere).
+pub struct Transformer {
+    /// Token embeddings, dequantized (a lookup, not a product).
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    hidden: usize,
+    /// Rotary tables, `[MAX_SEQ_LEN, rope_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// NEOX rotary layout (pairs `i`, `i + d/2`) instead of llama's interleaved pairs.
+    rope_is_neox: bool,
+}
+
+struct Layer {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    attention_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(weight: QTensor, eps: f32, device: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: weight.dequantize(device)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// One sequence's keys and values for every layer: `[n_kv_head, capacity, head_dim]`
+/// buffers of which the first `len` positions are filled. Owned by one request.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+}
+
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
+/// Smallest buffer a layer's cache starts with, in positions.
+const MIN_CACHE: usize = 64;
+
+impl LayerCache {
+    /// Appends `[n_kv_head, n, head_dim]` keys and values; returns views of everything
+    /// cached so far (`[n_kv_head, len, head_dim]`, not copied).
+    fn append(
+        slot: &mut Option<LayerCache>,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (heads, added, dim) = keys.dims3()?;
+        let cache = match slot {
+            Some(cache) => cache,
+            None => slot.insert(LayerCache {
+                keys: Tensor::zeros(
+                    (heads, added.max(MIN_CACHE), dim),
+                    DType::F32,
+                    keys.device(),
+                )?,
+                values: Tensor::zeros(
+                    (heads, added.max(MIN_CACHE), dim),
+                    DType::F32,
+                    keys.device(),
+                )?,
+                len: 0,
+            }),
+        };
+        let needed = cache.len + added;
+        let capacity = cache.keys.dim(1)?;
+        if needed > capacity {
+            let grown = needed.max(capacity * 2).min(MAX_SEQ_LEN.max(needed));
+            for buffer in [&mut cache.keys, &mut cache.values] {
+                let larger = Tensor::zeros((heads, grown, dim), DType::F32, keys.device())?;
+                larger.slice_set(buffer, 1, 0)?;
+                *buffer = larger;
+            }
+        }
+        cache.keys.slice_set(&keys.contiguous()?, 1, cache.len)?;
+        cache
+            .values
+            .slice_set(&values.contiguous()?, 1, cache.len)?;
+        cache.len = needed;
+        Ok((
+            cache.keys.narrow(1, 0, needed)?,
+            cache.values.narrow(1, 0, needed)?,
+        ))
+    }
+}
+
+/// One sequence's part of a pass: the tokens it feeds and where they start.
+pub struct Step<'a> {
+    pub cache: &'a mut KvCache,
+    /// Tokens this sequence has already processed (the first new token's position).
+    pub position: usize,
+    pub tokens: &'a [u32],
+}
+
+fn metadata<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    content.metadata.get(key).ok_or_else(|| {
+        candle_core::Error::Msg(format!("cannot find {key} in the model's metadata"))
+    })
+}
+
+/// Architectures whose rotary embedding pairs dimension `i` with `i + d/2` (as llama.cpp's
+/// `llama_model_rope_type`); llama and its kind pair neighbours.
+fn rope_is_neox(architecture: &str) -> bool {
+    matches!(
+        architecture,
+        "qwen"
+            | "qwen2"
+            | "qwen3"
+            | "falcon"
+            | "phi2"
+            | "phi3"
+            | "stablelm"
+            | "starcoder2"
+            | "olmo2"
+    )
+}
+
+fn rotary_tables(rope_dim: usize, base: f32, device: &Device) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<f32> = (0..rope_dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / rope_dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let angles = Tensor::arange(0, MAX_SEQ_LEN as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((MAX_SEQ_LEN, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+impl Transformer {
+    /// Reads a llama-architecture GGUF model (dense feed-forward; mixtures of experts are
+    /// refused).
+    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let count = |key: &str| -> Result<usize> { Ok(metadata(content, key)?.to_u32()? as usize) };
+        if content
+            .metadata
+            .get("llama.expert_count")
+            .and_then(|v| v.to_u32().ok())
+            .is_some_and(|n| n > 1)
+        {
+            candle_core::bail!("mixture-of-experts models are not supported");
+        }
+        let n_head = count("llama.attention.head_count")?;
+        let n_kv_head = count("llama.attention.head_count_kv")?;
+        let blocks = count("llama.block_count")?;
+        let hidden = count("llama.embedding_length")?;
+        let rope_dim = count("llama.rope.dimension_count")?;
+        let eps = metadata(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let rope_base = content
+            .metadata
+            .get("llama.rope.freq_base")
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(10_000.0);
+        let architecture = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if n_kv_head == 0 || n_head % n_kv_head != 0 {
+            candle_core::bail!("{n_head} query heads cannot share {n_kv_head} key/value heads");
+        }
+        let (cos, sin) = rotary_tables(rope_dim, rope_base, device)?;
+        let mut tensor = |name: &str| content.tensor(reader, name, device);
+        let embeddings_q = tensor("token_embd.weight")?;
+        let embeddings = embeddings_q.dequantize(device)?;
+        let norm = RmsNorm::new(tensor("output_norm.weight")?, eps, device)?;
+        // Models with tied embeddings have no output matrix: the embeddings are reused.
+        let output = match tensor("output.weight") {
+            Ok(output) => output,
+            Err(_) => embeddings_q,
+        };
+        let mut layers = Vec::with_capacity(blocks);
+        for index in 0..blocks {
+            let mut matrix = |suffix: &str| {
+                QMatMul::from_qtensor(tensor(&format!("blk.{index}.{suffix}.weight"))?)
+            };
+            let wq = matrix("attn_q")?;
+            let wk = matrix("attn_k")?;
+            let wv = matrix("attn_v")?;
+            let wo = matrix("attn_output")?;
+            let gate = matrix("ffn_gate")?;
+            let up = matrix("ffn_up")?;
+            let down = matrix("ffn_down")?;
+            layers.push(Layer {
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                up,
+                down,
+                attention_norm: RmsNorm::new(
+                    tensor(&format!("blk.{index}.attn_norm.weight"))?,
+                    eps,
+                    device,
+                )?,
+                ffn_norm: RmsNorm::new(
+                    tensor(&format!("blk.{index}.ffn_norm.weight"))?,
+                    eps,
+                    device,
+                )?,
+            });
+        }
+        Ok(Self {
+            embeddings,
+            layers,
+            norm,
+            output: QMatMul::from_qtensor(output)?,
+            n_head,
+            n_kv_head,
+            head_dim: hidden / n_head,
+            hidden,
+            cos,
+            sin,
+            rope_is_neox: rope_is_neox(&architecture),
+        })
+    }
+
+    /// Advances every step's sequence by its tokens in one pass; returns, per step, the
+    /// logits that predict the token after its last one. Each step's cache grows by its
+    /// tokens; the caller advances its position.
+    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let device = self.embeddings.device().clone();
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        if steps.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("a sequence has no tokens to process");
+        }
+        if let Some(step) = steps
+            .iter()
+            .find(|s| s.position + s.tokens.len() > MAX_SEQ_LEN)
+        {
+            candle_core::bail!(
+                "{} tokens exceed the model's {MAX_SEQ_LEN}",
+                step.position + step.tokens.len()
+            );
+        }
+        let ids = Tensor::new(tokens.as_slice(), &device)?;
+        let mut x = self.embeddings.index_select(&ids, 0)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let normed = layer.attention_norm.forward(&x)?;
+            let q = layer.wq.forward(&normed)?;
+            let k = layer.wk.forward(&normed)?;
+            let v = layer.wv.forward(&normed)?;
+            let mut attended = Vec::with_capacity(steps.len());
+            let mut row = 0;
+            for step in steps.iter_mut() {
+                let len = step.tokens.len();
+                attended.push(self.attention(
+                    index,
+                    step,
+                    &q.narrow(0, row, len)?,
+                    &k.narrow(0, row, len)?,
+                    &v.narrow(0, row, len)?,
+                )?);
+                row += len;
+            }
+            let attended = Tensor::cat(&attended, 0)?;
+            let x1 = (layer.wo.forward(&attended)? + &x)?;
+            let normed = layer.ffn_norm.forward(&x1)?;
+            let gated = (candle_nn::ops::silu(&layer.gate.forward(&normed)?)?
+                * layer.up.forward(&normed)?)?;
+            x = (layer.down.forward(&gated)? + x1)?;
+        }
+        // Only each sequence's last row predicts anything.
+        let mut last = Vec::with_capacity(steps.len());
+        let mut row = 0u32;
+        for step in steps.iter() {
+            row += step.tokens.len() as u32;
+            last.push(row - 1);
+        }
+        let last = Tensor::new(last.as_slice(), &device)?;
+        let x = self.norm.forward(&x.index_select(&last, 0)?)?;
+        self.output
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()
+    }
+
+    /// Rotary position embedding of `[heads, len, head_dim]` rows starting at `position`.
+    fn rotate(&self, x: &Tensor, position: usize) -> Result<Tensor> {
+        let len = x.dim(1)?;
+        let cos = self.cos.narrow(0, position, len)?;
+        let sin = self.sin.narrow(0, position, len)?;
+        let x = x.contiguous()?.unsqueeze(0)?;
+        let rotated = if self.rope_is_neox {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        };
+        rotated.squeeze(0)
+    }
+
+    /// One sequence's attention in layer `index`: `q`, `k`, `v` are its `[len, heads ×
+    /// head_dim]` rows; returns `[len, hidden]`.
+    fn attention(
+        &self,
+        index: usize,
+        step: &mut Step<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let len = step.tokens.len();
+        let (heads, kv_heads, dim) = (self.n_head, self.n_kv_head, self.head_dim);
+        let group = heads / kv_heads;
+        let q = self.rotate(
+            &q.reshape((len, heads, dim))?.transpose(0, 1)?,
+            step.position,
+        )?;
+        let k = self.rotate(
+            &k.reshape((len, kv_heads, dim))?.transpose(0, 1)?,
+            step.position,
+        )?;
+        let v = v.reshape((len, kv_heads, dim))?.transpose(0, 1)?;
+        if step.cache.layers.len() <= index {
+            step.cache.layers.resize_with(self.layers.len(), || None);
+        }
+        let (keys, values) = LayerCache::append(&mut step.cache.layers[index], &k, &v)?;
+        // Query head h uses key/value head h / group, so the queries of a group sit next to
+        // each other: [kv_heads, group × len, dim] against that head's [total, dim] keys.
+        let q = q.reshape((kv_heads, group * len, dim))?;
+        let scores = (q.matmul(&keys.t()?)? / (dim as f64).sqrt())?;
+        let scores = if len > 1 {
+            scores.broadcast_add(&causal_mask(
+                group,
+                len,
+                step.position,
+                &q.device().clone(),
+            )?)?
+        } else {
+            scores
+        };
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights.matmul(&values)?; // [kv_heads, group × len, dim]
+        out.reshape((heads, len, dim))?
+            .transpose(0, 1)?
+            .reshape((len, self.hidden))
+    }
+}
+
+/// Additive mask for `len` new queries at `position` (`group` copies, one per query head
+/// sharing a key head): query `i` sees keys `0..=position + i`.
+fn causal_mask(group: usize, len: usize, position: usize, device: &Device) -> Result<Tensor> {
+    let total = position + len;
+    let mask: Vec<f32> = (0..group * len)
+        .flat_map(|row| {
+            let i = row % len;
+            (0..total).map(move |j| {
+                if j > position + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (group * len, total), device)
+}
