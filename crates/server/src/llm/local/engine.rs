@@ -240,6 +240,16 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        // candle hands element-wise operations and f32 products to rayon. Called from a
+        // thread outside any rayon pool, each one is sent to the global pool's worker and
+        // this thread sleeps until it is done: two context switches per operation, about a
+        // sixth of a batched step. Made the only thread of its own pool, this thread runs
+        // them inline. The pool lives as long as the loop.
+        let _inline_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .use_current_thread()
+            .build()
+            .map_err(|err| tracing::warn!(error = %err, "rayon work will be handed off"));
         loop {
             if self.active.is_empty() {
                 // Idle: wait for work.

@@ -2,21 +2,24 @@
 //!
 //! Why not candle's `quantized_llama::ModelWeights`: its `forward` takes one sequence (its
 //! KV cache lives inside the weights), so N concurrent requests cost N passes and every
-//! weight block is read N times per generated token. Decoding a 135M model on one core is
-//! bound by reading the weights, so here the rows of every sequence in a step (one token
-//! for each decoding request, a prompt chunk for each prefilling one) go through each
-//! matrix product together: candle's quantized matmul reads a weight block once per tile of
-//! 16 rows. Only attention is per sequence, against that sequence's own cache.
+//! weight is read and multiplied through the slow path N times per generated token. Here
+//! the rows of every sequence in a step (one token for each decoding request, a prompt
+//! chunk for each prefilling one) go through each matrix product together, so candle's
+//! tiled kernel loads each weight tile once for several rows ([`Projection`] says what it
+//! takes to get that kernel). Only attention is per sequence, against that sequence's own
+//! cache.
 //!
-//! Two more differences, both for long prompts: each sequence's KV cache is a buffer that
-//! grows by doubling and is written in place ([`KvCache`]; candle's appends by copying the
-//! whole cache every token), and grouped-query attention reads the shared K/V heads through
-//! a reshape of the queries instead of copying K and V once per query head.
+//! Attention differs in three ways, none of which changes the arithmetic: each sequence's
+//! KV cache is a plain buffer that grows by doubling ([`KvCache`]; candle's copies the
+//! whole cache every token); a decoding token's attention is computed in plain loops
+//! ([`decode_attention`]), as tensor operations on a handful of rows cost more to set up
+//! than to compute; and grouped-query attention over a prompt reads the shared K/V heads
+//! through a reshape of the queries instead of copying K and V once per query head.
 //!
-//! The arithmetic is the same as candle's model, operation for operation (the tests compare
-//! logits with it), so answers do not change; only how many requests share a pass does.
+//! The tests compare this pass's next-token distributions with candle's model; the
+//! differences are the rounding of the quantized activations, not the model.
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// Longest sequence the rotary tables cover (candle's limit for the same models).
@@ -28,7 +31,7 @@ pub struct Transformer {
     embeddings: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Projection,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -41,15 +44,108 @@ pub struct Transformer {
 }
 
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Projection,
+    wk: Projection,
+    wv: Projection,
+    wo: Projection,
     attention_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+/// Width multiple at which candle's tiled Q8_0 kernel applies (its activation blocks hold
+/// 256 values).
+const TILED_KERNEL_WIDTH: usize = 256;
+
+/// One weight matrix, `[out, in]`, and the width its input rows are padded to.
+///
+/// Why the padding: candle multiplies Q8_0 weights by several rows at once with a tiled
+/// VNNI kernel (each weight tile is loaded once for up to four rows, integer dot products
+/// in one instruction) only when the input width is a multiple of 256; otherwise it falls
+/// back to one dot product per (row, weight row) pair, which is several times slower per
+/// multiply and barely gains from batching. Small models have widths such as 576, so on a
+/// CPU with VNNI the weights are widened with zero columns once at load and each input is
+/// widened with zeros before its product: zeros add nothing to the dot products, and the
+/// extra third of multiplies costs far less than the slow kernel.
+struct Projection {
+    weight: std::sync::Arc<QTensor>,
+    matmul: QMatMul,
+    /// The input width the model defines.
+    width: usize,
+    /// The width the input is padded to (`width` when no padding is worth it).
+    padded_width: usize,
+}
+
+impl Projection {
+    fn new(tensor: QTensor, device: &Device) -> Result<Self> {
+        let (_, width) = tensor.shape().dims2()?;
+        let padded_width = width.next_multiple_of(TILED_KERNEL_WIDTH);
+        let tensor = if padded_width != width && Self::tiled_kernel_available(tensor.dtype()) {
+            let values = tensor.dequantize(device)?;
+            let padded = values.pad_with_zeros(1, 0, padded_width - width)?;
+            QTensor::quantize(&padded, GgmlDType::Q8_0)?
+        } else {
+            tensor
+        };
+        let padded_width = tensor.shape().dims2()?.1;
+        let weight = std::sync::Arc::new(tensor);
+        Ok(Self {
+            matmul: QMatMul::QTensor(weight.clone()),
+            weight,
+            width,
+            padded_width,
+        })
+    }
+
+    /// Whether candle has its tiled kernel for `dtype` weights on this CPU (Q8_0 needs the
+    /// VNNI integer dot product; plain AVX2 would gain nothing from the padding).
+    fn tiled_kernel_available(dtype: GgmlDType) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            dtype == GgmlDType::Q8_0
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = dtype;
+            false
+        }
+    }
+
+    /// `x` (`[rows, width]`) widened to the padded width.
+    fn widen(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padded_width == self.width {
+            return Ok(x.clone());
+        }
+        x.pad_with_zeros(1, 0, self.padded_width - self.width)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul.forward(&self.widen(x)?)
+    }
+
+    /// The products of one input with several matrices of the same input width (q, k and
+    /// v; gate and up): one quantization of the input and one pass when candle can fuse
+    /// them, else one product each.
+    fn forward_shared(projections: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(first) = projections.first() else {
+            return Ok(Vec::new());
+        };
+        let widened = first.widen(x)?;
+        let weights: Vec<&QTensor> = projections.iter().map(|p| p.weight.as_ref()).collect();
+        if projections
+            .iter()
+            .all(|p| p.padded_width == first.padded_width)
+        {
+            if let Some(outputs) = QTensor::gemv_fused_shared_lhs(&weights, &widened)? {
+                return Ok(outputs);
+            }
+        }
+        projections.iter().map(|p| p.forward(x)).collect()
+    }
 }
 
 struct RmsNorm {
@@ -70,67 +166,18 @@ impl RmsNorm {
     }
 }
 
-/// One sequence's keys and values for every layer: `[n_kv_head, capacity, head_dim]`
-/// buffers of which the first `len` positions are filled. Owned by one request.
+/// One sequence's keys and values for every layer. Owned by one request.
 #[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
+    layers: Vec<LayerCache>,
 }
 
+/// One layer's cached keys and values, `[position][kv_head][head_dim]` each: appending a
+/// position is a copy of its rows to the end, and the buffers grow by doubling.
+#[derive(Default)]
 struct LayerCache {
-    keys: Tensor,
-    values: Tensor,
-    len: usize,
-}
-
-/// Smallest buffer a layer's cache starts with, in positions.
-const MIN_CACHE: usize = 64;
-
-impl LayerCache {
-    /// Appends `[n_kv_head, n, head_dim]` keys and values; returns views of everything
-    /// cached so far (`[n_kv_head, len, head_dim]`, not copied).
-    fn append(
-        slot: &mut Option<LayerCache>,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (heads, added, dim) = keys.dims3()?;
-        let cache = match slot {
-            Some(cache) => cache,
-            None => slot.insert(LayerCache {
-                keys: Tensor::zeros(
-                    (heads, added.max(MIN_CACHE), dim),
-                    DType::F32,
-                    keys.device(),
-                )?,
-                values: Tensor::zeros(
-                    (heads, added.max(MIN_CACHE), dim),
-                    DType::F32,
-                    keys.device(),
-                )?,
-                len: 0,
-            }),
-        };
-        let needed = cache.len + added;
-        let capacity = cache.keys.dim(1)?;
-        if needed > capacity {
-            let grown = needed.max(capacity * 2).min(MAX_SEQ_LEN.max(needed));
-            for buffer in [&mut cache.keys, &mut cache.values] {
-                let larger = Tensor::zeros((heads, grown, dim), DType::F32, keys.device())?;
-                larger.slice_set(buffer, 1, 0)?;
-                *buffer = larger;
-            }
-        }
-        cache.keys.slice_set(&keys.contiguous()?, 1, cache.len)?;
-        cache
-            .values
-            .slice_set(&values.contiguous()?, 1, cache.len)?;
-        cache.len = needed;
-        Ok((
-            cache.keys.narrow(1, 0, needed)?,
-            cache.values.narrow(1, 0, needed)?,
-        ))
-    }
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 /// One sequence's part of a pass: the tokens it feeds and where they start.
@@ -227,7 +274,7 @@ impl Transformer {
         let mut layers = Vec::with_capacity(blocks);
         for index in 0..blocks {
             let mut matrix = |suffix: &str| {
-                QMatMul::from_qtensor(tensor(&format!("blk.{index}.{suffix}.weight"))?)
+                Projection::new(tensor(&format!("blk.{index}.{suffix}.weight"))?, device)
             };
             let wq = matrix("attn_q")?;
             let wk = matrix("attn_k")?;
@@ -260,7 +307,7 @@ impl Transformer {
             embeddings,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output: Projection::new(output, device)?,
             n_head,
             n_kv_head,
             head_dim: hidden / n_head,
@@ -299,9 +346,10 @@ impl Transformer {
         let mut x = self.embeddings.index_select(&ids, 0)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = layer.attention_norm.forward(&x)?;
-            let q = layer.wq.forward(&normed)?;
-            let k = layer.wk.forward(&normed)?;
-            let v = layer.wv.forward(&normed)?;
+            let [q, k, v]: [Tensor; 3] =
+                Projection::forward_shared(&[&layer.wq, &layer.wk, &layer.wv], &normed)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("q, k and v products".into()))?;
             let mut attended = Vec::with_capacity(steps.len());
             let mut row = 0;
             for step in steps.iter_mut() {
@@ -318,8 +366,11 @@ impl Transformer {
             let attended = Tensor::cat(&attended, 0)?;
             let x1 = (layer.wo.forward(&attended)? + &x)?;
             let normed = layer.ffn_norm.forward(&x1)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&normed)?)?
-                * layer.up.forward(&normed)?)?;
+            let [gate, up]: [Tensor; 2] =
+                Projection::forward_shared(&[&layer.gate, &layer.up], &normed)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("gate and up products".into()))?;
+            let gated = (candle_nn::ops::silu(&gate)? * up)?;
             x = (layer.down.forward(&gated)? + x1)?;
         }
         // Only each sequence's last row predicts anything.
@@ -372,11 +423,32 @@ impl Transformer {
             &k.reshape((len, kv_heads, dim))?.transpose(0, 1)?,
             step.position,
         )?;
-        let v = v.reshape((len, kv_heads, dim))?.transpose(0, 1)?;
         if step.cache.layers.len() <= index {
-            step.cache.layers.resize_with(self.layers.len(), || None);
+            step.cache
+                .layers
+                .resize_with(self.layers.len(), LayerCache::default);
         }
-        let (keys, values) = LayerCache::append(&mut step.cache.layers[index], &k, &v)?;
+        let cache = &mut step.cache.layers[index];
+        // Stored as [position][kv_head][dim]: k back from [kv_head, len, dim], v as it came.
+        cache
+            .keys
+            .extend(k.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?);
+        cache.values.extend(v.flatten_all()?.to_vec1::<f32>()?);
+        if len == 1 {
+            // Decoding: one query row per head against the cache, in plain loops. Through
+            // tensors this is a handful of tiny products whose set-up costs more than the
+            // arithmetic, for every sequence in every layer.
+            let query = q.flatten_all()?.to_vec1::<f32>()?;
+            let out = decode_attention(&query, cache, heads, kv_heads, dim);
+            return Tensor::from_vec(out, (1, self.hidden), q.device());
+        }
+        let total = step.position + len;
+        let keys = Tensor::from_slice(&cache.keys, (total, kv_heads, dim), q.device())?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let values = Tensor::from_slice(&cache.values, (total, kv_heads, dim), q.device())?
+            .transpose(0, 1)?
+            .contiguous()?;
         // Query head h uses key/value head h / group, so the queries of a group sit next to
         // each other: [kv_heads, group × len, dim] against that head's [total, dim] keys.
         let q = q.reshape((kv_heads, group * len, dim))?;
@@ -397,6 +469,76 @@ impl Transformer {
             .transpose(0, 1)?
             .reshape((len, self.hidden))
     }
+}
+
+/// Attention of one new position: `query` is `[heads][dim]` (rotated), the cache holds
+/// every position including the new one; returns `[heads][dim]`, the layout `[1, hidden]`
+/// rows have. Query heads `kv × group .. (kv + 1) × group` share key/value head `kv`, so
+/// each cached row is loaded once for the whole group.
+fn decode_attention(
+    query: &[f32],
+    cache: &LayerCache,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+) -> Vec<f32> {
+    let group = heads / kv_heads;
+    let row = kv_heads * dim;
+    let total = cache.keys.len() / row;
+    let scale = 1.0 / (dim as f32).sqrt();
+    let mut out = vec![0f32; heads * dim];
+    // [group][position]
+    let mut weights = vec![0f32; group * total];
+    for kv in 0..kv_heads {
+        let queries = &query[kv * group * dim..(kv + 1) * group * dim];
+        for (position, key) in cache.keys.chunks_exact(row).enumerate() {
+            let key = &key[kv * dim..(kv + 1) * dim];
+            for (g, query) in queries.chunks_exact(dim).enumerate() {
+                weights[g * total + position] = dot(query, key) * scale;
+            }
+        }
+        for weights in weights.chunks_exact_mut(total) {
+            let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for weight in weights.iter_mut() {
+                *weight = (*weight - max).exp();
+                sum += *weight;
+            }
+            for weight in weights.iter_mut() {
+                *weight /= sum;
+            }
+        }
+        let outs = &mut out[kv * group * dim..(kv + 1) * group * dim];
+        for (position, value) in cache.values.chunks_exact(row).enumerate() {
+            let value = &value[kv * dim..(kv + 1) * dim];
+            for (g, out) in outs.chunks_exact_mut(dim).enumerate() {
+                let weight = weights[g * total + position];
+                for (out, value) in out.iter_mut().zip(value) {
+                    *out += weight * value;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dot product with eight running sums, so the compiler can keep them in one vector
+/// register (a single running sum would force the additions into order).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((sum, a), b) in sums.iter_mut().zip(a).zip(b) {
+            *sum += a * b;
+        }
+    }
+    sums.iter().sum::<f32>() + tail
 }
 
 /// Additive mask for `len` new queries at `position` (`group` copies, one per query head
