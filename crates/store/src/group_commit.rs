@@ -83,6 +83,14 @@ pub(crate) trait BatchSink: Send + Sync + 'static {
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
 }
 
+/// [`BatchSink`] for an engine whose writes block the calling thread (SQLite through
+/// `rusqlite`, see `sqlite_events`): its writer runs on a thread of its own, so a batch
+/// costs no hand-off between threads per statement, only one to wake the writer.
+pub(crate) trait BlockingBatchSink: Send + 'static {
+    /// As [`BatchSink::write_batch`].
+    fn write_batch(&mut self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
+}
+
 struct Pending {
     event: NewEvent,
     done: oneshot::Sender<StoreResult<()>>,
@@ -99,6 +107,34 @@ impl EventWriter {
         let (queue, incoming) = mpsc::channel(QUEUE);
         tokio::spawn(write_loop(incoming, sink));
         Self { queue }
+    }
+
+    /// Starts the writer on a thread of its own named `name`, for a sink whose writes block.
+    pub(crate) fn start_on_thread(
+        name: &str,
+        mut sink: impl BlockingBatchSink,
+    ) -> StoreResult<Self> {
+        let (queue, mut incoming) = mpsc::channel::<Pending>(QUEUE);
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+                // Ends when the store (the last sender) is dropped.
+                while let Some(first) = incoming.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match incoming.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let events: Vec<NewEvent> = batch.iter().map(|p| p.event.clone()).collect();
+                    let results = write_each_on_failure(&events, |events| sink.write_batch(events));
+                    answer(&mut batch, results);
+                }
+            })
+            .map_err(|e| StoreError::Corrupt(format!("starting the event writer thread: {e}")))?;
+        Ok(Self { queue })
     }
 
     /// Appends `event` and waits until it is committed (or refused).
@@ -118,10 +154,37 @@ async fn write_loop(mut incoming: mpsc::Receiver<Pending>, sink: impl BatchSink)
     while incoming.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let events: Vec<NewEvent> = batch.iter().map(|p| p.event.clone()).collect();
         let results = write(&sink, &events).await;
-        metrics::histogram!(EVENT_BATCH_METRIC).record(events.len() as f64);
-        for (pending, result) in batch.drain(..).zip(results) {
-            // The caller may have gone (its task was cancelled); the event is written anyway.
-            let _ = pending.done.send(result);
+        answer(&mut batch, results);
+    }
+}
+
+/// Records the batch's size and gives each waiting caller its event's result.
+fn answer(batch: &mut Vec<Pending>, results: Vec<StoreResult<()>>) {
+    metrics::histogram!(EVENT_BATCH_METRIC).record(batch.len() as f64);
+    for (pending, result) in batch.drain(..).zip(results) {
+        // The caller may have gone (its task was cancelled); the event is written anyway.
+        let _ = pending.done.send(result);
+    }
+}
+
+/// [`write`] for a blocking sink: the batch in one transaction, or if that fails, each
+/// event on its own so that one event cannot fail another.
+fn write_each_on_failure(
+    events: &[NewEvent],
+    mut write_batch: impl FnMut(&[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>,
+) -> Vec<StoreResult<()>> {
+    match write_batch(events) {
+        Ok(results) => results,
+        Err(err) if events.len() == 1 => vec![Err(err)],
+        Err(err) => {
+            tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
+            events
+                .iter()
+                .flat_map(|event| match write_batch(std::slice::from_ref(event)) {
+                    Ok(result) => result,
+                    Err(err) => vec![Err(err)],
+                })
+                .collect()
         }
     }
 }

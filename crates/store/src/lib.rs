@@ -12,6 +12,8 @@
 //! - [`sqlite`], [`postgres`]: the engine shells: connections, migrations and what only one
 //!   engine has (SQLite's single writer and its checkpoints; PostgreSQL's `LISTEN`/`NOTIFY`).
 //! - `group_commit`: appends the run events of all runs in few transactions.
+//! - `sqlite_events`: SQLite's event-log writer, a thread with its own connection and
+//!   prepared statements, taking its turn on the store's writing connection.
 //! - [`rollups`]: per-user rollups of the usage rows (sums per day, latency and completion
 //!   sketches), what the usage figures are read from; `rollups_sql` stores and reads them
 //!   and `usage_sql` computes the figures (children of `shared`).
@@ -43,6 +45,7 @@ mod records;
 mod roles;
 pub mod rollups;
 pub mod sqlite;
+mod sqlite_events;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -18,6 +18,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// A failure of the SQLite event log's own connection (`sqlite_events`).
+    #[error("SQLite: {0}")]
+    Sqlite(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

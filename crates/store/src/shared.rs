@@ -58,7 +58,8 @@ mod alerts_sql;
 type DbRow = <Db as sqlx::Database>::Row;
 
 /// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a
-/// handle to the writing pool.
+/// handle to the writing pool. PostgreSQL's; SQLite appends with its own writer
+/// (`sqlite_events`), which this stays equivalent to.
 #[async_trait]
 impl BatchSink for Pool<Db> {
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {

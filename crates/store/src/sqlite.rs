@@ -30,6 +30,7 @@ use crate::engine::Backend;
 use crate::group_commit::EventWriter;
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
+use crate::sqlite_events::SqliteEventSink;
 use crate::DatabasePool;
 
 shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore);
@@ -47,7 +48,8 @@ pub struct SqliteStore {
     reads: SqlitePool,
     /// The one connection that writes (see the module doc for why only one).
     writes: SqlitePool,
-    /// Appends run events in batches (see `group_commit`), on `writes`.
+    /// Appends run events in batches (see `group_commit`) on a thread and connection of its
+    /// own, taking its turn on `writes` (see `sqlite_events`).
     events: EventWriter,
     /// Stops the background checkpoint when the store is dropped.
     _checkpoints: DropGuard,
@@ -71,6 +73,8 @@ impl SqliteStore {
         // Created first: it creates the file and applies the migrations.
         let writes = SqlitePoolOptions::new()
             .max_connections(1)
+            // A local file does not drop its connection: no ping before each write.
+            .test_before_acquire(false)
             .acquire_timeout(pool.acquire_timeout)
             .connect_with(
                 options
@@ -86,9 +90,14 @@ impl SqliteStore {
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
         let checkpoints = CancellationToken::new();
+        let sink = SqliteEventSink::open(
+            options.get_filename(),
+            writes.clone(),
+            WRITER_AUTOCHECKPOINT_PAGES,
+        )?;
+        let events = EventWriter::start_on_thread("apex-event-log", sink)?;
         let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
         tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
-        let events = EventWriter::start(writes.clone());
         Ok(Self {
             reads,
             writes,

@@ -395,6 +395,92 @@ async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
     assert_eq!(thread.message_count, 5);
 }
 
+/// Many runs appending at once share transactions (the event log's group commit); a
+/// refused event among them (a seq written twice, a run of another user) fails alone, the
+/// rest land in seq order with `last_seq` set, and other writes racing the appends
+/// (messages, here) land too: neither waits on the other forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_appended_together_succeed_or_fail_each_on_their_own() {
+    const EVENTS: u64 = 40;
+    let db = test_store().await;
+    let owner = user(&*db.store).await;
+    let stranger = user(&*db.store).await;
+    let thread_id = thread(&*db.store, owner).await;
+    let mut runs = Vec::new();
+    for _ in 0..RACERS {
+        runs.push(run(&*db.store, owner, thread_id).await);
+    }
+    let mut tasks = Vec::new();
+    for (i, &run_id) in runs.iter().enumerate() {
+        let store = Arc::clone(&db.store);
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for seq in 1..=EVENTS {
+                let json = format!(r#"{{"run":{i},"seq":{seq}}}"#);
+                store
+                    .append_event(owner, run_id, seq, &json, NOW)
+                    .await
+                    .expect("an event of the run's owner is written");
+                // Refused, whichever batch they share with the events around them.
+                if seq % 10 == 0 {
+                    refused += u64::from(
+                        store
+                            .append_event(owner, run_id, seq, "{}", NOW)
+                            .await
+                            .is_err(),
+                    );
+                    refused += u64::from(
+                        store
+                            .append_event(stranger, run_id, seq + 1, "{}", NOW)
+                            .await
+                            .is_err(),
+                    );
+                }
+            }
+            refused
+        }));
+    }
+    let writer = {
+        let store = Arc::clone(&db.store);
+        tokio::spawn(async move {
+            for i in 0..RACERS * 4 {
+                store
+                    .insert_message(owner, &message(thread_id, &format!("m{i}")))
+                    .await
+                    .expect("a message written while events are appended");
+            }
+        })
+    };
+    for task in tasks {
+        assert_eq!(
+            task.await.unwrap(),
+            EVENTS / 10 * 2,
+            "every bad event refused"
+        );
+    }
+    writer.await.unwrap();
+    for (i, &run_id) in runs.iter().enumerate() {
+        let stored = db.store.list_events(owner, run_id, 0, 1000).await.unwrap();
+        let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=EVENTS).collect::<Vec<_>>(),
+            "run {i}: every seq once, in order"
+        );
+        assert!(stored
+            .iter()
+            .all(|e| e.json == format!(r#"{{"run":{i},"seq":{}}}"#, e.seq)));
+        let record = db.store.get_run(owner, run_id).await.unwrap().unwrap();
+        assert_eq!(record.last_seq, EVENTS);
+    }
+    let (_, messages) = db
+        .store
+        .list_messages(owner, thread_id, 1, 0)
+        .await
+        .unwrap();
+    assert_eq!(messages, (RACERS * 4) as i64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_rows_are_indistinguishable_from_missing_ones() {
     let db = test_store().await;
