@@ -128,9 +128,9 @@ impl EventWriter {
                             Err(_) => break,
                         }
                     }
-                    let events: Vec<NewEvent> = batch.iter().map(|p| p.event.clone()).collect();
+                    let (events, callers) = split(&mut batch);
                     let results = write_each_on_failure(&events, |events| sink.write_batch(events));
-                    answer(&mut batch, results);
+                    answer(callers, results);
                 }
             })
             .map_err(|e| StoreError::Corrupt(format!("starting the event writer thread: {e}")))?;
@@ -152,18 +152,24 @@ impl EventWriter {
 async fn write_loop(mut incoming: mpsc::Receiver<Pending>, sink: impl BatchSink) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while incoming.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let events: Vec<NewEvent> = batch.iter().map(|p| p.event.clone()).collect();
+        let (events, callers) = split(&mut batch);
         let results = write(&sink, &events).await;
-        answer(&mut batch, results);
+        answer(callers, results);
     }
 }
 
+/// Empties `batch` into its events and, in the same order, the callers waiting for them
+/// (moved, not copied: an event's JSON is a kilobyte or more).
+fn split(batch: &mut Vec<Pending>) -> (Vec<NewEvent>, Vec<oneshot::Sender<StoreResult<()>>>) {
+    batch.drain(..).map(|p| (p.event, p.done)).unzip()
+}
+
 /// Records the batch's size and gives each waiting caller its event's result.
-fn answer(batch: &mut Vec<Pending>, results: Vec<StoreResult<()>>) {
-    metrics::histogram!(EVENT_BATCH_METRIC).record(batch.len() as f64);
-    for (pending, result) in batch.drain(..).zip(results) {
+fn answer(callers: Vec<oneshot::Sender<StoreResult<()>>>, results: Vec<StoreResult<()>>) {
+    metrics::histogram!(EVENT_BATCH_METRIC).record(callers.len() as f64);
+    for (done, result) in callers.into_iter().zip(results) {
         // The caller may have gone (its task was cancelled); the event is written anyway.
-        let _ = pending.done.send(result);
+        let _ = done.send(result);
     }
 }
 
