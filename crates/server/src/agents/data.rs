@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, RunState};
-use crate::usage::{summary_for, DEFAULT_WINDOW_DAYS};
+use crate::usage::{summary_and_window, DEFAULT_WINDOW_DAYS};
 
 pub struct DataAgent;
 
@@ -27,18 +27,23 @@ impl Agent for DataAgent {
         )
         .await?;
         let now = cx.now_ms();
+        let mut window = None;
         let summary = cx
             .tool(
                 self.name(),
                 "usage_summary",
                 json!({ "days": days }),
                 || async {
-                    summary_for(&cx.store, days, now)
+                    let (summary, read) = summary_and_window(&cx.store, days, now)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())?;
+                    window = Some(read);
+                    Ok::<_, String>(summary)
                 },
             )
             .await?;
+        // For the optimization agent: the same window, not read twice.
+        state.usage_window = window;
         cx.think(
             self.name(),
             format!(

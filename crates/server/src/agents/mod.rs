@@ -131,6 +131,10 @@ pub struct RunState {
     pub history: Vec<conversation::Turn>,
     pub triage: Option<Triage>,
     pub usage: Option<UsageSummary>,
+    /// The usage window the data agent read, for the optimization agent (which takes it).
+    /// Not stored with the rest: a run continued from its stored state reads it again.
+    #[serde(skip)]
+    pub usage_window: Option<crate::usage::ReadWindow>,
     pub opportunities: Vec<Opportunity>,
     pub plan: Vec<ActionStep>,
     /// The structured report (what `payload.result` of the terminal event carries).

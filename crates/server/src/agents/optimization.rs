@@ -19,12 +19,12 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{Agent, AgentContext, AgentError, Opportunity, RunState};
-use crate::store::rollups::{self, Sketches};
+use crate::store::rollups::{self, Rollup, Sketches};
 use crate::store::{
     CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult, UsageTotals,
 };
 use crate::usage::pricing::PricingTable;
-use crate::usage::DEFAULT_WINDOW_DAYS;
+use crate::usage::{ReadWindow, DEFAULT_WINDOW_DAYS};
 use crate::user_store::UserStore;
 
 pub struct OptimizationAgent;
@@ -108,12 +108,40 @@ pub async fn gather(
     since_ms: i64,
     pricing: &PricingTable,
 ) -> StoreResult<SimulationInput> {
-    let sketches = Sketches {
-        completion: true,
-        ..Sketches::default()
-    };
-    let window = store.usage_window(since_ms, i64::MAX, sketches).await?;
-    let totals = rollups::totals(&window);
+    let window = store
+        .usage_window(since_ms, i64::MAX, COMPLETION_SKETCHES)
+        .await?;
+    Ok(input_of(&window, pricing))
+}
+
+/// [`gather`] for the rows dated at or after `read.since_ms`, from the window the data agent
+/// already read: only the rows dated after it (`read.until_ms`, its "now") are read, and
+/// folded in.
+pub async fn gather_from(
+    store: &UserStore,
+    read: ReadWindow,
+    pricing: &PricingTable,
+) -> StoreResult<SimulationInput> {
+    let mut window = read.rollup;
+    if read.until_ms < i64::MAX {
+        window.merge(
+            store
+                .usage_window(read.until_ms + 1, i64::MAX, COMPLETION_SKETCHES)
+                .await?,
+        );
+    }
+    Ok(input_of(&window, pricing))
+}
+
+/// What the simulation reads of a window: its sums and completion sketches.
+const COMPLETION_SKETCHES: Sketches = Sketches {
+    completion: true,
+    latency: false,
+};
+
+/// The simulation's input from a window read with its completion sketches.
+fn input_of(window: &Rollup, pricing: &PricingTable) -> SimulationInput {
+    let totals = rollups::totals(window);
     let wanted: Vec<CompletionRank> = by_workload(&totals)
         .into_iter()
         .filter(|(_, w)| w.timed > 0 && w.avg_completion() >= CAP_MIN_AVG_COMPLETION)
@@ -122,7 +150,7 @@ pub async fn gather(
             rank: cap_rank(w.timed),
         })
         .collect();
-    let caps: BTreeMap<String, i64> = rollups::completion_at_ranks(&window, &wanted)
+    let caps: BTreeMap<String, i64> = rollups::completion_at_ranks(window, &wanted)
         .into_iter()
         .map(|(workload, tokens)| (workload, tokens.max(MIN_CAP)))
         .collect();
@@ -151,12 +179,12 @@ pub async fn gather(
             })
             .collect(),
     };
-    let savings = rollups::savings_of(&window, &query);
-    Ok(SimulationInput {
+    let savings = rollups::savings_of(window, &query);
+    SimulationInput {
         totals,
         caps,
         savings,
-    })
+    }
 }
 
 pub fn simulate(input: &SimulationInput, days: u32, pricing: &PricingTable) -> Vec<Opportunity> {
@@ -348,6 +376,9 @@ impl Agent for OptimizationAgent {
         )
         .await?;
         let since = cx.now_ms() - i64::from(days) * 24 * 3600 * 1000;
+        // The window the data agent read, when it read one (not after a resume: the run's
+        // stored state does not keep it).
+        let read = state.usage_window.take();
         let strategies = ["model_routing", "prompt_caching", "batching", "output_caps"];
         let opportunities = cx
             .tool(
@@ -355,9 +386,11 @@ impl Agent for OptimizationAgent {
                 "savings_simulator",
                 json!({ "days": days, "strategies": strategies }),
                 || async {
-                    let input = gather(&cx.store, since, &cx.pricing)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let input = match read {
+                        Some(read) => gather_from(&cx.store, read, &cx.pricing).await,
+                        None => gather(&cx.store, since, &cx.pricing).await,
+                    }
+                    .map_err(|e| e.to_string())?;
                     Ok::<_, String>(simulate(&input, days, &cx.pricing))
                 },
             )

@@ -20,7 +20,10 @@ pub mod pricing;
 mod summary;
 
 pub use daily::{daily_for, group_daily};
-pub use summary::{summarize, summary_for, window_start_ms, DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
+pub use summary::{
+    summarize, summary_and_window, summary_for, window_start_ms, ReadWindow, DEFAULT_WINDOW_DAYS,
+    MAX_WINDOW_DAYS,
+};
 
 /// Text from a source as stored in a usage row: trimmed, at most 200 characters, no NUL
 /// (PostgreSQL cannot store U+0000 in text). Sources that refuse such text instead use

@@ -12,7 +12,7 @@ use apex_protocol::usage::{
 };
 
 use crate::clock::ms_to_rfc3339;
-use crate::store::rollups::{self, Sketches};
+use crate::store::rollups::{self, Rollup, Sketches};
 use crate::store::{StoreResult, UsageTotals};
 use crate::user_store::UserStore;
 
@@ -21,6 +21,18 @@ pub const MAX_WINDOW_DAYS: u32 = 365;
 
 /// The percentiles the summary reports, in the order of [`LatencyPercentiles`]'s fields.
 const PERCENTILES: [f64; 3] = [50.0, 95.0, 99.0];
+
+/// A window of the user's usage as a run read it once: the rollup of the rows dated in
+/// `[since_ms, until_ms]` with both sketches. The data agent summarises it and leaves it in
+/// the run's state, and the optimization agent simulates on it
+/// (`agents::optimization::gather_from`) instead of reading the window again: reading the
+/// rollups is most of a run's database work.
+#[derive(Debug, Clone)]
+pub struct ReadWindow {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub rollup: Rollup,
+}
 
 /// Summary of the store handle's user over the last `days` days before `now_ms`. Rows
 /// dated after `now_ms` (clock skew in an upload) are not counted yet.
@@ -31,13 +43,41 @@ pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResu
         ..Sketches::default()
     };
     let window = store.usage_window(start_ms, now_ms, sketches).await?;
-    let totals = rollups::totals(&window);
+    Ok(summary_of(&window, days, start_ms))
+}
+
+/// [`summary_for`], and the window it was computed from, read with both sketches so that it
+/// serves the savings simulation too.
+pub async fn summary_and_window(
+    store: &UserStore,
+    days: u32,
+    now_ms: i64,
+) -> StoreResult<(UsageSummary, ReadWindow)> {
+    let start_ms = window_start_ms(days, now_ms);
+    let sketches = Sketches {
+        latency: true,
+        completion: true,
+    };
+    let rollup = store.usage_window(start_ms, now_ms, sketches).await?;
+    let summary = summary_of(&rollup, days, start_ms);
+    let window = ReadWindow {
+        since_ms: start_ms,
+        until_ms: now_ms,
+        rollup,
+    };
+    Ok((summary, window))
+}
+
+/// The summary of a `days`-day window starting at `start_ms`, read as `window` (with its
+/// latency sketches).
+fn summary_of(window: &Rollup, days: u32, start_ms: i64) -> UsageSummary {
+    let totals = rollups::totals(window);
     // Percentiles rank the requests that have a latency of their own.
     let count: i64 = totals.iter().map(|t| t.timed_requests).sum();
     let mut latency = LatencyPercentiles::default();
     if count > 0 {
         let ranks = PERCENTILES.map(|p| percentile_rank(count, p));
-        let found = rollups::latency_at_ranks(&window, &ranks);
+        let found = rollups::latency_at_ranks(window, &ranks);
         let at = |rank: i64| {
             found
                 .iter()
@@ -50,7 +90,7 @@ pub async fn summary_for(store: &UserStore, days: u32, now_ms: i64) -> StoreResu
             p99: at(ranks[2]),
         };
     }
-    Ok(summarize(&totals, latency, days, start_ms))
+    summarize(&totals, latency, days, start_ms)
 }
 
 /// Start of a `days`-day window ending at `now_ms`: `days` × 24 h earlier (inclusive).

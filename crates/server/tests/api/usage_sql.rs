@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apex_protocol::usage::{DailyModelUsage, LatencyPercentiles};
-use apex_server::agents::optimization::{gather, simulate};
+use apex_server::agents::optimization::{gather, gather_from, simulate};
 use apex_server::agents::Opportunity;
 use apex_server::auth::{AuthLifetimes, Authenticator, PasswordHasher};
 use apex_server::settings::{PasswordHashing, Secret};
@@ -26,7 +26,7 @@ use apex_server::store::{
     CompletionRank, ImportPlan, OutputCap, RepricingRate, SavingsQuery, UsageRow,
 };
 use apex_server::usage::pricing::{cost_at, PricingTable};
-use apex_server::usage::{daily_for, summary_for};
+use apex_server::usage::{daily_for, summary_and_window, summary_for};
 use apex_server::user_store::UserStore;
 use apex_store::rollups::{self, bucket, representative, Sketches, SKETCH_RELATIVE_ERROR};
 
@@ -386,7 +386,7 @@ async fn usage_figures_from_sql_match_the_row_by_row_computation() {
         assert_eq!(summary.total_prompt_tokens, total.2);
         assert_eq!(summary.total_completion_tokens, total.3);
         assert!(close(summary.total_cost_usd, round_usd(total.4), 1e-6));
-        let (got, want) = (summary.latency_ms, latency);
+        let (got, want) = (summary.latency_ms.clone(), latency);
         for (g, w) in [
             (got.p50, want.p50),
             (got.p95, want.p95),
@@ -452,6 +452,41 @@ async fn usage_figures_from_sql_match_the_row_by_row_computation() {
             assert_eq!((&g.0, &g.1), (&w.0, &w.1), "{days} days");
             assert!(close(g.2, w.2, 0.01), "{days} days: {g:?} against {w:?}");
         }
+
+        // A run reads the window once: the data agent's summary and the simulation on the
+        // same read (plus the rows dated after it, one of which `edge_rows` has) give the
+        // figures of the separate reads.
+        let (shared_summary, window) = summary_and_window(&users, days, NOW).await.unwrap();
+        assert_eq!(shared_summary, summary, "{days} days");
+        assert_eq!(window.since_ms, since);
+        let shared = gather_from(&users, window, &pricing).await.unwrap();
+        assert_eq!(shared.totals.len(), input.totals.len(), "{days} days");
+        for (s, g) in shared.totals.iter().zip(&input.totals) {
+            assert_eq!(
+                (
+                    &s.model,
+                    &s.workload,
+                    s.requests,
+                    s.prompt_tokens,
+                    s.completion_tokens
+                ),
+                (
+                    &g.model,
+                    &g.workload,
+                    g.requests,
+                    g.prompt_tokens,
+                    g.completion_tokens
+                ),
+                "{days} days"
+            );
+            assert!(close(s.cost_usd, g.cost_usd, 1e-9), "{s:?} against {g:?}");
+        }
+        assert_eq!(shared.caps, input.caps, "{days} days");
+        assert_eq!(
+            strategies(&simulate(&shared, days, &pricing)),
+            strategies(&simulate(&input, days, &pricing)),
+            "{days} days"
+        );
     }
 
     // No rows in the window: everything is zero or empty.
