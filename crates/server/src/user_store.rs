@@ -214,6 +214,10 @@ impl UserStore {
             .usage_window(self.owner, since_ms, until_ms, sketches)
             .await
     }
+    /// See [`Store::usage_names`].
+    pub async fn usage_names(&self, since_ms: i64) -> StoreResult<Vec<(String, String, f64)>> {
+        self.store.usage_names(self.owner, since_ms).await
+    }
     /// See [`Store::usage_totals`].
     pub async fn usage_totals(
         &self,

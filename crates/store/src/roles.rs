@@ -378,6 +378,15 @@ pub trait Usage: Send + Sync {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>>;
+    /// The (model, workload) pairs of `owner`'s usage on the UTC days from the one holding
+    /// `since_ms` on (that whole day, and rows dated in the future, included), each with its
+    /// spend, by name: what a run needs to recognise the user's own names in a question,
+    /// from the rollups alone (a window's exact edges would need its edge days' rows).
+    async fn usage_names(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, String, f64)>>;
     /// Requests and spend per (UTC day, model) of `owner`'s rows dated in
     /// `[since_ms, until_ms]`.
     async fn usage_daily(

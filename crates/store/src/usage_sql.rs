@@ -335,6 +335,24 @@ impl Usage for Shell {
         let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
         Ok(rollups::totals(&window.await?))
     }
+    async fn usage_names(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, String, f64)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT model, workload, {} AS cost FROM usage_rollups \
+             WHERE user_id = $1 AND day >= $2 GROUP BY model, workload ORDER BY model, workload",
+            ENGINE.money_sum("cost_usd")
+        ))
+        .bind(owner.to_string())
+        .bind(rollups::day_of(since_ms))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("model")?, row.try_get("workload")?, row.try_get("cost")?)))
+            .collect()
+    }
     async fn usage_daily(
         &self,
         owner: UserId,

@@ -61,20 +61,21 @@ pub async fn earlier_turns(
     Ok(turns)
 }
 
-/// The model and workload names in the user's usage of the last year, most costly first.
+/// The model and workload names in the user's usage of about the last year (whole UTC
+/// days, see [`crate::store::Store::usage_names`]), most costly first.
 pub async fn usage_names(
     store: &UserStore,
     now_ms: i64,
 ) -> StoreResult<(Vec<String>, Vec<String>)> {
     let since = crate::usage::window_start_ms(crate::usage::MAX_WINDOW_DAYS, now_ms);
-    let totals = store.usage_totals(since, now_ms).await?;
+    let pairs = store.usage_names(since).await?;
     let mut models: Vec<(String, f64)> = Vec::new();
     let mut workloads: Vec<(String, f64)> = Vec::new();
-    for t in &totals {
-        for (list, name) in [(&mut models, &t.model), (&mut workloads, &t.workload)] {
+    for (model, workload, spend) in &pairs {
+        for (list, name) in [(&mut models, model), (&mut workloads, workload)] {
             match list.iter_mut().find(|(n, _)| n == name) {
-                Some((_, cost)) => *cost += t.cost_usd,
-                None => list.push((name.clone(), t.cost_usd)),
+                Some((_, cost)) => *cost += spend,
+                None => list.push((name.clone(), *spend)),
             }
         }
     }

@@ -489,6 +489,34 @@ async fn usage_figures_from_sql_match_the_row_by_row_computation() {
         );
     }
 
+    // The names a run recognises: the (model, workload) pairs of the whole days from the
+    // one holding `since` on, with their spend, as the totals of those days give them.
+    let since = NOW - 365 * DAY_MS;
+    let names = users.usage_names(since).await.unwrap();
+    let mut want: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for t in users
+        .usage_totals(since.div_euclid(DAY_MS) * DAY_MS, i64::MAX)
+        .await
+        .unwrap()
+    {
+        *want.entry((t.model, t.workload)).or_default() += t.cost_usd;
+    }
+    assert_eq!(
+        names
+            .iter()
+            .map(|(m, w, _)| (m.clone(), w.clone()))
+            .collect::<Vec<_>>(),
+        want.keys().cloned().collect::<Vec<_>>()
+    );
+    for ((_, _, spend), want) in names.iter().zip(want.values()) {
+        assert!(close(*spend, *want, 1e-6), "{spend} against {want}");
+    }
+    assert!(users
+        .usage_names(NOW + 2 * DAY_MS)
+        .await
+        .unwrap()
+        .is_empty());
+
     // No rows in the window: everything is zero or empty.
     let summary = summary_for(&users, 1, NOW - 400 * DAY_MS).await.unwrap();
     assert_eq!(summary.total_requests, 0);
