@@ -76,12 +76,6 @@ impl Backend {
         }
     }
 
-    /// Whether writers run in parallel (PostgreSQL), so a transaction that changes several
-    /// runs must lock them in one order to avoid deadlocks.
-    pub(crate) fn parallel_writers(self) -> bool {
-        self == Backend::Postgres
-    }
-
     /// A statement, bound to the owner's id, after which the user's other submissions wait
     /// until commit (on every instance): two messages arriving together cannot both take
     /// the last run slot. SQLite's one writer already serialises them.

@@ -173,44 +173,52 @@ fn answer(callers: Vec<oneshot::Sender<StoreResult<()>>>, results: Vec<StoreResu
     }
 }
 
-/// [`write`] for a blocking sink: the batch in one transaction, or if that fails, each
-/// event on its own so that one event cannot fail another.
+/// [`write`] for a blocking sink.
 fn write_each_on_failure(
     events: &[NewEvent],
     mut write_batch: impl FnMut(&[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>,
 ) -> Vec<StoreResult<()>> {
-    match write_batch(events) {
-        Ok(results) => results,
-        Err(err) if events.len() == 1 => vec![Err(err)],
-        Err(err) => {
+    settled(events, write_batch(events)).unwrap_or_else(|| {
+        events
+            .iter()
+            .flat_map(|event| outcomes(write_batch(std::slice::from_ref(event))))
+            .collect()
+    })
+}
+
+/// Writes the batch in one transaction, or if that fails, each event on its own so that
+/// one event cannot fail another.
+async fn write(sink: &impl BatchSink, events: &[NewEvent]) -> Vec<StoreResult<()>> {
+    if let Some(results) = settled(events, sink.write_batch(events).await) {
+        return results;
+    }
+    let mut results = Vec::with_capacity(events.len());
+    for event in events {
+        results.extend(outcomes(
+            sink.write_batch(std::slice::from_ref(event)).await,
+        ));
+    }
+    results
+}
+
+/// The results of a batch's events after writing it whole, or `None` if it failed and had
+/// several events: then each must be written on its own.
+fn settled(
+    events: &[NewEvent],
+    written: StoreResult<Vec<StoreResult<()>>>,
+) -> Option<Vec<StoreResult<()>>> {
+    match written {
+        Err(err) if events.len() > 1 => {
             tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
-            events
-                .iter()
-                .flat_map(|event| match write_batch(std::slice::from_ref(event)) {
-                    Ok(result) => result,
-                    Err(err) => vec![Err(err)],
-                })
-                .collect()
+            None
         }
+        written => Some(outcomes(written)),
     }
 }
 
-async fn write(sink: &impl BatchSink, events: &[NewEvent]) -> Vec<StoreResult<()>> {
-    match sink.write_batch(events).await {
-        Ok(results) => results,
-        Err(err) if events.len() == 1 => vec![Err(err)],
-        Err(err) => {
-            tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
-            let mut results = Vec::with_capacity(events.len());
-            for event in events {
-                match sink.write_batch(std::slice::from_ref(event)).await {
-                    Ok(result) => results.extend(result),
-                    Err(err) => results.push(Err(err)),
-                }
-            }
-            results
-        }
-    }
+/// One result per event: a failed transaction fails each of its events.
+fn outcomes(written: StoreResult<Vec<StoreResult<()>>>) -> Vec<StoreResult<()>> {
+    written.unwrap_or_else(|err| vec![Err(err)])
 }
 
 #[cfg(test)]

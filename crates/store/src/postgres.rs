@@ -12,15 +12,16 @@
 //! Migrations are applied at every open (and by `apex migrate`); sqlx serialises concurrent
 //! migrators with an advisory lock, so several instances may start at once.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres, QueryBuilder};
 
 use crate::engine::Backend;
-use crate::group_commit::EventWriter;
+use crate::group_commit::{not_owned, runs_of, BatchSink, EventWriter, NewEvent};
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
 use crate::DatabasePool;
@@ -59,6 +60,74 @@ impl PostgresStore {
             events: EventWriter::start(pool.clone()),
             writes: pool,
         })
+    }
+}
+
+/// PostgreSQL's SQL for [`group_commit`](crate::group_commit): the writer task owns a handle
+/// to the pool. (SQLite appends with its own writer, `sqlite_events`, to the same effect.)
+#[async_trait]
+impl BatchSink for PgPool {
+    async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
+        let mut runs = runs_of(events);
+        let mut tx = self.begin().await?;
+        if runs.len() > 1 {
+            // Writers run in parallel here: rows are locked in id order, so two writers (two
+            // instances) cannot deadlock on runs they share. (Should it happen anyway, the
+            // batch is retried event by event.) One run's row needs no order: the UPDATE
+            // below locks it.
+            runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
+            let mut lock = QueryBuilder::<Postgres>::new("SELECT r.id FROM runs r JOIN (");
+            lock.push_values(&runs, |mut b, (run, owner, _)| {
+                b.push_bind(run.to_string()).push_bind(owner.to_string());
+            });
+            lock.push(
+                ") AS v(run_id, user_id) ON r.id = v.run_id AND r.user_id = v.user_id \
+                 ORDER BY r.id FOR UPDATE OF r",
+            );
+            lock.build().execute(&mut *tx).await?;
+        }
+        // One statement checks every run's owner and sets its last_seq (and, as every event
+        // does, refreshes a claimed run's heartbeat); the runs it returns are the ones whose
+        // events may be written.
+        let mut update: QueryBuilder<Postgres> =
+            QueryBuilder::new("WITH v(run_id, user_id, seq) AS (");
+        update.push_values(&runs, |mut b, (run, owner, seq)| {
+            b.push_bind(run.to_string())
+                .push_bind(owner.to_string())
+                .push_bind(*seq);
+        });
+        let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
+        update.push(
+            ") UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
+             WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
+        );
+        update.push_bind(now);
+        update.push(
+            " END FROM v WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
+             RETURNING runs.id, runs.user_id",
+        );
+        let owned: HashSet<(String, String)> = update
+            .build_query_as()
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let is_owned = |e: &NewEvent| owned.contains(&(e.run.to_string(), e.owner.to_string()));
+        let accepted: Vec<&NewEvent> = events.iter().filter(|e| is_owned(e)).collect();
+        if !accepted.is_empty() {
+            let mut insert: QueryBuilder<Postgres> =
+                QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
+            insert.push_values(&accepted, |mut b, event| {
+                b.push_bind(event.run.to_string())
+                    .push_bind(event.seq)
+                    .push_bind(event.json.as_str())
+                    .push_bind(event.now_ms);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let result = |e| is_owned(e).then_some(()).ok_or_else(|| not_owned(e));
+        Ok(events.iter().map(result).collect())
     }
 }
 

@@ -16,10 +16,10 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::{query_scalar, Pool, QueryBuilder, Row};
+use sqlx::{query_scalar, QueryBuilder, Row};
 
 use super::{Db, Shell, ENGINE};
-use crate::group_commit::{not_owned, runs_of, BatchSink, NewEvent};
+use crate::group_commit::NewEvent;
 use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
 use crate::records::{
     parse_json_column, ApiKeyRecord, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
@@ -56,73 +56,6 @@ mod teams_sql;
 mod alerts_sql;
 
 type DbRow = <Db as sqlx::Database>::Row;
-
-/// The engine's SQL for [`group_commit`](crate::group_commit): the writer task owns a
-/// handle to the writing pool. PostgreSQL's; SQLite appends with its own writer
-/// (`sqlite_events`), which this stays equivalent to.
-#[async_trait]
-impl BatchSink for Pool<Db> {
-    async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {
-        let mut runs = runs_of(events);
-        let mut tx = self.begin().await?;
-        if ENGINE.parallel_writers() && runs.len() > 1 {
-            // Rows are locked in id order, so two writers (two instances) cannot deadlock on
-            // runs they share. (Should it happen anyway, the batch is retried event by event.)
-            // One run's row needs no order: the UPDATE below locks it.
-            runs.sort_by_key(|(run, owner, _)| (run.to_string(), owner.to_string()));
-            let mut lock = QueryBuilder::<Db>::new("SELECT r.id FROM runs r JOIN (");
-            lock.push_values(&runs, |mut b, (run, owner, _)| {
-                b.push_bind(run.to_string()).push_bind(owner.to_string());
-            });
-            lock.push(
-                ") AS v(run_id, user_id) ON r.id = v.run_id AND r.user_id = v.user_id \
-                 ORDER BY r.id FOR UPDATE OF r",
-            );
-            lock.build().execute(&mut *tx).await?;
-        }
-        // One statement checks every run's owner and sets its last_seq (and, as every event
-        // does, refreshes a claimed run's heartbeat); the runs it returns are the ones whose
-        // events may be written.
-        let mut update: QueryBuilder<Db> = QueryBuilder::new("WITH v(run_id, user_id, seq) AS (");
-        update.push_values(&runs, |mut b, (run, owner, seq)| {
-            b.push_bind(run.to_string())
-                .push_bind(owner.to_string())
-                .push_bind(*seq);
-        });
-        let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
-        update.push(
-            ") UPDATE runs SET last_seq = v.seq, heartbeat_at = CASE \
-             WHEN runs.instance_id IS NULL THEN runs.heartbeat_at ELSE ",
-        );
-        update.push_bind(now);
-        update.push(
-            " END FROM v WHERE runs.id = v.run_id AND runs.user_id = v.user_id \
-             RETURNING runs.id, runs.user_id",
-        );
-        let owned: HashSet<(String, String)> = update
-            .build_query_as()
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-        let is_owned = |e: &NewEvent| owned.contains(&(e.run.to_string(), e.owner.to_string()));
-        let accepted: Vec<&NewEvent> = events.iter().filter(|e| is_owned(e)).collect();
-        if !accepted.is_empty() {
-            let mut insert: QueryBuilder<Db> =
-                QueryBuilder::new("INSERT INTO run_events (run_id, seq, event, created_at) ");
-            insert.push_values(&accepted, |mut b, event| {
-                b.push_bind(event.run.to_string())
-                    .push_bind(event.seq)
-                    .push_bind(event.json.as_str())
-                    .push_bind(event.now_ms);
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        let result = |e| is_owned(e).then_some(()).ok_or_else(|| not_owned(e));
-        Ok(events.iter().map(result).collect())
-    }
-}
 
 fn parse_stored_id<T>(raw: &str, parse: fn(&str) -> Result<T, IdError>) -> StoreResult<T> {
     parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))

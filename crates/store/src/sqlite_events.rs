@@ -16,6 +16,7 @@
 //! the pool's queue as they did before. Persist-before-deliver and each run's seq order are
 //! the group commit's, unchanged: a caller hears back only after the commit.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -77,7 +78,8 @@ impl SqliteEventSink {
         let tx = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut owned = Vec::with_capacity(runs.len());
+        // The (run, owner) pairs whose events may be written.
+        let mut owned = HashSet::with_capacity(runs.len());
         {
             // Checks the owner and sets last_seq; as every event does, refreshes a claimed
             // run's heartbeat.
@@ -88,7 +90,7 @@ impl SqliteEventSink {
             )?;
             for (run, owner, seq) in &runs {
                 if update.execute(params![run.to_string(), owner.to_string(), seq, now])? == 1 {
-                    owned.push((*run, *owner));
+                    owned.insert((*run, *owner));
                 }
             }
             let mut insert = tx.prepare_cached(
