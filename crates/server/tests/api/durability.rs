@@ -12,16 +12,18 @@ const QUESTION: &str = "How can I reduce my LLM costs?";
 
 /// Reads server-sent events until the terminal one: (id, event, data) triples.
 async fn read_sse(mut response: reqwest::Response) -> Vec<(u64, String, Value)> {
-    let mut buffer = String::new();
+    // Bytes until a block is whole: a chunk may end inside a multi-byte character.
+    let mut buffer: Vec<u8> = Vec::new();
     let mut events = Vec::new();
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), response.chunk())
         .await
         .expect("sse chunk in time")
         .expect("sse body")
     {
-        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let bytes: Vec<u8> = buffer.drain(..end + 2).collect();
+            let block = String::from_utf8(bytes).expect("an event block is UTF-8");
             let (mut id, mut event, mut data) = (None, String::new(), String::new());
             for line in block.lines() {
                 if let Some(v) = line.strip_prefix("id:") {
