@@ -83,6 +83,14 @@ impl UserStore {
             .list_messages(self.owner, thread, limit, offset)
             .await
     }
+    /// The thread's newest `limit` messages, oldest first.
+    pub async fn latest_messages(
+        &self,
+        thread: ThreadId,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.store.latest_messages(self.owner, thread, limit).await
+    }
     pub async fn create_run(&self, run: &RunRecord) -> StoreResult<()> {
         self.store.create_run(self.owner, run).await
     }

@@ -111,4 +111,15 @@ impl Backend {
             }
         }
     }
+
+    /// Whether inserting a message also touches its thread's `updated_at` (a trigger, SQLite
+    /// migration 0017), so an append is one statement. On PostgreSQL the store touches the
+    /// thread first itself: that UPDATE takes the thread's row lock, which orders concurrent
+    /// appends to one thread (their positions); SQLite's one writer orders them already.
+    pub(crate) fn touches_thread_on_insert(self) -> bool {
+        match self {
+            Backend::Sqlite => true,
+            Backend::Postgres => false,
+        }
+    }
 }

@@ -150,6 +150,15 @@ pub trait Threads: Send + Sync {
         limit: i64,
         offset: i64,
     ) -> StoreResult<(Vec<MessageRecord>, i64)>;
+    /// The newest `limit` messages of a thread of `owner`, oldest first, in one read (a
+    /// run's context: [`Threads::list_messages`] needs the count first to page from the
+    /// end).
+    async fn latest_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>>;
 }
 
 /// Runs and the run queue: submitting, claiming, heartbeats, recovery (see the server's

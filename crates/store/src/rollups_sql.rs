@@ -14,7 +14,7 @@ use super::usage_sql::{usage_rows, ROW_COLUMNS};
 use super::{Db, DbRow, ENGINE};
 use crate::ids::UserId;
 use crate::records::{StoreError, StoreResult, UsageRow};
-use crate::rollups::{Group, GroupKey, Rollup, Sketches};
+use crate::rollups::{day_of, Group, GroupKey, Rollup, Sketches};
 
 type Conn = <Db as sqlx::Database>::Connection;
 
@@ -258,6 +258,12 @@ pub(super) fn split_window(since: i64, until: i64) -> WindowSplit {
 }
 
 /// `owner`'s rollup of the rows dated in `[since, until]`.
+///
+/// One read of the rollups of every day the window touches, its partial edge days
+/// included: an edge day's groups say, by their latest instant, whether any of its rows
+/// can be in the window at all, or whether all of them are (the window ends after the last
+/// row of its last day, which is the usual case for a window ending now). Only an edge
+/// day neither of those settles has its rows read.
 pub(super) async fn read_window(
     pool: &Pool<Db>,
     owner: UserId,
@@ -267,37 +273,61 @@ pub(super) async fn read_window(
 ) -> StoreResult<Rollup> {
     let split = split_window(since, until);
     let mut rollup = Rollup::default();
-    if let Some((first, last)) = split.days {
-        // A sketch not asked for is neither sent nor parsed.
-        let columns = GROUP_COLUMNS
-            .replace(
-                "latency_sketch",
-                if sketches.latency { "latency_sketch" } else { "''" },
-            )
-            .replace(
-                "completion_sketch",
-                if sketches.completion { "completion_sketch" } else { "''" },
-            );
-        let mut q = QueryBuilder::new(format!(
-            "SELECT day, provider, model, workload, source, {columns} FROM usage_rollups \
-             WHERE user_id = "
-        ));
-        q.push_bind(owner.to_string())
-            .push(" AND day >= ")
-            .push_bind(first)
-            .push(" AND day <= ")
-            .push_bind(last);
-        for row in q.build().fetch_all(pool).await? {
-            let (key, group) = decode_group(&row)?;
+    if split.days.is_none() && split.edges.is_empty() {
+        return Ok(rollup);
+    }
+    // A sketch not asked for is neither sent nor parsed.
+    let columns = GROUP_COLUMNS
+        .replace(
+            "latency_sketch",
+            if sketches.latency { "latency_sketch" } else { "''" },
+        )
+        .replace(
+            "completion_sketch",
+            if sketches.completion { "completion_sketch" } else { "''" },
+        );
+    let mut q = QueryBuilder::new(format!(
+        "SELECT day, provider, model, workload, source, {columns} FROM usage_rollups \
+         WHERE user_id = "
+    ));
+    q.push_bind(owner.to_string())
+        .push(" AND day >= ")
+        .push_bind(day_of(since))
+        .push(" AND day <= ")
+        .push_bind(day_of(until));
+    let whole = |day: i64| split.days.is_some_and(|(first, last)| first <= day && day <= last);
+    let mut edge_days: Vec<(GroupKey, Group)> = Vec::new();
+    for row in q.build().fetch_all(pool).await? {
+        let (key, group) = decode_group(&row)?;
+        if whole(key.day) {
             rollup.groups.insert(key, group);
+        } else {
+            edge_days.push((key, group));
         }
     }
-    if !split.edges.is_empty() {
+    let mut unsettled = Vec::new();
+    for &(from, to) in &split.edges {
+        let day = day_of(from);
+        let groups = || edge_days.iter().filter(move |(key, _)| key.day == day);
+        if groups().all(|(_, g)| g.last_ts_ms < from) {
+            // No row of that day is at or after `from` (or the day has none).
+            continue;
+        }
+        if i128::from(from) == i128::from(day) * DAY_MS && groups().all(|(_, g)| g.last_ts_ms <= to) {
+            // The range starts with its day and ends after the day's last row.
+            for (key, group) in groups() {
+                rollup.groups.insert(key.clone(), group.clone());
+            }
+            continue;
+        }
+        unsettled.push((from, to));
+    }
+    if !unsettled.is_empty() {
         let mut q = QueryBuilder::new(format!(
             "SELECT {ROW_COLUMNS} FROM workload_events WHERE user_id = "
         ));
         q.push_bind(owner.to_string()).push(" AND (");
-        for (i, (from, to)) in split.edges.iter().enumerate() {
+        for (i, (from, to)) in unsettled.iter().enumerate() {
             if i > 0 {
                 q.push(" OR ");
             }

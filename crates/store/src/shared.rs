@@ -267,20 +267,35 @@ async fn insert_message_in(
     owner: UserId,
     message: &MessageRecord,
 ) -> StoreResult<bool> {
-    // Touching the thread first checks that it is `owner`'s and (on PostgreSQL) locks its row
-    // until commit, so concurrent appends to one thread take their positions one at a time:
-    // each INSERT's snapshot sees the messages committed before it got the lock.
-    let touched = sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
-        .bind(message.created_at_ms)
-        .bind(message.thread_id.to_string())
-        .bind(owner.to_string())
-        .execute(&mut **tx)
-        .await?;
-    if touched.rows_affected() == 0 {
-        return Ok(false);
+    if !ENGINE.touches_thread_on_insert() {
+        // Touching the thread first checks that it is `owner`'s and (on PostgreSQL) locks
+        // its row until commit, so concurrent appends to one thread take their positions
+        // one at a time: each INSERT's snapshot sees the messages committed before it got
+        // the lock.
+        let touched =
+            sqlx::query("UPDATE threads SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+                .bind(message.created_at_ms)
+                .bind(message.thread_id.to_string())
+                .bind(owner.to_string())
+                .execute(&mut **tx)
+                .await?;
+        if touched.rows_affected() == 0 {
+            return Ok(false);
+        }
     }
+    insert_message_on(&mut **tx, owner, message).await
+}
+
+/// The INSERT of [`insert_message_in`]: `false` when the thread is not `owner`'s. Where the
+/// insert touches the thread itself (`Backend::touches_thread_on_insert`) it is the whole
+/// append, and needs no transaction of its own.
+async fn insert_message_on<'c>(
+    executor: impl sqlx::Executor<'c, Database = Db>,
+    owner: UserId,
+    message: &MessageRecord,
+) -> StoreResult<bool> {
     // The position keeps messages in insertion order even when two share a millisecond.
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO messages \
              (id, thread_id, user_id, role, content, metadata, created_at, position) \
          SELECT $1, t.id, t.user_id, $2, $3, $4, $5, \
@@ -294,9 +309,9 @@ async fn insert_message_in(
     .bind(message.created_at_ms)
     .bind(message.thread_id.to_string())
     .bind(owner.to_string())
-    .execute(&mut **tx)
+    .execute(executor)
     .await?;
-    Ok(true)
+    Ok(inserted.rows_affected() == 1)
 }
 
 /// Deletes the messages of `run` (its user message and any answer) from its thread, inside
@@ -856,6 +871,9 @@ impl Threads for Shell {
         Ok(result.rows_affected() == 1)
     }
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
+        if ENGINE.touches_thread_on_insert() {
+            return insert_message_on(&self.writes, owner, message).await;
+        }
         let mut tx = self.writes.begin().await?;
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(false);
@@ -888,6 +906,25 @@ impl Threads for Shell {
                 .await?
                 .try_get("n")?;
         Ok((decode_all(&rows, message_from_row)?, total))
+    }
+    async fn latest_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE thread_id = $1 AND user_id = $2 ORDER BY position DESC LIMIT $3"
+        ))
+        .bind(thread.to_string())
+        .bind(owner.to_string())
+        .bind(limit.max(0))
+        .fetch_all(&self.reads)
+        .await?;
+        let mut messages = decode_all(&rows, message_from_row)?;
+        messages.reverse();
+        Ok(messages)
     }
 }
 
@@ -1292,10 +1329,14 @@ impl Runs for Shell {
     }
     async fn settle_ended_run(&self, owner: UserId, run: RunId) -> StoreResult<RunAftermath> {
         // Reads only, in the common case: every run's end comes through here, and on SQLite
-        // a write transaction would queue behind the one writer for nothing.
+        // a write transaction would queue behind the one writer for nothing. One read: the
+        // run, and whether a run of its thread is waiting for it to end (its removal below,
+        // if rolled back, cannot change that: it removes an ended run).
         let row = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS}, superseded FROM runs WHERE id = $1 AND user_id = $2 \
-             AND status NOT IN {}",
+            "SELECT {RUN_COLUMNS}, superseded, EXISTS (SELECT 1 FROM runs w \
+             WHERE w.thread_id = runs.thread_id AND w.status = 'queued' \
+             AND w.instance_id IS NULL) AS successor_waiting \
+             FROM runs WHERE id = $1 AND user_id = $2 AND status NOT IN {}",
             unfinished!()
         ))
         .bind(run.to_string())
@@ -1308,17 +1349,11 @@ impl Runs for Shell {
         };
         let record = run_from_row(&row)?;
         let superseded: Option<String> = row.try_get("superseded")?;
+        let successor_waiting: bool = row.try_get("successor_waiting")?;
         let removed = superseded.as_deref() == Some(MultitaskStrategy::Rollback.as_str());
         if removed {
             self.remove_rolled_back(owner, &record).await?;
         }
-        let successor_waiting: bool = query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM runs WHERE thread_id = $1 \
-             AND status = 'queued' AND instance_id IS NULL)",
-        )
-        .bind(record.thread_id.to_string())
-        .fetch_one(&self.reads)
-        .await?;
         Ok(RunAftermath {
             removed,
             successor_waiting,

@@ -86,6 +86,9 @@ impl SqliteStore {
         shared::rollups_sql::backfill(&writes).await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(pool.max_connections)
+            // As for `writes`: a ping before each read was a third hand-off to the
+            // connection's thread per read (sqlx already pings when a connection returns).
+            .test_before_acquire(false)
             .acquire_timeout(pool.acquire_timeout)
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;

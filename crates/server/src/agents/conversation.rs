@@ -28,10 +28,8 @@ pub async fn earlier_turns(
     thread: ThreadId,
     request: &str,
 ) -> StoreResult<Vec<Turn>> {
-    let (_, total) = store.list_messages(thread, 0, 0).await?;
     // The run's own message and whatever came after it are in the last few.
-    let window = (MAX_TURNS as i64 + 4).min(total);
-    let (messages, _) = store.list_messages(thread, window, total - window).await?;
+    let messages = store.latest_messages(thread, MAX_TURNS as i64 + 4).await?;
     let own = messages
         .iter()
         .rposition(|m| m.role == "user" && m.content == request)

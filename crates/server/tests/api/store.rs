@@ -393,6 +393,16 @@ async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
     assert_eq!(order, ["0", "1", "2", "3", "4"]);
     let thread = db.store.get_thread(owner, later).await.unwrap().unwrap();
     assert_eq!(thread.message_count, 5);
+    // A run's context reads the newest few in one query, still oldest first.
+    let latest = db.store.latest_messages(owner, later, 3).await.unwrap();
+    let order: Vec<_> = latest.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(order, ["2", "3", "4"]);
+    let all = db.store.latest_messages(owner, later, 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|m| m.id).collect::<Vec<_>>(),
+        messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        "fewer messages than asked: all of them"
+    );
 }
 
 /// Many runs appending at once share transactions (the event log's group commit); a
@@ -511,6 +521,11 @@ async fn another_users_rows_are_indistinguishable_from_missing_ones() {
     let (messages, total) = store.list_messages(bob, thread_id, 10, 0).await.unwrap();
     assert!(messages.is_empty());
     assert_eq!(total, 0);
+    assert!(store
+        .latest_messages(bob, thread_id, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(store.get_run(bob, run_id).await.unwrap().is_none());
     assert!(store
         .list_events(bob, run_id, 0, 10)

@@ -811,13 +811,18 @@ async fn rollups_equal_the_rows_after_any_sequence_of_inserts_and_imports() {
             }
             let rows = users.usage_rows_since(i64::MIN).await.unwrap();
             // Whole days only (rollups alone), cut days (rollups and edge rows), one day's
-            // part, and everything.
+            // part, and everything. No row is dated after NOW, so a window ending at NOW
+            // takes its last day whole from the rollups, and one starting after NOW finds
+            // its first day empty without reading rows (as a run's reads do).
             let day = NOW.div_euclid(DAY_MS);
             let cut = NOW - dice.below(3 * DAY_MS as u64);
             for (since, until) in [
                 ((day - 6) * DAY_MS, (day - 1) * DAY_MS - 1),
                 (NOW - 7 * DAY_MS + dice.below(DAY_MS as u64), cut),
                 (cut - 3_600_000, cut),
+                (NOW - 7 * DAY_MS + dice.below(DAY_MS as u64), NOW),
+                (cut, i64::MAX),
+                (NOW + 1, i64::MAX),
                 (i64::MIN, i64::MAX),
             ] {
                 assert_rollups_match_rows(&users, &rows, since, until).await;
