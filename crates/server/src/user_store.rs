@@ -222,6 +222,17 @@ impl UserStore {
             .usage_window(self.owner, since_ms, until_ms, sketches)
             .await
     }
+    /// See [`Store::usage_window_and_after`].
+    pub async fn usage_window_and_after(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+    ) -> StoreResult<(Rollup, Option<Rollup>)> {
+        self.store
+            .usage_window_and_after(self.owner, since_ms, until_ms, sketches)
+            .await
+    }
     /// See [`Store::usage_names`].
     pub async fn usage_names(&self, since_ms: i64) -> StoreResult<Vec<(String, String, f64)>> {
         self.store.usage_names(self.owner, since_ms).await

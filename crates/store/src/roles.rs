@@ -378,6 +378,17 @@ pub trait Usage: Send + Sync {
         until_ms: i64,
         sketches: Sketches,
     ) -> StoreResult<Rollup>;
+    /// [`Usage::usage_window`], and from the same read the rollup of `owner`'s rows dated
+    /// after `until_ms` (future-dated ones), when the rollups settle it without reading
+    /// rows; `None` when rows of `until_ms`'s day are dated after it (read those with
+    /// `usage_window(owner, until_ms + 1, i64::MAX, ..)`).
+    async fn usage_window_and_after(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+    ) -> StoreResult<(Rollup, Option<Rollup>)>;
     /// Totals per (provider, model, workload, source) of `owner`'s usage rows dated in
     /// `[since_ms, until_ms]`: the window's whole days from the rollups, its partial edge
     /// days from the rows.

@@ -271,10 +271,26 @@ pub(super) async fn read_window(
     until: i64,
     sketches: Sketches,
 ) -> StoreResult<Rollup> {
+    Ok(read_window_and_after(pool, owner, since, until, sketches, false)
+        .await?
+        .0)
+}
+
+/// [`read_window`], and with `after`, from the same read of the rollups, the rollup of the
+/// rows dated after `until` when the rollups settle it: `None` when some row of `until`'s
+/// day is dated after `until` (or `after` is false).
+pub(super) async fn read_window_and_after(
+    pool: &Pool<Db>,
+    owner: UserId,
+    since: i64,
+    until: i64,
+    sketches: Sketches,
+    after: bool,
+) -> StoreResult<(Rollup, Option<Rollup>)> {
     let split = split_window(since, until);
     let mut rollup = Rollup::default();
     if split.days.is_none() && split.edges.is_empty() {
-        return Ok(rollup);
+        return Ok((rollup, None));
     }
     // A sketch not asked for is neither sent nor parsed.
     let columns = GROUP_COLUMNS
@@ -290,21 +306,36 @@ pub(super) async fn read_window(
         "SELECT day, provider, model, workload, source, {columns} FROM usage_rollups \
          WHERE user_id = "
     ));
+    let end_day = day_of(until);
     q.push_bind(owner.to_string())
         .push(" AND day >= ")
-        .push_bind(day_of(since))
-        .push(" AND day <= ")
-        .push_bind(day_of(until));
+        .push_bind(day_of(since));
+    if !after {
+        q.push(" AND day <= ").push_bind(end_day);
+    }
     let whole = |day: i64| split.days.is_some_and(|(first, last)| first <= day && day <= last);
     let mut edge_days: Vec<(GroupKey, Group)> = Vec::new();
+    let mut later = Rollup::default();
     for row in q.build().fetch_all(pool).await? {
         let (key, group) = decode_group(&row)?;
         if whole(key.day) {
             rollup.groups.insert(key, group);
+        } else if key.day > end_day {
+            later.groups.insert(key, group);
         } else {
             edge_days.push((key, group));
         }
     }
+    // Nothing of `until`'s day is after it when `until` ends the day, or when the day's
+    // rows all precede it.
+    let ends_its_day = (i128::from(until) + 1).rem_euclid(DAY_MS) == 0;
+    let after = (after
+        && (ends_its_day
+            || edge_days
+                .iter()
+                .filter(|(key, _)| key.day == end_day)
+                .all(|(_, g)| g.last_ts_ms <= until)))
+    .then_some(later);
     let mut unsettled = Vec::new();
     for &(from, to) in &split.edges {
         let day = day_of(from);
@@ -351,7 +382,7 @@ pub(super) async fn read_window(
         }
         rollup.merge(edges);
     }
-    Ok(rollup)
+    Ok((rollup, after))
 }
 
 /// Folds the rows stored before the rollups existed, once: the instance that takes the

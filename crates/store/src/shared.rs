@@ -192,13 +192,16 @@ macro_rules! free_to_start {
 /// Whether any run waits in the queue for an instance (the partial index `runs_queue`
 /// answers it). A submission is not claimed at once while this holds, so it cannot
 /// overtake the waiting runs.
-const RUNS_WAITING: &str = concat!(
-    "SELECT EXISTS (SELECT 1 FROM runs q WHERE q.status = 'queued' AND q.instance_id IS NULL \
-     AND ",
-    free_to_start!(),
-    ")"
-);
-
+macro_rules! runs_waiting {
+    () => {
+        concat!(
+            "SELECT EXISTS (SELECT 1 FROM runs q WHERE q.status = 'queued' \
+             AND q.instance_id IS NULL AND ",
+            free_to_start!(),
+            ")"
+        )
+    };
+}
 
 /// Every queued, unclaimed run with its `turn` in the fair order of the queue: the number
 /// of runs its owner has executing (on any instance) plus its place among the owner's
@@ -221,11 +224,14 @@ const FAIR_QUEUE: &str = concat!(
     free_to_start!()
 );
 
-/// A user's unfinished runs, and how many of them are on thread `$1` (user `$2`).
+/// A user's unfinished runs, how many of them are on thread `$1` (user `$2`), and whether
+/// runs wait in the queue (`runs_waiting!`): one statement where a submission asked two.
 const UNFINISHED_RUNS: &str = concat!(
     "SELECT COUNT(*), \
-            CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
-     FROM runs WHERE user_id = $2 AND status IN ",
+            CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT), \
+            (",
+    runs_waiting!(),
+    ") FROM runs WHERE user_id = $2 AND status IN ",
     unfinished!()
 );
 
@@ -1031,7 +1037,7 @@ impl Runs for Shell {
         if !insert_message_in(&mut tx, owner, message).await? {
             return Ok(SubmitOutcome::ThreadNotFound);
         }
-        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(UNFINISHED_RUNS)
+        let (unfinished, on_thread, waiting): (i64, i64, bool) = sqlx::query_as(UNFINISHED_RUNS)
         .bind(run.thread_id.to_string())
         .bind(owner.to_string())
         .fetch_one(&mut *tx)
@@ -1077,11 +1083,8 @@ impl Runs for Shell {
         // Claimed at submission (as `claim_queued_runs` would leave it) unless runs are
         // waiting: those go first; and never behind an unfinished run of the thread,
         // which the claim waits for.
-        let waiting = query_scalar::<_, bool>(RUNS_WAITING);
         let claim_by = match submission.claim_by {
-            Some(instance) if on_thread == 0 && !waiting.fetch_one(&mut *tx).await? => {
-                Some(instance)
-            }
+            Some(instance) if on_thread == 0 && !waiting => Some(instance),
             _ => None,
         };
         let claimed = claim_by.is_some();
@@ -1139,7 +1142,7 @@ impl Runs for Shell {
         if touched.rows_affected() == 0 {
             return Ok(RegenerateOutcome::ThreadNotFound);
         }
-        let (unfinished, on_thread): (i64, i64) = sqlx::query_as(UNFINISHED_RUNS)
+        let (unfinished, on_thread, waiting): (i64, i64, bool) = sqlx::query_as(UNFINISHED_RUNS)
         .bind(run.thread_id.to_string())
         .bind(owner.to_string())
         .fetch_one(&mut *tx)
@@ -1164,9 +1167,8 @@ impl Runs for Shell {
         if usize::try_from(unfinished).unwrap_or(usize::MAX) >= submission.max_unfinished {
             return Ok(RegenerateOutcome::TooManyRuns);
         }
-        let waiting = query_scalar::<_, bool>(RUNS_WAITING);
         let claim_by = match submission.claim_by {
-            Some(instance) if !waiting.fetch_one(&mut *tx).await? => Some(instance),
+            Some(instance) if !waiting => Some(instance),
             _ => None,
         };
         let claimed = claim_by.is_some();

@@ -17,7 +17,7 @@
 use async_trait::async_trait;
 use sqlx::{Pool, QueryBuilder, Row};
 
-use super::rollups_sql::{apply, read_window, Change};
+use super::rollups_sql::{apply, read_window, read_window_and_after, Change};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
@@ -325,6 +325,15 @@ impl Usage for Shell {
         sketches: Sketches,
     ) -> StoreResult<Rollup> {
         read_window(&self.reads, owner, since_ms, until_ms, sketches).await
+    }
+    async fn usage_window_and_after(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+    ) -> StoreResult<(Rollup, Option<Rollup>)> {
+        read_window_and_after(&self.reads, owner, since_ms, until_ms, sketches, true).await
     }
     async fn usage_totals(
         &self,

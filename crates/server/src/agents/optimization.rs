@@ -115,20 +115,23 @@ pub async fn gather(
 }
 
 /// [`gather`] for the rows dated at or after `read.since_ms`, from the window the data agent
-/// already read: only the rows dated after it (`read.until_ms`, its "now") are read, and
-/// folded in.
+/// already read and the rows dated after it (`read.until_ms`, its "now"): those from the
+/// same read when it settled them (usually: no row of today is dated after now), otherwise
+/// read now and folded in.
 pub async fn gather_from(
     store: &UserStore,
     read: ReadWindow,
     pricing: &PricingTable,
 ) -> StoreResult<SimulationInput> {
     let mut window = read.rollup;
-    if read.until_ms < i64::MAX {
-        window.merge(
+    match read.after {
+        Some(after) => window.merge(after),
+        None if read.until_ms < i64::MAX => window.merge(
             store
                 .usage_window(read.until_ms + 1, i64::MAX, COMPLETION_SKETCHES)
                 .await?,
-        );
+        ),
+        None => {}
     }
     Ok(input_of(&window, pricing))
 }

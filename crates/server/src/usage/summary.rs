@@ -32,6 +32,9 @@ pub struct ReadWindow {
     pub since_ms: i64,
     pub until_ms: i64,
     pub rollup: Rollup,
+    /// The rows dated after `until_ms` (future-dated ones), from the same read, when the
+    /// rollups settled them (see [`crate::store::Store::usage_window_and_after`]).
+    pub after: Option<Rollup>,
 }
 
 /// Summary of the store handle's user over the last `days` days before `now_ms`. Rows
@@ -58,12 +61,15 @@ pub async fn summary_and_window(
         latency: true,
         completion: true,
     };
-    let rollup = store.usage_window(start_ms, now_ms, sketches).await?;
+    let (rollup, after) = store
+        .usage_window_and_after(start_ms, now_ms, sketches)
+        .await?;
     let summary = summary_of(&rollup, days, start_ms);
     let window = ReadWindow {
         since_ms: start_ms,
         until_ms: now_ms,
         rollup,
+        after,
     };
     Ok((summary, window))
 }

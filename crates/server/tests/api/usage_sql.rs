@@ -28,7 +28,7 @@ use apex_server::store::{
 use apex_server::usage::pricing::{cost_at, PricingTable};
 use apex_server::usage::{daily_for, summary_and_window, summary_for};
 use apex_server::user_store::UserStore;
-use apex_store::rollups::{self, bucket, representative, Sketches, SKETCH_RELATIVE_ERROR};
+use apex_store::rollups::{self, bucket, representative, Rollup, Sketches, SKETCH_RELATIVE_ERROR};
 
 use crate::helpers::test_database;
 
@@ -658,6 +658,20 @@ async fn assert_rollups_match_rows(users: &UserStore, rows: &[UsageRow], since: 
         completion: true,
     };
     let window = users.usage_window(since, until, sketches).await.unwrap();
+    // The same read with the rows after the window: the same window and, where the
+    // rollups settle it, what a read of the rows after `until` gives.
+    let (same, after) = users
+        .usage_window_and_after(since, until, sketches)
+        .await
+        .unwrap();
+    assert_eq!(same, window, "[{since}, {until}]");
+    if let Some(after) = after {
+        let later = match until.checked_add(1) {
+            Some(next) => users.usage_window(next, i64::MAX, sketches).await.unwrap(),
+            None => Rollup::default(),
+        };
+        assert_eq!(after, later, "after {until}");
+    }
     let mut latencies: Vec<i64> = in_window()
         .filter(|r| r.requests == 1)
         .map(|r| sketched(r.latency_ms))
@@ -827,6 +841,12 @@ async fn rollups_equal_the_rows_after_any_sequence_of_inserts_and_imports() {
             ] {
                 assert_rollups_match_rows(&users, &rows, since, until).await;
             }
+            // No row is dated after NOW: a window ending then knows it from the rollups.
+            let (_, after) = users
+                .usage_window_and_after(NOW - DAY_MS, NOW, Sketches::default())
+                .await
+                .unwrap();
+            assert_eq!(after.map(|a| a.groups.len()), Some(0));
         }
     }
 }
