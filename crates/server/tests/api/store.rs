@@ -403,6 +403,18 @@ async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
         messages.iter().map(|m| m.id).collect::<Vec<_>>(),
         "fewer messages than asked: all of them"
     );
+    // An append moves the thread's updated_at to the message's time (on SQLite a trigger
+    // does it, in the INSERT's statement); a refused append moves nothing.
+    let mut late = message(later, "5");
+    late.created_at_ms = NOW + 5;
+    assert!(db.store.insert_message(owner, &late).await.unwrap());
+    let stranger = user(&*db.store).await;
+    let mut refused = message(later, "not yours");
+    refused.created_at_ms = NOW + 9;
+    assert!(!db.store.insert_message(stranger, &refused).await.unwrap());
+    let touched = db.store.get_thread(owner, later).await.unwrap().unwrap();
+    assert_eq!(touched.updated_at_ms, NOW + 5);
+    assert_eq!(touched.message_count, 6);
 }
 
 /// Many runs appending at once share transactions (the event log's group commit); a
