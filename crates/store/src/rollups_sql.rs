@@ -3,8 +3,9 @@
 //! compiled with it for each engine.
 //!
 //! A window `[since, until]` is read as its whole UTC days from the rollups and its partial
-//! days at either edge from the rows, folded in memory with the same code that folds rows
-//! on their way in; so a figure is the same whichever way its rows were counted.
+//! days at either edge from the rows (unless the edge day's rollups settle it: see
+//! [`read_window`]), folded in memory with the same code that folds rows on their way in;
+//! so a figure is the same whichever way its rows were counted.
 
 use std::collections::BTreeSet;
 
