@@ -26,10 +26,9 @@ use apex_protocol::events::EventBody;
 
 pub struct ReportingAgent;
 
-/// Least time between two `partial_result` events while one passage of the answer streams
-/// (about 60 a second, a screen's refresh): chunks written faster are sent together. A
-/// passage's first chunk leaves at once and its last is not held, so the gap adds no delay
-/// between passages.
+/// Least time between two `partial_result` events of a run's answer (about 60 a second, a
+/// screen's refresh): chunks written faster are sent together (see `PartialResults`). The
+/// answer's first chunk leaves at once and its last is not held.
 pub const PARTIAL_RESULT_GAP: Duration = Duration::from_millis(16);
 
 /// What the report says about the models and workloads the question names, and the plan
@@ -253,14 +252,81 @@ struct SlotTally {
     provider_failed: Option<String>,
 }
 
+/// The answer's chunks on their way out as `partial_result` events, for the whole answer:
+/// at most one event per [`PARTIAL_RESULT_GAP`], the first at once, later chunks held until
+/// the gap has passed and then sent together.
+///
+/// Why one for the whole answer rather than one per passage: the answer is a dozen
+/// passages (fixed text and slots), and a fast writer streams all of them within a few
+/// milliseconds. Starting each passage afresh sent each passage's first chunk at once, so a
+/// run carried about two dozen events where two or three say the same; each event is a
+/// stored row and a frame to every socket of the user.
+#[derive(Default)]
+struct PartialResults {
+    /// Written, not yet sent.
+    held: String,
+    /// When the last `partial_result` left.
+    last_sent: Option<Instant>,
+}
+
+impl PartialResults {
+    /// When held text may leave: at once if nothing was sent yet.
+    fn due(&self) -> Option<Instant> {
+        self.last_sent.map(|at| at + PARTIAL_RESULT_GAP)
+    }
+
+    /// Adds `chunk` and sends what is held if the gap has passed.
+    async fn push(
+        &mut self,
+        agent: &ReportingAgent,
+        cx: &AgentContext,
+        chunk: &str,
+    ) -> Result<(), AgentError> {
+        self.held.push_str(chunk);
+        if self.due().is_none_or(|due| Instant::now() >= due) {
+            self.send(agent, cx).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is held, now.
+    async fn send(&mut self, agent: &ReportingAgent, cx: &AgentContext) -> Result<(), AgentError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        agent.send_chunk(cx, std::mem::take(&mut self.held)).await?;
+        self.last_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Sends what is held once the gap has passed (at most [`PARTIAL_RESULT_GAP`] from now):
+    /// before something slow (a model writing a slot), so the user is not left without the
+    /// text already written while it runs.
+    async fn send_when_due(
+        &mut self,
+        agent: &ReportingAgent,
+        cx: &AgentContext,
+    ) -> Result<(), AgentError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        if let Some(due) = self.due() {
+            sleep_until(due).await;
+        }
+        self.send(agent, cx).await
+    }
+}
+
 impl ReportingAgent {
     /// Streams fixed text through the template writer (same chunking and pacing as any
-    /// streamed answer) and adds it to the answer.
+    /// streamed answer) and adds it to the answer. What is still held when the text ends
+    /// leaves with the next passage's chunks, or at the end of the answer.
     async fn stream_fixed(
         &self,
         cx: &AgentContext,
         text: String,
         state: &mut RunState,
+        out: &mut PartialResults,
     ) -> Result<(), AgentError> {
         if text.is_empty() {
             return Ok(());
@@ -270,19 +336,12 @@ impl ReportingAgent {
             .fallback
             .stream(request, cx.ctx.cancellation().clone())
             .await?;
-        // Chunks that arrive within PARTIAL_RESULT_GAP of the last event wait and leave
-        // together (the first at once, so the first words are not delayed): a fast writer
-        // costs one persisted, delivered event per gap instead of one per chunk, and the
-        // stored log and the wire carry the same events.
-        let mut held = String::new();
-        let mut last_sent: Option<Instant> = None;
         loop {
-            let due = last_sent.map(|at| at + PARTIAL_RESULT_GAP);
+            let due = out.due();
             tokio::select! {
                 biased;
-                _ = sleep_until(due.unwrap_or_else(Instant::now)), if !held.is_empty() => {
-                    self.send_chunk(cx, std::mem::take(&mut held)).await?;
-                    last_sent = Some(Instant::now());
+                _ = sleep_until(due.unwrap_or_else(Instant::now)), if !out.held.is_empty() => {
+                    out.send(self, cx).await?;
                 }
                 next = stream.next() => {
                     let Some(chunk) = next else { break };
@@ -291,16 +350,9 @@ impl ReportingAgent {
                         continue;
                     }
                     state.answer.push_str(&chunk);
-                    held.push_str(&chunk);
-                    if due.is_none_or(|due| Instant::now() >= due) {
-                        self.send_chunk(cx, std::mem::take(&mut held)).await?;
-                        last_sent = Some(Instant::now());
-                    }
+                    out.push(self, cx, &chunk).await?;
                 }
             }
-        }
-        if !held.is_empty() {
-            self.send_chunk(cx, held).await?;
         }
         Ok(())
     }
@@ -369,9 +421,12 @@ impl ReportingAgent {
         meter: &TokenMeter,
         tally: &mut SlotTally,
         state: &mut RunState,
+        out: &mut PartialResults,
     ) -> Result<(), AgentError> {
         let mut chosen = slot.fallback.clone();
         if cx.has_model() && tally.provider_failed.is_none() {
+            // The model takes a while: the text written so far goes first.
+            out.send_when_due(self, cx).await?;
             let problem = match self.generate_slot(cx, slot, meter).await {
                 Err(LlmError::Cancelled) => return Err(AgentError::Llm(LlmError::Cancelled)),
                 Err(LlmError::OverBudget(message)) => {
@@ -437,7 +492,8 @@ impl ReportingAgent {
                 .await?;
             }
         }
-        self.stream_fixed(cx, placed(slot, &chosen), state).await
+        self.stream_fixed(cx, placed(slot, &chosen), state, out)
+            .await
     }
 }
 
@@ -468,17 +524,22 @@ impl Agent for ReportingAgent {
         let meter = TokenMeter::default();
         let started = std::time::Instant::now();
         let mut tally = SlotTally::default();
+        let mut out = PartialResults::default();
         for part in &parts {
             match part {
-                Part::Fixed(text) => self.stream_fixed(cx, text.clone(), state).await?,
+                Part::Fixed(text) => self.stream_fixed(cx, text.clone(), state, &mut out).await?,
                 Part::Slot(slot) => {
                     // Checked against the fixed text and the slots written before it.
                     let written = format!("{facts}\n{}", state.answer);
-                    self.write_slot(cx, slot, &written, &report, &meter, &mut tally, state)
-                        .await?
+                    self.write_slot(
+                        cx, slot, &written, &report, &meter, &mut tally, state, &mut out,
+                    )
+                    .await?
                 }
             }
         }
+        // The answer's last chunk is not held: the run ends now.
+        out.send(self, cx).await?;
         let slots = parts.iter().filter(|p| matches!(p, Part::Slot(_))).count();
         let usage = meter.get();
         if cx.has_model() {

@@ -422,9 +422,9 @@ async fn stop_agent_cancels_the_run_with_a_terminal_cancelled_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_writers_chunks_leave_together_and_the_stored_log_matches_the_wire() {
-    // No delay between the template writer's chunks: they arrive faster than one event
-    // per 16 ms could carry them.
-    let app = spawn_app_with(|s| s.template_stream_delay = Duration::ZERO).await;
+    // A millisecond between the template writer's chunks: they arrive far faster than one
+    // event per 16 ms could carry them, and the answer takes long enough to need several.
+    let app = spawn_app_with(|s| s.template_stream_delay = Duration::from_millis(1)).await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run = ws.ask(QUESTION, None).await;
@@ -450,6 +450,29 @@ async fn a_fast_writers_chunks_leave_together_and_the_stored_log_matches_the_wir
         "{} partial_result events for about {chunks} chunks",
         partials.len()
     );
+    assert!(
+        partials.len() >= 3,
+        "{} partial_result events",
+        partials.len()
+    );
+    // The gap holds across the answer's passages (fixed text and slots), not only within
+    // one: no event follows the one before it sooner than 16 ms, save the last (the answer
+    // ends, nothing is held back). Timestamps are taken when an event is made, to the
+    // microsecond; 15 ms allows for the wall clock's rounding against the monotonic one.
+    let at = |e: &AgentEvent| {
+        chrono::DateTime::parse_from_rfc3339(&e.timestamp)
+            .unwrap()
+            .timestamp_micros()
+    };
+    for pair in partials[..partials.len() - 1].windows(2) {
+        let gap_us = at(pair[1]) - at(pair[0]);
+        assert!(
+            gap_us >= 15_000,
+            "partial_result {} left {gap_us} µs after {}",
+            pair[1].seq,
+            pair[0].seq
+        );
+    }
     // The stored log holds exactly the events the socket carried.
     let page: Value = app
         .get(
