@@ -203,32 +203,48 @@ impl Rollup {
 
     /// The latency sketch over every group: single requests per bucket, by bucket.
     pub fn latency_sketch(&self) -> BTreeMap<i64, i64> {
-        let mut sketch = BTreeMap::new();
-        for g in self.groups.values() {
-            for (bucket, count) in &g.latency {
-                *sketch.entry(*bucket).or_default() += count;
-            }
-        }
-        sketch
+        let mut entries: Vec<(i64, i64)> = self
+            .groups
+            .values()
+            .flat_map(|g| g.latency.iter().map(|(bucket, count)| (*bucket, *count)))
+            .collect();
+        summed_by_key(&mut entries)
     }
 
     /// The completion sketch of each workload over every group: ranked single requests per
     /// bucket.
     pub fn completion_ranked(&self) -> BTreeMap<&str, BTreeMap<i64, i64>> {
+        let mut entries: Vec<((&str, i64), i64)> = self
+            .groups
+            .iter()
+            .flat_map(|(key, g)| {
+                g.completion
+                    .iter()
+                    .filter(|(_, b)| b.ranked > 0)
+                    .map(|(bucket, b)| ((key.workload.as_str(), *bucket), b.ranked))
+            })
+            .collect();
         let mut sketches: BTreeMap<&str, BTreeMap<i64, i64>> = BTreeMap::new();
-        for (key, g) in &self.groups {
-            for (bucket, b) in &g.completion {
-                if b.ranked > 0 {
-                    *sketches
-                        .entry(key.workload.as_str())
-                        .or_default()
-                        .entry(*bucket)
-                        .or_default() += b.ranked;
-                }
-            }
+        for ((workload, bucket), ranked) in summed_by_key(&mut entries) {
+            sketches.entry(workload).or_default().insert(bucket, ranked);
         }
         sketches
     }
+}
+
+/// `entries` summed per key, as a map. Sorting once and building the map from its sorted
+/// entries is cheaper than an insert per entry: a month's window has a thousand or more
+/// (group, bucket) entries.
+fn summed_by_key<K: Ord + Copy>(entries: &mut [(K, i64)]) -> BTreeMap<K, i64> {
+    entries.sort_unstable_by_key(|a| a.0);
+    let mut summed: Vec<(K, i64)> = Vec::with_capacity(entries.len());
+    for &(key, value) in entries.iter() {
+        match summed.last_mut() {
+            Some((last, total)) if *last == key => *total += value,
+            _ => summed.push((key, value)),
+        }
+    }
+    summed.into_iter().collect()
 }
 
 impl Group {

@@ -69,10 +69,11 @@ fn decode_group(row: &DbRow) -> StoreResult<(GroupKey, Group)> {
         short_cost_usd: row.try_get(18)?,
         ..Group::default()
     };
-    let latency: String = row.try_get(19)?;
-    let completion: String = row.try_get(20)?;
+    // Borrowed from the row: a window read decodes a hundred or more of these.
+    let latency: &str = row.try_get(19)?;
+    let completion: &str = row.try_get(20)?;
     group
-        .read_sketches(&latency, &completion)
+        .read_sketches(latency, completion)
         .ok_or_else(|| StoreError::Corrupt("usage rollup sketch".into()))?;
     Ok((key, group))
 }
