@@ -177,7 +177,8 @@ impl Cluster {
             .env("APEX_BUS_URL", redis)
             .env("APEX_BUS_CHANNEL_PREFIX", &self.prefix)
             .env("APEX_JWT_SECRET", SECRET)
-            .env("APEX_LOG", "info")
+            // Connection closes too: a connection that misses its events says how it ended.
+            .env("APEX_LOG", "info,apex_server::ws::connection=debug")
             .stderr(Stdio::from(log));
         let (child, base) = support::spawn_serve(command);
         Instance {

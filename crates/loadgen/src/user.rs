@@ -126,6 +126,10 @@ struct Frame {
     received: chrono::DateTime<chrono::Utc>,
 }
 
+/// The `type` of the frame a connection's reader hands the session when its stream ends
+/// (never a server frame type).
+const READER_ENDED: &str = "loadgen.reader_ended";
+
 fn is_event(v: &Value) -> bool {
     v.get("seq").is_some() && v.get("run_id").is_some()
 }
@@ -147,6 +151,10 @@ struct Session<'a> {
     /// so a seq below one already received is not a duplicate; a seq received twice is.
     seen: HashMap<(usize, String), HashSet<u64>>,
     terminals: HashSet<(usize, String)>,
+    /// Connections whose stream ended though this session did not close them, and how.
+    ended: HashMap<usize, String>,
+    /// Each connection's id as the server named it (its log lines carry it).
+    server_ids: HashMap<usize, String>,
     /// (run, thread) of every event received, checked against the user's own at the end.
     event_ids: Vec<(String, String)>,
     my_runs: HashSet<String>,
@@ -177,7 +185,15 @@ impl Session<'_> {
         self.next_conn += 1;
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            while let Some(Ok(message)) = stream.next().await {
+            let ended = loop {
+                let message = match stream.next().await {
+                    None => break "the stream ended without a close frame".to_string(),
+                    Some(Err(err)) => break format!("read failed: {err}"),
+                    Some(Ok(Message::Close(frame))) => {
+                        break format!("the server closed it: {frame:?}")
+                    }
+                    Some(Ok(message)) => message,
+                };
                 if let Message::Text(text) = message {
                     let Ok(value) = serde_json::from_str::<Value>(&text) else {
                         continue;
@@ -188,18 +204,28 @@ impl Session<'_> {
                         received: chrono::Utc::now(),
                     };
                     if tx.send(frame).is_err() {
-                        break;
+                        return;
                     }
                 }
-            }
+            };
+            // Told to the session (not an event, so no check counts it): when a connection
+            // owes a terminal event, whether and how its stream ended says where to look.
+            let _ = tx.send(Frame {
+                conn,
+                value: json!({"type": READER_ENDED, "reason": ended}),
+                received: chrono::Utc::now(),
+            });
         });
         self.sinks.insert(conn, sink);
         self.out.connections += 1;
-        let hello = self
+        let Some(hello) = self
             .wait_for(conn, |v| v["type"] == "connection_established")
-            .await;
-        if hello.is_none() {
+            .await
+        else {
             bail!("no connection_established");
+        };
+        if let Some(id) = hello["data"]["connection_id"].as_str() {
+            self.server_ids.insert(conn, id.to_string());
         }
         Ok(conn)
     }
@@ -227,6 +253,11 @@ impl Session<'_> {
     /// Checks one received frame against the user's identity and per-run ordering.
     fn observe(&mut self, frame: &Frame) {
         let v = &frame.value;
+        if v["type"] == READER_ENDED {
+            let reason = v["reason"].as_str().unwrap_or_default().to_string();
+            self.ended.insert(frame.conn, reason);
+            return;
+        }
         if !is_event(v) {
             return;
         }
@@ -752,8 +783,13 @@ impl Session<'_> {
                         .filter(|(key, _)| self.sinks.contains_key(&key.0))
                         .filter(|(key, _)| !self.terminals.contains(*key))
                         .map(|((conn, run), seqs)| {
+                            let urls = &self.account.ws_urls;
                             format!(
-                                "run {run} on connection {conn}: {} events, last seq {:?}",
+                                "run {run} on connection {conn} (to {}, connection_id {}; {}): \
+                                 {} events, last seq {:?}",
+                                urls[conn % urls.len()],
+                                self.server_ids.get(conn).map_or("?", String::as_str),
+                                self.ended.get(conn).map_or("still open", String::as_str),
                                 seqs.len(),
                                 seqs.iter().max()
                             )
@@ -806,6 +842,8 @@ pub(crate) async fn simulate(
         next_conn: 0,
         seen: HashMap::new(),
         terminals: HashSet::new(),
+        ended: HashMap::new(),
+        server_ids: HashMap::new(),
         event_ids: Vec::new(),
         my_runs: HashSet::new(),
         my_threads: HashSet::new(),

@@ -56,6 +56,7 @@ pub(super) struct Connection {
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// Why the connection loop ended.
+#[derive(Debug)]
 pub(super) enum Exit {
     ClientGone,
     Close(u16, &'static str),
@@ -239,6 +240,9 @@ async fn serve_connection(
             }
         }
     };
+    // At debug: one line per connection is noise in production, and what a test that
+    // finds a connection missing its events needs to know.
+    tracing::debug!(?exit, "connection closed");
     if let Exit::Close(code, reason) = exit {
         if code == CLOSE_GOING_AWAY {
             // The server is stopping: what the paced client is still owed (often its
