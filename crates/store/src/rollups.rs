@@ -22,7 +22,7 @@
 //! as rows arrive; it is reported to the micro-dollar. Percentiles are read off the
 //! sketches: exact below [`EXACT_BELOW`], and within [`SKETCH_RELATIVE_ERROR`] above.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::records::{
     CompletionRank, SavingsQuery, SavingsTotals, UsageDayTotals, UsageRow, UsageTotals,
@@ -101,9 +101,82 @@ pub struct Group {
     pub short_completion_tokens: i64,
     pub short_cost_usd: f64,
     /// Single requests per latency bucket.
-    pub latency: BTreeMap<i64, i64>,
+    pub latency: Sketch<i64>,
     /// Per bucket of completion tokens per request (rows of no request are left out).
-    pub completion: BTreeMap<i64, CompletionBucket>,
+    pub completion: Sketch<CompletionBucket>,
+}
+
+/// A sketch: a value per bucket, by bucket. A sorted vector rather than a map: a window
+/// read parses a hundred or more groups' sketches of a dozen buckets each, stored in
+/// bucket order, so each is built by appending, and most are only read in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sketch<V>(Vec<(i64, V)>);
+
+impl<V> Default for Sketch<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V: Default> Sketch<V> {
+    /// The value of `bucket`, added (as the default) if the sketch has none.
+    pub fn entry(&mut self, bucket: i64) -> &mut V {
+        // Buckets usually arrive in order: the last one, or a new one past it.
+        let at = match self.0.last() {
+            Some((last, _)) if *last == bucket => self.0.len() - 1,
+            Some((last, _)) if *last > bucket => {
+                match self.0.binary_search_by_key(&bucket, |(b, _)| *b) {
+                    Ok(at) => at,
+                    Err(at) => {
+                        self.0.insert(at, (bucket, V::default()));
+                        at
+                    }
+                }
+            }
+            _ => {
+                self.0.push((bucket, V::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    /// Sets `bucket`'s value.
+    pub fn insert(&mut self, bucket: i64, value: V) {
+        *self.entry(bucket) = value;
+    }
+}
+
+impl<V> Sketch<V> {
+    /// Takes `bucket` out.
+    pub fn remove(&mut self, bucket: i64) {
+        if let Ok(at) = self.0.binary_search_by_key(&bucket, |(b, _)| *b) {
+            self.0.remove(at);
+        }
+    }
+
+    /// (bucket, value) by bucket.
+    pub fn iter(&self) -> impl Iterator<Item = (&i64, &V)> {
+        self.0.iter().map(|(bucket, value)| (bucket, value))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl<'a, V> IntoIterator for &'a Sketch<V> {
+    type Item = (&'a i64, &'a V);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (i64, V)>, fn(&'a (i64, V)) -> (&'a i64, &'a V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(bucket, value)| (bucket, value))
+    }
 }
 
 /// A completion sketch's bucket.
@@ -174,15 +247,14 @@ impl Rollup {
             group.short_cost_usd += row.cost_usd;
         }
         if single {
-            *group.latency.entry(bucket(row.latency_ms)).or_default() += 1;
+            *group.latency.entry(bucket(row.latency_ms)) += 1;
         }
         // A row of no request (Anthropic's report counts none) has no tokens per request:
         // it is neither ranked nor ever over a cap.
         if row.requests > 0 {
             let b = group
                 .completion
-                .entry(bucket(row.completion_tokens / row.requests))
-                .or_default();
+                .entry(bucket(row.completion_tokens / row.requests));
             b.ranked += i64::from(single);
             b.requests += row.requests;
             b.completion_tokens += row.completion_tokens;
@@ -214,21 +286,23 @@ impl Rollup {
     /// The completion sketch of each workload over every group: ranked single requests per
     /// bucket.
     pub fn completion_ranked(&self) -> BTreeMap<&str, BTreeMap<i64, i64>> {
-        let mut entries: Vec<((&str, i64), i64)> = self
-            .groups
-            .iter()
-            .flat_map(|(key, g)| {
+        // Entries per workload first (a handful of workloads), so the sorting compares
+        // buckets, not workload names.
+        let mut per_workload: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
+        for (key, g) in &self.groups {
+            let entries = per_workload.entry(key.workload.as_str()).or_default();
+            entries.extend(
                 g.completion
                     .iter()
                     .filter(|(_, b)| b.ranked > 0)
-                    .map(|(bucket, b)| ((key.workload.as_str(), *bucket), b.ranked))
-            })
-            .collect();
-        let mut sketches: BTreeMap<&str, BTreeMap<i64, i64>> = BTreeMap::new();
-        for ((workload, bucket), ranked) in summed_by_key(&mut entries) {
-            sketches.entry(workload).or_default().insert(bucket, ranked);
+                    .map(|(bucket, b)| (*bucket, b.ranked)),
+            );
         }
-        sketches
+        per_workload
+            .into_iter()
+            .filter(|(_, entries)| !entries.is_empty())
+            .map(|(workload, mut entries)| (workload, summed_by_key(&mut entries)))
+            .collect()
     }
 }
 
@@ -269,19 +343,19 @@ impl Group {
         self.short_completion_tokens += sign * other.short_completion_tokens;
         self.short_cost_usd += sign as f64 * other.short_cost_usd;
         for (bucket, count) in &other.latency {
-            let mine = self.latency.entry(*bucket).or_default();
+            let mine = self.latency.entry(*bucket);
             *mine += sign * count;
             if *mine == 0 {
-                self.latency.remove(bucket);
+                self.latency.remove(*bucket);
             }
         }
         for (bucket, b) in &other.completion {
-            let mine = self.completion.entry(*bucket).or_default();
+            let mine = self.completion.entry(*bucket);
             mine.ranked += sign * b.ranked;
             mine.requests += sign * b.requests;
             mine.completion_tokens += sign * b.completion_tokens;
             if *mine == CompletionBucket::default() {
-                self.completion.remove(bucket);
+                self.completion.remove(*bucket);
             }
         }
     }
@@ -580,6 +654,34 @@ mod tests {
             ranked,
             rows.iter().filter(|r| r.requests == 1).count() as i64
         );
+    }
+
+    #[test]
+    fn a_sketch_keeps_its_buckets_in_order_whatever_order_they_come_in() {
+        let mut sketch = Sketch::<i64>::default();
+        let mut model = BTreeMap::new();
+        // In order, repeated, before the first, between two, and taken out again.
+        for (bucket, add) in [
+            (5, 1),
+            (9, 2),
+            (9, 1),
+            (2, 4),
+            (7, 1),
+            (5, 3),
+            (12, 1),
+            (0, 2),
+        ] {
+            *sketch.entry(bucket) += add;
+            *model.entry(bucket).or_insert(0) += add;
+        }
+        sketch.remove(7);
+        model.remove(&7);
+        sketch.remove(100);
+        let read: Vec<(i64, i64)> = sketch.iter().map(|(b, v)| (*b, *v)).collect();
+        let expected: Vec<(i64, i64)> = model.into_iter().collect();
+        assert_eq!(read, expected);
+        sketch.clear();
+        assert!(sketch.is_empty());
     }
 
     #[test]
