@@ -177,8 +177,13 @@ impl Cluster {
             .env("APEX_BUS_URL", redis)
             .env("APEX_BUS_CHANNEL_PREFIX", &self.prefix)
             .env("APEX_JWT_SECRET", SECRET)
-            // Connection closes too: a connection that misses its events says how it ended.
-            .env("APEX_LOG", "info,apex_server::ws::connection=debug")
+            // And at debug how connections end and why an event did not reach one (no
+            // subscriber here, already delivered): what a missed event needs looked at.
+            .env(
+                "APEX_LOG",
+                "info,apex_server::ws::connection=debug,apex_server::ws::delivery=debug,\
+                 apex_server::events::bus=debug",
+            )
             .stderr(Stdio::from(log));
         let (child, base) = support::spawn_serve(command);
         Instance {

@@ -134,9 +134,16 @@ impl EventBus for InProcessBus {
             let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
             channels.get(&event.user_id).cloned()
         };
-        if let Some(sender) = sender {
+        match sender {
             // An error only means every receiver went away in the meantime.
-            let _ = sender.send(event);
+            Some(sender) => {
+                if let Err(broadcast::error::SendError(event)) = sender.send(event) {
+                    tracing::debug!(run = %event.run_id, seq = event.seq, "no connection of the user here any more; event not delivered here");
+                }
+            }
+            None => {
+                tracing::debug!(run = %event.run_id, seq = event.seq, "no connection of the user here; event not delivered here")
+            }
         }
     }
 

@@ -31,6 +31,7 @@ impl Connection {
     /// keeps each run's order, so a replay must not send it again.
     pub(super) async fn deliver(&mut self, run: RunId, seq: u64, json: String) -> Sent {
         if self.delivered.get(&run).is_some_and(|d| d.has(seq)) {
+            tracing::debug!(%run, seq, "event already delivered on this connection; dropped");
             return Ok(());
         }
         match self.outbox.as_mut() {
