@@ -29,6 +29,12 @@ pub struct BusEvent {
     pub json: String,
     /// When the emitter published it, for the delivery-latency metric.
     pub emitted_at: std::time::Instant,
+    /// Came from another instance (over Redis). One run's events can come from two
+    /// instances (a run continued after approval, or recovered, elsewhere), and the hop
+    /// keeps order per instance only: the older instance's events may arrive after the
+    /// newer one's. A connection that first sees a run through a relayed event therefore
+    /// reads the rest from the log (see `ws::delivery`).
+    pub relayed: bool,
 }
 
 /// The `seq` of a notice: a frame for the user's sockets that belongs to no run (a
@@ -46,6 +52,7 @@ impl BusEvent {
             terminal: false,
             json,
             emitted_at: std::time::Instant::now(),
+            relayed: false,
         }
     }
 
@@ -262,6 +269,7 @@ mod tests {
             terminal: false,
             json: format!("{{\"seq\":{seq}}}"),
             emitted_at: std::time::Instant::now(),
+            relayed: false,
         })
     }
 

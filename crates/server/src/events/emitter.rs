@@ -145,6 +145,7 @@ impl UserEmitter {
                     terminal,
                     json,
                     emitted_at: std::time::Instant::now(),
+                    relayed: false,
                 }));
                 crate::telemetry::event_emitted();
             }

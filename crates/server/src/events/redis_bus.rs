@@ -311,6 +311,7 @@ fn parse_event(payload: &str) -> Option<(&str, BusEvent)> {
             terminal,
             json,
             emitted_at: std::time::Instant::now(),
+            relayed: true,
         },
     ))
 }
@@ -566,6 +567,7 @@ mod tests {
             terminal: true,
             json: "{\"a\":\"line\\nbreak\"}\n".into(),
             emitted_at: std::time::Instant::now(),
+            relayed: false,
         };
         let payload = event_payload("instance-1", &event);
         let (origin, parsed) = parse_event(&payload).unwrap();
@@ -573,6 +575,7 @@ mod tests {
         assert_eq!(parsed.user_id, event.user_id);
         assert_eq!(parsed.run_id, event.run_id);
         assert_eq!(parsed.seq, 42);
+        assert!(parsed.relayed, "what comes over Redis is marked relayed");
         assert!(parsed.terminal);
         assert_eq!(parsed.json, event.json);
 

@@ -2,7 +2,14 @@
 //! log (`resume`, and catching up after falling behind or a bus reconnect), never twice.
 //!
 //! The connection keeps, per run, which seqs it already sent ([`Delivered`]), so a replay
-//! that overlaps live delivery drops the copies. On a paced connection (the original web
+//! that overlaps live delivery drops the copies.
+//!
+//! Events relayed from another instance keep their order per instance only. A run that
+//! moved (continued after approval, or recovered, on another instance) has events from
+//! two, and the older instance's may arrive late: a connection opened in between would
+//! get the run's early events and never its later ones, which arrived before it
+//! subscribed. So the first relayed event of a run on a connection is followed by a read
+//! of the log past it (one read per run and connection, only for relayed runs). On a paced connection (the original web
 //! client) events join its outbox instead of the socket.
 
 use std::sync::Arc;
@@ -63,8 +70,19 @@ impl Connection {
             }
             return Ok(true);
         }
+        let first_sight = !self.delivered.contains_key(&event.run_id);
         self.deliver(event.run_id, event.seq, event.json.clone())
             .await?;
+        if first_sight && event.relayed && !event.terminal {
+            // The run's later events may have come from another instance before this
+            // connection subscribed (see `BusEvent::relayed`): whatever the log holds past
+            // this event goes now, and copies arriving later are dropped.
+            match self.replay(event.run_id, event.seq).await {
+                Ok(()) => {}
+                Err(WsError::Socket(err)) => return Err(err),
+                Err(err) => tracing::error!(error = ?err, "follow-up read of a relayed run failed"),
+            }
+        }
         Ok(true)
     }
 
