@@ -27,6 +27,8 @@ pub enum SessionsCommand {
     #[command(verbatim_doc_comment)]
     Revoke {
         /// A session id from `apex sessions list`.
+        // Ids are base64url, so one in 32 starts with '-': it is still the id, not a flag.
+        #[arg(allow_hyphen_values = true)]
         session_id: String,
         #[command(flatten)]
         account: AccountArgs,
@@ -163,4 +165,35 @@ pub(crate) fn urlencoding_path(segment: &str) -> String {
             other => format!("%{other:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::SessionsCommand;
+
+    #[derive(Parser)]
+    struct Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    }
+
+    #[test]
+    fn a_session_id_starting_with_a_dash_is_the_id_not_a_flag() {
+        let parsed = Sessions::try_parse_from([
+            "sessions",
+            "revoke",
+            "-aZ3_x",
+            "--email",
+            "me@example.com",
+            "--password",
+            "a long enough password",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        match parsed.command {
+            SessionsCommand::Revoke { session_id, .. } => assert_eq!(session_id, "-aZ3_x"),
+            _ => panic!("not a revoke"),
+        }
+    }
 }
