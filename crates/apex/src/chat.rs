@@ -102,7 +102,10 @@ fn approval_lines(payload: &Value) -> Vec<String> {
 /// How events are shown: the live view on a terminal, plain lines otherwise.
 enum View {
     Live(LiveView<std::io::Stdout>),
-    Plain,
+    /// Plain lines; `mid_line` as in [`render`].
+    Plain {
+        mid_line: bool,
+    },
 }
 
 impl View {
@@ -115,7 +118,7 @@ impl View {
                 color,
             ))
         } else {
-            View::Plain
+            View::Plain { mid_line: false }
         }
     }
 
@@ -123,14 +126,19 @@ impl View {
     fn event(&mut self, event: &AgentEvent) -> bool {
         match self {
             View::Live(view) => view.event(event),
-            View::Plain => render(event),
+            View::Plain { mid_line } => render(event, mid_line, &mut std::io::stdout()),
         }
     }
 
     fn line(&mut self, line: &str) {
         match self {
             View::Live(view) => view.line(line),
-            View::Plain => println!("{line}"),
+            View::Plain { mid_line } => {
+                if std::mem::take(mid_line) {
+                    println!();
+                }
+                println!("{line}");
+            }
         }
     }
 
@@ -145,15 +153,26 @@ impl View {
     }
 }
 
-/// Prints one event as a line (or, for answer text, inline). Returns true for the terminal.
-fn render(event: &AgentEvent) -> bool {
+/// Prints one event as a line (or, for answer text, inline) to `out`. Returns true for the
+/// terminal. `mid_line` says whether the answer text printed last ended inside a line: the
+/// next line then starts on one of its own (a note written while the model works on a
+/// passage would otherwise run on from the passage's last words).
+fn render(event: &AgentEvent, mid_line: &mut bool, out: &mut impl std::io::Write) -> bool {
     let p = &event.payload;
     let agent = event.agent_name.as_str();
-    let mut out = std::io::stdout();
-    match event.kind {
-        EventKind::AgentStarted if agent != SUPERVISOR => println!("▶ {agent}"),
-        EventKind::AgentThinking => println!("  · {}", p["reasoning"].as_str().unwrap_or("")),
-        EventKind::ToolExecuting => println!(
+    if event.kind == EventKind::PartialResult {
+        let text = p["content"].as_str().unwrap_or("");
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        if !text.is_empty() {
+            *mid_line = !text.ends_with('\n');
+        }
+        return false;
+    }
+    let line = match event.kind {
+        EventKind::AgentStarted if agent != SUPERVISOR => format!("▶ {agent}"),
+        EventKind::AgentThinking => format!("  · {}", p["reasoning"].as_str().unwrap_or("")),
+        EventKind::ToolExecuting => format!(
             "  ⚙ {}({})",
             p["tool_name"].as_str().unwrap_or("?"),
             p["parameters"]
@@ -164,40 +183,38 @@ fn render(event: &AgentEvent) -> bool {
             } else {
                 "✗"
             };
-            println!(
+            format!(
                 "  {mark} {} in {} ms",
                 p["tool_name"].as_str().unwrap_or("?"),
                 p["execution_time_ms"]
-            );
+            )
         }
-        EventKind::AgentCompleted if event.is_terminal() => {
-            println!(
-                "\n— run {} in {} ms",
-                p["status"].as_str().unwrap_or("?"),
-                p["execution_time_ms"]
-            );
-            return true;
-        }
+        EventKind::AgentCompleted if event.is_terminal() => format!(
+            "\n— run {} in {} ms",
+            p["status"].as_str().unwrap_or("?"),
+            p["execution_time_ms"]
+        ),
         EventKind::AgentCompleted => {
-            println!(
+            let mut line = format!(
                 "✔ {agent} {} in {} ms",
                 p["status"].as_str().unwrap_or(""),
                 p["execution_time_ms"]
             );
             if agent == "actions" {
-                println!();
+                line.push('\n');
             }
-        }
-        EventKind::PartialResult => {
-            print!("{}", p["content"].as_str().unwrap_or(""));
-            let _ = out.flush();
+            line
         }
         EventKind::AgentError | EventKind::Error => {
-            println!("✖ {}", p["error_message"].as_str().unwrap_or("error"));
+            format!("✖ {}", p["error_message"].as_str().unwrap_or("error"))
         }
-        _ => {}
+        _ => return false,
+    };
+    if std::mem::take(mid_line) {
+        let _ = writeln!(out);
     }
-    false
+    let _ = writeln!(out, "{line}");
+    event.is_terminal()
 }
 
 fn prompt() {
@@ -367,4 +384,53 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(agent: &str, kind: &str, payload: Value) -> AgentEvent {
+        serde_json::from_value(json!({
+            "type": kind, "agent_name": agent, "payload": payload, "user_id": "u",
+            "run_id": "r", "thread_id": "t", "seq": 1, "timestamp": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap_or_else(|e| panic!("an event: {e}"))
+    }
+
+    #[test]
+    fn a_note_after_answer_text_ending_mid_line_starts_a_line_of_its_own() {
+        let (mut out, mut mid_line) = (Vec::new(), false);
+        let events = [
+            event(
+                "reporting",
+                "partial_result",
+                json!({"content": "1. Cache prompts."}),
+            ),
+            event(
+                "reporting",
+                "agent_thinking",
+                json!({"reasoning": "using the template"}),
+            ),
+            event(
+                "reporting",
+                "partial_result",
+                json!({"content": "2. Route.\n"}),
+            ),
+            event(
+                "reporting",
+                "agent_thinking",
+                json!({"reasoning": "done writing"}),
+            ),
+        ];
+        let terminal: Vec<bool> = events
+            .iter()
+            .map(|e| render(e, &mut mid_line, &mut out))
+            .collect();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1. Cache prompts.\n  · using the template\n2. Route.\n  · done writing\n"
+        );
+        assert_eq!(terminal, [false; 4]);
+    }
 }
