@@ -389,14 +389,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn event(agent: &str, kind: &str, payload: Value) -> AgentEvent {
-        serde_json::from_value(json!({
-            "type": kind, "agent_name": agent, "payload": payload, "user_id": "u",
-            "run_id": "r", "thread_id": "t", "seq": 1, "timestamp": "2025-01-01T00:00:00Z",
-        }))
-        .unwrap_or_else(|e| panic!("an event: {e}"))
-    }
+    use crate::live::tests::event;
 
     #[test]
     fn a_note_after_answer_text_ending_mid_line_starts_a_line_of_its_own() {

@@ -265,7 +265,7 @@ impl<W: Write> LiveView<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -346,7 +346,9 @@ mod tests {
             .collect()
     }
 
-    fn event(agent: &str, kind: &str, payload: serde_json::Value) -> AgentEvent {
+    /// An event of `kind` from `agent` with `payload` (the other fields fixed), for the
+    /// views' tests here and in `chat`.
+    pub(crate) fn event(agent: &str, kind: &str, payload: serde_json::Value) -> AgentEvent {
         serde_json::from_value(json!({
             "type": kind, "agent_name": agent, "payload": payload, "user_id": "u",
             "run_id": "r", "thread_id": "t", "seq": 1, "timestamp": "2025-01-01T00:00:00Z",
