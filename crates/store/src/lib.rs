@@ -14,9 +14,12 @@
 //! - `group_commit`: appends the run events of all runs in few transactions.
 //! - `sqlite_events`: SQLite's event-log writer, a thread with its own connection and
 //!   prepared statements, taking its turn on the store's writing connection.
+//! - `sqlite_reads`: SQLite's reader threads, each with a read-only connection of its own,
+//!   for the reads every run makes (the usage window).
 //! - [`rollups`]: per-user rollups of the usage rows (sums per day, latency and completion
 //!   sketches), what the usage figures are read from; `rollups_sql` stores and reads them
-//!   and `usage_sql` computes the figures (children of `shared`).
+//!   and `usage_sql` computes the figures (children of `shared`); `window` plans a window
+//!   read (which days from the rollups, which rows at its edges) for either driver.
 //! - [`ids`]: validated id newtypes.
 //!
 //! [`open`] picks the engine from the database URL and applies pending migrations; the
@@ -46,6 +49,8 @@ mod roles;
 pub mod rollups;
 pub mod sqlite;
 mod sqlite_events;
+mod sqlite_reads;
+mod window;
 
 use std::sync::Arc;
 use std::time::Duration;

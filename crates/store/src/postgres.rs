@@ -39,6 +39,27 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// `owner`'s usage window (see `rollups_sql::read_window_and_after`): on the pool, as
+    /// every read here.
+    async fn window_of(
+        &self,
+        owner: crate::ids::UserId,
+        since: i64,
+        until: i64,
+        sketches: crate::rollups::Sketches,
+        after: bool,
+    ) -> StoreResult<(crate::rollups::Rollup, Option<crate::rollups::Rollup>)> {
+        shared::rollups_sql::read_window_and_after(
+            &self.reads,
+            owner,
+            since,
+            until,
+            sketches,
+            after,
+        )
+        .await
+    }
+
     /// Connects to the database at `url` and applies pending migrations.
     pub(crate) async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
         let mut options = PgConnectOptions::from_str(url)?;

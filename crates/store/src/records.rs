@@ -18,9 +18,16 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Migration(#[from] sqlx::migrate::MigrateError),
-    /// A failure of the SQLite event log's own connection (`sqlite_events`).
+    /// A failure of one of SQLite's own connections: the event log's writer
+    /// (`sqlite_events`), the reader threads (`sqlite_reads`).
     #[error("SQLite: {0}")]
     Sqlite(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Sqlite(err.to_string())
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -3,19 +3,20 @@
 //! compiled with it for each engine.
 //!
 //! A window `[since, until]` is read as its whole UTC days from the rollups and its partial
-//! days at either edge from the rows (unless the edge day's rollups settle it: see
-//! [`read_window`]), folded in memory with the same code that folds rows on their way in;
-//! so a figure is the same whichever way its rows were counted.
+//! days at either edge from the rows (unless the edge day's rollups settle it), as
+//! [`crate::window`] plans it, folded in memory with the same code that folds rows on their
+//! way in; so a figure is the same whichever way its rows were counted.
 
 use std::collections::BTreeSet;
 
 use sqlx::{Pool, QueryBuilder, Row};
 
-use super::usage_sql::{usage_rows, ROW_COLUMNS};
+use super::usage_sql::usage_rows;
 use super::{Db, DbRow, ENGINE};
 use crate::ids::UserId;
-use crate::records::{StoreError, StoreResult, UsageRow};
-use crate::rollups::{day_of, Group, GroupKey, Rollup, Sketches};
+use crate::records::{StoreResult, UsageRow};
+use crate::rollups::{Group, GroupKey, Rollup, Sketches};
+use crate::window::{decode_group, Columns, WindowRead, GROUP_COLUMNS, ROW_COLUMNS};
 
 type Conn = <Db as sqlx::Database>::Connection;
 
@@ -37,45 +38,22 @@ impl Change {
     }
 }
 
-/// The columns of `usage_rollups` after its key, in [`decode_group`]'s order.
-const GROUP_COLUMNS: &str = "row_count, requests, errors, timed_requests, prompt_tokens, \
-     completion_tokens, cached_tokens, reasoning_tokens, cost_usd, last_ts, short_requests, \
-     short_prompt_tokens, short_completion_tokens, short_cost_usd, latency_sketch, \
-     completion_sketch";
+/// An sqlx row (of this engine) as the window's decoders read it.
+pub(super) struct SqlxColumns<'r>(pub(super) &'r DbRow);
 
-/// A row selected as `day, provider, model, workload, source, {GROUP_COLUMNS}`.
-fn decode_group(row: &DbRow) -> StoreResult<(GroupKey, Group)> {
-    let key = GroupKey {
-        day: row.try_get(0)?,
-        provider: row.try_get(1)?,
-        model: row.try_get(2)?,
-        workload: row.try_get(3)?,
-        source: row.try_get(4)?,
-    };
-    let mut group = Group {
-        rows: row.try_get(5)?,
-        requests: row.try_get(6)?,
-        errors: row.try_get(7)?,
-        timed_requests: row.try_get(8)?,
-        prompt_tokens: row.try_get(9)?,
-        completion_tokens: row.try_get(10)?,
-        cached_tokens: row.try_get(11)?,
-        reasoning_tokens: row.try_get(12)?,
-        cost_usd: row.try_get(13)?,
-        last_ts_ms: row.try_get(14)?,
-        short_requests: row.try_get(15)?,
-        short_prompt_tokens: row.try_get(16)?,
-        short_completion_tokens: row.try_get(17)?,
-        short_cost_usd: row.try_get(18)?,
-        ..Group::default()
-    };
-    // Borrowed from the row: a window read decodes a hundred or more of these.
-    let latency: &str = row.try_get(19)?;
-    let completion: &str = row.try_get(20)?;
-    group
-        .read_sketches(latency, completion)
-        .ok_or_else(|| StoreError::Corrupt("usage rollup sketch".into()))?;
-    Ok((key, group))
+impl Columns for SqlxColumns<'_> {
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        Ok(self.0.try_get(i)?)
+    }
+    fn real(&self, i: usize) -> StoreResult<f64> {
+        Ok(self.0.try_get(i)?)
+    }
+    fn text(&self, i: usize) -> StoreResult<&str> {
+        Ok(self.0.try_get(i)?)
+    }
+    fn optional_text(&self, i: usize) -> StoreResult<Option<&str>> {
+        Ok(self.0.try_get(i)?)
+    }
 }
 
 /// Appends ` WHERE user_id = _ AND day IN (_, ...)`.
@@ -123,7 +101,7 @@ pub(super) async fn apply(
     push_days(&mut q, owner, &days);
     let mut stored = Rollup::default();
     for row in q.build().fetch_all(&mut *conn).await? {
-        let (key, group) = decode_group(&row)?;
+        let (key, group) = decode_group(&SqlxColumns(&row))?;
         stored.groups.insert(key, group);
     }
     let mut changed: Vec<(GroupKey, Group)> = Vec::new();
@@ -218,70 +196,15 @@ pub(super) async fn apply(
     Ok(())
 }
 
-/// How a window splits: whole days read from the rollups, ranges of rows at its edges.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct WindowSplit {
-    /// First and last whole day, if any.
-    pub(super) days: Option<(i64, i64)>,
-    /// Inclusive ranges of instants read from the rows.
-    pub(super) edges: Vec<(i64, i64)>,
-}
-
-/// Splits `[since, until]` (inclusive) into whole UTC days and the partial days' ranges.
-pub(super) fn split_window(since: i64, until: i64) -> WindowSplit {
-    if since > until {
-        return WindowSplit {
-            days: None,
-            edges: Vec::new(),
-        };
-    }
-    let (since, until) = (i128::from(since), i128::from(until));
-    // The first day starting at or after `since`, the last ending at or before `until`.
-    let first = (since + DAY_MS - 1).div_euclid(DAY_MS);
-    let last = (until + 1).div_euclid(DAY_MS) - 1;
-    let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
-    if first > last {
-        return WindowSplit {
-            days: None,
-            edges: vec![(clamp(since), clamp(until))],
-        };
-    }
-    let mut edges = Vec::new();
-    if since < first * DAY_MS {
-        edges.push((clamp(since), clamp(first * DAY_MS - 1)));
-    }
-    if (last + 1) * DAY_MS <= until {
-        edges.push((clamp((last + 1) * DAY_MS), clamp(until)));
-    }
-    WindowSplit {
-        days: Some((clamp(first), clamp(last))),
-        edges,
-    }
-}
-
-/// `owner`'s rollup of the rows dated in `[since, until]`.
+/// `owner`'s rollup of the rows dated in `[since, until]`, and with `after`, from the same
+/// read of the rollups, the rollup of the rows dated after `until` when the rollups settle
+/// it: `None` when some row of `until`'s day is dated after `until` (or `after` is false).
+/// See [`WindowRead`].
 ///
-/// One read of the rollups of every day the window touches, its partial edge days
-/// included: an edge day's groups say, by their latest instant, whether any of its rows
-/// can be in the window at all, or whether all of them are (the window ends after the last
-/// row of its last day, which is the usual case for a window ending now). Only an edge
-/// day neither of those settles has its rows read.
-pub(super) async fn read_window(
-    pool: &Pool<Db>,
-    owner: UserId,
-    since: i64,
-    until: i64,
-    sketches: Sketches,
-) -> StoreResult<Rollup> {
-    Ok(read_window_and_after(pool, owner, since, until, sketches, false)
-        .await?
-        .0)
-}
-
-/// [`read_window`], and with `after`, from the same read of the rollups, the rollup of the
-/// rows dated after `until` when the rollups settle it: `None` when some row of `until`'s
-/// day is dated after `until` (or `after` is false).
-pub(super) async fn read_window_and_after(
+/// PostgreSQL's window read. SQLite reads windows on its reader threads (`sqlite_reads`),
+/// and this only in the test that compares the two.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) async fn read_window_and_after(
     pool: &Pool<Db>,
     owner: UserId,
     since: i64,
@@ -289,72 +212,27 @@ pub(super) async fn read_window_and_after(
     sketches: Sketches,
     after: bool,
 ) -> StoreResult<(Rollup, Option<Rollup>)> {
-    let split = split_window(since, until);
-    let mut rollup = Rollup::default();
-    if split.days.is_none() && split.edges.is_empty() {
-        return Ok((rollup, None));
-    }
-    // A sketch not asked for is neither sent nor parsed.
-    let columns = GROUP_COLUMNS
-        .replace(
-            "latency_sketch",
-            if sketches.latency { "latency_sketch" } else { "''" },
-        )
-        .replace(
-            "completion_sketch",
-            if sketches.completion { "completion_sketch" } else { "''" },
-        );
+    let Some(mut read) = WindowRead::new(since, until, sketches, after) else {
+        return Ok((Rollup::default(), None));
+    };
+    let (first_day, last_day) = read.days();
     let mut q = QueryBuilder::new(format!(
-        "SELECT day, provider, model, workload, source, {columns} FROM usage_rollups \
-         WHERE user_id = "
+        "SELECT day, provider, model, workload, source, {} FROM usage_rollups \
+         WHERE user_id = ",
+        read.group_columns()
     ));
-    let end_day = day_of(until);
     q.push_bind(owner.to_string())
         .push(" AND day >= ")
-        .push_bind(day_of(since));
-    if !after {
-        q.push(" AND day <= ").push_bind(end_day);
+        .push_bind(first_day);
+    if let Some(last_day) = last_day {
+        q.push(" AND day <= ").push_bind(last_day);
     }
-    let whole = |day: i64| split.days.is_some_and(|(first, last)| first <= day && day <= last);
-    let mut edge_days: Vec<(GroupKey, Group)> = Vec::new();
-    let mut later = Rollup::default();
     for row in q.build().fetch_all(pool).await? {
-        let (key, group) = decode_group(&row)?;
-        if whole(key.day) {
-            rollup.groups.insert(key, group);
-        } else if key.day > end_day {
-            later.groups.insert(key, group);
-        } else {
-            edge_days.push((key, group));
-        }
+        let (key, group) = decode_group(&SqlxColumns(&row))?;
+        read.add_group(key, group);
     }
-    // Nothing of `until`'s day is after it when `until` ends the day, or when the day's
-    // rows all precede it.
-    let ends_its_day = (i128::from(until) + 1).rem_euclid(DAY_MS) == 0;
-    let after = (after
-        && (ends_its_day
-            || edge_days
-                .iter()
-                .filter(|(key, _)| key.day == end_day)
-                .all(|(_, g)| g.last_ts_ms <= until)))
-    .then_some(later);
-    let mut unsettled = Vec::new();
-    for &(from, to) in &split.edges {
-        let day = day_of(from);
-        let groups = || edge_days.iter().filter(move |(key, _)| key.day == day);
-        if groups().all(|(_, g)| g.last_ts_ms < from) {
-            // No row of that day is at or after `from` (or the day has none).
-            continue;
-        }
-        if i128::from(from) == i128::from(day) * DAY_MS && groups().all(|(_, g)| g.last_ts_ms <= to) {
-            // The range starts with its day and ends after the day's last row.
-            for (key, group) in groups() {
-                rollup.groups.insert(key.clone(), group.clone());
-            }
-            continue;
-        }
-        unsettled.push((from, to));
-    }
+    let unsettled = read.unsettled();
+    let mut rows = Vec::new();
     if !unsettled.is_empty() {
         let mut q = QueryBuilder::new(format!(
             "SELECT {ROW_COLUMNS} FROM workload_events WHERE user_id = "
@@ -370,21 +248,10 @@ pub(super) async fn read_window_and_after(
                 .push_bind(*to)
                 .push(")");
         }
-        // In a fixed order, so the money adds up the same way at every read.
         q.push(") ORDER BY ts, id");
-        let rows = usage_rows(&q.build().fetch_all(pool).await?)?;
-        let mut edges = Rollup::of(&rows);
-        for g in edges.groups.values_mut() {
-            if !sketches.latency {
-                g.latency.clear();
-            }
-            if !sketches.completion {
-                g.completion.clear();
-            }
-        }
-        rollup.merge(edges);
+        rows = usage_rows(&q.build().fetch_all(pool).await?)?;
     }
-    Ok((rollup, after))
+    Ok(read.finish(&rows))
 }
 
 /// Folds the rows stored before the rollups existed, once: the instance that takes the
@@ -419,44 +286,4 @@ pub(crate) async fn backfill(pool: &Pool<Db>) -> StoreResult<()> {
     }
     tx.commit().await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const D: i64 = DAY_MS as i64;
-
-    #[test]
-    fn a_window_splits_into_whole_days_and_its_edges() {
-        // Exactly days 2..=4.
-        assert_eq!(
-            split_window(2 * D, 5 * D - 1),
-            WindowSplit {
-                days: Some((2, 4)),
-                edges: vec![],
-            }
-        );
-        // From mid-day 1 to mid-day 5.
-        assert_eq!(
-            split_window(D + 7, 5 * D + 9),
-            WindowSplit {
-                days: Some((2, 4)),
-                edges: vec![(D + 7, 2 * D - 1), (5 * D, 5 * D + 9)],
-            }
-        );
-        // Within one day.
-        assert_eq!(
-            split_window(D + 7, D + 9),
-            WindowSplit {
-                days: None,
-                edges: vec![(D + 7, D + 9)],
-            }
-        );
-        // Everything after an instant, and before 1970.
-        let open = split_window(-D - 5, i64::MAX);
-        assert_eq!(open.days.map(|d| d.0), Some(-1));
-        assert_eq!(open.edges[0], (-D - 5, -D - 1));
-        assert!(split_window(5, 4).edges.is_empty());
-    }
 }

@@ -28,9 +28,12 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::engine::Backend;
 use crate::group_commit::EventWriter;
+use crate::ids::UserId;
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
+use crate::rollups::{Rollup, Sketches};
 use crate::sqlite_events::SqliteEventSink;
+use crate::sqlite_reads::SqliteReaders;
 use crate::DatabasePool;
 
 shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore);
@@ -51,6 +54,9 @@ pub struct SqliteStore {
     /// Appends run events in batches (see `group_commit`) on a thread and connection of its
     /// own, taking its turn on `writes` (see `sqlite_events`).
     events: EventWriter,
+    /// Threads with connections of their own for the read every run makes, the usage
+    /// window (see `sqlite_reads`).
+    readers: SqliteReaders,
     /// Stops the background checkpoint when the store is dropped.
     _checkpoints: DropGuard,
 }
@@ -99,15 +105,40 @@ impl SqliteStore {
             WRITER_AUTOCHECKPOINT_PAGES,
         )?;
         let events = EventWriter::start_on_thread("apex-event-log", sink)?;
+        let readers = SqliteReaders::open(options.get_filename(), reader_threads())?;
         let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
         tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
         Ok(Self {
             reads,
             writes,
             events,
+            readers,
             _checkpoints: checkpoints.drop_guard(),
         })
     }
+}
+
+impl SqliteStore {
+    /// `owner`'s usage window (see `rollups_sql::read_window_and_after`), on a reader
+    /// thread.
+    async fn window_of(
+        &self,
+        owner: UserId,
+        since: i64,
+        until: i64,
+        sketches: Sketches,
+        after: bool,
+    ) -> StoreResult<(Rollup, Option<Rollup>)> {
+        self.readers
+            .window(owner, since, until, sketches, after)
+            .await
+    }
+}
+
+/// Reader threads: one per core, at most four (a window read is well under a millisecond;
+/// more threads than cores would only queue behind the runtime's).
+fn reader_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
 }
 
 /// Copies committed WAL pages into the database file every [`CHECKPOINT_INTERVAL`] until
@@ -134,3 +165,93 @@ async fn checkpoint_loop(mut connection: SqliteConnection, stop: CancellationTok
 
 // One process is all there is: no announcements to others (the no-op defaults).
 impl QueueSignals for SqliteStore {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{UsageRow, UserRecord};
+    use crate::roles::{Accounts, Usage};
+
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+
+    /// The reader threads' window is the sqlx read's, for windows that start and end
+    /// anywhere in a day, with and without what follows and each sketch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_threads_read_a_window_as_the_sqlx_read_does() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("apex.db").display());
+        let store = SqliteStore::open(&url).await.expect("open");
+        let owner = UserId::generate();
+        store
+            .create_user(&UserRecord {
+                id: owner,
+                email: "w@example.com".into(),
+                name: None,
+                password_hash: "hash".into(),
+                created_at_ms: 0,
+            })
+            .await
+            .expect("user");
+        // Rows every 7 hours and a bit over ten days, two models, with a source_ref on
+        // every third (an optional text column).
+        let start = 100 * DAY_MS;
+        let rows: Vec<UsageRow> = (0..36)
+            .map(|i| UsageRow {
+                provider: "openai".into(),
+                model: if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }.into(),
+                workload: "chat".into(),
+                ts_ms: start + i * 7 * 3600 * 1000 + i * 13,
+                prompt_tokens: 100 + i * 37,
+                completion_tokens: 20 + i * 11,
+                latency_ms: 200 + i * 29,
+                cost_usd: 0.001 * i as f64,
+                source_ref: (i % 3 == 0).then(|| format!("r{i}")),
+                ..UsageRow::default()
+            })
+            .collect();
+        store.insert_usage(owner, &rows).await.expect("rows");
+        let instants = [
+            start - DAY_MS,
+            start,
+            start + 5 * 3600 * 1000,
+            start + 3 * DAY_MS - 1,
+            start + 4 * DAY_MS + 17,
+            start + 10 * DAY_MS + 9 * 3600 * 1000,
+            start + 20 * DAY_MS,
+        ];
+        let sketch_choices = [
+            Sketches::default(),
+            Sketches {
+                latency: true,
+                completion: true,
+            },
+        ];
+        let mut compared = 0;
+        for &since in &instants {
+            for &until in &instants {
+                for sketches in sketch_choices {
+                    for after in [false, true] {
+                        let threads = store
+                            .readers
+                            .window(owner, since, until, sketches, after)
+                            .await
+                            .expect("reader threads");
+                        let sqlx = shared::rollups_sql::read_window_and_after(
+                            &store.reads,
+                            owner,
+                            since,
+                            until,
+                            sketches,
+                            after,
+                        )
+                        .await
+                        .expect("sqlx");
+                        assert_eq!(threads, sqlx, "window {since}..={until}, after {after}");
+                        compared += usize::from(!threads.0.groups.is_empty());
+                    }
+                }
+            }
+        }
+        assert!(compared > 20, "only {compared} windows held rows");
+    }
+}

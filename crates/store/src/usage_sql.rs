@@ -17,7 +17,7 @@
 use async_trait::async_trait;
 use sqlx::{Pool, QueryBuilder, Row};
 
-use super::rollups_sql::{apply, read_window, read_window_and_after, Change};
+use super::rollups_sql::{apply, Change, SqlxColumns};
 use super::{Db, DbRow, Shell, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
@@ -26,6 +26,7 @@ use crate::records::{
     UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
+use crate::window::{decode_usage_row, ROW_COLUMNS};
 use crate::rollups::{self, Rollup, Sketches};
 
 /// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
@@ -42,44 +43,19 @@ fn push_window(q: &mut QueryBuilder<'_, Db>, alias: &str, owner: UserId, since: 
 async fn fetch_rows<T>(
     pool: &Pool<Db>,
     mut q: QueryBuilder<'_, Db>,
-    decode: fn(&DbRow) -> sqlx::Result<T>,
+    decode: fn(&DbRow) -> StoreResult<T>,
 ) -> StoreResult<Vec<T>> {
     let rows = q.build().fetch_all(pool).await?;
-    Ok(rows.iter().map(decode).collect::<sqlx::Result<_>>()?)
+    rows.iter().map(decode).collect()
 }
 
-/// The columns [`decode_row`] reads, in its order.
-pub(super) const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_tokens, completion_tokens, \
-     latency_ms, status, cost_usd, requests, cached_tokens, cache_write_tokens, \
-     reasoning_tokens, source, source_ref, price_version";
-
 /// A row selected with [`ROW_COLUMNS`].
-pub(super) fn decode_row(row: &DbRow) -> sqlx::Result<StoredUsageRow> {
-    Ok(StoredUsageRow {
-        id: row.try_get(0)?,
-        row: UsageRow {
-            provider: row.try_get(1)?,
-            model: row.try_get(2)?,
-            workload: row.try_get(3)?,
-            ts_ms: row.try_get(4)?,
-            prompt_tokens: row.try_get(5)?,
-            completion_tokens: row.try_get(6)?,
-            latency_ms: row.try_get(7)?,
-            status: row.try_get(8)?,
-            cost_usd: row.try_get(9)?,
-            requests: row.try_get(10)?,
-            cached_tokens: row.try_get(11)?,
-            cache_write_tokens: row.try_get(12)?,
-            reasoning_tokens: row.try_get(13)?,
-            source: row.try_get(14)?,
-            source_ref: row.try_get(15)?,
-            price_version: row.try_get(16)?,
-        },
-    })
+pub(super) fn decode_row(row: &DbRow) -> StoreResult<StoredUsageRow> {
+    decode_usage_row(&SqlxColumns(row))
 }
 
 /// The usage rows of `rows`, selected (or returned) as [`ROW_COLUMNS`].
-pub(super) fn usage_rows(rows: &[DbRow]) -> sqlx::Result<Vec<UsageRow>> {
+pub(super) fn usage_rows(rows: &[DbRow]) -> StoreResult<Vec<UsageRow>> {
     rows.iter().map(|row| Ok(decode_row(row)?.row)).collect()
 }
 
@@ -324,7 +300,7 @@ impl Usage for Shell {
         until_ms: i64,
         sketches: Sketches,
     ) -> StoreResult<Rollup> {
-        read_window(&self.reads, owner, since_ms, until_ms, sketches).await
+        Ok(self.window_of(owner, since_ms, until_ms, sketches, false).await?.0)
     }
     async fn usage_window_and_after(
         &self,
@@ -333,7 +309,7 @@ impl Usage for Shell {
         until_ms: i64,
         sketches: Sketches,
     ) -> StoreResult<(Rollup, Option<Rollup>)> {
-        read_window_and_after(&self.reads, owner, since_ms, until_ms, sketches, true).await
+        self.window_of(owner, since_ms, until_ms, sketches, true).await
     }
     async fn usage_totals(
         &self,
@@ -341,8 +317,8 @@ impl Usage for Shell {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageTotals>> {
-        let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
-        Ok(rollups::totals(&window.await?))
+        let window = self.window_of(owner, since_ms, until_ms, Sketches::default(), false);
+        Ok(rollups::totals(&window.await?.0))
     }
     async fn usage_names(
         &self,
@@ -368,8 +344,8 @@ impl Usage for Shell {
         since_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<UsageDayTotals>> {
-        let window = read_window(&self.reads, owner, since_ms, until_ms, Sketches::default());
-        Ok(rollups::daily(&window.await?))
+        let window = self.window_of(owner, since_ms, until_ms, Sketches::default(), false);
+        Ok(rollups::daily(&window.await?.0))
     }
     async fn usage_row(&self, owner: UserId, id: i64) -> StoreResult<Option<StoredUsageRow>> {
         let mut q = QueryBuilder::new(format!(
