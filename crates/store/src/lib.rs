@@ -15,7 +15,10 @@
 //! - `sqlite_events`: SQLite's event-log writer, a thread with its own connection and
 //!   prepared statements, taking its turn on the store's writing connection.
 //! - `sqlite_reads`: SQLite's reader threads, each with a read-only connection of its own,
-//!   for the reads every run makes (the usage window).
+//!   for the reads every run makes (the usage window, the thread's latest messages, the
+//!   names in the user's usage).
+//! - `columns`: decoding rows by position for sqlx's rows and the reader threads' alike,
+//!   and the queries both run.
 //! - [`rollups`]: per-user rollups of the usage rows (sums per day, latency and completion
 //!   sketches), what the usage figures are read from; `rollups_sql` stores and reads them
 //!   and `usage_sql` computes the figures (children of `shared`); `window` plans a window
@@ -40,6 +43,7 @@ macro_rules! shared_sql {
     };
 }
 
+mod columns;
 mod engine;
 mod group_commit;
 pub mod ids;

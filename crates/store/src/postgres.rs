@@ -39,25 +39,10 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// `owner`'s usage window (see `rollups_sql::read_window_and_after`): on the pool, as
-    /// every read here.
-    async fn window_of(
-        &self,
-        owner: crate::ids::UserId,
-        since: i64,
-        until: i64,
-        sketches: crate::rollups::Sketches,
-        after: bool,
-    ) -> StoreResult<(crate::rollups::Rollup, Option<crate::rollups::Rollup>)> {
-        shared::rollups_sql::read_window_and_after(
-            &self.reads,
-            owner,
-            since,
-            until,
-            sketches,
-            after,
-        )
-        .await
+    /// PostgreSQL reads on its pool, as it does everything (see `sqlite_reads` for why
+    /// SQLite does not).
+    fn readers(&self) -> Option<&crate::sqlite_reads::SqliteReaders> {
+        None
     }
 
     /// Connects to the database at `url` and applies pending migrations.

@@ -9,14 +9,15 @@
 
 use std::collections::BTreeSet;
 
-use sqlx::{Pool, QueryBuilder, Row};
+use sqlx::{Pool, QueryBuilder};
 
 use super::usage_sql::usage_rows;
-use super::{Db, DbRow, ENGINE};
+use super::{Db, SqlxColumns, ENGINE};
 use crate::ids::UserId;
 use crate::records::{StoreResult, UsageRow};
 use crate::rollups::{Group, GroupKey, Rollup, Sketches};
-use crate::window::{decode_group, Columns, WindowRead, GROUP_COLUMNS, ROW_COLUMNS};
+use crate::columns::ROW_COLUMNS;
+use crate::window::{decode_group, WindowRead, GROUP_COLUMNS};
 
 type Conn = <Db as sqlx::Database>::Connection;
 
@@ -35,24 +36,6 @@ impl Change {
             Change::Add => 1,
             Change::Remove => -1,
         }
-    }
-}
-
-/// An sqlx row (of this engine) as the window's decoders read it.
-pub(super) struct SqlxColumns<'r>(pub(super) &'r DbRow);
-
-impl Columns for SqlxColumns<'_> {
-    fn int(&self, i: usize) -> StoreResult<i64> {
-        Ok(self.0.try_get(i)?)
-    }
-    fn real(&self, i: usize) -> StoreResult<f64> {
-        Ok(self.0.try_get(i)?)
-    }
-    fn text(&self, i: usize) -> StoreResult<&str> {
-        Ok(self.0.try_get(i)?)
-    }
-    fn optional_text(&self, i: usize) -> StoreResult<Option<&str>> {
-        Ok(self.0.try_get(i)?)
     }
 }
 
@@ -200,10 +183,7 @@ pub(super) async fn apply(
 /// read of the rollups, the rollup of the rows dated after `until` when the rollups settle
 /// it: `None` when some row of `until`'s day is dated after `until` (or `after` is false).
 /// See [`WindowRead`].
-///
-/// PostgreSQL's window read. SQLite reads windows on its reader threads (`sqlite_reads`),
-/// and this only in the test that compares the two.
-#[cfg_attr(not(test), allow(dead_code))]
+/// SQLite reads windows on its reader threads (`sqlite_reads`) instead.
 pub(crate) async fn read_window_and_after(
     pool: &Pool<Db>,
     owner: UserId,

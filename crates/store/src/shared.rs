@@ -19,8 +19,11 @@ use serde_json::Value;
 use sqlx::{query_scalar, QueryBuilder, Row};
 
 use super::{Db, Shell, ENGINE};
+use crate::columns::{
+    decode_message, parse_stored_id, Columns, LATEST_MESSAGES_SQL, MESSAGE_COLUMNS,
+};
 use crate::group_commit::NewEvent;
-use crate::ids::{IdError, MessageId, RunId, ThreadId, UserId};
+use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
     parse_json_column, ApiKeyRecord, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
     RegenerateOutcome, RegenerateSubmission, RunAftermath, RunApproval, RunRecord, RunSubmission,
@@ -57,8 +60,22 @@ mod alerts_sql;
 
 type DbRow = <Db as sqlx::Database>::Row;
 
-fn parse_stored_id<T>(raw: &str, parse: fn(&str) -> Result<T, IdError>) -> StoreResult<T> {
-    parse(raw).map_err(|e| StoreError::Corrupt(format!("id {raw:?}: {e}")))
+/// An sqlx row (of this engine) as the decoders of [`crate::columns`] read it.
+pub(super) struct SqlxColumns<'r>(pub(super) &'r DbRow);
+
+impl Columns for SqlxColumns<'_> {
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        Ok(self.0.try_get(i)?)
+    }
+    fn real(&self, i: usize) -> StoreResult<f64> {
+        Ok(self.0.try_get(i)?)
+    }
+    fn text(&self, i: usize) -> StoreResult<&str> {
+        Ok(self.0.try_get(i)?)
+    }
+    fn optional_text(&self, i: usize) -> StoreResult<Option<&str>> {
+        Ok(self.0.try_get(i)?)
+    }
 }
 
 fn decode_all<T>(rows: &[DbRow], decode: fn(&DbRow) -> StoreResult<T>) -> StoreResult<Vec<T>> {
@@ -86,23 +103,10 @@ fn thread_from_row(row: &DbRow) -> StoreResult<ThreadRecord> {
     })
 }
 
+/// A row selected as [`MESSAGE_COLUMNS`].
 fn message_from_row(row: &DbRow) -> StoreResult<MessageRecord> {
-    Ok(MessageRecord {
-        id: parse_stored_id(row.try_get("id")?, MessageId::parse)?,
-        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
-        role: row.try_get("role")?,
-        content: row.try_get("content")?,
-        metadata: parse_json_column(row.try_get("metadata")?)?,
-        created_at_ms: row.try_get("created_at")?,
-        superseded_by: row
-            .try_get::<Option<&str>, _>("superseded_by")?
-            .map(|raw| parse_stored_id(raw, RunId::parse))
-            .transpose()?,
-    })
+    decode_message(&SqlxColumns(row))
 }
-
-/// The columns [`message_from_row`] reads.
-const MESSAGE_COLUMNS: &str = "id, thread_id, role, content, metadata, created_at, superseded_by";
 
 fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
     let status: String = row.try_get("status")?;
@@ -919,16 +923,18 @@ impl Threads for Shell {
         thread: ThreadId,
         limit: i64,
     ) -> StoreResult<Vec<MessageRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE thread_id = $1 AND user_id = $2 ORDER BY position DESC LIMIT $3"
-        ))
-        .bind(thread.to_string())
-        .bind(owner.to_string())
-        .bind(limit.max(0))
-        .fetch_all(&self.reads)
-        .await?;
-        let mut messages = decode_all(&rows, message_from_row)?;
+        let mut messages = match self.readers() {
+            Some(readers) => readers.latest_messages(owner, thread, limit.max(0)).await?,
+            None => {
+                let rows = sqlx::query(LATEST_MESSAGES_SQL)
+                    .bind(thread.to_string())
+                    .bind(owner.to_string())
+                    .bind(limit.max(0))
+                    .fetch_all(&self.reads)
+                    .await?;
+                decode_all(&rows, message_from_row)?
+            }
+        };
         messages.reverse();
         Ok(messages)
     }

@@ -28,10 +28,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::engine::Backend;
 use crate::group_commit::EventWriter;
-use crate::ids::UserId;
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
-use crate::rollups::{Rollup, Sketches};
 use crate::sqlite_events::SqliteEventSink;
 use crate::sqlite_reads::SqliteReaders;
 use crate::DatabasePool;
@@ -119,19 +117,9 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// `owner`'s usage window (see `rollups_sql::read_window_and_after`), on a reader
-    /// thread.
-    async fn window_of(
-        &self,
-        owner: UserId,
-        since: i64,
-        until: i64,
-        sketches: Sketches,
-        after: bool,
-    ) -> StoreResult<(Rollup, Option<Rollup>)> {
-        self.readers
-            .window(owner, since, until, sketches, after)
-            .await
+    /// The reader threads, for the reads every run makes (see `sqlite_reads`).
+    fn readers(&self) -> Option<&SqliteReaders> {
+        Some(&self.readers)
     }
 }
 
@@ -169,13 +157,16 @@ impl QueueSignals for SqliteStore {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::UserId;
     use crate::records::{UsageRow, UserRecord};
     use crate::roles::{Accounts, Usage};
+    use crate::rollups::Sketches;
 
     const DAY_MS: i64 = 24 * 3600 * 1000;
 
     /// The reader threads' window is the sqlx read's, for windows that start and end
-    /// anywhere in a day, with and without what follows and each sketch.
+    /// anywhere in a day, with and without what follows and each sketch; their names in the
+    /// usage too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_reader_threads_read_a_window_as_the_sqlx_read_does() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -253,5 +244,20 @@ mod tests {
             }
         }
         assert!(compared > 20, "only {compared} windows held rows");
+        // The names and spend by model and workload, likewise.
+        for &since in &instants {
+            let day = crate::rollups::day_of(since);
+            let threads = store.readers.usage_names(owner, day).await.expect("names");
+            let sqlx: Vec<(String, String, f64)> =
+                sqlx::query_as(&crate::columns::usage_names_sql(Backend::Sqlite))
+                    .bind(owner.to_string())
+                    .bind(day)
+                    .fetch_all(&store.reads)
+                    .await
+                    .expect("sqlx names");
+            assert_eq!(threads, sqlx, "names since day {day}");
+        }
+        let all = store.readers.usage_names(owner, 0).await.expect("names");
+        assert_eq!(all.len(), 2, "{all:?}");
     }
 }

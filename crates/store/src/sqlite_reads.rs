@@ -9,6 +9,9 @@
 //! from SQLite's buffers with the same decoders as sqlx's rows ([`crate::window`]), and its
 //! statements see one snapshot.
 //!
+//! Here too the other reads each run makes: the thread's latest messages and the names in
+//! the user's usage (triage reads both).
+//!
 //! Only reads come here: every write keeps the store's one writing connection (see
 //! `sqlite`). WAL lets these read while it writes; a read sees what was committed before it
 //! began, as on the sqlx readers.
@@ -17,13 +20,17 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params_from_iter, Connection, OpenFlags, Row, Transaction};
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, Row, Transaction};
 use tokio::sync::oneshot;
 
-use crate::ids::UserId;
-use crate::records::{StoreError, StoreResult, UsageRow};
+use crate::columns::{
+    decode_message, decode_usage_row, usage_names_sql, Columns, LATEST_MESSAGES_SQL, ROW_COLUMNS,
+};
+use crate::engine::Backend;
+use crate::ids::{ThreadId, UserId};
+use crate::records::{MessageRecord, StoreError, StoreResult, UsageRow};
 use crate::rollups::{Rollup, Sketches};
-use crate::window::{decode_group, decode_usage_row, Columns, WindowRead, ROW_COLUMNS};
+use crate::window::{decode_group, WindowRead};
 
 /// How long a read waits for another process holding the database (a checkpoint that
 /// resets the WAL, say) before it fails.
@@ -80,6 +87,44 @@ impl SqliteReaders {
         answered.await.map_err(|_| stopped())?
     }
 
+    /// `owner`'s (model, workload, spend) from the day `since_day` (see `Usage::usage_names`).
+    pub(crate) async fn usage_names(
+        &self,
+        owner: UserId,
+        since_day: i64,
+    ) -> StoreResult<Vec<(String, String, f64)>> {
+        self.read(move |tx| {
+            let mut names = tx.prepare_cached(&usage_names_sql(Backend::Sqlite))?;
+            let mut selected = names.query(params![owner.to_string(), since_day])?;
+            let mut out = Vec::new();
+            while let Some(row) = selected.next()? {
+                out.push((row.get(0)?, row.get(1)?, row.get(2)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The `limit` latest messages of `owner`'s `thread`, newest first.
+    pub(crate) async fn latest_messages(
+        &self,
+        owner: UserId,
+        thread: ThreadId,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.read(move |tx| {
+            let mut latest = tx.prepare_cached(LATEST_MESSAGES_SQL)?;
+            let mut selected =
+                latest.query(params![thread.to_string(), owner.to_string(), limit])?;
+            let mut out = Vec::new();
+            while let Some(row) = selected.next()? {
+                out.push(decode_message(&SqliteColumns(row))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// `owner`'s rollup of the rows dated in `[since, until]`, and with `after` the rollup
     /// of the rows after it when the rollups settle it (see [`WindowRead`]): the same as
     /// `rollups_sql::read_window_and_after`, on a reader thread.
@@ -109,8 +154,8 @@ impl SqliteReaders {
             );
             let mut groups = tx.prepare_cached(&sql)?;
             let mut selected = match last_day {
-                Some(last_day) => groups.query(rusqlite::params![owner, first_day, last_day])?,
-                None => groups.query(rusqlite::params![owner, first_day])?,
+                Some(last_day) => groups.query(params![owner, first_day, last_day])?,
+                None => groups.query(params![owner, first_day])?,
             };
             while let Some(row) = selected.next()? {
                 let (key, group) = decode_group(&SqliteColumns(row))?;

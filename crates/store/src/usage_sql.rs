@@ -17,8 +17,8 @@
 use async_trait::async_trait;
 use sqlx::{Pool, QueryBuilder, Row};
 
-use super::rollups_sql::{apply, Change, SqlxColumns};
-use super::{Db, DbRow, Shell, ENGINE};
+use super::rollups_sql::{apply, read_window_and_after, Change};
+use super::{Db, DbRow, Shell, SqlxColumns, ENGINE};
 use crate::ids::UserId;
 use crate::records::{
     ImportOutcome, ImportPlan, PriceOverrideRecord, PriceVersionTotals,
@@ -26,7 +26,7 @@ use crate::records::{
     UsageRow, UsageTotals,
 };
 use crate::roles::Usage;
-use crate::window::{decode_usage_row, ROW_COLUMNS};
+use crate::columns::{decode_usage_row, usage_names_sql, ROW_COLUMNS};
 use crate::rollups::{self, Rollup, Sketches};
 
 /// Appends ` WHERE user_id = _ AND ts >= _ AND ts <= _` for the table `alias`.
@@ -210,6 +210,27 @@ impl Shell {
     }
 }
 
+impl Shell {
+    /// `owner`'s usage window (see `rollups_sql::read_window_and_after`): on SQLite's
+    /// reader threads, else on the pool.
+    async fn window_of(
+        &self,
+        owner: UserId,
+        since_ms: i64,
+        until_ms: i64,
+        sketches: Sketches,
+        after: bool,
+    ) -> StoreResult<(Rollup, Option<Rollup>)> {
+        match self.readers() {
+            Some(readers) => readers.window(owner, since_ms, until_ms, sketches, after).await,
+            None => {
+                read_window_and_after(&self.reads, owner, since_ms, until_ms, sketches, after)
+                    .await
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Usage for Shell {
     async fn insert_usage(&self, owner: UserId, rows: &[UsageRow]) -> StoreResult<u64> {
@@ -325,17 +346,17 @@ impl Usage for Shell {
         owner: UserId,
         since_ms: i64,
     ) -> StoreResult<Vec<(String, String, f64)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT model, workload, {} AS cost FROM usage_rollups \
-             WHERE user_id = $1 AND day >= $2 GROUP BY model, workload ORDER BY model, workload",
-            ENGINE.money_sum("cost_usd")
-        ))
-        .bind(owner.to_string())
-        .bind(rollups::day_of(since_ms))
-        .fetch_all(&self.reads)
-        .await?;
+        let since_day = rollups::day_of(since_ms);
+        if let Some(readers) = self.readers() {
+            return readers.usage_names(owner, since_day).await;
+        }
+        let rows = sqlx::query(&usage_names_sql(ENGINE))
+            .bind(owner.to_string())
+            .bind(since_day)
+            .fetch_all(&self.reads)
+            .await?;
         rows.iter()
-            .map(|row| Ok((row.try_get("model")?, row.try_get("workload")?, row.try_get("cost")?)))
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
             .collect()
     }
     async fn usage_daily(

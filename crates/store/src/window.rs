@@ -4,8 +4,8 @@
 //! Engine- and driver-independent, so that both reads of a window agree by construction:
 //! `rollups_sql::read_window_and_after` (sqlx, both engines) and `sqlite_reads` (SQLite's
 //! reader threads, which skip sqlx's per-value copies on the read every run makes) ask a
-//! [`WindowRead`] what to select, hand it the rows they got through [`Columns`], and take
-//! the result from it.
+//! [`WindowRead`] what to select, hand it the rows they got (decoded through
+//! [`Columns`]), and take the result from it.
 //!
 //! A window is read as its whole UTC days from the rollups and its partial days at either
 //! edge from the rows, unless the edge day's rollups settle it: an edge day's groups say,
@@ -14,7 +14,8 @@
 //! case for a window ending now). Only an edge day neither of those settles has its rows
 //! read.
 
-use crate::records::{StoreError, StoreResult, StoredUsageRow, UsageRow};
+use crate::columns::Columns;
+use crate::records::{StoreError, StoreResult, UsageRow};
 use crate::rollups::{day_of, Group, GroupKey, Rollup, Sketches};
 
 const DAY_MS: i128 = 24 * 3600 * 1000;
@@ -24,20 +25,6 @@ pub(crate) const GROUP_COLUMNS: &str = "row_count, requests, errors, timed_reque
      prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_usd, last_ts, \
      short_requests, short_prompt_tokens, short_completion_tokens, short_cost_usd, \
      latency_sketch, completion_sketch";
-
-/// The columns of `workload_events` [`decode_usage_row`] reads, in its order.
-pub(crate) const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_tokens, \
-     completion_tokens, latency_ms, status, cost_usd, requests, cached_tokens, \
-     cache_write_tokens, reasoning_tokens, source, source_ref, price_version";
-
-/// A selected row's columns by position, whichever driver read it: one decoder per record
-/// for sqlx's rows and `rusqlite`'s. Text is borrowed from the row.
-pub(crate) trait Columns {
-    fn int(&self, i: usize) -> StoreResult<i64>;
-    fn real(&self, i: usize) -> StoreResult<f64>;
-    fn text(&self, i: usize) -> StoreResult<&str>;
-    fn optional_text(&self, i: usize) -> StoreResult<Option<&str>>;
-}
 
 /// A row selected as `day, provider, model, workload, source, {GROUP_COLUMNS}`.
 pub(crate) fn decode_group(row: &impl Columns) -> StoreResult<(GroupKey, Group)> {
@@ -69,31 +56,6 @@ pub(crate) fn decode_group(row: &impl Columns) -> StoreResult<(GroupKey, Group)>
         .read_sketches(row.text(19)?, row.text(20)?)
         .ok_or_else(|| StoreError::Corrupt("usage rollup sketch".into()))?;
     Ok((key, group))
-}
-
-/// A row selected as [`ROW_COLUMNS`].
-pub(crate) fn decode_usage_row(row: &impl Columns) -> StoreResult<StoredUsageRow> {
-    Ok(StoredUsageRow {
-        id: row.int(0)?,
-        row: UsageRow {
-            provider: row.text(1)?.to_owned(),
-            model: row.text(2)?.to_owned(),
-            workload: row.text(3)?.to_owned(),
-            ts_ms: row.int(4)?,
-            prompt_tokens: row.int(5)?,
-            completion_tokens: row.int(6)?,
-            latency_ms: row.int(7)?,
-            status: row.text(8)?.to_owned(),
-            cost_usd: row.real(9)?,
-            requests: row.int(10)?,
-            cached_tokens: row.int(11)?,
-            cache_write_tokens: row.int(12)?,
-            reasoning_tokens: row.int(13)?,
-            source: row.text(14)?.to_owned(),
-            source_ref: row.optional_text(15)?.map(str::to_owned),
-            price_version: row.optional_text(16)?.map(str::to_owned),
-        },
-    })
 }
 
 /// How a window splits: whole days read from the rollups, ranges of rows at its edges.
