@@ -7,8 +7,9 @@
 use crate::engine::Backend;
 use crate::ids::{IdError, MessageId, RunId, ThreadId};
 use crate::records::{
-    parse_json_column, MessageRecord, StoreError, StoreResult, StoredUsageRow, UsageRow,
+    parse_json_column, MessageRecord, RunRecord, StoreError, StoreResult, StoredUsageRow, UsageRow,
 };
+use apex_protocol::threads::RunStatus;
 
 /// The columns of `workload_events` [`decode_usage_row`] reads, in its order.
 pub(crate) const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_tokens, \
@@ -19,6 +20,7 @@ pub(crate) const ROW_COLUMNS: &str = "id, provider, model, workload, ts, prompt_
 /// for sqlx's rows and `rusqlite`'s. Text is borrowed from the row.
 pub(crate) trait Columns {
     fn int(&self, i: usize) -> StoreResult<i64>;
+    fn optional_int(&self, i: usize) -> StoreResult<Option<i64>>;
     fn real(&self, i: usize) -> StoreResult<f64>;
     fn text(&self, i: usize) -> StoreResult<&str>;
     fn optional_text(&self, i: usize) -> StoreResult<Option<&str>>;
@@ -75,6 +77,43 @@ pub(crate) fn decode_message(row: &impl Columns) -> StoreResult<MessageRecord> {
             .map(|raw| parse_stored_id(raw, RunId::parse))
             .transpose()?,
     })
+}
+
+/// The columns of `runs` [`decode_run`] reads, in its order.
+pub(crate) const RUN_COLUMNS: &str =
+    "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
+
+/// How many columns [`RUN_COLUMNS`] are.
+pub(crate) const RUN_FIELDS: usize = 8;
+
+/// A run selected as [`RUN_COLUMNS`] from the column `at` on.
+pub(crate) fn decode_run(row: &impl Columns, at: usize) -> StoreResult<RunRecord> {
+    let status = row.text(at + 2)?;
+    Ok(RunRecord {
+        id: parse_stored_id(row.text(at)?, RunId::parse)?,
+        thread_id: parse_stored_id(row.text(at + 1)?, ThreadId::parse)?,
+        status: RunStatus::parse(status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status:?}")))?,
+        created_at_ms: row.int(at + 3)?,
+        started_at_ms: row.optional_int(at + 4)?,
+        finished_at_ms: row.optional_int(at + 5)?,
+        error: row.optional_text(at + 6)?.map(str::to_owned),
+        last_seq: u64::try_from(row.int(at + 7)?).unwrap_or(0),
+    })
+}
+
+/// The SQL of an ended run (see `Runs::settle_ended_run`): [`RUN_COLUMNS`], then whether
+/// it was superseded and how, and whether a queued run of its thread waits for it. Binds
+/// the run and the owner.
+pub(crate) fn ended_run_sql() -> String {
+    format!(
+        "SELECT {RUN_COLUMNS}, superseded, EXISTS (SELECT 1 FROM runs w \
+         WHERE w.thread_id = runs.thread_id AND w.status = 'queued' \
+         AND w.instance_id IS NULL) AS successor_waiting \
+         FROM runs WHERE id = $1 AND user_id = $2 \
+         AND status NOT IN ('queued', 'running', 'awaiting_approval')"
+    )
+    // (The statuses of an unfinished run: the shared SQL's `unfinished!`.)
 }
 
 /// The SQL of the user's (model, workload, spend) since a day, by model and workload:

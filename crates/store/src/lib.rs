@@ -16,7 +16,7 @@
 //!   prepared statements, taking its turn on the store's writing connection.
 //! - `sqlite_reads`: SQLite's reader threads, each with a read-only connection of its own,
 //!   for the reads every run makes (the usage window, the thread's latest messages, the
-//!   names in the user's usage).
+//!   names in the user's usage, the ended run).
 //! - `columns`: decoding rows by position for sqlx's rows and the reader threads' alike,
 //!   and the queries both run.
 //! - [`rollups`]: per-user rollups of the usage rows (sums per day, latency and completion

@@ -20,7 +20,8 @@ use sqlx::{query_scalar, QueryBuilder, Row};
 
 use super::{Db, Shell, ENGINE};
 use crate::columns::{
-    decode_message, parse_stored_id, Columns, LATEST_MESSAGES_SQL, MESSAGE_COLUMNS,
+    decode_message, decode_run, ended_run_sql, parse_stored_id, Columns, LATEST_MESSAGES_SQL,
+    MESSAGE_COLUMNS, RUN_COLUMNS, RUN_FIELDS,
 };
 use crate::group_commit::NewEvent;
 use crate::ids::{RunId, ThreadId, UserId};
@@ -67,6 +68,9 @@ impl Columns for SqlxColumns<'_> {
     fn int(&self, i: usize) -> StoreResult<i64> {
         Ok(self.0.try_get(i)?)
     }
+    fn optional_int(&self, i: usize) -> StoreResult<Option<i64>> {
+        Ok(self.0.try_get(i)?)
+    }
     fn real(&self, i: usize) -> StoreResult<f64> {
         Ok(self.0.try_get(i)?)
     }
@@ -108,40 +112,30 @@ fn message_from_row(row: &DbRow) -> StoreResult<MessageRecord> {
     decode_message(&SqlxColumns(row))
 }
 
+/// A row selected as [`RUN_COLUMNS`].
 fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
-    let status: String = row.try_get("status")?;
-    let last_seq: i64 = row.try_get("last_seq")?;
-    Ok(RunRecord {
-        id: parse_stored_id(row.try_get("id")?, RunId::parse)?,
-        thread_id: parse_stored_id(row.try_get("thread_id")?, ThreadId::parse)?,
-        status: RunStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("run status {status:?}")))?,
-        created_at_ms: row.try_get("created_at")?,
-        started_at_ms: row.try_get("started_at")?,
-        finished_at_ms: row.try_get("finished_at")?,
-        error: row.try_get("error")?,
-        last_seq: u64::try_from(last_seq).unwrap_or(0),
-    })
+    decode_run(&SqlxColumns(row), 0)
 }
 
 const THREAD_COLUMNS: &str = "t.id, t.title, t.metadata, t.created_at, t.updated_at, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count";
 
-const RUN_COLUMNS: &str =
-    "id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
-
 /// A run's columns plus what the queue needs to execute it again (`attempts` is an INTEGER,
-/// 32 bits on PostgreSQL, 64 on SQLite: read as 64 on both).
+/// 32 bits on PostgreSQL, 64 on SQLite: read as 64 on both); the run's from column
+/// [`QUEUE_RUN_AT`].
 const QUEUE_COLUMNS: &str = "user_id, input, request_id, CAST(attempts AS BIGINT) AS attempts, \
      instance_id, CAST(approval_required AS BIGINT) AS approval_required, approval, \
      approval_expires_at, approval_decision, \
      id, thread_id, status, created_at, started_at, finished_at, error, last_seq";
 
+/// Where [`RUN_COLUMNS`] start in [`QUEUE_COLUMNS`].
+const QUEUE_RUN_AT: usize = 9;
+
 fn queue_entry_from_row(row: &DbRow) -> StoreResult<QueueEntry> {
     let attempts: i64 = row.try_get("attempts")?;
     Ok(QueueEntry {
         owner: parse_stored_id(row.try_get("user_id")?, UserId::parse)?,
-        run: run_from_row(row)?,
+        run: decode_run(&SqlxColumns(row), QUEUE_RUN_AT)?,
         input: row.try_get("input")?,
         request_id: row.try_get("request_id")?,
         // Out of range only if corrupt: such a run counts as out of attempts.
@@ -1340,24 +1334,28 @@ impl Runs for Shell {
         // a write transaction would queue behind the one writer for nothing. One read: the
         // run, and whether a run of its thread is waiting for it to end (its removal below,
         // if rolled back, cannot change that: it removes an ended run).
-        let row = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS}, superseded, EXISTS (SELECT 1 FROM runs w \
-             WHERE w.thread_id = runs.thread_id AND w.status = 'queued' \
-             AND w.instance_id IS NULL) AS successor_waiting \
-             FROM runs WHERE id = $1 AND user_id = $2 AND status NOT IN {}",
-            unfinished!()
-        ))
-        .bind(run.to_string())
-        .bind(owner.to_string())
-        .fetch_optional(&self.reads)
-        .await?;
-        let Some(row) = row else {
+        let ended = match self.readers() {
+            Some(readers) => readers.ended_run(owner, run).await?,
+            None => {
+                let row = sqlx::query(&ended_run_sql())
+                    .bind(run.to_string())
+                    .bind(owner.to_string())
+                    .fetch_optional(&self.reads)
+                    .await?;
+                match row {
+                    Some(row) => Some((
+                        run_from_row(&row)?,
+                        row.try_get::<Option<String>, _>(RUN_FIELDS)?,
+                        row.try_get::<bool, _>(RUN_FIELDS + 1)?,
+                    )),
+                    None => None,
+                }
+            }
+        };
+        let Some((record, superseded, successor_waiting)) = ended else {
             // Gone already, or not ended (then this is not the moment).
             return Ok(RunAftermath::default());
         };
-        let record = run_from_row(&row)?;
-        let superseded: Option<String> = row.try_get("superseded")?;
-        let successor_waiting: bool = row.try_get("successor_waiting")?;
         let removed = superseded.as_deref() == Some(MultitaskStrategy::Rollback.as_str());
         if removed {
             self.remove_rolled_back(owner, &record).await?;
@@ -1380,7 +1378,7 @@ impl Runs for Shell {
         let mut removed = 0;
         for row in &rows {
             let owner = parse_stored_id(row.try_get("user_id")?, UserId::parse)?;
-            self.remove_rolled_back(owner, &run_from_row(row)?).await?;
+            self.remove_rolled_back(owner, &decode_run(&SqlxColumns(row), 1)?).await?;
             removed += 1;
         }
         Ok(removed)
@@ -1398,7 +1396,10 @@ impl Runs for Shell {
         .fetch_optional(&self.reads)
         .await?;
         row.as_ref()
-            .map(|row| Ok((run_from_row(row)?, approval_from_row(row)?)))
+            .map(|row| {
+                let run = decode_run(&SqlxColumns(row), QUEUE_RUN_AT)?;
+                Ok((run, approval_from_row(row)?))
+            })
             .transpose()
     }
     async fn request_approval(

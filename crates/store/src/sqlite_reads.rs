@@ -10,7 +10,7 @@
 //! statements see one snapshot.
 //!
 //! Here too the other reads each run makes: the thread's latest messages and the names in
-//! the user's usage (triage reads both).
+//! the user's usage (triage reads both), and the run's row once it has ended.
 //!
 //! Only reads come here: every write keeps the store's one writing connection (see
 //! `sqlite`). WAL lets these read while it writes; a read sees what was committed before it
@@ -24,11 +24,12 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, Row, Transaction
 use tokio::sync::oneshot;
 
 use crate::columns::{
-    decode_message, decode_usage_row, usage_names_sql, Columns, LATEST_MESSAGES_SQL, ROW_COLUMNS,
+    decode_message, decode_run, decode_usage_row, ended_run_sql, usage_names_sql, Columns,
+    LATEST_MESSAGES_SQL, ROW_COLUMNS, RUN_FIELDS,
 };
 use crate::engine::Backend;
-use crate::ids::{ThreadId, UserId};
-use crate::records::{MessageRecord, StoreError, StoreResult, UsageRow};
+use crate::ids::{RunId, ThreadId, UserId};
+use crate::records::{MessageRecord, RunRecord, StoreError, StoreResult, UsageRow};
 use crate::rollups::{Rollup, Sketches};
 use crate::window::{decode_group, WindowRead};
 
@@ -125,6 +126,29 @@ impl SqliteReaders {
         .await
     }
 
+    /// `owner`'s `run` if it has ended, with how it was superseded (if it was) and whether
+    /// a queued run of its thread waits for it (see `Runs::settle_ended_run`).
+    pub(crate) async fn ended_run(
+        &self,
+        owner: UserId,
+        run: RunId,
+    ) -> StoreResult<Option<(RunRecord, Option<String>, bool)>> {
+        self.read(move |tx| {
+            let mut ended = tx.prepare_cached(&ended_run_sql())?;
+            let mut selected = ended.query(params![run.to_string(), owner.to_string()])?;
+            let Some(row) = selected.next()? else {
+                return Ok(None);
+            };
+            let record = decode_run(&SqliteColumns(row), 0)?;
+            Ok(Some((
+                record,
+                row.get(RUN_FIELDS)?,
+                row.get(RUN_FIELDS + 1)?,
+            )))
+        })
+        .await
+    }
+
     /// `owner`'s rollup of the rows dated in `[since, until]`, and with `after` the rollup
     /// of the rows after it when the rollups settle it (see [`WindowRead`]): the same as
     /// `rollups_sql::read_window_and_after`, on a reader thread.
@@ -189,6 +213,9 @@ struct SqliteColumns<'r, 's>(&'r Row<'s>);
 
 impl Columns for SqliteColumns<'_, '_> {
     fn int(&self, i: usize) -> StoreResult<i64> {
+        Ok(self.0.get(i)?)
+    }
+    fn optional_int(&self, i: usize) -> StoreResult<Option<i64>> {
         Ok(self.0.get(i)?)
     }
     fn real(&self, i: usize) -> StoreResult<f64> {
