@@ -183,6 +183,7 @@ pub(super) async fn apply(
 /// read of the rollups, the rollup of the rows dated after `until` when the rollups settle
 /// it: `None` when some row of `until`'s day is dated after `until` (or `after` is false).
 /// See [`WindowRead`].
+///
 /// SQLite reads windows on its reader threads (`sqlite_reads`) instead.
 pub(crate) async fn read_window_and_after(
     pool: &Pool<Db>,
