@@ -45,6 +45,11 @@ pub struct Slot {
     pub lead: String,
     /// Text placed after it when it is not empty.
     pub trail: String,
+    /// The user's own figures and names (a total as written, "$1.75"; a model's name) of
+    /// which the text must state at least one; empty when any text may do. A small model
+    /// can write a fluent sentence that says nothing of the user's data ("The answer to
+    /// your question is: 1."); the summary must not.
+    pub anchors: Vec<String>,
 }
 
 /// Texts that end a slot: prompt labels and chat markers a small model writes back.
@@ -139,6 +144,7 @@ fn slot(name: &str, facts: String, task: &str, fallback: String, max_tokens: u32
         max_chars: (max_tokens as usize) * 5,
         lead: String::new(),
         trail: String::new(),
+        anchors: Vec::new(),
     }
 }
 
@@ -372,7 +378,47 @@ fn summary_slot(f: &Figures, category: RequestCategory, request: &str) -> Slot {
         64,
     );
     s.trail = "\n\n".into();
+    s.anchors = summary_anchors(f);
     s
+}
+
+/// What a summary may anchor on: the total, the savings, the top model and workload, the
+/// median and tail latency (see [`Slot::anchors`]).
+fn summary_anchors(f: &Figures) -> Vec<String> {
+    let mut anchors = vec![money(f.total)];
+    if f.savings() > 0.0 {
+        anchors.push(money(f.savings()));
+    }
+    if let Some(m) = f.top_model() {
+        anchors.push(text(&m["model"]).to_string());
+    }
+    if let Some(w) = f.top_workload() {
+        anchors.push(text(&w["workload"]).to_string());
+    }
+    let latency = &f.usage["latency_ms"];
+    for p in ["p50", "p99"] {
+        if int(&latency[p]) > 0 {
+            anchors.push(thousands(int(&latency[p])));
+        }
+    }
+    anchors.retain(|a| !a.is_empty());
+    anchors
+}
+
+/// Whether `text` states `anchor`: a name as written, a figure as a number of the text
+/// (so "1750 ms" states "1,750", and "1.75 dollars" states "$1.75").
+fn states(text: &str, anchor: &str) -> bool {
+    let figure: String = anchor
+        .trim_start_matches('$')
+        .chars()
+        .filter(|c| *c != ',')
+        .collect();
+    let is_figure = !figure.is_empty() && figure.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if is_figure {
+        numbers_in(text).contains(&figure)
+    } else {
+        text.to_lowercase().contains(&anchor.to_lowercase())
+    }
 }
 
 fn why_slot(index: usize, rec: &Value) -> Slot {
@@ -669,6 +715,8 @@ pub enum SlotProblem {
     Repeats(String),
     Echo(String),
     UnknownFigure(String),
+    /// It states none of the slot's anchors (the first is named).
+    NoneOfYourFigures(String),
 }
 
 impl std::fmt::Display for SlotProblem {
@@ -679,6 +727,9 @@ impl std::fmt::Display for SlotProblem {
             SlotProblem::Echo(what) => write!(f, "it echoed the prompt (\"{what}\")"),
             SlotProblem::UnknownFigure(what) => {
                 write!(f, "it stated {what}, which is not one of your figures")
+            }
+            SlotProblem::NoneOfYourFigures(first) => {
+                write!(f, "it stated none of your figures, such as {first}")
             }
         }
     }
@@ -831,6 +882,11 @@ pub fn check_slot(
             return Err(SlotProblem::UnknownFigure(shown));
         }
     }
+    if let Some(first) = slot.anchors.first() {
+        if !slot.anchors.iter().any(|a| states(&text, a)) {
+            return Err(SlotProblem::NoneOfYourFigures(first.clone()));
+        }
+    }
     Ok(text)
 }
 
@@ -962,6 +1018,21 @@ mod tests {
                 .unwrap(),
             "You spent $11.41 in total. Caching helps."
         );
+        // Fluent, with an allowed number, and about nothing of the user's: not a summary.
+        assert_eq!(
+            check("The answer to your question is: 1."),
+            Err(SlotProblem::NoneOfYourFigures("$11.41".into()))
+        );
+        assert!(check("Caching shared prompts is the biggest change you can make.").is_err());
+        // Any one of the user's figures or names will do, as the model writes it.
+        for anchored in [
+            "Your total was 11.41 dollars, and caching saves the most.",
+            "Your median request took 800 ms, which is fine for chat.",
+            "Most of your spend goes to rag-assistant, so cache its prompt.",
+            "You could save $3.21 a month with the changes below.",
+        ] {
+            assert_eq!(check(anchored).as_deref(), Ok(anchored), "{anchored}");
+        }
     }
 
     #[test]

@@ -518,6 +518,13 @@ impl WsClient {
 
     /// Collects events of `run_id` until its terminal event. Events of other runs fail.
     pub async fn collect_run(&mut self, run_id: &str) -> Vec<AgentEvent> {
+        self.collect_run_besides(run_id, &[]).await
+    }
+
+    /// [`WsClient::collect_run`], skipping events of the user's own runs in `besides`: a
+    /// connection opened while another of the user's runs is going (or has just parked)
+    /// may still receive that run's last live events.
+    pub async fn collect_run_besides(&mut self, run_id: &str, besides: &[&str]) -> Vec<AgentEvent> {
         let mut events = Vec::new();
         loop {
             let frame = self.next_json().await;
@@ -525,6 +532,9 @@ impl WsClient {
                 continue;
             }
             let event: AgentEvent = serde_json::from_value(frame).expect("agent event");
+            if besides.contains(&event.run_id.as_str()) {
+                continue;
+            }
             assert_eq!(
                 event.run_id, run_id,
                 "event of another run on this connection"
