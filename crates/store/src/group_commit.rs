@@ -83,14 +83,6 @@ pub(crate) trait BatchSink: Send + Sync + 'static {
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
 }
 
-/// [`BatchSink`] for an engine whose writes block the calling thread (SQLite through
-/// `rusqlite`, see `sqlite_events`): its writer runs on a thread of its own, so a batch
-/// costs no hand-off between threads per statement, only one to wake the writer.
-pub(crate) trait BlockingBatchSink: Send + 'static {
-    /// As [`BatchSink::write_batch`].
-    fn write_batch(&mut self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
-}
-
 struct Pending {
     event: NewEvent,
     done: oneshot::Sender<StoreResult<()>>,
@@ -107,34 +99,6 @@ impl EventWriter {
         let (queue, incoming) = mpsc::channel(QUEUE);
         tokio::spawn(write_loop(incoming, sink));
         Self { queue }
-    }
-
-    /// Starts the writer on a thread of its own named `name`, for a sink whose writes block.
-    pub(crate) fn start_on_thread(
-        name: &str,
-        mut sink: impl BlockingBatchSink,
-    ) -> StoreResult<Self> {
-        let (queue, mut incoming) = mpsc::channel::<Pending>(QUEUE);
-        std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-                // Ends when the store (the last sender) is dropped.
-                while let Some(first) = incoming.blocking_recv() {
-                    batch.push(first);
-                    while batch.len() < MAX_BATCH {
-                        match incoming.try_recv() {
-                            Ok(next) => batch.push(next),
-                            Err(_) => break,
-                        }
-                    }
-                    let (events, callers) = split(&mut batch);
-                    let results = write_each_on_failure(&events, |events| sink.write_batch(events));
-                    answer(callers, results);
-                }
-            })
-            .map_err(|e| StoreError::Corrupt(format!("starting the event writer thread: {e}")))?;
-        Ok(Self { queue })
     }
 
     /// Appends `event` and waits until it is committed (or refused).
@@ -171,19 +135,6 @@ fn answer(callers: Vec<oneshot::Sender<StoreResult<()>>>, results: Vec<StoreResu
         // The caller may have gone (its task was cancelled); the event is written anyway.
         let _ = done.send(result);
     }
-}
-
-/// [`write`] for a blocking sink.
-fn write_each_on_failure(
-    events: &[NewEvent],
-    mut write_batch: impl FnMut(&[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>,
-) -> Vec<StoreResult<()>> {
-    settled(events, write_batch(events)).unwrap_or_else(|| {
-        events
-            .iter()
-            .flat_map(|event| outcomes(write_batch(std::slice::from_ref(event))))
-            .collect()
-    })
 }
 
 /// Writes the batch in one transaction, or if that fails, each event on its own so that

@@ -12,11 +12,15 @@
 //! - [`sqlite`], [`postgres`]: the engine shells: connections, migrations and what only one
 //!   engine has (SQLite's single writer and its checkpoints; PostgreSQL's `LISTEN`/`NOTIFY`).
 //! - `group_commit`: appends the run events of all runs in few transactions.
-//! - `sqlite_events`: SQLite's event-log writer, a thread with its own connection and
-//!   prepared statements, taking its turn on the store's writing connection.
+//! - `sqlite_writer`: SQLite's writer thread, with its own connection and prepared
+//!   statements, committing the writes every run makes (its events, its submission, its
+//!   answer and status; `sqlite_run_writes`) for many runs at once, taking its turn on the
+//!   store's writing connection.
 //! - `sqlite_reads`: SQLite's reader threads, each with a read-only connection of its own,
 //!   for the reads every run makes (the usage window, the thread's latest messages, the
 //!   names in the user's usage, the ended run).
+//! - `run_sql`: the SQL of the writes every run makes and a submission's decisions, for
+//!   both drivers (sqlx's, the writer thread's).
 //! - `columns`: decoding rows by position for sqlx's rows and the reader threads' alike,
 //!   and the queries both run.
 //! - [`rollups`]: per-user rollups of the usage rows (sums per day, latency and completion
@@ -43,6 +47,9 @@ macro_rules! shared_sql {
     };
 }
 
+// First: its macros (`unfinished!` and the queue's) are used by the modules after it.
+#[macro_use]
+mod run_sql;
 mod columns;
 mod engine;
 mod group_commit;
@@ -52,8 +59,9 @@ mod records;
 mod roles;
 pub mod rollups;
 pub mod sqlite;
-mod sqlite_events;
 mod sqlite_reads;
+mod sqlite_run_writes;
+mod sqlite_writer;
 mod window;
 
 use std::sync::Arc;

@@ -45,6 +45,11 @@ impl PostgresStore {
         None
     }
 
+    /// PostgreSQL writes on its pool too (see `sqlite_writer` for why SQLite does not).
+    fn writer(&self) -> Option<&crate::sqlite_writer::SqliteWriter> {
+        None
+    }
+
     /// Connects to the database at `url` and applies pending migrations.
     pub(crate) async fn open(url: &str, pool: &DatabasePool) -> StoreResult<Self> {
         let mut options = PgConnectOptions::from_str(url)?;
@@ -70,7 +75,7 @@ impl PostgresStore {
 }
 
 /// PostgreSQL's SQL for [`group_commit`](crate::group_commit): the writer task owns a handle
-/// to the pool. (SQLite appends with its own writer, `sqlite_events`, to the same effect.)
+/// to the pool. (SQLite appends on its writer thread, `sqlite_writer`, to the same effect.)
 #[async_trait]
 impl BatchSink for PgPool {
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>> {

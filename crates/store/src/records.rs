@@ -18,8 +18,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Migration(#[from] sqlx::migrate::MigrateError),
-    /// A failure of one of SQLite's own connections: the event log's writer
-    /// (`sqlite_events`), the reader threads (`sqlite_reads`).
+    /// A failure of one of SQLite's own connections: the writer thread
+    /// (`sqlite_writer`), the reader threads (`sqlite_reads`).
     #[error("SQLite: {0}")]
     Sqlite(String),
 }

@@ -24,6 +24,11 @@ use crate::columns::{
     MESSAGE_COLUMNS, RUN_COLUMNS, RUN_FIELDS,
 };
 use crate::group_commit::NewEvent;
+use crate::run_sql::{
+    run_messages_pattern, status_times, submitted, supersede_sql, QueuedRun, SubmitCheck,
+    DELETE_RUN_MESSAGES, INSERT_MESSAGE, INSERT_QUEUED_RUN, INSERT_THREAD, SET_RUN_STATUS,
+    UNFINISHED_RUNS,
+};
 use crate::ids::{RunId, ThreadId, UserId};
 use crate::records::{
     parse_json_column, ApiKeyRecord, MessageRecord, QueueEntry, RedeemedTicket, RefreshRotation,
@@ -159,48 +164,6 @@ fn approval_from_row(row: &DbRow) -> StoreResult<RunApproval> {
     })
 }
 
-/// The statuses of an unfinished run: queued, executing, or parked for its user's approval
-/// (which holds no instance but still holds its thread). The partial index
-/// `runs_thread_unfinished` has the same list (migration 0009).
-macro_rules! unfinished {
-    () => {
-        "('queued', 'running', 'awaiting_approval')"
-    };
-}
-
-/// The condition (on the queued run `q`) that no earlier run of its thread is unfinished:
-/// a thread's runs execute one at a time, in the order they were submitted
-/// (`thread_position`, see migration 0007). A running (or parked) run of the thread always
-/// holds the others back (whatever its position: a run from before the column existed has
-/// none).
-/// Part of the claim itself, so it holds across instances: a run is never claimed while
-/// its predecessor is still queued or executing anywhere.
-macro_rules! free_to_start {
-    () => {
-        concat!(
-            "NOT EXISTS (SELECT 1 FROM runs e WHERE e.thread_id = q.thread_id AND e.id <> q.id \
-             AND e.status IN ",
-            unfinished!(),
-            " AND (e.status <> 'queued' \
-              OR COALESCE(e.thread_position, 0) < COALESCE(q.thread_position, 0)))"
-        )
-    };
-}
-
-/// Whether any run waits in the queue for an instance (the partial index `runs_queue`
-/// answers it). A submission is not claimed at once while this holds, so it cannot
-/// overtake the waiting runs.
-macro_rules! runs_waiting {
-    () => {
-        concat!(
-            "SELECT EXISTS (SELECT 1 FROM runs q WHERE q.status = 'queued' \
-             AND q.instance_id IS NULL AND ",
-            free_to_start!(),
-            ")"
-        )
-    };
-}
-
 /// Every queued, unclaimed run with its `turn` in the fair order of the queue: the number
 /// of runs its owner has executing (on any instance) plus its place among the owner's
 /// queued runs (1 for the oldest). Claiming in order of `turn`, then age, is the same as
@@ -221,34 +184,6 @@ const FAIR_QUEUE: &str = concat!(
      WHERE q.status = 'queued' AND q.instance_id IS NULL AND ",
     free_to_start!()
 );
-
-/// A user's unfinished runs, how many of them are on thread `$1` (user `$2`), and whether
-/// runs wait in the queue (`runs_waiting!`): one statement where a submission asked two.
-const UNFINISHED_RUNS: &str = concat!(
-    "SELECT COUNT(*), \
-            CAST(COALESCE(SUM(CASE WHEN thread_id = $1 THEN 1 ELSE 0 END), 0) AS BIGINT), \
-            (",
-    runs_waiting!(),
-    ") FROM runs WHERE user_id = $2 AND status IN ",
-    unfinished!()
-);
-
-/// A submitted run, queued or claimed, at the end of its thread's runs. Its place among
-/// them: submissions of one user are serialised (and a thread has one user), so positions
-/// are unique and in submission order. `$12` asks for approval of the plan; NULL takes the
-/// user's setting.
-const INSERT_QUEUED_RUN: &str =
-    "INSERT INTO runs (id, user_id, thread_id, status, created_at, input, request_id, \
-                       instance_id, heartbeat_at, attempts, started_at, thread_position, \
-                       approval_required) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-             (SELECT COALESCE(MAX(thread_position), 0) + 1 FROM runs WHERE thread_id = $3), \
-             COALESCE($12, (SELECT require_approval FROM users WHERE id = $2))) \
-     RETURNING CAST(approval_required AS BIGINT)";
-
-const INSERT_THREAD: &str =
-    "INSERT INTO threads (id, user_id, title, metadata, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6)";
 
 /// [`INSERT_THREAD`] with `thread` of `owner` bound.
 fn bind_thread<'q>(
@@ -298,14 +233,7 @@ async fn insert_message_on<'c>(
     owner: UserId,
     message: &MessageRecord,
 ) -> StoreResult<bool> {
-    // The position keeps messages in insertion order even when two share a millisecond.
-    let inserted = sqlx::query(
-        "INSERT INTO messages \
-             (id, thread_id, user_id, role, content, metadata, created_at, position) \
-         SELECT $1, t.id, t.user_id, $2, $3, $4, $5, \
-                (SELECT COALESCE(MAX(position), 0) + 1 FROM messages WHERE thread_id = t.id) \
-         FROM threads t WHERE t.id = $6 AND t.user_id = $7",
-    )
+    let inserted = sqlx::query(INSERT_MESSAGE)
     .bind(message.id.to_string())
     .bind(&message.role)
     .bind(&message.content)
@@ -319,22 +247,16 @@ async fn insert_message_on<'c>(
 }
 
 /// Deletes the messages of `run` (its user message and any answer) from its thread, inside
-/// `tx`. Messages name their run only in their metadata (`{"run_id": ...}`, written by the
-/// server as compact JSON), so they are matched there, among the thread's messages only.
+/// `tx` (see [`DELETE_RUN_MESSAGES`]).
 async fn delete_messages_of_run(
     tx: &mut sqlx::Transaction<'_, Db>,
     owner: UserId,
     run: &RunRecord,
 ) -> StoreResult<()> {
-    // `_` is a LIKE wildcard: escaped. A run id is a UUID, with no wildcard in it.
-    let pattern = format!("%\"run\\_id\":\"{}\"%", run.id);
-    sqlx::query(
-        "DELETE FROM messages WHERE thread_id = $1 AND user_id = $2 \
-         AND metadata LIKE $3 ESCAPE '\\'",
-    )
+    sqlx::query(DELETE_RUN_MESSAGES)
     .bind(run.thread_id.to_string())
     .bind(owner.to_string())
-    .bind(pattern)
+    .bind(run_messages_pattern(run.id))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -875,6 +797,9 @@ impl Threads for Shell {
         Ok(result.rows_affected() == 1)
     }
     async fn insert_message(&self, owner: UserId, message: &MessageRecord) -> StoreResult<bool> {
+        if let Some(writer) = self.writer() {
+            return writer.insert_message(owner, message.clone()).await;
+        }
         if ENGINE.touches_thread_on_insert() {
             return insert_message_on(&self.writes, owner, message).await;
         }
@@ -993,16 +918,13 @@ impl Runs for Shell {
         error: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let (started, finished) = match status {
-            RunStatus::Running => (Some(now_ms), None),
-            s if s.is_terminal() => (None, Some(now_ms)),
-            _ => (None, None),
-        };
-        sqlx::query(
-            "UPDATE runs SET status = $1, error = COALESCE($2, error), \
-             started_at = COALESCE(started_at, $3), finished_at = COALESCE($4, finished_at) \
-             WHERE id = $5 AND user_id = $6",
-        )
+        if let Some(writer) = self.writer() {
+            return writer
+                .set_run_status(owner, id, status, error.map(str::to_owned), now_ms)
+                .await;
+        }
+        let (started, finished) = status_times(status, now_ms);
+        sqlx::query(SET_RUN_STATUS)
         .bind(status.as_str())
         .bind(error)
         .bind(started)
@@ -1018,6 +940,9 @@ impl Runs for Shell {
         owner: UserId,
         submission: &RunSubmission<'_>,
     ) -> StoreResult<SubmitOutcome> {
+        if let Some(writer) = self.writer() {
+            return writer.submit_run(owner, submission.into()).await;
+        }
         let (message, run) = (submission.message, submission.run);
         let mut tx = self.writes.begin().await?;
         // One user's submissions take turns until commit (see `serialise_user`), so the limit
@@ -1038,83 +963,64 @@ impl Runs for Shell {
             return Ok(SubmitOutcome::ThreadNotFound);
         }
         let (unfinished, on_thread, waiting): (i64, i64, bool) = sqlx::query_as(UNFINISHED_RUNS)
-        .bind(run.thread_id.to_string())
-        .bind(owner.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        let strategy = submission.strategy;
-        if on_thread > 0 && strategy == MultitaskStrategy::Reject {
-            return Ok(SubmitOutcome::ThreadBusy);
-        }
-        // Interrupt and rollback mark the thread's unfinished runs in this transaction: the
-        // ones this UPDATE returns are the ones still unfinished now, whatever finished
-        // meanwhile; a refusal below rolls the mark back.
-        let superseded = if on_thread > 0 && strategy.ends_previous() {
-            let rows = sqlx::query(&format!(
-                "UPDATE runs SET superseded = $1 \
-                 WHERE thread_id = $2 AND user_id = $3 AND status IN {} \
-                 RETURNING {RUN_COLUMNS}",
-                unfinished!()
-            ))
-            .bind(strategy.as_str())
             .bind(run.thread_id.to_string())
             .bind(owner.to_string())
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let check = SubmitCheck {
+            unfinished,
+            on_thread,
+            waiting,
+            strategy: submission.strategy,
+        };
+        if check.thread_busy() {
+            return Ok(SubmitOutcome::ThreadBusy);
+        }
+        let superseded = if check.supersedes() {
+            let rows = sqlx::query(&supersede_sql())
+                .bind(check.strategy.as_str())
+                .bind(run.thread_id.to_string())
+                .bind(owner.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
             decode_all(&rows, run_from_row)?
         } else {
             Vec::new()
         };
-        // Superseded runs are ending and do not count; queued ones (enqueue) do.
-        let counted = usize::try_from(unfinished)
-            .unwrap_or(usize::MAX)
-            .saturating_sub(superseded.len());
-        if counted >= submission.max_unfinished {
+        if check.too_many_runs(superseded.len(), submission.max_unfinished) {
             return Ok(SubmitOutcome::TooManyRuns);
         }
-        if strategy == MultitaskStrategy::Rollback {
-            // The rolled-back runs' user messages leave the thread with this message's
-            // arrival; their runs, events and any answer go once they have ended
-            // (`settle_ended_run`).
+        if check.deletes_superseded_messages() {
             for gone in &superseded {
                 delete_messages_of_run(&mut tx, owner, gone).await?;
             }
         }
-        // Claimed at submission (as `claim_queued_runs` would leave it) unless runs are
-        // waiting: those go first; and never behind an unfinished run of the thread,
-        // which the claim waits for.
-        let claim_by = match submission.claim_by {
-            Some(instance) if on_thread == 0 && !waiting => Some(instance),
-            _ => None,
-        };
-        let claimed = claim_by.is_some();
-        // The run's place among its thread's runs: submissions of one user are serialised
-        // (and a thread has one user), so positions are unique and in submission order.
+        let claim_by = check.claim_by(submission.claim_by);
+        let queued = QueuedRun::new(
+            owner,
+            run,
+            message,
+            submission.request_id,
+            claim_by,
+            submission.require_approval,
+        );
         let approval_required: i64 = query_scalar(INSERT_QUEUED_RUN)
-        .bind(run.id.to_string())
-        .bind(owner.to_string())
-        .bind(run.thread_id.to_string())
-        .bind(if claimed { "running" } else { "queued" })
-        .bind(run.created_at_ms)
-        .bind(&message.content)
-        .bind(submission.request_id)
-        .bind(claim_by)
-        .bind(claimed.then_some(run.created_at_ms))
-        .bind(i32::from(claimed))
-        .bind(claimed.then_some(run.created_at_ms))
-        .bind(submission.require_approval.map(i32::from))
-        .fetch_one(&mut *tx)
-        .await?;
+            .bind(queued.id)
+            .bind(queued.owner)
+            .bind(queued.thread)
+            .bind(queued.status)
+            .bind(queued.created_at_ms)
+            .bind(queued.input)
+            .bind(queued.request_id)
+            .bind(queued.instance)
+            .bind(queued.heartbeat_at_ms)
+            .bind(queued.attempts)
+            .bind(queued.started_at_ms)
+            .bind(queued.require_approval)
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(if claimed {
-            SubmitOutcome::Claimed {
-                approval_required: approval_required != 0,
-            }
-        } else if !superseded.is_empty() {
-            SubmitOutcome::Superseding(superseded)
-        } else {
-            SubmitOutcome::Queued
-        })
+        Ok(submitted(claim_by.is_some(), approval_required, superseded))
     }
     async fn regenerate_run(
         &self,

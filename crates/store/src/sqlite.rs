@@ -27,11 +27,10 @@ use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::engine::Backend;
-use crate::group_commit::EventWriter;
 use crate::records::StoreResult;
 use crate::roles::QueueSignals;
-use crate::sqlite_events::SqliteEventSink;
 use crate::sqlite_reads::SqliteReaders;
+use crate::sqlite_writer::SqliteWriter;
 use crate::DatabasePool;
 
 shared_sql!(db: Sqlite, engine: Backend::Sqlite, store: SqliteStore);
@@ -49,9 +48,9 @@ pub struct SqliteStore {
     reads: SqlitePool,
     /// The one connection that writes (see the module doc for why only one).
     writes: SqlitePool,
-    /// Appends run events in batches (see `group_commit`) on a thread and connection of its
-    /// own, taking its turn on `writes` (see `sqlite_events`).
-    events: EventWriter,
+    /// The writer thread: run events and each run's own rows, many runs' per commit, on a
+    /// connection of its own that takes its turn on `writes` (see `sqlite_writer`).
+    events: SqliteWriter,
     /// Threads with connections of their own for the read every run makes, the usage
     /// window (see `sqlite_reads`).
     readers: SqliteReaders,
@@ -97,12 +96,11 @@ impl SqliteStore {
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
         let checkpoints = CancellationToken::new();
-        let sink = SqliteEventSink::open(
+        let events = SqliteWriter::start(
             options.get_filename(),
             writes.clone(),
             WRITER_AUTOCHECKPOINT_PAGES,
         )?;
-        let events = EventWriter::start_on_thread("apex-event-log", sink)?;
         let readers = SqliteReaders::open(options.get_filename(), reader_threads())?;
         let checkpoint_connection = options.pragma("wal_autocheckpoint", "0").connect().await?;
         tokio::spawn(checkpoint_loop(checkpoint_connection, checkpoints.clone()));
@@ -120,6 +118,11 @@ impl SqliteStore {
     /// The reader threads, for the reads every run makes (see `sqlite_reads`).
     fn readers(&self) -> Option<&SqliteReaders> {
         Some(&self.readers)
+    }
+
+    /// The writer thread, for the writes every run makes (see `sqlite_writer`).
+    fn writer(&self) -> Option<&SqliteWriter> {
+        Some(&self.events)
     }
 }
 
@@ -259,5 +262,176 @@ mod tests {
         }
         let all = store.readers.usage_names(owner, 0).await.expect("names");
         assert_eq!(all.len(), 2, "{all:?}");
+    }
+
+    fn message_on(thread_id: crate::ids::ThreadId, content: &str) -> crate::records::MessageRecord {
+        crate::records::MessageRecord {
+            id: crate::ids::MessageId::generate(),
+            thread_id,
+            role: "user".into(),
+            content: content.into(),
+            metadata: serde_json::json!({}),
+            created_at_ms: 1,
+            superseded_by: None,
+        }
+    }
+
+    fn new_thread() -> crate::records::ThreadRecord {
+        crate::records::ThreadRecord {
+            id: crate::ids::ThreadId::generate(),
+            title: "t".into(),
+            metadata: serde_json::json!({}),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            message_count: 0,
+        }
+    }
+
+    /// Writes committed in one batch of the writer thread stand or fall each on its own: a
+    /// refused submission leaves neither its new thread nor its message, a failing insert
+    /// fails alone, and the accepted submission and the events beside them are stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_batch_of_the_writer_keeps_each_write_apart() {
+        use crate::records::{RunRecord, RunSubmission, SubmitOutcome};
+        use crate::roles::{EventLog, Runs, Threads};
+        use apex_protocol::threads::{MultitaskStrategy, RunStatus};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("apex.db").display());
+        let store = Arc::new(SqliteStore::open(&url).await.expect("open"));
+        let owner = UserId::generate();
+        store
+            .create_user(&UserRecord {
+                id: owner,
+                email: "b@example.com".into(),
+                name: None,
+                password_hash: "hash".into(),
+                created_at_ms: 0,
+            })
+            .await
+            .expect("user");
+        let existing = new_thread();
+        store.create_thread(owner, &existing).await.expect("thread");
+        let first = message_on(existing.id, "first");
+        assert!(store.insert_message(owner, &first).await.expect("first"));
+
+        let submit = |thread: crate::records::ThreadRecord, max_unfinished: usize| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let message = message_on(thread.id, "question");
+                let run = RunRecord {
+                    id: crate::ids::RunId::generate(),
+                    thread_id: thread.id,
+                    status: RunStatus::Queued,
+                    created_at_ms: 1,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    error: None,
+                    last_seq: 0,
+                };
+                let outcome = store
+                    .submit_run(
+                        owner,
+                        &RunSubmission {
+                            message: &message,
+                            run: &run,
+                            request_id: "r",
+                            max_unfinished,
+                            claim_by: None,
+                            new_thread: Some(&thread),
+                            strategy: MultitaskStrategy::Reject,
+                            require_approval: None,
+                        },
+                    )
+                    .await;
+                (run.id, outcome)
+            })
+        };
+        // Holding the write turn keeps the writer waiting after the first job it takes, so
+        // the jobs sent meanwhile are committed together in the batch after it.
+        let turn = store.writes.acquire().await.expect("write turn");
+        let opener = submit(new_thread(), 10);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (refused_thread, accepted_thread) = (new_thread(), new_thread());
+        let refused = submit(refused_thread.clone(), 0);
+        let accepted = submit(accepted_thread.clone(), 10);
+        let duplicate = {
+            let store = Arc::clone(&store);
+            let again = first.clone();
+            tokio::spawn(async move { store.insert_message(owner, &again).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(turn);
+
+        let (opener_run, opener) = opener.await.expect("task");
+        assert_eq!(opener.expect("opener"), SubmitOutcome::Queued);
+        let (_, refused) = refused.await.expect("task");
+        assert_eq!(refused.expect("refused"), SubmitOutcome::TooManyRuns);
+        let (accepted_run, accepted) = accepted.await.expect("task");
+        assert_eq!(accepted.expect("accepted"), SubmitOutcome::Queued);
+        let duplicate = duplicate.await.expect("task");
+        assert!(
+            duplicate.is_err(),
+            "a second message with one id: {duplicate:?}"
+        );
+
+        assert!(store
+            .get_thread(owner, refused_thread.id)
+            .await
+            .expect("read")
+            .is_none());
+        let (accepted_messages, total) = store
+            .list_messages(owner, accepted_thread.id, 10, 0)
+            .await
+            .expect("read");
+        assert_eq!((accepted_messages.len(), total), (1, 1));
+        let (existing_messages, _) = store
+            .list_messages(owner, existing.id, 10, 0)
+            .await
+            .expect("read");
+        assert_eq!(existing_messages.len(), 1, "the duplicate was not stored");
+        for run in [opener_run, accepted_run] {
+            assert!(store.get_run(owner, run).await.expect("read").is_some());
+        }
+
+        // Events beside a failing write, in one batch, are stored; a run's status too.
+        let turn = store.writes.acquire().await.expect("write turn");
+        let blocker = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .set_run_status(owner, opener_run, RunStatus::Running, None, 2)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let events = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store.append_event(owner, accepted_run, 1, "{}", 3).await?;
+                store.append_event(owner, accepted_run, 1, "{}", 3).await
+            })
+        };
+        let again = {
+            let store = Arc::clone(&store);
+            let first = first.clone();
+            tokio::spawn(async move { store.insert_message(owner, &first).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(turn);
+        blocker.await.expect("task").expect("status");
+        assert!(again.await.expect("task").is_err());
+        assert!(
+            events.await.expect("task").is_err(),
+            "the second event with seq 1 is refused"
+        );
+        let stored = store
+            .list_events(owner, accepted_run, 0, 100)
+            .await
+            .expect("events");
+        assert_eq!(stored.len(), 1);
+        let run = store.get_run(owner, opener_run).await.expect("read");
+        assert_eq!(run.map(|r| r.status), Some(RunStatus::Running));
     }
 }

@@ -209,7 +209,7 @@ impl SqliteReaders {
 }
 
 /// A `rusqlite` row as the window's decoders read it.
-struct SqliteColumns<'r, 's>(&'r Row<'s>);
+pub(crate) struct SqliteColumns<'r, 's>(pub(crate) &'r Row<'s>);
 
 impl Columns for SqliteColumns<'_, '_> {
     fn int(&self, i: usize) -> StoreResult<i64> {
