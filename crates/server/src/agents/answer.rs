@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::RequestCategory;
+use super::{period_phrase, RequestCategory};
 use crate::llm::ChatMessage;
 
 /// One piece of the answer, in reading order.
@@ -152,7 +152,8 @@ fn slot(name: &str, facts: String, task: &str, fallback: String, max_tokens: u32
 struct Figures<'a> {
     report: &'a Value,
     usage: &'a Value,
-    days: u64,
+    /// The window as sentences name it ("the last 30 days"; see `period_phrase`).
+    period: String,
     total: f64,
 }
 
@@ -162,15 +163,18 @@ impl<'a> Figures<'a> {
         Self {
             report,
             usage,
-            days: usage["days"].as_u64().unwrap_or(30),
+            period: period_phrase(
+                usage["days"].as_u64().unwrap_or(30),
+                report["ends_days_ago"].as_u64().unwrap_or(0),
+            ),
             total: num(&usage["total_cost_usd"]),
         }
     }
 
     fn totals(&self) -> String {
         let mut out = format!(
-            "Over the last {} days you made {} LLM requests costing {} in total ({} prompt and {} completion tokens).\n",
-            self.days,
+            "Over {} you made {} LLM requests costing {} in total ({} prompt and {} completion tokens).\n",
+            self.period,
             thousands(int(&self.usage["total_requests"])),
             money(self.total),
             thousands(int(&self.usage["total_prompt_tokens"])),
@@ -299,8 +303,8 @@ impl<'a> Figures<'a> {
     /// The facts a slot's model is given: the headline figures in plain sentences.
     fn headline(&self) -> String {
         let mut out = format!(
-            "Facts: In the last {} days I spent {} on {} LLM requests.",
-            self.days,
+            "Facts: In {} I spent {} on {} LLM requests.",
+            self.period,
             money(self.total),
             thousands(int(&self.usage["total_requests"]))
         );
@@ -341,8 +345,8 @@ fn summary_fallback(f: &Figures, category: RequestCategory) -> String {
         RequestCategory::LatencyPerformance => {
             let l = &f.usage["latency_ms"];
             format!(
-                "Half of your requests in the last {} days finished within {} ms and 99% within {} ms.",
-                f.days,
+                "Half of your requests in {} finished within {} ms and 99% within {} ms.",
+                f.period,
                 thousands(int(&l["p50"])),
                 thousands(int(&l["p99"]))
             )
@@ -355,15 +359,15 @@ fn summary_fallback(f: &Figures, category: RequestCategory) -> String {
             None => "Your spend is spread over several models.".into(),
         },
         RequestCategory::UsageReport => {
-            format!("You spent {} in the last {} days{on_top}.", money(f.total), f.days)
+            format!("You spent {} in {}{on_top}.", money(f.total), f.period)
         }
         _ if f.savings() > 0.0 => format!(
-            "You spent {} in the last {} days{on_top}, and the changes below could save about {} a month.",
+            "You spent {} in {}{on_top}, and the changes below could save about {} a month.",
             money(f.total),
-            f.days,
+            f.period,
             money(f.savings())
         ),
-        _ => format!("You spent {} in the last {} days{on_top}.", money(f.total), f.days),
+        _ => format!("You spent {} in {}{on_top}.", money(f.total), f.period),
     }
 }
 
@@ -503,9 +507,9 @@ fn focus_lines(f: &Figures) -> String {
                 let cost = num(&item["cost_usd"]);
                 let _ = writeln!(
                     out,
-                    "{name}: {} over the last {} days ({} requests, {} prompt and {} completion tokens), {} of your {} total.",
+                    "{name}: {} over {} ({} requests, {} prompt and {} completion tokens), {} of your {} total.",
                     money(cost),
-                    f.days,
+                    f.period,
                     thousands(int(&item["requests"])),
                     thousands(int(&item["prompt_tokens"])),
                     thousands(int(&item["completion_tokens"])),
@@ -516,8 +520,8 @@ fn focus_lines(f: &Figures) -> String {
                 let shown = known(known_key);
                 let _ = writeln!(
                     out,
-                    "Your data does not show any requests to the {label} {name} in the last {} days; the {label}s it shows are {}.",
-                    f.days,
+                    "Your data does not show any requests to the {label} {name} in {}; the {label}s it shows are {}.",
+                    f.period,
                     if shown.is_empty() { "none".to_string() } else { shown.join(", ") },
                 );
             }
@@ -587,9 +591,9 @@ pub fn compose(report: &Value, request: &str) -> Vec<Part> {
     let mut parts = Vec::new();
     if requests == 0 {
         let mut out = format!(
-            "I found no AI usage in your account for the last {} days, so there is nothing to \
+            "I found no AI usage in your account for {}, so there is nothing to \
              analyse yet. Upload your usage with POST /api/usage/events (JSON or CSV) and ask again.\n",
-            f.days
+            f.period
         );
         if has_focus {
             out = focus_lines(&f) + &out;

@@ -3,8 +3,11 @@
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{Agent, AgentContext, AgentError, RunState};
+use super::{period_phrase, Agent, AgentContext, AgentError, RunState};
 use crate::usage::{summary_and_window, DEFAULT_WINDOW_DAYS};
+
+/// A day in milliseconds.
+const DAY_MS: i64 = 24 * 3600 * 1000;
 
 pub struct DataAgent;
 
@@ -15,32 +18,36 @@ impl Agent for DataAgent {
     }
 
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
-        let days = state
+        let (days, ends_days_ago) = state
             .triage
             .as_ref()
-            .map_or(DEFAULT_WINDOW_DAYS, |t| t.days);
+            .map_or((DEFAULT_WINDOW_DAYS, 0), |t| (t.days, t.ends_days_ago));
         cx.think(
             self.name(),
-            format!("Loading your usage for the last {days} days"),
+            format!(
+                "Loading your usage for {}",
+                period_phrase(days.into(), ends_days_ago.into())
+            ),
             1,
             2,
         )
         .await?;
-        let now = cx.now_ms();
+        // The window ends now, or as many days before as the thread moved it back.
+        let until = cx.now_ms() - i64::from(ends_days_ago) * DAY_MS;
+        let arguments = if ends_days_ago == 0 {
+            json!({ "days": days })
+        } else {
+            json!({ "days": days, "ends_days_ago": ends_days_ago })
+        };
         let mut window = None;
         let summary = cx
-            .tool(
-                self.name(),
-                "usage_summary",
-                json!({ "days": days }),
-                || async {
-                    let (summary, read) = summary_and_window(&cx.store, days, now)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    window = Some(read);
-                    Ok::<_, String>(summary)
-                },
-            )
+            .tool(self.name(), "usage_summary", arguments, || async {
+                let (summary, read) = summary_and_window(&cx.store, days, until)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                window = Some(read);
+                Ok::<_, String>(summary)
+            })
             .await?;
         // For the optimization agent: the same window, not read twice.
         state.usage_window = window;

@@ -98,6 +98,24 @@ pub struct Triage {
     /// Whether the request was read together with the thread's previous question.
     #[serde(default)]
     pub follow_up: bool,
+    /// How many days before now the window ends: a follow-up about "the week before" moves
+    /// the window back past the one the thread discussed. 0: it ends now.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ends_days_ago: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The window as the answer names it: "the last 7 days", or for a window that ends
+/// earlier, "the 7 days before the last 7".
+pub fn period_phrase(days: u64, ends_days_ago: u64) -> String {
+    match ends_days_ago {
+        0 => format!("the last {days} days"),
+        1 => format!("the {days} days before yesterday"),
+        ago => format!("the {days} days before the last {ago}"),
+    }
 }
 
 /// One way to save money, with its projected monthly effect on this user's bill.

@@ -102,6 +102,7 @@ pub fn build_report(state: &RunState) -> Value {
         "request": state.request,
         "category": state.triage.as_ref().map_or(RequestCategory::General, |t| t.category),
         "days": state.triage.as_ref().map(|t| t.days),
+        "ends_days_ago": state.triage.as_ref().map_or(0, |t| t.ends_days_ago),
         "models_asked_about": state.triage.as_ref().map(|t| t.models.clone()).unwrap_or_default(),
         "workloads_asked_about": state.triage.as_ref().map(|t| t.workloads.clone()).unwrap_or_default(),
         "follow_up": state.triage.as_ref().is_some_and(|t| t.follow_up),

@@ -20,7 +20,7 @@
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{Agent, AgentContext, AgentError, RequestCategory, RunState, Triage};
+use super::{period_phrase, Agent, AgentContext, AgentError, RequestCategory, RunState, Triage};
 use crate::llm::{ChatMessage, LlmError};
 use crate::usage::pricing::PricingTable;
 use crate::usage::{DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS};
@@ -393,6 +393,53 @@ pub fn explicit_window(text: &str) -> Option<u32> {
     }
 }
 
+/// Does the message ask about the period before the one discussed ("the week before",
+/// "the previous month", "the 14 days prior", "and before that?")? Only a follow-up is
+/// read this way: on its own, "the previous week" is last week.
+pub fn asks_for_earlier_period(text: &str) -> bool {
+    let words = words(text);
+    let unit = |w: &str| {
+        matches!(
+            w,
+            "day"
+                | "days"
+                | "week"
+                | "weeks"
+                | "fortnight"
+                | "month"
+                | "months"
+                | "quarter"
+                | "year"
+        )
+    };
+    let earlier = |w: &str| matches!(w, "previous" | "prior" | "preceding");
+    words.windows(2).any(|p| {
+        (unit(&p[0]) && matches!(p[1].as_str(), "before" | "prior" | "earlier"))
+            || (earlier(&p[0]) && unit(&p[1]))
+            || (p[0] == "before" && matches!(p[1].as_str(), "that" | "then"))
+    }) || words
+        .windows(3)
+        .any(|p| earlier(&p[0]) && p[1].parse::<u32>().is_ok() && unit(&p[2]))
+}
+
+/// The window a thread's questions (oldest first) arrive at, as (days, ends days ago): a
+/// question naming a window sets it, ending now; one asking for the period before moves
+/// back past the window so far, keeping its length unless it names one; others keep it.
+fn thread_window<'a>(questions: impl Iterator<Item = &'a Entities>) -> (Option<u32>, u32) {
+    let (mut days, mut ago) = (None, 0u32);
+    for question in questions {
+        if question.earlier_period {
+            let before = days.unwrap_or(DEFAULT_WINDOW_DAYS);
+            ago = ago.saturating_add(before).min(MAX_WINDOW_DAYS);
+            days = Some(question.days.unwrap_or(before));
+        } else if question.days.is_some() {
+            days = question.days;
+            ago = 0;
+        }
+    }
+    (days, ago)
+}
+
 /// Window in days: the one the request names, else the default.
 pub fn window_days(text: &str) -> u32 {
     explicit_window(text).unwrap_or(DEFAULT_WINDOW_DAYS)
@@ -596,6 +643,9 @@ pub struct Entities {
     pub workloads: Vec<String>,
     pub days: Option<u32>,
     pub step: Option<u32>,
+    /// The message asks for the period before the one discussed (see
+    /// [`asks_for_earlier_period`]).
+    pub earlier_period: bool,
 }
 
 impl Entities {
@@ -615,6 +665,7 @@ impl Entities {
             workloads: named,
             days: explicit_window(text),
             step: mentioned_step(text),
+            earlier_period: asks_for_earlier_period(text),
         }
     }
 
@@ -623,6 +674,7 @@ impl Entities {
             && self.workloads.is_empty()
             && self.days.is_none()
             && self.step.is_none()
+            && !self.earlier_period
     }
 }
 
@@ -695,7 +747,20 @@ pub fn resolve(
             None => (RequestCategory::General, "by keyword rules"),
         },
     };
-    let (mut models, mut workloads, mut days) = (here.models, here.workloads, here.days);
+    // A follow-up's window continues the thread's (see `thread_window`); a new question's
+    // is its own, ending now.
+    let (days, ends_days_ago) = if follows {
+        thread_window(
+            before
+                .iter()
+                .rev()
+                .map(|(_, _, e)| e)
+                .chain(std::iter::once(&here)),
+        )
+    } else {
+        (here.days, 0)
+    };
+    let (mut models, mut workloads) = (here.models, here.workloads);
     // A follow-up keeps the earlier scope and window unless it names new ones.
     if models.is_empty() && workloads.is_empty() {
         if let Some((_, _, e)) = before
@@ -706,7 +771,6 @@ pub fn resolve(
             workloads = e.workloads.clone();
         }
     }
-    days = days.or_else(|| before.iter().find_map(|(_, _, e)| e.days));
     (
         Triage {
             category,
@@ -715,6 +779,7 @@ pub fn resolve(
             workloads,
             step: here.step,
             follow_up: follows,
+            ends_days_ago,
         },
         how,
     )
@@ -885,10 +950,10 @@ impl Agent for TriageAgent {
         cx.think(
             self.name(),
             format!(
-                "Request is about {} ({how}{}){scope}; analysing the last {} days",
+                "Request is about {} ({how}{}){scope}; analysing {}",
                 category_words(triage.category),
                 note.map(|n| format!("; {n}")).unwrap_or_default(),
-                triage.days
+                period_phrase(triage.days.into(), triage.ends_days_ago.into())
             ),
             2,
             2,
@@ -1098,6 +1163,57 @@ mod tests {
         assert!(!t.follow_up);
     }
 
+    /// "The week before" moves a follow-up's window back past the thread's, keeping its
+    /// length; "before that" moves it again; a window named afresh ends now again; a new
+    /// question's "previous week" is last week.
+    #[test]
+    fn a_follow_up_about_the_period_before_moves_the_window_back() {
+        let names = names();
+        let thread: Vec<String> = vec![
+            "How much did I spend last week?".into(),
+            "And what about the week before?".into(),
+            "and before that?".into(),
+            "what about the last 14 days?".into(),
+            "and the previous 30 days?".into(),
+        ];
+        let expected = [(7, 0), (7, 7), (7, 14), (14, 0), (30, 14)];
+        for (i, &(days, ago)) in expected.iter().enumerate() {
+            let (t, _) = resolve(&thread[i], &thread[..i], &names, None);
+            assert_eq!(
+                (t.days, t.ends_days_ago),
+                (days, ago),
+                "{:?} after {:?}",
+                thread[i],
+                &thread[..i]
+            );
+        }
+        // The default window, when the thread named none.
+        let (t, _) = resolve(
+            "and the month before?",
+            &["How can I reduce my LLM costs?".to_string()],
+            &names,
+            None,
+        );
+        assert_eq!((t.days, t.ends_days_ago), (30, 30));
+        assert_eq!(t.category, RequestCategory::CostOptimization);
+        // Not a follow-up: the previous week is the last one.
+        let (t, _) = resolve("What did I spend the previous week?", &[], &names, None);
+        assert_eq!((t.days, t.ends_days_ago), (7, 0));
+        for text in [
+            "the week before",
+            "the previous month",
+            "14 days prior",
+            "before that",
+        ] {
+            assert!(asks_for_earlier_period(text), "{text}");
+        }
+        for text in ["last week", "before I switch models", "the previous answer"] {
+            assert!(!asks_for_earlier_period(text), "{text}");
+        }
+        assert_eq!(period_phrase(7, 7), "the 7 days before the last 7");
+        assert_eq!(period_phrase(30, 0), "the last 30 days");
+    }
+
     #[test]
     fn extracts_windows_models_workloads_and_steps() {
         assert_eq!(window_days("spend over the last 14 days"), 14);
@@ -1137,7 +1253,8 @@ mod tests {
                 models: vec!["gemini-2.5-pro".into()],
                 workloads: vec!["batch-indexer".into()],
                 days: None,
-                step: None
+                step: None,
+                earlier_period: false,
             },
             "names the data may not have are kept, to be answered honestly"
         );

@@ -109,6 +109,75 @@ async fn a_follow_up_about_one_model_answers_with_that_models_figure() {
     );
 }
 
+/// The `usage_summary` tool's parameters and result in `run`.
+fn usage_tool_of(run: &crate::helpers::RunTranscript) -> (serde_json::Value, serde_json::Value) {
+    let find = |kind: EventKind| {
+        run.events
+            .iter()
+            .find(|e| e.kind == kind && e.payload["tool_name"] == "usage_summary")
+            .expect("the usage_summary tool ran")
+            .payload
+            .clone()
+    };
+    (
+        find(EventKind::ToolExecuting)["parameters"].clone(),
+        find(EventKind::ToolCompleted)["result"].clone(),
+    )
+}
+
+/// "And the week before?" analyses the seven days before the week the thread asked about,
+/// not the last seven again, and the answer says which days it read.
+#[tokio::test]
+async fn a_follow_up_about_the_week_before_reads_the_week_before() {
+    let app = spawn_app().await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let last_week = ws.ask("How much did I spend last week?", None).await;
+    let (parameters, last) = usage_tool_of(&last_week);
+    assert_eq!(parameters, serde_json::json!({ "days": 7 }));
+    assert!(answer_of(&last_week).contains("in the last 7 days"));
+
+    let before = ws
+        .ask(
+            "And what about the week before?",
+            Some(&last_week.thread_id),
+        )
+        .await;
+    let triage = triage_of(&before);
+    assert_eq!(
+        (triage["days"].as_u64(), triage["ends_days_ago"].as_u64()),
+        (Some(7), Some(7)),
+        "{triage}"
+    );
+    let (parameters, earlier) = usage_tool_of(&before);
+    assert_eq!(
+        parameters,
+        serde_json::json!({ "days": 7, "ends_days_ago": 7 })
+    );
+    // Its window starts seven days before the first one's (give or take the seconds
+    // between the two runs).
+    let start = |summary: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(summary["window_start"].as_str().unwrap())
+            .unwrap()
+            .timestamp()
+    };
+    let shift = start(&last) - start(&earlier);
+    assert!(
+        (7 * 86_400..7 * 86_400 + 120).contains(&shift),
+        "moved back {shift} s"
+    );
+    assert_ne!(earlier["total_cost_usd"], last["total_cost_usd"]);
+    let answer = answer_of(&before);
+    assert!(
+        answer.starts_with(&format!(
+            "You spent {} in the 7 days before the last 7",
+            money(earlier["total_cost_usd"].as_f64().unwrap())
+        )),
+        "{answer}"
+    );
+    assert!(!answer.contains("the last 7 days"), "{answer}");
+}
+
 #[tokio::test]
 async fn explain_step_two_refers_to_the_previous_plan() {
     let app = spawn_app().await;
