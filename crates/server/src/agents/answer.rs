@@ -50,7 +50,18 @@ pub struct Slot {
     /// can write a fluent sentence that says nothing of the user's data ("The answer to
     /// your question is: 1."); the summary must not.
     pub anchors: Vec<String>,
+    /// Word stems (lower case) of which the text must contain one, saying it is on the
+    /// slot's topic; empty when any topic may do. A "why this lowers the cost" that speaks
+    /// of neither cost, price, tokens nor savings ("The change is an example of how code
+    /// review can be improved.") explains nothing.
+    pub topic: &'static [&'static str],
 }
+
+/// What a sentence about why a change lowers the cost speaks of (see [`Slot::topic`]).
+const COST_TOPIC: &[&str] = &[
+    "cost", "cheap", "price", "pric", "bill", "spend", "spent", "sav", "token", "pay", "$", "less",
+    "fewer", "lower", "reduc", "rate", "expens",
+];
 
 /// Texts that end a slot: prompt labels and chat markers a small model writes back.
 pub const SLOT_STOPS: &[&str] = &[
@@ -145,6 +156,7 @@ fn slot(name: &str, facts: String, task: &str, fallback: String, max_tokens: u32
         lead: String::new(),
         trail: String::new(),
         anchors: Vec::new(),
+        topic: &[],
     }
 }
 
@@ -438,6 +450,7 @@ fn why_slot(index: usize, rec: &Value) -> Slot {
         40,
     );
     s.lead = " ".into();
+    s.topic = COST_TOPIC;
     s
 }
 
@@ -721,6 +734,8 @@ pub enum SlotProblem {
     UnknownFigure(String),
     /// It states none of the slot's anchors (the first is named).
     NoneOfYourFigures(String),
+    /// It speaks of none of the slot's topic (see [`Slot::topic`]).
+    OffTopic,
 }
 
 impl std::fmt::Display for SlotProblem {
@@ -735,6 +750,7 @@ impl std::fmt::Display for SlotProblem {
             SlotProblem::NoneOfYourFigures(first) => {
                 write!(f, "it stated none of your figures, such as {first}")
             }
+            SlotProblem::OffTopic => write!(f, "it did not say how the change lowers the cost"),
         }
     }
 }
@@ -891,6 +907,9 @@ pub fn check_slot(
             return Err(SlotProblem::NoneOfYourFigures(first.clone()));
         }
     }
+    if !slot.topic.is_empty() && !slot.topic.iter().any(|stem| lower.contains(stem)) {
+        return Err(SlotProblem::OffTopic);
+    }
     Ok(text)
 }
 
@@ -976,6 +995,47 @@ mod tests {
             answer.starts_with("Your plan has 3 steps, so there is no step 9."),
             "{answer}"
         );
+    }
+
+    /// A "why" must say something of cost: a fluent sentence about something else (one the
+    /// embedded model wrote for "Cap output length") is not shown.
+    #[test]
+    fn a_why_slot_must_speak_of_cost() {
+        let request = "How can I reduce my LLM costs?";
+        let parts = compose(&report("cost_optimization"), request);
+        let facts = fixed_text(&parts);
+        let why = parts
+            .iter()
+            .find_map(|p| match p {
+                Part::Slot(s) if s.name == "why_1" => Some(s),
+                _ => None,
+            })
+            .expect("a why slot");
+        assert_eq!(
+            check_slot(
+                "The change to cap the output length of a function is an example of how code \
+                 review can be improved.",
+                why,
+                &facts,
+                request
+            ),
+            Err(SlotProblem::OffTopic)
+        );
+        for on_topic in [
+            "Cached prefixes are billed at a lower rate, so repeated long prompts cost less.",
+            "Shorter answers mean fewer completion tokens to pay for.",
+        ] {
+            assert_eq!(
+                check_slot(on_topic, why, &facts, request).as_deref(),
+                Ok(on_topic),
+                "{on_topic}"
+            );
+        }
+        // The summary has no topic words to find: only its anchors.
+        let Part::Slot(summary) = &parts[0] else {
+            panic!()
+        };
+        assert!(summary.topic.is_empty());
     }
 
     #[test]
