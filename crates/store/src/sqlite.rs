@@ -434,4 +434,36 @@ mod tests {
         let run = store.get_run(owner, opener_run).await.expect("read");
         assert_eq!(run.map(|r| r.status), Some(RunStatus::Running));
     }
+
+    /// A write that panics fails alone: its batch rolls back, and the writer thread goes on
+    /// to write the next ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_thread_outlives_a_write_that_panics() {
+        use crate::roles::Threads;
+        use crate::sqlite_writer::Change;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("apex.db").display());
+        let store = SqliteStore::open(&url).await.expect("open");
+        let owner = UserId::generate();
+        store
+            .create_user(&UserRecord {
+                id: owner,
+                email: "p@example.com".into(),
+                name: None,
+                password_hash: "hash".into(),
+                created_at_ms: 0,
+            })
+            .await
+            .expect("user");
+        let panicked = store
+            .events
+            .write(|_| -> StoreResult<Change<()>> { panic!("a bug in a write") })
+            .await;
+        assert!(panicked.is_err());
+        let thread = new_thread();
+        store.create_thread(owner, &thread).await.expect("thread");
+        let message = message_on(thread.id, "after the panic");
+        assert!(store.insert_message(owner, &message).await.expect("insert"));
+    }
 }

@@ -27,6 +27,7 @@
 
 use std::any::Any;
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::time::Duration;
 
@@ -151,7 +152,9 @@ impl SqliteWriter {
 }
 
 fn stopped() -> StoreError {
-    StoreError::Sqlite("the writer thread has stopped".into())
+    StoreError::Sqlite(
+        "the writer thread did not answer (it stopped, or this write's batch panicked)".into(),
+    )
 }
 
 /// The writer thread's state.
@@ -194,7 +197,12 @@ impl WriterThread {
                     Job::Write { work, done } => batch.writes.push((work, done)),
                 }
             }
-            self.commit(batch);
+            // A write that panics fails its batch (its transaction rolls back as it unwinds,
+            // and the callers' answers are dropped: they hear that the writer stopped), not
+            // the thread: the batches after it are written as usual.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| self.commit(batch))).is_err() {
+                tracing::error!("a batch of the SQLite writer panicked; it was rolled back");
+            }
         }
     }
 
