@@ -167,11 +167,8 @@ mod tests {
 
     const DAY_MS: i64 = 24 * 3600 * 1000;
 
-    /// The reader threads' window is the sqlx read's, for windows that start and end
-    /// anywhere in a day, with and without what follows and each sketch; their names in the
-    /// usage too.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_reader_threads_read_a_window_as_the_sqlx_read_does() {
+    /// A new store in a temporary folder (kept while the folder lives) with one user.
+    async fn store_with_user() -> (tempfile::TempDir, SqliteStore, UserId) {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("apex.db").display());
         let store = SqliteStore::open(&url).await.expect("open");
@@ -179,13 +176,22 @@ mod tests {
         store
             .create_user(&UserRecord {
                 id: owner,
-                email: "w@example.com".into(),
+                email: "owner@example.com".into(),
                 name: None,
                 password_hash: "hash".into(),
                 created_at_ms: 0,
             })
             .await
             .expect("user");
+        (dir, store, owner)
+    }
+
+    /// The reader threads' window is the sqlx read's, for windows that start and end
+    /// anywhere in a day, with and without what follows and each sketch; their names in the
+    /// usage too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_threads_read_a_window_as_the_sqlx_read_does() {
+        let (_dir, store, owner) = store_with_user().await;
         // Rows every 7 hours and a bit over ten days, two models, with a source_ref on
         // every third (an optional text column).
         let start = 100 * DAY_MS;
@@ -297,20 +303,8 @@ mod tests {
         use apex_protocol::threads::{MultitaskStrategy, RunStatus};
         use std::sync::Arc;
 
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("apex.db").display());
-        let store = Arc::new(SqliteStore::open(&url).await.expect("open"));
-        let owner = UserId::generate();
-        store
-            .create_user(&UserRecord {
-                id: owner,
-                email: "b@example.com".into(),
-                name: None,
-                password_hash: "hash".into(),
-                created_at_ms: 0,
-            })
-            .await
-            .expect("user");
+        let (_dir, store, owner) = store_with_user().await;
+        let store = Arc::new(store);
         let existing = new_thread();
         store.create_thread(owner, &existing).await.expect("thread");
         let first = message_on(existing.id, "first");
@@ -442,20 +436,7 @@ mod tests {
         use crate::roles::Threads;
         use crate::sqlite_writer::Change;
 
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("apex.db").display());
-        let store = SqliteStore::open(&url).await.expect("open");
-        let owner = UserId::generate();
-        store
-            .create_user(&UserRecord {
-                id: owner,
-                email: "p@example.com".into(),
-                name: None,
-                password_hash: "hash".into(),
-                created_at_ms: 0,
-            })
-            .await
-            .expect("user");
+        let (_dir, store, owner) = store_with_user().await;
         let panicked = store
             .events
             .write(|_| -> StoreResult<Change<()>> { panic!("a bug in a write") })
