@@ -175,7 +175,8 @@ pub struct RunRecord {
     pub last_seq: u64,
 }
 
-/// One stored event of a run's log, as JSON text (exactly what was delivered).
+/// One stored event of a run's log, as its wire JSON (exactly what was delivered: the log
+/// keeps a shorter form, see `AgentEvent::to_log_json`, which reading rebuilds).
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
     pub seq: u64,

@@ -320,7 +320,8 @@ pub trait EventLog: Send + Sync {
     /// Persists one event of a run's log; seqs are unique per run; a run an instance has
     /// claimed gets its heartbeat refreshed to `now_ms`. Returns once the event is
     /// committed. Both engines batch concurrent calls into one transaction (group commit,
-    /// see `group_commit`), with the same result per event as one call alone.
+    /// see `group_commit`), with the same result per event as one call alone. `json` is
+    /// the event's log form (`AgentEvent::to_log_json`); any other text is kept as it is.
     async fn append_event(
         &self,
         owner: UserId,
@@ -329,6 +330,7 @@ pub trait EventLog: Send + Sync {
         json: &str,
         now_ms: i64,
     ) -> StoreResult<()>;
+    /// The run's events after `after_seq`, in seq order, each as its wire JSON.
     async fn list_events(
         &self,
         owner: UserId,

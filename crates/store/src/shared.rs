@@ -37,6 +37,7 @@ use crate::records::{
     SubmitOutcome, ThreadRecord, TicketRecord, UserRecord,
 };
 use crate::roles::{Accounts, Cluster, EventLog, Runs, Threads};
+use apex_protocol::events::{AgentEvent, LogIds};
 use apex_protocol::threads::{MultitaskStrategy, RunStatus};
 
 // The Usage role's SQL, compiled with this module for each engine.
@@ -1410,21 +1411,33 @@ impl EventLog for Shell {
         limit: i64,
     ) -> StoreResult<Vec<StoredEvent>> {
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let (run_id, user_id) = (run.to_string(), owner.to_string());
         let rows = sqlx::query(
-            "SELECT e.seq, e.event FROM run_events e JOIN runs r ON r.id = e.run_id \
+            "SELECT e.seq, e.event, r.thread_id FROM run_events e JOIN runs r ON r.id = e.run_id \
              WHERE e.run_id = $1 AND r.user_id = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4",
         )
-        .bind(run.to_string())
-        .bind(owner.to_string())
+        .bind(&run_id)
+        .bind(&user_id)
         .bind(after)
         .bind(ENGINE.limit(limit))
         .fetch_all(&self.reads)
         .await?;
-        decode_all(&rows, |row| {
-            let seq: i64 = row.try_get("seq")?;
-            let json = row.try_get("event")?;
-            Ok(StoredEvent { seq: u64::try_from(seq).unwrap_or(0), json })
-        })
+        let logged = decode_all(&rows, |row| {
+            let seq = u64::try_from(row.try_get::<i64, _>("seq")?).unwrap_or(0);
+            Ok((seq, row.try_get::<String, _>("event")?, row.try_get::<String, _>("thread_id")?))
+        })?;
+        Ok(logged
+            .into_iter()
+            .map(|(seq, event, thread_id)| {
+                let ids = LogIds {
+                    run_id: &run_id,
+                    thread_id: &thread_id,
+                    user_id: &user_id,
+                };
+                let json = AgentEvent::wire_json_from_log(event, seq, ids);
+                StoredEvent { seq, json }
+            })
+            .collect())
     }
     async fn prune_events(&self, finished_before_ms: i64) -> StoreResult<u64> {
         let result = sqlx::query(

@@ -99,8 +99,11 @@ impl SqliteWriter {
         )?;
         connection.busy_timeout(BUSY_TIMEOUT)?;
         // The store's settings (WAL is a property of the file, set when it was created).
+        // `temp_store = MEMORY` keeps the savepoints' statement journals in memory: on
+        // disk, every batch that touched more than 64 KiB of pages created, wrote, closed
+        // and unlinked a temporary file.
         connection.execute_batch(&format!(
-            "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+            "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; \
              PRAGMA wal_autocheckpoint = {autocheckpoint_pages};"
         ))?;
         let mut thread = WriterThread {

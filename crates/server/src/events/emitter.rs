@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use apex_protocol::events::{AgentEvent, EventBody};
+use apex_protocol::events::{message_id, AgentEvent, EventBody};
 use tokio::sync::Mutex;
 
 use super::bus::{BusEvent, EventBus};
@@ -29,21 +29,31 @@ pub enum EmitError {
     Task(String),
 }
 
-/// The wire JSON of one event of run `ids` = (user, thread, run): what is stored and what
-/// every connection receives, serialised once.
+/// One event, serialised once for each of its two readers.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    /// What every connection receives: the full envelope.
+    pub wire: String,
+    /// What the run's event log keeps: the envelope less what can be rebuilt from the
+    /// log's row and the run (see [`AgentEvent::to_log_json`]); replay gives back `wire`.
+    pub log: String,
+}
+
+/// One event of run `ids` = (user, thread, run), in its wire and its log forms.
 pub fn encode_event(
     (user_id, thread_id, run_id): (UserId, ThreadId, RunId),
     seq: u64,
     agent_name: &str,
     body: EventBody,
-) -> serde_json::Result<String> {
-    let message_id = format!("{run_id}-{seq}");
+) -> serde_json::Result<EncodedEvent> {
+    let run_id = run_id.to_string();
+    let message_id = message_id(&run_id, seq);
     let kind = body.kind();
     let (payload, compat) = body.into_parts(&message_id);
     let event = AgentEvent {
         kind,
         seq,
-        run_id: run_id.to_string(),
+        run_id,
         thread_id: thread_id.to_string(),
         user_id: user_id.to_string(),
         agent_name: agent_name.to_string(),
@@ -51,7 +61,10 @@ pub fn encode_event(
         payload,
         compat,
     };
-    serde_json::to_string(&event)
+    Ok(EncodedEvent {
+        wire: serde_json::to_string(&event)?,
+        log: event.to_log_json()?,
+    })
 }
 
 pub struct UserEmitter {
@@ -121,7 +134,7 @@ impl UserEmitter {
     ) -> Result<u64, EmitError> {
         let mut guard = Arc::clone(&self.seq).lock_owned().await;
         let seq = *guard + 1;
-        let json = encode_event(
+        let EncodedEvent { wire, log } = encode_event(
             (self.user_id, self.thread_id, self.run_id),
             seq,
             agent_name,
@@ -135,7 +148,7 @@ impl UserEmitter {
         // while it waits, the event still completes (or is cleanly not sent) and the seq
         // lock is released only afterwards.
         let delivery = tokio::spawn(async move {
-            let persisted = store.append_event(run_id, seq, &json, now_ms()).await;
+            let persisted = store.append_event(run_id, seq, &log, now_ms()).await;
             if persisted.is_ok() || terminal {
                 *guard = seq;
                 bus.publish(Arc::new(BusEvent {
@@ -143,7 +156,7 @@ impl UserEmitter {
                     run_id,
                     seq,
                     terminal,
-                    json,
+                    json: wire,
                     emitted_at: std::time::Instant::now(),
                     relayed: false,
                 }));

@@ -13,4 +13,4 @@ pub mod log;
 pub mod redis_bus;
 
 pub use bus::{BusEvent, BusHealth, BusRecvError, EventBus, InProcessBus, UserSubscription};
-pub use emitter::{encode_event, EmitError, UserEmitter};
+pub use emitter::{encode_event, EmitError, EncodedEvent, UserEmitter};

@@ -116,6 +116,41 @@ async fn server_sent_events_replay_after_last_event_id_then_continue_live() {
     assert_eq!(all.len() as u64, events.last().unwrap().0);
 }
 
+/// The log keeps a shorter form of each event than the wire's (no ids, no compatibility
+/// copies); reading it back must give exactly the events that were delivered live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stored_log_gives_back_exactly_the_events_delivered_live() {
+    let app = spawn_app_with(|_| {}).await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let run_id = ws.start_run_id(QUESTION).await;
+    let live = ws.collect_run(&run_id).await;
+    let page: Value = app
+        .get(
+            &format!("/api/runs/{run_id}/events?after_seq=0"),
+            user.token(),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let stored: Vec<apex_protocol::events::AgentEvent> =
+        serde_json::from_value(page["events"].clone()).unwrap();
+    assert!(live.len() > 20, "a whole run: {} events", live.len());
+    assert_eq!(stored, live);
+    // The ids and the original system's top-level fields are back.
+    let tool = stored
+        .iter()
+        .find(|e| e.kind == apex_protocol::events::EventKind::ToolCompleted)
+        .expect("a tool_completed event");
+    assert_eq!(tool.user_id, user.id);
+    assert_eq!(tool.compat["results"], tool.payload["result"]);
+    assert_eq!(
+        tool.payload["message_id"],
+        format!("{run_id}-{}", tool.seq).as_str()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_removed_by_retention_answer_resume_gap() {
     let app = spawn_app_with(|_| {}).await;
