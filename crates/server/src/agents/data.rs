@@ -3,11 +3,8 @@
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{period_phrase, Agent, AgentContext, AgentError, RunState};
+use super::{period_phrase, Agent, AgentContext, AgentError, RunState, DAY_MS};
 use crate::usage::{summary_and_window, DEFAULT_WINDOW_DAYS};
-
-/// A day in milliseconds.
-const DAY_MS: i64 = 24 * 3600 * 1000;
 
 pub struct DataAgent;
 

@@ -104,6 +104,9 @@ pub struct Triage {
     pub ends_days_ago: u32,
 }
 
+/// A day in milliseconds: the unit [`Triage::ends_days_ago`] moves a window back by.
+pub(crate) const DAY_MS: i64 = 24 * 3600 * 1000;
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

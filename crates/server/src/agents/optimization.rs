@@ -18,13 +18,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{Agent, AgentContext, AgentError, Opportunity, RunState};
+use super::{Agent, AgentContext, AgentError, Opportunity, RunState, DAY_MS};
 use crate::store::rollups::{self, Rollup, Sketches};
 use crate::store::{
     CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult, UsageTotals,
 };
 use crate::usage::pricing::PricingTable;
-use crate::usage::{ReadWindow, DEFAULT_WINDOW_DAYS};
+use crate::usage::{window_start_ms, ReadWindow, DEFAULT_WINDOW_DAYS};
 use crate::user_store::UserStore;
 
 pub struct OptimizationAgent;
@@ -108,8 +108,18 @@ pub async fn gather(
     since_ms: i64,
     pricing: &PricingTable,
 ) -> StoreResult<SimulationInput> {
+    gather_between(store, since_ms, i64::MAX, pricing).await
+}
+
+/// [`gather`] for the rows dated in `[since_ms, until_ms]` only.
+pub async fn gather_between(
+    store: &UserStore,
+    since_ms: i64,
+    until_ms: i64,
+    pricing: &PricingTable,
+) -> StoreResult<SimulationInput> {
     let window = store
-        .usage_window(since_ms, i64::MAX, COMPLETION_SKETCHES)
+        .usage_window(since_ms, until_ms, COMPLETION_SKETCHES)
         .await?;
     Ok(input_of(&window, pricing))
 }
@@ -332,10 +342,10 @@ impl Agent for OptimizationAgent {
     }
 
     async fn run(&self, cx: &AgentContext, state: &mut RunState) -> Result<Value, AgentError> {
-        let days = state
+        let (days, ends_days_ago) = state
             .triage
             .as_ref()
-            .map_or(DEFAULT_WINDOW_DAYS, |t| t.days);
+            .map_or((DEFAULT_WINDOW_DAYS, 0), |t| (t.days, t.ends_days_ago));
         let models: Vec<String> = state
             .usage
             .as_ref()
@@ -378,25 +388,33 @@ impl Agent for OptimizationAgent {
             3,
         )
         .await?;
-        let since = cx.now_ms() - i64::from(days) * 24 * 3600 * 1000;
         // The window the data agent read, when it read one (not after a resume: the run's
-        // stored state does not keep it).
+        // stored state does not keep it). A window that ends now takes in the rows dated
+        // after it too (an upload's clock ahead of ours); one that a follow-up moved back
+        // ("the week before") is exactly that period, never the days since.
         let read = state.usage_window.take();
+        let (since, until) = if ends_days_ago == 0 {
+            (window_start_ms(days, cx.now_ms()), i64::MAX)
+        } else {
+            let until = cx.now_ms() - i64::from(ends_days_ago) * DAY_MS;
+            (window_start_ms(days, until), until)
+        };
         let strategies = ["model_routing", "prompt_caching", "batching", "output_caps"];
+        let arguments = if ends_days_ago == 0 {
+            json!({ "days": days, "strategies": strategies })
+        } else {
+            json!({ "days": days, "ends_days_ago": ends_days_ago, "strategies": strategies })
+        };
         let opportunities = cx
-            .tool(
-                self.name(),
-                "savings_simulator",
-                json!({ "days": days, "strategies": strategies }),
-                || async {
-                    let input = match read {
-                        Some(read) => gather_from(&cx.store, read, &cx.pricing).await,
-                        None => gather(&cx.store, since, &cx.pricing).await,
-                    }
-                    .map_err(|e| e.to_string())?;
-                    Ok::<_, String>(simulate(&input, days, &cx.pricing))
-                },
-            )
+            .tool(self.name(), "savings_simulator", arguments, || async {
+                let input = match read {
+                    Some(read) if until < i64::MAX => Ok(input_of(&read.rollup, &cx.pricing)),
+                    Some(read) => gather_from(&cx.store, read, &cx.pricing).await,
+                    None => gather_between(&cx.store, since, until, &cx.pricing).await,
+                }
+                .map_err(|e| e.to_string())?;
+                Ok::<_, String>(simulate(&input, days, &cx.pricing))
+            })
             .await?;
         let total: f64 = opportunities.iter().map(|o| o.monthly_savings_usd).sum();
         cx.think(

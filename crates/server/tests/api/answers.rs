@@ -179,6 +179,51 @@ async fn a_follow_up_about_the_week_before_reads_the_week_before() {
     assert!(!answer.contains("the last 7 days"), "{answer}");
 }
 
+/// The savings of a follow-up about an earlier period are simulated on that period alone,
+/// not on it and every day since: the month before the user's month of usage has no
+/// traffic, so there is nothing to save in it.
+#[tokio::test]
+async fn savings_for_an_earlier_period_are_simulated_on_that_period_only() {
+    let app = spawn_app().await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let savings_of = |run: &crate::helpers::RunTranscript| {
+        let find = |kind: EventKind| {
+            run.events
+                .iter()
+                .find(|e| e.kind == kind && e.payload["tool_name"] == "savings_simulator")
+                .expect("the savings_simulator tool ran")
+                .payload
+                .clone()
+        };
+        (
+            find(EventKind::ToolExecuting)["parameters"].clone(),
+            find(EventKind::ToolCompleted)["result"].clone(),
+        )
+    };
+    let month = ws.ask("How can I reduce my LLM costs?", None).await;
+    let (_, found) = savings_of(&month);
+    assert!(!found.as_array().unwrap().is_empty(), "{found}");
+
+    let before = ws
+        .ask("And what about the month before?", Some(&month.thread_id))
+        .await;
+    let (parameters, found) = savings_of(&before);
+    assert_eq!(parameters["ends_days_ago"], 30, "{parameters}");
+    let (_, usage) = usage_tool_of(&before);
+    assert_eq!(usage["total_requests"], 0, "{usage}");
+    let total: f64 = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["monthly_savings_usd"].as_f64().unwrap())
+        .sum();
+    assert_eq!(
+        total, 0.0,
+        "savings found in a period without usage: {found}"
+    );
+}
+
 #[tokio::test]
 async fn explain_step_two_refers_to_the_previous_plan() {
     let app = spawn_app().await;
