@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-event hot paths (`cargo bench -p apex-server`):
 //!
-//! - `encode_event`: building an event and serialising it to its wire JSON (once per event);
+//! - `encode_event`: building an event and serialising it to its wire JSON and to the shorter
+//!   form the event log keeps (once per event);
 //! - `emit`: `UserEmitter::emit` end to end against a temporary SQLite database — persist
 //!   (group commit), then publish to two subscribed connections — one run alone, and 50
 //!   runs emitting at once (where group commit batches);
