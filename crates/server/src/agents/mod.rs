@@ -104,6 +104,15 @@ pub struct Triage {
     pub ends_days_ago: u32,
 }
 
+/// What `opportunities` save per month together, in USD. Folded from `0.0` rather than
+/// `Iterator::sum`, whose empty sum of floats is `-0.0`: a run with nothing to save said
+/// "Found 0 opportunities worth about $-0.00/month" and reported `-0.0`.
+pub(crate) fn total_savings(opportunities: &[Opportunity]) -> f64 {
+    opportunities
+        .iter()
+        .fold(0.0, |total, o| total + o.monthly_savings_usd)
+}
+
 /// A day in milliseconds: the unit [`Triage::ends_days_ago`] moves a window back by.
 pub(crate) const DAY_MS: i64 = 24 * 3600 * 1000;
 

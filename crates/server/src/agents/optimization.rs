@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{Agent, AgentContext, AgentError, Opportunity, RunState, DAY_MS};
+use super::{total_savings, Agent, AgentContext, AgentError, Opportunity, RunState, DAY_MS};
 use crate::store::rollups::{self, Rollup, Sketches};
 use crate::store::{
     CompletionRank, OutputCap, RepricingRate, SavingsQuery, SavingsTotals, StoreResult, UsageTotals,
@@ -416,7 +416,7 @@ impl Agent for OptimizationAgent {
                 Ok::<_, String>(simulate(&input, days, &cx.pricing))
             })
             .await?;
-        let total: f64 = opportunities.iter().map(|o| o.monthly_savings_usd).sum();
+        let total = total_savings(&opportunities);
         cx.think(
             self.name(),
             format!(

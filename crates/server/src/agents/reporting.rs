@@ -93,11 +93,7 @@ fn focus(state: &RunState) -> Value {
 /// from it.
 pub fn build_report(state: &RunState) -> Value {
     let usage = state.usage.as_ref();
-    let savings: f64 = state
-        .opportunities
-        .iter()
-        .map(|o| o.monthly_savings_usd)
-        .sum();
+    let savings = super::total_savings(&state.opportunities);
     json!({
         "request": state.request,
         "category": state.triage.as_ref().map_or(RequestCategory::General, |t| t.category),

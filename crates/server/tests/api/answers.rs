@@ -222,6 +222,20 @@ async fn savings_for_an_earlier_period_are_simulated_on_that_period_only() {
         total, 0.0,
         "savings found in a period without usage: {found}"
     );
+    // Nothing to save is $0.00, not "$-0.00" (an empty float sum is -0.0).
+    let optimization = before
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "optimization")
+        .expect("optimization completed");
+    let saved = optimization.payload["result"]["monthly_savings_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(saved == 0.0 && saved.is_sign_positive(), "{saved}");
+    for event in &before.events {
+        let text = serde_json::to_string(&event.payload).unwrap();
+        assert!(!text.contains("$-"), "{text}");
+    }
 }
 
 #[tokio::test]
