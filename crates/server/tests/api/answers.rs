@@ -111,11 +111,19 @@ async fn a_follow_up_about_one_model_answers_with_that_models_figure() {
 
 /// The `usage_summary` tool's parameters and result in `run`.
 fn usage_tool_of(run: &crate::helpers::RunTranscript) -> (serde_json::Value, serde_json::Value) {
+    tool_of(run, "usage_summary")
+}
+
+/// The arguments and the result of the run's call to tool `name`.
+fn tool_of(
+    run: &crate::helpers::RunTranscript,
+    name: &str,
+) -> (serde_json::Value, serde_json::Value) {
     let find = |kind: EventKind| {
         run.events
             .iter()
-            .find(|e| e.kind == kind && e.payload["tool_name"] == "usage_summary")
-            .expect("the usage_summary tool ran")
+            .find(|e| e.kind == kind && e.payload["tool_name"] == name)
+            .unwrap_or_else(|| panic!("the {name} tool ran"))
             .payload
             .clone()
     };
@@ -187,20 +195,7 @@ async fn savings_for_an_earlier_period_are_simulated_on_that_period_only() {
     let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    let savings_of = |run: &crate::helpers::RunTranscript| {
-        let find = |kind: EventKind| {
-            run.events
-                .iter()
-                .find(|e| e.kind == kind && e.payload["tool_name"] == "savings_simulator")
-                .expect("the savings_simulator tool ran")
-                .payload
-                .clone()
-        };
-        (
-            find(EventKind::ToolExecuting)["parameters"].clone(),
-            find(EventKind::ToolCompleted)["result"].clone(),
-        )
-    };
+    let savings_of = |run: &crate::helpers::RunTranscript| tool_of(run, "savings_simulator");
     let month = ws.ask("How can I reduce my LLM costs?", None).await;
     let (_, found) = savings_of(&month);
     assert!(!found.as_array().unwrap().is_empty(), "{found}");

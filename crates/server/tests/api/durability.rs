@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use apex_server::clock::now_ms;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app_with, TestApp, TestUser};
+use crate::helpers::{spawn_app, spawn_app_with, TestApp, TestUser};
 
 const QUESTION: &str = "How can I reduce my LLM costs?";
 
@@ -120,22 +120,12 @@ async fn server_sent_events_replay_after_last_event_id_then_continue_live() {
 /// copies); reading it back must give exactly the events that were delivered live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stored_log_gives_back_exactly_the_events_delivered_live() {
-    let app = spawn_app_with(|_| {}).await;
+    let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
     let run_id = ws.start_run_id(QUESTION).await;
     let live = ws.collect_run(&run_id).await;
-    let page: Value = app
-        .get(
-            &format!("/api/runs/{run_id}/events?after_seq=0"),
-            user.token(),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let stored: Vec<apex_protocol::events::AgentEvent> =
-        serde_json::from_value(page["events"].clone()).unwrap();
+    let stored = app.stored_events(&user, &run_id).await;
     assert!(live.len() > 20, "a whole run: {} events", live.len());
     assert_eq!(stored, live);
     // The ids and the original system's top-level fields are back.

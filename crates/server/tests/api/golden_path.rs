@@ -257,16 +257,7 @@ async fn a_run_continues_after_its_socket_closes_and_its_events_stay_readable() 
         "closing the socket does not stop the run"
     );
 
-    let page: Value = app
-        .get(
-            &format!("/api/runs/{run_id}/events?after_seq=0"),
-            user.token(),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let events: Vec<AgentEvent> = serde_json::from_value(page["events"].clone()).unwrap();
+    let events = app.stored_events(&user, &run_id).await;
     assert_contiguous_and_terminated(&events);
     assert_pipeline_order(&events);
 
@@ -474,16 +465,7 @@ async fn a_fast_writers_chunks_leave_together_and_the_stored_log_matches_the_wir
         );
     }
     // The stored log holds exactly the events the socket carried.
-    let page: Value = app
-        .get(
-            &format!("/api/runs/{}/events?after_seq=0", run.run_id),
-            user.token(),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let stored: Vec<AgentEvent> = serde_json::from_value(page["events"].clone()).unwrap();
+    let stored = app.stored_events(&user, &run.run_id).await;
     assert_eq!(stored.len(), run.events.len());
     for (s, w) in stored.iter().zip(&run.events) {
         assert_eq!((s.seq, s.kind, &s.payload), (w.seq, w.kind, &w.payload));

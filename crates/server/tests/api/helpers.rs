@@ -357,6 +357,19 @@ impl TestApp {
         .await
     }
 
+    /// The run's whole stored log, as `GET /api/runs/{id}/events` gives it back.
+    pub async fn stored_events(&self, user: &TestUser, run_id: &str) -> Vec<AgentEvent> {
+        let response = self
+            .get(
+                &format!("/api/runs/{run_id}/events?after_seq=0"),
+                user.token(),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let page: Value = response.json().await.expect("events page");
+        serde_json::from_value(page["events"].clone()).expect("stored events")
+    }
+
     pub async fn usage_summary(&self, user: &TestUser) -> UsageSummary {
         let response = self.get("/api/usage/summary?days=30", user.token()).await;
         assert_eq!(response.status(), 200);
