@@ -312,13 +312,14 @@ fn compat_fields(kind: EventKind, payload: &Value) -> Map<String, Value> {
 /// PostgreSQL) writes per event. The short keys also tell this form apart from logs
 /// written before it existed, which hold the wire form itself.
 #[derive(Serialize, Deserialize)]
-struct LogForm<P> {
+/// `S` is `&str` when writing (no copies per event) and `String` when reading.
+struct LogForm<S, P> {
     #[serde(rename = "k")]
     kind: EventKind,
     #[serde(rename = "a")]
-    agent_name: String,
+    agent_name: S,
     #[serde(rename = "t")]
-    timestamp: String,
+    timestamp: S,
     #[serde(rename = "p")]
     payload: P,
 }
@@ -353,8 +354,8 @@ impl AgentEvent {
     pub fn to_log_json(&self) -> serde_json::Result<String> {
         serde_json::to_string(&LogForm {
             kind: self.kind,
-            agent_name: self.agent_name.clone(),
-            timestamp: self.timestamp.clone(),
+            agent_name: self.agent_name.as_str(),
+            timestamp: self.timestamp.as_str(),
             payload: WithoutMessageId(&self.payload),
         })
     }
@@ -367,7 +368,7 @@ impl AgentEvent {
             agent_name,
             timestamp,
             mut payload,
-        } = serde_json::from_str::<LogForm<Value>>(stored).ok()?;
+        } = serde_json::from_str::<LogForm<String, Value>>(stored).ok()?;
         if let Value::Object(map) = &mut payload {
             map.insert("message_id".into(), json!(message_id(ids.run_id, seq)));
         }

@@ -408,7 +408,7 @@ impl Agent for OptimizationAgent {
         let opportunities = cx
             .tool(self.name(), "savings_simulator", arguments, || async {
                 let input = match read {
-                    Some(read) if until < i64::MAX => Ok(input_of(&read.rollup, &cx.pricing)),
+                    Some(read) if ends_days_ago > 0 => Ok(input_of(&read.rollup, &cx.pricing)),
                     Some(read) => gather_from(&cx.store, read, &cx.pricing).await,
                     None => gather_between(&cx.store, since, until, &cx.pricing).await,
                 }

@@ -16,10 +16,15 @@ fn answer_of(run: &crate::helpers::RunTranscript) -> String {
 }
 
 fn triage_of(run: &crate::helpers::RunTranscript) -> serde_json::Value {
+    result_of(run, "triage")
+}
+
+/// The result the run's `agent` completed with.
+fn result_of(run: &crate::helpers::RunTranscript, agent: &str) -> serde_json::Value {
     run.events
         .iter()
-        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "triage")
-        .expect("triage completed")
+        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == agent)
+        .unwrap_or_else(|| panic!("{agent} completed"))
         .payload["result"]
         .clone()
 }
@@ -195,15 +200,14 @@ async fn savings_for_an_earlier_period_are_simulated_on_that_period_only() {
     let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
-    let savings_of = |run: &crate::helpers::RunTranscript| tool_of(run, "savings_simulator");
     let month = ws.ask("How can I reduce my LLM costs?", None).await;
-    let (_, found) = savings_of(&month);
+    let (_, found) = tool_of(&month, "savings_simulator");
     assert!(!found.as_array().unwrap().is_empty(), "{found}");
 
     let before = ws
         .ask("And what about the month before?", Some(&month.thread_id))
         .await;
-    let (parameters, found) = savings_of(&before);
+    let (parameters, found) = tool_of(&before, "savings_simulator");
     assert_eq!(parameters["ends_days_ago"], 30, "{parameters}");
     let (_, usage) = usage_tool_of(&before);
     assert_eq!(usage["total_requests"], 0, "{usage}");
@@ -218,12 +222,7 @@ async fn savings_for_an_earlier_period_are_simulated_on_that_period_only() {
         "savings found in a period without usage: {found}"
     );
     // Nothing to save is $0.00, not "$-0.00" (an empty float sum is -0.0).
-    let optimization = before
-        .events
-        .iter()
-        .find(|e| e.kind == EventKind::AgentCompleted && e.agent_name == "optimization")
-        .expect("optimization completed");
-    let saved = optimization.payload["result"]["monthly_savings_usd"]
+    let saved = result_of(&before, "optimization")["monthly_savings_usd"]
         .as_f64()
         .unwrap();
     assert!(saved == 0.0 && saved.is_sign_positive(), "{saved}");
