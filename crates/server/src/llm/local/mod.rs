@@ -11,6 +11,9 @@
 //! - [`fair_queue`]: the engine's waiting requests, taken in turn per user;
 //! - [`provider`]: [`LocalProvider`], the `LlmProvider` implementation.
 //!
+//! The weight products on CPUs with AVX-512 VNNI are `apex_kernels::q8_matmul` (candle's
+//! elsewhere), in a crate of their own because they are SIMD intrinsics.
+//!
 //! The model file comes from `scripts/fetch-model.sh`, once per machine; see
 //! [`default_model_path`] (defined with the settings).
 

@@ -4,10 +4,9 @@
 //! KV cache lives inside the weights), so N concurrent requests cost N passes and every
 //! weight is read and multiplied through the slow path N times per generated token. Here
 //! the rows of every sequence in a step (one token for each decoding request, a prompt
-//! chunk for each prefilling one) go through each matrix product together, so candle's
-//! tiled kernel loads each weight tile once for several rows ([`Projection`] says what it
-//! takes to get that kernel). Only attention is per sequence, against that sequence's own
-//! cache.
+//! chunk for each prefilling one) go through each matrix product together, so each weight
+//! tile is loaded once for several rows ([`Projection`] says which product does it). Only
+//! attention is per sequence, against that sequence's own cache.
 //!
 //! Attention differs in three ways, none of which changes the arithmetic: each sequence's
 //! KV cache is a plain buffer that grows by doubling ([`KvCache`]; candle's copies the
@@ -19,7 +18,8 @@
 //! The tests compare this pass's next-token distributions with candle's model; the
 //! differences are the rounding of the quantized activations, not the model.
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use apex_kernels::{PackedQ8, QuantizedRows};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// Longest sequence the rotary tables cover (candle's limit for the same models).
@@ -55,97 +55,81 @@ struct Layer {
     down: Projection,
 }
 
-/// Width multiple at which candle's tiled Q8_0 kernel applies (its activation blocks hold
-/// 256 values).
-const TILED_KERNEL_WIDTH: usize = 256;
-
-/// One weight matrix, `[out, in]`, and the width its input rows are padded to.
+/// One weight matrix, `[out, in]`, and the product that multiplies by it.
 ///
-/// Why the padding: candle multiplies Q8_0 weights by several rows at once with a tiled
-/// VNNI kernel (each weight tile is loaded once for up to four rows, integer dot products
-/// in one instruction) only when the input width is a multiple of 256; otherwise it falls
-/// back to one dot product per (row, weight row) pair, which is several times slower per
-/// multiply and barely gains from batching. Small models have widths such as 576, so on a
-/// CPU with VNNI the weights are widened with zero columns once at load and each input is
-/// widened with zeros before its product: zeros add nothing to the dot products, and the
-/// extra third of multiplies costs far less than the slow kernel.
-struct Projection {
-    weight: std::sync::Arc<QTensor>,
-    matmul: QMatMul,
-    /// The input width the model defines.
-    width: usize,
-    /// The width the input is padded to (`width` when no padding is worth it).
-    padded_width: usize,
+/// On a CPU with AVX-512 VNNI, Q8_0 weights are repacked for Apex's own product
+/// ([`PackedQ8`]: any width that is a multiple of 32, eight rows per pass over a weight tile,
+/// nothing padded); elsewhere, or for other formats, candle's `QMatMul` multiplies.
+enum Projection {
+    Packed(PackedQ8),
+    Candle {
+        weight: std::sync::Arc<QTensor>,
+        matmul: QMatMul,
+    },
 }
 
 impl Projection {
-    fn new(tensor: QTensor, device: &Device) -> Result<Self> {
-        let (_, width) = tensor.shape().dims2()?;
-        let padded_width = width.next_multiple_of(TILED_KERNEL_WIDTH);
-        let tensor = if padded_width != width && Self::tiled_kernel_available(tensor.dtype()) {
-            let values = tensor.dequantize(device)?;
-            let padded = values.pad_with_zeros(1, 0, padded_width - width)?;
-            QTensor::quantize(&padded, GgmlDType::Q8_0)?
-        } else {
-            tensor
-        };
-        let padded_width = tensor.shape().dims2()?.1;
+    fn new(tensor: QTensor) -> Result<Self> {
+        if let Some(packed) = PackedQ8::from_qtensor(&tensor)? {
+            return Ok(Self::Packed(packed));
+        }
         let weight = std::sync::Arc::new(tensor);
-        Ok(Self {
+        Ok(Self::Candle {
             matmul: QMatMul::QTensor(weight.clone()),
             weight,
-            width,
-            padded_width,
         })
     }
 
-    /// Whether candle has its tiled kernel for `dtype` weights on this CPU (Q8_0 needs the
-    /// VNNI integer dot product; plain AVX2 would gain nothing from the padding).
-    fn tiled_kernel_available(dtype: GgmlDType) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            dtype == GgmlDType::Q8_0
-                && std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = dtype;
-            false
-        }
-    }
-
-    /// `x` (`[rows, width]`) widened to the padded width.
-    fn widen(&self, x: &Tensor) -> Result<Tensor> {
-        if self.padded_width == self.width {
-            return Ok(x.clone());
-        }
-        x.pad_with_zeros(1, 0, self.padded_width - self.width)
-    }
-
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.matmul.forward(&self.widen(x)?)
+        match self {
+            Self::Packed(packed) => Self::multiply(packed, &quantize_rows(x)?, x.device()),
+            Self::Candle { matmul, .. } => matmul.forward(x),
+        }
+    }
+
+    fn multiply(packed: &PackedQ8, x: &QuantizedRows, device: &Device) -> Result<Tensor> {
+        let rows = x.rows();
+        Tensor::from_vec(packed.multiply(x), (rows, packed.out()), device)
     }
 
     /// The products of one input with several matrices of the same input width (q, k and
-    /// v; gate and up): one quantization of the input and one pass when candle can fuse
-    /// them, else one product each.
+    /// v; gate and up): the input is quantized once for all of them.
     fn forward_shared(projections: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
-        let Some(first) = projections.first() else {
-            return Ok(Vec::new());
-        };
-        let widened = first.widen(x)?;
-        let weights: Vec<&QTensor> = projections.iter().map(|p| p.weight.as_ref()).collect();
-        if projections
+        let packed: Vec<&PackedQ8> = projections
             .iter()
-            .all(|p| p.padded_width == first.padded_width)
-        {
-            if let Some(outputs) = QTensor::gemv_fused_shared_lhs(&weights, &widened)? {
+            .filter_map(|p| match p {
+                Self::Packed(packed) => Some(packed),
+                Self::Candle { .. } => None,
+            })
+            .collect();
+        if packed.len() == projections.len() {
+            let rows = quantize_rows(x)?;
+            return packed
+                .into_iter()
+                .map(|p| Self::multiply(p, &rows, x.device()))
+                .collect();
+        }
+        let weights: Vec<&QTensor> = projections
+            .iter()
+            .filter_map(|p| match p {
+                Self::Candle { weight, .. } => Some(weight.as_ref()),
+                Self::Packed(_) => None,
+            })
+            .collect();
+        if weights.len() == projections.len() {
+            if let Some(outputs) = QTensor::gemv_fused_shared_lhs(&weights, x)? {
                 return Ok(outputs);
             }
         }
         projections.iter().map(|p| p.forward(x)).collect()
     }
+}
+
+/// `x` (`[rows, width]`) quantized for [`PackedQ8`].
+fn quantize_rows(x: &Tensor) -> Result<QuantizedRows> {
+    let (rows, width) = x.dims2()?;
+    let values = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(QuantizedRows::new(&values, rows, width))
 }
 
 struct RmsNorm {
@@ -273,9 +257,8 @@ impl Transformer {
         };
         let mut layers = Vec::with_capacity(blocks);
         for index in 0..blocks {
-            let mut matrix = |suffix: &str| {
-                Projection::new(tensor(&format!("blk.{index}.{suffix}.weight"))?, device)
-            };
+            let mut matrix =
+                |suffix: &str| Projection::new(tensor(&format!("blk.{index}.{suffix}.weight"))?);
             let wq = matrix("attn_q")?;
             let wk = matrix("attn_k")?;
             let wv = matrix("attn_v")?;
@@ -307,7 +290,7 @@ impl Transformer {
             embeddings,
             layers,
             norm,
-            output: Projection::new(output, device)?,
+            output: Projection::new(output)?,
             n_head,
             n_kv_head,
             head_dim: hidden / n_head,

@@ -1,0 +1,14 @@
+//! The local model's numeric kernels: the inner loops of inference, written with SIMD
+//! intrinsics where the compiler's own vectorization or candle's kernels leave most of the
+//! CPU unused.
+//!
+//! Why a crate of their own: they are the workspace's only `unsafe` code (every other crate
+//! forbids it), kept small and tested against plain f32 arithmetic; and the test suite is a
+//! debug build, where intrinsics at opt-level 0 run tens of times slower, so this crate is
+//! optimized in every profile (`[profile.dev.package.apex-kernels]`), as candle is.
+//!
+//! - [`q8_matmul`]: Q8_0 weights × activation rows on AVX-512 VNNI ([`PackedQ8`]).
+
+pub mod q8_matmul;
+
+pub use q8_matmul::{PackedQ8, QuantizedRows};
