@@ -7,8 +7,10 @@
 //! debug build, where intrinsics at opt-level 0 run tens of times slower, so this crate is
 //! optimized in every profile (`[profile.dev.package.apex-kernels]`), as candle is.
 //!
-//! - [`q8_matmul`]: Q8_0 weights × activation rows on AVX-512 VNNI ([`PackedQ8`]).
+//! - [`q8_matmul`]: Q8_0 weights × activation rows on AVX-512 VNNI ([`PackedQ8`]);
+//! - [`attention`]: one decoding position's attention against its cached keys and values.
 
+pub mod attention;
 pub mod q8_matmul;
 
 pub use q8_matmul::{PackedQ8, QuantizedRows};

@@ -11,8 +11,8 @@
 //! Attention differs in three ways, none of which changes the arithmetic: each sequence's
 //! KV cache is a plain buffer that grows by doubling ([`KvCache`]; candle's copies the
 //! whole cache every token); a decoding token's attention is computed in plain loops
-//! ([`decode_attention`]), as tensor operations on a handful of rows cost more to set up
-//! than to compute; and grouped-query attention over a prompt reads the shared K/V heads
+//! (`apex_kernels::attention::decode`, SIMD where the CPU has AVX-512), as tensor
+//! operations on a handful of rows cost more to set up than to compute; and grouped-query attention over a prompt reads the shared K/V heads
 //! through a reshape of the queries instead of copying K and V once per query head.
 //!
 //! The tests compare this pass's next-token distributions with candle's model; the
@@ -422,7 +422,14 @@ impl Transformer {
             // tensors this is a handful of tiny products whose set-up costs more than the
             // arithmetic, for every sequence in every layer.
             let query = q.flatten_all()?.to_vec1::<f32>()?;
-            let out = decode_attention(&query, cache, heads, kv_heads, dim);
+            let out = apex_kernels::attention::decode(
+                &query,
+                &cache.keys,
+                &cache.values,
+                heads,
+                kv_heads,
+                dim,
+            );
             return Tensor::from_vec(out, (1, self.hidden), q.device());
         }
         let total = step.position + len;
@@ -452,76 +459,6 @@ impl Transformer {
             .transpose(0, 1)?
             .reshape((len, self.hidden))
     }
-}
-
-/// Attention of one new position: `query` is `[heads][dim]` (rotated), the cache holds
-/// every position including the new one; returns `[heads][dim]`, the layout `[1, hidden]`
-/// rows have. Query heads `kv × group .. (kv + 1) × group` share key/value head `kv`, so
-/// each cached row is loaded once for the whole group.
-fn decode_attention(
-    query: &[f32],
-    cache: &LayerCache,
-    heads: usize,
-    kv_heads: usize,
-    dim: usize,
-) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let row = kv_heads * dim;
-    let total = cache.keys.len() / row;
-    let scale = 1.0 / (dim as f32).sqrt();
-    let mut out = vec![0f32; heads * dim];
-    // [group][position]
-    let mut weights = vec![0f32; group * total];
-    for kv in 0..kv_heads {
-        let queries = &query[kv * group * dim..(kv + 1) * group * dim];
-        for (position, key) in cache.keys.chunks_exact(row).enumerate() {
-            let key = &key[kv * dim..(kv + 1) * dim];
-            for (g, query) in queries.chunks_exact(dim).enumerate() {
-                weights[g * total + position] = dot(query, key) * scale;
-            }
-        }
-        for weights in weights.chunks_exact_mut(total) {
-            let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for weight in weights.iter_mut() {
-                *weight = (*weight - max).exp();
-                sum += *weight;
-            }
-            for weight in weights.iter_mut() {
-                *weight /= sum;
-            }
-        }
-        let outs = &mut out[kv * group * dim..(kv + 1) * group * dim];
-        for (position, value) in cache.values.chunks_exact(row).enumerate() {
-            let value = &value[kv * dim..(kv + 1) * dim];
-            for (g, out) in outs.chunks_exact_mut(dim).enumerate() {
-                let weight = weights[g * total + position];
-                for (out, value) in out.iter_mut().zip(value) {
-                    *out += weight * value;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Dot product with eight running sums, so the compiler can keep them in one vector
-/// register (a single running sum would force the additions into order).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for ((sum, a), b) in sums.iter_mut().zip(a).zip(b) {
-            *sum += a * b;
-        }
-    }
-    sums.iter().sum::<f32>() + tail
 }
 
 /// Additive mask for `len` new queries at `position` (`group` copies, one per query head
