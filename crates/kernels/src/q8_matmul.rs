@@ -165,16 +165,7 @@ impl QuantizedRows {
         assert_eq!(width % BLOCK, 0, "width is a multiple of 32");
         let mut values = vec![0u8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
-        for (block, quantized) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
-            let max = block.iter().fold(0f32, |max, v| max.max(v.abs()));
-            let scale = max / 127.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            for (q, v) in quantized.iter_mut().zip(block) {
-                // In −127..=127 by construction; +128 makes it an unsigned byte.
-                *q = ((v * inverse).round() as i32 + 128) as u8;
-            }
-            scales.push(scale);
-        }
+        quantize(x, &mut values, &mut scales);
         Self {
             values,
             scales,
@@ -184,10 +175,63 @@ impl QuantizedRows {
     }
 }
 
+/// [`QuantizedRows::new`]'s blocks: sixteen values per instruction where the CPU has
+/// AVX-512F (it does wherever [`PackedQ8`] is used), plain loops elsewhere.
+fn quantize(x: &[f32], values: &mut [u8], scales: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; `new` asserted the lengths.
+        return unsafe { kernel::quantize(x, values, scales) };
+    }
+    quantize_portable(x, values, scales)
+}
+
+/// [`QuantizedRows::new`]'s blocks in plain loops.
+fn quantize_portable(x: &[f32], values: &mut [u8], scales: &mut Vec<f32>) {
+    for (block, quantized) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
+        let max = block.iter().fold(0f32, |max, v| max.max(v.abs()));
+        let scale = max / 127.0;
+        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (q, v) in quantized.iter_mut().zip(block) {
+            // In −127..=127 by construction; +128 makes it an unsigned byte.
+            *q = ((v * inverse).round() as i32 + 128) as u8;
+        }
+        scales.push(scale);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use super::{QuantizedRows, Tile, BLOCK, TILE_ROWS};
     use std::arch::x86_64::*;
+
+    /// [`QuantizedRows::new`]'s blocks, sixteen values per instruction (rounding to
+    /// nearest, ties to even: the rows carry their own values, so products agree with
+    /// whatever rounding made them).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `values` is as long as `x`, a multiple of 32.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize(x: &[f32], values: &mut [u8], scales: &mut Vec<f32>) {
+        debug_assert!(x.len() == values.len() && x.len() % BLOCK == 0);
+        let shift = _mm512_set1_epi32(128);
+        for (block, quantized) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
+            let low = _mm512_loadu_ps(block.as_ptr());
+            let high = _mm512_loadu_ps(block.as_ptr().add(16));
+            let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+            let scale = max / 127.0;
+            let inverse = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            for (half, part) in [low, high].into_iter().enumerate() {
+                let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(part, inverse)), shift);
+                // 1..=255: the low byte of each 32-bit value is the quantized byte.
+                _mm_storeu_si128(
+                    quantized.as_mut_ptr().add(half * 16).cast(),
+                    _mm512_cvtepi32_epi8(q),
+                );
+            }
+            scales.push(scale);
+        }
+    }
 
     /// `(tiles of one output tile row, activations, first activation row, output, output
     /// width, tile row)`.
@@ -321,6 +365,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The SIMD quantization and the plain loops agree: same scales, bytes at most one step
+    /// apart (ties round to even in one, away from zero in the other).
+    #[test]
+    fn both_quantizations_agree() {
+        let x = values(4 * 576, 5);
+        let (mut portable, mut portable_scales) = (vec![0u8; x.len()], Vec::new());
+        quantize_portable(&x, &mut portable, &mut portable_scales);
+        let rows = QuantizedRows::new(&x, 4, 576);
+        assert_eq!(rows.scales, portable_scales);
+        for (a, b) in rows.values.iter().zip(&portable) {
+            assert!(a.abs_diff(*b) <= 1, "{a} against {b}");
+        }
+        let zeros = QuantizedRows::new(&[0.0; 32], 1, 32);
+        assert_eq!(zeros.values, vec![128u8; 32], "zero is the byte 128");
     }
 
     #[test]
