@@ -77,7 +77,7 @@ impl PackedQ8 {
             return Ok(None);
         }
         let (out, width) = tensor.shape().dims2()?;
-        if out % TILE_ROWS != 0 || width % BLOCK != 0 || width == 0 {
+        if !out.is_multiple_of(TILE_ROWS) || !width.is_multiple_of(BLOCK) || width == 0 {
             return Ok(None);
         }
         let data = tensor.data()?;
@@ -162,7 +162,7 @@ impl QuantizedRows {
     /// Quantizes `rows` rows of `width` values (`width` a multiple of 32).
     pub fn new(x: &[f32], rows: usize, width: usize) -> Self {
         assert_eq!(x.len(), rows * width, "rows × width values");
-        assert_eq!(width % BLOCK, 0, "width is a multiple of 32");
+        assert!(width.is_multiple_of(BLOCK), "width is a multiple of 32");
         let mut values = vec![0u8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         quantize(x, &mut values, &mut scales);
@@ -213,7 +213,7 @@ mod kernel {
     /// The CPU must have AVX-512F; `values` is as long as `x`, a multiple of 32.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn quantize(x: &[f32], values: &mut [u8], scales: &mut Vec<f32>) {
-        debug_assert!(x.len() == values.len() && x.len() % BLOCK == 0);
+        debug_assert!(x.len() == values.len() && x.len().is_multiple_of(BLOCK));
         let shift = _mm512_set1_epi32(128);
         for (block, quantized) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
             let low = _mm512_loadu_ps(block.as_ptr());
