@@ -571,7 +571,8 @@ pub fn unknown_names(text: &str, known: &[String]) -> (Vec<String>, Vec<String>)
     (models, workloads)
 }
 
-/// "step 2", "the second step", "#3": the plan step the request asks about.
+/// "step 2", "the second step", "#3": the plan step the request asks about. Asking where
+/// to start ("what should I do first?", "where do I begin?") asks for the first step.
 pub fn mentioned_step(text: &str) -> Option<u32> {
     let words = words(text);
     let ordinal = |w: &str| match w {
@@ -583,6 +584,9 @@ pub fn mentioned_step(text: &str) -> Option<u32> {
         "last" => Some(u32::MAX),
         _ => None,
     };
+    if let Some(step) = asks_where_to_start(&words, ordinal) {
+        return Some(step);
+    }
     for (i, w) in words.iter().enumerate() {
         if w == "step" || w == "steps" || w == "recommendation" || w == "point" {
             if let Some(n) = words
@@ -600,6 +604,39 @@ pub fn mentioned_step(text: &str) -> Option<u32> {
         }
     }
     None
+}
+
+/// "what should I do first?", "which one do I tackle first?", "what do I change last?"
+/// (an ordinal right after a verb of acting on the plan), "where do I start?", "what
+/// should I begin with?": the plan step asked for, by its place.
+fn asks_where_to_start(words: &[String], ordinal: impl Fn(&str) -> Option<u32>) -> Option<u32> {
+    const ACTING: &[&str] = &[
+        "do",
+        "change",
+        "fix",
+        "tackle",
+        "try",
+        "implement",
+        "pick",
+        "one",
+        "prioritize",
+        "prioritise",
+        "address",
+    ];
+    for pair in words.windows(2) {
+        if ACTING.contains(&pair[0].as_str()) {
+            if let Some(step) = ordinal(&pair[1]) {
+                return Some(step);
+            }
+        }
+    }
+    let starting = words
+        .iter()
+        .any(|w| matches!(w.as_str(), "start" | "begin" | "started"));
+    let asking = words
+        .iter()
+        .any(|w| matches!(w.as_str(), "where" | "what" | "which" | "how"));
+    (starting && asking).then_some(1)
 }
 
 /// Does this message lean on the one before it ("and gpt-4o?", "what about last week?",
@@ -1271,5 +1308,17 @@ mod tests {
             Some(2)
         );
         assert_eq!(mentioned_step("reduce costs"), None);
+        for (text, step) in [
+            ("what should I do first?", Some(1)),
+            ("Which one should I tackle first", Some(1)),
+            ("where do I start?", Some(1)),
+            ("how do I get started", Some(1)),
+            ("what do I change last?", Some(u32::MAX)),
+            ("what did I spend in the first week?", None),
+            ("start caching prompts", None),
+            ("what did my last request cost?", None),
+        ] {
+            assert_eq!(mentioned_step(text), step, "{text}");
+        }
     }
 }

@@ -252,6 +252,28 @@ async fn explain_step_two_refers_to_the_previous_plan() {
     assert_eq!(triage_of(&fresh)["follow_up"], false);
 }
 
+/// "What should I do first?" after a savings answer continues that thread: its first step,
+/// not the generic "what I can answer" that a new topicless question gets.
+#[tokio::test]
+async fn what_to_do_first_answers_with_the_first_step_of_the_thread_plan() {
+    let app = spawn_app().await;
+    let user = app.register().await;
+    let mut ws = app.ws_connect(&user).await;
+    let first = ws.ask("how can I cut my LLM costs?", None).await;
+    let plan = first.terminal().payload["result"]["action_plan"].clone();
+    let next = ws
+        .ask("what should I do first?", Some(&first.thread_id))
+        .await;
+    let answer = answer_of(&next);
+    let title = plan[0]["title"].as_str().unwrap();
+    assert!(
+        answer.starts_with(&format!("Step 1 of your plan: {title}")),
+        "{answer}"
+    );
+    assert_eq!(triage_of(&next)["follow_up"], true);
+    assert_eq!(triage_of(&next)["category"], "cost_optimization");
+}
+
 #[tokio::test]
 async fn an_off_topic_question_gets_an_honest_scope_not_a_cost_report() {
     let app = spawn_app().await;
