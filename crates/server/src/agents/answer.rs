@@ -736,6 +736,12 @@ pub enum SlotProblem {
     NoneOfYourFigures(String),
     /// It speaks of none of the slot's topic (see [`Slot::topic`]).
     OffTopic,
+    /// It gives a dollar figure for a model or workload that the figures give it nowhere
+    /// ("claude-3-5-sonnet costs $2.98" when $2.98 is a saving from caching).
+    Misattributed {
+        figure: String,
+        name: String,
+    },
 }
 
 impl std::fmt::Display for SlotProblem {
@@ -751,6 +757,9 @@ impl std::fmt::Display for SlotProblem {
                 write!(f, "it stated none of your figures, such as {first}")
             }
             SlotProblem::OffTopic => write!(f, "it did not say how the change lowers the cost"),
+            SlotProblem::Misattributed { figure, name } => {
+                write!(f, "it gave {figure} for {name}, which your figures do not")
+            }
         }
     }
 }
@@ -817,6 +826,68 @@ fn repetition(text: &str) -> Option<String> {
     {
         if !sentences.insert(s.to_lowercase()) {
             return Some(s.to_string());
+        }
+    }
+    None
+}
+
+/// A sentence of `text` that names one of the user's models or workloads and a dollar
+/// figure that the facts never give together with that name. Every figure the model
+/// writes is one of the user's (checked before), but a small model pairs them freely: "the
+/// most expensive model costs you $2.98 a month, and it's claude-3-5-sonnet", where $2.98
+/// is what caching would save.
+///
+/// Together means: on one line of the answer's fixed text (a recommendation with its
+/// workloads, "most of it goes to X ($5.88 ...)"), in one sentence of the prompt's facts
+/// (a single line of several unrelated sentences), or in the slot's own template text.
+fn misattribution(text: &str, facts: &str, fallback: &str) -> Option<SlotProblem> {
+    let facts = facts.to_lowercase();
+    let fallback = fallback.to_lowercase();
+    let lines: Vec<&str> = facts
+        .lines()
+        .flat_map(|line| {
+            if line.contains("facts:") {
+                line.split(". ").collect::<Vec<_>>()
+            } else {
+                vec![line]
+            }
+        })
+        .chain(std::iter::once(fallback.as_str()))
+        .collect();
+    // A name as the facts spell it: letters with a digit or a hyphen ("gpt-4o",
+    // "rag-assistant"), so ordinary words never count.
+    let is_name = |w: &str| {
+        w.chars().any(|c| c.is_alphabetic())
+            && w.chars().any(|c| c.is_ascii_digit() || c == '-')
+            && facts.contains(w)
+    };
+    for sentence in text
+        .split_inclusive(['!', '?', '\n'])
+        .flat_map(|s| s.split(". "))
+    {
+        let lower = sentence.to_lowercase();
+        let names: Vec<&str> = lower
+            .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | ':' | '(' | ')' | '"'))
+            .map(|w| w.trim_end_matches(['.', '\'', '!', '?']))
+            .map(|w| w.strip_suffix("'s").unwrap_or(w))
+            .filter(|w| is_name(w))
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        let figures = lower
+            .match_indices('$')
+            .filter_map(|(at, _)| numbers_in(&lower[at + 1..]).into_iter().next());
+        for figure in figures {
+            let paired = lines.iter().any(|line| {
+                numbers_in(line).contains(&figure) && names.iter().any(|n| line.contains(n))
+            });
+            if !paired {
+                return Some(SlotProblem::Misattributed {
+                    figure: format!("${figure}"),
+                    name: names[0].to_string(),
+                });
+            }
         }
     }
     None
@@ -901,6 +972,9 @@ pub fn check_slot(
             };
             return Err(SlotProblem::UnknownFigure(shown));
         }
+    }
+    if let Some(problem) = misattribution(&text, facts, &slot.fallback) {
+        return Err(problem);
     }
     if let Some(first) = slot.anchors.first() {
         if !slot.anchors.iter().any(|a| states(&text, a)) {
@@ -1044,10 +1118,12 @@ mod tests {
             &report("cost_optimization"),
             "How can I reduce my LLM costs?",
         );
-        let facts = fixed_text(&parts);
         let Part::Slot(slot) = &parts[0] else {
             panic!()
         };
+        // As the reporting agent checks a slot: the fixed text, then the slot's prompt.
+        let prompt: String = slot.messages.iter().map(|m| m.content.as_str()).collect();
+        let facts = format!("{}\n{prompt}", fixed_text(&parts));
         let check = |t: &str| check_slot(t, slot, &facts, "How can I reduce my LLM costs?");
         assert_eq!(
             check(
@@ -1088,6 +1164,21 @@ mod tests {
             Err(SlotProblem::NoneOfYourFigures("$11.41".into()))
         );
         assert!(check("Caching shared prompts is the biggest change you can make.").is_err());
+        // The user's figures, paired wrongly: $2.01 is caching's saving, not a model's cost.
+        assert_eq!(
+            check("The most expensive model costs you $2.01 a month, and it's Claude-3-5-sonnet."),
+            Err(SlotProblem::Misattributed {
+                figure: "$2.01".into(),
+                name: "claude-3-5-sonnet".into()
+            })
+        );
+        for paired in [
+            "Most of it goes to claude-3-5-sonnet, which cost $10.58.",
+            "You spent $11.41, most of it on claude-3-5-sonnet.",
+            "Caching the shared prefix of rag-assistant saves about $2.01 a month.",
+        ] {
+            assert_eq!(check(paired).as_deref(), Ok(paired), "{paired}");
+        }
         // Any one of the user's figures or names will do, as the model writes it.
         for anchored in [
             "Your total was 11.41 dollars, and caching saves the most.",
