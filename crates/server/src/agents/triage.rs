@@ -398,20 +398,7 @@ pub fn explicit_window(text: &str) -> Option<u32> {
 /// read this way: on its own, "the previous week" is last week.
 pub fn asks_for_earlier_period(text: &str) -> bool {
     let words = words(text);
-    let unit = |w: &str| {
-        matches!(
-            w,
-            "day"
-                | "days"
-                | "week"
-                | "weeks"
-                | "fortnight"
-                | "month"
-                | "months"
-                | "quarter"
-                | "year"
-        )
-    };
+    let unit = is_time_unit;
     let earlier = |w: &str| matches!(w, "previous" | "prior" | "preceding");
     words.windows(2).any(|p| {
         (unit(&p[0]) && matches!(p[1].as_str(), "before" | "prior" | "earlier"))
@@ -639,6 +626,43 @@ fn asks_where_to_start(words: &[String], ordinal: impl Fn(&str) -> Option<u32>) 
     (starting && asking).then_some(1)
 }
 
+/// A unit of time as windows are named ("week", "months", "quarter").
+fn is_time_unit(word: &str) -> bool {
+    matches!(
+        word,
+        "day" | "days" | "week" | "weeks" | "fortnight" | "month" | "months" | "quarter" | "year"
+    )
+}
+
+/// "and after that?", "what next?", "then what?": asks for the plan step after the one
+/// being discussed. "Next" before a unit of time ("next week") is a window, not a step.
+fn asks_for_next_step(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    let words = words(text);
+    ["after that", "after this", "and then", "then what"]
+        .iter()
+        .any(|p| lower.contains(p))
+        || words.iter().enumerate().any(|(i, w)| {
+            w == "next"
+                && !words
+                    .get(i + 1)
+                    .is_some_and(|after| is_time_unit(after) || after == "time")
+        })
+}
+
+/// The plan step the thread's questions (oldest first) had reached: the last one's step,
+/// where each question either names a step or asks for the one after the previous.
+fn thread_step(questions: &[String]) -> Option<u32> {
+    questions.iter().fold(None, |previous, question| {
+        mentioned_step(question).or_else(|| {
+            asks_for_next_step(question)
+                .then_some(previous)
+                .flatten()
+                .map(|step: u32| step.saturating_add(1))
+        })
+    })
+}
+
 /// Does this message lean on the one before it ("and gpt-4o?", "what about last week?",
 /// "explain step 2", "why?")?
 pub fn looks_like_follow_up(text: &str) -> bool {
@@ -814,7 +838,13 @@ pub fn resolve(
             models,
             days: days.unwrap_or(DEFAULT_WINDOW_DAYS),
             workloads,
-            step: here.step,
+            // "And after that?" asks for the step after the one the thread was on.
+            step: here.step.or_else(|| {
+                (follows && asks_for_next_step(request))
+                    .then(|| thread_step(earlier))
+                    .flatten()
+                    .map(|step| step.saturating_add(1))
+            }),
             follow_up: follows,
             ends_days_ago,
         },
@@ -1319,6 +1349,34 @@ mod tests {
             ("what did my last request cost?", None),
         ] {
             assert_eq!(mentioned_step(text), step, "{text}");
+        }
+        // The step after the one the thread was on.
+        let names = KnownNames::default();
+        let thread = |questions: &[&str]| -> Vec<String> {
+            questions.iter().map(|q| q.to_string()).collect()
+        };
+        let plan = "how can I cut my LLM costs?";
+        for (earlier, request, step) in [
+            (
+                thread(&[plan, "what should I do first?"]),
+                "and after that?",
+                Some(2),
+            ),
+            (
+                thread(&[plan, "explain step 2", "and after that?"]),
+                "what next?",
+                Some(4),
+            ),
+            (thread(&[plan]), "what next?", None),
+            (
+                thread(&[plan, "explain step 2"]),
+                "and what about next week?",
+                None,
+            ),
+            (thread(&[]), "and after that?", None),
+        ] {
+            let (t, _) = resolve(request, &earlier, &names, None);
+            assert_eq!(t.step, step, "{request} after {earlier:?}");
         }
     }
 }

@@ -253,9 +253,10 @@ async fn explain_step_two_refers_to_the_previous_plan() {
 }
 
 /// "What should I do first?" after a savings answer continues that thread: its first step,
-/// not the generic "what I can answer" that a new topicless question gets.
+/// not the generic "what I can answer" that a new topicless question gets; "and after
+/// that?" then gets the second.
 #[tokio::test]
-async fn what_to_do_first_answers_with_the_first_step_of_the_thread_plan() {
+async fn what_to_do_first_and_after_that_walk_the_thread_plan() {
     let app = spawn_app().await;
     let user = app.register().await;
     let mut ws = app.ws_connect(&user).await;
@@ -272,6 +273,14 @@ async fn what_to_do_first_answers_with_the_first_step_of_the_thread_plan() {
     );
     assert_eq!(triage_of(&next)["follow_up"], true);
     assert_eq!(triage_of(&next)["category"], "cost_optimization");
+    // And the one after it.
+    let after = ws.ask("and after that?", Some(&first.thread_id)).await;
+    let title = plan[1]["title"].as_str().unwrap();
+    let answer = answer_of(&after);
+    assert!(
+        answer.starts_with(&format!("Step 2 of your plan: {title}")),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
