@@ -650,6 +650,16 @@ fn asks_for_next_step(text: &str) -> bool {
         })
 }
 
+/// The plan step an answer was about: the reporting agent starts such an answer with
+/// "Step N of your plan:".
+pub fn answered_step(answer: &str) -> Option<u32> {
+    let rest = answer.trim_start().strip_prefix("Step ")?;
+    let (number, rest) = rest.split_once(' ')?;
+    rest.starts_with("of your plan")
+        .then(|| number.parse().ok())
+        .flatten()
+}
+
 /// The plan step the thread's questions (oldest first) had reached: the last one's step,
 /// where each question either names a step or asks for the one after the previous.
 fn thread_step(questions: &[String]) -> Option<u32> {
@@ -775,6 +785,19 @@ pub fn resolve(
     names: &KnownNames,
     model_choice: Option<RequestCategory>,
 ) -> (Triage, &'static str) {
+    resolve_in_thread(request, earlier, None, names, model_choice)
+}
+
+/// [`resolve`], knowing also which plan step the thread's last answer was about
+/// (`answered_step`, see [`answered_step`]): "and after that?" asks for the one after it,
+/// however far back the question that started the walk through the plan is.
+pub fn resolve_in_thread(
+    request: &str,
+    earlier: &[String],
+    answered_step: Option<u32>,
+    names: &KnownNames,
+    model_choice: Option<RequestCategory>,
+) -> (Triage, &'static str) {
     let (rule_category, hits) = classify_by_rules(request);
     let here = Entities::read(request, &names.models, &names.workloads);
     let follows =
@@ -841,7 +864,7 @@ pub fn resolve(
             // "And after that?" asks for the step after the one the thread was on.
             step: here.step.or_else(|| {
                 (follows && asks_for_next_step(request))
-                    .then(|| thread_step(earlier))
+                    .then(|| answered_step.or_else(|| thread_step(earlier)))
                     .flatten()
                     .map(|step| step.saturating_add(1))
             }),
@@ -1012,7 +1035,14 @@ impl Agent for TriageAgent {
         } else {
             None
         };
-        let (triage, how) = resolve(&state.request, &earlier, &names, model_choice);
+        let last_answer = state.history.iter().rev().find(|t| t.role == "assistant");
+        let (triage, how) = resolve_in_thread(
+            &state.request,
+            &earlier,
+            last_answer.and_then(|t| answered_step(&t.content)),
+            &names,
+            model_choice,
+        );
         let scope = describe_scope(&triage);
         cx.think(
             self.name(),
@@ -1378,5 +1408,14 @@ mod tests {
             let (t, _) = resolve(request, &earlier, &names, None);
             assert_eq!(t.step, step, "{request} after {earlier:?}");
         }
+        // Past the questions the run reads, the last answer still says where the walk is.
+        let answer =
+            "Step 4 of your plan: Route short requests to a cheaper model (medium effort).";
+        assert_eq!(answered_step(answer), Some(4));
+        assert_eq!(answered_step("You spent $4.00 in the last 30 days."), None);
+        assert_eq!(answered_step("Step up your caching."), None);
+        let earlier = thread(&["and after that?", "what next?"]);
+        let (t, _) = resolve_in_thread("and then?", &earlier, answered_step(answer), &names, None);
+        assert_eq!(t.step, Some(5));
     }
 }
