@@ -136,53 +136,43 @@ mod simd {
         let scale = 1.0 / (DIM as f32).sqrt();
         let mut out = vec![0f32; heads * DIM];
         let mut weights = vec![0f32; heads * total];
+        // The heads of each group, at most HEADS_AT_ONCE at a time.
+        let mut chunks = Vec::new();
         for kv in 0..kv_heads {
-            let mut first = kv * group;
-            while first < (kv + 1) * group {
-                let count = ((kv + 1) * group - first).min(HEADS_AT_ONCE);
-                let args = Chunk {
+            for first in (kv * group..(kv + 1) * group).step_by(HEADS_AT_ONCE) {
+                chunks.push(Chunk {
                     keys,
                     values,
                     row,
                     kv,
                     total,
                     first,
-                };
-                match count {
-                    1 => scores::<1>(&args, query, scale, &mut weights),
-                    2 => scores::<2>(&args, query, scale, &mut weights),
-                    3 => scores::<3>(&args, query, scale, &mut weights),
-                    _ => scores::<4>(&args, query, scale, &mut weights),
-                }
-                first += count;
+                    count: ((kv + 1) * group - first).min(HEADS_AT_ONCE),
+                });
+            }
+        }
+        for chunk in &chunks {
+            match chunk.count {
+                1 => scores::<1>(chunk, query, scale, &mut weights),
+                2 => scores::<2>(chunk, query, scale, &mut weights),
+                3 => scores::<3>(chunk, query, scale, &mut weights),
+                _ => scores::<4>(chunk, query, scale, &mut weights),
             }
         }
         softmax_rows(&mut weights, total);
-        for kv in 0..kv_heads {
-            let mut first = kv * group;
-            while first < (kv + 1) * group {
-                let count = ((kv + 1) * group - first).min(HEADS_AT_ONCE);
-                let args = Chunk {
-                    keys,
-                    values,
-                    row,
-                    kv,
-                    total,
-                    first,
-                };
-                match count {
-                    1 => weighted_values::<1>(&args, &weights, &mut out),
-                    2 => weighted_values::<2>(&args, &weights, &mut out),
-                    3 => weighted_values::<3>(&args, &weights, &mut out),
-                    _ => weighted_values::<4>(&args, &weights, &mut out),
-                }
-                first += count;
+        for chunk in &chunks {
+            match chunk.count {
+                1 => weighted_values::<1>(chunk, &weights, &mut out),
+                2 => weighted_values::<2>(chunk, &weights, &mut out),
+                3 => weighted_values::<3>(chunk, &weights, &mut out),
+                _ => weighted_values::<4>(chunk, &weights, &mut out),
             }
         }
         out
     }
 
-    /// Query heads `first .. first + C`, all of key/value head `kv`.
+    /// Query heads `first .. first + count`, all of key/value head `kv` (the kernels'
+    /// `C` is `count`).
     struct Chunk<'a> {
         keys: &'a [f32],
         values: &'a [f32],
@@ -190,6 +180,7 @@ mod simd {
         kv: usize,
         total: usize,
         first: usize,
+        count: usize,
     }
 
     /// `weights[h][p] = scale × q_h · k_p` for the chunk's heads and every position.
@@ -257,15 +248,7 @@ mod tests {
     use super::*;
 
     fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect()
+        crate::test_values(count, seed, 2.0)
     }
 
     /// The dispatched path (AVX-512 where the CPU has it) gives the portable loops' result,

@@ -14,3 +14,17 @@ pub mod attention;
 pub mod q8_matmul;
 
 pub use q8_matmul::{PackedQ8, QuantizedRows};
+
+/// Deterministic test inputs (a small LCG: no test needs real randomness).
+#[cfg(test)]
+pub(crate) fn test_values(count: usize, seed: u64, spread: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * spread
+        })
+        .collect()
+}

@@ -296,17 +296,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// Deterministic values in −1..1 (a small LCG; no test needs real randomness).
     fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::test_values(count, seed, 1.0)
     }
 
     /// The product equals the f32 product of the dequantized weights and the dequantized
