@@ -398,15 +398,14 @@ pub fn explicit_window(text: &str) -> Option<u32> {
 /// read this way: on its own, "the previous week" is last week.
 pub fn asks_for_earlier_period(text: &str) -> bool {
     let words = words(text);
-    let unit = is_time_unit;
     let earlier = |w: &str| matches!(w, "previous" | "prior" | "preceding");
     words.windows(2).any(|p| {
-        (unit(&p[0]) && matches!(p[1].as_str(), "before" | "prior" | "earlier"))
-            || (earlier(&p[0]) && unit(&p[1]))
+        (is_time_unit(&p[0]) && matches!(p[1].as_str(), "before" | "prior" | "earlier"))
+            || (earlier(&p[0]) && is_time_unit(&p[1]))
             || (p[0] == "before" && matches!(p[1].as_str(), "that" | "then"))
     }) || words
         .windows(3)
-        .any(|p| earlier(&p[0]) && p[1].parse::<u32>().is_ok() && unit(&p[2]))
+        .any(|p| earlier(&p[0]) && p[1].parse::<u32>().is_ok() && is_time_unit(&p[2]))
 }
 
 /// The window a thread's questions (oldest first) arrive at, as (days, ends days ago): a
@@ -610,8 +609,10 @@ fn asks_where_to_start(words: &[String], ordinal: impl Fn(&str) -> Option<u32>) 
         "prioritise",
         "address",
     ];
-    for pair in words.windows(2) {
-        if ACTING.contains(&pair[0].as_str()) {
+    for (i, pair) in words.windows(2).enumerate() {
+        // "What did I do last week?" names a window, not a step.
+        let window_follows = words.get(i + 2).is_some_and(|w| is_time_unit(w));
+        if ACTING.contains(&pair[0].as_str()) && !window_follows {
             if let Some(step) = ordinal(&pair[1]) {
                 return Some(step);
             }
@@ -1377,6 +1378,7 @@ mod tests {
             ("what did I spend in the first week?", None),
             ("start caching prompts", None),
             ("what did my last request cost?", None),
+            ("what did I do last week?", None),
         ] {
             assert_eq!(mentioned_step(text), step, "{text}");
         }
