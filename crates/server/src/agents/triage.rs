@@ -651,6 +651,14 @@ fn asks_for_next_step(text: &str) -> bool {
         })
 }
 
+/// "why?", "how much will that save?", "explain it": about what the last answer said.
+fn refers_back(text: &str) -> bool {
+    text.trim().to_lowercase().starts_with("why")
+        || words(text)
+            .iter()
+            .any(|w| matches!(w.as_str(), "that" | "it" | "this"))
+}
+
 /// The plan step an answer was about: the reporting agent starts such an answer with
 /// "Step N of your plan:".
 pub fn answered_step(answer: &str) -> Option<u32> {
@@ -703,9 +711,12 @@ pub fn looks_like_follow_up(text: &str) -> bool {
     OPENERS.iter().any(|o| lower.starts_with(o))
         || mentioned_step(text).is_some()
         || words.len() <= 4
-        || words
-            .iter()
-            .any(|w| matches!(w.as_str(), "that" | "it" | "those" | "them" | "this"))
+        || words.iter().any(|w| {
+            matches!(
+                w.as_str(),
+                "that" | "it" | "those" | "them" | "this" | "these"
+            )
+        })
 }
 
 /// What the rules read in one message, given the user's own model and workload names.
@@ -845,6 +856,8 @@ pub fn resolve_in_thread(
     } else {
         (here.days, 0)
     };
+    // Before `here`'s names move into the triage.
+    let names_nothing = here.is_empty();
     let (mut models, mut workloads) = (here.models, here.workloads);
     // A follow-up keeps the earlier scope and window unless it names new ones.
     if models.is_empty() && workloads.is_empty() {
@@ -862,12 +875,20 @@ pub fn resolve_in_thread(
             models,
             days: days.unwrap_or(DEFAULT_WINDOW_DAYS),
             workloads,
-            // "And after that?" asks for the step after the one the thread was on.
+            // "And after that?" asks for the step after the one the thread was on; "why?"
+            // or "how much will that save?" right after a step's answer, about that step.
             step: here.step.or_else(|| {
-                (follows && asks_for_next_step(request))
-                    .then(|| answered_step.or_else(|| thread_step(earlier)))
-                    .flatten()
-                    .map(|step| step.saturating_add(1))
+                if !follows {
+                    None
+                } else if asks_for_next_step(request) {
+                    answered_step
+                        .or_else(|| thread_step(earlier))
+                        .map(|step| step.saturating_add(1))
+                } else if names_nothing && refers_back(request) {
+                    answered_step
+                } else {
+                    None
+                }
             }),
             follow_up: follows,
             ends_days_ago,
@@ -1419,5 +1440,17 @@ mod tests {
         let earlier = thread(&["and after that?", "what next?"]);
         let (t, _) = resolve_in_thread("and then?", &earlier, answered_step(answer), &names, None);
         assert_eq!(t.step, Some(5));
+        // Right after a step's answer, "why?" and "that" are about that step; a question
+        // that names its own scope is not.
+        for (request, step) in [
+            ("why?", Some(4)),
+            ("how much will that save?", Some(4)),
+            ("and gpt-4o?", None),
+            ("what about last week?", None),
+        ] {
+            let (t, _) = resolve_in_thread(request, &earlier, answered_step(answer), &names, None);
+            assert_eq!(t.step, step, "{request}");
+        }
+        assert!(looks_like_follow_up("which of these is the least effort?"));
     }
 }

@@ -253,8 +253,8 @@ async fn explain_step_two_refers_to_the_previous_plan() {
 }
 
 /// "What should I do first?" after a savings answer continues that thread: its first step,
-/// not the generic "what I can answer" that a new topicless question gets; "and after
-/// that?" then gets the second.
+/// not the generic "what I can answer" that a new topicless question gets; "how much will
+/// that save?" stays on it; "and after that?" then gets the second.
 #[tokio::test]
 async fn what_to_do_first_and_after_that_walk_the_thread_plan() {
     let app = spawn_app().await;
@@ -273,6 +273,15 @@ async fn what_to_do_first_and_after_that_walk_the_thread_plan() {
     );
     assert_eq!(triage_of(&next)["follow_up"], true);
     assert_eq!(triage_of(&next)["category"], "cost_optimization");
+    // "That" is the step just discussed.
+    let that = ws
+        .ask("how much will that save?", Some(&first.thread_id))
+        .await;
+    let answer = answer_of(&that);
+    assert!(
+        answer.starts_with(&format!("Step 1 of your plan: {title}")),
+        "{answer}"
+    );
     // And the ones after it, to the end of the plan: long answers leave the first
     // questions outside what a run reads of its thread, so each step follows the last
     // answer's.
