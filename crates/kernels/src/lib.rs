@@ -7,13 +7,17 @@
 //! debug build, where intrinsics at opt-level 0 run tens of times slower, so this crate is
 //! optimized in every profile (`[profile.dev.package.apex-kernels]`), as candle is.
 //!
-//! - [`q8_matmul`]: Q8_0 weights × activation rows on AVX-512 VNNI ([`PackedQ8`]);
-//! - [`attention`]: one decoding position's attention against its cached keys and values.
+//! - [`quantized_matmul`]: Q8_0 and Q4_1 weights × activation rows on AVX-512 VNNI
+//!   ([`PackedMatrix`]);
+//! - [`attention`]: one decoding position's attention against its cached keys and values;
+//! - [`rotary`]: one decoding position's rotary embedding, in place (plain loops: what it
+//!   saves is candle's per-call set-up, and in a debug build it still runs optimized).
 
 pub mod attention;
-pub mod q8_matmul;
+pub mod quantized_matmul;
+pub mod rotary;
 
-pub use q8_matmul::{PackedQ8, QuantizedRows};
+pub use quantized_matmul::{PackedMatrix, QuantizedRows};
 
 /// Deterministic test inputs (a small LCG: no test needs real randomness).
 #[cfg(test)]

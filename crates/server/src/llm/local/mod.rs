@@ -3,16 +3,17 @@
 //! One module per concept:
 //! - [`tokenizer`]: byte-level BPE built from the GGUF metadata (no hub file);
 //! - [`chatml`]: the ChatML prompt format;
-//! - [`model`]: loading the GGUF file, the one-time Q4_1 → Q8_0 requantization and its
-//!   cache, and per-request sequences (own KV cache over shared weights);
+//! - [`model`]: loading the GGUF file (on CPUs without AVX-512 VNNI, the one-time Q4_1 →
+//!   Q8_0 requantization and its cache), and per-request sequences (own KV cache over
+//!   shared weights);
 //! - [`transformer`]: the forward pass, batched: one pass advances every active request;
 //! - [`sampling`]: greedy by default, temperature/top-p when configured;
 //! - [`engine`]: dedicated inference threads fed by a bounded queue;
 //! - [`fair_queue`]: the engine's waiting requests, taken in turn per user;
 //! - [`provider`]: [`LocalProvider`], the `LlmProvider` implementation.
 //!
-//! The weight products on CPUs with AVX-512 VNNI are `apex_kernels::q8_matmul` (candle's
-//! elsewhere), in a crate of their own because they are SIMD intrinsics.
+//! The weight products on CPUs with AVX-512 VNNI are `apex_kernels::quantized_matmul`
+//! (candle's elsewhere), in a crate of their own because they are SIMD intrinsics.
 //!
 //! The model file comes from `scripts/fetch-model.sh`, once per machine; see
 //! [`default_model_path`] (defined with the settings).

@@ -10,15 +10,18 @@
 //!
 //! Attention differs in three ways, none of which changes the arithmetic: each sequence's
 //! KV cache is a plain buffer that grows by doubling ([`KvCache`]; candle's copies the
-//! whole cache every token); a decoding token's attention is computed in plain loops
-//! (`apex_kernels::attention::decode`, SIMD where the CPU has AVX-512), as tensor
-//! operations on a handful of rows cost more to set up than to compute; and grouped-query attention over a prompt reads the shared K/V heads
-//! through a reshape of the queries instead of copying K and V once per query head.
+//! whole cache every token); a decoding token's rotation and attention are computed in
+//! plain loops on the product's output rows (`apex_kernels::rotary`, and
+//! `apex_kernels::attention::decode`, SIMD where the CPU has AVX-512), as tensor operations
+//! on a handful of values cost more to set up than to compute, for every sequence in every
+//! layer; and grouped-query attention over a prompt reads the shared K/V heads through a
+//! reshape of the queries instead of copying K and V once per query head.
 //!
 //! The tests compare this pass's next-token distributions with candle's model; the
 //! differences are the rounding of the quantized activations, not the model.
 
-use apex_kernels::{PackedQ8, QuantizedRows};
+use apex_kernels::rotary::{rotate_heads, Pairing};
+use apex_kernels::{PackedMatrix, QuantizedRows};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
@@ -36,11 +39,14 @@ pub struct Transformer {
     n_kv_head: usize,
     head_dim: usize,
     hidden: usize,
-    /// Rotary tables, `[MAX_SEQ_LEN, rope_dim / 2]`.
+    /// Rotary tables, `[MAX_SEQ_LEN, rope_dim / 2]`, as tensors for prompts and as plain
+    /// rows for decoding.
     cos: Tensor,
     sin: Tensor,
-    /// NEOX rotary layout (pairs `i`, `i + d/2`) instead of llama's interleaved pairs.
-    rope_is_neox: bool,
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
+    /// How a head's dimensions pair up for rotation (NEOX halves or llama's neighbours).
+    pairing: Pairing,
 }
 
 struct Layer {
@@ -57,11 +63,12 @@ struct Layer {
 
 /// One weight matrix, `[out, in]`, and the product that multiplies by it.
 ///
-/// On a CPU with AVX-512 VNNI, Q8_0 weights are repacked for Apex's own product
-/// ([`PackedQ8`]: any width that is a multiple of 32, eight rows per pass over a weight tile,
-/// nothing padded); elsewhere, or for other formats, candle's `QMatMul` multiplies.
+/// On a CPU with AVX-512 VNNI, Q8_0 and Q4_1 weights are repacked for Apex's own product
+/// ([`PackedMatrix`]: any width that is a multiple of 32, eight rows per pass over a weight
+/// tile, nothing padded, Q4_1 kept 4-bit); elsewhere, or for other formats, candle's
+/// `QMatMul` multiplies.
 enum Projection {
-    Packed(PackedQ8),
+    Packed(PackedMatrix),
     Candle {
         weight: std::sync::Arc<QTensor>,
         matmul: QMatMul,
@@ -70,7 +77,7 @@ enum Projection {
 
 impl Projection {
     fn new(tensor: QTensor) -> Result<Self> {
-        if let Some(packed) = PackedQ8::from_qtensor(&tensor)? {
+        if let Some(packed) = PackedMatrix::from_qtensor(&tensor)? {
             return Ok(Self::Packed(packed));
         }
         let weight = std::sync::Arc::new(tensor);
@@ -87,7 +94,7 @@ impl Projection {
         }
     }
 
-    fn multiply(packed: &PackedQ8, x: &QuantizedRows, device: &Device) -> Result<Tensor> {
+    fn multiply(packed: &PackedMatrix, x: &QuantizedRows, device: &Device) -> Result<Tensor> {
         let rows = x.rows();
         Tensor::from_vec(packed.multiply(x), (rows, packed.out()), device)
     }
@@ -95,7 +102,7 @@ impl Projection {
     /// The products of one input with several matrices of the same input width (q, k and
     /// v; gate and up): the input is quantized once for all of them.
     fn forward_shared(projections: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
-        let packed: Vec<&PackedQ8> = projections
+        let packed: Vec<&PackedMatrix> = projections
             .iter()
             .filter_map(|p| match p {
                 Self::Packed(packed) => Some(packed),
@@ -125,7 +132,7 @@ impl Projection {
     }
 }
 
-/// `x` (`[rows, width]`) quantized for [`PackedQ8`].
+/// `x` (`[rows, width]`) quantized for [`PackedMatrix`].
 fn quantize_rows(x: &Tensor) -> Result<QuantizedRows> {
     let (rows, width) = x.dims2()?;
     let values = x.flatten_all()?.to_vec1::<f32>()?;
@@ -295,9 +302,15 @@ impl Transformer {
             n_kv_head,
             head_dim: hidden / n_head,
             hidden,
+            cos_rows: cos.flatten_all()?.to_vec1()?,
+            sin_rows: sin.flatten_all()?.to_vec1()?,
             cos,
             sin,
-            rope_is_neox: rope_is_neox(&architecture),
+            pairing: if rope_is_neox(&architecture) {
+                Pairing::Halves
+            } else {
+                Pairing::Interleaved
+            },
         })
     }
 
@@ -333,20 +346,7 @@ impl Transformer {
                 Projection::forward_shared(&[&layer.wq, &layer.wk, &layer.wv], &normed)?
                     .try_into()
                     .map_err(|_| candle_core::Error::Msg("q, k and v products".into()))?;
-            let mut attended = Vec::with_capacity(steps.len());
-            let mut row = 0;
-            for step in steps.iter_mut() {
-                let len = step.tokens.len();
-                attended.push(self.attention(
-                    index,
-                    step,
-                    &q.narrow(0, row, len)?,
-                    &k.narrow(0, row, len)?,
-                    &v.narrow(0, row, len)?,
-                )?);
-                row += len;
-            }
-            let attended = Tensor::cat(&attended, 0)?;
+            let attended = self.attend(index, steps, &q, &k, &v)?;
             let x1 = (layer.wo.forward(&attended)? + &x)?;
             let normed = layer.ffn_norm.forward(&x1)?;
             let [gate, up]: [Tensor; 2] =
@@ -377,16 +377,93 @@ impl Transformer {
         let cos = self.cos.narrow(0, position, len)?;
         let sin = self.sin.narrow(0, position, len)?;
         let x = x.contiguous()?.unsqueeze(0)?;
-        let rotated = if self.rope_is_neox {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        let rotated = match self.pairing {
+            Pairing::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            Pairing::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
         };
         rotated.squeeze(0)
     }
 
-    /// One sequence's attention in layer `index`: `q`, `k`, `v` are its `[len, heads ×
-    /// head_dim]` rows; returns `[len, hidden]`.
+    /// Every sequence's attention in layer `index`: `q`, `k` and `v` hold all the pass's
+    /// rows (`[rows, heads × head_dim]`, `[rows, kv_heads × head_dim]`), sequence after
+    /// sequence; returns `[rows, hidden]` in the same order.
+    fn attend(
+        &self,
+        index: usize,
+        steps: &mut [Step<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let rows = q.dim(0)?;
+        let (q_width, kv_width) = (self.hidden, self.n_kv_head * self.head_dim);
+        let queries = q.flatten_all()?.to_vec1::<f32>()?;
+        let keys = k.flatten_all()?.to_vec1::<f32>()?;
+        let values = v.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = Vec::with_capacity(rows * self.hidden);
+        let mut row = 0;
+        for step in steps.iter_mut() {
+            let len = step.tokens.len();
+            if len == 1 {
+                out.extend(self.decode_attention(
+                    self.layer_cache(step.cache, index),
+                    step.position,
+                    &queries[row * q_width..(row + 1) * q_width],
+                    &keys[row * kv_width..(row + 1) * kv_width],
+                    &values[row * kv_width..(row + 1) * kv_width],
+                ));
+            } else {
+                let attended = self.attention(
+                    index,
+                    step,
+                    &q.narrow(0, row, len)?,
+                    &k.narrow(0, row, len)?,
+                    &v.narrow(0, row, len)?,
+                )?;
+                out.extend(attended.flatten_all()?.to_vec1::<f32>()?);
+            }
+            row += len;
+        }
+        Tensor::from_vec(out, (rows, self.hidden), q.device())
+    }
+
+    /// `cache`, layer `index`'s part of a sequence's cache (made on its first use).
+    fn layer_cache<'c>(&self, cache: &'c mut KvCache, index: usize) -> &'c mut LayerCache {
+        if cache.layers.len() <= index {
+            cache
+                .layers
+                .resize_with(self.layers.len(), LayerCache::default);
+        }
+        &mut cache.layers[index]
+    }
+
+    /// A decoding token's attention: its query, key and value rows as the products made
+    /// them (`[heads × head_dim]`, `[kv_heads × head_dim]` twice) are rotated for
+    /// `position`, the key and value appended to `cache`, and the query attends to every
+    /// cached position; returns `[hidden]`.
+    fn decode_attention(
+        &self,
+        cache: &mut LayerCache,
+        position: usize,
+        query: &[f32],
+        key: &[f32],
+        value: &[f32],
+    ) -> Vec<f32> {
+        let (heads, kv_heads, dim) = (self.n_head, self.n_kv_head, self.head_dim);
+        let half = self.cos_rows.len() / MAX_SEQ_LEN;
+        let angles = position * half..(position + 1) * half;
+        let (cos, sin) = (&self.cos_rows[angles.clone()], &self.sin_rows[angles]);
+        let mut query = query.to_vec();
+        rotate_heads(&mut query, dim, cos, sin, self.pairing);
+        let start = cache.keys.len();
+        cache.keys.extend_from_slice(key);
+        rotate_heads(&mut cache.keys[start..], dim, cos, sin, self.pairing);
+        cache.values.extend_from_slice(value);
+        apex_kernels::attention::decode(&query, &cache.keys, &cache.values, heads, kv_heads, dim)
+    }
+
+    /// One sequence's prompt attention in layer `index`: `q`, `k`, `v` are its `[len, heads
+    /// × head_dim]` rows; returns `[len, hidden]`.
     fn attention(
         &self,
         index: usize,
@@ -406,32 +483,12 @@ impl Transformer {
             &k.reshape((len, kv_heads, dim))?.transpose(0, 1)?,
             step.position,
         )?;
-        if step.cache.layers.len() <= index {
-            step.cache
-                .layers
-                .resize_with(self.layers.len(), LayerCache::default);
-        }
-        let cache = &mut step.cache.layers[index];
+        let cache = self.layer_cache(step.cache, index);
         // Stored as [position][kv_head][dim]: k back from [kv_head, len, dim], v as it came.
         cache
             .keys
             .extend(k.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?);
         cache.values.extend(v.flatten_all()?.to_vec1::<f32>()?);
-        if len == 1 {
-            // Decoding: one query row per head against the cache, in plain loops. Through
-            // tensors this is a handful of tiny products whose set-up costs more than the
-            // arithmetic, for every sequence in every layer.
-            let query = q.flatten_all()?.to_vec1::<f32>()?;
-            let out = apex_kernels::attention::decode(
-                &query,
-                &cache.keys,
-                &cache.values,
-                heads,
-                kv_heads,
-                dim,
-            );
-            return Tensor::from_vec(out, (1, self.hidden), q.device());
-        }
         let total = step.position + len;
         let keys = Tensor::from_slice(&cache.keys, (total, kv_heads, dim), q.device())?
             .transpose(0, 1)?
@@ -443,16 +500,7 @@ impl Transformer {
         // each other: [kv_heads, group × len, dim] against that head's [total, dim] keys.
         let q = q.reshape((kv_heads, group * len, dim))?;
         let scores = (q.matmul(&keys.t()?)? / (dim as f64).sqrt())?;
-        let scores = if len > 1 {
-            scores.broadcast_add(&causal_mask(
-                group,
-                len,
-                step.position,
-                &q.device().clone(),
-            )?)?
-        } else {
-            scores
-        };
+        let scores = scores.broadcast_add(&causal_mask(group, len, step.position, q.device())?)?;
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = weights.matmul(&values)?; // [kv_heads, group × len, dim]
         out.reshape((heads, len, dim))?
