@@ -116,6 +116,8 @@ mod simd {
     /// Query heads taken together: their queries (or outputs) take `4 × HEADS_AT_ONCE`
     /// registers, which leaves room for the row being read.
     const HEADS_AT_ONCE: usize = 4;
+    /// How many positions ahead a pass asks for cached rows.
+    const PREFETCH_ROWS: usize = 8;
 
     /// # Safety
     /// The CPU must have AVX-512F.
@@ -183,6 +185,26 @@ mod simd {
         count: usize,
     }
 
+    impl Chunk<'_> {
+        /// Where the chunk's key/value head starts in `position`'s row of `buffer` (its
+        /// keys or values). Also asks for the same place `PREFETCH_ROWS` positions on: a
+        /// pass reads one key/value head's part of each cached row, a stride the hardware
+        /// prefetcher follows too slowly.
+        ///
+        /// # Safety
+        /// `position < total` and `buffer` holds `total` rows.
+        #[inline(always)]
+        unsafe fn row_at(&self, buffer: &[f32], position: usize) -> *const f32 {
+            let at = buffer.as_ptr().add(position * self.row + self.kv * DIM);
+            let ahead = at.wrapping_add(PREFETCH_ROWS * self.row).cast::<i8>();
+            for line in 0..DIM * 4 / 64 {
+                // A prefetch never faults, so an address past the cache's end is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64));
+            }
+            at
+        }
+    }
+
     /// `weights[h][p] = scale × q_h · k_p` for the chunk's heads and every position.
     #[target_feature(enable = "avx512f")]
     unsafe fn scores<const C: usize>(
@@ -197,10 +219,7 @@ mod simd {
             })
         });
         for position in 0..chunk.total {
-            let key = chunk
-                .keys
-                .as_ptr()
-                .add(position * chunk.row + chunk.kv * DIM);
+            let key = chunk.row_at(chunk.keys, position);
             let k: [__m512; PARTS] = std::array::from_fn(|j| _mm512_loadu_ps(key.add(j * LANES)));
             for (h, q) in q.iter().enumerate() {
                 let mut sum = _mm512_mul_ps(q[0], k[0]);
@@ -218,10 +237,7 @@ mod simd {
     unsafe fn weighted_values<const C: usize>(chunk: &Chunk<'_>, weights: &[f32], out: &mut [f32]) {
         let mut acc = [[_mm512_setzero_ps(); PARTS]; C];
         for position in 0..chunk.total {
-            let value = chunk
-                .values
-                .as_ptr()
-                .add(position * chunk.row + chunk.kv * DIM);
+            let value = chunk.row_at(chunk.values, position);
             let v: [__m512; PARTS] = std::array::from_fn(|j| _mm512_loadu_ps(value.add(j * LANES)));
             for (h, acc) in acc.iter_mut().enumerate() {
                 let weight = _mm512_set1_ps(
