@@ -100,22 +100,31 @@ impl PackedMatrix {
         }
     }
 
-    /// Whether matrices of `dtype` are multiplied here on this CPU (so a model need not be
-    /// converted to another format for speed).
+    /// Whether matrices of `dtype` are multiplied here on this CPU, given a shape the tiles
+    /// fit (so a model need not be converted to another format for speed).
     pub fn handles(dtype: GgmlDType) -> bool {
         matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1) && Self::available()
+    }
+
+    /// Whether a matrix of `dtype` and shape `dims` (`[out, in]`) is multiplied here on this
+    /// CPU: [`Self::handles`] its format, and whole tiles cover it.
+    pub fn takes(dtype: GgmlDType, dims: &[usize]) -> bool {
+        let fits = match *dims {
+            [out, width] => {
+                out.is_multiple_of(TILE_ROWS) && width.is_multiple_of(BLOCK) && width > 0
+            }
+            _ => false,
+        };
+        fits && Self::handles(dtype)
     }
 
     /// Repacks `tensor` when it is Q8_0 or Q4_1 with a shape the tiles fit and the CPU has
     /// VNNI; `None` otherwise (the caller keeps candle's product).
     pub fn from_qtensor(tensor: &QTensor) -> candle_core::Result<Option<Self>> {
-        if !Self::handles(tensor.dtype()) {
+        if !Self::takes(tensor.dtype(), tensor.shape().dims()) {
             return Ok(None);
         }
         let (out, width) = tensor.shape().dims2()?;
-        if !out.is_multiple_of(TILE_ROWS) || !width.is_multiple_of(BLOCK) || width == 0 {
-            return Ok(None);
-        }
         let data = tensor.data()?;
         let blocks_per_row = width / BLOCK;
         // Q8_0: the scale as f16, then 32 signed bytes. Q4_1: the scale and the minimum as
@@ -599,6 +608,12 @@ mod tests {
         assert!(
             PackedMatrix::from_qtensor(&q).unwrap().is_none(),
             "8 output rows are not a whole tile"
+        );
+        assert!(!PackedMatrix::takes(GgmlDType::Q4_1, &[8, 64]));
+        assert!(!PackedMatrix::takes(GgmlDType::Q4_1, &[16, 64, 1]));
+        assert_eq!(
+            PackedMatrix::takes(GgmlDType::Q4_1, &[16, 64]),
+            PackedMatrix::available()
         );
         let weights = Tensor::from_vec(values(16 * 64, 3), (16, 64), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::F32, GgmlDType::Q4_0, GgmlDType::Q5_1] {

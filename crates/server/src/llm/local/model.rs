@@ -59,18 +59,21 @@ pub fn cache_path(source: &Path) -> PathBuf {
     source.with_file_name(format!("{stem}.Q8_0.gguf"))
 }
 
-/// Whether tensors of `dtype` are converted to Q8_0: the 4- and 5-bit formats candle has no
-/// fast CPU product for, except those Apex's own product takes as they are on this CPU
-/// (Q4_1 with AVX-512 VNNI: half the bytes of Q8_0 to read per token, and the file's own
-/// weights rather than a rounding of them).
-fn needs_requant(dtype: GgmlDType) -> bool {
+/// Whether a tensor of `dtype` and shape `dims` is converted to Q8_0: the 4- and 5-bit
+/// formats candle has no fast CPU product for, except where Apex's own product takes the
+/// matrix as it is on this CPU (Q4_1 with AVX-512 VNNI, in whole tiles: half the bytes of
+/// Q8_0 to read per token, and the file's own weights rather than a rounding of them).
+fn needs_requant(dtype: GgmlDType, dims: &[usize]) -> bool {
     matches!(
         dtype,
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-    ) && !PackedMatrix::handles(dtype)
+    ) && dims.last().is_some_and(|width| width % 32 == 0)
+        && !PackedMatrix::takes(dtype, dims)
 }
 
-/// Is `cache` a requantized copy of a source of `source_size` bytes, by this version?
+/// Is `cache` a requantized copy of a source of `source_size` bytes, by this version, with
+/// nothing left that this CPU would requantize (a copy made where Apex's own product kept
+/// Q4_1 is not used on a CPU without it)?
 fn cache_is_current(cache: &Path, source_size: u64) -> bool {
     let Ok(mut file) = std::fs::File::open(cache) else {
         return false;
@@ -86,7 +89,12 @@ fn cache_is_current(cache: &Path, source_size: u64) -> bool {
         .metadata
         .get(META_VERSION)
         .and_then(|v| v.to_u32().ok());
-    size == Some(source_size) && version == Some(REQUANT_VERSION)
+    size == Some(source_size)
+        && version == Some(REQUANT_VERSION)
+        && !content
+            .tensor_infos
+            .values()
+            .any(|t| needs_requant(t.ggml_dtype, t.shape.dims()))
 }
 
 /// Requantizes every Q4/Q5 tensor of `source` to Q8_0 and returns the new GGUF file's bytes.
@@ -101,8 +109,7 @@ fn requantize(source: &Path, source_size: u64) -> Result<Vec<u8>, ModelError> {
         let tensor = content
             .tensor(&mut file, name, &device)
             .map_err(|e| load_err(source, e))?;
-        let last_dim = tensor.shape().dims().last().copied().unwrap_or(0);
-        let tensor = if needs_requant(tensor.dtype()) && last_dim % 32 == 0 {
+        let tensor = if needs_requant(tensor.dtype(), tensor.shape().dims()) {
             let values = tensor.dequantize(&device)?;
             QTensor::quantize(&values, GgmlDType::Q8_0)?
         } else {
@@ -180,7 +187,7 @@ fn open_q8(source: &Path) -> Result<Weights, ModelError> {
     if !content
         .tensor_infos
         .values()
-        .any(|t| needs_requant(t.ggml_dtype))
+        .any(|t| needs_requant(t.ggml_dtype, t.shape.dims()))
     {
         file.rewind().map_err(|e| load_err(source, e))?;
         return Ok(Weights::File(file));
