@@ -1,4 +1,5 @@
-//! The model weights: loading the GGUF file, requantizing it once, per-request sequences.
+//! The model weights: loading the GGUF file (requantizing it once where this CPU needs it),
+//! per-request sequences.
 //!
 //! On a CPU with AVX-512 VNNI, Apex's own products (`apex_kernels::quantized_matmul`) take
 //! the Q4_1 blocks the file ships with as they are, and the file is read directly. Elsewhere

@@ -33,7 +33,8 @@ pub struct LocalProvider {
 }
 
 impl LocalProvider {
-    /// Loads the model at `path` (requantizing it once) and starts the inference threads.
+    /// Loads the model at `path` (requantizing it once where this CPU needs it) and starts
+    /// the inference threads.
     /// Blocking: call it off the async runtime (`spawn_blocking`) or at start-up.
     pub fn load(path: &Path, options: LocalOptions) -> Result<Self, ModelError> {
         let model = Arc::new(LocalModel::load(path)?);
