@@ -18,8 +18,10 @@
 //! `d_w × q_w + m_w` (`q_w` in 0..=15), an activation block `d_a × q_a`. `vpdpbusd`
 //! multiplies unsigned by signed bytes, so activations are stored as `q_a + 128`:
 //! `Σ (q_a + 128) q_w = Σ q_a q_w + 128 Σ q_w`, and the second term is the tile's `offset`
-//! (negated), the starting value of every block's integer sum. Q4_1's `m_w` adds
-//! `m_w × d_a × Σ q_a`, and `d_a × Σ q_a` is kept with each activation block.
+//! (negated), the starting value of every block's integer sum. Q4_1's weights are unsigned
+//! already, so they take the unsigned side and the activations go in as they are (no
+//! offset); its `m_w` adds `m_w × d_a × Σ q_a`, and `d_a × Σ q_a` is kept with each
+//! activation block.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -49,16 +51,16 @@ struct Q8Tile {
 /// One Q4_1 block of 32 input values for 16 output rows, two weights per byte: the low
 /// nibbles of `qs[p][r][0..4]` are row `r`'s weights for inputs `4p .. 4p + 4`, the high
 /// nibbles for inputs `16 + 4p .. 16 + 4p + 4` (GGML's own pairing of `j` with `j + 16`).
+/// The weights are unsigned (0..=15), so they are `vpdpbusd`'s unsigned operand and the
+/// activations its signed one: no offset to undo. Five cache lines, nothing padded.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Q41Tile {
     qs: [u8; BLOCK * TILE_ROWS / 2],
-    /// Each row's block scale `d_w`.
-    scale: [f32; TILE_ROWS],
-    /// Each row's block minimum `m_w`.
-    min: [f32; TILE_ROWS],
-    /// `−128 × Σ q_w` per row: undoes the activations' +128 shift.
-    offset: [i32; TILE_ROWS],
+    /// Each row's block scale `d_w`, as the file stores it (f16 bits).
+    scale: [u16; TILE_ROWS],
+    /// Each row's block minimum `m_w` (f16 bits).
+    min: [u16; TILE_ROWS],
 }
 
 /// The tiles of one matrix, in its format.
@@ -74,9 +76,12 @@ pub struct PackedMatrix {
     width: usize,
 }
 
-/// Activation rows quantized per block of 32, shifted to unsigned bytes.
+/// Activation rows quantized per block of 32: shifted to unsigned bytes for signed weights
+/// (Q8_0), and as they are for unsigned ones (Q4_1).
 pub struct QuantizedRows {
     values: Vec<u8>,
+    /// `values` without the shift (`q_a`).
+    signed: Vec<i8>,
     /// `[row][block]`: `d_a`.
     scales: Vec<f32>,
     /// `[row][block]`: `d_a × Σ q_a`, the block's sum as quantized (Q4_1's minimum term).
@@ -174,22 +179,18 @@ impl PackedMatrix {
                 for b in 0..blocks_per_row {
                     let mut tile = Q41Tile {
                         qs: [0; BLOCK * TILE_ROWS / 2],
-                        scale: [0.0; TILE_ROWS],
-                        min: [0.0; TILE_ROWS],
-                        offset: [0; TILE_ROWS],
+                        scale: [0; TILE_ROWS],
+                        min: [0; TILE_ROWS],
                     };
                     for r in 0..TILE_ROWS {
                         let bytes = block(t, b, r);
-                        tile.scale[r] = half(bytes, 0);
-                        tile.min[r] = half(bytes, 2);
-                        let mut sum = 0i32;
+                        tile.scale[r] = u16::from_le_bytes([bytes[0], bytes[1]]);
+                        tile.min[r] = u16::from_le_bytes([bytes[2], bytes[3]]);
                         // Byte `j` holds inputs `j` (low) and `j + 16` (high), as the tile
                         // wants them: the same byte, moved to its row's place.
                         for (j, &pair) in bytes[4..].iter().enumerate() {
-                            sum += i32::from(pair & 0x0f) + i32::from(pair >> 4);
                             tile.qs[(j / 4 * TILE_ROWS + r) * 4 + j % 4] = pair;
                         }
-                        tile.offset[r] = -128 * sum;
                     }
                     tiles.push(tile);
                 }
@@ -238,8 +239,11 @@ impl QuantizedRows {
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         let mut sums = Vec::with_capacity(x.len() / BLOCK);
         quantize(x, &mut values, &mut scales, &mut sums);
+        // `q_a + 128` with its top bit flipped is `q_a` in two's complement.
+        let signed = values.iter().map(|&v| (v ^ 0x80) as i8).collect();
         Self {
             values,
+            signed,
             scales,
             sums,
             rows,
@@ -386,23 +390,36 @@ mod kernel {
     }
 
     /// Row `row`'s integer dot product with one tile's eight weight vectors, starting from
-    /// `offset`. Two chains of sums so consecutive `vpdpbusd`s do not wait on each other
-    /// when there are few rows.
+    /// `offset`: with the shifted activations against signed weights, or (`UNSIGNED_WEIGHTS`)
+    /// with the activations as they are against unsigned ones. Two chains of sums so
+    /// consecutive `vpdpbusd`s do not wait on each other when there are few rows.
     #[inline(always)]
-    unsafe fn block_sum(
+    unsafe fn block_sum<const UNSIGNED_WEIGHTS: bool>(
         x: &QuantizedRows,
         row: usize,
         block: usize,
         w: &[__m512i; 8],
         offset: __m512i,
     ) -> __m512 {
-        let a = x.values.as_ptr().add(row * x.width + block * BLOCK);
-        let broadcast = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(a.add(g * 4).cast()));
+        let at = row * x.width + block * BLOCK;
+        let a: *const u8 = if UNSIGNED_WEIGHTS {
+            x.signed.as_ptr().add(at).cast()
+        } else {
+            x.values.as_ptr().add(at)
+        };
+        let product = |sum: __m512i, g: usize| {
+            let a = _mm512_set1_epi32(std::ptr::read_unaligned(a.add(g * 4).cast()));
+            if UNSIGNED_WEIGHTS {
+                _mm512_dpbusd_epi32(sum, w[g], a)
+            } else {
+                _mm512_dpbusd_epi32(sum, a, w[g])
+            }
+        };
         let mut even = offset;
         let mut odd = _mm512_setzero_si512();
         for g in (0..8).step_by(2) {
-            even = _mm512_dpbusd_epi32(even, broadcast(g), w[g]);
-            odd = _mm512_dpbusd_epi32(odd, broadcast(g + 1), w[g + 1]);
+            even = product(even, g);
+            odd = product(odd, g + 1);
         }
         _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd))
     }
@@ -451,7 +468,7 @@ mod kernel {
             let scale = _mm512_load_ps(tile.scale.as_ptr());
             for (m, acc) in acc.iter_mut().enumerate() {
                 let row = first + m;
-                let sum = block_sum(x, row, block, &w, offset);
+                let sum = block_sum::<false>(x, row, block, &w, offset);
                 let activation_scale = *x.scales.get_unchecked(row * blocks + block);
                 *acc = _mm512_fmadd_ps(
                     sum,
@@ -463,8 +480,9 @@ mod kernel {
         store(&acc, out, first, n, tile_row);
     }
 
-    /// [`TileRows::tile_rows`] for Q4_1 tiles: the nibbles are unpacked once per tile for
-    /// all `M` rows, and each row adds `m_w × d_a Σ q_a` to `d_w d_a Σ q_a q_w`.
+    /// [`TileRows::tile_rows`] for Q4_1 tiles: the nibbles are unpacked and the f16 scales
+    /// widened once per tile for all `M` rows, and each row adds `m_w × d_a Σ q_a` to
+    /// `d_w d_a Σ q_a q_w`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn q41_tile_rows<const M: usize>(
         (tiles, x, first, out, n, tile_row): Args<'_, Q41Tile>,
@@ -484,12 +502,11 @@ mod kernel {
                     _mm512_and_si512(_mm512_srli_epi16::<4>(packed[g - 4]), nibble)
                 }
             });
-            let offset = _mm512_load_si512(tile.offset.as_ptr().cast());
-            let scale = _mm512_load_ps(tile.scale.as_ptr());
-            let min = _mm512_load_ps(tile.min.as_ptr());
+            let scale = _mm512_cvtph_ps(_mm256_load_si256(tile.scale.as_ptr().cast()));
+            let min = _mm512_cvtph_ps(_mm256_load_si256(tile.min.as_ptr().cast()));
             for (m, acc) in acc.iter_mut().enumerate() {
                 let row = first + m;
-                let sum = block_sum(x, row, block, &w, offset);
+                let sum = block_sum::<true>(x, row, block, &w, _mm512_setzero_si512());
                 let at = row * blocks + block;
                 let activation_scale = *x.scales.get_unchecked(at);
                 let activation_sum = *x.sums.get_unchecked(at);
