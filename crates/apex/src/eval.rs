@@ -207,6 +207,10 @@ fn missing_expectations(q: &Question, answer: &str, report: &Value) -> Vec<Strin
                     let total = money(usage["total_cost_usd"].as_f64().unwrap_or(0.0));
                     need(answer.contains(&total), format!("the total {total}"));
                 }
+                "latency" if usage["total_requests"].as_u64() == Some(0) => need(
+                    answer.contains("no requests"),
+                    "that the window has no requests (so no latency)".into(),
+                ),
                 "latency" => {
                     let p95 = usage["latency_ms"]["p95"].as_i64().unwrap_or(0);
                     let shown = format!("p95 {} ms", apex_server::agents::answer::thousands(p95));
@@ -764,6 +768,23 @@ mod tests {
             "cost_optimization",
         );
         assert!(failed.is_empty(), "{failed:?}");
+    }
+
+    /// A window with no requests asks for its $0.00 and for saying there were no requests,
+    /// not for a latency of 0 ms.
+    #[test]
+    fn an_empty_window_expects_no_requests_not_a_latency() {
+        let empty = json!({"usage": {"days": 1, "total_requests": 0, "total_cost_usd": 0.0,
+                                     "latency_ms": {"p95": 0}}});
+        let expect = &["total", "latency"];
+        let honest =
+            "I found no AI usage in your account for yesterday: no requests and $0.00 spent.";
+        assert!(missing_expectations(&q("latency_performance", expect), honest, &empty).is_empty());
+        let silent = "I found nothing for yesterday.";
+        assert_eq!(
+            missing_expectations(&q("latency_performance", expect), silent, &empty).len(),
+            2
+        );
     }
 
     #[test]

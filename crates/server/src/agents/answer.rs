@@ -603,9 +603,12 @@ pub fn compose(report: &Value, request: &str) -> Vec<Part> {
     let step = focus["step"].as_u64();
     let mut parts = Vec::new();
     if requests == 0 {
+        // Said as figures (no requests, $0.00), not as "nothing to analyse": a user with
+        // usage elsewhere in time asked about an empty day or week, and that is the answer.
         let mut out = format!(
-            "I found no AI usage in your account for {}, so there is nothing to \
-             analyse yet. Upload your usage with POST /api/usage/events (JSON or CSV) and ask again.\n",
+            "I found no AI usage in your account for {}: no requests and $0.00 spent. If you \
+             expected some, upload your usage with POST /api/usage/events (JSON or CSV), or \
+             ask about a longer period.\n",
             f.period
         );
         if has_focus {
@@ -1037,6 +1040,24 @@ mod tests {
             );
         }
         assert!(matches!(parts[0], Part::Slot(ref s) if s.name == "summary"));
+    }
+
+    /// A window with no requests (a quiet day for a user who has usage on other days) is
+    /// answered with its figures, no requests and $0.00, and a way on: not with
+    /// "nothing to analyse".
+    #[test]
+    fn an_empty_window_is_answered_with_no_requests_and_zero_dollars() {
+        let mut r = report("usage_report");
+        r["usage"] = json!({"days": 1, "total_requests": 0, "error_requests": 0,
+            "total_prompt_tokens": 0, "total_completion_tokens": 0, "total_cost_usd": 0.0,
+            "latency_ms": {"p50": 0, "p95": 0, "p99": 0}, "top_models": [], "top_workloads": []});
+        let answer = template_answer(&compose(&r, "how many tokens did I use yesterday"));
+        assert!(answer.contains("no requests and $0.00 spent"), "{answer}");
+        assert!(answer.contains("ask about a longer period"), "{answer}");
+        assert!(
+            !answer.contains("p95"),
+            "no latency for no requests: {answer}"
+        );
     }
 
     #[test]
