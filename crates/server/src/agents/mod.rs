@@ -120,13 +120,18 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-/// The window as the answer names it: "the last 7 days", or for a window that ends
-/// earlier, "the 7 days before the last 7".
+/// The window as the answer names it: "the last 7 days" ("the last day" for one), or for
+/// a window that ends earlier, "the 7 days before the last 7".
 pub fn period_phrase(days: u64, ends_days_ago: u64) -> String {
+    let span = if days == 1 {
+        "day".to_string()
+    } else {
+        format!("{days} days")
+    };
     match ends_days_ago {
-        0 => format!("the last {days} days"),
-        1 => format!("the {days} days before yesterday"),
-        ago => format!("the {days} days before the last {ago}"),
+        0 => format!("the last {span}"),
+        1 => format!("the {span} before yesterday"),
+        ago => format!("the {span} before the last {ago}"),
     }
 }
 

@@ -1331,6 +1331,8 @@ mod tests {
         }
         assert_eq!(period_phrase(7, 7), "the 7 days before the last 7");
         assert_eq!(period_phrase(30, 0), "the last 30 days");
+        assert_eq!(period_phrase(1, 0), "the last day", "not 'the last 1 days'");
+        assert_eq!(period_phrase(1, 1), "the day before yesterday");
     }
 
     #[test]
