@@ -81,10 +81,19 @@ pub(crate) fn split_window(since: i64, until: i64) -> WindowSplit {
     let last = (until + 1).div_euclid(DAY_MS) - 1;
     let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
     if first > last {
-        return WindowSplit {
-            days: None,
-            edges: vec![(clamp(since), clamp(until))],
+        // No whole day: within one day, or across one midnight (a day-long window ending
+        // mid-day). Each edge must lie within its own day, because a day's rollups settle
+        // only the rows of that day.
+        let midnight = until.div_euclid(DAY_MS) * DAY_MS;
+        let edges = if since < midnight {
+            vec![
+                (clamp(since), clamp(midnight - 1)),
+                (clamp(midnight), clamp(until)),
+            ]
+        } else {
+            vec![(clamp(since), clamp(until))]
         };
+        return WindowSplit { days: None, edges };
     }
     let mut edges = Vec::new();
     if since < first * DAY_MS {
@@ -272,6 +281,15 @@ mod tests {
                 edges: vec![(D + 7, 2 * D - 1), (5 * D, 5 * D + 9)],
             }
         );
+        // Across one midnight with no whole day between: one edge on each side of it, so
+        // that each is settled by its own day's rollups.
+        assert_eq!(
+            split_window(D + 7, 2 * D + 9),
+            WindowSplit {
+                days: None,
+                edges: vec![(D + 7, 2 * D - 1), (2 * D, 2 * D + 9)],
+            }
+        );
         // Within one day.
         assert_eq!(
             split_window(D + 7, D + 9),
@@ -285,6 +303,72 @@ mod tests {
         assert_eq!(open.days.map(|d| d.0), Some(-1));
         assert_eq!(open.edges[0], (-D - 5, -D - 1));
         assert!(split_window(5, 4).edges.is_empty());
+    }
+
+    /// Reads `[since, until]` of `rows` the way the store's readers do: the rollup rows of
+    /// the days asked for, then the rows of the ranges the rollups leave unsettled.
+    fn read_window(rows: &[UsageRow], since: i64, until: i64) -> Rollup {
+        let all = Sketches {
+            latency: true,
+            completion: true,
+        };
+        let Some(mut read) = WindowRead::new(since, until, all, false) else {
+            return Rollup::default();
+        };
+        let (first, last) = read.days();
+        let last = last.unwrap_or(i64::MAX);
+        for (key, group) in Rollup::of(rows).groups {
+            if first <= key.day && key.day <= last {
+                read.add_group(key, group);
+            }
+        }
+        let unsettled = read.unsettled();
+        let edge_rows: Vec<UsageRow> = rows
+            .iter()
+            .filter(|r| unsettled.iter().any(|&(a, b)| a <= r.ts_ms && r.ts_ms <= b))
+            .cloned()
+            .collect();
+        read.finish(&edge_rows).0
+    }
+
+    #[test]
+    fn a_window_read_from_rollups_and_edge_rows_counts_exactly_the_rows_inside_it() {
+        let row = |ts_ms| UsageRow {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            ts_ms,
+            prompt_tokens: 10,
+            requests: 1,
+            ..UsageRow::default()
+        };
+        // Day 1 has rows only early on; day 2 has one mid-day; day 3 two; day 4 one late.
+        let rows: Vec<UsageRow> = [D + 2, 2 * D + 5, 3 * D + 1, 3 * D + 8, 4 * D + 20]
+            .into_iter()
+            .map(row)
+            .collect();
+        let windows = [
+            // A day-long window ending mid-day, whose first day has nothing after its
+            // start: the row of its second day still counts.
+            (D + 7, 2 * D + 9),
+            (D + 7, 2 * D + 4),
+            (D + 1, 2 * D + 9),
+            (2 * D + 6, 3 * D + 1),
+            (D + 7, 4 * D + 19),
+            (0, 5 * D),
+            (3 * D + 2, 3 * D + 7),
+            (3 * D, 3 * D + 8),
+        ];
+        for (since, until) in windows {
+            let inside: Vec<&UsageRow> = rows
+                .iter()
+                .filter(|r| since <= r.ts_ms && r.ts_ms <= until)
+                .collect();
+            assert_eq!(
+                read_window(&rows, since, until),
+                Rollup::of(inside),
+                "window {since}..={until}"
+            );
+        }
     }
 
     #[test]
