@@ -186,6 +186,61 @@ mod tests {
         (dir, store, owner)
     }
 
+    /// The plan's lines that read a whole table: a `SCAN` of anything but a constant row
+    /// or a subquery's result, or a `SEARCH` without an index (SQLite's plan for
+    /// `MAX(x) ... WHERE` on an unindexed column).
+    fn full_scans(connection: &rusqlite::Connection, sql: &str) -> Vec<String> {
+        let mut plan = connection
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap_or_else(|e| panic!("{e}: {sql}"));
+        let mut rows = plan.raw_query();
+        let mut scans = Vec::new();
+        while let Some(row) = rows.next().expect("plan row") {
+            let detail: String = row.get(3).expect("plan detail");
+            let scan = detail.starts_with("SCAN ")
+                && !detail.contains("CONSTANT ROW")
+                && !detail.contains("SUBQUERY");
+            let unindexed_search = detail.starts_with("SEARCH ") && !detail.contains(" USING ");
+            if scan || unindexed_search {
+                scans.push(detail);
+            }
+        }
+        scans
+    }
+
+    /// Every statement a run makes on the writer and reader threads finds its rows through
+    /// an index: none reads a table that grows with every run, message or usage row (a
+    /// submission used to scan all of `runs` to number its run within its thread).
+    #[tokio::test]
+    async fn the_statements_every_run_makes_read_no_whole_table() {
+        use crate::columns::{ended_run_sql, usage_names_sql, LATEST_MESSAGES_SQL};
+        use crate::run_sql::{
+            supersede_sql, DELETE_RUN_MESSAGES, INSERT_MESSAGE, INSERT_QUEUED_RUN, INSERT_THREAD,
+            SET_RUN_STATUS, UNFINISHED_RUNS,
+        };
+        use crate::sqlite_writer::{INSERT_EVENT, UPDATE_LAST_SEQ};
+
+        let (dir, _store, _owner) = store_with_user().await;
+        let connection = rusqlite::Connection::open(dir.path().join("apex.db")).expect("open");
+        let statements = [
+            INSERT_THREAD.to_owned(),
+            INSERT_MESSAGE.to_owned(),
+            UNFINISHED_RUNS.to_owned(),
+            supersede_sql(),
+            DELETE_RUN_MESSAGES.to_owned(),
+            INSERT_QUEUED_RUN.to_owned(),
+            SET_RUN_STATUS.to_owned(),
+            UPDATE_LAST_SEQ.to_owned(),
+            INSERT_EVENT.to_owned(),
+            LATEST_MESSAGES_SQL.to_owned(),
+            ended_run_sql(),
+            usage_names_sql(Backend::Sqlite),
+        ];
+        for sql in &statements {
+            assert_eq!(full_scans(&connection, sql), Vec::<String>::new(), "{sql}");
+        }
+    }
+
     /// The reader threads' window is the sqlx read's, for windows that start and end
     /// anywhere in a day, with and without what follows and each sketch; their names in the
     /// usage too.

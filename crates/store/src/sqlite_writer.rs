@@ -50,6 +50,16 @@ const MAX_BATCH: usize = 512;
 /// Jobs waiting for the writer; past this, callers wait (backpressure).
 const QUEUE: usize = 4096;
 
+/// Checks a run's owner and sets its `last_seq`; as every event does, refreshes a claimed
+/// run's heartbeat. Binds the run, the owner, the seq and now.
+pub(crate) const UPDATE_LAST_SEQ: &str = "UPDATE runs SET last_seq = ?3, heartbeat_at = CASE \
+     WHEN instance_id IS NULL THEN heartbeat_at ELSE ?4 END \
+     WHERE id = ?1 AND user_id = ?2";
+
+/// One event of a run's log: binds the run, the seq, the stored event and now.
+pub(crate) const INSERT_EVENT: &str =
+    "INSERT INTO run_events (run_id, seq, event, created_at) VALUES (?1, ?2, ?3, ?4)";
+
 /// What a write returns to its caller, type-erased on its way through the queue.
 type Value = Box<dyn Any + Send>;
 
@@ -332,21 +342,13 @@ fn append_events(
     let now = events.iter().map(|e| e.now_ms).max().unwrap_or(0);
     // The (run, owner) pairs whose events may be written.
     let mut owned = HashSet::with_capacity(runs.len());
-    // Checks the owner and sets last_seq; as every event does, refreshes a claimed run's
-    // heartbeat.
-    let mut update = connection.prepare_cached(
-        "UPDATE runs SET last_seq = ?3, heartbeat_at = CASE \
-         WHEN instance_id IS NULL THEN heartbeat_at ELSE ?4 END \
-         WHERE id = ?1 AND user_id = ?2",
-    )?;
+    let mut update = connection.prepare_cached(UPDATE_LAST_SEQ)?;
     for (run, owner, seq) in &runs {
         if update.execute(params![run.to_string(), owner.to_string(), seq, now])? == 1 {
             owned.insert((*run, *owner));
         }
     }
-    let mut insert = connection.prepare_cached(
-        "INSERT INTO run_events (run_id, seq, event, created_at) VALUES (?1, ?2, ?3, ?4)",
-    )?;
+    let mut insert = connection.prepare_cached(INSERT_EVENT)?;
     for event in events {
         if owned.contains(&(event.run, event.owner)) {
             insert.execute(params![
