@@ -80,21 +80,16 @@ pub(crate) fn split_window(since: i64, until: i64) -> WindowSplit {
     let first = (since + DAY_MS - 1).div_euclid(DAY_MS);
     let last = (until + 1).div_euclid(DAY_MS) - 1;
     let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
-    if first > last {
-        // No whole day: within one day, or across one midnight (a day-long window ending
-        // mid-day). Each edge must lie within its own day, because a day's rollups settle
-        // only the rows of that day.
-        let midnight = until.div_euclid(DAY_MS) * DAY_MS;
-        let edges = if since < midnight {
-            vec![
-                (clamp(since), clamp(midnight - 1)),
-                (clamp(midnight), clamp(until)),
-            ]
-        } else {
-            vec![(clamp(since), clamp(until))]
+    if since.div_euclid(DAY_MS) == until.div_euclid(DAY_MS) && first > last {
+        // Part of one day: a single edge.
+        return WindowSplit {
+            days: None,
+            edges: vec![(clamp(since), clamp(until))],
         };
-        return WindowSplit { days: None, edges };
     }
+    // Otherwise each edge lies within its own day, because a day's rollups settle only the
+    // rows of that day; a window across one midnight (a day-long window ending mid-day) has
+    // two edges and no whole day.
     let mut edges = Vec::new();
     if since < first * DAY_MS {
         edges.push((clamp(since), clamp(first * DAY_MS - 1)));
@@ -103,7 +98,7 @@ pub(crate) fn split_window(since: i64, until: i64) -> WindowSplit {
         edges.push((clamp((last + 1) * DAY_MS), clamp(until)));
     }
     WindowSplit {
-        days: Some((clamp(first), clamp(last))),
+        days: (first <= last).then(|| (clamp(first), clamp(last))),
         edges,
     }
 }
