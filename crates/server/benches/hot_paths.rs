@@ -2,9 +2,10 @@
 //!
 //! - `encode_event`: building an event and serialising it to its wire JSON and to the shorter
 //!   form the event log keeps (once per event);
-//! - `emit`: `UserEmitter::emit` end to end against a temporary SQLite database — persist
-//!   (group commit), then publish to two subscribed connections — one run alone, and 50
-//!   runs emitting at once (where group commit batches);
+//! - `emit`: `UserEmitter::emit` and `flush` end to end against a temporary SQLite
+//!   database — persist (group commit), then publish to two subscribed connections — one
+//!   run alone, one run emitting a burst of 8 (one append), and 50 runs emitting at once
+//!   (where group commit batches);
 //! - `client_frame`: parsing client frames;
 //! - `analysis`: what a run's data and optimization agents read of the user's usage (the
 //!   30-day summary and the savings simulation's input), on a month of demo data and on a
@@ -178,9 +179,22 @@ fn emit(c: &mut Criterion) {
     let mut group = c.benchmark_group("emit");
     group.sample_size(20);
     group.throughput(Throughput::Elements(1));
+    // Each iteration waits until its events are stored and published (`flush`): `emit`
+    // alone only queues them.
     group.bench_function("one_run", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { one.emit("data", thinking()).await.unwrap() })
+        b.to_async(&runtime).iter(|| async {
+            one.emit("data", thinking()).await.unwrap();
+            one.flush().await.unwrap()
+        })
+    });
+    group.throughput(Throughput::Elements(8));
+    group.bench_function("one_run_burst_of_8", |b| {
+        b.to_async(&runtime).iter(|| async {
+            for _ in 0..8 {
+                one.emit("data", thinking()).await.unwrap();
+            }
+            one.flush().await.unwrap()
+        })
     });
     group.throughput(Throughput::Elements(many.len() as u64));
     group.bench_function("50_runs_at_once", |b| {
@@ -189,7 +203,10 @@ fn emit(c: &mut Criterion) {
                 .iter()
                 .map(|emitter| {
                     let emitter = Arc::clone(emitter);
-                    tokio::spawn(async move { emitter.emit("data", thinking()).await.unwrap() })
+                    tokio::spawn(async move {
+                        emitter.emit("data", thinking()).await.unwrap();
+                        emitter.flush().await.unwrap()
+                    })
                 })
                 .collect();
             for task in tasks {

@@ -183,6 +183,16 @@ impl UserStore {
             .append_event(self.owner, run, seq, json, now_ms)
             .await
     }
+    pub async fn append_events(
+        &self,
+        run: RunId,
+        events: Vec<(u64, String)>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.store
+            .append_events(self.owner, run, events, now_ms)
+            .await
+    }
     pub async fn list_events(
         &self,
         run: RunId,

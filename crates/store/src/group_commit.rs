@@ -5,19 +5,21 @@
 //! `INSERT`, `COMMIT`) costs four round trips (to SQLite's worker thread, or PostgreSQL's
 //! server) per event; under many concurrent users that dominated the CPU spent per run.
 //!
-//! How: [`EventLog::append_event`](crate::EventLog::append_event) hands the event to this
-//! module's writer task over a bounded channel and waits for the outcome. The writer takes
-//! whatever has queued up (at most [`MAX_BATCH`] events), writes it with
-//! [`BatchSink::write_batch`] (one transaction: one `UPDATE runs ... RETURNING` that checks
-//! ownership and sets `last_seq` once per run, one multi-row `INSERT`), and only after the
-//! commit answers each caller. So:
+//! How: [`EventLog::append_events`](crate::EventLog::append_events) hands a run's events
+//! (one or several, consecutive) to this module's writer task over a bounded channel and
+//! waits for the outcome. The writer takes whatever has queued up (at most [`MAX_APPENDS`]
+//! appends), writes it with [`BatchSink::write_batch`] (one transaction: one `UPDATE runs
+//! ... RETURNING` that checks ownership and sets `last_seq` once per run, one multi-row
+//! `INSERT`), and only after the commit answers each caller. So:
 //! - an event is never acknowledged, and so never published, before it is committed;
-//! - seq order per run is kept: the emitter holds its run's seq lock until its event is
-//!   acknowledged, so a run has at most one event in flight;
-//! - batching adds no delay when idle: a lone event is written at once, and events batch up
-//!   only while a previous transaction is committing;
-//! - one event cannot fail another: if a batch transaction fails (a duplicate seq, a
-//!   deadlock, a busy database), it is rolled back and its events are written one by one,
+//! - seq order per run is kept: a run's emitter hands over its next events only once the
+//!   previous ones are acknowledged, so a run has at most one append in flight;
+//! - batching adds no delay when idle: a lone append is written at once, and appends batch
+//!   up only while a previous transaction is committing;
+//! - an append is all or nothing: its events belong to one run and one owner, so they are
+//!   refused together, and a failed transaction fails all of them;
+//! - one append cannot fail another: if a batch transaction fails (a duplicate seq, a
+//!   deadlock, a busy database), it is rolled back and its appends are written one by one,
 //!   each with exactly the result it would have had on its own.
 
 use std::collections::HashMap;
@@ -28,11 +30,16 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ids::{RunId, UserId};
 use crate::records::{StoreError, StoreResult};
 
-/// Most events written in one transaction (SQLite allows 32,766 bound parameters; a batch
-/// binds four per event and three per run).
-const MAX_BATCH: usize = 512;
+/// Most appends written in one transaction. With at most [`MAX_EVENTS_PER_APPEND`] events
+/// each, a batch binds at most 4 × 64 × 64 = 16,384 parameters (four per event, three per
+/// run), well within PostgreSQL's 65,535 and SQLite's 32,766.
+const MAX_APPENDS: usize = 64;
 
-/// Events waiting for the writer; past this, emitters wait (backpressure).
+/// Most events in one append; [`EventLog::append_events`](crate::EventLog::append_events)
+/// refuses more (emitters hand over far fewer, see the server's `UserEmitter`).
+pub const MAX_EVENTS_PER_APPEND: usize = 64;
+
+/// Appends waiting for the writer; past this, emitters wait (backpressure).
 const QUEUE: usize = 4096;
 
 /// The histogram of events per written batch, recorded here where batches are written;
@@ -83,9 +90,49 @@ pub(crate) trait BatchSink: Send + Sync + 'static {
     async fn write_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<StoreResult<()>>>;
 }
 
+/// One caller's append: consecutive events of one run, written all or none.
 struct Pending {
-    event: NewEvent,
+    events: Vec<NewEvent>,
     done: oneshot::Sender<StoreResult<()>>,
+}
+
+/// Checks an append before it is queued: some events, not too many, all of one run and
+/// owner (what makes it all or nothing, see the module doc).
+pub(crate) fn check_append(events: &[NewEvent]) -> StoreResult<()> {
+    let Some(first) = events.first() else {
+        return Err(StoreError::Corrupt("an append of no events".into()));
+    };
+    if events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(StoreError::Corrupt(format!(
+            "an append of {} events (at most {MAX_EVENTS_PER_APPEND})",
+            events.len()
+        )));
+    }
+    if events
+        .iter()
+        .any(|e| e.run != first.run || e.owner != first.owner)
+    {
+        return Err(StoreError::Corrupt(
+            "an append with events of several runs".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Each append's result from its events' results (`lengths`: each append's number of
+/// events, in order): its first event's error, or `Ok`. An append's events share run and
+/// owner, so they are refused together; the first error speaks for all of them.
+pub(crate) fn by_append(lengths: &[usize], results: Vec<StoreResult<()>>) -> Vec<StoreResult<()>> {
+    let mut results = results.into_iter();
+    lengths
+        .iter()
+        .map(|&n| {
+            results
+                .by_ref()
+                .take(n)
+                .fold(Ok(()), |outcome, result| outcome.and(result))
+        })
+        .collect()
 }
 
 /// The handle through which a store appends events; the writer task ends when it is dropped.
@@ -101,12 +148,14 @@ impl EventWriter {
         Self { queue }
     }
 
-    /// Appends `event` and waits until it is committed (or refused).
-    pub(crate) async fn append(&self, event: NewEvent) -> StoreResult<()> {
+    /// Appends `events` (checked by [`check_append`]) and waits until they are committed,
+    /// or refused, together.
+    pub(crate) async fn append(&self, events: Vec<NewEvent>) -> StoreResult<()> {
+        check_append(&events)?;
         let (done, outcome) = oneshot::channel();
         let gone = || StoreError::Corrupt("the event writer has stopped".into());
         self.queue
-            .send(Pending { event, done })
+            .send(Pending { events, done })
             .await
             .map_err(|_| gone())?;
         outcome.await.map_err(|_| gone())?
@@ -114,62 +163,60 @@ impl EventWriter {
 }
 
 async fn write_loop(mut incoming: mpsc::Receiver<Pending>, sink: impl BatchSink) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while incoming.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (events, callers) = split(&mut batch);
-        let results = write(&sink, &events).await;
-        answer(callers, results);
-    }
-}
-
-/// Empties `batch` into its events and, in the same order, the callers waiting for them
-/// (moved, not copied: an event's JSON is a kilobyte or more).
-fn split(batch: &mut Vec<Pending>) -> (Vec<NewEvent>, Vec<oneshot::Sender<StoreResult<()>>>) {
-    batch.drain(..).map(|p| (p.event, p.done)).unzip()
-}
-
-/// Records the batch's size and gives each waiting caller its event's result.
-fn answer(callers: Vec<oneshot::Sender<StoreResult<()>>>, results: Vec<StoreResult<()>>) {
-    metrics::histogram!(EVENT_BATCH_METRIC).record(callers.len() as f64);
-    for (done, result) in callers.into_iter().zip(results) {
-        // The caller may have gone (its task was cancelled); the event is written anyway.
-        let _ = done.send(result);
-    }
-}
-
-/// Writes the batch in one transaction, or if that fails, each event on its own so that
-/// one event cannot fail another.
-async fn write(sink: &impl BatchSink, events: &[NewEvent]) -> Vec<StoreResult<()>> {
-    if let Some(results) = settled(events, sink.write_batch(events).await) {
-        return results;
-    }
-    let mut results = Vec::with_capacity(events.len());
-    for event in events {
-        results.extend(outcomes(
-            sink.write_batch(std::slice::from_ref(event)).await,
-        ));
-    }
-    results
-}
-
-/// The results of a batch's events after writing it whole, or `None` if it failed and had
-/// several events: then each must be written on its own.
-fn settled(
-    events: &[NewEvent],
-    written: StoreResult<Vec<StoreResult<()>>>,
-) -> Option<Vec<StoreResult<()>>> {
-    match written {
-        Err(err) if events.len() > 1 => {
-            tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
-            None
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_APPENDS);
+    while incoming.recv_many(&mut batch, MAX_APPENDS).await > 0 {
+        let (events, lengths, callers) = split(&mut batch);
+        let results = write(&sink, &events, &lengths).await;
+        metrics::histogram!(EVENT_BATCH_METRIC).record(events.len() as f64);
+        for (done, result) in callers.into_iter().zip(results) {
+            // The caller may have gone (its task was cancelled); the events are written anyway.
+            let _ = done.send(result);
         }
-        written => Some(outcomes(written)),
     }
 }
 
-/// One result per event: a failed transaction fails each of its events.
-fn outcomes(written: StoreResult<Vec<StoreResult<()>>>) -> Vec<StoreResult<()>> {
-    written.unwrap_or_else(|err| vec![Err(err)])
+/// A caller waiting for its append.
+type Caller = oneshot::Sender<StoreResult<()>>;
+
+/// Empties `batch` into its events, each append's number of events and, in the same order,
+/// the callers waiting for them (moved, not copied: an event's JSON is a kilobyte or more).
+fn split(batch: &mut Vec<Pending>) -> (Vec<NewEvent>, Vec<usize>, Vec<Caller>) {
+    let mut events = Vec::with_capacity(batch.iter().map(|p| p.events.len()).sum());
+    let mut lengths = Vec::with_capacity(batch.len());
+    let mut callers = Vec::with_capacity(batch.len());
+    for pending in batch.drain(..) {
+        lengths.push(pending.events.len());
+        events.extend(pending.events);
+        callers.push(pending.done);
+    }
+    (events, lengths, callers)
+}
+
+/// Writes the batch in one transaction, or if that fails, each append on its own so that
+/// one append cannot fail another. One result per append.
+async fn write(
+    sink: &impl BatchSink,
+    events: &[NewEvent],
+    lengths: &[usize],
+) -> Vec<StoreResult<()>> {
+    match sink.write_batch(events).await {
+        Ok(results) => by_append(lengths, results),
+        Err(err) if lengths.len() == 1 => vec![Err(err)],
+        Err(err) => {
+            tracing::debug!(error = %err, appends = lengths.len(), "batch failed; writing its appends one by one");
+            let mut results = Vec::with_capacity(lengths.len());
+            let mut start = 0;
+            for &n in lengths {
+                let append = &events[start..start + n];
+                start += n;
+                results.push(match sink.write_batch(append).await {
+                    Ok(written) => by_append(&[n], written).pop().unwrap_or(Ok(())),
+                    Err(err) => Err(err),
+                });
+            }
+            results
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +231,30 @@ mod tests {
             json: "{}".into(),
             now_ms: 0,
         }
+    }
+
+    #[test]
+    fn an_append_takes_its_first_events_error_and_is_checked_for_one_run() {
+        let refused = || Err(StoreError::Corrupt("refused".into()));
+        let results = by_append(
+            &[2, 1, 3],
+            vec![Ok(()), Ok(()), refused(), Ok(()), refused(), refused()],
+        );
+        assert!(results[0].is_ok());
+        assert!(results[1].is_err());
+        assert!(results[2].is_err(), "one refused event refuses its append");
+        assert_eq!(results.len(), 3);
+
+        let (a, b) = (RunId::generate(), RunId::generate());
+        let alice = UserId::generate();
+        assert!(check_append(&[event(a, alice, 1), event(a, alice, 2)]).is_ok());
+        assert!(check_append(&[]).is_err());
+        assert!(check_append(&[event(a, alice, 1), event(b, alice, 2)]).is_err());
+        assert!(check_append(&[event(a, alice, 1), event(a, UserId::generate(), 2)]).is_err());
+        let too_many: Vec<_> = (0..=MAX_EVENTS_PER_APPEND as i64)
+            .map(|s| event(a, alice, s))
+            .collect();
+        assert!(check_append(&too_many).is_err());
     }
 
     #[test]

@@ -68,7 +68,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use engine::Backend;
-pub use group_commit::EVENT_BATCH_METRIC;
+pub use group_commit::{EVENT_BATCH_METRIC, MAX_EVENTS_PER_APPEND};
 pub use records::*;
 pub use roles::{
     Accounts, Alerts, Budgets, Cluster, EventLog, QueueSignals, Runs, Store, Threads, Usage,

@@ -317,17 +317,32 @@ pub trait QueueSignals: Send + Sync {
 /// Each run's log of events, persisted before they are delivered.
 #[async_trait]
 pub trait EventLog: Send + Sync {
-    /// Persists one event of a run's log; seqs are unique per run; a run an instance has
-    /// claimed gets its heartbeat refreshed to `now_ms`. Returns once the event is
-    /// committed. Both engines batch concurrent calls into one transaction (group commit,
-    /// see `group_commit`), with the same result per event as one call alone. `json` is
-    /// the event's log form (`AgentEvent::to_log_json`); any other text is kept as it is.
+    /// Persists one event of a run's log, as [`Self::append_events`] with one event.
     async fn append_event(
         &self,
         owner: UserId,
         run: RunId,
         seq: u64,
         json: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.append_events(owner, run, vec![(seq, json.to_owned())], now_ms)
+            .await
+    }
+    /// Persists consecutive events `(seq, json)` of a run's log, all or none: seqs are
+    /// unique per run; a run an instance has claimed gets its heartbeat refreshed to
+    /// `now_ms`. Returns once they are committed. Both engines batch concurrent calls into
+    /// one transaction (group commit, see `group_commit`), with the same result per call as
+    /// the call alone. `json` is the event's log form (`AgentEvent::to_log_json`); any
+    /// other text is kept as it is. At most [`MAX_EVENTS_PER_APPEND`] events; none is an
+    /// error.
+    ///
+    /// [`MAX_EVENTS_PER_APPEND`]: crate::MAX_EVENTS_PER_APPEND
+    async fn append_events(
+        &self,
+        owner: UserId,
+        run: RunId,
+        events: Vec<(u64, String)>,
         now_ms: i64,
     ) -> StoreResult<()>;
     /// The run's events after `after_seq`, in seq order, each as its wire JSON.

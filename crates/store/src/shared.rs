@@ -1384,24 +1384,28 @@ impl Runs for Shell {
 
 #[async_trait]
 impl EventLog for Shell {
-    async fn append_event(
+    async fn append_events(
         &self,
         owner: UserId,
         run: RunId,
-        seq: u64,
-        json: &str,
+        events: Vec<(u64, String)>,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
-        self.events
-            .append(NewEvent {
-                owner,
-                run,
-                seq,
-                json: json.to_string(),
-                now_ms,
+        let events = events
+            .into_iter()
+            .map(|(seq, json)| {
+                let seq =
+                    i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+                Ok(NewEvent {
+                    owner,
+                    run,
+                    seq,
+                    json,
+                    now_ms,
+                })
             })
-            .await
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.events.append(events).await
     }
     async fn list_events(
         &self,

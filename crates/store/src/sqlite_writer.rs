@@ -36,7 +36,9 @@ use sqlx::SqlitePool;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::group_commit::{not_owned, runs_of, NewEvent, EVENT_BATCH_METRIC};
+use crate::group_commit::{
+    by_append, check_append, not_owned, runs_of, NewEvent, EVENT_BATCH_METRIC,
+};
 use crate::records::{StoreError, StoreResult};
 
 /// How long a write waits for another process holding the database (`apex admin`, say)
@@ -69,9 +71,9 @@ type Work = Box<dyn FnOnce(&Connection) -> StoreResult<(bool, Value)> + Send>;
 
 /// One job for the writer thread.
 enum Job {
-    /// An event to append to its run's log.
-    Event {
-        event: NewEvent,
+    /// Events to append to their run's log, all or none (see `group_commit`).
+    Events {
+        events: Vec<NewEvent>,
         done: oneshot::Sender<StoreResult<()>>,
     },
     /// Any other write (see `sqlite_run_writes`).
@@ -129,11 +131,13 @@ impl SqliteWriter {
         Ok(Self { queue })
     }
 
-    /// Appends `event` and waits until it is committed (or refused).
-    pub(crate) async fn append(&self, event: NewEvent) -> StoreResult<()> {
+    /// Appends `events` (checked by [`check_append`]) and waits until they are committed,
+    /// or refused, together.
+    pub(crate) async fn append(&self, events: Vec<NewEvent>) -> StoreResult<()> {
+        check_append(&events)?;
         let (done, outcome) = oneshot::channel();
         self.queue
-            .send(Job::Event { event, done })
+            .send(Job::Events { events, done })
             .await
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
@@ -183,7 +187,10 @@ struct WriterThread {
 /// A batch's jobs, split by kind, each with its caller.
 #[derive(Default)]
 struct Batch {
+    /// The events of every append, in order.
     events: Vec<NewEvent>,
+    /// Each append's number of events, in order.
+    appends: Vec<usize>,
     event_callers: Vec<oneshot::Sender<StoreResult<()>>>,
     writes: Vec<(Work, oneshot::Sender<StoreResult<Value>>)>,
 }
@@ -203,8 +210,9 @@ impl WriterThread {
             let mut batch = Batch::default();
             for job in jobs.drain(..) {
                 match job {
-                    Job::Event { event, done } => {
-                        batch.events.push(event);
+                    Job::Events { events, done } => {
+                        batch.appends.push(events.len());
+                        batch.events.extend(events);
                         batch.event_callers.push(done);
                     }
                     Job::Write { work, done } => batch.writes.push((work, done)),
@@ -223,6 +231,7 @@ impl WriterThread {
     fn commit(&mut self, batch: Batch) {
         let Batch {
             events,
+            appends,
             event_callers,
             writes,
         } = batch;
@@ -231,7 +240,7 @@ impl WriterThread {
         let _runtime = self.runtime.enter();
         let written = match self.runtime.block_on(self.write_turn.acquire()) {
             Ok(turn) => {
-                let written = write_batch(&mut self.connection, &events, works);
+                let written = write_batch(&mut self.connection, &events, &appends, works);
                 drop(turn);
                 written
             }
@@ -264,15 +273,16 @@ impl WriterThread {
     }
 }
 
-/// The results of a batch: one per event, one per write.
+/// The results of a batch: one per append, one per write.
 type Written = (Vec<StoreResult<()>>, Vec<StoreResult<Value>>);
 
 /// The batch in one transaction: each write in a savepoint, then the events in one (or,
-/// if they fail together, one savepoint each). `Err` if the transaction failed: nothing of
-/// the batch is stored.
+/// if they fail together, one savepoint per append). `appends`: each append's number of
+/// events. `Err` if the transaction failed: nothing of the batch is stored.
 fn write_batch(
     connection: &mut Connection,
     events: &[NewEvent],
+    appends: &[usize],
     works: Vec<Work>,
 ) -> StoreResult<Written> {
     let mut tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -284,16 +294,20 @@ fn write_batch(
         Vec::new()
     } else {
         match in_savepoint(&mut tx, |c| Ok((true, append_events(c, events)?)))? {
-            Ok(results) => results,
-            Err(err) if events.len() > 1 => {
-                tracing::debug!(error = %err, events = events.len(), "batch failed; writing its events one by one");
-                let mut results = Vec::with_capacity(events.len());
-                for event in events {
-                    let one = std::slice::from_ref(event);
-                    match in_savepoint(&mut tx, |c| Ok((true, append_events(c, one)?)))? {
-                        Ok(mut result) => results.append(&mut result),
-                        Err(err) => results.push(Err(err)),
-                    }
+            Ok(results) => by_append(appends, results),
+            Err(err) if appends.len() > 1 => {
+                tracing::debug!(error = %err, appends = appends.len(), "batch failed; writing its appends one by one");
+                let mut results = Vec::with_capacity(appends.len());
+                let mut start = 0;
+                for &n in appends {
+                    let append = &events[start..start + n];
+                    start += n;
+                    results.push(
+                        match in_savepoint(&mut tx, |c| Ok((true, append_events(c, append)?)))? {
+                            Ok(written) => by_append(&[n], written).pop().unwrap_or(Ok(())),
+                            Err(err) => Err(err),
+                        },
+                    );
                 }
                 results
             }

@@ -305,6 +305,9 @@ pub(super) async fn park(
             EventBody::ApprovalRequired(checkpoint.pending()),
         )
         .await?;
+    // Parked, the run may go on elsewhere (from the log's last seq): nothing of it may
+    // still be on its way to the log.
+    cx.emitter.flush().await?;
     if parking
         .store
         .park_for_approval(run_id, &parking.instance)

@@ -103,6 +103,10 @@ pub(super) async fn end_run(
             )
             .await;
     }
+    // Every event of the run is stored before its status is: a reader that sees the run
+    // ended finds all its events but the terminal one. Best effort, as the `error` event:
+    // the terminal event follows whatever happened to them.
+    let _ = emitter.flush().await;
     let error_text = ending
         .error
         .as_ref()

@@ -12,6 +12,7 @@ mod authorization;
 pub mod budgets;
 mod compat;
 mod durability;
+mod emitter;
 mod gateway;
 mod golden_path;
 pub mod helpers;

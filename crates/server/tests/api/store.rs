@@ -417,6 +417,82 @@ async fn concurrent_appends_to_a_thread_all_land_in_order_of_commit() {
     assert_eq!(touched.message_count, 6);
 }
 
+/// An append of several events (what a run's emitter hands over) is stored whole or not at
+/// all, whatever batch it shares with other runs' appends: one taken seq refuses it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_of_several_events_is_stored_whole_or_not_at_all() {
+    const APPENDS: u64 = 20;
+    const PER_APPEND: u64 = 5;
+    let db = test_store().await;
+    let owner = user(&*db.store).await;
+    let stranger = user(&*db.store).await;
+    let thread_id = thread(&*db.store, owner).await;
+    let mut tasks = Vec::new();
+    for _ in 0..RACERS {
+        let run_id = run(&*db.store, owner, thread_id).await;
+        let store = Arc::clone(&db.store);
+        tasks.push(tokio::spawn(async move {
+            for append in 0..APPENDS {
+                let first = append * PER_APPEND + 1;
+                let events = (first..first + PER_APPEND)
+                    .map(|seq| (seq, format!(r#"{{"seq":{seq}}}"#)))
+                    .collect();
+                store
+                    .append_events(owner, run_id, events, NOW)
+                    .await
+                    .expect("a run's next events are stored");
+                // Overlaps the last event just stored: refused whole, so its new seqs
+                // are not stored either.
+                let last = first + PER_APPEND - 1;
+                let overlapping = (last..last + 3).map(|seq| (seq, "{}".to_owned())).collect();
+                assert!(store
+                    .append_events(owner, run_id, overlapping, NOW)
+                    .await
+                    .is_err());
+                let foreign = vec![(last + 1, "{}".to_owned()), (last + 2, "{}".to_owned())];
+                assert!(store
+                    .append_events(stranger, run_id, foreign, NOW)
+                    .await
+                    .is_err());
+            }
+            run_id
+        }));
+    }
+    for task in tasks {
+        let run_id = task.await.unwrap();
+        let stored = db.store.list_events(owner, run_id, 0, 1000).await.unwrap();
+        let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=APPENDS * PER_APPEND).collect::<Vec<_>>());
+        assert!(stored
+            .iter()
+            .all(|e| e.json == format!(r#"{{"seq":{}}}"#, e.seq)));
+        let record = db.store.get_run(owner, run_id).await.unwrap().unwrap();
+        assert_eq!(record.last_seq, APPENDS * PER_APPEND);
+    }
+    let run_id = run(&*db.store, owner, thread_id).await;
+    assert!(
+        db.store
+            .append_events(owner, run_id, Vec::new(), NOW)
+            .await
+            .is_err(),
+        "an append of nothing is refused"
+    );
+    let too_many = (1..=apex_server::store::MAX_EVENTS_PER_APPEND as u64 + 1)
+        .map(|seq| (seq, "{}".to_owned()))
+        .collect();
+    assert!(db
+        .store
+        .append_events(owner, run_id, too_many, NOW)
+        .await
+        .is_err());
+    assert!(db
+        .store
+        .list_events(owner, run_id, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// Many runs appending at once share transactions (the event log's group commit); a
 /// refused event among them (a seq written twice, a run of another user) fails alone, the
 /// rest land in seq order with `last_seq` set, and other writes racing the appends
