@@ -201,21 +201,7 @@ impl UserEmitter {
     /// Waits until every event emitted so far is stored and delivered; the error if one
     /// could not be stored (it and the events after it were then not delivered).
     pub async fn flush(&self) -> Result<(), EmitError> {
-        let waiting = {
-            let mut outgoing = self.shared.lock();
-            if !outgoing.courier {
-                return match &outgoing.failed {
-                    Some(failure) => Err(EmitError::EarlierFailed(failure.clone())),
-                    None => Ok(()),
-                };
-            }
-            let (told, waiting) = oneshot::channel();
-            outgoing.queued.push(Queued::Waiter(told));
-            waiting
-        };
-        waiting
-            .await
-            .map_err(|_| EmitError::Task("the run's courier task ended early".into()))?
+        self.shared.flush().await
     }
 
     /// The terminal event, after every event queued before it. Delivered live even if the
@@ -229,28 +215,29 @@ impl UserEmitter {
             }
             outgoing.finished = true;
         }
-        // Whatever the queue's outcome: a failed append was dropped and its seqs are
-        // handed out again, so the terminal event follows the last stored one.
-        let _ = self.flush().await;
-        let seq = self.shared.lock().assigned + 1;
-        let EncodedEvent { wire, log } = self.encode(seq, agent_name, body)?;
         let shared = Arc::clone(&self.shared);
+        let ids = (self.shared.user_id, self.thread_id, self.shared.run_id);
+        let agent_name = agent_name.to_owned();
         // On its own task: if the caller is cancelled while it waits, the terminal event
-        // still completes.
+        // still goes out, after the events queued before it.
         let delivery = tokio::spawn(async move {
+            // Whatever the queue's outcome: a failed append was dropped and its seqs are
+            // handed out again, so the terminal event follows the last stored one.
+            let _ = shared.flush().await;
+            let seq = shared.lock().assigned + 1;
+            let EncodedEvent { wire, log } = encode_event(ids, seq, &agent_name, body)
+                .map_err(|e| EmitError::Task(format!("serializing event: {e}")))?;
             let persisted = shared
                 .store
                 .append_events(shared.run_id, vec![(seq, log)], now_ms())
                 .await;
             shared.lock().assigned = seq;
             shared.publish(seq, true, wire);
-            persisted
+            persisted.map(|()| seq).map_err(EmitError::Storage)
         });
-        match delivery.await {
-            Ok(Ok(())) => Ok(seq),
-            Ok(Err(err)) => Err(EmitError::Storage(err)),
-            Err(err) => Err(EmitError::Task(err.to_string())),
-        }
+        delivery
+            .await
+            .map_err(|err| EmitError::Task(err.to_string()))?
     }
 
     fn encode(
@@ -273,6 +260,25 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Outgoing> {
         // The state stays consistent at every unlock; a panic elsewhere cannot break it.
         self.outgoing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See [`UserEmitter::flush`].
+    async fn flush(&self) -> Result<(), EmitError> {
+        let waiting = {
+            let mut outgoing = self.lock();
+            if !outgoing.courier {
+                return match &outgoing.failed {
+                    Some(failure) => Err(EmitError::EarlierFailed(failure.clone())),
+                    None => Ok(()),
+                };
+            }
+            let (told, waiting) = oneshot::channel();
+            outgoing.queued.push(Queued::Waiter(told));
+            waiting
+        };
+        waiting
+            .await
+            .map_err(|_| EmitError::Task("the run's courier task ended early".into()))?
     }
 
     /// Starts the run's courier unless it is running.
