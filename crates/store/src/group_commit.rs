@@ -127,10 +127,15 @@ pub(crate) fn by_append(lengths: &[usize], results: Vec<StoreResult<()>>) -> Vec
     lengths
         .iter()
         .map(|&n| {
-            results
-                .by_ref()
-                .take(n)
-                .fold(Ok(()), |outcome, result| outcome.and(result))
+            // Every one of the append's results is taken (none left for the next append),
+            // the first error kept.
+            let mut outcome = Ok(());
+            for result in results.by_ref().take(n) {
+                if outcome.is_ok() {
+                    outcome = result;
+                }
+            }
+            outcome
         })
         .collect()
 }
