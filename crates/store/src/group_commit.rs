@@ -120,24 +120,41 @@ pub(crate) fn check_append(events: &[NewEvent]) -> StoreResult<()> {
 }
 
 /// Each append's result from its events' results (`lengths`: each append's number of
-/// events, in order): its first event's error, or `Ok`. An append's events share run and
-/// owner, so they are refused together; the first error speaks for all of them.
+/// events, in order): see [`append_result`].
 pub(crate) fn by_append(lengths: &[usize], results: Vec<StoreResult<()>>) -> Vec<StoreResult<()>> {
     let mut results = results.into_iter();
     lengths
         .iter()
-        .map(|&n| {
-            // Every one of the append's results is taken (none left for the next append),
-            // the first error kept.
-            let mut outcome = Ok(());
-            for result in results.by_ref().take(n) {
-                if outcome.is_ok() {
-                    outcome = result;
-                }
-            }
-            outcome
-        })
+        // Every one of the append's results is taken: none is left for the next append.
+        .map(|&n| append_result(results.by_ref().take(n)))
         .collect()
+}
+
+/// One append's result from its events' results: its first error, or `Ok`. An append's
+/// events share run and owner, so they are refused together; the first error speaks for
+/// all of them. Takes every result it is given.
+pub(crate) fn append_result(results: impl IntoIterator<Item = StoreResult<()>>) -> StoreResult<()> {
+    let mut outcome = Ok(());
+    for result in results {
+        if outcome.is_ok() {
+            outcome = result;
+        }
+    }
+    outcome
+}
+
+/// Each append's events, in order (`lengths` as for [`by_append`]): how a failed batch is
+/// written again, append by append.
+pub(crate) fn appends<'a>(
+    events: &'a [NewEvent],
+    lengths: &'a [usize],
+) -> impl Iterator<Item = &'a [NewEvent]> + 'a {
+    let mut start = 0;
+    lengths.iter().map(move |&n| {
+        let append = &events[start..start + n];
+        start += n;
+        append
+    })
 }
 
 /// The handle through which a store appends events; the writer task ends when it is dropped.
@@ -210,14 +227,8 @@ async fn write(
         Err(err) => {
             tracing::debug!(error = %err, appends = lengths.len(), "batch failed; writing its appends one by one");
             let mut results = Vec::with_capacity(lengths.len());
-            let mut start = 0;
-            for &n in lengths {
-                let append = &events[start..start + n];
-                start += n;
-                results.push(match sink.write_batch(append).await {
-                    Ok(written) => by_append(&[n], written).pop().unwrap_or(Ok(())),
-                    Err(err) => Err(err),
-                });
+            for append in appends(events, lengths) {
+                results.push(sink.write_batch(append).await.and_then(append_result));
             }
             results
         }

@@ -37,7 +37,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::group_commit::{
-    by_append, check_append, not_owned, runs_of, NewEvent, EVENT_BATCH_METRIC,
+    append_result, appends as each_append, by_append, check_append, not_owned, runs_of, NewEvent,
+    EVENT_BATCH_METRIC,
 };
 use crate::records::{StoreError, StoreResult};
 
@@ -298,16 +299,9 @@ fn write_batch(
             Err(err) if appends.len() > 1 => {
                 tracing::debug!(error = %err, appends = appends.len(), "batch failed; writing its appends one by one");
                 let mut results = Vec::with_capacity(appends.len());
-                let mut start = 0;
-                for &n in appends {
-                    let append = &events[start..start + n];
-                    start += n;
-                    results.push(
-                        match in_savepoint(&mut tx, |c| Ok((true, append_events(c, append)?)))? {
-                            Ok(written) => by_append(&[n], written).pop().unwrap_or(Ok(())),
-                            Err(err) => Err(err),
-                        },
-                    );
+                for append in each_append(events, appends) {
+                    let written = in_savepoint(&mut tx, |c| Ok((true, append_events(c, append)?)))?;
+                    results.push(written.and_then(append_result));
                 }
                 results
             }
