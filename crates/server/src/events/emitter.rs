@@ -22,8 +22,13 @@
 //! - the terminal event waits for everything queued before it, is delivered even if the
 //!   store fails, and [`UserEmitter::emit_terminal`] returns once it is stored.
 //!
-//! [`UserEmitter::flush`] waits for what is queued; the run calls it before it hands the
-//! run on (parking for approval), so nothing of the run is in flight when it does.
+//! [`UserEmitter::flush`] waits for what is queued. A run calls it before it stores its
+//! final status (a reader that sees the run ended finds every event but the terminal one)
+//! and before it parks for approval (it may go on elsewhere, from the stored last seq).
+//!
+//! The price: an event is stamped when the agent makes it and may wait in the queue for
+//! the append before it, so its time from `emit` to a client is about one commit longer,
+//! while the run as a whole ends sooner (docs/benchmarks.md, "Events pipelined to the log").
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
