@@ -172,17 +172,6 @@ impl UserStore {
             .set_run_status(self.owner, id, status, error, now_ms)
             .await
     }
-    pub async fn append_event(
-        &self,
-        run: RunId,
-        seq: u64,
-        json: &str,
-        now_ms: i64,
-    ) -> StoreResult<()> {
-        self.store
-            .append_event(self.owner, run, seq, json, now_ms)
-            .await
-    }
     pub async fn append_events(
         &self,
         run: RunId,

@@ -170,10 +170,9 @@ impl EventWriter {
         Self { queue }
     }
 
-    /// Appends `events` (checked by [`check_append`]) and waits until they are committed,
-    /// or refused, together.
+    /// Appends `events` (one run's, as [`check_append`] checks them) and waits until they
+    /// are committed, or refused, together.
     pub(crate) async fn append(&self, events: Vec<NewEvent>) -> StoreResult<()> {
-        check_append(&events)?;
         let (done, outcome) = oneshot::channel();
         let gone = || StoreError::Corrupt("the event writer has stopped".into());
         self.queue

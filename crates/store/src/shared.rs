@@ -23,7 +23,7 @@ use crate::columns::{
     decode_message, decode_run, ended_run_sql, parse_stored_id, Columns, LATEST_MESSAGES_SQL,
     MESSAGE_COLUMNS, RUN_COLUMNS, RUN_FIELDS,
 };
-use crate::group_commit::NewEvent;
+use crate::group_commit::{check_append, NewEvent};
 use crate::run_sql::{
     run_messages_pattern, status_times, submitted, supersede_sql, QueuedRun, SubmitCheck,
     DELETE_RUN_MESSAGES, INSERT_MESSAGE, INSERT_QUEUED_RUN, INSERT_THREAD, SET_RUN_STATUS,
@@ -1405,6 +1405,7 @@ impl EventLog for Shell {
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
+        check_append(&events)?;
         self.events.append(events).await
     }
     async fn list_events(

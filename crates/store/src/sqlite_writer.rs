@@ -37,7 +37,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::group_commit::{
-    append_result, appends as each_append, by_append, check_append, not_owned, runs_of, NewEvent,
+    append_result, appends as each_append, by_append, not_owned, runs_of, NewEvent,
     EVENT_BATCH_METRIC,
 };
 use crate::records::{StoreError, StoreResult};
@@ -132,10 +132,9 @@ impl SqliteWriter {
         Ok(Self { queue })
     }
 
-    /// Appends `events` (checked by [`check_append`]) and waits until they are committed,
-    /// or refused, together.
+    /// Appends `events` (one run's, as [`check_append`](crate::group_commit::check_append) checks them) and waits until they
+    /// are committed, or refused, together.
     pub(crate) async fn append(&self, events: Vec<NewEvent>) -> StoreResult<()> {
-        check_append(&events)?;
         let (done, outcome) = oneshot::channel();
         self.queue
             .send(Job::Events { events, done })

@@ -100,7 +100,6 @@ pub fn encode_event(
 const MAX_QUEUED: usize = 4 * MAX_EVENTS_PER_APPEND;
 
 pub struct UserEmitter {
-    thread_id: ThreadId,
     /// What the run's courier task shares with the emitter.
     shared: Arc<Shared>,
 }
@@ -109,6 +108,7 @@ pub struct UserEmitter {
 /// run's courier task.
 struct Shared {
     user_id: UserId,
+    thread_id: ThreadId,
     run_id: RunId,
     store: UserStore,
     bus: Arc<dyn EventBus>,
@@ -154,9 +154,9 @@ impl UserEmitter {
         last_seq: u64,
     ) -> Self {
         Self {
-            thread_id: ctx.thread_id(),
             shared: Arc::new(Shared {
                 user_id: ctx.user_id(),
+                thread_id: ctx.thread_id(),
                 run_id: ctx.run_id(),
                 store: UserStore::for_context(store, ctx),
                 bus,
@@ -190,7 +190,7 @@ impl UserEmitter {
                 return Err(EmitError::EarlierFailed(failure.clone()));
             }
             let seq = outgoing.assigned + 1;
-            let EncodedEvent { wire, log } = self.encode(seq, agent_name, body)?;
+            let EncodedEvent { wire, log } = self.shared.encode(seq, agent_name, body)?;
             outgoing.assigned = seq;
             outgoing.queued.push(Queued::Event { seq, wire, log });
             outgoing.queued_events += 1;
@@ -221,7 +221,6 @@ impl UserEmitter {
             outgoing.finished = true;
         }
         let shared = Arc::clone(&self.shared);
-        let ids = (self.shared.user_id, self.thread_id, self.shared.run_id);
         let agent_name = agent_name.to_owned();
         // On its own task: if the caller is cancelled while it waits, the terminal event
         // still goes out, after the events queued before it.
@@ -230,8 +229,7 @@ impl UserEmitter {
             // handed out again, so the terminal event follows the last stored one.
             let _ = shared.flush().await;
             let seq = shared.lock().assigned + 1;
-            let EncodedEvent { wire, log } = encode_event(ids, seq, &agent_name, body)
-                .map_err(|e| EmitError::Task(format!("serializing event: {e}")))?;
+            let EncodedEvent { wire, log } = shared.encode(seq, &agent_name, body)?;
             let persisted = shared
                 .store
                 .append_events(shared.run_id, vec![(seq, log)], now_ms())
@@ -244,7 +242,10 @@ impl UserEmitter {
             .await
             .map_err(|err| EmitError::Task(err.to_string()))?
     }
+}
 
+impl Shared {
+    /// The run's event `seq` in its wire and log forms.
     fn encode(
         &self,
         seq: u64,
@@ -252,16 +253,14 @@ impl UserEmitter {
         body: EventBody,
     ) -> Result<EncodedEvent, EmitError> {
         encode_event(
-            (self.shared.user_id, self.thread_id, self.shared.run_id),
+            (self.user_id, self.thread_id, self.run_id),
             seq,
             agent_name,
             body,
         )
         .map_err(|e| EmitError::Task(format!("serializing event: {e}")))
     }
-}
 
-impl Shared {
     fn lock(&self) -> MutexGuard<'_, Outgoing> {
         // The state stays consistent at every unlock; a panic elsewhere cannot break it.
         self.outgoing.lock().unwrap_or_else(|p| p.into_inner())
