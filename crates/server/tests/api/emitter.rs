@@ -9,18 +9,17 @@ use std::time::Duration;
 
 use apex_protocol::events::EventBody;
 use apex_protocol::threads::RunStatus;
-use apex_server::auth::{AuthLifetimes, AuthenticatedUser, Authenticator, PasswordHasher};
+use apex_server::auth::AuthenticatedUser;
 use apex_server::context::UserExecutionContext;
 use apex_server::events::{
     BusEvent, EmitError, EventBus, InProcessBus, UserEmitter, UserSubscription,
 };
 use apex_server::ids::{RequestId, RunId, ThreadId};
-use apex_server::settings::{PasswordHashing, Secret};
 use apex_server::store::{RunRecord, Store, ThreadRecord};
 use apex_server::user_store::UserStore;
 use serde_json::json;
 
-use crate::helpers::{test_database, TestDatabase};
+use crate::helpers::{authenticator, test_database, TestDatabase};
 
 struct Fixture {
     store: Arc<dyn Store>,
@@ -36,17 +35,7 @@ impl Fixture {
         let store = apex_server::open_store(&database.settings())
             .await
             .expect("open the store");
-        let auth = Authenticator::new(
-            Arc::clone(&store),
-            &Secret::new("an emitter test secret of at least 32 characters"),
-            PasswordHasher::new(PasswordHashing::Light),
-            AuthLifetimes {
-                access: Duration::from_secs(900),
-                refresh: Duration::from_secs(3600),
-                ticket: Duration::from_secs(60),
-                session: Duration::from_secs(3600),
-            },
-        );
+        let auth = authenticator(&store);
         let email = format!("emitter-{}@example.com", RunId::generate());
         let (_, user) = auth
             .register(&email, "a long enough password", None, None)

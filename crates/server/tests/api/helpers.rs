@@ -11,14 +11,16 @@
 //! so that nextest counts them as skipped.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use apex_protocol::auth::TokenPair;
 use apex_protocol::events::AgentEvent;
 use apex_protocol::usage::UsageSummary;
-use apex_server::settings::{LlmProviderKind, PasswordHashing, Settings};
+use apex_server::auth::{AuthLifetimes, Authenticator, PasswordHasher};
+use apex_server::settings::{LlmProviderKind, PasswordHashing, Secret, Settings};
 use apex_server::state::AppState;
-use apex_server::store::Backend;
+use apex_server::store::{Backend, Store};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
@@ -646,5 +648,20 @@ pub fn model_path() -> PathBuf {
             looked_in.join(", then ")
         ),
         "run scripts/fetch-model.sh or set APEX_TEST_MODEL to the file",
+    )
+}
+
+/// Registers users on `store` directly (no server needed).
+pub fn authenticator(store: &Arc<dyn Store>) -> Authenticator {
+    Authenticator::new(
+        Arc::clone(store),
+        &Secret::new("a test secret of at least thirty-two characters"),
+        PasswordHasher::new(PasswordHashing::Light),
+        AuthLifetimes {
+            access: Duration::from_secs(900),
+            refresh: Duration::from_secs(3600),
+            ticket: Duration::from_secs(60),
+            session: Duration::from_secs(3600),
+        },
     )
 }

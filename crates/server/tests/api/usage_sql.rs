@@ -15,13 +15,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use apex_protocol::usage::{DailyModelUsage, LatencyPercentiles};
 use apex_server::agents::optimization::{gather, gather_from, simulate};
 use apex_server::agents::Opportunity;
-use apex_server::auth::{AuthLifetimes, Authenticator, PasswordHasher};
-use apex_server::settings::{PasswordHashing, Secret};
 use apex_server::store::{
     CompletionRank, ImportPlan, OutputCap, RepricingRate, SavingsQuery, UsageRow,
 };
@@ -30,7 +27,7 @@ use apex_server::usage::{daily_for, summary_and_window, summary_for};
 use apex_server::user_store::UserStore;
 use apex_store::rollups::{self, bucket, representative, Rollup, Sketches, SKETCH_RELATIVE_ERROR};
 
-use crate::helpers::test_database;
+use crate::helpers::{authenticator, test_database};
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 /// 2025-11-20T13:00:00Z.
@@ -326,21 +323,6 @@ fn strategies(found: &[Opportunity]) -> Vec<(String, Vec<String>, f64)> {
             )
         })
         .collect()
-}
-
-/// Registers users on `store` directly (no server needed).
-fn authenticator(store: &Arc<dyn apex_server::store::Store>) -> Authenticator {
-    Authenticator::new(
-        Arc::clone(store),
-        &Secret::new("a test secret of at least thirty-two characters"),
-        PasswordHasher::new(PasswordHashing::Light),
-        AuthLifetimes {
-            access: Duration::from_secs(900),
-            refresh: Duration::from_secs(3600),
-            ticket: Duration::from_secs(60),
-            session: Duration::from_secs(3600),
-        },
-    )
 }
 
 #[tokio::test]
